@@ -1,0 +1,5 @@
+import sys
+
+from tokedge.cli import main
+
+sys.exit(main())

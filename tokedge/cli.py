@@ -1,0 +1,199 @@
+"""The `tokedge` command line: a thin Typer app. Each command parses, builds a config, calls one
+library function and prints. Errors are mapped to one-line messages and exit codes in `main`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from tokedge.errors import TokedgeError
+
+app = typer.Typer(
+    name="tokedge",
+    help="Visual-token reduction for VLMs, exported to ONNX/TensorRT for edge GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")]
+ArtifactArg = Annotated[Path, typer.Argument(help="Artifact directory written by `tokedge export`.")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _stage_printer(enabled: bool):
+    console = _console()
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+        start = time.perf_counter()
+        with console.status(f"{name}..."):
+            yield
+        console.print(f"[green]✓[/green] {name} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+
+    yield stage
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Argument(help="Hub id (llava-hf/llava-1.5-7b-hf), llava-hf directory, or tiny-llava.")],
+    method: Annotated[str, typer.Option(help="Reduction method (see `tokedge methods`).")] = "none",
+    budget: Annotated[Optional[int], typer.Option(help="Visual tokens that reach the LLM (default: all for none, 64 otherwise).")] = None,
+    dynamic_budget: Annotated[Optional[str], typer.Option(help="MIN:MAX runtime range; --budget is the default.")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32 or fp16 weights and activations.")] = "fp32",
+    out: Annotated[Optional[Path], typer.Option(help="Artifact directory to create (default: ./<model>-<method>-<budget>).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing artifact at --out (whole).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint to run.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
+    validate: Annotated[bool, typer.Option(help="Check ONNX Runtime against transformers after export.")] = True,
+    json_out: JsonFlag = False,
+) -> None:
+    """Export a LLaVA checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder)."""
+    from tokedge.export.pipeline import ExportConfig, export, parse_budget_range
+
+    rng = parse_budget_range(dynamic_budget) if dynamic_budget else None
+    if out is None:
+        label = budget if budget is not None else ("full" if method == "none" else 64)
+        out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
+    cfg = ExportConfig(
+        model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate,
+    )
+    with _stage_printer(enabled=True) as stage:
+        result = export(cfg, progress=stage)
+    m = result.manifest
+    console = _console()
+    if result.parity.get("cases"):
+        from tokedge.export.validate import ParityCase, ParityReport, Tolerance
+
+        report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
+        console.print(f"[green]✓[/green] parity: {report.summary()}")
+    console.print(
+        f"wrote {result.out} ({m.reduction.method}, {m.prompt.visual_tokens} of {m.reduction.full_tokens} visual tokens"
+        + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
+        + ")"
+    )
+    if json_out:
+        print(json.dumps({"artifact": str(result.out), "method": m.reduction.method, "budget": m.reduction.budget,
+                          "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds}))
+
+
+@app.command("verify")
+def verify_cmd(
+    artifact: ArtifactArg,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Recompute the reference from this checkpoint (needs [export]).")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Re-check file hashes and the graphs' agreement with the recorded (or a fresh) reference."""
+    from tokedge.errors import ParityError
+    from tokedge.verify import verify
+
+    report = verify(artifact, checkpoint=checkpoint)
+    if json_out:
+        print(json.dumps(report.to_dict()))
+    else:
+        _console().print(f"hashes ok; parity: {report.summary()}")
+    if not report.ok:
+        raise ParityError(f"{artifact}: graphs disagree with the reference: {report.summary()}")
+
+
+@app.command("methods")
+def methods_cmd(json_out: JsonFlag = False) -> None:
+    """List the reduction methods: where each acts, what it needs, whether counts are static."""
+    from tokedge.reduce import METHODS
+
+    rows = [
+        {"name": m.name, "stage": m.stage, "needs_attention": "cls_attention" in m.needs,
+         "static_counts": m.static_counts, "runtime_budget": m.supports_runtime_budget, "paper": m.paper,
+         "budget": m.budget_meaning, "summary": m.summary}
+        for m in METHODS.values()
+    ]
+    if json_out:
+        print(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("method", "acts", "attention", "static", "runtime budget", "paper (arXiv)", "summary")
+    for r in rows:
+        table.add_row(r["name"], r["stage"], "yes" if r["needs_attention"] else "no", "yes" if r["static_counts"] else "no",
+                      "yes" if r["runtime_budget"] else "no", r["paper"], r["summary"])
+    Console().print(table)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        import tokedge
+
+        print(f"tokedge {tokedge.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True)] = False,
+) -> None:
+    """tokedge: export, build, run and profile token-reduced VLMs."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app and map every error to one line and an exit code."""
+    try:  # recent typer vendors click as typer._click; older releases use click itself
+        from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover
+        from click.exceptions import ClickException
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TOKEDGE_DEBUG") == "1"
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="tokedge", standalone_mode=False)
+        return 0
+    except TokedgeError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except ClickException as exc:
+        if debug:
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # help was printed already
+            return 0 if not argv else 2
+        command_name = next((a for a in argv if not a.startswith("-")), "")
+        print(f"error: {exc.format_message()} (see `tokedge {command_name} --help`)".replace("  ", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last resort: still one line unless --debug
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""One error hierarchy. The library raises these with messages a user can act on; the CLI maps
+them to one-line messages and exit codes in one place (`tokedge.cli`)."""
+
+from __future__ import annotations
+
+
+class TokedgeError(Exception):
+    """Base class. `exit_code` 1 means the work failed; 2 means the input was wrong."""
+
+    exit_code = 1
+
+
+class UsageError(TokedgeError):
+    """A flag or argument is wrong (unknown method, budget out of range...)."""
+
+    exit_code = 2
+
+
+class InputError(TokedgeError):
+    """A file or value the user gave cannot be used (image, prompt, model directory...)."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(InputError):
+    """The checkpoint's architecture is not one tokedge can export."""
+
+
+class ArtifactError(TokedgeError):
+    """An artifact directory is missing, malformed, of a newer format, or fails integrity checks."""
+
+    exit_code = 1
+
+
+class IntegrityError(ArtifactError):
+    """A file's hash or location does not match the manifest."""
+
+
+class ParityError(TokedgeError):
+    """Exported graphs disagree with the PyTorch reference beyond tolerance."""
+
+    exit_code = 1
+
+
+class MissingDependencyError(TokedgeError):
+    """An optional extra is needed for this command."""
+
+    exit_code = 2
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise a MissingDependencyError naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingDependencyError(
+            f"this command needs '{module}', which is not installed: pip install 'tokedge[{extra}]'"
+        ) from exc

@@ -1,0 +1,153 @@
+"""Tracing the graph modules to ONNX with the documented names and dynamic axes.
+
+We use torch's TorchScript-based exporter (opset 17): it traces these explicit-tensor modules
+quickly and deterministically, and opset 17 is inside what TensorRT 10.3 (JetPack 6) parses. The
+traced file is then post-processed with onnx-ir (passes, one external-data file per graph).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from tokedge.artifact import GraphSpec, ModelInfo, TensorSpec
+
+OPSET = 17
+BATCH, SEQ, PAST, TOTAL, TOKENS = "batch", "sequence", "past_sequence", "total_sequence", "visual_tokens"
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """Names, example inputs and dynamic axes of one graph."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    example: tuple[torch.Tensor, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    output_shapes: dict[str, tuple[int | str, ...]]  # the contract's shapes, stamped on the outputs
+
+
+def kv_names(n_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visual_tokens: int | str
+                ) -> dict[str, TraceSpec]:
+    """visual_tokens: the fixed count of image_embeds, or TOKENS when the budget is a runtime input."""
+    b, s, p = 2, 3, 4
+    past = [torch.zeros(b, info.num_key_value_heads, p, info.head_dim, dtype=dtype) for _ in range(2 * info.num_layers)]
+    past_in, present_out = kv_names(info.num_layers, "past_key_values"), kv_names(info.num_layers, "present")
+    decoder_axes = {
+        "inputs_embeds": {0: BATCH, 1: SEQ},
+        "attention_mask": {0: BATCH, 1: TOTAL},
+        "position_ids": {0: BATCH, 1: SEQ},
+        "logits": {0: BATCH},
+    }
+    decoder_axes.update({name: {0: BATCH, 2: PAST} for name in past_in})
+    decoder_axes.update({name: {0: BATCH, 2: TOTAL} for name in present_out})
+    return {
+        "vision": TraceSpec(
+            inputs=("pixel_values",),
+            outputs=("image_embeds",),
+            example=(torch.rand(b, 3, *crop),),
+            dynamic_axes={"pixel_values": {0: BATCH}, "image_embeds": {0: BATCH}},
+            output_shapes={"image_embeds": (BATCH, visual_tokens, info.hidden_size)},
+        ),
+        "embed": TraceSpec(
+            inputs=("input_ids",),
+            outputs=("inputs_embeds",),
+            example=(torch.ones(b, 5, dtype=torch.int64),),
+            dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}},
+            output_shapes={"inputs_embeds": (BATCH, SEQ, info.hidden_size)},
+        ),
+        "decoder": TraceSpec(
+            inputs=("inputs_embeds", "attention_mask", "position_ids", *past_in),
+            outputs=("logits", *present_out),
+            example=(
+                torch.randn(b, s, info.hidden_size, dtype=dtype),
+                torch.ones(b, p + s, dtype=torch.int64),
+                torch.arange(p, p + s).expand(b, s).contiguous(),
+                *past,
+            ),
+            dynamic_axes=decoder_axes,
+            output_shapes={
+                "logits": (BATCH, 1, info.vocab_size),
+                **{n: (BATCH, info.num_key_value_heads, TOTAL, info.head_dim) for n in present_out},
+            },
+        ),
+    }
+
+
+def trace_to_ir(module: torch.nn.Module, spec: TraceSpec) -> ir.Model:
+    """Trace `module` with torch.onnx (TorchScript exporter) and load the result as an ir.Model."""
+    with tempfile.TemporaryDirectory(prefix="tokedge-trace-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "graph.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                spec.example,
+                str(path),
+                dynamo=False,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=spec.dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
+        model = ir.load(path)
+        for out in model.graph.outputs:
+            out.shape = ir.Shape(spec.output_shapes[out.name])
+        # Bring external tensors (torch writes them for >2 GB models) into memory before tmp goes.
+        for value in model.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    return model
+
+
+def finish(model: ir.Model) -> None:
+    """Clean-up every graph gets: drop nodes whose outputs nobody reads."""
+    RemoveUnusedNodesPass()(model)
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_graph(model: ir.Model, out_dir: Path, name: str, external_threshold: int) -> tuple[str, str | None]:
+    """Write `<name>.onnx` (and `<name>.onnx.data` when weights exceed the threshold); returns paths."""
+    file = f"{name}.onnx"
+    if initializer_bytes(model) > external_threshold:
+        data = f"{name}.onnx.data"
+        ir.save(model, out_dir / file, external_data=data, size_threshold_bytes=1024)
+        return file, data
+    ir.save(model, out_dir / file)
+    return file, None
+
+
+_NP_DTYPES = {
+    ir.DataType.FLOAT: "float32",
+    ir.DataType.FLOAT16: "float16",
+    ir.DataType.INT64: "int64",
+    ir.DataType.INT32: "int32",
+    ir.DataType.BOOL: "bool",
+}
+
+
+def graph_spec(model: ir.Model, file: str, external: str | None) -> GraphSpec:
+    def spec(value: ir.Value) -> TensorSpec:
+        dims = tuple(d if isinstance(d, int) else str(d) for d in (value.shape or ()))
+        return TensorSpec(name=value.name, dtype=_NP_DTYPES[value.dtype], shape=dims)
+
+    return GraphSpec(
+        file=file,
+        inputs=tuple(spec(v) for v in model.graph.inputs),
+        outputs=tuple(spec(v) for v in model.graph.outputs),
+        external_data=external,
+    )

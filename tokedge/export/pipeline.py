@@ -1,0 +1,230 @@
+"""`tokedge export`: checkpoint -> three ONNX graphs + manifest, validated against transformers.
+
+Everything is written into a staging directory beside the target and renamed into place at the
+end, so a failed or killed export leaves no artifact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+import tokedge
+from tokedge.artifact import (
+    FORMAT_VERSION,
+    Manifest,
+    ReductionInfo,
+    hash_tree,
+    staged_directory,
+    write_manifest,
+)
+from tokedge.errors import InputError, UsageError
+from tokedge.reduce import get_method
+from tokedge.reduce.base import Method
+
+DTYPES = ("fp32", "fp16")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str  # hub id, local llava-hf directory, or a built-in preset name ("tiny-llava")
+    out: Path
+    method: str = "none"
+    budget: int | None = None  # None: all visual tokens for `none`, 64 for reduction methods
+    dynamic_budget: tuple[int, int] | None = None  # [min, max] of the vision graph's `budget` input
+    dtype: str = "fp32"
+    force: bool = False  # replace an existing artifact (whole)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # load *.bin weights (with torch weights_only)
+    external_data_threshold: int = 1 << 30  # graphs with more weight bytes get a .onnx.data file
+    validate: bool = True
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: Manifest
+    parity: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+Progress = Callable[[str], contextlib.AbstractContextManager]
+
+
+@contextlib.contextmanager
+def _quiet_stage(name: str) -> Iterator[None]:
+    yield
+
+
+def parse_budget_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--dynamic-budget '{text}' is not MIN:MAX (for example 16:576)") from None
+    if lo > hi:
+        raise UsageError(f"--dynamic-budget {text}: MIN is larger than MAX")
+    return lo, hi
+
+
+def resolve_model(source: str) -> Path | None:
+    """Local directory for `source` (building a preset if needed), or None for a hub id."""
+    from tokedge.export.presets import resolve_preset
+
+    preset = resolve_preset(source)
+    if preset is not None:
+        return preset
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise InputError(f"'{source}' is a file; pass the checkpoint directory (with config.json) or a hub id")
+    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return None
+    raise InputError(f"'{source}' is not a directory, a built-in preset (tiny-llava) or a hub id (owner/name)")
+
+
+def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[int, tuple[int, int] | None]:
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype {cfg.dtype} is not supported; use one of {', '.join(DTYPES)}")
+    budget = cfg.budget if cfg.budget is not None else (full_tokens if method.stage == "none" else 64)
+    method.check_budget(budget, full_tokens)
+    rng = cfg.dynamic_budget
+    if rng is not None:
+        if not method.supports_runtime_budget:
+            raise UsageError(f"--method {method.name} cannot take a runtime budget; drop --dynamic-budget")
+        lo, hi = rng
+        if not (1 <= lo <= budget <= hi <= full_tokens):
+            raise UsageError(
+                f"--dynamic-budget {lo}:{hi} must satisfy 1 <= MIN <= --budget ({budget}) <= MAX <= {full_tokens}"
+            )
+    return budget, rng
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"tokedge": tokedge.__version__}
+    for dist in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[dist] = md.version(dist)
+    return out
+
+
+def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult:
+    """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
+    method = get_method(cfg.method)
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise UsageError(f"'{out}' already exists; choose another --out or pass --force to replace it")
+    seconds: dict[str, float] = {}
+
+    def timed(name: str):
+        @contextlib.contextmanager
+        def run() -> Iterator[None]:
+            start = time.perf_counter()
+            with progress(name):
+                yield
+            seconds[name] = round(time.perf_counter() - start, 3)
+
+        return run()
+
+    with timed("load checkpoint"):
+        local = resolve_model(cfg.model)
+        import torch
+
+        from tokedge.export import onnx_export as ox
+        from tokedge.export.families import llava as fam
+        from tokedge.export.reference import EXAMPLE_PROMPTS, example_images, pixel_values_for, reference_case
+        from tokedge.runtime.graphs import ArtifactGraphs
+        from tokedge.export.validate import (
+            DECODE_STEPS,
+            REFERENCE_FILE,
+            Tolerance,
+            run_cases,
+            save_reference,
+        )
+
+        full = fam.full_tokens_from_config(fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code))
+        budget, rng = check_request(cfg, method, full)
+        loaded = fam.load_llava(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        if loaded.full_tokens != full:
+            raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
+
+    with timed("reference (transformers)"):
+        pixel_values = pixel_values_for(loaded, example_images(2))
+        prompts = [fam_prompt for fam_prompt in (_render(loaded, q) for q in EXAMPLE_PROMPTS)]
+        budgets = [budget] if rng is None else sorted({rng[0], budget, rng[1]})
+        cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS) for k in budgets]
+
+    torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
+    if cfg.dtype == "fp16":
+        loaded.model.half()
+    info = fam.model_info(loaded)
+    pre = fam.preprocess_info(loaded)
+    trace_k = budget if rng is None else (rng[1] if rng[1] < full else full - 1)
+    modules = fam.build_graph_modules(loaded, method, trace_k)
+    specs = ox.trace_specs(info, pre.crop_size, torch_dtype, budget if rng is None else ox.TOKENS)
+
+    with staged_directory(out, force=cfg.force) as stage:
+        graphs = {}
+        for name in ("vision", "embed", "decoder"):
+            with timed(f"trace {name}.onnx"):
+                model = ox.trace_to_ir(modules[name], specs[name])
+                if name == "vision" and rng is not None:
+                    from tokedge.export.passes.runtime_budget import bind_runtime_budget
+
+                    bind_runtime_budget(model, trace_k, rng[0], rng[1])
+                ox.finish(model)
+                file, data = ox.save_graph(model, stage, name, cfg.external_data_threshold)
+                graphs[name] = ox.graph_spec(model, file, data)
+
+        loaded.processor.tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
+        tol = Tolerance.for_dtype(cfg.dtype)
+        save_reference(stage / REFERENCE_FILE, pixel_values, cases)
+        reduction = ReductionInfo(
+            method=method.name, budget=budget, full_tokens=full, stage=method.stage, budget_range=rng,
+            options=dict(method.options),
+        )
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            tokedge_version=tokedge.__version__,
+            dtype=cfg.dtype,
+            model=info,
+            reduction=reduction,
+            graphs=graphs,
+            preprocess=pre,
+            prompt=fam.prompt_info(loaded, budget),
+            versions=_versions(),
+            opset=ox.OPSET,
+            reference={"file": REFERENCE_FILE, "tolerance": {"image_embeds": tol.image_embeds, "logits": tol.logits},
+                       "budgets": budgets, "decode_steps": DECODE_STEPS},
+            files={},
+        )
+        parity: dict = {"skipped": True}
+        if cfg.validate:
+            with timed("validate (ONNX Runtime vs transformers)"):
+                with ArtifactGraphs(stage, manifest) as runtime_graphs:
+                    report = run_cases(runtime_graphs, pixel_values, cases, tol)
+                report.raise_if_failed("export validation failed")
+                parity = report.to_dict()
+        manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
+                           files=hash_tree(stage))
+        write_manifest(stage, manifest)
+    return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds)
+
+
+def _render(loaded, question: str) -> str:
+    from tokedge.export.reference import render_prompt
+
+    return render_prompt(loaded, question)
+
+
+__all__ = ["ExportConfig", "ExportResult", "export", "parse_budget_range", "resolve_model", "np"]

@@ -1,0 +1,201 @@
+"""Built-in checkpoints for offline use.
+
+`tiny-llava` is a deterministic random-weight LLaVA with LLaVA-1.5 geometry (336 px, patch 14,
+576 visual tokens, CLS + feature layer -2), a real byte-level BPE tokenizer trained here on a fixed
+corpus, a real CLIP image processor and a chat template. It is written as an ordinary llava-hf
+checkpoint directory (`save_pretrained`) and then loaded through the same path as a user's model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokedge.artifact import staged_directory
+
+# A fixed corpus: the tokenizer is trained on it, so the same merges come out every time.
+_CORPUS = """
+USER: What is shown in this image? ASSISTANT: The image shows a red car parked on a quiet street.
+USER: Describe the picture in detail. ASSISTANT: A small dog sits on green grass next to a wooden fence.
+USER: How many people are in the photo? ASSISTANT: There are three people standing near the door.
+USER: What colour is the sky? ASSISTANT: The sky is blue with a few white clouds over the hills.
+USER: Read the sign. ASSISTANT: The sign says stop, and it is mounted on a metal pole at the corner.
+USER: Is there a cat? ASSISTANT: Yes, a grey cat is sleeping on the sofa beside a striped cushion.
+USER: What is the man holding? ASSISTANT: He is holding an umbrella and a cup of coffee in the rain.
+USER: Where was this taken? ASSISTANT: It looks like a kitchen with white cabinets and a large window.
+The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
+Vision language models turn images into tokens, and fewer tokens make inference faster on the edge.
+Jetson Orin devices run TensorRT engines built from ONNX graphs exported on a workstation.
+numbers 0 1 2 3 4 5 6 7 8 9 10 100 336 576 64 and punctuation , . ! ? : ; ( ) - ' "
+"""
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyLlavaConfig:
+    """Sizes of the built-in model; geometry follows LLaVA-1.5 (CLIP ViT-L/14 @ 336 px)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2  # grouped-query attention, as in newer decoders
+    vocab_target: int = 480  # BPE vocabulary before special tokens
+    init_std: float = 0.3  # wide enough that greedy decoding has clear winners
+    seed: int = 0
+
+
+PRESETS = {"tiny-llava": TinyLlavaConfig()}
+
+
+def preset_cache_dir() -> Path:
+    base = os.environ.get("TOKEDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tokedge"
+    )
+    return Path(base) / "presets"
+
+
+def build_tokenizer(cfg: TinyLlavaConfig):
+    """A real byte-level BPE tokenizer with BOS added by its post-processor, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_target,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force: bool = False) -> Path:
+    """Write the tiny checkpoint directory (model + processor) at `out`, atomically."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_tokenizer(cfg)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_hidden * 4,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_hidden * 3,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("bias"):
+                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+            else:
+                fan_in = param.shape[-1] if param.dim() > 1 else 1
+                std = cfg.init_std if param.dim() == 1 or "embed" in name else fan_in**-0.5
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        do_center_crop=True,
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        resample=3,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+    with staged_directory(out, force=force) as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        processor.save_pretrained(stage)
+    return out
+
+
+def resolve_preset(name: str) -> Path | None:
+    """Path of a built-in checkpoint (built on first use), or None when `name` is not a preset."""
+    if name not in PRESETS:
+        return None
+    path = preset_cache_dir() / name
+    if not (path / "config.json").is_file():
+        import logging
+
+        logging.getLogger("tokedge").info("building built-in checkpoint %s at %s", name, path)
+        build_tiny_llava(path, PRESETS[name], force=path.exists())
+    return path

@@ -1,0 +1,121 @@
+"""Parity between the exported graphs (ONNX Runtime) and the transformers reference.
+
+The reference is computed with transformers' own modules (eager attention for scores), the
+selection of the method applied to its image features; the exported graphs are run through the
+same numpy client the device runtime uses. Results are data (`ParityReport`), saved in the
+manifest and printed by the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokedge.errors import ParityError
+
+REFERENCE_FILE = "reference.npz"
+DECODE_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    image_embeds: float
+    logits: float
+
+    @classmethod
+    def for_dtype(cls, dtype: str) -> "Tolerance":
+        return cls(image_embeds=1e-3, logits=1e-3) if dtype == "fp32" else cls(image_embeds=5e-2, logits=1e-1)
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    budget: int
+    batch: int
+    max_abs_image_embeds: float
+    max_abs_prefill_logits: float
+    max_abs_step_logits: float
+    tokens_match: bool
+
+    def ok(self, tol: Tolerance) -> bool:
+        return (
+            self.max_abs_image_embeds <= tol.image_embeds
+            and max(self.max_abs_prefill_logits, self.max_abs_step_logits) <= tol.logits
+            and self.tokens_match
+        )
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    tolerance: Tolerance
+    cases: list[ParityCase] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok(self.tolerance) for c in self.cases)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, **asdict(self)}
+
+    def summary(self) -> str:
+        parts = [
+            f"budget {c.budget}: image_embeds {c.max_abs_image_embeds:.2e}, logits "
+            f"{max(c.max_abs_prefill_logits, c.max_abs_step_logits):.2e}, tokens {'match' if c.tokens_match else 'DIFFER'}"
+            for c in self.cases
+        ]
+        return "; ".join(parts) + f" (tolerance {self.tolerance.logits:g})"
+
+    def raise_if_failed(self, what: str) -> None:
+        if not self.ok:
+            raise ParityError(f"{what}: exported graphs disagree with the reference beyond tolerance: {self.summary()}")
+
+
+def _maxabs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+
+
+def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budget: int) -> ParityCase:
+    return ParityCase(
+        budget=budget,
+        batch=int(expected["prefill_logits"].shape[0]),
+        max_abs_image_embeds=_maxabs(expected["image_embeds"], actual["image_embeds"]),
+        max_abs_prefill_logits=_maxabs(expected["prefill_logits"], actual["prefill_logits"]),
+        max_abs_step_logits=_maxabs(expected["step_logits"], actual["step_logits"]),
+        tokens_match=bool(np.array_equal(expected["tokens"], actual["tokens"])),
+    )
+
+
+# --- the recorded reference (reference.npz) ------------------------------------------------------
+
+
+def save_reference(path: Path, pixel_values: np.ndarray, cases: list[dict[str, np.ndarray]]) -> None:
+    arrays = {"pixel_values": pixel_values}
+    for i, case in enumerate(cases):
+        arrays.update({f"case{i}.{k}": np.asarray(v) for k, v in case.items()})
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_reference(path: Path) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    cases: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        if key.startswith("case"):
+            idx, name = key[4:].split(".", 1)
+            cases.setdefault(int(idx), {})[name] = value
+    return arrays["pixel_values"], [cases[i] for i in sorted(cases)]
+
+
+def run_cases(graphs, pixel_values: np.ndarray, cases: list[dict[str, np.ndarray]], tol: Tolerance) -> ParityReport:
+    """Run each recorded case through the artifact's graphs and compare with its expected arrays."""
+    report = ParityReport(tolerance=tol)
+    for case in cases:
+        budget = int(case["budget"])
+        actual = graphs.greedy(pixel_values, case["input_ids"], case["attention_mask"], DECODE_STEPS, budget)
+        report.cases.append(compare(case, actual, budget))
+    return report

@@ -1,0 +1,37 @@
+"""`cls-attn`: keep the patches the CLS token attends to most (FasterVLM arXiv 2412.01818,
+HiRED arXiv 2408.10945).
+
+Score = attention of the CLS query to each patch in the feature layer (the vision layer whose
+output LLaVA takes, `vision_feature_layer`), softmax over all keys including CLS, mean over heads.
+Keep the top `budget` patches, restore raster order, then project. `--budget` = visual tokens that
+enter the LLM. Counts are static for a fixed budget; with `--dynamic-budget` the TopK k is the
+`budget` graph input.
+"""
+
+from __future__ import annotations
+
+from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.select import gather_tokens, topk_sorted
+
+
+def select_cls_attn(scores, k: int):
+    """scores: [b, n] CLS attention per patch -> [b, k] kept patch indices in raster order."""
+    return topk_sorted(scores, k)
+
+
+def reduce_cls_attn(vf: VisionFeatures, k: int):
+    """[b, n, d] features -> [b, k, d] features of the k most-attended patches."""
+    if k >= vf.features.shape[1]:
+        return vf.features
+    return gather_tokens(vf.features, select_cls_attn(vf.cls_attention, k))
+
+
+METHOD = Method(
+    name="cls-attn",
+    stage="pre-llm",
+    paper="2412.01818, 2408.10945",
+    summary="top-k patches by CLS attention in the feature layer",
+    needs=frozenset({"cls_attention"}),
+    supports_runtime_budget=True,
+    reduce=reduce_cls_attn,
+)

@@ -1,0 +1,23 @@
+"""Token-selection primitives shared by the score-based methods (torch, export-traceable)."""
+
+from __future__ import annotations
+
+
+def topk_sorted(scores, k: int):
+    """Indices of the k largest scores per row, returned in ascending (raster) order.
+
+    scores: [b, n] float; returns [b, k] int64. Ties follow torch.topk. In ONNX this is
+    TopK(scores, k) followed by a second TopK(largest=0) over the indices, which TensorRT accepts
+    for k <= 3840.
+    """
+    import torch
+
+    if k >= scores.shape[-1]:
+        return torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape[0], -1)
+    idx = torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def gather_tokens(x, idx):
+    """x: [b, n, d], idx: [b, k] -> [b, k, d] (the rows named by idx, in idx order)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
