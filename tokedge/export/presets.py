@@ -58,6 +58,8 @@ class TinyLlavaConfig:
     vocab_target: int = 480  # BPE vocabulary before special tokens
     init_std: float = 0.3  # wide enough that greedy decoding has clear winners
     seed: int = 0
+    vision: str = "clip"  # "clip" (CLS + patches) or "siglip" (patches only, fixed-size resize)
+    text: str = "llama"  # "llama", "qwen2" or "mistral"
 
 
 PRESETS = {"tiny-llava": TinyLlavaConfig()}
@@ -105,28 +107,31 @@ def build_tokenizer(cfg: TinyLlavaConfig):
 def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force: bool = False) -> Path:
     """Write the tiny checkpoint directory (model + processor) at `out`, atomically."""
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    import transformers
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
     tokenizer = build_tokenizer(cfg)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(
+    vision_sizes = dict(
         hidden_size=cfg.vision_hidden,
         intermediate_size=cfg.vision_hidden * 4,
         num_hidden_layers=cfg.vision_layers,
         num_attention_heads=cfg.vision_heads,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden,
-        hidden_act="quick_gelu",
     )
-    text = LlamaConfig(
+    if cfg.vision == "clip":
+        vision = transformers.CLIPVisionConfig(**vision_sizes, projection_dim=cfg.vision_hidden, hidden_act="quick_gelu")
+    elif cfg.vision == "siglip":
+        vision = transformers.SiglipVisionConfig(**vision_sizes, vision_use_head=False)
+    else:
+        raise ValueError(f"unknown tiny vision tower {cfg.vision!r}")
+    text_config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                       "mistral": transformers.MistralConfig}[cfg.text]
+    text = text_config_cls(
         hidden_size=cfg.text_hidden,
         intermediate_size=cfg.text_hidden * 3,
         num_hidden_layers=cfg.text_layers,
@@ -144,7 +149,7 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
         text_config=text,
         image_token_id=image_token_id,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy="default" if cfg.vision == "clip" else "full",
         projector_hidden_act="gelu",
     )
     torch.manual_seed(cfg.seed)
@@ -161,24 +166,30 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
                 std = cfg.init_std if param.dim() == 1 or "embed" in name else fan_in**-0.5
                 param.copy_(std * torch.randn(param.shape, generator=gen))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": cfg.image_size},
-        crop_size={"height": cfg.image_size, "width": cfg.image_size},
-        do_center_crop=True,
-        do_resize=True,
-        do_rescale=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        resample=3,
-    )
+    if cfg.vision == "siglip":
+        image_processor = transformers.SiglipImageProcessor(
+            size={"height": cfg.image_size, "width": cfg.image_size}, resample=3, do_rescale=True,
+            do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True,
+        )
+    else:
+        image_processor = transformers.CLIPImageProcessor(
+            size={"shortest_edge": cfg.image_size},
+            crop_size={"height": cfg.image_size, "width": cfg.image_size},
+            do_center_crop=True,
+            do_resize=True,
+            do_rescale=True,
+            do_normalize=True,
+            do_convert_rgb=True,
+            image_mean=[0.48145466, 0.4578275, 0.40821073],
+            image_std=[0.26862954, 0.26130258, 0.27577711],
+            resample=3,
+        )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=cfg.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default" if cfg.vision == "clip" else "full",
+        num_additional_image_tokens=1 if cfg.vision == "clip" else 0,
         chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )

@@ -77,6 +77,10 @@ class OrtRunner:
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.session
         start = time.perf_counter()
-        values = session.run(self._outputs, {k: v for k, v in feed.items() if k in self._inputs})
+        try:
+            values = session.run(self._outputs, {k: v for k, v in feed.items() if k in self._inputs})
+        except Exception as exc:  # onnxruntime's own exception types; keep one line for the user
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{self.name} graph failed in ONNX Runtime: {message}") from exc
         self.last_inference_time = time.perf_counter() - start
         return dict(zip(self._outputs, values))

@@ -91,7 +91,7 @@ def inspect_checkpoint(source: str, local: Path | None, trust_remote_code: bool 
 def check_supported(cfg: dict) -> None:
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
-    if model_type != "llava" and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+    if model_type != "llava" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
         raise UnsupportedModelError(
             f"unsupported architecture {archs or model_type!r}; tokedge exports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llava') checkpoints"
@@ -137,10 +137,10 @@ def load_llava(
                     f"'{local}' has no {name}; save the processor with the model (processor.save_pretrained)"
                 )
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
     where = str(local) if local is not None else source
     try:
         model = LlavaForConditionalGeneration.from_pretrained(

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny llava-hf checkpoints saved as a user would have them, and artifacts
+exported from them (session-scoped: each is built once per test run)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKEDGE_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest-cache-tokedge"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """LLaVA-1.5 geometry (CLIP, 336 px, 576 tokens) + Llama with GQA; save_pretrained layout."""
+    from tokedge.export.presets import TinyLlavaConfig, build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava", TinyLlavaConfig())
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_llava_dir):
+    """(model, processor) loaded straight from transformers: the independent reference."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    return model, processor
+
+
+class ArtifactFactory:
+    def __init__(self, root: Path, checkpoint: Path):
+        self.root = root
+        self.checkpoint = checkpoint
+        self.cache: dict[tuple, Path] = {}
+
+    def __call__(self, method: str = "none", budget: int | None = None, dynamic: tuple[int, int] | None = None,
+                 dtype: str = "fp32", checkpoint: Path | None = None, **extra) -> Path:
+        from tokedge.export.pipeline import ExportConfig, export
+
+        ckpt = checkpoint or self.checkpoint
+        key = (str(ckpt), method, budget, dynamic, dtype, tuple(sorted(extra.items())))
+        if key not in self.cache:
+            out = self.root / f"art-{len(self.cache)}"
+            export(ExportConfig(model=str(ckpt), out=out, method=method, budget=budget, dynamic_budget=dynamic,
+                                dtype=dtype, **extra))
+            self.cache[key] = out
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, tiny_llava_dir) -> ArtifactFactory:
+    return ArtifactFactory(tmp_path_factory.mktemp("artifacts"), tiny_llava_dir)
+
+
+@pytest.fixture(scope="session")
+def test_images():
+    """A few RGB images of different sizes and aspect ratios, deterministic."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    shapes = [(240, 320), (400, 300), (336, 336)]
+    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB") for h, w in shapes]
