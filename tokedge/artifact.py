@@ -101,6 +101,7 @@ class PromptInfo:
     image_token: str  # placeholder in prompts, e.g. "<image>"
     image_token_id: int
     visual_tokens: int  # placeholders per image after expansion (= reduction budget by default)
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token... for the template
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,43 @@ def verify_cmd(
         raise ParityError(f"{artifact}: graphs disagree with the reference: {report.summary()}")
 
 
+@app.command("run")
+def run_cmd(
+    artifact: ArtifactArg,
+    image: Annotated[list[Path], typer.Option(help="Image file; repeat with --prompt for a batch.")],
+    prompt: Annotated[list[str], typer.Option(help="Question or instruction; one per --image.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="Visual tokens, within the artifact's runtime range.")] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
+    json_out: JsonFlag = False,
+) -> None:
+    """Generate text for an image and a prompt from an exported artifact (no torch needed)."""
+    from tokedge.runtime.onnxruntime import OrtOptions
+    from tokedge.runtime.pipeline import Pipeline
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads)) as pipe:
+        result = pipe.generate(
+            image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, budget=budget, on_text=None if json_out or len(prompt) > 1 else stream,
+        )
+    if json_out:
+        print(json.dumps(result.to_dict()))
+    elif len(prompt) > 1:
+        for i, text in enumerate(result.texts):
+            print(f"[{i}] {text}")
+    else:
+        print()
+
+
 @app.command("methods")
 def methods_cmd(json_out: JsonFlag = False) -> None:
     """List the reduction methods: where each acts, what it needs, whether counts are static."""

@@ -284,6 +284,7 @@ def prompt_info(llava: LoadedLlava, visual_tokens: int) -> PromptInfo:
         image_token=image_token,
         image_token_id=llava.config.image_token_id,
         visual_tokens=visual_tokens,
+        special_tokens={k: v for k, v in proc.tokenizer.special_tokens_map.items() if isinstance(v, str)},
     )
 
 

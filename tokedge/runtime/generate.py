@@ -1,0 +1,149 @@
+"""The generation loop, written once against the runner protocol (through `ArtifactGraphs`):
+prefill, then decode with the KV cache; greedy or temperature / top-k / top-p sampling with a
+seed; stop on EOS or the token limit; several image+prompt pairs in one batch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from tokedge.errors import InputError
+from tokedge.runtime.graphs import ArtifactGraphs, position_ids_from_mask, splice_image_embeds
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+    seed: int | None = None  # sampling is reproducible for a fixed seed
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise InputError(f"--temperature must be >= 0 (got {self.temperature}); 0 means greedy")
+        if self.top_k < 0:
+            raise InputError(f"--top-k must be >= 0 (got {self.top_k}); 0 turns it off")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class Timings:
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms_per_token: float = 0.0
+    decode_tokens: int = 0
+    total_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]
+    visual_tokens: int
+    timings: Timings = field(default_factory=Timings)
+
+
+def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """logits [b, vocab] -> next token ids [b] (int64)."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1).astype(np.int64)
+    scaled = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k and cfg.top_k < scaled.shape[-1]:
+        kth = np.partition(scaled, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if cfg.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, -1)
+        keep_sorted = (np.cumsum(sorted_p, -1) - sorted_p) < cfg.top_p  # the first token always stays
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    draws = rng.random(probs.shape[0])
+    return np.minimum((np.cumsum(probs, -1) < draws[:, None]).sum(-1), probs.shape[-1] - 1).astype(np.int64)
+
+
+def generate(
+    graphs: ArtifactGraphs,
+    pixel_values: np.ndarray,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    cfg: SamplingConfig,
+    *,
+    budget: int | None = None,
+    on_step: Callable[[list[list[int]]], None] | None = None,
+    timings: Timings | None = None,
+    started: float | None = None,
+) -> Generation:
+    """Prefill + decode. `started` (perf_counter) is when the request began, for TTFT."""
+    cfg.check()
+    m = graphs.manifest.model
+    timings = timings or Timings()
+    started = time.perf_counter() if started is None else started
+    batch, prompt_len = input_ids.shape
+    limit = m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
+    if prompt_len + cfg.max_new_tokens > limit:
+        raise InputError(
+            f"prompt ({prompt_len} tokens incl. image) + --max-new-tokens ({cfg.max_new_tokens}) exceeds the model's "
+            f"limit of {limit} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    eos = set(m.eos_token_ids)
+    pad = m.pad_token_id if m.pad_token_id is not None else 0
+
+    t0 = time.perf_counter()
+    image_embeds = graphs.vision(pixel_values, budget)
+    timings.vision_ms = (time.perf_counter() - t0) * 1e3
+
+    t0 = time.perf_counter()
+    embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
+    mask = np.ones((batch, prompt_len + cfg.max_new_tokens), dtype=np.int64)  # reused: one view per step
+    mask[:, :prompt_len] = attention_mask
+    positions = position_ids_from_mask(attention_mask)
+    step = graphs.decode(embeds, mask[:, :prompt_len], positions, graphs.empty_past(batch))
+    next_ids = sample_next(step.logits, cfg, rng)
+    now = time.perf_counter()
+    timings.prefill_ms = (now - t0) * 1e3
+    timings.ttft_ms = (now - started) * 1e3
+
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    decode_start = time.perf_counter()
+    decode_steps = 0
+    length = prompt_len
+    positions = positions[:, -1:]
+    for i in range(cfg.max_new_tokens):
+        for r in range(batch):
+            if not done[r]:
+                if int(next_ids[r]) in eos:
+                    done[r] = True
+                else:
+                    out[r].append(int(next_ids[r]))
+        if on_step is not None:
+            on_step(out)
+        if done.all() or i == cfg.max_new_tokens - 1:
+            break
+        feed_ids = np.where(done, pad, next_ids)[:, None]
+        length += 1
+        positions = positions + 1
+        step = graphs.decode(graphs.embed(feed_ids), mask[:, :length], positions, step.past)
+        next_ids = sample_next(step.logits, cfg, rng)
+        decode_steps += 1
+    if decode_steps:
+        timings.decode_ms_per_token = (time.perf_counter() - decode_start) * 1e3 / decode_steps
+    timings.decode_tokens = decode_steps
+    timings.total_ms = (time.perf_counter() - started) * 1e3
+    return Generation(token_ids=out, visual_tokens=int(image_embeds.shape[1]), timings=timings)

@@ -1,0 +1,145 @@
+"""Python API mirroring `tokedge run`: `Pipeline.load(artifact).generate(image, prompt, ...)`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from tokedge.artifact import Manifest, confined_path, load_artifact
+from tokedge.errors import InputError, UsageError
+from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
+from tokedge.runtime.graphs import ArtifactGraphs
+from tokedge.runtime.onnxruntime import OrtOptions
+from tokedge.runtime.preprocess import load_image, preprocess_batch
+from tokedge.runtime.prompt import PromptEncoder
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass
+class Result:
+    texts: list[str]
+    token_ids: list[list[int]]
+    visual_tokens: int
+    timings: Timings
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    def to_dict(self) -> dict:
+        single = len(self.texts) == 1
+        return {
+            "text": self.texts[0] if single else self.texts,
+            "token_ids": self.token_ids[0] if single else self.token_ids,
+            "visual_tokens": self.visual_tokens,
+            "timings": self.timings.to_dict(),
+        }
+
+
+class Pipeline:
+    """An artifact opened for generation. Checks format version and every file's sha256 first."""
+
+    def __init__(self, root: Path, manifest: Manifest, graphs: ArtifactGraphs, encoder: PromptEncoder):
+        self.root, self.manifest, self.graphs, self.encoder = root, manifest, graphs, encoder
+
+    @classmethod
+    def load(cls, artifact: Path | str, backend: str = "onnxruntime", options: OrtOptions = OrtOptions()) -> "Pipeline":
+        if backend not in BACKENDS:
+            raise UsageError(f"--backend {backend} is unknown; use one of {', '.join(BACKENDS)}")
+        if backend == "tensorrt":
+            raise UsageError("the TensorRT runner is not available in this build yet; use --backend onnxruntime")
+        root = Path(artifact)
+        manifest = load_artifact(root)  # format version, hashes, paths confined to the artifact
+        confined_path(root, manifest.prompt.tokenizer_file)
+        encoder = PromptEncoder(root, manifest.prompt, manifest.model.pad_token_id, manifest.prompt.special_tokens)
+        graphs = ArtifactGraphs(root, manifest, options=options)
+        graphs.__enter__()
+        return cls(root, manifest, graphs, encoder)
+
+    def close(self) -> None:
+        self.graphs.__exit__(None, None, None)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def visual_tokens_for(self, budget: int | None) -> int:
+        red = self.manifest.reduction
+        if budget is None:
+            return self.manifest.prompt.visual_tokens
+        if red.budget_range is None:
+            if budget != red.budget:
+                raise InputError(
+                    f"this artifact has a fixed budget of {red.budget} visual tokens; re-export with "
+                    f"--dynamic-budget to choose it at run time"
+                )
+            return budget
+        lo, hi = red.budget_range
+        if not lo <= budget <= hi:
+            raise InputError(f"--budget {budget} is outside this artifact's runtime range {lo}..{hi}")
+        return budget
+
+    def generate(
+        self,
+        images: Sequence[Image.Image | str | Path] | Image.Image | str | Path,
+        prompts: Sequence[str] | str,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        budget: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Result:
+        """Generate for image+prompt pairs. `on_text` receives new text as it is produced (batch 1)."""
+        started = time.perf_counter()
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(images) != len(prompts):
+            raise InputError(f"{len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        cfg.check()
+        timings = Timings()
+        t0 = time.perf_counter()
+        pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
+        pixel_values = preprocess_batch(pil, self.manifest.preprocess)
+        k = self.visual_tokens_for(budget)
+        enc = self.encoder.encode(prompts, k)
+        timings.preprocess_ms = (time.perf_counter() - t0) * 1e3
+        streamer = _Streamer(self.encoder, on_text) if on_text is not None and len(prompts) == 1 else None
+        gen: Generation = generate(self.graphs, pixel_values, enc.input_ids, enc.attention_mask, cfg,
+                                   budget=k if self.manifest.reduction.budget_range else None,
+                                   on_step=streamer, timings=timings, started=started)
+        if streamer is not None:
+            streamer.flush(gen.token_ids[0])
+        texts = [self.encoder.decode(ids) for ids in gen.token_ids]
+        return Result(texts=texts, token_ids=gen.token_ids, visual_tokens=gen.visual_tokens, timings=gen.timings)
+
+
+class _Streamer:
+    """Emits the text delta of row 0 after each step, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, encoder: PromptEncoder, sink: Callable[[str], None]):
+        self.encoder, self.sink, self.sent = encoder, sink, ""
+
+    def __call__(self, rows: list[list[int]]) -> None:
+        text = self.encoder.decode(rows[0])
+        if text.endswith("\ufffd"):
+            return
+        self._emit(text)
+
+    def flush(self, ids: list[int]) -> None:
+        self._emit(self.encoder.decode(ids))
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.sink(text[len(self.sent):])
+            self.sent = text
