@@ -82,13 +82,22 @@ class ArtifactGraphs:
         return {name: np.zeros(shape, dtype=self.float_dtype) for name in self.past_names}
 
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-               past: dict[str, np.ndarray]) -> StepResult:
-        feed = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask.astype(np.int64, copy=False),
-                "position_ids": position_ids.astype(np.int64, copy=False), **past}
-        out = self.runners["decoder"].infer(feed)
-        present = {name.replace("past_key_values.", "present."): name for name in self.past_names}
+               past: dict) -> StepResult:
+        """One decoder call. `past` holds numpy arrays or, with runners that support IO binding,
+        the device-resident values returned by the previous step (never copied back to the host)."""
+        host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask.astype(np.int64, copy=False),
+                "position_ids": position_ids.astype(np.int64, copy=False)}
+        runner = self.runners["decoder"]
+        present_to_past = {name.replace("past_key_values.", "present."): name for name in self.past_names}
+        if hasattr(runner, "infer_bound"):
+            arrays = {k: v for k, v in past.items() if isinstance(v, np.ndarray)}
+            resident = {k: v for k, v in past.items() if not isinstance(v, np.ndarray)}
+            out, kept = runner.infer_bound({**host, **arrays}, resident, keep=set(present_to_past))
+        else:
+            out = runner.infer({**host, **past})
+            kept = out
         return StepResult(logits=out["logits"][:, -1].astype(np.float32),
-                          past={past_name: out[p] for p, past_name in present.items()})
+                          past={past_name: kept[p] for p, past_name in present_to_past.items()})
 
     def greedy(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int,
                budget: int | None = None) -> dict[str, np.ndarray]:

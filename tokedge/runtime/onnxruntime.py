@@ -70,6 +70,37 @@ class OrtRunner:
         self._session = None
 
     @property
+    def device(self) -> str:
+        """Where outputs bound with `infer_bound` live: "cuda" under the CUDA/TensorRT EPs, else "cpu"."""
+        providers = self.session.get_providers()
+        return "cuda" if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(providers) else "cpu"
+
+    def infer_bound(self, host: dict[str, np.ndarray], resident: dict, keep: set[str]) -> tuple[dict, dict]:
+        """Run with IO binding: `host` arrays are copied in, `resident` OrtValues (e.g. the KV cache
+        from the previous step) are bound where they already live, and the outputs named in `keep`
+        stay on the device as OrtValues; the others come back as numpy arrays."""
+        session = self.session
+        binding = session.io_binding()
+        for name, array in host.items():
+            if name in self._inputs:
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in resident.items():
+            if name in self._inputs:
+                binding.bind_ortvalue_input(name, value)
+        device = self.device
+        for name in self._outputs:
+            binding.bind_output(name, device if name in keep else "cpu")
+        start = time.perf_counter()
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{self.name} graph failed in ONNX Runtime: {message}") from exc
+        self.last_inference_time = time.perf_counter() - start
+        values = dict(zip(self._outputs, binding.get_outputs()))
+        return ({k: v.numpy() for k, v in values.items() if k not in keep}, {k: v for k, v in values.items() if k in keep})
+
+    @property
     def input_names(self) -> set[str]:
         self.session  # noqa: B018
         return self._inputs

@@ -1,0 +1,46 @@
+"""The decoder's IO-binding path (KV cache kept as device-resident OrtValues between steps; on
+this CPU-only machine the device is the CPU) gives exactly what plain `infer` calls give."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tokedge.artifact import load_artifact
+from tokedge.export.validate import load_reference
+from tokedge.runtime.graphs import ArtifactGraphs
+from tokedge.runtime.onnxruntime import OrtRunner
+
+
+class PlainRunner:
+    """Only the runner protocol: no infer_bound, so every step copies the KV cache to the host."""
+
+    def __init__(self, inner: OrtRunner):
+        self.inner, self.name, self.last_inference_time = inner, inner.name, 0.0
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.__exit__(*exc)
+
+    def infer(self, feed):
+        return self.inner.infer(feed)
+
+
+def test_bound_and_plain_decoding_agree(artifacts):
+    art = artifacts("cls-attn", 64)
+    manifest = load_artifact(art)
+    pixel_values, cases = load_reference(art / "reference.npz")
+    case = cases[0]
+    with ArtifactGraphs(art, manifest) as bound:
+        assert bound.runners["decoder"].device == "cpu"
+        a = bound.greedy(pixel_values, case["input_ids"], case["attention_mask"], steps=5)
+        step = bound.decode(bound.embed(case["input_ids"][:, :3]), case["attention_mask"][:, :3],
+                            np.zeros((2, 3), np.int64), bound.empty_past(2))
+        assert not isinstance(step.past["past_key_values.0.key"], np.ndarray)  # stayed an OrtValue
+    plain_runners = {n: PlainRunner(OrtRunner(art / g.file, name=n)) for n, g in manifest.graphs.items()}
+    with ArtifactGraphs(art, manifest, runners=plain_runners) as plain:
+        b = plain.greedy(pixel_values, case["input_ids"], case["attention_mask"], steps=5)
+    assert a["tokens"].tolist() == b["tokens"].tolist()
+    np.testing.assert_array_equal(a["step_logits"], b["step_logits"])
