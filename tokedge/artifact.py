@@ -220,10 +220,20 @@ def verify_files(root: Path, manifest: Manifest) -> None:
                 f"artifact file '{rel}' does not match its sha256 in {MANIFEST_NAME} (modified or corrupt); "
                 "re-export the artifact"
             )
+    from tokedge.onnx_files import external_data_locations
+
     for name, graph in manifest.graphs.items():
         for rel in filter(None, (graph.file, graph.external_data)):
             if rel not in manifest.files:
                 raise IntegrityError(f"{name} graph file '{rel}' is not covered by the manifest's hashes")
+        graph_dir = Path(graph.file).parent
+        for location in external_data_locations(root / graph.file):
+            rel = (graph_dir / location).as_posix() if not os.path.isabs(location) else location
+            confined_path(root, rel)
+            if os.path.normpath(rel) not in manifest.files or os.path.normpath(rel) != graph.external_data:
+                raise IntegrityError(
+                    f"{graph.file} stores weights in '{location}', which is not its manifest-listed external data file"
+                )
 
 
 # --- reading and writing ----------------------------------------------------------------------
@@ -267,32 +277,43 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     os.replace(tmp, root / MANIFEST_NAME)
 
 
+def lock_path_for(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
 @contextlib.contextmanager
-def staged_directory(target: Path, force: bool = False) -> Iterator[Path]:
+def staged_directory(target: Path, force: bool = False, lock_timeout: float | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success rename it into place.
 
     The target is never half-written: on any error (or a kill) the staging directory is the only
-    thing touched. An existing target is refused unless `force`, and then replaced whole.
+    thing touched. An existing target is refused unless `force`, and then replaced whole. Writers
+    of the same target are serialised by a lock file; staging directories that a killed writer
+    left behind are removed by the next writer (it holds the lock, so they are nobody's).
     """
+    from tokedge.locking import exclusive
+
     target = Path(target)
     if target.exists() and not force:
         raise UsageError(f"'{target}' already exists; choose another --out or pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the artifact should not be
-    try:
-        yield stage
-        if target.exists():
-            if not force:
-                raise UsageError(f"'{target}' appeared while exporting; pass --force to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "previous")
-            os.replace(stage, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with exclusive(lock_path_for(target), timeout=lock_timeout):
+        for stale in target.parent.glob(f".{target.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the artifact should not be
+        try:
+            yield stage
+            if target.exists():
+                if not force:
+                    raise UsageError(f"'{target}' appeared while exporting; pass --force to replace it")
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "previous")
+                os.replace(stage, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise

@@ -54,6 +54,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+MAX_RESIZED_PIXELS = 64_000_000  # a resize target larger than this is an aspect ratio nobody meant
+
+
 def resize_shape(height: int, width: int, info: PreprocessInfo) -> tuple[int, int]:
     if info.resize_shortest_edge:
         size = info.resize_shortest_edge
@@ -86,6 +89,11 @@ def preprocess(image: Image.Image, info: PreprocessInfo) -> np.ndarray:
         image = to_rgb(image)
     if info.do_resize:
         h, w = resize_shape(image.height, image.width, info)
+        if h * w > MAX_RESIZED_PIXELS or min(h, w) < 1:
+            raise InputError(
+                f"image is {image.width}x{image.height} pixels; its aspect ratio would resize it to {w}x{h} "
+                "before cropping, which is too extreme; crop or pad it closer to square first"
+            )
         image = image.resize((w, h), resample=Image.Resampling(info.resample))
     chw = np.moveaxis(np.asarray(image), -1, 0)
     if info.do_center_crop:

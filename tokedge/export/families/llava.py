@@ -150,8 +150,9 @@ def load_llava(
             trust_remote_code=trust_remote_code,
         ).eval()
         processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the checkpoint at '{where}': {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # the loading boundary: unpickling refusals, shape mismatches, missing files
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot load the checkpoint at '{where}': {first}") from exc
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise InputError(f"'{where}' has no image processor and tokenizer (processor files are missing)")
     if getattr(processor.tokenizer, "backend_tokenizer", None) is None:
