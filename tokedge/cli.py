@@ -56,6 +56,7 @@ def export_cmd(
     method: Annotated[str, typer.Option(help="Reduction method (see `tokedge methods`).")] = "none",
     budget: Annotated[Optional[int], typer.Option(help="Visual tokens that reach the LLM (default: all for none, 64 otherwise).")] = None,
     dynamic_budget: Annotated[Optional[str], typer.Option(help="MIN:MAX runtime range; --budget is the default.")] = None,
+    option: Annotated[list[str], typer.Option("--option", help="Method option KEY=VALUE (repeatable), e.g. layer=3.")] = [],
     dtype: Annotated[str, typer.Option(help="fp32 or fp16 weights and activations.")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Artifact directory to create (default: ./<model>-<method>-<budget>).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing artifact at --out (whole).")] = False,
@@ -66,14 +67,16 @@ def export_cmd(
 ) -> None:
     """Export a LLaVA checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder)."""
     from tokedge.export.pipeline import ExportConfig, export, parse_budget_range
+    from tokedge.reduce.base import parse_option_pairs
 
+    options = tuple(parse_option_pairs(option).items())
     rng = parse_budget_range(dynamic_budget) if dynamic_budget else None
     if out is None:
         label = budget if budget is not None else ("full" if method == "none" else 64)
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
-        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)
@@ -156,9 +159,10 @@ def methods_cmd(json_out: JsonFlag = False) -> None:
     from tokedge.reduce import METHODS
 
     rows = [
-        {"name": m.name, "stage": m.stage, "needs_attention": "cls_attention" in m.needs,
+        {"name": m.name, "stage": m.stage, "needs_attention": m.needs_attention,
          "static_counts": m.static_counts, "runtime_budget": m.supports_runtime_budget, "paper": m.paper,
-         "budget": m.budget_meaning, "summary": m.summary}
+         "budget": m.budget_meaning, "summary": m.summary,
+         "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help} for k, o in m.option_specs.items()}}
         for m in METHODS.values()
     ]
     if json_out:

@@ -37,6 +37,6 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
     method = get_method(manifest.reduction.method)
     return [
         reference_from_ids(loaded, method, pixel_values, c["input_ids"], c["attention_mask"], int(c["budget"]),
-                           c["step_logits"].shape[1])
+                           c["step_logits"].shape[1], manifest.reduction.options)
         for c in cases
     ]

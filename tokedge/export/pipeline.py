@@ -46,6 +46,7 @@ class ExportConfig:
     allow_pickle: bool = False  # load *.bin weights (with torch weights_only)
     external_data_threshold: int = 1 << 30  # graphs with more weight bytes get a .onnx.data file
     validate: bool = True
+    options: tuple[tuple[str, str], ...] = ()  # method options as given (`--option key=value`)
 
 
 @dataclass
@@ -92,6 +93,8 @@ def resolve_model(source: str) -> Path | None:
 
 
 def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[int, tuple[int, int] | None]:
+    """Budget, runtime range and options checked before any weights load (options parsed later)."""
+    method.parse_options(dict(cfg.options))
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype} is not supported; use one of {', '.join(DTYPES)}")
     budget = cfg.budget if cfg.budget is not None else (full_tokens if method.stage == "none" else 64)
@@ -154,6 +157,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
         full = fam.full_tokens_from_config(fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code))
         budget, rng = check_request(cfg, method, full)
+        options = method.parse_options(dict(cfg.options))
         loaded = fam.load_llava(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         if loaded.full_tokens != full:
             raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
@@ -162,7 +166,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         pixel_values = pixel_values_for(loaded, example_images(2))
         prompts = [fam_prompt for fam_prompt in (_render(loaded, q) for q in EXAMPLE_PROMPTS)]
         budgets = [budget] if rng is None else sorted({rng[0], budget, rng[1]})
-        cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS) for k in budgets]
+        cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
 
     torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     if cfg.dtype == "fp16":
@@ -170,7 +174,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     info = fam.model_info(loaded)
     pre = fam.preprocess_info(loaded)
     trace_k = budget if rng is None else (rng[1] if rng[1] < full else full - 1)
-    modules = fam.build_graph_modules(loaded, method, trace_k)
+    modules = fam.build_graph_modules(loaded, method, trace_k, options)
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, budget if rng is None else ox.TOKENS)
 
     with staged_directory(out, force=cfg.force) as stage:
@@ -191,7 +195,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         save_reference(stage / REFERENCE_FILE, pixel_values, cases)
         reduction = ReductionInfo(
             method=method.name, budget=budget, full_tokens=full, stage=method.stage, budget_range=rng,
-            options=dict(method.options),
+            options=options,
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,

@@ -49,7 +49,7 @@ class TinyLlavaConfig:
     image_size: int = 336
     patch_size: int = 14
     vision_hidden: int = 64
-    vision_layers: int = 4
+    vision_layers: int = 6  # 5 run up to the feature layer: enough for ToMe to reach 64 tokens
     vision_heads: int = 4
     text_hidden: int = 64
     text_layers: int = 3

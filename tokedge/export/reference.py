@@ -55,16 +55,17 @@ def pixel_values_for(llava: LoadedLlava, images) -> np.ndarray:
 
 @torch.no_grad()
 def reference_case(llava: LoadedLlava, method: Method, pixel_values: np.ndarray, prompts: list[str], budget: int,
-                   steps: int) -> dict[str, np.ndarray]:
+                   steps: int, options: dict | None = None) -> dict[str, np.ndarray]:
     input_ids, attention_mask = tokenize(llava, prompts, budget)
-    return reference_from_ids(llava, method, pixel_values, input_ids, attention_mask, budget, steps)
+    return reference_from_ids(llava, method, pixel_values, input_ids, attention_mask, budget, steps, options)
 
 
 @torch.no_grad()
 def reference_from_ids(llava: LoadedLlava, method: Method, pixel_values: np.ndarray, input_ids: np.ndarray,
-                       attention_mask: np.ndarray, budget: int, steps: int) -> dict[str, np.ndarray]:
+                       attention_mask: np.ndarray, budget: int, steps: int,
+                       options: dict | None = None) -> dict[str, np.ndarray]:
     """transformers' outputs for already-tokenized inputs (placeholders expanded to `budget`)."""
-    feats = reference_image_features(llava, method, torch.from_numpy(pixel_values), budget)
+    feats = reference_image_features(llava, method, torch.from_numpy(pixel_values), budget, options)
     prefill, tokens, step_logits = reference_logits(
         llava, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), feats, steps
     )

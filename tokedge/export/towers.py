@@ -1,5 +1,6 @@
 """Vision towers (CLIP, SigLIP) re-run from their transformers modules up to the feature layer,
-producing the feature-layer tokens and, when a method asks, the CLS attention row of that layer."""
+producing the feature-layer tokens and, when a method asks, the CLS attention row, the CLS token
+and the head-mean keys of that layer; in-ViT merging (ToMe) runs inside the layers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from tokedge.export.primitives import attention, attention_row, merge_heads, split_heads
 from tokedge.reduce.base import VisionFeatures
+from tokedge.reduce.tome import merge_weighted
 
 
 class VisionTower(nn.Module):
@@ -15,9 +17,11 @@ class VisionTower(nn.Module):
 
     feature_layer follows transformers' `hidden_states` indexing: hidden_states[i] is the output of
     encoder layer i-1 (hidden_states[0] is the embeddings), negative values count from the end.
+    merge_schedule: ToMe merges per layer (None: no merging).
     """
 
-    def __init__(self, vision_tower: nn.Module, feature_layer: int, drop_cls: bool, needs: frozenset[str]):
+    def __init__(self, vision_tower: nn.Module, feature_layer: int, drop_cls: bool, needs: frozenset[str],
+                 merge_schedule: list[int] | None = None):
         super().__init__()
         vm = getattr(vision_tower, "vision_model", vision_tower)  # transformers 4.x nests it
         self.embeddings = vm.embeddings
@@ -33,29 +37,46 @@ class VisionTower(nn.Module):
         self.has_cls = self.pre_norm is not None
         self.drop_cls = drop_cls and self.has_cls
         self.needs = needs
+        self.merge_schedule = merge_schedule
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, want_cls_row: bool):
+    def _layer(self, layer: nn.Module, x, size, last: bool, r: int):
         h = layer.layer_norm1(x)
         attn = layer.self_attn
         q = split_heads(attn.q_proj(h), self.head_dim)
         k = split_heads(attn.k_proj(h), self.head_dim)
         v = split_heads(attn.v_proj(h), self.head_dim)
-        o = attention(q, k, v, self.scale)
+        bias = None if size is None else torch.log(size.float()).transpose(1, 2)[:, None]  # proportional attention
+        o = attention(q, k, v, self.scale, bias)
         x = x + attn.out_proj(merge_heads(o))
+        extras = {}
+        if last and "cls_attention" in self.needs:
+            extras["cls_attention"] = attention_row(q[:, :, :1], k, self.scale).mean(dim=1)
+        if last and "keys" in self.needs:
+            extras["keys"] = k.mean(dim=1)
+        if r > 0:
+            if size is None:
+                size = torch.ones_like(x[..., :1])
+            x, size = merge_weighted(x, size, k.mean(dim=1), r, class_token=self.has_cls)
         x = x + layer.mlp(layer.layer_norm2(x))
-        cls_row = attention_row(q[:, :, :1], k, self.scale).mean(dim=1) if want_cls_row else None
-        return x, cls_row
+        return x, size, extras
 
     def forward(self, pixel_values: torch.Tensor) -> VisionFeatures:
         x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        cls_row = None
+        size = None
+        extras: dict = {}
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, row = self._layer(layer, x, want_cls_row=(i == last and "cls_attention" in self.needs))
-            cls_row = row if row is not None else cls_row
-        features = x[:, 1:] if self.drop_cls else x
-        if cls_row is not None:
-            cls_row = cls_row[:, 1:]  # CLS -> patches, softmax taken over all keys first
-        return VisionFeatures(features=features, cls_attention=cls_row)
+            r = self.merge_schedule[i] if self.merge_schedule else 0
+            x, size, got = self._layer(layer, x, size, i == last, r)
+            extras.update(got)
+        start = 1 if self.has_cls else 0
+        vf = VisionFeatures(features=x[:, 1:] if self.drop_cls else x, project=lambda t: t)
+        if "cls_attention" in extras:
+            vf.cls_attention = extras["cls_attention"][:, start:]  # softmax over all keys, then slice
+        if "keys" in extras:
+            vf.keys = extras["keys"][:, start:]
+        if "cls_token" in self.needs and self.has_cls:
+            vf.cls_token = x[:, :1]
+        return vf

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from tokedge.errors import UsageError
-from tokedge.reduce import cls_attn, none
+from tokedge.reduce import cls_attn, divprune, none, pool, tome, visionzip, vispruner
 from tokedge.reduce.base import Method, VisionFeatures
 
-METHODS: dict[str, Method] = {m.name: m for m in (none.METHOD, cls_attn.METHOD)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        none.METHOD,
+        cls_attn.METHOD,
+        visionzip.METHOD,
+        divprune.METHOD,
+        vispruner.METHOD,
+        pool.METHOD,
+        tome.METHOD,
+    )
+}
 
 
 def get_method(name: str) -> Method:

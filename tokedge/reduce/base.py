@@ -1,7 +1,9 @@
 """What a reduction method is: a small frozen description plus pure tensor functions.
 
-Pre-LLM methods see `VisionFeatures` (the feature-layer tokens and whatever scores they asked for)
-and return the tokens that go on to the projector. Nothing here holds state or hooks a model.
+Pre-LLM and in-ViT methods see `VisionFeatures` (the feature-layer tokens and whatever extras they
+declared in `needs`) and return the projected tokens that enter the LLM. In-LLM methods describe
+where they prune and score inside the decoder (`tokedge.reduce.in_llm`). Nothing here holds state
+or hooks a model.
 """
 
 from __future__ import annotations
@@ -16,15 +18,31 @@ STAGES = ("none", "pre-llm", "in-vit", "in-llm")
 
 @dataclass
 class VisionFeatures:
-    """Inputs a pre-LLM method may use (torch tensors; shapes with b = batch, n = patch tokens).
+    """Inputs a vision-side method may use (torch tensors; b = batch, n = patch tokens).
 
-    features:      [b, n, d] feature-layer patch tokens (CLS already removed when the model drops it)
-    cls_attention: [b, n] attention of the CLS query to each patch in the feature layer, mean over
-                   heads, fp32; only present when the method declares it needs it.
+    features:      [b, n, d] feature-layer patch tokens (CLS removed when the model drops it)
+    project:       the multimodal projector, [b, m, d] -> [b, m, hidden]
+    cls_attention: [b, n] CLS-query attention to each patch in the feature layer, mean over heads
+                   (softmax over all keys, CLS included), fp32       -- needs "cls_attention"
+    cls_token:     [b, 1, d] the feature layer's CLS hidden state     -- needs "cls_token"
+    keys:          [b, n, d_head] the feature layer's keys for the patches, mean over heads
+                                                                       -- needs "keys"
     """
 
     features: Any
+    project: Callable[[Any], Any]
     cls_attention: Any = None
+    cls_token: Any = None
+    keys: Any = None
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    type: type  # int, float or str
+    default: Any  # None: derived from the budget (see help)
+    help: str
+    check: Callable[[Any], bool] = lambda v: True
+    requirement: str = ""  # what `check` demands, for the error message
 
 
 @dataclass(frozen=True)
@@ -33,12 +51,18 @@ class Method:
     stage: str  # one of STAGES
     paper: str  # arXiv id(s) of the method's paper
     summary: str
-    needs: frozenset[str] = frozenset()  # extra inputs: "cls_attention"
+    needs: frozenset[str] = frozenset()  # "cls_attention", "cls_token", "keys"
     static_counts: bool = True  # every token count is known at export time for a fixed budget
     supports_runtime_budget: bool = False  # can export a `budget` graph input (TopK with runtime k)
     budget_meaning: str = "visual tokens that enter the LLM"
-    reduce: Callable[..., Any] | None = None  # (VisionFeatures, k) -> [b, k, d]
-    options: dict[str, Any] = field(default_factory=dict)
+    reduce: Callable[..., Any] | None = None  # (VisionFeatures, k, options) -> [b, k, hidden]
+    option_specs: dict[str, OptionSpec] = field(default_factory=dict)
+    min_budget: int = 1
+    budget_check: Callable[[int, int], str | None] | None = None  # (budget, full) -> error or None
+
+    @property
+    def needs_attention(self) -> bool:
+        return "cls_attention" in self.needs or self.stage == "in-llm" and self.name != "dart"
 
     def check_budget(self, budget: int, full_tokens: int) -> None:
         if not 1 <= budget <= full_tokens:
@@ -48,3 +72,38 @@ class Method:
                 f"--method none keeps all {full_tokens} visual tokens; pass --budget {full_tokens} "
                 "or choose a reduction method (see `tokedge methods`)"
             )
+        if budget < self.min_budget:
+            raise UsageError(f"--method {self.name} needs --budget >= {self.min_budget}")
+        problem = self.budget_check(budget, full_tokens) if self.budget_check else None
+        if problem:
+            raise UsageError(f"--method {self.name} --budget {budget}: {problem}")
+
+    def parse_options(self, raw: dict[str, str]) -> dict[str, Any]:
+        """`--option key=value` strings -> typed values (defaults filled in); clear errors."""
+        unknown = sorted(set(raw) - set(self.option_specs))
+        if unknown:
+            known = ", ".join(self.option_specs) or "none"
+            raise UsageError(f"--method {self.name} has no option '{unknown[0]}' (options: {known})")
+        out: dict[str, Any] = {}
+        for key, spec in self.option_specs.items():
+            if key not in raw:
+                out[key] = spec.default
+                continue
+            try:
+                value = spec.type(raw[key])
+            except ValueError:
+                raise UsageError(f"--option {key}={raw[key]}: expected {spec.type.__name__} ({spec.help})") from None
+            if not spec.check(value):
+                raise UsageError(f"--option {key}={raw[key]}: {spec.requirement or spec.help}")
+            out[key] = value
+        return out
+
+
+def parse_option_pairs(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option '{pair}' is not KEY=VALUE (for example --option layer=3)")
+        out[key.strip()] = value.strip()
+    return out

@@ -19,11 +19,11 @@ def select_cls_attn(scores, k: int):
     return topk_sorted(scores, k)
 
 
-def reduce_cls_attn(vf: VisionFeatures, k: int):
-    """[b, n, d] features -> [b, k, d] features of the k most-attended patches."""
+def reduce_cls_attn(vf: VisionFeatures, k: int, options: dict):
+    """[b, n, d] features -> [b, k, hidden]: the k most-attended patches, projected."""
     if k >= vf.features.shape[1]:
-        return vf.features
-    return gather_tokens(vf.features, select_cls_attn(vf.cls_attention, k))
+        return vf.project(vf.features)
+    return vf.project(gather_tokens(vf.features, select_cls_attn(vf.cls_attention, k)))
 
 
 METHOD = Method(

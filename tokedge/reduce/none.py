@@ -5,9 +5,9 @@ from __future__ import annotations
 from tokedge.reduce.base import Method, VisionFeatures
 
 
-def keep_all(vf: VisionFeatures, k: int):
-    """[b, n, d] -> [b, n, d], unchanged (k == n)."""
-    return vf.features
+def keep_all(vf: VisionFeatures, k: int, options: dict):
+    """[b, n, d] -> [b, n, hidden]: every token, projected."""
+    return vf.project(vf.features)
 
 
 METHOD = Method(

@@ -175,28 +175,47 @@ def feature_layer(config) -> int:
 class VisionGraph(nn.Module):
     """pixel_values [b, 3, H, W] -> image_embeds [b, k, hidden]: tower, reduction, projector."""
 
-    def __init__(self, llava: LoadedLlava, method: Method, k: int):
+    def __init__(self, llava: LoadedLlava, method: Method, k: int, options: dict):
         super().__init__()
         cfg = llava.config
         if isinstance(cfg.vision_feature_layer, (list, tuple)):
             raise UnsupportedModelError("multi-layer vision features (list vision_feature_layer) are not supported yet")
         drop_cls = cfg.vision_feature_select_strategy == "default"
-        self.tower = VisionTower(llava.model.model.vision_tower, cfg.vision_feature_layer, drop_cls, method.needs)
-        if "cls_attention" in method.needs and not self.tower.has_cls:
+        tower = llava.model.model.vision_tower
+        has_cls = cfg.vision_config.model_type == "clip_vision_model"
+        needs_cls = {"cls_attention", "cls_token"} & method.needs
+        if needs_cls and not has_cls:
             raise InputError(f"--method {method.name} needs a CLS token, and this vision tower has none (SigLIP)")
+        schedule = None
+        if method.stage == "in-vit":
+            from tokedge.reduce.tome import merge_schedule
+
+            n_layers = len(getattr(tower, "vision_model", tower).encoder.layers)
+            index = cfg.vision_feature_layer if cfg.vision_feature_layer >= 0 else n_layers + 1 + cfg.vision_feature_layer
+            schedule = merge_schedule(llava.full_tokens - (0 if drop_cls or not has_cls else 1), k, index,
+                                      protected=1 if has_cls else 0)
+            if schedule is None:
+                raise InputError(
+                    f"--method {method.name} cannot merge down to {k} tokens in {index} vision layers "
+                    "(each layer merges at most half); raise --budget"
+                )
+        self.schedule = schedule
+        self.tower = VisionTower(tower, cfg.vision_feature_layer, drop_cls, method.needs, schedule)
         self.projector = llava.model.model.multi_modal_projector
         self.method = method
         self.k = k
+        self.options = options
 
     def forward(self, pixel_values):
         vf = self.tower(pixel_values)
-        return self.projector(self.method.reduce(vf, self.k))
+        vf.project = self.projector
+        return self.method.reduce(vf, self.k, self.options)
 
 
-def build_graph_modules(llava: LoadedLlava, method: Method, k: int) -> dict[str, nn.Module]:
+def build_graph_modules(llava: LoadedLlava, method: Method, k: int, options: dict) -> dict[str, nn.Module]:
     m = llava.model
     return {
-        "vision": VisionGraph(llava, method, k).eval(),
+        "vision": VisionGraph(llava, method, k, options).eval(),
         "embed": TokenEmbedder(m.model.language_model.embed_tokens).eval(),
         "decoder": KVDecoder(m.model.language_model, m.lm_head).eval(),
     }
@@ -293,12 +312,20 @@ def prompt_info(llava: LoadedLlava, visual_tokens: int) -> PromptInfo:
 
 
 @torch.no_grad()
-def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: torch.Tensor, k: int):
-    """Image features computed by transformers' own vision tower (eager attention, so the
-    attention probabilities come from transformers, not from tokedge), reduced by `method`, then
-    projected by transformers' projector: [b, k, hidden]."""
+def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: torch.Tensor, k: int,
+                             options: dict | None = None):
+    """Image features for parity checks: [b, k, hidden].
+
+    Pre-LLM methods: transformers' own vision tower (eager attention, so scores come from
+    transformers, not from tokedge), the feature layer's keys from its k_proj, the method's
+    selection, transformers' projector. In-ViT methods change the tower itself, so their reference
+    is tokedge's torch tower (the export check then covers the tracing).
+    """
+    options = options or {}
     model = llava.model
     cfg = model.config
+    if method.stage == "in-vit":
+        return VisionGraph(llava, method, k, options).eval()(pixel_values.to(next(model.parameters()).dtype)).float()
     tower = model.model.vision_tower
     previous = tower.config._attn_implementation
     tower.set_attn_implementation("eager")
@@ -310,15 +337,20 @@ def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: t
     feats = out.hidden_states[layer]
     has_cls = cfg.vision_config.model_type == "clip_vision_model"
     drop = has_cls and cfg.vision_feature_select_strategy == "default"
-    if drop:
-        feats = feats[:, 1:]
+    start = 1 if has_cls else 0
     n_layers = len(out.attentions)
     produced_by = (layer if layer >= 0 else n_layers + 1 + layer) - 1
-    cls_attention = None
+    vf = VisionFeatures(features=feats[:, 1:] if drop else feats, project=model.model.multi_modal_projector)
     if "cls_attention" in method.needs:
-        cls_attention = out.attentions[produced_by][:, :, 0, 1:].float().mean(dim=1)
-    reduced = method.reduce(VisionFeatures(features=feats, cls_attention=cls_attention), k)
-    return model.model.multi_modal_projector(reduced)
+        vf.cls_attention = out.attentions[produced_by][:, :, 0, start:].float().mean(dim=1)
+    if "cls_token" in method.needs:
+        vf.cls_token = feats[:, :1]
+    if "keys" in method.needs:
+        enc_layer = getattr(tower, "vision_model", tower).encoder.layers[produced_by]
+        keys = enc_layer.self_attn.k_proj(enc_layer.layer_norm1(out.hidden_states[produced_by]))
+        heads = cfg.vision_config.num_attention_heads
+        vf.keys = keys.view(keys.shape[0], keys.shape[1], heads, -1).mean(dim=2)[:, start:]
+    return method.reduce(vf, k, options)
 
 
 @torch.no_grad()

@@ -1,0 +1,58 @@
+"""`divprune`: diverse subset of the projected tokens by greedy max-min distance (DivPrune,
+arXiv 2503.02175).
+
+On projected tokens: D = 1 - cosine similarity. The first pick is the token whose nearest
+neighbour (other than itself) is farthest; each next pick maximises its minimum distance to the
+picked set. k serial steps, unrolled in the graph; the result is sorted to raster order.
+`--budget` = tokens kept. Deviation from the reference code, for deployment: already picked tokens
+are excluded, so duplicate inputs never yield the same token twice. Counts are static.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.select import gather_tokens
+
+
+def cosine_distance(x):
+    """x [b, n, d] -> [b, n, n] 1 - cosine similarity (fp32)."""
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    return 1.0 - torch.matmul(xn, xn.transpose(1, 2))
+
+
+def select_divprune(x, k: int):
+    """x [b, n, d] -> [b, k] indices in raster order."""
+    dist = cosine_distance(x)
+    n = dist.shape[-1]
+    # distance to the nearest other token: the second smallest of each row (the smallest is itself)
+    nearest = torch.topk(dist, 2, dim=-1, largest=False).values[..., 1]
+    first = nearest.argmax(dim=-1)  # [b]
+    picks = [first]
+    chosen = torch.nn.functional.one_hot(first, n).bool()
+    min_dist = torch.gather(dist, 1, first[:, None, None].expand(-1, 1, n)).squeeze(1)  # [b, n]
+    for _ in range(k - 1):
+        score = min_dist.masked_fill(chosen, -1.0)
+        nxt = score.argmax(dim=-1)
+        picks.append(nxt)
+        chosen = chosen | torch.nn.functional.one_hot(nxt, n).bool()
+        row = torch.gather(dist, 1, nxt[:, None, None].expand(-1, 1, n)).squeeze(1)
+        min_dist = torch.minimum(min_dist, row)
+    return torch.sort(torch.stack(picks, dim=1), dim=-1).values
+
+
+def reduce_divprune(vf: VisionFeatures, k: int, options: dict):
+    projected = vf.project(vf.features)
+    if k >= projected.shape[1]:
+        return projected
+    return gather_tokens(projected, select_divprune(projected, k))
+
+
+METHOD = Method(
+    name="divprune",
+    stage="pre-llm",
+    paper="2503.02175",
+    summary="greedy max-min diverse subset of projected tokens (cosine distance)",
+    reduce=reduce_divprune,
+)

@@ -1,0 +1,87 @@
+"""`visionzip`: dominant tokens by CLS attention plus contextual tokens merged from the rest
+(VisionZip, arXiv 2412.04467).
+
+`--budget` = visual tokens that enter the LLM = 1 CLS + dominant patches + contextual tokens.
+As the authors' code: the CLS token is output token 0 and goes through the projector; the default
+split keeps their ratio (64 = CLS + 53 + 10, 128 = 108 + 20, 192 = 162 + 30): contextual =
+round(budget * 10 / 64), at least 1; `--option contextual=N` overrides it. Dominant patches are the
+top by CLS attention (mean over heads; the ranking is the same as their sum), in raster order.
+Contextual: the remaining patches in raster order, keys of the feature layer averaged over heads
+and L2-normalised; `contextual` targets at a uniform stride (step = max(1, R // contextual)); every
+other remaining patch goes to its most similar target (argmax cosine); each contextual token =
+the target + the mean of the patches assigned to it (zero when none). Counts are static.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokedge.reduce.base import Method, OptionSpec, VisionFeatures
+from tokedge.reduce.select import gather_tokens, topk_sorted
+
+
+def split(budget: int, contextual: int | None) -> tuple[int, int]:
+    """budget -> (dominant patches, contextual tokens); the CLS token is the remaining 1."""
+    c = contextual if contextual is not None else max(1, round(budget * 10 / 64))
+    return budget - 1 - c, c
+
+
+def contextual_tokens(features, keys, remaining_idx, k_c: int):
+    """features [b, n, d], keys [b, n, e] (normalised), remaining_idx [b, R] raster order ->
+    [b, k_c, d] contextual tokens (target + mean of assigned)."""
+    rem_x = gather_tokens(features, remaining_idx)
+    rem_k = gather_tokens(keys, remaining_idx)
+    n_rem = int(remaining_idx.shape[1])  # static for a fixed budget
+    step = max(1, n_rem // k_c)
+    targets = list(range(0, n_rem, step))[:k_c]
+    others = sorted(set(range(n_rem)) - set(targets))
+    target_pos = torch.tensor(targets, dtype=torch.long, device=features.device)
+    other_pos = torch.tensor(others, dtype=torch.long, device=features.device)
+    tgt_x, tgt_k = rem_x[:, target_pos], rem_k[:, target_pos]
+    oth_x, oth_k = rem_x[:, other_pos], rem_k[:, other_pos]
+    sim = torch.matmul(oth_k, tgt_k.transpose(1, 2))  # [b, R - k_c, k_c]
+    assign = torch.nn.functional.one_hot(sim.argmax(-1), k_c).to(features.dtype)  # [b, R - k_c, k_c]
+    counts = assign.sum(1).clamp(min=1).unsqueeze(-1)  # [b, k_c, 1]
+    merged = torch.matmul(assign.transpose(1, 2), oth_x) / counts
+    return tgt_x + merged
+
+
+def select_visionzip(cls_attention, keys, dominant: int):
+    """-> (dominant indices [b, dominant] raster order, remaining indices [b, n - dominant] raster order)."""
+    n = cls_attention.shape[1]
+    order = torch.topk(cls_attention, n, dim=-1).indices  # all patches by score
+    dom = torch.sort(order[:, :dominant], dim=-1).values
+    rest = torch.sort(order[:, dominant:], dim=-1).values
+    return dom, rest
+
+
+def reduce_visionzip(vf: VisionFeatures, k: int, options: dict):
+    dominant, k_c = split(k, options.get("contextual"))
+    keys = torch.nn.functional.normalize(vf.keys.float(), dim=-1)
+    dom_idx, rest_idx = select_visionzip(vf.cls_attention, keys, dominant)
+    dom = gather_tokens(vf.features, dom_idx)
+    ctx = contextual_tokens(vf.features.float(), keys, rest_idx, k_c).to(vf.features.dtype)
+    return vf.project(torch.cat([vf.cls_token, dom, ctx], dim=1))
+
+
+def _check(budget: int, full: int) -> str | None:
+    if budget < 3:
+        return "needs room for the CLS token, one dominant and one contextual token (>= 3)"
+    return None
+
+
+METHOD = Method(
+    name="visionzip",
+    stage="pre-llm",
+    paper="2412.04467",
+    summary="CLS + dominant patches by CLS attention + contextual tokens merged by key similarity",
+    needs=frozenset({"cls_attention", "cls_token", "keys"}),
+    reduce=reduce_visionzip,
+    budget_meaning="visual tokens that enter the LLM (CLS + dominant + contextual)",
+    option_specs={
+        "contextual": OptionSpec(int, None, "contextual tokens (default round(budget*10/64))",
+                                 lambda v: v >= 1, "must be >= 1 and leave at least one dominant patch"),
+    },
+    min_budget=3,
+    budget_check=_check,
+)
