@@ -74,6 +74,8 @@ class ReductionInfo:
     stage: str  # "none" | "pre-llm" | "in-vit" | "in-llm"
     budget_range: tuple[int, int] | None = None  # inclusive [min, max] of the vision graph's `budget` input
     options: dict[str, Any] = field(default_factory=dict)
+    # in-LLM methods: pruning stages inside the prefill, each {score_layer, prune_layer, keep, rule}
+    stages: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

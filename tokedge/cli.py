@@ -87,8 +87,10 @@ def export_cmd(
 
         report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
         console.print(f"[green]✓[/green] parity: {report.summary()}")
+    kept = m.reduction.budget
+    where = (f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stage == "in-llm" else "")
     console.print(
-        f"wrote {result.out} ({m.reduction.method}, {m.prompt.visual_tokens} of {m.reduction.full_tokens} visual tokens"
+        f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
         + ")"
     )

@@ -36,9 +36,9 @@ def test_bound_and_plain_decoding_agree(artifacts):
     with ArtifactGraphs(art, manifest) as bound:
         assert bound.runners["decoder"].device == "cpu"
         a = bound.greedy(pixel_values, case["input_ids"], case["attention_mask"], steps=5)
-        step = bound.decode(bound.embed(case["input_ids"][:, :3]), case["attention_mask"][:, :3],
-                            np.zeros((2, 3), np.int64), bound.empty_past(2))
-        assert not isinstance(step.past["past_key_values.0.key"], np.ndarray)  # stayed an OrtValue
+        _, state = bound.prefill(bound.embed(case["input_ids"][:, :3]), case["attention_mask"][:, :3],
+                                 case["input_ids"][:, :3], room=1)
+        assert not isinstance(state.past["past_key_values.0.key"], np.ndarray)  # stayed an OrtValue
     plain_runners = {n: PlainRunner(OrtRunner(art / g.file, name=n)) for n, g in manifest.graphs.items()}
     with ArtifactGraphs(art, manifest, runners=plain_runners) as plain:
         b = plain.greedy(pixel_values, case["input_ids"], case["attention_mask"], steps=5)

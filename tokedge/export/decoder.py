@@ -1,8 +1,10 @@
 """Decoder-only language models (Llama, Mistral, Qwen2 layouts) with an explicit KV cache.
 
 Weights are transformers' own modules; the forward is written here so the traced graph has the
-documented contract: explicit past/present tensors, a padding mask over past+seq, caller-supplied
-position ids, and logits for the last position only.
+documented contract: explicit past/present tensors, padding masks over past+seq, caller-supplied
+position ids, and logits for the last position only. In-LLM pruning (FastV, PDrop, DART) adds a
+prefill graph that shortens the sequence at its pruning layers, and groups of layers whose caches
+have their own lengths and masks.
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ import torch
 from torch import nn
 
 from tokedge.export.primitives import apply_rotary, attention, merge_heads, repeat_kv, split_heads
+from tokedge.reduce.in_llm import Plan, dart_select, keep_positions, remap_positions, select_top_image_tokens
 
 
-class KVDecoder(nn.Module):
-    """forward(inputs_embeds [b,s,h], attention_mask [b,p+s], position_ids [b,s], *past) ->
-    (logits [b,1,vocab], *present); past/present alternate key, value per layer, each
-    [b, kv_heads, past(+s), head_dim]."""
+def causal_bias(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """[b, total] padding mask -> [b, 1, seq, total] additive fp32 bias (0 or a large negative); the
+    new tokens are the last `seq` positions."""
+    total = attention_mask.shape[1]
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = torch.arange(seq, device=attention_mask.device) + (total - seq)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)
 
+
+class _Layers(nn.Module):
     def __init__(self, language_model: nn.Module, lm_head: nn.Module):
         super().__init__()
         cfg = language_model.config
@@ -30,34 +39,100 @@ class KVDecoder(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
 
-    def causal_bias(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
-        """[b, total] padding mask -> [b, 1, seq, total] additive fp32 bias (0 or a large negative)."""
-        total = attention_mask.shape[1]
-        key_pos = torch.arange(total, device=attention_mask.device)
-        query_pos = torch.arange(seq, device=attention_mask.device) + (total - seq)
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        return torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)
+    def qkv(self, layer, x, cos, sin):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = apply_rotary(split_heads(attn.q_proj(h), self.head_dim), cos, sin)
+        k = apply_rotary(split_heads(attn.k_proj(h), self.head_dim), cos, sin)
+        v = split_heads(attn.v_proj(h), self.head_dim)
+        return q, k, v
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def run_layer(self, layer, x, q, k, v, bias):
+        groups = self.n_heads // self.n_kv
+        o = attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.scale, bias)
+        x = x + layer.self_attn.o_proj(merge_heads(o))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def logits(self, x):
+        return self.lm_head(self.norm(x[:, -1:, :])).float()
+
+
+class KVDecoder(_Layers):
+    """One decode call. forward(inputs_embeds [b,s,h], *masks, position_ids [b,s], *past) ->
+    (logits [b,1,vocab], *present). `masks` holds one padding mask per layer group (one group
+    without in-LLM pruning): [b, past_g + s]. past/present alternate key, value per layer, each
+    [b, kv_heads, past_g(+s), head_dim]."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan | None = None):
+        super().__init__(language_model, lm_head)
+        self.group = [plan.group_of(i) if plan else 0 for i in range(len(self.layers))]
+        self.n_groups = max(self.group) + 1
+
+    def forward(self, inputs_embeds, *rest):
+        masks, position_ids, past = rest[: self.n_groups], rest[self.n_groups], rest[self.n_groups + 1 :]
         x = inputs_embeds
-        bias = self.causal_bias(attention_mask, x.shape[1])
+        biases = [causal_bias(m, x.shape[1]) for m in masks]
         cos, sin = self.rotary(x, position_ids)
         presents = []
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = apply_rotary(split_heads(attn.q_proj(h), self.head_dim), cos, sin)
-            k = apply_rotary(split_heads(attn.k_proj(h), self.head_dim), cos, sin)
-            v = split_heads(attn.v_proj(h), self.head_dim)
+            q, k, v = self.qkv(layer, x, cos, sin)
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
-            groups = self.n_heads // self.n_kv
-            o = attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.scale, bias)
-            x = x + attn.o_proj(merge_heads(o))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = self.lm_head(self.norm(x[:, -1:, :])).float()
-        return (logits, *presents)
+            x = self.run_layer(layer, x, q, k, v, biases[self.group[i]])
+        return (self.logits(x), *presents)
+
+
+class PruningPrefill(_Layers):
+    """The prefill of an in-LLM method: forward(inputs_embeds [b,t,h], attention_mask [b,t],
+    position_ids [b,t], image_positions [b,n]) -> (logits, *present, *group_masks). Present
+    tensors of group g have the sequence length after g pruning stages; group_masks are the
+    padding masks of groups 1.. (group 0's is the input mask)."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan):
+        super().__init__(language_model, lm_head)
+        self.plan = plan
+
+    def _scores(self, layer, x, cos, sin, mask, rule):
+        """Last-token attention row of `layer` over the current sequence (mean over heads), or
+        for DART the L1 norm of the layer's keys: [b, t]."""
+        q, k, _ = self.qkv(layer, x, cos, sin)
+        if rule == "dart":
+            return k.float().abs().sum(dim=(1, 3))
+        k = repeat_kv(k, self.n_heads // self.n_kv)
+        scores = torch.matmul(q[:, :, -1:].float(), k.float().transpose(-1, -2)) * self.scale
+        scores = scores + torch.where(mask > 0, 0.0, torch.finfo(torch.float32).min / 2)[:, None, None, :]
+        return torch.softmax(scores, dim=-1).squeeze(-2).mean(dim=1)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, image_positions):
+        x, mask, pos, img = inputs_embeds, attention_mask, position_ids, image_positions
+        by_score = {s.score_layer: s for s in self.plan.stages}
+        by_prune = {s.prune_layer: s for s in self.plan.stages}
+        scores = {}
+        presents, group_masks = [], []
+        cos, sin = self.rotary(x, pos)
+        bias = causal_bias(mask, x.shape[1])
+        for i, layer in enumerate(self.layers):
+            if i in by_score:
+                stage = by_score[i]
+                scores[stage.prune_layer] = self._scores(layer, x, cos, sin, mask, stage.rule)
+            if i in by_prune:
+                stage = by_prune[i]
+                if stage.rule == "dart":
+                    kept = dart_select(scores[i], x, img, mask, stage.keep, self.plan.pivots)
+                else:
+                    kept = select_top_image_tokens(scores[i], img, stage.keep)
+                keep = keep_positions(mask, img, kept)
+                x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+                mask, pos = torch.gather(mask, 1, keep), torch.gather(pos, 1, keep)
+                img = remap_positions(keep, kept)
+                group_masks.append(mask)
+                cos, sin = self.rotary(x, pos)
+                bias = causal_bias(mask, x.shape[1])
+            q, k, v = self.qkv(layer, x, cos, sin)
+            presents += [k, v]
+            x = self.run_layer(layer, x, q, k, v, bias)
+        return (self.logits(x), *presents, *group_masks)
 
 
 class TokenEmbedder(nn.Module):

@@ -37,21 +37,31 @@ def kv_names(n_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
 
 
-def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visual_tokens: int | str
-                ) -> dict[str, TraceSpec]:
-    """visual_tokens: the fixed count of image_embeds, or TOKENS when the budget is a runtime input."""
+def mask_name(group: int) -> str:
+    return "attention_mask" if group == 0 else f"attention_mask.{group}"
+
+
+def axis(base: str, group: int) -> str:
+    return base if group == 0 else f"{base}.{group}"
+
+
+def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visual_tokens: int | str,
+                plan=None, full_tokens: int = 0) -> dict[str, TraceSpec]:
+    """visual_tokens: the fixed count of image_embeds, or TOKENS when the budget is a runtime input.
+    plan: the in-LLM pruning plan (adds the prefill graph and per-group masks / past axes)."""
     b, s, p = 2, 3, 4
-    past = [torch.zeros(b, info.num_key_value_heads, p, info.head_dim, dtype=dtype) for _ in range(2 * info.num_layers)]
+    groups = [plan.group_of(i) if plan else 0 for i in range(info.num_layers)]
+    n_groups = max(groups) + 1
+    kv = (info.num_key_value_heads, info.head_dim)
+    past = [torch.zeros(b, kv[0], p + g, kv[1], dtype=dtype) for g in groups for _ in range(2)]
     past_in, present_out = kv_names(info.num_layers, "past_key_values"), kv_names(info.num_layers, "present")
-    decoder_axes = {
-        "inputs_embeds": {0: BATCH, 1: SEQ},
-        "attention_mask": {0: BATCH, 1: TOTAL},
-        "position_ids": {0: BATCH, 1: SEQ},
-        "logits": {0: BATCH},
-    }
-    decoder_axes.update({name: {0: BATCH, 2: PAST} for name in past_in})
-    decoder_axes.update({name: {0: BATCH, 2: TOTAL} for name in present_out})
-    return {
+    layer_of = [i for i in range(info.num_layers) for _ in range(2)]
+    masks = [mask_name(g) for g in range(n_groups)]
+    decoder_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": {0: BATCH, 1: SEQ}, "logits": {0: BATCH}}
+    decoder_axes.update({m: {0: BATCH, 1: axis(TOTAL, g)} for g, m in enumerate(masks)})
+    decoder_axes.update({n: {0: BATCH, 2: axis(PAST, groups[layer_of[j]])} for j, n in enumerate(past_in)})
+    decoder_axes.update({n: {0: BATCH, 2: axis(TOTAL, groups[layer_of[j]])} for j, n in enumerate(present_out)})
+    specs = {
         "vision": TraceSpec(
             inputs=("pixel_values",),
             outputs=("image_embeds",),
@@ -67,21 +77,47 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
             output_shapes={"inputs_embeds": (BATCH, SEQ, info.hidden_size)},
         ),
         "decoder": TraceSpec(
-            inputs=("inputs_embeds", "attention_mask", "position_ids", *past_in),
+            inputs=("inputs_embeds", *masks, "position_ids", *past_in),
             outputs=("logits", *present_out),
             example=(
                 torch.randn(b, s, info.hidden_size, dtype=dtype),
-                torch.ones(b, p + s, dtype=torch.int64),
+                *[torch.ones(b, p + g + s, dtype=torch.int64) for g in range(n_groups)],
                 torch.arange(p, p + s).expand(b, s).contiguous(),
                 *past,
             ),
             dynamic_axes=decoder_axes,
             output_shapes={
                 "logits": (BATCH, 1, info.vocab_size),
-                **{n: (BATCH, info.num_key_value_heads, TOTAL, info.head_dim) for n in present_out},
+                **{n: (BATCH, kv[0], axis(TOTAL, groups[layer_of[j]]), kv[1]) for j, n in enumerate(present_out)},
             },
         ),
     }
+    if plan is not None:
+        t = full_tokens + 9
+        group_masks = masks[1:]
+        prefill_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: SEQ},
+                        "position_ids": {0: BATCH, 1: SEQ}, "image_positions": {0: BATCH}, "logits": {0: BATCH}}
+        prefill_axes.update({n: {0: BATCH, 2: axis(SEQ, groups[layer_of[j]])} for j, n in enumerate(present_out)})
+        prefill_axes.update({m: {0: BATCH, 1: axis(SEQ, g + 1)} for g, m in enumerate(group_masks)})
+        mask_example = torch.ones(b, t, dtype=torch.int64)
+        mask_example[1, :2] = 0
+        specs["prefill"] = TraceSpec(
+            inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions"),
+            outputs=("logits", *present_out, *group_masks),
+            example=(
+                torch.randn(b, t, info.hidden_size, dtype=dtype),
+                mask_example,
+                (mask_example.cumsum(-1) - 1).clamp(min=0),
+                torch.arange(4, 4 + full_tokens).expand(b, full_tokens).contiguous(),
+            ),
+            dynamic_axes=prefill_axes,
+            output_shapes={
+                "logits": (BATCH, 1, info.vocab_size),
+                **{n: (BATCH, kv[0], axis(SEQ, groups[layer_of[j]]), kv[1]) for j, n in enumerate(present_out)},
+                **{m: (BATCH, axis(SEQ, g + 1)) for g, m in enumerate(group_masks)},
+            },
+        )
+    return specs
 
 
 def trace_to_ir(module: torch.nn.Module, spec: TraceSpec) -> ir.Model:

@@ -7,6 +7,7 @@ end, so a failed or killed export leaves no artifact behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import shutil
 import time
@@ -162,24 +163,39 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if loaded.full_tokens != full:
             raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
 
+    in_llm = method.stage == "in-llm"
+    plan = None
+    if in_llm:
+        from tokedge.reduce.in_llm import plan_for
+
+        plan = plan_for(method, budget, full, loaded.config.text_config.num_hidden_layers, options)
+    vision_tokens = full if in_llm else budget  # in-LLM methods prune inside the decoder
+    trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)
+
     with timed("reference (transformers)"):
         pixel_values = pixel_values_for(loaded, example_images(2))
         prompts = [fam_prompt for fam_prompt in (_render(loaded, q) for q in EXAMPLE_PROMPTS)]
         budgets = [budget] if rng is None else sorted({rng[0], budget, rng[1]})
-        cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
+        if in_llm:
+            from tokedge.export.reference import reference_pruned
+
+            fp32_modules = fam.build_graph_modules(loaded, method, trace_k, options, plan)
+            cases = [reference_pruned(loaded, fp32_modules, pixel_values, prompts, budget, full, DECODE_STEPS)]
+        else:
+            cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
 
     torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     if cfg.dtype == "fp16":
         loaded.model.half()
     info = fam.model_info(loaded)
     pre = fam.preprocess_info(loaded)
-    trace_k = budget if rng is None else (rng[1] if rng[1] < full else full - 1)
-    modules = fam.build_graph_modules(loaded, method, trace_k, options)
-    specs = ox.trace_specs(info, pre.crop_size, torch_dtype, budget if rng is None else ox.TOKENS)
+    modules = fam.build_graph_modules(loaded, method, trace_k, options, plan)
+    specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
+                           plan=plan, full_tokens=full)
 
     with staged_directory(out, force=cfg.force) as stage:
         graphs = {}
-        for name in ("vision", "embed", "decoder"):
+        for name in modules:
             with timed(f"trace {name}.onnx"):
                 model = ox.trace_to_ir(modules[name], specs[name])
                 if name == "vision" and rng is not None:
@@ -195,7 +211,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         save_reference(stage / REFERENCE_FILE, pixel_values, cases)
         reduction = ReductionInfo(
             method=method.name, budget=budget, full_tokens=full, stage=method.stage, budget_range=rng,
-            options=options,
+            options=options, stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -205,7 +221,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             reduction=reduction,
             graphs=graphs,
             preprocess=pre,
-            prompt=fam.prompt_info(loaded, budget),
+            prompt=fam.prompt_info(loaded, vision_tokens),
             versions=_versions(),
             opset=ox.OPSET,
             reference={"file": REFERENCE_FILE, "tolerance": {"image_embeds": tol.image_embeds, "logits": tol.logits},

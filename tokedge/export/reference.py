@@ -78,3 +78,42 @@ def reference_from_ids(llava: LoadedLlava, method: Method, pixel_values: np.ndar
         "step_logits": torch.stack(step_logits, dim=1).numpy(),
         "tokens": tokens.numpy(),
     }
+
+
+@torch.no_grad()
+def reference_pruned(llava: LoadedLlava, modules: dict, pixel_values: np.ndarray, prompts: list[str], budget: int,
+                     full: int, steps: int) -> dict[str, np.ndarray]:
+    """In-LLM methods: transformers' vision tower and projector (all tokens), then tokedge's torch
+    prefill (pruning inside) and decoder, greedy for `steps` steps. Checks the tracing; the
+    independent PyTorch reference of the pruning lives in the tests."""
+    from tokedge.reduce import get_method
+
+    input_ids, attention_mask = tokenize(llava, prompts, full)
+    feats = reference_image_features(llava, get_method("none"), torch.from_numpy(pixel_values), full)
+    ids_t, mask_t = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+    embeds = llava.model.get_input_embeddings()(ids_t)
+    embeds = embeds.masked_scatter((ids_t == llava.config.image_token_id).unsqueeze(-1), feats.to(embeds.dtype))
+    positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
+    image_pos = torch.stack([torch.nonzero(row == llava.config.image_token_id).squeeze(1) for row in ids_t])
+    prefill, decoder = modules["prefill"], modules["decoder"]
+    out = prefill(embeds, mask_t, positions, image_pos)
+    n_kv = 2 * len(decoder.layers)
+    logits, past, masks = out[0][:, -1], list(out[1 : 1 + n_kv]), [mask_t, *out[1 + n_kv :]]
+    tokens, step_logits = [logits.argmax(-1)], []
+    last = positions[:, -1:]
+    for _ in range(steps):
+        masks = [torch.cat([m, torch.ones_like(m[:, :1])], dim=1) for m in masks]
+        last = last + 1
+        out = decoder(llava.model.get_input_embeddings()(tokens[-1][:, None]), *masks, last, *past)
+        step_logits.append(out[0][:, -1].float())
+        past = list(out[1:])
+        tokens.append(step_logits[-1].argmax(-1))
+    return {
+        "budget": np.array(budget, dtype=np.int64),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "image_embeds": feats.float().numpy(),
+        "prefill_logits": logits.float().numpy(),
+        "step_logits": torch.stack(step_logits, dim=1).numpy(),
+        "tokens": torch.stack(tokens, dim=1).numpy(),
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokedge.errors import UsageError
-from tokedge.reduce import cls_attn, divprune, none, pool, tome, visionzip, vispruner
+from tokedge.reduce import cls_attn, divprune, in_llm, none, pool, tome, visionzip, vispruner
 from tokedge.reduce.base import Method, VisionFeatures
 
 METHODS: dict[str, Method] = {
@@ -16,6 +16,9 @@ METHODS: dict[str, Method] = {
         vispruner.METHOD,
         pool.METHOD,
         tome.METHOD,
+        in_llm.FASTV,
+        in_llm.PDROP,
+        in_llm.DART,
     )
 }
 

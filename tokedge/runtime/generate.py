@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from tokedge.errors import InputError
-from tokedge.runtime.graphs import ArtifactGraphs, position_ids_from_mask, splice_image_embeds
+from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,8 @@ def generate(
 
     t0 = time.perf_counter()
     embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
-    mask = np.ones((batch, prompt_len + cfg.max_new_tokens), dtype=np.int64)  # reused: one view per step
-    mask[:, :prompt_len] = attention_mask
-    positions = position_ids_from_mask(attention_mask)
-    step = graphs.decode(embeds, mask[:, :prompt_len], positions, graphs.empty_past(batch))
-    next_ids = sample_next(step.logits, cfg, rng)
+    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens)
+    next_ids = sample_next(logits, cfg, rng)
     now = time.perf_counter()
     timings.prefill_ms = (now - t0) * 1e3
     timings.ttft_ms = (now - started) * 1e3
@@ -123,8 +120,6 @@ def generate(
     done = np.zeros(batch, dtype=bool)
     decode_start = time.perf_counter()
     decode_steps = 0
-    length = prompt_len
-    positions = positions[:, -1:]
     for i in range(cfg.max_new_tokens):
         for r in range(batch):
             if not done[r]:
@@ -137,13 +132,13 @@ def generate(
         if done.all() or i == cfg.max_new_tokens - 1:
             break
         feed_ids = np.where(done, pad, next_ids)[:, None]
-        length += 1
-        positions = positions + 1
-        step = graphs.decode(graphs.embed(feed_ids), mask[:, :length], positions, step.past)
-        next_ids = sample_next(step.logits, cfg, rng)
+        logits = graphs.step(graphs.embed(feed_ids), state)
+        next_ids = sample_next(logits, cfg, rng)
         decode_steps += 1
     if decode_steps:
         timings.decode_ms_per_token = (time.perf_counter() - decode_start) * 1e3 / decode_steps
     timings.decode_tokens = decode_steps
     timings.total_ms = (time.perf_counter() - started) * 1e3
-    return Generation(token_ids=out, visual_tokens=int(image_embeds.shape[1]), timings=timings)
+    red = graphs.manifest.reduction
+    visual = red.budget if red.stage == "in-llm" else int(image_embeds.shape[1])  # in-LLM: kept after pruning
+    return Generation(token_ids=out, visual_tokens=visual, timings=timings)

@@ -1,12 +1,13 @@
-"""The artifact's three graphs behind the runner protocol, plus the contract's glue: splicing
-image embeddings into the prompt, masks, position ids and the KV cache between steps.
+"""The artifact's graphs behind the runner protocol, plus the contract's glue: splicing image
+embeddings into the prompt, masks, position ids, and the KV cache between steps (with per-group
+lengths when an in-LLM method prunes inside the prefill).
 
 numpy only; docs/artifact.md describes exactly what this does, so any client can do the same.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,30 +23,55 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
 
 
+def image_positions(input_ids: np.ndarray, image_token_id: int, count: int) -> np.ndarray:
+    """[b, count] positions of each row's image placeholder tokens."""
+    rows = [np.flatnonzero(row == image_token_id) for row in input_ids]
+    for r, where in enumerate(rows):
+        if len(where) != count:
+            raise InputError(
+                f"prompt {r} has {len(where)} image placeholder tokens but the image has {count} visual tokens; "
+                "expand the placeholder to the artifact's count"
+            )
+    return np.stack(rows).astype(np.int64)
+
+
 def splice_image_embeds(
     text_embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int, image_embeds: np.ndarray
 ) -> np.ndarray:
     """Replace each row's image-placeholder positions, in order, by that row's image embeddings."""
     out = text_embeds.copy()
+    positions = image_positions(input_ids, image_token_id, image_embeds.shape[1])
     for row in range(input_ids.shape[0]):
-        where = np.flatnonzero(input_ids[row] == image_token_id)
-        if len(where) != image_embeds.shape[1]:
-            raise InputError(
-                f"prompt {row} has {len(where)} image placeholder tokens but the image has "
-                f"{image_embeds.shape[1]} visual tokens; expand the placeholder to the artifact's count"
-            )
-        out[row, where] = image_embeds[row].astype(out.dtype)
+        out[row, positions[row]] = image_embeds[row].astype(out.dtype)
     return out
 
 
 @dataclass
-class StepResult:
-    logits: np.ndarray  # [b, vocab] at the last position, fp32
-    past: dict[str, np.ndarray] = field(default_factory=dict)
+class DecodeState:
+    """KV cache and padding masks between decoder calls. Masks are preallocated buffers with room
+    for `room` more tokens (filled with ones); each call sees a growing view of them."""
+
+    past: dict  # past_key_values.* -> numpy array or a runner's device-resident value
+    buffers: dict[str, np.ndarray]  # mask name -> [b, length + room]
+    lengths: dict[str, int]
+    last_position: np.ndarray  # [b, 1] position id of the last token fed
+
+    def masks(self, extra: int = 0) -> dict[str, np.ndarray]:
+        return {name: buf[:, : self.lengths[name] + extra] for name, buf in self.buffers.items()}
+
+    def grow(self) -> None:
+        for name in self.lengths:
+            self.lengths[name] += 1
+
+
+def _buffer(mask: np.ndarray, room: int) -> np.ndarray:
+    buf = np.ones((mask.shape[0], mask.shape[1] + room), dtype=np.int64)
+    buf[:, : mask.shape[1]] = mask
+    return buf
 
 
 class ArtifactGraphs:
-    """Opens the vision, embed and decoder runners of an artifact (ONNX Runtime by default)."""
+    """Opens the runners of an artifact (ONNX Runtime by default)."""
 
     def __init__(self, root: Path | str, manifest: Manifest, runners: dict[str, Runner] | None = None,
                  options: OrtOptions = OrtOptions()):
@@ -56,7 +82,9 @@ class ArtifactGraphs:
         }
         dec = manifest.graphs["decoder"]
         self.past_names = [t.name for t in dec.inputs if t.name.startswith("past_key_values.")]
+        self.mask_names = [t.name for t in dec.inputs if t.name.startswith("attention_mask")]
         self.float_dtype = np.dtype(dec.input("inputs_embeds").dtype)
+        self.has_prefill = "prefill" in manifest.graphs
 
     def __enter__(self) -> "ArtifactGraphs":
         for runner in self.runners.values():
@@ -81,14 +109,11 @@ class ArtifactGraphs:
         shape = (batch, m.num_key_value_heads, 0, m.head_dim)
         return {name: np.zeros(shape, dtype=self.float_dtype) for name in self.past_names}
 
-    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-               past: dict) -> StepResult:
-        """One decoder call. `past` holds numpy arrays or, with runners that support IO binding,
-        the device-resident values returned by the previous step (never copied back to the host)."""
-        host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask.astype(np.int64, copy=False),
-                "position_ids": position_ids.astype(np.int64, copy=False)}
-        runner = self.runners["decoder"]
-        present_to_past = {name.replace("past_key_values.", "present."): name for name in self.past_names}
+    def _run(self, name: str, host: dict[str, np.ndarray], past: dict) -> tuple[dict, dict]:
+        """Run a graph whose present.* outputs become the next past_key_values.* (kept resident
+        with runners that support IO binding). Returns (host outputs, next past)."""
+        runner = self.runners[name]
+        present_to_past = {p.replace("past_key_values.", "present."): p for p in self.past_names}
         if hasattr(runner, "infer_bound"):
             arrays = {k: v for k, v in past.items() if isinstance(v, np.ndarray)}
             resident = {k: v for k, v in past.items() if not isinstance(v, np.ndarray)}
@@ -96,25 +121,49 @@ class ArtifactGraphs:
         else:
             out = runner.infer({**host, **past})
             kept = out
-        return StepResult(logits=out["logits"][:, -1].astype(np.float32),
-                          past={past_name: kept[p] for p, past_name in present_to_past.items()})
+        return out, {past_name: kept[p] for p, past_name in present_to_past.items()}
+
+    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray,
+                room: int) -> tuple[np.ndarray, DecodeState]:
+        """Prompt pass. -> (logits [b, vocab] fp32, state for `step`)."""
+        attention_mask = attention_mask.astype(np.int64, copy=False)
+        host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                "position_ids": position_ids_from_mask(attention_mask)}
+        if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
+            host["image_positions"] = image_positions(input_ids, self.manifest.model.image_token_id,
+                                                      self.manifest.prompt.visual_tokens)
+            out, past = self._run("prefill", host, {})
+            masks = {"attention_mask": attention_mask, **{n: out[n] for n in self.mask_names[1:]}}
+        else:
+            out, past = self._run("decoder", host, self.empty_past(input_ids.shape[0]))
+            masks = {"attention_mask": attention_mask}
+        state = DecodeState(past=past, buffers={n: _buffer(m, room) for n, m in masks.items()},
+                            lengths={n: m.shape[1] for n, m in masks.items()},
+                            last_position=host["position_ids"][:, -1:])
+        return out["logits"][:, -1].astype(np.float32), state
+
+    def step(self, token_embeds: np.ndarray, state: DecodeState) -> np.ndarray:
+        """One decode step for one new token per row; updates `state`. -> logits [b, vocab]."""
+        positions = state.last_position + 1
+        host = {"inputs_embeds": token_embeds, "position_ids": positions, **state.masks(extra=1)}
+        out, state.past = self._run("decoder", host, state.past)
+        state.grow()
+        state.last_position = positions
+        return out["logits"][:, -1].astype(np.float32)
 
     def greedy(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int,
                budget: int | None = None) -> dict[str, np.ndarray]:
         """Prefill then `steps` greedy decode steps; returns the arrays parity checks compare."""
         image_embeds = self.vision(pixel_values, budget)
         embeds = splice_image_embeds(self.embed(input_ids), input_ids, self.manifest.model.image_token_id, image_embeds)
-        positions = position_ids_from_mask(attention_mask)
-        result = self.decode(embeds, attention_mask, positions, self.empty_past(input_ids.shape[0]))
-        out = {"image_embeds": image_embeds, "prefill_logits": result.logits}
-        tokens = [result.logits.argmax(-1)]
+        logits, state = self.prefill(embeds, attention_mask, input_ids, room=steps)
+        out = {"image_embeds": image_embeds, "prefill_logits": logits}
+        tokens = [logits.argmax(-1)]
         step_logits = []
         for _ in range(steps):
-            attention_mask = np.concatenate([attention_mask, np.ones_like(attention_mask[:, :1])], axis=1)
-            positions = positions[:, -1:] + 1
-            result = self.decode(self.embed(tokens[-1][:, None]), attention_mask, positions, result.past)
-            step_logits.append(result.logits)
-            tokens.append(result.logits.argmax(-1))
+            logits = self.step(self.embed(tokens[-1][:, None]), state)
+            step_logits.append(logits)
+            tokens.append(logits.argmax(-1))
         out["tokens"] = np.stack(tokens, axis=1)
         out["step_logits"] = np.stack(step_logits, axis=1) if step_logits else np.zeros((input_ids.shape[0], 0, 0))
         return out

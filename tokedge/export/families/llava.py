@@ -18,7 +18,7 @@ from torch import nn
 
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo
 from tokedge.errors import InputError, UnsupportedModelError
-from tokedge.export.decoder import KVDecoder, TokenEmbedder
+from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.towers import VisionTower
 from tokedge.reduce.base import Method, VisionFeatures
 
@@ -212,13 +212,18 @@ class VisionGraph(nn.Module):
         return self.method.reduce(vf, self.k, self.options)
 
 
-def build_graph_modules(llava: LoadedLlava, method: Method, k: int, options: dict) -> dict[str, nn.Module]:
+def build_graph_modules(llava: LoadedLlava, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
+    """vision, embed, decoder (and prefill for in-LLM methods, whose vision graph keeps every token)."""
     m = llava.model
-    return {
+    lm = m.model.language_model
+    modules = {
         "vision": VisionGraph(llava, method, k, options).eval(),
-        "embed": TokenEmbedder(m.model.language_model.embed_tokens).eval(),
-        "decoder": KVDecoder(m.model.language_model, m.lm_head).eval(),
+        "embed": TokenEmbedder(lm.embed_tokens).eval(),
     }
+    if plan is not None:
+        modules["prefill"] = PruningPrefill(lm, m.lm_head, plan).eval()
+    modules["decoder"] = KVDecoder(lm, m.lm_head, plan).eval()
+    return modules
 
 
 # --- metadata for the manifest --------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""In-LLM pruning: FastV (arXiv 2403.06764), PyramidDrop (arXiv 2410.17247), DART (arXiv 2502.11494).
+
+These act inside the decoder's prefill: at a pruning layer, image tokens are scored, the top ones
+kept, and every later layer sees the shorter sequence. Survivors keep their original position ids;
+the KV cache of layers before the first pruning layer holds the full prompt, later layers the
+shortened one (per-layer-group past lengths; see docs/artifact.md). `--budget` = image tokens kept
+after the last pruning layer.
+
+This module holds the plans and the pure tensor functions; `tokedge.export.decoder` runs them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokedge.errors import UsageError
+from tokedge.reduce.base import Method, OptionSpec, VisionFeatures
+
+
+@dataclass(frozen=True)
+class Stage:
+    score_layer: int  # layer whose projections score the tokens (its input hidden states)
+    prune_layer: int  # first layer that sees the shortened sequence
+    keep: int  # image tokens kept from here on
+    rule: str  # "attention" (last-token attention row, mean over heads) or "dart"
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]
+    pivots: int = 8  # dart only
+
+    def group_of(self, layer: int) -> int:
+        """0 for layers before the first pruning layer, g after the g-th."""
+        return sum(1 for s in self.stages if layer >= s.prune_layer)
+
+
+# --- pure functions ------------------------------------------------------------------------------
+
+
+def select_top_image_tokens(scores, image_pos, k: int):
+    """scores [b, t] per sequence position, image_pos [b, n] -> kept image positions [b, k] (sorted)."""
+    img_scores = torch.gather(scores, 1, image_pos)
+    top = torch.topk(img_scores, k, dim=-1).indices
+    return torch.sort(torch.gather(image_pos, 1, top), dim=-1).values
+
+
+def keep_positions(seq_len_like, image_pos, kept_img):
+    """All non-image positions plus the kept image positions, in sequence order: [b, t - n + k].
+
+    seq_len_like: any [b, t] tensor (gives t, which may be a dynamic axis).
+    """
+    t = seq_len_like.shape[1]
+    ar = torch.arange(t, device=image_pos.device)
+    is_img = (image_pos[:, :, None] == ar[None, None, :]).any(dim=1)
+    is_kept = (kept_img[:, :, None] == ar[None, None, :]).any(dim=1)
+    keep = (~is_img) | is_kept  # [b, t], count t - n + k in every row
+    count = t - image_pos.shape[1] + kept_img.shape[1]
+    key = keep.to(torch.float32) * (2.0 * t) - ar.to(torch.float32)  # kept first, then by position
+    idx = torch.topk(key, count, dim=-1).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def remap_positions(keep_idx, kept_img):
+    """Where the kept image tokens sit in the shortened sequence: [b, k]."""
+    return (keep_idx[:, None, :] < kept_img[:, :, None]).sum(dim=-1)
+
+
+def dart_select(key_norm, hidden, image_pos, mask, k: int, pivots: int = 8):
+    """DART: pivots = the image and text tokens with the largest key L1 norm (half each); for each
+    pivot in turn take the image tokens least similar to it (cosine of hidden states) from the
+    pool, removing them; floor(k / pivots) each, the first k % pivots pivots one more.
+
+    key_norm [b, t] L1 norm of the scoring layer's keys; hidden [b, t, h] input of the pruning
+    layer; image_pos [b, n]; mask [b, t] (padding is never a pivot) -> kept image positions [b, k].
+    """
+    b, t = key_norm.shape
+    n = image_pos.shape[1]
+    ar = torch.arange(t, device=key_norm.device)
+    is_img = (image_pos[:, :, None] == ar[None, None, :]).any(dim=1)
+    neg = torch.finfo(torch.float32).min
+    n_img_piv = pivots // 2
+    img_piv = torch.topk(key_norm.masked_fill(~is_img, neg), n_img_piv, dim=-1).indices
+    txt_ok = (~is_img) & (mask > 0)
+    txt_piv = torch.topk(key_norm.masked_fill(~txt_ok, neg), pivots - n_img_piv, dim=-1).indices
+    piv = torch.cat([img_piv, txt_piv], dim=1)  # [b, pivots]
+    hn = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    img_h = torch.gather(hn, 1, image_pos.unsqueeze(-1).expand(-1, -1, hn.shape[-1]))  # [b, n, h]
+    piv_h = torch.gather(hn, 1, piv.unsqueeze(-1).expand(-1, -1, hn.shape[-1]))  # [b, p, h]
+    sim = torch.matmul(piv_h, img_h.transpose(1, 2))  # [b, p, n]
+    taken = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
+    picks = []
+    for p in range(pivots):
+        count = k // pivots + (1 if p < k % pivots else 0)
+        if count == 0:
+            continue
+        score = sim[:, p].masked_fill(taken, math.inf)
+        chosen = torch.topk(score, count, dim=-1, largest=False).indices  # least similar
+        picks.append(chosen)
+        taken = taken | (chosen[:, :, None] == torch.arange(n, device=sim.device)[None, None, :]).any(dim=1)
+    chosen = torch.cat(picks, dim=1)
+    return torch.sort(torch.gather(image_pos, 1, chosen), dim=-1).values
+
+
+# --- plans from options ----------------------------------------------------------------------------
+
+
+def _fastv_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
+    k = options["layer"]
+    if not 1 <= k < n_layers:
+        raise UsageError(f"--option layer={k}: must be within 1..{n_layers - 1} for this {n_layers}-layer model")
+    return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule="attention"),))
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--option layers={text}: expected comma-separated layer numbers like 8,16,24") from None
+
+
+def _pdrop_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
+    layers = _parse_layers(options["layers"]) if options["layers"] else sorted(
+        {max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)} - {n_layers})
+    if not layers or layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= n_layers:
+        raise UsageError(f"--option layers: need increasing layers within 1..{n_layers - 1} (got {layers})")
+    stages = []
+    for i, layer in enumerate(layers):
+        keep = min(full, budget * 2 ** (len(layers) - 1 - i))  # each stage halves; the last keeps --budget
+        stages.append(Stage(score_layer=layer, prune_layer=layer, keep=keep, rule="attention"))
+    return Plan(tuple(stages))
+
+
+def _dart_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
+    k = options["layer"]
+    if not 1 <= k < n_layers:
+        raise UsageError(f"--option layer={k}: must be within 1..{n_layers - 1} for this {n_layers}-layer model")
+    return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule="dart"),), pivots=options["pivots"])
+
+
+PLANNERS = {"fastv": _fastv_plan, "pdrop": _pdrop_plan, "dart": _dart_plan}
+
+
+def plan_for(method: Method, budget: int, full: int, n_layers: int, options: dict) -> Plan:
+    return PLANNERS[method.name](budget, full, n_layers, options)
+
+
+def _vision_untouched(vf: VisionFeatures, k: int, options: dict):
+    return vf.project(vf.features)  # the vision graph keeps every token; the decoder prunes
+
+
+_LAYER = OptionSpec(int, 2, "pruning layer K (layers >= K see the kept tokens)", lambda v: v >= 1, "must be >= 1")
+
+FASTV = Method(
+    name="fastv", stage="in-llm", paper="2403.06764",
+    summary="prune image tokens at LLM layer K by the last token's attention in layer K-1",
+    reduce=_vision_untouched, budget_meaning="image tokens kept after layer K",
+    option_specs={"layer": _LAYER},
+)
+PDROP = Method(
+    name="pdrop", stage="in-llm", paper="2410.17247",
+    summary="FastV's rule in stages (default layers L/4, L/2, 3L/4), halving image tokens each stage",
+    reduce=_vision_untouched, budget_meaning="image tokens kept after the last stage (earlier stages keep 2x, 4x)",
+    option_specs={"layers": OptionSpec(str, "", "comma-separated stage layers (default L/4,L/2,3L/4)")},
+)
+DART = Method(
+    name="dart", stage="in-llm", paper="2502.11494",
+    summary="keep image tokens least similar to 8 pivot tokens (duplicate removal) at layer K",
+    reduce=_vision_untouched, budget_meaning="image tokens kept after layer K",
+    option_specs={"layer": _LAYER,
+                  "pivots": OptionSpec(int, 8, "pivot tokens, half image half text", lambda v: v >= 2 and v % 2 == 0,
+                                       "must be an even number >= 2")},
+)
