@@ -102,7 +102,7 @@ class PruningPrefill(_Layers):
         k = repeat_kv(k, self.n_heads // self.n_kv)
         scores = torch.matmul(q[:, :, -1:].float(), k.float().transpose(-1, -2)) * self.scale
         scores = scores + torch.where(mask > 0, 0.0, torch.finfo(torch.float32).min / 2)[:, None, None, :]
-        return torch.softmax(scores, dim=-1).squeeze(-2).mean(dim=1)
+        return torch.softmax(scores, dim=-1)[:, :, 0].mean(dim=1)  # indexing, not squeeze: no If in ONNX
 
     def forward(self, inputs_embeds, attention_mask, position_ids, image_positions):
         x, mask, pos, img = inputs_embeds, attention_mask, position_ids, image_positions

@@ -32,7 +32,7 @@ def attention_row(q_row, k, scale: float) -> torch.Tensor:
     """One query's attention probabilities: q_row [b, h, 1, d], k [b, h, t, d] -> [b, h, t] (fp32).
     Used for scores (CLS in the ViT, last prompt token in the LLM) without eager attention."""
     scores = torch.matmul(q_row.float(), k.float().transpose(-1, -2)) * scale
-    return torch.softmax(scores, dim=-1).squeeze(-2)
+    return torch.softmax(scores, dim=-1)[:, :, 0]  # indexing, not squeeze: squeeze exports as an If
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

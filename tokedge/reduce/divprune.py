@@ -31,13 +31,13 @@ def select_divprune(x, k: int):
     first = nearest.argmax(dim=-1)  # [b]
     picks = [first]
     chosen = torch.nn.functional.one_hot(first, n).bool()
-    min_dist = torch.gather(dist, 1, first[:, None, None].expand(-1, 1, n)).squeeze(1)  # [b, n]
+    min_dist = torch.gather(dist, 1, first[:, None, None].expand(-1, 1, n))[:, 0]  # [b, n]
     for _ in range(k - 1):
         score = min_dist.masked_fill(chosen, -1.0)
         nxt = score.argmax(dim=-1)
         picks.append(nxt)
         chosen = chosen | torch.nn.functional.one_hot(nxt, n).bool()
-        row = torch.gather(dist, 1, nxt[:, None, None].expand(-1, 1, n)).squeeze(1)
+        row = torch.gather(dist, 1, nxt[:, None, None].expand(-1, 1, n))[:, 0]
         min_dist = torch.minimum(min_dist, row)
     return torch.sort(torch.stack(picks, dim=1), dim=-1).values
 

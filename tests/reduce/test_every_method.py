@@ -1,0 +1,77 @@
+"""Acceptance of the method set: every method exports at 64 (and 16, 128, 192 where it allows),
+`tokedge verify` passes, `tokedge run --json` reports the kept count and generates; graphs have no
+data-dependent ops and every constant TopK k is <= 3840 (TensorRT's limit)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tokedge.cli import main
+from tokedge.reduce import METHODS
+
+BUDGETS = [16, 64, 128, 192]
+NOT_ALLOWED = {("pool", 128): "perfect square", ("pool", 192): "perfect square", ("tome", 16): "cannot merge down"}
+DATA_DEPENDENT = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
+
+
+def _cases():
+    for name in METHODS:
+        if name == "none":
+            continue
+        for k in BUDGETS:
+            yield pytest.param(name, k, id=f"{name}-{k}")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory, test_images):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    test_images[1].save(path)
+    return path
+
+
+def _topk_constant_ks(path):
+    model = onnx.load(path)
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return model, [int(consts[n.input[1]].reshape(-1)[0]) for n in model.graph.node
+                   if n.op_type == "TopK" and n.input[1] in consts]
+
+
+@pytest.mark.parametrize("method,budget", list(_cases()))
+def test_method_exports_verifies_and_runs(method, budget, artifacts, tiny_llava_dir, image, tmp_path, capsys):
+    if (method, budget) in NOT_ALLOWED:
+        rc = main(["export", str(tiny_llava_dir), "--method", method, "--budget", str(budget), "--out",
+                   str(tmp_path / "a")])
+        assert rc == 2 and NOT_ALLOWED[(method, budget)] in capsys.readouterr().err
+        return
+    art = artifacts(method, budget)
+    assert main(["verify", str(art), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert main(["run", str(art), "--image", str(image), "--prompt", "What is this?", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["visual_tokens"] == budget
+    assert len(out["token_ids"]) >= 1
+    manifest = json.loads((art / "tokedge.json").read_text())
+    for name, graph in manifest["graphs"].items():
+        model, ks = _topk_constant_ks(art / graph["file"])
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & DATA_DEPENDENT, f"{name}.onnx has {ops & DATA_DEPENDENT}"
+        assert all(k <= 3840 for k in ks), f"{name}.onnx TopK k {ks}"
+
+
+def test_methods_command_lists_all_nine(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"none", "cls-attn", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv", "pdrop",
+                         "dart"}
+    assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
+    assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]
+    assert rows["fastv"]["options"]["layer"]["default"] == 2
+    assert all(r["paper"] for r in rows.values())
