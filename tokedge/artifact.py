@@ -64,6 +64,10 @@ class ModelInfo:
     pad_token_id: int | None
     image_token_id: int
     sliding_window: int | None = None
+    # sizes for analytical FLOPs (`tokedge profile`); 0 when unknown
+    vision_layers: int = 0  # encoder layers run up to the feature layer
+    vision_intermediate_size: int = 0
+    intermediate_size: int = 0
 
 
 @dataclass(frozen=True)

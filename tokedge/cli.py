@@ -155,6 +155,78 @@ def run_cmd(
         print()
 
 
+@app.command("profile")
+def profile_cmd(
+    artifact: ArtifactArg,
+    image: Annotated[list[Path], typer.Option(help="Image(s) to profile with (repeatable).")],
+    prompt: Annotated[str, typer.Option(help="Prompt for every run.")] = "Describe this image.",
+    budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64.")] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 32,
+    out: Annotated[Path, typer.Option(help="Directory for report.json, report.md and plots.")] = Path("profile-report"),
+    baseline: Annotated[Optional[str], typer.Option(help="Checkpoint for the transformers eager baseline.")] = None,
+    predict: Annotated[Optional[str], typer.Option(help="Device profile for a roofline prediction.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Re-export budgets outside the artifact from here.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokedge.report.profile import ProfileConfig, run_profile
+    from tokedge.report.render import write_all
+
+    try:
+        budget_list = tuple(int(b) for b in budgets.split(",") if b.strip()) if budgets else ()
+    except ValueError:
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
+    cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
+                        runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline, predict=predict,
+                        checkpoint=checkpoint)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console(), transient=True) as bar:
+        task = bar.add_task("profiling", total=None)
+
+        def tick(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label, completed=done, total=total)
+
+        report = run_profile(cfg, progress=tick)
+    files = write_all(report, out)
+    console = _console()
+    for r in report.results:
+        console.print(f"budget {r.budget:>4}: TTFT {r.ttft_ms:7.1f} ms  vision {r.vision_ms:6.1f}  prefill "
+                      f"{r.prefill_ms:6.1f}  decode {r.decode_ms_per_token:6.2f} ms/token")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print(f"wrote {', '.join(str(f) for f in files)}")
+    if json_out:
+        print(json.dumps(report.to_dict()))
+
+
+@app.command("profiles")
+def profiles_cmd(json_out: JsonFlag = False) -> None:
+    """List the device profiles (tokedge/profiles/*.toml)."""
+    import dataclasses
+
+    from tokedge.profiles import list_profiles
+
+    profiles = list_profiles()
+    if json_out:
+        print(json.dumps([dataclasses.asdict(p) for p in profiles.values()]))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("profile", "TensorRT", "precision", "memory GB", "FP16 TFLOP/s", "GB/s", "max batch", "budgets")
+    for p in profiles.values():
+        table.add_row(p.name, p.trt_version, p.precision, f"{p.memory_gb:g}", f"{p.fp16_tflops:g}",
+                      f"{p.bandwidth_gbs:g}", str(p.max_batch), f"{p.budget_min}..{p.budget_max}")
+    Console().print(table)
+
+
 @app.command("methods")
 def methods_cmd(json_out: JsonFlag = False) -> None:
     """List the reduction methods: where each acts, what it needs, whether counts are static."""

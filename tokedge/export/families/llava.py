@@ -259,6 +259,11 @@ def model_info(llava: LoadedLlava) -> ModelInfo:
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tc.pad_token_id,
         image_token_id=cfg.image_token_id,
         sliding_window=getattr(tc, "sliding_window", None) if getattr(tc, "use_sliding_window", True) else None,
+        vision_layers=(cfg.vision_feature_layer if cfg.vision_feature_layer >= 0
+                       else vc.num_hidden_layers + 1 + cfg.vision_feature_layer)
+        if isinstance(cfg.vision_feature_layer, int) else vc.num_hidden_layers,
+        vision_intermediate_size=vc.intermediate_size,
+        intermediate_size=tc.intermediate_size,
     )
 
 

@@ -1,0 +1,88 @@
+"""Analytical FLOPs and bytes per stage, from the manifest's sizes (multiply-add = 2 FLOPs).
+
+Rough by design: dense projections, attention score/value products and MLPs; norms, softmax and
+the reduction's own selection are left out (they are small next to the GEMMs). Used for the
+achieved GFLOP/s column of `tokedge profile` and for roofline predictions on a device profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokedge.artifact import Manifest
+
+
+@dataclass(frozen=True)
+class StageCost:
+    flops: float
+    bytes: float  # weights + KV cache read at least once (activations ignored)
+
+
+def _vit_layer(n: int, d: int, ff: int) -> float:
+    return 2 * n * 4 * d * d + 2 * 2 * n * n * d + 2 * n * 2 * d * ff
+
+
+def _llm_layer(t: int, ctx: int, m) -> float:
+    d, hd = m.hidden_size, m.head_dim
+    proj = d * (m.num_attention_heads * hd) * 2 + d * (m.num_key_value_heads * hd) * 2
+    attn = 2 * 2 * t * ctx * m.num_attention_heads * hd
+    return 2 * t * proj + attn + 2 * t * 3 * d * m.intermediate_size
+
+
+def _llm_layer_params(m) -> float:
+    d, hd = m.hidden_size, m.head_dim
+    return d * (m.num_attention_heads * hd) * 2 + d * (m.num_key_value_heads * hd) * 2 + 3 * d * m.intermediate_size
+
+
+def bytes_per_value(manifest: Manifest) -> int:
+    return 2 if manifest.dtype == "fp16" else 4
+
+
+def vision_cost(manifest: Manifest, budget: int, batch: int = 1) -> StageCost:
+    m, red = manifest.model, manifest.reduction
+    n = (m.image_size // m.patch_size) ** 2 + (1 if m.vision_model_type == "clip_vision_model" else 0)
+    d, ff = m.vision_hidden_size, m.vision_intermediate_size or 4 * m.vision_hidden_size
+    flops = 0.0
+    if red.stage == "in-vit" and m.vision_layers:
+        from tokedge.reduce.tome import merge_schedule
+
+        schedule = merge_schedule(red.full_tokens, budget, m.vision_layers) or [0] * m.vision_layers
+        for r in schedule:
+            flops += _vit_layer(n, d, ff)
+            n -= r
+    else:
+        flops = m.vision_layers * _vit_layer(n, d, ff)
+    projected = budget if red.stage in ("pre-llm", "in-vit") and red.method != "divprune" else red.full_tokens
+    flops += 2 * projected * (d * m.hidden_size + m.hidden_size * m.hidden_size)
+    params = m.vision_layers * (4 * d * d + 2 * d * ff) + d * m.hidden_size + m.hidden_size**2
+    return StageCost(flops=batch * flops, bytes=params * bytes_per_value(manifest))
+
+
+def prefill_cost(manifest: Manifest, prompt_tokens: int, visual_tokens: int, batch: int = 1) -> StageCost:
+    """prompt_tokens: text tokens; visual_tokens: image tokens entering the LLM."""
+    m, red = manifest.model, manifest.reduction
+    t = prompt_tokens + visual_tokens
+    flops = 0.0
+    if red.stage == "in-llm" and red.stages:
+        lengths = []
+        current = t
+        cuts = {s["prune_layer"]: red.full_tokens - s["keep"] for s in red.stages}
+        for layer in range(m.num_layers):
+            if layer in cuts:
+                current = t - cuts[layer]
+            lengths.append(current)
+        flops = sum(_llm_layer(length, length, m) for length in lengths)
+    else:
+        flops = m.num_layers * _llm_layer(t, t, m)
+    flops += 2 * m.hidden_size * m.vocab_size  # last-position logits
+    params = m.num_layers * _llm_layer_params(m) + m.hidden_size * m.vocab_size
+    return StageCost(flops=batch * flops, bytes=params * bytes_per_value(manifest))
+
+
+def decode_cost(manifest: Manifest, context: int, batch: int = 1) -> StageCost:
+    """One new token with `context` tokens in the cache (after pruning, for in-LLM methods)."""
+    m = manifest.model
+    flops = m.num_layers * _llm_layer(1, context + 1, m) + 2 * m.hidden_size * m.vocab_size
+    params = m.num_layers * _llm_layer_params(m) + m.hidden_size * m.vocab_size
+    kv = 2 * m.num_layers * m.num_key_value_heads * m.head_dim * context
+    return StageCost(flops=batch * flops, bytes=(params + batch * kv) * bytes_per_value(manifest))

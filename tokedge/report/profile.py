@@ -1,0 +1,301 @@
+"""`tokedge profile`: latency, memory, FLOPs and fidelity per budget, as data (`ProfileReport`)
+that renders to report.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tokedge.artifact import load_artifact
+from tokedge.errors import InputError, UsageError
+from tokedge.report import flops as fl
+from tokedge.report.machine import describe, gemm_peak_gflops, peak_rss_mb
+
+STAGES = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    artifact: Path
+    images: tuple[Path, ...]
+    prompt: str = "Describe this image."
+    budgets: tuple[int, ...] = ()  # () = the artifact's budget, plus its runtime range ends
+    backend: str = "onnxruntime"
+    runs: int = 5
+    warmup: int = 1
+    max_new_tokens: int = 32
+    baseline: str | None = None  # checkpoint: transformers eager at full tokens, same inputs
+    predict: str | None = None  # device profile name or .toml: roofline prediction
+    checkpoint: str | None = None  # where to re-export budgets outside the artifact's range
+
+
+@dataclass
+class BudgetResult:
+    budget: int
+    backend: str
+    visual_tokens: int
+    artifact: str
+    ttft_ms: float
+    vision_ms: float
+    prefill_ms: float
+    preprocess_ms: float
+    decode_ms_per_token: float
+    tokens_per_s: float
+    p90: dict[str, float]
+    peak_rss_mb: float
+    reduction_ms: float | None  # the reduction's own ops in the vision graph (ONNX Runtime profiler)
+    prompt_tokens: int
+    flops: dict[str, float]  # GFLOP per stage: vision, prefill, decode_per_token
+    achieved_gflops_per_s: dict[str, float]
+    fidelity: dict[str, float] | None = None  # vs the full-token output
+    predicted: dict | None = None  # roofline on a device profile: labelled predicted
+    speedup_vs_baseline: dict[str, float] | None = None
+    token_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class ProfileReport:
+    artifact: str
+    method: str
+    images: list[str]
+    prompt: str
+    runs: int
+    warmup: int
+    max_new_tokens: int
+    machine: dict
+    gemm_peak_gflops_per_s: float
+    results: list[BudgetResult] = field(default_factory=list)
+    baseline: dict | None = None
+    fidelity_reference: str | None = None
+    predicted_on: dict | None = None
+    tegrastats: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProfileReport":
+        data = dict(data)
+        data["results"] = [BudgetResult(**r) for r in data.get("results", [])]
+        return cls(**data)
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def fidelity(reference: list[list[int]], tokens: list[list[int]]) -> dict[str, float]:
+    """first_token_agreement: share of images whose first token equals the reference's;
+    token_overlap: share of the reference's tokens also produced (multiset intersection)."""
+    first = [bool(r and t and r[0] == t[0]) for r, t in zip(reference, tokens)]
+    overlaps = []
+    for r, t in zip(reference, tokens):
+        common = sum((Counter(r) & Counter(t)).values())
+        overlaps.append(common / len(r) if r else float(not t))
+    return {"first_token_agreement": sum(first) / len(first), "token_overlap": sum(overlaps) / len(overlaps)}
+
+
+def reduction_ms(artifact: Path, vision_file: str, feed: dict, runs: int = 3) -> float:
+    """Time ONNX Runtime spends in vision-graph nodes outside the tower and the projector."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(artifact.parent / ".tokedge-profile")
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(artifact / vision_file), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feed)
+    trace = Path(session.end_profiling())
+    try:
+        events = json.loads(trace.read_text())
+    finally:
+        trace.unlink(missing_ok=True)
+    total = 0.0
+    for ev in events:
+        name = ev.get("name", "")
+        if ev.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        node = name[: -len("_kernel_time")]
+        if not node.startswith(("/tower/", "/projector/", "/embeddings")):
+            total += ev.get("dur", 0) / 1000.0
+    return total / runs
+
+
+def _predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int) -> dict:
+    bpv = 2  # engines run in fp16 on the device
+    peak, bw = profile.fp16_tflops * 1e12, profile.bandwidth_gbs * 1e9
+    visual = budget if manifest.reduction.stage != "in-llm" else manifest.reduction.full_tokens
+    v = fl.vision_cost(manifest, budget)
+    p = fl.prefill_cost(manifest, prompt_tokens, visual)
+    context = prompt_tokens + (budget if manifest.reduction.stage != "none" else visual) + new_tokens // 2
+    d = fl.decode_cost(manifest, context)
+    scale = bpv / fl.bytes_per_value(manifest)
+    vision_ms = max(v.flops / peak, v.bytes * scale / bw) * 1e3
+    prefill_ms = max(p.flops / peak, p.bytes * scale / bw) * 1e3
+    decode_ms = max(d.flops / peak, d.bytes * scale / bw) * 1e3
+    return {"ttft_ms": vision_ms + prefill_ms, "vision_ms": vision_ms, "prefill_ms": prefill_ms,
+            "decode_ms_per_token": decode_ms, "tokens_per_s": 1e3 / decode_ms, "device": profile.name,
+            "kind": "predicted (roofline lower bound, fp16, no kernel overheads)"}
+
+
+def default_budgets(manifest) -> list[int]:
+    red = manifest.reduction
+    if red.budget_range:
+        lo, hi = red.budget_range
+        return sorted({hi, red.budget, lo}, reverse=True)
+    return [red.budget]
+
+
+def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | None = None) -> ProfileReport:
+    from tokedge.runtime.preprocess import load_image
+    from tokedge.runtime.pipeline import Pipeline
+
+    manifest = load_artifact(cfg.artifact)
+    if cfg.runs < 1 or cfg.warmup < 0:
+        raise UsageError("--runs must be >= 1 and --warmup >= 0")
+    if not cfg.images:
+        raise UsageError("give at least one --image to profile with")
+    images = [load_image(p) for p in cfg.images]
+    budgets = list(cfg.budgets) or default_budgets(manifest)
+    device_profile = None
+    if cfg.predict:
+        from tokedge.profiles import load_profile
+
+        device_profile = load_profile(cfg.predict)
+    artifacts = {k: _artifact_for(cfg, manifest, k) for k in budgets}
+
+    report = ProfileReport(
+        artifact=str(cfg.artifact), method=manifest.reduction.method, images=[str(p) for p in cfg.images],
+        prompt=cfg.prompt, runs=cfg.runs, warmup=cfg.warmup, max_new_tokens=cfg.max_new_tokens,
+        machine=describe(), gemm_peak_gflops_per_s=round(gemm_peak_gflops(), 1),
+        predicted_on=dataclasses.asdict(device_profile) if device_profile else None,
+    )
+    from tokedge.report.tegrastats import Sampler
+
+    total = len(budgets) * (cfg.warmup + cfg.runs) * len(images)
+    done = 0
+    with Sampler() as sampler:
+        for k in budgets:
+            art, runtime_budget = artifacts[k]
+            samples: dict[str, list[float]] = {s: [] for s in STAGES}
+            tokens: list[list[int]] = []
+            with Pipeline.load(art, backend=cfg.backend) as pipe:
+                for i in range(cfg.warmup + cfg.runs):
+                    for img in images:
+                        res = pipe.generate(img, cfg.prompt, max_new_tokens=cfg.max_new_tokens, budget=runtime_budget)
+                        done += 1
+                        if progress:
+                            progress(f"budget {k}", done, total)
+                        if i >= cfg.warmup:
+                            for s in STAGES:
+                                samples[s].append(getattr(res.timings, s))
+                        if i == cfg.warmup:
+                            tokens.append(res.token_ids[0])
+                placeholders = pipe.visual_tokens_for(runtime_budget)
+                encoded = pipe.encoder.encode([cfg.prompt], placeholders)
+                prompt_tokens = int(encoded.attention_mask.sum()) - placeholders
+                visual = res.visual_tokens
+                pm = pipe.manifest
+                red_ms = None
+                if pm.reduction.stage in ("pre-llm", "in-vit"):
+                    from tokedge.runtime.preprocess import preprocess_batch
+
+                    feed = {"pixel_values": preprocess_batch(images[:1], pm.preprocess)}
+                    if pm.graphs["vision"].input("budget") is not None:
+                        feed["budget"] = np.array(runtime_budget or pm.reduction.budget, dtype=np.int64)
+                    red_ms = round(reduction_ms(Path(art), pm.graphs["vision"].file, feed), 3)
+                elif pm.reduction.stage == "none":
+                    red_ms = 0.0
+            med = {s: statistics.median(v) for s, v in samples.items()}
+            llm_visual = pm.reduction.full_tokens if pm.reduction.stage == "in-llm" else visual
+            v = fl.vision_cost(pm, k)
+            p = fl.prefill_cost(pm, prompt_tokens, llm_visual)
+            d = fl.decode_cost(pm, prompt_tokens + visual + cfg.max_new_tokens // 2)
+            gflops = {"vision": v.flops / 1e9, "prefill": p.flops / 1e9, "decode_per_token": d.flops / 1e9}
+            achieved = {
+                "vision": gflops["vision"] / (med["vision_ms"] / 1e3) if med["vision_ms"] else 0.0,
+                "prefill": gflops["prefill"] / (med["prefill_ms"] / 1e3) if med["prefill_ms"] else 0.0,
+                "decode": gflops["decode_per_token"] / (med["decode_ms_per_token"] / 1e3)
+                if med["decode_ms_per_token"] else 0.0,
+            }
+            report.results.append(BudgetResult(
+                budget=k, backend=cfg.backend, visual_tokens=visual, artifact=str(art),
+                ttft_ms=med["ttft_ms"], vision_ms=med["vision_ms"], prefill_ms=med["prefill_ms"],
+                preprocess_ms=med["preprocess_ms"], decode_ms_per_token=med["decode_ms_per_token"],
+                tokens_per_s=1e3 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else 0.0,
+                p90={s: _p90(v) for s, v in samples.items()}, peak_rss_mb=round(peak_rss_mb(), 1),
+                reduction_ms=red_ms, prompt_tokens=prompt_tokens,
+                flops={key: round(val, 4) for key, val in gflops.items()},
+                achieved_gflops_per_s={key: round(val, 2) for key, val in achieved.items()},
+                predicted=_predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens) if device_profile else None,
+                token_ids=tokens,
+            ))
+    summary = sampler.summary()
+    if summary is not None:
+        report.tegrastats = dataclasses.asdict(summary)
+        if summary.throttled:
+            report.warnings.append("GPU clocks dropped during the run (thermal or power throttling): "
+                                   "timings are pessimistic; check nvpmodel / jetson_clocks")
+
+    if cfg.baseline:
+        from tokedge.report.baseline import transformers_baseline
+
+        base = transformers_baseline(cfg.baseline, images, cfg.prompt, cfg.runs, cfg.warmup, cfg.max_new_tokens)
+        report.baseline = dataclasses.asdict(base)
+        for r in report.results:
+            r.speedup_vs_baseline = {
+                "ttft": round(base.ttft_ms / r.ttft_ms, 2) if r.ttft_ms else 0.0,
+                "decode": round(base.decode_ms_per_token / r.decode_ms_per_token, 2) if r.decode_ms_per_token else 0.0,
+            }
+    full = manifest.reduction.full_tokens
+    reference = next((r for r in report.results if r.budget == full and manifest.reduction.stage != "in-llm"), None)
+    if reference is not None:
+        report.fidelity_reference = f"tokedge at {full} tokens"
+        ref_tokens = reference.token_ids
+    elif report.baseline:
+        report.fidelity_reference = "transformers baseline (all tokens)"
+        ref_tokens = report.baseline["token_ids"] * len(images)
+    else:
+        ref_tokens = None
+    if ref_tokens:
+        for r in report.results:
+            r.fidelity = fidelity(ref_tokens, r.token_ids)
+    return report
+
+
+def _artifact_for(cfg: ProfileConfig, manifest, k: int) -> tuple[Path, int | None]:
+    """The artifact to run budget k on (and the runtime budget to feed), re-exporting if needed."""
+    red = manifest.reduction
+    if red.budget_range and red.budget_range[0] <= k <= red.budget_range[1]:
+        return cfg.artifact, k
+    if k == red.budget:
+        return cfg.artifact, None
+    source = cfg.checkpoint or manifest.model.source
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"budget {k} is outside this artifact ({red.budget}"
+            + (f", range {red.budget_range[0]}..{red.budget_range[1]}" if red.budget_range else "")
+            + "); export with --dynamic-budget, or install tokedge[export] so profile can re-export"
+        ) from None
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = Path(cfg.artifact).parent / f".{Path(cfg.artifact).name}.budget-{k}"
+    if not (out / "tokedge.json").is_file():
+        try:
+            export(ExportConfig(model=source, out=out, method=red.method, budget=k, force=True,
+                                options=tuple((key, str(v)) for key, v in red.options.items() if v not in (None, ""))))
+        except InputError as exc:
+            raise InputError(f"re-exporting budget {k} from '{source}' failed: {exc}") from None
+    return out, None
