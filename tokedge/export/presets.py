@@ -60,6 +60,8 @@ class TinyLlavaConfig:
     seed: int = 0
     vision: str = "clip"  # "clip" (CLS + patches) or "siglip" (patches only, fixed-size resize)
     text: str = "llama"  # "llama", "qwen2" or "mistral"
+    vocab_size: int = 0  # 0: the tokenizer's size; larger pads the embedding and LM head (bench models)
+    text_intermediate: int = 0  # 0: 3 x text_hidden
 
 
 PRESETS = {"tiny-llava": TinyLlavaConfig()}
@@ -133,11 +135,11 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
                        "mistral": transformers.MistralConfig}[cfg.text]
     text = text_config_cls(
         hidden_size=cfg.text_hidden,
-        intermediate_size=cfg.text_hidden * 3,
+        intermediate_size=cfg.text_intermediate or cfg.text_hidden * 3,
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         num_key_value_heads=cfg.text_kv_heads,
-        vocab_size=len(tokenizer),
+        vocab_size=max(cfg.vocab_size, len(tokenizer)),
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
