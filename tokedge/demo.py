@@ -3,7 +3,8 @@
 1. build the built-in tiny-llava checkpoint (random weights, LLaVA-1.5 geometry) if not cached;
 2. `tokedge export tiny-llava --method cls-attn --budget 64 --dynamic-budget 16:576`;
 3. `tokedge verify` the artifact (hashes + ONNX Runtime vs the recorded transformers reference);
-4. `tokedge run` one image and prompt through it.
+4. `tokedge run` one image and prompt through it;
+5. `tokedge profile` it at budgets 576/192/64/16 against transformers, with a Jetson prediction.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ def main() -> None:
                      "--out", str(artifact), "--force"])
     _step("verify", ["verify", str(artifact)])
     image = demo_image(args.out / "demo.png")
-    from tokedge.cli import app
-
-    if any(c.name == "run" for c in app.registered_commands):
-        _step("run", ["run", str(artifact), "--image", str(image), "--prompt", "What is shown in this image?",
-                      "--max-new-tokens", "12"])
-    print(f"\ndemo: done; artifact at {artifact}")
+    _step("run", ["run", str(artifact), "--image", str(image), "--prompt", "What is shown in this image?",
+                  "--max-new-tokens", "12"])
+    report = args.out / "profile"
+    _step("profile", ["profile", str(artifact), "--image", str(image), "--budgets", "576,192,64,16", "--runs", "3",
+                      "--max-new-tokens", "8", "--baseline", "tiny-llava", "--predict", "jetson-orin-nano-8gb",
+                      "--out", str(report)])
+    print(f"\ndemo: done; artifact at {artifact}, profiling report at {report}/report.md")
 
 
 if __name__ == "__main__":

@@ -201,14 +201,37 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
     return out
 
 
+PRESET_STAMP = "tokedge-preset.json"
+
+
+def _stamp(cfg: TinyLlavaConfig) -> str:
+    import dataclasses
+    import hashlib
+    import json
+
+    blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": CHAT_TEMPLATE}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def resolve_preset(name: str) -> Path | None:
-    """Path of a built-in checkpoint (built on first use), or None when `name` is not a preset."""
+    """Path of a built-in checkpoint (built on first use, rebuilt when its definition changed), or
+    None when `name` is not a preset."""
     if name not in PRESETS:
         return None
+    import json
+
+    cfg = PRESETS[name]
     path = preset_cache_dir() / name
-    if not (path / "config.json").is_file():
+    stamp = path / PRESET_STAMP
+    current = _stamp(cfg)
+    try:
+        fresh = json.loads(stamp.read_text())["sha256"] == current and (path / "config.json").is_file()
+    except (OSError, ValueError, KeyError):
+        fresh = False
+    if not fresh:
         import logging
 
         logging.getLogger("tokedge").info("building built-in checkpoint %s at %s", name, path)
-        build_tiny_llava(path, PRESETS[name], force=path.exists())
+        build_tiny_llava(path, cfg, force=True)
+        (path / PRESET_STAMP).write_text(json.dumps({"preset": name, "sha256": current}) + "\n")
     return path
