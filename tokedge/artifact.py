@@ -124,6 +124,7 @@ class Manifest:
     opset: int
     reference: dict[str, Any]  # file + tolerances of the parity reference recorded at export
     files: dict[str, str]  # relative path -> sha256 of every other file in the artifact
+    optimizations: tuple[dict[str, Any], ...] = ()  # graph passes applied: {graph, pass, fired}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -99,6 +99,63 @@ def export_cmd(
                           "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds}))
 
 
+@app.command("optimize")
+def optimize_cmd(
+    artifact: ArtifactArg,
+    out: Annotated[Path, typer.Option(help="Directory for the optimised artifact.")],
+    passes: Annotated[str, typer.Option(help="Comma-separated passes (see --help of tokedge passes).")] =
+    "fuse-selection,indices-int32,fp16-guard,fold",
+    force: Annotated[bool, typer.Option(help="Replace an existing --out (whole).")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Run graph passes over an artifact, write a new one, and print what each pass changed."""
+    from tokedge.export.optimize import optimize
+
+    names = [p.strip() for p in passes.split(",") if p.strip()]
+    result = optimize(artifact, out, names, force=force)
+    console = _console()
+    for graph, per in result.counts.items():
+        console.print(f"{graph}: " + ", ".join(f"{p} fired {n}x" for p, n in per.items()))
+    console.print(f"wrote {result.out} (parity re-checked against the export reference)")
+    if json_out:
+        print(json.dumps({"artifact": str(result.out), "counts": result.counts, "parity": result.parity}))
+
+
+@app.command("passes")
+def passes_cmd() -> None:
+    """List the graph passes `tokedge optimize --passes` accepts."""
+    from tokedge.export.passes import DEFAULT_PASSES, PASSES
+
+    for p in PASSES.values():
+        tag = " (default at export)" if p.name in DEFAULT_PASSES else ""
+        print(f"{p.name:16s} {p.summary}{tag}")
+
+
+@app.command("check")
+def check_cmd(
+    artifact: ArtifactArg,
+    target: Annotated[str, typer.Option(help="trt-10.3 (JetPack 6) or trt-11.")] = "trt-10.3",
+    json_out: JsonFlag = False,
+) -> None:
+    """Static TensorRT compatibility check of every op, attribute and dtype (no GPU needed)."""
+    from tokedge.check import check_artifact
+    from tokedge.errors import TokedgeError
+
+    report = check_artifact(artifact, target)
+    if json_out:
+        print(json.dumps({"target": target, "ok": report.ok, "nodes_checked": report.nodes_checked,
+                          "findings": [f.__dict__ for f in report.findings]}))
+    else:
+        for f in report.findings:
+            print(f.line(), file=sys.stderr)
+        if report.ok:
+            _console().print(f"{artifact}: {report.nodes_checked} nodes pass {target}")
+    if not report.ok:
+        first = report.findings[0]
+        more = f" (and {len(report.findings) - 1} more)" if len(report.findings) > 1 else ""
+        raise TokedgeError(f"{artifact} fails {target}: {first.line()}{more}")
+
+
 @app.command("verify")
 def verify_cmd(
     artifact: ArtifactArg,

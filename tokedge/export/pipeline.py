@@ -47,6 +47,7 @@ class ExportConfig:
     allow_pickle: bool = False  # load *.bin weights (with torch weights_only)
     external_data_threshold: int = 1 << 30  # graphs with more weight bytes get a .onnx.data file
     validate: bool = True
+    passes: tuple[str, ...] | None = None  # graph passes after tracing; None = DEFAULT_PASSES
     options: tuple[tuple[str, str], ...] = ()  # method options as given (`--option key=value`)
 
 
@@ -193,6 +194,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
                            plan=plan, full_tokens=full)
 
+    from tokedge.export.passes import DEFAULT_PASSES, run_passes
+
+    passes = DEFAULT_PASSES if cfg.passes is None else cfg.passes
+    optimizations = []
     with staged_directory(out, force=cfg.force) as stage:
         graphs = {}
         for name in modules:
@@ -203,6 +208,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
                     bind_runtime_budget(model, trace_k, rng[0], rng[1])
                 ox.finish(model)
+                for pass_name, fired in run_passes(model, passes).items():
+                    optimizations.append({"graph": name, "pass": pass_name, "fired": fired})
                 file, data = ox.save_graph(model, stage, name, cfg.external_data_threshold)
                 graphs[name] = ox.graph_spec(model, file, data)
 
@@ -227,6 +234,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             reference={"file": REFERENCE_FILE, "tolerance": {"image_embeds": tol.image_embeds, "logits": tol.logits},
                        "budgets": budgets, "decode_steps": DECODE_STEPS},
             files={},
+            optimizations=tuple(optimizations),
         )
         parity: dict = {"skipped": True}
         if cfg.validate:

@@ -1,0 +1,199 @@
+"""Every graph pass: ONNX Runtime outputs before and after agree, the expected pattern fired, and a
+near-miss graph is left alone. Plus: exported artifacts of every pre-LLM method carry no expanded
+selection index, `tokedge optimize` re-checks parity, `tokedge check` passes clean artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from tokedge.cli import main
+from tokedge.export.passes import run_passes
+from tokedge.reduce.select import gather_tokens, topk_sorted
+
+
+def _trace(module, example, tmp_path, name="m") -> ir.Model:
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(module, example, str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}}, opset_version=17)
+    return ir.load(path)
+
+
+def _run(model: ir.Model, tmp_path, feed, name="run"):
+    path = tmp_path / f"{name}.onnx"
+    ir.save(model, path)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph.all_nodes()]
+
+
+class Select(torch.nn.Module):
+    def __init__(self, k, axis=1):
+        super().__init__()
+        self.k, self.axis = k, axis
+
+    def forward(self, x):
+        idx = topk_sorted(x.mean(-1), self.k)
+        if self.axis == 1:
+            return gather_tokens(x, idx)
+        # near miss: the index is unsqueezed in the middle, not the last axis
+        return x.gather(1, idx.unsqueeze(1).expand(-1, x.shape[1], -1)[:, : self.k])
+
+
+def test_fuse_selection_fires_and_agrees(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 30, 8)).astype(np.float32)
+    model = _trace(Select(7), (torch.from_numpy(x),), tmp_path)
+    before = _run(model, tmp_path, {"x": x}, "before")
+    assert run_passes(model, ["fuse-selection"]) == {"fuse-selection": 1}
+    ops = _ops(model)
+    assert "GatherND" in ops and "GatherElements" not in ops and "Expand" not in ops
+    np.testing.assert_array_equal(_run(model, tmp_path, {"x": x}, "after")[0], before[0])
+
+
+def test_fuse_selection_leaves_near_miss(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 30, 30)).astype(np.float32)
+    model = _trace(Select(7, axis=2), (torch.from_numpy(x),), tmp_path)
+    before = _run(model, tmp_path, {"x": x}, "before")
+    assert run_passes(model, ["fuse-selection"]) == {"fuse-selection": 0}
+    np.testing.assert_array_equal(_run(model, tmp_path, {"x": x}, "after")[0], before[0])
+
+
+def _gather_graph(indices_from_topk: bool) -> ir.Model:
+    nodes = []
+    if indices_from_topk:
+        nodes.append(helper.make_node("TopK", ["x", "k"], ["vals", "idx"], axis=1))
+        index = "idx"
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 10])]
+    else:
+        index = "ids"
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 10]),
+                  helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])]
+    nodes.append(helper.make_node("GatherElements", ["x", index], ["y"], axis=1))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor("k", TensorProto.INT64, [1], [3])])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+
+
+def test_indices_int32(tmp_path):
+    x = np.random.default_rng(1).standard_normal((2, 10)).astype(np.float32)
+    model = _gather_graph(True)
+    before = _run(model, tmp_path, {"x": x}, "before")
+    assert run_passes(model, ["indices-int32"]) == {"indices-int32": 1}
+    cast = next(n for n in model.graph.all_nodes() if n.op_type == "Cast")
+    assert cast.attributes["to"].value == ir.DataType.INT32
+    np.testing.assert_array_equal(_run(model, tmp_path, {"x": x}, "after")[0], before[0])
+    near = _gather_graph(False)  # indices from a graph input: bounds unknown, left as int64
+    assert run_passes(near, ["indices-int32"]) == {"indices-int32": 0}
+
+
+def _fp16_graph(dtype) -> ir.Model:
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=-1), helper.make_node("TopK", ["p", "k"], ["v", "i"], axis=-1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [2, 16])],
+                              [helper.make_tensor_value_info("v", dtype, [2, 4]),
+                               helper.make_tensor_value_info("i", TensorProto.INT64, [2, 4])],
+                              [helper.make_tensor("k", TensorProto.INT64, [1], [4])])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+
+
+def test_fp16_guard(tmp_path):
+    x = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float16) * 4
+    model = _fp16_graph(TensorProto.FLOAT16)
+    before = _run(model, tmp_path, {"x": x}, "before")
+    assert run_passes(model, ["fp16-guard"]) == {"fp16-guard": 2}
+    softmax = next(n for n in model.graph.all_nodes() if n.op_type == "Softmax")
+    topk = next(n for n in model.graph.all_nodes() if n.op_type == "TopK")
+    assert softmax.inputs[0].dtype == ir.DataType.FLOAT and topk.inputs[0].dtype == ir.DataType.FLOAT
+    after = _run(model, tmp_path, {"x": x}, "after")
+    assert after[0].dtype == np.float16
+    np.testing.assert_allclose(after[0], before[0], atol=2e-3)
+    np.testing.assert_array_equal(after[1], before[1])
+    assert run_passes(_fp16_graph(TensorProto.FLOAT), ["fp16-guard"]) == {"fp16-guard": 0}
+
+
+def test_fold_removes_constant_work(tmp_path):
+    nodes = [helper.make_node("Add", ["c1", "c2"], ["c3"]), helper.make_node("Mul", ["x", "c3"], ["y"]),
+             helper.make_node("Neg", ["x"], ["unused"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor("c1", TensorProto.FLOAT, [3], [1, 2, 3]),
+                               helper.make_tensor("c2", TensorProto.FLOAT, [3], [1, 1, 1])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+    x = np.array([1, 2, 3], np.float32)
+    before = _run(model, tmp_path, {"x": x}, "before")
+    assert run_passes(model, ["fold"]) == {"fold": 2}
+    assert _ops(model) == ["Mul"]
+    np.testing.assert_array_equal(_run(model, tmp_path, {"x": x}, "after")[0], before[0])
+    assert run_passes(model, ["fold"]) == {"fold": 0}  # nothing left to fold
+
+
+def test_ort_fusions_on_a_vision_graph(artifacts, tmp_path):
+    art = artifacts("cls-attn", 64)
+    model = ir.load(art / "vision.onnx")
+    x = np.load(art / "reference.npz")["pixel_values"]
+    before = _run(model, tmp_path, {"pixel_values": x}, "before")
+    fired = run_passes(model, ["ort-fusions"])["ort-fusions"]
+    assert fired > 0 and any(n.domain == "com.microsoft" for n in model.graph.all_nodes())
+    np.testing.assert_allclose(_run(model, tmp_path, {"pixel_values": x}, "after")[0], before[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cls-attn", "visionzip", "divprune", "vispruner", "pool"])
+def test_exported_pre_llm_graphs_have_no_expanded_selection_index(artifacts, method):
+    art = artifacts(method, 64)
+    model = onnx.load(art / "vision.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "GatherElements":
+            assert producers.get(node.input[1]) is None or producers[node.input[1]].op_type != "Expand", node.name
+    fired = {o["pass"]: o["fired"] for o in json.loads((art / "tokedge.json").read_text())["optimizations"]
+             if o["graph"] == "vision"}
+    assert fired["fuse-selection"] >= (0 if method == "pool" else 1)
+
+
+def test_optimize_writes_new_artifact_with_parity(artifacts, tmp_path, capsys):
+    art = artifacts("visionzip", 64)
+    out = tmp_path / "opt"
+    assert main(["optimize", str(art), "--out", str(out), "--passes", "fold,ort-fusions", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["parity"]["ok"] and summary["counts"]["vision"]["ort-fusions"] > 0
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(out), "--target", "trt-10.3"]) == 1  # com.microsoft ops are ONNX Runtime only
+    assert "com.microsoft" in capsys.readouterr().err
+    assert main(["optimize", str(art), "--out", str(out), "--passes", "nope"]) == 2
+
+
+@pytest.mark.parametrize("target", ["trt-10.3", "trt-11"])
+@pytest.mark.parametrize("method,budget", [("none", 576), ("cls-attn", 64), ("visionzip", 64), ("divprune", 64),
+                                           ("vispruner", 64), ("pool", 64), ("tome", 128), ("fastv", 64),
+                                           ("pdrop", 64), ("dart", 64)])
+def test_check_passes_clean_artifacts(artifacts, method, budget, target, capsys):
+    assert main(["check", str(artifacts(method, budget)), "--target", target]) == 0
+
+
+def test_check_names_planted_unsupported_op(artifacts, tmp_path, capsys):
+    import shutil
+
+    from tokedge.artifact import MANIFEST_NAME, sha256_file
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts("cls-attn", 64), art)
+    model = onnx.load(art / "vision.onnx")
+    model.graph.node.append(helper.make_node("Unique", ["pixel_values"], ["u"], name="planted_unique"))
+    onnx.save(model, art / "vision.onnx")
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    manifest["files"]["vision.onnx"] = sha256_file(art / "vision.onnx")
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    for target in ("trt-10.3", "trt-11"):
+        assert main(["check", str(art), "--target", target]) == 1
+        err = capsys.readouterr().err
+        assert "planted_unique" in err and "Unique" in err
+    assert main(["check", str(art), "--target", "trt-9"]) == 2

@@ -1,0 +1,103 @@
+"""`tokedge check`: a static check, no GPU needed, of every graph in an artifact against what a
+TensorRT family's ONNX parser accepts (tokedge/data/trt_onnx_ops.toml): operators and domains,
+opset, TopK k <= 3840, and tensor data types. Names each offending node."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokedge.artifact import load_artifact
+from tokedge.errors import MissingDependencyError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TARGETS = {"trt-10.3": "trt-10_3", "trt-11": "trt-11"}
+DATA = Path(__file__).parent / "data" / "trt_onnx_ops.toml"
+
+
+@dataclass(frozen=True)
+class Finding:
+    graph: str
+    node: str
+    op: str
+    problem: str
+
+    def line(self) -> str:
+        return f"{self.graph}: node '{self.node}' ({self.op}): {self.problem}"
+
+
+@dataclass
+class CheckReport:
+    target: str
+    findings: list[Finding] = field(default_factory=list)
+    nodes_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+def _rules(target: str) -> dict:
+    if target not in TARGETS:
+        raise UsageError(f"--target {target} is unknown; use one of {', '.join(TARGETS)}")
+    with open(DATA, "rb") as fh:
+        data = tomllib.load(fh)
+    family = data[TARGETS[target]]
+    common = data["common"]
+    return {
+        "name": family["name"],
+        "max_opset": family["max_opset"],
+        "supported": set(common["supported"]) | set(family["extra_supported"]),
+        "dtypes": set(common["unsupported_dtypes"]) | set(family["unsupported_dtypes"]),
+        "max_k": common["max_topk_k"],
+    }
+
+
+def check_model(model, graph_name: str, rules: dict, report: CheckReport) -> None:
+    """`model` is an onnx_ir Model; appends findings for every node and value that fails."""
+    import onnx_ir as ir
+
+    opset = model.opset_imports.get("", 0)
+    if opset > rules["max_opset"]:
+        report.findings.append(Finding(graph_name, "<model>", "opset", f"default-domain opset {opset} is above "
+                                       f"{rules['max_opset']}, the newest {rules['name']} parses"))
+    for node in model.graph.all_nodes():
+        report.nodes_checked += 1
+        name = node.name or "<unnamed>"
+        if node.domain not in ("", "ai.onnx"):
+            report.findings.append(Finding(graph_name, name, f"{node.domain}::{node.op_type}",
+                                           f"custom-domain op; {rules['name']} needs a plugin for it"))
+            continue
+        if node.op_type not in rules["supported"]:
+            report.findings.append(Finding(graph_name, name, node.op_type, f"not supported by {rules['name']}'s ONNX parser"))
+            continue
+        if node.op_type == "TopK" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            k = ir.convenience.get_const_tensor(node.inputs[1])
+            if k is not None and int(k.numpy().reshape(-1)[0]) > rules["max_k"]:
+                report.findings.append(Finding(graph_name, name, "TopK", f"k = {int(k.numpy().reshape(-1)[0])} is above "
+                                               f"TensorRT's limit of {rules['max_k']}"))
+        for value in [*node.inputs, *node.outputs]:
+            if value is not None and value.dtype is not None and value.dtype.name in rules["dtypes"]:
+                report.findings.append(Finding(graph_name, name, node.op_type,
+                                               f"tensor '{value.name}' has dtype {value.dtype.name}, "
+                                               f"which {rules['name']} does not take"))
+                break
+
+
+def check_artifact(artifact: Path, target: str) -> CheckReport:
+    try:
+        import onnx_ir as ir
+    except ImportError:
+        raise MissingDependencyError("tokedge check needs onnx-ir: pip install 'tokedge[export]'") from None
+    rules = _rules(target)
+    root = Path(artifact)
+    manifest = load_artifact(root)
+    report = CheckReport(target=target)
+    for name, spec in manifest.graphs.items():
+        check_model(ir.load(root / spec.file), name, rules, report)
+    return report
