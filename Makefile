@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tokedge-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test install lint clean
+.PHONY: demo test typecheck install lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[export,report,dev]"
+	# type stubs for the TensorRT path; --no-deps because their dependencies live on NVIDIA's index
+	$(PY) -m pip install --quiet --no-deps "tensorrt-stubs>=10.3"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,8 +26,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tokedge.demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# pyright checks the TensorRT modules against tensorrt-stubs (mypy cannot parse those stubs)
+typecheck: $(STAMP)
+	$(VENV)/bin/pyright --pythonpath $(PY)
 
 lint: $(STAMP)
 	$(PY) -m ruff check tokedge tests

@@ -14,7 +14,7 @@ from tokedge.errors import MissingDependencyError, UsageError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
 TARGETS = {"trt-10.3": "trt-10_3", "trt-11": "trt-11"}
 DATA = Path(__file__).parent / "data" / "trt_onnx_ops.toml"

@@ -131,6 +131,36 @@ def passes_cmd() -> None:
         print(f"{p.name:16s} {p.summary}{tag}")
 
 
+@app.command("build")
+def build_cmd(
+    artifact: ArtifactArg,
+    profile: Annotated[str, typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")],
+    out: Annotated[Optional[Path], typer.Option(help="Engines directory (default: <artifact>.engines-<profile>).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the build plan without TensorRT.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace existing engines (whole).")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Build one TensorRT engine per graph with optimisation profiles from a device profile."""
+    from tokedge.build import build
+
+    plan, where, metas = build(artifact, profile, out=out, force=force, dry_run=dry_run)
+    if json_out:
+        print(json.dumps({"dry_run": dry_run, "out": str(where), "plan": plan.to_dict(), "engines": metas}))
+        return
+    console = _console()
+    console.print(f"profile {plan.profile}: TensorRT {plan.trt_version}, {plan.precision}"
+                  + (" (strongly typed)" if plan.engines and plan.engines[0].strongly_typed else
+                     f", flags {', '.join(plan.engines[0].builder_flags) or 'none'}"))
+    for engine in plan.engines:
+        for opt in engine.profiles:
+            console.print(f"  {engine.graph}.plan (profile: {opt.name})")
+            for name, rng in {**opt.shapes, **opt.values}.items():
+                console.print(f"    {name}: min {list(rng.min)} opt {list(rng.opt)} max {list(rng.max)}")
+    for note in plan.notes:
+        console.print(f"  note: {note}")
+    console.print(f"{'would write' if dry_run else 'wrote'} {where}")
+
+
 @app.command("check")
 def check_cmd(
     artifact: ArtifactArg,
@@ -187,18 +217,20 @@ def run_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     budget: Annotated[Optional[int], typer.Option(help="Visual tokens, within the artifact's runtime range.")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
     json_out: JsonFlag = False,
 ) -> None:
     """Generate text for an image and a prompt from an exported artifact (no torch needed)."""
-    from tokedge.runtime.onnxruntime import OrtOptions
+    from tokedge.runtime.ort_backend import OrtOptions
     from tokedge.runtime.pipeline import Pipeline
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads)) as pipe:
+    with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
+                       engines=engines) as pipe:
         result = pipe.generate(
             image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, budget=budget, on_text=None if json_out or len(prompt) > 1 else stream,

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokedge.artifact import confined_path, load_artifact
 from tokedge.export.validate import ParityReport, Tolerance, load_reference, run_cases
 from tokedge.runtime.graphs import ArtifactGraphs
-from tokedge.runtime.onnxruntime import OrtOptions
+from tokedge.runtime.ort_backend import OrtOptions
 
 
 def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOptions = OrtOptions()) -> ParityReport:

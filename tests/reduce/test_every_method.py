@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -38,7 +39,9 @@ def _topk_constant_ks(path):
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            value = onnx.helper.get_attribute_value(node.attribute[0])
+            consts[node.output[0]] = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else \
+                np.asarray(value)
     return model, [int(consts[n.input[1]].reshape(-1)[0]) for n in model.graph.node
                    if n.op_type == "TopK" and n.input[1] in consts]
 

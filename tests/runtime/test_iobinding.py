@@ -8,7 +8,7 @@ import numpy as np
 from tokedge.artifact import load_artifact
 from tokedge.export.validate import load_reference
 from tokedge.runtime.graphs import ArtifactGraphs
-from tokedge.runtime.onnxruntime import OrtRunner
+from tokedge.runtime.ort_backend import OrtRunner
 
 
 class PlainRunner:

@@ -11,7 +11,7 @@ from tokedge.errors import UsageError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    import tomli as tomllib
+    import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
 HERE = Path(__file__).parent
 TRT_FAMILIES = ("10.3", "11")

@@ -15,7 +15,7 @@ import numpy as np
 from tokedge.artifact import Manifest
 from tokedge.errors import InputError
 from tokedge.runtime.base import Runner
-from tokedge.runtime.onnxruntime import OrtOptions, OrtRunner
+from tokedge.runtime.ort_backend import OrtOptions, OrtRunner
 
 
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:

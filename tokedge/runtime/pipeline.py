@@ -13,7 +13,7 @@ from tokedge.artifact import Manifest, confined_path, load_artifact
 from tokedge.errors import InputError, UsageError
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
-from tokedge.runtime.onnxruntime import OrtOptions
+from tokedge.runtime.ort_backend import OrtOptions
 from tokedge.runtime.preprocess import load_image, preprocess_batch
 from tokedge.runtime.prompt import PromptEncoder
 
@@ -48,16 +48,16 @@ class Pipeline:
         self.root, self.manifest, self.graphs, self.encoder = root, manifest, graphs, encoder
 
     @classmethod
-    def load(cls, artifact: Path | str, backend: str = "onnxruntime", options: OrtOptions = OrtOptions()) -> "Pipeline":
+    def load(cls, artifact: Path | str, backend: str = "onnxruntime", options: OrtOptions = OrtOptions(),
+             engines: Path | str | None = None) -> "Pipeline":
         if backend not in BACKENDS:
             raise UsageError(f"--backend {backend} is unknown; use one of {', '.join(BACKENDS)}")
-        if backend == "tensorrt":
-            raise UsageError("the TensorRT runner is not available in this build yet; use --backend onnxruntime")
         root = Path(artifact)
         manifest = load_artifact(root)  # format version, hashes, paths confined to the artifact
         confined_path(root, manifest.prompt.tokenizer_file)
         encoder = PromptEncoder(root, manifest.prompt, manifest.model.pad_token_id, manifest.prompt.special_tokens)
-        graphs = ArtifactGraphs(root, manifest, options=options)
+        runners = _tensorrt_runners(root, engines) if backend == "tensorrt" else None
+        graphs = ArtifactGraphs(root, manifest, runners=runners, options=options)
         graphs.__enter__()
         return cls(root, manifest, graphs, encoder)
 
@@ -122,6 +122,28 @@ class Pipeline:
             streamer.flush(gen.token_ids[0])
         texts = [self.encoder.decode(ids) for ids in gen.token_ids]
         return Result(texts=texts, token_ids=gen.token_ids, visual_tokens=gen.visual_tokens, timings=gen.timings)
+
+
+def _tensorrt_runners(root: Path, engines: Path | str | None):
+    """TensorRT runners for an artifact's engines, refusing engines built from another artifact."""
+    import json
+
+    from tokedge.artifact import MANIFEST_NAME, sha256_file
+    from tokedge.errors import ArtifactError
+
+    if engines is None:
+        raise UsageError("--backend tensorrt needs --engines DIR (the output of `tokedge build`)")
+    engines = Path(engines)
+    index_path = engines / "engines.json"
+    if not index_path.is_file():
+        raise ArtifactError(f"'{engines}' has no engines.json; build engines with `tokedge build`")
+    index = json.loads(index_path.read_text())
+    if index.get("artifact_manifest_sha256") != sha256_file(root / MANIFEST_NAME):
+        raise ArtifactError(f"the engines in '{engines}' were built from a different artifact; rebuild them with "
+                            f"`tokedge build {root} --profile {index.get('profile', 'PROFILE')}`")
+    from tokedge.runtime.trt_backend import open_engines
+
+    return open_engines(engines)
 
 
 class _Streamer:

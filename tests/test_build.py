@@ -1,0 +1,140 @@
+"""`tokedge build` planning (pure, TensorRT-free) and the TensorRT path's guards. Engine building
+and the TensorRT runner need TensorRT and a GPU: those tests skip with the reason elsewhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tokedge.artifact import load_artifact
+from tokedge.build import FP32_LAYERS, precision_settings
+from tokedge.cli import main
+from tokedge.errors import ArtifactError, IntegrityError, UsageError
+from tokedge.profiles import load_profile
+from tokedge.runtime.trt_backend import tensorrt_available
+
+NO_TRT = "TensorRT with a CUDA GPU is not available on this machine"
+
+
+def _dry_run(artifact, profile, capsys):
+    assert main(["build", str(artifact), "--profile", profile, "--dry-run", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_dry_run_shapes_follow_manifest_and_profile(artifacts, capsys):
+    art = artifacts("cls-attn", 64, dynamic=(16, 576))
+    m, p = load_artifact(art), load_profile("jetson-orin-nano-8gb")
+    out = _dry_run(art, "jetson-orin-nano-8gb", capsys)
+    assert out["dry_run"] is True and not (art.parent / f"{art.name}.engines-{p.name}").exists()
+    engines = {e["graph"]: e for e in out["plan"]["engines"]}
+    assert set(engines) == {"vision", "embed", "decoder"}
+    vision = engines["vision"]["profiles"][0]
+    assert vision["shapes"]["pixel_values"] == {"min": [1, 3, 336, 336], "opt": [1, 3, 336, 336],
+                                                 "max": [p.max_batch, 3, 336, 336]}
+    assert vision["values"]["budget"] == {"min": [16], "opt": [64], "max": [576]}
+    prefill, decode = engines["decoder"]["profiles"]
+    assert (prefill["name"], decode["name"]) == ("prefill", "decode")
+    hidden, kv, hd = m.model.hidden_size, m.model.num_key_value_heads, m.model.head_dim
+    assert prefill["shapes"]["inputs_embeds"]["max"] == [p.max_batch, p.max_prompt_tokens, hidden]
+    assert prefill["shapes"]["inputs_embeds"]["min"][1] == 16 + 1  # the fewest visual tokens plus one text token
+    assert prefill["shapes"]["past_key_values.0.key"]["max"] == [p.max_batch, kv, 0, hd]
+    assert decode["shapes"]["inputs_embeds"]["max"] == [p.max_batch, 1, hidden]
+    assert decode["shapes"]["past_key_values.2.value"]["max"] == [p.max_batch, kv, p.max_sequence - 1, hd]
+    assert decode["shapes"]["attention_mask"]["max"] == [p.max_batch, p.max_sequence]
+    for e in engines.values():
+        assert e["strongly_typed"] is False and e["builder_flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+        assert e["workspace_mb"] == p.workspace_mb and e["onnx_sha256"] == m.files[e["onnx"]]
+        for prof in e["profiles"]:
+            for rng in [*prof["shapes"].values(), *prof["values"].values()]:
+                assert all(lo <= opt <= hi for lo, opt, hi in zip(rng["min"], rng["opt"], rng["max"]))
+
+
+def test_dry_run_for_in_llm_artifact_has_group_axes(artifacts, capsys):
+    art = artifacts("fastv", 64)
+    p = load_profile("jetson-agx-orin-64gb")
+    longest = min(p.max_sequence, load_artifact(art).model.max_position_embeddings)  # 2048 for the tiny model
+    engines = {e["graph"]: e for e in _dry_run(art, p.name, capsys)["plan"]["engines"]}
+    assert set(engines) == {"vision", "embed", "prefill", "decoder"}
+    (decode,) = engines["decoder"]["profiles"]
+    removed = 576 - 64
+    assert decode["shapes"]["attention_mask.1"]["max"][1] == longest - removed
+    assert decode["shapes"]["past_key_values.2.key"]["max"][2] == longest - 1 - removed
+    assert decode["shapes"]["past_key_values.0.key"]["max"][2] == longest - 1
+    prefill = engines["prefill"]["profiles"][0]
+    assert prefill["shapes"]["image_positions"]["max"] == [p.max_batch, 576]
+    assert prefill["shapes"]["inputs_embeds"]["min"][1] == 577
+
+
+def test_precision_flags_trt10_vs_trt11():
+    orin, rtx = load_profile("jetson-orin-nano-8gb"), load_profile("rtx-4090")
+    assert precision_settings(orin, "fp32") == (False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), FP32_LAYERS)
+    assert precision_settings(orin, "fp16") == (False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), FP32_LAYERS)
+    assert precision_settings(rtx, "fp16") == (True, (), ())
+    with pytest.raises(UsageError, match="strongly typed"):
+        precision_settings(rtx, "fp32")
+    fp32_orin = orin.__class__(**{**orin.__dict__, "precision": "fp32"})
+    assert precision_settings(fp32_orin, "fp32") == (False, (), ())
+
+
+def test_trt11_plan_for_fp16_artifact(artifacts, capsys):
+    out = _dry_run(artifacts("none", 576, dtype="fp16"), "h100-sxm", capsys)
+    assert all(e["strongly_typed"] and e["builder_flags"] == [] for e in out["plan"]["engines"])
+
+
+def test_budget_range_must_meet_profile(artifacts, tmp_path, capsys):
+    bad = tmp_path / "tiny.toml"
+    text = (load_profile.__globals__["HERE"] / "jetson-orin-nano-8gb.toml").read_text()
+    bad.write_text(text.replace('name = "jetson-orin-nano-8gb"', 'name = "tiny"').replace("budget_min = 16",
+                                                                                            "budget_min = 600")
+                   .replace("budget_max = 576", "budget_max = 700"))
+    rc = main(["build", str(artifacts("cls-attn", 64, dynamic=(16, 576))), "--profile", str(bad), "--dry-run"])
+    assert rc == 2 and "do not overlap" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="checks the message shown where TensorRT is missing")
+def test_build_without_tensorrt_is_a_clean_error(artifacts, tmp_path, capsys):
+    out = tmp_path / "engines"
+    rc = main(["build", str(artifacts("cls-attn", 64)), "--profile", "jetson-orin-nano-8gb", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "TensorRT is not installed" in err and len(err.splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_tensorrt_backend_guards(artifacts, tmp_path):
+    from tokedge.artifact import MANIFEST_NAME, sha256_file
+    from tokedge.runtime.pipeline import Pipeline
+
+    art = artifacts("cls-attn", 64)
+    with pytest.raises(UsageError, match="--engines"):
+        Pipeline.load(art, backend="tensorrt")
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "engines.json").write_text(json.dumps({"artifact_manifest_sha256": "0" * 64, "engines": {}}))
+    with pytest.raises(ArtifactError, match="different artifact"):
+        Pipeline.load(art, backend="tensorrt", engines=engines)
+    assert sha256_file(art / MANIFEST_NAME)
+
+
+def test_engine_hash_checked_before_deserialising(tmp_path):
+    from tokedge.runtime.trt_backend import check_engine
+
+    plan = tmp_path / "vision.plan"
+    plan.write_bytes(b"not the engine that was built")
+    with pytest.raises(IntegrityError, match="rebuild"):
+        check_engine(plan, {"plan_sha256": "a" * 64}, "a" * 64)
+
+
+@pytest.mark.skipif(not tensorrt_available(), reason=NO_TRT)
+def test_tensorrt_engines_generate_like_onnxruntime(artifacts, tmp_path, test_images):  # pragma: no cover
+    from tokedge.runtime.pipeline import Pipeline
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts("cls-attn", 64), art)
+    assert main(["build", str(art), "--profile", "jetson-orin-nano-8gb"]) == 0
+    engines = art.parent / f"{art.name}.engines-jetson-orin-nano-8gb"
+    with Pipeline.load(art) as ort_pipe, Pipeline.load(art, backend="tensorrt", engines=engines) as trt_pipe:
+        a = ort_pipe.generate(test_images[0], "What is this?", max_new_tokens=8)
+        b = trt_pipe.generate(test_images[0], "What is this?", max_new_tokens=8)
+    assert a.token_ids == b.token_ids
