@@ -197,3 +197,12 @@ def test_check_names_planted_unsupported_op(artifacts, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "planted_unique" in err and "Unique" in err
     assert main(["check", str(art), "--target", "trt-9"]) == 2
+
+
+def test_ort_fusions_leave_a_graph_without_patterns(tmp_path):
+    nodes = [helper.make_node("Add", ["x", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+    assert run_passes(model, ["ort-fusions"]) == {"ort-fusions": 0}
+    assert _ops(model) == ["Add"]
