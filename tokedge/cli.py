@@ -251,6 +251,7 @@ def profile_cmd(
     prompt: Annotated[str, typer.Option(help="Prompt for every run.")] = "Describe this image.",
     budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64.")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 32,
@@ -273,7 +274,7 @@ def profile_cmd(
 
         raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
-                        runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline, predict=predict,
+                        engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline, predict=predict,
                         checkpoint=checkpoint)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:

@@ -28,6 +28,7 @@ class ProfileConfig:
     prompt: str = "Describe this image."
     budgets: tuple[int, ...] = ()  # () = the artifact's budget, plus its runtime range ends
     backend: str = "onnxruntime"
+    engines: Path | None = None  # engines directory for backend "tensorrt"
     runs: int = 5
     warmup: int = 1
     max_new_tokens: int = 32
@@ -189,7 +190,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             art, runtime_budget = artifacts[k]
             samples: dict[str, list[float]] = {s: [] for s in STAGES}
             tokens: list[list[int]] = []
-            with Pipeline.load(art, backend=cfg.backend) as pipe:
+            with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines) as pipe:
                 for i in range(cfg.warmup + cfg.runs):
                     for img in images:
                         res = pipe.generate(img, cfg.prompt, max_new_tokens=cfg.max_new_tokens, budget=runtime_budget)
