@@ -76,18 +76,23 @@ def _rehash(art: Path, rel: str) -> None:
     (art / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
-def test_external_data_location_outside_refused_even_with_rehash(external_copy, tmp_path):
+def _point_external_data(art: Path, location: str) -> None:
+    """Rewrite every external-data location of decoder.onnx and update its manifest hash."""
     import onnx
 
-    art = external_copy
-    shutil.copy(art / "decoder.onnx.data", tmp_path / "outside.data")
     model = onnx.load(art / "decoder.onnx", load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
-                entry.value = "../outside.data"
+                entry.value = location
     (art / "decoder.onnx").write_bytes(model.SerializeToString())
     _rehash(art, "decoder.onnx")
+
+
+def test_external_data_location_outside_refused_even_with_rehash(external_copy, tmp_path):
+    art = external_copy
+    shutil.copy(art / "decoder.onnx.data", tmp_path / "outside.data")
+    _point_external_data(art, "../outside.data")
     with pytest.raises(IntegrityError, match=r"\.\."):
         Pipeline.load(art)
     with pytest.raises(IntegrityError):
@@ -95,17 +100,9 @@ def test_external_data_location_outside_refused_even_with_rehash(external_copy, 
 
 
 def test_external_data_pointing_at_unlisted_file_refused(external_copy):
-    import onnx
-
     art = external_copy
     shutil.copy(art / "decoder.onnx.data", art / "other.data")
-    model = onnx.load(art / "decoder.onnx", load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "other.data"
-    (art / "decoder.onnx").write_bytes(model.SerializeToString())
-    _rehash(art, "decoder.onnx")
+    _point_external_data(art, "other.data")
     with pytest.raises(IntegrityError, match="not its manifest-listed"):
         Pipeline.load(art)
 

@@ -3,12 +3,11 @@ resize) with Qwen2 (q/k/v biases), and CLIP with Mistral. Checked against transf
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from tests.contract_client import ContractClient
-from tests.export.test_parity import NEW_TOKENS, chat, greedy_generate
+from tests.export.test_parity import assert_matches_generate, chat
 
 
 @pytest.mark.parametrize("vision,text,image_size", [("siglip", "qwen2", 224), ("clip", "mistral", 336)])
@@ -28,10 +27,4 @@ def test_family_matches_transformers(tmp_path_factory, artifacts, test_images, v
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=test_images[:2], text=[chat(processor, "Hi?"), chat(processor, "What is this?")],
                        padding=True, return_tensors="pt")
-    with torch.no_grad():
-        expected_logits = model(**inputs).logits[:, -1].numpy()
-        expected = greedy_generate(model, **inputs)[:, inputs["input_ids"].shape[1]:].numpy()
-    prefill, tokens = client.generate(inputs["pixel_values"].numpy(), inputs["input_ids"].numpy(),
-                                      inputs["attention_mask"].numpy(), NEW_TOKENS)
-    np.testing.assert_allclose(prefill, expected_logits, atol=1e-3, rtol=0)
-    assert tokens.tolist() == expected.tolist()
+    assert_matches_generate(client, model, inputs)

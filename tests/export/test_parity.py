@@ -74,6 +74,11 @@ def test_none_matches_transformers_generate(artifacts, hf_tiny, test_images, bat
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=images, text=[chat(processor, q) for q in questions], padding=True, return_tensors="pt")
     assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [576] * batch
+    assert_matches_generate(client, model, inputs)
+
+
+def assert_matches_generate(client, model, inputs):
+    """The contract client's prefill logits (1e-3) and greedy tokens equal transformers' on `inputs`."""
     with torch.no_grad():
         expected_logits = model(**inputs).logits[:, -1].numpy()
         expected = greedy_generate(model, **inputs)[:, inputs["input_ids"].shape[1]:].numpy()

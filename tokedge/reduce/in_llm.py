@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from tokedge.errors import UsageError
-from tokedge.reduce.base import Method, OptionSpec, VisionFeatures
+from tokedge.reduce.base import Method, OptionSpec
+from tokedge.reduce.none import keep_all  # the vision graph keeps every token; the decoder prunes
 
 
 @dataclass(frozen=True)
@@ -148,28 +149,24 @@ def plan_for(method: Method, budget: int, full: int, n_layers: int, options: dic
     return PLANNERS[method.name](budget, full, n_layers, options)
 
 
-def _vision_untouched(vf: VisionFeatures, k: int, options: dict):
-    return vf.project(vf.features)  # the vision graph keeps every token; the decoder prunes
-
-
 _LAYER = OptionSpec(int, 2, "pruning layer K (layers >= K see the kept tokens)", lambda v: v >= 1, "must be >= 1")
 
 FASTV = Method(
     name="fastv", stage="in-llm", paper="2403.06764",
     summary="prune image tokens at LLM layer K by the last token's attention in layer K-1",
-    reduce=_vision_untouched, budget_meaning="image tokens kept after layer K",
+    reduce=keep_all, budget_meaning="image tokens kept after layer K",
     option_specs={"layer": _LAYER},
 )
 PDROP = Method(
     name="pdrop", stage="in-llm", paper="2410.17247",
     summary="FastV's rule in stages (default layers L/4, L/2, 3L/4), halving image tokens each stage",
-    reduce=_vision_untouched, budget_meaning="image tokens kept after the last stage (earlier stages keep 2x, 4x)",
+    reduce=keep_all, budget_meaning="image tokens kept after the last stage (earlier stages keep 2x, 4x)",
     option_specs={"layers": OptionSpec(str, "", "comma-separated stage layers (default L/4,L/2,3L/4)")},
 )
 DART = Method(
     name="dart", stage="in-llm", paper="2502.11494",
     summary="keep image tokens least similar to 8 pivot tokens (duplicate removal) at layer K",
-    reduce=_vision_untouched, budget_meaning="image tokens kept after layer K",
+    reduce=keep_all, budget_meaning="image tokens kept after layer K",
     option_specs={"layer": _LAYER,
                   "pivots": OptionSpec(int, 8, "pivot tokens, half image half text", lambda v: v >= 2 and v % 2 == 0,
                                        "must be an even number >= 2")},

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.base import Method
+from tokedge.reduce.none import keep_all
 
 
 def _max_removable(tokens: int, layers: int, protected: int) -> int:
@@ -85,21 +86,11 @@ def merge_weighted(x, size, metric, r: int, class_token: bool):
     return summed / new_size, new_size
 
 
-def reduce_tome(vf: VisionFeatures, k: int, options: dict):
-    """The tower already merged down to k patch tokens; project them."""
-    return vf.project(vf.features)
-
-
-def _check(budget: int, full: int) -> str | None:
-    return None  # checked against the tower's layer count when the graph is built
-
-
 METHOD = Method(
     name="tome",
     stage="in-vit",
     paper="2210.09461",
     summary="bipartite token merging in every ViT layer (size-weighted, proportional attention)",
-    reduce=reduce_tome,
+    reduce=keep_all,  # the tower already merged down to k patch tokens; project them
     budget_meaning="patch tokens leaving the vision feature layer (= visual tokens that enter the LLM)",
-    budget_check=_check,
 )
