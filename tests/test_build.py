@@ -138,3 +138,44 @@ def test_tensorrt_engines_generate_like_onnxruntime(artifacts, tmp_path, test_im
         a = ort_pipe.generate(test_images[0], "What is this?", max_new_tokens=8)
         b = trt_pipe.generate(test_images[0], "What is this?", max_new_tokens=8)
     assert a.token_ids == b.token_ids
+
+
+def test_prefill_never_exceeds_what_decode_can_continue(artifacts, capsys):
+    art = artifacts("cls-attn", 64)
+    positions = load_artifact(art).model.max_position_embeddings  # 2048: below h100-sxm's 16384 prompt cap
+    engines = {e["graph"]: e for e in _dry_run(art, "h100-sxm", capsys)["plan"]["engines"]}
+    prefill, decode = engines["decoder"]["profiles"]
+    assert prefill["shapes"]["inputs_embeds"]["max"][1] == positions - 1
+    assert decode["shapes"]["past_key_values.0.key"]["max"][2] == positions - 1
+    assert decode["shapes"]["attention_mask"]["max"][1] == positions
+
+
+class _FakeAllocator:
+    """Stands in for cudaMalloc/cudaFree to test the runner's buffer bookkeeping on a CPU."""
+
+    def __init__(self):
+        self.next, self.live = 0x1000, set()
+
+    def malloc(self, nbytes):
+        self.next += 0x1000 + nbytes
+        self.live.add(self.next)
+        return self.next
+
+    def free(self, ptr):
+        self.live.remove(ptr)
+
+
+def test_runner_buffers_zero_size_growth_and_retirement():
+    from tokedge.runtime.trt_backend import TrtRunner
+
+    runner = TrtRunner.__new__(TrtRunner)
+    runner.cuda, runner.buffers, runner.capacity, runner.retired = _FakeAllocator(), {}, {}, []
+    empty = runner._buffer("past_key_values.0.key", 0)  # prefill's empty past still gets a buffer
+    assert empty in runner.cuda.live
+    small = runner._buffer("present.0.key", 100, slot=0)
+    assert runner._buffer("present.0.key", 80, slot=0) == small  # reused when large enough
+    other = runner._buffer("present.0.key", 100, slot=1)
+    assert other != small  # ping-pong slots are distinct buffers
+    grown = runner._buffer("present.0.key", 1000, slot=0)
+    assert grown != small and small in runner.retired and small in runner.cuda.live  # not freed while referenced
+    assert runner.capacity["present.0.key#0"] >= 1000

@@ -102,8 +102,11 @@ class _Axes:
         opt_visual = prompt_visual
         if red.budget_range:  # the fewest visual tokens a prompt can carry
             prompt_visual = max(red.budget_range[0], profile.budget_min)
-        max_prompt = profile.max_prompt_tokens
         max_total = min(profile.max_sequence, manifest.model.max_position_embeddings)
+        max_prompt = min(profile.max_prompt_tokens, max_total - 1)  # leave room for at least one new token
+        if max_prompt <= prompt_visual:
+            raise UsageError(f"profile {profile.name} leaves {max_prompt} prompt tokens, not more than the "
+                             f"artifact's {prompt_visual} visual tokens")
         opt_prompt = min(max_prompt, opt_visual + text)
         self.ranges: dict[str, tuple[int, int, int]] = {"batch": (1, 1, profile.max_batch)}
         if phase == "decode":

@@ -90,6 +90,9 @@ class Cuda:
         self.check(self.rt.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), nbytes, kind,
                                            ctypes.c_void_p(stream)), "cudaMemcpyAsync")
 
+    def destroy_stream(self, stream: int) -> None:
+        self.rt.cudaStreamDestroy(ctypes.c_void_p(stream))
+
     def sync(self, stream: int) -> None:
         self.check(self.rt.cudaStreamSynchronize(ctypes.c_void_p(stream)), "cudaStreamSynchronize")
 
@@ -148,7 +151,9 @@ def build_engine(engine: EnginePlan, artifact: Path, out: Path, timing_cache: Pa
         pinned = {getattr(trt.LayerType, name) for name in engine.fp32_layer_types}
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if layer.type in pinned:
+            floating = layer.num_inputs > 0 and layer.get_input(0) is not None and \
+                layer.get_input(0).dtype in (trt.float16, trt.float32)
+            if layer.type in pinned and floating:  # integer reductions / ArgMax stay as they are
                 layer.precision = trt.float32
                 for j in range(layer.num_outputs):
                     if layer.get_output(j).dtype == trt.float16:
@@ -162,7 +167,10 @@ def build_engine(engine: EnginePlan, artifact: Path, out: Path, timing_cache: Pa
         config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # a cache from another TensorRT version or GPU: start from an empty one
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -261,6 +269,9 @@ class TrtRunner:
         for ptr in [p for ptrs in getattr(self, "buffers", {}).values() for p in ptrs] + getattr(self, "retired", []):
             self.cuda.free(ptr)
         self.buffers, self.retired = {}, []
+        if getattr(self, "stream", None):
+            self.cuda.destroy_stream(self.stream)
+            self.stream = 0
         self._ctx = None
 
     def _buffer(self, name: str, nbytes: int, slot: int = 0) -> int:
@@ -268,7 +279,7 @@ class TrtRunner:
         freed, because a resident KV tensor may still point at it (freed on exit)."""
         ptrs = self.buffers.setdefault(name, [])
         key = f"{name}#{slot}"
-        if self.capacity.get(key, 0) < nbytes:
+        if len(ptrs) <= slot or self.capacity.get(key, 0) < nbytes:  # zero-size tensors still get a buffer
             size = max(nbytes, 2 * self.capacity.get(key, 0))
             if len(ptrs) > slot:
                 self.retired.append(ptrs[slot])
@@ -278,12 +289,20 @@ class TrtRunner:
             self.capacity[key] = size
         return ptrs[slot]
 
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self._ctx.set_input_shape(name, shape):
+            raise ArtifactError(
+                f"{self.name} engine: input {name} of shape {list(shape)} is outside the shapes it was built for "
+                f"(profile {self.meta.get('profile')}); shorten the prompt or rebuild with a larger profile"
+            )
+
     def _select_profile(self, host: dict[str, np.ndarray]) -> None:
         """Decoder engines have a prefill and a decode profile: pick by the new-token count."""
         if self.engine.num_optimization_profiles > 1 and "inputs_embeds" in host:
             index = 1 if host["inputs_embeds"].shape[1] == 1 else 0
             if index != self.profile_index:
-                self._ctx.set_optimization_profile_async(index, self.stream)
+                if not self._ctx.set_optimization_profile_async(index, self.stream):
+                    raise ArtifactError(f"{self.name} engine has no optimisation profile {index}; rebuild it")
                 self.profile_index = index
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -300,7 +319,7 @@ class TrtRunner:
         for name in self.inputs:
             if name in resident:
                 value = resident[name]
-                ctx.set_input_shape(name, value.shape)
+                self._set_shape(name, value.shape)
                 ctx.set_tensor_address(name, value.ptr)
                 continue
             if name not in host:
@@ -310,7 +329,7 @@ class TrtRunner:
             if self.engine.is_shape_inference_io(name):  # the budget: a shape tensor read on the host
                 ctx.set_tensor_address(name, array.ctypes.data)
                 continue
-            ctx.set_input_shape(name, array.shape)
+            self._set_shape(name, array.shape)
             ptr = self._buffer(name, array.nbytes)
             self.cuda.copy(ptr, array.ctypes.data, array.nbytes, Cuda.H2D, self.stream)
             ctx.set_tensor_address(name, ptr)
