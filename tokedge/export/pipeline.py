@@ -9,13 +9,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 
 import tokedge
 from tokedge.artifact import (
@@ -255,4 +253,4 @@ def _render(loaded, question: str) -> str:
     return render_prompt(loaded, question)
 
 
-__all__ = ["ExportConfig", "ExportResult", "export", "parse_budget_range", "resolve_model", "np"]
+__all__ = ["ExportConfig", "ExportResult", "export", "parse_budget_range", "resolve_model"]

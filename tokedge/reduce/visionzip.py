@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from tokedge.reduce.base import Method, OptionSpec, VisionFeatures
-from tokedge.reduce.select import gather_tokens, topk_sorted
+from tokedge.reduce.select import gather_tokens
 
 
 def split(budget: int, contextual: int | None) -> tuple[int, int]:
