@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-
 import tokedge
 from tokedge.artifact import (
     FORMAT_VERSION,
@@ -145,7 +144,13 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
         from tokedge.export import onnx_export as ox
         from tokedge.export.families import llava as fam
-        from tokedge.export.reference import EXAMPLE_PROMPTS, example_images, pixel_values_for, reference_case
+        from tokedge.export.reference import (
+            EXAMPLE_PROMPTS,
+            example_images,
+            pixel_values_for,
+            reference_case,
+            render_prompt,
+        )
         from tokedge.runtime.graphs import ArtifactGraphs
         from tokedge.export.validate import (
             DECODE_STEPS,
@@ -173,7 +178,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
     with timed("reference (transformers)"):
         pixel_values = pixel_values_for(loaded, example_images(2))
-        prompts = [fam_prompt for fam_prompt in (_render(loaded, q) for q in EXAMPLE_PROMPTS)]
+        prompts = [render_prompt(loaded, q) for q in EXAMPLE_PROMPTS]
         budgets = [budget] if rng is None else sorted({rng[0], budget, rng[1]})
         if in_llm:
             from tokedge.export.reference import reference_pruned
@@ -245,12 +250,6 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
     return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds)
-
-
-def _render(loaded, question: str) -> str:
-    from tokedge.export.reference import render_prompt
-
-    return render_prompt(loaded, question)
 
 
 __all__ = ["ExportConfig", "ExportResult", "export", "parse_budget_range", "resolve_model"]
