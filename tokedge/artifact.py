@@ -216,25 +216,32 @@ def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[s
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
-    """Check every file in the manifest exists inside root with the recorded sha256."""
+    """Check every file in the manifest exists inside root with the recorded sha256, and that each
+    graph's external-data locations stay inside the artifact (graph bytes are read once for both)."""
+    from tokedge.onnx_files import external_data_locations
+
+    graph_files = {g.file for g in manifest.graphs.values()}
+    graph_bytes: dict[str, bytes] = {}
     for rel, digest in manifest.files.items():
         path = confined_path(root, rel)
         if not path.is_file():
             raise IntegrityError(f"artifact file '{rel}' is missing from {root}; re-export the artifact")
-        actual = sha256_file(path)
+        if rel in graph_files:
+            graph_bytes[rel] = path.read_bytes()
+            actual = hashlib.sha256(graph_bytes[rel]).hexdigest()
+        else:
+            actual = sha256_file(path)
         if actual != digest:
             raise IntegrityError(
                 f"artifact file '{rel}' does not match its sha256 in {MANIFEST_NAME} (modified or corrupt); "
                 "re-export the artifact"
             )
-    from tokedge.onnx_files import external_data_locations
-
     for name, graph in manifest.graphs.items():
         for rel in filter(None, (graph.file, graph.external_data)):
             if rel not in manifest.files:
                 raise IntegrityError(f"{name} graph file '{rel}' is not covered by the manifest's hashes")
         graph_dir = Path(graph.file).parent
-        for location in external_data_locations(root / graph.file):
+        for location in external_data_locations(graph_bytes[graph.file], graph.file):
             rel = (graph_dir / location).as_posix() if not os.path.isabs(location) else location
             confined_path(root, rel)
             if os.path.normpath(rel) not in manifest.files or os.path.normpath(rel) != graph.external_data:

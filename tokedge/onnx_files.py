@@ -7,7 +7,6 @@ attribute (5) tensors / subgraphs; TensorProto.external_data (13) entries (key 1
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from tokedge.errors import IntegrityError
 
@@ -82,14 +81,14 @@ def _graph_locations(graph: memoryview, out: list[str]) -> None:
                         _graph_locations(av, out)
 
 
-def external_data_locations(path: Path) -> list[str]:
-    """Every external-data `location` an ONNX file names (duplicates removed, order kept)."""
+def external_data_locations(data: bytes, name: str) -> list[str]:
+    """Every external-data `location` the ONNX file `name` (its bytes) names, duplicates removed."""
     try:
-        buf = memoryview(Path(path).read_bytes())
+        buf = memoryview(data)
         found: list[str] = []
         for number, wire, value in _fields(buf):
             if number == _MODEL_GRAPH and wire == 2:
                 _graph_locations(value, found)
     except ValueError as exc:
-        raise IntegrityError(f"{Path(path).name} is not a readable ONNX file ({exc}); re-export the artifact") from None
+        raise IntegrityError(f"{name} is not a readable ONNX file ({exc}); re-export the artifact") from None
     return list(dict.fromkeys(found))

@@ -91,9 +91,9 @@ def resolve_model(source: str) -> Path | None:
     raise InputError(f"'{source}' is not a directory, a built-in preset (tiny-llava) or a hub id (owner/name)")
 
 
-def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[int, tuple[int, int] | None]:
-    """Budget, runtime range and options checked before any weights load (options parsed later)."""
-    method.parse_options(dict(cfg.options))
+def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[int, tuple[int, int] | None, dict]:
+    """Budget, runtime range and options, checked before any weights load."""
+    options = method.parse_options(dict(cfg.options))
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype} is not supported; use one of {', '.join(DTYPES)}")
     budget = cfg.budget if cfg.budget is not None else (full_tokens if method.stage == "none" else 64)
@@ -107,7 +107,7 @@ def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[
             raise UsageError(
                 f"--dynamic-budget {lo}:{hi} must satisfy 1 <= MIN <= --budget ({budget}) <= MAX <= {full_tokens}"
             )
-    return budget, rng
+    return budget, rng, options
 
 
 def _versions() -> dict[str, str]:
@@ -161,8 +161,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         )
 
         full = fam.full_tokens_from_config(fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code))
-        budget, rng = check_request(cfg, method, full)
-        options = method.parse_options(dict(cfg.options))
+        budget, rng, options = check_request(cfg, method, full)
         loaded = fam.load_llava(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         if loaded.full_tokens != full:
             raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")

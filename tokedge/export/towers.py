@@ -12,6 +12,15 @@ from tokedge.reduce.base import VisionFeatures
 from tokedge.reduce.tome import merge_weighted
 
 
+def layers_to_feature(feature_layer: int, n_layers: int) -> int:
+    """Encoder layers that run to produce transformers' hidden_states[feature_layer] (hidden_states[0]
+    is the embeddings, so hidden_states[i] is the output of layer i-1; negative counts from the end)."""
+    index = feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
+    if not 1 <= index <= n_layers:
+        raise ValueError(f"vision_feature_layer {feature_layer} is outside 1..{n_layers}")
+    return index
+
+
 class VisionTower(nn.Module):
     """Runs `vision_tower` (CLIPVisionModel / SiglipVisionModel) up to LLaVA's feature layer.
 
@@ -26,11 +35,7 @@ class VisionTower(nn.Module):
         vm = getattr(vision_tower, "vision_model", vision_tower)  # transformers 4.x nests it
         self.embeddings = vm.embeddings
         self.pre_norm = getattr(vm, "pre_layrnorm", None)  # CLIP only
-        n_layers = len(vm.encoder.layers)
-        index = feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
-        if not 1 <= index <= n_layers:
-            raise ValueError(f"vision_feature_layer {feature_layer} is outside 1..{n_layers}")
-        self.layers = nn.ModuleList(vm.encoder.layers[:index])
+        self.layers = nn.ModuleList(vm.encoder.layers[: layers_to_feature(feature_layer, len(vm.encoder.layers))])
         cfg = vision_tower.config
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5

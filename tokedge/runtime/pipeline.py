@@ -143,7 +143,7 @@ def _tensorrt_runners(root: Path, engines: Path | str | None):
                             f"`tokedge build {root} --profile {index.get('profile', 'PROFILE')}`")
     from tokedge.runtime.trt_backend import open_engines
 
-    return open_engines(engines)
+    return open_engines(engines, index)
 
 
 class _Streamer:

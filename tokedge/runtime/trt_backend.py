@@ -363,12 +363,8 @@ class TrtRunner:
         return host_out, kept
 
 
-def open_engines(engines_dir: Path) -> dict[str, TrtRunner]:
-    """Runners for every engine listed in engines.json, each checked before deserialising."""
-    index_path = engines_dir / "engines.json"
-    if not index_path.is_file():
-        raise ArtifactError(f"'{engines_dir}' has no engines.json; build engines with `tokedge build`")
-    index = json.loads(index_path.read_text())
+def open_engines(engines_dir: Path, index: dict) -> dict[str, TrtRunner]:
+    """Runners for every engine listed in engines.json (`index`), each checked before deserialising."""
     runners = {}
     for graph, entry in index["engines"].items():
         meta = json.loads((engines_dir / (entry["plan"] + METADATA_SUFFIX)).read_text())

@@ -19,7 +19,7 @@ from torch import nn
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo
 from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
-from tokedge.export.towers import VisionTower
+from tokedge.export.towers import VisionTower, layers_to_feature
 from tokedge.reduce.base import Method, VisionFeatures
 
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
@@ -42,11 +42,7 @@ class LoadedLlava:
 
     @property
     def full_tokens(self) -> int:
-        vc = self.config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2
-        if self.config.vision_feature_select_strategy == "full" and vc.model_type == "clip_vision_model":
-            n += 1
-        return n
+        return full_tokens_from_config(self.config.to_dict())
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -167,11 +163,6 @@ def load_llava(
 # --- the three graph modules --------------------------------------------------------------------
 
 
-def feature_layer(config) -> int:
-    layer = config.vision_feature_layer
-    return max(layer) if isinstance(layer, (list, tuple)) else layer
-
-
 class VisionGraph(nn.Module):
     """pixel_values [b, 3, H, W] -> image_embeds [b, k, hidden]: tower, reduction, projector."""
 
@@ -190,8 +181,7 @@ class VisionGraph(nn.Module):
         if method.stage == "in-vit":
             from tokedge.reduce.tome import merge_schedule
 
-            n_layers = len(getattr(tower, "vision_model", tower).encoder.layers)
-            index = cfg.vision_feature_layer if cfg.vision_feature_layer >= 0 else n_layers + 1 + cfg.vision_feature_layer
+            index = layers_to_feature(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
             schedule = merge_schedule(llava.full_tokens - (0 if drop_cls or not has_cls else 1), k, index,
                                       protected=1 if has_cls else 0)
             if schedule is None:
@@ -259,8 +249,7 @@ def model_info(llava: LoadedLlava) -> ModelInfo:
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tc.pad_token_id,
         image_token_id=cfg.image_token_id,
         sliding_window=getattr(tc, "sliding_window", None) if getattr(tc, "use_sliding_window", True) else None,
-        vision_layers=(cfg.vision_feature_layer if cfg.vision_feature_layer >= 0
-                       else vc.num_hidden_layers + 1 + cfg.vision_feature_layer)
+        vision_layers=layers_to_feature(cfg.vision_feature_layer, vc.num_hidden_layers)
         if isinstance(cfg.vision_feature_layer, int) else vc.num_hidden_layers,
         vision_intermediate_size=vc.intermediate_size,
         intermediate_size=tc.intermediate_size,
@@ -348,8 +337,7 @@ def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: t
     has_cls = cfg.vision_config.model_type == "clip_vision_model"
     drop = has_cls and cfg.vision_feature_select_strategy == "default"
     start = 1 if has_cls else 0
-    n_layers = len(out.attentions)
-    produced_by = (layer if layer >= 0 else n_layers + 1 + layer) - 1
+    produced_by = layers_to_feature(layer, len(out.attentions)) - 1
     vf = VisionFeatures(features=feats[:, 1:] if drop else feats, project=model.model.multi_modal_projector)
     if "cls_attention" in method.needs:
         vf.cls_attention = out.attentions[produced_by][:, :, 0, start:].float().mean(dim=1)
