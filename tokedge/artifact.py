@@ -15,9 +15,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from tokedge.errors import ArtifactError, IntegrityError, UsageError
+
+if TYPE_CHECKING:
+    from tokedge.safeio import Limits
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "tokedge.json"
@@ -131,51 +134,12 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        try:
-            return _from_dict(cls, data)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"manifest {MANIFEST_NAME} is malformed ({exc}); re-export the artifact") from exc
+        """Validate `data` against the schema (types, then ranges) and build the manifest."""
+        from tokedge.manifest_schema import check_ranges, convert
 
-
-def _from_dict(cls: type, data: Any) -> Any:
-    """Rebuild nested frozen dataclasses from plain JSON data (tuples where the type says so)."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                continue
-            raise KeyError(f"missing field '{f.name}' in {cls.__name__}")
-        kwargs[f.name] = _convert(hints[f.name], data[f.name])
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any) -> Any:
-    import types
-    import typing
-
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            if arg is type(None):
-                continue
-            if dataclasses.is_dataclass(arg) or typing.get_origin(arg) in (tuple, dict):
-                return _convert(arg, value)
-        return value
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v) for v in value)
-        return tuple(_convert(a, v) for a, v in zip(args, value))
-    if origin is dict:
-        return {k: _convert(args[1], v) for k, v in value.items()}
-    return value
+        manifest = convert(cls, data, "")
+        check_ranges(manifest, manifest.format_version)
+        return manifest
 
 
 # --- files and hashes ------------------------------------------------------------------------
@@ -215,73 +179,162 @@ def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[s
     return out
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
-    """Check every file in the manifest exists inside root with the recorded sha256, and that each
-    graph's external-data locations stay inside the artifact (graph bytes are read once for both)."""
-    from tokedge.onnx_files import external_data_locations
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """An artifact whose manifest validated and whose listed files matched their sha256, with
+    the very bytes that were hashed: runners, the tokenizer and verify use these, never the paths
+    again, so a file swapped on disk after the check is never what runs."""
 
-    graph_files = {g.file for g in manifest.graphs.values()}
-    graph_bytes: dict[str, bytes] = {}
-    for rel, digest in manifest.files.items():
-        path = confined_path(root, rel)
-        if not path.is_file():
-            raise IntegrityError(f"artifact file '{rel}' is missing from {root}; re-export the artifact")
-        if rel in graph_files:
-            graph_bytes[rel] = path.read_bytes()
-            actual = hashlib.sha256(graph_bytes[rel]).hexdigest()
-        else:
-            actual = sha256_file(path)
-        if actual != digest:
-            raise IntegrityError(
-                f"artifact file '{rel}' does not match its sha256 in {MANIFEST_NAME} (modified or corrupt); "
-                "re-export the artifact"
-            )
-    for name, graph in manifest.graphs.items():
-        for rel in filter(None, (graph.file, graph.external_data)):
+    root: Path
+    manifest: Manifest
+    manifest_sha256: str
+    blobs: dict[str, bytes]  # relative path -> verified bytes of every listed file
+
+    def read(self, rel: str) -> bytes:
+        if rel not in self.blobs:
+            raise IntegrityError(f"'{rel}' is not a file listed in the artifact's manifest")
+        return self.blobs[rel]
+
+    def graph_bytes(self, name: str) -> tuple[bytes, dict[str, bytes]]:
+        """(model bytes, {external-data location as named in the model: its bytes}) of a graph."""
+        graph = self.manifest.graphs[name]
+        external: dict[str, bytes] = {}
+        if graph.external_data is not None:
+            location = Path(graph.external_data).relative_to(Path(graph.file).parent).as_posix()
+            external[location] = self.read(graph.external_data)
+        return self.read(graph.file), external
+
+
+def _limit_for(rel: str, manifest: Manifest, limits: "Limits") -> int:
+    if rel == manifest.prompt.tokenizer_file:
+        return limits.tokenizer_bytes
+    if rel == manifest.reference.get("file"):
+        return limits.reference_bytes
+    return limits.graph_bytes
+
+
+def verify_files(root: Path, manifest: Manifest, root_fd: int | None = None,
+                 limits: "Limits | None" = None) -> dict[str, bytes]:
+    """Check every file in the manifest: inside root (no symlink in any component, no hard link,
+    a regular file), within its size limit, with the recorded sha256; that the tokenizer, the
+    reference and every graph and its data are among them; and that each graph's external data
+    (anywhere in the file: initializers, sparse tensors, attributes, subgraphs, functions) is its
+    listed data file and that it has no control flow. Returns the verified bytes by path."""
+    from tokedge.onnx_files import CONTROL_FLOW, scan_onnx
+    from tokedge.safeio import DEFAULT_LIMITS, open_dir, printable, read_regular
+
+    limits = limits or DEFAULT_LIMITS
+    own_fd = root_fd is None
+    fd = open_dir(root) if root_fd is None else root_fd
+    try:
+        scoped = [("prompt.tokenizer_file", manifest.prompt.tokenizer_file),
+                  ("reference.file", manifest.reference["file"])]
+        for name, graph in manifest.graphs.items():
+            scoped += [(f"graphs.{name}.file", graph.file)]
+            if graph.external_data is not None:
+                scoped += [(f"graphs.{name}.external_data", graph.external_data)]
+        for key, rel in scoped:
             if rel not in manifest.files:
-                raise IntegrityError(f"{name} graph file '{rel}' is not covered by the manifest's hashes")
+                raise IntegrityError(f"{key} '{printable(rel)}' is not covered by the manifest's hashes "
+                                     f"(missing from 'files'); re-export the artifact")
+        blobs: dict[str, bytes] = {}
+        for rel, digest in manifest.files.items():
+            confined_path(root, rel)  # clear messages for '..', absolute paths and links leading out
+            data = read_regular(fd, rel, _limit_for(rel, manifest, limits), f"artifact file '{printable(rel)}'")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise IntegrityError(
+                    f"artifact file '{printable(rel)}' does not match its sha256 in {MANIFEST_NAME} "
+                    "(modified or corrupt); re-export the artifact"
+                )
+            blobs[rel] = data
+    finally:
+        if own_fd:
+            os.close(fd)
+    for name, graph in manifest.graphs.items():
+        scan = scan_onnx(blobs[graph.file], graph.file)
         graph_dir = Path(graph.file).parent
-        for location in external_data_locations(graph_bytes[graph.file], graph.file):
+        for location in scan.locations:
             rel = (graph_dir / location).as_posix() if not os.path.isabs(location) else location
             confined_path(root, rel)
             if os.path.normpath(rel) not in manifest.files or os.path.normpath(rel) != graph.external_data:
                 raise IntegrityError(
-                    f"{graph.file} stores weights in '{location}', which is not its manifest-listed external data file"
+                    f"{graph.file} stores weights in '{printable(location)}', which is not its manifest-listed "
+                    "external data file"
                 )
+        flow = sorted(scan.op_types & CONTROL_FLOW)
+        if flow:
+            raise IntegrityError(f"{graph.file} contains control flow ({', '.join(flow)}), which tokedge never "
+                                 "exports (it could loop without bound); re-export the artifact")
+    return blobs
 
 
 # --- reading and writing ----------------------------------------------------------------------
 
 
-def read_manifest(root: Path | str) -> Manifest:
-    root = Path(root)
-    if not root.exists():
-        raise ArtifactError(f"artifact directory '{root}' does not exist")
-    if not root.is_dir():
-        raise ArtifactError(f"'{root}' is a file, not an artifact directory; pass the directory `tokedge export` wrote")
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(f"'{root}' is not a tokedge artifact (no {MANIFEST_NAME}); create one with `tokedge export`")
+def _parse_manifest(raw: bytes, where: Path) -> Manifest:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the artifact") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
-        raise ArtifactError(f"{path} has no integer format_version; it is not a tokedge manifest")
-    if data["format_version"] > FORMAT_VERSION:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        from tokedge.safeio import printable
+
+        raise ArtifactError(f"{where} is not valid JSON ({printable(exc, 120)}); re-export the artifact") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where} is not a JSON object; it is not a tokedge manifest")
+    version = data.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{where} has no integer format_version; it is not a tokedge manifest")
+    if version > FORMAT_VERSION:
         raise ArtifactError(
-            f"artifact format {data['format_version']} is newer than this tokedge reads ({FORMAT_VERSION}); "
+            f"artifact format {version} is newer than this tokedge reads ({FORMAT_VERSION}); "
             "upgrade tokedge on this device"
         )
     return Manifest.from_dict(data)
 
 
+def _read_manifest_bytes(root: Path, fd: int, limits: "Limits") -> bytes:
+    from tokedge.safeio import read_regular
+
+    try:
+        os.stat(MANIFEST_NAME, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise ArtifactError(f"'{root}' is not a tokedge artifact (no {MANIFEST_NAME}); create one with `tokedge export`") from None
+    return read_regular(fd, MANIFEST_NAME, limits.manifest_bytes, f"{root / MANIFEST_NAME}")
+
+
+def read_manifest(root: Path | str, limits: "Limits | None" = None) -> Manifest:
+    """The manifest alone, schema-validated (no file hashes checked)."""
+    from tokedge.safeio import DEFAULT_LIMITS, open_dir
+
+    root = Path(root)
+    fd = open_dir(root)
+    try:
+        return _parse_manifest(_read_manifest_bytes(root, fd, limits or DEFAULT_LIMITS), root / MANIFEST_NAME)
+    finally:
+        os.close(fd)
+
+
+def open_artifact(root: Path | str, limits: "Limits | None" = None) -> VerifiedArtifact:
+    """Read and validate the manifest, then read, bound and hash every listed file once."""
+    from tokedge.safeio import DEFAULT_LIMITS, open_dir
+
+    root = Path(root)
+    limits = limits or DEFAULT_LIMITS
+    fd = open_dir(root)
+    try:
+        raw = _read_manifest_bytes(root, fd, limits)
+        manifest = _parse_manifest(raw, root / MANIFEST_NAME)
+        blobs = verify_files(root, manifest, root_fd=fd, limits=limits)
+    finally:
+        os.close(fd)
+    return VerifiedArtifact(root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest(), blobs=blobs)
+
+
 def load_artifact(root: Path | str, check_hashes: bool = True) -> Manifest:
-    """Read the manifest and (by default) check every file's hash and location before use."""
-    manifest = read_manifest(root)
+    """Read the manifest and (by default) check every file's hash and location before use.
+    Callers that go on to use the files should take `open_artifact`'s verified bytes instead."""
     if check_hashes:
-        verify_files(Path(root), manifest)
-    return manifest
+        return open_artifact(root).manifest
+    return read_manifest(root)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

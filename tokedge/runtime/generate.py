@@ -4,6 +4,7 @@ seed; stop on EOS or the token limit; several image+prompt pairs in one batch.""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -11,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from tokedge.errors import InputError
+from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
 
 
@@ -25,12 +27,14 @@ class SamplingConfig:
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise InputError(f"--temperature must be >= 0 (got {self.temperature}); 0 means greedy")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"--temperature must be a finite number >= 0 (got {self.temperature}); 0 means greedy")
         if self.top_k < 0:
             raise InputError(f"--top-k must be >= 0 (got {self.top_k}); 0 turns it off")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"--seed must be an integer from 0 to 2**63-1 (got {self.seed})")
 
 
 @dataclass
@@ -87,9 +91,18 @@ def generate(
     on_step: Callable[[list[list[int]]], None] | None = None,
     timings: Timings | None = None,
     started: float | None = None,
+    deadline: Deadline | None = None,
 ) -> Generation:
-    """Prefill + decode. `started` (perf_counter) is when the request began, for TTFT."""
+    """Prefill + decode. `started` (perf_counter) is when the request began, for TTFT; a
+    `deadline` stops the generation (between steps, and inside a graph run) when it passes."""
     cfg.check()
+    with graphs.limited(deadline):
+        return _generate(graphs, pixel_values, input_ids, attention_mask, cfg, budget=budget, on_step=on_step,
+                         timings=timings, started=started, deadline=deadline)
+
+
+def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, on_step, timings, started,
+              deadline) -> Generation:
     m = graphs.manifest.model
     timings = timings or Timings()
     started = time.perf_counter() if started is None else started
@@ -131,6 +144,8 @@ def generate(
             on_step(out)
         if done.all() or i == cfg.max_new_tokens - 1:
             break
+        if deadline is not None:
+            deadline.check()
         feed_ids = np.where(done, pad, next_ids)[:, None]
         logits = graphs.step(graphs.embed(feed_ids), state)
         next_ids = sample_next(logits, cfg, rng)

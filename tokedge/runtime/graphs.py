@@ -7,15 +7,20 @@ numpy only; docs/artifact.md describes exactly what this does, so any client can
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from tokedge.artifact import Manifest
+from tokedge.artifact import Manifest, VerifiedArtifact
 from tokedge.errors import InputError
 from tokedge.runtime.base import Runner
 from tokedge.runtime.ort_backend import OrtOptions, OrtRunner
+
+if TYPE_CHECKING:
+    from tokedge.runtime.deadline import Deadline
 
 
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
@@ -74,9 +79,16 @@ class ArtifactGraphs:
     """Opens the runners of an artifact (ONNX Runtime by default)."""
 
     def __init__(self, root: Path | str, manifest: Manifest, runners: dict[str, Runner] | None = None,
-                 options: OrtOptions = OrtOptions()):
+                 options: OrtOptions = OrtOptions(), verified: VerifiedArtifact | None = None):
+        """`verified` (from `open_artifact`) gives the graphs' verified bytes; without it the
+        graphs are read from `root` (only for directories tokedge itself just wrote)."""
         self.root = Path(root)
         self.manifest = manifest
+        if runners is None and verified is not None:
+            runners = {}
+            for name in manifest.graphs:
+                model, external = verified.graph_bytes(name)
+                runners[name] = OrtRunner(model, options, name=name, external=external)
         self.runners: dict[str, Runner] = runners or {
             name: OrtRunner(self.root / spec.file, options, name=name) for name, spec in manifest.graphs.items()
         }
@@ -94,6 +106,22 @@ class ArtifactGraphs:
     def __exit__(self, *exc) -> None:
         for runner in self.runners.values():
             runner.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def limited(self, deadline: "Deadline | None") -> Iterator[None]:
+        """Runs inside this block stop when `deadline` passes (runners that support it)."""
+        if deadline is None:
+            yield
+            return
+        for runner in self.runners.values():
+            if hasattr(runner, "deadline"):
+                runner.deadline = deadline  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            for runner in self.runners.values():
+                if hasattr(runner, "deadline"):
+                    runner.deadline = None  # type: ignore[attr-defined]
 
     def vision(self, pixel_values: np.ndarray, budget: int | None = None) -> np.ndarray:
         feed = {"pixel_values": pixel_values.astype(np.float32, copy=False)}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +12,26 @@ from pathlib import Path
 import numpy as np
 
 from tokedge.errors import ArtifactError
+from tokedge.safeio import printable
+
+_empty_dir: str | None = None
+
+
+def _EMPTY_DIR() -> str:
+    """An empty private directory: where ONNX Runtime would look for external data that was not
+    handed over in memory, so that such a reference fails instead of reading some file."""
+    global _empty_dir
+    if _empty_dir is None or not os.path.isdir(_empty_dir):
+        _empty_dir = tempfile.mkdtemp(prefix="tokedge-no-external-")
+    return _empty_dir
+
+
+def quiet_onnxruntime(debug: bool = False) -> None:
+    """ONNX Runtime's own log lines (coloured, multi-line) stay off stderr unless debugging: its
+    errors reach the user as tokedge's one-line messages."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(0 if debug and os.environ.get("TOKEDGE_ORT_VERBOSE") else (2 if debug else 4))
 
 
 @dataclass(frozen=True)
@@ -27,13 +50,22 @@ def default_providers() -> list[str]:
 
 
 class OrtRunner:
-    """Runner over one ONNX file. Session creation is deferred to `__enter__` (or first use)."""
+    """Runner over one ONNX graph. Session creation is deferred to `__enter__` (or first use).
 
-    def __init__(self, path: Path | str, options: OrtOptions = OrtOptions(), name: str | None = None):
-        self.path = Path(path)
+    `source` is the model's bytes (what `tokedge.artifact.open_artifact` verified; `external`
+    then maps each external-data location named in the model to its verified bytes) or, for
+    graphs tokedge itself just wrote (export validation), a path.
+    """
+
+    def __init__(self, source: Path | str | bytes, options: OrtOptions = OrtOptions(), name: str | None = None,
+                 external: dict[str, bytes] | None = None):
+        self._model: bytes | None = source if isinstance(source, bytes) else None
+        self._external = dict(external or {})
+        self.path = None if isinstance(source, bytes) else Path(source)
         self.options = options
-        self.name = name or self.path.stem
+        self.name = name or (self.path.stem if self.path is not None else "graph")
         self.last_inference_time = 0.0
+        self.deadline = None  # a tokedge.runtime.deadline.Deadline while a time-limited run is active
         self._session = None
 
     def _open(self):
@@ -41,7 +73,7 @@ class OrtRunner:
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.intra_op_threads
-        so.log_severity_level = 3
+        so.log_severity_level = 4
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -49,10 +81,24 @@ class OrtRunner:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.options.optimization]
         providers = list(self.options.providers or default_providers())
+        if self._model is None and self.path is None:
+            raise ArtifactError(f"{self.name} graph was closed; load the artifact again")
+        if self._model is not None:
+            if self._external:
+                names = list(self._external)
+                buffers = [self._external[n] for n in names]
+                so.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+            # any location the model names that was not handed over above must not be read from disk
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", _EMPTY_DIR())
+        source = self._model if self._model is not None else str(self.path)
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+            self._session = ort.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ArtifactError(f"ONNX Runtime cannot load {self.path.name}: {str(exc).splitlines()[0]}") from exc
+            raise ArtifactError(f"ONNX Runtime cannot load the {self.name} graph: "
+                                f"{printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
+        finally:
+            if self._model is not None:  # ONNX Runtime copied what it needs; free the verified bytes
+                self._model, self._external = None, {}
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._outputs = [o.name for o in self._session.get_outputs()]
 
@@ -91,14 +137,39 @@ class OrtRunner:
         for name in self._outputs:
             binding.bind_output(name, device if name in keep else "cpu")
         start = time.perf_counter()
-        try:
-            session.run_with_iobinding(binding)
-        except Exception as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ArtifactError(f"{self.name} graph failed in ONNX Runtime: {message}") from exc
+        with self._limited() as run_options:
+            session.run_with_iobinding(binding, run_options)
         self.last_inference_time = time.perf_counter() - start
         values = dict(zip(self._outputs, binding.get_outputs()))
         return ({k: v.numpy() for k, v in values.items() if k not in keep}, {k: v for k, v in values.items() if k in keep})
+
+    @contextlib.contextmanager
+    def _limited(self):
+        """RunOptions for one run; a deadline that passes meanwhile terminates it. ONNX Runtime's
+        errors become one line."""
+        import onnxruntime as ort
+
+        deadline = self.deadline
+        run_options = ort.RunOptions()
+        run_options.log_severity_level = 4
+        key = None
+        if deadline is not None:
+            deadline.check()
+
+            def cancel() -> None:
+                run_options.terminate = True
+
+            key = deadline.register(cancel)
+        try:
+            yield run_options
+        except Exception as exc:  # onnxruntime's own exception types; keep one line for the user
+            if deadline is not None and deadline.expired():
+                raise deadline.error() from None
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{self.name} graph failed in ONNX Runtime: {printable(message)}") from None
+        finally:
+            if key is not None and deadline is not None:
+                deadline.unregister(key)
 
     @property
     def input_names(self) -> set[str]:
@@ -108,10 +179,7 @@ class OrtRunner:
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.session
         start = time.perf_counter()
-        try:
-            values = session.run(self._outputs, {k: v for k, v in feed.items() if k in self._inputs})
-        except Exception as exc:  # onnxruntime's own exception types; keep one line for the user
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ArtifactError(f"{self.name} graph failed in ONNX Runtime: {message}") from exc
+        with self._limited() as run_options:
+            values = session.run(self._outputs, {k: v for k, v in feed.items() if k in self._inputs}, run_options)
         self.last_inference_time = time.perf_counter() - start
         return dict(zip(self._outputs, values))

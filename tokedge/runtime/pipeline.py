@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,9 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from tokedge.artifact import Manifest, confined_path, load_artifact
+from tokedge.artifact import Manifest, open_artifact
 from tokedge.errors import InputError, UsageError
+from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
 from tokedge.runtime.ort_backend import OrtOptions
@@ -53,11 +55,15 @@ class Pipeline:
         if backend not in BACKENDS:
             raise UsageError(f"--backend {backend} is unknown; use one of {', '.join(BACKENDS)}")
         root = Path(artifact)
-        manifest = load_artifact(root)  # format version, hashes, paths confined to the artifact
-        confined_path(root, manifest.prompt.tokenizer_file)
-        encoder = PromptEncoder(root, manifest.prompt, manifest.model.pad_token_id, manifest.prompt.special_tokens)
-        runners = _tensorrt_runners(root, engines) if backend == "tensorrt" else None
-        graphs = ArtifactGraphs(root, manifest, runners=runners, options=options)
+        # manifest schema, format version, every file read once, bounded, confined and hashed; the
+        # graphs and the tokenizer are built from those bytes, never re-read from disk
+        verified = open_artifact(root)
+        manifest = verified.manifest
+        encoder = PromptEncoder(root, manifest.prompt, manifest.model.pad_token_id, manifest.prompt.special_tokens,
+                                tokenizer_json=verified.read(manifest.prompt.tokenizer_file))
+        runners = _tensorrt_runners(root, engines, verified.manifest_sha256) if backend == "tensorrt" else None
+        graphs = ArtifactGraphs(root, manifest, runners=runners, options=options, verified=verified)
+        del verified  # the runners hold what they need until their sessions are created
         graphs.__enter__()
         return cls(root, manifest, graphs, encoder)
 
@@ -98,9 +104,24 @@ class Pipeline:
         seed: int | None = None,
         budget: int | None = None,
         on_text: Callable[[str], None] | None = None,
+        timeout: float | None = None,
     ) -> Result:
-        """Generate for image+prompt pairs. `on_text` receives new text as it is produced (batch 1)."""
+        """Generate for image+prompt pairs. `on_text` receives new text as it is produced (batch 1);
+        `timeout` (seconds) stops the whole generation with a RunTimeout when it passes."""
         started = time.perf_counter()
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise InputError(f"--timeout must be a positive number of seconds (got {timeout})")
+        deadline = Deadline(timeout) if timeout is not None else None
+        try:
+            return self._generate(images, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, budget=budget, on_text=on_text,
+                                  started=started, deadline=deadline)
+        finally:
+            if deadline is not None:
+                deadline.close()
+
+    def _generate(self, images, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, budget, on_text,
+                  started, deadline) -> Result:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(images) != len(prompts):
@@ -117,18 +138,17 @@ class Pipeline:
         streamer = _Streamer(self.encoder, on_text) if on_text is not None and len(prompts) == 1 else None
         gen: Generation = generate(self.graphs, pixel_values, enc.input_ids, enc.attention_mask, cfg,
                                    budget=k if self.manifest.reduction.budget_range else None,
-                                   on_step=streamer, timings=timings, started=started)
+                                   on_step=streamer, timings=timings, started=started, deadline=deadline)
         if streamer is not None:
             streamer.flush(gen.token_ids[0])
         texts = [self.encoder.decode(ids) for ids in gen.token_ids]
         return Result(texts=texts, token_ids=gen.token_ids, visual_tokens=gen.visual_tokens, timings=gen.timings)
 
 
-def _tensorrt_runners(root: Path, engines: Path | str | None):
+def _tensorrt_runners(root: Path, engines: Path | str | None, manifest_sha256: str):
     """TensorRT runners for an artifact's engines, refusing engines built from another artifact."""
     import json
 
-    from tokedge.artifact import MANIFEST_NAME, sha256_file
     from tokedge.errors import ArtifactError
 
     if engines is None:
@@ -137,8 +157,13 @@ def _tensorrt_runners(root: Path, engines: Path | str | None):
     index_path = engines / "engines.json"
     if not index_path.is_file():
         raise ArtifactError(f"'{engines}' has no engines.json; build engines with `tokedge build`")
-    index = json.loads(index_path.read_text())
-    if index.get("artifact_manifest_sha256") != sha256_file(root / MANIFEST_NAME):
+    try:
+        index = json.loads(index_path.read_bytes()[: 16 << 20].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ArtifactError(f"'{index_path}' is not valid JSON; rebuild the engines with `tokedge build`") from None
+    if not isinstance(index, dict):
+        raise ArtifactError(f"'{index_path}' is not an engines index; rebuild the engines with `tokedge build`")
+    if index.get("artifact_manifest_sha256") != manifest_sha256:
         raise ArtifactError(f"the engines in '{engines}' were built from a different artifact; rebuild them with "
                             f"`tokedge build {root} --profile {index.get('profile', 'PROFILE')}`")
     from tokedge.runtime.trt_backend import open_engines

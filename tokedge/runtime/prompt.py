@@ -4,16 +4,22 @@ artifact's tokenizer.json (its post-processor decides BOS)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from tokedge.artifact import PromptInfo
-from tokedge.errors import InputError
+from tokedge.errors import ArtifactError, InputError
+from tokedge.safeio import DEFAULT_LIMITS, Limits, printable, read_regular_path
 
 FALLBACK_TEMPLATE = "USER: {image}\n{text} ASSISTANT:"
 
@@ -43,7 +49,28 @@ def _compile(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """Every call a template makes (range, filters, methods) checks the render deadline, so
+        nested loops cannot run on for ever even where no timer signal can interrupt them."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call(self, __context, __obj, *args, **kwargs):  # noqa: N807 - jinja2's signature
+            _check_deadline()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            """`"x" * n` and `a ** b` cannot build values beyond the render's output bound."""
+            _check_deadline()
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_VALUE:
+                        raise jinja2.exceptions.SecurityError("the template builds a value that is too large")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise jinja2.exceptions.SecurityError("the template raises a number to a power that is too large")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
@@ -52,19 +79,84 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_chat(info: PromptInfo, text: str, special_tokens: dict[str, str] | None = None) -> str:
-    """One user turn with one image, generation prompt added."""
+_render_state = threading.local()
+_MAX_VALUE = DEFAULT_LIMITS.template_chars
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+def _check_deadline() -> None:
+    end = getattr(_render_state, "end", None)
+    if end is not None and time.monotonic() > end:
+        raise _RenderTimeout()
+
+
+@contextlib.contextmanager
+def _render_deadline(seconds: float) -> Iterator[None]:
+    """Bound a render's wall time: a deadline checked on every template call and output piece,
+    and in the main thread also a timer signal that interrupts pure loops."""
+    _render_state.end = time.monotonic() + seconds
+    use_alarm = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    previous = None
+    if use_alarm:
+        def on_alarm(signum, frame):
+            raise _RenderTimeout()
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+        _render_state.end = None
+
+
+def check_prompt_text(text: str, limits: Limits = DEFAULT_LIMITS) -> None:
+    """A user's prompt: non-empty, valid UTF-8 text (no lone surrogates), within the length limit."""
     if not text or not text.strip():
         raise InputError("the prompt is empty; pass --prompt with a question or instruction")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the prompt is not valid UTF-8 text; pass it as UTF-8") from None
+    if len(text) > limits.prompt_chars:
+        raise InputError(f"the prompt is {len(text)} characters, over the limit of {limits.prompt_chars}; shorten it")
+
+
+def render_chat(info: PromptInfo, text: str, special_tokens: dict[str, str] | None = None,
+                limits: Limits = DEFAULT_LIMITS) -> str:
+    """One user turn with one image, generation prompt added. Rendering is bounded in output
+    size and wall time (a hostile template cannot hang or exhaust memory)."""
+    check_prompt_text(text, limits)
     if info.chat_template is None:
         return FALLBACK_TEMPLATE.format(image=info.image_token, text=text)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    pieces: list[str] = []
+    size = 0
     try:
-        return _compile(info.chat_template).render(
-            messages=messages, add_generation_prompt=True, **(special_tokens or {})
-        )
+        with _render_deadline(limits.template_seconds):
+            template = _compile(info.chat_template)
+            for piece in template.generate(messages=messages, add_generation_prompt=True, **(special_tokens or {})):
+                size += len(piece)
+                if size > limits.template_chars:
+                    raise InputError(f"the artifact's chat template rendered more than {limits.template_chars} "
+                                     "characters; it is not a usable chat template (re-export the artifact)")
+                _check_deadline()
+                pieces.append(piece)
+    except _RenderTimeout:
+        raise InputError(f"the artifact's chat template took longer than {limits.template_seconds:g} s to render; "
+                         "it is not a usable chat template (re-export the artifact)") from None
+    except InputError:
+        raise
+    except RecursionError:
+        raise InputError("the artifact's chat template recursed too deeply; re-export the artifact") from None
     except Exception as exc:  # jinja2 errors and sandbox refusals
-        raise InputError(f"the artifact's chat template failed to render: {exc}") from None
+        raise InputError(f"the artifact's chat template failed to render: {printable(exc, 200)}") from None
+    return "".join(pieces)
 
 
 @dataclass(frozen=True)
@@ -77,11 +169,21 @@ class PromptEncoder:
     """Renders and tokenizes prompts for one artifact."""
 
     def __init__(self, root: Path, info: PromptInfo, pad_token_id: int | None,
-                 special_tokens: dict[str, str] | None = None):
+                 special_tokens: dict[str, str] | None = None, tokenizer_json: bytes | None = None,
+                 limits: Limits = DEFAULT_LIMITS):
         from tokenizers import Tokenizer
 
         self.info = info
-        self.tokenizer = Tokenizer.from_file(str(root / info.tokenizer_file))
+        self.limits = limits
+        if tokenizer_json is None:  # a directory tokedge just wrote (tests, export); artifacts pass verified bytes
+            tokenizer_json = read_regular_path(root, info.tokenizer_file, limits.tokenizer_bytes)
+        try:
+            self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        except BaseException as exc:  # tokenizers raises ValueError or a PanicException (a BaseException)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ArtifactError(f"the artifact's tokenizer ({info.tokenizer_file}) cannot be loaded: "
+                                f"{printable(exc, 160)}; re-export the artifact") from None
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0
@@ -97,8 +199,15 @@ class PromptEncoder:
         return rendered.replace(self.info.image_token, self.info.image_token * visual_tokens)
 
     def encode(self, prompts: list[str], visual_tokens: int) -> Encoded:
-        texts = [self.expand(render_chat(self.info, p, self.special_tokens), visual_tokens) for p in prompts]
-        ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        texts = [self.expand(render_chat(self.info, p, self.special_tokens, self.limits), visual_tokens)
+                 for p in prompts]
+        try:
+            ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        except BaseException as exc:  # a hostile tokenizer.json can make the Rust side panic
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ArtifactError(f"the artifact's tokenizer failed on this prompt: {printable(exc, 160)}; "
+                                "re-export the artifact") from None
         for row in ids:
             if row.count(self.info.image_token_id) != visual_tokens:
                 raise InputError(
@@ -114,4 +223,9 @@ class PromptEncoder:
         return Encoded(input_ids=input_ids, attention_mask=mask)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ArtifactError(f"the artifact's tokenizer failed to decode: {printable(exc, 160)}") from None

@@ -1,0 +1,181 @@
+"""Validating a manifest once, at load: every key's type from the dataclasses in
+`tokedge.artifact` (bool is not an integer, numbers are finite), then the value ranges the
+runtime relies on. A malformed manifest ends in one line naming the key, never deeper in the
+runtime as an internal error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from typing import Any
+
+from tokedge.errors import ArtifactError
+from tokedge.safeio import printable
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+TENSOR_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"})
+MAX_DIM = 1 << 24  # no size in a tokedge manifest is anywhere near this
+
+
+class ManifestError(ArtifactError):
+    def __init__(self, path: str, expected: str, value: Any = dataclasses.MISSING):
+        got = "" if value is dataclasses.MISSING else f" (got {printable(repr(value), 60)})"
+        super().__init__(f"malformed manifest: {path} must be {expected}{got}; re-export the artifact")
+
+
+def _describe(tp: Any) -> str:
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is bool:
+        return "true or false"
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return "a list"
+    if origin is dict or tp is dict:
+        return "an object"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return "a valid value"
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    """`value` (parsed JSON) as type `tp`, or ManifestError naming `path`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ManifestError(path, " or ".join(_describe(a) for a in args), value)
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(arg, value, path)
+            except ManifestError as exc:
+                errors.append(exc)
+        raise ManifestError(path, " or ".join(_describe(a) for a in args if a is not type(None)), value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ManifestError(path, "an object", value)
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            sub = f"{path}.{f.name}" if path else f.name
+            if f.name not in value:
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise ManifestError(sub, "present")
+            kwargs[f.name] = convert(hints[f.name], value[f.name], sub)
+        return tp(**kwargs)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ManifestError(path, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ManifestError(path, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ManifestError(path, "a finite number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ManifestError(path, "a string", value)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ManifestError(path, "a list", value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ManifestError(path, f"a list of {len(args)} items", value)
+        return tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ManifestError(path, "an object", value)
+        item = args[1] if args else Any
+        return {k: convert(item, v, f"{path}.{k}") for k, v in value.items()}
+    raise ManifestError(path, _describe(tp), value)  # pragma: no cover - a type the manifest does not use
+
+
+def _positive(path: str, value: int | None, allow_none: bool = False, high: int = MAX_DIM) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not 1 <= value <= high:
+        raise ManifestError(path, f"an integer between 1 and {high}", value)
+
+
+def check_ranges(m: Any, format_version: int) -> None:
+    """Value ranges the runtime relies on (types are already checked)."""
+    if m.format_version < 1:
+        raise ManifestError("format_version", "an integer >= 1", m.format_version)
+    if m.dtype not in ("fp32", "fp16"):
+        raise ManifestError("dtype", '"fp32" or "fp16"', m.dtype)
+    for key in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                "max_position_embeddings", "image_size", "patch_size", "vision_hidden_size"):
+        _positive(f"model.{key}", getattr(m.model, key))
+    for key in ("image_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(m.model, key)
+        if value is not None and not 0 <= value < 1 << 31:
+            raise ManifestError(f"model.{key}", "a token id >= 0", value)
+    for i, tok in enumerate(m.model.eos_token_ids):
+        if not 0 <= tok < 1 << 31:
+            raise ManifestError(f"model.eos_token_ids[{i}]", "a token id >= 0", tok)
+    red = m.reduction
+    _positive("reduction.full_tokens", red.full_tokens)
+    _positive("reduction.budget", red.budget, high=red.full_tokens)
+    if red.budget_range is not None:
+        lo, hi = red.budget_range
+        if not 1 <= lo <= hi <= red.full_tokens:
+            raise ManifestError("reduction.budget_range", f"[min, max] with 1 <= min <= max <= {red.full_tokens}",
+                                list(red.budget_range))
+    _positive("prompt.visual_tokens", m.prompt.visual_tokens, high=red.full_tokens)
+    if not m.prompt.image_token:
+        raise ManifestError("prompt.image_token", "a non-empty string", m.prompt.image_token)
+    pre = m.preprocess
+    for i, size in enumerate(pre.crop_size):
+        _positive(f"preprocess.crop_size[{i}]", size, high=16384)
+    _positive("preprocess.resize_shortest_edge", pre.resize_shortest_edge, allow_none=True, high=16384)
+    if pre.resize_size is not None:
+        for i, size in enumerate(pre.resize_size):
+            _positive(f"preprocess.resize_size[{i}]", size, high=16384)
+    if pre.resample not in range(6):
+        raise ManifestError("preprocess.resample", "a PIL resample value 0..5", pre.resample)
+    if any(s == 0 for s in pre.image_std):
+        raise ManifestError("preprocess.image_std", "non-zero numbers", list(pre.image_std))
+    for name in ("vision", "embed", "decoder"):
+        if name not in m.graphs:
+            raise ManifestError(f"graphs.{name}", "present")
+    for name, graph in m.graphs.items():
+        for kind, specs in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+            for i, spec in enumerate(specs):
+                if spec.dtype not in TENSOR_DTYPES:
+                    raise ManifestError(f"graphs.{name}.{kind}[{i}].dtype", f"one of {', '.join(sorted(TENSOR_DTYPES))}",
+                                        spec.dtype)
+                for j, dim in enumerate(spec.shape):
+                    if isinstance(dim, int) and not 0 <= dim <= MAX_DIM:
+                        raise ManifestError(f"graphs.{name}.{kind}[{i}].shape[{j}]", "a size or an axis name", dim)
+    for rel, digest in m.files.items():
+        if not _HEX64.match(digest):
+            raise ManifestError(f"files.{rel}", "a sha256 hex digest", digest)
+    ref = m.reference
+    if not isinstance(ref.get("file"), str):
+        raise ManifestError("reference.file", "a string", ref.get("file", dataclasses.MISSING))
+    tol = ref.get("tolerance")
+    if not isinstance(tol, dict) or set(tol) != {"image_embeds", "logits"}:
+        raise ManifestError("reference.tolerance", 'an object with "image_embeds" and "logits"', tol)
+    for key, value in tol.items():
+        convert(float | None, value, f"reference.tolerance.{key}")
