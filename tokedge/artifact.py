@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -348,8 +349,46 @@ def lock_path_for(target: Path) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
+_KINDS = {MANIFEST_NAME: "tokedge artifact", "engines.json": "tokedge engines directory",
+          "config.json": "checkpoint directory"}
+
+
+def check_target(target: Path, force: bool, marker: str = MANIFEST_NAME, protect: tuple[Path | None, ...] = ()) -> None:
+    """Refuse an output directory that must not be written or replaced: the current directory or
+    one of its parents, a protected path (the source checkpoint) or one of its parents, and,
+    unless `force`, anything that exists. With `force`, only an empty directory or one holding
+    `marker` (a directory of the kind being written) is replaced; never a file or a symlink."""
+    target = Path(target)
+    kind = _KINDS.get(marker, "tokedge output")
+    real = Path(os.path.abspath(target)).resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UsageError(f"--out '{target}' is the current directory or one of its parents; choose a new directory")
+    for source in protect:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if real == src or real in src.parents:
+            raise UsageError(f"--out '{target}' would replace the source '{source}' being read; choose another --out")
+    if not os.path.lexists(target):
+        return
+    if not force:
+        raise UsageError(f"'{target}' already exists; choose another --out or pass --force to replace it")
+    if target.is_symlink():
+        raise UsageError(f"'{target}' is a symbolic link; --force replaces only a real {kind} directory")
+    if not target.is_dir():
+        raise UsageError(f"'{target}' is a file, not a {kind}; --force replaces only a {kind} or an empty directory")
+    with os.scandir(target) as entries:
+        empty = next(entries, None) is None
+    marked = os.path.isfile(target / marker) and not os.path.islink(target / marker)
+    if not empty and not marked:
+        raise UsageError(f"'{target}' is not a {kind} (no {marker}); --force replaces only a {kind} or an empty "
+                         "directory: remove it yourself or choose another --out")
+
+
 @contextlib.contextmanager
-def staged_directory(target: Path, force: bool = False, lock_timeout: float | None = None) -> Iterator[Path]:
+def staged_directory(target: Path, force: bool = False, lock_timeout: float | None = None,
+                     marker: str = MANIFEST_NAME, protect: tuple[Path | None, ...] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success rename it into place.
 
     The target is never half-written: on any error (or a kill) the staging directory is the only
@@ -360,21 +399,23 @@ def staged_directory(target: Path, force: bool = False, lock_timeout: float | No
     from tokedge.locking import exclusive
 
     target = Path(target)
-    if target.exists() and not force:
-        raise UsageError(f"'{target}' already exists; choose another --out or pass --force to replace it")
+    check_target(target, force, marker, protect)
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(lock_path_for(target), timeout=lock_timeout):
-        for stale in target.parent.glob(f".{target.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # the name is escaped: `art[1]` must not match (and delete) `.art1.partial-*` of another export
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the artifact should not be
         try:
             yield stage
-            if target.exists():
+            if os.path.lexists(target):
                 if not force:
                     raise UsageError(f"'{target}' appeared while exporting; pass --force to replace it")
+                check_target(target, force, marker, protect)
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 os.replace(target, old / "previous")
                 os.replace(stage, target)

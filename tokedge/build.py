@@ -221,7 +221,7 @@ def build(artifact: Path, profile_name: str, out: Path | None = None, force: boo
     from tokedge.runtime.trt_backend import build_all
 
     timing_cache = out.parent / f".{profile.name}.timing.cache"
-    with staged_directory(out, force=force) as stage:
+    with staged_directory(out, force=force, marker="engines.json", protect=(artifact,)) as stage:
         metas = build_all(plan, artifact, stage, timing_cache)
         index = {
             "profile": profile.name,

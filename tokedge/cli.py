@@ -171,13 +171,15 @@ def check_cmd(
     from tokedge.check import check_artifact
     from tokedge.errors import TokedgeError
 
+    from tokedge.safeio import printable
+
     report = check_artifact(artifact, target)
     if json_out:
         print(json.dumps({"target": target, "ok": report.ok, "nodes_checked": report.nodes_checked,
                           "findings": [f.__dict__ for f in report.findings]}))
     else:
         for f in report.findings:
-            print(f.line(), file=sys.stderr)
+            print(printable(f.line()), file=sys.stderr)
         if report.ok:
             _console().print(f"{artifact}: {report.nodes_checked} nodes pass {target}")
     if not report.ok:
@@ -219,27 +221,31 @@ def run_cmd(
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop the generation after this many seconds (exit 1).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Generate text for an image and a prompt from an exported artifact (no torch needed)."""
-    from tokedge.runtime.ort_backend import OrtOptions
+    from tokedge.runtime.ort_backend import OrtOptions, check_threads
     from tokedge.runtime.pipeline import Pipeline
+    from tokedge.safeio import printable_text
+
+    check_threads(threads)
 
     def stream(text: str) -> None:
-        sys.stdout.write(text)
+        sys.stdout.write(printable_text(text))
         sys.stdout.flush()
 
     with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
                        engines=engines) as pipe:
         result = pipe.generate(
             image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, budget=budget, on_text=None if json_out or len(prompt) > 1 else stream,
+            seed=seed, budget=budget, on_text=None if json_out or len(prompt) > 1 else stream, timeout=timeout,
         )
     if json_out:
         print(json.dumps(result.to_dict()))
     elif len(prompt) > 1:
         for i, text in enumerate(result.texts):
-            print(f"[{i}] {text}")
+            print(f"[{i}] {printable_text(text)}")
     else:
         print()
 
@@ -358,8 +364,66 @@ def _root(
     """tokedge: export, build, run and profile token-reduced VLMs."""
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException (like KeyboardInterrupt) so that no `except
+    Exception` swallows it and every `finally` / staging cleanup on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _install_signal_handlers() -> dict:
+    """SIGINT/SIGTERM raise Interrupted once; further ones are ignored so cleanup finishes."""
+    import signal
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (embedded use): leave signals alone
+            pass
+    return previous
+
+
+def _quiet(debug: bool) -> None:
+    """Keep stderr to tokedge's own one-line messages: library warnings (numpy, Pillow, torch)
+    and ONNX Runtime's log lines are shown only with --debug. Pillow's decompression-bomb
+    warning is an error either way."""
+    import warnings
+
+    if not debug:
+        warnings.simplefilter("ignore")
+    try:
+        from PIL import Image
+
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    except ImportError:  # pragma: no cover - pillow is a base dependency
+        pass
+    try:
+        from tokedge.runtime.ort_backend import quiet_onnxruntime
+
+        quiet_onnxruntime(debug)
+    except ImportError:  # pragma: no cover - onnxruntime is a base dependency
+        pass
+
+
+def _say(message: str) -> None:
+    """One line on stderr: artifact-provided text inside it cannot add lines or terminal escapes."""
+    from tokedge.safeio import printable
+
+    print(f"error: {printable(message, 2000)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and map every error to one line and an exit code."""
+    import signal
+
     try:  # recent typer vendors click as typer._click; older releases use click itself
         from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
     except ImportError:  # pragma: no cover
@@ -368,18 +432,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TOKEDGE_DEBUG") == "1"
     command = typer.main.get_command(app)
+    previous = _install_signal_handlers()
     try:
-        command.main(args=argv, prog_name="tokedge", standalone_mode=False)
-        return 0
+        _quiet(debug)
+        rv = command.main(args=argv, prog_name="tokedge", standalone_mode=False)
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+    except Interrupted as exc:
+        name = "SIGINT" if exc.signum == signal.SIGINT else "SIGTERM"
+        _say(f"interrupted ({name}); nothing was written, partial output removed")
+        return 128 + exc.signum
     except TokedgeError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _say(str(exc))
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
-        print("error: aborted", file=sys.stderr)
+        _say("aborted")
         return 130
     except ClickException as exc:
         if debug:
@@ -387,17 +457,26 @@ def main(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "NoArgsIsHelpError":  # help was printed already
             return 0 if not argv else 2
         command_name = next((a for a in argv if not a.startswith("-")), "")
-        print(f"error: {exc.format_message()} (see `tokedge {command_name} --help`)".replace("  ", " "), file=sys.stderr)
+        _say(f"{exc.format_message()} (see `tokedge {command_name} --help`)".replace("  ", " "))
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _say("interrupted (SIGINT); nothing was written, partial output removed")
         return 130
-    except Exception as exc:  # last resort: still one line unless --debug
+    except MemoryError:
+        _say("out of memory; close other programs or use a smaller model or budget")
+        return 1
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # last resort (incl. Rust panics, which are BaseExceptions): one line
         if debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        _say(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
         return 1
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

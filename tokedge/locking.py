@@ -8,8 +8,10 @@ locks and removes it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +21,36 @@ from tokedge.errors import TokedgeError
 
 class LockTimeout(TokedgeError):
     exit_code = 1
+
+
+class LockError(TokedgeError):
+    """The lock path holds something tokedge did not create (a symlink, a FIFO, a hard link)."""
+
+    exit_code = 1
+
+
+def _open_lock(lock_path: Path) -> int:
+    """Open (creating) the lock file without following a symlink, and refuse anything that is not
+    a plain regular file of ours: a planted link or FIFO must never be truncated or written."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockError(f"the lock file {lock_path} is a symbolic link; remove it (tokedge creates its own)") from None
+        raise LockError(f"cannot open the lock file {lock_path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = "is a hard link"
+    elif hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        problem = "belongs to another user"
+    if problem:
+        os.close(fd)
+        raise LockError(f"the lock file {lock_path} {problem}; remove it (tokedge creates its own)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 @contextlib.contextmanager
@@ -31,7 +63,7 @@ def exclusive(lock_path: Path, timeout: float | None = None, poll: float = 0.1) 
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -44,7 +76,7 @@ def exclusive(lock_path: Path, timeout: float | None = None, poll: float = 0.1) 
             time.sleep(poll)
             continue
         try:
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            same = os.fstat(fd).st_ino == os.stat(lock_path, follow_symlinks=False).st_ino
         except FileNotFoundError:
             same = False
         if same:

@@ -141,16 +141,22 @@ def read_regular_path(root: Path, rel: str, limit: int, what: str | None = None)
         os.close(fd)
 
 
-def printable(text: object, limit: int = 400) -> str:
+def printable(text: object, limit: int = 400, keep: str = "") -> str:
     """`text` safe to print on one terminal line: control characters (newlines, ANSI escapes,
     carriage returns) shown as escapes, and long strings cut."""
     s = str(text)
     out = []
     for ch in s:
         code = ord(ch)
-        if ch == "\\" or (code >= 32 and code != 127 and not 0x80 <= code < 0xA0 and ch not in "\u2028\u2029"):
+        if ch == "\\" or ch in keep or (code >= 32 and code != 127 and not 0x80 <= code < 0xA0 and ch not in "\u2028\u2029"):
             out.append(ch)
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     s = "".join(out)
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def printable_text(text: str) -> str:
+    """Generated text for a terminal: newlines and tabs kept, other control characters (ANSI
+    escapes from a hostile vocabulary, carriage returns) shown as escapes."""
+    return printable(text, limit=1 << 62, keep="\n\t")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokedge.artifact import confined_path, load_artifact
+from tokedge.artifact import open_artifact
 from tokedge.export.validate import ParityReport, Tolerance, load_reference, run_cases
 from tokedge.runtime.graphs import ArtifactGraphs
 from tokedge.runtime.ort_backend import OrtOptions
@@ -13,13 +13,14 @@ from tokedge.runtime.ort_backend import OrtOptions
 
 def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOptions = OrtOptions()) -> ParityReport:
     root = Path(artifact)
-    manifest = load_artifact(root)  # format version, hashes, confined paths
+    verified = open_artifact(root)  # schema, format version, hashes, confined paths: and the bytes
+    manifest = verified.manifest
     ref = manifest.reference
-    pixel_values, cases = load_reference(confined_path(root, ref["file"]))
+    pixel_values, cases = load_reference(verified.read(ref["file"]))
     tol = Tolerance(**ref["tolerance"])
     if checkpoint is not None:
         cases = _recompute(manifest, checkpoint, pixel_values, cases)
-    with ArtifactGraphs(root, manifest, options=options) as graphs:
+    with ArtifactGraphs(root, manifest, options=options, verified=verified) as graphs:
         return run_cases(graphs, pixel_values, cases, tol)
 
 

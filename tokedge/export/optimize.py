@@ -37,7 +37,7 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
     get_passes(passes)
     manifest = load_artifact(artifact)
     counts: dict[str, dict[str, int]] = {}
-    with staged_directory(out, force=force) as stage:
+    with staged_directory(out, force=force, protect=(Path(artifact),)) as stage:
         for rel in manifest.files:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(artifact / rel, stage / rel)

@@ -19,6 +19,7 @@ from tokedge.artifact import (
     FORMAT_VERSION,
     Manifest,
     ReductionInfo,
+    check_target,
     hash_tree,
     staged_directory,
     write_manifest,
@@ -124,8 +125,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
     method = get_method(cfg.method)
     out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise UsageError(f"'{out}' already exists; choose another --out or pass --force to replace it")
+    local_source = Path(cfg.model) if Path(cfg.model).exists() else None
+    check_target(out, cfg.force, protect=(local_source,))  # before anything heavy is loaded
     seconds: dict[str, float] = {}
 
     def timed(name: str):
@@ -200,7 +201,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
     passes = DEFAULT_PASSES if cfg.passes is None else cfg.passes
     optimizations = []
-    with staged_directory(out, force=cfg.force) as stage:
+    with staged_directory(out, force=cfg.force, protect=(local_source, local)) as stage:
         graphs = {}
         for name in modules:
             with timed(f"trace {name}.onnx"):

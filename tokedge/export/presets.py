@@ -195,7 +195,7 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
         chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )
-    with staged_directory(out, force=force) as stage:
+    with staged_directory(out, force=force, marker="config.json") as stage:
         model.save_pretrained(stage, safe_serialization=True)
         processor.save_pretrained(stage)
     return out

@@ -104,14 +104,47 @@ def save_reference(path: Path, pixel_values: np.ndarray, cases: list[dict[str, n
     tmp.replace(path)
 
 
-def load_reference(path: Path) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
+def load_reference(source: Path | bytes, unpacked_limit: int | None = None
+                   ) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """The recorded reference (a path tokedge just wrote, or an artifact's verified bytes). The
+    arrays' unpacked size is bounded before anything is decompressed (a small hostile .npz can
+    otherwise unpack to gigabytes)."""
+    import io
+    import zipfile
+
+    from tokedge.errors import ArtifactError
+    from tokedge.safeio import DEFAULT_LIMITS
+
+    limit = DEFAULT_LIMITS.reference_unpacked_bytes if unpacked_limit is None else unpacked_limit
+    buffer = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    try:
+        try:
+            with zipfile.ZipFile(buffer) as archive:
+                unpacked = sum(info.file_size for info in archive.infolist())
+        except zipfile.BadZipFile:
+            raise ArtifactError("the artifact's reference is not a valid .npz file; re-export the artifact") from None
+        if unpacked > limit:
+            raise ArtifactError(f"the artifact's reference unpacks to {unpacked} bytes, over the limit of {limit}; "
+                                "it is not a reference tokedge writes")
+        buffer.seek(0)
+        try:
+            with np.load(buffer, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ArtifactError(f"the artifact's reference cannot be read ({type(exc).__name__}); "
+                                "re-export the artifact") from None
+    finally:
+        buffer.close()
+    if "pixel_values" not in arrays:
+        raise ArtifactError("the artifact's reference has no pixel_values; re-export the artifact")
     cases: dict[int, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         if key.startswith("case"):
-            idx, name = key[4:].split(".", 1)
-            cases.setdefault(int(idx), {})[name] = value
+            try:
+                idx, name = key[4:].split(".", 1)
+                cases.setdefault(int(idx), {})[name] = value
+            except ValueError:
+                raise ArtifactError(f"the artifact's reference has an unexpected entry '{key[:40]}'") from None
     return arrays["pixel_values"], [cases[i] for i in sorted(cases)]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokedge.errors import ArtifactError
+from tokedge.errors import ArtifactError, UsageError
 from tokedge.safeio import printable
 
 _empty_dir: str | None = None
@@ -39,6 +39,17 @@ class OrtOptions:
     providers: tuple[str, ...] | None = None  # None: TensorRT/CUDA EP when available, else CPU
     intra_op_threads: int = 0  # 0 lets ONNX Runtime decide
     optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+
+
+def max_threads() -> int:
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(threads: int) -> None:
+    """0 (automatic) or a count up to 4x the CPU cores; more only oversubscribes the machine."""
+    if not 0 <= threads <= max_threads():
+        raise UsageError(f"--threads must be between 0 (automatic) and {max_threads()} "
+                         f"(4x this machine's {os.cpu_count()} CPU cores); got {threads}")
 
 
 def default_providers() -> list[str]:

@@ -159,6 +159,30 @@ def render_chat(info: PromptInfo, text: str, special_tokens: dict[str, str] | No
     return "".join(pieces)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for a moment (unless TOKEDGE_DEBUG=1): what native
+    code prints there (a Rust panic's report and backtrace) never reaches the user; the error
+    itself still arrives as an exception and becomes tokedge's one line."""
+    import os
+    import sys
+
+    if os.environ.get("TOKEDGE_DEBUG") == "1":
+        yield
+        return
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: np.ndarray  # [b, t] int64, left-padded
@@ -178,7 +202,9 @@ class PromptEncoder:
         if tokenizer_json is None:  # a directory tokedge just wrote (tests, export); artifacts pass verified bytes
             tokenizer_json = read_regular_path(root, info.tokenizer_file, limits.tokenizer_bytes)
         try:
-            self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+            with _native_stderr_silenced():  # a Rust panic prints its own multi-line report to fd 2
+                self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+                self.tokenizer.encode_batch(["probe " + info.image_token], add_special_tokens=True)
         except BaseException as exc:  # tokenizers raises ValueError or a PanicException (a BaseException)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
