@@ -67,6 +67,23 @@ def render_chat(info: PromptInfo, text: str, special_tokens: dict[str, str] | No
         raise InputError(f"the artifact's chat template failed to render: {exc}") from None
 
 
+def render_messages(info: PromptInfo, messages: list[dict], special_tokens: dict[str, str] | None = None) -> str:
+    """A whole conversation in the template's message format (content: a string or a list of
+    {"type": "text", "text": ...} / {"type": "image"} parts), generation prompt added."""
+    if info.chat_template is None:
+        turns = []
+        for message in messages:
+            parts = message["content"] if isinstance(message["content"], list) else [
+                {"type": "text", "text": message["content"]}]
+            body = "".join(info.image_token + "\n" if p["type"] == "image" else p["text"] for p in parts)
+            turns.append(body if message["role"] == "system" else f"{message['role'].upper()}: {body}")
+        return " ".join(turns) + " ASSISTANT:"
+    try:
+        return _compile(info.chat_template).render(messages=messages, add_generation_prompt=True, **(special_tokens or {}))
+    except Exception as exc:  # jinja2 errors and sandbox refusals
+        raise InputError(f"the artifact's chat template failed to render these messages: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: np.ndarray  # [b, t] int64, left-padded
@@ -97,7 +114,11 @@ class PromptEncoder:
         return rendered.replace(self.info.image_token, self.info.image_token * visual_tokens)
 
     def encode(self, prompts: list[str], visual_tokens: int) -> Encoded:
-        texts = [self.expand(render_chat(self.info, p, self.special_tokens), visual_tokens) for p in prompts]
+        return self.encode_rendered([render_chat(self.info, p, self.special_tokens) for p in prompts], visual_tokens)
+
+    def encode_rendered(self, rendered: list[str], visual_tokens: int) -> Encoded:
+        """Prompts already rendered with the chat template (one placeholder each) -> ids, left-padded."""
+        texts = [self.expand(r, visual_tokens) for r in rendered]
         ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
         for row in ids:
             if row.count(self.info.image_token_id) != visual_tokens:
