@@ -79,3 +79,14 @@ def image_files(tmp_path_factory, test_images) -> list[Path]:
         paths.append(root / f"img{i}.png")
         img.save(paths[-1])
     return paths
+
+
+@pytest.fixture(scope="session")
+def slow_artifact(artifacts, tmp_path_factory) -> Path:
+    """A wider tiny model (8 decoder layers, 32k vocabulary): a few ms per token on a CPU, so that
+    requests stay in flight long enough to be cancelled, queued behind, or drained at SIGTERM."""
+    from tokedge.export.presets import TinyLlavaConfig, build_tiny_llava
+
+    ckpt = build_tiny_llava(tmp_path_factory.mktemp("ckpt-slow") / "tiny-llava-wide",
+                            TinyLlavaConfig(text_hidden=256, text_layers=8, vocab_size=32000))
+    return artifacts("cls-attn", 64, checkpoint=ckpt)
