@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -91,8 +92,9 @@ class Service:
         if self.pipe is not None:
             self.pipe.close()
 
-    def prepare(self, req: ChatRequest, sink: Callable[[Event], None]) -> Job:
-        """Images fetched and preprocessed, messages rendered and tokenized, limits checked."""
+    def prepare(self, req: ChatRequest, sink: Callable[[Event], None], arrived: float) -> Job:
+        """Images fetched and preprocessed, messages rendered and tokenized, limits checked.
+        `arrived` (perf_counter) is when the request body was in: TTFT counts from there."""
         assert self.pipe is not None
         pipe, cfg = self.pipe, self.cfg
         family, allowed = pipe.manifest.model.family, images_per_prompt(pipe)
@@ -121,7 +123,8 @@ class Service:
                            param="max_tokens")
         sampling = SamplingConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   seed=req.seed)
-        return Job(pixel_values=pixel_values, input_ids=enc.input_ids[0], sampling=sampling, stop=req.stop, sink=sink)
+        return Job(pixel_values=pixel_values, input_ids=enc.input_ids[0], sampling=sampling, stop=req.stop, sink=sink,
+                   created=arrived)
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
@@ -245,6 +248,7 @@ def create_app(service: Service) -> Any:
         if not service.ready.is_set():
             raise APIError(503, "the model is still loading; retry when GET /health answers 200", code="loading")
         body = await _read_body(request, cfg.max_body_bytes)
+        arrived = time.perf_counter()
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -258,7 +262,7 @@ def create_app(service: Service) -> Any:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = await run_in_threadpool(service.prepare, req, sink)
+        job = await run_in_threadpool(service.prepare, req, sink, arrived)
         assert service.scheduler is not None
         try:
             service.scheduler.submit(job)
