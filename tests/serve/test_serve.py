@@ -112,7 +112,7 @@ def test_stream_chunks_join_to_the_non_streamed_text(client, model, image_urls):
 def test_eight_concurrent_clients_get_their_single_answers(server, client, model, pipe, test_images, image_urls):
     base, _ = server
     prompts = ["Hi?", QUESTION, "Describe the picture in detail, with colours and objects.", "What colour is it?"]
-    cases = [(i % 3, prompts[i % 4], dict(temperature=1.2, top_p=0.9, seed=100 + i) if i in (2, 5) else {})
+    cases = [(i % 3, prompts[i % 4], {"temperature": 1.2, "top_p": 0.9, "seed": 100 + i} if i in (2, 5) else {})
              for i in range(8)]
     expected = [pipe.generate(test_images[img], prompt, max_new_tokens=16, **kw).text for img, prompt, kw in cases]
     before = scrape(base)
@@ -133,7 +133,7 @@ def test_eight_concurrent_clients_get_their_single_answers(server, client, model
 
 def test_sampling_parameters_and_seed(client, model, pipe, test_images, image_urls):
     messages = user_message(image_urls[0], QUESTION)
-    kw = dict(temperature=1.5, top_p=0.95)
+    kw = {"temperature": 1.5, "top_p": 0.95}
     a = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=11, **kw)
     b = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=11, **kw)
     others = {client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=s,
@@ -386,7 +386,7 @@ def test_health_is_ready_only_after_the_artifact_is_loaded(serve_artifact, image
 
 
 def test_local_and_remote_images_when_allowed(serve_artifact, image_files, image_urls, tmp_path):
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(image_files[0].parent), **k)  # noqa: E731
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(image_files[0].parent), **k)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     outside = tmp_path / "outside.png"

@@ -78,7 +78,7 @@ class Service:
                 max_queue=self.cfg.max_queue, batch_wait_s=self.cfg.batch_wait_ms / 1e3,
                 context_limit=context_limit(pipe.graphs), pad_token_id=m.pad_token_id or 0)
             self.scheduler.start()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported by /health and the exit code
             self.load_error = exc
             self.on_load_failure()
             return
@@ -360,7 +360,7 @@ def serve(cfg: ServeConfig) -> None:
     require("starlette", "serve")
     sock = listen(cfg.host, cfg.port)
     server, service = build_server(cfg)
-    host, port = sock.getsockname()[:2]
+    port = sock.getsockname()[1]
     service.on_ready = lambda: print(
         f"tokedge serve: {cfg.served_name} ready on http://{cfg.host}:{port} (max batch {cfg.max_batch}"
         f"{', API key required' if cfg.api_key else ''})", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # as OpenAI
@@ -15,7 +15,7 @@ MAX_STOP = 4  # as OpenAI
 class APIError(Exception):
     """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
              413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
@@ -47,7 +46,7 @@ class Failed:
     message: str
 
 
-Event = Union[Delta, Done, Failed]
+Event = Delta | Done | Failed
 
 
 class QueueFull(Exception):
@@ -179,7 +178,7 @@ class Scheduler:
         self.metrics.observe("tokedge_batch_size", len(jobs))
         try:
             self._decode(jobs)
-        except Exception as exc:  # one failed batch must not take the server down
+        except Exception as exc:  # noqa: BLE001 - one failed batch must not take the server down
             message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             for job in jobs:
                 if not job.finished:
