@@ -226,6 +226,11 @@ def test_api_key_is_required(server, model, image_urls):
     body = {"model": model, "messages": user_message(image_urls[0], "hi"), "max_tokens": 2}
     assert_openai_error(post(base, body, key=None), 401, "missing API key")
     assert_openai_error(post(base, body, key="wrong"), 401, "incorrect API key")
+    assert_openai_error(post(base, body, key=f"{KEY}x"), 401, "incorrect API key")
+    basic = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Basic {KEY}"})
+    assert_openai_error(basic, 401, "incorrect API key")
+    lower = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"bearer {KEY}"})
+    assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
     assert httpx.get(f"{base}/v1/models").status_code == 401
     assert httpx.get(f"{base}/metrics").status_code == 401
     assert httpx.get(f"{base}/health").status_code == 200  # probes need no key
@@ -412,3 +417,30 @@ def test_local_and_remote_images_when_allowed(serve_artifact, image_files, image
             assert_openai_error(post(base, body, key=None), 400, "outside the allowed directory")
     finally:
         httpd.shutdown()
+
+
+def test_conversation_equals_transformers_generate(artifacts, hf_tiny, test_images, image_urls):
+    """A system prompt and earlier turns, rendered by the artifact's template, answered greedily:
+    the same tokens as LlavaForConditionalGeneration.generate on transformers' own rendering."""
+    import torch
+
+    model, processor = hf_tiny
+    turns = [("system", "You answer briefly."), ("user", "What is this?"), ("assistant", "A cat."),
+             ("user", "What colour is it?")]
+    hf_conv = [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in turns]
+    hf_conv[1]["content"].insert(0, {"type": "image"})
+    inputs = processor(images=test_images[1], text=processor.apply_chat_template(hf_conv, add_generation_prompt=True),
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                             pad_token_id=model.config.text_config.pad_token_id)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    messages = [{"role": role, "content": text} for role, text in turns]  # plain strings, as clients send them
+    messages[1]["content"] = [{"type": "image_url", "image_url": {"url": image_urls[1]}},
+                              {"type": "text", "text": "What is this?"}]
+    with running_server(ServeConfig(artifact=artifacts("none", 576))) as (base, service):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.create(model=service.cfg.served_name, messages=messages, max_tokens=12)
+    assert resp.choices[0].message.content == expected
+    assert resp.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    assert resp.usage.model_extra["visual_tokens"] == 576

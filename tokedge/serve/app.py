@@ -141,7 +141,7 @@ class _Gate:
     def __init__(self, app: Any, service: Service):
         self.app, self.service = app, service
         key = service.cfg.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -160,7 +160,8 @@ class _Gate:
 
         if self.expected is not None and scope["path"] != "/health":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = given.strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
                 msg = ("missing API key: send 'Authorization: Bearer <key>'" if not given
                        else "incorrect API key in the Authorization header")
                 await _error(APIError(401, msg, code="invalid_api_key"))(scope, receive, counted)

@@ -66,11 +66,11 @@ def _integer(body: dict, key: str) -> int | None:
     return value
 
 
-def _content(message: dict, index: int, image_urls: list[str]) -> str | list[dict[str, Any]]:
+def _content(message: dict, index: int, image_urls: list[str]) -> list[dict[str, Any]]:
     content = message.get("content")
     where = f"messages[{index}].content"
-    if isinstance(content, str):
-        return content
+    if isinstance(content, str):  # as a text part: templates such as llava-hf's iterate over parts
+        return [{"type": "text", "text": content}]
     if not isinstance(content, list) or not content:
         raise APIError(400, f"{where} must be a string or a non-empty list of text / image_url parts", param=where)
     parts: list[dict[str, Any]] = []
