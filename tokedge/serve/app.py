@@ -271,11 +271,12 @@ def create_app(service: Service) -> Any:
             raise APIError(429, f"the server is busy: {exc}; retry shortly", code="queue_full") from None
         if req.stream:
             return _EventStream(req, job, queue)
-        async for event in _events(job, queue, request.receive):
-            if isinstance(event, Done):
-                return JSONResponse(completion_body(req, event.text, event.finish_reason, event.usage()))
-            if isinstance(event, Failed):
-                raise APIError(500, event.message)
+        async with contextlib.aclosing(_events(job, queue, request.receive)) as events:
+            async for event in events:
+                if isinstance(event, Done):
+                    return JSONResponse(completion_body(req, event.text, event.finish_reason, event.usage()))
+                if isinstance(event, Failed):
+                    raise APIError(500, event.message)
         return Response(status_code=499)  # the client closed the connection; nobody reads this
 
     async def models(request: Request) -> JSONResponse:
