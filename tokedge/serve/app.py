@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -189,7 +189,7 @@ async def _disconnected(receive) -> None:
         pass
 
 
-async def _events(job: Job, queue: asyncio.Queue, receive) -> AsyncIterator[Event]:
+async def _events(job: Job, queue: asyncio.Queue, receive) -> AsyncGenerator[Event, None]:
     """The job's events until it is done; stops early (cancelling the job) when the client leaves."""
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
