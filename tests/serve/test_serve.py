@@ -28,7 +28,7 @@ KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def server(serve_artifact):
     cfg = ServeConfig(artifact=serve_artifact, api_key=KEY, max_batch=4, max_image_bytes=600_000,
-                      max_image_pixels=2_000_000, batch_wait_ms=50)
+                      max_image_pixels=2_000_000, batch_wait_ms=50, max_prompt_tokens=120, max_tokens_limit=2040)
     with running_server(cfg) as (base, service):
         yield base, service
 
@@ -175,7 +175,9 @@ def test_models_lists_the_artifact(client, model, serve_artifact):
     ({"model": "MODEL", "messages": [{"role": "robot", "content": "hi"}]}, 400, "'role' one of"),
     ({"model": "MODEL", "messages": "USER_IMG", "temperature": 3}, 400, "'temperature' must be in [0, 2]"),
     ({"model": "MODEL", "messages": "USER_IMG", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
-    ({"model": "MODEL", "messages": "USER_IMG", "max_tokens": 0}, 400, "'max_tokens' must be in [1, 1024]"),
+    ({"model": "MODEL", "messages": "USER_IMG", "max_tokens": 0}, 400, "'max_tokens' must be in [1, 2040]"),
+    ({"model": "MODEL", "messages": "USER_IMG", "max_tokens": 2000}, 400, "exceeds the model's context of 2048"),
+    ({"model": "MODEL", "messages": "LONG_TEXT"}, 400, "at most 120 (--max-prompt-tokens)"),
     ({"model": "MODEL", "messages": "USER_IMG", "max_tokens": "5"}, 400, "'max_tokens' must be an integer"),
     ({"model": "MODEL", "messages": "USER_IMG", "stop": [""]}, 400, "'stop' must be"),
     ({"model": "MODEL", "messages": "USER_IMG", "n": 2}, 400, "'n' must be 1"),
@@ -195,6 +197,8 @@ def test_malformed_request_gets_400_and_the_next_one_succeeds(server, client, mo
         body = {**body, "model": model} if body.get("model") == "MODEL" else body
         if body.get("messages") == "USER_IMG":
             body["messages"] = user_message(image_urls[0], "hi")
+        elif body.get("messages") == "LONG_TEXT":
+            body["messages"] = user_message(image_urls[0], "tell me more " * 40)
         elif body.get("messages") == "TWO_IMAGES":
             two = user_message(image_urls[0], "hi")
             two[0]["content"].insert(1, {"type": "image_url", "image_url": {"url": image_urls[1]}})
@@ -218,6 +222,11 @@ def test_oversized_image_gets_413(server, model, image_urls):
     for img, fragment in ((noisy, "600000 bytes"), (huge, "at most 2000000 pixels")):
         resp = post(base, {"model": model, "messages": user_message(data_url(img), "hi")})
         assert_openai_error(resp, 413, fragment)
+    limit = server[1].cfg.max_body_bytes
+    assert_openai_error(post(base, b"x" * (limit + 1)), 413, f"at most {limit}")  # by Content-Length
+    chunked = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         content=(b"x" * 65536 for _ in range(limit // 65536 + 2)))  # no Content-Length
+    assert_openai_error(chunked, 413, f"larger than {limit} bytes")
     assert post(base, {"model": model, "messages": user_message(image_urls[0], "hi"), "max_tokens": 2}).status_code == 200
 
 
