@@ -14,14 +14,15 @@ from tokedge.runtime.stepwise import BatchDecoder
 from tokedge.serve.scheduler import TextTracker
 
 
-def test_batch_rows_equal_single_runs(serve_artifact, test_images):
+@pytest.mark.parametrize("method", ["cls-attn", "fastv"])  # pre-LLM, and in-LLM (its own prefill graph)
+def test_batch_rows_equal_single_runs(artifacts, test_images, method):
     prompts = ["Hi?", "What is shown in this image?", "Describe the picture in detail, with colours and objects."]
     configs = [SamplingConfig(max_new_tokens=5), SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.9, seed=3),
                SamplingConfig(max_new_tokens=9)]
-    with Pipeline.load(serve_artifact) as pipe:
+    with Pipeline.load(artifacts(method, 64)) as pipe:
         singles = [pipe.generate(img, p, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                  seed=c.seed).token_ids[0] for img, p, c in zip(test_images, prompts, configs)]
-        enc = pipe.encoder.encode(prompts, 64)
+        enc = pipe.encoder.encode(prompts, pipe.visual_tokens_for(None))
         pixels = np.stack([preprocess(img, pipe.manifest.preprocess) for img in test_images])
         dec = BatchDecoder(pipe.graphs, pixels, enc.input_ids, enc.attention_mask, configs)
         steps = [dec.prefill()]
