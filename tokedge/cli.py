@@ -250,6 +250,39 @@ def run_cmd(
         print()
 
 
+@app.command("serve")
+def serve_cmd(
+    artifact: ArtifactArg,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key or --insecure.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Concurrent requests decoded as one batch.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a batch; more get 429.")] = 32,
+    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' (default: $TOKEDGE_API_KEY).")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without an API key.")] = False,
+    model_name: Annotated[Optional[str], typer.Option(help="Model id clients send (default: the artifact directory name).")] = None,
+    max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image; larger gets 413.")] = 8 << 20,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image in pixels (width x height); larger gets 413.")] = 40_000_000,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt in tokens, image included; longer gets 400.")] = 4096,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long the first waiting request waits for others to batch with.")] = 10.0,
+    allow_local_images: Annotated[Optional[Path], typer.Option(help="Let image_url name files under this directory.")] = None,
+    allow_remote_images: Annotated[bool, typer.Option(help="Let image_url be an http(s) URL the server fetches.")] = False,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
+) -> None:
+    r"""Serve an artifact over an OpenAI-compatible Chat Completions API (needs the serve extra: pip install tokedge\[serve])."""
+    from tokedge.serve import ServeConfig, serve
+
+    key = api_key if api_key is not None else os.environ.get("TOKEDGE_API_KEY") or None
+    serve(ServeConfig(
+        artifact=artifact, host=host, port=port, api_key=key, insecure=insecure, model_name=model_name,
+        max_batch=max_batch, max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+        default_max_tokens=default_max_tokens, allow_local_images=allow_local_images,
+        allow_remote_images=allow_remote_images, threads=threads,
+    ))
+
+
 @app.command("profile")
 def profile_cmd(
     artifact: ArtifactArg,

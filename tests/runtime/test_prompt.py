@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tokedge.artifact import PromptInfo, load_artifact
 from tokedge.errors import InputError
-from tokedge.runtime.prompt import PromptEncoder, render_chat
+from tokedge.runtime.prompt import FALLBACK_TEMPLATE, PromptEncoder, render_chat, render_messages
 
 # llava-hf's published LLaVA-1.5 template, with transformers' {% generation %} extension tag.
 LLAVA_HF_TEMPLATE = (
@@ -50,6 +50,30 @@ def test_llava_hf_template_with_generation_tag(encoder, hf_tiny, text):
     info = PromptInfo(**{**encoder.info.__dict__, "chat_template": LLAVA_HF_TEMPLATE})
     expected = processor.apply_chat_template(_conv(text), add_generation_prompt=True, chat_template=LLAVA_HF_TEMPLATE)
     assert render_chat(info, text) == expected
+
+
+CONVERSATION = [
+    {"role": "system", "content": [{"type": "text", "text": "You answer briefly."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    {"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]},
+]
+
+
+@pytest.mark.parametrize("template", [None, LLAVA_HF_TEMPLATE])
+def test_render_messages_matches_transformers(encoder, hf_tiny, template):
+    """A whole conversation (the server's messages), with the artifact's and llava-hf's templates."""
+    _, processor = hf_tiny
+    info = encoder.info if template is None else PromptInfo(**{**encoder.info.__dict__, "chat_template": template})
+    expected = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True, chat_template=template)
+    assert render_messages(info, CONVERSATION, encoder.special_tokens) == expected
+    assert render_messages(info, _conv("Hi there"), encoder.special_tokens) == render_chat(
+        info, "Hi there", encoder.special_tokens)
+
+
+def test_render_messages_without_a_template_matches_the_fallback(encoder):
+    info = PromptInfo(**{**encoder.info.__dict__, "chat_template": None})
+    assert render_messages(info, _conv("Hi there")) == FALLBACK_TEMPLATE.format(image="<image>", text="Hi there")
 
 
 def test_ids_match_transformers_processor(encoder, hf_tiny, test_images):

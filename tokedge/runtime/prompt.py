@@ -135,12 +135,18 @@ def render_chat(info: PromptInfo, text: str, special_tokens: dict[str, str] | No
     if info.chat_template is None:
         return FALLBACK_TEMPLATE.format(image=info.image_token, text=text)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return _render_bounded(info.chat_template, limits, messages=messages, add_generation_prompt=True,
+                           **(special_tokens or {}))
+
+
+def _render_bounded(template_text: str, limits: Limits, **context) -> str:
+    """Render a chat template bounded in output size and wall time; errors become InputError."""
     pieces: list[str] = []
     size = 0
     try:
         with _render_deadline(limits.template_seconds):
-            template = _compile(info.chat_template)
-            for piece in template.generate(messages=messages, add_generation_prompt=True, **(special_tokens or {})):
+            template = _compile(template_text)
+            for piece in template.generate(**context):
                 size += len(piece)
                 if size > limits.template_chars:
                     raise InputError(f"the artifact's chat template rendered more than {limits.template_chars} "
@@ -181,6 +187,22 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def render_messages(info: PromptInfo, messages: list[dict], special_tokens: dict[str, str] | None = None,
+                    limits: Limits = DEFAULT_LIMITS) -> str:
+    """A whole conversation in the template's message format (content: a string or a list of
+    {"type": "text", "text": ...} / {"type": "image"} parts), generation prompt added."""
+    if info.chat_template is None:
+        turns = []
+        for message in messages:
+            parts = message["content"] if isinstance(message["content"], list) else [
+                {"type": "text", "text": message["content"]}]
+            body = "".join(info.image_token + "\n" if p["type"] == "image" else p["text"] for p in parts)
+            turns.append(body if message["role"] == "system" else f"{message['role'].upper()}: {body}")
+        return " ".join(turns) + " ASSISTANT:"
+    return _render_bounded(info.chat_template, limits, messages=messages, add_generation_prompt=True,
+                           **(special_tokens or {}))
 
 
 @dataclass(frozen=True)
@@ -225,8 +247,12 @@ class PromptEncoder:
         return rendered.replace(self.info.image_token, self.info.image_token * visual_tokens)
 
     def encode(self, prompts: list[str], visual_tokens: int) -> Encoded:
-        texts = [self.expand(render_chat(self.info, p, self.special_tokens, self.limits), visual_tokens)
-                 for p in prompts]
+        return self.encode_rendered([render_chat(self.info, p, self.special_tokens, self.limits) for p in prompts],
+                                    visual_tokens)
+
+    def encode_rendered(self, rendered: list[str], visual_tokens: int) -> Encoded:
+        """Prompts already rendered with the chat template (one placeholder each) -> ids, left-padded."""
+        texts = [self.expand(r, visual_tokens) for r in rendered]
         try:
             ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
         except BaseException as exc:  # a hostile tokenizer.json can make the Rust side panic

@@ -1,0 +1,243 @@
+"""The scheduler: a bounded queue in front of the one loaded artifact, and a worker thread that
+takes up to `max_batch` waiting requests and decodes them as one left-padded batch
+(`runtime.stepwise.BatchDecoder`), streaming each row's text as it grows.
+
+Static batching per step: a batch runs until all its rows finish; requests that arrive meanwhile
+wait for the next batch. Rows finish on EOS, their own `max_tokens`, a stop string, or when their
+client goes away (`Job.cancel`), which stops their work at the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tokedge.runtime.generate import SamplingConfig
+from tokedge.runtime.graphs import ArtifactGraphs
+from tokedge.runtime.stepwise import BatchDecoder
+from tokedge.serve.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    text: str  # the whole answer (the deltas joined)
+    finish_reason: str  # eos | length | stop
+    prompt_tokens: int
+    completion_tokens: int
+    visual_tokens: int
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens, "visual_tokens": self.visual_tokens}
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request's inputs, ready for a batch, and where its events go (called from the worker)."""
+
+    pixel_values: np.ndarray  # [3, H, W]
+    input_ids: np.ndarray  # [t] int64, no padding
+    sampling: SamplingConfig
+    stop: tuple[str, ...]
+    sink: Callable[[Event], None]
+    created: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class TextTracker:
+    """Turns a row's growing token list into text deltas: cuts at the first stop string, holds back
+    text that may be the start of a stop string or an incomplete UTF-8 sequence, and only ever
+    emits text that extends what was sent (so the deltas join to the final text)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
+        self.decode, self.stop, self.sent = decode, stop, ""
+
+    def _cut(self, text: str) -> tuple[str, bool]:
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return (text[: min(hits)], True) if hits else (text, False)
+
+    def update(self, ids: list[int]) -> tuple[str, bool]:
+        """-> (new text to send, whether a stop string was reached)."""
+        text, hit = self._cut(self.decode(ids))
+        if not hit:
+            if text.endswith("\ufffd"):
+                return "", False
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+        return self._extend(text), hit
+
+    def final(self, ids: list[int]) -> str:
+        return self._extend(self._cut(self.decode(ids))[0])
+
+    def _extend(self, text: str) -> str:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            delta, self.sent = text[len(self.sent):], text
+            return delta
+        return ""
+
+
+class Scheduler:
+    def __init__(self, graphs: ArtifactGraphs, decode: Callable[[list[int]], str], metrics: Metrics, *,
+                 max_batch: int, max_queue: int, batch_wait_s: float, context_limit: int, pad_token_id: int):
+        self.graphs, self.decode, self.metrics = graphs, decode, metrics
+        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        self.context_limit, self.pad_token_id = context_limit, pad_token_id
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="tokedge-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting (--max-queue {self.max_queue})")
+            self._pending.append(job)
+            self.metrics.set("tokedge_queue_depth", len(self._pending))
+            self._cond.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what is queued and running, then stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- worker ------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _take(self) -> list[Job] | None:
+        """Wait for work, give late arrivals `batch_wait_s` to join, and take what fits one batch."""
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(self._pending) < self.max_batch and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch: list[Job] = []
+            width = room = 0
+            while self._pending and len(batch) < self.max_batch:
+                job = self._pending[0]
+                if job.cancelled.is_set():
+                    self._pending.popleft()
+                    self.metrics.inc("tokedge_completions", reason="cancelled")
+                    continue
+                w, r = max(width, len(job.input_ids)), max(room, job.sampling.max_new_tokens)
+                if batch and w + r > self.context_limit:  # would not fit beside the others: next batch
+                    break
+                batch.append(self._pending.popleft())
+                width, room = w, r
+            self.metrics.set("tokedge_queue_depth", len(self._pending))
+            return batch
+
+    def _run(self, jobs: list[Job]) -> None:
+        self.metrics.set("tokedge_running_requests", len(jobs))
+        self.metrics.observe("tokedge_batch_size", len(jobs))
+        try:
+            self._decode(jobs)
+        except Exception as exc:  # noqa: BLE001 - one failed batch must not take the server down
+            message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            for job in jobs:
+                if not job.finished:
+                    job.finished = True
+                    self.metrics.inc("tokedge_completions", reason="error")
+                    job.sink(Failed(message))
+        finally:
+            self.metrics.set("tokedge_running_requests", 0)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        width = max(len(j.input_ids) for j in jobs)
+        ids = np.full((len(jobs), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(jobs), width), dtype=np.int64)
+        for r, job in enumerate(jobs):  # left padding, as PromptEncoder pads a batch
+            ids[r, width - len(job.input_ids):] = job.input_ids
+            mask[r, width - len(job.input_ids):] = 1
+        dec = BatchDecoder(self.graphs, np.stack([j.pixel_values for j in jobs]), ids, mask,
+                           [j.sampling for j in jobs])
+        trackers = [TextTracker(self.decode, j.stop) for j in jobs]
+        first_token_at: list[float] = [0.0] * len(jobs)
+        dec.prefill()
+        now = time.perf_counter()
+        for r, job in enumerate(jobs):
+            first_token_at[r] = now
+            self.metrics.observe("tokedge_ttft_seconds", now - job.created)
+            self.metrics.observe("tokedge_visual_tokens", dec.visual_tokens)
+        while True:
+            for r, job in enumerate(jobs):
+                if job.finished:
+                    continue
+                row = dec.rows[r]
+                if job.cancelled.is_set():
+                    dec.finish(r, "cancelled")
+                    job.finished = True
+                    self.metrics.inc("tokedge_completions", reason="cancelled")
+                    self.metrics.inc("tokedge_completion_tokens", len(row.tokens))
+                    continue
+                delta, hit = trackers[r].update(row.tokens)
+                if hit:
+                    dec.finish(r, "stop")
+                if row.finish_reason is not None:
+                    delta += trackers[r].final(row.tokens)
+                if delta:
+                    job.sink(Delta(delta))
+                if row.finish_reason is not None:
+                    job.finished = True
+                    self._finished(job, row.tokens, row.finish_reason, trackers[r].sent, len(job.input_ids),
+                                   dec.visual_tokens, first_token_at[r])
+            if not dec.active:
+                return
+            dec.step()
+
+    def _finished(self, job: Job, tokens: list[int], reason: str, text: str, prompt_tokens: int, visual: int,
+                  first_at: float) -> None:
+        if len(tokens) > 1:
+            self.metrics.observe("tokedge_decode_seconds_per_token",
+                                 (time.perf_counter() - first_at) / (len(tokens) - 1))
+        self.metrics.inc("tokedge_completions", reason="stop" if reason == "eos" else reason)
+        self.metrics.inc("tokedge_prompt_tokens", prompt_tokens)
+        self.metrics.inc("tokedge_completion_tokens", len(tokens))
+        job.sink(Done(text=text, finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=len(tokens),
+                      visual_tokens=visual))
