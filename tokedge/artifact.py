@@ -80,6 +80,9 @@ class ReductionInfo:
     options: dict[str, Any] = field(default_factory=dict)
     # in-LLM methods: pruning stages inside the prefill, each {score_layer, prune_layer, keep, rule}
     stages: tuple[dict[str, Any], ...] = ()
+    # in-ViT methods (ToMe): tokens merged away in each vision layer up to the feature layer
+    merge_schedule: tuple[int, ...] = ()
+    scores_with: tuple[str, ...] = ()  # the method's signals (tokedge.reduce.base.Signal values)
 
 
 @dataclass(frozen=True)

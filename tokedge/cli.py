@@ -30,7 +30,8 @@ ArtifactArg = Annotated[Path, typer.Argument(help="Artifact directory written by
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    # soft_wrap: long lines (paths, parity summaries) are never hard-wrapped into a narrow terminal
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -88,7 +89,7 @@ def export_cmd(
         report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
         console.print(f"[green]✓[/green] parity: {report.summary()}")
     kept = m.reduction.budget
-    where = (f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stage == "in-llm" else "")
+    where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
     console.print(
         f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
@@ -199,10 +200,11 @@ def verify_cmd(
     report = verify(artifact, checkpoint=checkpoint)
     if json_out:
         print(json.dumps(report.to_dict()))
-    else:
+    if not report.ok:  # the error line carries the summary: printed once
+        against = f"a fresh reference from {checkpoint}" if checkpoint else "the recorded reference"
+        raise ParityError(f"{artifact}: hashes ok, but the graphs disagree with {against}: {report.summary()}")
+    if not json_out:
         _console().print(f"hashes ok; parity: {report.summary()}")
-    if not report.ok:
-        raise ParityError(f"{artifact}: graphs disagree with the reference: {report.summary()}")
 
 
 @app.command("run")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from tokedge.artifact import load_artifact
-from tokedge.export.validate import load_reference
+from tokedge.export.validate import greedy_arrays, load_reference
 from tokedge.runtime.graphs import ArtifactGraphs
 from tokedge.runtime.ort_backend import OrtRunner
 
@@ -35,12 +35,12 @@ def test_bound_and_plain_decoding_agree(artifacts):
     case = cases[0]
     with ArtifactGraphs(art, manifest) as bound:
         assert bound.runners["decoder"].device == "cpu"
-        a = bound.greedy(pixel_values, case["input_ids"], case["attention_mask"], steps=5)
+        a = greedy_arrays(bound, pixel_values, case["input_ids"], case["attention_mask"], steps=5)
         _, state = bound.prefill(bound.embed(case["input_ids"][:, :3]), case["attention_mask"][:, :3],
                                  case["input_ids"][:, :3], room=1)
         assert not isinstance(state.past["past_key_values.0.key"], np.ndarray)  # stayed an OrtValue
     plain_runners = {n: PlainRunner(OrtRunner(art / g.file, name=n)) for n, g in manifest.graphs.items()}
     with ArtifactGraphs(art, manifest, runners=plain_runners) as plain:
-        b = plain.greedy(pixel_values, case["input_ids"], case["attention_mask"], steps=5)
+        b = greedy_arrays(plain, pixel_values, case["input_ids"], case["attention_mask"], steps=5)
     assert a["tokens"].tolist() == b["tokens"].tolist()
     np.testing.assert_array_equal(a["step_logits"], b["step_logits"])

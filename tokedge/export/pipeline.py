@@ -96,7 +96,7 @@ def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[
     options = method.parse_options(dict(cfg.options))
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype} is not supported; use one of {', '.join(DTYPES)}")
-    budget = cfg.budget if cfg.budget is not None else (full_tokens if method.stage == "none" else 64)
+    budget = cfg.budget if cfg.budget is not None else method.default_budget(full_tokens)
     method.check_budget(budget, full_tokens)
     rng = cfg.dynamic_budget
     if rng is not None:
@@ -166,20 +166,19 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if loaded.full_tokens != full:
             raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
 
-    in_llm = method.stage == "in-llm"
     plan = None
-    if in_llm:
+    if method.prunes_in_llm:
         from tokedge.reduce.in_llm import plan_for
 
         plan = plan_for(method, budget, full, loaded.config.text_config.num_hidden_layers, options)
-    vision_tokens = full if in_llm else budget  # in-LLM methods prune inside the decoder
+    vision_tokens = method.vision_tokens(budget, full)  # in-LLM methods prune inside the decoder
     trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)
 
     with timed("reference (transformers)"):
         pixel_values = pixel_values_for(loaded, example_images(2))
         prompts = [render_prompt(loaded, q) for q in EXAMPLE_PROMPTS]
         budgets = [budget] if rng is None else sorted({rng[0], budget, rng[1]})
-        if in_llm:
+        if method.prunes_in_llm:
             from tokedge.export.reference import reference_pruned
 
             fp32_modules = fam.build_graph_modules(loaded, method, trace_k, options, plan)
@@ -219,8 +218,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         tol = Tolerance.for_dtype(cfg.dtype)
         save_reference(stage / REFERENCE_FILE, pixel_values, cases)
         reduction = ReductionInfo(
-            method=method.name, budget=budget, full_tokens=full, stage=method.stage, budget_range=rng,
+            method=method.name, budget=budget, full_tokens=full, stage=method.stage.value, budget_range=rng,
             options=options, stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
+            merge_schedule=tuple(modules["vision"].schedule or ()),
+            scores_with=tuple(s.value for s in method.scores_with),
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,

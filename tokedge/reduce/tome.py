@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from tokedge.reduce.base import Method
+from tokedge.reduce.base import Method, Signal, Stage
 from tokedge.reduce.none import keep_all
 
 
@@ -88,7 +88,8 @@ def merge_weighted(x, size, metric, r: int, class_token: bool):
 
 METHOD = Method(
     name="tome",
-    stage="in-vit",
+    stage=Stage.IN_VIT,
+    scores_with=(Signal.VIT_KEYS,),
     paper="2210.09461",
     summary="bipartite token merging in every ViT layer (size-weighted, proportional attention)",
     reduce=keep_all,  # the tower already merged down to k patch tokens; project them

@@ -63,6 +63,12 @@ class DecodeState:
         for name in self.lengths:
             self.lengths[name] += 1
 
+    def visual_tokens(self, vision_tokens: int) -> int:
+        """Image tokens the last layer group attends to: the vision graph's count, less what an
+        in-LLM method pruned (read from the cache lengths, not from the manifest)."""
+        lengths = list(self.lengths.values())
+        return vision_tokens - (lengths[0] - lengths[-1])
+
 
 def _buffer(mask: np.ndarray, room: int) -> np.ndarray:
     buf = np.ones((mask.shape[0], mask.shape[1] + room), dtype=np.int64)
@@ -150,20 +156,3 @@ class ArtifactGraphs:
         state.grow()
         state.last_position = positions
         return out["logits"][:, -1].astype(np.float32)
-
-    def greedy(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int,
-               budget: int | None = None) -> dict[str, np.ndarray]:
-        """Prefill then `steps` greedy decode steps; returns the arrays parity checks compare."""
-        image_embeds = self.vision(pixel_values, budget)
-        embeds = splice_image_embeds(self.embed(input_ids), input_ids, self.manifest.model.image_token_id, image_embeds)
-        logits, state = self.prefill(embeds, attention_mask, input_ids, room=steps)
-        out = {"image_embeds": image_embeds, "prefill_logits": logits}
-        tokens = [logits.argmax(-1)]
-        step_logits = []
-        for _ in range(steps):
-            logits = self.step(self.embed(tokens[-1][:, None]), state)
-            step_logits.append(logits)
-            tokens.append(logits.argmax(-1))
-        out["tokens"] = np.stack(tokens, axis=1)
-        out["step_logits"] = np.stack(step_logits, axis=1) if step_logits else np.zeros((input_ids.shape[0], 0, 0))
-        return out

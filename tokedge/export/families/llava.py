@@ -178,7 +178,7 @@ class VisionGraph(nn.Module):
         if needs_cls and not has_cls:
             raise InputError(f"--method {method.name} needs a CLS token, and this vision tower has none (SigLIP)")
         schedule = None
-        if method.stage == "in-vit":
+        if method.merges_in_vit:
             from tokedge.reduce.tome import merge_schedule
 
             index = layers_to_feature(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
@@ -323,7 +323,7 @@ def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: t
     options = options or {}
     model = llava.model
     cfg = model.config
-    if method.stage == "in-vit":
+    if method.merges_in_vit:
         return VisionGraph(llava, method, k, options).eval()(pixel_values.to(next(model.parameters()).dtype)).float()
     tower = model.model.vision_tower
     previous = tower.config._attn_implementation
@@ -354,8 +354,11 @@ def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: t
 @torch.no_grad()
 def reference_logits(llava: LoadedLlava, input_ids, attention_mask, image_features, steps: int = 1):
     """Run transformers' language model on the spliced embeddings: prefill logits at the last
-    position, then `steps` greedy decode steps with its own KV cache. Returns (prefill_logits
-    [b, vocab], tokens [b, steps+1], step_logits list of [b, vocab])."""
+    position, then `steps` greedy decode steps with its own KV cache, through the shared
+    `decode_loop`. Returns (prefill_logits [b, vocab], tokens [b, steps+1], step_logits list of
+    [b, vocab])."""
+    from tokedge.runtime.generate import SamplingConfig, decode_loop
+
     model = llava.model
     embeds = model.get_input_embeddings()(input_ids)
     mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
@@ -363,20 +366,17 @@ def reference_logits(llava: LoadedLlava, input_ids, attention_mask, image_featur
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     prefill = out.logits[:, -1].float()
-    tokens = [prefill.argmax(-1)]
-    step_logits = []
-    past = out.past_key_values
-    for _ in range(steps):
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        out = model(
-            input_ids=tokens[-1][:, None],
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = out.past_key_values
-        step_logits.append(out.logits[:, -1].float())
-        tokens.append(step_logits[-1].argmax(-1))
-    return prefill, torch.stack(tokens, dim=1), step_logits
+    state = {"past": out.past_key_values, "mask": attention_mask, "pos": position_ids[:, -1:]}
+
+    def step(ids):
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        state["pos"] = state["pos"] + 1
+        o = model(input_ids=torch.from_numpy(ids)[:, None], attention_mask=state["mask"], position_ids=state["pos"],
+                  past_key_values=state["past"], use_cache=True)
+        state["past"] = o.past_key_values
+        return o.logits[:, -1].float().numpy()
+
+    decoded = decode_loop(prefill.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
+                          keep_logits=True)
+    tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(input_ids.shape[0], -1)
+    return prefill, tokens, [torch.from_numpy(x) for x in decoded.step_logits]
