@@ -255,12 +255,16 @@ def profile_cmd(
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first, per budget and image.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 32,
     out: Annotated[Path, typer.Option(help="Directory for report.json, report.md and plots.")] = Path("profile-report"),
-    baseline: Annotated[Optional[str], typer.Option(help="Checkpoint for the transformers eager baseline.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing report in --out.")] = False,
+    baseline: Annotated[Optional[str], typer.Option(help="Checkpoint to time in transformers, all visual tokens.")] = None,
+    baseline_attention: Annotated[Optional[str], typer.Option(
+        help="transformers attention for the baseline: sdpa (its default) or eager.")] = None,
     predict: Annotated[Optional[str], typer.Option(help="Device profile for a roofline prediction.")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option(help="Re-export budgets outside the artifact from here.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        help="Re-export budgets this artifact cannot run from this checkpoint, into <out>/artifacts.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
@@ -275,9 +279,18 @@ def profile_cmd(
         from tokedge.errors import UsageError
 
         raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
+    if (out / "report.json").exists() and not force:
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"'{out}' already holds a report; choose another --out or pass --force to overwrite it")
+    if baseline_attention not in (None, "sdpa", "eager"):
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"--baseline-attention {baseline_attention} is not one of: sdpa, eager")
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
-                        engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline, predict=predict,
-                        checkpoint=checkpoint)
+                        engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
+                        baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
+                        reexport_dir=out / "artifacts")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -288,9 +301,10 @@ def profile_cmd(
         report = run_profile(cfg, progress=tick)
     files = write_all(report, out)
     console = _console()
-    for r in report.results:
-        console.print(f"budget {r.budget:>4}: TTFT {r.ttft_ms:7.1f} ms  vision {r.vision_ms:6.1f}  prefill "
-                      f"{r.prefill_ms:6.1f}  decode {r.decode_ms_per_token:6.2f} ms/token")
+    from tokedge.report.render import summary_lines
+
+    for line in summary_lines(report):
+        console.print(line, markup=False)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")
