@@ -109,6 +109,6 @@ def test_verify_cli(artifacts, tmp_path, capsys):
 
 def test_methods_lists_registry(capsys):
     assert main(["methods", "--json"]) == 0
-    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert rows["cls-attn"]["stage"] == "pre-llm" and rows["cls-attn"]["needs_attention"]
     assert rows["none"]["stage"] == "none"

@@ -71,7 +71,7 @@ def test_method_exports_verifies_and_runs(method, budget, artifacts, tiny_llava_
 
 def test_methods_command_lists_all_nine(capsys):
     assert main(["methods", "--json"]) == 0
-    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == {"none", "cls-attn", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv", "pdrop",
                          "dart"}
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"

@@ -287,4 +287,45 @@ def test_device_profiles_load_and_validate(tmp_path, capsys):
     with pytest.raises(UsageError, match="bandwidth_gbs"):
         load_profile(str(bad))
     assert main(["profiles", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)) == len(names)
+    assert len(json.loads(capsys.readouterr().out)["profiles"]) == len(names)
+
+
+def _synthetic_report():
+    from tokedge.report.profile import BudgetResult
+
+    results = []
+    for k, ttft, dec in ((576, 120.0, 9.0), (192, 60.0, 8.5), (64, 40.0, 8.2), (16, 30.0, 8.0)):
+        results.append(BudgetResult(
+            budget=k, backend="onnxruntime", visual_tokens=k, artifact="a", ttft_ms=ttft, vision_ms=ttft / 3,
+            prefill_ms=ttft / 2, preprocess_ms=ttft / 6, decode_ms_per_token=dec, tokens_per_s=1e3 / dec,
+            p90={"ttft_ms": ttft * 1.1, "decode_ms_per_token": dec * 1.2}, peak_rss_mb=100.0, reduction_ms=0.1,
+            prompt_tokens=10, flops={"vision": 1.0, "prefill": k / 100, "decode_per_token": 0.1},
+            achieved_gflops_per_s={"vision": 1.0, "prefill": 1.0, "decode": 1.0},
+            predicted={"ttft_ms": ttft / 50, "decode_ms_per_token": 1.0, "tokens_per_s": 1000.0,
+                       "device": "jetson-orin-nano-8gb", "overhead_bound": False}))
+    return ProfileReport(artifact="a", method="cls-attn", images=["i.png"], prompt="p", runs=5, warmup=2,
+                         max_new_tokens=8, machine={}, gemm_peak_gflops_per_s=1.0, results=results,
+                         baseline={"ttft_ms": 150.0, "decode_ms_per_token": 9.5, "attention": "sdpa",
+                                   "visual_tokens": 576, "prefill_ms": 100.0, "ttft_p90_ms": 160.0})
+
+
+def test_latency_plot_reads_at_a_glance():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tokedge.report.render import flops_figure, latency_figure
+
+    report = _synthetic_report()
+    fig = latency_figure(report)
+    ax, ax2 = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    for wanted in ("decode ms/token (median)", "decode p90", "TTFT p90", "baseline TTFT (sdpa, all tokens)",
+                   "baseline decode", "predicted TTFT (jetson-orin-nano-8gb)"):
+        assert wanted in labels
+    assert ax2.get_ylim()[0] == 0 and ax.get_ylim()[0] == 0
+    centres = sorted({round(p.get_x() + p.get_width() / 2, 6) for p in ax.patches})
+    assert centres == [16, 64, 192, 576]  # budgets at their values, not evenly spaced
+    fig = flops_figure(report)
+    (line, _) = fig.axes[0].get_lines()[:2]
+    assert list(line.get_xdata()) == [16, 64, 192, 576]
+    assert fig.axes[0].get_ylim()[0] == 0
