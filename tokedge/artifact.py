@@ -83,6 +83,7 @@ class ReductionInfo:
     # in-ViT methods (ToMe): tokens merged away in each vision layer up to the feature layer
     merge_schedule: tuple[int, ...] = ()
     scores_with: tuple[str, ...] = ()  # the method's signals (tokedge.reduce.base.Signal values)
+    supports_runtime_budget: bool = False  # the method can be re-exported with a `budget` input
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from tokedge.artifact import (
     write_manifest,
 )
 from tokedge.errors import InputError, UsageError
-from tokedge.reduce import get_method
-from tokedge.reduce.base import Method
+from tokedge.reduce import METHODS, get_method
+from tokedge.reduce.base import Method, VisionGeometry
 
 DTYPES = ("fp32", "fp16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -87,21 +87,32 @@ def resolve_model(source: str) -> Path | None:
     if path.exists():
         raise InputError(f"'{source}' is a file; pass the checkpoint directory (with config.json) or a hub id")
     if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        return None
+        from tokedge.export.hf import offline_checkpoint
+
+        return offline_checkpoint(source)  # None: online, transformers downloads it
     raise InputError(f"'{source}' is not a directory, a built-in preset (tiny-llava) or a hub id (owner/name)")
 
 
-def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[int, tuple[int, int] | None, dict]:
-    """Budget, runtime range and options, checked before any weights load."""
+def check_flags(cfg: ExportConfig, method: Method) -> dict:
+    """What can be checked from the flags alone (before the checkpoint is even read); -> options."""
     options = method.parse_options(dict(cfg.options))
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype} is not supported; use one of {', '.join(DTYPES)}")
+    if cfg.dynamic_budget is not None and not method.supports_runtime_budget:
+        able = ", ".join(m.name for m in METHODS.values() if m.supports_runtime_budget)
+        raise UsageError(f"--method {method.name} cannot take a runtime budget (methods that can: {able}); "
+                         "drop --dynamic-budget and export one artifact per budget")
+    return options
+
+
+def check_request(cfg: ExportConfig, method: Method, full_tokens: int,
+                  geometry: "VisionGeometry | None" = None) -> tuple[int, tuple[int, int] | None, dict]:
+    """Budget, runtime range and options, checked before any weights load."""
+    options = check_flags(cfg, method)
     budget = cfg.budget if cfg.budget is not None else method.default_budget(full_tokens)
-    method.check_budget(budget, full_tokens)
+    method.check_budget(budget, full_tokens, geometry)
     rng = cfg.dynamic_budget
     if rng is not None:
-        if not method.supports_runtime_budget:
-            raise UsageError(f"--method {method.name} cannot take a runtime budget; drop --dynamic-budget")
         lo, hi = rng
         if not (1 <= lo <= budget <= hi <= full_tokens):
             raise UsageError(
@@ -123,9 +134,8 @@ def _versions() -> dict[str, str]:
 def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult:
     """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
     method = get_method(cfg.method)
+    check_flags(cfg, method)  # wrong flags are reported first, before "already exists" or any loading
     out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise UsageError(f"'{out}' already exists; choose another --out or pass --force to replace it")
     seconds: dict[str, float] = {}
 
     def timed(name: str):
@@ -138,12 +148,19 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
         return run()
 
+    local = resolve_model(cfg.model)  # config only: cheap, so no progress stage for it
+    from tokedge.export.families import llava as fam
+
+    config = fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
+    full = fam.full_tokens_from_config(config)
+    budget, rng, options = check_request(cfg, method, full, fam.vision_geometry(config))
+    if out.exists() and not cfg.force:
+        raise UsageError(f"'{out}' already exists; choose another --out or pass --force to replace it")
+
     with timed("load checkpoint"):
-        local = resolve_model(cfg.model)
         import torch
 
         from tokedge.export import onnx_export as ox
-        from tokedge.export.families import llava as fam
         from tokedge.export.reference import (
             EXAMPLE_PROMPTS,
             example_images,
@@ -160,8 +177,6 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             save_reference,
         )
 
-        full = fam.full_tokens_from_config(fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code))
-        budget, rng, options = check_request(cfg, method, full)
         loaded = fam.load_llava(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         if loaded.full_tokens != full:
             raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
@@ -222,6 +237,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             options=options, stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
             merge_schedule=tuple(modules["vision"].schedule or ()),
             scores_with=tuple(s.value for s in method.scores_with),
+            supports_runtime_budget=method.supports_runtime_budget,
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,

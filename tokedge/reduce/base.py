@@ -70,6 +70,15 @@ class VisionFeatures:
 
 
 @dataclass(frozen=True)
+class VisionGeometry:
+    """What a method's budget check may need to know about the vision tower (from config.json)."""
+
+    patch_tokens: int  # patch tokens entering the tower's layers (CLS not counted)
+    layers: int  # encoder layers that run up to the feature layer
+    has_cls: bool
+
+
+@dataclass(frozen=True)
 class OptionSpec:
     type: type  # int, float or str
     default: Any  # None: derived from the budget (see help)
@@ -93,6 +102,7 @@ class Method:
     min_budget: int = 1
     budget_check: Callable[[int, int], str | None] | None = None  # (budget, full) -> error or None
     plan: Callable[..., Any] | None = None  # in-LLM: (budget, full, n_layers, options) -> in_llm.Plan
+    fewest_tokens: Callable[[VisionGeometry], int] | None = None  # smallest budget the method can reach
 
     @property
     def needs(self) -> frozenset[str]:
@@ -133,7 +143,7 @@ class Method:
     def default_budget(self, full_tokens: int) -> int:
         return full_tokens if self.keeps_all else min(64, full_tokens)
 
-    def check_budget(self, budget: int, full_tokens: int) -> None:
+    def check_budget(self, budget: int, full_tokens: int, geometry: VisionGeometry | None = None) -> None:
         if not 1 <= budget <= full_tokens:
             raise UsageError(f"--budget {budget} is out of range for this model: use 1..{full_tokens} visual tokens")
         if self.keeps_all and budget != full_tokens:
@@ -143,6 +153,13 @@ class Method:
             )
         if budget < self.min_budget:
             raise UsageError(f"--method {self.name} needs --budget >= {self.min_budget} (got {budget})")
+        if geometry is not None and self.fewest_tokens is not None:
+            fewest = self.fewest_tokens(geometry)
+            if budget < fewest:
+                raise UsageError(
+                    f"--method {self.name} cannot merge down to {budget} tokens in this model's {geometry.layers} "
+                    f"vision layers (each merges at most half): use --budget >= {fewest}"
+                )
         problem = self.budget_check(budget, full_tokens) if self.budget_check else None
         if problem:
             raise UsageError(f"--method {self.name} --budget {budget}: {problem}")

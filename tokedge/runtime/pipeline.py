@@ -76,10 +76,9 @@ class Pipeline:
             return self.manifest.prompt.visual_tokens
         if red.budget_range is None:
             if budget != red.budget:
-                raise InputError(
-                    f"this artifact has a fixed budget of {red.budget} visual tokens; re-export with "
-                    f"--dynamic-budget to choose it at run time"
-                )
+                how = ("re-export with --dynamic-budget to choose it at run time" if red.supports_runtime_budget else
+                       f"--method {red.method} takes no runtime budget: export one artifact per budget")
+                raise InputError(f"this artifact has a fixed budget of {red.budget} visual tokens; {how}")
             return budget
         lo, hi = red.budget_range
         if not lo <= budget <= hi:

@@ -20,7 +20,7 @@ from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo
 from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.towers import VisionTower, layers_to_feature
-from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.base import Method, VisionFeatures, VisionGeometry
 
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
@@ -75,6 +75,17 @@ def full_tokens_from_config(cfg: dict) -> int:
     if cfg.get("vision_feature_select_strategy", "default") == "full" and vc.get("model_type") != "siglip_vision_model":
         n += 1
     return n
+
+
+def vision_geometry(cfg: dict) -> VisionGeometry:
+    """The vision tower's token and layer counts from a config.json dict (no weights)."""
+    vc = cfg.get("vision_config") or {}
+    has_cls = vc.get("model_type", "clip_vision_model") == "clip_vision_model"
+    feature_layer = cfg.get("vision_feature_layer", -2)
+    layers = int(vc.get("num_hidden_layers", 24))
+    index = layers_to_feature(feature_layer, layers) if isinstance(feature_layer, int) else layers
+    return VisionGeometry(patch_tokens=(int(vc.get("image_size", 336)) // int(vc.get("patch_size", 14))) ** 2,
+                          layers=index, has_cls=has_cls)
 
 
 def inspect_checkpoint(source: str, local: Path | None, trust_remote_code: bool = False) -> dict:
