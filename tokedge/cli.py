@@ -143,8 +143,8 @@ def optimize_cmd(
     names = [p.strip() for p in passes.split(",") if p.strip()]
     result = optimize(artifact, out, names, force=force)
     console = _console()
-    for graph, per in result.counts.items():
-        console.print(f"{graph}: " + ", ".join(f"{p} fired {n}x" for p, n in per.items()))
+    for graph in result.counts:
+        console.print(result.describe(graph), markup=False)
     console.print(f"wrote {result.out} (parity re-checked against the export reference)")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "counts": result.counts, "parity": result.parity}))
@@ -191,6 +191,8 @@ def build_cmd(
                 console.print(f"    {name}: min {list(rng.min)} opt {list(rng.opt)} max {list(rng.max)}")
     for note in plan.notes:
         console.print(f"  note: {note}")
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"{'would write' if dry_run else 'wrote'} {where}")
 
 

@@ -83,7 +83,7 @@ class ArtifactGraphs:
                  options: OrtOptions = OrtOptions()):
         self.root = Path(root)
         self.manifest = manifest
-        self.runners: dict[str, Runner] = runners or {
+        self.runners: dict[str, Runner] = runners if runners is not None else {
             name: OrtRunner(self.root / spec.file, options, name=name) for name, spec in manifest.graphs.items()
         }
         dec = manifest.graphs["decoder"]
@@ -118,16 +118,9 @@ class ArtifactGraphs:
     def _run(self, name: str, host: dict[str, np.ndarray], past: dict) -> tuple[dict, dict]:
         """Run a graph whose present.* outputs become the next past_key_values.* (kept resident
         with runners that support IO binding). Returns (host outputs, next past)."""
-        runner = self.runners[name]
         present_to_past = {p.replace("past_key_values.", "present."): p for p in self.past_names}
-        if hasattr(runner, "infer_bound"):
-            arrays = {k: v for k, v in past.items() if isinstance(v, np.ndarray)}
-            resident = {k: v for k, v in past.items() if not isinstance(v, np.ndarray)}
-            out, kept = runner.infer_bound({**host, **arrays}, resident, keep=set(present_to_past))
-        else:
-            out = runner.infer({**host, **past})
-            kept = out
-        return out, {past_name: kept[p] for p, past_name in present_to_past.items()}
+        out = self.runners[name].infer({**host, **past}, keep=frozenset(present_to_past))
+        return out, {past_name: out[p] for p, past_name in present_to_past.items()}
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray,
                 room: int) -> tuple[np.ndarray, DecodeState]:

@@ -140,7 +140,7 @@ def _tensorrt_runners(root: Path, engines: Path | str | None):
     if index.get("artifact_manifest_sha256") != sha256_file(root / MANIFEST_NAME):
         raise ArtifactError(f"the engines in '{engines}' were built from a different artifact; rebuild them with "
                             f"`tokedge build {root} --profile {index.get('profile', 'PROFILE')}`")
-    from tokedge.runtime.trt_backend import open_engines
+    from tokedge.build.trt import open_engines
 
     return open_engines(engines, index)
 

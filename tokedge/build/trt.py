@@ -3,7 +3,7 @@
 The only module that imports `tensorrt` (and, through ctypes, the CUDA runtime). Written against
 TensorRT 10.3 (JetPack 6: builder precision flags) and TensorRT 11 (strongly typed networks);
 type-checked in CI with pyright against `tensorrt-stubs`. Nothing here runs on a machine without
-TensorRT and a GPU; every decision it takes comes from `tokedge.build` (pure, unit-tested).
+TensorRT and a GPU; every decision it takes comes from `tokedge.build.plan` (pure, unit-tested).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tokedge.build import BuildPlan, EnginePlan
+from tokedge.build.plan import BuildPlan, EnginePlan
 from tokedge.errors import ArtifactError, IntegrityError, MissingDependencyError, TokedgeError
 
 METADATA_SUFFIX = ".json"
@@ -237,7 +237,7 @@ class DeviceTensor:
 
 class TrtRunner:
     """Runner over one verified engine: sets input shapes, binds preallocated device buffers, and
-    runs execute_async_v3 on its own stream. `infer_bound` keeps KV outputs on the GPU."""
+    runs execute_async_v3 on its own stream. `infer(..., keep=...)` keeps KV outputs on the GPU."""
 
     def __init__(self, plan_path: Path, meta: dict, expected_sha256: str, name: str):
         self.plan_path, self.meta, self.expected = plan_path, meta, expected_sha256
@@ -246,10 +246,9 @@ class TrtRunner:
         self._ctx: Any = None
 
     def __enter__(self) -> "TrtRunner":
-        _require_trt()
+        data = check_engine(self.plan_path, self.meta, self.expected)  # the hash first, TensorRT or not
         import tensorrt as trt
 
-        data = check_engine(self.plan_path, self.meta, self.expected)
         self.cuda = Cuda()
         self.stream = self.cuda.stream()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -305,11 +304,16 @@ class TrtRunner:
                     raise ArtifactError(f"{self.name} engine has no optimisation profile {index}; rebuild it")
                 self.profile_index = index
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out, _ = self.infer_bound(feed, {}, keep=set())
-        return out
+    def infer(self, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The runner protocol: `DeviceTensor` values in `feed` are bound where they live; outputs
+        in `keep` stay on the GPU as `DeviceTensor`s, the others are copied to numpy arrays."""
+        host = {k: v for k, v in feed.items() if isinstance(v, np.ndarray)}
+        resident = {k: v for k, v in feed.items() if isinstance(v, DeviceTensor)}
+        out, kept = self._infer_bound(host, resident, set(keep))
+        return {**out, **kept}
 
-    def infer_bound(self, host: dict[str, np.ndarray], resident: dict, keep: set[str]) -> tuple[dict, dict]:
+    def _infer_bound(self, host: dict[str, np.ndarray], resident: dict[str, "DeviceTensor"],
+                     keep: set[str]) -> tuple[dict, dict]:
         import tensorrt as trt
 
         ctx = self._ctx
