@@ -12,6 +12,7 @@ from tokedge.cli import main
 from tokedge.reduce import METHODS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_verify_against_checkpoint_passes_for_every_method(method, artifacts, tiny_llava_dir, capsys):
     art = artifacts(method, None)

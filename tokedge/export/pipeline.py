@@ -210,7 +210,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
                            plan=plan, full_tokens=full)
 
-    from tokedge.export.passes import DEFAULT_PASSES, run_passes
+    from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
 
     passes = DEFAULT_PASSES if cfg.passes is None else cfg.passes
     optimizations = []
@@ -220,11 +220,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             with timed(f"trace {name}.onnx"):
                 model = ox.trace_to_ir(modules[name], specs[name])
                 if name == "vision" and rng is not None:
-                    from tokedge.export.passes.runtime_budget import bind_runtime_budget
-
-                    bind_runtime_budget(model, trace_k, rng[0], rng[1])
+                    run_passes(model, [PassCall("runtime-budget", {"sentinel_k": trace_k, "lo": rng[0], "hi": rng[1]})],
+                               graph=name)
                 ox.finish(model)
-                for pass_name, fired in run_passes(model, passes).items():
+                for pass_name, fired in run_passes(model, passes, graph=name).items():
                     optimizations.append({"graph": name, "pass": pass_name, "fired": fired})
                 file, data = ox.save_graph(model, stage, name, cfg.external_data_threshold)
                 graphs[name] = ox.graph_spec(model, file, data)
