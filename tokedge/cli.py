@@ -101,7 +101,10 @@ def export_cmd(
     options = tuple(parse_option_pairs(option).items())
     rng = parse_budget_range(dynamic_budget) if dynamic_budget else None
     if out is None:
-        label = budget if budget is not None else ("full" if method == "none" else 64)
+        from tokedge.reduce import get_method
+
+        chosen = get_method(method)
+        label = budget if budget is not None else ("full" if chosen.keeps_all else chosen.default_budget(576))
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
