@@ -10,10 +10,10 @@ import pytest
 
 from tokedge.artifact import load_artifact
 from tokedge.build import FP32_LAYERS, precision_settings
+from tokedge.build.trt import tensorrt_available
 from tokedge.cli import main
 from tokedge.errors import ArtifactError, IntegrityError, UsageError
 from tokedge.profiles import load_profile
-from tokedge.build.trt import tensorrt_available
 
 NO_TRT = "TensorRT with a CUDA GPU is not available on this machine"
 

@@ -14,7 +14,7 @@ SOURCES = {p.relative_to(PACKAGE).as_posix(): p.read_text() for p in PACKAGE.rgl
 
 
 def test_tensorrt_is_imported_only_by_build_trt():
-    importers = sorted(name for name, text in SOURCES.items() if re.search(r"^\s*import tensorrt\b", text, re.M))
+    importers = sorted(name for name, text in SOURCES.items() if re.search(r"^\s*import tensorrt\b", text, re.MULTILINE))
     assert importers == ["build/trt.py"]
 
 
@@ -23,7 +23,7 @@ def test_build_planning_imports_no_tensorrt_module():
             "print(sorted(m for m in sys.modules if m in ('tokedge.build.trt', 'tensorrt')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    assert not re.search(r"^\s*(from|import) tokedge\.(build\.trt|runtime)", SOURCES["build/plan.py"], re.M)
+    assert not re.search(r"^\s*(from|import) tokedge\.(build\.trt|runtime)", SOURCES["build/plan.py"], re.MULTILINE)
 
 
 def test_one_runner_protocol_without_capability_probing():

@@ -29,7 +29,7 @@ class Tolerance:
     logits: float
 
     @classmethod
-    def for_dtype(cls, dtype: str) -> "Tolerance":
+    def for_dtype(cls, dtype: str) -> Tolerance:
         return cls(image_embeds=1e-3, logits=1e-3) if dtype == "fp32" else cls(image_embeds=None, logits=1e-1)
 
 

@@ -13,10 +13,10 @@ from tokedge.errors import UsageError
 if TYPE_CHECKING:
     from tokedge.reduce.base import Method
 
-_METHODS: dict[str, "Method"] | None = None
+_METHODS: dict[str, Method] | None = None
 
 
-def _registry() -> dict[str, "Method"]:
+def _registry() -> dict[str, Method]:
     global _METHODS
     if _METHODS is None:
         from tokedge.reduce import cls_attn, divprune, in_llm, none, pool, tome, visionzip, vispruner
@@ -29,7 +29,7 @@ def _registry() -> dict[str, "Method"]:
     return _METHODS
 
 
-def get_method(name: str) -> "Method":
+def get_method(name: str) -> Method:
     methods = _registry()
     if name in methods:
         return methods[name]

@@ -8,9 +8,10 @@ or hooks a model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from tokedge.errors import UsageError
 

@@ -32,7 +32,7 @@ class ProfileConfig:
     backend: str = "onnxruntime"
     engines: Path | None = None  # engines directory for backend "tensorrt"
     runs: int = 5
-    warmup: int = 1
+    warmup: int = 2  # untimed runs per budget and image before timing
     max_new_tokens: int = 32
     baseline: str | None = None  # checkpoint: transformers at full tokens, same inputs
     baseline_attention: str | None = None  # None: transformers' default (SDPA); "eager" to match old reports

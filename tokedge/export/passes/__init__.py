@@ -8,8 +8,9 @@ the pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import onnx_ir as ir
 
@@ -54,11 +55,11 @@ PASSES = {
 DEFAULT_PASSES = ("fuse-selection", "indices-int32", "fp16-guard", "fold")
 
 
-def _call(item: "str | PassCall") -> PassCall:
+def _call(item: str | PassCall) -> PassCall:
     return item if isinstance(item, PassCall) else PassCall(item)
 
 
-def get_passes(items: Sequence["str | PassCall"]) -> list[tuple[GraphPass, dict[str, Any]]]:
+def get_passes(items: Sequence[str | PassCall]) -> list[tuple[GraphPass, dict[str, Any]]]:
     """Look passes up and check their parameters, before any graph is touched."""
     out = []
     for call in map(_call, items):
@@ -82,7 +83,7 @@ def _io_shapes(model: ir.Model) -> list[list | None]:
             for v in [*model.graph.inputs, *model.graph.outputs]]
 
 
-def run_passes(model: ir.Model, items: Sequence["str | PassCall"], graph: str = "graph") -> dict[str, int]:
+def run_passes(model: ir.Model, items: Sequence[str | PassCall], graph: str = "graph") -> dict[str, int]:
     """Run passes in order; the graph's input and output shapes (the artifact contract, with its
     axis names) are restored after each, since shape inference inside a pass renames axes. A pass
     that refuses the graph raises PassRefused naming the pass and the graph."""
