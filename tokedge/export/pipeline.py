@@ -154,6 +154,12 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     config = fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
     full = fam.full_tokens_from_config(config)
     budget, rng, options = check_request(cfg, method, full, fam.vision_geometry(config))
+    from tokedge.reduce.in_llm import plan_for
+
+    plan = None
+    n_layers = (config.get("text_config") or {}).get("num_hidden_layers")  # absent when it is the default
+    if method.prunes_in_llm and n_layers is not None:  # layer options checked before loading
+        plan = plan_for(method, budget, full, int(n_layers), options)
     if out.exists() and not cfg.force:
         raise UsageError(f"'{out}' already exists; choose another --out or pass --force to replace it")
 
@@ -181,10 +187,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if loaded.full_tokens != full:
             raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
 
-    plan = None
-    if method.prunes_in_llm:
-        from tokedge.reduce.in_llm import plan_for
-
+    if method.prunes_in_llm and plan is None:
         plan = plan_for(method, budget, full, loaded.config.text_config.num_hidden_layers, options)
     vision_tokens = method.vision_tokens(budget, full)  # in-LLM methods prune inside the decoder
     trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)

@@ -77,15 +77,18 @@ def full_tokens_from_config(cfg: dict) -> int:
     return n
 
 
-def vision_geometry(cfg: dict) -> VisionGeometry:
-    """The vision tower's token and layer counts from a config.json dict (no weights)."""
+def vision_geometry(cfg: dict) -> VisionGeometry | None:
+    """The vision tower's token and layer counts from a config.json dict (no weights); None when
+    the config leaves them at the class defaults (then the check waits for the loaded model)."""
     vc = cfg.get("vision_config") or {}
+    if not all(k in vc for k in ("num_hidden_layers", "image_size", "patch_size")):
+        return None
     has_cls = vc.get("model_type", "clip_vision_model") == "clip_vision_model"
     feature_layer = cfg.get("vision_feature_layer", -2)
-    layers = int(vc.get("num_hidden_layers", 24))
+    layers = int(vc["num_hidden_layers"])
     index = layers_to_feature(feature_layer, layers) if isinstance(feature_layer, int) else layers
-    return VisionGeometry(patch_tokens=(int(vc.get("image_size", 336)) // int(vc.get("patch_size", 14))) ** 2,
-                          layers=index, has_cls=has_cls)
+    return VisionGeometry(patch_tokens=(int(vc["image_size"]) // int(vc["patch_size"])) ** 2, layers=index,
+                          has_cls=has_cls)
 
 
 def inspect_checkpoint(source: str, local: Path | None, trust_remote_code: bool = False) -> dict:
@@ -196,9 +199,11 @@ class VisionGraph(nn.Module):
             schedule = merge_schedule(llava.full_tokens - (0 if drop_cls or not has_cls else 1), k, index,
                                       protected=1 if has_cls else 0)
             if schedule is None:
+                patches = llava.full_tokens - (0 if drop_cls or not has_cls else 1)
+                fewest = method.fewest_tokens(VisionGeometry(patches, index, has_cls)) if method.fewest_tokens else k + 1
                 raise InputError(
-                    f"--method {method.name} cannot merge down to {k} tokens in {index} vision layers "
-                    "(each layer merges at most half); raise --budget"
+                    f"--method {method.name} cannot merge down to {k} tokens in this model's {index} vision layers "
+                    f"(each merges at most half): use --budget >= {fewest}"
                 )
         self.schedule = schedule
         self.tower = VisionTower(tower, cfg.vision_feature_layer, drop_cls, method.needs, schedule)
