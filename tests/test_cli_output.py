@@ -113,3 +113,10 @@ def test_debug_before_or_after_the_subcommand(where, tmp_path, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     with pytest.raises(ArtifactError):  # --debug lets the traceback through
         main(argv)
+
+
+def test_log_lines_are_not_hard_wrapped(artifacts, narrow, capsys):
+    assert main(["verify", str(artifacts("cls-attn", 64))]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hashes ok; parity: ") and len(lines[0]) > 80
