@@ -1,4 +1,5 @@
-"""TensorRT: engine building from a BuildPlan, and the runner behind the runner protocol.
+"""TensorRT: engine building from a BuildPlan, loaders (verified plan bytes -> engine) and the
+runner behind the runner protocol, kept apart as in Polygraphy: a runner takes an engine loader.
 
 The only module that imports `tensorrt` (and, through ctypes, the CUDA runtime). Written against
 TensorRT 10.3 (JetPack 6: builder precision flags) and TensorRT 11 (strongly typed networks);
@@ -17,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -235,26 +236,52 @@ class DeviceTensor:
     dtype: np.dtype
 
 
-class TrtRunner:
-    """Runner over one verified engine: sets input shapes, binds preallocated device buffers, and
-    runs execute_async_v3 on its own stream. `infer(..., keep=...)` keeps KV outputs on the GPU."""
+class VerifiedPlanBytes:
+    """Loader: a plan file's bytes, once its sha256 and build metadata match (`check_engine`)."""
 
-    def __init__(self, plan_path: Path, meta: dict, expected_sha256: str, name: str):
+    def __init__(self, plan_path: Path, meta: dict, expected_sha256: str):
         self.plan_path, self.meta, self.expected = plan_path, meta, expected_sha256
+
+    def __call__(self) -> bytes:
+        return check_engine(self.plan_path, self.meta, self.expected)
+
+
+class EngineFromBytes:
+    """Loader: a deserialised engine from plan bytes or from a loader of them, e.g.
+    `EngineFromBytes(VerifiedPlanBytes(path, meta, sha))`. Returns (runtime, engine): the runtime
+    must outlive the engine."""
+
+    def __init__(self, data: bytes | Callable[[], bytes], label: str = "engine"):
+        self.data, self.label = data, label
+
+    def __call__(self) -> tuple[Any, Any]:
+        data = self.data() if callable(self.data) else self.data  # verified before TensorRT is needed
+        _require_trt()
+        import tensorrt as trt
+
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise ArtifactError(f"TensorRT could not deserialize {self.label}; rebuild it")
+        return runtime, engine
+
+
+class TrtRunner:
+    """Runner over one engine from a loader: sets input shapes, binds preallocated device buffers,
+    and runs execute_async_v3 on its own stream. `infer(..., keep=...)` keeps KV outputs on the GPU."""
+
+    def __init__(self, engine: Callable[[], tuple[Any, Any]], meta: dict, name: str):
+        self.load_engine, self.meta = engine, meta
         self.name = name
         self.last_inference_time = 0.0
         self._ctx: Any = None
 
     def __enter__(self) -> "TrtRunner":
-        data = check_engine(self.plan_path, self.meta, self.expected)  # the hash first, TensorRT or not
+        self.runtime, self.engine = self.load_engine()
         import tensorrt as trt
 
         self.cuda = Cuda()
         self.stream = self.cuda.stream()
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialize {self.plan_path.name}; rebuild it")
         self._ctx = self.engine.create_execution_context()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = {n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
@@ -372,5 +399,7 @@ def open_engines(engines_dir: Path, index: dict) -> dict[str, TrtRunner]:
     runners = {}
     for graph, entry in index["engines"].items():
         meta = json.loads((engines_dir / (entry["plan"] + METADATA_SUFFIX)).read_text())
-        runners[graph] = TrtRunner(engines_dir / entry["plan"], meta, entry["sha256"], graph)
+        plan = engines_dir / entry["plan"]
+        runners[graph] = TrtRunner(EngineFromBytes(VerifiedPlanBytes(plan, meta, entry["sha256"]), plan.name), meta,
+                                   graph)
     return runners
