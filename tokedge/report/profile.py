@@ -193,7 +193,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         from tokedge.profiles import load_profile
 
         device_profile = load_profile(cfg.predict)
-    outside = [k for k in budgets if _runtime_budget(manifest, k) is False]
+    outside = [k for k in budgets if not _runtime_budget(manifest, k)[0]]
     if outside and not cfg.checkpoint:
         red = manifest.reduction
         have = f"{red.budget_range[0]}..{red.budget_range[1]}" if red.budget_range else str(red.budget)
@@ -319,21 +319,20 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     return report
 
 
-def _runtime_budget(manifest, k: int) -> int | None | bool:
-    """The runtime budget to feed for budget k (None: the artifact's own), or False when the
-    artifact cannot run k."""
+def _runtime_budget(manifest, k: int) -> tuple[bool, int | None]:
+    """(whether the artifact can run budget k, the runtime budget to feed: None = its own)."""
     red = manifest.reduction
     if red.budget_range and red.budget_range[0] <= k <= red.budget_range[1]:
-        return k
-    return None if k == red.budget else False
+        return True, k
+    return k == red.budget, None
 
 
 def _artifact_for(cfg: ProfileConfig, manifest, k: int, notes: list[str]) -> tuple[Path, int | None]:
     """The artifact to run budget k on (and the runtime budget to feed), re-exporting from
     --checkpoint into cfg.reexport_dir when the artifact cannot run k (and saying so in `notes`)."""
-    runtime = _runtime_budget(manifest, k)
-    if runtime is not False:
-        return cfg.artifact, runtime  # type: ignore[return-value]
+    can_run, runtime = _runtime_budget(manifest, k)
+    if can_run:
+        return cfg.artifact, runtime
     red = manifest.reduction
     source = cfg.checkpoint or manifest.model.source
     try:
