@@ -104,7 +104,7 @@ def export_cmd(
         from tokedge.reduce import get_method
 
         chosen = get_method(method)
-        label = budget if budget is not None else ("full" if chosen.keeps_all else chosen.default_budget(576))
+        label = budget if budget is not None else ("full" if chosen.keeps_all else 64)
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
@@ -150,7 +150,8 @@ def optimize_cmd(
         console.print(result.describe(graph), markup=False)
     console.print(f"wrote {result.out} (parity re-checked against the export reference)")
     if json_out:
-        print(json.dumps({"artifact": str(result.out), "counts": result.counts, "parity": result.parity}))
+        print(json.dumps({"artifact": str(result.out), "counts": result.counts, "already_applied": result.earlier,
+                          "parity": result.parity}))
 
 
 @app.command("passes", short_help="List the graph passes.")
