@@ -10,10 +10,10 @@ import pytest
 
 from tokedge.artifact import load_artifact
 from tokedge.build import FP32_LAYERS, precision_settings
+from tokedge.build.trt import tensorrt_available
 from tokedge.cli import main
 from tokedge.errors import ArtifactError, IntegrityError, UsageError
 from tokedge.profiles import load_profile
-from tokedge.runtime.trt_backend import tensorrt_available
 
 NO_TRT = "TensorRT with a CUDA GPU is not available on this machine"
 
@@ -114,11 +114,22 @@ def test_tensorrt_backend_guards(artifacts, tmp_path):
     (engines / "engines.json").write_text(json.dumps({"artifact_manifest_sha256": "0" * 64, "engines": {}}))
     with pytest.raises(ArtifactError, match="different artifact"):
         Pipeline.load(art, backend="tensorrt", engines=engines)
-    assert sha256_file(art / MANIFEST_NAME)
+    # engines recorded against this artifact's manifest (hashed here with hashlib) pass that check and
+    # reach the next one: the engine's own hash, checked before anything is deserialised
+    import hashlib
+
+    manifest_sha = hashlib.sha256((art / MANIFEST_NAME).read_bytes()).hexdigest()
+    assert sha256_file(art / MANIFEST_NAME) == manifest_sha
+    (engines / "vision.plan").write_bytes(b"not an engine")
+    (engines / "vision.plan.json").write_text(json.dumps({"plan_sha256": "a" * 64}))
+    (engines / "engines.json").write_text(json.dumps({"artifact_manifest_sha256": manifest_sha,
+                                                      "engines": {"vision": {"plan": "vision.plan", "sha256": "a" * 64}}}))
+    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+        Pipeline.load(art, backend="tensorrt", engines=engines)
 
 
 def test_engine_hash_checked_before_deserialising(tmp_path):
-    from tokedge.runtime.trt_backend import check_engine
+    from tokedge.build.trt import check_engine
 
     plan = tmp_path / "vision.plan"
     plan.write_bytes(b"not the engine that was built")
@@ -166,7 +177,7 @@ class _FakeAllocator:
 
 
 def test_runner_buffers_zero_size_growth_and_retirement():
-    from tokedge.runtime.trt_backend import TrtRunner
+    from tokedge.build.trt import TrtRunner
 
     runner = TrtRunner.__new__(TrtRunner)
     runner.cuda, runner.buffers, runner.capacity, runner.retired = _FakeAllocator(), {}, {}, []

@@ -84,6 +84,10 @@ class ReductionInfo:
     options: dict[str, Any] = field(default_factory=dict)
     # in-LLM methods: pruning stages inside the prefill, each {score_layer, prune_layer, keep, rule}
     stages: tuple[dict[str, Any], ...] = ()
+    # in-ViT methods (ToMe): tokens merged away in each vision layer up to the feature layer
+    merge_schedule: tuple[int, ...] = ()
+    scores_with: tuple[str, ...] = ()  # the method's signals (tokedge.reduce.base.Signal values)
+    supports_runtime_budget: bool = False  # the method can be re-exported with a `budget` input
 
 
 @dataclass(frozen=True)

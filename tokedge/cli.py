@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -21,16 +21,45 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: wraps to any width without cutting defaults, and "[export]" stays literal
+    rich_markup_mode=None,
 )
 
+
+def _wrap_help_at_spaces_only() -> None:
+    """Help wraps at spaces only, so values a user types (tiny-llava, jetson-orin-nano-8gb) are never
+    split at a hyphen. click builds its TextWrapper with the stdlib default (hyphens break); this
+    makes that default False for click's own wrapper class, nothing else."""
+    import importlib
+
+    for module in ("typer._click._textwrap", "click._textwrap"):
+        try:
+            cls = importlib.import_module(module).TextWrapper
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the typer release
+            continue
+        if getattr(cls.__init__, "_spaces_only", False):
+            continue
+
+        def init(self, *args, _original=cls.__init__, **kwargs):
+            kwargs.setdefault("break_on_hyphens", False)
+            _original(self, *args, **kwargs)
+
+        init._spaces_only = True  # type: ignore[attr-defined]
+        cls.__init__ = init
+
+
+_wrap_help_at_spaces_only()
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")]
+ListJsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (docs/cli.md).")]
 ArtifactArg = Annotated[Path, typer.Argument(help="Artifact directory written by `tokedge export`.")]
 
 
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    # soft_wrap: long lines (paths, parity summaries) are never hard-wrapped into a narrow terminal
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -50,7 +79,7 @@ def _stage_printer(enabled: bool):
     yield stage
 
 
-@app.command("export")
+@app.command("export", short_help="Export a LLaVA checkpoint to an ONNX artifact.")
 def export_cmd(
     model: Annotated[str, typer.Argument(help="Hub id (llava-hf/llava-1.5-7b-hf), llava-hf directory, or tiny-llava.")],
     method: Annotated[str, typer.Option(help="Reduction method (see `tokedge methods`).")] = "none",
@@ -59,9 +88,9 @@ def export_cmd(
     option: Annotated[list[str], typer.Option("--option", help="Method option KEY=VALUE (repeatable), e.g. layer=3.")] = [],
     dtype: Annotated[str, typer.Option(help="fp32 or fp16 weights and activations.")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Artifact directory to create (default: ./<model>-<method>-<budget>).")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing artifact at --out (whole).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint to run.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact at --out (whole).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the checkpoint to run.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
     validate: Annotated[bool, typer.Option(help="Check ONNX Runtime against transformers after export.")] = True,
     json_out: JsonFlag = False,
 ) -> None:
@@ -72,7 +101,10 @@ def export_cmd(
     options = tuple(parse_option_pairs(option).items())
     rng = parse_budget_range(dynamic_budget) if dynamic_budget else None
     if out is None:
-        label = budget if budget is not None else ("full" if method == "none" else 64)
+        from tokedge.reduce import get_method
+
+        chosen = get_method(method)
+        label = budget if budget is not None else ("full" if chosen.keeps_all else 64)
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
@@ -88,7 +120,7 @@ def export_cmd(
         report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
         console.print(f"[green]✓[/green] parity: {report.summary()}")
     kept = m.reduction.budget
-    where = (f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stage == "in-llm" else "")
+    where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
     console.print(
         f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
@@ -99,13 +131,13 @@ def export_cmd(
                           "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds}))
 
 
-@app.command("optimize")
+@app.command("optimize", short_help="Run graph passes over an artifact into a new one.")
 def optimize_cmd(
     artifact: ArtifactArg,
     out: Annotated[Path, typer.Option(help="Directory for the optimised artifact.")],
     passes: Annotated[str, typer.Option(help="Comma-separated passes (see --help of tokedge passes).")] =
     "fuse-selection,indices-int32,fp16-guard,fold",
-    force: Annotated[bool, typer.Option(help="Replace an existing --out (whole).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out (whole).")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Run graph passes over an artifact, write a new one, and print what each pass changed."""
@@ -114,30 +146,35 @@ def optimize_cmd(
     names = [p.strip() for p in passes.split(",") if p.strip()]
     result = optimize(artifact, out, names, force=force)
     console = _console()
-    for graph, per in result.counts.items():
-        console.print(f"{graph}: " + ", ".join(f"{p} fired {n}x" for p, n in per.items()))
+    for graph in result.counts:
+        console.print(result.describe(graph), markup=False)
     console.print(f"wrote {result.out} (parity re-checked against the export reference)")
     if json_out:
-        print(json.dumps({"artifact": str(result.out), "counts": result.counts, "parity": result.parity}))
+        print(json.dumps({"artifact": str(result.out), "counts": result.counts, "already_applied": result.earlier,
+                          "parity": result.parity}))
 
 
-@app.command("passes")
-def passes_cmd() -> None:
+@app.command("passes", short_help="List the graph passes.")
+def passes_cmd(json_out: ListJsonFlag = False) -> None:
     """List the graph passes `tokedge optimize --passes` accepts."""
     from tokedge.export.passes import DEFAULT_PASSES, PASSES
 
-    for p in PASSES.values():
-        tag = " (default at export)" if p.name in DEFAULT_PASSES else ""
-        print(f"{p.name:16s} {p.summary}{tag}")
+    rows = [{"name": p.name, "summary": p.summary, "default_at_export": p.name in DEFAULT_PASSES,
+             "onnxruntime_only": p.onnxruntime_only} for p in PASSES.values()]
+    if json_out:
+        print(json.dumps({"passes": rows}))
+        return
+    _print_listing(rows, [("pass", "name"), ("at export", lambda r: "yes" if r["default_at_export"] else "no")],
+                   detail="summary")
 
 
-@app.command("build")
+@app.command("build", short_help="Build TensorRT engines for a device profile.")
 def build_cmd(
     artifact: ArtifactArg,
     profile: Annotated[str, typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")],
     out: Annotated[Optional[Path], typer.Option(help="Engines directory (default: <artifact>.engines-<profile>).")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the build plan without TensorRT.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace existing engines (whole).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the build plan without TensorRT.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing engines (whole).")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Build one TensorRT engine per graph with optimisation profiles from a device profile."""
@@ -158,10 +195,12 @@ def build_cmd(
                 console.print(f"    {name}: min {list(rng.min)} opt {list(rng.opt)} max {list(rng.max)}")
     for note in plan.notes:
         console.print(f"  note: {note}")
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"{'would write' if dry_run else 'wrote'} {where}")
 
 
-@app.command("check")
+@app.command("check", short_help="Static TensorRT compatibility check (no GPU).")
 def check_cmd(
     artifact: ArtifactArg,
     target: Annotated[str, typer.Option(help="trt-10.3 (JetPack 6) or trt-11.")] = "trt-10.3",
@@ -188,7 +227,7 @@ def check_cmd(
         raise TokedgeError(f"{artifact} fails {target}: {first.line()}{more}")
 
 
-@app.command("verify")
+@app.command("verify", short_help="Re-check hashes and parity against the reference.")
 def verify_cmd(
     artifact: ArtifactArg,
     checkpoint: Annotated[Optional[str], typer.Option(help="Recompute the reference from this checkpoint (needs [export]).")] = None,
@@ -201,13 +240,14 @@ def verify_cmd(
     report = verify(artifact, checkpoint=checkpoint)
     if json_out:
         print(json.dumps(report.to_dict()))
-    else:
+    if not report.ok:  # the error line carries the summary: printed once
+        against = f"a fresh reference from {checkpoint}" if checkpoint else "the recorded reference"
+        raise ParityError(f"{artifact}: hashes ok, but the graphs disagree with {against}: {report.summary()}")
+    if not json_out:
         _console().print(f"hashes ok; parity: {report.summary()}")
-    if not report.ok:
-        raise ParityError(f"{artifact}: graphs disagree with the reference: {report.summary()}")
 
 
-@app.command("run")
+@app.command("run", short_help="Generate text for images and prompts (no torch).")
 def run_cmd(
     artifact: ArtifactArg,
     image: Annotated[list[Path], typer.Option(help="Image file; repeat with --prompt for a batch.")],
@@ -283,7 +323,7 @@ def serve_cmd(
     ))
 
 
-@app.command("profile")
+@app.command("profile", short_help="Latency, FLOPs and fidelity per budget, with plots.")
 def profile_cmd(
     artifact: ArtifactArg,
     image: Annotated[list[Path], typer.Option(help="Image(s) to profile with (repeatable).")],
@@ -292,12 +332,16 @@ def profile_cmd(
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first, per budget and image.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 32,
     out: Annotated[Path, typer.Option(help="Directory for report.json, report.md and plots.")] = Path("profile-report"),
-    baseline: Annotated[Optional[str], typer.Option(help="Checkpoint for the transformers eager baseline.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report in --out.")] = False,
+    baseline: Annotated[Optional[str], typer.Option(help="Checkpoint to time in transformers, all visual tokens.")] = None,
+    baseline_attention: Annotated[Optional[str], typer.Option(
+        help="transformers attention for the baseline: sdpa (its default) or eager.")] = None,
     predict: Annotated[Optional[str], typer.Option(help="Device profile for a roofline prediction.")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option(help="Re-export budgets outside the artifact from here.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        help="Re-export budgets this artifact cannot run from this checkpoint, into <out>/artifacts.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
@@ -312,9 +356,18 @@ def profile_cmd(
         from tokedge.errors import UsageError
 
         raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
+    if (out / "report.json").exists() and not force:
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"'{out}' already holds a report; choose another --out or pass --force to overwrite it")
+    if baseline_attention not in (None, "sdpa", "eager"):
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"--baseline-attention {baseline_attention} is not one of: sdpa, eager")
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
-                        engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline, predict=predict,
-                        checkpoint=checkpoint)
+                        engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
+                        baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
+                        reexport_dir=out / "artifacts")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -325,9 +378,10 @@ def profile_cmd(
         report = run_profile(cfg, progress=tick)
     files = write_all(report, out)
     console = _console()
-    for r in report.results:
-        console.print(f"budget {r.budget:>4}: TTFT {r.ttft_ms:7.1f} ms  vision {r.vision_ms:6.1f}  prefill "
-                      f"{r.prefill_ms:6.1f}  decode {r.decode_ms_per_token:6.2f} ms/token")
+    from tokedge.report.render import summary_lines
+
+    for line in summary_lines(report):
+        console.print(line, markup=False)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")
@@ -335,50 +389,72 @@ def profile_cmd(
         print(json.dumps(report.to_dict()))
 
 
-@app.command("profiles")
-def profiles_cmd(json_out: JsonFlag = False) -> None:
-    """List the device profiles (tokedge/profiles/*.toml)."""
+def _print_listing(rows: list[dict], columns: list[tuple[str, Any]], detail: Any = None) -> None:
+    """A plain table for listing commands: the first column (the name a flag takes) is never cut;
+    at widths too narrow for every column, each row's `detail` goes on its own indented line
+    instead of being squeezed. Plain text, so `| cat` and CI logs show the same."""
+    import shutil
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    cells = [[str(get(r) if callable(get) else r[get]) for _, get in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(columns)]
+    line = "  ".join(h.ljust(w) for (h, _), w in zip(columns, widths))
+    table_width = len(line)
+    details = [str(detail(r) if callable(detail) else r[detail]) for r in rows] if detail is not None else []
+    inline = bool(details) and table_width + 2 + max(len(d) for d in details) <= width
+    print((line + ("  " + (detail if isinstance(detail, str) else "") if inline else "")).rstrip())
+    for i, c in enumerate(cells):
+        text = "  ".join(v.ljust(w) for v, w in zip(c, widths))
+        if inline:
+            text += "  " + details[i]
+        print(text.rstrip())
+        if details and not inline:
+            import textwrap
+
+            print(textwrap.fill(details[i], width=max(40, width - 1), initial_indent="    ",
+                                subsequent_indent="    ", break_on_hyphens=False))
+
+
+@app.command("profiles", short_help="List the device profiles.")
+def profiles_cmd(json_out: ListJsonFlag = False) -> None:
+    """List the device profiles (tokedge/profiles/*.toml); pass a name to --profile / --predict."""
     import dataclasses
 
     from tokedge.profiles import list_profiles
 
     profiles = list_profiles()
     if json_out:
-        print(json.dumps([dataclasses.asdict(p) for p in profiles.values()]))
+        print(json.dumps({"profiles": [dataclasses.asdict(p) for p in profiles.values()]}))
         return
-    from rich.console import Console
-    from rich.table import Table
+    rows = [dataclasses.asdict(p) for p in profiles.values()]
+    _print_listing(rows, [
+        ("profile", "name"), ("TRT", "trt_version"), ("prec", "precision"),
+        ("mem GB", lambda r: f"{r['memory_gb']:g}"), ("TFLOP/s", lambda r: f"{r['fp16_tflops']:g}"),
+        ("GB/s", lambda r: f"{r['bandwidth_gbs']:g}"), ("batch", "max_batch"),
+        ("budgets", lambda r: f"{r['budget_min']}..{r['budget_max']}"),
+    ])
 
-    table = Table("profile", "TensorRT", "precision", "memory GB", "FP16 TFLOP/s", "GB/s", "max batch", "budgets")
-    for p in profiles.values():
-        table.add_row(p.name, p.trt_version, p.precision, f"{p.memory_gb:g}", f"{p.fp16_tflops:g}",
-                      f"{p.bandwidth_gbs:g}", str(p.max_batch), f"{p.budget_min}..{p.budget_max}")
-    Console().print(table)
 
-
-@app.command("methods")
-def methods_cmd(json_out: JsonFlag = False) -> None:
-    """List the reduction methods: where each acts, what it needs, whether counts are static."""
+@app.command("methods", short_help="List the reduction methods.")
+def methods_cmd(json_out: ListJsonFlag = False) -> None:
+    """List the reduction methods: where each acts, what it scores with, whether it takes a runtime budget."""
     from tokedge.reduce import METHODS
 
     rows = [
-        {"name": m.name, "stage": m.stage, "needs_attention": m.needs_attention,
-         "static_counts": m.static_counts, "runtime_budget": m.supports_runtime_budget, "paper": m.paper,
-         "budget": m.budget_meaning, "summary": m.summary,
+        {"name": m.name, "stage": m.stage.value, "scores_with": [s.value for s in m.scores_with],
+         "needs_attention": m.needs_attention, "static_counts": m.static_counts,
+         "runtime_budget": m.supports_runtime_budget, "paper": m.paper, "budget": m.budget_meaning,
+         "summary": m.summary,
          "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help} for k, o in m.option_specs.items()}}
         for m in METHODS.values()
     ]
     if json_out:
-        print(json.dumps(rows))
+        print(json.dumps({"methods": rows}))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("method", "acts", "attention", "static", "runtime budget", "paper (arXiv)", "summary")
-    for r in rows:
-        table.add_row(r["name"], r["stage"], "yes" if r["needs_attention"] else "no", "yes" if r["static_counts"] else "no",
-                      "yes" if r["runtime_budget"] else "no", r["paper"], r["summary"])
-    Console().print(table)
+    _print_listing(rows, [
+        ("method", "name"), ("acts", "stage"), ("runtime budget", lambda r: "yes" if r["runtime_budget"] else "no"),
+        ("scores with", lambda r: ", ".join(r["scores_with"]) or "-"),
+    ], detail=lambda r: f"{r['summary']} (arXiv {r['paper']})" if r["paper"] != "-" else r["summary"])
 
 
 def _version_callback(value: bool) -> None:
@@ -463,7 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         from click.exceptions import ClickException
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("TOKEDGE_DEBUG") == "1"
+    # --debug is accepted anywhere before a "--" (after the subcommand too): taken out here
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end] or os.environ.get("TOKEDGE_DEBUG") == "1"
+    argv = [a for i, a in enumerate(argv) if not (a == "--debug" and i < end)]
     command = typer.main.get_command(app)
     previous = _install_signal_handlers()
     try:

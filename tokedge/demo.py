@@ -14,10 +14,17 @@ import sys
 from pathlib import Path
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as it can be pasted back into a shell (arguments with spaces quoted)."""
+    import shlex
+
+    return shlex.join(["tokedge", *argv])
+
+
 def _step(title: str, argv: list[str]) -> None:
     from tokedge.cli import main
 
-    print(f"\n$ tokedge {' '.join(argv)}", flush=True)
+    print(f"\n$ {command_line(argv)}", flush=True)
     rc = main(argv)
     if rc != 0:
         print(f"demo: step '{title}' failed (exit {rc})", file=sys.stderr)
@@ -40,6 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", type=Path)
     args = parser.parse_args()
+    print("demo: tiny-llava is a built-in model with RANDOM weights (LLaVA-1.5 geometry, no download): "
+          "its answers are gibberish by design; the demo shows the pipeline, its parity checks and timings. "
+          "Pass a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf) to `tokedge export` for real answers.", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     artifact = args.out / "tiny-llava-cls-attn-64"
     _step("export", ["export", "tiny-llava", "--method", "cls-attn", "--budget", "64", "--dynamic-budget", "16:576",
@@ -51,7 +61,7 @@ def main() -> None:
     report = args.out / "profile"
     _step("profile", ["profile", str(artifact), "--image", str(image), "--budgets", "576,192,64,16", "--runs", "3",
                       "--max-new-tokens", "8", "--baseline", "tiny-llava", "--predict", "jetson-orin-nano-8gb",
-                      "--out", str(report)])
+                      "--out", str(report), "--force"])
     print(f"\ndemo: done; artifact at {artifact}, profiling report at {report}/report.md")
 
 

@@ -42,6 +42,12 @@ class ParityError(TokedgeError):
     exit_code = 1
 
 
+class PassRefused(TokedgeError):
+    """A graph pass found a graph without the shape it rewrites; the message says why."""
+
+    exit_code = 1
+
+
 class MissingDependencyError(TokedgeError):
     """An optional extra is needed for this command."""
 

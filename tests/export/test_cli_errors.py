@@ -4,6 +4,7 @@ written outside the expected place."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,69 @@ def test_verify_cli(artifacts, tmp_path, capsys):
 
 def test_methods_lists_registry(capsys):
     assert main(["methods", "--json"]) == 0
-    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert rows["cls-attn"]["stage"] == "pre-llm" and rows["cls-attn"]["needs_attention"]
     assert rows["none"]["stage"] == "none"
+
+
+@pytest.fixture
+def config_only(tiny_llava_dir, tmp_path):
+    """A checkpoint directory with config.json and no weights: anything that loads weights fails."""
+    import shutil
+
+    d = tmp_path / "config-only"
+    d.mkdir()
+    shutil.copy(tiny_llava_dir / "config.json", d / "config.json")
+    return d
+
+
+def test_flag_problems_come_before_already_exists_and_loading(config_only, tmp_path, capsys):
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    assert main(["export", str(config_only), "--method", "visionzip", "--dynamic-budget", "16:576",
+                 "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot take a runtime budget" in err and "cls-attn" in err and "already exists" not in err
+
+
+def test_unreachable_budget_is_refused_before_loading_with_the_minimum(config_only, tmp_path, capsys):
+    from tokedge.reduce.tome import merge_schedule
+
+    assert main(["export", str(config_only), "--method", "tome", "--budget", "16", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    fewest = int(re.search(r"--budget >= (\d+)", err).group(1))
+    assert "cannot merge down" in err and "weights" not in err
+    # the exporter's own schedule reaches the minimum it names, and nothing below it
+    assert merge_schedule(576, fewest, 5) is not None and merge_schedule(576, fewest - 1, 5) is None
+
+
+def test_unknown_method_suggests_the_closest(capsys, tmp_path):
+    assert main(["export", "tiny-llava", "--method", "fastV", "--out", str(tmp_path / "a")]) == 2
+    assert "did you mean 'fastv'?" in capsys.readouterr().err
+
+
+def test_offline_hub_is_detected_quickly(monkeypatch, tmp_path, capsys):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    start = time.perf_counter()
+    assert main(["export", "someone/some-llava", "--out", str(tmp_path / "a")]) == 2
+    assert time.perf_counter() - start < 15
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and "HF_HUB_OFFLINE=1" in err and "local directory" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["export", "someone/some-llava", "--out", str(tmp_path / "a")]) == 2
+    assert "HF_HUB_OFFLINE=1 is set" in capsys.readouterr().err
+
+
+def test_runtime_budget_advice_only_for_methods_that_take_one(artifacts, tmp_path, test_images, capsys):
+    image = tmp_path / "i.png"
+    test_images[0].save(image)
+    args = ["--image", str(image), "--prompt", "hi", "--budget", "32", "--max-new-tokens", "2"]
+    assert main(["run", str(artifacts("cls-attn", 64)), *args]) == 2
+    assert "re-export with --dynamic-budget" in capsys.readouterr().err
+    assert main(["run", str(artifacts("visionzip", 64)), *args]) == 2
+    err = capsys.readouterr().err
+    assert "takes no runtime budget" in err and "--dynamic-budget" not in err

@@ -77,13 +77,13 @@ def pruned_reference(model, embeds, mask, image_pos, stages, pivots, steps):
         cos, sin = lm.rotary_emb(x, pos)
         for s in stages:
             if s["score_layer"] == i:
-                if s["rule"] == "dart":
+                if s["rule"] == "llm-key-norm":
                     scores[s["prune_layer"]] = key_l1(layer, x, cos, sin)
                 else:
                     scores[s["prune_layer"]] = last_token_attention(layer, x, cos, sin, additive(mask, x.shape[1]))
         stage = next((s for s in stages if s["prune_layer"] == i), None)
         if stage is not None:
-            if stage["rule"] == "dart":
+            if stage["rule"] == "llm-key-norm":
                 kept = dart_reference(scores[i], x, img, mask, stage["keep"], pivots)
             else:
                 kept = [sorted(sorted(img[b], key=lambda p: -float(scores[i][b, p]))[: stage["keep"]])

@@ -168,7 +168,19 @@ def test_optimize_writes_new_artifact_with_parity(artifacts, tmp_path, capsys):
     capsys.readouterr()
     assert main(["check", str(out), "--target", "trt-10.3"]) == 1  # com.microsoft ops are ONNX Runtime only
     assert "com.microsoft" in capsys.readouterr().err
+    # a dry-run build of what check rejects says so; a clean artifact's does not
+    assert main(["build", str(out), "--profile", "jetson-orin-nano-8gb", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "com.microsoft" in err and "trt-10.3" in err
+    assert main(["build", str(art), "--profile", "jetson-orin-nano-8gb", "--dry-run"]) == 0
+    assert "warning:" not in capsys.readouterr().err
     assert main(["optimize", str(art), "--out", str(out), "--passes", "nope"]) == 2
+    capsys.readouterr()
+    # passes that already ran at export are reported as such, not as "fired 0x"
+    assert main(["optimize", str(art), "--out", str(tmp_path / "again"), "--passes", "fold,ort-fusions"]) == 0
+    err = capsys.readouterr().err
+    vision = next(line for line in err.splitlines() if line.startswith("vision:"))
+    assert "fold had already run" in vision and "ort-fusions fired" in vision
 
 
 @pytest.mark.parametrize("target", ["trt-10.3", "trt-11"])

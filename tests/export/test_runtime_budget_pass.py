@@ -9,7 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tokedge.export.passes.runtime_budget import PassRefused, bind_runtime_budget
+from tokedge.errors import PassRefused, TokedgeError, UsageError
+from tokedge.export.passes import PassCall, run_passes
+from tokedge.export.passes.runtime_budget import bind_runtime_budget
 from tokedge.reduce.select import gather_tokens, topk_sorted
 
 
@@ -60,3 +62,21 @@ def test_refuses_near_misses(tmp_path):
     bind_runtime_budget(model, 7, 1, 20)
     with pytest.raises(PassRefused, match="already"):
         bind_runtime_budget(model, 7, 1, 20)
+
+
+def test_runtime_budget_runs_through_the_registry_with_parameters(tmp_path, capsys):
+    x = np.random.default_rng(1).standard_normal((2, 20, 4)).astype(np.float32)
+    model = _trace(Select(7), tmp_path)
+    assert run_passes(model, [PassCall("runtime-budget", {"sentinel_k": 7, "lo": 2, "hi": 20})]) == {"runtime-budget": 1}
+    assert _run(model, tmp_path, {"x": x, "budget": np.array(3, dtype=np.int64)}).shape == (2, 3, 4)
+    # a refusal is a TokedgeError naming the pass and the graph: the CLI prints it as one line
+    with pytest.raises(PassRefused, match="runtime-budget refused vision.onnx: .*found 0") as info:
+        run_passes(_trace(Select(7), tmp_path), [PassCall("runtime-budget", {"sentinel_k": 8, "lo": 1, "hi": 20})],
+                   graph="vision")
+    assert isinstance(info.value, TokedgeError) and len(str(info.value).splitlines()) == 1
+    with pytest.raises(UsageError, match="needs parameters"):
+        run_passes(_trace(Select(7), tmp_path), ["runtime-budget"])
+    from tokedge.cli import main
+
+    assert main(["optimize", str(tmp_path), "--out", str(tmp_path / "o"), "--passes", "runtime-budget"]) == 2
+    assert "needs parameters" in capsys.readouterr().err

@@ -44,6 +44,7 @@ def test_run_imports_no_torch_or_transformers(run_inputs):
     assert result == {"rc": 0, "heavy": []}
 
 
+@pytest.mark.slow
 def test_fresh_venv_base_install_runs(run_inputs, tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)

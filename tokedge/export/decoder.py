@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tokedge.export.primitives import apply_rotary, attention, merge_heads, repeat_kv, split_heads
+from tokedge.reduce.base import Signal
 from tokedge.reduce.in_llm import Plan, dart_select, keep_positions, remap_positions, select_top_image_tokens
 
 
@@ -95,9 +96,9 @@ class PruningPrefill(_Layers):
 
     def _scores(self, layer, x, cos, sin, mask, rule):
         """Last-token attention row of `layer` over the current sequence (mean over heads), or
-        for DART the L1 norm of the layer's keys: [b, t]."""
+        for LLM_KEY_NORM (DART) the L1 norm of the layer's keys: [b, t]."""
         q, k, _ = self.qkv(layer, x, cos, sin)
-        if rule == "dart":
+        if rule == Signal.LLM_KEY_NORM:
             return k.float().abs().sum(dim=(1, 3))
         k = repeat_kv(k, self.n_heads // self.n_kv)
         scores = torch.matmul(q[:, :, -1:].float(), k.float().transpose(-1, -2)) * self.scale
@@ -118,7 +119,7 @@ class PruningPrefill(_Layers):
                 scores[stage.prune_layer] = self._scores(layer, x, cos, sin, mask, stage.rule)
             if i in by_prune:
                 stage = by_prune[i]
-                if stage.rule == "dart":
+                if stage.rule == Signal.LLM_KEY_NORM:
                     kept = dart_select(scores[i], x, img, mask, stage.keep, self.plan.pivots)
                 else:
                     kept = select_top_image_tokens(scores[i], img, stage.keep)

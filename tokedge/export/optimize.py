@@ -21,6 +21,18 @@ class OptimizeResult:
     out: Path
     counts: dict[str, dict[str, int]]  # graph -> pass -> fired
     parity: dict
+    earlier: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # already applied: graph -> pass -> fired
+
+    def describe(self, graph: str) -> str:
+        """One line per graph: what each pass did now, and when it had already run before."""
+        parts = []
+        for name, fired in self.counts[graph].items():
+            before = self.earlier.get(graph, {}).get(name)
+            if before is not None and fired == 0:
+                parts.append(f"{name} had already run (at export or an earlier optimize, fired {before}x then): nothing left")
+            else:
+                parts.append(f"{name} fired {fired}x")
+        return f"{graph}: " + ", ".join(parts)
 
 
 def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) -> OptimizeResult:
@@ -37,6 +49,10 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
     get_passes(passes)
     manifest = load_artifact(artifact)
     counts: dict[str, dict[str, int]] = {}
+    earlier: dict[str, dict[str, int]] = {}
+    for record in manifest.optimizations:
+        per = earlier.setdefault(record["graph"], {})
+        per[record["pass"]] = per.get(record["pass"], 0) + int(record["fired"])
     with staged_directory(out, force=force, protect=(Path(artifact),)) as stage:
         for rel in manifest.files:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -61,4 +77,4 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
             {"graph": g, "pass": p, "fired": n} for g, per in counts.items() for p, n in per.items()
         )
         write_manifest(stage, dataclasses.replace(manifest, optimizations=records, files=hash_tree(stage)))
-    return OptimizeResult(out=out, counts=counts, parity=report.to_dict())
+    return OptimizeResult(out=out, counts=counts, parity=report.to_dict(), earlier=earlier)

@@ -25,8 +25,8 @@ from tokedge.artifact import (
     write_manifest,
 )
 from tokedge.errors import InputError, UsageError
-from tokedge.reduce import get_method
-from tokedge.reduce.base import Method
+from tokedge.reduce import METHODS, get_method
+from tokedge.reduce.base import Method, VisionGeometry
 
 DTYPES = ("fp32", "fp16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -88,21 +88,32 @@ def resolve_model(source: str) -> Path | None:
     if path.exists():
         raise InputError(f"'{source}' is a file; pass the checkpoint directory (with config.json) or a hub id")
     if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        return None
+        from tokedge.export.hf import offline_checkpoint
+
+        return offline_checkpoint(source)  # None: online, transformers downloads it
     raise InputError(f"'{source}' is not a directory, a built-in preset (tiny-llava) or a hub id (owner/name)")
 
 
-def check_request(cfg: ExportConfig, method: Method, full_tokens: int) -> tuple[int, tuple[int, int] | None, dict]:
-    """Budget, runtime range and options, checked before any weights load."""
+def check_flags(cfg: ExportConfig, method: Method) -> dict:
+    """What can be checked from the flags alone (before the checkpoint is even read); -> options."""
     options = method.parse_options(dict(cfg.options))
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype} is not supported; use one of {', '.join(DTYPES)}")
-    budget = cfg.budget if cfg.budget is not None else (full_tokens if method.stage == "none" else 64)
-    method.check_budget(budget, full_tokens)
+    if cfg.dynamic_budget is not None and not method.supports_runtime_budget:
+        able = ", ".join(m.name for m in METHODS.values() if m.supports_runtime_budget)
+        raise UsageError(f"--method {method.name} cannot take a runtime budget (methods that can: {able}); "
+                         "drop --dynamic-budget and export one artifact per budget")
+    return options
+
+
+def check_request(cfg: ExportConfig, method: Method, full_tokens: int,
+                  geometry: "VisionGeometry | None" = None) -> tuple[int, tuple[int, int] | None, dict]:
+    """Budget, runtime range and options, checked before any weights load."""
+    options = check_flags(cfg, method)
+    budget = cfg.budget if cfg.budget is not None else method.default_budget(full_tokens)
+    method.check_budget(budget, full_tokens, geometry)
     rng = cfg.dynamic_budget
     if rng is not None:
-        if not method.supports_runtime_budget:
-            raise UsageError(f"--method {method.name} cannot take a runtime budget; drop --dynamic-budget")
         lo, hi = rng
         if not (1 <= lo <= budget <= hi <= full_tokens):
             raise UsageError(
@@ -124,9 +135,8 @@ def _versions() -> dict[str, str]:
 def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult:
     """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
     method = get_method(cfg.method)
+    check_flags(cfg, method)  # wrong flags are reported first, before "already exists" or any loading
     out = Path(cfg.out)
-    local_source = Path(cfg.model) if Path(cfg.model).exists() else None
-    check_target(out, cfg.force, protect=(local_source,))  # before anything heavy is loaded
     seconds: dict[str, float] = {}
 
     def timed(name: str):
@@ -139,12 +149,25 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
         return run()
 
+    local = resolve_model(cfg.model)  # config only: cheap, so no progress stage for it
+    from tokedge.export.families import llava as fam
+
+    config = fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
+    full = fam.full_tokens_from_config(config)
+    budget, rng, options = check_request(cfg, method, full, fam.vision_geometry(config))
+    from tokedge.reduce.in_llm import plan_for
+
+    plan = None
+    n_layers = (config.get("text_config") or {}).get("num_hidden_layers")  # absent when it is the default
+    if method.prunes_in_llm and n_layers is not None:  # layer options checked before loading
+        plan = plan_for(method, budget, full, int(n_layers), options)
+    local_source = Path(cfg.model) if Path(cfg.model).exists() else None
+    check_target(out, cfg.force, protect=(local_source, local))  # after the flags, before anything heavy
+
     with timed("load checkpoint"):
-        local = resolve_model(cfg.model)
         import torch
 
         from tokedge.export import onnx_export as ox
-        from tokedge.export.families import llava as fam
         from tokedge.export.reference import (
             EXAMPLE_PROMPTS,
             example_images,
@@ -161,26 +184,20 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             save_reference,
         )
 
-        full = fam.full_tokens_from_config(fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code))
-        budget, rng, options = check_request(cfg, method, full)
         loaded = fam.load_llava(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         if loaded.full_tokens != full:
             raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
 
-    in_llm = method.stage == "in-llm"
-    plan = None
-    if in_llm:
-        from tokedge.reduce.in_llm import plan_for
-
+    if method.prunes_in_llm and plan is None:
         plan = plan_for(method, budget, full, loaded.config.text_config.num_hidden_layers, options)
-    vision_tokens = full if in_llm else budget  # in-LLM methods prune inside the decoder
+    vision_tokens = method.vision_tokens(budget, full)  # in-LLM methods prune inside the decoder
     trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)
 
     with timed("reference (transformers)"):
         pixel_values = pixel_values_for(loaded, example_images(2))
         prompts = [render_prompt(loaded, q) for q in EXAMPLE_PROMPTS]
         budgets = [budget] if rng is None else sorted({rng[0], budget, rng[1]})
-        if in_llm:
+        if method.prunes_in_llm:
             from tokedge.export.reference import reference_pruned
 
             fp32_modules = fam.build_graph_modules(loaded, method, trace_k, options, plan)
@@ -197,7 +214,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
                            plan=plan, full_tokens=full)
 
-    from tokedge.export.passes import DEFAULT_PASSES, run_passes
+    from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
 
     passes = DEFAULT_PASSES if cfg.passes is None else cfg.passes
     optimizations = []
@@ -207,11 +224,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             with timed(f"trace {name}.onnx"):
                 model = ox.trace_to_ir(modules[name], specs[name])
                 if name == "vision" and rng is not None:
-                    from tokedge.export.passes.runtime_budget import bind_runtime_budget
-
-                    bind_runtime_budget(model, trace_k, rng[0], rng[1])
+                    run_passes(model, [PassCall("runtime-budget", {"sentinel_k": trace_k, "lo": rng[0], "hi": rng[1]})],
+                               graph=name)
                 ox.finish(model)
-                for pass_name, fired in run_passes(model, passes).items():
+                for pass_name, fired in run_passes(model, passes, graph=name).items():
                     optimizations.append({"graph": name, "pass": pass_name, "fired": fired})
                 file, data = ox.save_graph(model, stage, name, cfg.external_data_threshold)
                 graphs[name] = ox.graph_spec(model, file, data)
@@ -220,8 +236,11 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         tol = Tolerance.for_dtype(cfg.dtype)
         save_reference(stage / REFERENCE_FILE, pixel_values, cases)
         reduction = ReductionInfo(
-            method=method.name, budget=budget, full_tokens=full, stage=method.stage, budget_range=rng,
+            method=method.name, budget=budget, full_tokens=full, stage=method.stage.value, budget_range=rng,
             options=options, stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
+            merge_schedule=tuple(modules["vision"].schedule or ()),
+            scores_with=tuple(s.value for s in method.scores_with),
+            supports_runtime_budget=method.supports_runtime_budget,
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,

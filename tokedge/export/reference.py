@@ -86,34 +86,46 @@ def reference_pruned(llava: LoadedLlava, modules: dict, pixel_values: np.ndarray
     """In-LLM methods: transformers' vision tower and projector (all tokens), then tokedge's torch
     prefill (pruning inside) and decoder, greedy for `steps` steps. Checks the tracing; the
     independent PyTorch reference of the pruning lives in the tests."""
-    from tokedge.reduce import get_method
-
     input_ids, attention_mask = tokenize(llava, prompts, full)
+    return reference_pruned_from_ids(llava, modules, pixel_values, input_ids, attention_mask, budget, steps)
+
+
+@torch.no_grad()
+def reference_pruned_from_ids(llava: LoadedLlava, modules: dict, pixel_values: np.ndarray, input_ids: np.ndarray,
+                              attention_mask: np.ndarray, budget: int, steps: int) -> dict[str, np.ndarray]:
+    """`reference_pruned` for already-tokenized inputs (placeholders expanded to all visual tokens)."""
+    from tokedge.reduce import get_method
+    from tokedge.runtime.generate import SamplingConfig, decode_loop
+
+    full = int((input_ids[0] == llava.config.image_token_id).sum())
     feats = reference_image_features(llava, get_method("none"), torch.from_numpy(pixel_values), full)
     ids_t, mask_t = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
-    embeds = llava.model.get_input_embeddings()(ids_t)
+    embed = llava.model.get_input_embeddings()
+    embeds = embed(ids_t)
     embeds = embeds.masked_scatter((ids_t == llava.config.image_token_id).unsqueeze(-1), feats.to(embeds.dtype))
     positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
     image_pos = torch.stack([torch.nonzero(row == llava.config.image_token_id).squeeze(1) for row in ids_t])
     prefill, decoder = modules["prefill"], modules["decoder"]
     out = prefill(embeds, mask_t, positions, image_pos)
     n_kv = 2 * len(decoder.layers)
-    logits, past, masks = out[0][:, -1], list(out[1 : 1 + n_kv]), [mask_t, *out[1 + n_kv :]]
-    tokens, step_logits = [logits.argmax(-1)], []
-    last = positions[:, -1:]
-    for _ in range(steps):
-        masks = [torch.cat([m, torch.ones_like(m[:, :1])], dim=1) for m in masks]
-        last = last + 1
-        out = decoder(llava.model.get_input_embeddings()(tokens[-1][:, None]), *masks, last, *past)
-        step_logits.append(out[0][:, -1].float())
-        past = list(out[1:])
-        tokens.append(step_logits[-1].argmax(-1))
+    logits = out[0][:, -1].float()
+    state = {"past": list(out[1 : 1 + n_kv]), "masks": [mask_t, *out[1 + n_kv :]], "last": positions[:, -1:]}
+
+    def step(ids):
+        state["masks"] = [torch.cat([m, torch.ones_like(m[:, :1])], dim=1) for m in state["masks"]]
+        state["last"] = state["last"] + 1
+        o = decoder(embed(torch.from_numpy(ids)[:, None]), *state["masks"], state["last"], *state["past"])
+        state["past"] = list(o[1:])
+        return o[0][:, -1].float().numpy()
+
+    decoded = decode_loop(logits.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
+                          keep_logits=True)
     return {
         "budget": np.array(budget, dtype=np.int64),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "image_embeds": feats.float().numpy(),
-        "prefill_logits": logits.float().numpy(),
-        "step_logits": torch.stack(step_logits, dim=1).numpy(),
-        "tokens": torch.stack(tokens, dim=1).numpy(),
+        "prefill_logits": logits.numpy(),
+        "step_logits": np.stack(decoded.step_logits, axis=1),
+        "tokens": np.array(decoded.tokens, dtype=np.int64).reshape(input_ids.shape[0], -1),
     }

@@ -29,7 +29,7 @@ class Tolerance:
     logits: float
 
     @classmethod
-    def for_dtype(cls, dtype: str) -> "Tolerance":
+    def for_dtype(cls, dtype: str) -> Tolerance:
         return cls(image_embeds=1e-3, logits=1e-3) if dtype == "fp32" else cls(image_embeds=None, logits=1e-1)
 
 
@@ -148,11 +148,30 @@ def load_reference(source: Path | bytes, unpacked_limit: int | None = None
     return arrays["pixel_values"], [cases[i] for i in sorted(cases)]
 
 
+def greedy_arrays(graphs, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray,
+                  steps: int, budget: int | None = None) -> dict[str, np.ndarray]:
+    """Prefill then `steps` greedy decode steps through `generate` (the loop `tokedge run` uses),
+    without stopping at EOS; returns the arrays parity checks compare."""
+    from tokedge.runtime.generate import SamplingConfig, generate
+
+    gen = generate(graphs, pixel_values, input_ids, attention_mask, SamplingConfig(max_new_tokens=steps + 1),
+                   budget=budget if graphs.manifest.graphs["vision"].input("budget") is not None else None,
+                   stop_at_eos=False, keep_logits=True)
+    batch = input_ids.shape[0]
+    return {
+        "image_embeds": gen.image_embeds,
+        "prefill_logits": gen.prefill_logits,
+        "tokens": np.array(gen.token_ids, dtype=np.int64).reshape(batch, -1),
+        "step_logits": np.stack(gen.step_logits, axis=1) if gen.step_logits else np.zeros((batch, 0, 0)),
+    }
+
+
 def run_cases(graphs, pixel_values: np.ndarray, cases: list[dict[str, np.ndarray]], tol: Tolerance) -> ParityReport:
     """Run each recorded case through the artifact's graphs and compare with its expected arrays."""
     report = ParityReport(tolerance=tol)
     for case in cases:
         budget = int(case["budget"])
-        actual = graphs.greedy(pixel_values, case["input_ids"], case["attention_mask"], DECODE_STEPS, budget)
+        actual = greedy_arrays(graphs, pixel_values, case["input_ids"], case["attention_mask"],
+                               int(case["step_logits"].shape[1]), budget)
         report.cases.append(compare(case, actual, budget))
     return report

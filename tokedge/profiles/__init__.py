@@ -35,6 +35,11 @@ class DeviceProfile:
     bandwidth_gbs: float  # memory bandwidth
     dla_cores: int = 0
     compute_capability: str = ""
+    # latency floors of the roofline prediction: no kernel runs faster than kernel_launch_us
+    # (launch + tail, a few us on any CUDA GPU, more on Jetson), and every engine call pays
+    # call_overhead_us (enqueue, synchronisation, host copies of the logits)
+    kernel_launch_us: float = 6.0
+    call_overhead_us: float = 40.0
 
     @property
     def max_sequence(self) -> int:

@@ -1,33 +1,53 @@
-"""Reduction methods: a registry of `Method` descriptions with pure tensor functions at their core."""
+"""Reduction methods: a registry of `Method` descriptions with pure tensor functions at their core.
+
+The registry loads lazily (the methods import torch); `tokedge.reduce.base` (the `Method`
+description, `Stage`, `Signal`) stays importable on the torch-free device path.
+"""
 
 from __future__ import annotations
 
-from tokedge.errors import UsageError
-from tokedge.reduce import cls_attn, divprune, in_llm, none, pool, tome, visionzip, vispruner
-from tokedge.reduce.base import Method, VisionFeatures
+from typing import TYPE_CHECKING
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        none.METHOD,
-        cls_attn.METHOD,
-        visionzip.METHOD,
-        divprune.METHOD,
-        vispruner.METHOD,
-        pool.METHOD,
-        tome.METHOD,
-        in_llm.FASTV,
-        in_llm.PDROP,
-        in_llm.DART,
-    )
-}
+from tokedge.errors import UsageError
+
+if TYPE_CHECKING:
+    from tokedge.reduce.base import Method
+
+_METHODS: dict[str, Method] | None = None
+
+
+def _registry() -> dict[str, Method]:
+    global _METHODS
+    if _METHODS is None:
+        from tokedge.reduce import cls_attn, divprune, in_llm, none, pool, tome, visionzip, vispruner
+
+        _METHODS = {
+            m.name: m
+            for m in (none.METHOD, cls_attn.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD, pool.METHOD,
+                      tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART)
+        }
+    return _METHODS
 
 
 def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise UsageError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}") from None
+    methods = _registry()
+    if name in methods:
+        return methods[name]
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(methods), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UsageError(f"unknown method '{name}'; {hint}choose one of: {', '.join(methods)} (see `tokedge methods`)")
+
+
+def __getattr__(name: str):
+    if name == "METHODS":
+        return _registry()
+    if name in ("Method", "VisionFeatures"):
+        from tokedge.reduce import base
+
+        return getattr(base, name)
+    raise AttributeError(name)
 
 
 __all__ = ["METHODS", "Method", "VisionFeatures", "get_method"]

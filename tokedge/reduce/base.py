@@ -8,12 +8,46 @@ or hooks a model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from enum import Enum
+from typing import Any
 
 from tokedge.errors import UsageError
 
-STAGES = ("none", "pre-llm", "in-vit", "in-llm")
+
+class Stage(str, Enum):
+    """Where a method acts. A str enum: saved in manifests and JSON as its value."""
+
+    NONE = "none"  # keeps every token
+    PRE_LLM = "pre-llm"  # between the vision tower and the LLM (in the vision graph)
+    IN_VIT = "in-vit"  # inside the vision tower's layers (in the vision graph)
+    IN_LLM = "in-llm"  # inside the decoder's prefill (the vision graph keeps every token)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Signal(str, Enum):
+    """What a method scores tokens with; families supply these in the layer the method asks for."""
+
+    CLS_ATTENTION = "cls-attention"  # the vision feature layer's CLS-query attention row
+    CLS_TOKEN = "cls-token"  # the feature layer's CLS hidden state
+    KEYS = "keys"  # the vision feature layer's keys (head mean)
+    VIT_KEYS = "vit-keys"  # every ViT layer's keys (token merging)
+    FEATURES = "features"  # the feature layer's hidden states (similarity, diversity)
+    EMBEDDINGS = "embeddings"  # the projected tokens themselves (so every token is projected)
+    POSITIONS = "positions"  # only the patch grid (pooling)
+    LLM_ATTENTION = "llm-attention"  # the last prompt token's attention inside the LLM
+    LLM_KEY_NORM = "llm-key-norm"  # L1 norm of the LLM's keys, plus hidden-state similarity
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STAGES = tuple(s.value for s in Stage)
+# VisionFeatures extras a vision-side signal asks the tower for
+_TOWER_EXTRAS = {Signal.CLS_ATTENTION: "cls_attention", Signal.CLS_TOKEN: "cls_token", Signal.KEYS: "keys"}
 
 
 @dataclass
@@ -37,6 +71,15 @@ class VisionFeatures:
 
 
 @dataclass(frozen=True)
+class VisionGeometry:
+    """What a method's budget check may need to know about the vision tower (from config.json)."""
+
+    patch_tokens: int  # patch tokens entering the tower's layers (CLS not counted)
+    layers: int  # encoder layers that run up to the feature layer
+    has_cls: bool
+
+
+@dataclass(frozen=True)
 class OptionSpec:
     type: type  # int, float or str
     default: Any  # None: derived from the budget (see help)
@@ -48,10 +91,10 @@ class OptionSpec:
 @dataclass(frozen=True)
 class Method:
     name: str
-    stage: str  # one of STAGES
+    stage: Stage
     paper: str  # arXiv id(s) of the method's paper
     summary: str
-    needs: frozenset[str] = frozenset()  # "cls_attention", "cls_token", "keys"
+    scores_with: tuple[Signal, ...] = ()  # what it ranks tokens by (empty: keeps all)
     static_counts: bool = True  # every token count is known at export time for a fixed budget
     supports_runtime_budget: bool = False  # can export a `budget` graph input (TopK with runtime k)
     budget_meaning: str = "visual tokens that enter the LLM"
@@ -59,21 +102,65 @@ class Method:
     option_specs: dict[str, OptionSpec] = field(default_factory=dict)
     min_budget: int = 1
     budget_check: Callable[[int, int], str | None] | None = None  # (budget, full) -> error or None
+    plan: Callable[..., Any] | None = None  # in-LLM: (budget, full, n_layers, options) -> in_llm.Plan
+    fewest_tokens: Callable[[VisionGeometry], int] | None = None  # smallest budget the method can reach
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The `VisionFeatures` extras the vision tower must produce for this method."""
+        return frozenset(_TOWER_EXTRAS[s] for s in self.scores_with if s in _TOWER_EXTRAS)
 
     @property
     def needs_attention(self) -> bool:
-        return "cls_attention" in self.needs or self.stage == "in-llm" and self.name != "dart"
+        """Scores with attention probabilities (so it needs eager attention, no fused kernels)."""
+        return Signal.CLS_ATTENTION in self.scores_with or Signal.LLM_ATTENTION in self.scores_with
 
-    def check_budget(self, budget: int, full_tokens: int) -> None:
+    @property
+    def keeps_all(self) -> bool:
+        return self.stage is Stage.NONE
+
+    @property
+    def prunes_in_llm(self) -> bool:
+        return self.stage is Stage.IN_LLM
+
+    @property
+    def reduces_in_vision(self) -> bool:
+        """The vision graph itself emits fewer tokens (pre-LLM and in-ViT methods)."""
+        return self.stage in (Stage.PRE_LLM, Stage.IN_VIT)
+
+    @property
+    def merges_in_vit(self) -> bool:
+        return self.stage is Stage.IN_VIT
+
+    @property
+    def projects_all_tokens(self) -> bool:
+        """The projector runs on every token (the method selects among projected embeddings)."""
+        return not self.reduces_in_vision or Signal.EMBEDDINGS in self.scores_with
+
+    def vision_tokens(self, budget: int, full_tokens: int) -> int:
+        """Tokens the vision graph emits: all of them for in-LLM methods, which prune later."""
+        return full_tokens if self.prunes_in_llm else budget
+
+    def default_budget(self, full_tokens: int) -> int:
+        return full_tokens if self.keeps_all else min(64, full_tokens)
+
+    def check_budget(self, budget: int, full_tokens: int, geometry: VisionGeometry | None = None) -> None:
         if not 1 <= budget <= full_tokens:
             raise UsageError(f"--budget {budget} is out of range for this model: use 1..{full_tokens} visual tokens")
-        if self.stage == "none" and budget != full_tokens:
+        if self.keeps_all and budget != full_tokens:
             raise UsageError(
                 f"--method none keeps all {full_tokens} visual tokens; pass --budget {full_tokens} "
                 "or choose a reduction method (see `tokedge methods`)"
             )
         if budget < self.min_budget:
-            raise UsageError(f"--method {self.name} needs --budget >= {self.min_budget}")
+            raise UsageError(f"--method {self.name} needs --budget >= {self.min_budget} (got {budget})")
+        if geometry is not None and self.fewest_tokens is not None:
+            fewest = self.fewest_tokens(geometry)
+            if budget < fewest:
+                raise UsageError(
+                    f"--method {self.name} cannot merge down to {budget} tokens in this model's {geometry.layers} "
+                    f"vision layers (each merges at most half): use --budget >= {fewest}"
+                )
         problem = self.budget_check(budget, full_tokens) if self.budget_check else None
         if problem:
             raise UsageError(f"--method {self.name} --budget {budget}: {problem}")

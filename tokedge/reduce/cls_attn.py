@@ -10,7 +10,7 @@ enter the LLM. Counts are static for a fixed budget; with `--dynamic-budget` the
 
 from __future__ import annotations
 
-from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
 from tokedge.reduce.select import gather_tokens, topk_sorted
 
 
@@ -28,10 +28,10 @@ def reduce_cls_attn(vf: VisionFeatures, k: int, options: dict):
 
 METHOD = Method(
     name="cls-attn",
-    stage="pre-llm",
+    stage=Stage.PRE_LLM,
     paper="2412.01818, 2408.10945",
     summary="top-k patches by CLS attention in the feature layer",
-    needs=frozenset({"cls_attention"}),
+    scores_with=(Signal.CLS_ATTENTION,),
     supports_runtime_budget=True,
     reduce=reduce_cls_attn,
 )

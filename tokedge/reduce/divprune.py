@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
 from tokedge.reduce.select import gather_tokens
 
 
@@ -51,7 +51,8 @@ def reduce_divprune(vf: VisionFeatures, k: int, options: dict):
 
 METHOD = Method(
     name="divprune",
-    stage="pre-llm",
+    stage=Stage.PRE_LLM,
+    scores_with=(Signal.EMBEDDINGS,),
     paper="2503.02175",
     summary="greedy max-min diverse subset of projected tokens (cosine distance)",
     reduce=reduce_divprune,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from tokedge.errors import UsageError
-from tokedge.reduce.base import Method, OptionSpec
+from tokedge.reduce.base import Method, OptionSpec, Signal
+from tokedge.reduce.base import Stage as Acts
 from tokedge.reduce.none import keep_all  # the vision graph keeps every token; the decoder prunes
 
 
@@ -26,7 +27,7 @@ class Stage:
     score_layer: int  # layer whose projections score the tokens (its input hidden states)
     prune_layer: int  # first layer that sees the shortened sequence
     keep: int  # image tokens kept from here on
-    rule: str  # "attention" (last-token attention row, mean over heads) or "dart"
+    rule: Signal  # LLM_ATTENTION (last-token attention row, mean over heads) or LLM_KEY_NORM (DART)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def _fastv_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
     k = options["layer"]
     if not 1 <= k < n_layers:
         raise UsageError(f"--option layer={k}: must be within 1..{n_layers - 1} for this {n_layers}-layer model")
-    return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule="attention"),))
+    return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule=Signal.LLM_ATTENTION),))
 
 
 def _parse_layers(text: str) -> list[int]:
@@ -131,7 +132,7 @@ def _pdrop_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
     stages = []
     for i, layer in enumerate(layers):
         keep = min(full, budget * 2 ** (len(layers) - 1 - i))  # each stage halves; the last keeps --budget
-        stages.append(Stage(score_layer=layer, prune_layer=layer, keep=keep, rule="attention"))
+        stages.append(Stage(score_layer=layer, prune_layer=layer, keep=keep, rule=Signal.LLM_ATTENTION))
     return Plan(tuple(stages))
 
 
@@ -139,34 +140,36 @@ def _dart_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
     k = options["layer"]
     if not 1 <= k < n_layers:
         raise UsageError(f"--option layer={k}: must be within 1..{n_layers - 1} for this {n_layers}-layer model")
-    return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule="dart"),), pivots=options["pivots"])
-
-
-PLANNERS = {"fastv": _fastv_plan, "pdrop": _pdrop_plan, "dart": _dart_plan}
+    return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule=Signal.LLM_KEY_NORM),), pivots=options["pivots"])
 
 
 def plan_for(method: Method, budget: int, full: int, n_layers: int, options: dict) -> Plan:
-    return PLANNERS[method.name](budget, full, n_layers, options)
+    """The method's pruning plan for a decoder of `n_layers` layers."""
+    if method.plan is None:
+        raise UsageError(f"--method {method.name} does not prune inside the LLM")
+    return method.plan(budget, full, n_layers, options)
 
 
 _LAYER = OptionSpec(int, 2, "pruning layer K (layers >= K see the kept tokens)", lambda v: v >= 1, "must be >= 1")
 
 FASTV = Method(
-    name="fastv", stage="in-llm", paper="2403.06764",
+    name="fastv", stage=Acts.IN_LLM, paper="2403.06764",
     summary="prune image tokens at LLM layer K by the last token's attention in layer K-1",
-    reduce=keep_all, budget_meaning="image tokens kept after layer K",
-    option_specs={"layer": _LAYER},
+    scores_with=(Signal.LLM_ATTENTION,), reduce=keep_all, plan=_fastv_plan,
+    budget_meaning="image tokens kept after layer K", option_specs={"layer": _LAYER},
 )
 PDROP = Method(
-    name="pdrop", stage="in-llm", paper="2410.17247",
+    name="pdrop", stage=Acts.IN_LLM, paper="2410.17247",
     summary="FastV's rule in stages (default layers L/4, L/2, 3L/4), halving image tokens each stage",
-    reduce=keep_all, budget_meaning="image tokens kept after the last stage (earlier stages keep 2x, 4x)",
+    scores_with=(Signal.LLM_ATTENTION,), reduce=keep_all, plan=_pdrop_plan,
+    budget_meaning="image tokens kept after the last stage (earlier stages keep 2x, 4x)",
     option_specs={"layers": OptionSpec(str, "", "comma-separated stage layers (default L/4,L/2,3L/4)")},
 )
 DART = Method(
-    name="dart", stage="in-llm", paper="2502.11494",
+    name="dart", stage=Acts.IN_LLM, paper="2502.11494",
     summary="keep image tokens least similar to 8 pivot tokens (duplicate removal) at layer K",
-    reduce=keep_all, budget_meaning="image tokens kept after layer K",
+    scores_with=(Signal.LLM_KEY_NORM,), reduce=keep_all, plan=_dart_plan,
+    budget_meaning="image tokens kept after layer K",
     option_specs={"layer": _LAYER,
                   "pivots": OptionSpec(int, 8, "pivot tokens, half image half text", lambda v: v >= 2 and v % 2 == 0,
                                        "must be an even number >= 2")},

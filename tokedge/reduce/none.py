@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.base import Method, Stage, VisionFeatures
 
 
 def keep_all(vf: VisionFeatures, k: int, options: dict):
@@ -12,7 +12,7 @@ def keep_all(vf: VisionFeatures, k: int, options: dict):
 
 METHOD = Method(
     name="none",
-    stage="none",
+    stage=Stage.NONE,
     paper="-",
     summary="keep all visual tokens (baseline)",
     reduce=keep_all,

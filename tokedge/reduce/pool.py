@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
 
 
 def pooling_matrix(grid: int, side: int) -> torch.Tensor:
@@ -52,7 +52,8 @@ def _check(budget: int, full: int) -> str | None:
 
 METHOD = Method(
     name="pool",
-    stage="pre-llm",
+    stage=Stage.PRE_LLM,
+    scores_with=(Signal.POSITIONS,),
     paper="2501.03895 (LLaVA-Mini; adaptive pooling baseline)",
     summary="adaptive 2-D average pooling of the patch grid to sqrt(k) x sqrt(k)",
     reduce=reduce_pool,

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from tokedge.reduce.base import Method
+from tokedge.reduce.base import Method, Signal, Stage, VisionGeometry
 from tokedge.reduce.none import keep_all
 
 
@@ -46,6 +46,12 @@ def merge_schedule(n_patches: int, budget: int, n_layers: int, protected: int = 
         tokens -= r
         left -= r
     return out if left == 0 else None
+
+
+def fewest_tokens(geometry: VisionGeometry) -> int:
+    """The smallest budget `merge_schedule` can reach in the tower's layers."""
+    protected = 1 if geometry.has_cls else 0
+    return geometry.patch_tokens - _max_removable(geometry.patch_tokens + protected, geometry.layers, protected)
 
 
 def bipartite_matching(metric, r: int, class_token: bool):
@@ -88,9 +94,11 @@ def merge_weighted(x, size, metric, r: int, class_token: bool):
 
 METHOD = Method(
     name="tome",
-    stage="in-vit",
+    stage=Stage.IN_VIT,
+    scores_with=(Signal.VIT_KEYS,),
     paper="2210.09461",
     summary="bipartite token merging in every ViT layer (size-weighted, proportional attention)",
     reduce=keep_all,  # the tower already merged down to k patch tokens; project them
+    fewest_tokens=fewest_tokens,
     budget_meaning="patch tokens leaving the vision feature layer (= visual tokens that enter the LLM)",
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tokedge.reduce.base import Method, OptionSpec, VisionFeatures
+from tokedge.reduce.base import Method, OptionSpec, Signal, Stage, VisionFeatures
 from tokedge.reduce.select import gather_tokens
 
 
@@ -72,10 +72,10 @@ def _check(budget: int, full: int) -> str | None:
 
 METHOD = Method(
     name="visionzip",
-    stage="pre-llm",
+    stage=Stage.PRE_LLM,
     paper="2412.04467",
     summary="CLS + dominant patches by CLS attention + contextual tokens merged by key similarity",
-    needs=frozenset({"cls_attention", "cls_token", "keys"}),
+    scores_with=(Signal.CLS_ATTENTION, Signal.CLS_TOKEN, Signal.KEYS),
     reduce=reduce_visionzip,
     budget_meaning="visual tokens that enter the LLM (CLS + dominant + contextual)",
     option_specs={

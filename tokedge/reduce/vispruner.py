@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokedge.reduce.base import Method, OptionSpec, VisionFeatures
+from tokedge.reduce.base import Method, OptionSpec, Signal, Stage, VisionFeatures
 from tokedge.reduce.select import gather_tokens
 
 
@@ -62,10 +62,10 @@ def reduce_vispruner(vf: VisionFeatures, k: int, options: dict):
 
 METHOD = Method(
     name="vispruner",
-    stage="pre-llm",
+    stage=Stage.PRE_LLM,
     paper="2412.01818",
     summary="important patches by CLS attention + diverse patches by bipartite de-duplication",
-    needs=frozenset({"cls_attention"}),
+    scores_with=(Signal.CLS_ATTENTION, Signal.FEATURES),
     reduce=reduce_vispruner,
     option_specs={
         "important": OptionSpec(float, 0.5, "share of the budget taken by CLS attention (0..1)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokedge.artifact import Manifest
+from tokedge.reduce.base import Signal, Stage
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,20 @@ def bytes_per_value(manifest: Manifest) -> int:
 
 
 def vision_cost(manifest: Manifest, budget: int, batch: int = 1) -> StageCost:
+    """In-ViT merging follows the merge schedule the export recorded (tokens merged per layer),
+    so the count per layer is the traced graph's, whatever the tower (CLS or not)."""
     m, red = manifest.model, manifest.reduction
     n = (m.image_size // m.patch_size) ** 2 + (1 if m.vision_model_type == "clip_vision_model" else 0)
     d, ff = m.vision_hidden_size, m.vision_intermediate_size or 4 * m.vision_hidden_size
+    schedule = list(red.merge_schedule) + [0] * (m.vision_layers - len(red.merge_schedule))
     flops = 0.0
-    if red.stage == "in-vit" and m.vision_layers:
-        from tokedge.reduce.tome import merge_schedule
-
-        schedule = merge_schedule(red.full_tokens, budget, m.vision_layers) or [0] * m.vision_layers
-        for r in schedule:
-            flops += _vit_layer(n, d, ff)
-            n -= r
-    else:
-        flops = m.vision_layers * _vit_layer(n, d, ff)
-    projected = budget if red.stage in ("pre-llm", "in-vit") and red.method != "divprune" else red.full_tokens
+    for r in schedule[: m.vision_layers]:
+        flops += _vit_layer(n, d, ff)
+        n -= r
+    stage = Stage(red.stage)
+    # pre-LLM methods that select among projected tokens (divprune) project all of them
+    projects_all = stage in (Stage.NONE, Stage.IN_LLM) or Signal.EMBEDDINGS.value in red.scores_with
+    projected = red.full_tokens if projects_all else budget
     flops += 2 * projected * (d * m.hidden_size + m.hidden_size * m.hidden_size)
     params = m.vision_layers * (4 * d * d + 2 * d * ff) + d * m.hidden_size + m.hidden_size**2
     return StageCost(flops=batch * flops, bytes=params * bytes_per_value(manifest))
@@ -63,7 +64,7 @@ def prefill_cost(manifest: Manifest, prompt_tokens: int, visual_tokens: int, bat
     m, red = manifest.model, manifest.reduction
     t = prompt_tokens + visual_tokens
     flops = 0.0
-    if red.stage == "in-llm" and red.stages:
+    if red.stages:  # in-LLM pruning: later layers see shorter sequences
         lengths = []
         current = t
         cuts = {s["prune_layer"]: red.full_tokens - s["keep"] for s in red.stages}

@@ -15,8 +15,10 @@ import numpy as np
 
 from tokedge.artifact import load_artifact
 from tokedge.errors import InputError, UsageError
+from tokedge.reduce.base import Stage
 from tokedge.report import flops as fl
 from tokedge.report.machine import describe, gemm_peak_gflops, peak_rss_mb
+from tokedge.report.stats import p90, spread_warning
 
 STAGES = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token")
 
@@ -30,11 +32,13 @@ class ProfileConfig:
     backend: str = "onnxruntime"
     engines: Path | None = None  # engines directory for backend "tensorrt"
     runs: int = 5
-    warmup: int = 1
+    warmup: int = 2  # untimed runs per budget and image before timing
     max_new_tokens: int = 32
-    baseline: str | None = None  # checkpoint: transformers eager at full tokens, same inputs
+    baseline: str | None = None  # checkpoint: transformers at full tokens, same inputs
+    baseline_attention: str | None = None  # None: transformers' default (SDPA); "eager" to match old reports
     predict: str | None = None  # device profile name or .toml: roofline prediction
-    checkpoint: str | None = None  # where to re-export budgets outside the artifact's range
+    checkpoint: str | None = None  # re-export budgets outside the artifact's range from here (else refuse)
+    reexport_dir: Path | None = None  # where those re-exports go (the CLI: <--out>/artifacts)
 
 
 @dataclass
@@ -89,11 +93,6 @@ class ProfileReport:
         return cls(**data)
 
 
-def _p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-
-
 def fidelity(reference: list[list[int]], tokens: list[list[int]]) -> dict[str, float]:
     """first_token_agreement: share of images whose first token equals the reference's;
     token_overlap: share of the reference's tokens also produced (multiset intersection)."""
@@ -132,21 +131,42 @@ def reduction_ms(artifact: Path, vision_file: str, feed: dict, runs: int = 3) ->
     return total / runs
 
 
-def _predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int) -> dict:
+KERNELS_PER_LAYER = 10  # norm, QKV, rotary, attention (2), output, norm, MLP (2), residual: after fusion
+OVERHEAD_BOUND = 0.5  # a prediction whose floor is more than half of it says little about the device
+
+
+def predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Roofline prediction per stage: max(FLOPs / peak, bytes / bandwidth, latency floor), where the
+    floor is one engine call plus KERNELS_PER_LAYER kernels per layer at the profile's launch time.
+    `overhead_bound` is set when the floors dominate: then the model is too small for the roofline
+    to mean much, and the report says so instead of quoting a rate."""
     bpv = 2  # engines run in fp16 on the device
     peak, bw = profile.fp16_tflops * 1e12, profile.bandwidth_gbs * 1e9
-    visual = budget if manifest.reduction.stage != "in-llm" else manifest.reduction.full_tokens
+    m, red = manifest.model, manifest.reduction
+    in_llm = Stage(red.stage) is Stage.IN_LLM
+    visual = red.full_tokens if in_llm else budget
     v = fl.vision_cost(manifest, budget)
     p = fl.prefill_cost(manifest, prompt_tokens, visual)
-    context = prompt_tokens + (budget if manifest.reduction.stage != "none" else visual) + new_tokens // 2
+    context = prompt_tokens + budget + new_tokens // 2  # in-LLM: the cache holds the kept tokens
     d = fl.decode_cost(manifest, context)
     scale = bpv / fl.bytes_per_value(manifest)
-    vision_ms = max(v.flops / peak, v.bytes * scale / bw) * 1e3
-    prefill_ms = max(p.flops / peak, p.bytes * scale / bw) * 1e3
-    decode_ms = max(d.flops / peak, d.bytes * scale / bw) * 1e3
-    return {"ttft_ms": vision_ms + prefill_ms, "vision_ms": vision_ms, "prefill_ms": prefill_ms,
-            "decode_ms_per_token": decode_ms, "tokens_per_s": 1e3 / decode_ms, "device": profile.name,
-            "kind": "predicted (roofline lower bound, fp16, no kernel overheads)"}
+    launch, call = profile.kernel_launch_us * 1e-6, profile.call_overhead_us * 1e-6
+    floors = {
+        "vision": call + (m.vision_layers * KERNELS_PER_LAYER + 2) * launch,
+        "prefill": 2 * call + (m.num_layers * KERNELS_PER_LAYER + 2) * launch,  # embed + decoder
+        "decode": 2 * call + (m.num_layers * KERNELS_PER_LAYER + 2) * launch,
+    }
+    ms, bound = {}, {}
+    for k, cost in {"vision": v, "prefill": p, "decode": d}.items():
+        compute, memory = cost.flops / peak, cost.bytes * scale / bw
+        ms[k] = max(compute, memory, floors[k]) * 1e3
+        bound[k] = "latency floor" if floors[k] >= max(compute, memory) else ("compute" if compute >= memory else "memory")
+    overhead_bound = floors["decode"] > OVERHEAD_BOUND * ms["decode"] * 1e-3
+    return {"ttft_ms": ms["vision"] + ms["prefill"], "vision_ms": ms["vision"], "prefill_ms": ms["prefill"],
+            "decode_ms_per_token": ms["decode"], "tokens_per_s": 1e3 / ms["decode"], "device": profile.name,
+            "bound": bound, "floor_ms": {k: round(f * 1e3, 4) for k, f in floors.items()},
+            "overhead_bound": overhead_bound,
+            "kind": "predicted (roofline lower bound, fp16, with kernel-launch and call floors)"}
 
 
 def default_budgets(manifest) -> list[int]:
@@ -173,7 +193,16 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         from tokedge.profiles import load_profile
 
         device_profile = load_profile(cfg.predict)
-    artifacts = {k: _artifact_for(cfg, manifest, k) for k in budgets}
+    outside = [k for k in budgets if not _runtime_budget(manifest, k)[0]]
+    if outside and not cfg.checkpoint:
+        red = manifest.reduction
+        have = f"{red.budget_range[0]}..{red.budget_range[1]}" if red.budget_range else str(red.budget)
+        raise UsageError(
+            f"budget(s) {', '.join(map(str, outside))} are outside this artifact ({have}); pass --checkpoint "
+            f"{manifest.model.source} to re-export them into the report folder, or export with --dynamic-budget"
+        )
+    notes: list[str] = []
+    artifacts = {k: _artifact_for(cfg, manifest, k, notes) for k in budgets}
 
     report = ProfileReport(
         artifact=str(cfg.artifact), method=manifest.reduction.method, images=[str(p) for p in cfg.images],
@@ -181,6 +210,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         machine=describe(), gemm_peak_gflops_per_s=round(gemm_peak_gflops(), 1),
         predicted_on=dataclasses.asdict(device_profile) if device_profile else None,
     )
+    report.warnings += notes
     from tokedge.report.tegrastats import Sampler
 
     total = len(budgets) * (cfg.warmup + cfg.runs) * len(images)
@@ -208,17 +238,22 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 visual = res.visual_tokens
                 pm = pipe.manifest
                 red_ms = None
-                if pm.reduction.stage in ("pre-llm", "in-vit"):
+                stage = Stage(pm.reduction.stage)
+                if stage in (Stage.PRE_LLM, Stage.IN_VIT):
                     from tokedge.runtime.preprocess import preprocess_batch
 
                     feed = {"pixel_values": preprocess_batch(images[:1], pm.preprocess)}
                     if pm.graphs["vision"].input("budget") is not None:
                         feed["budget"] = np.array(runtime_budget or pm.reduction.budget, dtype=np.int64)
                     red_ms = round(reduction_ms(Path(art), pm.graphs["vision"].file, feed), 3)
-                elif pm.reduction.stage == "none":
+                elif stage is Stage.NONE:
                     red_ms = 0.0
+            for name, key in (("TTFT", "ttft_ms"), ("decode", "decode_ms_per_token")):
+                warning = spread_warning(f"budget {k} {name}", samples[key])
+                if warning:
+                    report.warnings.append(warning)
             med = {s: statistics.median(v) for s, v in samples.items()}
-            llm_visual = pm.reduction.full_tokens if pm.reduction.stage == "in-llm" else visual
+            llm_visual = pm.reduction.full_tokens if stage is Stage.IN_LLM else visual
             v = fl.vision_cost(pm, k)
             p = fl.prefill_cost(pm, prompt_tokens, llm_visual)
             d = fl.decode_cost(pm, prompt_tokens + visual + cfg.max_new_tokens // 2)
@@ -234,11 +269,11 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 ttft_ms=med["ttft_ms"], vision_ms=med["vision_ms"], prefill_ms=med["prefill_ms"],
                 preprocess_ms=med["preprocess_ms"], decode_ms_per_token=med["decode_ms_per_token"],
                 tokens_per_s=1e3 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else 0.0,
-                p90={s: _p90(v) for s, v in samples.items()}, peak_rss_mb=round(peak_rss_mb(), 1),
+                p90={s: p90(v) for s, v in samples.items()}, peak_rss_mb=round(peak_rss_mb(), 1),
                 reduction_ms=red_ms, prompt_tokens=prompt_tokens,
                 flops={key: round(val, 4) for key, val in gflops.items()},
                 achieved_gflops_per_s={key: round(val, 2) for key, val in achieved.items()},
-                predicted=_predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens) if device_profile else None,
+                predicted=predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens) if device_profile else None,
                 token_ids=tokens,
             ))
     summary = sampler.summary()
@@ -251,52 +286,70 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     if cfg.baseline:
         from tokedge.report.baseline import transformers_baseline
 
-        base = transformers_baseline(cfg.baseline, images, cfg.prompt, cfg.runs, cfg.warmup, cfg.max_new_tokens)
+        base = transformers_baseline(cfg.baseline, images, cfg.prompt, cfg.runs, cfg.warmup, cfg.max_new_tokens,
+                                     attention=cfg.baseline_attention)
         report.baseline = dataclasses.asdict(base)
+        for name, key in (("TTFT", "ttft_ms"), ("decode", "decode_ms_per_token")):
+            warning = spread_warning(f"baseline {name}", base.samples[key])
+            if warning:
+                report.warnings.append(warning)
         for r in report.results:
             r.speedup_vs_baseline = {
                 "ttft": round(base.ttft_ms / r.ttft_ms, 2) if r.ttft_ms else 0.0,
                 "decode": round(base.decode_ms_per_token / r.decode_ms_per_token, 2) if r.decode_ms_per_token else 0.0,
             }
     full = manifest.reduction.full_tokens
-    reference = next((r for r in report.results if r.budget == full and manifest.reduction.stage != "in-llm"), None)
+    in_llm = Stage(manifest.reduction.stage) is Stage.IN_LLM
+    reference = next((r for r in report.results if r.budget == full and not in_llm), None)
+    ref_tokens = None
     if reference is not None:
         report.fidelity_reference = f"tokedge at {full} tokens"
         ref_tokens = reference.token_ids
     elif report.baseline:
-        report.fidelity_reference = "transformers baseline (all tokens)"
-        ref_tokens = report.baseline["token_ids"] * len(images)
-    else:
-        ref_tokens = None
+        report.fidelity_reference = "transformers baseline (all tokens), image by image"
+        ref_tokens = report.baseline["token_ids"]
     if ref_tokens:
         for r in report.results:
             r.fidelity = fidelity(ref_tokens, r.token_ids)
+    overhead = [r.budget for r in report.results if r.predicted and r.predicted["overhead_bound"]]
+    if overhead and device_profile is not None:
+        report.warnings.append(
+            f"the {device_profile.name} prediction is bound by kernel-launch and call floors, not by the model "
+            "(too small for a roofline to mean much): its rates are upper limits, measure on the device")
     return report
 
 
-def _artifact_for(cfg: ProfileConfig, manifest, k: int) -> tuple[Path, int | None]:
-    """The artifact to run budget k on (and the runtime budget to feed), re-exporting if needed."""
+def _runtime_budget(manifest, k: int) -> tuple[bool, int | None]:
+    """(whether the artifact can run budget k, the runtime budget to feed: None = its own)."""
     red = manifest.reduction
     if red.budget_range and red.budget_range[0] <= k <= red.budget_range[1]:
-        return cfg.artifact, k
-    if k == red.budget:
-        return cfg.artifact, None
+        return True, k
+    return k == red.budget, None
+
+
+def _artifact_for(cfg: ProfileConfig, manifest, k: int, notes: list[str]) -> tuple[Path, int | None]:
+    """The artifact to run budget k on (and the runtime budget to feed), re-exporting from
+    --checkpoint into cfg.reexport_dir when the artifact cannot run k (and saying so in `notes`)."""
+    can_run, runtime = _runtime_budget(manifest, k)
+    if can_run:
+        return cfg.artifact, runtime
+    red = manifest.reduction
     source = cfg.checkpoint or manifest.model.source
     try:
         import torch  # noqa: F401
     except ImportError:
         raise UsageError(
-            f"budget {k} is outside this artifact ({red.budget}"
-            + (f", range {red.budget_range[0]}..{red.budget_range[1]}" if red.budget_range else "")
-            + "); export with --dynamic-budget, or install tokedge[export] so profile can re-export"
+            f"budget {k} is outside this artifact; re-exporting it needs tokedge[export] (torch) installed"
         ) from None
     from tokedge.export.pipeline import ExportConfig, export
 
-    out = Path(cfg.artifact).parent / f".{Path(cfg.artifact).name}.budget-{k}"
+    where = cfg.reexport_dir or Path(cfg.artifact).parent
+    out = where / f"{Path(cfg.artifact).name}-budget-{k}"
     if not (out / "tokedge.json").is_file():
         try:
             export(ExportConfig(model=source, out=out, method=red.method, budget=k, force=True,
                                 options=tuple((key, str(v)) for key, v in red.options.items() if v not in (None, ""))))
         except InputError as exc:
             raise InputError(f"re-exporting budget {k} from '{source}' failed: {exc}") from None
+    notes.append(f"budget {k} is outside {cfg.artifact}: ran a re-export from {source} at {out}")
     return out, None

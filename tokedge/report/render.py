@@ -44,7 +44,7 @@ def markdown(report: ProfileReport) -> str:
         lines += ["", f"Fidelity compares greedy output with {report.fidelity_reference}."]
     if report.baseline:
         b = report.baseline
-        lines += ["", "## Baseline: transformers eager, all visual tokens", "",
+        lines += ["", f"## Baseline: transformers ({b.get('attention', 'eager')} attention), all visual tokens", "",
                   f"TTFT {b['ttft_ms']:.1f} ms (p90 {b['ttft_p90_ms']:.1f}), prefill {b['prefill_ms']:.1f} ms, "
                   f"decode {b['decode_ms_per_token']:.2f} ms/token, {b['visual_tokens']} visual tokens.", "",
                   "| budget | TTFT speed-up | decode speed-up |", "|---|---|---|"]
@@ -54,10 +54,12 @@ def markdown(report: ProfileReport) -> str:
         d = report.predicted_on
         lines += ["", f"## Predicted on {d['name']} (roofline, not measured)", "",
                   f"{d['description']}: {d['fp16_tflops']} dense FP16 TFLOP/s, {d['bandwidth_gbs']} GB/s. "
-                  "Lower bounds from FLOPs and bytes moved; real engines add kernel and launch overheads.", "",
+                  "Lower bounds: max of FLOPs / peak, bytes / bandwidth and a latency floor (kernel launches and engine "
+                  "calls); \"floor-bound\" rows are set by the floor, not by the model.", "",
                   "| budget | predicted TTFT ms | predicted decode ms/token | predicted tokens/s |", "|---|---|---|---|"]
         lines += [f"| {r.budget} | {r.predicted['ttft_ms']:.2f} | {r.predicted['decode_ms_per_token']:.3f} "
-                  f"| {r.predicted['tokens_per_s']:.0f} |" for r in report.results if r.predicted]
+                  f"| {r.predicted['tokens_per_s']:.0f}{' (floor-bound)' if r.predicted.get('overhead_bound') else ''} |"
+                  for r in report.results if r.predicted]
     if report.tegrastats:
         t = report.tegrastats
         lines += ["", "## Jetson power and clocks (tegrastats)", "",
@@ -68,8 +70,102 @@ def markdown(report: ProfileReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_lines(report: ProfileReport) -> list[str]:
+    """The terminal summary: per budget the medians, fidelity, the baseline speed-up and the
+    prediction, so a budget can be chosen without opening report.md."""
+    lines = []
+    for r in sorted(report.results, key=lambda r: -r.budget):
+        parts = [f"budget {r.budget:>4}: TTFT {r.ttft_ms:7.1f} ms (p90 {r.p90['ttft_ms']:.1f})",
+                 f"decode {r.decode_ms_per_token:6.2f} ms/token"]
+        if r.fidelity:
+            parts.append(f"fidelity {r.fidelity['first_token_agreement']:.2f}/{r.fidelity['token_overlap']:.2f}")
+        if r.speedup_vs_baseline:
+            parts.append(f"vs baseline TTFT {r.speedup_vs_baseline['ttft']:.2f}x")
+        if r.predicted:
+            rate = f"{r.predicted['tokens_per_s']:.0f} tok/s" + (" (floor-bound)" if r.predicted.get("overhead_bound")
+                                                                 else "")
+            parts.append(f"predicted {r.predicted['device']}: TTFT {r.predicted['ttft_ms']:.2f} ms, {rate}")
+        lines.append("  ".join(parts))
+    if report.fidelity_reference:
+        lines.append(f"fidelity (first-token agreement/token overlap) vs {report.fidelity_reference}")
+    if report.baseline:
+        b = report.baseline
+        lines.append(f"baseline transformers ({b.get('attention', 'eager')} attention, {b['visual_tokens']} tokens): "
+                     f"TTFT {b['ttft_ms']:.1f} ms, decode {b['decode_ms_per_token']:.2f} ms/token")
+    return lines
+
+
+def _budget_axis(ax, budgets: list[int]) -> None:
+    """Budgets at their values (a linear axis), so cost that grows linearly looks linear."""
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([str(b) for b in budgets], fontsize=8)
+    ax.set_xlim(0, max(budgets) * 1.05 + 1)
+    ax.set_xlabel("visual-token budget")
+
+
+def latency_figure(report: ProfileReport):
+    """Stacked TTFT stages per budget with p90 whiskers; decode ms/token (median and p90) on the
+    right axis from 0; the baseline and the prediction when the report has them."""
+    import matplotlib.pyplot as plt
+
+    results = sorted(report.results, key=lambda r: r.budget)
+    budgets = [r.budget for r in results]
+    gaps = [b - a for a, b in zip(budgets, budgets[1:])] or [max(budgets)]
+    width = max(1.0, 0.6 * min(gaps))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(results)
+    for stage, color in (("preprocess_ms", "#9ecae1"), ("vision_ms", "#3182bd"), ("prefill_ms", "#e6550d")):
+        values = [getattr(r, stage) for r in results]
+        ax.bar(budgets, values, width=width, bottom=bottom, label=stage.replace("_ms", ""), color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ttft = [r.ttft_ms for r in results]
+    ax.errorbar(budgets, ttft, yerr=[[0.0] * len(results), [max(0.0, r.p90["ttft_ms"] - r.ttft_ms) for r in results]],
+                fmt="none", ecolor="#444444", capsize=3, label="TTFT p90")
+    if report.baseline:
+        ax.axhline(report.baseline["ttft_ms"], color="#e6550d", linestyle="--", linewidth=1,
+                   label=f"baseline TTFT ({report.baseline.get('attention', 'eager')}, all tokens)")
+    predicted = [(r.budget, r.predicted["ttft_ms"]) for r in results if r.predicted]
+    if predicted:
+        ax.plot([b for b, _ in predicted], [v for _, v in predicted], "D", color="#31a354", markersize=4,
+                label=f"predicted TTFT ({results[0].predicted['device']})")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("time to first token (ms)")
+    _budget_axis(ax, budgets)
+    ax2 = ax.twinx()
+    ax2.plot(budgets, [r.decode_ms_per_token for r in results], "k.-", label="decode ms/token (median)")
+    ax2.plot(budgets, [r.p90["decode_ms_per_token"] for r in results], "k:", linewidth=1, label="decode p90")
+    if report.baseline:
+        ax2.axhline(report.baseline["decode_ms_per_token"], color="k", linestyle="--", linewidth=0.8,
+                    label="baseline decode")
+    ax2.set_ylim(bottom=0)
+    ax2.set_ylabel("decode (ms/token)")
+    handles, labels = ax.get_legend_handles_labels()
+    handles2, labels2 = ax2.get_legend_handles_labels()
+    ax.legend(handles + handles2, labels + labels2, loc="upper left", fontsize=7)
+    ax.set_title(f"{report.method}: latency by stage (medians, whiskers to p90)")
+    fig.tight_layout()
+    return fig
+
+
+def flops_figure(report: ProfileReport):
+    import matplotlib.pyplot as plt
+
+    results = sorted(report.results, key=lambda r: r.budget)
+    budgets = [r.budget for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(budgets, [r.flops["vision"] for r in results], "o-", label="vision")
+    ax.plot(budgets, [r.flops["prefill"] for r in results], "o-", label="prefill")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("GFLOP per image")
+    _budget_axis(ax, budgets)
+    ax.legend()
+    ax.set_title(f"{report.method}: analytical FLOPs")
+    fig.tight_layout()
+    return fig
+
+
 def plots(report: ProfileReport, out: Path) -> list[Path]:
-    """latency.png (stacked stages vs budget, decode on a second axis) and flops.png."""
+    """latency.png and flops.png (nothing when matplotlib is not installed)."""
     try:
         import matplotlib
 
@@ -77,45 +173,22 @@ def plots(report: ProfileReport, out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    results = sorted(report.results, key=lambda r: r.budget)
-    labels = [str(r.budget) for r in results]
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = [0.0] * len(results)
-    for stage, color in (("preprocess_ms", "#9ecae1"), ("vision_ms", "#3182bd"), ("prefill_ms", "#e6550d")):
-        values = [getattr(r, stage) for r in results]
-        ax.bar(labels, values, bottom=bottom, label=stage.replace("_ms", ""), color=color)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xlabel("visual-token budget")
-    ax.set_ylabel("time to first token (ms)")
-    ax2 = ax.twinx()
-    ax2.plot(labels, [r.decode_ms_per_token for r in results], "k.-", label="decode ms/token")
-    ax2.set_ylabel("decode (ms/token)")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"{report.method}: latency by stage")
-    fig.tight_layout()
-    path = out / "latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(labels, [r.flops["vision"] for r in results], "o-", label="vision")
-    ax.plot(labels, [r.flops["prefill"] for r in results], "o-", label="prefill")
-    ax.set_xlabel("visual-token budget")
-    ax.set_ylabel("GFLOP per image")
-    ax.legend()
-    ax.set_title(f"{report.method}: analytical FLOPs")
-    fig.tight_layout()
-    path = out / "flops.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    for name, make in (("latency.png", latency_figure), ("flops.png", flops_figure)):
+        fig = make(report)
+        path = out / name
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
     return written
 
 
 def write_all(report: ProfileReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "report.json")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(markdown(report), encoding="utf-8")
+    os.replace(tmp, out / "report.md")
     return [out / "report.json", out / "report.md", *plots(report, out)]

@@ -1,6 +1,7 @@
-"""The generation loop, written once against the runner protocol (through `ArtifactGraphs`):
-prefill, then decode with the KV cache; greedy or temperature / top-k / top-p sampling with a
-seed; stop on EOS or the token limit; several image+prompt pairs in one batch."""
+"""The generation loop, written once (`decode_loop`) and driven here through the runner protocol
+(`ArtifactGraphs`): prefill, then decode with the KV cache; greedy or temperature / top-k / top-p
+sampling with a seed; stop on EOS or the token limit; several image+prompt pairs in one batch.
+The transformers references, the profile baseline and parity checks call the same `decode_loop`."""
 
 from __future__ import annotations
 
@@ -54,8 +55,11 @@ class Timings:
 @dataclass
 class Generation:
     token_ids: list[list[int]]
-    visual_tokens: int
+    visual_tokens: int  # image tokens the last decoder layer attends to (after in-LLM pruning)
     timings: Timings = field(default_factory=Timings)
+    image_embeds: np.ndarray | None = None  # [b, k, hidden] from the vision graph
+    prefill_logits: np.ndarray | None = None  # [b, vocab]
+    step_logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: [b, vocab] per step
 
 
 def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
@@ -80,6 +84,59 @@ def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
     return np.minimum((np.cumsum(probs, -1) < draws[:, None]).sum(-1), probs.shape[-1] - 1).astype(np.int64)
 
 
+@dataclass
+class Decoded:
+    """What `decode_loop` produced: per-row tokens (EOS excluded when it stops there), the logits of
+    every decode step when asked ([b, vocab] each), and how many decoder calls it made."""
+
+    tokens: list[list[int]]
+    step_logits: list[np.ndarray]
+    steps: int
+
+
+def decode_loop(
+    first_logits: np.ndarray,
+    step: Callable[[np.ndarray], np.ndarray],
+    cfg: SamplingConfig,
+    *,
+    eos: frozenset[int] | set[int] = frozenset(),
+    pad: int = 0,
+    stop_at_eos: bool = True,
+    keep_logits: bool = False,
+    on_step: Callable[[list[list[int]]], None] | None = None,
+) -> Decoded:
+    """THE decode loop, shared by `tokedge run`, export validation, the transformers references,
+    the profile baseline and `verify`: pick a token from `first_logits` [b, vocab] (the prefill's),
+    then call `step(next_ids [b] int64) -> logits [b, vocab]` until every row hit EOS (when
+    `stop_at_eos`) or `cfg.max_new_tokens` tokens were picked. Rows that finished are fed `pad`."""
+    rng = np.random.default_rng(cfg.seed)
+    logits = np.asarray(first_logits, dtype=np.float32)
+    batch = logits.shape[0]
+    next_ids = sample_next(logits, cfg, rng)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    kept: list[np.ndarray] = []
+    done = np.zeros(batch, dtype=bool)
+    steps = 0
+    for i in range(cfg.max_new_tokens):
+        for r in range(batch):
+            if done[r]:
+                continue
+            if stop_at_eos and int(next_ids[r]) in eos:
+                done[r] = True
+            else:
+                out[r].append(int(next_ids[r]))
+        if on_step is not None:
+            on_step(out)
+        if done.all() or i == cfg.max_new_tokens - 1:
+            break
+        logits = np.asarray(step(np.where(done, pad, next_ids).astype(np.int64)), dtype=np.float32)
+        steps += 1
+        if keep_logits:
+            kept.append(logits)
+        next_ids = sample_next(logits, cfg, rng)
+    return Decoded(tokens=out, step_logits=kept, steps=steps)
+
+
 def generate(
     graphs: ArtifactGraphs,
     pixel_values: np.ndarray,
@@ -91,31 +148,32 @@ def generate(
     on_step: Callable[[list[list[int]]], None] | None = None,
     timings: Timings | None = None,
     started: float | None = None,
+    stop_at_eos: bool = True,
+    keep_logits: bool = False,
     deadline: Deadline | None = None,
 ) -> Generation:
-    """Prefill + decode. `started` (perf_counter) is when the request began, for TTFT; a
-    `deadline` stops the generation (between steps, and inside a graph run) when it passes."""
+    """Vision -> splice -> prefill -> `decode_loop`. `started` (perf_counter) is when the request
+    began, for TTFT; a `deadline` stops the generation (between steps, and inside a graph run)
+    when it passes."""
     cfg.check()
     with graphs.limited(deadline):
         return _generate(graphs, pixel_values, input_ids, attention_mask, cfg, budget=budget, on_step=on_step,
-                         timings=timings, started=started, deadline=deadline)
+                         timings=timings, started=started, stop_at_eos=stop_at_eos, keep_logits=keep_logits,
+                         deadline=deadline)
 
 
 def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, on_step, timings, started,
-              deadline) -> Generation:
+              stop_at_eos, keep_logits, deadline) -> Generation:
     m = graphs.manifest.model
     timings = timings or Timings()
     started = time.perf_counter() if started is None else started
-    batch, prompt_len = input_ids.shape
+    prompt_len = input_ids.shape[1]
     limit = m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
     if prompt_len + cfg.max_new_tokens > limit:
         raise InputError(
             f"prompt ({prompt_len} tokens incl. image) + --max-new-tokens ({cfg.max_new_tokens}) exceeds the model's "
             f"limit of {limit} tokens; shorten the prompt or lower --max-new-tokens"
         )
-    rng = np.random.default_rng(cfg.seed)
-    eos = set(m.eos_token_ids)
-    pad = m.pad_token_id if m.pad_token_id is not None else 0
 
     t0 = time.perf_counter()
     image_embeds = graphs.vision(pixel_values, budget)
@@ -124,36 +182,26 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
     t0 = time.perf_counter()
     embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
     logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens)
-    next_ids = sample_next(logits, cfg, rng)
     now = time.perf_counter()
     timings.prefill_ms = (now - t0) * 1e3
-    timings.ttft_ms = (now - started) * 1e3
+    timings.ttft_ms = (now - started) * 1e3  # the first token is an argmax/sample away
 
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, dtype=bool)
     decode_start = time.perf_counter()
-    decode_steps = 0
-    for i in range(cfg.max_new_tokens):
-        for r in range(batch):
-            if not done[r]:
-                if int(next_ids[r]) in eos:
-                    done[r] = True
-                else:
-                    out[r].append(int(next_ids[r]))
-        if on_step is not None:
-            on_step(out)
-        if done.all() or i == cfg.max_new_tokens - 1:
-            break
+
+    def step(ids: np.ndarray) -> np.ndarray:
         if deadline is not None:
             deadline.check()
-        feed_ids = np.where(done, pad, next_ids)[:, None]
-        logits = graphs.step(graphs.embed(feed_ids), state)
-        next_ids = sample_next(logits, cfg, rng)
-        decode_steps += 1
-    if decode_steps:
-        timings.decode_ms_per_token = (time.perf_counter() - decode_start) * 1e3 / decode_steps
-    timings.decode_tokens = decode_steps
+        return graphs.step(graphs.embed(ids[:, None]), state)
+
+    decoded = decode_loop(
+        logits, step, cfg,
+        eos=frozenset(m.eos_token_ids), pad=m.pad_token_id if m.pad_token_id is not None else 0,
+        stop_at_eos=stop_at_eos, keep_logits=keep_logits, on_step=on_step,
+    )
+    if decoded.steps:
+        timings.decode_ms_per_token = (time.perf_counter() - decode_start) * 1e3 / decoded.steps
+    timings.decode_tokens = decoded.steps
     timings.total_ms = (time.perf_counter() - started) * 1e3
-    red = graphs.manifest.reduction
-    visual = red.budget if red.stage == "in-llm" else int(image_embeds.shape[1])  # in-LLM: kept after pruning
-    return Generation(token_ids=out, visual_tokens=visual, timings=timings)
+    return Generation(token_ids=decoded.tokens, visual_tokens=state.visual_tokens(image_embeds.shape[1]),
+                      timings=timings, image_embeds=image_embeds, prefill_logits=logits,
+                      step_logits=decoded.step_logits)

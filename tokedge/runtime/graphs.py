@@ -68,6 +68,12 @@ class DecodeState:
         for name in self.lengths:
             self.lengths[name] += 1
 
+    def visual_tokens(self, vision_tokens: int) -> int:
+        """Image tokens the last layer group attends to: the vision graph's count, less what an
+        in-LLM method pruned (read from the cache lengths, not from the manifest)."""
+        lengths = list(self.lengths.values())
+        return vision_tokens - (lengths[0] - lengths[-1])
+
 
 def _buffer(mask: np.ndarray, room: int) -> np.ndarray:
     buf = np.ones((mask.shape[0], mask.shape[1] + room), dtype=np.int64)
@@ -89,7 +95,7 @@ class ArtifactGraphs:
             for name in manifest.graphs:
                 model, external = verified.graph_bytes(name)
                 runners[name] = OrtRunner(model, options, name=name, external=external)
-        self.runners: dict[str, Runner] = runners or {
+        self.runners: dict[str, Runner] = runners if runners is not None else {
             name: OrtRunner(self.root / spec.file, options, name=name) for name, spec in manifest.graphs.items()
         }
         dec = manifest.graphs["decoder"]
@@ -109,19 +115,18 @@ class ArtifactGraphs:
 
     @contextlib.contextmanager
     def limited(self, deadline: "Deadline | None") -> Iterator[None]:
-        """Runs inside this block stop when `deadline` passes (runners that support it)."""
+        """Runs inside this block stop when `deadline` passes: a runner that can stop a run in
+        progress does (ONNX Runtime); every step checks it before starting."""
         if deadline is None:
             yield
             return
         for runner in self.runners.values():
-            if hasattr(runner, "deadline"):
-                runner.deadline = deadline  # type: ignore[attr-defined]
+            runner.deadline = deadline
         try:
             yield
         finally:
             for runner in self.runners.values():
-                if hasattr(runner, "deadline"):
-                    runner.deadline = None  # type: ignore[attr-defined]
+                runner.deadline = None
 
     def vision(self, pixel_values: np.ndarray, budget: int | None = None) -> np.ndarray:
         feed = {"pixel_values": pixel_values.astype(np.float32, copy=False)}
@@ -140,16 +145,9 @@ class ArtifactGraphs:
     def _run(self, name: str, host: dict[str, np.ndarray], past: dict) -> tuple[dict, dict]:
         """Run a graph whose present.* outputs become the next past_key_values.* (kept resident
         with runners that support IO binding). Returns (host outputs, next past)."""
-        runner = self.runners[name]
         present_to_past = {p.replace("past_key_values.", "present."): p for p in self.past_names}
-        if hasattr(runner, "infer_bound"):
-            arrays = {k: v for k, v in past.items() if isinstance(v, np.ndarray)}
-            resident = {k: v for k, v in past.items() if not isinstance(v, np.ndarray)}
-            out, kept = runner.infer_bound({**host, **arrays}, resident, keep=set(present_to_past))
-        else:
-            out = runner.infer({**host, **past})
-            kept = out
-        return out, {past_name: kept[p] for p, past_name in present_to_past.items()}
+        out = self.runners[name].infer({**host, **past}, keep=frozenset(present_to_past))
+        return out, {past_name: out[p] for p, past_name in present_to_past.items()}
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray,
                 room: int) -> tuple[np.ndarray, DecodeState]:
@@ -178,20 +176,3 @@ class ArtifactGraphs:
         state.grow()
         state.last_position = positions
         return out["logits"][:, -1].astype(np.float32)
-
-    def greedy(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int,
-               budget: int | None = None) -> dict[str, np.ndarray]:
-        """Prefill then `steps` greedy decode steps; returns the arrays parity checks compare."""
-        image_embeds = self.vision(pixel_values, budget)
-        embeds = splice_image_embeds(self.embed(input_ids), input_ids, self.manifest.model.image_token_id, image_embeds)
-        logits, state = self.prefill(embeds, attention_mask, input_ids, room=steps)
-        out = {"image_embeds": image_embeds, "prefill_logits": logits}
-        tokens = [logits.argmax(-1)]
-        step_logits = []
-        for _ in range(steps):
-            logits = self.step(self.embed(tokens[-1][:, None]), state)
-            step_logits.append(logits)
-            tokens.append(logits.argmax(-1))
-        out["tokens"] = np.stack(tokens, axis=1)
-        out["step_logits"] = np.stack(step_logits, axis=1) if step_logits else np.zeros((input_ids.shape[0], 0, 0))
-        return out

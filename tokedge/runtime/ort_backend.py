@@ -187,7 +187,14 @@ class OrtRunner:
         self.session  # noqa: B018
         return self._inputs
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feed: dict, keep: frozenset[str] = frozenset()) -> dict:
+        """The runner protocol: outputs in `keep` stay on the session's device (IO binding), as do
+        device-resident values fed back in; otherwise a plain run."""
+        resident = {k: v for k, v in feed.items() if not isinstance(v, np.ndarray)}
+        if keep or resident:
+            host = {k: v for k, v in feed.items() if isinstance(v, np.ndarray)}
+            out, kept = self.infer_bound(host, resident, set(keep))
+            return {**out, **kept}
         session = self.session
         start = time.perf_counter()
         with self._limited() as run_options:

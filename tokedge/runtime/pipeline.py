@@ -82,10 +82,9 @@ class Pipeline:
             return self.manifest.prompt.visual_tokens
         if red.budget_range is None:
             if budget != red.budget:
-                raise InputError(
-                    f"this artifact has a fixed budget of {red.budget} visual tokens; re-export with "
-                    f"--dynamic-budget to choose it at run time"
-                )
+                how = ("re-export with --dynamic-budget to choose it at run time" if red.supports_runtime_budget else
+                       f"--method {red.method} takes no runtime budget: export one artifact per budget")
+                raise InputError(f"this artifact has a fixed budget of {red.budget} visual tokens; {how}")
             return budget
         lo, hi = red.budget_range
         if not lo <= budget <= hi:
@@ -166,7 +165,7 @@ def _tensorrt_runners(root: Path, engines: Path | str | None, manifest_sha256: s
     if index.get("artifact_manifest_sha256") != manifest_sha256:
         raise ArtifactError(f"the engines in '{engines}' were built from a different artifact; rebuild them with "
                             f"`tokedge build {root} --profile {index.get('profile', 'PROFILE')}`")
-    from tokedge.runtime.trt_backend import open_engines
+    from tokedge.build.trt import open_engines
 
     return open_engines(engines, index)
 

@@ -20,7 +20,7 @@ from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo
 from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.towers import VisionTower, layers_to_feature
-from tokedge.reduce.base import Method, VisionFeatures
+from tokedge.reduce.base import Method, VisionFeatures, VisionGeometry
 
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
@@ -75,6 +75,20 @@ def full_tokens_from_config(cfg: dict) -> int:
     if cfg.get("vision_feature_select_strategy", "default") == "full" and vc.get("model_type") != "siglip_vision_model":
         n += 1
     return n
+
+
+def vision_geometry(cfg: dict) -> VisionGeometry | None:
+    """The vision tower's token and layer counts from a config.json dict (no weights); None when
+    the config leaves them at the class defaults (then the check waits for the loaded model)."""
+    vc = cfg.get("vision_config") or {}
+    if not all(k in vc for k in ("num_hidden_layers", "image_size", "patch_size")):
+        return None
+    has_cls = vc.get("model_type", "clip_vision_model") == "clip_vision_model"
+    feature_layer = cfg.get("vision_feature_layer", -2)
+    layers = int(vc["num_hidden_layers"])
+    index = layers_to_feature(feature_layer, layers) if isinstance(feature_layer, int) else layers
+    return VisionGeometry(patch_tokens=(int(vc["image_size"]) // int(vc["patch_size"])) ** 2, layers=index,
+                          has_cls=has_cls)
 
 
 def inspect_checkpoint(source: str, local: Path | None, trust_remote_code: bool = False) -> dict:
@@ -178,16 +192,18 @@ class VisionGraph(nn.Module):
         if needs_cls and not has_cls:
             raise InputError(f"--method {method.name} needs a CLS token, and this vision tower has none (SigLIP)")
         schedule = None
-        if method.stage == "in-vit":
+        if method.merges_in_vit:
             from tokedge.reduce.tome import merge_schedule
 
             index = layers_to_feature(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
             schedule = merge_schedule(llava.full_tokens - (0 if drop_cls or not has_cls else 1), k, index,
                                       protected=1 if has_cls else 0)
             if schedule is None:
+                patches = llava.full_tokens - (0 if drop_cls or not has_cls else 1)
+                fewest = method.fewest_tokens(VisionGeometry(patches, index, has_cls)) if method.fewest_tokens else k + 1
                 raise InputError(
-                    f"--method {method.name} cannot merge down to {k} tokens in {index} vision layers "
-                    "(each layer merges at most half); raise --budget"
+                    f"--method {method.name} cannot merge down to {k} tokens in this model's {index} vision layers "
+                    f"(each merges at most half): use --budget >= {fewest}"
                 )
         self.schedule = schedule
         self.tower = VisionTower(tower, cfg.vision_feature_layer, drop_cls, method.needs, schedule)
@@ -323,7 +339,7 @@ def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: t
     options = options or {}
     model = llava.model
     cfg = model.config
-    if method.stage == "in-vit":
+    if method.merges_in_vit:
         return VisionGraph(llava, method, k, options).eval()(pixel_values.to(next(model.parameters()).dtype)).float()
     tower = model.model.vision_tower
     previous = tower.config._attn_implementation
@@ -354,8 +370,11 @@ def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: t
 @torch.no_grad()
 def reference_logits(llava: LoadedLlava, input_ids, attention_mask, image_features, steps: int = 1):
     """Run transformers' language model on the spliced embeddings: prefill logits at the last
-    position, then `steps` greedy decode steps with its own KV cache. Returns (prefill_logits
-    [b, vocab], tokens [b, steps+1], step_logits list of [b, vocab])."""
+    position, then `steps` greedy decode steps with its own KV cache, through the shared
+    `decode_loop`. Returns (prefill_logits [b, vocab], tokens [b, steps+1], step_logits list of
+    [b, vocab])."""
+    from tokedge.runtime.generate import SamplingConfig, decode_loop
+
     model = llava.model
     embeds = model.get_input_embeddings()(input_ids)
     mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
@@ -363,20 +382,17 @@ def reference_logits(llava: LoadedLlava, input_ids, attention_mask, image_featur
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     prefill = out.logits[:, -1].float()
-    tokens = [prefill.argmax(-1)]
-    step_logits = []
-    past = out.past_key_values
-    for _ in range(steps):
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        out = model(
-            input_ids=tokens[-1][:, None],
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = out.past_key_values
-        step_logits.append(out.logits[:, -1].float())
-        tokens.append(step_logits[-1].argmax(-1))
-    return prefill, torch.stack(tokens, dim=1), step_logits
+    state = {"past": out.past_key_values, "mask": attention_mask, "pos": position_ids[:, -1:]}
+
+    def step(ids):
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        state["pos"] = state["pos"] + 1
+        o = model(input_ids=torch.from_numpy(ids)[:, None], attention_mask=state["mask"], position_ids=state["pos"],
+                  past_key_values=state["past"], use_cache=True)
+        state["past"] = o.past_key_values
+        return o.logits[:, -1].float().numpy()
+
+    decoded = decode_loop(prefill.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
+                          keep_logits=True)
+    tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(input_ids.shape[0], -1)
+    return prefill, tokens, [torch.from_numpy(x) for x in decoded.step_logits]

@@ -13,11 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from tokedge.errors import PassRefused
+
 BUDGET_INPUT = "budget"
-
-
-class PassRefused(ValueError):
-    """The graph does not have the shape this pass rewrites; the message says why."""
 
 
 def _topk_with_k(graph: ir.Graph, k: int) -> list[ir.Node]:
@@ -38,6 +36,7 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def bind_runtime_budget(model: ir.Model, sentinel_k: int, lo: int, hi: int) -> int:
+    """sentinel_k: the TopK k the graph was traced with; [lo, hi]: the range the input is clipped to."""
     graph = model.graph
     if any(v.name == BUDGET_INPUT for v in graph.inputs):
         raise PassRefused("graph already has a 'budget' input")

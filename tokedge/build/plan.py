@@ -1,8 +1,6 @@
-"""`tokedge build`: TensorRT engines from an artifact and a device profile.
-
-Planning is pure and TensorRT-free (shapes, optimisation profiles, precision flags), so
-`--dry-run` and the tests run anywhere; `tokedge.runtime.trt_backend` turns a plan into engines with
-the TensorRT API.
+"""Build planning, pure and TensorRT-free: shapes, optimisation profiles and precision flags per
+graph from an artifact's manifest and a device profile. `--dry-run` and the tests run anywhere;
+`tokedge.build.trt` turns a plan into engines (and imports this module, never the reverse).
 """
 
 from __future__ import annotations
@@ -55,6 +53,7 @@ class BuildPlan:
     precision: str
     engines: tuple[EnginePlan, ...]
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # e.g. ops `tokedge check` rejects for this TensorRT family
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,44 +190,3 @@ def plan_build(manifest: Manifest, profile: DeviceProfile, artifact: Path) -> Bu
                      "TopK/GatherND support needed by the reduction)")
     return BuildPlan(artifact=str(artifact), profile=profile.name, trt_version=profile.trt_version,
                      precision=profile.precision, engines=tuple(engines), notes=tuple(notes))
-
-
-def default_engines_dir(artifact: Path, profile: str) -> Path:
-    artifact = Path(artifact)
-    return artifact.parent / f"{artifact.name}.engines-{profile}"
-
-
-def build(artifact: Path, profile_name: str, out: Path | None = None, force: bool = False,
-          dry_run: bool = False) -> tuple[BuildPlan, Path, list[dict]]:
-    """Plan (always) and build (unless dry_run) the engines of an artifact for a device profile.
-
-    Engines go to a staged directory renamed into place, under the writer lock that serialises
-    concurrent builds of the same engines; `engines.json` records each plan's sha256 and the
-    artifact's manifest hash, which the TensorRT runner checks before deserialising anything.
-    """
-    import json
-
-    from tokedge.artifact import MANIFEST_NAME, load_artifact, sha256_file, staged_directory
-    from tokedge.profiles import load_profile
-
-    artifact = Path(artifact)
-    manifest = load_artifact(artifact)
-    profile = load_profile(profile_name)
-    plan = plan_build(manifest, profile, artifact)
-    out = Path(out) if out else default_engines_dir(artifact, profile.name)
-    if dry_run:
-        return plan, out, []
-    from tokedge.runtime.trt_backend import build_all
-
-    timing_cache = out.parent / f".{profile.name}.timing.cache"
-    with staged_directory(out, force=force, marker="engines.json", protect=(artifact,)) as stage:
-        metas = build_all(plan, artifact, stage, timing_cache)
-        index = {
-            "profile": profile.name,
-            "trt_version": profile.trt_version,
-            "artifact_manifest_sha256": sha256_file(artifact / MANIFEST_NAME),
-            "plan": plan.to_dict(),
-            "engines": {m["graph"]: {"plan": f"{m['graph']}.plan", "sha256": m["plan_sha256"]} for m in metas},
-        }
-        (stage / "engines.json").write_text(json.dumps(index, indent=2) + "\n")
-    return plan, out, metas

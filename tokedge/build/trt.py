@@ -1,9 +1,10 @@
-"""TensorRT: engine building from a BuildPlan, and the runner behind the runner protocol.
+"""TensorRT: engine building from a BuildPlan, loaders (verified plan bytes -> engine) and the
+runner behind the runner protocol, kept apart as in Polygraphy: a runner takes an engine loader.
 
 The only module that imports `tensorrt` (and, through ctypes, the CUDA runtime). Written against
 TensorRT 10.3 (JetPack 6: builder precision flags) and TensorRT 11 (strongly typed networks);
 type-checked in CI with pyright against `tensorrt-stubs`. Nothing here runs on a machine without
-TensorRT and a GPU; every decision it takes comes from `tokedge.build` (pure, unit-tested).
+TensorRT and a GPU; every decision it takes comes from `tokedge.build.plan` (pure, unit-tested).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from tokedge.build import BuildPlan, EnginePlan
+from tokedge.build.plan import BuildPlan, EnginePlan
 from tokedge.errors import ArtifactError, IntegrityError, MissingDependencyError, TokedgeError
 
 METADATA_SUFFIX = ".json"
@@ -235,27 +236,53 @@ class DeviceTensor:
     dtype: np.dtype
 
 
-class TrtRunner:
-    """Runner over one verified engine: sets input shapes, binds preallocated device buffers, and
-    runs execute_async_v3 on its own stream. `infer_bound` keeps KV outputs on the GPU."""
+class VerifiedPlanBytes:
+    """Loader: a plan file's bytes, once its sha256 and build metadata match (`check_engine`)."""
 
-    def __init__(self, plan_path: Path, meta: dict, expected_sha256: str, name: str):
+    def __init__(self, plan_path: Path, meta: dict, expected_sha256: str):
         self.plan_path, self.meta, self.expected = plan_path, meta, expected_sha256
-        self.name = name
-        self.last_inference_time = 0.0
-        self._ctx: Any = None
 
-    def __enter__(self) -> "TrtRunner":
+    def __call__(self) -> bytes:
+        return check_engine(self.plan_path, self.meta, self.expected)
+
+
+class EngineFromBytes:
+    """Loader: a deserialised engine from plan bytes or from a loader of them, e.g.
+    `EngineFromBytes(VerifiedPlanBytes(path, meta, sha))`. Returns (runtime, engine): the runtime
+    must outlive the engine."""
+
+    def __init__(self, data: bytes | Callable[[], bytes], label: str = "engine"):
+        self.data, self.label = data, label
+
+    def __call__(self) -> tuple[Any, Any]:
+        data = self.data() if callable(self.data) else self.data  # verified before TensorRT is needed
         _require_trt()
         import tensorrt as trt
 
-        data = check_engine(self.plan_path, self.meta, self.expected)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise ArtifactError(f"TensorRT could not deserialize {self.label}; rebuild it")
+        return runtime, engine
+
+
+class TrtRunner:
+    """Runner over one engine from a loader: sets input shapes, binds preallocated device buffers,
+    and runs execute_async_v3 on its own stream. `infer(..., keep=...)` keeps KV outputs on the GPU."""
+
+    def __init__(self, engine: Callable[[], tuple[Any, Any]], meta: dict, name: str):
+        self.load_engine, self.meta = engine, meta
+        self.name = name
+        self.last_inference_time = 0.0
+        self.deadline = None  # checked between steps by the caller (TensorRT runs are not interrupted)
+        self._ctx: Any = None
+
+    def __enter__(self) -> "TrtRunner":
+        self.runtime, self.engine = self.load_engine()
+        import tensorrt as trt
+
         self.cuda = Cuda()
         self.stream = self.cuda.stream()
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialize {self.plan_path.name}; rebuild it")
         self._ctx = self.engine.create_execution_context()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = {n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
@@ -305,11 +332,16 @@ class TrtRunner:
                     raise ArtifactError(f"{self.name} engine has no optimisation profile {index}; rebuild it")
                 self.profile_index = index
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out, _ = self.infer_bound(feed, {}, keep=set())
-        return out
+    def infer(self, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The runner protocol: `DeviceTensor` values in `feed` are bound where they live; outputs
+        in `keep` stay on the GPU as `DeviceTensor`s, the others are copied to numpy arrays."""
+        host = {k: v for k, v in feed.items() if isinstance(v, np.ndarray)}
+        resident = {k: v for k, v in feed.items() if isinstance(v, DeviceTensor)}
+        out, kept = self._infer_bound(host, resident, set(keep))
+        return {**out, **kept}
 
-    def infer_bound(self, host: dict[str, np.ndarray], resident: dict, keep: set[str]) -> tuple[dict, dict]:
+    def _infer_bound(self, host: dict[str, np.ndarray], resident: dict[str, "DeviceTensor"],
+                     keep: set[str]) -> tuple[dict, dict]:
         import tensorrt as trt
 
         ctx = self._ctx
@@ -368,5 +400,7 @@ def open_engines(engines_dir: Path, index: dict) -> dict[str, TrtRunner]:
     runners = {}
     for graph, entry in index["engines"].items():
         meta = json.loads((engines_dir / (entry["plan"] + METADATA_SUFFIX)).read_text())
-        runners[graph] = TrtRunner(engines_dir / entry["plan"], meta, entry["sha256"], graph)
+        plan = engines_dir / entry["plan"]
+        runners[graph] = TrtRunner(EngineFromBytes(VerifiedPlanBytes(plan, meta, entry["sha256"]), plan.name), meta,
+                                   graph)
     return runners

@@ -1,0 +1,122 @@
+"""What a person reads: listing commands at 80 columns keep every key value whole, `--json` of
+every listing command is one object of the documented shape, help texts survive narrow terminals
+and literal brackets, and `--debug` works before or after the subcommand."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import typer
+
+from tokedge.cli import app, main
+
+
+@pytest.fixture
+def narrow(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("LINES", "24")
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_profiles_at_80_columns_show_full_names(narrow, capsys):
+    from tokedge.profiles import list_profiles
+
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    first_column = [line.split()[0] for line in _lines(out)[1:]]
+    assert first_column == sorted(list_profiles())  # each name whole, usable as --profile as printed
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert "…" not in out
+
+
+def test_methods_at_80_columns_keep_names_and_arxiv_ids(narrow, capsys):
+    from tokedge.reduce import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert "…" not in out
+    rows = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")][1:]
+    assert rows == list(METHODS)
+    flat = " ".join(out.split())
+    for m in METHODS.values():
+        for arxiv in re.findall(r"\d{4}\.\d{4,5}", m.paper):
+            assert arxiv in flat
+    assert len(out.splitlines()) <= 2 + 3 * len(METHODS)
+
+
+def test_passes_listing(narrow, capsys):
+    from tokedge.export.passes import PASSES
+
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")][1:] == list(PASSES)
+
+
+@pytest.mark.parametrize("command,key", [("methods", "methods"), ("profiles", "profiles"), ("passes", "passes")])
+def test_listing_json_is_one_object_of_the_documented_shape(command, key, capsys):
+    from pathlib import Path
+
+    assert main([command, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert isinstance(data, dict) and list(data) == [key]
+    assert data[key] and all(isinstance(row, dict) and "name" in row for row in data[key])
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert f"`tokedge {command} --json`" in docs and f'"{key}": [' in docs
+
+
+def _commands():
+    return [c.name or c.callback.__name__ for c in app.registered_commands]
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help_texts_are_whole_at_80_columns(command, narrow, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    cmd = typer.main.get_command(app).commands[command]
+    for param in cmd.params:
+        text = getattr(param, "help", None)
+        if text:
+            assert " ".join(text.split()) in flat, f"{command}: help of {param.name} is cut or mangled"
+        if getattr(param, "show_default", False) and param.default not in (None, False, [], ()):
+            assert f"[default: {param.default}]" in flat or "default:" in flat
+    assert "…" not in out and all(len(line) <= 80 for line in out.splitlines())
+
+
+def test_verify_help_shows_the_extra_in_brackets(narrow, capsys):
+    assert main(["verify", "--help"]) == 0
+    assert "(needs [export])" in " ".join(capsys.readouterr().out.split())
+
+
+def test_top_level_help_lists_every_command_without_cutting(narrow, capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in _commands():
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert not line.rstrip().endswith("...")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_before_or_after_the_subcommand(where, tmp_path, capsys):
+    from tokedge.errors import ArtifactError
+
+    args = ["verify", str(tmp_path / "missing")]
+    argv = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    with pytest.raises(ArtifactError):  # --debug lets the traceback through
+        main(argv)
+
+
+def test_log_lines_are_not_hard_wrapped(artifacts, narrow, capsys):
+    assert main(["verify", str(artifacts("cls-attn", 64))]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hashes ok; parity: ") and len(lines[0]) > 80
