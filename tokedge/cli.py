@@ -290,7 +290,7 @@ def run_cmd(
         print()
 
 
-@app.command("serve")
+@app.command("serve", short_help="OpenAI-compatible HTTP server for an artifact.")
 def serve_cmd(
     artifact: ArtifactArg,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key or --insecure.")] = "127.0.0.1",
@@ -310,7 +310,7 @@ def serve_cmd(
     allow_remote_images: Annotated[bool, typer.Option(help="Let image_url be an http(s) URL the server fetches.")] = False,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
 ) -> None:
-    r"""Serve an artifact over an OpenAI-compatible Chat Completions API (needs the serve extra: pip install tokedge\[serve])."""
+    """Serve an artifact over an OpenAI-compatible Chat Completions API (needs the serve extra: pip install 'tokedge[serve]')."""
     from tokedge.serve import ServeConfig, serve
 
     key = api_key if api_key is not None else os.environ.get("TOKEDGE_API_KEY") or None

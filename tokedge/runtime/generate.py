@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -85,6 +85,66 @@ def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
 
 
 @dataclass
+class DecodeRow:
+    cfg: SamplingConfig
+    rng: np.random.Generator
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos", "length", or whatever a caller passed to `finish`
+
+
+class DecodeRows:
+    """The state of THE decode loop: for each row its sampling settings and generator (a row
+    samples exactly as it would alone, whatever shares the batch), the tokens picked so far, and
+    why it finished: EOS (when `stop_at_eos`), its `max_new_tokens`, or a caller's `finish` (a
+    stop string, a client gone). `decode_loop` drives it to the end; `stepwise.BatchDecoder`
+    (the server) one step at a time."""
+
+    def __init__(self, configs: list[SamplingConfig], *, eos: frozenset[int] | set[int] = frozenset(),
+                 pad: int = 0, stop_at_eos: bool = True):
+        for cfg in configs:
+            cfg.check()
+        self.rows = [DecodeRow(cfg, np.random.default_rng(cfg.seed)) for cfg in configs]
+        self.eos, self.pad, self.stop_at_eos = frozenset(eos), pad, stop_at_eos
+        self.last = np.full(len(configs), pad, dtype=np.int64)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [row.tokens for row in self.rows]
+
+    @property
+    def active(self) -> bool:
+        return any(row.finish_reason is None for row in self.rows)
+
+    def finish(self, row: int, reason: str) -> None:
+        if self.rows[row].finish_reason is None:
+            self.rows[row].finish_reason = reason
+
+    def feed(self) -> np.ndarray:
+        """Next input id of each row [b] int64: its last token, or `pad` once it finished."""
+        return np.where([row.finish_reason is not None for row in self.rows], self.pad, self.last).astype(np.int64)
+
+    def take(self, logits: np.ndarray) -> list[int | None]:
+        """Pick each live row's next token from its logits [b, vocab]; None for finished rows."""
+        logits = np.asarray(logits, dtype=np.float32)
+        picked: list[int | None] = []
+        for r, row in enumerate(self.rows):
+            if row.finish_reason is not None:
+                picked.append(None)
+                continue
+            token = int(sample_next(logits[r:r + 1], row.cfg, row.rng)[0])
+            self.last[r] = token
+            if self.stop_at_eos and token in self.eos:
+                row.finish_reason = "eos"
+                picked.append(None)
+                continue
+            row.tokens.append(token)
+            if len(row.tokens) >= row.cfg.max_new_tokens:
+                row.finish_reason = "length"
+            picked.append(token)
+        return picked
+
+
+@dataclass
 class Decoded:
     """What `decode_loop` produced: per-row tokens (EOS excluded when it stops there), the logits of
     every decode step when asked ([b, vocab] each), and how many decoder calls it made."""
@@ -106,35 +166,25 @@ def decode_loop(
     on_step: Callable[[list[list[int]]], None] | None = None,
 ) -> Decoded:
     """THE decode loop, shared by `tokedge run`, export validation, the transformers references,
-    the profile baseline and `verify`: pick a token from `first_logits` [b, vocab] (the prefill's),
-    then call `step(next_ids [b] int64) -> logits [b, vocab]` until every row hit EOS (when
-    `stop_at_eos`) or `cfg.max_new_tokens` tokens were picked. Rows that finished are fed `pad`."""
-    rng = np.random.default_rng(cfg.seed)
-    logits = np.asarray(first_logits, dtype=np.float32)
-    batch = logits.shape[0]
-    next_ids = sample_next(logits, cfg, rng)
-    out: list[list[int]] = [[] for _ in range(batch)]
+    the profile baseline and `verify` (and, step by step, `tokedge serve`): pick a token from
+    `first_logits` [b, vocab] (the prefill's), then call `step(next_ids [b] int64) -> logits
+    [b, vocab]` until every row hit EOS (when `stop_at_eos`) or `cfg.max_new_tokens` tokens were
+    picked. Rows that finished are fed `pad`."""
+    rows = DecodeRows([cfg] * np.asarray(first_logits).shape[0], eos=eos, pad=pad, stop_at_eos=stop_at_eos)
+    rows.take(first_logits)
     kept: list[np.ndarray] = []
-    done = np.zeros(batch, dtype=bool)
     steps = 0
-    for i in range(cfg.max_new_tokens):
-        for r in range(batch):
-            if done[r]:
-                continue
-            if stop_at_eos and int(next_ids[r]) in eos:
-                done[r] = True
-            else:
-                out[r].append(int(next_ids[r]))
-        if on_step is not None:
-            on_step(out)
-        if done.all() or i == cfg.max_new_tokens - 1:
-            break
-        logits = np.asarray(step(np.where(done, pad, next_ids).astype(np.int64)), dtype=np.float32)
+    if on_step is not None:
+        on_step(rows.tokens)
+    while rows.active:
+        logits = np.asarray(step(rows.feed()), dtype=np.float32)
         steps += 1
         if keep_logits:
             kept.append(logits)
-        next_ids = sample_next(logits, cfg, rng)
-    return Decoded(tokens=out, step_logits=kept, steps=steps)
+        rows.take(logits)
+        if on_step is not None:
+            on_step(rows.tokens)
+    return Decoded(tokens=rows.tokens, step_logits=kept, steps=steps)
 
 
 def generate(

@@ -10,12 +10,11 @@ token until the batch ends, as `generate` does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from tokedge.errors import InputError
-from tokedge.runtime.generate import SamplingConfig, sample_next
+from tokedge.runtime.generate import DecodeRows, SamplingConfig
 from tokedge.runtime.graphs import ArtifactGraphs, DecodeState, splice_image_embeds
 
 
@@ -23,14 +22,6 @@ def context_limit(graphs: ArtifactGraphs) -> int:
     """Prompt plus new tokens must fit in this many positions."""
     m = graphs.manifest.model
     return m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
-
-
-@dataclass
-class Row:
-    cfg: SamplingConfig
-    rng: np.random.Generator
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "eos", "length", or whatever the caller passed to `finish`
 
 
 class BatchDecoder:
@@ -46,30 +37,25 @@ class BatchDecoder:
         if len(configs) != input_ids.shape[0] or pixel_values.shape[0] != input_ids.shape[0]:
             raise InputError(f"{input_ids.shape[0]} prompts, {pixel_values.shape[0]} images and {len(configs)} "
                              "sampling configs; pass one of each per row")
-        for cfg in configs:
-            cfg.check()
+        self.decode = DecodeRows(configs, eos=graphs.manifest.model.eos_token_ids,
+                                 pad=graphs.manifest.model.pad_token_id or 0)
         self.room = max(cfg.max_new_tokens for cfg in configs)
         if input_ids.shape[1] + self.room > context_limit(graphs):
             raise InputError(f"prompt ({input_ids.shape[1]} tokens incl. image) + max new tokens ({self.room}) "
                              f"exceeds the model's limit of {context_limit(graphs)} tokens")
         self.graphs, self.budget = graphs, budget
         self.pixel_values, self.input_ids, self.attention_mask = pixel_values, input_ids, attention_mask
-        self.rows = [Row(cfg, np.random.default_rng(cfg.seed)) for cfg in configs]
-        m = graphs.manifest.model
-        self.eos = set(m.eos_token_ids)
-        self.pad = m.pad_token_id if m.pad_token_id is not None else 0
+        self.rows = self.decode.rows
         self.state: DecodeState | None = None
-        self.last = np.full(len(configs), self.pad, dtype=np.int64)
         self.visual_tokens = 0
         self.vision_ms = self.prefill_ms = 0.0
 
     @property
     def active(self) -> bool:
-        return any(row.finish_reason is None for row in self.rows)
+        return self.decode.active
 
     def finish(self, row: int, reason: str) -> None:
-        if self.rows[row].finish_reason is None:
-            self.rows[row].finish_reason = reason
+        self.decode.finish(row, reason)
 
     def prefill(self) -> list[int | None]:
         t0 = time.perf_counter()
@@ -82,32 +68,12 @@ class BatchDecoder:
                                      self.graphs.manifest.model.image_token_id, image_embeds)
         logits, self.state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room)
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
-        return self._take(logits)
+        return self.decode.take(logits)
 
     def step(self) -> list[int | None]:
         if self.state is None:
             raise RuntimeError("BatchDecoder.step() before prefill()")
         if not self.active:
             return [None] * len(self.rows)
-        feed = np.where([row.finish_reason is not None for row in self.rows], self.pad, self.last)[:, None]
-        logits = self.graphs.step(self.graphs.embed(feed), self.state)
-        return self._take(logits)
-
-    def _take(self, logits: np.ndarray) -> list[int | None]:
-        """Sample each live row from its own logits and generator; record EOS and length limits."""
-        new: list[int | None] = []
-        for r, row in enumerate(self.rows):
-            if row.finish_reason is not None:
-                new.append(None)
-                continue
-            token = int(sample_next(logits[r:r + 1], row.cfg, row.rng)[0])
-            self.last[r] = token
-            if token in self.eos:
-                row.finish_reason = "eos"
-                new.append(None)
-                continue
-            row.tokens.append(token)
-            if len(row.tokens) >= row.cfg.max_new_tokens:
-                row.finish_reason = "length"
-            new.append(token)
-        return new
+        logits = self.graphs.step(self.graphs.embed(self.decode.feed()[:, None]), self.state)
+        return self.decode.take(logits)
