@@ -47,7 +47,9 @@ def test_methods_are_not_told_apart_by_name_or_stage_strings():
 def test_one_decode_loop():
     callers = sorted(name for name, text in SOURCES.items()
                      if text.count("decode_loop(") > text.count("def decode_loop("))
-    assert callers == ["export/families/llava.py", "export/reference.py", "report/baseline.py", "runtime/generate.py"]
+    # generate (run, validation, verify, profile), the transformers references and the baseline (a
+    # server may call it too)
+    assert {"export/families/llava.py", "export/reference.py", "report/baseline.py", "runtime/generate.py"} <= set(callers)
     assert "def greedy(" not in SOURCES["runtime/graphs.py"]  # validation and verify go through generate
     assert "generate(" in SOURCES["export/validate.py"]
     pickers = sorted(name for name, text in SOURCES.items() if ".argmax(-1)" in text and not name.startswith("reduce/"))
