@@ -4,6 +4,7 @@ library function and prints. Errors are mapped to one-line messages and exit cod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,26 @@ app = typer.Typer(
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")]
 ArtifactArg = Annotated[Path, typer.Argument(help="Artifact directory written by `tokedge export`.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization: int4 or int8.")]
+QuantFormOpt = Annotated[str, typer.Option("--quant-form", help="matmulnbits (ONNX Runtime) or qdq (TensorRT).")]
+GroupSizeOpt = Annotated[int, typer.Option("--group-size", help="Weights per quantization scale along K.")]
+QuantGraphsOpt = Annotated[str, typer.Option("--quant-graphs", help="Graphs to quantize: decoder,prefill[,vision].")]
+QuantLmHeadOpt = Annotated[bool, typer.Option("--quantize-lm-head/--float-lm-head",
+                                              help="Also quantize the logits MatMul (lm_head).")]
+QuantEmbedOpt = Annotated[bool, typer.Option("--quantize-embeddings/--float-embeddings",
+                                             help="Also quantize the token embeddings (matmulnbits only).")]
+AccuracyOpt = Annotated[int, typer.Option("--accuracy-level", help="MatMulNBits compute: 4 = int8 (VNNI/AMX), 0 = float.")]
+
+
+def _quant_config(scheme: str, form: str, group_size: int, graphs: str, lm_head: bool, embeddings: bool,
+                  accuracy_level: int):
+    from tokedge.export.quantize import QuantConfig
+
+    cfg = QuantConfig(scheme=scheme, form=form, group_size=group_size,
+                      graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), lm_head=lm_head,
+                      embeddings=embeddings, accuracy_level=accuracy_level)
+    cfg.check()
+    return cfg
 
 
 def _console():
@@ -63,6 +84,14 @@ def export_cmd(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
     validate: Annotated[bool, typer.Option(help="Check ONNX Runtime against transformers after export.")] = True,
+    quantize: QuantizeOpt = None,
+    quant_form: QuantFormOpt = "matmulnbits",
+    group_size: GroupSizeOpt = 128,
+    quant_graphs: QuantGraphsOpt = "decoder,prefill",
+    quantize_lm_head: QuantLmHeadOpt = False,
+    quantize_embeddings: QuantEmbedOpt = False,
+    accuracy_level: AccuracyOpt = 4,
+    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Warn when this device profile cannot hold the artifact (memory plan).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Export a LLaVA checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder)."""
@@ -71,12 +100,15 @@ def export_cmd(
 
     options = tuple(parse_option_pairs(option).items())
     rng = parse_budget_range(dynamic_budget) if dynamic_budget else None
+    quant = (_quant_config(quantize, quant_form, group_size, quant_graphs, quantize_lm_head, quantize_embeddings,
+                           accuracy_level) if quantize else None)
     if out is None:
         label = budget if budget is not None else ("full" if method == "none" else 64)
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
+        quantize=quant, device_profile=device_profile,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)
@@ -94,9 +126,55 @@ def export_cmd(
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
         + ")"
     )
+    if m.quantization is not None:
+        console.print(f"weights: {_quant_line(m.quantization)}")
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "method": m.reduction.method, "budget": m.reduction.budget,
-                          "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds}))
+                          "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds,
+                          "quantization": dataclasses.asdict(m.quantization) if m.quantization else None,
+                          "warnings": result.warnings}))
+
+
+def _quant_line(q) -> str:
+    before = sum(v["before"] for v in q.weight_bytes.values())
+    after = sum(v["after"] for v in q.weight_bytes.values())
+    return (f"{q.scheme} {q.form} (group {q.group_size}, symmetric, {q.algorithm}) on {', '.join(q.graphs)}: "
+            f"{sum(q.quantized.values())} weights, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+            + ("" if q.lm_head else "; lm_head float") + ("" if q.embeddings else "; embeddings float"))
+
+
+@app.command("quantize")
+def quantize_cmd(
+    artifact: ArtifactArg,
+    out: Annotated[Path, typer.Option(help="Directory for the quantized artifact.")],
+    scheme: Annotated[str, typer.Option("--scheme", help="int4 or int8.")] = "int4",
+    quant_form: QuantFormOpt = "matmulnbits",
+    group_size: GroupSizeOpt = 128,
+    quant_graphs: QuantGraphsOpt = "decoder,prefill",
+    quantize_lm_head: QuantLmHeadOpt = False,
+    quantize_embeddings: QuantEmbedOpt = False,
+    accuracy_level: AccuracyOpt = 4,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out (whole).")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Quantize an fp32 artifact's linear weights (int4/int8), re-checked against its fp32 reference."""
+    from tokedge.export.quantize import quantize_artifact
+
+    cfg = _quant_config(scheme, quant_form, group_size, quant_graphs, quantize_lm_head, quantize_embeddings,
+                        accuracy_level)
+    result = quantize_artifact(artifact, out, cfg, force=force)
+    console = _console()
+    console.print(f"weights: {_quant_line(result.info)}")
+    from tokedge.export.validate import ParityCase, ParityReport, Tolerance
+
+    report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
+    console.print(f"[green]✓[/green] parity vs the fp32 reference: {report.summary()}")
+    console.print(f"wrote {result.out}")
+    if json_out:
+        print(json.dumps({"artifact": str(result.out), "quantization": dataclasses.asdict(result.info),
+                          "parity": result.parity}))
 
 
 @app.command("optimize")
