@@ -222,10 +222,13 @@ def build_cmd(
     from tokedge.build import build
 
     plan, where, metas = build(artifact, profile, out=out, force=force, dry_run=dry_run)
+    memory = _memory_plan(artifact, profile)
     if json_out:
-        print(json.dumps({"dry_run": dry_run, "out": str(where), "plan": plan.to_dict(), "engines": metas}))
+        print(json.dumps({"dry_run": dry_run, "out": str(where), "plan": plan.to_dict(), "engines": metas,
+                          "memory": memory.to_dict()}))
         return
     console = _console()
+    console.print(("" if memory.fits else "[yellow]warning:[/yellow] ") + memory.summary())
     console.print(f"profile {plan.profile}: TensorRT {plan.trt_version}, {plan.precision}"
                   + (" (strongly typed)" if plan.engines and plan.engines[0].strongly_typed else
                      f", flags {', '.join(plan.engines[0].builder_flags) or 'none'}"))
@@ -237,6 +240,58 @@ def build_cmd(
     for note in plan.notes:
         console.print(f"  note: {note}")
     console.print(f"{'would write' if dry_run else 'wrote'} {where}")
+
+
+def _memory_plan(artifact: Path, profile: str):
+    from tokedge.artifact import load_artifact
+    from tokedge.memory import plan_for_device
+    from tokedge.profiles import load_profile
+
+    return plan_for_device(load_artifact(artifact, check_hashes=False), load_profile(profile))
+
+
+@app.command("memory")
+def memory_cmd(
+    target: Annotated[str, typer.Argument(help="Artifact directory, or a model geometry: llava-1.5-7b.")],
+    profile: Annotated[str, typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")],
+    quantize: Annotated[Optional[str], typer.Option(help="For a geometry: int4 or int8 decoder weights.")] = None,
+    group_size: GroupSizeOpt = 128,
+    budget: Annotated[Optional[int], typer.Option(help="For a geometry: visual tokens in the prompt (default: all).")] = None,
+    text_tokens: Annotated[int, typer.Option(help="Prompt text tokens beside the image.")] = 64,
+    headroom: Annotated[float, typer.Option(help="Share of device memory kept free (OS, CUDA context, workspace).")] = 0.2,
+    json_out: JsonFlag = False,
+) -> None:
+    """Memory plan: weights + KV cache + activation peak against a device profile's memory."""
+    from tokedge.errors import UsageError
+    from tokedge.memory import DTYPE_BYTES, GEOMETRIES, WeightScheme, plan_for_device, plan_memory
+    from tokedge.profiles import load_profile
+
+    if not 0 <= headroom < 1:
+        raise UsageError(f"--headroom {headroom} must be in [0, 1)")
+    device = load_profile(profile)
+    if target in GEOMETRIES:
+        if quantize not in (None, "int4", "int8"):
+            raise UsageError(f"--quantize {quantize} is not supported; use int4 or int8")
+        geometry = GEOMETRIES[target]
+        value = max(DTYPE_BYTES.get(device.precision, 2.0), 2.0)
+        scheme = WeightScheme(float_bytes=value, bits=int(quantize[3:]) if quantize else None, group_size=group_size)
+        full = (geometry.image_size // geometry.patch_size) ** 2
+        plan = plan_memory(geometry, ("vision", "embed", "decoder"), scheme, device=device.name,
+                           memory_gb=device.memory_gb, visual_tokens=budget or full, new_tokens=device.max_new_tokens,
+                           batch=device.max_batch, text_tokens=text_tokens, value_bytes=value, headroom=headroom)
+    else:
+        from tokedge.artifact import load_artifact
+
+        if quantize or budget:
+            raise UsageError("--quantize and --budget apply to a geometry; an artifact carries its own")
+        plan = plan_for_device(load_artifact(Path(target), check_hashes=False), device, headroom=headroom,
+                               text_tokens=text_tokens)
+    if json_out:
+        print(json.dumps(plan.to_dict()))
+    else:
+        print(plan.summary())
+        for note in plan.notes:
+            print(f"note: {note}")
 
 
 @app.command("check")
@@ -337,6 +392,7 @@ def profile_cmd(
     baseline: Annotated[Optional[str], typer.Option(help="Checkpoint for the transformers eager baseline.")] = None,
     predict: Annotated[Optional[str], typer.Option(help="Device profile for a roofline prediction.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Re-export budgets outside the artifact from here.")] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per session (0 = automatic).")] = 0,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
@@ -353,7 +409,7 @@ def profile_cmd(
         raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline, predict=predict,
-                        checkpoint=checkpoint)
+                        checkpoint=checkpoint, threads=threads)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -367,6 +423,22 @@ def profile_cmd(
     for r in report.results:
         console.print(f"budget {r.budget:>4}: TTFT {r.ttft_ms:7.1f} ms  vision {r.vision_ms:6.1f}  prefill "
                       f"{r.prefill_ms:6.1f}  decode {r.decode_ms_per_token:6.2f} ms/token")
+        if r.share_of_gemm_peak:
+            console.print("             " + "  ".join(
+                f"{stage} {r.achieved_gflops_per_s[stage]:.0f} GFLOP/s ({r.share_of_gemm_peak[stage]:.0%})"
+                for stage in ("vision", "prefill", "decode")) + f" of {report.gemm_peak_gflops_per_s:.0f} GFLOP/s GEMM peak")
+    if report.quantization:
+        from tokedge.artifact import QuantInfo
+
+        console.print(f"weights: {_quant_line(QuantInfo(**report.quantization))}")
+    if report.memory:
+        size = report.memory["artifact_bytes"]
+        console.print(f"artifact graphs {size['measured'] / 2**20:.1f} MiB, predicted {size['predicted'] / 2**20:.1f} MiB "
+                      f"({size['ratio']:.2f}x)" + (f"; CPU peak RSS {report.memory['cpu']['peak_rss_bytes'] / 2**20:.0f} MiB, "
+                                                    f"predicted working set {report.memory['cpu']['predicted_bytes'] / 2**20:.0f} MiB"
+                                                    if "cpu" in report.memory else ""))
+        if "device_summary" in report.memory:
+            console.print(report.memory["device_summary"])
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")

@@ -133,6 +133,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         cfg.quantize.check()
         if cfg.dtype != "fp32":
             raise UsageError("--quantize starts from fp32 weights; drop --dtype fp16")
+    if cfg.device_profile:
+        from tokedge.profiles import load_profile
+
+        load_profile(cfg.device_profile)
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise UsageError(f"'{out}' already exists; choose another --out or pass --force to replace it")
@@ -267,7 +271,15 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
-    return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds)
+    warnings = []
+    if cfg.device_profile:
+        from tokedge.memory import plan_for_device
+        from tokedge.profiles import load_profile
+
+        plan = plan_for_device(manifest, load_profile(cfg.device_profile))
+        if not plan.fits:
+            warnings.append(plan.summary() + "; quantize (--quantize int4) or pick a larger device")
+    return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
 
 
 __all__ = ["ExportConfig", "ExportResult", "export", "parse_budget_range", "resolve_model"]

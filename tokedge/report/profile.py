@@ -35,6 +35,7 @@ class ProfileConfig:
     baseline: str | None = None  # checkpoint: transformers eager at full tokens, same inputs
     predict: str | None = None  # device profile name or .toml: roofline prediction
     checkpoint: str | None = None  # where to re-export budgets outside the artifact's range
+    threads: int = 0  # ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class BudgetResult:
     predicted: dict | None = None  # roofline on a device profile: labelled predicted
     speedup_vs_baseline: dict[str, float] | None = None
     token_ids: list[list[int]] = field(default_factory=list)
+    share_of_gemm_peak: dict[str, float] = field(default_factory=dict)  # achieved / measured GEMM peak per stage
 
 
 @dataclass
@@ -78,6 +80,9 @@ class ProfileReport:
     predicted_on: dict | None = None
     tegrastats: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    threads: int = 0  # ONNX Runtime intra-op threads (0 = automatic)
+    quantization: dict | None = None  # the artifact's weight scheme (manifest `quantization`)
+    memory: dict | None = None  # predicted vs measured artifact bytes and CPU peak; the device plan with --predict
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,12 +163,15 @@ def default_budgets(manifest) -> list[int]:
 
 
 def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | None = None) -> ProfileReport:
+    from tokedge.runtime.ort_backend import OrtOptions
     from tokedge.runtime.preprocess import load_image
     from tokedge.runtime.pipeline import Pipeline
 
     manifest = load_artifact(cfg.artifact)
     if cfg.runs < 1 or cfg.warmup < 0:
         raise UsageError("--runs must be >= 1 and --warmup >= 0")
+    if cfg.threads < 0:
+        raise UsageError(f"--threads {cfg.threads} must be >= 0 (0 = ONNX Runtime decides)")
     if not cfg.images:
         raise UsageError("give at least one --image to profile with")
     images = [load_image(p) for p in cfg.images]
@@ -179,7 +187,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         artifact=str(cfg.artifact), method=manifest.reduction.method, images=[str(p) for p in cfg.images],
         prompt=cfg.prompt, runs=cfg.runs, warmup=cfg.warmup, max_new_tokens=cfg.max_new_tokens,
         machine=describe(), gemm_peak_gflops_per_s=round(gemm_peak_gflops(), 1),
-        predicted_on=dataclasses.asdict(device_profile) if device_profile else None,
+        predicted_on=dataclasses.asdict(device_profile) if device_profile else None, threads=cfg.threads,
+        quantization=dataclasses.asdict(manifest.quantization) if manifest.quantization else None,
     )
     from tokedge.report.tegrastats import Sampler
 
@@ -190,7 +199,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             art, runtime_budget = artifacts[k]
             samples: dict[str, list[float]] = {s: [] for s in STAGES}
             tokens: list[list[int]] = []
-            with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines) as pipe:
+            with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines,
+                               options=OrtOptions(intra_op_threads=cfg.threads)) as pipe:
                 for i in range(cfg.warmup + cfg.runs):
                     for img in images:
                         res = pipe.generate(img, cfg.prompt, max_new_tokens=cfg.max_new_tokens, budget=runtime_budget)
@@ -240,7 +250,14 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 achieved_gflops_per_s={key: round(val, 2) for key, val in achieved.items()},
                 predicted=_predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens) if device_profile else None,
                 token_ids=tokens,
+                share_of_gemm_peak={key: round(val / report.gemm_peak_gflops_per_s, 3)
+                                    for key, val in achieved.items()} if report.gemm_peak_gflops_per_s else {},
             ))
+    from tokedge.memory import profile_memory
+
+    report.memory = profile_memory(cfg.artifact, manifest, device_profile, report.results)
+    if report.memory.get("device") and not report.memory["device"]["fits"]:
+        report.warnings.append(report.memory["device_summary"])
     summary = sampler.summary()
     if summary is not None:
         report.tegrastats = dataclasses.asdict(summary)
