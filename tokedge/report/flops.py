@@ -46,7 +46,8 @@ def vision_cost(manifest: Manifest, budget: int, batch: int = 1) -> StageCost:
     if red.stage == "in-vit" and m.vision_layers:
         from tokedge.reduce.tome import merge_schedule
 
-        schedule = merge_schedule(red.full_tokens, budget, m.vision_layers) or [0] * m.vision_layers
+        schedule = (merge_schedule(red.full_tokens, budget, m.vision_layers, mode=red.options.get("schedule", "even"))
+                    or [0] * m.vision_layers)
         for r in schedule:
             flops += _vit_layer(n, d, ff)
             n -= r
