@@ -157,6 +157,7 @@ def quantize_cmd(
     quantize_embeddings: QuantEmbedOpt = False,
     accuracy_level: AccuracyOpt = 4,
     force: Annotated[bool, typer.Option(help="Replace an existing --out (whole).")] = False,
+    validate: Annotated[bool, typer.Option(help="Check against the fp32 reference with the scheme's tolerance.")] = True,
     json_out: JsonFlag = False,
 ) -> None:
     """Quantize an fp32 artifact's linear weights (int4/int8), re-checked against its fp32 reference."""
@@ -164,13 +165,16 @@ def quantize_cmd(
 
     cfg = _quant_config(scheme, quant_form, group_size, quant_graphs, quantize_lm_head, quantize_embeddings,
                         accuracy_level)
-    result = quantize_artifact(artifact, out, cfg, force=force)
+    result = quantize_artifact(artifact, out, cfg, force=force, validate=validate)
     console = _console()
     console.print(f"weights: {_quant_line(result.info)}")
     from tokedge.export.validate import ParityCase, ParityReport, Tolerance
 
-    report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
-    console.print(f"[green]✓[/green] parity vs the fp32 reference: {report.summary()}")
+    if result.parity.get("cases"):
+        report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
+        console.print(f"[green]✓[/green] parity vs the fp32 reference: {report.summary()}")
+    else:
+        console.print("[yellow]warning:[/yellow] not validated (--no-validate)")
     console.print(f"wrote {result.out}")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "quantization": dataclasses.asdict(result.info),
