@@ -18,6 +18,9 @@ class BaselineResult:
     decode_ms_per_token: float
     ttft_p90_ms: float
     token_ids: list[list[int]] = field(default_factory=list)
+    attention: str = "eager"  # the attention implementation that ran
+    ttft_samples_ms: list[float] = field(default_factory=list)
+    decode_samples_ms: list[float] = field(default_factory=list)
 
 
 def _p90(values: list[float]) -> float:
@@ -26,7 +29,8 @@ def _p90(values: list[float]) -> float:
 
 
 def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int, warmup: int,
-                          max_new_tokens: int) -> BaselineResult:
+                          max_new_tokens: int, attention: str = "eager") -> BaselineResult:
+    """attention: "eager", or "default" for transformers' own default (SDPA for LLaVA)."""
     import torch
 
     from tokedge.export.families.llava import load_llava
@@ -35,7 +39,8 @@ def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int,
 
     loaded = load_llava(checkpoint, resolve_model(checkpoint))
     model, processor = loaded.model, loaded.processor
-    model.set_attn_implementation("eager")
+    if attention != "default":
+        model.set_attn_implementation(attention)
     text = render_prompt(loaded, prompt)
     pre, prefill, ttft, decode = [], [], [], []
     tokens: list[list[int]] = []
@@ -72,4 +77,6 @@ def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int,
         checkpoint=checkpoint, visual_tokens=loaded.full_tokens, preprocess_ms=statistics.median(pre),
         prefill_ms=statistics.median(prefill), ttft_ms=statistics.median(ttft),
         decode_ms_per_token=statistics.median(decode), ttft_p90_ms=_p90(ttft), token_ids=[trimmed],
+        attention=model.config.text_config._attn_implementation or "eager", ttft_samples_ms=ttft,
+        decode_samples_ms=decode,
     )
