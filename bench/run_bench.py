@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -227,6 +228,7 @@ def main() -> None:
     image_path = demo_image(args.work / "bench.png")
     image = load_image(image_path)
 
+    load_before = os.getloadavg()
     pipes = {key: Pipeline.load(path, options=OrtOptions(intra_op_threads=args.threads)) for key, path in arts.items()}
     samples: dict[int, dict[str, list[float]]] = {i: {"ttft": [], "decode": [], "vision": [], "prefill": []}
                                                   for i in range(len(CONFIGS))}
@@ -298,6 +300,7 @@ def main() -> None:
                               "ratio": round(c.ratio, 4)} for key, c in sizes.items()},
         "fp32_manifest_dtype": fp32.dtype,
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -320,8 +323,10 @@ def render(r: dict) -> str:
         f"GEMM peak {m['gemm_peak_gflops_per_s']:.0f} GFLOP/s), ONNX Runtime {m['versions'].get('onnxruntime')} CPU "
         f"vs {b['engine']}; {r['checkpoint']['parameters'] / 1e6:.0f}M-parameter LLaVA-geometry model (random weights), "
         f"one 480x360 image, prompt \"{r['prompt']}\", {r['max_new_tokens']} new tokens. Side by side in one process, "
-        f"{r['rounds']} interleaved rounds x {r['runs_per_round']} runs: median (p10..p90) in ms. The machine is shared, "
-        "so absolute times move with its load; the ratios are measured under the same load.",
+        f"{r['rounds']} interleaved rounds x {r['runs_per_round']} runs: median (p10..p90) in ms. The machine is shared "
+        f"(1-minute load average {r['load_average']['before'][0]:g} before, {r['load_average']['after'][0]:g} after, "
+        "on 2 cores), so absolute times move with its load; the ratios are measured under the same load, but "
+        "torch slows down more than ONNX Runtime when other jobs compete for the cores.",
         "",
         "| engine | weights | visual tokens | TTFT ms | decode ms/token | TTFT speed-up | decode speed-up "
         "| validated | 16 tokens = fp32 | top-1 vs fp32 |",
