@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tokedge.export.presets import TinyLlavaConfig, build_tiny_llava  # noqa: E402
+from tokedge.export.presets import TinyLlavaConfig, build_tiny_llava
 
 BENCH_MODEL = TinyLlavaConfig(
     vision_hidden=384, vision_layers=6, vision_heads=6,
@@ -134,12 +134,11 @@ def vision_int8(src: Path, out: Path) -> None:
     import shutil
 
     import onnx
+    import onnx_ir as ir
 
     from tokedge.artifact import hash_tree, load_artifact, staged_directory, write_manifest
     from tokedge.export.onnx_export import graph_spec, save_graph
     from tokedge.export.quantize import QuantConfig, quantize_model
-
-    import onnx_ir as ir
 
     manifest = load_artifact(src)
     with staged_directory(out, force=True) as stage:
@@ -161,7 +160,7 @@ def spread(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
 
     def q(p: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, int(round(p * (len(ordered) - 1)))))]
+        return ordered[min(len(ordered) - 1, max(0, round(p * (len(ordered) - 1))))]
 
     med = statistics.median(ordered)
     return {"median": med, "p10": q(0.1), "p90": q(0.9), "spread": (q(0.9) - q(0.1)) / med if med else 0.0,
@@ -319,20 +318,20 @@ def render(r: dict) -> str:
         return f"{s['median']:.1f} ({s['p10']:.1f}..{s['p90']:.1f})"
 
     lines = [
-        f"Measured {r['measured_at']} on {m['cpu_model']} ({m['cores']} cores, {m['memory_gb']} GiB, measured fp32 "
+        (f"Measured {r['measured_at']} on {m['cpu_model']} ({m['cores']} cores, {m['memory_gb']} GiB, measured fp32 "
         f"GEMM peak {m['gemm_peak_gflops_per_s']:.0f} GFLOP/s), ONNX Runtime {m['versions'].get('onnxruntime')} CPU "
         f"vs {b['engine']}; {r['checkpoint']['parameters'] / 1e6:.0f}M-parameter LLaVA-geometry model (random weights), "
         f"one 480x360 image, prompt \"{r['prompt']}\", {r['max_new_tokens']} new tokens. Side by side in one process, "
         f"{r['rounds']} interleaved rounds x {r['runs_per_round']} runs: median (p10..p90) in ms. The machine is shared "
         f"(1-minute load average {r['load_average']['before'][0]:g} before, {r['load_average']['after'][0]:g} after, "
         "on 2 cores), so absolute times move with its load; the ratios are measured under the same load, but "
-        "torch slows down more than ONNX Runtime when other jobs compete for the cores.",
+        "torch slows down more than ONNX Runtime when other jobs compete for the cores."),
         "",
-        "| engine | weights | visual tokens | TTFT ms | decode ms/token | TTFT speed-up | decode speed-up "
-        "| validated | 16 tokens = fp32 | top-1 vs fp32 |",
+        ("| engine | weights | visual tokens | TTFT ms | decode ms/token | TTFT speed-up | decode speed-up "
+         "| validated | 16 tokens = fp32 | top-1 vs fp32 |"),
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| transformers ({b['engine'].split('(')[1].split(',')[0]}) | fp32 | {b['visual_tokens']} | {cell(b['ttft_ms'])} "
-        f"| {dcell(b['decode_ms'])} | 1.00x | 1.00x | | | |",
+        (f"| transformers ({b['engine'].split('(')[1].split(',')[0]}) | fp32 | {b['visual_tokens']} | "
+         f"{cell(b['ttft_ms'])} | {dcell(b['decode_ms'])} | 1.00x | 1.00x | | | |"),
     ]
     for row in r["rows"]:
         agree = "" if row["top1_agreement_vs_fp32"] is None else f"{row['top1_agreement_vs_fp32']:.0%}"
@@ -344,17 +343,17 @@ def render(r: dict) -> str:
     i4 = r["int4"]
     lines += [
         "",
-        f"Best at 64 visual tokens among artifacts that passed validation against the fp32 transformers reference: "
+        (f"Best at 64 visual tokens among artifacts that passed validation against the fp32 transformers reference: "
         f"**tokedge {r['best']}**. \"validated\": the export / quantize check with the scheme's tolerance passed "
         "(int4 rows are written with --no-validate: int4 round-to-nearest moves this random-weight model's logits "
         "beyond the int4 tolerance at 64 tokens). "
         f"int4 decoder weights: {i4['decoder_bytes'] / 2**20:.0f} MiB "
         f"vs {i4['fp32_decoder_bytes'] / 2**20:.0f} MiB fp32 ({i4['decoder_bytes_vs_fp32']:.2f}x, lm_head kept fp32). "
         "\"top-1 vs fp32\": teacher-forced agreement of the row's argmax with its fp32 artifact's greedy tokens over "
-        f"{len(AGREEMENT_PROMPTS)} prompts x {r['max_new_tokens']} steps.",
+        f"{len(AGREEMENT_PROMPTS)} prompts x {r['max_new_tokens']} steps."),
         "",
-        "Memory plan, predicted / measured artifact bytes: "
-        + ", ".join(f"{k} {v['ratio']:.3f}" for k, v in r["memory_plan"].items()) + ".",
+        ("Memory plan, predicted / measured artifact bytes: "
+         + ", ".join(f"{k} {v['ratio']:.3f}" for k, v in r["memory_plan"].items()) + "."),
     ]
     return "\n".join(lines) + "\n"
 

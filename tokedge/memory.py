@@ -59,7 +59,7 @@ class WeightScheme:
         return f"int{self.bits} g{self.group_size} ({', '.join(parts)}), rest {self.float_bytes * 8:.0f}-bit float"
 
     @classmethod
-    def from_quant(cls, quant: QuantInfo | None, float_bytes: float, scale_bytes: float) -> "WeightScheme":
+    def from_quant(cls, quant: QuantInfo | None, float_bytes: float, scale_bytes: float) -> WeightScheme:
         if quant is None:
             return cls(float_bytes=float_bytes)
         return cls(float_bytes=float_bytes, bits=4 if quant.scheme == "int4" else 8, group_size=quant.group_size,
@@ -75,7 +75,7 @@ class ParamCounts:
     lm_head: int
 
     @classmethod
-    def of(cls, m: ModelInfo) -> "ParamCounts":
+    def of(cls, m: ModelInfo) -> ParamCounts:
         d, ff = m.vision_hidden_size, m.vision_intermediate_size or 4 * m.vision_hidden_size
         patches = (m.image_size // m.patch_size) ** 2
         n = patches + (1 if m.vision_model_type == "clip_vision_model" else 0)

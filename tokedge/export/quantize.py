@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,7 @@ class QuantTolerance:
     top1_agreement: float
 
     @classmethod
-    def for_scheme(cls, scheme: str) -> "QuantTolerance":
+    def for_scheme(cls, scheme: str) -> QuantTolerance:
         # int4 RTN moves logits visibly; a flip of the top token where two logits are close is normal
         return cls(logit_cosine=0.95, top1_agreement=0.75) if scheme == "int4" else cls(0.995, 0.9)
 
@@ -156,10 +156,10 @@ def _int8_qdq(model, group: int, exclude: set[str]) -> int:
 def quantize_model(model, cfg: QuantConfig, vocab_size: int, graph: str = "decoder"):
     """Quantize one onnx ModelProto (the artifact's graph `graph`); returns (new ModelProto,
     weights quantized). Only the embed graph's Gather (the token table) is ever quantized."""
+    import logging
+
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    import logging
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     gather = cfg.embeddings and graph == "embed"
