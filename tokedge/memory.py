@@ -133,6 +133,17 @@ def weight_bytes(m: ModelInfo, graphs: tuple[str, ...], scheme: WeightScheme) ->
     return {g: int(out[g]) for g in graphs if g in out}
 
 
+def quantized_weight_share(manifest: Manifest) -> tuple[float, float]:
+    """(vision, decoder) weight bytes of the manifest's scheme on the device (fp16 scales) as a
+    share of fp16 weights: 1.0 for float artifacts. Scales the roofline's bytes moved."""
+    if manifest.quantization is None:
+        return 1.0, 1.0
+    fp16 = weight_bytes(manifest.model, ("vision", "decoder"), WeightScheme(2.0))
+    quant = weight_bytes(manifest.model, ("vision", "decoder"),
+                         WeightScheme.from_quant(manifest.quantization, float_bytes=2.0, scale_bytes=2.0))
+    return quant["vision"] / fp16["vision"], quant["decoder"] / fp16["decoder"]
+
+
 def kv_cache_bytes(m: ModelInfo, tokens: int, batch: int, value_bytes: float) -> int:
     return int(2 * m.num_layers * m.num_key_value_heads * m.head_dim * tokens * batch * value_bytes)
 

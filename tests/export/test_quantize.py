@@ -235,3 +235,21 @@ def test_quant_config_defaults_keep_lm_head_and_embeddings_float():
     cfg = QuantConfig()
     assert (cfg.scheme, cfg.form, cfg.group_size, cfg.lm_head, cfg.embeddings, cfg.accuracy_level) == (
         "int4", "matmulnbits", 128, False, False, 4)
+
+
+def test_profile_shows_the_scheme_and_a_cheaper_decode_prediction(fp32_art, quantized, tmp_path, test_images, capsys):
+    image = tmp_path / "img.png"
+    test_images[1].save(image)
+    reports = {}
+    for name, art in (("fp32", fp32_art), ("int4", quantized["int4-nbits"])):
+        out = tmp_path / name
+        assert main(["profile", str(art), "--image", str(image), "--runs", "1", "--warmup", "0", "--max-new-tokens", "2",
+                     "--predict", "jetson-orin-nano-8gb", "--out", str(out), "--json"]) == 0
+        reports[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    q = reports["int4"]["quantization"]
+    assert q["scheme"] == "int4" and reports["fp32"]["quantization"] is None
+    assert "Weights: int4 matmulnbits" in (tmp_path / "int4" / "report.md").read_text()
+    # decode is bandwidth-bound on the device: int4 weights (lm_head too) move far fewer bytes
+    fp32_decode = reports["fp32"]["results"][0]["predicted"]["decode_ms_per_token"]
+    int4_decode = reports["int4"]["results"][0]["predicted"]["decode_ms_per_token"]
+    assert int4_decode < 0.5 * fp32_decode

@@ -146,9 +146,12 @@ def _predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int
     context = prompt_tokens + (budget if manifest.reduction.stage != "none" else visual) + new_tokens // 2
     d = fl.decode_cost(manifest, context)
     scale = bpv / fl.bytes_per_value(manifest)
-    vision_ms = max(v.flops / peak, v.bytes * scale / bw) * 1e3
-    prefill_ms = max(p.flops / peak, p.bytes * scale / bw) * 1e3
-    decode_ms = max(d.flops / peak, d.bytes * scale / bw) * 1e3
+    from tokedge.memory import quantized_weight_share
+
+    vq, dq = quantized_weight_share(manifest)  # quantized weights move fewer bytes than fp16 ones
+    vision_ms = max(v.flops / peak, v.bytes * scale * vq / bw) * 1e3
+    prefill_ms = max(p.flops / peak, p.bytes * scale * dq / bw) * 1e3
+    decode_ms = max(d.flops / peak, d.bytes * scale * dq / bw) * 1e3
     return {"ttft_ms": vision_ms + prefill_ms, "vision_ms": vision_ms, "prefill_ms": prefill_ms,
             "decode_ms_per_token": decode_ms, "tokens_per_s": 1e3 / decode_ms, "device": profile.name,
             "kind": "predicted (roofline lower bound, fp16, no kernel overheads)"}
