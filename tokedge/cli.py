@@ -286,6 +286,9 @@ def memory_cmd(
     else:
         from tokedge.artifact import load_artifact
 
+        if not Path(target).exists():
+            raise UsageError(f"'{target}' is neither an artifact directory nor a known geometry "
+                             f"({', '.join(GEOMETRIES)})")
         if quantize or budget:
             raise UsageError("--quantize and --budget apply to a geometry; an artifact carries its own")
         plan = plan_for_device(load_artifact(Path(target), check_hashes=False), device, headroom=headroom,
