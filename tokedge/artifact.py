@@ -119,6 +119,24 @@ class PromptInfo:
 
 
 @dataclass(frozen=True)
+class QuantInfo:
+    """The manifest's record of how the weights were quantized (absent = float weights)."""
+
+    scheme: str  # int4 | int8
+    form: str  # matmulnbits | qdq
+    group_size: int
+    symmetric: bool
+    algorithm: str  # "rtn" (round to nearest)
+    accuracy_level: int  # MatMulNBits only; 0 for qdq
+    graphs: tuple[str, ...]
+    lm_head: bool
+    embeddings: bool
+    quantized: dict[str, int] = field(default_factory=dict)  # graph -> weights quantized
+    weight_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # graph -> {"before", "after"}
+    tolerance: dict[str, float] = field(default_factory=dict)  # QuantTolerance as data
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     tokedge_version: str
@@ -133,6 +151,7 @@ class Manifest:
     reference: dict[str, Any]  # file + tolerances of the parity reference recorded at export
     files: dict[str, str]  # relative path -> sha256 of every other file in the artifact
     optimizations: tuple[dict[str, Any], ...] = ()  # graph passes applied: {graph, pass, fired}
+    quantization: QuantInfo | None = None  # weight-only quantization; absent in float artifacts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,7 +55,36 @@ def _rules(target: str) -> dict:
         "supported": set(common["supported"]) | set(family["extra_supported"]),
         "dtypes": set(common["unsupported_dtypes"]) | set(family["unsupported_dtypes"]),
         "max_k": common["max_topk_k"],
+        "block_dq_opset": family.get("block_dq_opset", family["max_opset"]),
+        "weight_only_dtypes": set(family.get("weight_only_dtypes", [])),
     }
+
+
+def _is_block_dq(node) -> bool:
+    return node.op_type == "DequantizeLinear" and node.attributes.get("block_size") is not None
+
+
+def _check_dequantize(node, graph_name: str, name: str, rules: dict, report: CheckReport) -> None:
+    """TensorRT's dequantize layer takes symmetric quantization only: a zero point, when given,
+    must be a constant of zeros."""
+    import onnx_ir as ir
+
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return
+    zp = node.inputs[2]
+    const = ir.convenience.get_const_tensor(zp)
+    if const is None:
+        report.findings.append(Finding(graph_name, name, "DequantizeLinear", f"zero point '{zp.name}' is not a constant; "
+                                       f"{rules['name']} needs symmetric quantization (zero points all zero)"))
+        return
+    values = const.numpy().reshape(-1)
+    nonzero = int((values != 0).sum())
+    if nonzero:
+        report.findings.append(Finding(
+            graph_name, name, "DequantizeLinear",
+            f"asymmetric zero point '{zp.name}' ({nonzero} of {values.size} values non-zero, e.g. "
+            f"{values[values != 0][0]}); {rules['name']} accepts only zero (symmetric) zero points: "
+            "re-quantize with `tokedge quantize --quant-form qdq` (symmetric)"))
 
 
 def check_model(model, graph_name: str, rules: dict, report: CheckReport) -> None:
@@ -63,16 +92,26 @@ def check_model(model, graph_name: str, rules: dict, report: CheckReport) -> Non
     import onnx_ir as ir
 
     opset = model.opset_imports.get("", 0)
-    if opset > rules["max_opset"]:
+    block_dq = any(_is_block_dq(n) for n in model.graph.all_nodes())
+    if opset > rules["max_opset"] and not (block_dq and opset <= rules["block_dq_opset"]):
         report.findings.append(Finding(graph_name, "<model>", "opset", f"default-domain opset {opset} is above "
                                        f"{rules['max_opset']}, the newest {rules['name']} parses"))
     for node in model.graph.all_nodes():
         report.nodes_checked += 1
         name = node.name or "<unnamed>"
+        if node.domain == "com.microsoft":
+            report.findings.append(Finding(graph_name, name, f"{node.domain}::{node.op_type}",
+                                           f"ONNX Runtime contrib op, not for {rules['name']}"
+                                           + ("; quantize with --quant-form qdq for TensorRT"
+                                              if node.op_type in ("MatMulNBits", "GatherBlockQuantized") else
+                                              "; export without the ort-fusions pass for TensorRT")))
+            continue
         if node.domain not in ("", "ai.onnx"):
             report.findings.append(Finding(graph_name, name, f"{node.domain}::{node.op_type}",
                                            f"custom-domain op; {rules['name']} needs a plugin for it"))
             continue
+        if node.op_type == "DequantizeLinear":
+            _check_dequantize(node, graph_name, name, rules, report)
         if node.op_type not in rules["supported"]:
             report.findings.append(Finding(graph_name, name, node.op_type, f"not supported by {rules['name']}'s ONNX parser"))
             continue
@@ -81,7 +120,12 @@ def check_model(model, graph_name: str, rules: dict, report: CheckReport) -> Non
             if k is not None and int(k.numpy().reshape(-1)[0]) > rules["max_k"]:
                 report.findings.append(Finding(graph_name, name, "TopK", f"k = {int(k.numpy().reshape(-1)[0])} is above "
                                                f"TensorRT's limit of {rules['max_k']}"))
+        weights = ({id(v) for v in (node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None)
+                    if v is not None and v.const_value is not None} if _is_block_dq(node) else set())
         for value in [*node.inputs, *node.outputs]:
+            if value is not None and id(value) in weights and value.dtype is not None \
+                    and value.dtype.name in rules["weight_only_dtypes"]:
+                continue  # a block-quantized constant weight: the weight-only form TensorRT takes
             if value is not None and value.dtype is not None and value.dtype.name in rules["dtypes"]:
                 report.findings.append(Finding(graph_name, name, node.op_type,
                                                f"tensor '{value.name}' has dtype {value.dtype.name}, "

@@ -4,6 +4,7 @@ library function and prints. Errors are mapped to one-line messages and exit cod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -53,6 +54,26 @@ _wrap_help_at_spaces_only()
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")]
 ListJsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (docs/cli.md).")]
 ArtifactArg = Annotated[Path, typer.Argument(help="Artifact directory written by `tokedge export`.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization: int4 or int8.")]
+QuantFormOpt = Annotated[str, typer.Option("--quant-form", help="matmulnbits (ONNX Runtime) or qdq (TensorRT).")]
+GroupSizeOpt = Annotated[int, typer.Option("--group-size", help="Weights per quantization scale along K.")]
+QuantGraphsOpt = Annotated[str, typer.Option("--quant-graphs", help="Graphs to quantize: decoder,prefill[,vision].")]
+QuantLmHeadOpt = Annotated[bool, typer.Option("--quantize-lm-head/--float-lm-head",
+                                              help="Also quantize the logits MatMul (lm_head).")]
+QuantEmbedOpt = Annotated[bool, typer.Option("--quantize-embeddings/--float-embeddings",
+                                             help="Also quantize the token embeddings (matmulnbits only).")]
+AccuracyOpt = Annotated[int, typer.Option("--accuracy-level", help="MatMulNBits compute: 4 = int8 (VNNI/AMX), 0 = float.")]
+
+
+def _quant_config(scheme: str, form: str, group_size: int, graphs: str, lm_head: bool, embeddings: bool,
+                  accuracy_level: int):
+    from tokedge.export.quantize import QuantConfig
+
+    cfg = QuantConfig(scheme=scheme, form=form, group_size=group_size,
+                      graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), lm_head=lm_head,
+                      embeddings=embeddings, accuracy_level=accuracy_level)
+    cfg.check()
+    return cfg
 
 
 def _console():
@@ -92,6 +113,14 @@ def export_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the checkpoint to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
     validate: Annotated[bool, typer.Option(help="Check ONNX Runtime against transformers after export.")] = True,
+    quantize: QuantizeOpt = None,
+    quant_form: QuantFormOpt = "matmulnbits",
+    group_size: GroupSizeOpt = 128,
+    quant_graphs: QuantGraphsOpt = "decoder,prefill",
+    quantize_lm_head: QuantLmHeadOpt = False,
+    quantize_embeddings: QuantEmbedOpt = False,
+    accuracy_level: AccuracyOpt = 4,
+    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Warn when this device profile cannot hold the artifact (memory plan).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Export a LLaVA checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder)."""
@@ -100,6 +129,8 @@ def export_cmd(
 
     options = tuple(parse_option_pairs(option).items())
     rng = parse_budget_range(dynamic_budget) if dynamic_budget else None
+    quant = (_quant_config(quantize, quant_form, group_size, quant_graphs, quantize_lm_head, quantize_embeddings,
+                           accuracy_level) if quantize else None)
     if out is None:
         from tokedge.reduce import get_method
 
@@ -109,6 +140,7 @@ def export_cmd(
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
+        quantize=quant, device_profile=device_profile,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)
@@ -126,9 +158,59 @@ def export_cmd(
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
         + ")"
     )
+    if m.quantization is not None:
+        console.print(f"weights: {_quant_line(m.quantization)}")
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "method": m.reduction.method, "budget": m.reduction.budget,
-                          "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds}))
+                          "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds,
+                          "quantization": dataclasses.asdict(m.quantization) if m.quantization else None,
+                          "warnings": result.warnings}))
+
+
+def _quant_line(q) -> str:
+    before = sum(v["before"] for v in q.weight_bytes.values())
+    after = sum(v["after"] for v in q.weight_bytes.values())
+    return (f"{q.scheme} {q.form} (group {q.group_size}, symmetric, {q.algorithm}) on {', '.join(q.graphs)}: "
+            f"{sum(q.quantized.values())} weights, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+            + ("" if q.lm_head else "; lm_head float") + ("" if q.embeddings else "; embeddings float"))
+
+
+@app.command("quantize")
+def quantize_cmd(
+    artifact: ArtifactArg,
+    out: Annotated[Path, typer.Option(help="Directory for the quantized artifact.")],
+    scheme: Annotated[str, typer.Option("--scheme", help="int4 or int8.")] = "int4",
+    quant_form: QuantFormOpt = "matmulnbits",
+    group_size: GroupSizeOpt = 128,
+    quant_graphs: QuantGraphsOpt = "decoder,prefill",
+    quantize_lm_head: QuantLmHeadOpt = False,
+    quantize_embeddings: QuantEmbedOpt = False,
+    accuracy_level: AccuracyOpt = 4,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out (whole).")] = False,
+    validate: Annotated[bool, typer.Option(help="Check against the fp32 reference with the scheme's tolerance.")] = True,
+    json_out: JsonFlag = False,
+) -> None:
+    """Quantize an fp32 artifact's linear weights (int4/int8), re-checked against its fp32 reference."""
+    from tokedge.export.quantize import quantize_artifact
+
+    cfg = _quant_config(scheme, quant_form, group_size, quant_graphs, quantize_lm_head, quantize_embeddings,
+                        accuracy_level)
+    result = quantize_artifact(artifact, out, cfg, force=force, validate=validate)
+    console = _console()
+    console.print(f"weights: {_quant_line(result.info)}")
+    from tokedge.export.validate import ParityCase, ParityReport, Tolerance
+
+    if result.parity.get("cases"):
+        report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
+        console.print(f"[green]✓[/green] parity vs the fp32 reference: {report.summary()}")
+    else:
+        console.print("[yellow]warning:[/yellow] not validated (--no-validate)")
+    console.print(f"wrote {result.out}")
+    if json_out:
+        print(json.dumps({"artifact": str(result.out), "quantization": dataclasses.asdict(result.info),
+                          "parity": result.parity}))
 
 
 @app.command("optimize", short_help="Run graph passes over an artifact into a new one.")
@@ -181,10 +263,13 @@ def build_cmd(
     from tokedge.build import build
 
     plan, where, metas = build(artifact, profile, out=out, force=force, dry_run=dry_run)
+    memory = _memory_plan(artifact, profile)
     if json_out:
-        print(json.dumps({"dry_run": dry_run, "out": str(where), "plan": plan.to_dict(), "engines": metas}))
+        print(json.dumps({"dry_run": dry_run, "out": str(where), "plan": plan.to_dict(), "engines": metas,
+                          "memory": memory.to_dict()}))
         return
     console = _console()
+    console.print(("" if memory.fits else "[yellow]warning:[/yellow] ") + memory.summary())
     console.print(f"profile {plan.profile}: TensorRT {plan.trt_version}, {plan.precision}"
                   + (" (strongly typed)" if plan.engines and plan.engines[0].strongly_typed else
                      f", flags {', '.join(plan.engines[0].builder_flags) or 'none'}"))
@@ -198,6 +283,61 @@ def build_cmd(
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"{'would write' if dry_run else 'wrote'} {where}")
+
+
+def _memory_plan(artifact: Path, profile: str):
+    from tokedge.artifact import load_artifact
+    from tokedge.memory import plan_for_device
+    from tokedge.profiles import load_profile
+
+    return plan_for_device(load_artifact(artifact, check_hashes=False), load_profile(profile))
+
+
+@app.command("memory", short_help="Memory plan of an artifact or geometry on a device.")
+def memory_cmd(
+    target: Annotated[str, typer.Argument(help="Artifact directory, or a model geometry: llava-1.5-7b.")],
+    profile: Annotated[str, typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")],
+    quantize: Annotated[Optional[str], typer.Option(help="For a geometry: int4 or int8 decoder weights.")] = None,
+    group_size: GroupSizeOpt = 128,
+    budget: Annotated[Optional[int], typer.Option(help="For a geometry: visual tokens in the prompt (default: all).")] = None,
+    text_tokens: Annotated[int, typer.Option(help="Prompt text tokens beside the image.")] = 64,
+    headroom: Annotated[float, typer.Option(help="Share of device memory kept free (OS, CUDA context, workspace).")] = 0.2,
+    json_out: JsonFlag = False,
+) -> None:
+    """Memory plan: weights + KV cache + activation peak against a device profile's memory."""
+    from tokedge.errors import UsageError
+    from tokedge.memory import DTYPE_BYTES, GEOMETRIES, WeightScheme, plan_for_device, plan_memory
+    from tokedge.profiles import load_profile
+
+    if not 0 <= headroom < 1:
+        raise UsageError(f"--headroom {headroom} must be in [0, 1)")
+    device = load_profile(profile)
+    if target in GEOMETRIES:
+        if quantize not in (None, "int4", "int8"):
+            raise UsageError(f"--quantize {quantize} is not supported; use int4 or int8")
+        geometry = GEOMETRIES[target]
+        value = max(DTYPE_BYTES.get(device.precision, 2.0), 2.0)
+        scheme = WeightScheme(float_bytes=value, bits=int(quantize[3:]) if quantize else None, group_size=group_size)
+        full = (geometry.image_size // geometry.patch_size) ** 2
+        plan = plan_memory(geometry, ("vision", "embed", "decoder"), scheme, device=device.name,
+                           memory_gb=device.memory_gb, visual_tokens=budget or full, new_tokens=device.max_new_tokens,
+                           batch=device.max_batch, text_tokens=text_tokens, value_bytes=value, headroom=headroom)
+    else:
+        from tokedge.artifact import load_artifact
+
+        if not Path(target).exists():
+            raise UsageError(f"'{target}' is neither an artifact directory nor a known geometry "
+                             f"({', '.join(GEOMETRIES)})")
+        if quantize or budget:
+            raise UsageError("--quantize and --budget apply to a geometry; an artifact carries its own")
+        plan = plan_for_device(load_artifact(Path(target), check_hashes=False), device, headroom=headroom,
+                               text_tokens=text_tokens)
+    if json_out:
+        print(json.dumps(plan.to_dict()))
+    else:
+        print(plan.summary())
+        for note in plan.notes:
+            print(f"note: {note}")
 
 
 @app.command("check", short_help="Static TensorRT compatibility check (no GPU).")
@@ -342,6 +482,7 @@ def profile_cmd(
     predict: Annotated[Optional[str], typer.Option(help="Device profile for a roofline prediction.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(
         help="Re-export budgets this artifact cannot run from this checkpoint, into <out>/artifacts.")] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per session (0 = automatic).")] = 0,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
@@ -367,7 +508,7 @@ def profile_cmd(
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
                         baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
-                        reexport_dir=out / "artifacts")
+                        reexport_dir=out / "artifacts", threads=threads)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -382,6 +523,23 @@ def profile_cmd(
 
     for line in summary_lines(report):
         console.print(line, markup=False)
+    for r in report.results:
+        if r.share_of_gemm_peak:
+            console.print(f"budget {r.budget:>4} compute: " + "  ".join(
+                f"{stage} {r.achieved_gflops_per_s[stage]:.0f} GFLOP/s ({r.share_of_gemm_peak[stage]:.0%})"
+                for stage in ("vision", "prefill", "decode")) + f" of {report.gemm_peak_gflops_per_s:.0f} GFLOP/s GEMM peak")
+    if report.quantization:
+        from tokedge.artifact import QuantInfo
+
+        console.print(f"weights: {_quant_line(QuantInfo(**report.quantization))}")
+    if report.memory:
+        size = report.memory["artifact_bytes"]
+        console.print(f"artifact graphs {size['measured'] / 2**20:.1f} MiB, predicted {size['predicted'] / 2**20:.1f} MiB "
+                      f"({size['ratio']:.2f}x)" + (f"; CPU peak RSS {report.memory['cpu']['peak_rss_bytes'] / 2**20:.0f} MiB, "
+                                                    f"predicted working set {report.memory['cpu']['predicted_bytes'] / 2**20:.0f} MiB"
+                                                    if "cpu" in report.memory else ""))
+        if "device_summary" in report.memory:
+            console.print(report.memory["device_summary"])
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")

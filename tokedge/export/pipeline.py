@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import tokedge
 from tokedge.artifact import (
@@ -27,6 +27,9 @@ from tokedge.artifact import (
 from tokedge.errors import InputError, UsageError
 from tokedge.reduce import METHODS, get_method
 from tokedge.reduce.base import Method, VisionGeometry
+
+if TYPE_CHECKING:
+    from tokedge.export.quantize import QuantConfig
 
 DTYPES = ("fp32", "fp16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -47,6 +50,8 @@ class ExportConfig:
     validate: bool = True
     passes: tuple[str, ...] | None = None  # graph passes after tracing; None = DEFAULT_PASSES
     options: tuple[tuple[str, str], ...] = ()  # method options as given (`--option key=value`)
+    quantize: "QuantConfig | None" = None  # weight-only quantization after tracing (None: float weights)
+    device_profile: str | None = None  # warn when this device profile cannot hold the artifact
 
 
 @dataclass
@@ -55,6 +60,7 @@ class ExportResult:
     manifest: Manifest
     parity: dict
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 Progress = Callable[[str], contextlib.AbstractContextManager]
@@ -136,6 +142,14 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
     method = get_method(cfg.method)
     check_flags(cfg, method)  # wrong flags are reported first, before "already exists" or any loading
+    if cfg.quantize is not None:
+        cfg.quantize.check()
+        if cfg.dtype != "fp32":
+            raise UsageError("--quantize starts from fp32 weights; drop --dtype fp16")
+    if cfg.device_profile:
+        from tokedge.profiles import load_profile
+
+        load_profile(cfg.device_profile)
     out = Path(cfg.out)
     seconds: dict[str, float] = {}
 
@@ -181,6 +195,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             REFERENCE_FILE,
             Tolerance,
             run_cases,
+            tolerance_dict,
             save_reference,
         )
 
@@ -253,11 +268,19 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             prompt=fam.prompt_info(loaded, vision_tokens),
             versions=_versions(),
             opset=ox.OPSET,
-            reference={"file": REFERENCE_FILE, "tolerance": {"image_embeds": tol.image_embeds, "logits": tol.logits},
+            reference={"file": REFERENCE_FILE, "tolerance": tolerance_dict(tol),
                        "budgets": budgets, "decode_steps": DECODE_STEPS},
             files={},
             optimizations=tuple(optimizations),
         )
+        if cfg.quantize is not None:
+            from tokedge.export.quantize import quantize_graphs
+            from tokedge.export.validate import tolerance_dict, tolerance_for
+
+            with timed(f"quantize ({cfg.quantize.scheme}, {cfg.quantize.form})"):
+                manifest, quant = quantize_graphs(stage, manifest, cfg.quantize, cfg.external_data_threshold)
+            tol = tolerance_for(cfg.dtype, quant)
+            manifest = replace(manifest, reference={**manifest.reference, "tolerance": tolerance_dict(tol)})
         parity: dict = {"skipped": True}
         if cfg.validate:
             with timed("validate (ONNX Runtime vs transformers)"):
@@ -268,7 +291,15 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
-    return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds)
+    warnings = []
+    if cfg.device_profile:
+        from tokedge.memory import plan_for_device
+        from tokedge.profiles import load_profile
+
+        plan = plan_for_device(manifest, load_profile(cfg.device_profile))
+        if not plan.fits:
+            warnings.append(plan.summary() + "; quantize (--quantize int4) or pick a larger device")
+    return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
 
 
 __all__ = ["ExportConfig", "ExportResult", "export", "parse_budget_range", "resolve_model"]

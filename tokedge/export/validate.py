@@ -23,14 +23,35 @@ DECODE_STEPS = 2
 class Tolerance:
     """Max abs differences allowed. fp16 artifacts leave image_embeds unchecked (None): a
     selection method may pick a different patch where two scores are within fp16 rounding, which
-    moves whole rows; their parity is judged on logits and greedy tokens, the diff still reported."""
+    moves whole rows; their parity is judged on logits and greedy tokens, the diff still reported.
+
+    Quantized artifacts are judged by the scheme's distribution-level bounds instead (logits None,
+    greedy tokens not required to match): the worst cosine similarity of a logits row and the share
+    of logits rows whose argmax agrees with the fp32 reference."""
 
     image_embeds: float | None
-    logits: float
+    logits: float | None
+    logit_cosine: float | None = None
+    top1_agreement: float | None = None
 
     @classmethod
     def for_dtype(cls, dtype: str) -> Tolerance:
         return cls(image_embeds=1e-3, logits=1e-3) if dtype == "fp32" else cls(image_embeds=None, logits=1e-1)
+
+
+def tolerance_dict(tol: Tolerance) -> dict:
+    """The manifest's `reference.tolerance`: float artifacts keep the two keys older readers know."""
+    return {k: v for k, v in asdict(tol).items() if v is not None or k in ("image_embeds", "logits")}
+
+
+def tolerance_for(dtype: str, quant=None) -> Tolerance:
+    """The tolerance an artifact is validated with: by dtype, or by quantization scheme (`QuantInfo`)."""
+    base = Tolerance.for_dtype(dtype)
+    if quant is None:
+        return base
+    bounds = quant.tolerance
+    return Tolerance(image_embeds=None if "vision" in quant.graphs else base.image_embeds, logits=None,
+                     logit_cosine=bounds["logit_cosine"], top1_agreement=bounds["top1_agreement"])
 
 
 @dataclass(frozen=True)
@@ -41,13 +62,17 @@ class ParityCase:
     max_abs_prefill_logits: float
     max_abs_step_logits: float
     tokens_match: bool
+    logit_cosine: float = 1.0  # worst cosine similarity of a logits row (prefill and steps)
+    top1_agreement: float = 1.0  # share of logits rows whose argmax equals the reference's
 
     def ok(self, tol: Tolerance) -> bool:
-        return (
-            (tol.image_embeds is None or self.max_abs_image_embeds <= tol.image_embeds)
-            and max(self.max_abs_prefill_logits, self.max_abs_step_logits) <= tol.logits
+        if tol.image_embeds is not None and self.max_abs_image_embeds > tol.image_embeds:
+            return False
+        if tol.logit_cosine is not None or tol.top1_agreement is not None:  # quantized: distribution-level
+            return (self.logit_cosine >= (tol.logit_cosine or 0.0)
+                    and self.top1_agreement >= (tol.top1_agreement or 0.0))
+        return (tol.logits is None or max(self.max_abs_prefill_logits, self.max_abs_step_logits) <= tol.logits) \
             and self.tokens_match
-        )
 
 
 @dataclass(frozen=True)
@@ -63,12 +88,18 @@ class ParityReport:
         return {"ok": self.ok, **asdict(self)}
 
     def summary(self) -> str:
+        tol = self.tolerance
+        quantized = tol.logit_cosine is not None or tol.top1_agreement is not None
         parts = [
             f"budget {c.budget}: image_embeds {c.max_abs_image_embeds:.2e}, logits "
-            f"{max(c.max_abs_prefill_logits, c.max_abs_step_logits):.2e}, tokens {'match' if c.tokens_match else 'DIFFER'}"
+            f"{max(c.max_abs_prefill_logits, c.max_abs_step_logits):.2e}, "
+            + (f"cosine {c.logit_cosine:.4f}, top-1 {c.top1_agreement:.0%}" if quantized else
+               f"tokens {'match' if c.tokens_match else 'DIFFER'}")
             for c in self.cases
         ]
-        return "; ".join(parts) + f" (tolerance {self.tolerance.logits:g})"
+        bound = (f"cosine >= {tol.logit_cosine:g}, top-1 >= {tol.top1_agreement:.0%}" if quantized
+                 else f"{tol.logits:g}")
+        return "; ".join(parts) + f" (tolerance {bound})"
 
     def raise_if_failed(self, what: str) -> None:
         if not self.ok:
@@ -81,7 +112,24 @@ def _maxabs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
+def _logit_rows(case: dict[str, np.ndarray]) -> np.ndarray:
+    rows = [case["prefill_logits"].reshape(-1, case["prefill_logits"].shape[-1])]
+    if case["step_logits"].size:
+        rows.append(case["step_logits"].reshape(-1, case["step_logits"].shape[-1]))
+    return np.concatenate(rows).astype(np.float64)
+
+
+def logit_agreement(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(worst row cosine, top-1 agreement) between two cases' prefill and step logits."""
+    a, b = _logit_rows(expected), _logit_rows(actual)
+    if a.shape != b.shape:
+        return 0.0, 0.0
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    return float(cos.min()), float(np.mean(a.argmax(-1) == b.argmax(-1)))
+
+
 def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budget: int) -> ParityCase:
+    cosine, top1 = logit_agreement(expected, actual)
     return ParityCase(
         budget=budget,
         batch=int(expected["prefill_logits"].shape[0]),
@@ -89,6 +137,8 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budg
         max_abs_prefill_logits=_maxabs(expected["prefill_logits"], actual["prefill_logits"]),
         max_abs_step_logits=_maxabs(expected["step_logits"], actual["step_logits"]),
         tokens_match=bool(np.array_equal(expected["tokens"], actual["tokens"])),
+        logit_cosine=round(cosine, 6),
+        top1_agreement=round(top1, 4),
     )
 
 

@@ -6,8 +6,9 @@ cosine similarity; each A token's best B match; merge the r best edges by size-w
 (the receiving B token included: (b*s_b + sum a*s_a) / (s_b + sum s_a)); the CLS token is never
 merged; token sizes are tracked and attention is proportional (log size added to the logits).
 Output order per layer: [kept A tokens, all B tokens], A re-sorted by position (CLS stays first).
-The per-layer r schedule (front-loaded, as even as the A-set caps allow) lands exactly on
-`--budget` patch tokens leaving the feature layer, so every count is static. Unlike pre-LLM
+The per-layer r schedule (`--option schedule=even`: as even as the A-set caps allow; `early`: as
+much as each layer allows, first layers first) lands exactly on `--budget` patch tokens leaving
+the feature layer, so every count is static. Unlike pre-LLM
 methods this also cuts vision-encoder time.
 """
 
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-from tokedge.reduce.base import Method, Signal, Stage, VisionGeometry
+from tokedge.reduce.base import Method, OptionSpec, Signal, Stage, VisionGeometry
 from tokedge.reduce.none import keep_all
 
 
@@ -29,17 +30,26 @@ def _max_removable(tokens: int, layers: int, protected: int) -> int:
     return total
 
 
-def merge_schedule(n_patches: int, budget: int, n_layers: int, protected: int = 1) -> list[int] | None:
+SCHEDULES = ("even", "early")
+
+
+def merge_schedule(n_patches: int, budget: int, n_layers: int, protected: int = 1,
+                   mode: str = "even") -> list[int] | None:
     """Per-layer merge counts r_l summing to n_patches - budget, each within the A-set cap
-    ((tokens - protected) // 2): as even as possible, front-loaded where the later caps would not
-    reach the budget. None when the budget cannot be reached in n_layers layers."""
+    ((tokens - protected) // 2). "even": as even as possible, front-loaded only where the later
+    caps would not reach the budget (ToMe's constant r). "early": merge as much as each layer
+    allows, starting with the first (ToMe's decreasing schedule taken to its limit, as in
+    EarlyTom): later layers run on fewer tokens, so the tower costs less. None when the budget
+    cannot be reached in n_layers layers."""
+    if mode not in SCHEDULES:
+        raise ValueError(f"unknown merge schedule {mode!r}")
     tokens = n_patches + protected
     left = n_patches - budget
     out = []
     for layer in range(n_layers):
         rest = n_layers - layer - 1
         cap = (tokens - protected) // 2
-        r = min(math.ceil(left / (n_layers - layer)), cap)
+        r = min(math.ceil(left / (n_layers - layer)), cap) if mode == "even" else min(left, cap)
         while r < cap and left - r > _max_removable(tokens - r, rest, protected):
             r += 1
         out.append(r)
@@ -101,4 +111,9 @@ METHOD = Method(
     reduce=keep_all,  # the tower already merged down to k patch tokens; project them
     fewest_tokens=fewest_tokens,
     budget_meaning="patch tokens leaving the vision feature layer (= visual tokens that enter the LLM)",
+    option_specs={
+        "schedule": OptionSpec(str, "even", "merges per layer: even (ToMe's constant r) or early (as many as each "
+                               "layer allows, first layers first: cheaper tower)",
+                               check=lambda v: v in SCHEDULES, requirement="schedule must be even or early"),
+    },
 )

@@ -26,6 +26,14 @@ class BaselineResult:
     samples: dict[str, list[float]] = field(default_factory=dict)  # every timed run, per stage
     token_ids: list[list[int]] = field(default_factory=list)  # one greedy answer per image
 
+    @property
+    def ttft_samples_ms(self) -> list[float]:
+        return self.samples.get("ttft_ms", [])
+
+    @property
+    def decode_samples_ms(self) -> list[float]:
+        return self.samples.get("decode_ms_per_token", [])
+
 
 def eos_ids(config, generation_config=None) -> frozenset[int]:
     """EOS ids from a text config and generation config, each an int, a list of ints, or None."""
@@ -41,6 +49,7 @@ def eos_ids(config, generation_config=None) -> frozenset[int]:
 
 def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int, warmup: int,
                           max_new_tokens: int, attention: str | None = None) -> BaselineResult:
+    """attention: None or "default" for transformers' own default (SDPA for LLaVA), or "eager"."""
     import torch
 
     from tokedge.export.families.llava import load_llava
@@ -50,7 +59,7 @@ def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int,
 
     loaded = load_llava(checkpoint, resolve_model(checkpoint))
     model, processor = loaded.model, loaded.processor
-    if attention:
+    if attention and attention != "default":
         model.set_attn_implementation(attention)
     used = model.config.text_config._attn_implementation or "sdpa"
     eos = eos_ids(model.config.text_config, model.generation_config)

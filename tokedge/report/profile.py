@@ -39,6 +39,7 @@ class ProfileConfig:
     predict: str | None = None  # device profile name or .toml: roofline prediction
     checkpoint: str | None = None  # re-export budgets outside the artifact's range from here (else refuse)
     reexport_dir: Path | None = None  # where those re-exports go (the CLI: <--out>/artifacts)
+    threads: int = 0  # ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class BudgetResult:
     predicted: dict | None = None  # roofline on a device profile: labelled predicted
     speedup_vs_baseline: dict[str, float] | None = None
     token_ids: list[list[int]] = field(default_factory=list)
+    share_of_gemm_peak: dict[str, float] = field(default_factory=dict)  # achieved / measured GEMM peak per stage
 
 
 @dataclass
@@ -82,6 +84,9 @@ class ProfileReport:
     predicted_on: dict | None = None
     tegrastats: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    threads: int = 0  # ONNX Runtime intra-op threads (0 = automatic)
+    quantization: dict | None = None  # the artifact's weight scheme (manifest `quantization`)
+    memory: dict | None = None  # predicted vs measured artifact bytes and CPU peak; the device plan with --predict
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,9 +161,13 @@ def predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int)
         "prefill": 2 * call + (m.num_layers * KERNELS_PER_LAYER + 2) * launch,  # embed + decoder
         "decode": 2 * call + (m.num_layers * KERNELS_PER_LAYER + 2) * launch,
     }
+    from tokedge.memory import quantized_weight_share
+
+    vq, dq = quantized_weight_share(manifest)  # quantized weights move fewer bytes than fp16 ones
+    shares = {"vision": vq, "prefill": dq, "decode": dq}
     ms, bound = {}, {}
     for k, cost in {"vision": v, "prefill": p, "decode": d}.items():
-        compute, memory = cost.flops / peak, cost.bytes * scale / bw
+        compute, memory = cost.flops / peak, cost.bytes * scale * shares[k] / bw
         ms[k] = max(compute, memory, floors[k]) * 1e3
         bound[k] = "latency floor" if floors[k] >= max(compute, memory) else ("compute" if compute >= memory else "memory")
     overhead_bound = floors["decode"] > OVERHEAD_BOUND * ms["decode"] * 1e-3
@@ -178,12 +187,16 @@ def default_budgets(manifest) -> list[int]:
 
 
 def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | None = None) -> ProfileReport:
+    from tokedge.runtime.ort_backend import OrtOptions
     from tokedge.runtime.preprocess import load_image
     from tokedge.runtime.pipeline import Pipeline
 
     manifest = load_artifact(cfg.artifact)
     if cfg.runs < 1 or cfg.warmup < 0:
         raise UsageError("--runs must be >= 1 and --warmup >= 0")
+    from tokedge.runtime.ort_backend import check_threads
+
+    check_threads(cfg.threads)
     if not cfg.images:
         raise UsageError("give at least one --image to profile with")
     images = [load_image(p) for p in cfg.images]
@@ -208,7 +221,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         artifact=str(cfg.artifact), method=manifest.reduction.method, images=[str(p) for p in cfg.images],
         prompt=cfg.prompt, runs=cfg.runs, warmup=cfg.warmup, max_new_tokens=cfg.max_new_tokens,
         machine=describe(), gemm_peak_gflops_per_s=round(gemm_peak_gflops(), 1),
-        predicted_on=dataclasses.asdict(device_profile) if device_profile else None,
+        predicted_on=dataclasses.asdict(device_profile) if device_profile else None, threads=cfg.threads,
+        quantization=dataclasses.asdict(manifest.quantization) if manifest.quantization else None,
     )
     report.warnings += notes
     from tokedge.report.tegrastats import Sampler
@@ -220,7 +234,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             art, runtime_budget = artifacts[k]
             samples: dict[str, list[float]] = {s: [] for s in STAGES}
             tokens: list[list[int]] = []
-            with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines) as pipe:
+            with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines,
+                               options=OrtOptions(intra_op_threads=cfg.threads)) as pipe:
                 for i in range(cfg.warmup + cfg.runs):
                     for img in images:
                         res = pipe.generate(img, cfg.prompt, max_new_tokens=cfg.max_new_tokens, budget=runtime_budget)
@@ -275,7 +290,14 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 achieved_gflops_per_s={key: round(val, 2) for key, val in achieved.items()},
                 predicted=predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens) if device_profile else None,
                 token_ids=tokens,
+                share_of_gemm_peak={key: round(val / report.gemm_peak_gflops_per_s, 3)
+                                    for key, val in achieved.items()} if report.gemm_peak_gflops_per_s else {},
             ))
+    from tokedge.memory import profile_memory
+
+    report.memory = profile_memory(cfg.artifact, manifest, device_profile, report.results)
+    if report.memory.get("device") and not report.memory["device"]["fits"]:
+        report.warnings.append(report.memory["device_summary"])
     summary = sampler.summary()
     if summary is not None:
         report.tegrastats = dataclasses.asdict(summary)

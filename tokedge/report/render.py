@@ -65,6 +65,9 @@ def markdown(report: ProfileReport) -> str:
         lines += ["", "## Jetson power and clocks (tegrastats)", "",
                   f"nvpmodel: {t.get('nvpmodel')}; mean power {t.get('mean_power_mw')} mW; "
                   f"GPU clock {t.get('gpu_mhz_min')}..{t.get('gpu_mhz_max')} MHz"]
+    from tokedge.report.speed import speed_section
+
+    lines += speed_section(report)
     for w in report.warnings:
         lines += ["", f"**Warning:** {w}"]
     return "\n".join(lines) + "\n"

@@ -39,6 +39,10 @@ class OrtOptions:
     providers: tuple[str, ...] | None = None  # None: TensorRT/CUDA EP when available, else CPU
     intra_op_threads: int = 0  # 0 lets ONNX Runtime decide
     optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    # Busy-wait of idle intra-op threads. Off: an artifact runs three sessions one after another,
+    # and a pool that spins after its graph finished takes the cores the next graph needs (on a
+    # shared or small CPU that doubled prefill and decode time); see docs/runtime.md.
+    spinning: bool = False
 
 
 def max_threads() -> int:
@@ -85,6 +89,9 @@ class OrtRunner:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.intra_op_threads
         so.log_severity_level = 4
+        if not self.options.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -197,7 +197,7 @@ class VisionGraph(nn.Module):
 
             index = layers_to_feature(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
             schedule = merge_schedule(llava.full_tokens - (0 if drop_cls or not has_cls else 1), k, index,
-                                      protected=1 if has_cls else 0)
+                                      protected=1 if has_cls else 0, mode=options.get("schedule", "even"))
             if schedule is None:
                 patches = llava.full_tokens - (0 if drop_cls or not has_cls else 1)
                 fewest = method.fewest_tokens(VisionGeometry(patches, index, has_cls)) if method.fewest_tokens else k + 1

@@ -1,0 +1,255 @@
+"""Weight-only quantization: the dequantized weights are within half a quantization step of the
+fp32 weights (DequantizeLinear evaluated by onnx's pure-python reference, not ONNX Runtime); the
+quantized graphs compute what transformers computes with those dequantized weights swapped in;
+`tokedge check` takes the symmetric QDQ form for TensorRT and names a planted asymmetric zero
+point and the ONNX Runtime-only MatMulNBits; manifests record the scheme."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from tokedge.artifact import MANIFEST_NAME, load_artifact, read_manifest, sha256_file
+from tokedge.cli import main
+from tokedge.export.quantize import QuantConfig
+
+
+@pytest.fixture(scope="module")
+def fp32_art(artifacts):
+    return artifacts("none")
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32_art, tmp_path_factory):
+    """name -> quantized copy of the fp32 artifact (via `tokedge quantize`)."""
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for name, args in {
+        "int4-qdq": ["--scheme", "int4", "--quant-form", "qdq", "--group-size", "32"],
+        "int8-qdq": ["--scheme", "int8", "--quant-form", "qdq", "--group-size", "32"],
+        "int4-nbits-fp": ["--scheme", "int4", "--group-size", "32", "--accuracy-level", "0"],
+        "int4-nbits": ["--scheme", "int4", "--group-size", "32", "--quantize-lm-head"],
+    }.items():
+        assert main(["quantize", str(fp32_art), "--out", str(root / name), *args]) == 0, name
+        out[name] = root / name
+    return out
+
+
+def _initializers(path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _dequantized(path) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Original weight name -> (dequantized [K, N], scales, block size), every DequantizeLinear
+    run by onnx.reference (independent of ONNX Runtime)."""
+    model = onnx.load(str(path))
+    consts = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        assert len(node.input) == 2, "symmetric: no zero point input"
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        sub = onnx.helper.make_model(
+            onnx.helper.make_graph([onnx.helper.make_node("DequantizeLinear", list(node.input), ["y"], axis=0,
+                                                          block_size=block)], "dq", [],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                   initializer=[consts[n] for n in node.input]),
+            opset_imports=[onnx.helper.make_opsetid("", 21)])
+        (deq,) = ReferenceEvaluator(sub).run(None, {})
+        original = node.input[0].rsplit("_DQ_Q4", 1)[0].rsplit("_Q8", 1)[0]
+        out[original] = (deq, numpy_helper.to_array(consts[node.input[1]]), block)
+    return out
+
+
+@pytest.mark.parametrize("name,qmin,qmax", [("int4-qdq", -8, 7), ("int8-qdq", -127, 127)])
+def test_dequantized_weights_within_half_a_step(fp32_art, quantized, name, qmin, qmax):
+    fp32 = _initializers(fp32_art / "decoder.onnx")
+    deq = _dequantized(quantized[name] / "decoder.onnx")
+    manifest = load_artifact(quantized[name])
+    vocab = manifest.model.vocab_size
+    assert len(deq) == manifest.quantization.quantized["decoder"] > 0
+    for original, (w_hat, scales, block) in deq.items():
+        w = fp32[original]
+        assert w.shape == w_hat.shape and w.shape[-1] != vocab  # lm_head stays float by default
+        assert block == 32 and scales.shape == (-(-w.shape[0] // block), w.shape[1])
+        scale = np.repeat(scales, block, axis=0)[: w.shape[0]]  # int4 scales carry the sign of the block's extreme
+        ideal = w / scale
+        assert np.all(np.abs(ideal) <= max(-qmin, qmax) + 1e-4)  # symmetric: the scale covers the block's largest value
+        err = np.abs(w - w_hat)
+        representable = (ideal >= qmin - 0.5) & (ideal <= qmax + 0.5)
+        assert np.all(err[representable] <= np.abs(scale[representable]) / 2 + 1e-6)  # round to nearest
+        assert np.all(err <= np.abs(scale) + 1e-6)  # the one-sided int4 end clips by at most one step
+
+
+def _hf_with_weights(checkpoint, fp32_decoder, dequantized):
+    """transformers' model with each decoder Linear weight replaced by its dequantized values
+    (matched to the fp32 graph's initializers by value)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    by_bytes = {np.ascontiguousarray(a).tobytes(): name for name, a in fp32_decoder.items() if a.ndim == 2}
+    swapped = 0
+    for module in model.model.language_model.modules():
+        if isinstance(module, torch.nn.Linear):
+            name = by_bytes.get(np.ascontiguousarray(module.weight.detach().numpy().T).tobytes())
+            if name in dequantized:
+                module.weight.data = torch.from_numpy(np.ascontiguousarray(dequantized[name][0].T))
+                swapped += 1
+    assert swapped == len(dequantized)
+    return model
+
+
+def _artifact_logits(path, optimization: str = "all") -> tuple[np.ndarray, dict]:
+    from tokedge.export.validate import load_reference
+    from tokedge.runtime.graphs import ArtifactGraphs
+    from tokedge.runtime.ort_backend import OrtOptions
+
+    manifest = load_artifact(path)
+    pixel_values, cases = load_reference(path / manifest.reference["file"])
+    case = cases[0]
+    with ArtifactGraphs(path, manifest, options=OrtOptions(optimization=optimization)) as graphs:
+        out = graphs.greedy(pixel_values, case["input_ids"], case["attention_mask"], 0)
+    return out["prefill_logits"], {"pixel_values": pixel_values, **case}
+
+
+def test_quantized_graphs_compute_transformers_with_dequantized_weights(tiny_llava_dir, fp32_art, quantized):
+    import torch
+
+    fp32 = _initializers(fp32_art / "decoder.onnx")
+    deq = _dequantized(quantized["int4-qdq"] / "decoder.onnx")
+    model = _hf_with_weights(tiny_llava_dir, fp32, deq)
+    # at "basic", ONNX Runtime keeps DequantizeLinear -> MatMul in float (its full optimisation
+    # fuses them into MatMulNBits with int8 activations)
+    qdq_logits, case = _artifact_logits(quantized["int4-qdq"], optimization="basic")
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(case["input_ids"]),
+                         attention_mask=torch.from_numpy(case["attention_mask"]),
+                         pixel_values=torch.from_numpy(case["pixel_values"])).logits[:, -1].numpy()
+    np.testing.assert_allclose(qdq_logits, expected, atol=1e-4, rtol=0)
+    # MatMulNBits (float compute) holds the same int4 weights: same logits
+    nbits_logits, _ = _artifact_logits(quantized["int4-nbits-fp"])
+    np.testing.assert_allclose(nbits_logits, expected, atol=1e-4, rtol=0)
+    # and the quantization moved the logits away from fp32 (the test would notice a no-op)
+    assert np.abs(case["prefill_logits"] - expected).max() > 1e-2
+
+
+def test_manifest_records_scheme_and_verify_passes(fp32_art, quantized, capsys):
+    m = read_manifest(quantized["int4-nbits"])
+    q = m.quantization
+    assert (q.scheme, q.form, q.group_size, q.symmetric, q.lm_head, q.accuracy_level) == ("int4", "matmulnbits", 32,
+                                                                                         True, True, 4)
+    assert m.reference["tolerance"]["logit_cosine"] == q.tolerance["logit_cosine"]
+    assert m.reference["parity_at_export"]["ok"]
+    ops = [n.op_type for n in onnx.load(str(quantized["int4-nbits"] / "decoder.onnx")).graph.node]
+    assert "MatMulNBits" in ops
+    sizes = q.weight_bytes["decoder"]
+    assert sizes["after"] <= 0.35 * sizes["before"]  # lm_head included here
+    assert main(["verify", str(quantized["int4-nbits"])]) == 0
+    # older manifests (no quantization key) still read, as float artifacts
+    data = json.loads((fp32_art / MANIFEST_NAME).read_text())
+    data.pop("quantization", None)
+    assert read_manifest_from(data).quantization is None
+
+
+def read_manifest_from(data):
+    from tokedge.artifact import Manifest
+
+    return Manifest.from_dict(data)
+
+
+def test_check_takes_symmetric_qdq_and_refuses_matmulnbits(quantized, capsys):
+    for target in ("trt-10.3", "trt-11"):
+        assert main(["check", str(quantized["int4-qdq"]), "--target", target]) == 0
+        assert main(["check", str(quantized["int8-qdq"]), "--target", target]) == 0
+    capsys.readouterr()
+    assert main(["check", str(quantized["int4-nbits"]), "--target", "trt-10.3"]) == 1
+    err = capsys.readouterr().err
+    assert "MatMulNBits" in err and "ONNX Runtime contrib op" in err and "qdq" in err
+
+
+def test_check_names_planted_asymmetric_zero_point(quantized, tmp_path, capsys):
+    art = tmp_path / "art"
+    shutil.copytree(quantized["int4-qdq"], art)
+    model = onnx.load(str(art / "decoder.onnx"))
+    consts = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    scales = numpy_helper.to_array(consts[node.input[1]])
+    zp = np.zeros(scales.shape, dtype=np.int8)
+    zp.flat[3] = 2
+    packed = (zp.reshape(-1).astype(np.uint8) & 0x0F)
+    packed = np.pad(packed, (0, packed.size % 2))
+    raw = (packed[0::2] | (packed[1::2] << 4)).astype(np.uint8).tobytes()
+    model.graph.initializer.append(onnx.helper.make_tensor("planted_zero_point", onnx.TensorProto.INT4,
+                                                           list(scales.shape), raw, raw=True))
+    node.input.append("planted_zero_point")
+    onnx.save(model, str(art / "decoder.onnx"))
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    manifest["files"]["decoder.onnx"] = sha256_file(art / "decoder.onnx")
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert main(["check", str(art), "--target", "trt-10.3"]) == 1
+    err = capsys.readouterr().err
+    assert "planted_zero_point" in err and "asymmetric" in err and node.name in err
+    assert err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_export_quantize_flag(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "q8"
+    assert main(["export", str(tiny_llava_dir), "--method", "cls-attn", "--budget", "64", "--out", str(out),
+                 "--quantize", "int8", "--group-size", "32", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["quantization"]["scheme"] == "int8" and summary["parity"]["ok"]
+    case = summary["parity"]["cases"][0]
+    assert case["logit_cosine"] >= 0.995 and case["top1_agreement"] >= 0.9
+    manifest = load_artifact(out)
+    assert manifest.quantization.graphs == ("decoder",)  # no prefill graph for a pre-LLM method
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--scheme", "int3"], "--quantize int3"),
+    (["--group-size", "100"], "--group-size 100"),
+    (["--quant-graphs", "decoder,lm"], "unknown graph 'lm'"),
+    (["--quant-form", "qdq", "--quantize-embeddings"], "--quantize-embeddings"),
+])
+def test_quantize_bad_input_is_one_line(fp32_art, tmp_path, capsys, args, needle):
+    assert main(["quantize", str(fp32_art), "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_quantizing_twice_is_refused(quantized, tmp_path, capsys):
+    assert main(["quantize", str(quantized["int4-qdq"]), "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+def test_quant_config_defaults_keep_lm_head_and_embeddings_float():
+    cfg = QuantConfig()
+    assert (cfg.scheme, cfg.form, cfg.group_size, cfg.lm_head, cfg.embeddings, cfg.accuracy_level) == (
+        "int4", "matmulnbits", 128, False, False, 4)
+
+
+def test_profile_shows_the_scheme_and_a_cheaper_decode_prediction(fp32_art, quantized, tmp_path, test_images, capsys):
+    image = tmp_path / "img.png"
+    test_images[1].save(image)
+    reports = {}
+    for name, art in (("fp32", fp32_art), ("int4", quantized["int4-nbits"])):
+        out = tmp_path / name
+        assert main(["profile", str(art), "--image", str(image), "--runs", "1", "--warmup", "0", "--max-new-tokens", "2",
+                     "--predict", "jetson-orin-nano-8gb", "--out", str(out), "--json"]) == 0
+        reports[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    q = reports["int4"]["quantization"]
+    assert q["scheme"] == "int4" and reports["fp32"]["quantization"] is None
+    assert "Weights: int4 matmulnbits" in (tmp_path / "int4" / "report.md").read_text()
+    # decode is bandwidth-bound on the device: int4 weights (lm_head too) move far fewer bytes
+    fp32_decode = reports["fp32"]["results"][0]["predicted"]["decode_ms_per_token"]
+    int4_decode = reports["int4"]["results"][0]["predicted"]["decode_ms_per_token"]
+    assert int4_decode < 0.5 * fp32_decode

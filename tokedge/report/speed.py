@@ -1,0 +1,35 @@
+"""The profile report's section on weights, GEMM efficiency per stage, and memory (markdown)."""
+
+from __future__ import annotations
+
+
+def speed_section(report) -> list[str]:
+    lines = ["", "## Efficiency and memory", ""]
+    if report.quantization:
+        q = report.quantization
+        lines.append(f"Weights: {q['scheme']} {q['form']} (group {q['group_size']}, symmetric {q['algorithm']}) on "
+                     f"{', '.join(q['graphs'])}; lm_head {'quantized' if q['lm_head'] else 'float'}.")
+    else:
+        lines.append("Weights: float (not quantized).")
+    lines.append(f"ONNX Runtime intra-op threads: {report.threads or 'automatic'}.")
+    if any(r.share_of_gemm_peak for r in report.results):
+        peak = report.gemm_peak_gflops_per_s
+        lines += ["", f"Achieved GFLOP/s per stage against the measured GEMM peak ({peak:.0f} GFLOP/s):", "",
+                  "| budget | vision | prefill | decode |", "|---|---|---|---|"]
+        for r in report.results:
+            if r.share_of_gemm_peak:
+                cells = [f"{r.achieved_gflops_per_s[s]:.0f} ({r.share_of_gemm_peak[s]:.0%})"
+                         for s in ("vision", "prefill", "decode")]
+                lines.append(f"| {r.budget} | " + " | ".join(cells) + " |")
+    mem = report.memory or {}
+    if "artifact_bytes" in mem:
+        a = mem["artifact_bytes"]
+        lines += ["", (f"Artifact graphs: {a['measured'] / 2**20:.1f} MiB measured, {a['predicted'] / 2**20:.1f} MiB "
+                       f"predicted by the memory plan ({a['ratio']:.3f}x).")]
+    if "cpu" in mem:
+        c = mem["cpu"]
+        lines.append(f"CPU: peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB vs predicted working set "
+                     f"{c['predicted_bytes'] / 2**20:.0f} MiB ({c['note']}).")
+    if "device_summary" in mem:
+        lines.append(mem["device_summary"].capitalize() + ".")
+    return lines
