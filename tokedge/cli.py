@@ -177,7 +177,7 @@ def _quant_line(q) -> str:
             + ("" if q.lm_head else "; lm_head float") + ("" if q.embeddings else "; embeddings float"))
 
 
-@app.command("quantize")
+@app.command("quantize", short_help="Weight-only int4/int8 quantization of an artifact.")
 def quantize_cmd(
     artifact: ArtifactArg,
     out: Annotated[Path, typer.Option(help="Directory for the quantized artifact.")],

@@ -175,7 +175,9 @@ def check_ranges(m: Any, format_version: int) -> None:
     if not isinstance(ref.get("file"), str):
         raise ManifestError("reference.file", "a string", ref.get("file", dataclasses.MISSING))
     tol = ref.get("tolerance")
-    if not isinstance(tol, dict) or set(tol) != {"image_embeds", "logits"}:
-        raise ManifestError("reference.tolerance", 'an object with "image_embeds" and "logits"', tol)
+    known = {"image_embeds", "logits", "logit_cosine", "top1_agreement"}
+    if not isinstance(tol, dict) or not {"image_embeds", "logits"} <= set(tol) or not set(tol) <= known:
+        raise ManifestError("reference.tolerance", 'an object with "image_embeds" and "logits" (and optionally '
+                            '"logit_cosine", "top1_agreement")', tol)
     for key, value in tol.items():
         convert(float | None, value, f"reference.tolerance.{key}")

@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from tokedge.artifact import Manifest, ModelInfo, QuantInfo
+from tokedge.reduce.base import Stage
 
 GB = 1e9
 DEFAULT_HEADROOM = 0.2
@@ -180,7 +181,7 @@ def plan_memory(model: ModelInfo, graphs: tuple[str, ...], scheme: WeightScheme,
 def visual_tokens_of(manifest: Manifest) -> int:
     """Visual tokens in the LLM's prompt (in-LLM methods keep all of them for the first layers)."""
     red = manifest.reduction
-    return red.full_tokens if red.stage in ("none", "in-llm") else red.budget
+    return red.full_tokens if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM) else red.budget
 
 
 def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADROOM,

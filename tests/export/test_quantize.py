@@ -109,7 +109,7 @@ def _hf_with_weights(checkpoint, fp32_decoder, dequantized):
 
 
 def _artifact_logits(path, optimization: str = "all") -> tuple[np.ndarray, dict]:
-    from tokedge.export.validate import load_reference
+    from tokedge.export.validate import greedy_arrays, load_reference
     from tokedge.runtime.graphs import ArtifactGraphs
     from tokedge.runtime.ort_backend import OrtOptions
 
@@ -117,7 +117,7 @@ def _artifact_logits(path, optimization: str = "all") -> tuple[np.ndarray, dict]
     pixel_values, cases = load_reference(path / manifest.reference["file"])
     case = cases[0]
     with ArtifactGraphs(path, manifest, options=OrtOptions(optimization=optimization)) as graphs:
-        out = graphs.greedy(pixel_values, case["input_ids"], case["attention_mask"], 0)
+        out = greedy_arrays(graphs, pixel_values, case["input_ids"], case["attention_mask"], 0, int(case["budget"]))
     return out["prefill_logits"], {"pixel_values": pixel_values, **case}
 
 
@@ -249,7 +249,8 @@ def test_profile_shows_the_scheme_and_a_cheaper_decode_prediction(fp32_art, quan
     q = reports["int4"]["quantization"]
     assert q["scheme"] == "int4" and reports["fp32"]["quantization"] is None
     assert "Weights: int4 matmulnbits" in (tmp_path / "int4" / "report.md").read_text()
-    # decode is bandwidth-bound on the device: int4 weights (lm_head too) move far fewer bytes
-    fp32_decode = reports["fp32"]["results"][0]["predicted"]["decode_ms_per_token"]
-    int4_decode = reports["int4"]["results"][0]["predicted"]["decode_ms_per_token"]
+    # decode's memory term: int4 weights (lm_head too) move far fewer bytes (the tiny model's total
+    # prediction sits on the kernel-launch floor, so compare the bandwidth term itself)
+    fp32_decode = reports["fp32"]["results"][0]["predicted"]["memory_ms"]["decode"]
+    int4_decode = reports["int4"]["results"][0]["predicted"]["memory_ms"]["decode"]
     assert int4_decode < 0.5 * fp32_decode

@@ -165,15 +165,16 @@ def predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int)
 
     vq, dq = quantized_weight_share(manifest)  # quantized weights move fewer bytes than fp16 ones
     shares = {"vision": vq, "prefill": dq, "decode": dq}
-    ms, bound = {}, {}
+    ms, bound, memory_ms = {}, {}, {}
     for k, cost in {"vision": v, "prefill": p, "decode": d}.items():
         compute, memory = cost.flops / peak, cost.bytes * scale * shares[k] / bw
+        memory_ms[k] = round(memory * 1e3, 6)
         ms[k] = max(compute, memory, floors[k]) * 1e3
         bound[k] = "latency floor" if floors[k] >= max(compute, memory) else ("compute" if compute >= memory else "memory")
     overhead_bound = floors["decode"] > OVERHEAD_BOUND * ms["decode"] * 1e-3
     return {"ttft_ms": ms["vision"] + ms["prefill"], "vision_ms": ms["vision"], "prefill_ms": ms["prefill"],
             "decode_ms_per_token": ms["decode"], "tokens_per_s": 1e3 / ms["decode"], "device": profile.name,
-            "bound": bound, "floor_ms": {k: round(f * 1e3, 4) for k, f in floors.items()},
+            "bound": bound, "floor_ms": {k: round(f * 1e3, 4) for k, f in floors.items()}, "memory_ms": memory_ms,
             "overhead_bound": overhead_bound,
             "kind": "predicted (roofline lower bound, fp16, with kernel-launch and call floors)"}
 
