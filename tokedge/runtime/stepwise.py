@@ -61,12 +61,12 @@ class BatchDecoder:
         t0 = time.perf_counter()
         image_embeds = self.graphs.vision(self.pixel_values, self.budget)
         self.vision_ms = (time.perf_counter() - t0) * 1e3
-        red = self.graphs.manifest.reduction
-        self.visual_tokens = red.budget if red.stage == "in-llm" else int(image_embeds.shape[1])
         t0 = time.perf_counter()
         embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
                                      self.graphs.manifest.model.image_token_id, image_embeds)
         logits, self.state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room)
+        # as generate does: the vision graph's count less what an in-LLM method pruned (cache lengths)
+        self.visual_tokens = self.state.visual_tokens(int(image_embeds.shape[1]))
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
         return self.decode.take(logits)
 
