@@ -3,6 +3,11 @@ resize) with Qwen2 (q/k/v biases), and CLIP with Mistral. Checked against transf
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,11 +37,6 @@ def test_family_matches_transformers(tmp_path_factory, artifacts, test_images, v
 
 # --- the family interface: registry, import rule, layout in the manifest ----------------------------
 
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
 FAMILY_DIR = ROOT / "tokedge" / "export" / "families"
 FAMILY_MODULES = sorted(p.stem for p in FAMILY_DIR.glob("*.py") if p.stem != "__init__")
@@ -55,7 +55,7 @@ def test_no_module_outside_families_imports_a_family_module():
     patterns = [
         re.compile(rf"families\.({names})\b"),  # import tokedge.export.families.<name>, from ... import
         re.compile(rf"from\s+tokedge\.export\.families\s+import\s+\(?[^)\n]*\b({names})\b"),
-        re.compile(rf"from\s+tokedge\.export\s+import\s+[^\n]*\bfamilies\b"),  # then families.<name>
+        re.compile(r"from\s+tokedge\.export\s+import\s+[^\n]*\bfamilies\b"),  # then families.<name>
     ]
     offenders = [f"{name}: {m.group(0)}" for name, text in _sources_outside_families()
                  for pattern in patterns for m in pattern.finditer(text)]
@@ -109,6 +109,7 @@ def test_inspect_reads_the_config_without_weights(tiny_llava_dir, tmp_path):
     config_only.mkdir()
     shutil.copy(tiny_llava_dir / "config.json", config_only / "config.json")
     family, spec = inspect_checkpoint(str(config_only), config_only)
+    assert family.name == "llava"
     config = json.loads((config_only / "config.json").read_text())
     vc = config["vision_config"]
     patches = (vc["image_size"] // vc["patch_size"]) ** 2

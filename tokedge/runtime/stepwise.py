@@ -37,7 +37,7 @@ class BatchDecoder:
         if len(configs) != input_ids.shape[0] or pixel_values.shape[0] != input_ids.shape[0]:
             raise InputError(f"{input_ids.shape[0]} prompts, {pixel_values.shape[0]} images and {len(configs)} "
                              "sampling configs; pass one of each per row")
-        self.decode = DecodeRows(configs, eos=graphs.manifest.model.eos_token_ids,
+        self.decode = DecodeRows(configs, eos=frozenset(graphs.manifest.model.eos_token_ids),
                                  pad=graphs.manifest.model.pad_token_id or 0)
         self.room = max(cfg.max_new_tokens for cfg in configs)
         if input_ids.shape[1] + self.room > context_limit(graphs):

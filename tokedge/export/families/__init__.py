@@ -37,16 +37,16 @@ class CheckpointSpec:
 
     family: str  # registry name of the family that read it
     full_tokens: int  # visual tokens per image before reduction
-    geometry: "VisionGeometry | None"  # the tower's token/layer counts; None when the config leaves defaults
+    geometry: VisionGeometry | None  # the tower's token/layer counts; None when the config leaves defaults
     text_layers: int | None  # decoder layers; None when the config leaves the class default
-    layout: "VisualLayout"  # how one image becomes visual tokens (saved in the manifest)
+    layout: VisualLayout  # how one image becomes visual tokens (saved in the manifest)
 
 
 @dataclass
 class LoadedCheckpoint:
     """A loaded checkpoint and the family that loaded it; family methods take it back."""
 
-    family: "Family"
+    family: Family
     source: str  # what the user gave: hub id, directory or preset name
     model: Any  # the transformers model, eval mode, fp32
     processor: Any  # its processor (tokenizer + image processor)
@@ -75,35 +75,37 @@ class Family(Protocol):
     def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
              allow_pickle: bool = False) -> LoadedCheckpoint: ...
 
-    def modules(self, loaded: LoadedCheckpoint, method: "Method", k: int, options: dict,
+    def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict,
                 plan: Any = None) -> dict[str, Any]:
-        """torch modules to trace: vision, embed, decoder (+ prefill when `plan` prunes in the LLM)."""
+        """torch modules to trace: vision, embed, decoder (+ prefill when `plan` prunes in the LLM).
+        The vision module has a `schedule` attribute: tokens merged per ViT layer (in-ViT methods)
+        or None; the manifest records it for FLOPs."""
         ...
 
     # --- what the manifest records
-    def model_info(self, loaded: LoadedCheckpoint) -> "ModelInfo": ...
+    def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo: ...
 
-    def preprocess(self, loaded: LoadedCheckpoint) -> "PreprocessInfo": ...
+    def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo: ...
 
-    def layout(self, loaded: LoadedCheckpoint) -> "VisualLayout": ...
+    def layout(self, loaded: LoadedCheckpoint) -> VisualLayout: ...
 
-    def prompt(self, loaded: LoadedCheckpoint, visual_tokens: int) -> "PromptInfo": ...
+    def prompt(self, loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo: ...
 
     # --- export references (transformers' own outputs)
     def render_prompt(self, loaded: LoadedCheckpoint, question: str) -> str:
         """One user turn with one image, as the checkpoint's chat template renders it."""
         ...
 
-    def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> "np.ndarray":
+    def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> np.ndarray:
         """The checkpoint's own image processor on `images`: float32 pixel_values."""
         ...
 
     def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str],
-                 visual_tokens: int) -> "tuple[np.ndarray, np.ndarray]":
+                 visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """Placeholders expanded to `visual_tokens` each, left-padded: (input_ids, attention_mask)."""
         ...
 
-    def reference_features(self, loaded: LoadedCheckpoint, method: "Method", pixel_values: Any, k: int,
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values: Any, k: int,
                            options: dict | None = None) -> Any:
         """Image features [b, k, hidden] from transformers' tower and projector, reduced by `method`."""
         ...
@@ -197,5 +199,17 @@ def load_checkpoint(source: str, local: Path | None, *, trust_remote_code: bool 
     return family.load(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
-__all__ = ["BUILTIN", "CheckpointSpec", "FAMILIES", "Family", "LoadedCheckpoint", "families", "for_checkpoint",
-           "inspect_checkpoint", "load_checkpoint", "read_config", "register", "supported"]
+__all__ = [
+    "BUILTIN",
+    "FAMILIES",
+    "CheckpointSpec",
+    "Family",
+    "LoadedCheckpoint",
+    "families",
+    "for_checkpoint",
+    "inspect_checkpoint",
+    "load_checkpoint",
+    "read_config",
+    "register",
+    "supported",
+]

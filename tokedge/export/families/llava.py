@@ -19,8 +19,8 @@ from torch import nn
 
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError
-from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
+from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.towers import VisionTower, layers_to_feature
 from tokedge.reduce.base import Method, VisionFeatures, VisionGeometry
 
