@@ -17,6 +17,9 @@ class ContractClient:
     def __init__(self, artifact: Path):
         self.root = Path(artifact)
         self.manifest = json.loads((self.root / "tokedge.json").read_text())
+        kind = self.manifest.get("layout", {"kind": "single"})["kind"]  # absent: written before layouts
+        if kind != "single":
+            raise ValueError(f"this client implements the 'single' visual layout only, not '{kind}'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
         self.sessions = {

@@ -118,6 +118,40 @@ class PromptInfo:
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token... for the template
 
 
+LAYOUT_KINDS = ("single", "anyres")
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """How one image becomes visual tokens, declared by the model family (docs/artifact.md).
+
+    "single": one view of `preprocess.crop_size`, `reduction.full_tokens` tokens (LLaVA-1.5).
+    "anyres": a base view plus tiles on a canvas chosen from `pinpoints` (LLaVA-NeXT/OneVision);
+    the fields below are those of `tokedge.runtime.layout.AnyresLayout`, unused for "single".
+    A manifest with a layout other than "single" needs format_version >= 2.
+    """
+
+    kind: str = "single"
+    tile: int | None = None  # side of a tile and of the base view in pixels (vision image_size)
+    patch_grid: int | None = None  # features per tile side (image_size // patch_size)
+    pinpoints: tuple[tuple[int, int], ...] = ()  # candidate canvases (height, width), in the config's order
+    max_tiles: int | None = None  # OneVision "anyres_max_M": feature maps over ~M tiles are interpolated down
+    interpolate_threshold: float = 1.1  # ... when sqrt(h*w / (M*p*p)) exceeds this
+    multi_image_square: bool = False  # OneVision: images of multi-image prompts are padded square, untiled
+    pad_fill: tuple[int, int, int] = (0, 0, 0)  # uint8 colour of the canvas padding (before normalising)
+    image_newline: bool = False  # a learned newline embedding ends each row of tile features
+
+    def anyres(self):
+        """This layout as the runtime's `AnyresLayout` (kind "anyres" only)."""
+        from tokedge.runtime.layout import AnyresLayout
+
+        if self.kind != "anyres" or self.tile is None or self.patch_grid is None:
+            raise ArtifactError(f"the manifest's layout is '{self.kind}', not a complete 'anyres' layout")
+        return AnyresLayout(tile=self.tile, patch_grid=self.patch_grid, pinpoints=self.pinpoints,
+                            max_tiles=self.max_tiles, interpolate_threshold=self.interpolate_threshold,
+                            multi_image_square=self.multi_image_square, pad_fill=self.pad_fill)
+
+
 @dataclass(frozen=True)
 class QuantInfo:
     """The manifest's record of how the weights were quantized (absent = float weights)."""
@@ -152,6 +186,7 @@ class Manifest:
     files: dict[str, str]  # relative path -> sha256 of every other file in the artifact
     optimizations: tuple[dict[str, Any], ...] = ()  # graph passes applied: {graph, pass, fired}
     quantization: QuantInfo | None = None  # weight-only quantization; absent in float artifacts
+    layout: VisualLayout = VisualLayout()  # absent in manifests written before it existed: "single"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -156,6 +156,7 @@ def check_ranges(m: Any, format_version: int) -> None:
         raise ManifestError("preprocess.resample", "a PIL resample value 0..5", pre.resample)
     if any(s == 0 for s in pre.image_std):
         raise ManifestError("preprocess.image_std", "non-zero numbers", list(pre.image_std))
+    _check_layout(m.layout, m.format_version)
     for name in ("vision", "embed", "decoder"):
         if name not in m.graphs:
             raise ManifestError(f"graphs.{name}", "present")
@@ -181,3 +182,25 @@ def check_ranges(m: Any, format_version: int) -> None:
                             '"logit_cosine", "top1_agreement")', tol)
     for key, value in tol.items():
         convert(float | None, value, f"reference.tolerance.{key}")
+
+
+def _check_layout(layout: Any, format_version: int) -> None:
+    from tokedge.artifact import LAYOUT_KINDS
+
+    if layout.kind not in LAYOUT_KINDS:
+        raise ManifestError("layout.kind", " or ".join(f'"{k}"' for k in LAYOUT_KINDS), layout.kind)
+    if layout.kind == "single":
+        return
+    if format_version < 2:  # a reader that ignores `layout` would run a tiled artifact as one crop
+        raise ManifestError("format_version", f'2 or more for a "{layout.kind}" layout', format_version)
+    _positive("layout.tile", layout.tile, high=16384)
+    _positive("layout.patch_grid", layout.patch_grid, high=4096)
+    if not layout.pinpoints:
+        raise ManifestError("layout.pinpoints", "a non-empty list of [height, width]", [])
+    for i, (h, w) in enumerate(layout.pinpoints):
+        if not (1 <= h <= 16384 and 1 <= w <= 16384) or h % layout.tile or w % layout.tile:
+            raise ManifestError(f"layout.pinpoints[{i}]", f"[height, width], multiples of layout.tile ({layout.tile})",
+                                [h, w])
+    _positive("layout.max_tiles", layout.max_tiles, allow_none=True, high=4096)
+    if not all(0 <= c <= 255 for c in layout.pad_fill):
+        raise ManifestError("layout.pad_fill", "three integers 0..255", list(layout.pad_fill))

@@ -31,20 +31,23 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
     from tokedge.errors import require
 
     require("torch", "export")
-    from tokedge.export.families.llava import build_graph_modules, load_llava
+    from tokedge.errors import InputError
+    from tokedge.export.families import load_checkpoint
     from tokedge.export.pipeline import resolve_model
     from tokedge.export.reference import reference_from_ids, reference_pruned_from_ids
     from tokedge.reduce import get_method
 
     red = manifest.reduction
-    loaded = load_llava(checkpoint, resolve_model(checkpoint))
+    loaded = load_checkpoint(checkpoint, resolve_model(checkpoint))
+    if loaded.family.name != manifest.model.family:
+        raise InputError(f"--checkpoint '{checkpoint}' is a {loaded.family.name} checkpoint, the artifact was "
+                         f"exported from a {manifest.model.family} one; pass the checkpoint it was exported from")
     method = get_method(red.method)
     if method.prunes_in_llm:
         from tokedge.reduce.in_llm import plan_for
 
-        plan = plan_for(method, red.budget, red.full_tokens, loaded.config.text_config.num_hidden_layers,
-                        dict(red.options))
-        modules = build_graph_modules(loaded, method, red.full_tokens, dict(red.options), plan)
+        plan = plan_for(method, red.budget, red.full_tokens, loaded.spec.text_layers or 0, dict(red.options))
+        modules = loaded.family.modules(loaded, method, red.full_tokens, dict(red.options), plan)
         return [reference_pruned_from_ids(loaded, modules, pixel_values, c["input_ids"], c["attention_mask"],
                                           int(c["budget"]), c["step_logits"].shape[1]) for c in cases]
     return [

@@ -3,6 +3,11 @@ resize) with Qwen2 (q/k/v biases), and CLIP with Mistral. Checked against transf
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,3 +33,172 @@ def test_family_matches_transformers(tmp_path_factory, artifacts, test_images, v
     inputs = processor(images=test_images[:2], text=[chat(processor, "Hi?"), chat(processor, "What is this?")],
                        padding=True, return_tensors="pt")
     assert_matches_generate(client, model, inputs)
+
+
+# --- the family interface: registry, import rule, layout in the manifest ----------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILY_DIR = ROOT / "tokedge" / "export" / "families"
+FAMILY_MODULES = sorted(p.stem for p in FAMILY_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def _sources_outside_families():
+    for top in ("tokedge", "tests", "bench"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if FAMILY_DIR not in path.parents:
+                yield path.relative_to(ROOT).as_posix(), path.read_text(encoding="utf-8")
+
+
+def test_no_module_outside_families_imports_a_family_module():
+    assert FAMILY_MODULES, "no family module found"
+    names = "|".join(map(re.escape, FAMILY_MODULES))
+    patterns = [
+        re.compile(rf"families\.({names})\b"),  # import tokedge.export.families.<name>, from ... import
+        re.compile(rf"from\s+tokedge\.export\.families\s+import\s+\(?[^)\n]*\b({names})\b"),
+        re.compile(r"from\s+tokedge\.export\s+import\s+[^\n]*\bfamilies\b"),  # then families.<name>
+    ]
+    offenders = [f"{name}: {m.group(0)}" for name, text in _sources_outside_families()
+                 for pattern in patterns for m in pattern.finditer(text)]
+    assert offenders == []
+
+
+def test_the_import_scan_catches_an_import():
+    """The scan above is not vacuous: each way of importing a family module matches."""
+    names = "|".join(map(re.escape, FAMILY_MODULES))
+    first = FAMILY_MODULES[0]
+    for line in (f"from tokedge.export.families.{first} import X", f"import tokedge.export.families.{first}",
+                 f"from tokedge.export.families import {first} as fam"):
+        assert re.search(rf"families\.({names})\b", line) or \
+            re.search(rf"from\s+tokedge\.export\.families\s+import\s+\(?[^)\n]*\b({names})\b", line), line
+
+
+def test_no_family_comparisons_outside_families():
+    from tokedge.export.families import families
+
+    words = "|".join(re.escape(w) for w in families())
+    compare = re.compile(rf"""([=!]=\s*["']({words})["'])|(["']({words})["']\s*[=!]=)|(\bfamily\s*[=!]=)""")
+    offenders = [f"{name}: {m.group(0)}" for name, text in _sources_outside_families()
+                 if name.startswith("tokedge/") for m in compare.finditer(text)]
+    assert offenders == []
+
+
+def test_registry_finds_the_family_by_model_type_and_checks_architectures(tiny_llava_dir):
+    from tokedge.errors import UnsupportedModelError
+    from tokedge.export.families import Family, families, for_checkpoint
+
+    registered = families()
+    assert sorted(registered) == sorted(FAMILY_MODULES)  # every family module registers itself
+    config = json.loads((tiny_llava_dir / "config.json").read_text())
+    family = for_checkpoint(config)
+    assert isinstance(family, Family) and family.name == "llava" == config["model_type"]
+    assert for_checkpoint({"architectures": config["architectures"]}) is family  # no model_type: by architecture
+    for bad in ({**config, "model_type": "blip-2"},
+                {**config, "architectures": ["LlavaNextForConditionalGeneration"]},
+                {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}):
+        with pytest.raises(UnsupportedModelError) as err:
+            for_checkpoint(bad)
+        message = str(err.value)
+        assert "\n" not in message and "unsupported architecture" in message
+        assert all(name in message for name in registered)  # it lists what is supported
+
+
+def test_inspect_reads_the_config_without_weights(tiny_llava_dir, tmp_path):
+    from tokedge.export.families import inspect_checkpoint
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_llava_dir / "config.json", config_only / "config.json")
+    family, spec = inspect_checkpoint(str(config_only), config_only)
+    assert family.name == "llava"
+    config = json.loads((config_only / "config.json").read_text())
+    vc = config["vision_config"]
+    patches = (vc["image_size"] // vc["patch_size"]) ** 2
+    assert spec.full_tokens == patches == 576
+    assert spec.text_layers == config["text_config"]["num_hidden_layers"]
+    assert spec.geometry.patch_tokens == patches and spec.geometry.has_cls
+    assert spec.layout.kind == "single"
+
+
+def test_manifest_records_the_single_layout(artifacts):
+    from tokedge.artifact import FORMAT_VERSION, load_artifact
+
+    art = artifacts("none", 576)
+    raw = json.loads((art / "tokedge.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 1
+    assert raw["layout"]["kind"] == "single" and raw["layout"]["pinpoints"] == []
+    assert load_artifact(art).layout.kind == "single"
+
+
+def test_v1_manifest_without_layout_loads_and_runs(artifacts, hf_tiny, test_images, tmp_path):
+    """A manifest written before `layout` existed reads as one 'single' view and still generates
+    transformers' tokens."""
+    import torch
+
+    from tests.export.test_parity import chat
+    from tokedge.runtime.pipeline import Pipeline
+
+    art = tmp_path / "v1"
+    shutil.copytree(artifacts("none", 576), art)
+    manifest = json.loads((art / "tokedge.json").read_text())
+    del manifest["layout"]
+    (art / "tokedge.json").write_text(json.dumps(manifest))
+    model, processor = hf_tiny
+    inputs = processor(images=test_images[0], text=chat(processor, "What is this?"), return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                  pad_token_id=model.config.text_config.pad_token_id)
+    expected = expected[0, inputs["input_ids"].shape[1]:].tolist()
+    with Pipeline.load(art) as pipe:
+        assert pipe.manifest.layout.kind == "single"
+        result = pipe.generate(test_images[0], "What is this?", max_new_tokens=6)
+    eos = set(pipe.manifest.model.eos_token_ids)
+    cut = next((i for i, t in enumerate(expected) if t in eos), len(expected))
+    assert result.token_ids[0] == expected[:cut]
+
+
+def _manifest_dict(artifacts, **layout):
+    from tokedge.artifact import load_artifact
+
+    data = load_artifact(artifacts("none", 576)).to_dict()
+    data = json.loads(json.dumps(data))  # tuples -> lists, as read from disk
+    data["layout"] = layout
+    return data
+
+
+ANYRES = {"kind": "anyres", "tile": 336, "patch_grid": 24,
+          "pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], "image_newline": True}
+
+
+def test_anyres_layout_round_trips_into_the_runtime_layout(artifacts):
+    from tokedge.artifact import Manifest
+    from tokedge.runtime.layout import AnyresLayout, plan_image
+
+    data = _manifest_dict(artifacts, **ANYRES)
+    data["format_version"] = 2
+    layout = Manifest.from_dict(data).layout
+    assert layout.pinpoints == ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    runtime = layout.anyres()
+    assert runtime == AnyresLayout(tile=336, patch_grid=24, pinpoints=layout.pinpoints)
+    assert plan_image(runtime, 336, 336).canvas == (336, 672)  # ties keep the earlier pinpoint (spec 1.1)
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"kind": "tiles"}, "layout.kind"),
+    ({**ANYRES}, "format_version"),  # a tiled layout in a version-1 manifest: old readers would ignore it
+    ({**ANYRES, "version": 2, "pinpoints": [[300, 672]]}, "layout.pinpoints[0]"),
+    ({**ANYRES, "version": 2, "pinpoints": []}, "layout.pinpoints"),
+    ({**ANYRES, "version": 2, "tile": None}, "layout.tile"),
+    ({**ANYRES, "version": 2, "pad_fill": [0, 0, 300]}, "layout.pad_fill"),
+    ({"kind": 1}, "layout.kind"),
+])
+def test_bad_layouts_are_refused_in_one_line(artifacts, edit, fragment):
+    from tokedge.artifact import Manifest
+    from tokedge.manifest_schema import ManifestError
+
+    edit = dict(edit)
+    version = edit.pop("version", 1)
+    data = _manifest_dict(artifacts, **edit)
+    data["format_version"] = version
+    with pytest.raises(ManifestError) as err:
+        Manifest.from_dict(data)
+    assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -232,18 +232,18 @@ def _vit_tokens_per_layer(checkpoint, method: str, budget: int) -> tuple[list[in
     """Tokens entering each ViT layer of tokedge's tome tower, counted with forward hooks."""
     import torch
 
-    from tokedge.export.families.llava import VisionGraph, load_llava
+    from tokedge.export.families import load_checkpoint
     from tokedge.reduce import get_method
 
-    loaded = load_llava(str(checkpoint), checkpoint)
-    graph = VisionGraph(loaded, get_method(method), budget, {}).eval()
+    loaded = load_checkpoint(str(checkpoint), checkpoint)
+    graph = loaded.family.modules(loaded, get_method(method), budget, {})["vision"]
     counts: list[int] = []
     for layer in graph.tower.layers:
         layer.layer_norm1.register_forward_hook(lambda mod, args, out: counts.append(int(args[0].shape[1])))
-    size = loaded.config.vision_config.image_size
+    size = loaded.model.config.vision_config.image_size
     with torch.no_grad():
         graph(torch.zeros(1, 3, size, size))
-    return counts, loaded.config.vision_config.hidden_size
+    return counts, loaded.model.config.vision_config.hidden_size
 
 
 @pytest.mark.parametrize("vision", ["clip", "siglip"])

@@ -164,17 +164,16 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         return run()
 
     local = resolve_model(cfg.model)  # config only: cheap, so no progress stage for it
-    from tokedge.export.families import llava as fam
+    from tokedge.export.families import inspect_checkpoint
 
-    config = fam.inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
-    full = fam.full_tokens_from_config(config)
-    budget, rng, options = check_request(cfg, method, full, fam.vision_geometry(config))
+    family, spec = inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
+    full = spec.full_tokens
+    budget, rng, options = check_request(cfg, method, full, spec.geometry)
     from tokedge.reduce.in_llm import plan_for
 
     plan = None
-    n_layers = (config.get("text_config") or {}).get("num_hidden_layers")  # absent when it is the default
-    if method.prunes_in_llm and n_layers is not None:  # layer options checked before loading
-        plan = plan_for(method, budget, full, int(n_layers), options)
+    if method.prunes_in_llm and spec.text_layers is not None:  # layer options checked before loading
+        plan = plan_for(method, budget, full, spec.text_layers, options)
     local_source = Path(cfg.model) if Path(cfg.model).exists() else None
     check_target(out, cfg.force, protect=(local_source, local))  # after the flags, before anything heavy
 
@@ -199,12 +198,12 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             save_reference,
         )
 
-        loaded = fam.load_llava(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-        if loaded.full_tokens != full:
-            raise InputError(f"checkpoint geometry gives {loaded.full_tokens} visual tokens, config says {full}")
+        loaded = family.load(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
 
     if method.prunes_in_llm and plan is None:
-        plan = plan_for(method, budget, full, loaded.config.text_config.num_hidden_layers, options)
+        if loaded.spec.text_layers is None:
+            raise InputError(f"cannot tell how many decoder layers '{cfg.model}' has; its config names none")
+        plan = plan_for(method, budget, full, loaded.spec.text_layers, options)
     vision_tokens = method.vision_tokens(budget, full)  # in-LLM methods prune inside the decoder
     trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)
 
@@ -215,7 +214,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if method.prunes_in_llm:
             from tokedge.export.reference import reference_pruned
 
-            fp32_modules = fam.build_graph_modules(loaded, method, trace_k, options, plan)
+            fp32_modules = family.modules(loaded, method, trace_k, options, plan)
             cases = [reference_pruned(loaded, fp32_modules, pixel_values, prompts, budget, full, DECODE_STEPS)]
         else:
             cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
@@ -223,9 +222,9 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     if cfg.dtype == "fp16":
         loaded.model.half()
-    info = fam.model_info(loaded)
-    pre = fam.preprocess_info(loaded)
-    modules = fam.build_graph_modules(loaded, method, trace_k, options, plan)
+    info = family.model_info(loaded)
+    pre = family.preprocess(loaded)
+    modules = family.modules(loaded, method, trace_k, options, plan)
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
                            plan=plan, full_tokens=full)
 
@@ -265,13 +264,14 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             reduction=reduction,
             graphs=graphs,
             preprocess=pre,
-            prompt=fam.prompt_info(loaded, vision_tokens),
+            prompt=family.prompt(loaded, vision_tokens),
             versions=_versions(),
             opset=ox.OPSET,
             reference={"file": REFERENCE_FILE, "tolerance": tolerance_dict(tol),
                        "budgets": budgets, "decode_steps": DECODE_STEPS},
             files={},
             optimizations=tuple(optimizations),
+            layout=family.layout(loaded),
         )
         if cfg.quantize is not None:
             from tokedge.export.quantize import quantize_graphs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokedge.export.families.llava import LoadedLlava, reference_image_features, reference_logits
+from tokedge.export.families import LoadedCheckpoint
 from tokedge.reduce.base import Method
 
 EXAMPLE_PROMPTS = ("What is shown in this image?", "Describe the picture in detail, please.")
@@ -27,46 +27,34 @@ def example_images(n: int = 2):
     return images
 
 
-def render_prompt(llava: LoadedLlava, question: str) -> str:
-    proc = llava.processor
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if getattr(proc, "chat_template", None):
-        return proc.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: {getattr(proc, 'image_token', '<image>')}\n{question} ASSISTANT:"
+def render_prompt(loaded: LoadedCheckpoint, question: str) -> str:
+    return loaded.family.render_prompt(loaded, question)
 
 
-def tokenize(llava: LoadedLlava, prompts: list[str], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(loaded: LoadedCheckpoint, prompts: list[str], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Expand each image placeholder to `visual_tokens` copies and tokenize, left-padded."""
-    tok = llava.processor.tokenizer
-    image_token = getattr(llava.processor, "image_token", None) or "<image>"
-    texts = [p.replace(image_token, image_token * visual_tokens) for p in prompts]
-    previous = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(texts, padding=True, return_tensors="np")
-    finally:
-        tok.padding_side = previous
-    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    return loaded.family.tokenize(loaded, prompts, visual_tokens)
 
 
-def pixel_values_for(llava: LoadedLlava, images) -> np.ndarray:
-    return llava.processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+def pixel_values_for(loaded: LoadedCheckpoint, images) -> np.ndarray:
+    return loaded.family.pixel_values(loaded, images)
 
 
 @torch.no_grad()
-def reference_case(llava: LoadedLlava, method: Method, pixel_values: np.ndarray, prompts: list[str], budget: int,
+def reference_case(llava: LoadedCheckpoint, method: Method, pixel_values: np.ndarray, prompts: list[str], budget: int,
                    steps: int, options: dict | None = None) -> dict[str, np.ndarray]:
     input_ids, attention_mask = tokenize(llava, prompts, budget)
     return reference_from_ids(llava, method, pixel_values, input_ids, attention_mask, budget, steps, options)
 
 
 @torch.no_grad()
-def reference_from_ids(llava: LoadedLlava, method: Method, pixel_values: np.ndarray, input_ids: np.ndarray,
+def reference_from_ids(llava: LoadedCheckpoint, method: Method, pixel_values: np.ndarray, input_ids: np.ndarray,
                        attention_mask: np.ndarray, budget: int, steps: int,
                        options: dict | None = None) -> dict[str, np.ndarray]:
     """transformers' outputs for already-tokenized inputs (placeholders expanded to `budget`)."""
-    feats = reference_image_features(llava, method, torch.from_numpy(pixel_values), budget, options)
-    prefill, tokens, step_logits = reference_logits(
+    family = llava.family
+    feats = family.reference_features(llava, method, torch.from_numpy(pixel_values), budget, options)
+    prefill, tokens, step_logits = family.reference_logits(
         llava, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), feats, steps
     )
     return {
@@ -81,7 +69,7 @@ def reference_from_ids(llava: LoadedLlava, method: Method, pixel_values: np.ndar
 
 
 @torch.no_grad()
-def reference_pruned(llava: LoadedLlava, modules: dict, pixel_values: np.ndarray, prompts: list[str], budget: int,
+def reference_pruned(llava: LoadedCheckpoint, modules: dict, pixel_values: np.ndarray, prompts: list[str], budget: int,
                      full: int, steps: int) -> dict[str, np.ndarray]:
     """In-LLM methods: transformers' vision tower and projector (all tokens), then tokedge's torch
     prefill (pruning inside) and decoder, greedy for `steps` steps. Checks the tracing; the
@@ -91,20 +79,21 @@ def reference_pruned(llava: LoadedLlava, modules: dict, pixel_values: np.ndarray
 
 
 @torch.no_grad()
-def reference_pruned_from_ids(llava: LoadedLlava, modules: dict, pixel_values: np.ndarray, input_ids: np.ndarray,
+def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_values: np.ndarray, input_ids: np.ndarray,
                               attention_mask: np.ndarray, budget: int, steps: int) -> dict[str, np.ndarray]:
     """`reference_pruned` for already-tokenized inputs (placeholders expanded to all visual tokens)."""
     from tokedge.reduce import get_method
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
-    full = int((input_ids[0] == llava.config.image_token_id).sum())
-    feats = reference_image_features(llava, get_method("none"), torch.from_numpy(pixel_values), full)
+    family = llava.family
+    image_token_id = family.image_token_id(llava)
+    full = int((input_ids[0] == image_token_id).sum())
+    feats = family.reference_features(llava, get_method("none"), torch.from_numpy(pixel_values), full)
     ids_t, mask_t = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
-    embed = llava.model.get_input_embeddings()
-    embeds = embed(ids_t)
-    embeds = embeds.masked_scatter((ids_t == llava.config.image_token_id).unsqueeze(-1), feats.to(embeds.dtype))
+    embeds = family.embed_prompt(llava, ids_t, feats)
+    embed = llava.model.get_input_embeddings()  # transformers' API on every model
     positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
-    image_pos = torch.stack([torch.nonzero(row == llava.config.image_token_id).squeeze(1) for row in ids_t])
+    image_pos = torch.stack([torch.nonzero(row == image_token_id).squeeze(1) for row in ids_t])
     prefill, decoder = modules["prefill"], modules["decoder"]
     out = prefill(embeds, mask_t, positions, image_pos)
     n_kv = 2 * len(decoder.layers)

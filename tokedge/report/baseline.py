@@ -52,12 +52,12 @@ def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int,
     """attention: None or "default" for transformers' own default (SDPA for LLaVA), or "eager"."""
     import torch
 
-    from tokedge.export.families.llava import load_llava
+    from tokedge.export.families import load_checkpoint
     from tokedge.export.pipeline import resolve_model
     from tokedge.export.reference import render_prompt
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
-    loaded = load_llava(checkpoint, resolve_model(checkpoint))
+    loaded = load_checkpoint(checkpoint, resolve_model(checkpoint))
     model, processor = loaded.model, loaded.processor
     if attention and attention != "default":
         model.set_attn_implementation(attention)

@@ -65,7 +65,8 @@ class BatchDecoder:
         embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
                                      self.graphs.manifest.model.image_token_id, image_embeds)
         logits, self.state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room)
-        self.visual_tokens = self.state.visual_tokens(int(image_embeds.shape[1]))  # after in-LLM pruning
+        # as generate does: the vision graph's count less what an in-LLM method pruned (cache lengths)
+        self.visual_tokens = self.state.visual_tokens(int(image_embeds.shape[1]))
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
         return self.decode.take(logits)
 

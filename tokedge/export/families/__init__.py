@@ -1,0 +1,215 @@
+"""Model families: one file per family, one small protocol, one registry.
+
+A family owns everything that differs between checkpoint kinds: reading the config (sizes, token
+counts, vision geometry, the visual layout), loading the weights, the graph modules to trace, the
+preprocessing, prompt rendering and the transformers-side reference. Everything outside this
+package talks to a family only through `Family`, found with `for_checkpoint(config)`; no other
+module imports a family module, and nothing outside asks which family it holds.
+
+A family registers itself under the checkpoint's `model_type` at the bottom of its module
+(`register(LlavaFamily())`); the built-in family modules are imported on first use of the
+registry, so importing this package stays cheap and torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from tokedge.errors import InputError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
+    from tokedge.reduce.base import Method, VisionGeometry
+
+# modules that call register() when imported; listed here, imported by name on first use
+BUILTIN = ("tokedge.export.families.llava",)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """What a checkpoint's config.json says, before any weights load."""
+
+    family: str  # registry name of the family that read it
+    full_tokens: int  # visual tokens per image before reduction
+    geometry: VisionGeometry | None  # the tower's token/layer counts; None when the config leaves defaults
+    text_layers: int | None  # decoder layers; None when the config leaves the class default
+    layout: VisualLayout  # how one image becomes visual tokens (saved in the manifest)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded checkpoint and the family that loaded it; family methods take it back."""
+
+    family: Family
+    source: str  # what the user gave: hub id, directory or preset name
+    model: Any  # the transformers model, eval mode, fp32
+    processor: Any  # its processor (tokenizer + image processor)
+    path: Path | None  # local directory, when there is one
+    spec: CheckpointSpec
+
+    @property
+    def full_tokens(self) -> int:
+        return self.spec.full_tokens
+
+
+@runtime_checkable
+class Family(Protocol):
+    """Everything family-specific. Methods taking `loaded` receive what this family's `load` returned."""
+
+    name: str  # registry key and manifest `model.family`, e.g. "llava"
+    model_types: tuple[str, ...]  # config.json `model_type` values this family reads
+    architectures: tuple[str, ...]  # config.json `architectures` entries it accepts
+
+    # --- config only (cheap: errors come before any weights load)
+    def inspect(self, config: dict) -> CheckpointSpec:
+        """Check the config is supported (UnsupportedModelError otherwise) and describe it."""
+        ...
+
+    # --- weights
+    def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> LoadedCheckpoint: ...
+
+    def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict,
+                plan: Any = None) -> dict[str, Any]:
+        """torch modules to trace: vision, embed, decoder (+ prefill when `plan` prunes in the LLM).
+        The vision module has a `schedule` attribute: tokens merged per ViT layer (in-ViT methods)
+        or None; the manifest records it for FLOPs."""
+        ...
+
+    # --- what the manifest records
+    def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo: ...
+
+    def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo: ...
+
+    def layout(self, loaded: LoadedCheckpoint) -> VisualLayout: ...
+
+    def prompt(self, loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo: ...
+
+    # --- export references (transformers' own outputs)
+    def render_prompt(self, loaded: LoadedCheckpoint, question: str) -> str:
+        """One user turn with one image, as the checkpoint's chat template renders it."""
+        ...
+
+    def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> np.ndarray:
+        """The checkpoint's own image processor on `images`: float32 pixel_values."""
+        ...
+
+    def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str],
+                 visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Placeholders expanded to `visual_tokens` each, left-padded: (input_ids, attention_mask)."""
+        ...
+
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values: Any, k: int,
+                           options: dict | None = None) -> Any:
+        """Image features [b, k, hidden] from transformers' tower and projector, reduced by `method`."""
+        ...
+
+    def reference_logits(self, loaded: LoadedCheckpoint, input_ids: Any, attention_mask: Any,
+                         image_features: Any, steps: int = 1) -> tuple[Any, Any, list]:
+        """transformers' LM on the spliced prompt: (prefill logits, greedy tokens, step logits)."""
+        ...
+
+    def embed_prompt(self, loaded: LoadedCheckpoint, input_ids: Any, image_features: Any) -> Any:
+        """Token embeddings with the image features spliced into the placeholder positions."""
+        ...
+
+    def image_token_id(self, loaded: LoadedCheckpoint) -> int: ...
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add `family` to the registry under its name (a module calls this when imported)."""
+    if family.name in FAMILIES and FAMILIES[family.name] is not family:
+        raise ValueError(f"model family '{family.name}' is registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every registered family, the built-in ones imported on first use."""
+    for module in BUILTIN:
+        importlib.import_module(module)
+    return FAMILIES
+
+
+def supported() -> str:
+    """One line naming each family with its architectures, for error messages."""
+    return "; ".join(f"{f.name} ({', '.join(f.architectures)}, model_type {'/'.join(f.model_types)})"
+                     for f in families().values())
+
+
+def for_checkpoint(config: dict) -> Family:
+    """The family that reads this config.json dict (keyed by `model_type`, then `architectures`)."""
+    model_type = config.get("model_type")
+    archs = [a for a in (config.get("architectures") or []) if isinstance(a, str)]
+    registered = families().values()
+    family = next((f for f in registered if model_type in f.model_types), None)
+    if family is None and model_type is None:
+        family = next((f for f in registered if set(archs) & set(f.architectures)), None)
+    if family is None or (archs and not set(archs) & set(family.architectures)):
+        given = f"{', '.join(archs)} (model_type {model_type!r})" if archs else f"model_type {model_type!r}"
+        raise UnsupportedModelError(f"unsupported architecture {given}; tokedge exports: {supported()}")
+    return family
+
+
+def read_config(source: str, local: Path | None, trust_remote_code: bool = False) -> dict:
+    """config.json of a local directory, or of a hub id through transformers (no weights)."""
+    if local is not None:
+        cfg_path = local / "config.json"
+        if not cfg_path.is_file():
+            raise InputError(f"'{local}' has no config.json; pass a transformers checkpoint directory or a hub id")
+        try:
+            data = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{cfg_path} is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{cfg_path} is not a JSON object; it is not a transformers config")
+        return data
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).to_dict()
+    except OSError as exc:
+        raise InputError(
+            f"cannot load '{source}': not a local directory and not reachable on the hub ({exc.__class__.__name__}); "
+            "check the id or download the checkpoint and pass its directory"
+        ) from exc
+
+
+def inspect_checkpoint(source: str, local: Path | None,
+                       trust_remote_code: bool = False) -> tuple[Family, CheckpointSpec]:
+    """Read the config, find its family and let it check and describe the checkpoint."""
+    config = read_config(source, local, trust_remote_code)
+    family = for_checkpoint(config)
+    return family, family.inspect(config)
+
+
+def load_checkpoint(source: str, local: Path | None, *, trust_remote_code: bool = False,
+                    allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Inspect, then load with the checkpoint's family (what verify and the baseline need)."""
+    family, _ = inspect_checkpoint(source, local, trust_remote_code)
+    return family.load(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+__all__ = [
+    "BUILTIN",
+    "FAMILIES",
+    "CheckpointSpec",
+    "Family",
+    "LoadedCheckpoint",
+    "families",
+    "for_checkpoint",
+    "inspect_checkpoint",
+    "load_checkpoint",
+    "read_config",
+    "register",
+    "supported",
+]

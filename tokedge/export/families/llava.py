@@ -1,24 +1,26 @@
 """LLaVA family (llava-hf layout: `LlavaForConditionalGeneration` + `LlavaProcessor`).
 
-Read top to bottom: what is supported, how a checkpoint is loaded and checked, the three graph
-modules (vision + reduction + projector, token embedding, KV decoder), and the transformers-side
-reference the exported graphs are validated against.
+Read top to bottom: what is supported, how a checkpoint is inspected and loaded, the graph
+modules (vision + reduction + projector, token embedding, KV decoder, pruning prefill), what the
+manifest records (one 'single' visual layout: one crop, one token block per image), and the
+transformers-side reference the exported graphs are validated against. `LlavaFamily` at the end
+gathers these behind the `Family` protocol and registers itself under "llava".
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo
+from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
+from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.towers import VisionTower, layers_to_feature
 from tokedge.reduce.base import Method, VisionFeatures, VisionGeometry
 
@@ -29,43 +31,7 @@ SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 log = logging.getLogger("tokedge")
 
 
-@dataclass
-class LoadedLlava:
-    source: str
-    model: Any  # LlavaForConditionalGeneration, eval mode, fp32
-    processor: Any  # LlavaProcessor
-    path: Path | None  # local directory, when there is one
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def full_tokens(self) -> int:
-        return full_tokens_from_config(self.config.to_dict())
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-
-def _read_config(source: str, local: Path | None, trust_remote_code: bool) -> dict:
-    if local is not None:
-        cfg_path = local / "config.json"
-        if not cfg_path.is_file():
-            raise InputError(f"'{local}' has no config.json; pass a llava-hf checkpoint directory or a hub id")
-        try:
-            return json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{cfg_path} is not valid JSON ({exc})") from exc
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).to_dict()
-    except OSError as exc:
-        raise InputError(
-            f"cannot load '{source}': not a local directory and not reachable on the hub ({exc.__class__.__name__}); "
-            "check the id or download the checkpoint and pass its directory"
-        ) from exc
+# --- the config (no weights) ---------------------------------------------------------------------
 
 
 def full_tokens_from_config(cfg: dict) -> int:
@@ -91,11 +57,12 @@ def vision_geometry(cfg: dict) -> VisionGeometry | None:
                           has_cls=has_cls)
 
 
-def inspect_checkpoint(source: str, local: Path | None, trust_remote_code: bool = False) -> dict:
-    """Read and check the config without loading weights (cheap; errors come before the slow part)."""
-    cfg = _read_config(source, local, trust_remote_code)
+def inspect_config(cfg: dict) -> CheckpointSpec:
+    """Check a config.json dict is supported and describe it (cheap; errors before the slow part)."""
     check_supported(cfg)
-    return cfg
+    layers = (cfg.get("text_config") or {}).get("num_hidden_layers")  # absent when it is the default
+    return CheckpointSpec(family="llava", full_tokens=full_tokens_from_config(cfg), geometry=vision_geometry(cfg),
+                          text_layers=int(layers) if layers is not None else None, layout=VisualLayout(kind="single"))
 
 
 def check_supported(cfg: dict) -> None:
@@ -103,7 +70,7 @@ def check_supported(cfg: dict) -> None:
     model_type = cfg.get("model_type")
     if model_type != "llava" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
         raise UnsupportedModelError(
-            f"unsupported architecture {archs or model_type!r}; tokedge exports "
+            f"unsupported architecture {archs or model_type!r}; the llava family reads "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llava') checkpoints"
         )
     vision = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
@@ -136,9 +103,11 @@ def load_llava(
     *,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-) -> LoadedLlava:
+) -> LoadedCheckpoint:
     """Load model and processor from a llava-hf directory or hub id, refusing what we cannot export."""
-    inspect_checkpoint(source, local, trust_remote_code)
+    from tokedge.export.families import read_config
+
+    spec = inspect_config(read_config(source, local, trust_remote_code))
     if local is not None:
         _check_weights(local, allow_pickle)
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -171,7 +140,12 @@ def load_llava(
     if getattr(model.model.language_model.layers[0].self_attn, "q_norm", None) is not None:
         raise UnsupportedModelError("language models with per-head q/k norms (Qwen3-style) are not supported yet")
     del text_cfg
-    return LoadedLlava(source=source, model=model, processor=processor, path=local)
+    full_config = model.config.to_dict()  # with the class defaults the config file left out
+    full = full_tokens_from_config(full_config)
+    if full != spec.full_tokens:
+        raise InputError(f"checkpoint geometry gives {full} visual tokens, config says {spec.full_tokens}")
+    spec = replace(spec, geometry=vision_geometry(full_config), text_layers=int(model.config.text_config.num_hidden_layers))
+    return LoadedCheckpoint(family=FAMILY, source=source, model=model, processor=processor, path=local, spec=spec)
 
 
 # --- the three graph modules --------------------------------------------------------------------
@@ -180,9 +154,9 @@ def load_llava(
 class VisionGraph(nn.Module):
     """pixel_values [b, 3, H, W] -> image_embeds [b, k, hidden]: tower, reduction, projector."""
 
-    def __init__(self, llava: LoadedLlava, method: Method, k: int, options: dict):
+    def __init__(self, llava: LoadedCheckpoint, method: Method, k: int, options: dict):
         super().__init__()
-        cfg = llava.config
+        cfg = llava.model.config
         if isinstance(cfg.vision_feature_layer, (list, tuple)):
             raise UnsupportedModelError("multi-layer vision features (list vision_feature_layer) are not supported yet")
         drop_cls = cfg.vision_feature_select_strategy == "default"
@@ -218,7 +192,7 @@ class VisionGraph(nn.Module):
         return self.method.reduce(vf, self.k, self.options)
 
 
-def build_graph_modules(llava: LoadedLlava, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
+def build_graph_modules(llava: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
     """vision, embed, decoder (and prefill for in-LLM methods, whose vision graph keeps every token)."""
     m = llava.model
     lm = m.model.language_model
@@ -235,8 +209,8 @@ def build_graph_modules(llava: LoadedLlava, method: Method, k: int, options: dic
 # --- metadata for the manifest --------------------------------------------------------------------
 
 
-def model_info(llava: LoadedLlava) -> ModelInfo:
-    cfg = llava.config
+def model_info(llava: LoadedCheckpoint) -> ModelInfo:
+    cfg = llava.model.config
     tc, vc = cfg.text_config, cfg.vision_config
     tok = llava.processor.tokenizer
     eos = tc.eos_token_id if tc.eos_token_id is not None else tok.eos_token_id
@@ -284,12 +258,12 @@ def _pair(value, default: int) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-def preprocess_info(llava: LoadedLlava) -> PreprocessInfo:
+def preprocess_info(llava: LoadedCheckpoint) -> PreprocessInfo:
     ip = llava.processor.image_processor
     size = getattr(ip, "size", None)
     get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
     shortest = get("shortest_edge") if size is not None else None
-    image_size = llava.config.vision_config.image_size
+    image_size = llava.model.config.vision_config.image_size
     crop = _pair(getattr(ip, "crop_size", None), image_size) if getattr(ip, "do_center_crop", False) else None
     fixed = None if shortest else _pair(size, image_size)
     resample = getattr(ip, "resample", 3)
@@ -309,7 +283,7 @@ def preprocess_info(llava: LoadedLlava) -> PreprocessInfo:
     )
 
 
-def prompt_info(llava: LoadedLlava, visual_tokens: int) -> PromptInfo:
+def prompt_info(llava: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
     proc = llava.processor
     template = getattr(proc, "chat_template", None) or getattr(proc.tokenizer, "chat_template", None)
     image_token = getattr(proc, "image_token", None) or "<image>"
@@ -317,7 +291,7 @@ def prompt_info(llava: LoadedLlava, visual_tokens: int) -> PromptInfo:
         tokenizer_file="tokenizer.json",
         chat_template=template if isinstance(template, str) else None,
         image_token=image_token,
-        image_token_id=llava.config.image_token_id,
+        image_token_id=llava.model.config.image_token_id,
         visual_tokens=visual_tokens,
         special_tokens={k: v for k, v in proc.tokenizer.special_tokens_map.items() if isinstance(v, str)},
     )
@@ -326,8 +300,42 @@ def prompt_info(llava: LoadedLlava, visual_tokens: int) -> PromptInfo:
 # --- transformers-side reference -----------------------------------------------------------------
 
 
+def render_prompt(llava: LoadedCheckpoint, question: str) -> str:
+    proc = llava.processor
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if getattr(proc, "chat_template", None):
+        return proc.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: {getattr(proc, 'image_token', '<image>')}\n{question} ASSISTANT:"
+
+
+def tokenize(llava: LoadedCheckpoint, prompts: list[str], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expand each image placeholder to `visual_tokens` copies and tokenize, left-padded."""
+    tok = llava.processor.tokenizer
+    image_token = getattr(llava.processor, "image_token", None) or "<image>"
+    texts = [p.replace(image_token, image_token * visual_tokens) for p in prompts]
+    previous = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, padding=True, return_tensors="np")
+    finally:
+        tok.padding_side = previous
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def pixel_values_for(llava: LoadedCheckpoint, images) -> np.ndarray:
+    return llava.processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+
+
+def embed_prompt(llava: LoadedCheckpoint, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    """transformers' token embeddings with the image features in the placeholder positions."""
+    model = llava.model
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+
+
 @torch.no_grad()
-def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: torch.Tensor, k: int,
+def reference_image_features(llava: LoadedCheckpoint, method: Method, pixel_values: torch.Tensor, k: int,
                              options: dict | None = None):
     """Image features for parity checks: [b, k, hidden].
 
@@ -368,7 +376,7 @@ def reference_image_features(llava: LoadedLlava, method: Method, pixel_values: t
 
 
 @torch.no_grad()
-def reference_logits(llava: LoadedLlava, input_ids, attention_mask, image_features, steps: int = 1):
+def reference_logits(llava: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1):
     """Run transformers' language model on the spliced embeddings: prefill logits at the last
     position, then `steps` greedy decode steps with its own KV cache, through the shared
     `decode_loop`. Returns (prefill_logits [b, vocab], tokens [b, steps+1], step_logits list of
@@ -376,9 +384,7 @@ def reference_logits(llava: LoadedLlava, input_ids, attention_mask, image_featur
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
     model = llava.model
-    embeds = model.get_input_embeddings()(input_ids)
-    mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+    embeds = embed_prompt(llava, input_ids, image_features)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     prefill = out.logits[:, -1].float()
@@ -396,3 +402,61 @@ def reference_logits(llava: LoadedLlava, input_ids, attention_mask, image_featur
                           keep_logits=True)
     tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(input_ids.shape[0], -1)
     return prefill, tokens, [torch.from_numpy(x) for x in decoded.step_logits]
+
+
+# --- the family ------------------------------------------------------------------------------------
+
+
+class LlavaFamily:
+    """`LlavaForConditionalGeneration`: one image, one fixed-size view, one block of visual tokens."""
+
+    name = "llava"
+    model_types = ("llava",)
+    architectures = SUPPORTED_ARCHITECTURES
+
+    def inspect(self, config: dict) -> CheckpointSpec:
+        return inspect_config(config)
+
+    def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> LoadedCheckpoint:
+        return load_llava(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+    def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
+        return build_graph_modules(loaded, method, k, options, plan)
+
+    def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
+        return model_info(loaded)
+
+    def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
+        return preprocess_info(loaded)
+
+    def layout(self, loaded: LoadedCheckpoint) -> VisualLayout:
+        return loaded.spec.layout
+
+    def prompt(self, loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
+        return prompt_info(loaded, visual_tokens)
+
+    def render_prompt(self, loaded: LoadedCheckpoint, question: str) -> str:
+        return render_prompt(loaded, question)
+
+    def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> np.ndarray:
+        return pixel_values_for(loaded, images)
+
+    def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        return tokenize(loaded, prompts, visual_tokens)
+
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values, k: int,
+                           options: dict | None = None):
+        return reference_image_features(loaded, method, pixel_values, k, options)
+
+    def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1):
+        return reference_logits(loaded, input_ids, attention_mask, image_features, steps)
+
+    def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
+        return embed_prompt(loaded, input_ids, image_features)
+
+    def image_token_id(self, loaded: LoadedCheckpoint) -> int:
+        return int(loaded.model.config.image_token_id)
+
+
+FAMILY = register(LlavaFamily())
