@@ -417,13 +417,22 @@ def test_onnxruntime_load_failure_is_one_line(art, image_file):
 
 
 def test_library_warnings_stay_off_stderr(base_art, tmp_path):
-    from PIL import Image
+    import io
+    import struct
 
-    palette = Image.new("P", (64, 48))
-    palette.putpalette([i % 256 for i in range(768)])
-    palette.info["transparency"] = bytes(range(256))  # Pillow warns when converting this to RGB(A)
-    path = tmp_path / "p.png"
-    palette.save(path, transparency=bytes(range(256)))
+    from PIL import Image, TiffImagePlugin
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[282] = 72.0  # XResolution, one RATIONAL
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 120, 220)).save(buf, "TIFF", tiffinfo=info)
+    data = bytearray(buf.getvalue())
+    entry = data.find(struct.pack("<HH", 282, 5))
+    struct.pack_into("<I", data, entry + 4, 3)  # claims 3 values: Pillow warns "Metadata Warning, tag 282 ..."
+    path = tmp_path / "odd.tif"
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="Metadata Warning"):  # the library does warn on this file
+        Image.open(path).load()
     proc = _sub("run", base_art, "--image", path, "--prompt", "hi", "--max-new-tokens", "2", timeout=60)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
 
