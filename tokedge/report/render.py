@@ -115,7 +115,7 @@ def latency_figure(report: ProfileReport):
     budgets = [r.budget for r in results]
     gaps = [b - a for a, b in zip(budgets, budgets[1:])] or [max(budgets)]
     width = max(1.0, 0.6 * min(gaps))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     bottom = [0.0] * len(results)
     for stage, color in (("preprocess_ms", "#9ecae1"), ("vision_ms", "#3182bd"), ("prefill_ms", "#e6550d")):
         values = [getattr(r, stage) for r in results]
@@ -131,7 +131,7 @@ def latency_figure(report: ProfileReport):
     if predicted:
         ax.plot([b for b, _ in predicted], [v for _, v in predicted], "D", color="#31a354", markersize=4,
                 label=f"predicted TTFT ({results[0].predicted['device']})")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # from 0, with room above the baseline line
     ax.set_ylabel("time to first token (ms)")
     _budget_axis(ax, budgets)
     ax2 = ax.twinx()
@@ -140,11 +140,13 @@ def latency_figure(report: ProfileReport):
     if report.baseline:
         ax2.axhline(report.baseline["decode_ms_per_token"], color="k", linestyle="--", linewidth=0.8,
                     label="baseline decode")
-    ax2.set_ylim(bottom=0)
+    ax2.set_ylim(0, ax2.get_ylim()[1] * 1.08)
     ax2.set_ylabel("decode (ms/token)")
     handles, labels = ax.get_legend_handles_labels()
     handles2, labels2 = ax2.get_legend_handles_labels()
-    ax.legend(handles + handles2, labels + labels2, loc="upper left", fontsize=7)
+    # below the axes, so that it never hides the baseline lines or the bars
+    ax.legend(handles + handles2, labels + labels2, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
+              fontsize=7, frameon=False)
     ax.set_title(f"{report.method}: latency by stage (medians, whiskers to p90)")
     fig.tight_layout()
     return fig
