@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from tokedge.reduce.base import Method, VisionGeometry
 
 # modules that call register() when imported; listed here, imported by name on first use
-BUILTIN = ("tokedge.export.families.llava",)
+BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next")
 
 
 @dataclass(frozen=True)
