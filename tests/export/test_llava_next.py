@@ -119,3 +119,66 @@ def test_vision_graph_matches_transformers_features(next_loaded, hf_next, vision
     expected = out.pooler_output[0].numpy()
     assert embeds.shape == (1, *expected.shape)
     np.testing.assert_allclose(embeds[0], expected, atol=1e-4, rtol=1e-4)
+
+
+QUESTION = "What is shown in this image?"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def next_artifact(tiny_llava_next_dir, tmp_path_factory):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("next-art") / "art"
+    export(ExportConfig(model=str(tiny_llava_next_dir), out=out, method="none"))
+    return out
+
+
+def test_anyres_manifest_is_format_2(next_artifact):
+    import json
+
+    from tokedge.artifact import FORMAT_VERSION, load_artifact
+
+    raw = json.loads((next_artifact / "tokedge.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 2
+    assert raw["layout"]["kind"] == "anyres" and raw["model"]["family"] == "llava_next"
+    assert load_artifact(next_artifact).layout.anyres().pinpoints[0] == (336, 672)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_none_matches_transformers_generate(next_artifact, hf_next, size):
+    """`--method none` greedy generation == LlavaNextForConditionalGeneration.generate token for
+    token, and prefill logits within 1e-3, on the runtime's own preprocessing, prompt expansion
+    and packing (ONNX Runtime, no torch on that path)."""
+    import torch
+
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import anyres_inputs
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, processor = hf_next
+    image = _image(*size)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    batch = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        expected_logits = model(**batch).logits[0, -1].numpy()
+        expected = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)[0, batch["input_ids"].shape[1]:]
+
+    with Pipeline.load(next_artifact) as pipe:
+        result = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        inputs = [anyres_inputs(image, pipe.manifest.layout.anyres(), pipe.manifest.preprocess)]
+        enc = pipe.encoder.encode([QUESTION], [inputs[0].tokens])
+        np.testing.assert_array_equal(enc.input_ids[0], batch["input_ids"][0].numpy())
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
+    assert result.token_ids[0] == expected.tolist()
+    assert result.visual_tokens == inputs[0].tokens
+    np.testing.assert_allclose(gen.prefill_logits[0], expected_logits, atol=1e-3, rtol=0)
+
+
+def test_verify_refuses_to_pass_an_anyres_artifact_on_no_cases(next_artifact):
+    from tokedge.errors import UsageError
+    from tokedge.verify import verify
+
+    with pytest.raises(UsageError, match="passed its hash checks but records no reference cases"):
+        verify(next_artifact)
