@@ -182,3 +182,40 @@ def test_verify_refuses_to_pass_an_anyres_artifact_on_no_cases(next_artifact):
 
     with pytest.raises(UsageError, match="passed its hash checks but records no reference cases"):
         verify(next_artifact)
+
+
+def test_cli_runs_anyres_and_refuses_what_it_cannot_do(next_artifact, tiny_llava_next_dir, tmp_path, capsys):
+    """`tokedge run --json` reports the image's own token count; --budget, profile and reduction
+    methods are refused in one line each."""
+    import json
+
+    from tokedge.cli import main
+
+    image = tmp_path / "photo.png"
+    _image(480, 640).save(image)
+    assert main(["run", str(next_artifact), "--image", str(image), "--prompt", QUESTION, "--max-new-tokens", "3",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["visual_tokens"] == 2340 and len(out["token_ids"]) == 3  # 576 + 36 rows x (48 + 1) for 640x480
+    refusals = [
+        (["run", str(next_artifact), "--image", str(image), "--prompt", "hi", "--budget", "64"], "drop --budget"),
+        (["profile", str(next_artifact), "--image", str(image)], "does not profile 'anyres'"),
+        (["export", str(tiny_llava_next_dir), "--method", "cls-attn", "--budget", "64", "--out", str(tmp_path / "x")],
+         "use --method none"),
+    ]
+    for args, fragment in refusals:
+        assert main(args) != 0
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_serve_refuses_an_anyres_artifact_at_load(next_artifact):
+    from tokedge.errors import InputError
+    from tokedge.serve.app import Service
+    from tokedge.serve.config import ServeConfig
+
+    service = Service(ServeConfig(artifact=next_artifact, warmup=False))
+    service.load()
+    assert isinstance(service.load_error, InputError) and "does not serve 'anyres'" in str(service.load_error)
+    assert service.pipe is None and not service.ready.is_set()
