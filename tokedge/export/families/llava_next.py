@@ -175,7 +175,7 @@ def vision_trace_spec(info: ModelInfo, dtype: torch.dtype = torch.float32):
     return TraceSpec(
         inputs=("pixel_values", "pack_index", "pack_weight"),
         outputs=("image_embeds",),
-        example=(torch.rand(parts, 3, s, s, dtype=dtype), index, torch.rand(8, 4)),
+        example=(torch.rand(parts, 3, s, s), index, torch.rand(8, 4)),  # pixel_values stay float32
         dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: TOKENS}, "pack_weight": {0: TOKENS},
                       "image_embeds": {1: TOKENS}},
         output_shapes={"image_embeds": (1, TOKENS, info.hidden_size)},
