@@ -20,6 +20,14 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_next_dir(tmp_path_factory) -> Path:
+    """LLaVA-NeXT geometry (anyres on the hub's 5 pinpoints, CLIP 336/14, image_newline) + Llama."""
+    from tokedge.export.presets import TinyLlavaNextConfig, build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("ckpt") / "tiny-llava-next", TinyLlavaNextConfig())
+
+
+@pytest.fixture(scope="session")
 def hf_tiny(tiny_llava_dir):
     """(model, processor) loaded straight from transformers: the independent reference."""
     import torch

@@ -23,7 +23,7 @@ from tokedge.errors import ArtifactError, IntegrityError, UsageError
 if TYPE_CHECKING:
     from tokedge.safeio import Limits
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this tokedge writes for non-single layouts; it reads 1 and 2
 MANIFEST_NAME = "tokedge.json"
 
 Dim = int | str  # a fixed size or a symbolic axis name

@@ -17,6 +17,11 @@ def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOpti
     manifest = verified.manifest
     ref = manifest.reference
     pixel_values, cases = load_reference(verified.read(ref["file"]))
+    if not cases:  # anyres exports record no cases yet: a parity "pass" over nothing would mislead
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"'{root}' passed its hash checks but records no reference cases to compare "
+                         f"(layout '{manifest.layout.kind}': export-time validation is not implemented yet)")
     tol = Tolerance(**ref["tolerance"])
     if checkpoint is not None:
         cases = _recompute(manifest, checkpoint, pixel_values, cases)

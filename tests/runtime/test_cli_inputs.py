@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokedge.artifact import MANIFEST_NAME
+from tokedge.artifact import FORMAT_VERSION, MANIFEST_NAME
 from tokedge.cli import main
 
 
@@ -104,7 +104,7 @@ def test_decompression_bomb(artifacts, workdir, capsys, monkeypatch):
 
 def _newer_format(art: Path):
     m = json.loads((art / MANIFEST_NAME).read_text())
-    m["format_version"] = 2
+    m["format_version"] = FORMAT_VERSION + 1
     (art / MANIFEST_NAME).write_text(json.dumps(m))
 
 

@@ -64,7 +64,21 @@ class TinyLlavaConfig:
     text_intermediate: int = 0  # 0: 3 x text_hidden
 
 
-PRESETS = {"tiny-llava": TinyLlavaConfig()}
+# the hub LLaVA-NeXT checkpoints' canvases (height, width), in their order (ties keep the earlier one)
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclass(frozen=True)
+class TinyLlavaNextConfig(TinyLlavaConfig):
+    """LLaVA-NeXT geometry (anyres: base view + 336 px tiles on the hub's 5 pinpoints, 576 features
+    per partition, image_newline) with a smaller tower: up to 5 partitions run per image."""
+
+    vision_layers: int = 3
+    pinpoints: tuple[tuple[int, int], ...] = NEXT_PINPOINTS
+    max_position_embeddings: int = 4096  # a 672x672 image alone is up to 2928 visual tokens
+
+
+PRESETS: dict[str, TinyLlavaConfig] = {"tiny-llava": TinyLlavaConfig(), "tiny-llava-next": TinyLlavaNextConfig()}
 
 
 def preset_cache_dir() -> Path:
@@ -106,9 +120,31 @@ def build_tokenizer(cfg: TinyLlavaConfig):
     return fast
 
 
+def _random_init(model_cls, config, seed: int, init_std: float):
+    """`model_cls(config)` in eval mode with deterministic random weights (norms near 1, small biases,
+    fan-in scaled matrices, wide embeddings so greedy decoding has clear winners)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("bias"):
+                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+            else:
+                fan_in = param.shape[-1] if param.dim() > 1 else 1
+                std = init_std if param.dim() == 1 or "embed" in name else fan_in**-0.5
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+    return model
+
+
 def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force: bool = False) -> Path:
     """Write the tiny checkpoint directory (model + processor) at `out`, atomically."""
-    import torch
+    if isinstance(cfg, TinyLlavaNextConfig):
+        return build_tiny_llava_next(out, cfg, force=force)
     import transformers
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -154,19 +190,7 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
         vision_feature_select_strategy="default" if cfg.vision == "clip" else "full",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
-            elif name.endswith("bias"):
-                param.copy_(0.02 * torch.randn(param.shape, generator=gen))
-            else:
-                fan_in = param.shape[-1] if param.dim() > 1 else 1
-                std = cfg.init_std if param.dim() == 1 or "embed" in name else fan_in**-0.5
-                param.copy_(std * torch.randn(param.shape, generator=gen))
+    model = _random_init(LlavaForConditionalGeneration, config, cfg.seed, cfg.init_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.vision == "siglip":
         image_processor = transformers.SiglipImageProcessor(
@@ -192,6 +216,74 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
         patch_size=cfg.patch_size,
         vision_feature_select_strategy="default" if cfg.vision == "clip" else "full",
         num_additional_image_tokens=1 if cfg.vision == "clip" else 0,
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+    with staged_directory(out, force=force, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        processor.save_pretrained(stage)
+    return out
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_tiny_llava_next(out: Path, cfg: TinyLlavaNextConfig = TinyLlavaNextConfig(), force: bool = False) -> Path:
+    """A tiny llava-hf LLaVA-NeXT checkpoint (`LlavaNextForConditionalGeneration` + `LlavaNextProcessor`
+    with the PIL image processor), written at `out` atomically."""
+    import transformers
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
+    if cfg.vision != "clip" or cfg.text != "llama":
+        raise ValueError("the tiny LLaVA-NeXT preset has a CLIP tower and a Llama decoder")
+    tokenizer = build_tokenizer(cfg)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden, hidden_act="quick_gelu",
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate or cfg.text_hidden * 3,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        vocab_size=max(cfg.vocab_size, len(tokenizer)),
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    pinpoints = [list(p) for p in cfg.pinpoints]
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+    )
+    model = _random_init(LlavaNextForConditionalGeneration, config, cfg.seed, cfg.init_std)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        image_grid_pinpoints=pinpoints,
+        do_center_crop=True, do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True, do_pad=True,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
         image_token="<image>",
     )

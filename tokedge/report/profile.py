@@ -193,6 +193,9 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     from tokedge.runtime.pipeline import Pipeline
 
     manifest = load_artifact(cfg.artifact)
+    if manifest.layout.kind != "single":
+        raise InputError(f"tokedge profile does not profile '{manifest.layout.kind}' layouts (LLaVA-NeXT) yet; "
+                         "time tokedge run --json on it instead")
     if cfg.runs < 1 or cfg.warmup < 0:
         raise UsageError("--runs must be >= 1 and --warmup >= 0")
     from tokedge.runtime.ort_backend import check_threads

@@ -226,7 +226,9 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
         )
 
     t0 = time.perf_counter()
-    image_embeds = graphs.vision(pixel_values, budget)
+    # an array [b, 3, H, W] for single views; a list of per-image anyres inputs otherwise
+    image_embeds = graphs.vision(pixel_values, budget) if isinstance(pixel_values, np.ndarray) else \
+        graphs.vision_packed(pixel_values)
     timings.vision_ms = (time.perf_counter() - t0) * 1e3
 
     t0 = time.perf_counter()
@@ -252,6 +254,7 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
         timings.decode_ms_per_token = (time.perf_counter() - decode_start) * 1e3 / decoded.steps
     timings.decode_tokens = decoded.steps
     timings.total_ms = (time.perf_counter() - started) * 1e3
-    return Generation(token_ids=decoded.tokens, visual_tokens=state.visual_tokens(image_embeds.shape[1]),
+    first = image_embeds.shape[1] if isinstance(image_embeds, np.ndarray) else len(image_embeds[0])
+    return Generation(token_ids=decoded.tokens, visual_tokens=state.visual_tokens(first),
                       timings=timings, image_embeds=image_embeds, prefill_logits=logits,
                       step_logits=decoded.step_logits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -28,24 +28,29 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
 
 
-def image_positions(input_ids: np.ndarray, image_token_id: int, count: int) -> np.ndarray:
-    """[b, count] positions of each row's image placeholder tokens."""
+def image_positions(input_ids: np.ndarray, image_token_id: int, count: int | Sequence[int]) -> np.ndarray:
+    """[b, count] positions of each row's image placeholder tokens (a list when `count` is per row)."""
     rows = [np.flatnonzero(row == image_token_id) for row in input_ids]
-    for r, where in enumerate(rows):
+    counts = [count] * len(rows) if isinstance(count, int) else list(count)
+    for r, (where, count) in enumerate(zip(rows, counts)):
         if len(where) != count:
             raise InputError(
                 f"prompt {r} has {len(where)} image placeholder tokens but the image has {count} visual tokens; "
                 "expand the placeholder to the artifact's count"
             )
-    return np.stack(rows).astype(np.int64)
+    if isinstance(count, int) or len(set(counts)) == 1:
+        return np.stack(rows).astype(np.int64)
+    return [r.astype(np.int64) for r in rows]
 
 
 def splice_image_embeds(
-    text_embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int, image_embeds: np.ndarray
+    text_embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int, image_embeds: np.ndarray | list[np.ndarray]
 ) -> np.ndarray:
-    """Replace each row's image-placeholder positions, in order, by that row's image embeddings."""
+    """Replace each row's image-placeholder positions, in order, by that row's image embeddings
+    ([b, k, D], or one [k_i, D] per row when images give different counts: anyres layouts)."""
     out = text_embeds.copy()
-    positions = image_positions(input_ids, image_token_id, image_embeds.shape[1])
+    counts = image_embeds.shape[1] if isinstance(image_embeds, np.ndarray) else [len(e) for e in image_embeds]
+    positions = image_positions(input_ids, image_token_id, counts)
     for row in range(input_ids.shape[0]):
         out[row, positions[row]] = image_embeds[row].astype(out.dtype)
     return out
@@ -133,6 +138,16 @@ class ArtifactGraphs:
         if self.manifest.graphs["vision"].input("budget") is not None:
             feed["budget"] = np.array(budget if budget is not None else self.manifest.reduction.budget, dtype=np.int64)
         return self.runners["vision"].infer(feed)["image_embeds"]
+
+    def vision_packed(self, images: Sequence) -> list[np.ndarray]:
+        """Anyres layouts: the vision graph once per image (its partitions and packing plan, from
+        `runtime.layout.anyres_inputs`). -> one [T_i, hidden] array per image."""
+        out = []
+        for image in images:
+            feed = {"pixel_values": image.pixel_values.astype(np.float32, copy=False),
+                    "pack_index": image.pack_index, "pack_weight": image.pack_weight}
+            out.append(self.runners["vision"].infer(feed)["image_embeds"][0])
+        return out
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": input_ids.astype(np.int64, copy=False)})["inputs_embeds"]

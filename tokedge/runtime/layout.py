@@ -201,3 +201,31 @@ def pack_features(features: np.ndarray, newline: np.ndarray, index: np.ndarray, 
     the vision graph does the same in-graph)."""
     rows = np.concatenate([features.reshape(-1, features.shape[-1]), newline[None].astype(features.dtype)])
     return np.einsum("tk,tkd->td", weight.astype(np.float32), rows[index].astype(np.float32)).astype(features.dtype)
+
+
+@dataclass(frozen=True)
+class AnyresInputs:
+    """One image's inputs to an anyres vision graph and how many visual tokens it gives."""
+
+    pixel_values: np.ndarray  # [P, 3, S, S] float32
+    pack_index: np.ndarray  # [T, 4] int64
+    pack_weight: np.ndarray  # [T, 4] float32
+    plan: ImagePlan
+
+    @property
+    def tokens(self) -> int:
+        return int(self.pack_index.shape[0])
+
+
+def anyres_inputs(image: Image.Image, layout: AnyresLayout, info) -> AnyresInputs:
+    """An image -> its partitions preprocessed with the manifest's `PreprocessInfo` (resize/crop are
+    no-ops on S x S partitions; rescale and normalise as for a single crop) and its packing plan."""
+    from tokedge.runtime.preprocess import preprocess, to_rgb
+
+    if info.do_convert_rgb or image.mode != "RGB":
+        image = to_rgb(image)
+    plan = plan_image(layout, image.height, image.width)
+    parts = partitions(image, layout, plan, info.resample)
+    pixel_values = np.stack([preprocess(part, info) for part in parts])
+    index, weight = pack_plan(layout, plan)
+    return AnyresInputs(pixel_values, index, weight, plan)

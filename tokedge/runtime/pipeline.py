@@ -15,6 +15,7 @@ from tokedge.errors import InputError, UsageError
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
+from tokedge.runtime.layout import anyres_inputs
 from tokedge.runtime.ort_backend import OrtOptions
 from tokedge.runtime.preprocess import load_image, preprocess_batch
 from tokedge.runtime.prompt import PromptEncoder
@@ -130,9 +131,17 @@ class Pipeline:
         timings = Timings()
         t0 = time.perf_counter()
         pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
-        pixel_values = preprocess_batch(pil, self.manifest.preprocess)
-        k = self.visual_tokens_for(budget)
-        enc = self.encoder.encode(prompts, k)
+        if self.manifest.layout.kind == "anyres":  # tiles per image: a token count per image
+            if budget is not None:
+                raise InputError("this artifact keeps every visual token (anyres, --method none); drop --budget")
+            layout = self.manifest.layout.anyres()
+            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess) for img in pil]
+            k = None
+            enc = self.encoder.encode(prompts, [image.tokens for image in pixel_values])
+        else:
+            pixel_values = preprocess_batch(pil, self.manifest.preprocess)
+            k = self.visual_tokens_for(budget)
+            enc = self.encoder.encode(prompts, k)
         timings.preprocess_ms = (time.perf_counter() - t0) * 1e3
         streamer = _Streamer(self.encoder, on_text) if on_text is not None and len(prompts) == 1 else None
         gen: Generation = generate(self.graphs, pixel_values, enc.input_ids, enc.attention_mask, cfg,

@@ -246,13 +246,15 @@ class PromptEncoder:
             )
         return rendered.replace(self.info.image_token, self.info.image_token * visual_tokens)
 
-    def encode(self, prompts: list[str], visual_tokens: int) -> Encoded:
+    def encode(self, prompts: list[str], visual_tokens: int | list[int]) -> Encoded:
         return self.encode_rendered([render_chat(self.info, p, self.special_tokens, self.limits) for p in prompts],
                                     visual_tokens)
 
-    def encode_rendered(self, rendered: list[str], visual_tokens: int) -> Encoded:
-        """Prompts already rendered with the chat template (one placeholder each) -> ids, left-padded."""
-        texts = [self.expand(r, visual_tokens) for r in rendered]
+    def encode_rendered(self, rendered: list[str], visual_tokens: int | list[int]) -> Encoded:
+        """Prompts already rendered with the chat template (one placeholder each) -> ids, left-padded.
+        `visual_tokens`: one count for every prompt, or one per prompt (anyres layouts)."""
+        counts = [visual_tokens] * len(rendered) if isinstance(visual_tokens, int) else list(visual_tokens)
+        texts = [self.expand(r, k) for r, k in zip(rendered, counts)]
         try:
             ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
         except BaseException as exc:  # a hostile tokenizer.json can make the Rust side panic
@@ -260,7 +262,7 @@ class PromptEncoder:
                 raise
             raise ArtifactError(f"the artifact's tokenizer failed on this prompt: {printable(exc, 160)}; "
                                 "re-export the artifact") from None
-        for row in ids:
+        for row, visual_tokens in zip(ids, counts):
             if row.count(self.info.image_token_id) != visual_tokens:
                 raise InputError(
                     f"the tokenizer split the image placeholder '{self.info.image_token}' (got "

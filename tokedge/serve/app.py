@@ -67,6 +67,10 @@ class Service:
     def load(self) -> None:
         try:
             pipe = self.loader()  # Pipeline.load checks format version and every file's sha256
+            if pipe.manifest.layout.kind != "single":
+                pipe.close()
+                raise InputError(f"tokedge serve does not serve '{pipe.manifest.layout.kind}' layouts (LLaVA-NeXT) "
+                                 "yet; use tokedge run or the Pipeline API for this artifact")
             self.pipe = pipe
             if self.cfg.warmup:
                 from PIL import Image

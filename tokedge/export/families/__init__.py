@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from tokedge.reduce.base import Method, VisionGeometry
 
 # modules that call register() when imported; listed here, imported by name on first use
-BUILTIN = ("tokedge.export.families.llava",)
+BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,10 @@ class Family(Protocol):
         """Check the config is supported (UnsupportedModelError otherwise) and describe it."""
         ...
 
+    def check_method(self, method: Method) -> None:
+        """Refuse (UsageError, one line) a reduction method this family cannot export yet."""
+        ...
+
     # --- weights
     def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
              allow_pickle: bool = False) -> LoadedCheckpoint: ...
@@ -80,6 +84,11 @@ class Family(Protocol):
         """torch modules to trace: vision, embed, decoder (+ prefill when `plan` prunes in the LLM).
         The vision module has a `schedule` attribute: tokens merged per ViT layer (in-ViT methods)
         or None; the manifest records it for FLOPs."""
+        ...
+
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: Any) -> Any:
+        """How to trace the vision module when its inputs are not the single-view default
+        (`pixel_values` [b, 3, H, W]); None for the default."""
         ...
 
     # --- what the manifest records

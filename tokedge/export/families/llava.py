@@ -421,8 +421,14 @@ class LlavaFamily:
              allow_pickle: bool = False) -> LoadedCheckpoint:
         return load_llava(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
+    def check_method(self, method: Method) -> None:
+        return None  # every registered method exports for LLaVA-1.5
+
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         return build_graph_modules(loaded, method, k, options, plan)
+
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype) -> None:
+        return None  # the default: pixel_values [b, 3, H, W] of the single crop
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
         return model_info(loaded)
