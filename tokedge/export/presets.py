@@ -141,6 +141,46 @@ def _random_init(model_cls, config, seed: int, init_std: float):
     return model
 
 
+def _tiny_vision_config(cfg: TinyLlavaConfig):
+    """The tiny vision tower's config: CLIP (quick_gelu, with a projection size) or SigLIP (no head)."""
+    import transformers
+
+    sizes = dict(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_hidden * 4,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    if cfg.vision == "clip":
+        return transformers.CLIPVisionConfig(**sizes, projection_dim=cfg.vision_hidden, hidden_act="quick_gelu")
+    if cfg.vision == "siglip":
+        return transformers.SiglipVisionConfig(**sizes, vision_use_head=False)
+    raise ValueError(f"unknown tiny vision tower {cfg.vision!r}")
+
+
+def _tiny_text_config(cfg: TinyLlavaConfig, tokenizer, max_positions: int):
+    """The tiny decoder's config (Llama, Qwen2 or Mistral), sized from `cfg` and the tokenizer."""
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "mistral": transformers.MistralConfig}[cfg.text]
+    return config_cls(
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate or cfg.text_hidden * 3,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        vocab_size=max(cfg.vocab_size, len(tokenizer)),
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
 def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force: bool = False) -> Path:
     """Write the tiny checkpoint directory (model + processor) at `out`, atomically."""
     if isinstance(cfg, TinyLlavaNextConfig):
@@ -153,35 +193,8 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
     quiet_transformers()
     tokenizer = build_tokenizer(cfg)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision_sizes = dict(
-        hidden_size=cfg.vision_hidden,
-        intermediate_size=cfg.vision_hidden * 4,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-    )
-    if cfg.vision == "clip":
-        vision = transformers.CLIPVisionConfig(**vision_sizes, projection_dim=cfg.vision_hidden, hidden_act="quick_gelu")
-    elif cfg.vision == "siglip":
-        vision = transformers.SiglipVisionConfig(**vision_sizes, vision_use_head=False)
-    else:
-        raise ValueError(f"unknown tiny vision tower {cfg.vision!r}")
-    text_config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                       "mistral": transformers.MistralConfig}[cfg.text]
-    text = text_config_cls(
-        hidden_size=cfg.text_hidden,
-        intermediate_size=cfg.text_intermediate or cfg.text_hidden * 3,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_kv_heads,
-        vocab_size=max(cfg.vocab_size, len(tokenizer)),
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    vision = _tiny_vision_config(cfg)
+    text = _tiny_text_config(cfg, tokenizer, max_positions=2048)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -241,24 +254,8 @@ def build_tiny_llava_next(out: Path, cfg: TinyLlavaNextConfig = TinyLlavaNextCon
     if cfg.vision != "clip" or cfg.text != "llama":
         raise ValueError("the tiny LLaVA-NeXT preset has a CLIP tower and a Llama decoder")
     tokenizer = build_tokenizer(cfg)
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden, hidden_act="quick_gelu",
-    )
-    text = transformers.LlamaConfig(
-        hidden_size=cfg.text_hidden,
-        intermediate_size=cfg.text_intermediate or cfg.text_hidden * 3,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_kv_heads,
-        vocab_size=max(cfg.vocab_size, len(tokenizer)),
-        max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    vision = _tiny_vision_config(cfg)
+    text = _tiny_text_config(cfg, tokenizer, max_positions=cfg.max_position_embeddings)
     pinpoints = [list(p) for p in cfg.pinpoints]
     config = LlavaNextConfig(
         vision_config=vision,

@@ -212,13 +212,19 @@ def generate(
                          deadline=deadline)
 
 
+def context_limit(graphs: ArtifactGraphs) -> int:
+    """Prompt plus new tokens must fit in this many positions (the sliding window when smaller)."""
+    m = graphs.manifest.model
+    return m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
+
+
 def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, on_step, timings, started,
               stop_at_eos, keep_logits, deadline) -> Generation:
     m = graphs.manifest.model
     timings = timings or Timings()
     started = time.perf_counter() if started is None else started
     prompt_len = input_ids.shape[1]
-    limit = m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
+    limit = context_limit(graphs)
     if prompt_len + cfg.max_new_tokens > limit:
         raise InputError(
             f"prompt ({prompt_len} tokens incl. image) + --max-new-tokens ({cfg.max_new_tokens}) exceeds the model's "

@@ -14,14 +14,8 @@ import time
 import numpy as np
 
 from tokedge.errors import InputError
-from tokedge.runtime.generate import DecodeRows, SamplingConfig
+from tokedge.runtime.generate import DecodeRows, SamplingConfig, context_limit
 from tokedge.runtime.graphs import ArtifactGraphs, DecodeState, splice_image_embeds
-
-
-def context_limit(graphs: ArtifactGraphs) -> int:
-    """Prompt plus new tokens must fit in this many positions."""
-    m = graphs.manifest.model
-    return m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
 
 
 class BatchDecoder:

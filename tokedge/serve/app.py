@@ -27,11 +27,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokedge.errors import InputError, TokedgeError
-from tokedge.runtime.generate import SamplingConfig
+from tokedge.runtime.generate import SamplingConfig, context_limit
 from tokedge.runtime.pipeline import Pipeline
 from tokedge.runtime.preprocess import preprocess
 from tokedge.runtime.prompt import render_messages
-from tokedge.runtime.stepwise import context_limit
 from tokedge.serve.config import ServeConfig
 from tokedge.serve.images import fetch_image
 from tokedge.serve.metrics import CONTENT_TYPE, Metrics

@@ -97,17 +97,11 @@ def _check_weights(local: Path, allow_pickle: bool) -> None:
         raise InputError(f"'{local}' has no model weights (*.safetensors); it is not a complete checkpoint")
 
 
-def load_llava(
-    source: str,
-    local: Path | None,
-    *,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> LoadedCheckpoint:
-    """Load model and processor from a llava-hf directory or hub id, refusing what we cannot export."""
-    from tokedge.export.families import read_config
-
-    spec = inspect_config(read_config(source, local, trust_remote_code))
+def load_hf_checkpoint(model_class: str, source: str, local: Path | None, *, trust_remote_code: bool = False,
+                       allow_pickle: bool = False):
+    """(model, processor) of a llava-hf style checkpoint: weights and tokenizer files present (local
+    directories), transformers' `model_class` in fp32 eval mode (safetensors unless allow_pickle),
+    its processor with an image processor and a fast tokenizer. Shared by the LLaVA families."""
     if local is not None:
         _check_weights(local, allow_pickle)
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -115,14 +109,15 @@ def load_llava(
                 raise InputError(
                     f"'{local}' has no {name}; save the processor with the model (processor.save_pretrained)"
                 )
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
     from tokedge.export.hf import quiet_transformers
 
     quiet_transformers()
     where = str(local) if local is not None else source
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = getattr(transformers, model_class).from_pretrained(
             where,
             dtype=torch.float32,
             use_safetensors=not allow_pickle,
@@ -136,10 +131,24 @@ def load_llava(
         raise InputError(f"'{where}' has no image processor and tokenizer (processor files are missing)")
     if getattr(processor.tokenizer, "backend_tokenizer", None) is None:
         raise InputError(f"'{where}' has no fast tokenizer (tokenizer.json); tokedge's runtime needs one")
-    text_cfg = model.config.text_config
+    return model, processor
+
+
+def load_llava(
+    source: str,
+    local: Path | None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedCheckpoint:
+    """Load model and processor from a llava-hf directory or hub id, refusing what we cannot export."""
+    from tokedge.export.families import read_config
+
+    spec = inspect_config(read_config(source, local, trust_remote_code))
+    model, processor = load_hf_checkpoint("LlavaForConditionalGeneration", source, local,
+                                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if getattr(model.model.language_model.layers[0].self_attn, "q_norm", None) is not None:
         raise UnsupportedModelError("language models with per-head q/k norms (Qwen3-style) are not supported yet")
-    del text_cfg
     full_config = model.config.to_dict()  # with the class defaults the config file left out
     full = full_tokens_from_config(full_config)
     if full != spec.full_tokens:

@@ -21,17 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
-from tokedge.errors import InputError, UnsupportedModelError, UsageError
+from tokedge.artifact import ModelInfo, VisualLayout
+from tokedge.errors import UnsupportedModelError, UsageError
 from tokedge.export.decoder import KVDecoder, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families.llava import (
-    _check_weights,
-    embed_prompt,
+    LlavaFamily,
+    load_hf_checkpoint,
     model_info,
-    preprocess_info,
-    prompt_info,
-    render_prompt,
     vision_geometry,
 )
 from tokedge.export.towers import VisionTower
@@ -105,31 +102,8 @@ def load_llava_next(source: str, local: Path | None, *, trust_remote_code: bool 
     from tokedge.export.families import read_config
 
     spec = inspect_config(read_config(source, local, trust_remote_code))
-    if local is not None:
-        _check_weights(local, allow_pickle)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if not (local / name).is_file():
-                raise InputError(
-                    f"'{local}' has no {name}; save the processor with the model (processor.save_pretrained)"
-                )
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-    from tokedge.export.hf import quiet_transformers
-
-    quiet_transformers()
-    where = str(local) if local is not None else source
-    try:
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            where, dtype=torch.float32, use_safetensors=not allow_pickle, trust_remote_code=trust_remote_code,
-        ).eval()
-        processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # the loading boundary: unpickling refusals, shape mismatches, missing files
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot load the checkpoint at '{where}': {first}") from exc
-    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise InputError(f"'{where}' has no image processor and tokenizer (processor files are missing)")
-    if getattr(processor.tokenizer, "backend_tokenizer", None) is None:
-        raise InputError(f"'{where}' has no fast tokenizer (tokenizer.json); tokedge's runtime needs one")
+    model, processor = load_hf_checkpoint("LlavaNextForConditionalGeneration", source, local,
+                                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     full_config = model.config.to_dict()
     spec = replace(spec, layout=layout_from_config(full_config), geometry=vision_geometry(full_config),
                    text_layers=int(model.config.text_config.num_hidden_layers))
@@ -216,8 +190,10 @@ def reference_image_features(loaded: LoadedCheckpoint, images) -> list[torch.Ten
 # --- the family ------------------------------------------------------------------------------------
 
 
-class LlavaNextFamily:
-    """`LlavaNextForConditionalGeneration`: anyres tiles, one variable-length token block per image."""
+class LlavaNextFamily(LlavaFamily):
+    """`LlavaNextForConditionalGeneration`: anyres tiles, one variable-length token block per image.
+    Preprocessing record, layout, prompt info and rendering, reference logits and prompt embedding
+    are LLaVA's (inherited); what differs is below."""
 
     name = "llava_next"
     model_types = ("llava_next",)
@@ -243,18 +219,6 @@ class LlavaNextFamily:
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
         return replace(model_info(loaded), family=self.name)
 
-    def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
-        return preprocess_info(loaded)
-
-    def layout(self, loaded: LoadedCheckpoint) -> VisualLayout:
-        return loaded.spec.layout
-
-    def prompt(self, loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
-        return prompt_info(loaded, visual_tokens)
-
-    def render_prompt(self, loaded: LoadedCheckpoint, question: str) -> str:
-        return render_prompt(loaded, question)
-
     def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> np.ndarray:
         return pixel_values_for(loaded, images)
 
@@ -265,17 +229,6 @@ class LlavaNextFamily:
                            options: dict | None = None):
         raise UnsupportedModelError("anyres references need the images, not stacked pixel_values; "
                                     "use reference_image_features")
-
-    def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1):
-        from tokedge.export.families.llava import reference_logits
-
-        return reference_logits(loaded, input_ids, attention_mask, image_features, steps)
-
-    def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
-        return embed_prompt(loaded, input_ids, image_features)
-
-    def image_token_id(self, loaded: LoadedCheckpoint) -> int:
-        return int(loaded.model.config.image_token_id)
 
 
 FAMILY = register(LlavaNextFamily())
