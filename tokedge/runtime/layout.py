@@ -217,14 +217,16 @@ class AnyresInputs:
         return int(self.pack_index.shape[0])
 
 
-def anyres_inputs(image: Image.Image, layout: AnyresLayout, info) -> AnyresInputs:
+def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = True) -> AnyresInputs:
     """An image -> its partitions preprocessed with the manifest's `PreprocessInfo` (resize/crop are
-    no-ops on S x S partitions; rescale and normalise as for a single crop) and its packing plan."""
+    no-ops on S x S partitions; rescale and normalise as for a single crop) and its packing plan.
+    `tiled=False`: one square partition (OneVision's rule for images of multi-image prompts, used
+    when `layout.multi_image_square` and the prompt has more than one image)."""
     from tokedge.runtime.preprocess import preprocess, to_rgb
 
     if info.do_convert_rgb or image.mode != "RGB":
         image = to_rgb(image)
-    plan = plan_image(layout, image.height, image.width)
+    plan = plan_image(layout, image.height, image.width, tiled=tiled)
     parts = partitions(image, layout, plan, info.resample)
     pixel_values = np.stack([preprocess(part, info) for part in parts])
     index, weight = pack_plan(layout, plan)
