@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# (height, width): 640x480, 300x900, 1000x1000, and 2000x1500 whose 135 x 108 map exceeds
-# anyres_max_9 (ratio 1.67 > 1.1) and is shrunk bilinearly to 81 x 64
+# (height, width): 640x480, 300x900, 1000x1000, and 2000x1500 whose unpadded 108 x 144 map exceeds
+# anyres_max_9 (ratio 1.54 > 1.1) and is shrunk bilinearly to 70 x 93 (7309 tokens)
 SIZES = [(480, 640), (900, 300), (1000, 1000), (1500, 2000)]
 QUESTION = "What is shown in this image?"
 NEW_TOKENS = 12
@@ -108,6 +108,15 @@ def test_family_reads_the_transformers_5_processor_files(tmp_path_factory, ov_lo
     assert a.image_processor.to_dict() == b.image_processor.to_dict()
     assert loaded.family.layout(loaded) == ov_loaded.family.layout(ov_loaded)
     assert loaded.family.preprocess(loaded) == ov_loaded.family.preprocess(ov_loaded)
+
+
+def test_the_preset_name_resolves_to_a_onevision_checkpoint():
+    from tokedge.export.families import inspect_checkpoint
+    from tokedge.export.pipeline import resolve_model
+
+    path = resolve_model("tiny-llava-onevision")  # built once into the preset cache
+    family, spec = inspect_checkpoint("tiny-llava-onevision", path)
+    assert family.name == "llava_onevision" and spec.layout.max_tiles == 9
 
 
 def _config(tiny_llava_onevision_dir) -> dict:
@@ -215,6 +224,19 @@ def test_layout_counts_match_transformers_over_many_sizes(ov_loaded):
             largest = max(largest, expected)
     assert hf._get_number_of_features(1187, 983, 384, 384) == 8765  # just under the shrink threshold
     assert largest <= 8765 <= ov_loaded.full_tokens
+
+
+def test_the_largest_test_image_is_shrunk_bilinearly(ov_loaded):
+    """2000x1500 exercises the anyres_max_9 interpolation (fractional pack weights), the others do not."""
+    from tokedge.runtime.layout import pack_plan, plan_image
+
+    layout = ov_loaded.family.layout(ov_loaded).anyres()
+    for size in SIZES:
+        plan = plan_image(layout, *size)
+        _, weight = pack_plan(layout, plan)
+        shrunk = plan.packed != plan.unpadded
+        assert shrunk == (size == (1500, 2000)) == bool(np.any((weight > 0) & (weight < 1)))
+    assert plan_image(layout, 1500, 2000).packed == (70, 93)
 
 
 @pytest.mark.parametrize("size", SIZES)
