@@ -110,6 +110,21 @@ def test_family_reads_the_transformers_5_processor_files(tmp_path_factory, ov_lo
     assert loaded.family.preprocess(loaded) == ov_loaded.family.preprocess(ov_loaded)
 
 
+def test_the_processor_chat_template_wins_over_the_tokenizer_one(tiny_llava_onevision_dir, ov_loaded, tmp_path):
+    """Hub OneVision tokenizers may carry the plain Qwen2 template; the processor-level one is the
+    model's (research doc, pitfall 11). Without a processor-level file the tokenizer's is used."""
+    from tokedge.export.families import load_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_onevision_dir, ckpt)
+    tok_config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    tokenizer_template = "{% for message in messages %}TOKENIZER {{ message['role'] }}{% endfor %}"
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**tok_config, "chat_template": tokenizer_template}))
+    assert load_checkpoint(str(ckpt), ckpt).processor.chat_template == ov_loaded.processor.chat_template
+    (ckpt / "chat_template.json").unlink()
+    assert load_checkpoint(str(ckpt), ckpt).processor.chat_template == tokenizer_template
+
+
 def test_the_preset_name_resolves_to_a_onevision_checkpoint():
     from tokedge.export.families import inspect_checkpoint
     from tokedge.export.pipeline import resolve_model
