@@ -366,6 +366,7 @@ def _generate_reference(ov_loaded, hf_model, images: list, text: str):
     return batch, logits, tokens.tolist()
 
 
+@pytest.mark.slow  # ~50 s: transformers' forward and generate on up to 7.4k-token prompts
 @pytest.mark.parametrize("size", SIZES)
 def test_none_matches_transformers_generate(ov_loaded, hf_model, ov_artifact, size):
     """`--method none` greedy generation == LlavaOnevisionForConditionalGeneration.generate token for
