@@ -390,6 +390,37 @@ def test_none_matches_transformers_generate(ov_loaded, hf_model, ov_artifact, si
     np.testing.assert_allclose(gen.prefill_logits[0], expected_logits, atol=1e-3, rtol=0)
 
 
+def test_a_batch_of_one_image_prompts_matches_transformers(ov_loaded, hf_model, ov_artifact):
+    """Two prompts with one image each, of different sizes (different partition and token counts,
+    left padding; transformers: batch_num_images [1, 1], pixel_values padded to the larger P)."""
+    import torch
+
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import anyres_inputs
+    from tokedge.runtime.pipeline import Pipeline
+
+    images = [_image(480, 640), _image(900, 300)]
+    questions = [QUESTION, "Describe the picture in detail."]
+    texts = [ov_loaded.family.render_prompt(ov_loaded, q) for q in questions]
+    batch = ov_loaded.family.reference_batch(ov_loaded, [[image] for image in images], texts)
+    assert batch["batch_num_images"].tolist() == [1, 1] and batch["pixel_values"].shape[1] == 5
+    with torch.no_grad():
+        expected_logits = hf_model(**batch).logits[:, -1].numpy()
+        out = hf_model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    with Pipeline.load(ov_artifact) as pipe:
+        result = pipe.generate(images, questions, max_new_tokens=6)
+        eos = set(pipe.manifest.model.eos_token_ids)
+        inputs = [anyres_inputs(image, pipe.manifest.layout.anyres(), pipe.manifest.preprocess) for image in images]
+        assert [i.tokens for i in inputs] == [2929, 2997]
+        enc = pipe.encoder.encode(questions, [i.tokens for i in inputs])
+        np.testing.assert_array_equal(enc.input_ids, batch["input_ids"].numpy())  # left padding included
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
+    np.testing.assert_allclose(gen.prefill_logits, expected_logits, atol=1e-3, rtol=0)
+    for row, expected in zip(result.token_ids, out.tolist()):  # the runtime drops EOS; transformers pads after it
+        cut = next((i for i, t in enumerate(expected) if t in eos), len(expected))
+        assert row == expected[:cut]
+
+
 def _merged(inputs: list):
     """Several images' anyres inputs as one vision-graph call: partitions concatenated, each image's
     pack rows shifted past the earlier images' partitions and its newline row moved to the end."""
