@@ -217,8 +217,9 @@ def load_processor(where: str, trust_remote_code: bool = False) -> OnevisionProc
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=template if isinstance(template, str) else None,
-        image_token=fields.get("image_token") or getattr(tokenizer, "image_token", None) or "<image>",
-        video_token=fields.get("video_token") or getattr(tokenizer, "video_token", None) or "<video>",
+        # transformers' processor takes the tokenizer's own image/video token first
+        image_token=getattr(tokenizer, "image_token", None) or fields.get("image_token") or "<image>",
+        video_token=getattr(tokenizer, "video_token", None) or fields.get("video_token") or "<video>",
         num_image_tokens=fields.get("num_image_tokens"),
         vision_feature_select_strategy=fields.get("vision_feature_select_strategy"),
         vision_aspect_ratio=fields.get("vision_aspect_ratio") or DEFAULT_ASPECT_RATIO,
@@ -230,7 +231,10 @@ def check_processor(processor: OnevisionProcessor, config: dict, layout: VisualL
     placeholders with the processor's and packs with the config's: a mismatch breaks both)."""
     ip = processor.image_processor
     pinpoints = tuple(tuple(int(v) for v in p) for p in getattr(ip, "image_grid_pinpoints", None) or ())
+    image_token_id = config.get("image_token_id", config.get("image_token_index"))
     checks = [
+        (f"the tokenizer's id of {processor.image_token!r}", processor.tokenizer.convert_tokens_to_ids(
+            processor.image_token), image_token_id),
         ("image processor image_grid_pinpoints", pinpoints, layout.pinpoints),
         ("processor_config vision_aspect_ratio", processor.vision_aspect_ratio,
          config.get("vision_aspect_ratio", DEFAULT_ASPECT_RATIO)),
