@@ -251,7 +251,8 @@ def check_processor(processor: OnevisionProcessor, config: dict, layout: VisualL
 
 def pad_fill(processor: OnevisionProcessor) -> tuple[int, int, int]:
     """The square-padding colour of multi-image prompts: the image mean in uint8, as transformers has it."""
-    mean = list(processor.image_processor.image_mean)
+    mean = processor.image_processor.image_mean
+    mean = [mean] * 3 if isinstance(mean, (int, float)) else list(mean)
     if len(mean) != 3:
         raise InputError(f"the image processor's image_mean {mean} does not have 3 channels")
     return (int(mean[0] * 255), int(mean[1] * 255), int(mean[2] * 255))
