@@ -28,6 +28,16 @@ def tiny_llava_next_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_onevision_dir(tmp_path_factory) -> Path:
+    """LLaVA-OneVision geometry (SigLIP 384/14, the hub's 36 pinpoints, anyres_max_9, mean/std 0.5) +
+    Qwen2; model save_pretrained, processor parts in the hub's file layout (no processor class)."""
+    from tokedge.export.presets import TinyLlavaOnevisionConfig, build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("ckpt") / "tiny-llava-onevision",
+                                      TinyLlavaOnevisionConfig())
+
+
+@pytest.fixture(scope="session")
 def hf_tiny(tiny_llava_dir):
     """(model, processor) loaded straight from transformers: the independent reference."""
     import torch

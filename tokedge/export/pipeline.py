@@ -83,7 +83,7 @@ def parse_budget_range(text: str) -> tuple[int, int]:
 
 def resolve_model(source: str) -> Path | None:
     """Local directory for `source` (building a preset if needed), or None for a hub id."""
-    from tokedge.export.presets import resolve_preset
+    from tokedge.export.presets import PRESETS, resolve_preset
 
     preset = resolve_preset(source)
     if preset is not None:
@@ -97,7 +97,7 @@ def resolve_model(source: str) -> Path | None:
         from tokedge.export.hf import offline_checkpoint
 
         return offline_checkpoint(source)  # None: online, transformers downloads it
-    raise InputError(f"'{source}' is not a directory, a built-in preset (tiny-llava, tiny-llava-next) or a hub id (owner/name)")
+    raise InputError(f"'{source}' is not a directory, a built-in preset ({', '.join(PRESETS)}) or a hub id (owner/name)")
 
 
 def check_flags(cfg: ExportConfig, method: Method) -> dict:

@@ -78,7 +78,38 @@ class TinyLlavaNextConfig(TinyLlavaConfig):
     max_position_embeddings: int = 4096  # a 672x672 image alone is up to 2928 visual tokens
 
 
-PRESETS: dict[str, TinyLlavaConfig] = {"tiny-llava": TinyLlavaConfig(), "tiny-llava-next": TinyLlavaNextConfig()}
+# Qwen2-style turns, images first then the text, as the hub LLaVA-OneVision template renders them
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyLlavaOnevisionConfig(TinyLlavaConfig):
+    """LLaVA-OneVision geometry (SigLIP 384/14: 27 x 27 = 729 features per partition, the hub's 36
+    pinpoints, anyres_max_9, image_newline, mean/std 0.5) with a small tower and a Qwen2 decoder."""
+
+    image_size: int = 384
+    vision_layers: int = 3
+    vision: str = "siglip"
+    text: str = "qwen2"
+    # one image reaches 8,721 tokens (e.g. 1500 x 1014 px: a 108 x 73 map just under the shrink threshold)
+    max_position_embeddings: int = 10240
+    # "hub": preprocessor_config.json + flat processor_config.json + chat_template.json (the hub repos);
+    # "nested": transformers 5's processor_config.json with the image processor inside + chat_template.jinja
+    processor_files: str = "hub"
+
+
+PRESETS: dict[str, TinyLlavaConfig] = {"tiny-llava": TinyLlavaConfig(), "tiny-llava-next": TinyLlavaNextConfig(),
+                                       "tiny-llava-onevision": TinyLlavaOnevisionConfig()}
 
 
 def preset_cache_dir() -> Path:
@@ -88,8 +119,9 @@ def preset_cache_dir() -> Path:
     return Path(base) / "presets"
 
 
-def build_tokenizer(cfg: TinyLlavaConfig):
-    """A real byte-level BPE tokenizer with BOS added by its post-processor, as Llama's does."""
+def build_tokenizer(cfg: TinyLlavaConfig, video: bool = False):
+    """A real byte-level BPE tokenizer with BOS added by its post-processor, as Llama's does, and the
+    special token `<image>` (plus `<video>` with `video`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -114,9 +146,9 @@ def build_tokenizer(cfg: TinyLlavaConfig):
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", **({"video_token": "<video>"} if video else {})},
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"] if video else ["<image>"]})
     return fast
 
 
@@ -185,6 +217,8 @@ def build_tiny_llava(out: Path, cfg: TinyLlavaConfig = TinyLlavaConfig(), force:
     """Write the tiny checkpoint directory (model + processor) at `out`, atomically."""
     if isinstance(cfg, TinyLlavaNextConfig):
         return build_tiny_llava_next(out, cfg, force=force)
+    if isinstance(cfg, TinyLlavaOnevisionConfig):
+        return build_tiny_llava_onevision(out, cfg, force=force)
     import transformers
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -290,6 +324,57 @@ def build_tiny_llava_next(out: Path, cfg: TinyLlavaNextConfig = TinyLlavaNextCon
     return out
 
 
+def build_tiny_llava_onevision(out: Path, cfg: TinyLlavaOnevisionConfig = TinyLlavaOnevisionConfig(),
+                               force: bool = False) -> Path:
+    """A tiny llava-hf LLaVA-OneVision checkpoint written at `out` atomically: the model with
+    `save_pretrained`, and, since `LlavaOnevisionProcessor` cannot be built without torchvision,
+    its parts as transformers writes them (`cfg.processor_files` picks the file layout)."""
+    import json
+
+    import transformers
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
+    if cfg.vision != "siglip" or cfg.text != "qwen2":
+        raise ValueError("the tiny LLaVA-OneVision preset has a SigLIP tower and a Qwen2 decoder")
+    if cfg.processor_files not in ("hub", "nested"):
+        raise ValueError(f"processor_files is 'hub' or 'nested', not {cfg.processor_files!r}")
+    tokenizer = build_tokenizer(cfg, video=True)
+    config = LlavaOnevisionConfig(
+        vision_config=_tiny_vision_config(cfg),
+        text_config=_tiny_text_config(cfg, tokenizer, max_positions=cfg.max_position_embeddings),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        projector_hidden_act="gelu",
+    )
+    model = _random_init(LlavaOnevisionForConditionalGeneration, config, cfg.seed, cfg.init_std)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = transformers.LlavaOnevisionImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        resample=3, do_pad=True, do_convert_rgb=True,
+    )
+    fields = {"processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
+              "num_image_tokens": (cfg.image_size // cfg.patch_size) ** 2, "vision_feature_select_strategy": "full",
+              "vision_aspect_ratio": "anyres_max_9"}
+    with staged_directory(out, force=force, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+        if cfg.processor_files == "hub":
+            image_processor.save_pretrained(stage)  # preprocessor_config.json
+            (stage / "processor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
+            (stage / "chat_template.json").write_text(json.dumps({"chat_template": ONEVISION_CHAT_TEMPLATE}) + "\n")
+        else:
+            nested = {**fields, "image_processor": image_processor.to_dict()}
+            (stage / "processor_config.json").write_text(json.dumps(nested, indent=2) + "\n")
+            (stage / "chat_template.jinja").write_text(ONEVISION_CHAT_TEMPLATE)
+    return out
+
+
 PRESET_STAMP = "tokedge-preset.json"
 
 
@@ -298,7 +383,8 @@ def _stamp(cfg: TinyLlavaConfig) -> str:
     import hashlib
     import json
 
-    blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": CHAT_TEMPLATE}, sort_keys=True)
+    template = ONEVISION_CHAT_TEMPLATE if isinstance(cfg, TinyLlavaOnevisionConfig) else CHAT_TEMPLATE
+    blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": template}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from tokedge.reduce.base import Method, VisionGeometry
 
 # modules that call register() when imported; listed here, imported by name on first use
-BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next")
+BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next",
+           "tokedge.export.families.llava_onevision")
 
 
 @dataclass(frozen=True)

@@ -98,10 +98,12 @@ def _check_weights(local: Path, allow_pickle: bool) -> None:
 
 
 def load_hf_checkpoint(model_class: str, source: str, local: Path | None, *, trust_remote_code: bool = False,
-                       allow_pickle: bool = False):
+                       allow_pickle: bool = False, load_processor=None):
     """(model, processor) of a llava-hf style checkpoint: weights and tokenizer files present (local
     directories), transformers' `model_class` in fp32 eval mode (safetensors unless allow_pickle),
-    its processor with an image processor and a fast tokenizer. Shared by the LLaVA families."""
+    its processor with an image processor and a fast tokenizer. Shared by the LLaVA families.
+    `load_processor(where, trust_remote_code)` replaces `AutoProcessor.from_pretrained` for a family
+    whose processor class cannot be built here (LLaVA-OneVision without torchvision)."""
     if local is not None:
         _check_weights(local, allow_pickle)
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -123,7 +125,10 @@ def load_hf_checkpoint(model_class: str, source: str, local: Path | None, *, tru
             use_safetensors=not allow_pickle,
             trust_remote_code=trust_remote_code,
         ).eval()
-        processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+        if load_processor is None:
+            processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+        else:
+            processor = load_processor(where, trust_remote_code)
     except Exception as exc:  # the loading boundary: unpickling refusals, shape mismatches, missing files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot load the checkpoint at '{where}': {first}") from exc

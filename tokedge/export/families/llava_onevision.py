@@ -1,0 +1,375 @@
+"""LLaVA-OneVision family, images (llava-hf layout: `LlavaOnevisionForConditionalGeneration`).
+
+Read top to bottom: what is supported, how a checkpoint is inspected (an 'anyres' layout like
+LLaVA-NeXT's, plus `anyres_max_M` interpolation and the multi-image rule), how the processor is
+loaded without transformers' processor class, and the transformers-side reference for tests.
+
+OneVision is LLaVA-NeXT with three differences that matter here (docs/research/
+llava-next-onevision-hired.md, sections 1.2, 2.2, 3.3): a SigLIP tower with no CLS token
+(`vision_feature_select_strategy` "full", feature layer -1), feature maps larger than about M tiles
+shrunk by bilinear interpolation (`vision_aspect_ratio` "anyres_max_M"), and the images of a prompt
+with several images not tiled but padded square with the mean colour (base view + one newline).
+All three are data in the `VisualLayout`; the vision graph is LLaVA-NeXT's (a weighted gather does
+the interpolation), so `LlavaOnevisionFamily` subclasses `LlavaNextFamily` and the reduction work
+done on that graph applies here too. Methods that score by CLS attention are refused: there is no
+CLS. Only `--method none` exports for now.
+
+transformers' `LlavaOnevisionProcessor` cannot be built without torchvision (its video processor),
+so `load_processor` reads the image processor, the tokenizer, the processor fields and the chat
+template separately, from either file layout: transformers 5 (`processor_config.json` with the
+image processor nested, `chat_template.jinja`) or the older hub one (`preprocessor_config.json`,
+flat `processor_config.json`, `chat_template.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokedge.artifact import VisualLayout
+from tokedge.errors import InputError, UnsupportedModelError, UsageError
+from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
+from tokedge.export.families.llava import load_hf_checkpoint, vision_geometry
+from tokedge.export.families.llava_next import LlavaNextFamily
+from tokedge.export.families.llava_next import layout_from_config as anyres_layout_from_config
+from tokedge.reduce.base import Method, Signal
+
+SUPPORTED_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
+SUPPORTED_VISION = ("siglip_vision_model",)
+SUPPORTED_TEXT = ("qwen2", "llama", "mistral")
+# transformers' class defaults, used where a config.json leaves a field out (hub configs write them all)
+DEFAULT_PINPOINTS = tuple((h, w) for h in range(384, 2305, 384) for w in range(384, 2305, 384))
+DEFAULT_ASPECT_RATIO = "anyres_max_9"
+SIGLIP_DEFAULTS = {"image_size": 224, "patch_size": 16}  # SiglipVisionConfig's
+ONEVISION_VISION_DEFAULTS = {"image_size": 384, "patch_size": 14}  # LlavaOnevisionConfig without vision_config
+CLS_SIGNALS = (Signal.CLS_ATTENTION, Signal.CLS_TOKEN)
+
+
+# --- the config (no weights) ---------------------------------------------------------------------
+
+
+def max_tiles(aspect_ratio: Any) -> int:
+    """M of `vision_aspect_ratio` "anyres_max_M" (the only form transformers implements)."""
+    match = re.fullmatch(r"anyres_max_([0-9]+)", aspect_ratio) if isinstance(aspect_ratio, str) else None
+    if match is None or int(match.group(1)) < 1:
+        raise UnsupportedModelError(
+            f"vision_aspect_ratio {aspect_ratio!r} is not supported; LLaVA-OneVision checkpoints use "
+            "'anyres_max_<tiles>' (e.g. 'anyres_max_9')"
+        )
+    return int(match.group(1))
+
+
+def _with_defaults(cfg: dict) -> dict:
+    """`cfg` with transformers' defaults for the fields the layout reads, where the file has none."""
+    vc = dict(cfg["vision_config"]) if isinstance(cfg.get("vision_config"), dict) else None
+    vision = {**(SIGLIP_DEFAULTS if vc is not None else ONEVISION_VISION_DEFAULTS), **(vc or {})}
+    vision.setdefault("model_type", "siglip_vision_model")
+    return {**cfg, "vision_config": vision,
+            "image_grid_pinpoints": cfg.get("image_grid_pinpoints") or [list(p) for p in DEFAULT_PINPOINTS]}
+
+
+def check_supported(cfg: dict) -> None:
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llava_onevision" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+        raise UnsupportedModelError(
+            f"unsupported architecture {archs or cfg.get('model_type')!r}; the llava_onevision family reads "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llava_onevision') checkpoints"
+        )
+    vision = (cfg.get("vision_config") or {}).get("model_type", "siglip_vision_model")
+    text = (cfg.get("text_config") or {}).get("model_type", "qwen2")
+    if vision not in SUPPORTED_VISION:
+        raise UnsupportedModelError(
+            f"unsupported vision tower '{vision}' for LLaVA-OneVision; supported: {', '.join(SUPPORTED_VISION)}")
+    if text not in SUPPORTED_TEXT:
+        raise UnsupportedModelError(
+            f"unsupported language model '{text}' for LLaVA-OneVision; supported: {', '.join(SUPPORTED_TEXT)}")
+    strategy = cfg.get("vision_feature_select_strategy", "full")
+    if strategy != "full":
+        raise UnsupportedModelError(
+            f"LLaVA-OneVision with vision_feature_select_strategy {strategy!r} is not supported "
+            "(SigLIP has no CLS token to drop; hub checkpoints use 'full')"
+        )
+    if not isinstance(cfg.get("vision_feature_layer", -1), int):
+        raise UnsupportedModelError("multi-layer vision features (list vision_feature_layer) are not supported yet")
+    max_tiles(cfg.get("vision_aspect_ratio", DEFAULT_ASPECT_RATIO))
+
+
+def layout_from_config(cfg: dict, pad_fill: tuple[int, int, int] = (0, 0, 0)) -> VisualLayout:
+    """LLaVA-NeXT's anyres layout of the config, plus `max_tiles` and the multi-image square rule
+    (`pad_fill`: the image processor's mean as uint8, the colour the square is padded with)."""
+    layout = anyres_layout_from_config(_with_defaults(cfg))
+    return replace(layout, max_tiles=max_tiles(cfg.get("vision_aspect_ratio", DEFAULT_ASPECT_RATIO)),
+                   multi_image_square=True, pad_fill=pad_fill)
+
+
+def largest_token_count(layout: VisualLayout) -> int:
+    """An upper bound on one image's visual tokens: every pinpoint's map and every map unpadding can
+    cut from it (rows or columns removed symmetrically), after the `anyres_max_M` shrink, plus the
+    base view and a newline per row."""
+    p, m, threshold = layout.patch_grid, layout.max_tiles, layout.interpolate_threshold
+    best = p * p + 1  # an untiled image: base + newline
+    for h, w in layout.pinpoints:
+        rows, cols = (h // layout.tile) * p, (w // layout.tile) * p
+        for r, c in [(rows - 2 * pad, cols) for pad in range(rows // 2)] + [(rows, cols - 2 * pad)
+                                                                          for pad in range(cols // 2)]:
+            ratio = math.sqrt(r * c / (m * p * p))
+            if ratio > threshold:
+                r, c = int(r // ratio), int(c // ratio)
+            best = max(best, p * p + r * (c + 1))
+    return best
+
+
+def inspect_config(cfg: dict) -> CheckpointSpec:
+    """Check a config.json dict is supported and describe it; `full_tokens` bounds one image's count."""
+    check_supported(cfg)
+    layout = layout_from_config(cfg)
+    full = _with_defaults(cfg)
+    full.setdefault("vision_feature_layer", -1)
+    layers = (cfg.get("text_config") or {}).get("num_hidden_layers")
+    return CheckpointSpec(family="llava_onevision", full_tokens=largest_token_count(layout),
+                          geometry=vision_geometry(full), text_layers=int(layers) if layers is not None else None,
+                          layout=layout)
+
+
+def check_method(method: Method) -> None:
+    """`--method none` only; methods that rank by CLS attention can never apply (SigLIP has no CLS)."""
+    if method.keeps_all:
+        return
+    cls = [s.value for s in method.scores_with if s in CLS_SIGNALS]
+    if cls:
+        raise UsageError(
+            f"--method {method.name} scores tokens by the CLS token ({', '.join(cls)}), and LLaVA-OneVision's "
+            "SigLIP tower has none; use --method none"
+        )
+    raise UsageError(
+        f"--method {method.name} is not available for LLaVA-OneVision yet (anyres reduction is not implemented); "
+        "use --method none"
+    )
+
+
+# --- the processor, without transformers' processor class ---------------------------------------------
+
+
+@dataclass
+class OnevisionProcessor:
+    """What tokedge needs of `LlavaOnevisionProcessor`: its image processor, tokenizer, chat
+    template and the fields that decide placeholder counts (read from processor_config.json)."""
+
+    image_processor: Any
+    tokenizer: Any
+    chat_template: str | None
+    image_token: str = "<image>"
+    video_token: str = "<video>"
+    num_image_tokens: int | None = None
+    vision_feature_select_strategy: str | None = None
+    vision_aspect_ratio: str = DEFAULT_ASPECT_RATIO
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def _read_text(where: str, name: str) -> str | None:
+    """A file of a local directory or hub repository; None when the checkpoint has none."""
+    if Path(where).is_dir():
+        path = Path(where) / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    from transformers.utils import cached_file
+
+    found = cached_file(where, name, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
+    return Path(found).read_text(encoding="utf-8") if found else None
+
+
+def _read_json(where: str, name: str) -> dict:
+    text = _read_text(where, name)
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{name} of '{where}' is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{name} of '{where}' is not a JSON object")
+    return data
+
+
+def load_processor(where: str, trust_remote_code: bool = False) -> OnevisionProcessor:
+    """Image processor (AutoImageProcessor reads both file layouts), fast tokenizer, processor fields
+    and the processor-level chat template (chat_template.jinja, chat_template.json, then the one in
+    processor_config.json; the tokenizer's only when the processor has none)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    fields = {k: v for k, v in _read_json(where, "processor_config.json").items() if k != "image_processor"}
+    template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")
+    template = template or fields.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    return OnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=template if isinstance(template, str) else None,
+        # transformers' processor takes the tokenizer's own image/video token first
+        image_token=getattr(tokenizer, "image_token", None) or fields.get("image_token") or "<image>",
+        video_token=getattr(tokenizer, "video_token", None) or fields.get("video_token") or "<video>",
+        num_image_tokens=fields.get("num_image_tokens"),
+        vision_feature_select_strategy=fields.get("vision_feature_select_strategy"),
+        vision_aspect_ratio=fields.get("vision_aspect_ratio") or DEFAULT_ASPECT_RATIO,
+    )
+
+
+def check_processor(processor: OnevisionProcessor, config: dict, layout: VisualLayout) -> None:
+    """The processor's counting fields must agree with the model config (transformers counts
+    placeholders with the processor's and packs with the config's: a mismatch breaks both)."""
+    ip = processor.image_processor
+    pinpoints = tuple(tuple(int(v) for v in p) for p in getattr(ip, "image_grid_pinpoints", None) or ())
+    image_token_id = config.get("image_token_id", config.get("image_token_index"))
+    checks = [
+        (f"the tokenizer's id of {processor.image_token!r}", processor.tokenizer.convert_tokens_to_ids(
+            processor.image_token), image_token_id),
+        ("image processor image_grid_pinpoints", pinpoints, layout.pinpoints),
+        ("processor_config vision_aspect_ratio", processor.vision_aspect_ratio,
+         config.get("vision_aspect_ratio", DEFAULT_ASPECT_RATIO)),
+    ]
+    if processor.num_image_tokens is not None:
+        checks.append(("processor_config num_image_tokens", processor.num_image_tokens, layout.patch_grid ** 2))
+    if processor.vision_feature_select_strategy is not None:
+        checks.append(("processor_config vision_feature_select_strategy", processor.vision_feature_select_strategy,
+                       config.get("vision_feature_select_strategy", "full")))
+    for what, got, want in checks:
+        if got != want:
+            raise InputError(f"{what} is {got!r} but the model config says {want!r}; the checkpoint is inconsistent")
+
+
+def pad_fill(processor: OnevisionProcessor) -> tuple[int, int, int]:
+    """The square-padding colour of multi-image prompts: the image mean in uint8, as transformers has it."""
+    mean = processor.image_processor.image_mean
+    mean = [mean] * 3 if isinstance(mean, (int, float)) else list(mean)
+    if len(mean) != 3:
+        raise InputError(f"the image processor's image_mean {mean} does not have 3 channels")
+    return (int(mean[0] * 255), int(mean[1] * 255), int(mean[2] * 255))
+
+
+def load_llava_onevision(source: str, local: Path | None, *, trust_remote_code: bool = False,
+                         allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Load model and processor from a llava-hf LLaVA-OneVision directory or hub id."""
+    from tokedge.export.families import read_config
+
+    spec = inspect_config(read_config(source, local, trust_remote_code))
+    model, processor = load_hf_checkpoint("LlavaOnevisionForConditionalGeneration", source, local,
+                                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                          load_processor=load_processor)
+    full_config = model.config.to_dict()
+    layout = layout_from_config(full_config, pad_fill(processor))
+    check_processor(processor, full_config, layout)
+    spec = replace(spec, layout=layout, full_tokens=largest_token_count(layout), geometry=vision_geometry(full_config),
+                   text_layers=int(model.config.text_config.num_hidden_layers))
+    return LoadedCheckpoint(family=FAMILY, source=source, model=model, processor=processor, path=local, spec=spec)
+
+
+# --- transformers-side reference (tests, and validation once export does anyres cases) ---------------
+
+
+def hf_processor(loaded: LoadedCheckpoint):
+    """transformers' own `LlavaOnevisionProcessor` placeholder counting, without its constructor
+    (which needs torchvision): `replace_image_token` and `_get_number_of_features` run unchanged."""
+    from transformers import LlavaOnevisionProcessor
+
+    proc = loaded.processor
+    hf = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    hf.image_processor = proc.image_processor
+    hf.num_image_tokens = proc.num_image_tokens if proc.num_image_tokens is not None else \
+        loaded.spec.layout.patch_grid ** 2
+    hf.vision_aspect_ratio = proc.vision_aspect_ratio
+    hf.vision_feature_select_strategy = proc.vision_feature_select_strategy or "full"
+    hf.image_token = proc.image_token
+    return hf
+
+
+def reference_batch(loaded: LoadedCheckpoint, images: list[list], texts: list[str]) -> dict[str, torch.Tensor]:
+    """transformers' inputs for `model(**batch)` / `model.generate(**batch)`: `texts[i]` is a rendered
+    prompt with one image placeholder per image of `images[i]`. The image processor gets the nested
+    list, so prompts with several images get `batch_num_images` > 1 (untiled, square-padded images);
+    each placeholder is expanded to transformers' own count; left padding."""
+    proc = loaded.processor
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} image lists for {len(texts)} prompts")
+    batch = proc.image_processor([list(group) for group in images], return_tensors="np")
+    hf = hf_processor(loaded)
+    expanded, index = [], 0
+    for group, text in zip(images, texts):
+        pieces = text.split(proc.image_token)
+        if len(pieces) - 1 != len(group):
+            raise ValueError(f"prompt has {len(pieces) - 1} placeholders for {len(group)} images")
+        out = pieces[0]
+        for piece in pieces[1:]:
+            out += hf.replace_image_token(batch, index) + piece
+            index += 1
+        expanded.append(out)
+    tok = proc.tokenizer
+    previous = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(expanded, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = previous
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "pixel_values": torch.from_numpy(np.asarray(batch["pixel_values"], dtype=np.float32)),
+        "image_sizes": torch.as_tensor(np.asarray(batch["image_sizes"]), dtype=torch.int64),
+        "batch_num_images": torch.as_tensor(batch["batch_num_images"], dtype=torch.int64),
+    }
+
+
+def render_images_prompt(loaded: LoadedCheckpoint, question: str, images: int = 1) -> str:
+    """One user turn with `images` image items, as the checkpoint's chat template renders it."""
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+    return loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+# --- the family ------------------------------------------------------------------------------------
+
+
+class LlavaOnevisionFamily(LlavaNextFamily):
+    """`LlavaOnevisionForConditionalGeneration`, images: LLaVA-NeXT's graphs, prompt and reference
+    (inherited), with OneVision's config, processor loading, layout and method rules."""
+
+    name = "llava_onevision"
+    model_types = ("llava_onevision",)
+    architectures = SUPPORTED_ARCHITECTURES
+
+    def inspect(self, config: dict) -> CheckpointSpec:
+        return inspect_config(config)
+
+    def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> LoadedCheckpoint:
+        return load_llava_onevision(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+    def check_method(self, method: Method) -> None:
+        check_method(method)
+
+    def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
+        check_method(method)  # OneVision's own refusals first (no CLS), then LLaVA-NeXT's graphs
+        return super().modules(loaded, method, k, options, plan)
+
+    # --- transformers' side for prompts with several images (beyond the protocol; tests use these)
+    def render_images_prompt(self, loaded: LoadedCheckpoint, question: str, images: int = 1) -> str:
+        return render_images_prompt(loaded, question, images)
+
+    def reference_batch(self, loaded: LoadedCheckpoint, images: list[list], texts: list[str]) -> dict:
+        return reference_batch(loaded, images, texts)
+
+    def hf_processor(self, loaded: LoadedCheckpoint):
+        return hf_processor(loaded)
+
+
+FAMILY = register(LlavaOnevisionFamily())
