@@ -37,12 +37,13 @@ def test_dry_run_shapes_follow_manifest_and_profile(artifacts, capsys):
     prefill, decode = engines["decoder"]["profiles"]
     assert (prefill["name"], decode["name"]) == ("prefill", "decode")
     hidden, kv, hd = m.model.hidden_size, m.model.num_key_value_heads, m.model.head_dim
-    assert prefill["shapes"]["inputs_embeds"]["max"] == [p.max_batch, p.max_prompt_tokens, hidden]
+    total = min(p.max_sequence, m.model.max_position_embeddings)  # the tiny model's 2048 positions cap it
+    assert prefill["shapes"]["inputs_embeds"]["max"] == [p.max_batch, min(p.max_prompt_tokens, total - 1), hidden]
     assert prefill["shapes"]["inputs_embeds"]["min"][1] == 16 + 1  # the fewest visual tokens plus one text token
     assert prefill["shapes"]["past_key_values.0.key"]["max"] == [p.max_batch, kv, 0, hd]
     assert decode["shapes"]["inputs_embeds"]["max"] == [p.max_batch, 1, hidden]
-    assert decode["shapes"]["past_key_values.2.value"]["max"] == [p.max_batch, kv, p.max_sequence - 1, hd]
-    assert decode["shapes"]["attention_mask"]["max"] == [p.max_batch, p.max_sequence]
+    assert decode["shapes"]["past_key_values.2.value"]["max"] == [p.max_batch, kv, total - 1, hd]
+    assert decode["shapes"]["attention_mask"]["max"] == [p.max_batch, total]
     for e in engines.values():
         assert e["strongly_typed"] is False and e["builder_flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
         assert e["workspace_mb"] == p.workspace_mb and e["onnx_sha256"] == m.files[e["onnx"]]
@@ -88,7 +89,7 @@ def test_budget_range_must_meet_profile(artifacts, tmp_path, capsys):
     text = (load_profile.__globals__["HERE"] / "jetson-orin-nano-8gb.toml").read_text()
     bad.write_text(text.replace('name = "jetson-orin-nano-8gb"', 'name = "tiny"').replace("budget_min = 16",
                                                                                             "budget_min = 600")
-                   .replace("budget_max = 576", "budget_max = 700"))
+                   .replace("budget_max = 2928", "budget_max = 700"))
     rc = main(["build", str(artifacts("cls-attn", 64, dynamic=(16, 576))), "--profile", str(bad), "--dry-run"])
     assert rc == 2 and "do not overlap" in capsys.readouterr().err
 
