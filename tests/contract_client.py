@@ -172,7 +172,7 @@ class ContractClient:
             out = []
             for j in range(m):
                 src = max(np.float32((np.float32(j) + np.float32(0.5)) * scale - np.float32(0.5)), np.float32(0))
-                lo = min(int(math.floor(src)), n - 1)
+                lo = min(math.floor(src), n - 1)
                 out.append((lo, min(lo + 1, n - 1), np.float32(src - np.float32(lo))))
             return out
 

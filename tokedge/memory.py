@@ -233,8 +233,9 @@ def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADR
         notes = ("MatMulNBits is an ONNX Runtime op: for TensorRT, quantize with --quant-form qdq",)
     bounds = image_bounds(manifest)
     if bounds.tiled:
-        notes += (f"tiled layout: planned for the largest image ({bounds.prompt_tokens[2]} visual tokens, "
-                  f"{bounds.partitions[2]} partitions); a typical 4:3 photo gives {bounds.prompt_tokens[1]}",)
+        note = (f"tiled layout: planned for the largest image ({bounds.prompt_tokens[2]} visual tokens, "
+                f"{bounds.partitions[2]} partitions); a typical 4:3 photo gives {bounds.prompt_tokens[1]}")
+        notes += (note,)
     return plan_memory(manifest.model, tuple(manifest.graphs), scheme, device=profile.name,
                        memory_gb=profile.memory_gb, visual_tokens=bounds.prompt_tokens[2],
                        new_tokens=profile.max_new_tokens, batch=profile.max_batch, text_tokens=text_tokens,

@@ -348,7 +348,8 @@ def test_profile_of_a_tiled_artifact_reports_each_image(artifacts, tiny_llava_ne
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(paths[-1])
     out = tmp_path / "report"
     assert main(["profile", str(art), *[a for p in paths for a in ("--image", str(p))], "--runs", "1", "--warmup",
-                 "0", "--max-new-tokens", "3", "--predict", "jetson-orin-nx-16gb", "--out", str(out), "--json"]) == 0
+                 "0", "--max-new-tokens", "3", "--predict", "jetson-orin-nx-16gb", "--baseline",
+                 str(tiny_llava_next_dir), "--out", str(out), "--json"]) == 0
     report = ProfileReport.from_dict(json.loads((out / "report.json").read_text()))
     capsys.readouterr()
     processor = AutoProcessor.from_pretrained(tiny_llava_next_dir)
@@ -372,6 +373,9 @@ def test_profile_of_a_tiled_artifact_reports_each_image(artifacts, tiny_llava_ne
     assert result.visual_tokens == max(wide["visual_tokens"], tall["visual_tokens"])
     assert result.flops["vision"] == pytest.approx((wide["flops"]["vision"] + tall["flops"]["vision"]) / 2, rel=1e-3)
     assert result.predicted["ttft_ms"] > 0 and report.memory["device"]["prompt_tokens"] == 2928 + 64
+    # transformers at all tokens, image by image: same greedy tokens, the largest image's count
+    assert report.baseline["token_ids"] == result.token_ids
+    assert report.baseline["visual_tokens"] == result.visual_tokens and result.speedup_vs_baseline["ttft"] > 0
     md = (out / "report.md").read_text()
     assert "| 2928 | onnxruntime |" in md
     assert "## Per image" in md and f"| 2928 | {paths[0].name} | 1000x750 | 5 | {wide['visual_tokens']} / " in md
