@@ -42,7 +42,7 @@ ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 def images_per_prompt(pipe: Pipeline) -> int:
-    """How many images one prompt may carry. Every family the runtime loads today (LLaVA-1.5)
+    """How many images one prompt may carry. Every family the runtime loads today (LLaVA-1.5, LLaVA-NeXT)
     splices exactly one image per prompt; a family that declares more raises this."""
     return 1
 
