@@ -209,10 +209,19 @@ def image_bounds(manifest: Manifest) -> ImageBounds:
 
         bounds = layout_bounds(manifest.layout.anyres())
         parts, full, tiled = bounds.partitions, bounds.tokens, True
-    # pre-LLM / in-ViT methods hand the LLM their budget whatever the image; the others all tokens
-    keeps_all = Stage(red.stage) in (Stage.NONE, Stage.IN_LLM)
-    prompt = full if keeps_all else (red.budget,) * 3
+    prompt = (prompt_tokens_for(manifest, full[0]), prompt_tokens_for(manifest, full[1]),
+              prompt_tokens_for(manifest, full[2]))
     return ImageBounds(partitions=parts, vision_tokens=full, prompt_tokens=prompt, tiled=tiled)
+
+
+def prompt_tokens_for(manifest: Manifest, image_tokens: int, budget: int | None = None) -> int:
+    """Placeholders in the prompt for an image whose packing gives `image_tokens` visual tokens:
+    pre-LLM and in-ViT methods hand the LLM their budget (`budget`, else the artifact's) whatever
+    the image; `none` and in-LLM methods all of the image's tokens."""
+    red = manifest.reduction
+    if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM):
+        return image_tokens
+    return red.budget if budget is None else budget
 
 
 def visual_tokens_of(manifest: Manifest) -> int:

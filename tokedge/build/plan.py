@@ -145,7 +145,6 @@ class _Axes:
                 self.ranges["sequence" + suffix] = (max(1, lo - removed), max(1, opt - removed), hi - removed)
         # tiled layouts: the vision graph runs one image's partitions (base view + tiles) at a time,
         # and its packing plan has one row per visual token of that image
-        self.partitions = image.partitions
         self.ranges[PARTITIONS] = image.partitions
         self.image_tokens = image.vision_tokens
         if image.tiled and not red.budget_range:

@@ -203,6 +203,8 @@ class ImageCounts:
 def image_counts(manifest, image, runtime_budget: int | None) -> ImageCounts:
     """Counts for one image, from the manifest's layout (`runtime.layout.plan_image` for tiled
     layouts) and reduction: read as data, whichever family exported it."""
+    from tokedge.memory import prompt_tokens_for
+
     red = manifest.reduction
     budget = runtime_budget if runtime_budget is not None else red.budget
     if manifest.layout.kind == "single":
@@ -213,11 +215,10 @@ def image_counts(manifest, image, runtime_budget: int | None) -> ImageCounts:
         layout = manifest.layout.anyres()
         plan = plan_image(layout, image.height, image.width)
         parts, full = plan.partitions, plan.tokens(layout)
-    stage = Stage(red.stage)
-    placeholders = full if stage in (Stage.NONE, Stage.IN_LLM) else budget
-    if manifest.layout.kind == "single":
-        placeholders = manifest.prompt.visual_tokens if runtime_budget is None else placeholders
-    llm = budget if stage is Stage.IN_LLM else placeholders
+    placeholders = prompt_tokens_for(manifest, full, runtime_budget)
+    if manifest.layout.kind == "single" and runtime_budget is None:
+        placeholders = manifest.prompt.visual_tokens
+    llm = budget if Stage(red.stage) is Stage.IN_LLM else placeholders
     return ImageCounts(image.width, image.height, parts, full, placeholders, llm)
 
 

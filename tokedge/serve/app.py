@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokedge.errors import InputError, TokedgeError
+from tokedge.memory import prompt_tokens_for
 from tokedge.runtime.generate import SamplingConfig, context_limit
 from tokedge.runtime.layout import anyres_inputs
 from tokedge.runtime.pipeline import Pipeline
@@ -55,7 +56,7 @@ def vision_input(pipe: Pipeline, image) -> tuple[Any, int]:
     if manifest.layout.kind == "single":
         return preprocess(image, manifest.preprocess), pipe.visual_tokens_for(None)
     inputs = anyres_inputs(image, manifest.layout.anyres(), manifest.preprocess)
-    return inputs, inputs.tokens
+    return inputs, prompt_tokens_for(manifest, inputs.tokens)
 
 
 class Service:
