@@ -103,3 +103,37 @@ def test_contract_client_runs_two_images_in_one_prompt_like_transformers(client,
     eos = set(client.manifest["model"]["eos_token_ids"])
     assert _until_eos(tokens[0], eos) == _until_eos(expected.tolist(), eos)
     np.testing.assert_allclose(logits[0], expected_logits, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(1600, 1200), (2000, 3000), (400, 300), (100, 1000)])
+def test_contract_packing_plan_matches_onevision_packing(size):
+    """The documented plan with `max_tiles` (OneVision's `anyres_max_9`: unpadding, then bilinear
+    interpolation of large maps), as the contract client computes it, applied to random partition
+    features == transformers' `LlavaOnevisionModel.pack_image_features` (no OneVision artifact
+    needed: the plan is a function of the image size and the layout)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    pins = [[a * 384, b * 384] for a in range(1, 7) for b in range(1, 7)]
+    client = ContractClient.__new__(ContractClient)
+    client.manifest = {"preprocess": {"resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+                                      "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}}
+    client.layout = {"kind": "anyres", "tile": 384, "patch_grid": 27, "pinpoints": pins, "max_tiles": 9,
+                     "interpolate_threshold": 1.1, "multi_image_square": True, "pad_fill": [0, 0, 0]}
+    height, width = size
+    pixel_values, index, weight = client.plan_tiled(_image(height, width))
+    parts = len(pixel_values)
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((parts, 729, 8)).astype(np.float32)
+    newline = rng.standard_normal(8).astype(np.float32)
+    rows = np.concatenate([features.reshape(-1, 8), newline[None]])
+    packed = np.einsum("tk,tkd->td", weight, rows[index])
+    fake = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=384, patch_size=14),
+                                                  image_grid_pinpoints=pins))
+    expected, _ = LlavaOnevisionModel.pack_image_features(
+        fake, [torch.from_numpy(features)], torch.tensor([[height, width]]), torch.from_numpy(newline))
+    np.testing.assert_allclose(packed, expected[0].numpy(), atol=1e-5, rtol=1e-5)
+    interpolated = bool(((weight > 0) & (weight < 1)).any())
+    assert interpolated == (height * width >= 1600 * 1200)  # the two large images exceed ~9 tiles
