@@ -1,12 +1,16 @@
-"""A minimal artifact client written only from docs/artifact.md (numpy + onnxruntime).
+"""A minimal artifact client written only from docs/artifact.md (numpy + onnxruntime, and for the
+whole path from an image file: Pillow, jinja2 and tokenizers).
 
 It deliberately imports nothing from tokedge: the export tests use it to show that the artifact
-contract, as documented, is enough to reproduce transformers' outputs.
+contract, as documented, is enough to reproduce transformers' outputs. `generate` takes prepared
+inputs (both layouts); `run` goes from PIL images and a question to tokens, planning tiled
+("anyres") images itself (docs/artifact.md, "Planning a tiled image").
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +21,9 @@ class ContractClient:
     def __init__(self, artifact: Path):
         self.root = Path(artifact)
         self.manifest = json.loads((self.root / "tokedge.json").read_text())
-        kind = self.manifest.get("layout", {"kind": "single"})["kind"]  # absent: written before layouts
-        if kind != "single":
-            raise ValueError(f"this client implements the 'single' visual layout only, not '{kind}'")
+        self.layout = self.manifest.get("layout") or {"kind": "single"}  # absent: written before layouts
+        if self.layout["kind"] not in ("single", "anyres"):
+            raise ValueError(f"this client implements the 'single' and 'anyres' layouts, not '{self.layout['kind']}'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
         self.sessions = {
@@ -45,14 +49,19 @@ class ContractClient:
         return outs["logits"][:, -1, :], new_past, {m: outs[m] for m in masks_out}
 
     def generate(self, pixel_values, input_ids, attention_mask, new_tokens: int, budget: int | None = None):
-        """Greedy decoding per the contract's steps; returns (prefill_logits, tokens [b, n])."""
+        """Greedy decoding per the contract's steps; returns (prefill_logits, tokens [b, n]).
+        `pixel_values`: [b, 3, H, W] (single layout), or per row a list of that row's images'
+        embeddings [T_i, hidden] (already run through the vision graph: see `run`)."""
         image_token = self.manifest["prompt"]["image_token_id"]
-        img = self.image_embeds(pixel_values, budget)
+        if isinstance(pixel_values, np.ndarray):
+            img = list(self.image_embeds(pixel_values, budget))
+        else:
+            img = [np.concatenate(row, axis=0) for row in pixel_values]  # a row's images in order
         embeds = self.embed(input_ids)
         image_pos = []
         for r in range(input_ids.shape[0]):
             pos = np.where(input_ids[r] == image_token)[0]
-            assert len(pos) == img.shape[1]
+            assert len(pos) == img[r].shape[0]
             embeds[r, pos] = img[r]
             image_pos.append(pos)
         mask = attention_mask.astype(np.int64)
@@ -81,3 +90,158 @@ class ContractClient:
             logits, past, _ = self._decoder("decoder", feed)
             tokens.append(logits.argmax(-1))
         return prefill, np.stack(tokens, axis=1)
+
+    # --- from images and text (docs/artifact.md: "Running a prompt", "Planning a tiled image") ---
+
+    def normalise(self, image) -> np.ndarray:
+        """A PIL RGB image already at its final size -> [3, h, w] float32 (rescale, normalise)."""
+        pre = self.manifest["preprocess"]
+        x = np.asarray(image).astype(np.float64)
+        if pre["do_rescale"]:
+            x = x * pre["rescale_factor"]
+        x = x.astype(np.float32)
+        if pre["do_normalize"]:
+            x = (x - np.asarray(pre["image_mean"], np.float32)) / np.asarray(pre["image_std"], np.float32)
+        return np.ascontiguousarray(np.moveaxis(x, -1, 0), dtype=np.float32)
+
+    def plan_tiled(self, image, tiled: bool = True):
+        """-> (pixel_values [P, 3, S, S], pack_index [T, 4], pack_weight [T, 4]) for one image."""
+        from PIL import Image
+
+        lay, resample = self.layout, self.manifest["preprocess"]["resample"]
+        S, p = lay["tile"], lay["patch_grid"]
+        N = p * p
+        image = image.convert("RGB")
+        W, H = image.size
+        if not tiled:
+            side = max(H, W)
+            square = Image.new("RGB", (side, side), tuple(lay["pad_fill"]))
+            square.paste(image, ((side - W) // 2, (side - H) // 2))
+            parts = [square.resize((S, S), resample)]
+            index = np.zeros((N + 1, 4), np.int64)
+            weight = np.zeros((N + 1, 4), np.float32)
+            index[:N, 0], index[N, 0] = np.arange(N), N
+            weight[:, 0] = 1
+            return np.stack([self.normalise(x) for x in parts]), index, weight
+        # 1. canvas
+        best = None
+        for h, w in lay["pinpoints"]:
+            scale = min(w / W, h / H)
+            effective = min(int(W * scale) * int(H * scale), W * H)
+            wasted = h * w - effective
+            if best is None or effective > best[0] or (effective == best[0] and wasted < best[1]):
+                best = (effective, wasted, h, w)
+        bh, bw = best[2], best[3]
+        gh, gw = bh // S, bw // S
+        # 2. resize and pad
+        sw, sh = bw / W, bh / H
+        if sw < sh:
+            nw, nh = bw, min(math.ceil(H * sw), bh)
+        else:
+            nh, nw = bh, min(math.ceil(W * sh), bw)
+        canvas = Image.new("RGB", (bw, bh), (0, 0, 0))
+        canvas.paste(image.resize((nw, nh), resample), ((bw - nw) // 2, (bh - nh) // 2))
+        # 3. partitions: base view, then tiles row-major
+        parts = [image.resize((S, S), resample)]
+        parts += [canvas.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(gh) for c in range(gw)]
+        P = len(parts)
+
+        # 4. feature map
+        def f(y, x):
+            return (1 + (y // p) * gw + (x // p)) * N + (y % p) * p + (x % p)
+
+        R, C = gh * p, gw * p
+        # 5. unpadding
+        top = left = 0
+        rows, cols = R, C
+        if W / H > C / R:
+            pad = (R - int(round(H * C / W, 7))) // 2
+            top, rows = pad, R - 2 * pad
+        else:
+            pad = (C - int(round(W * R / H, 7))) // 2
+            left, cols = pad, C - 2 * pad
+        # 6. interpolation
+        out_rows, out_cols = rows, cols
+        if lay.get("max_tiles") is not None:
+            ratio = math.sqrt(rows * cols / (lay["max_tiles"] * p * p))
+            if ratio > lay["interpolate_threshold"]:
+                out_rows, out_cols = int(rows // ratio), int(cols // ratio)
+
+        def taps(n, m):
+            scale = np.float32(n / m)
+            out = []
+            for j in range(m):
+                src = max(np.float32((np.float32(j) + np.float32(0.5)) * scale - np.float32(0.5)), np.float32(0))
+                lo = min(math.floor(src), n - 1)
+                out.append((lo, min(lo + 1, n - 1), np.float32(src - np.float32(lo))))
+            return out
+
+        # 7. packing plan
+        index = [[i, 0, 0, 0] for i in range(N)]
+        weight = [[1.0, 0.0, 0.0, 0.0] for _ in range(N)]
+        interpolated = (out_rows, out_cols) != (rows, cols)
+        ys = taps(rows, out_rows) if interpolated else None
+        xs = taps(cols, out_cols) if interpolated else None
+        for i in range(out_rows):
+            for j in range(out_cols):
+                if not interpolated:
+                    index.append([f(top + i, left + j), 0, 0, 0])
+                    weight.append([1.0, 0.0, 0.0, 0.0])
+                    continue
+                (y0, y1, fy), (x0, x1, fx) = ys[i], xs[j]
+                index.append([f(top + y0, left + x0), f(top + y0, left + x1), f(top + y1, left + x0),
+                              f(top + y1, left + x1)])
+                weight.append([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
+            index.append([P * N, 0, 0, 0])
+            weight.append([1.0, 0.0, 0.0, 0.0])
+        pixel_values = np.stack([self.normalise(x) for x in parts])
+        return pixel_values, np.asarray(index, np.int64), np.asarray(weight, np.float32)
+
+    def tiled_embeds(self, image, tiled: bool = True) -> np.ndarray:
+        """One image through the anyres vision graph -> [T, hidden]."""
+        pixel_values, index, weight = self.plan_tiled(image, tiled)
+        feed = {"pixel_values": pixel_values, "pack_index": index, "pack_weight": weight}
+        return self.sessions["vision"].run(["image_embeds"], feed)[0][0]
+
+    def render(self, question: str, images: int = 1) -> str:
+        """One user turn with `images` image items then the question, as the chat template renders it."""
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        prompt = self.manifest["prompt"]
+        if prompt["chat_template"] is None:
+            assert images == 1
+            return f"USER: {prompt['image_token']}\n{question} ASSISTANT:"
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, **kw)
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        return env.from_string(prompt["chat_template"]).render(
+            messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+            **prompt.get("special_tokens", {}))
+
+    def encode(self, rendered: str, counts: list[int]) -> np.ndarray:
+        """Each placeholder, in order, expanded to its image's count; tokenized -> ids [1, t]."""
+        from tokenizers import Tokenizer
+
+        token = self.manifest["prompt"]["image_token"]
+        pieces = rendered.split(token)
+        assert len(pieces) == len(counts) + 1, "one placeholder per image"
+        text = pieces[0] + "".join(token * k + rest for k, rest in zip(counts, pieces[1:]))
+        tok = Tokenizer.from_file(str(self.root / self.manifest["prompt"]["tokenizer_file"]))
+        return np.asarray([tok.encode(text, add_special_tokens=True).ids], np.int64)
+
+    def run(self, images, question: str, new_tokens: int):
+        """PIL images (all in one prompt) + a question -> (prefill_logits [1, vocab], tokens [1, n],
+        input_ids [1, t]). A tiled layout plans every image (untiled when `multi_image_square` and
+        there are several)."""
+        assert self.layout["kind"] == "anyres", "run() plans tiled images; single views take generate()"
+        tiled = not (self.layout.get("multi_image_square") and len(images) > 1)
+        embeds = [self.tiled_embeds(image, tiled) for image in images]
+        ids = self.encode(self.render(question, len(images)), [len(e) for e in embeds])
+        logits, tokens = self.generate([embeds], ids, np.ones_like(ids), new_tokens)
+        return logits, tokens, ids

@@ -37,12 +37,13 @@ def test_dry_run_shapes_follow_manifest_and_profile(artifacts, capsys):
     prefill, decode = engines["decoder"]["profiles"]
     assert (prefill["name"], decode["name"]) == ("prefill", "decode")
     hidden, kv, hd = m.model.hidden_size, m.model.num_key_value_heads, m.model.head_dim
-    assert prefill["shapes"]["inputs_embeds"]["max"] == [p.max_batch, p.max_prompt_tokens, hidden]
+    total = min(p.max_sequence, m.model.max_position_embeddings)  # the tiny model's 2048 positions cap it
+    assert prefill["shapes"]["inputs_embeds"]["max"] == [p.max_batch, min(p.max_prompt_tokens, total - 1), hidden]
     assert prefill["shapes"]["inputs_embeds"]["min"][1] == 16 + 1  # the fewest visual tokens plus one text token
     assert prefill["shapes"]["past_key_values.0.key"]["max"] == [p.max_batch, kv, 0, hd]
     assert decode["shapes"]["inputs_embeds"]["max"] == [p.max_batch, 1, hidden]
-    assert decode["shapes"]["past_key_values.2.value"]["max"] == [p.max_batch, kv, p.max_sequence - 1, hd]
-    assert decode["shapes"]["attention_mask"]["max"] == [p.max_batch, p.max_sequence]
+    assert decode["shapes"]["past_key_values.2.value"]["max"] == [p.max_batch, kv, total - 1, hd]
+    assert decode["shapes"]["attention_mask"]["max"] == [p.max_batch, total]
     for e in engines.values():
         assert e["strongly_typed"] is False and e["builder_flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
         assert e["workspace_mb"] == p.workspace_mb and e["onnx_sha256"] == m.files[e["onnx"]]
@@ -88,7 +89,7 @@ def test_budget_range_must_meet_profile(artifacts, tmp_path, capsys):
     text = (load_profile.__globals__["HERE"] / "jetson-orin-nano-8gb.toml").read_text()
     bad.write_text(text.replace('name = "jetson-orin-nano-8gb"', 'name = "tiny"').replace("budget_min = 16",
                                                                                             "budget_min = 600")
-                   .replace("budget_max = 576", "budget_max = 700"))
+                   .replace("budget_max = 2928", "budget_max = 700"))
     rc = main(["build", str(artifacts("cls-attn", 64, dynamic=(16, 576))), "--profile", str(bad), "--dry-run"])
     assert rc == 2 and "do not overlap" in capsys.readouterr().err
 
@@ -190,3 +191,48 @@ def test_runner_buffers_zero_size_growth_and_retirement():
     grown = runner._buffer("present.0.key", 1000, slot=0)
     assert grown != small and small in runner.retired and small in runner.cuda.live  # not freed while referenced
     assert runner.capacity["present.0.key#0"] >= 1000
+
+
+def test_dry_run_for_a_tiled_artifact_bounds_partitions_tokens_and_prompt(artifacts, tiny_llava_next_dir, tmp_path,
+                                                                         capsys):
+    """LLaVA-NeXT (`--method none`): the vision graph's partitions and packing rows follow the
+    layout (base view + the most tiles a pinpoint has; the largest pinpoint's map with newlines),
+    the decoder's sequence holds thousands of visual tokens; a profile too small for the largest
+    image warns instead of failing."""
+    from tokedge.export.presets import NEXT_PINPOINTS
+
+    art = artifacts("none", checkpoint=tiny_llava_next_dir)
+    m, p = load_artifact(art), load_profile("jetson-orin-nano-8gb")
+    tiles = [(h // 336) * (w // 336) for h, w in NEXT_PINPOINTS]
+    largest = 576 + max((h // 14) * (w // 14 + 1) for h, w in NEXT_PINPOINTS)  # full map + a newline per row
+    assert largest == 2928
+    out = _dry_run(art, p.name, capsys)
+    engines = {e["graph"]: e for e in out["plan"]["engines"]}
+    vision = engines["vision"]["profiles"][0]["shapes"]
+    assert vision["pixel_values"]["min"] == [1 + min(tiles), 3, 336, 336]
+    assert vision["pixel_values"]["max"] == [1 + max(tiles), 3, 336, 336]
+    assert vision["pack_index"]["min"] == [576, 4] and vision["pack_index"]["max"] == [largest, 4]
+    assert vision["pack_weight"]["max"] == [largest, 4]
+    assert vision["pack_index"]["opt"] == [2340, 4] and vision["pixel_values"]["opt"][0] == 5  # a 1024x768 photo
+    prefill, decode = engines["decoder"]["profiles"]
+    total = min(p.max_sequence, m.model.max_position_embeddings)
+    assert prefill["shapes"]["inputs_embeds"]["min"][1] == 576 + 1
+    assert prefill["shapes"]["inputs_embeds"]["max"][1] == min(p.max_prompt_tokens, total - 1) > largest
+    assert decode["shapes"]["attention_mask"]["max"][1] == total
+    for e in engines.values():
+        for prof in e["profiles"]:
+            for rng in prof["shapes"].values():
+                assert all(lo <= opt <= hi for lo, opt, hi in zip(rng["min"], rng["opt"], rng["max"]))
+    assert out["plan"]["warnings"] == [] and any("tiled layout" in n for n in out["plan"]["notes"])
+    assert out["memory"]["prompt_tokens"] == largest + 64  # the largest image plus typical text
+    small = tmp_path / "small.toml"
+    text = (load_profile.__globals__["HERE"] / f"{p.name}.toml").read_text()
+    small.write_text(text.replace(f'name = "{p.name}"', 'name = "small"')
+                     .replace(f"max_prompt_tokens = {p.max_prompt_tokens}", "max_prompt_tokens = 2048"))
+    warned = _dry_run(art, str(small), capsys)["plan"]["warnings"]
+    assert len(warned) == 1 and "images over 2047 visual tokens will not run" in warned[0]
+    small.write_text(text.replace(f'name = "{p.name}"', 'name = "small"')
+                     .replace(f"max_prompt_tokens = {p.max_prompt_tokens}", "max_prompt_tokens = 500"))
+    assert main(["build", str(art), "--profile", str(small), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fewer than the artifact's 576 visual tokens" in err and len(err.splitlines()) == 1

@@ -111,3 +111,27 @@ def test_profile_reports_memory_and_gemm_share(artifacts, tmp_path, test_images,
     md = (tmp_path / "r" / "report.md").read_text()
     assert "GEMM peak" in md and "predicted by the memory plan" in md
     assert main(["profile", str(art), "--image", str(image), "--threads", "-1", "--out", str(tmp_path / "q")]) == 2
+
+
+def test_memory_plan_of_a_tiled_artifact_holds_its_largest_image(artifacts, tiny_llava_next_dir, capsys):
+    """`tokedge memory` on a LLaVA-NeXT artifact: the KV cache holds the largest image the layout
+    allows (base view + the 672x672 pinpoint's 48 x 48 map + 48 newlines) plus the text, and the
+    vision activations cover the 5 partitions that image runs through the tower."""
+    from tokedge.memory import activation_bytes
+
+    art = artifacts("none", checkpoint=tiny_llava_next_dir)
+    m, nx = load_artifact(art), load_profile("jetson-orin-nx-16gb")
+    assert main(["memory", str(art), "--profile", nx.name, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    largest = 576 + 48 * 49
+    assert plan["prompt_tokens"] == largest + 64
+    tokens = largest + 64 + nx.max_new_tokens
+    mi = m.model
+    assert plan["kv_cache_bytes"] == 2 * mi.num_layers * mi.num_key_value_heads * mi.head_dim * tokens * nx.max_batch * 2
+    one = activation_bytes(mi, largest, largest + 64, nx.max_batch, 2.0, partitions=1)
+    five = activation_bytes(mi, largest, largest + 64, nx.max_batch, 2.0, partitions=5)
+    assert plan["activation_bytes"] == five >= one
+    assert any("largest image (2928 visual tokens, 5 partitions)" in n for n in plan["notes"])
+    assert main(["memory", str(art), "--profile", nx.name]) == 0
+    out = capsys.readouterr().out
+    assert "2992+512 tokens" in out and "tiled layout" in out

@@ -58,3 +58,160 @@ def test_one_decode_loop():
     assert pickers == ["export/validate.py", "runtime/generate.py"]
     assert SOURCES["export/validate.py"].count(".argmax(-1)") == 2 and "a.argmax(-1) == b.argmax(-1)" in SOURCES[
         "export/validate.py"]
+
+
+# --- model families: nothing outside tokedge/export/families/ imports a family module ----------------
+# (parsed with `ast`, so comments and docstrings never count; every module of the package but its
+# __init__ is a family module, found by pkgutil, so families added later are covered as they land)
+
+ROOT = PACKAGE.parent
+FAMILIES_PACKAGE = "tokedge.export.families"
+FAMILIES_DIR = PACKAGE / "export" / "families"
+
+
+def family_modules() -> list[str]:
+    import pkgutil
+
+    import tokedge.export.families as package
+
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def family_imports(source: str, module: str, modules: list[str], is_package: bool = False) -> list[str]:
+    """Every way `source` (the text of `module`) reaches a family module: `import
+    tokedge.export.families.X`, `from tokedge.export.families[.X] import ...` (relative forms too),
+    `families.X` after importing the package, and the dotted name in a string
+    (`importlib.import_module`, `__import__`, `mock.patch`)."""
+    import ast
+
+    tree = ast.parse(source)
+    prefix = FAMILIES_PACKAGE + "."
+    family_dotted = re.compile(rf"\b{re.escape(prefix)}({'|'.join(map(re.escape, modules))})\b")
+    package = module if is_package else module.rpartition(".")[0]
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            hits += [alias.name for alias in node.names if alias.name.startswith(prefix)]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.startswith(prefix):
+                hits.append(f"from {base} import ...")
+            elif base == FAMILIES_PACKAGE:
+                hits += [f"from {base} import {a.name}" for a in node.names if a.name in modules or a.name == "*"]
+        elif isinstance(node, ast.Attribute) and node.attr in modules:
+            value = node.value
+            name = value.id if isinstance(value, ast.Name) else value.attr if isinstance(value, ast.Attribute) else ""
+            if name == "families":
+                hits.append(f"families.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            hits += [m.group(0) for m in family_dotted.finditer(node.value)]
+    return hits
+
+
+def _outside_families():
+    for top in ("tokedge", "tests", "bench"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if FAMILIES_DIR not in path.parents:
+                yield path
+
+
+def test_no_module_outside_families_imports_a_family_module():
+    modules = family_modules()
+    assert {"llava", "llava_next"} <= set(modules)
+    offenders = [f"{path.relative_to(ROOT)}: {hit}" for path in _outside_families()
+                 for hit in family_imports(path.read_text(encoding="utf-8"), _module_name(path), modules,
+                                           path.name == "__init__.py")]
+    assert offenders == []
+
+
+def test_the_family_import_check_catches_every_form():
+    """Not vacuous: each way of reaching a family module is caught (a family added later, "newfam",
+    included), and code that only uses the registry is not."""
+    modules = [*family_modules(), "newfam"]
+    p = FAMILIES_PACKAGE  # spelled through a variable so that this file's own strings hold no family path
+    parent, _, leaf = p.rpartition(".")
+    caught = [
+        f"import {p}.llava",
+        f"import {p}.newfam as f",
+        f"from {p}.llava_next import LlavaNextFamily",
+        f"from {p} import llava, register",
+        f"from {p} import *",
+        f"from {parent} import {leaf}\nx = {leaf}.newfam.FAMILY",
+        f"import importlib\nimportlib.import_module('{p}.llava')",
+        f"m = __import__('{p}.newfam')",
+    ]
+    for source in caught:
+        assert family_imports(source, "tokedge.report.x", modules), source
+    # relative imports, resolved against the importing module
+    assert family_imports("from .families import llava", "tokedge.export.pipeline", modules)
+    assert family_imports("from ..export.families.newfam import X", "tokedge.report.flops", modules)
+    assert family_imports("from . import llava", p, modules, is_package=True)
+    clean = (f"from {p} import for_checkpoint, inspect_checkpoint\n"
+             "family = for_checkpoint(config)\n"
+             f"# {p}.llava is mentioned in a comment only\n")
+    assert family_imports(clean, "tokedge.export.pipeline", modules) == []
+
+
+def family_comparisons(source: str, names: set[str]) -> list[str]:
+    """Comparisons that branch on a family: a registered family's name as a string literal in a
+    comparison (`== "llava"`, `in ("llava", ...)`), a family (`family`, `x.family`,
+    `x.family.name`) compared with any string literal, or `match family:`."""
+    import ast
+
+    def mentions(node) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id == "family"
+        if isinstance(node, ast.Attribute):
+            return node.attr == "family" or (node.attr == "name" and mentions(node.value))
+        return False
+
+    def named(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(named(e) for e in node.elts)
+        return False
+
+    def literal(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return isinstance(node.value, str)
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(literal(e) for e in node.elts)
+
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            # a family's name as a literal anywhere, or a family compared with any string literal
+            # (a family not registered yet); two families compared with each other is a check, not a branch
+            if any(named(o) for o in operands) or (any(mentions(o) for o in operands)
+                                                  and any(literal(o) for o in operands)):
+                hits.append(ast.unparse(node))
+        elif isinstance(node, ast.Match) and mentions(node.subject):
+            hits.append(f"match {ast.unparse(node.subject)}")
+    return hits
+
+
+def test_nothing_outside_families_branches_on_the_family():
+    from tokedge.export.families import families
+
+    names = set(families()) | set(family_modules())
+    offenders = [f"{path.relative_to(ROOT)}: {hit}" for path in _outside_families()
+                 if path.relative_to(ROOT).parts[0] == "tokedge"
+                 for hit in family_comparisons(path.read_text(encoding="utf-8"), names)]
+    assert offenders == []
+    names.add("newfam")
+    for source in ('if manifest.model.family == "llava_next": pass', 'if family != "qwen2_vl": pass',
+                   'ok = "newfam" == m.family', 'if spec.family in ("llava", "x"): pass',
+                   "if loaded.family.name == \"newfam\": pass", "match family:\n    case _: pass"):
+        assert family_comparisons(source, names), source
+    assert family_comparisons('if layout.kind == "anyres": pass\nfamily = for_checkpoint(cfg)\n'
+                              'if loaded.family.name != manifest.model.family: raise E', names) == []

@@ -9,8 +9,11 @@ the weight scheme and a `DeviceProfile`; torch- and TensorRT-free.
   TensorRT engines do not share weights.
 - KV cache: 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch, where the prompt is
   the visual tokens the budget lets through plus `text_tokens`, and new tokens are the profile's.
-- activation peak: the largest stage working set (ViT attention scores + MLP, or prefill MLP +
-  fp32 attention scores + last-position logits) for the batch.
+  Tiled ("anyres") layouts give a token count per image: the plan takes the largest image the
+  layout allows (`image_bounds`, from the manifest's layout alone).
+- activation peak: the largest stage working set (ViT attention scores + MLP for every partition
+  the vision graph runs at once, or prefill MLP + fp32 attention scores + last-position logits)
+  for the batch.
 
 `fits` means total <= memory x (1 - headroom); headroom covers the OS (Jetson memory is unified),
 CUDA context, TensorRT workspace and fragmentation.
@@ -149,13 +152,15 @@ def kv_cache_bytes(m: ModelInfo, tokens: int, batch: int, value_bytes: float) ->
     return int(2 * m.num_layers * m.num_key_value_heads * m.head_dim * tokens * batch * value_bytes)
 
 
-def activation_bytes(m: ModelInfo, visual_tokens: int, prompt_tokens: int, batch: int, value_bytes: float) -> int:
-    """Peak working set of one stage (not summed: stages run one after another)."""
+def activation_bytes(m: ModelInfo, visual_tokens: int, prompt_tokens: int, batch: int, value_bytes: float,
+                     partitions: int = 1) -> int:
+    """Peak working set of one stage (not summed: stages run one after another). `partitions`:
+    views of one image the vision graph runs as one batch (base view + tiles)."""
     d = m.vision_hidden_size
     ff = m.vision_intermediate_size or 4 * d
     n = (m.image_size // m.patch_size) ** 2 + 1
     heads = max(1, d // 64)
-    vision = heads * n * n * 4 + n * (3 * d + ff) * value_bytes + visual_tokens * m.hidden_size * value_bytes
+    vision = partitions * (heads * n * n * 4 + n * (3 * d + ff) * value_bytes) + visual_tokens * m.hidden_size * value_bytes
     t = prompt_tokens
     prefill = (m.num_attention_heads * t * t * 4  # fp32 scores
                + t * (3 * m.intermediate_size + 4 * m.hidden_size) * value_bytes
@@ -166,11 +171,11 @@ def activation_bytes(m: ModelInfo, visual_tokens: int, prompt_tokens: int, batch
 def plan_memory(model: ModelInfo, graphs: tuple[str, ...], scheme: WeightScheme, *, device: str, memory_gb: float,
                 visual_tokens: int, new_tokens: int, batch: int = 1, text_tokens: int = DEFAULT_TEXT_TOKENS,
                 value_bytes: float = 2.0, headroom: float = DEFAULT_HEADROOM,
-                notes: tuple[str, ...] = ()) -> MemoryPlan:
+                notes: tuple[str, ...] = (), partitions: int = 1) -> MemoryPlan:
     prompt = visual_tokens + text_tokens
     weights = weight_bytes(model, graphs, scheme)
     kv = kv_cache_bytes(model, prompt + new_tokens, batch, value_bytes)
-    act = activation_bytes(model, visual_tokens, prompt, batch, value_bytes)
+    act = activation_bytes(model, visual_tokens, prompt, batch, value_bytes, partitions)
     total = sum(weights.values()) + kv + act
     usable = int(memory_gb * GB * (1 - headroom))
     return MemoryPlan(device=device, memory_gb=memory_gb, headroom=headroom, weights=scheme.label, batch=batch,
@@ -178,10 +183,51 @@ def plan_memory(model: ModelInfo, graphs: tuple[str, ...], scheme: WeightScheme,
                       activation_bytes=act, total_bytes=total, usable_bytes=usable, fits=total <= usable, notes=notes)
 
 
-def visual_tokens_of(manifest: Manifest) -> int:
-    """Visual tokens in the LLM's prompt (in-LLM methods keep all of them for the first layers)."""
+Range = tuple[int, int, int]  # (min, typical, max)
+
+
+@dataclass(frozen=True)
+class ImageBounds:
+    """Per image, read from the manifest's layout and reduction (never from the family's name):
+    the partitions its vision graph runs, the visual tokens the vision graph's packing gives
+    before reduction, and the visual tokens that reach the LLM's prompt, each (min, typical, max).
+    A "single" layout gives one partition and fixed counts; an "anyres" layout gives the bounds of
+    `tokedge.runtime.layout.layout_bounds` (largest pinpoint's map + base view + newlines)."""
+
+    partitions: Range
+    vision_tokens: Range
+    prompt_tokens: Range
+    tiled: bool  # counts vary with the image size
+
+
+def image_bounds(manifest: Manifest) -> ImageBounds:
     red = manifest.reduction
-    return red.full_tokens if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM) else red.budget
+    if manifest.layout.kind == "single":
+        parts, full, tiled = (1, 1, 1), (red.full_tokens,) * 3, False
+    else:
+        from tokedge.runtime.layout import layout_bounds
+
+        bounds = layout_bounds(manifest.layout.anyres())
+        parts, full, tiled = bounds.partitions, bounds.tokens, True
+    prompt = (prompt_tokens_for(manifest, full[0]), prompt_tokens_for(manifest, full[1]),
+              prompt_tokens_for(manifest, full[2]))
+    return ImageBounds(partitions=parts, vision_tokens=full, prompt_tokens=prompt, tiled=tiled)
+
+
+def prompt_tokens_for(manifest: Manifest, image_tokens: int, budget: int | None = None) -> int:
+    """Placeholders in the prompt for an image whose packing gives `image_tokens` visual tokens:
+    pre-LLM and in-ViT methods hand the LLM their budget (`budget`, else the artifact's) whatever
+    the image; `none` and in-LLM methods all of the image's tokens."""
+    red = manifest.reduction
+    if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM):
+        return image_tokens
+    return red.budget if budget is None else budget
+
+
+def visual_tokens_of(manifest: Manifest) -> int:
+    """Visual tokens of the largest image in the LLM's prompt (in-LLM methods keep all of them for
+    the first layers)."""
+    return image_bounds(manifest).prompt_tokens[2]
 
 
 def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADROOM,
@@ -194,10 +240,15 @@ def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADR
     notes = ()
     if manifest.quantization is not None and manifest.quantization.form == "matmulnbits":
         notes = ("MatMulNBits is an ONNX Runtime op: for TensorRT, quantize with --quant-form qdq",)
+    bounds = image_bounds(manifest)
+    if bounds.tiled:
+        note = (f"tiled layout: planned for the largest image ({bounds.prompt_tokens[2]} visual tokens, "
+                f"{bounds.partitions[2]} partitions); a typical 4:3 photo gives {bounds.prompt_tokens[1]}")
+        notes += (note,)
     return plan_memory(manifest.model, tuple(manifest.graphs), scheme, device=profile.name,
-                       memory_gb=profile.memory_gb, visual_tokens=visual_tokens_of(manifest),
+                       memory_gb=profile.memory_gb, visual_tokens=bounds.prompt_tokens[2],
                        new_tokens=profile.max_new_tokens, batch=profile.max_batch, text_tokens=text_tokens,
-                       value_bytes=value, headroom=headroom, notes=notes)
+                       value_bytes=value, headroom=headroom, notes=notes, partitions=bounds.partitions[2])
 
 
 def predicted_artifact_bytes(manifest: Manifest) -> dict[str, int]:
@@ -243,9 +294,10 @@ def profile_memory(root, manifest: Manifest, device=None, results=()) -> dict:
         largest = max(results, key=lambda r: r.visual_tokens)
         value = DTYPE_BYTES[manifest.dtype]
         scheme = WeightScheme.from_quant(manifest.quantization, float_bytes=value, scale_bytes=4.0)
+        partitions = max((entry["partitions"] for r in results for entry in r.per_image), default=1)
         cpu = plan_memory(manifest.model, tuple(manifest.graphs), scheme, device="cpu", memory_gb=0.0,
                           visual_tokens=largest.visual_tokens, new_tokens=0, batch=1,
-                          text_tokens=largest.prompt_tokens, value_bytes=value, headroom=0.0)
+                          text_tokens=largest.prompt_tokens, value_bytes=value, headroom=0.0, partitions=partitions)
         out["cpu"] = {"predicted_bytes": cpu.total_bytes, "peak_rss_bytes": int(max(r.peak_rss_mb for r in results) * 2**20),
                       "note": "peak RSS also holds the Python interpreter, libraries, ONNX Runtime's arenas and "
                               "pre-packed weight copies"}

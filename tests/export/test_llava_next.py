@@ -185,8 +185,9 @@ def test_verify_refuses_to_pass_an_anyres_artifact_on_no_cases(next_artifact):
 
 
 def test_cli_runs_anyres_and_refuses_what_it_cannot_do(next_artifact, tiny_llava_next_dir, tmp_path, capsys):
-    """`tokedge run --json` reports the image's own token count; --budget, profile and reduction
-    methods are refused in one line each."""
+    """`tokedge run --json` reports the image's own token count; --budget and reduction methods
+    are refused in one line each (profile and serve take anyres artifacts: tests/report,
+    tests/serve/test_serve_anyres.py)."""
     import json
 
     from tokedge.cli import main
@@ -199,7 +200,6 @@ def test_cli_runs_anyres_and_refuses_what_it_cannot_do(next_artifact, tiny_llava
     assert out["visual_tokens"] == 2340 and len(out["token_ids"]) == 3  # 576 + 36 rows x (48 + 1) for 640x480
     refusals = [
         (["run", str(next_artifact), "--image", str(image), "--prompt", "hi", "--budget", "64"], "drop --budget"),
-        (["profile", str(next_artifact), "--image", str(image)], "does not profile 'anyres'"),
         (["export", str(tiny_llava_next_dir), "--method", "cls-attn", "--budget", "64", "--out", str(tmp_path / "x")],
          "use --method none"),
     ]
@@ -208,14 +208,3 @@ def test_cli_runs_anyres_and_refuses_what_it_cannot_do(next_artifact, tiny_llava
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "x").exists()
-
-
-def test_serve_refuses_an_anyres_artifact_at_load(next_artifact):
-    from tokedge.errors import InputError
-    from tokedge.serve.app import Service
-    from tokedge.serve.config import ServeConfig
-
-    service = Service(ServeConfig(artifact=next_artifact, warmup=False))
-    service.load()
-    assert isinstance(service.load_error, InputError) and "does not serve 'anyres'" in str(service.load_error)
-    assert service.pipe is None and not service.ready.is_set()

@@ -60,7 +60,7 @@ def build(artifact: Path, profile_name: str, out: Path | None = None, force: boo
     manifest = load_artifact(artifact)
     profile = load_profile(profile_name)
     plan = plan_build(manifest, profile, artifact)
-    plan = dataclasses.replace(plan, warnings=tuple(check_warnings(artifact, profile.trt_version)))
+    plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(check_warnings(artifact, profile.trt_version)))
     out = Path(out) if out else default_engines_dir(artifact, profile.name)
     if dry_run:
         return plan, out, []

@@ -11,11 +11,14 @@ from pathlib import Path
 
 from tokedge.artifact import Manifest, TensorSpec
 from tokedge.errors import UsageError
+from tokedge.memory import image_bounds
 from tokedge.profiles import DeviceProfile
 
 # layer types kept in fp32 under TensorRT 10.x builder precision flags (scores, softmax, TopK)
 FP32_LAYERS = ("SOFTMAX", "TOPK", "REDUCE")
 TYPICAL_TEXT_TOKENS = 64  # prompt text beside the image, for the `opt` shapes
+PARTITIONS = "partitions"  # tiled layouts: the vision graph's views of one image (base view + tiles)
+PACKING_INPUTS = ("pack_index", "pack_weight")  # tiled layouts: one row per visual token of the image
 
 
 @dataclass(frozen=True)
@@ -89,16 +92,23 @@ def precision_settings(profile: DeviceProfile, artifact_dtype: str) -> tuple[boo
 
 
 class _Axes:
-    """min/opt/max for every symbolic axis name of the artifact, from the device profile."""
+    """min/opt/max for every symbolic axis name of the artifact, from the device profile and the
+    manifest's visual layout (`memory.image_bounds`: partitions and visual tokens per image, read
+    as data; a tiled layout's counts vary with the image size)."""
 
     def __init__(self, manifest: Manifest, profile: DeviceProfile, phase: str):
         red = manifest.reduction
         text = TYPICAL_TEXT_TOKENS
-        prompt_visual = manifest.prompt.visual_tokens
+        image = image_bounds(manifest)
+        fewest_visual, opt_visual, most_visual = image.prompt_tokens
+        if image.tiled:
+            prompt_visual = fewest_visual  # the smallest image must fit; larger ones are checked below
+        else:
+            prompt_visual = manifest.prompt.visual_tokens
+            opt_visual = prompt_visual
         if profile.max_prompt_tokens <= prompt_visual:
             raise UsageError(f"profile {profile.name} allows {profile.max_prompt_tokens} prompt tokens, fewer than the "
                              f"artifact's {prompt_visual} visual tokens plus text")
-        opt_visual = prompt_visual
         if red.budget_range:  # the fewest visual tokens a prompt can carry
             prompt_visual = max(red.budget_range[0], profile.budget_min)
         max_total = min(profile.max_sequence, manifest.model.max_position_embeddings)
@@ -106,6 +116,12 @@ class _Axes:
         if max_prompt <= prompt_visual:
             raise UsageError(f"profile {profile.name} leaves {max_prompt} prompt tokens, not more than the "
                              f"artifact's {prompt_visual} visual tokens")
+        self.warnings: list[str] = []
+        if image.tiled and most_visual >= max_prompt:
+            self.warnings.append(
+                f"profile {profile.name} allows {max_prompt} prompt tokens but the layout's largest image gives "
+                f"{most_visual} visual tokens: images over {max_prompt - 1} visual tokens will not run on these "
+                "engines (use a profile with a larger max_prompt_tokens, or a reduced artifact)")
         opt_prompt = min(max_prompt, opt_visual + text)
         self.ranges: dict[str, tuple[int, int, int]] = {"batch": (1, 1, profile.max_batch)}
         if phase == "decode":
@@ -127,6 +143,12 @@ class _Axes:
                 lo, opt, hi = self.ranges["sequence"]
                 self.ranges["total_sequence" + suffix] = (lo, opt, hi)
                 self.ranges["sequence" + suffix] = (max(1, lo - removed), max(1, opt - removed), hi - removed)
+        # tiled layouts: the vision graph runs one image's partitions (base view + tiles) at a time,
+        # and its packing plan has one row per visual token of that image
+        self.ranges[PARTITIONS] = image.partitions
+        self.image_tokens = image.vision_tokens
+        if image.tiled and not red.budget_range:
+            self.ranges["visual_tokens"] = image.vision_tokens
         if red.budget_range:
             lo = max(red.budget_range[0], profile.budget_min)
             hi = min(red.budget_range[1], profile.budget_max)
@@ -153,7 +175,8 @@ class _Axes:
         return ShapeRange(tuple(mins), tuple(opts), tuple(maxs))
 
 
-def _profile(name: str, manifest: Manifest, graph: str, profile: DeviceProfile, phase: str) -> OptProfile:
+def _profile(name: str, manifest: Manifest, graph: str, profile: DeviceProfile,
+             phase: str) -> tuple[OptProfile, list[str]]:
     axes = _Axes(manifest, profile, phase)
     spec = manifest.graphs[graph]
     shapes, values = {}, {}
@@ -164,12 +187,19 @@ def _profile(name: str, manifest: Manifest, graph: str, profile: DeviceProfile, 
             values["budget"] = ShapeRange((lo,), (opt,), (hi,))  # a 0-d shape tensor: one value
             continue
         shapes[tensor.name] = axes.shape(tensor)
-    return OptProfile(name=name, shapes=shapes, values=values)
+        if tensor.name in PACKING_INPUTS and not isinstance(tensor.shape[0], int):
+            # rows = the image's visual tokens before reduction, whatever the axis is named (a
+            # reduced graph may share the name with its budget)
+            rng = shapes[tensor.name]
+            lo, opt, hi = axes.image_tokens
+            shapes[tensor.name] = ShapeRange((lo, *rng.min[1:]), (opt, *rng.opt[1:]), (hi, *rng.max[1:]))
+    return OptProfile(name=name, shapes=shapes, values=values), axes.warnings
 
 
 def plan_build(manifest: Manifest, profile: DeviceProfile, artifact: Path) -> BuildPlan:
     strongly_typed, flags, fp32_layers = precision_settings(profile, manifest.dtype)
     notes = []
+    warnings: list[str] = []
     engines = []
     for graph, spec in manifest.graphs.items():
         if graph == "decoder":
@@ -179,7 +209,9 @@ def plan_build(manifest: Manifest, profile: DeviceProfile, artifact: Path) -> Bu
             phases = (("prefill", "prefill"),)
         else:
             phases = (("default", "default"),)
-        profiles = tuple(_profile(name, manifest, graph, profile, phase) for name, phase in phases)
+        planned = [_profile(name, manifest, graph, profile, phase) for name, phase in phases]
+        profiles = tuple(opt for opt, _ in planned)
+        warnings += [w for _, ws in planned for w in ws if w not in warnings]
         engines.append(EnginePlan(
             graph=graph, onnx=spec.file, onnx_sha256=manifest.files[spec.file], plan=f"{graph}.plan",
             profiles=profiles, strongly_typed=strongly_typed, builder_flags=flags, fp32_layer_types=fp32_layers,
@@ -188,5 +220,11 @@ def plan_build(manifest: Manifest, profile: DeviceProfile, artifact: Path) -> Bu
     if profile.dla_cores:
         notes.append(f"{profile.dla_cores} DLA core(s) available; tokedge builds for the GPU (DLA lacks "
                      "TopK/GatherND support needed by the reduction)")
+    image = image_bounds(manifest)
+    if image.tiled:
+        notes.append(f"tiled layout: per image {image.partitions[0]}..{image.partitions[2]} partitions and "
+                     f"{image.vision_tokens[0]}..{image.vision_tokens[2]} visual tokens before reduction "
+                     f"({image.prompt_tokens[2]} at most in the prompt), from the manifest's layout")
     return BuildPlan(artifact=str(artifact), profile=profile.name, trt_version=profile.trt_version,
-                     precision=profile.precision, engines=tuple(engines), notes=tuple(notes))
+                     precision=profile.precision, engines=tuple(engines), notes=tuple(notes),
+                     warnings=tuple(warnings))

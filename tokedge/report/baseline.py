@@ -68,11 +68,14 @@ def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int,
     cfg = SamplingConfig(max_new_tokens=max_new_tokens)
     samples: dict[str, list[float]] = {"preprocess_ms": [], "prefill_ms": [], "ttft_ms": [], "decode_ms_per_token": []}
     tokens: list[list[int]] = [[] for _ in images]
+    visual = 0  # image tokens of the largest image (its own count for tiled layouts)
+    image_token = loaded.family.image_token_id(loaded)
     with torch.inference_mode():
         for i in range(warmup + runs):
             for j, image in enumerate(images):
                 start = time.perf_counter()
                 inputs = processor(images=[image], text=[text], return_tensors="pt")
+                visual = max(visual, int((inputs["input_ids"] == image_token).sum()))
                 t_pre = time.perf_counter()
                 out = model(**inputs, use_cache=True)
                 first = out.logits[:, -1].float().numpy()
@@ -99,7 +102,7 @@ def transformers_baseline(checkpoint: str, images: list, prompt: str, runs: int,
                     tokens[j] = decoded.tokens[0]
     decode = samples["decode_ms_per_token"] or [0.0]
     return BaselineResult(
-        checkpoint=checkpoint, attention=used, visual_tokens=loaded.full_tokens,
+        checkpoint=checkpoint, attention=used, visual_tokens=visual,
         preprocess_ms=statistics.median(samples["preprocess_ms"]), prefill_ms=statistics.median(samples["prefill_ms"]),
         ttft_ms=statistics.median(samples["ttft_ms"]), decode_ms_per_token=statistics.median(decode),
         ttft_p90_ms=p90(samples["ttft_ms"]), decode_p90_ms=p90(decode), samples=samples, token_ids=tokens,

@@ -39,11 +39,17 @@ def bytes_per_value(manifest: Manifest) -> int:
     return 2 if manifest.dtype == "fp16" else 4
 
 
-def vision_cost(manifest: Manifest, budget: int, batch: int = 1) -> StageCost:
+def vision_cost(manifest: Manifest, budget: int, batch: int = 1, partitions: int = 1) -> StageCost:
     """In-ViT merging follows the merge schedule the export recorded (tokens merged per layer),
-    so the count per layer is the traced graph's, whatever the tower (CLS or not)."""
+    so the count per layer is the traced graph's, whatever the tower (CLS or not).
+
+    `partitions`: views of one image the tower runs (1 for a single view; base view + tiles for
+    a tiled layout, `runtime.layout.plan_image(...).partitions` for a given image size). Each runs
+    the whole tower; unreduced, the projector runs on every partition's patch features (the
+    packing after it is a gather)."""
     m, red = manifest.model, manifest.reduction
-    n = (m.image_size // m.patch_size) ** 2 + (1 if m.vision_model_type == "clip_vision_model" else 0)
+    patches = (m.image_size // m.patch_size) ** 2
+    n = patches + (1 if m.vision_model_type == "clip_vision_model" else 0)
     d, ff = m.vision_hidden_size, m.vision_intermediate_size or 4 * m.vision_hidden_size
     schedule = list(red.merge_schedule) + [0] * (m.vision_layers - len(red.merge_schedule))
     flops = 0.0
@@ -53,7 +59,8 @@ def vision_cost(manifest: Manifest, budget: int, batch: int = 1) -> StageCost:
     stage = Stage(red.stage)
     # pre-LLM methods that select among projected tokens (divprune) project all of them
     projects_all = stage in (Stage.NONE, Stage.IN_LLM) or Signal.EMBEDDINGS.value in red.scores_with
-    projected = red.full_tokens if projects_all else budget
+    flops *= partitions
+    projected = partitions * patches if projects_all else budget
     flops += 2 * projected * (d * m.hidden_size + m.hidden_size * m.hidden_size)
     params = m.vision_layers * (4 * d * d + 2 * d * ff) + d * m.hidden_size + m.hidden_size**2
     return StageCost(flops=batch * flops, bytes=params * bytes_per_value(manifest))

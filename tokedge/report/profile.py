@@ -65,6 +65,10 @@ class BudgetResult:
     speedup_vs_baseline: dict[str, float] | None = None
     token_ids: list[list[int]] = field(default_factory=list)
     share_of_gemm_peak: dict[str, float] = field(default_factory=dict)  # achieved / measured GEMM peak per stage
+    # one entry per image: its size, partitions the vision graph ran, visual tokens (vision graph /
+    # reaching the LLM's last layer), median stage times, FLOPs and fidelity; with a tiled layout
+    # every image has its own counts (`visual_tokens` above is then the largest image's)
+    per_image: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -140,19 +144,24 @@ KERNELS_PER_LAYER = 10  # norm, QKV, rotary, attention (2), output, norm, MLP (2
 OVERHEAD_BOUND = 0.5  # a prediction whose floor is more than half of it says little about the device
 
 
-def predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int) -> dict:
+def predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int, *, partitions: int = 1,
+            visual: int | None = None) -> dict:
     """Roofline prediction per stage: max(FLOPs / peak, bytes / bandwidth, latency floor), where the
     floor is one engine call plus KERNELS_PER_LAYER kernels per layer at the profile's launch time.
     `overhead_bound` is set when the floors dominate: then the model is too small for the roofline
-    to mean much, and the report says so instead of quoting a rate."""
+    to mean much, and the report says so instead of quoting a rate. `partitions` and `visual`
+    (visual tokens entering the LLM) describe the image when its layout tiles it (default: one
+    view, `budget` tokens; in-LLM methods: all of them)."""
     bpv = 2  # engines run in fp16 on the device
     peak, bw = profile.fp16_tflops * 1e12, profile.bandwidth_gbs * 1e9
     m, red = manifest.model, manifest.reduction
     in_llm = Stage(red.stage) is Stage.IN_LLM
-    visual = red.full_tokens if in_llm else budget
-    v = fl.vision_cost(manifest, budget)
+    if visual is None:
+        visual = red.full_tokens if in_llm else budget
+    kept = budget if in_llm else visual  # in the cache after in-LLM pruning: the kept tokens
+    v = fl.vision_cost(manifest, budget, partitions=partitions)
     p = fl.prefill_cost(manifest, prompt_tokens, visual)
-    context = prompt_tokens + budget + new_tokens // 2  # in-LLM: the cache holds the kept tokens
+    context = prompt_tokens + kept + new_tokens // 2  # in-LLM: the cache holds the kept tokens
     d = fl.decode_cost(manifest, context)
     scale = bpv / fl.bytes_per_value(manifest)
     launch, call = profile.kernel_launch_us * 1e-6, profile.call_overhead_us * 1e-6
@@ -179,6 +188,66 @@ def predict(manifest, profile, budget: int, prompt_tokens: int, new_tokens: int)
             "kind": "predicted (roofline lower bound, fp16, with kernel-launch and call floors)"}
 
 
+@dataclass(frozen=True)
+class ImageCounts:
+    """One image under an artifact's layout: what the vision graph runs and what reaches the LLM."""
+
+    width: int
+    height: int
+    partitions: int  # views the vision graph runs (1 for a single view; base + tiles when tiled)
+    vision_tokens: int  # visual tokens the vision graph packs, before reduction
+    placeholders: int  # image tokens in the prompt (what the LLM's first layer sees)
+    llm_tokens: int  # image tokens the last decoder layer attends to (after in-LLM pruning)
+
+
+def image_counts(manifest, image, runtime_budget: int | None) -> ImageCounts:
+    """Counts for one image, from the manifest's layout (`runtime.layout.plan_image` for tiled
+    layouts) and reduction: read as data, whichever family exported it."""
+    from tokedge.memory import prompt_tokens_for
+
+    red = manifest.reduction
+    budget = runtime_budget if runtime_budget is not None else red.budget
+    if manifest.layout.kind == "single":
+        parts, full = 1, red.full_tokens
+    else:
+        from tokedge.runtime.layout import plan_image
+
+        layout = manifest.layout.anyres()
+        plan = plan_image(layout, image.height, image.width)
+        parts, full = plan.partitions, plan.tokens(layout)
+    placeholders = prompt_tokens_for(manifest, full, runtime_budget)
+    if manifest.layout.kind == "single" and runtime_budget is None:
+        placeholders = manifest.prompt.visual_tokens
+    llm = budget if Stage(red.stage) is Stage.IN_LLM else placeholders
+    return ImageCounts(image.width, image.height, parts, full, placeholders, llm)
+
+
+def vision_feed(manifest, image, runtime_budget: int | None) -> dict:
+    """The vision graph's inputs for one image, as the runtime builds them."""
+    if manifest.layout.kind == "single":
+        from tokedge.runtime.preprocess import preprocess_batch
+
+        feed = {"pixel_values": preprocess_batch([image], manifest.preprocess)}
+    else:
+        from tokedge.runtime.layout import anyres_inputs
+
+        inputs = anyres_inputs(image, manifest.layout.anyres(), manifest.preprocess)
+        feed = {"pixel_values": inputs.pixel_values, "pack_index": inputs.pack_index,
+                "pack_weight": inputs.pack_weight}
+    if manifest.graphs["vision"].input("budget") is not None:
+        feed["budget"] = np.array(runtime_budget or manifest.reduction.budget, dtype=np.int64)
+    return feed
+
+
+def _stage_gflops(manifest, budget: int, c: ImageCounts, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """GFLOP per stage for one image: the tower over its partitions, the prefill over its
+    placeholders plus the text, one decode step at mid-generation."""
+    v = fl.vision_cost(manifest, budget, partitions=c.partitions)
+    p = fl.prefill_cost(manifest, prompt_tokens, c.placeholders)
+    d = fl.decode_cost(manifest, prompt_tokens + c.llm_tokens + new_tokens // 2)
+    return {"vision": v.flops / 1e9, "prefill": p.flops / 1e9, "decode_per_token": d.flops / 1e9}
+
+
 def default_budgets(manifest) -> list[int]:
     red = manifest.reduction
     if red.budget_range:
@@ -193,9 +262,6 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     from tokedge.runtime.pipeline import Pipeline
 
     manifest = load_artifact(cfg.artifact)
-    if manifest.layout.kind != "single":
-        raise InputError(f"tokedge profile does not profile '{manifest.layout.kind}' layouts (LLaVA-NeXT) yet; "
-                         "time tokedge run --json on it instead")
     if cfg.runs < 1 or cfg.warmup < 0:
         raise UsageError("--runs must be >= 1 and --warmup >= 0")
     from tokedge.runtime.ort_backend import check_threads
@@ -237,11 +303,14 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         for k in budgets:
             art, runtime_budget = artifacts[k]
             samples: dict[str, list[float]] = {s: [] for s in STAGES}
+            per_samples: list[dict[str, list[float]]] = [{s: [] for s in STAGES} for _ in images]
             tokens: list[list[int]] = []
             with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines,
                                options=OrtOptions(intra_op_threads=cfg.threads)) as pipe:
+                pm = pipe.manifest
+                counts = [image_counts(pm, img, runtime_budget) for img in images]
                 for i in range(cfg.warmup + cfg.runs):
-                    for img in images:
+                    for j, img in enumerate(images):
                         res = pipe.generate(img, cfg.prompt, max_new_tokens=cfg.max_new_tokens, budget=runtime_budget)
                         done += 1
                         if progress:
@@ -249,21 +318,17 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                         if i >= cfg.warmup:
                             for s in STAGES:
                                 samples[s].append(getattr(res.timings, s))
+                                per_samples[j][s].append(getattr(res.timings, s))
                         if i == cfg.warmup:
                             tokens.append(res.token_ids[0])
-                placeholders = pipe.visual_tokens_for(runtime_budget)
-                encoded = pipe.encoder.encode([cfg.prompt], placeholders)
-                prompt_tokens = int(encoded.attention_mask.sum()) - placeholders
-                visual = res.visual_tokens
-                pm = pipe.manifest
+                            counts[j] = dataclasses.replace(counts[j], llm_tokens=res.visual_tokens)
+                placeholders = counts[0].placeholders
+                encoded = pipe.encoder.encode([cfg.prompt], [placeholders])
+                prompt_tokens = int(encoded.attention_mask.sum()) - placeholders  # text tokens beside the image
                 red_ms = None
                 stage = Stage(pm.reduction.stage)
                 if stage in (Stage.PRE_LLM, Stage.IN_VIT):
-                    from tokedge.runtime.preprocess import preprocess_batch
-
-                    feed = {"pixel_values": preprocess_batch(images[:1], pm.preprocess)}
-                    if pm.graphs["vision"].input("budget") is not None:
-                        feed["budget"] = np.array(runtime_budget or pm.reduction.budget, dtype=np.int64)
+                    feed = vision_feed(pm, images[0], runtime_budget)
                     red_ms = round(reduction_ms(Path(art), pm.graphs["vision"].file, feed), 3)
                 elif stage is Stage.NONE:
                     red_ms = 0.0
@@ -272,11 +337,21 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 if warning:
                     report.warnings.append(warning)
             med = {s: statistics.median(v) for s, v in samples.items()}
-            llm_visual = pm.reduction.full_tokens if stage is Stage.IN_LLM else visual
-            v = fl.vision_cost(pm, k)
-            p = fl.prefill_cost(pm, prompt_tokens, llm_visual)
-            d = fl.decode_cost(pm, prompt_tokens + visual + cfg.max_new_tokens // 2)
-            gflops = {"vision": v.flops / 1e9, "prefill": p.flops / 1e9, "decode_per_token": d.flops / 1e9}
+            per_image = []
+            for path, c, own in zip(cfg.images, counts, per_samples):
+                own_med = {s: statistics.median(v) for s, v in own.items()}
+                g = _stage_gflops(pm, k, c, prompt_tokens, cfg.max_new_tokens)
+                per_image.append({
+                    "image": str(path), "width": c.width, "height": c.height, "partitions": c.partitions,
+                    "vision_tokens": c.vision_tokens, "visual_tokens": c.llm_tokens,
+                    **{s: round(own_med[s], 3) for s in STAGES},
+                    "flops": {key: round(val, 4) for key, val in g.items()},
+                })
+            # the images' mean FLOPs against the median times of all runs (exact for one image or a
+            # single-view layout, where every image costs the same)
+            gflops = {key: sum(_stage_gflops(pm, k, c, prompt_tokens, cfg.max_new_tokens)[key] for c in counts)
+                      / len(counts) for key in ("vision", "prefill", "decode_per_token")}
+            largest = max(counts, key=lambda c: c.llm_tokens)
             achieved = {
                 "vision": gflops["vision"] / (med["vision_ms"] / 1e3) if med["vision_ms"] else 0.0,
                 "prefill": gflops["prefill"] / (med["prefill_ms"] / 1e3) if med["prefill_ms"] else 0.0,
@@ -284,7 +359,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 if med["decode_ms_per_token"] else 0.0,
             }
             report.results.append(BudgetResult(
-                budget=k, backend=cfg.backend, visual_tokens=visual, artifact=str(art),
+                budget=k, backend=cfg.backend, visual_tokens=largest.llm_tokens, artifact=str(art),
                 ttft_ms=med["ttft_ms"], vision_ms=med["vision_ms"], prefill_ms=med["prefill_ms"],
                 preprocess_ms=med["preprocess_ms"], decode_ms_per_token=med["decode_ms_per_token"],
                 tokens_per_s=1e3 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else 0.0,
@@ -292,10 +367,13 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 reduction_ms=red_ms, prompt_tokens=prompt_tokens,
                 flops={key: round(val, 4) for key, val in gflops.items()},
                 achieved_gflops_per_s={key: round(val, 2) for key, val in achieved.items()},
-                predicted=predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens) if device_profile else None,
+                predicted=predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens,
+                                  partitions=largest.partitions, visual=largest.placeholders)
+                if device_profile else None,
                 token_ids=tokens,
                 share_of_gemm_peak={key: round(val / report.gemm_peak_gflops_per_s, 3)
                                     for key, val in achieved.items()} if report.gemm_peak_gflops_per_s else {},
+                per_image=per_image,
             ))
     from tokedge.memory import profile_memory
 
@@ -337,6 +415,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     if ref_tokens:
         for r in report.results:
             r.fidelity = fidelity(ref_tokens, r.token_ids)
+            for j, entry in enumerate(r.per_image):
+                entry["fidelity"] = fidelity(ref_tokens[j:j + 1], r.token_ids[j:j + 1])
     overhead = [r.budget for r in report.results if r.predicted and r.predicted["overhead_bound"]]
     if overhead and device_profile is not None:
         report.warnings.append(

@@ -42,6 +42,23 @@ def markdown(report: ProfileReport) -> str:
         )
     if report.fidelity_reference:
         lines += ["", f"Fidelity compares greedy output with {report.fidelity_reference}."]
+    rows = [(r, e) for r in report.results for e in r.per_image]
+    if any(e["partitions"] > 1 for _, e in rows):  # tiled layouts: every image has its own counts
+        lines += ["", "## Per image", "",
+                  "Partitions the vision graph ran (base view + tiles) and visual tokens (vision graph / reaching "
+                  "the LLM) follow each image's size.", "",
+                  "| budget | image | size | partitions | visual tokens | vision | prefill | TTFT | decode/token "
+                  "| GFLOP vision / prefill | fidelity first / overlap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r, e in rows:
+            fid = e.get("fidelity")
+            fid_text = f"{fid['first_token_agreement']:.2f} / {fid['token_overlap']:.2f}" if fid else "n/a"
+            lines.append(
+                f"| {r.budget} | {Path(e['image']).name} | {e['width']}x{e['height']} | {e['partitions']} "
+                f"| {e['vision_tokens']} / {e['visual_tokens']} | {e['vision_ms']:.1f} | {e['prefill_ms']:.1f} "
+                f"| {e['ttft_ms']:.1f} | {e['decode_ms_per_token']:.2f} "
+                f"| {e['flops']['vision']:.2f} / {e['flops']['prefill']:.2f} "
+                f"| {fid_text} |"
+            )
     if report.baseline:
         b = report.baseline
         lines += ["", f"## Baseline: transformers ({b.get('attention', 'eager')} attention), all visual tokens", "",

@@ -118,6 +118,43 @@ def plan_image(layout: AnyresLayout, height: int, width: int, tiled: bool = True
                      (rows, cols), packed)
 
 
+TYPICAL_IMAGE = (768, 1024)  # (height, width) of a 4:3 photo: the "typical" image of shape planning
+
+
+@dataclass(frozen=True)
+class LayoutBounds:
+    """What any one image can give under a layout, from the layout alone (no image): the
+    partitions its vision graph runs and its visual tokens before reduction, as (min, typical,
+    max); typical = an image of TYPICAL_IMAGE. Build planning, FLOPs, memory and serve limits read these."""
+
+    partitions: tuple[int, int, int]
+    tokens: tuple[int, int, int]
+
+
+def layout_bounds(layout: AnyresLayout) -> LayoutBounds:
+    """Largest count: over every pinpoint, every feature map unpadding can leave (the full
+    `gh*p` rows with any column count, or the full `gw*p` columns with any row count), after
+    OneVision's interpolation, + newlines + the base view. Without `max_tiles` that is the largest
+    pinpoint's whole map (an image of exactly its shape reaches it); with `max_tiles` it is an
+    upper bound. Smallest: the base view alone (1 partition when `multi_image_square`)."""
+    p, n = layout.patch_grid, layout.tokens_per_tile
+    most = 0
+    for h, w in layout.pinpoints:
+        full_rows, full_cols = (h // layout.tile) * p, (w // layout.tile) * p
+        maps = [(full_rows, c) for c in range(1, full_cols + 1)] + [(r, full_cols) for r in range(1, full_rows)]
+        for rows, cols in maps:
+            if layout.max_tiles is not None:
+                ratio = math.sqrt(rows * cols / (layout.max_tiles * p * p))
+                if ratio > layout.interpolate_threshold:
+                    rows, cols = int(rows // ratio), int(cols // ratio)
+            most = max(most, rows * (cols + 1))
+    tiles = [(h // layout.tile) * (w // layout.tile) for h, w in layout.pinpoints]
+    typical = plan_image(layout, *TYPICAL_IMAGE)
+    fewest_parts = 1 if layout.multi_image_square else 1 + min(tiles)
+    return LayoutBounds(partitions=(fewest_parts, typical.partitions, 1 + max(tiles)),
+                        tokens=(n, typical.tokens(layout), n + most))
+
+
 def partitions(image: Image.Image, layout: AnyresLayout, plan: ImagePlan, resample: int) -> list[Image.Image]:
     """The base view and the tiles (row-major) of an RGB image, as PIL images of S x S, before
     rescaling and normalising (those are per partition, as for a single crop)."""

@@ -26,10 +26,12 @@ class BatchDecoder:
     on EOS ("eos"), at its `max_new_tokens` ("length"), or when the caller calls `finish`.
     """
 
-    def __init__(self, graphs: ArtifactGraphs, pixel_values: np.ndarray, input_ids: np.ndarray,
+    def __init__(self, graphs: ArtifactGraphs, pixel_values: np.ndarray | list, input_ids: np.ndarray,
                  attention_mask: np.ndarray, configs: list[SamplingConfig], *, budget: int | None = None):
-        if len(configs) != input_ids.shape[0] or pixel_values.shape[0] != input_ids.shape[0]:
-            raise InputError(f"{input_ids.shape[0]} prompts, {pixel_values.shape[0]} images and {len(configs)} "
+        """`pixel_values`: [b, 3, H, W] for single views, or one tiled image's inputs per row
+        (`runtime.layout.AnyresInputs`), as `generate` takes them."""
+        if len(configs) != input_ids.shape[0] or len(pixel_values) != input_ids.shape[0]:
+            raise InputError(f"{input_ids.shape[0]} prompts, {len(pixel_values)} images and {len(configs)} "
                              "sampling configs; pass one of each per row")
         self.decode = DecodeRows(configs, eos=frozenset(graphs.manifest.model.eos_token_ids),
                                  pad=graphs.manifest.model.pad_token_id or 0)
@@ -41,7 +43,8 @@ class BatchDecoder:
         self.pixel_values, self.input_ids, self.attention_mask = pixel_values, input_ids, attention_mask
         self.rows = self.decode.rows
         self.state: DecodeState | None = None
-        self.visual_tokens = 0
+        self.visual_tokens = 0  # row 0's count (every row's, for single views)
+        self.row_visual_tokens: list[int] = []  # per row: tiled images each have their own count
         self.vision_ms = self.prefill_ms = 0.0
 
     @property
@@ -53,14 +56,18 @@ class BatchDecoder:
 
     def prefill(self) -> list[int | None]:
         t0 = time.perf_counter()
-        image_embeds = self.graphs.vision(self.pixel_values, self.budget)
+        image_embeds = self.graphs.vision(self.pixel_values, self.budget) if isinstance(self.pixel_values, np.ndarray) \
+            else self.graphs.vision_packed(self.pixel_values)
         self.vision_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
                                      self.graphs.manifest.model.image_token_id, image_embeds)
         logits, self.state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room)
         # as generate does: the vision graph's count less what an in-LLM method pruned (cache lengths)
-        self.visual_tokens = self.state.visual_tokens(int(image_embeds.shape[1]))
+        counts = [int(e.shape[0]) for e in image_embeds] if isinstance(image_embeds, list) else \
+            [int(image_embeds.shape[1])] * len(self.rows)
+        self.row_visual_tokens = [self.state.visual_tokens(c) for c in counts]
+        self.visual_tokens = self.row_visual_tokens[0]
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
         return self.decode.take(logits)
 

@@ -27,7 +27,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokedge.errors import InputError, TokedgeError
+from tokedge.memory import prompt_tokens_for
 from tokedge.runtime.generate import SamplingConfig, context_limit
+from tokedge.runtime.layout import anyres_inputs
 from tokedge.runtime.pipeline import Pipeline
 from tokedge.runtime.preprocess import preprocess
 from tokedge.runtime.prompt import render_messages
@@ -41,9 +43,20 @@ ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 def images_per_prompt(pipe: Pipeline) -> int:
-    """How many images one prompt may carry. Every family the runtime loads today (LLaVA-1.5)
+    """How many images one prompt may carry. Every family the runtime loads today (LLaVA-1.5, LLaVA-NeXT)
     splices exactly one image per prompt; a family that declares more raises this."""
     return 1
+
+
+def vision_input(pipe: Pipeline, image) -> tuple[Any, int]:
+    """One image's vision-graph input and its placeholder count, from the manifest's layout: a
+    preprocessed view [3, H, W] and the artifact's fixed count, or, for a tiled layout, the image's
+    partitions and packing plan (`runtime.layout.anyres_inputs`) and its own token count."""
+    manifest = pipe.manifest
+    if manifest.layout.kind == "single":
+        return preprocess(image, manifest.preprocess), pipe.visual_tokens_for(None)
+    inputs = anyres_inputs(image, manifest.layout.anyres(), manifest.preprocess)
+    return inputs, prompt_tokens_for(manifest, inputs.tokens)
 
 
 class Service:
@@ -66,10 +79,6 @@ class Service:
     def load(self) -> None:
         try:
             pipe = self.loader()  # Pipeline.load checks format version and every file's sha256
-            if pipe.manifest.layout.kind != "single":
-                pipe.close()
-                raise InputError(f"tokedge serve does not serve '{pipe.manifest.layout.kind}' layouts (LLaVA-NeXT) "
-                                 "yet; use tokedge run or the Pipeline API for this artifact")
             self.pipe = pipe
             if self.cfg.warmup:
                 from PIL import Image
@@ -109,9 +118,9 @@ class Service:
                                 f"supports {allowed} image per prompt; send one image_url part", param="messages")
         images = [fetch_image(url, cfg) for url in req.image_urls]
         try:
-            pixel_values = preprocess(images[0], pipe.manifest.preprocess)
+            pixel_values, visual_tokens = vision_input(pipe, images[0])
             rendered = render_messages(pipe.manifest.prompt, req.messages, pipe.manifest.prompt.special_tokens)
-            enc = pipe.encoder.encode_rendered([rendered], pipe.visual_tokens_for(None))
+            enc = pipe.encoder.encode_rendered([rendered], visual_tokens)
         except InputError as exc:
             raise APIError(400, str(exc), param="messages") from None
         prompt_tokens = int(enc.input_ids.shape[1])

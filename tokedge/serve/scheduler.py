@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ class QueueFull(Exception):
 class Job:
     """One request's inputs, ready for a batch, and where its events go (called from the worker)."""
 
-    pixel_values: np.ndarray  # [3, H, W]
+    pixel_values: Any  # [3, H, W] for a single-view layout; a tiled layout's `AnyresInputs` for one image
     input_ids: np.ndarray  # [t] int64, no padding
     sampling: SamplingConfig
     stop: tuple[str, ...]
@@ -195,8 +196,9 @@ class Scheduler:
         for r, job in enumerate(jobs):  # left padding, as PromptEncoder pads a batch
             ids[r, width - len(job.input_ids):] = job.input_ids
             mask[r, width - len(job.input_ids):] = 1
-        dec = BatchDecoder(self.graphs, np.stack([j.pixel_values for j in jobs]), ids, mask,
-                           [j.sampling for j in jobs])
+        views = [j.pixel_values for j in jobs]
+        pixel_values = np.stack(views) if all(isinstance(v, np.ndarray) for v in views) else views
+        dec = BatchDecoder(self.graphs, pixel_values, ids, mask, [j.sampling for j in jobs])
         trackers = [TextTracker(self.decode, j.stop) for j in jobs]
         first_token_at: list[float] = [0.0] * len(jobs)
         dec.prefill()
@@ -204,7 +206,7 @@ class Scheduler:
         for r, job in enumerate(jobs):
             first_token_at[r] = now
             self.metrics.observe("tokedge_ttft_seconds", now - job.created)
-            self.metrics.observe("tokedge_visual_tokens", dec.visual_tokens)
+            self.metrics.observe("tokedge_visual_tokens", dec.row_visual_tokens[r])
         while True:
             for r, job in enumerate(jobs):
                 if job.finished:
@@ -226,7 +228,7 @@ class Scheduler:
                 if row.finish_reason is not None:
                     job.finished = True
                     self._finished(job, row.tokens, row.finish_reason, trackers[r].sent, len(job.input_ids),
-                                   dec.visual_tokens, first_token_at[r])
+                                   dec.row_visual_tokens[r], first_token_at[r])
             if not dec.active:
                 return
             dec.step()
