@@ -4,9 +4,7 @@ resize) with Qwen2 (q/k/v biases), and CLIP with Mistral. Checked against transf
 from __future__ import annotations
 
 import json
-import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,49 +35,8 @@ def test_family_matches_transformers(tmp_path_factory, artifacts, test_images, v
 
 # --- the family interface: registry, import rule, layout in the manifest ----------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
-FAMILY_DIR = ROOT / "tokedge" / "export" / "families"
-FAMILY_MODULES = sorted(p.stem for p in FAMILY_DIR.glob("*.py") if p.stem != "__init__")
-
-
-def _sources_outside_families():
-    for top in ("tokedge", "tests", "bench"):
-        for path in sorted((ROOT / top).rglob("*.py")):
-            if FAMILY_DIR not in path.parents:
-                yield path.relative_to(ROOT).as_posix(), path.read_text(encoding="utf-8")
-
-
-def test_no_module_outside_families_imports_a_family_module():
-    assert FAMILY_MODULES, "no family module found"
-    names = "|".join(map(re.escape, FAMILY_MODULES))
-    patterns = [
-        re.compile(rf"families\.({names})\b"),  # import tokedge.export.families.<name>, from ... import
-        re.compile(rf"from\s+tokedge\.export\.families\s+import\s+\(?[^)\n]*\b({names})\b"),
-        re.compile(r"from\s+tokedge\.export\s+import\s+[^\n]*\bfamilies\b"),  # then families.<name>
-    ]
-    offenders = [f"{name}: {m.group(0)}" for name, text in _sources_outside_families()
-                 for pattern in patterns for m in pattern.finditer(text)]
-    assert offenders == []
-
-
-def test_the_import_scan_catches_an_import():
-    """The scan above is not vacuous: each way of importing a family module matches."""
-    names = "|".join(map(re.escape, FAMILY_MODULES))
-    first = FAMILY_MODULES[0]
-    for line in (f"from tokedge.export.families.{first} import X", f"import tokedge.export.families.{first}",
-                 f"from tokedge.export.families import {first} as fam"):
-        assert re.search(rf"families\.({names})\b", line) or \
-            re.search(rf"from\s+tokedge\.export\.families\s+import\s+\(?[^)\n]*\b({names})\b", line), line
-
-
-def test_no_family_comparisons_outside_families():
-    from tokedge.export.families import families
-
-    words = "|".join(re.escape(w) for w in families())
-    compare = re.compile(rf"""([=!]=\s*["']({words})["'])|(["']({words})["']\s*[=!]=)|(\bfamily\s*[=!]=)""")
-    offenders = [f"{name}: {m.group(0)}" for name, text in _sources_outside_families()
-                 if name.startswith("tokedge/") for m in compare.finditer(text)]
-    assert offenders == []
+# The import rule (nothing outside families/ imports a family module, nothing branches on a family's
+# name) is checked by tests/test_structure.py.
 
 
 def test_registry_finds_the_family_by_model_type_and_checks_architectures(tiny_llava_dir):
@@ -87,7 +44,9 @@ def test_registry_finds_the_family_by_model_type_and_checks_architectures(tiny_l
     from tokedge.export.families import Family, families, for_checkpoint
 
     registered = families()
-    assert sorted(registered) == sorted(FAMILY_MODULES)  # every family module registers itself
+    from tests.test_structure import family_modules
+
+    assert sorted(registered) == family_modules()  # every family module registers itself
     config = json.loads((tiny_llava_dir / "config.json").read_text())
     family = for_checkpoint(config)
     assert isinstance(family, Family) and family.name == "llava" == config["model_type"]
