@@ -32,10 +32,10 @@ def image_positions(input_ids: np.ndarray, image_token_id: int, count: int | Seq
     """[b, count] positions of each row's image placeholder tokens (a list when `count` is per row)."""
     rows = [np.flatnonzero(row == image_token_id) for row in input_ids]
     counts = [count] * len(rows) if isinstance(count, int) else list(count)
-    for r, (where, count) in enumerate(zip(rows, counts)):
-        if len(where) != count:
+    for r, (where, expected) in enumerate(zip(rows, counts)):
+        if len(where) != expected:
             raise InputError(
-                f"prompt {r} has {len(where)} image placeholder tokens but the image has {count} visual tokens; "
+                f"prompt {r} has {len(where)} image placeholder tokens but its images have {expected} visual tokens; "
                 "expand the placeholder to the artifact's count"
             )
     if isinstance(count, int) or len(set(counts)) == 1:

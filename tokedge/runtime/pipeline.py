@@ -182,6 +182,38 @@ def group_images(images: ImagesArg, prompts: Sequence[str] | str) -> tuple[list[
     return groups, prompts
 
 
+def images_for_prompts(images: list, prompts: list[str], images_per_prompt: str | None = None) -> list[list]:
+    """How `tokedge run`'s repeated --image / --prompt flags group: one --prompt takes every image;
+    as many --prompt as --image are pairs (a batch, one image each); otherwise --images-per-prompt
+    "2,1" says how many consecutive images each prompt takes. -> the images of each prompt."""
+    if images_per_prompt is not None:
+        try:
+            counts = [int(v) for v in images_per_prompt.split(",")]
+        except ValueError:
+            raise UsageError(f"--images-per-prompt '{images_per_prompt}' is not comma-separated counts "
+                             "(for example 2,1)") from None
+        if len(counts) != len(prompts):
+            raise UsageError(f"--images-per-prompt has {len(counts)} entries for {len(prompts)} --prompt; "
+                             "give one count per prompt")
+        if min(counts) < 1:
+            raise UsageError("--images-per-prompt: every prompt takes at least 1 image")
+        if sum(counts) != len(images):
+            raise UsageError(f"--images-per-prompt adds up to {sum(counts)} images but {len(images)} --image were "
+                             "given; make them agree")
+    elif len(prompts) == 1:
+        counts = [len(images)]
+    elif len(images) == len(prompts):
+        counts = [1] * len(prompts)
+    else:
+        raise UsageError(f"{len(images)} --image for {len(prompts)} --prompt: pass one --prompt for several images "
+                         "(one prompt), one --prompt per --image (pairs), or --images-per-prompt (e.g. 2,1) to group them")
+    groups, start = [], 0
+    for count in counts:
+        groups.append(list(images[start:start + count]))
+        start += count
+    return groups
+
+
 def _tensorrt_runners(root: Path, engines: Path | str | None, manifest_sha256: str):
     """TensorRT runners for an artifact's engines, refusing engines built from another artifact."""
     import json
