@@ -127,6 +127,9 @@ class _Axes:
                 lo, opt, hi = self.ranges["sequence"]
                 self.ranges["total_sequence" + suffix] = (lo, opt, hi)
                 self.ranges["sequence" + suffix] = (max(1, lo - removed), max(1, opt - removed), hi - removed)
+        if red.stages:  # the prefill's image positions: every image token of a prompt, one image or several
+            one_image = red.full_tokens if manifest.layout.kind == "single" else 1
+            self.ranges["image_tokens"] = (one_image, red.full_tokens, max(red.full_tokens, max_prompt - 1))
         if red.budget_range:
             lo = max(red.budget_range[0], profile.budget_min)
             hi = min(red.budget_range[1], profile.budget_max)

@@ -14,7 +14,7 @@ from torch import nn
 
 from tokedge.export.primitives import apply_rotary, attention, merge_heads, repeat_kv, split_heads
 from tokedge.reduce.base import Signal
-from tokedge.reduce.in_llm import Plan, dart_select, keep_positions, select_top_image_tokens
+from tokedge.reduce.in_llm import Plan, dart_select, keep_positions, remap_positions, select_top_image_tokens
 
 
 def causal_bias(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
@@ -123,12 +123,13 @@ class PruningPrefill(_Layers):
             if i in by_prune:
                 n, stage = by_prune[i]
                 if stage.rule == Signal.LLM_KEY_NORM:
-                    selected = dart_select(scores[i], x, img, mask, image_keep[n], self.plan.pivots)
+                    kept = dart_select(scores[i], x, img, mask, image_keep[n], self.plan.pivots)
                 else:
-                    selected = select_top_image_tokens(scores[i], img, image_keep[n])
-                keep, img = keep_positions(mask, img, selected)
+                    kept = select_top_image_tokens(scores[i], img, image_keep[n])
+                keep = keep_positions(mask, img, kept)
                 x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
                 mask, pos = torch.gather(mask, 1, keep), torch.gather(pos, 1, keep)
+                img = remap_positions(keep, kept)
                 group_masks.append(mask)
                 cos, sin = self.rotary(x, pos)
                 bias = causal_bias(mask, x.shape[1])

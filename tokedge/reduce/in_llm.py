@@ -42,8 +42,22 @@ class Plan:
 
 # --- pure functions ------------------------------------------------------------------------------
 # The number of image positions `n` (all images of a prompt) and the count kept `k` are both
-# run-time values: `k` may be a Python int or a 0-d int64 tensor (a graph input), and every
-# selection is a boolean mask over the image positions, so no shape depends on a trace constant.
+# run-time values: `k` may be a Python int or a 0-d int64 tensor (a graph input; traced, it stays
+# TopK's dynamic K), and every other size follows from shapes, so no count is a trace constant
+# and no data-dependent op (NonZero) is needed.
+
+
+def _capped(k, image_pos):
+    """min(k, n): TopK over n image positions cannot take more than n."""
+    if isinstance(k, int):
+        return min(k, image_pos.shape[1])
+    return torch.minimum(k, torch.ones_like(image_pos[0]).sum())
+
+
+def _flags(seq_len_like, positions):
+    """[b, t] bool: True at `positions` [b, m] (a scatter, not an [m, t] comparison)."""
+    zeros = torch.zeros_like(seq_len_like, dtype=torch.int64)
+    return zeros.scatter(1, positions, torch.ones_like(positions)) > 0
 
 
 def rank(values, descending: bool = True):
@@ -55,24 +69,32 @@ def rank(values, descending: bool = True):
 
 
 def select_top_image_tokens(scores, image_pos, k):
-    """scores [b, t] per sequence position, image_pos [b, n] -> selected [b, n] bool: the `k`
-    image positions with the highest scores (all of them when k >= n)."""
-    return rank(torch.gather(scores, 1, image_pos)) < k
+    """scores [b, t] per sequence position, image_pos [b, n] -> kept image positions [b, min(k, n)]
+    (sorted): the ones with the highest scores."""
+    img_scores = torch.gather(scores, 1, image_pos)
+    top = torch.topk(img_scores, _capped(k, image_pos), dim=-1).indices
+    return torch.sort(torch.gather(image_pos, 1, top), dim=-1).values
 
 
-def keep_positions(mask, image_pos, selected):
-    """All non-image positions plus the selected image positions, in sequence order, and where
-    the selected image tokens sit in that shorter sequence.
+def keep_positions(seq_len_like, image_pos, kept_img):
+    """All non-image positions plus the kept image positions, in sequence order: [b, t - n + k].
 
-    mask [b, t] (any int64 tensor of the sequence's shape), image_pos [b, n], selected [b, n] bool
-    with the same count in every row -> (keep [b, t - n + k], new image positions [b, k]).
+    seq_len_like: any [b, t] tensor (gives t, which may be a dynamic axis).
     """
-    b = mask.shape[0]
-    is_img = torch.zeros_like(mask).scatter(1, image_pos, torch.ones_like(image_pos))
-    is_kept = torch.zeros_like(mask).scatter(1, image_pos, selected.to(mask.dtype))
-    keep = torch.nonzero((is_img == 0) | (is_kept > 0))[:, 1].reshape(b, -1)  # row-major: ascending per row
-    kept_img = torch.nonzero(torch.gather(is_kept, 1, keep) > 0)[:, 1].reshape(b, -1)
-    return keep, kept_img
+    t = seq_len_like.shape[1]
+    ar = torch.arange(t, device=image_pos.device)
+    is_img = _flags(seq_len_like, image_pos)
+    is_kept = _flags(seq_len_like, kept_img)
+    keep = (~is_img) | is_kept  # [b, t], count t - n + k in every row
+    count = t - image_pos.shape[1] + kept_img.shape[1]
+    key = keep.to(torch.float32) * (2.0 * t) - ar.to(torch.float32)  # kept first, then by position
+    idx = torch.topk(key, count, dim=-1).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def remap_positions(keep_idx, kept_img):
+    """Where the kept image tokens sit in the shortened sequence: [b, k]."""
+    return (keep_idx[:, None, :] < kept_img[:, :, None]).sum(dim=-1)
 
 
 def _quota(k, p: int, pivots: int):
@@ -88,9 +110,11 @@ def dart_select(key_norm, hidden, image_pos, mask, k, pivots: int = 8):
     pool, removing them; floor(k / pivots) each, the first k % pivots pivots one more.
 
     key_norm [b, t] L1 norm of the scoring layer's keys; hidden [b, t, h] input of the pruning
-    layer; image_pos [b, n]; mask [b, t] (padding is never a pivot) -> selected [b, n] bool.
+    layer; image_pos [b, n]; mask [b, t] (padding is never a pivot) -> kept image positions
+    [b, min(k, n)] (sorted).
     """
-    is_img = torch.zeros_like(mask).scatter(1, image_pos, torch.ones_like(image_pos)) > 0
+    n = image_pos.shape[1]
+    is_img = _flags(mask, image_pos)
     neg = torch.finfo(torch.float32).min
     n_img_piv = pivots // 2
     img_piv = torch.topk(key_norm.masked_fill(~is_img, neg), n_img_piv, dim=-1).indices
@@ -102,10 +126,13 @@ def dart_select(key_norm, hidden, image_pos, mask, k, pivots: int = 8):
     piv_h = torch.gather(hn, 1, piv.unsqueeze(-1).expand(-1, -1, hn.shape[-1]))  # [b, p, h]
     sim = torch.matmul(piv_h, img_h.transpose(1, 2))  # [b, p, n]
     taken = torch.zeros_like(image_pos) > 0
-    for p in range(pivots):
+    for p in range(pivots):  # a pivot's share may be 0 (k < pivots): a mask, never a TopK of 0
         score = sim[:, p].masked_fill(taken, math.inf)  # taken tokens rank last
         taken = taken | (rank(score, descending=False) < _quota(k, p, pivots))  # least similar first
-    return taken
+    # the taken positions, ascending: taken ones first by position, then cut at min(k, n)
+    key = taken.to(torch.float32) * (2.0 * n) - torch.arange(n, device=sim.device).to(torch.float32)
+    first = torch.topk(key, _capped(k, image_pos), dim=-1).indices
+    return torch.sort(torch.gather(image_pos, 1, first), dim=-1).values
 
 
 # --- plans from options ----------------------------------------------------------------------------

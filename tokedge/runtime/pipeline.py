@@ -132,10 +132,10 @@ class Pipeline:
         pil = [[img if isinstance(img, Image.Image) else load_image(img) for img in group] for group in groups]
         red = self.manifest.reduction
         if self.manifest.layout.kind == "anyres":  # tiles per image: a token count per image
-            if budget is not None and red.method == "none":
+            if budget is not None and red.budget == red.full_tokens and not red.stages:
                 raise InputError("this artifact keeps every visual token (anyres, --method none); drop --budget")
             if budget is not None:
-                self.visual_tokens_for(budget)  # a fixed budget: only that value is accepted
+                self.visual_tokens_for(budget)  # in-LLM: the exported budget is the only value
             layout = self.manifest.layout.anyres()
             # OneVision's rule: images of a prompt with several images are not tiled
             pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess,

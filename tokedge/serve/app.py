@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -40,10 +41,12 @@ from tokedge.serve.scheduler import Delta, Done, Event, Failed, Job, QueueFull, 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
+MAX_IMAGES_PER_PROMPT = 8  # images are fetched and decoded before the prompt length is known
+
+
 def images_per_prompt(pipe: Pipeline) -> int:
-    """How many images one prompt may carry. Every family the runtime loads today (LLaVA-1.5)
-    splices exactly one image per prompt; a family that declares more raises this."""
-    return 1
+    """How many images one request may carry (each becomes its own image item of the prompt)."""
+    return MAX_IMAGES_PER_PROMPT
 
 
 class Service:
@@ -105,13 +108,13 @@ class Service:
             raise APIError(400, f"this artifact ({family}) needs an image in the request: add an image_url part to "
                                 "the user message; text-only prompts are not supported", param="messages")
         if len(req.image_urls) > allowed:
-            raise APIError(400, f"the request has {len(req.image_urls)} images but this artifact's family ({family}) "
-                                f"supports {allowed} image per prompt; send one image_url part", param="messages")
+            raise APIError(400, f"the request has {len(req.image_urls)} images; this server takes at most {allowed} "
+                                "image_url parts per request", param="messages")
         images = [fetch_image(url, cfg) for url in req.image_urls]
         try:
-            pixel_values = preprocess(images[0], pipe.manifest.preprocess)
+            pixel_values = np.stack([preprocess(image, pipe.manifest.preprocess) for image in images])
             rendered = render_messages(pipe.manifest.prompt, req.messages, pipe.manifest.prompt.special_tokens)
-            enc = pipe.encoder.encode_rendered([rendered], pipe.visual_tokens_for(None))
+            enc = pipe.encoder.encode_rendered([rendered], [[pipe.visual_tokens_for(None)] * len(images)])
         except InputError as exc:
             raise APIError(400, str(exc), param="messages") from None
         prompt_tokens = int(enc.input_ids.shape[1])

@@ -57,7 +57,7 @@ class QueueFull(Exception):
 class Job:
     """One request's inputs, ready for a batch, and where its events go (called from the worker)."""
 
-    pixel_values: np.ndarray  # [3, H, W]
+    pixel_values: np.ndarray  # [images, 3, H, W]: the request's images in message order
     input_ids: np.ndarray  # [t] int64, no padding
     sampling: SamplingConfig
     stop: tuple[str, ...]
@@ -195,8 +195,8 @@ class Scheduler:
         for r, job in enumerate(jobs):  # left padding, as PromptEncoder pads a batch
             ids[r, width - len(job.input_ids):] = job.input_ids
             mask[r, width - len(job.input_ids):] = 1
-        dec = BatchDecoder(self.graphs, np.stack([j.pixel_values for j in jobs]), ids, mask,
-                           [j.sampling for j in jobs])
+        dec = BatchDecoder(self.graphs, np.concatenate([j.pixel_values for j in jobs]), ids, mask,
+                           [j.sampling for j in jobs], images_per_row=[len(j.pixel_values) for j in jobs])
         trackers = [TextTracker(self.decode, j.stop) for j in jobs]
         first_token_at: list[float] = [0.0] * len(jobs)
         dec.prefill()
@@ -204,7 +204,7 @@ class Scheduler:
         for r, job in enumerate(jobs):
             first_token_at[r] = now
             self.metrics.observe("tokedge_ttft_seconds", now - job.created)
-            self.metrics.observe("tokedge_visual_tokens", dec.visual_tokens)
+            self.metrics.observe("tokedge_visual_tokens", dec.visual_tokens_per_row[r])
         while True:
             for r, job in enumerate(jobs):
                 if job.finished:
@@ -226,7 +226,7 @@ class Scheduler:
                 if row.finish_reason is not None:
                     job.finished = True
                     self._finished(job, row.tokens, row.finish_reason, trackers[r].sent, len(job.input_ids),
-                                   dec.visual_tokens, first_token_at[r])
+                                   dec.visual_tokens_per_row[r], first_token_at[r])
             if not dec.active:
                 return
             dec.step()
