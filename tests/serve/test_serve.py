@@ -200,8 +200,9 @@ def test_malformed_request_gets_400_and_the_next_one_succeeds(server, client, mo
         elif body.get("messages") == "LONG_TEXT":
             body["messages"] = user_message(image_urls[0], "tell me more " * 40)
         elif body.get("messages") == "NINE_IMAGES":
-            nine = user_message(image_urls[0], "hi")
-            nine[0]["content"][1:1] = [{"type": "image_url", "image_url": {"url": image_urls[1]}}] * 8
+            small = data_url(Image.new("RGB", (8, 8), (1, 2, 3)))  # nine, well within the body limit
+            nine = user_message(small, "hi")
+            nine[0]["content"][1:1] = [{"type": "image_url", "image_url": {"url": small}}] * 8
             body["messages"] = nine
     assert_openai_error(post(base, body), status, fragment)
     ok = client.chat.completions.create(model=model, messages=user_message(image_urls[0], "hi"), max_tokens=3)
