@@ -259,7 +259,8 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
 
     t0 = time.perf_counter()
     embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
-    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens, images=images_per_row)
+    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens,
+                                   images_per_row=images_per_row)
     now = time.perf_counter()
     timings.prefill_ms = (now - t0) * 1e3
     timings.ttft_ms = (now - started) * 1e3  # the first token is an argmax/sample away

@@ -65,11 +65,12 @@ class BatchDecoder:
         t0 = time.perf_counter()
         embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
                                      self.graphs.manifest.model.image_token_id, image_embeds)
-        logits, self.state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room,
-                                                 images=self.images_per_row)
+        logits, state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room,
+                                            images_per_row=self.images_per_row)
+        self.state = state
         # as generate does: each row's image tokens less what an in-LLM method pruned
         tokens = [int(np.prod(e.shape[:-1])) for e in image_embeds]
-        pruned = self.state.pruned if self.state.pruned is not None else np.zeros(len(tokens), dtype=np.int64)
+        pruned = state.pruned if state.pruned is not None else np.zeros(len(tokens), dtype=np.int64)
         self.visual_tokens_per_row = [t - int(p) for t, p in zip(tokens, pruned)]
         self.visual_tokens = self.visual_tokens_per_row[0]
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
