@@ -174,3 +174,23 @@ def test_cli_groups_images_into_prompts(next_none, tmp_path, capsys):
     assert main([*base, "--image", a, "--image", b, "--image", c, "--prompt", "p1", "--prompt", "p2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--images-per-prompt" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_multi_image_square_layouts_do_not_tile_images_of_multi_image_prompts(next_none, tmp_path):
+    """OneVision's rule, read from the layout data: with `multi_image_square` set, each image of a
+    prompt with several images is one square partition (base + newline: 577 tokens); a prompt
+    with one image is still tiled. (The manifest is not in `files`, so flipping it keeps the
+    artifact loadable; the graphs take any partition count.)"""
+    import shutil
+
+    from tokedge.runtime.pipeline import Pipeline
+
+    art = tmp_path / "square"
+    shutil.copytree(next_none, art)
+    manifest = json.loads((art / "tokedge.json").read_text())
+    manifest["layout"]["multi_image_square"] = True
+    (art / "tokedge.json").write_text(json.dumps(manifest))
+    with Pipeline.load(art) as pipe:
+        one = pipe.generate(_image(*A), "hi", max_new_tokens=1)
+        two = pipe.generate([_image(*A), _image(*B)], "hi", max_new_tokens=1)
+    assert one.visual_tokens == 2340 and two.visual_tokens == 2 * (576 + 1)
