@@ -71,6 +71,9 @@ class ContractClient:
         feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
         if "prefill" in self.manifest["graphs"]:  # in-LLM pruning: per-group masks come back
             feed["image_positions"] = np.stack(image_pos).astype(np.int64)
+            if any(t["name"] == "image_keep" for t in self.manifest["graphs"]["prefill"]["inputs"]):
+                # one image per row here: each stage keeps its per-image count
+                feed["image_keep"] = np.array([s["keep"] for s in self.manifest["reduction"]["stages"]], np.int64)
             logits, past, extra = self._decoder("prefill", feed, mask_names[1:])
             masks = {"attention_mask": mask, **extra}
         else:

@@ -64,7 +64,10 @@ def test_dry_run_for_in_llm_artifact_has_group_axes(artifacts, capsys):
     assert decode["shapes"]["past_key_values.2.key"]["max"][2] == longest - 1 - removed
     assert decode["shapes"]["past_key_values.0.key"]["max"][2] == longest - 1
     prefill = engines["prefill"]["profiles"][0]
-    assert prefill["shapes"]["image_positions"]["max"] == [p.max_batch, 576]
+    # one image (576 positions) up to a prompt of several images filling the prompt length
+    assert prefill["shapes"]["image_positions"]["min"] == [1, 576]
+    assert prefill["shapes"]["image_positions"]["max"] == [p.max_batch, min(p.max_prompt_tokens, longest - 1) - 1]
+    assert prefill["shapes"]["image_keep"] == {"min": [1], "opt": [1], "max": [1]}
     assert prefill["shapes"]["inputs_embeds"]["min"][1] == 577
 
 

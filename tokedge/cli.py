@@ -390,8 +390,11 @@ def verify_cmd(
 @app.command("run", short_help="Generate text for images and prompts (no torch).")
 def run_cmd(
     artifact: ArtifactArg,
-    image: Annotated[list[Path], typer.Option(help="Image file; repeat with --prompt for a batch.")],
-    prompt: Annotated[list[str], typer.Option(help="Question or instruction; one per --image.")],
+    image: Annotated[list[Path], typer.Option(help="Image file; repeat for several images or a batch.")],
+    prompt: Annotated[list[str], typer.Option(help="Question or instruction: one for all images, or one per --image.")],
+    images_per_prompt: Annotated[Optional[str], typer.Option(
+        help="Group the --image files into prompts, in order: 2,1 = two images for the first prompt, one for the next."
+    )] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
@@ -406,10 +409,11 @@ def run_cmd(
 ) -> None:
     """Generate text for an image and a prompt from an exported artifact (no torch needed)."""
     from tokedge.runtime.ort_backend import OrtOptions, check_threads
-    from tokedge.runtime.pipeline import Pipeline
+    from tokedge.runtime.pipeline import Pipeline, images_for_prompts
     from tokedge.safeio import printable_text
 
     check_threads(threads)
+    groups = images_for_prompts(image, prompt, images_per_prompt)
 
     def stream(text: str) -> None:
         sys.stdout.write(printable_text(text))
@@ -418,7 +422,7 @@ def run_cmd(
     with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
                        engines=engines) as pipe:
         result = pipe.generate(
-            image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            groups, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, budget=budget, on_text=None if json_out or len(prompt) > 1 else stream, timeout=timeout,
         )
     if json_out:

@@ -151,7 +151,7 @@ def test_bad_artifacts(case, artifacts, workdir, capsys):
     (["--prompt", "   "], "prompt is empty"),
     (["--prompt", "word " * 1200], "limit of 2048"),
     (["--prompt", "hi", "--budget", "0"], "fixed budget"),
-    (["--prompt", "hi", "--prompt", "two"], "1 images but 2 prompts"),
+    (["--prompt", "hi", "--prompt", "two"], "1 --image for 2 --prompt"),
 ])
 def test_bad_prompts_and_options(args, fragment, artifacts, workdir, capsys):
     image = _png(workdir / "ok.png")

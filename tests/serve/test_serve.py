@@ -183,7 +183,7 @@ def test_models_lists_the_artifact(client, model, serve_artifact):
     ({"model": "MODEL", "messages": "USER_IMG", "n": 2}, 400, "'n' must be 1"),
     ({"model": "other", "messages": "USER_IMG"}, 404, "model 'other' is not served here"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": "no image"}]}, 400, "needs an image"),
-    ({"model": "MODEL", "messages": "TWO_IMAGES"}, 400, "supports 1 image per prompt"),
+    ({"model": "MODEL", "messages": "NINE_IMAGES"}, 400, "at most 8 image_url parts"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "not valid base64"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": [
@@ -199,10 +199,11 @@ def test_malformed_request_gets_400_and_the_next_one_succeeds(server, client, mo
             body["messages"] = user_message(image_urls[0], "hi")
         elif body.get("messages") == "LONG_TEXT":
             body["messages"] = user_message(image_urls[0], "tell me more " * 40)
-        elif body.get("messages") == "TWO_IMAGES":
-            two = user_message(image_urls[0], "hi")
-            two[0]["content"].insert(1, {"type": "image_url", "image_url": {"url": image_urls[1]}})
-            body["messages"] = two
+        elif body.get("messages") == "NINE_IMAGES":
+            small = data_url(Image.new("RGB", (8, 8), (1, 2, 3)))  # nine, well within the body limit
+            nine = user_message(small, "hi")
+            nine[0]["content"][1:1] = [{"type": "image_url", "image_url": {"url": small}}] * 8
+            body["messages"] = nine
     assert_openai_error(post(base, body), status, fragment)
     ok = client.chat.completions.create(model=model, messages=user_message(image_urls[0], "hi"), max_tokens=3)
     assert ok.usage.completion_tokens >= 1 or ok.choices[0].finish_reason == "stop"
@@ -453,3 +454,26 @@ def test_conversation_equals_transformers_generate(artifacts, hf_tiny, test_imag
     assert resp.choices[0].message.content == expected
     assert resp.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert resp.usage.model_extra["visual_tokens"] == 576
+
+
+def test_two_images_in_one_message_equal_transformers_generate(artifacts, hf_tiny, test_images, image_urls):
+    """Two image_url parts in one user message: one prompt with both images, as
+    LlavaForConditionalGeneration.generate answers it given both; usage counts both images."""
+    import torch
+
+    model, processor = hf_tiny
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    inputs = processor(images=test_images[:2], text=processor.apply_chat_template(conv, add_generation_prompt=True),
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False,
+                             pad_token_id=model.config.text_config.pad_token_id)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    messages = user_message(image_urls[0], QUESTION)
+    messages[0]["content"].insert(1, {"type": "image_url", "image_url": {"url": image_urls[1]}})
+    with running_server(ServeConfig(artifact=artifacts("none", 576), max_batch=2)) as (base, service):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.create(model=service.cfg.served_name, messages=messages, max_tokens=10)
+    assert resp.choices[0].message.content == expected
+    assert resp.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    assert resp.usage.model_extra["visual_tokens"] == 2 * 576

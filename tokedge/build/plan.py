@@ -149,6 +149,9 @@ class _Axes:
         self.image_tokens = image.vision_tokens
         if image.tiled and not red.budget_range:
             self.ranges["visual_tokens"] = image.vision_tokens
+        if red.stages:  # the prefill's image positions: every image token of a prompt, one image or several
+            lo, opt, hi = image.vision_tokens
+            self.ranges["image_tokens"] = (lo, opt, max(hi, max_prompt - 1))
         if red.budget_range:
             lo = max(red.budget_range[0], profile.budget_min)
             hi = min(red.budget_range[1], profile.budget_max)

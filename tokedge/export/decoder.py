@@ -86,9 +86,12 @@ class KVDecoder(_Layers):
 
 class PruningPrefill(_Layers):
     """The prefill of an in-LLM method: forward(inputs_embeds [b,t,h], attention_mask [b,t],
-    position_ids [b,t], image_positions [b,n]) -> (logits, *present, *group_masks). Present
-    tensors of group g have the sequence length after g pruning stages; group_masks are the
-    padding masks of groups 1.. (group 0's is the input mask)."""
+    position_ids [b,t], image_positions [b,n], image_keep [stages]) -> (logits, *present,
+    *group_masks). `image_positions` are every image token of each row (all images of its
+    prompt; `n` varies per call), `image_keep[s]` how many stage `s` keeps (a graph input: the
+    runtime passes the plan's per-image keep times the prompt's image count). Present tensors of
+    group g have the sequence length after g pruning stages; group_masks are the padding masks
+    of groups 1.. (group 0's is the input mask)."""
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan):
         super().__init__(language_model, lm_head)
@@ -105,10 +108,10 @@ class PruningPrefill(_Layers):
         scores = scores + torch.where(mask > 0, 0.0, torch.finfo(torch.float32).min / 2)[:, None, None, :]
         return torch.softmax(scores, dim=-1)[:, :, 0].mean(dim=1)  # indexing, not squeeze: no If in ONNX
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, image_positions):
+    def forward(self, inputs_embeds, attention_mask, position_ids, image_positions, image_keep):
         x, mask, pos, img = inputs_embeds, attention_mask, position_ids, image_positions
         by_score = {s.score_layer: s for s in self.plan.stages}
-        by_prune = {s.prune_layer: s for s in self.plan.stages}
+        by_prune = {s.prune_layer: (n, s) for n, s in enumerate(self.plan.stages)}
         scores = {}
         presents, group_masks = [], []
         cos, sin = self.rotary(x, pos)
@@ -118,11 +121,11 @@ class PruningPrefill(_Layers):
                 stage = by_score[i]
                 scores[stage.prune_layer] = self._scores(layer, x, cos, sin, mask, stage.rule)
             if i in by_prune:
-                stage = by_prune[i]
+                n, stage = by_prune[i]
                 if stage.rule == Signal.LLM_KEY_NORM:
-                    kept = dart_select(scores[i], x, img, mask, stage.keep, self.plan.pivots)
+                    kept = dart_select(scores[i], x, img, mask, image_keep[n], self.plan.pivots)
                 else:
-                    kept = select_top_image_tokens(scores[i], img, stage.keep)
+                    kept = select_top_image_tokens(scores[i], img, image_keep[n])
                 keep = keep_positions(mask, img, kept)
                 x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
                 mask, pos = torch.gather(mask, 1, keep), torch.gather(pos, 1, keep)
@@ -134,6 +137,10 @@ class PruningPrefill(_Layers):
             presents += [k, v]
             x = self.run_layer(layer, x, q, k, v, bias)
         return (self.logits(x), *presents, *group_masks)
+
+    def image_keep(self, images: int = 1) -> torch.Tensor:
+        """The `image_keep` input for a prompt with `images` images: [stages] int64."""
+        return torch.tensor([s.keep * images for s in self.plan.stages], dtype=torch.int64)
 
 
 class TokenEmbedder(nn.Module):

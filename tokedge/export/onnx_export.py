@@ -20,6 +20,7 @@ from tokedge.artifact import GraphSpec, ModelInfo, TensorSpec
 
 OPSET = 17
 BATCH, SEQ, PAST, TOTAL, TOKENS = "batch", "sequence", "past_sequence", "total_sequence", "visual_tokens"
+IMAGE_TOKENS = "image_tokens"  # the prefill's image positions: every image token of a prompt
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,21 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
         t = full_tokens + 9
         group_masks = masks[1:]
         prefill_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: SEQ},
-                        "position_ids": {0: BATCH, 1: SEQ}, "image_positions": {0: BATCH}, "logits": {0: BATCH}}
+                        "position_ids": {0: BATCH, 1: SEQ}, "image_positions": {0: BATCH, 1: IMAGE_TOKENS},
+                        "logits": {0: BATCH}}
         prefill_axes.update({n: {0: BATCH, 2: axis(SEQ, groups[layer_of[j]])} for j, n in enumerate(present_out)})
         prefill_axes.update({m: {0: BATCH, 1: axis(SEQ, g + 1)} for g, m in enumerate(group_masks)})
         mask_example = torch.ones(b, t, dtype=torch.int64)
         mask_example[1, :2] = 0
         specs["prefill"] = TraceSpec(
-            inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions"),
+            inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions", "image_keep"),
             outputs=("logits", *present_out, *group_masks),
             example=(
                 torch.randn(b, t, info.hidden_size, dtype=dtype),
                 mask_example,
                 (mask_example.cumsum(-1) - 1).clamp(min=0),
                 torch.arange(4, 4 + full_tokens).expand(b, full_tokens).contiguous(),
+                torch.tensor([s.keep for s in plan.stages], dtype=torch.int64),
             ),
             dynamic_axes=prefill_axes,
             output_shapes={

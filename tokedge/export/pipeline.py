@@ -267,7 +267,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             supports_runtime_budget=method.supports_runtime_budget,
         )
         manifest = Manifest(
-            format_version=FORMAT_VERSION if anyres else 1,  # the oldest format that reads it
+            # the oldest format that reads it: 2 for tiled layouts and for prefill graphs with `image_keep`
+            format_version=FORMAT_VERSION if anyres or plan is not None else 1,
             tokedge_version=tokedge.__version__,
             dtype=cfg.dtype,
             model=info,

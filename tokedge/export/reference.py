@@ -95,7 +95,7 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
     positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
     image_pos = torch.stack([torch.nonzero(row == image_token_id).squeeze(1) for row in ids_t])
     prefill, decoder = modules["prefill"], modules["decoder"]
-    out = prefill(embeds, mask_t, positions, image_pos)
+    out = prefill(embeds, mask_t, positions, image_pos, prefill.image_keep(1))
     n_kv = 2 * len(decoder.layers)
     logits = out[0][:, -1].float()
     state = {"past": list(out[1 : 1 + n_kv]), "masks": [mask_t, *out[1 + n_kv :]], "last": positions[:, -1:]}

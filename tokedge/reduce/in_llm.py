@@ -41,12 +41,38 @@ class Plan:
 
 
 # --- pure functions ------------------------------------------------------------------------------
+# The number of image positions `n` (all images of a prompt) and the count kept `k` are both
+# run-time values: `k` may be a Python int or a 0-d int64 tensor (a graph input; traced, it stays
+# TopK's dynamic K), and every other size follows from shapes, so no count is a trace constant
+# and no data-dependent op (NonZero) is needed.
 
 
-def select_top_image_tokens(scores, image_pos, k: int):
-    """scores [b, t] per sequence position, image_pos [b, n] -> kept image positions [b, k] (sorted)."""
+def _capped(k, image_pos):
+    """min(k, n): TopK over n image positions cannot take more than n."""
+    if isinstance(k, int):
+        return min(k, image_pos.shape[1])
+    return torch.minimum(k, torch.ones_like(image_pos[0]).sum())
+
+
+def _flags(seq_len_like, positions):
+    """[b, t] bool: True at `positions` [b, m] (a scatter, not an [m, t] comparison)."""
+    zeros = torch.zeros_like(seq_len_like, dtype=torch.int64)
+    return zeros.scatter(1, positions, torch.ones_like(positions)) > 0
+
+
+def rank(values, descending: bool = True):
+    """values [b, n] -> each entry's place [b, n] int64 in the order (0 = first); ties keep the
+    lower index first (ONNX TopK's rule)."""
+    order = torch.topk(values, values.shape[1], dim=-1, largest=descending, sorted=True).indices
+    places = torch.arange(values.shape[1], device=values.device).expand_as(order)
+    return torch.zeros_like(order).scatter(1, order, places)
+
+
+def select_top_image_tokens(scores, image_pos, k):
+    """scores [b, t] per sequence position, image_pos [b, n] -> kept image positions [b, min(k, n)]
+    (sorted): the ones with the highest scores."""
     img_scores = torch.gather(scores, 1, image_pos)
-    top = torch.topk(img_scores, k, dim=-1).indices
+    top = torch.topk(img_scores, _capped(k, image_pos), dim=-1).indices
     return torch.sort(torch.gather(image_pos, 1, top), dim=-1).values
 
 
@@ -57,8 +83,8 @@ def keep_positions(seq_len_like, image_pos, kept_img):
     """
     t = seq_len_like.shape[1]
     ar = torch.arange(t, device=image_pos.device)
-    is_img = (image_pos[:, :, None] == ar[None, None, :]).any(dim=1)
-    is_kept = (kept_img[:, :, None] == ar[None, None, :]).any(dim=1)
+    is_img = _flags(seq_len_like, image_pos)
+    is_kept = _flags(seq_len_like, kept_img)
     keep = (~is_img) | is_kept  # [b, t], count t - n + k in every row
     count = t - image_pos.shape[1] + kept_img.shape[1]
     key = keep.to(torch.float32) * (2.0 * t) - ar.to(torch.float32)  # kept first, then by position
@@ -71,18 +97,24 @@ def remap_positions(keep_idx, kept_img):
     return (keep_idx[:, None, :] < kept_img[:, :, None]).sum(dim=-1)
 
 
-def dart_select(key_norm, hidden, image_pos, mask, k: int, pivots: int = 8):
+def _quota(k, p: int, pivots: int):
+    """DART's share of pivot `p`: floor(k / pivots), one more for the first k % pivots pivots."""
+    if isinstance(k, int):
+        return k // pivots + (1 if p < k % pivots else 0)
+    return torch.div(k, pivots, rounding_mode="floor") + (torch.remainder(k, pivots) > p).to(k.dtype)
+
+
+def dart_select(key_norm, hidden, image_pos, mask, k, pivots: int = 8):
     """DART: pivots = the image and text tokens with the largest key L1 norm (half each); for each
     pivot in turn take the image tokens least similar to it (cosine of hidden states) from the
     pool, removing them; floor(k / pivots) each, the first k % pivots pivots one more.
 
     key_norm [b, t] L1 norm of the scoring layer's keys; hidden [b, t, h] input of the pruning
-    layer; image_pos [b, n]; mask [b, t] (padding is never a pivot) -> kept image positions [b, k].
+    layer; image_pos [b, n]; mask [b, t] (padding is never a pivot) -> kept image positions
+    [b, min(k, n)] (sorted).
     """
-    b, t = key_norm.shape
     n = image_pos.shape[1]
-    ar = torch.arange(t, device=key_norm.device)
-    is_img = (image_pos[:, :, None] == ar[None, None, :]).any(dim=1)
+    is_img = _flags(mask, image_pos)
     neg = torch.finfo(torch.float32).min
     n_img_piv = pivots // 2
     img_piv = torch.topk(key_norm.masked_fill(~is_img, neg), n_img_piv, dim=-1).indices
@@ -93,18 +125,14 @@ def dart_select(key_norm, hidden, image_pos, mask, k: int, pivots: int = 8):
     img_h = torch.gather(hn, 1, image_pos.unsqueeze(-1).expand(-1, -1, hn.shape[-1]))  # [b, n, h]
     piv_h = torch.gather(hn, 1, piv.unsqueeze(-1).expand(-1, -1, hn.shape[-1]))  # [b, p, h]
     sim = torch.matmul(piv_h, img_h.transpose(1, 2))  # [b, p, n]
-    taken = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
-    picks = []
-    for p in range(pivots):
-        count = k // pivots + (1 if p < k % pivots else 0)
-        if count == 0:
-            continue
-        score = sim[:, p].masked_fill(taken, math.inf)
-        chosen = torch.topk(score, count, dim=-1, largest=False).indices  # least similar
-        picks.append(chosen)
-        taken = taken | (chosen[:, :, None] == torch.arange(n, device=sim.device)[None, None, :]).any(dim=1)
-    chosen = torch.cat(picks, dim=1)
-    return torch.sort(torch.gather(image_pos, 1, chosen), dim=-1).values
+    taken = torch.zeros_like(image_pos) > 0
+    for p in range(pivots):  # a pivot's share may be 0 (k < pivots): a mask, never a TopK of 0
+        score = sim[:, p].masked_fill(taken, math.inf)  # taken tokens rank last
+        taken = taken | (rank(score, descending=False) < _quota(k, p, pivots))  # least similar first
+    # the taken positions, ascending: taken ones first by position, then cut at min(k, n)
+    key = taken.to(torch.float32) * (2.0 * n) - torch.arange(n, device=sim.device).to(torch.float32)
+    first = torch.topk(key, _capped(k, image_pos), dim=-1).indices
+    return torch.sort(torch.gather(image_pos, 1, first), dim=-1).values
 
 
 # --- plans from options ----------------------------------------------------------------------------

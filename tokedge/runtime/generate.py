@@ -201,15 +201,17 @@ def generate(
     stop_at_eos: bool = True,
     keep_logits: bool = False,
     deadline: Deadline | None = None,
+    images_per_row: list[int] | None = None,
 ) -> Generation:
-    """Vision -> splice -> prefill -> `decode_loop`. `started` (perf_counter) is when the request
-    began, for TTFT; a `deadline` stops the generation (between steps, and inside a graph run)
-    when it passes."""
+    """Vision -> splice -> prefill -> `decode_loop`. `pixel_values` holds every image of the
+    batch in prompt order; `images_per_row` says how many belong to each prompt (default: one
+    each). `started` (perf_counter) is when the request began, for TTFT; a `deadline` stops the
+    generation (between steps, and inside a graph run) when it passes."""
     cfg.check()
     with graphs.limited(deadline):
         return _generate(graphs, pixel_values, input_ids, attention_mask, cfg, budget=budget, on_step=on_step,
                          timings=timings, started=started, stop_at_eos=stop_at_eos, keep_logits=keep_logits,
-                         deadline=deadline)
+                         deadline=deadline, images_per_row=images_per_row)
 
 
 def context_limit(graphs: ArtifactGraphs) -> int:
@@ -218,12 +220,29 @@ def context_limit(graphs: ArtifactGraphs) -> int:
     return m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
 
 
+def per_row(image_embeds, images_per_row: list[int] | None):
+    """Vision outputs of every image ([n, k, D], or one [T_i, D] per image) -> what each row
+    splices: as they are with one image per row, else one [sum of its images' tokens, D] per row."""
+    if images_per_row is None or all(n == 1 for n in images_per_row):
+        return image_embeds
+    rows, start = [], 0
+    for n in images_per_row:
+        rows.append(np.concatenate([image_embeds[i].reshape(-1, image_embeds[i].shape[-1])
+                                    for i in range(start, start + n)]))
+        start += n
+    return rows
+
+
 def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, on_step, timings, started,
-              stop_at_eos, keep_logits, deadline) -> Generation:
+              stop_at_eos, keep_logits, deadline, images_per_row=None) -> Generation:
     m = graphs.manifest.model
     timings = timings or Timings()
     started = time.perf_counter() if started is None else started
     prompt_len = input_ids.shape[1]
+    counts = images_per_row or [1] * input_ids.shape[0]
+    if len(counts) != input_ids.shape[0] or sum(counts) != len(pixel_values) or min(counts) < 1:
+        raise InputError(f"{input_ids.shape[0]} prompts with {len(pixel_values)} images, grouped {list(counts)}: "
+                         "give each prompt at least one image, in prompt order")
     limit = context_limit(graphs)
     if prompt_len + cfg.max_new_tokens > limit:
         raise InputError(
@@ -235,11 +254,13 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
     # an array [b, 3, H, W] for single views; a list of per-image anyres inputs otherwise
     image_embeds = graphs.vision(pixel_values, budget) if isinstance(pixel_values, np.ndarray) else \
         graphs.vision_packed(pixel_values)
+    image_embeds = per_row(image_embeds, images_per_row)
     timings.vision_ms = (time.perf_counter() - t0) * 1e3
 
     t0 = time.perf_counter()
     embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
-    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens)
+    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens,
+                                   images_per_row=images_per_row)
     now = time.perf_counter()
     timings.prefill_ms = (now - t0) * 1e3
     timings.ttft_ms = (now - started) * 1e3  # the first token is an argmax/sample away

@@ -35,7 +35,7 @@ def image_positions(input_ids: np.ndarray, image_token_id: int, count: int | Seq
     for r, (where, expected) in enumerate(zip(rows, counts)):
         if len(where) != expected:
             raise InputError(
-                f"prompt {r} has {len(where)} image placeholder tokens but the image has {expected} visual tokens; "
+                f"prompt {r} has {len(where)} image placeholder tokens but its images have {expected} visual tokens; "
                 "expand the placeholder to the artifact's count"
             )
     if isinstance(count, int) or len(set(counts)) == 1:
@@ -65,6 +65,7 @@ class DecodeState:
     buffers: dict[str, np.ndarray]  # mask name -> [b, length + room]
     lengths: dict[str, int]
     last_position: np.ndarray  # [b, 1] position id of the last token fed
+    pruned: np.ndarray | None = None  # [b] image tokens an in-LLM method dropped from each row
 
     def masks(self, extra: int = 0) -> dict[str, np.ndarray]:
         return {name: buf[:, : self.lengths[name] + extra] for name, buf in self.buffers.items()}
@@ -74,10 +75,27 @@ class DecodeState:
             self.lengths[name] += 1
 
     def visual_tokens(self, vision_tokens: int) -> int:
-        """Image tokens the last layer group attends to: the vision graph's count, less what an
-        in-LLM method pruned (read from the cache lengths, not from the manifest)."""
+        """Image tokens of row 0 the last layer group attends to: its image tokens, less what an
+        in-LLM method pruned (read from the prefill's masks, not from the manifest)."""
+        if self.pruned is not None:
+            return vision_tokens - int(self.pruned[0])
         lengths = list(self.lengths.values())
         return vision_tokens - (lengths[0] - lengths[-1])
+
+
+def _left_pad_concat(parts: list[np.ndarray], name: str) -> np.ndarray:
+    """Rows of one prefill output from separate runs -> one batch: a cache's sequence axis (2)
+    or a mask's (1) left-padded with zeros (masked out) to the longest row; logits as they are."""
+    axis = 2 if name.startswith("present.") else 1 if name.startswith("attention_mask") else None
+    if axis is None:
+        return np.concatenate(parts)
+    longest = max(p.shape[axis] for p in parts)
+    padded = []
+    for p in parts:
+        width = [(0, 0)] * p.ndim
+        width[axis] = (longest - p.shape[axis], 0)
+        padded.append(np.pad(p, width))
+    return np.concatenate(padded)
 
 
 def _buffer(mask: np.ndarray, room: int) -> np.ndarray:
@@ -165,23 +183,61 @@ class ArtifactGraphs:
         return out, {past_name: out[p] for p, past_name in present_to_past.items()}
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray,
-                room: int) -> tuple[np.ndarray, DecodeState]:
-        """Prompt pass. -> (logits [b, vocab] fp32, state for `step`)."""
+                room: int, images_per_row: Sequence[int] | None = None) -> tuple[np.ndarray, DecodeState]:
+        """Prompt pass. `images_per_row`: how many images each row's prompt holds (default one each).
+        -> (logits [b, vocab] fp32, state for `step`)."""
         attention_mask = attention_mask.astype(np.int64, copy=False)
         host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                 "position_ids": position_ids_from_mask(attention_mask)}
+        pruned = None
         if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
-            host["image_positions"] = image_positions(input_ids, self.manifest.model.image_token_id,
-                                                      self.manifest.prompt.visual_tokens)
-            out, past = self._run("prefill", host, {})
+            counts = [1] * len(input_ids) if images_per_row is None else images_per_row
+            out, past = self._pruning_prefill(host, input_ids, counts)
             masks = {"attention_mask": attention_mask, **{n: out[n] for n in self.mask_names[1:]}}
+            pruned = attention_mask.sum(axis=1) - masks[self.mask_names[-1]].sum(axis=1)
         else:
             out, past = self._run("decoder", host, self.empty_past(input_ids.shape[0]))
             masks = {"attention_mask": attention_mask}
         state = DecodeState(past=past, buffers={n: _buffer(m, room) for n, m in masks.items()},
                             lengths={n: m.shape[1] for n, m in masks.items()},
-                            last_position=host["position_ids"][:, -1:])
+                            last_position=host["position_ids"][:, -1:], pruned=pruned)
         return out["logits"][:, -1].astype(np.float32), state
+
+    def _pruning_prefill(self, host: dict, input_ids: np.ndarray, images: Sequence[int]) -> tuple[dict, dict]:
+        """Run prefill.onnx. Its `image_positions` are every image token of a row (all images of
+        its prompt) and `image_keep` is each stage's per-image keep times the row's image count,
+        so rows run together only when they share both counts; otherwise each group of rows runs
+        alone and the shortened caches of later layer groups are left-padded (mask 0) to one
+        length. Prefill graphs without `image_keep` (older exports) take one image per row."""
+        token = self.manifest.model.image_token_id
+        if self.manifest.graphs["prefill"].input("image_keep") is None:
+            if any(n != 1 for n in images):
+                raise InputError("this artifact's prefill graph takes one image per prompt (exported by an older "
+                                 "tokedge); re-export it to run prompts with several images")
+            host = {**host, "image_positions": image_positions(input_ids, token, self.manifest.prompt.visual_tokens)}
+            return self._run("prefill", host, {})
+        stages = self.manifest.reduction.stages
+        rows = [np.flatnonzero(row == token).astype(np.int64) for row in input_ids]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, (where, count) in enumerate(zip(rows, images)):
+            groups.setdefault((len(where), int(count)), []).append(r)
+
+        def feed(members: list[int], count: int) -> dict:
+            return {**{k: v[members] for k, v in host.items()}, "image_positions": np.stack([rows[r] for r in members]),
+                    "image_keep": np.array([int(s["keep"]) * count for s in stages], dtype=np.int64)}
+
+        if len(groups) == 1:
+            ((_, count), members), = groups.items()
+            return self._run("prefill", feed(members, count), {})
+        outs = {}
+        for (_, count), members in groups.items():
+            out = self.runners["prefill"].infer(feed(members, count))  # host arrays: merged below
+            for i, r in enumerate(members):
+                outs[r] = {name: value[i:i + 1] for name, value in out.items()}
+        merged = {name: _left_pad_concat([outs[r][name] for r in range(len(rows))], name)
+                  for name in outs[0]}
+        present_to_past = {p.replace("past_key_values.", "present."): p for p in self.past_names}
+        return merged, {past: merged[present] for present, past in present_to_past.items()}
 
     def step(self, token_embeds: np.ndarray, state: DecodeState) -> np.ndarray:
         """One decode step for one new token per row; updates `state`. -> logits [b, vocab]."""

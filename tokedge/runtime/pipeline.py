@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from PIL import Image
 
@@ -94,7 +94,7 @@ class Pipeline:
 
     def generate(
         self,
-        images: Sequence[Image.Image | str | Path] | Image.Image | str | Path,
+        images: ImagesArg,
         prompts: Sequence[str] | str,
         *,
         max_new_tokens: int = 64,
@@ -106,8 +106,10 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Generate for image+prompt pairs. `on_text` receives new text as it is produced (batch 1);
-        `timeout` (seconds) stops the whole generation with a RunTimeout when it passes."""
+        """Generate for prompts with their images. One prompt (a string): `images` is its image or
+        the list of its images. A list of prompts (a batch): `images` has one entry per prompt,
+        an image or the list of that prompt's images. `on_text` receives new text as it is
+        produced (batch 1); `timeout` (seconds) stops the whole generation with a RunTimeout."""
         started = time.perf_counter()
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise InputError(f"--timeout must be a positive number of seconds (got {timeout})")
@@ -122,35 +124,94 @@ class Pipeline:
 
     def _generate(self, images, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, budget, on_text,
                   started, deadline) -> Result:
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if len(images) != len(prompts):
-            raise InputError(f"{len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        groups, prompts = group_images(images, prompts)
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         cfg.check()
         timings = Timings()
         t0 = time.perf_counter()
-        pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
+        pil = [[img if isinstance(img, Image.Image) else load_image(img) for img in group] for group in groups]
+        red = self.manifest.reduction
         if self.manifest.layout.kind == "anyres":  # tiles per image: a token count per image
-            if budget is not None:
+            if budget is not None and red.budget == red.full_tokens and not red.stages:
                 raise InputError("this artifact keeps every visual token (anyres, --method none); drop --budget")
+            if budget is not None:
+                self.visual_tokens_for(budget)  # in-LLM: the exported budget is the only value
             layout = self.manifest.layout.anyres()
-            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess) for img in pil]
+            # OneVision's rule: images of a prompt with several images are not tiled
+            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess,
+                                          tiled=not (layout.multi_image_square and len(group) > 1))
+                            for group in pil for img in group]
             k = None
-            enc = self.encoder.encode(prompts, [image.tokens for image in pixel_values])
+            tokens = iter(image.tokens for image in pixel_values)
+            counts = [[next(tokens) for _ in group] for group in pil]
         else:
-            pixel_values = preprocess_batch(pil, self.manifest.preprocess)
+            pixel_values = preprocess_batch([img for group in pil for img in group], self.manifest.preprocess)
             k = self.visual_tokens_for(budget)
-            enc = self.encoder.encode(prompts, k)
+            counts = [[k] * len(group) for group in pil]
+        enc = self.encoder.encode(prompts, counts)
         timings.preprocess_ms = (time.perf_counter() - t0) * 1e3
         streamer = _Streamer(self.encoder, on_text) if on_text is not None and len(prompts) == 1 else None
         gen: Generation = generate(self.graphs, pixel_values, enc.input_ids, enc.attention_mask, cfg,
-                                   budget=k if self.manifest.reduction.budget_range else None,
-                                   on_step=streamer, timings=timings, started=started, deadline=deadline)
+                                   budget=k if red.budget_range else None,
+                                   on_step=streamer, timings=timings, started=started, deadline=deadline,
+                                   images_per_row=[len(group) for group in pil])
         if streamer is not None:
             streamer.flush(gen.token_ids[0])
         texts = [self.encoder.decode(ids) for ids in gen.token_ids]
         return Result(texts=texts, token_ids=gen.token_ids, visual_tokens=gen.visual_tokens, timings=gen.timings)
+
+
+ImageLike = Union[Image.Image, str, Path]
+ImagesArg = Union[ImageLike, Sequence[Union[ImageLike, Sequence[ImageLike]]]]
+
+
+def group_images(images: ImagesArg, prompts: Sequence[str] | str) -> tuple[list[list[ImageLike]], list[str]]:
+    """`Pipeline.generate`'s images and prompts -> (the images of each prompt, the prompts)."""
+    if isinstance(prompts, str):
+        groups = [list(images) if isinstance(images, (list, tuple)) else [images]]
+        prompts = [prompts]
+    else:
+        prompts = list(prompts)
+        entries = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(entries) != len(prompts):
+            raise InputError(f"{len(entries)} image entries for {len(prompts)} prompts; pass one entry per prompt "
+                             "(an image, or the list of that prompt's images)")
+        groups = [list(e) if isinstance(e, (list, tuple)) else [e] for e in entries]
+    if not prompts or any(not group for group in groups):
+        raise InputError("every prompt needs at least one image; pass --image for each prompt")
+    return groups, prompts
+
+
+def images_for_prompts(images: list, prompts: list[str], images_per_prompt: str | None = None) -> list[list]:
+    """How `tokedge run`'s repeated --image / --prompt flags group: one --prompt takes every image;
+    as many --prompt as --image are pairs (a batch, one image each); otherwise --images-per-prompt
+    "2,1" says how many consecutive images each prompt takes. -> the images of each prompt."""
+    if images_per_prompt is not None:
+        try:
+            counts = [int(v) for v in images_per_prompt.split(",")]
+        except ValueError:
+            raise UsageError(f"--images-per-prompt '{images_per_prompt}' is not comma-separated counts "
+                             "(for example 2,1)") from None
+        if len(counts) != len(prompts):
+            raise UsageError(f"--images-per-prompt has {len(counts)} entries for {len(prompts)} --prompt; "
+                             "give one count per prompt")
+        if min(counts) < 1:
+            raise UsageError("--images-per-prompt: every prompt takes at least 1 image")
+        if sum(counts) != len(images):
+            raise UsageError(f"--images-per-prompt adds up to {sum(counts)} images but {len(images)} --image were "
+                             "given; make them agree")
+    elif len(prompts) == 1:
+        counts = [len(images)]
+    elif len(images) == len(prompts):
+        counts = [1] * len(prompts)
+    else:
+        raise UsageError(f"{len(images)} --image for {len(prompts)} --prompt: pass one --prompt for several images "
+                         "(one prompt), one --prompt per --image (pairs), or --images-per-prompt (e.g. 2,1) to group them")
+    groups, start = [], 0
+    for count in counts:
+        groups.append(list(images[start:start + count]))
+        start += count
+    return groups
 
 
 def _tensorrt_runners(root: Path, engines: Path | str | None, manifest_sha256: str):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -128,13 +128,14 @@ def check_prompt_text(text: str, limits: Limits = DEFAULT_LIMITS) -> None:
 
 
 def render_chat(info: PromptInfo, text: str, special_tokens: dict[str, str] | None = None,
-                limits: Limits = DEFAULT_LIMITS) -> str:
-    """One user turn with one image, generation prompt added. Rendering is bounded in output
-    size and wall time (a hostile template cannot hang or exhaust memory)."""
+                limits: Limits = DEFAULT_LIMITS, images: int = 1) -> str:
+    """One user turn with `images` images (one image item each, before the text), generation
+    prompt added. Rendering is bounded in output size and wall time (a hostile template cannot
+    hang or exhaust memory)."""
     check_prompt_text(text, limits)
     if info.chat_template is None:
-        return FALLBACK_TEMPLATE.format(image=info.image_token, text=text)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return FALLBACK_TEMPLATE.format(image="\n".join([info.image_token] * images), text=text)
+    messages = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
     return _render_bounded(info.chat_template, limits, messages=messages, add_generation_prompt=True,
                            **(special_tokens or {}))
 
@@ -237,24 +238,36 @@ class PromptEncoder:
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0
         self.special_tokens = special_tokens or {}
 
-    def expand(self, rendered: str, visual_tokens: int) -> str:
-        count = rendered.count(self.info.image_token)
-        if count != 1:
+    def expand(self, rendered: str, visual_tokens: int | Sequence[int]) -> str:
+        """Each image placeholder of a rendered prompt -> its image's count of them, in order
+        (`visual_tokens`: one count per image, or an int for a one-image prompt)."""
+        counts = [visual_tokens] if isinstance(visual_tokens, int) else list(visual_tokens)
+        pieces = rendered.split(self.info.image_token)
+        if len(pieces) - 1 != len(counts):
+            images = f"{len(counts)} image{'s' if len(counts) != 1 else ''}"
             raise InputError(
-                f"the rendered prompt has {count} image placeholders '{self.info.image_token}'; "
-                "tokedge takes one image per prompt (remove the placeholder from --prompt)"
+                f"the rendered prompt has {len(pieces) - 1} image placeholders '{self.info.image_token}' for "
+                f"{images}; tokedge adds one per image itself (remove the placeholder from --prompt)"
             )
-        return rendered.replace(self.info.image_token, self.info.image_token * visual_tokens)
+        out = pieces[0]
+        for count, piece in zip(counts, pieces[1:]):
+            out += self.info.image_token * count + piece
+        return out
 
-    def encode(self, prompts: list[str], visual_tokens: int | list[int]) -> Encoded:
-        return self.encode_rendered([render_chat(self.info, p, self.special_tokens, self.limits) for p in prompts],
-                                    visual_tokens)
+    def encode(self, prompts: list[str], visual_tokens: int | Sequence[int | Sequence[int]]) -> Encoded:
+        """`visual_tokens`: one count for every prompt (one image each), or per prompt an int (one
+        image) or a list with one count per image of that prompt (several images)."""
+        counts = [visual_tokens] * len(prompts) if isinstance(visual_tokens, int) else list(visual_tokens)
+        rendered = [render_chat(self.info, p, self.special_tokens, self.limits,
+                                images=1 if isinstance(c, int) else len(c)) for p, c in zip(prompts, counts)]
+        return self.encode_rendered(rendered, counts)
 
-    def encode_rendered(self, rendered: list[str], visual_tokens: int | list[int]) -> Encoded:
-        """Prompts already rendered with the chat template (one placeholder each) -> ids, left-padded.
-        `visual_tokens`: one count for every prompt, or one per prompt (anyres layouts)."""
+    def encode_rendered(self, rendered: list[str], visual_tokens: int | Sequence[int | Sequence[int]]) -> Encoded:
+        """Prompts already rendered with the chat template (one placeholder per image) -> ids,
+        left-padded. `visual_tokens` as for `encode`."""
         counts = [visual_tokens] * len(rendered) if isinstance(visual_tokens, int) else list(visual_tokens)
         texts = [self.expand(r, k) for r, k in zip(rendered, counts)]
+        counts = [k if isinstance(k, int) else sum(k) for k in counts]
         try:
             ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
         except BaseException as exc:  # a hostile tokenizer.json can make the Rust side panic

@@ -14,12 +14,12 @@ import time
 import numpy as np
 
 from tokedge.errors import InputError
-from tokedge.runtime.generate import DecodeRows, SamplingConfig, context_limit
+from tokedge.runtime.generate import DecodeRows, SamplingConfig, context_limit, per_row
 from tokedge.runtime.graphs import ArtifactGraphs, DecodeState, splice_image_embeds
 
 
 class BatchDecoder:
-    """Rows of left-padded prompts (one image each) decoded together.
+    """Rows of left-padded prompts (one image or several each) decoded together.
 
     `prefill()` runs vision + prefill and samples each row's first token; `step()` runs one decode
     step. Both return the new token of each row (None for a row that has finished). A row finishes
@@ -27,12 +27,16 @@ class BatchDecoder:
     """
 
     def __init__(self, graphs: ArtifactGraphs, pixel_values: np.ndarray | list, input_ids: np.ndarray,
-                 attention_mask: np.ndarray, configs: list[SamplingConfig], *, budget: int | None = None):
-        """`pixel_values`: [b, 3, H, W] for single views, or one tiled image's inputs per row
-        (`runtime.layout.AnyresInputs`), as `generate` takes them."""
-        if len(configs) != input_ids.shape[0] or len(pixel_values) != input_ids.shape[0]:
-            raise InputError(f"{input_ids.shape[0]} prompts, {len(pixel_values)} images and {len(configs)} "
-                             "sampling configs; pass one of each per row")
+                 attention_mask: np.ndarray, configs: list[SamplingConfig], *, budget: int | None = None,
+                 images_per_row: list[int] | None = None):
+        """`pixel_values` holds every image of the batch in row order ([n, 3, H, W] single views, or
+        one tiled image's `runtime.layout.AnyresInputs` each, as `generate` takes them);
+        `images_per_row` how many each row's prompt has (default one each)."""
+        counts = images_per_row or [1] * input_ids.shape[0]
+        if len(configs) != input_ids.shape[0] or len(counts) != input_ids.shape[0] or \
+                sum(counts) != len(pixel_values):
+            raise InputError(f"{input_ids.shape[0]} prompts, {len(pixel_values)} images (grouped {counts}) and "
+                             f"{len(configs)} sampling configs; pass one prompt and config per row")
         self.decode = DecodeRows(configs, eos=frozenset(graphs.manifest.model.eos_token_ids),
                                  pad=graphs.manifest.model.pad_token_id or 0)
         self.room = max(cfg.max_new_tokens for cfg in configs)
@@ -42,9 +46,10 @@ class BatchDecoder:
         self.graphs, self.budget = graphs, budget
         self.pixel_values, self.input_ids, self.attention_mask = pixel_values, input_ids, attention_mask
         self.rows = self.decode.rows
+        self.images_per_row = counts
         self.state: DecodeState | None = None
-        self.visual_tokens = 0  # row 0's count (every row's, for single views)
-        self.row_visual_tokens: list[int] = []  # per row: tiled images each have their own count
+        self.visual_tokens = 0  # row 0's
+        self.visual_tokens_per_row: list[int] = []
         self.vision_ms = self.prefill_ms = 0.0
 
     @property
@@ -58,16 +63,19 @@ class BatchDecoder:
         t0 = time.perf_counter()
         image_embeds = self.graphs.vision(self.pixel_values, self.budget) if isinstance(self.pixel_values, np.ndarray) \
             else self.graphs.vision_packed(self.pixel_values)
+        image_embeds = per_row(image_embeds, self.images_per_row)
         self.vision_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
                                      self.graphs.manifest.model.image_token_id, image_embeds)
-        logits, self.state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room)
-        # as generate does: the vision graph's count less what an in-LLM method pruned (cache lengths)
-        counts = [int(e.shape[0]) for e in image_embeds] if isinstance(image_embeds, list) else \
-            [int(image_embeds.shape[1])] * len(self.rows)
-        self.row_visual_tokens = [self.state.visual_tokens(c) for c in counts]
-        self.visual_tokens = self.row_visual_tokens[0]
+        logits, state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room,
+                                            images_per_row=self.images_per_row)
+        self.state = state
+        # as generate does: each row's image tokens less what an in-LLM method pruned
+        tokens = [int(np.prod(e.shape[:-1])) for e in image_embeds]
+        pruned = state.pruned if state.pruned is not None else np.zeros(len(tokens), dtype=np.int64)
+        self.visual_tokens_per_row = [t - int(p) for t, p in zip(tokens, pruned)]
+        self.visual_tokens = self.visual_tokens_per_row[0]
         self.prefill_ms = (time.perf_counter() - t0) * 1e3
         return self.decode.take(logits)
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -42,21 +43,28 @@ from tokedge.serve.scheduler import Delta, Done, Event, Failed, Job, QueueFull, 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
+MAX_IMAGES_PER_PROMPT = 8  # images are fetched and decoded before the prompt length is known
+
+
 def images_per_prompt(pipe: Pipeline) -> int:
-    """How many images one prompt may carry. Every family the runtime loads today (LLaVA-1.5, LLaVA-NeXT)
-    splices exactly one image per prompt; a family that declares more raises this."""
-    return 1
+    """How many images one request may carry (each becomes its own image item of the prompt)."""
+    return MAX_IMAGES_PER_PROMPT
 
 
-def vision_input(pipe: Pipeline, image) -> tuple[Any, int]:
-    """One image's vision-graph input and its placeholder count, from the manifest's layout: a
-    preprocessed view [3, H, W] and the artifact's fixed count, or, for a tiled layout, the image's
-    partitions and packing plan (`runtime.layout.anyres_inputs`) and its own token count."""
+def vision_inputs(pipe: Pipeline, images: list) -> tuple[Any, list[int]]:
+    """A request's images (message order) -> the vision graph's inputs and each image's placeholder
+    count, from the manifest's layout: preprocessed views [n, 3, H, W] and the artifact's fixed
+    count, or, for a tiled layout, each image's partitions and packing plan
+    (`runtime.layout.anyres_inputs`; OneVision's rule: untiled when the prompt has several) and its
+    own count."""
     manifest = pipe.manifest
     if manifest.layout.kind == "single":
-        return preprocess(image, manifest.preprocess), pipe.visual_tokens_for(None)
-    inputs = anyres_inputs(image, manifest.layout.anyres(), manifest.preprocess)
-    return inputs, prompt_tokens_for(manifest, inputs.tokens)
+        views = np.stack([preprocess(image, manifest.preprocess) for image in images])
+        return views, [pipe.visual_tokens_for(None)] * len(images)
+    layout = manifest.layout.anyres()
+    tiled = not (layout.multi_image_square and len(images) > 1)
+    inputs = [anyres_inputs(image, layout, manifest.preprocess, tiled=tiled) for image in images]
+    return inputs, [prompt_tokens_for(manifest, x.tokens) for x in inputs]
 
 
 class Service:
@@ -114,13 +122,13 @@ class Service:
             raise APIError(400, f"this artifact ({family}) needs an image in the request: add an image_url part to "
                                 "the user message; text-only prompts are not supported", param="messages")
         if len(req.image_urls) > allowed:
-            raise APIError(400, f"the request has {len(req.image_urls)} images but this artifact's family ({family}) "
-                                f"supports {allowed} image per prompt; send one image_url part", param="messages")
+            raise APIError(400, f"the request has {len(req.image_urls)} images; this server takes at most {allowed} "
+                                "image_url parts per request", param="messages")
         images = [fetch_image(url, cfg) for url in req.image_urls]
         try:
-            pixel_values, visual_tokens = vision_input(pipe, images[0])
+            pixel_values, counts = vision_inputs(pipe, images)
             rendered = render_messages(pipe.manifest.prompt, req.messages, pipe.manifest.prompt.special_tokens)
-            enc = pipe.encoder.encode_rendered([rendered], visual_tokens)
+            enc = pipe.encoder.encode_rendered([rendered], [counts])
         except InputError as exc:
             raise APIError(400, str(exc), param="messages") from None
         prompt_tokens = int(enc.input_ids.shape[1])

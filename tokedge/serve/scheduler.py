@@ -58,7 +58,7 @@ class QueueFull(Exception):
 class Job:
     """One request's inputs, ready for a batch, and where its events go (called from the worker)."""
 
-    pixel_values: Any  # [3, H, W] for a single-view layout; a tiled layout's `AnyresInputs` for one image
+    pixel_values: Any  # the request's images in message order: [n, 3, H, W] single views, or a list of tiled images' `AnyresInputs`
     input_ids: np.ndarray  # [t] int64, no padding
     sampling: SamplingConfig
     stop: tuple[str, ...]
@@ -197,8 +197,10 @@ class Scheduler:
             ids[r, width - len(job.input_ids):] = job.input_ids
             mask[r, width - len(job.input_ids):] = 1
         views = [j.pixel_values for j in jobs]
-        pixel_values = np.stack(views) if all(isinstance(v, np.ndarray) for v in views) else views
-        dec = BatchDecoder(self.graphs, pixel_values, ids, mask, [j.sampling for j in jobs])
+        pixel_values = np.concatenate(views) if all(isinstance(v, np.ndarray) for v in views) else \
+            [image for v in views for image in v]
+        dec = BatchDecoder(self.graphs, pixel_values, ids, mask, [j.sampling for j in jobs],
+                           images_per_row=[len(v) for v in views])
         trackers = [TextTracker(self.decode, j.stop) for j in jobs]
         first_token_at: list[float] = [0.0] * len(jobs)
         dec.prefill()
@@ -206,7 +208,7 @@ class Scheduler:
         for r, job in enumerate(jobs):
             first_token_at[r] = now
             self.metrics.observe("tokedge_ttft_seconds", now - job.created)
-            self.metrics.observe("tokedge_visual_tokens", dec.row_visual_tokens[r])
+            self.metrics.observe("tokedge_visual_tokens", dec.visual_tokens_per_row[r])
         while True:
             for r, job in enumerate(jobs):
                 if job.finished:
@@ -228,7 +230,7 @@ class Scheduler:
                 if row.finish_reason is not None:
                     job.finished = True
                     self._finished(job, row.tokens, row.finish_reason, trackers[r].sent, len(job.input_ids),
-                                   dec.row_visual_tokens[r], first_token_at[r])
+                                   dec.visual_tokens_per_row[r], first_token_at[r])
             if not dec.active:
                 return
             dec.step()

@@ -7,7 +7,8 @@ layout: base view + tiles on the config's pinpoints). The packing plan itself (w
 make each visual token) is computed per image from its size alone by `tokedge.runtime.layout`, so
 the graph takes it as two inputs and the number of partitions and tokens stays dynamic.
 
-Only `--method none` exports for now; reduction methods are refused with the reason.
+`--method none` and the in-LLM methods (fastv, pdrop, dart: the unreduced vision graph plus the
+pruning prefill) export; pre-LLM reduction methods are refused with the reason.
 `LlavaNextFamily` at the end gathers these behind the `Family` protocol and registers itself under
 "llava_next".
 """
@@ -23,7 +24,7 @@ from torch import nn
 
 from tokedge.artifact import ModelInfo, VisualLayout
 from tokedge.errors import UnsupportedModelError, UsageError
-from tokedge.export.decoder import KVDecoder, TokenEmbedder
+from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families.llava import (
     LlavaFamily,
@@ -88,8 +89,9 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
 
 
 def check_method(method: Method) -> None:
-    """Only the unreduced graph exports for anyres so far."""
-    if method.name not in SUPPORTED_METHODS:
+    """Only the unreduced vision graph exports for anyres so far; in-LLM methods use it as it is
+    (every packed token reaches the LLM, the prefill prunes)."""
+    if method.name not in SUPPORTED_METHODS and not method.prunes_in_llm:
         raise UsageError(
             f"--method {method.name} is not available for LLaVA-NeXT yet (anyres reduction is not implemented); "
             "use --method none"
@@ -158,13 +160,18 @@ def vision_trace_spec(info: ModelInfo, dtype: torch.dtype = torch.float32):
 
 def build_graph_modules(loaded: LoadedCheckpoint, method: Method, k: int, options: dict,
                         plan=None) -> dict[str, nn.Module]:
+    """vision, embed, decoder; with an in-LLM `plan` also the pruning prefill (the vision graph
+    then keeps every packed token of every image)."""
     check_method(method)
     lm = loaded.model.model.language_model
-    return {
+    modules = {
         "vision": AnyresVisionGraph(loaded).eval(),
         "embed": TokenEmbedder(lm.embed_tokens).eval(),
-        "decoder": KVDecoder(lm, loaded.model.lm_head, None).eval(),
     }
+    if plan is not None:
+        modules["prefill"] = PruningPrefill(lm, loaded.model.lm_head, plan).eval()
+    modules["decoder"] = KVDecoder(lm, loaded.model.lm_head, plan).eval()
+    return modules
 
 
 # --- transformers-side reference -----------------------------------------------------------------
