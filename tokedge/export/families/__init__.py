@@ -86,9 +86,9 @@ class Family(Protocol):
         or None; the manifest records it for FLOPs."""
         ...
 
-    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: Any) -> Any:
-        """How to trace the vision module when its inputs are not the single-view default
-        (`pixel_values` [b, 3, H, W]); None for the default."""
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: Any, vision: Any = None) -> Any:
+        """How to trace the vision module `vision` (what `modules` built) when its inputs are not
+        the single-view default (`pixel_values` [b, 3, H, W]); None for the default."""
         ...
 
     # --- what the manifest records

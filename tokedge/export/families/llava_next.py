@@ -7,7 +7,9 @@ layout: base view + tiles on the config's pinpoints). The packing plan itself (w
 make each visual token) is computed per image from its size alone by `tokedge.runtime.layout`, so
 the graph takes it as two inputs and the number of partitions and tokens stays dynamic.
 
-Only `--method none` exports for now; reduction methods are refused with the reason.
+`--method none` packs every token; pre-LLM methods (cls-attn, hired, visionzip, divprune) select
+`--budget` tokens per image globally over the image's candidates (its packed tokens without
+newlines: `ReducedAnyresVisionGraph`); the others are refused with the reason (`check_method`).
 `LlavaNextFamily` at the end gathers these behind the `Family` protocol and registers itself under
 "llava_next".
 """
@@ -32,13 +34,13 @@ from tokedge.export.families.llava import (
     vision_geometry,
 )
 from tokedge.export.towers import VisionTower
-from tokedge.reduce.base import Method
+from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
 
 SUPPORTED_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
 SUPPORTED_VISION = ("clip_vision_model",)
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
-SUPPORTED_METHODS = ("none",)
 PARTITIONS = "partitions"  # the vision graph's dynamic axis: base view + tiles of one image
+CANDIDATES = "candidates"  # reduced graphs: the image's visual tokens before reduction, newlines left out
 
 
 # --- the config (no weights) ---------------------------------------------------------------------
@@ -87,13 +89,29 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
                           text_layers=int(layers) if layers is not None else None, layout=layout)
 
 
+# what a tiled image's candidates can supply to a pre-LLM method
+CANDIDATE_SIGNALS = frozenset({Signal.CLS_ATTENTION, Signal.EARLY_CLS_ATTENTION, Signal.CLS_TOKEN, Signal.KEYS,
+                               Signal.EMBEDDINGS, Signal.REGIONS})
+
+
 def check_method(method: Method) -> None:
-    """Only the unreduced graph exports for anyres so far."""
-    if method.name not in SUPPORTED_METHODS:
-        raise UsageError(
-            f"--method {method.name} is not available for LLaVA-NeXT yet (anyres reduction is not implemented); "
-            "use --method none"
-        )
+    """Pre-LLM methods select globally over an image's candidates (base view + unpadded tile map),
+    when everything they score with exists for candidates and their counts do not depend on the
+    candidate count; the others are refused with what to use instead."""
+    if method.keeps_all:
+        return
+    if method.stage is Stage.IN_VIT:
+        raise UsageError(f"--method {method.name} merges inside the vision tower, one tile at a time, and has no "
+                         "per-image budget on LLaVA-NeXT; use --method visionzip (merging) or hired")
+    if method.stage is not Stage.PRE_LLM:
+        raise UsageError(f"--method {method.name} is not available for LLaVA-NeXT yet; use --method cls-attn, "
+                         "hired, visionzip or divprune")
+    if Signal.POSITIONS in method.scores_with:
+        raise UsageError(f"--method {method.name} pools one square patch grid and a tiled image has none; "
+                         "use --method cls-attn or hired")
+    if not set(method.scores_with) <= CANDIDATE_SIGNALS:
+        raise UsageError(f"--method {method.name} is not available for LLaVA-NeXT yet (its rounds depend on the "
+                         "token count); use --method divprune (diversity) or visionzip")
 
 
 def load_llava_next(source: str, local: Path | None, *, trust_remote_code: bool = False,
@@ -123,6 +141,9 @@ class AnyresVisionGraph(nn.Module):
     and newlines exactly (the plan comes from `tokedge.runtime.layout.pack_plan`).
     """
 
+    k = None  # visual tokens per image: as many as the plan names
+    extra_inputs: tuple[str, ...] = ()
+
     def __init__(self, loaded: LoadedCheckpoint):
         super().__init__()
         m = loaded.model.model
@@ -139,20 +160,100 @@ class AnyresVisionGraph(nn.Module):
         return (taps * pack_weight.to(feats.dtype)[..., None]).sum(dim=1)[None]
 
 
-def vision_trace_spec(info: ModelInfo, dtype: torch.dtype = torch.float32):
-    """The anyres vision graph's inputs and dynamic axes: partitions and visual tokens vary per image."""
+def gather_plan(values, index, weight):
+    """values [P, N, ...] per-partition rows -> [1, C, ...]: rows of the flattened [P*N] named by a
+    (candidate) plan, weighted (weights 1/0 for LLaVA-NeXT: an exact gather)."""
+    rows = values.reshape(values.shape[0] * values.shape[1], -1)
+    taps = rows[index]  # [C, 4, F]
+    out = (taps * weight.to(rows.dtype)[..., None]).sum(dim=1)
+    return out.reshape(1, index.shape[0], *values.shape[2:])
+
+
+def candidate_features(vf: VisionFeatures, index, weight, project, embeddings: bool,
+                       base_tile=None) -> VisionFeatures:
+    """One tiled image's tower outputs [P, N, ...] -> `VisionFeatures` over its candidates [1, C, ...]
+    (base view first, then the unpadded tile map in raster order; no newline rows), so a method's
+    `reduce` selects globally over all tiles. EMBEDDINGS methods see projected rows (project is
+    then the identity); cls_token is the base view's; with `base_tile` [N] (the tile under each
+    base-view token) the partition of every candidate and a one-hot [1, N, P-1] region map."""
+    n = vf.features.shape[1]
+    feats = project(vf.features) if embeddings else vf.features
+    out = VisionFeatures(features=gather_plan(feats, index, weight), project=(lambda t: t) if embeddings else project)
+    if vf.cls_attention is not None:
+        out.cls_attention = gather_plan(vf.cls_attention.float(), index, weight)
+    if vf.early_cls_attention is not None:
+        out.early_cls_attention = gather_plan(vf.early_cls_attention.float(), index, weight)
+    if vf.keys is not None:
+        out.keys = gather_plan(vf.keys, index, weight)
+    if vf.cls_token is not None:
+        out.cls_token = vf.cls_token[:1]
+    if base_tile is not None:
+        tiles = torch.arange(vf.features.shape[0] - 1, device=base_tile.device)
+        out.partition = torch.div(index[:, 0], n, rounding_mode="floor")[None]
+        out.base_tile = (base_tile[:, None] == tiles[None, :]).long()[None]
+    return out
+
+
+class ReducedAnyresVisionGraph(nn.Module):
+    """pixel_values [P, 3, S, S], pack_index [C, 4] int64, pack_weight [C, 4] float32 (the image's
+    candidate plan: `tokedge.runtime.layout.candidate_plan`), + base_tile [N] int64 for methods
+    scoring with REGIONS -> image_embeds [1, k, hidden].
+
+    The tower runs every partition with the extras the method needs; the candidates' rows are
+    gathered from all partitions and the method's own `reduce` picks k of them globally (hired
+    allocates per partition itself). Output in candidate order, no newline tokens."""
+
+    def __init__(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict):
+        super().__init__()
+        m = loaded.model.model
+        cfg = loaded.model.config
+        self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=True, needs=method.needs)
+        self.projector = m.multi_modal_projector
+        self.method, self.k, self.options = method, k, options
+        self.embeddings = Signal.EMBEDDINGS in method.scores_with
+        self.extra_inputs = ("base_tile",) if Signal.REGIONS in method.scores_with else ()
+        self.schedule = None
+
+    def forward(self, pixel_values, pack_index, pack_weight, base_tile=None):
+        vf = candidate_features(self.tower(pixel_values), pack_index, pack_weight, self.projector, self.embeddings,
+                                base_tile)
+        return self.method.reduce(vf, self.k, self.options)
+
+
+def vision_trace_spec(info: ModelInfo, dtype: torch.dtype = torch.float32, vision: nn.Module | None = None):
+    """The anyres vision graph's inputs and dynamic axes: partitions and visual tokens vary per image
+    (reduced graphs: the candidates vary, the output count is the budget)."""
     from tokedge.export.onnx_export import TOKENS, TraceSpec
 
     s, n = info.image_size, (info.image_size // info.patch_size) ** 2
-    parts = 3
-    index = torch.arange(8 * 4, dtype=torch.int64).reshape(8, 4) % (parts * n + 1)
+    k = getattr(vision, "k", None)
+    if k is None:
+        parts = 3
+        index = torch.arange(8 * 4, dtype=torch.int64).reshape(8, 4) % (parts * n + 1)
+        return TraceSpec(
+            inputs=("pixel_values", "pack_index", "pack_weight"),
+            outputs=("image_embeds",),
+            example=(torch.rand(parts, 3, s, s), index, torch.rand(8, 4)),  # pixel_values stay float32
+            dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: TOKENS}, "pack_weight": {0: TOKENS},
+                          "image_embeds": {1: TOKENS}},
+            output_shapes={"image_embeds": (1, TOKENS, info.hidden_size)},
+        )
+    # an example with more candidates than k, so no shape branch of a method is traced as "keep all"
+    parts = 5
+    count = max(k + 8, parts * n)
+    gen = torch.Generator().manual_seed(0)
+    index = torch.zeros(count, 4, dtype=torch.int64)
+    index[:, 0] = torch.randperm(count, generator=gen) % (parts * n)
+    weight = torch.zeros(count, 4)
+    weight[:, 0] = 1
+    extra = (torch.randint(0, parts - 1, (n,), generator=gen),) if vision.extra_inputs else ()
     return TraceSpec(
-        inputs=("pixel_values", "pack_index", "pack_weight"),
+        inputs=("pixel_values", "pack_index", "pack_weight", *vision.extra_inputs),
         outputs=("image_embeds",),
-        example=(torch.rand(parts, 3, s, s), index, torch.rand(8, 4)),  # pixel_values stay float32
-        dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: TOKENS}, "pack_weight": {0: TOKENS},
-                      "image_embeds": {1: TOKENS}},
-        output_shapes={"image_embeds": (1, TOKENS, info.hidden_size)},
+        example=(torch.rand(parts, 3, s, s, generator=gen), index, weight, *extra),
+        dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: CANDIDATES},
+                      "pack_weight": {0: CANDIDATES}},
+        output_shapes={"image_embeds": (1, k, info.hidden_size)},
     )
 
 
@@ -160,8 +261,9 @@ def build_graph_modules(loaded: LoadedCheckpoint, method: Method, k: int, option
                         plan=None) -> dict[str, nn.Module]:
     check_method(method)
     lm = loaded.model.model.language_model
+    vision = AnyresVisionGraph(loaded) if method.keeps_all else ReducedAnyresVisionGraph(loaded, method, k, options)
     return {
-        "vision": AnyresVisionGraph(loaded).eval(),
+        "vision": vision.eval(),
         "embed": TokenEmbedder(lm.embed_tokens).eval(),
         "decoder": KVDecoder(lm, loaded.model.lm_head, None).eval(),
     }
@@ -212,9 +314,10 @@ class LlavaNextFamily(LlavaFamily):
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         return build_graph_modules(loaded, method, k, options, plan)
 
-    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: torch.dtype = torch.float32):
-        """How to trace this family's vision graph (its inputs differ from the single-view one)."""
-        return vision_trace_spec(self.model_info(loaded), dtype)
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: torch.dtype = torch.float32,
+                          vision: nn.Module | None = None):
+        """How to trace this family's vision graph `vision` (its inputs differ from the single-view one)."""
+        return vision_trace_spec(self.model_info(loaded), dtype, vision)
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
         return replace(model_info(loaded), family=self.name)
