@@ -227,6 +227,15 @@ def pack_features(features: np.ndarray, newline: np.ndarray, index: np.ndarray, 
     return np.einsum("tk,tkd->td", weight.astype(np.float32), rows[index].astype(np.float32)).astype(features.dtype)
 
 
+def image_budget(reduction) -> int | None:
+    """Visual tokens per image an artifact's vision graph keeps (its manifest `reduction`): the
+    budget for vision-side methods (the plan is then the candidate plan), None when it packs every
+    token (`none`, and in-LLM methods, which prune later)."""
+    from tokedge.reduce.base import Stage
+
+    return reduction.budget if Stage(reduction.stage) in (Stage.PRE_LLM, Stage.IN_VIT) else None
+
+
 @dataclass(frozen=True)
 class AnyresInputs:
     """One image's inputs to an anyres vision graph and how many visual tokens it gives."""

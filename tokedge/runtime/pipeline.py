@@ -15,7 +15,7 @@ from tokedge.errors import InputError, UsageError
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
-from tokedge.runtime.layout import anyres_inputs
+from tokedge.runtime.layout import anyres_inputs, image_budget
 from tokedge.runtime.ort_backend import OrtOptions
 from tokedge.runtime.preprocess import load_image, preprocess_batch
 from tokedge.runtime.prompt import PromptEncoder
@@ -132,10 +132,13 @@ class Pipeline:
         t0 = time.perf_counter()
         pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
         if self.manifest.layout.kind == "anyres":  # tiles per image: a token count per image
-            if budget is not None:
-                raise InputError("this artifact keeps every visual token (anyres, --method none); drop --budget")
+            red = self.manifest.reduction
+            keep = image_budget(red)  # vision-side reduction: the graph keeps `budget` of each image's candidates
+            if budget is not None and budget != keep:
+                what = f"reduces every image to {keep} visual tokens" if keep else "keeps every visual token"
+                raise InputError(f"this anyres artifact {what} (--method {red.method}); drop --budget")
             layout = self.manifest.layout.anyres()
-            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess) for img in pil]
+            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess, budget=keep) for img in pil]
             k = None
             enc = self.encoder.encode(prompts, [image.tokens for image in pixel_values])
         else:

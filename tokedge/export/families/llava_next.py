@@ -33,7 +33,7 @@ from tokedge.export.families.llava import (
     model_info,
     vision_geometry,
 )
-from tokedge.export.towers import VisionTower
+from tokedge.export.towers import VisionTower, layers_to_feature
 from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
 
 SUPPORTED_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
@@ -289,6 +289,57 @@ def reference_image_features(loaded: LoadedCheckpoint, images) -> list[torch.Ten
     return list(out.pooler_output)
 
 
+@torch.no_grad()
+def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, k: int,
+                               options: dict) -> torch.Tensor:
+    """One image's reduced features [1, k, hidden] from transformers' own modules: its processor,
+    the tower with eager attention (CLS rows of the feature layer and of layer 0, keys from the
+    feature layer's k_proj), the projector, and `pack_image_features` without newlines to lay
+    every per-token quantity out in candidate order; then the method's selection."""
+    from tokedge.runtime.layout import base_regions, plan_image
+
+    model, cfg = loaded.model, loaded.model.config
+    batch = loaded.processor.image_processor([image], return_tensors="pt")
+    sizes = batch["image_sizes"]
+    tower = model.model.vision_tower
+    parts = plan_image(loaded.spec.layout.anyres(), int(sizes[0, 0]), int(sizes[0, 1])).partitions
+    pixel_values = batch["pixel_values"][0, :parts].float()
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
+    finally:
+        tower.set_attn_implementation(previous)
+    produced_by = layers_to_feature(cfg.vision_feature_layer, len(out.attentions)) - 1
+    feats = out.hidden_states[cfg.vision_feature_layer][:, 1:]  # [P, N, d], "default": CLS dropped
+    n = feats.shape[1]
+
+    def pack(values):  # [P, N, F] -> [1, C, F] in candidate order, by transformers' packing
+        packed, _ = model.model.pack_image_features([values], sizes, cfg.vision_feature_select_strategy, None)
+        return packed[0][None]
+
+    embeddings = Signal.EMBEDDINGS in method.scores_with
+    projector = model.model.multi_modal_projector
+    vf = VisionFeatures(features=pack(projector(feats) if embeddings else feats),
+                        project=(lambda t: t) if embeddings else projector)
+    vf.cls_attention = pack(out.attentions[produced_by][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
+    vf.early_cls_attention = pack(out.attentions[0][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
+    vf.cls_token = out.hidden_states[cfg.vision_feature_layer][:1, :1]
+    enc_layer = getattr(tower, "vision_model", tower).encoder.layers[produced_by]
+    keys = enc_layer.self_attn.k_proj(enc_layer.layer_norm1(out.hidden_states[produced_by]))
+    keys = keys.view(keys.shape[0], keys.shape[1], cfg.vision_config.num_attention_heads, -1).mean(dim=2)[:, 1:]
+    vf.keys = pack(keys)
+    if Signal.REGIONS in method.scores_with:
+        partition = torch.arange(parts)[:, None, None].expand(parts, n, 1).float()
+        vf.partition = pack(partition)[..., 0].long()
+        plan = plan_image(loaded.spec.layout.anyres(), int(sizes[0, 0]), int(sizes[0, 1]))
+        tile = torch.from_numpy(base_regions(loaded.spec.layout.anyres(), plan))
+        vf.base_tile = (tile[:, None] == torch.arange(parts - 1)[None, :]).long()[None]
+    if vf.features.shape[1] < k:
+        raise UsageError(f"the example image gives {vf.features.shape[1]} candidate tokens, fewer than --budget {k}")
+    return method.reduce(vf, k, options)
+
+
 # --- the family ------------------------------------------------------------------------------------
 
 
@@ -325,13 +376,15 @@ class LlavaNextFamily(LlavaFamily):
     def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> np.ndarray:
         return pixel_values_for(loaded, images)
 
-    def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        raise UnsupportedModelError("anyres prompts have a token count per image; expand them from the image plan")
-
-    def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values, k: int,
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, images, k: int,
                            options: dict | None = None):
-        raise UnsupportedModelError("anyres references need the images, not stacked pixel_values; "
-                                    "use reference_image_features")
+        """Anyres: `images` are the PIL images themselves (each has its own partitions); one image
+        -> [1, T, hidden] (every packed token) or [1, k, hidden] (reduced)."""
+        if len(images) != 1:
+            raise UnsupportedModelError("anyres references take one image at a time (token counts differ)")
+        if method.keeps_all:
+            return reference_image_features(loaded, images)[0][None]
+        return reference_reduced_features(loaded, method, images[0], k, options or {})
 
 
 FAMILY = register(LlavaNextFamily())
