@@ -69,6 +69,23 @@ def artifact(tiny_llava_next_dir, tmp_path_factory, full_tokens):
     return get
 
 
+@pytest.fixture(scope="module")
+def pipelines(artifact):
+    """One open Pipeline per method for the module (divprune's unrolled graph takes a while to load)."""
+    from tokedge.runtime.pipeline import Pipeline
+
+    opened: dict[str, Pipeline] = {}
+
+    def get(method: str) -> Pipeline:
+        if method not in opened:
+            opened[method] = Pipeline.load(artifact(method)[0])
+        return opened[method]
+
+    yield get
+    for pipe in opened.values():
+        pipe.close()
+
+
 # --- the reference: transformers' modules + loop selections ---------------------------------------
 
 
@@ -112,17 +129,21 @@ def loop_hired(cand, k, alpha=0.5):
 def loop_divprune(x, k):
     """Greedy max-min cosine distance over projected tokens; picked tokens are excluded."""
     n = len(x)
-    dist = [[1 - _cos(x[i], x[j]) for j in range(n)] for i in range(n)]
-    nearest = [sorted(row)[1] for row in dist]
+    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True)
+    dist = 1 - unit @ unit.T  # [n, n] cosine distance (float64)
+    nearest = [float(np.partition(row, 1)[1]) for row in dist]  # to the nearest other token
     picks = [int(np.argmax(nearest))]
-    min_dist = list(dist[picks[0]])
+    picked = {picks[0]}
+    min_dist = dist[picks[0]].tolist()
     for _ in range(k - 1):
         best, best_val = -1, -2.0
         for j in range(n):
-            if j not in picks and min_dist[j] > best_val:
+            if j not in picked and min_dist[j] > best_val:
                 best, best_val = j, min_dist[j]
         picks.append(best)
-        min_dist = [min(a, b) for a, b in zip(min_dist, dist[best])]
+        picked.add(best)
+        row = dist[best]
+        min_dist = [min(a, float(b)) for a, b in zip(min_dist, row)]
     return sorted(picks)
 
 
@@ -235,21 +256,19 @@ def reference_generate(hf_next, image_embeds):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("size", SIZES)
-def test_method_on_tiled_images_matches_transformers_and_the_loop(method, size, artifact, hf_next, full_tokens):
+def test_method_on_tiled_images_matches_transformers_and_the_loop(method, size, pipelines, hf_next, full_tokens):
     from tokedge.runtime.generate import SamplingConfig, generate
     from tokedge.runtime.layout import anyres_inputs
-    from tokedge.runtime.pipeline import Pipeline
 
-    path, _ = artifact(method)
     k = int(0.2 * full_tokens)
     image = _image(*size)
     expected_embeds = reference_tokens(hf_next, method, image, k)
     ids, expected_logits, expected_tokens = reference_generate(hf_next, expected_embeds)
-    with Pipeline.load(path) as pipe:
-        result = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
-        inputs = [anyres_inputs(image, pipe.manifest.layout.anyres(), pipe.manifest.preprocess, budget=k)]
-        enc = pipe.encoder.encode([QUESTION], [k])
-        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
+    pipe = pipelines(method)
+    result = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
+    inputs = [anyres_inputs(image, pipe.manifest.layout.anyres(), pipe.manifest.preprocess, budget=k)]
+    enc = pipe.encoder.encode([QUESTION], [k])
+    gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
     np.testing.assert_array_equal(enc.input_ids[0], ids)
     assert result.visual_tokens == k
     np.testing.assert_allclose(gen.image_embeds[0], expected_embeds, atol=1e-4, rtol=1e-4)  # the same kept tokens
