@@ -321,7 +321,12 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int) -> list[dict]:
     """Reference cases for a tiled layout: one per example image that has enough candidates for
     the budget (a reduced graph keeps `budget` of them), each with its own prompt."""
-    from tokedge.export.reference import EXAMPLE_PROMPTS, anyres_example_images, reference_image_case, render_prompt
+    from tokedge.export.reference import (
+        EXAMPLE_PROMPTS,
+        anyres_example_images,
+        reference_image_case,
+        render_prompt,
+    )
     from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
 
     layout = loaded.family.layout(loaded).anyres()
