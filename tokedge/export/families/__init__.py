@@ -116,7 +116,8 @@ class Family(Protocol):
 
     def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values: Any, k: int,
                            options: dict | None = None) -> Any:
-        """Image features [b, k, hidden] from transformers' tower and projector, reduced by `method`."""
+        """Image features [b, k, hidden] from transformers' tower and projector, reduced by `method`.
+        Tiled layouts take the images themselves, one at a time (`pixel_values` = [image]) -> [1, T, hidden]."""
         ...
 
     def reference_logits(self, loaded: LoadedCheckpoint, input_ids: Any, attention_mask: Any,
