@@ -17,11 +17,12 @@ def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOpti
     manifest = verified.manifest
     ref = manifest.reference
     pixel_values, cases = load_reference(verified.read(ref["file"]))
-    if not cases:  # anyres exports record no cases yet: a parity "pass" over nothing would mislead
+    if not cases:  # e.g. in-LLM methods on anyres layouts: a parity "pass" over nothing would mislead
         from tokedge.errors import UsageError
 
         raise UsageError(f"'{root}' passed its hash checks but records no reference cases to compare "
-                         f"(layout '{manifest.layout.kind}': export-time validation is not implemented yet)")
+                         f"(layout '{manifest.layout.kind}', --method {manifest.reduction.method}: export-time "
+                         "validation is not implemented for it yet)")
     tol = Tolerance(**ref["tolerance"])
     if checkpoint is not None:
         cases = _recompute(manifest, checkpoint, pixel_values, cases)
@@ -55,6 +56,14 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
         modules = loaded.family.modules(loaded, method, red.full_tokens, dict(red.options), plan)
         return [reference_pruned_from_ids(loaded, modules, pixel_values, c["input_ids"], c["attention_mask"],
                                           int(c["budget"]), c["step_logits"].shape[1]) for c in cases]
+    if any("image" in c for c in cases):  # tiled layouts: each case holds its own image
+        from PIL import Image
+
+        from tokedge.export.reference import reference_image_from_ids
+
+        return [reference_image_from_ids(loaded, method, Image.fromarray(c["image"], "RGB"), c["input_ids"],
+                                         c["attention_mask"], int(c["budget"]), c["step_logits"].shape[1],
+                                         dict(red.options)) for c in cases]
     return [
         reference_from_ids(loaded, method, pixel_values, c["input_ids"], c["attention_mask"], int(c["budget"]),
                            c["step_logits"].shape[1], red.options)

@@ -87,12 +87,16 @@ def test_family_is_registered_and_describes_anyres(tiny_llava_next_dir, next_loa
     assert spec.full_tokens == 576 + 48 * 49  # base + the 672x672 map (48 x 48) with a newline per row
 
 
-def test_reduction_methods_are_refused_with_a_reason(next_loaded):
+@pytest.mark.parametrize("name,fragment", [
+    ("tome", "use --method visionzip"), ("pool", "use --method cls-attn or hired"),
+    ("vispruner", "use --method divprune"), ("fastv", "not available for LLaVA-NeXT yet"),
+])
+def test_methods_without_a_tiled_definition_are_refused_with_a_reason(next_loaded, name, fragment):
     from tokedge.errors import UsageError
     from tokedge.reduce import get_method
 
-    with pytest.raises(UsageError, match=r"--method cls-attn .*LLaVA-NeXT.*use --method none"):
-        next_loaded.family.modules(next_loaded, get_method("cls-attn"), 64, {})
+    with pytest.raises(UsageError, match=rf"--method {name} .*{fragment}"):
+        next_loaded.family.modules(next_loaded, get_method(name), 64, {})
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -176,12 +180,14 @@ def test_none_matches_transformers_generate(next_artifact, hf_next, size):
     np.testing.assert_allclose(gen.prefill_logits[0], expected_logits, atol=1e-3, rtol=0)
 
 
-def test_verify_refuses_to_pass_an_anyres_artifact_on_no_cases(next_artifact):
-    from tokedge.errors import UsageError
+def test_verify_replays_the_recorded_anyres_cases(next_artifact):
+    """Export records one transformers case per example image (the image itself, so the runtime
+    replays its own preprocessing and plan); verify passes on them."""
     from tokedge.verify import verify
 
-    with pytest.raises(UsageError, match="passed its hash checks but records no reference cases"):
-        verify(next_artifact)
+    report = verify(next_artifact)
+    assert report.ok and len(report.cases) == 2
+    assert all(c.tokens_match and c.max_abs_prefill_logits < 1e-3 for c in report.cases)
 
 
 def test_cli_runs_anyres_and_refuses_what_it_cannot_do(next_artifact, tiny_llava_next_dir, tmp_path, capsys):
@@ -200,8 +206,8 @@ def test_cli_runs_anyres_and_refuses_what_it_cannot_do(next_artifact, tiny_llava
     assert out["visual_tokens"] == 2340 and len(out["token_ids"]) == 3  # 576 + 36 rows x (48 + 1) for 640x480
     refusals = [
         (["run", str(next_artifact), "--image", str(image), "--prompt", "hi", "--budget", "64"], "drop --budget"),
-        (["export", str(tiny_llava_next_dir), "--method", "cls-attn", "--budget", "64", "--out", str(tmp_path / "x")],
-         "use --method none"),
+        (["export", str(tiny_llava_next_dir), "--method", "pool", "--budget", "64", "--out", str(tmp_path / "x")],
+         "use --method cls-attn or hired"),
     ]
     for args, fragment in refusals:
         assert main(args) != 0

@@ -73,11 +73,12 @@ def test_method_exports_verifies_and_runs(method, budget, artifacts, tiny_llava_
         assert all(k <= 3840 for k in ks), f"{name}.onnx TopK k {ks}"
 
 
-def test_methods_command_lists_all_nine(capsys):
+def test_methods_command_lists_every_method(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
-    assert set(rows) == {"none", "cls-attn", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv", "pdrop",
-                         "dart"}
+    assert set(rows) == {"none", "cls-attn", "hired", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv",
+                         "pdrop", "dart"}
+    assert rows["hired"]["options"]["alpha"]["default"] == 0.5
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
     assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]
     assert rows["fastv"]["options"]["layer"]["default"] == 2

@@ -213,6 +213,9 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         import numpy as np
 
         pixel_values, cases, budgets = np.zeros((0, 3, 1, 1), dtype=np.float32), [], [budget]
+        if not method.prunes_in_llm:  # one case per image: each has its own partitions and token count
+            with timed("reference (transformers)"):
+                cases = anyres_cases(loaded, method, budget, options, DECODE_STEPS)
     else:
         with timed("reference (transformers)"):
             pixel_values = pixel_values_for(loaded, example_images(2))
@@ -234,7 +237,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     modules = family.modules(loaded, method, trace_k, options, plan)
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
                            plan=plan, full_tokens=full)
-    vision_spec = family.vision_trace_spec(loaded, torch_dtype)
+    vision_spec = family.vision_trace_spec(loaded, torch_dtype, modules["vision"])
     if vision_spec is not None:
         specs["vision"] = vision_spec
 
@@ -293,8 +296,9 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             tol = tolerance_for(cfg.dtype, quant)
             manifest = replace(manifest, reference={**manifest.reference, "tolerance": tolerance_dict(tol)})
         parity: dict = {"skipped": True}
-        if anyres:  # validated against transformers' generate in tests/export/test_llava_next.py
-            parity = {"skipped": True, "reason": "export-time validation of anyres layouts is not implemented yet"}
+        if not cases:
+            parity = {"skipped": True, "reason": "export-time validation of in-LLM methods on anyres layouts is "
+                                                 "not implemented yet"}
         elif cfg.validate:
             with timed("validate (ONNX Runtime vs transformers)"):
                 with ArtifactGraphs(stage, manifest) as runtime_graphs:
@@ -313,6 +317,33 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if not plan.fits:
             warnings.append(plan.summary() + "; quantize (--quantize int4) or pick a larger device")
     return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
+
+
+def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int) -> list[dict]:
+    """Reference cases for a tiled layout: one per example image that has enough candidates for
+    the budget (a reduced graph keeps `budget` of them), each with its own prompt."""
+    from tokedge.export.reference import (
+        EXAMPLE_PROMPTS,
+        anyres_example_images,
+        reference_image_case,
+        render_prompt,
+    )
+    from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
+
+    layout = loaded.family.layout(loaded).anyres()
+
+    def candidates(image) -> int:
+        plan = plan_image(layout, image.height, image.width)
+        return int(candidate_plan(layout, plan, *pack_plan(layout, plan))[0].shape[0])
+
+    images = anyres_example_images()
+    usable = [image for image in images if method.keeps_all or candidates(image) >= budget]
+    if not usable:
+        most = max(candidates(image) for image in images)
+        raise UsageError(f"--budget {budget} is more than the {most} visual tokens the largest image gives before "
+                         f"reduction (newlines aside); use --budget <= {most}")
+    return [reference_image_case(loaded, method, image, render_prompt(loaded, EXAMPLE_PROMPTS[i % 2]), budget, steps,
+                                 options) for i, image in enumerate(usable)]
 
 
 __all__ = ["ExportConfig", "ExportResult", "export", "parse_budget_range", "resolve_model"]

@@ -27,6 +27,22 @@ def example_images(n: int = 2):
     return images
 
 
+ANYRES_SIZES = ((480, 640), (1000, 1000))  # (height, width): two canvases, 2304 and 2880 candidates on LLaVA-NeXT
+
+
+def anyres_example_images():
+    """Deterministic synthetic RGB images for tiled layouts (different sizes, so different grids)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4321)
+    images = []
+    for h, w in ANYRES_SIZES:
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx / w, yy / h, (xx * yy) / (w * h)], axis=-1) * 200
+        images.append(Image.fromarray((base + rng.integers(0, 55, size=(h, w, 3))).astype(np.uint8), "RGB"))
+    return images
+
+
 def render_prompt(loaded: LoadedCheckpoint, question: str) -> str:
     return loaded.family.render_prompt(loaded, question)
 
@@ -59,6 +75,39 @@ def reference_from_ids(llava: LoadedCheckpoint, method: Method, pixel_values: np
     )
     return {
         "budget": np.array(budget, dtype=np.int64),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "image_embeds": feats.float().numpy(),
+        "prefill_logits": prefill.numpy(),
+        "step_logits": torch.stack(step_logits, dim=1).numpy(),
+        "tokens": tokens.numpy(),
+    }
+
+
+@torch.no_grad()
+def reference_image_case(llava: LoadedCheckpoint, method: Method, image, prompt: str, budget: int, steps: int,
+                         options: dict | None = None) -> dict[str, np.ndarray]:
+    """Tiled layouts: one image (with its own partitions and token count) and one prompt through
+    transformers' modules (`family.reference_features` on the image itself), the placeholder
+    expanded to the image's count; the image is recorded so that a client can replay the case."""
+    feats = llava.family.reference_features(llava, method, [image], budget, options)
+    input_ids, attention_mask = tokenize(llava, [prompt], int(feats.shape[1]))
+    return reference_image_from_ids(llava, method, image, input_ids, attention_mask, budget, steps, options, feats)
+
+
+@torch.no_grad()
+def reference_image_from_ids(llava: LoadedCheckpoint, method: Method, image, input_ids: np.ndarray,
+                             attention_mask: np.ndarray, budget: int, steps: int, options: dict | None = None,
+                             feats: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """`reference_image_case` for an already-tokenized prompt (verify --checkpoint recomputes with it)."""
+    if feats is None:
+        feats = llava.family.reference_features(llava, method, [image], budget, options)
+    prefill, tokens, step_logits = llava.family.reference_logits(
+        llava, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), feats, steps
+    )
+    return {
+        "budget": np.array(budget, dtype=np.int64),
+        "image": np.asarray(image.convert("RGB"), dtype=np.uint8),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "image_embeds": feats.float().numpy(),

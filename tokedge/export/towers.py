@@ -1,6 +1,7 @@
 """Vision towers (CLIP, SigLIP) re-run from their transformers modules up to the feature layer,
 producing the feature-layer tokens and, when a method asks, the CLS attention row, the CLS token
-and the head-mean keys of that layer; in-ViT merging (ToMe) runs inside the layers."""
+and the head-mean keys of that layer, and the first layer's CLS attention row; in-ViT merging
+(ToMe) runs inside the layers."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class VisionTower(nn.Module):
         self.needs = needs
         self.merge_schedule = merge_schedule
 
-    def _layer(self, layer: nn.Module, x, size, last: bool, r: int):
+    def _layer(self, layer: nn.Module, x, size, first: bool, last: bool, r: int):
         h = layer.layer_norm1(x)
         attn = layer.self_attn
         q = split_heads(attn.q_proj(h), self.head_dim)
@@ -54,6 +55,8 @@ class VisionTower(nn.Module):
         o = attention(q, k, v, self.scale, bias)
         x = x + attn.out_proj(merge_heads(o))
         extras = {}
+        if first and "early_cls_attention" in self.needs:
+            extras["early_cls_attention"] = attention_row(q[:, :, :1], k, self.scale).mean(dim=1)
         if last and "cls_attention" in self.needs:
             extras["cls_attention"] = attention_row(q[:, :, :1], k, self.scale).mean(dim=1)
         if last and "keys" in self.needs:
@@ -74,7 +77,7 @@ class VisionTower(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             r = self.merge_schedule[i] if self.merge_schedule else 0
-            x, size, got = self._layer(layer, x, size, i == last, r)
+            x, size, got = self._layer(layer, x, size, i == 0, i == last, r)
             extras.update(got)
         start = 1 if self.has_cls else 0
         vf = VisionFeatures(features=x[:, 1:] if self.drop_cls else x, project=lambda t: t)
@@ -82,6 +85,8 @@ class VisionTower(nn.Module):
             vf.cls_attention = extras["cls_attention"][:, start:]  # softmax over all keys, then slice
         if "keys" in extras:
             vf.keys = extras["keys"][:, start:]
+        if "early_cls_attention" in extras:
+            vf.early_cls_attention = extras["early_cls_attention"][:, start:]
         if "cls_token" in self.needs and self.has_cls:
             vf.cls_token = x[:, :1]
         return vf

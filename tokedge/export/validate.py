@@ -198,18 +198,33 @@ def load_reference(source: Path | bytes, unpacked_limit: int | None = None
     return arrays["pixel_values"], [cases[i] for i in sorted(cases)]
 
 
-def greedy_arrays(graphs, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray,
+def image_inputs(graphs, images: list[np.ndarray]) -> list:
+    """Tiled layouts: recorded uint8 images [H, W, 3] -> the runtime's per-image vision inputs
+    (preprocessing and packing or candidate plan from the manifest), as `tokedge run` builds them."""
+    from PIL import Image
+
+    from tokedge.runtime.layout import anyres_inputs, image_budget
+
+    manifest = graphs.manifest
+    layout = manifest.layout.anyres()
+    return [anyres_inputs(Image.fromarray(np.ascontiguousarray(image), "RGB"), layout, manifest.preprocess,
+                          budget=image_budget(manifest.reduction)) for image in images]
+
+
+def greedy_arrays(graphs, pixel_values, input_ids: np.ndarray, attention_mask: np.ndarray,
                   steps: int, budget: int | None = None) -> dict[str, np.ndarray]:
     """Prefill then `steps` greedy decode steps through `generate` (the loop `tokedge run` uses),
-    without stopping at EOS; returns the arrays parity checks compare."""
+    without stopping at EOS; returns the arrays parity checks compare. `pixel_values`: the
+    single-view batch, or the per-image inputs of a tiled layout (`image_inputs`)."""
     from tokedge.runtime.generate import SamplingConfig, generate
 
     gen = generate(graphs, pixel_values, input_ids, attention_mask, SamplingConfig(max_new_tokens=steps + 1),
                    budget=budget if graphs.manifest.graphs["vision"].input("budget") is not None else None,
                    stop_at_eos=False, keep_logits=True)
     batch = input_ids.shape[0]
+    embeds = gen.image_embeds
     return {
-        "image_embeds": gen.image_embeds,
+        "image_embeds": embeds if isinstance(embeds, np.ndarray) else np.stack(embeds),
         "prefill_logits": gen.prefill_logits,
         "tokens": np.array(gen.token_ids, dtype=np.int64).reshape(batch, -1),
         "step_logits": np.stack(gen.step_logits, axis=1) if gen.step_logits else np.zeros((batch, 0, 0)),
@@ -217,11 +232,14 @@ def greedy_arrays(graphs, pixel_values: np.ndarray, input_ids: np.ndarray, atten
 
 
 def run_cases(graphs, pixel_values: np.ndarray, cases: list[dict[str, np.ndarray]], tol: Tolerance) -> ParityReport:
-    """Run each recorded case through the artifact's graphs and compare with its expected arrays."""
+    """Run each recorded case through the artifact's graphs and compare with its expected arrays
+    (a case with an `image` entry, tiled layouts, replays that image through the runtime's own
+    preprocessing and plan; the others share the recorded `pixel_values`)."""
     report = ParityReport(tolerance=tol)
     for case in cases:
         budget = int(case["budget"])
-        actual = greedy_arrays(graphs, pixel_values, case["input_ids"], case["attention_mask"],
+        inputs = image_inputs(graphs, [case["image"]]) if "image" in case else pixel_values  # tiled: its own image
+        actual = greedy_arrays(graphs, inputs, case["input_ids"], case["attention_mask"],
                                int(case["step_logits"].shape[1]), budget)
         report.cases.append(compare(case, actual, budget))
     return report

@@ -32,12 +32,14 @@ class Signal(str, Enum):
     """What a method scores tokens with; families supply these in the layer the method asks for."""
 
     CLS_ATTENTION = "cls-attention"  # the vision feature layer's CLS-query attention row
+    EARLY_CLS_ATTENTION = "early-cls-attention"  # the first ViT layer's CLS-query attention row
     CLS_TOKEN = "cls-token"  # the feature layer's CLS hidden state
     KEYS = "keys"  # the vision feature layer's keys (head mean)
     VIT_KEYS = "vit-keys"  # every ViT layer's keys (token merging)
     FEATURES = "features"  # the feature layer's hidden states (similarity, diversity)
     EMBEDDINGS = "embeddings"  # the projected tokens themselves (so every token is projected)
     POSITIONS = "positions"  # only the patch grid (pooling)
+    REGIONS = "regions"  # tiled images: each token's partition and the tile under each base-view token
     LLM_ATTENTION = "llm-attention"  # the last prompt token's attention inside the LLM
     LLM_KEY_NORM = "llm-key-norm"  # L1 norm of the LLM's keys, plus hidden-state similarity
 
@@ -47,7 +49,8 @@ class Signal(str, Enum):
 
 STAGES = tuple(s.value for s in Stage)
 # VisionFeatures extras a vision-side signal asks the tower for
-_TOWER_EXTRAS = {Signal.CLS_ATTENTION: "cls_attention", Signal.CLS_TOKEN: "cls_token", Signal.KEYS: "keys"}
+_TOWER_EXTRAS = {Signal.CLS_ATTENTION: "cls_attention", Signal.CLS_TOKEN: "cls_token", Signal.KEYS: "keys",
+                 Signal.EARLY_CLS_ATTENTION: "early_cls_attention"}
 
 
 @dataclass
@@ -61,6 +64,14 @@ class VisionFeatures:
     cls_token:     [b, 1, d] the feature layer's CLS hidden state     -- needs "cls_token"
     keys:          [b, n, d_head] the feature layer's keys for the patches, mean over heads
                                                                        -- needs "keys"
+    early_cls_attention: [b, n] as cls_attention, in the first encoder layer -- needs "early_cls_attention"
+
+    Tiled images (anyres) give one row of candidates per image (b = 1): the base view's tokens
+    first, then the unpadded tile map in raster order, gathered from every partition's tower
+    output; cls_attention etc. are each partition's own rows and cls_token is the base view's.
+    There, with Signal.REGIONS:
+    partition:     [b, n] int64 partition of each token (0 = base view, t + 1 = tile t)
+    base_tile:     [b, N] int64 tile under the centre of each base-view token (N = the base's tokens)
     """
 
     features: Any
@@ -68,6 +79,9 @@ class VisionFeatures:
     cls_attention: Any = None
     cls_token: Any = None
     keys: Any = None
+    early_cls_attention: Any = None
+    partition: Any = None
+    base_tile: Any = None
 
 
 @dataclass(frozen=True)

@@ -28,21 +28,24 @@ def split(budget: int, contextual: int | None) -> tuple[int, int]:
 
 def contextual_tokens(features, keys, remaining_idx, k_c: int):
     """features [b, n, d], keys [b, n, e] (normalised), remaining_idx [b, R] raster order ->
-    [b, k_c, d] contextual tokens (target + mean of assigned)."""
+    [b, k_c, d] contextual tokens (target + mean of assigned).
+
+    Written without Python arithmetic on R, so a graph traced for one token count runs on
+    another (tiled images): targets are the positions 0, step, 2*step... (k_c of them, step =
+    max(1, R // k_c)); every other remaining token goes to its most similar target."""
     rem_x = gather_tokens(features, remaining_idx)
     rem_k = gather_tokens(keys, remaining_idx)
-    n_rem = int(remaining_idx.shape[1])  # static for a fixed budget
-    step = max(1, n_rem // k_c)
-    targets = list(range(0, n_rem, step))[:k_c]
-    others = sorted(set(range(n_rem)) - set(targets))
-    target_pos = torch.tensor(targets, dtype=torch.long, device=features.device)
-    other_pos = torch.tensor(others, dtype=torch.long, device=features.device)
+    ones = torch.ones_like(remaining_idx[0])
+    step = torch.clamp(torch.div(ones.sum(), k_c, rounding_mode="floor"), min=1)
+    pos = ones.cumsum(0) - 1  # [R] 0..R-1
+    target_pos = torch.arange(k_c, device=features.device) * step
+    not_target = ~((pos % step == 0) & (torch.div(pos, step, rounding_mode="floor") < k_c))
     tgt_x, tgt_k = rem_x[:, target_pos], rem_k[:, target_pos]
-    oth_x, oth_k = rem_x[:, other_pos], rem_k[:, other_pos]
-    sim = torch.matmul(oth_k, tgt_k.transpose(1, 2))  # [b, R - k_c, k_c]
-    assign = torch.nn.functional.one_hot(sim.argmax(-1), k_c).to(features.dtype)  # [b, R - k_c, k_c]
+    sim = torch.matmul(rem_k, tgt_k.transpose(1, 2))  # [b, R, k_c]
+    assign = torch.nn.functional.one_hot(sim.argmax(-1), k_c).to(features.dtype)  # [b, R, k_c]
+    assign = assign * not_target[None, :, None].to(features.dtype)  # targets are not assigned
     counts = assign.sum(1).clamp(min=1).unsqueeze(-1)  # [b, k_c, 1]
-    merged = torch.matmul(assign.transpose(1, 2), oth_x) / counts
+    merged = torch.matmul(assign.transpose(1, 2), rem_x) / counts
     return tgt_x + merged
 
 

@@ -233,11 +233,44 @@ def pack_plan(layout: AnyresLayout, plan: ImagePlan) -> tuple[np.ndarray, np.nda
     return index, weight
 
 
+def candidate_plan(layout: AnyresLayout, plan: ImagePlan, index: np.ndarray,
+                   weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image's *candidates* for reduction: its pack plan without the `image_newline` rows
+    (base view tokens, then the unpadded tile map in raster order). -> (index [C, 4], weight [C, 4])."""
+    newline = plan.partitions * layout.tokens_per_tile
+    keep = ~np.any((index == newline) & (weight != 0), axis=1)
+    return index[keep], weight[keep]
+
+
+def base_regions(layout: AnyresLayout, plan: ImagePlan) -> np.ndarray:
+    """The tile (row-major index over the grid) in which the centre of each base-view token lands
+    on the canvas: [N] int64. Base token (r, c) covers the whole resized image squashed to p x p,
+    so its centre is at y = top + (r + 0.5) / p * nh, x = left + (c + 0.5) / p * nw (HiRED's
+    allocation by spatial region; untiled plans: all 0)."""
+    p = layout.patch_grid
+    if not plan.tiled:
+        return np.zeros(p * p, dtype=np.int64)
+    (nh, nw), (top, left), (gh, gw) = plan.resized, plan.offset, plan.grid
+    centre = (np.arange(p, dtype=np.float64) + 0.5) / p
+    rows = np.minimum(np.floor((top + centre * nh) / layout.tile).astype(np.int64), gh - 1)
+    cols = np.minimum(np.floor((left + centre * nw) / layout.tile).astype(np.int64), gw - 1)
+    return (rows[:, None] * gw + cols[None, :]).reshape(-1)
+
+
 def pack_features(features: np.ndarray, newline: np.ndarray, index: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """features [P, N, D], newline [D] -> packed visual tokens [T, D] (the plan applied in numpy;
     the vision graph does the same in-graph)."""
     rows = np.concatenate([features.reshape(-1, features.shape[-1]), newline[None].astype(features.dtype)])
     return np.einsum("tk,tkd->td", weight.astype(np.float32), rows[index].astype(np.float32)).astype(features.dtype)
+
+
+def image_budget(reduction) -> int | None:
+    """Visual tokens per image an artifact's vision graph keeps (its manifest `reduction`): the
+    budget for vision-side methods (the plan is then the candidate plan), None when it packs every
+    token (`none`, and in-LLM methods, which prune later)."""
+    from tokedge.reduce.base import Stage
+
+    return reduction.budget if Stage(reduction.stage) in (Stage.PRE_LLM, Stage.IN_VIT) else None
 
 
 @dataclass(frozen=True)
@@ -248,17 +281,23 @@ class AnyresInputs:
     pack_index: np.ndarray  # [T, 4] int64
     pack_weight: np.ndarray  # [T, 4] float32
     plan: ImagePlan
+    budget: int | None = None  # reduced artifacts: tokens the vision graph keeps (the plan is the candidates')
+    base_tile: np.ndarray | None = None  # [N] int64: tile of each base-view token (`base_regions`)
 
     @property
     def tokens(self) -> int:
-        return int(self.pack_index.shape[0])
+        """Visual tokens this image gives in the prompt."""
+        return int(self.pack_index.shape[0]) if self.budget is None else self.budget
 
 
-def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = True) -> AnyresInputs:
+def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = True,
+                  budget: int | None = None) -> AnyresInputs:
     """An image -> its partitions preprocessed with the manifest's `PreprocessInfo` (resize/crop are
     no-ops on S x S partitions; rescale and normalise as for a single crop) and its packing plan.
     `tiled=False`: one square partition (OneVision's rule for images of multi-image prompts, used
-    when `layout.multi_image_square` and the prompt has more than one image)."""
+    when `layout.multi_image_square` and the prompt has more than one image).
+    `budget`: the artifact reduces each image to this many tokens; the plan is then the candidate
+    plan (`candidate_plan`) and the image must have at least `budget` candidates."""
     from tokedge.runtime.preprocess import preprocess, to_rgb
 
     if info.do_convert_rgb or image.mode != "RGB":
@@ -267,4 +306,12 @@ def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = 
     parts = partitions(image, layout, plan, info.resample)
     pixel_values = np.stack([preprocess(part, info) for part in parts])
     index, weight = pack_plan(layout, plan)
-    return AnyresInputs(pixel_values, index, weight, plan)
+    if budget is None:
+        return AnyresInputs(pixel_values, index, weight, plan)
+    index, weight = candidate_plan(layout, plan, index, weight)
+    if index.shape[0] < budget:
+        raise InputError(
+            f"a {plan.width}x{plan.height} image gives {index.shape[0]} visual tokens, fewer than this artifact's "
+            f"budget of {budget} per image; use a larger image or an artifact exported with --budget <= {index.shape[0]}"
+        )
+    return AnyresInputs(pixel_values, index, weight, plan, budget, base_regions(layout, plan))

@@ -15,7 +15,7 @@ from tokedge.errors import InputError, UsageError
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
-from tokedge.runtime.layout import anyres_inputs
+from tokedge.runtime.layout import anyres_inputs, image_budget
 from tokedge.runtime.ort_backend import OrtOptions
 from tokedge.runtime.preprocess import load_image, preprocess_batch
 from tokedge.runtime.prompt import PromptEncoder
@@ -132,13 +132,16 @@ class Pipeline:
         pil = [[img if isinstance(img, Image.Image) else load_image(img) for img in group] for group in groups]
         red = self.manifest.reduction
         if self.manifest.layout.kind == "anyres":  # tiles per image: a token count per image
-            if budget is not None and red.budget == red.full_tokens and not red.stages:
-                raise InputError("this artifact keeps every visual token (anyres, --method none); drop --budget")
+            keep = image_budget(red)  # vision-side reduction: the graph keeps `budget` of each image's candidates
             if budget is not None:
-                self.visual_tokens_for(budget)  # in-LLM: the exported budget is the only value
+                if red.stages:
+                    self.visual_tokens_for(budget)  # in-LLM: the exported budget is the only value
+                elif budget != keep:
+                    what = f"reduces every image to {keep} visual tokens" if keep else "keeps every visual token"
+                    raise InputError(f"this anyres artifact {what} (--method {red.method}); drop --budget")
             layout = self.manifest.layout.anyres()
             # OneVision's rule: images of a prompt with several images are not tiled
-            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess,
+            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess, budget=keep,
                                           tiled=not (layout.multi_image_square and len(group) > 1))
                             for group in pil for img in group]
             k = None

@@ -87,9 +87,9 @@ class Family(Protocol):
         or None; the manifest records it for FLOPs."""
         ...
 
-    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: Any) -> Any:
-        """How to trace the vision module when its inputs are not the single-view default
-        (`pixel_values` [b, 3, H, W]); None for the default."""
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: Any, vision: Any = None) -> Any:
+        """How to trace the vision module `vision` (what `modules` built) when its inputs are not
+        the single-view default (`pixel_values` [b, 3, H, W]); None for the default."""
         ...
 
     # --- what the manifest records
@@ -117,7 +117,8 @@ class Family(Protocol):
 
     def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values: Any, k: int,
                            options: dict | None = None) -> Any:
-        """Image features [b, k, hidden] from transformers' tower and projector, reduced by `method`."""
+        """Image features [b, k, hidden] from transformers' tower and projector, reduced by `method`.
+        Tiled layouts take the images themselves, one at a time (`pixel_values` = [image]) -> [1, T, hidden]."""
         ...
 
     def reference_logits(self, loaded: LoadedCheckpoint, input_ids: Any, attention_mask: Any,

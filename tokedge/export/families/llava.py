@@ -441,7 +441,7 @@ class LlavaFamily:
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         return build_graph_modules(loaded, method, k, options, plan)
 
-    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype) -> None:
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype, vision=None) -> None:
         return None  # the default: pixel_values [b, 3, H, W] of the single crop
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:

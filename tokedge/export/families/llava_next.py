@@ -7,8 +7,10 @@ layout: base view + tiles on the config's pinpoints). The packing plan itself (w
 make each visual token) is computed per image from its size alone by `tokedge.runtime.layout`, so
 the graph takes it as two inputs and the number of partitions and tokens stays dynamic.
 
-`--method none` and the in-LLM methods (fastv, pdrop, dart: the unreduced vision graph plus the
-pruning prefill) export; pre-LLM reduction methods are refused with the reason.
+`--method none` packs every token; pre-LLM methods (cls-attn, hired, visionzip, divprune) select
+`--budget` tokens per image globally over the image's candidates (its packed tokens without
+newlines: `ReducedAnyresVisionGraph`); in-LLM methods (fastv, pdrop, dart) take the unreduced
+vision graph plus the pruning prefill; the others are refused with the reason (`check_method`).
 `LlavaNextFamily` at the end gathers these behind the `Family` protocol and registers itself under
 "llava_next".
 """
@@ -32,14 +34,14 @@ from tokedge.export.families.llava import (
     model_info,
     vision_geometry,
 )
-from tokedge.export.towers import VisionTower
-from tokedge.reduce.base import Method
+from tokedge.export.towers import VisionTower, layers_to_feature
+from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
 
 SUPPORTED_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
 SUPPORTED_VISION = ("clip_vision_model",)
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
-SUPPORTED_METHODS = ("none",)
 PARTITIONS = "partitions"  # the vision graph's dynamic axis: base view + tiles of one image
+CANDIDATES = "candidates"  # reduced graphs: the image's visual tokens before reduction, newlines left out
 
 
 # --- the config (no weights) ---------------------------------------------------------------------
@@ -88,14 +90,30 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
                           text_layers=int(layers) if layers is not None else None, layout=layout)
 
 
+# what a tiled image's candidates can supply to a pre-LLM method
+CANDIDATE_SIGNALS = frozenset({Signal.CLS_ATTENTION, Signal.EARLY_CLS_ATTENTION, Signal.CLS_TOKEN, Signal.KEYS,
+                               Signal.EMBEDDINGS, Signal.REGIONS})
+
+
 def check_method(method: Method) -> None:
-    """Only the unreduced vision graph exports for anyres so far; in-LLM methods use it as it is
-    (every packed token reaches the LLM, the prefill prunes)."""
-    if method.name not in SUPPORTED_METHODS and not method.prunes_in_llm:
-        raise UsageError(
-            f"--method {method.name} is not available for LLaVA-NeXT yet (anyres reduction is not implemented); "
-            "use --method none"
-        )
+    """Pre-LLM methods select globally over an image's candidates (base view + unpadded tile map),
+    when everything they score with exists for candidates and their counts do not depend on the
+    candidate count; in-LLM methods take the unreduced vision graph (every packed token reaches the
+    LLM, the prefill prunes); the others are refused with what to use instead."""
+    if method.keeps_all or method.prunes_in_llm:
+        return
+    if method.stage is Stage.IN_VIT:
+        raise UsageError(f"--method {method.name} merges inside the vision tower, one tile at a time, and has no "
+                         "per-image budget on LLaVA-NeXT; use --method visionzip (merging) or hired")
+    if method.stage is not Stage.PRE_LLM:
+        raise UsageError(f"--method {method.name} is not available for LLaVA-NeXT yet; use --method cls-attn, "
+                         "hired, visionzip, divprune, fastv or dart")
+    if Signal.POSITIONS in method.scores_with:
+        raise UsageError(f"--method {method.name} pools one square patch grid and a tiled image has none; "
+                         "use --method cls-attn or hired")
+    if not set(method.scores_with) <= CANDIDATE_SIGNALS:
+        raise UsageError(f"--method {method.name} is not available for LLaVA-NeXT yet (its rounds depend on the "
+                         "token count); use --method divprune (diversity) or visionzip")
 
 
 def load_llava_next(source: str, local: Path | None, *, trust_remote_code: bool = False,
@@ -125,6 +143,9 @@ class AnyresVisionGraph(nn.Module):
     and newlines exactly (the plan comes from `tokedge.runtime.layout.pack_plan`).
     """
 
+    k = None  # visual tokens per image: as many as the plan names
+    extra_inputs: tuple[str, ...] = ()
+
     def __init__(self, loaded: LoadedCheckpoint):
         super().__init__()
         m = loaded.model.model
@@ -141,20 +162,100 @@ class AnyresVisionGraph(nn.Module):
         return (taps * pack_weight.to(feats.dtype)[..., None]).sum(dim=1)[None]
 
 
-def vision_trace_spec(info: ModelInfo, dtype: torch.dtype = torch.float32):
-    """The anyres vision graph's inputs and dynamic axes: partitions and visual tokens vary per image."""
+def gather_plan(values, index, weight):
+    """values [P, N, ...] per-partition rows -> [1, C, ...]: rows of the flattened [P*N] named by a
+    (candidate) plan, weighted (weights 1/0 for LLaVA-NeXT: an exact gather)."""
+    rows = values.reshape(values.shape[0] * values.shape[1], -1)
+    taps = rows[index]  # [C, 4, F]
+    out = (taps * weight.to(rows.dtype)[..., None]).sum(dim=1)
+    return out.reshape(1, index.shape[0], *values.shape[2:])
+
+
+def candidate_features(vf: VisionFeatures, index, weight, project, embeddings: bool,
+                       base_tile=None) -> VisionFeatures:
+    """One tiled image's tower outputs [P, N, ...] -> `VisionFeatures` over its candidates [1, C, ...]
+    (base view first, then the unpadded tile map in raster order; no newline rows), so a method's
+    `reduce` selects globally over all tiles. EMBEDDINGS methods see projected rows (project is
+    then the identity); cls_token is the base view's; with `base_tile` [N] (the tile under each
+    base-view token) the partition of every candidate and a one-hot [1, N, P-1] region map."""
+    n = vf.features.shape[1]
+    feats = project(vf.features) if embeddings else vf.features
+    out = VisionFeatures(features=gather_plan(feats, index, weight), project=(lambda t: t) if embeddings else project)
+    if vf.cls_attention is not None:
+        out.cls_attention = gather_plan(vf.cls_attention.float(), index, weight)
+    if vf.early_cls_attention is not None:
+        out.early_cls_attention = gather_plan(vf.early_cls_attention.float(), index, weight)
+    if vf.keys is not None:
+        out.keys = gather_plan(vf.keys, index, weight)
+    if vf.cls_token is not None:
+        out.cls_token = vf.cls_token[:1]
+    if base_tile is not None:
+        tiles = torch.arange(vf.features.shape[0] - 1, device=base_tile.device)
+        out.partition = torch.div(index[:, 0], n, rounding_mode="floor")[None]
+        out.base_tile = (base_tile[:, None] == tiles[None, :]).long()[None]
+    return out
+
+
+class ReducedAnyresVisionGraph(nn.Module):
+    """pixel_values [P, 3, S, S], pack_index [C, 4] int64, pack_weight [C, 4] float32 (the image's
+    candidate plan: `tokedge.runtime.layout.candidate_plan`), + base_tile [N] int64 for methods
+    scoring with REGIONS -> image_embeds [1, k, hidden].
+
+    The tower runs every partition with the extras the method needs; the candidates' rows are
+    gathered from all partitions and the method's own `reduce` picks k of them globally (hired
+    allocates per partition itself). Output in candidate order, no newline tokens."""
+
+    def __init__(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict):
+        super().__init__()
+        m = loaded.model.model
+        cfg = loaded.model.config
+        self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=True, needs=method.needs)
+        self.projector = m.multi_modal_projector
+        self.method, self.k, self.options = method, k, options
+        self.embeddings = Signal.EMBEDDINGS in method.scores_with
+        self.extra_inputs = ("base_tile",) if Signal.REGIONS in method.scores_with else ()
+        self.schedule = None
+
+    def forward(self, pixel_values, pack_index, pack_weight, base_tile=None):
+        vf = candidate_features(self.tower(pixel_values), pack_index, pack_weight, self.projector, self.embeddings,
+                                base_tile)
+        return self.method.reduce(vf, self.k, self.options)
+
+
+def vision_trace_spec(info: ModelInfo, dtype: torch.dtype = torch.float32, vision: nn.Module | None = None):
+    """The anyres vision graph's inputs and dynamic axes: partitions and visual tokens vary per image
+    (reduced graphs: the candidates vary, the output count is the budget)."""
     from tokedge.export.onnx_export import TOKENS, TraceSpec
 
     s, n = info.image_size, (info.image_size // info.patch_size) ** 2
-    parts = 3
-    index = torch.arange(8 * 4, dtype=torch.int64).reshape(8, 4) % (parts * n + 1)
+    k = getattr(vision, "k", None)
+    if k is None:
+        parts = 3
+        index = torch.arange(8 * 4, dtype=torch.int64).reshape(8, 4) % (parts * n + 1)
+        return TraceSpec(
+            inputs=("pixel_values", "pack_index", "pack_weight"),
+            outputs=("image_embeds",),
+            example=(torch.rand(parts, 3, s, s), index, torch.rand(8, 4)),  # pixel_values stay float32
+            dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: TOKENS}, "pack_weight": {0: TOKENS},
+                          "image_embeds": {1: TOKENS}},
+            output_shapes={"image_embeds": (1, TOKENS, info.hidden_size)},
+        )
+    # an example with more candidates than k, so no shape branch of a method is traced as "keep all"
+    parts = 5
+    count = max(k + 8, parts * n)
+    gen = torch.Generator().manual_seed(0)
+    index = torch.zeros(count, 4, dtype=torch.int64)
+    index[:, 0] = torch.randperm(count, generator=gen) % (parts * n)
+    weight = torch.zeros(count, 4)
+    weight[:, 0] = 1
+    extra = (torch.randint(0, parts - 1, (n,), generator=gen),) if vision.extra_inputs else ()
     return TraceSpec(
-        inputs=("pixel_values", "pack_index", "pack_weight"),
+        inputs=("pixel_values", "pack_index", "pack_weight", *vision.extra_inputs),
         outputs=("image_embeds",),
-        example=(torch.rand(parts, 3, s, s), index, torch.rand(8, 4)),  # pixel_values stay float32
-        dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: TOKENS}, "pack_weight": {0: TOKENS},
-                      "image_embeds": {1: TOKENS}},
-        output_shapes={"image_embeds": (1, TOKENS, info.hidden_size)},
+        example=(torch.rand(parts, 3, s, s, generator=gen), index, weight, *extra),
+        dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: CANDIDATES},
+                      "pack_weight": {0: CANDIDATES}},
+        output_shapes={"image_embeds": (1, k, info.hidden_size)},
     )
 
 
@@ -164,8 +265,10 @@ def build_graph_modules(loaded: LoadedCheckpoint, method: Method, k: int, option
     then keeps every packed token of every image)."""
     check_method(method)
     lm = loaded.model.model.language_model
+    reduced = method.reduces_in_vision
+    vision = ReducedAnyresVisionGraph(loaded, method, k, options) if reduced else AnyresVisionGraph(loaded)
     modules = {
-        "vision": AnyresVisionGraph(loaded).eval(),
+        "vision": vision.eval(),
         "embed": TokenEmbedder(lm.embed_tokens).eval(),
     }
     if plan is not None:
@@ -194,6 +297,57 @@ def reference_image_features(loaded: LoadedCheckpoint, images) -> list[torch.Ten
     return list(out.pooler_output)
 
 
+@torch.no_grad()
+def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, k: int,
+                               options: dict) -> torch.Tensor:
+    """One image's reduced features [1, k, hidden] from transformers' own modules: its processor,
+    the tower with eager attention (CLS rows of the feature layer and of layer 0, keys from the
+    feature layer's k_proj), the projector, and `pack_image_features` without newlines to lay
+    every per-token quantity out in candidate order; then the method's selection."""
+    from tokedge.runtime.layout import base_regions, plan_image
+
+    model, cfg = loaded.model, loaded.model.config
+    batch = loaded.processor.image_processor([image], return_tensors="pt")
+    sizes = batch["image_sizes"]
+    tower = model.model.vision_tower
+    parts = plan_image(loaded.spec.layout.anyres(), int(sizes[0, 0]), int(sizes[0, 1])).partitions
+    pixel_values = batch["pixel_values"][0, :parts].float()
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
+    finally:
+        tower.set_attn_implementation(previous)
+    produced_by = layers_to_feature(cfg.vision_feature_layer, len(out.attentions)) - 1
+    feats = out.hidden_states[cfg.vision_feature_layer][:, 1:]  # [P, N, d], "default": CLS dropped
+    n = feats.shape[1]
+
+    def pack(values):  # [P, N, F] -> [1, C, F] in candidate order, by transformers' packing
+        packed, _ = model.model.pack_image_features([values], sizes, cfg.vision_feature_select_strategy, None)
+        return packed[0][None]
+
+    embeddings = Signal.EMBEDDINGS in method.scores_with
+    projector = model.model.multi_modal_projector
+    vf = VisionFeatures(features=pack(projector(feats) if embeddings else feats),
+                        project=(lambda t: t) if embeddings else projector)
+    vf.cls_attention = pack(out.attentions[produced_by][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
+    vf.early_cls_attention = pack(out.attentions[0][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
+    vf.cls_token = out.hidden_states[cfg.vision_feature_layer][:1, :1]
+    enc_layer = getattr(tower, "vision_model", tower).encoder.layers[produced_by]
+    keys = enc_layer.self_attn.k_proj(enc_layer.layer_norm1(out.hidden_states[produced_by]))
+    keys = keys.view(keys.shape[0], keys.shape[1], cfg.vision_config.num_attention_heads, -1).mean(dim=2)[:, 1:]
+    vf.keys = pack(keys)
+    if Signal.REGIONS in method.scores_with:
+        partition = torch.arange(parts)[:, None, None].expand(parts, n, 1).float()
+        vf.partition = pack(partition)[..., 0].long()
+        plan = plan_image(loaded.spec.layout.anyres(), int(sizes[0, 0]), int(sizes[0, 1]))
+        tile = torch.from_numpy(base_regions(loaded.spec.layout.anyres(), plan))
+        vf.base_tile = (tile[:, None] == torch.arange(parts - 1)[None, :]).long()[None]
+    if vf.features.shape[1] < k:
+        raise UsageError(f"the example image gives {vf.features.shape[1]} candidate tokens, fewer than --budget {k}")
+    return method.reduce(vf, k, options)
+
+
 # --- the family ------------------------------------------------------------------------------------
 
 
@@ -219,9 +373,10 @@ class LlavaNextFamily(LlavaFamily):
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         return build_graph_modules(loaded, method, k, options, plan)
 
-    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: torch.dtype = torch.float32):
-        """How to trace this family's vision graph (its inputs differ from the single-view one)."""
-        return vision_trace_spec(self.model_info(loaded), dtype)
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype: torch.dtype = torch.float32,
+                          vision: nn.Module | None = None):
+        """How to trace this family's vision graph `vision` (its inputs differ from the single-view one)."""
+        return vision_trace_spec(self.model_info(loaded), dtype, vision)
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
         return replace(model_info(loaded), family=self.name)
@@ -229,13 +384,15 @@ class LlavaNextFamily(LlavaFamily):
     def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> np.ndarray:
         return pixel_values_for(loaded, images)
 
-    def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        raise UnsupportedModelError("anyres prompts have a token count per image; expand them from the image plan")
-
-    def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values, k: int,
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, images, k: int,
                            options: dict | None = None):
-        raise UnsupportedModelError("anyres references need the images, not stacked pixel_values; "
-                                    "use reference_image_features")
+        """Anyres: `images` are the PIL images themselves (each has its own partitions); one image
+        -> [1, T, hidden] (every packed token) or [1, k, hidden] (reduced)."""
+        if len(images) != 1:
+            raise UnsupportedModelError("anyres references take one image at a time (token counts differ)")
+        if method.keeps_all:
+            return reference_image_features(loaded, images)[0][None]
+        return reference_reduced_features(loaded, method, images[0], k, options or {})
 
 
 FAMILY = register(LlavaNextFamily())
