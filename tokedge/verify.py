@@ -55,13 +55,12 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
         plan = plan_for(method, red.budget, red.full_tokens, loaded.spec.text_layers or 0, dict(red.options))
         modules = loaded.family.modules(loaded, method, red.full_tokens, dict(red.options), plan)
         return [reference_pruned_from_ids(loaded, modules, pixel_values, c["input_ids"], c["attention_mask"],
-                                          int(c["budget"]), c["step_logits"].shape[1]) for c in cases]
+                                          int(c["budget"]), c["step_logits"].shape[1],
+                                          image=_case_image(c)) for c in cases]
     if any("image" in c for c in cases):  # tiled layouts: each case holds its own image
-        from PIL import Image
-
         from tokedge.export.reference import reference_image_from_ids
 
-        return [reference_image_from_ids(loaded, method, Image.fromarray(c["image"], "RGB"), c["input_ids"],
+        return [reference_image_from_ids(loaded, method, _case_image(c), c["input_ids"],
                                          c["attention_mask"], int(c["budget"]), c["step_logits"].shape[1],
                                          dict(red.options)) for c in cases]
     return [
@@ -69,3 +68,12 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
                            c["step_logits"].shape[1], red.options)
         for c in cases
     ]
+
+
+def _case_image(case: dict):
+    """The image a tiled layout's reference case recorded (None for single-view cases)."""
+    if "image" not in case:
+        return None
+    from PIL import Image
+
+    return Image.fromarray(case["image"], "RGB")

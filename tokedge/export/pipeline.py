@@ -213,9 +213,9 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         import numpy as np
 
         pixel_values, cases, budgets = np.zeros((0, 3, 1, 1), dtype=np.float32), [], [budget]
-        if not method.prunes_in_llm:  # one case per image: each has its own partitions and token count
-            with timed("reference (transformers)"):
-                cases = anyres_cases(loaded, method, budget, options, DECODE_STEPS)
+        with timed("reference (transformers)"):  # one case per image: its own partitions and token count
+            fp32_modules = family.modules(loaded, method, trace_k, options, plan) if method.prunes_in_llm else None
+            cases = anyres_cases(loaded, method, budget, options, DECODE_STEPS, fp32_modules)
     else:
         with timed("reference (transformers)"):
             pixel_values = pixel_values_for(loaded, example_images(2))
@@ -297,8 +297,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             manifest = replace(manifest, reference={**manifest.reference, "tolerance": tolerance_dict(tol)})
         parity: dict = {"skipped": True}
         if not cases:
-            parity = {"skipped": True, "reason": "export-time validation of in-LLM methods on anyres layouts is "
-                                                 "not implemented yet"}
+            parity = {"skipped": True, "reason": "no reference case"}
         elif cfg.validate:
             with timed("validate (ONNX Runtime vs transformers)"):
                 with ArtifactGraphs(stage, manifest) as runtime_graphs:
@@ -319,9 +318,12 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
 
 
-def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int) -> list[dict]:
+def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
+                 pruning_modules: dict | None = None) -> list[dict]:
     """Reference cases for a tiled layout: one per example image that has enough candidates for
-    the budget (a reduced graph keeps `budget` of them), each with its own prompt."""
+    the budget (a reduced graph keeps `budget` of them), each with its own prompt. In-LLM methods
+    (`pruning_modules`: the fp32 prefill and decoder) take transformers' unreduced features and
+    prune inside tokedge's torch prefill, as their single-view cases do."""
     from tokedge.export.reference import (
         EXAMPLE_PROMPTS,
         anyres_example_images,
@@ -342,6 +344,16 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int)
         most = max(candidates(image) for image in images)
         raise UsageError(f"--budget {budget} is more than the {most} visual tokens the largest image gives before "
                          f"reduction (newlines aside); use --budget <= {most}")
+    if pruning_modules is not None:
+        from tokedge.export.reference import reference_pruned_from_ids, tokenize
+
+        cases = []
+        for i, image in enumerate(usable):
+            plan = plan_image(layout, image.height, image.width)
+            ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], plan.tokens(layout))
+            cases.append(reference_pruned_from_ids(loaded, pruning_modules, None, ids, mask, budget, steps,
+                                                   image=image))
+        return cases
     return [reference_image_case(loaded, method, image, render_prompt(loaded, EXAMPLE_PROMPTS[i % 2]), budget, steps,
                                  options) for i, image in enumerate(usable)]
 

@@ -128,16 +128,20 @@ def reference_pruned(llava: LoadedCheckpoint, modules: dict, pixel_values: np.nd
 
 
 @torch.no_grad()
-def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_values: np.ndarray, input_ids: np.ndarray,
-                              attention_mask: np.ndarray, budget: int, steps: int) -> dict[str, np.ndarray]:
-    """`reference_pruned` for already-tokenized inputs (placeholders expanded to all visual tokens)."""
+def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_values: np.ndarray | None,
+                              input_ids: np.ndarray, attention_mask: np.ndarray, budget: int, steps: int,
+                              image=None) -> dict[str, np.ndarray]:
+    """`reference_pruned` for already-tokenized inputs (placeholders expanded to all visual tokens).
+    `image`: tiled layouts, one prompt with this one image (recorded in the case, so that a client
+    can replay it) instead of the shared `pixel_values`."""
     from tokedge.reduce import get_method
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
     family = llava.family
     image_token_id = family.image_token_id(llava)
     full = int((input_ids[0] == image_token_id).sum())
-    feats = family.reference_features(llava, get_method("none"), torch.from_numpy(pixel_values), full)
+    views = [image] if image is not None else torch.from_numpy(np.asarray(pixel_values))
+    feats = family.reference_features(llava, get_method("none"), views, full)
     ids_t, mask_t = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
     embeds = family.embed_prompt(llava, ids_t, feats)
     embed = llava.model.get_input_embeddings()  # transformers' API on every model
@@ -158,7 +162,9 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
 
     decoded = decode_loop(logits.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
                           keep_logits=True)
+    recorded = {} if image is None else {"image": np.asarray(image.convert("RGB"), dtype=np.uint8)}
     return {
+        **recorded,
         "budget": np.array(budget, dtype=np.int64),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
