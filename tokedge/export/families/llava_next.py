@@ -302,8 +302,10 @@ def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, 
                                options: dict) -> torch.Tensor:
     """One image's reduced features [1, k, hidden] from transformers' own modules: its processor,
     the tower with eager attention (CLS rows of the feature layer and of layer 0, keys from the
-    feature layer's k_proj), the projector, and `pack_image_features` without newlines to lay
-    every per-token quantity out in candidate order; then the method's selection."""
+    feature layer's k_proj, where the family's tower has a CLS token: `tower_has_cls`), the
+    projector, and the family's `pack_candidates` (transformers' `pack_image_features` without
+    newlines) to lay every per-token quantity out in candidate order; then the method's selection.
+    EMBEDDINGS methods pack projected rows (OneVision's bilinear shrink mixes projected rows)."""
     from tokedge.runtime.layout import base_regions, plan_image
 
     model, cfg = loaded.model, loaded.model.config
@@ -319,24 +321,25 @@ def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, 
     finally:
         tower.set_attn_implementation(previous)
     produced_by = layers_to_feature(cfg.vision_feature_layer, len(out.attentions)) - 1
-    feats = out.hidden_states[cfg.vision_feature_layer][:, 1:]  # [P, N, d], "default": CLS dropped
+    has_cls = loaded.family.tower_has_cls
+    feats = out.hidden_states[cfg.vision_feature_layer][:, 1 if has_cls else 0:]  # [P, N, d]: CLS dropped
     n = feats.shape[1]
 
     def pack(values):  # [P, N, F] -> [1, C, F] in candidate order, by transformers' packing
-        packed, _ = model.model.pack_image_features([values], sizes, cfg.vision_feature_select_strategy, None)
-        return packed[0][None]
+        return loaded.family.pack_candidates(loaded, values, sizes)
 
     embeddings = Signal.EMBEDDINGS in method.scores_with
     projector = model.model.multi_modal_projector
     vf = VisionFeatures(features=pack(projector(feats) if embeddings else feats),
                         project=(lambda t: t) if embeddings else projector)
-    vf.cls_attention = pack(out.attentions[produced_by][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
-    vf.early_cls_attention = pack(out.attentions[0][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
-    vf.cls_token = out.hidden_states[cfg.vision_feature_layer][:1, :1]
-    enc_layer = getattr(tower, "vision_model", tower).encoder.layers[produced_by]
-    keys = enc_layer.self_attn.k_proj(enc_layer.layer_norm1(out.hidden_states[produced_by]))
-    keys = keys.view(keys.shape[0], keys.shape[1], cfg.vision_config.num_attention_heads, -1).mean(dim=2)[:, 1:]
-    vf.keys = pack(keys)
+    if has_cls:  # the CLS-based signals (a tower without CLS has none; its family refuses such methods)
+        vf.cls_attention = pack(out.attentions[produced_by][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
+        vf.early_cls_attention = pack(out.attentions[0][:, :, 0, 1:].float().mean(dim=1)[..., None])[..., 0]
+        vf.cls_token = out.hidden_states[cfg.vision_feature_layer][:1, :1]
+        enc_layer = getattr(tower, "vision_model", tower).encoder.layers[produced_by]
+        keys = enc_layer.self_attn.k_proj(enc_layer.layer_norm1(out.hidden_states[produced_by]))
+        keys = keys.view(keys.shape[0], keys.shape[1], cfg.vision_config.num_attention_heads, -1).mean(dim=2)[:, 1:]
+        vf.keys = pack(keys)
     if Signal.REGIONS in method.scores_with:
         partition = torch.arange(parts)[:, None, None].expand(parts, n, 1).float()
         vf.partition = pack(partition)[..., 0].long()
@@ -359,6 +362,14 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_types = ("llava_next",)
     architectures = SUPPORTED_ARCHITECTURES
+    tower_has_cls = True  # CLIP: the references drop it and may score with it
+
+    def pack_candidates(self, loaded: LoadedCheckpoint, values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """values [P, N, F] of one image (every partition's rows) -> [1, C, F] in candidate order:
+        transformers' `pack_image_features` without newlines (the references' layout)."""
+        cfg = loaded.model.config
+        packed, _ = loaded.model.model.pack_image_features([values], sizes, cfg.vision_feature_select_strategy, None)
+        return packed[0][None]
 
     def inspect(self, config: dict) -> CheckpointSpec:
         return inspect_config(config)

@@ -12,7 +12,8 @@ with several images not tiled but padded square with the mean colour (base view 
 All three are data in the `VisualLayout`; the vision graph is LLaVA-NeXT's (a weighted gather does
 the interpolation), so `LlavaOnevisionFamily` subclasses `LlavaNextFamily` and the reduction work
 done on that graph applies here too. Methods that score by CLS attention are refused: there is no
-CLS. Only `--method none` exports for now.
+CLS. divprune (projected embeddings, gathered after the projector as transformers interpolates)
+and the in-LLM methods (fastv, pdrop, dart) export as on LLaVA-NeXT.
 
 transformers' `LlavaOnevisionProcessor` cannot be built without torchvision (its video processor),
 so `load_processor` reads the image processor, the tokenizer, the processor fields and the chat
@@ -39,8 +40,9 @@ from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families.llava import load_hf_checkpoint, vision_geometry
 from tokedge.export.families.llava_next import LlavaNextFamily
+from tokedge.export.families.llava_next import check_method as next_check_method
 from tokedge.export.families.llava_next import layout_from_config as anyres_layout_from_config
-from tokedge.reduce.base import Method, Signal
+from tokedge.reduce.base import Method, Signal, Stage
 
 SUPPORTED_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
 SUPPORTED_VISION = ("siglip_vision_model",)
@@ -139,20 +141,31 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
                           layout=layout)
 
 
+WORKING_METHODS = "divprune, fastv, pdrop, dart or none"  # what exports on LLaVA-OneVision
+
+
 def check_method(method: Method) -> None:
-    """`--method none` only; methods that rank by CLS attention can never apply (SigLIP has no CLS)."""
-    if method.keeps_all:
+    """In-LLM methods (fastv, pdrop, dart) take LLaVA-NeXT's unreduced vision graph plus the pruning
+    prefill; divprune (projected embeddings) selects over an image's candidates as on LLaVA-NeXT.
+    Methods ranking by the CLS token can never apply (SigLIP has none); the others are refused
+    with what to use instead."""
+    if method.keeps_all or method.prunes_in_llm:
         return
     cls = [s.value for s in method.scores_with if s in CLS_SIGNALS]
     if cls:
         raise UsageError(
             f"--method {method.name} scores tokens by the CLS token ({', '.join(cls)}), and LLaVA-OneVision's "
-            "SigLIP tower has none; use --method none"
+            f"SigLIP tower has none; use --method {WORKING_METHODS}"
         )
-    raise UsageError(
-        f"--method {method.name} is not available for LLaVA-OneVision yet (anyres reduction is not implemented); "
-        "use --method none"
-    )
+    if method.stage is Stage.IN_VIT:
+        raise UsageError(f"--method {method.name} merges inside the vision tower, one tile at a time, and has no "
+                         f"per-image budget on LLaVA-OneVision; use --method {WORKING_METHODS}")
+    if Signal.POSITIONS in method.scores_with:
+        raise UsageError(f"--method {method.name} pools one square patch grid and a tiled image has none; "
+                         f"use --method {WORKING_METHODS}")
+    if method.stage is not Stage.PRE_LLM or not set(method.scores_with) <= {Signal.EMBEDDINGS}:
+        raise UsageError(f"--method {method.name} is not available for LLaVA-OneVision; use --method {WORKING_METHODS}")
+    next_check_method(method)  # the tiled-image rules shared with LLaVA-NeXT
 
 
 # --- the processor, without transformers' processor class ---------------------------------------------
@@ -346,6 +359,16 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     architectures = SUPPORTED_ARCHITECTURES
+    tower_has_cls = False  # SigLIP: every row is a patch ("full")
+
+    def pack_candidates(self, loaded: LoadedCheckpoint, values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """values [P, N, F] -> [1, C, F] in candidate order: transformers' OneVision
+        `pack_image_features` without newlines, with the `anyres_max_M` bilinear shrink (so values
+        must be what transformers interpolates: projected rows, for embeddings)."""
+        cfg = loaded.model.config
+        packed, _ = loaded.model.model.pack_image_features([values], sizes, image_newline=None,
+                                                           vision_aspect_ratio=cfg.vision_aspect_ratio)
+        return packed[0][None]
 
     def inspect(self, config: dict) -> CheckpointSpec:
         return inspect_config(config)
