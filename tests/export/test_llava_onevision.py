@@ -188,25 +188,6 @@ def test_load_refuses_a_processor_that_disagrees_with_the_model(tiny_llava_onevi
     assert "vision_aspect_ratio is 'anyres_max_4'" in message and "'anyres_max_9'" in message and "\n" not in message
 
 
-def test_methods_without_a_cls_signal_wait_and_cls_methods_are_refused_for_good(ov_loaded):
-    from tokedge.errors import UsageError
-    from tokedge.reduce import METHODS, get_method
-    from tokedge.reduce.base import Signal
-
-    family = ov_loaded.family
-    family.check_method(get_method("none"))
-    for name in METHODS:
-        method = get_method(name)
-        if method.keeps_all:
-            continue
-        with pytest.raises(UsageError) as err:
-            family.modules(ov_loaded, method, 64, {})
-        message = str(err.value)
-        assert f"--method {name} " in message and "use --method none" in message and "\n" not in message
-        uses_cls = {Signal.CLS_ATTENTION, Signal.CLS_TOKEN} & set(method.scores_with)
-        assert ("SigLIP tower has none" in message) == bool(uses_cls), name
-
-
 # --- layout: counts and pixels against transformers' processor --------------------------------------
 
 
@@ -488,9 +469,10 @@ def test_verify_replays_the_recorded_cases_or_refuses_without_any(ov_artifact):
         assert all(c.tokens_match and c.max_abs_prefill_logits < 1e-3 for c in report.cases)
 
 
-def test_cli_runs_onevision_and_refuses_reduction(ov_artifact, tiny_llava_onevision_dir, tmp_path, capsys):
-    """`tokedge run --json` reports the image's own token count; CLS methods and not-yet-wired
-    methods are refused at export in one line each, before anything is written."""
+def test_cli_runs_onevision_and_refuses_what_cannot_apply(ov_artifact, tiny_llava_onevision_dir, tmp_path, capsys):
+    """`tokedge run --json` reports the image's own token count; CLS methods and methods without a
+    per-image meaning on tiles are refused at export in one line each, before anything is written
+    (the method rules: tests/export/test_onevision_methods.py)."""
     from tokedge.cli import main
 
     image = tmp_path / "photo.png"
@@ -502,8 +484,8 @@ def test_cli_runs_onevision_and_refuses_reduction(ov_artifact, tiny_llava_onevis
     refusals = [
         (["export", str(tiny_llava_onevision_dir), "--method", "cls-attn", "--budget", "64", "--out",
           str(tmp_path / "x")], "SigLIP tower has none"),
-        (["export", str(tiny_llava_onevision_dir), "--method", "divprune", "--budget", "64", "--out",
-          str(tmp_path / "x")], "not available for LLaVA-OneVision yet"),
+        (["export", str(tiny_llava_onevision_dir), "--method", "pool", "--budget", "64", "--out",
+          str(tmp_path / "x")], "pools one square patch grid and a tiled image has none"),
         (["run", str(ov_artifact), "--image", str(image), "--prompt", "hi", "--budget", "64"], "drop --budget"),
     ]
     for args, fragment in refusals:
