@@ -89,7 +89,7 @@ def test_family_is_registered_and_describes_anyres(tiny_llava_next_dir, next_loa
 
 @pytest.mark.parametrize("name,fragment", [
     ("tome", "use --method visionzip"), ("pool", "use --method cls-attn or hired"),
-    ("vispruner", "use --method divprune"), ("fastv", "not available for LLaVA-NeXT yet"),
+    ("vispruner", "use --method divprune"),
 ])
 def test_methods_without_a_tiled_definition_are_refused_with_a_reason(next_loaded, name, fragment):
     from tokedge.errors import UsageError

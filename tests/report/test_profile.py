@@ -384,21 +384,14 @@ def test_profile_of_a_tiled_artifact_reports_each_image(artifacts, tiny_llava_ne
 def test_profile_of_a_tiled_image_over_budgets_prefill_falls(tiny_llava_next_dir, tmp_path, capsys):
     """Issue 10's acceptance: `tokedge profile` on a 1000x750 image over several budgets of a
     reduced LLaVA-NeXT artifact (one artifact per budget: the others re-exported from
-    --checkpoint, as for LLaVA-1.5) writes its report with prefill falling with the budget. Skips
-    with the reason while reduction methods on tiled images are not merged (branch `tiles`)."""
+    --checkpoint, as for LLaVA-1.5) writes its report with prefill falling with the budget."""
     import numpy as np
     from PIL import Image
 
-    from tokedge.errors import UsageError
     from tokedge.export.pipeline import ExportConfig, export
 
     art = tmp_path / "next-cls-576"
-    try:
-        export(ExportConfig(model=str(tiny_llava_next_dir), out=art, method="cls-attn", budget=576, validate=False))
-    except UsageError as exc:
-        if "not available for LLaVA-NeXT yet" in str(exc):
-            pytest.skip(f"reduction methods on tiled images are not merged yet: {exc}")
-        raise
+    export(ExportConfig(model=str(tiny_llava_next_dir), out=art, method="cls-attn", budget=576, validate=False))
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (750, 1000, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "report"

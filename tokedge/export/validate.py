@@ -203,12 +203,9 @@ def image_inputs(graphs, images: list[np.ndarray]) -> list:
     (preprocessing and packing or candidate plan from the manifest), as `tokedge run` builds them."""
     from PIL import Image
 
-    from tokedge.runtime.layout import anyres_inputs, image_budget
+    from tokedge.runtime.layout import prompt_inputs
 
-    manifest = graphs.manifest
-    layout = manifest.layout.anyres()
-    return [anyres_inputs(Image.fromarray(np.ascontiguousarray(image), "RGB"), layout, manifest.preprocess,
-                          budget=image_budget(manifest.reduction)) for image in images]
+    return prompt_inputs(graphs.manifest, [Image.fromarray(np.ascontiguousarray(image), "RGB") for image in images])
 
 
 def greedy_arrays(graphs, pixel_values, input_ids: np.ndarray, attention_mask: np.ndarray,

@@ -229,11 +229,10 @@ def vision_feed(manifest, image, runtime_budget: int | None) -> dict:
 
         feed = {"pixel_values": preprocess_batch([image], manifest.preprocess)}
     else:
-        from tokedge.runtime.layout import anyres_inputs
+        from tokedge.runtime.layout import prompt_inputs, vision_feed
 
-        inputs = anyres_inputs(image, manifest.layout.anyres(), manifest.preprocess)
-        feed = {"pixel_values": inputs.pixel_values, "pack_index": inputs.pack_index,
-                "pack_weight": inputs.pack_weight}
+        (inputs,) = prompt_inputs(manifest, [image])
+        feed = vision_feed(inputs, {t.name for t in manifest.graphs["vision"].inputs})
     if manifest.graphs["vision"].input("budget") is not None:
         feed["budget"] = np.array(runtime_budget or manifest.reduction.budget, dtype=np.int64)
     return feed

@@ -161,15 +161,10 @@ class ArtifactGraphs:
         """Anyres layouts: the vision graph once per image (its partitions and packing plan, from
         `runtime.layout.anyres_inputs`; reduced artifacts: the candidate plan, plus `base_tile` when
         the graph takes it). -> one [T_i, hidden] array per image."""
-        out = []
-        wants_regions = self.manifest.graphs["vision"].input("base_tile") is not None  # hired's tile map
-        for image in images:
-            feed = {"pixel_values": image.pixel_values.astype(np.float32, copy=False),
-                    "pack_index": image.pack_index, "pack_weight": image.pack_weight}
-            if wants_regions:
-                feed["base_tile"] = image.base_tile
-            out.append(self.runners["vision"].infer(feed)["image_embeds"][0])
-        return out
+        from tokedge.runtime.layout import vision_feed
+
+        names = {t.name for t in self.manifest.graphs["vision"].inputs}
+        return [self.runners["vision"].infer(vision_feed(image, names))["image_embeds"][0] for image in images]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": input_ids.astype(np.int64, copy=False)})["inputs_embeds"]

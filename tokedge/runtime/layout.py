@@ -315,3 +315,24 @@ def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = 
             f"budget of {budget} per image; use a larger image or an artifact exported with --budget <= {index.shape[0]}"
         )
     return AnyresInputs(pixel_values, index, weight, plan, budget, base_regions(layout, plan))
+
+
+def prompt_inputs(manifest, images: list) -> list[AnyresInputs]:
+    """The vision-graph inputs of the images of ONE prompt of a tiled artifact, as every tokedge
+    path builds them (run, serve, profile, verify): the manifest's layout and preprocessing,
+    OneVision's rule (a prompt with several images: each padded square, untiled) and, for
+    vision-side reduction, the candidate plan with the artifact's per-image budget."""
+    layout = manifest.layout.anyres()
+    tiled = not (layout.multi_image_square and len(images) > 1)
+    keep = image_budget(manifest.reduction)
+    return [anyres_inputs(image, layout, manifest.preprocess, tiled=tiled, budget=keep) for image in images]
+
+
+def vision_feed(image: AnyresInputs, graph_inputs) -> dict[str, np.ndarray]:
+    """One image's feed for a tiled vision graph whose input names are `graph_inputs`
+    (`base_tile` only when the graph takes it: hired's tile map)."""
+    feed = {"pixel_values": image.pixel_values.astype(np.float32, copy=False),
+            "pack_index": image.pack_index, "pack_weight": image.pack_weight}
+    if "base_tile" in graph_inputs:
+        feed["base_tile"] = image.base_tile
+    return feed

@@ -15,7 +15,7 @@ from tokedge.errors import InputError, UsageError
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
-from tokedge.runtime.layout import anyres_inputs, image_budget
+from tokedge.runtime.layout import image_budget, prompt_inputs
 from tokedge.runtime.ort_backend import OrtOptions
 from tokedge.runtime.preprocess import load_image, preprocess_batch
 from tokedge.runtime.prompt import PromptEncoder
@@ -139,11 +139,7 @@ class Pipeline:
                 elif budget != keep:
                     what = f"reduces every image to {keep} visual tokens" if keep else "keeps every visual token"
                     raise InputError(f"this anyres artifact {what} (--method {red.method}); drop --budget")
-            layout = self.manifest.layout.anyres()
-            # OneVision's rule: images of a prompt with several images are not tiled
-            pixel_values = [anyres_inputs(img, layout, self.manifest.preprocess, budget=keep,
-                                          tiled=not (layout.multi_image_square and len(group) > 1))
-                            for group in pil for img in group]
+            pixel_values = [inputs for group in pil for inputs in prompt_inputs(self.manifest, group)]
             k = None
             tokens = iter(image.tokens for image in pixel_values)
             counts = [[next(tokens) for _ in group] for group in pil]

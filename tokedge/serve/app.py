@@ -30,7 +30,7 @@ from starlette.routing import Route
 from tokedge.errors import InputError, TokedgeError
 from tokedge.memory import prompt_tokens_for
 from tokedge.runtime.generate import SamplingConfig, context_limit
-from tokedge.runtime.layout import anyres_inputs
+from tokedge.runtime.layout import prompt_inputs
 from tokedge.runtime.pipeline import Pipeline
 from tokedge.runtime.preprocess import preprocess
 from tokedge.runtime.prompt import render_messages
@@ -55,15 +55,13 @@ def vision_inputs(pipe: Pipeline, images: list) -> tuple[Any, list[int]]:
     """A request's images (message order) -> the vision graph's inputs and each image's placeholder
     count, from the manifest's layout: preprocessed views [n, 3, H, W] and the artifact's fixed
     count, or, for a tiled layout, each image's partitions and packing plan
-    (`runtime.layout.anyres_inputs`; OneVision's rule: untiled when the prompt has several) and its
-    own count."""
+    (`runtime.layout.prompt_inputs`: OneVision's rule, the candidate plan of reduced artifacts) and
+    its own count."""
     manifest = pipe.manifest
     if manifest.layout.kind == "single":
         views = np.stack([preprocess(image, manifest.preprocess) for image in images])
         return views, [pipe.visual_tokens_for(None)] * len(images)
-    layout = manifest.layout.anyres()
-    tiled = not (layout.multi_image_square and len(images) > 1)
-    inputs = [anyres_inputs(image, layout, manifest.preprocess, tiled=tiled) for image in images]
+    inputs = prompt_inputs(manifest, images)
     return inputs, [prompt_tokens_for(manifest, x.tokens) for x in inputs]
 
 
