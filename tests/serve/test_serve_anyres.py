@@ -90,3 +90,23 @@ def test_images_of_different_sizes_share_a_batch(server, client, next_artifact):
     assert delta(before, after, "tokedge_batch_size_sum") == 2
     assert delta(before, after, "tokedge_batch_size_count") == 1  # one batch of both
     assert delta(before, after, "tokedge_visual_tokens_sum") == sum(e.visual_tokens for e in expected)
+
+
+def test_a_reduced_tiled_artifact_with_two_images_in_one_request(artifacts, tiny_llava_next_dir):
+    """hired (candidate plan + its base_tile input) on a request with two images of different
+    sizes: the answer equals `tokedge run --image a --image b`'s (`Pipeline.generate` with one
+    prompt of two images) and usage counts the budget per image."""
+    art = artifacts("hired", budget=585, checkpoint=tiny_llava_next_dir)
+    images = [_image(*size) for size in SIZES]
+    with Pipeline.load(art) as pipe:
+        expected = pipe.generate(images, QUESTION, max_new_tokens=8)
+    assert expected.visual_tokens == 2 * 585
+    cfg = ServeConfig(artifact=art, api_key=KEY, max_batch=2, batch_wait_ms=10, max_prompt_tokens=4000)
+    with running_server(cfg) as (base, service):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=300)
+        content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+        resp = client.chat.completions.create(
+            model=service.cfg.served_name, max_tokens=8,
+            messages=[{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}])
+    assert resp.choices[0].message.content == expected.text
+    assert resp.usage.model_extra["visual_tokens"] == 2 * 585
