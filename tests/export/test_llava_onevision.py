@@ -402,71 +402,45 @@ def test_a_batch_of_one_image_prompts_matches_transformers(ov_loaded, hf_model, 
         assert row == expected[:cut]
 
 
-def _merged(inputs: list):
-    """Several images' anyres inputs as one vision-graph call: partitions concatenated, each image's
-    pack rows shifted past the earlier images' partitions and its newline row moved to the end."""
-    from tokedge.runtime.layout import AnyresInputs
-
-    n = inputs[0].pack_index.max()  # the untiled plan's newline row: 1 partition x N
-    total = sum(i.pixel_values.shape[0] for i in inputs) * n
-    index, start = [], 0
-    for item in inputs:
-        rows = item.pixel_values.shape[0] * n
-        idx = np.where(item.pack_index == rows, total, item.pack_index + start)
-        index.append(idx)
-        start += rows
-    return AnyresInputs(np.concatenate([i.pixel_values for i in inputs]), np.concatenate(index),
-                        np.concatenate([i.pack_weight for i in inputs]), inputs[0].plan)
-
-
-def test_two_image_prompt_matches_transformers_through_runtime_pieces(ov_loaded, hf_model, ov_artifact):
-    """A prompt with two images (transformers: nested image list, batch_num_images [2], untiled
-    square images, 730 tokens each) == the runtime's pieces: untiled anyres inputs, the chat
-    template with two image items, one vision call, the decode loop. (`tokedge run` with two
-    images per prompt is the multi-image runtime's work; this checks the OneVision side of it.)"""
-    from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import anyres_inputs
+def test_two_image_prompt_matches_transformers(ov_loaded, hf_model, ov_artifact, tmp_path, capsys):
+    """`tokedge run --image a --image b --prompt q` (one prompt, two images: OneVision pads each
+    square, untiled, 730 tokens each) == transformers' generate on its own processor's inputs
+    (nested image list, batch_num_images [2]); prefill logits within 1e-3."""
+    from tokedge.cli import main
     from tokedge.runtime.pipeline import Pipeline
-    from tokedge.runtime.prompt import render_messages
 
     images = [_image(480, 640), _image(900, 300)]
-    text = ov_loaded.family.render_images_prompt(ov_loaded, "Compare the two images.", images=2)
+    question = "Compare the two images."
+    text = ov_loaded.family.render_images_prompt(ov_loaded, question, images=2)
     batch, expected_logits, expected = _generate_reference(ov_loaded, hf_model, images, text)
     assert batch["batch_num_images"].tolist() == [2] and batch["pixel_values"].shape[:2] == (2, 1)  # untiled
+    paths = []
+    for i, image in enumerate(images):
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+        image.save(tmp_path / f"{i}.png")
+    assert main(["run", str(ov_artifact), *paths, "--prompt", question, "--max-new-tokens", str(NEW_TOKENS),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["visual_tokens"] == 2 * 730
+    assert out["token_ids"] == expected
     with Pipeline.load(ov_artifact) as pipe:
-        m = pipe.manifest
-        layout = m.layout.anyres()
-        assert layout.multi_image_square
-        inputs = [anyres_inputs(image, layout, m.preprocess, tiled=False) for image in images]
-        content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two images."}]
-        rendered = render_messages(m.prompt, [{"role": "user", "content": content}], pipe.encoder.special_tokens)
-        assert rendered == text
-        pieces = rendered.split(m.prompt.image_token)
-        expanded = pieces[0] + "".join(m.prompt.image_token * item.tokens + piece
-                                       for item, piece in zip(inputs, pieces[1:]))
-        ids = np.array([pipe.encoder.tokenizer.encode(expanded).ids], dtype=np.int64)
-        np.testing.assert_array_equal(ids[0], batch["input_ids"][0].numpy())
-        gen = generate(pipe.graphs, [_merged(inputs)], ids, np.ones_like(ids),
-                       SamplingConfig(max_new_tokens=NEW_TOKENS), stop_at_eos=False)
-    assert gen.visual_tokens == 2 * 730
+        enc = pipe.encoder.encode([question], [[730, 730]])
+        np.testing.assert_array_equal(enc.input_ids[0], batch["input_ids"][0].numpy())
+        from tokedge.runtime.generate import SamplingConfig, generate
+        from tokedge.runtime.layout import prompt_inputs
+
+        gen = generate(pipe.graphs, prompt_inputs(pipe.manifest, images), enc.input_ids, enc.attention_mask,
+                       SamplingConfig(max_new_tokens=1), images_per_row=[2])
     np.testing.assert_allclose(gen.prefill_logits[0], expected_logits, atol=1e-3, rtol=0)
-    assert expected and gen.token_ids[0][: len(expected)] == expected  # transformers stops at EOS, this loop does not
 
 
-def test_verify_replays_the_recorded_cases_or_refuses_without_any(ov_artifact):
-    """Whatever verify does for anyres artifacts: replay the cases export recorded (transformers'
-    outputs) and pass, or, where export records none, refuse rather than pass on nothing."""
-    from tokedge.artifact import load_artifact
-    from tokedge.errors import UsageError
+def test_verify_replays_the_recorded_cases(ov_artifact):
+    """Export recorded transformers' outputs for two example images; verify replays and passes."""
     from tokedge.verify import verify
 
-    if load_artifact(ov_artifact).reference["parity_at_export"].get("skipped"):
-        with pytest.raises(UsageError, match="passed its hash checks but records no reference cases"):
-            verify(ov_artifact)
-    else:
-        report = verify(ov_artifact)
-        assert report.ok and report.cases
-        assert all(c.tokens_match and c.max_abs_prefill_logits < 1e-3 for c in report.cases)
+    report = verify(ov_artifact)
+    assert report.ok and len(report.cases) == 2
+    assert all(c.tokens_match and c.max_abs_prefill_logits < 1e-3 for c in report.cases)
 
 
 def test_cli_runs_onevision_and_refuses_what_cannot_apply(ov_artifact, tiny_llava_onevision_dir, tmp_path, capsys):
