@@ -4,7 +4,8 @@ whole path from an image file: Pillow, jinja2 and tokenizers).
 It deliberately imports nothing from tokedge: the export tests use it to show that the artifact
 contract, as documented, is enough to reproduce transformers' outputs. `generate` takes prepared
 inputs (both layouts); `run` goes from PIL images and a question to tokens, planning tiled
-("anyres") images itself (docs/artifact.md, "Planning a tiled image").
+("anyres") images itself (docs/artifact.md, "Planning a tiled image"), including reduced tiled
+artifacts (candidate plan, `base_tile`, and `image_keep` for in-LLM prefill graphs).
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ class ContractClient:
         if "prefill" in self.manifest["graphs"]:  # in-LLM pruning: per-group masks come back
             feed["image_positions"] = np.stack(image_pos).astype(np.int64)
             if any(t["name"] == "image_keep" for t in self.manifest["graphs"]["prefill"]["inputs"]):
-                # one image per row here: each stage keeps its per-image count
-                feed["image_keep"] = np.array([s["keep"] for s in self.manifest["reduction"]["stages"]], np.int64)
+                # each stage keeps its per-image count times the row's images (rows fed together agree)
+                images = 1 if isinstance(pixel_values, np.ndarray) else len(pixel_values[0])
+                assert isinstance(pixel_values, np.ndarray) or all(len(row) == images for row in pixel_values)
+                feed["image_keep"] = np.array([s["keep"] * images for s in self.manifest["reduction"]["stages"]],
+                                              np.int64)
             logits, past, extra = self._decoder("prefill", feed, mask_names[1:])
             masks = {"attention_mask": mask, **extra}
         else:
@@ -107,6 +111,37 @@ class ContractClient:
             x = (x - np.asarray(pre["image_mean"], np.float32)) / np.asarray(pre["image_std"], np.float32)
         return np.ascontiguousarray(np.moveaxis(x, -1, 0), dtype=np.float32)
 
+    def _canvas(self, W: int, H: int) -> tuple[int, int, int, int]:
+        """Steps 1-2 of the plan: -> (canvas height, canvas width, resized height, resized width)."""
+        best = None
+        for h, w in self.layout["pinpoints"]:  # 1. canvas
+            scale = min(w / W, h / H)
+            effective = min(int(W * scale) * int(H * scale), W * H)
+            wasted = h * w - effective
+            if best is None or effective > best[0] or (effective == best[0] and wasted < best[1]):
+                best = (effective, wasted, h, w)
+        bh, bw = best[2], best[3]
+        sw, sh = bw / W, bh / H  # 2. resize (the image is pasted centred on the canvas)
+        if sw < sh:
+            nw, nh = bw, min(math.ceil(H * sw), bh)
+        else:
+            nh, nw = bh, min(math.ceil(W * sh), bw)
+        return bh, bw, nh, nw
+
+    def base_tile(self, image) -> np.ndarray:
+        """Reduced anyres graphs with a `base_tile` input (hired): per base-view token, the tile
+        (row-major in the grid) under its centre on the canvas -> [N] int64."""
+        S, p = self.layout["tile"], self.layout["patch_grid"]
+        W, H = image.size
+        bh, bw, nh, nw = self._canvas(W, H)
+        top, left = (bh - nh) // 2, (bw - nw) // 2
+        out = np.zeros(p * p, np.int64)
+        for r in range(p):
+            for c in range(p):
+                y, x = top + (r + 0.5) / p * nh, left + (c + 0.5) / p * nw
+                out[r * p + c] = math.floor(y / S) * (bw // S) + math.floor(x / S)
+        return out
+
     def plan_tiled(self, image, tiled: bool = True):
         """-> (pixel_values [P, 3, S, S], pack_index [T, 4], pack_weight [T, 4]) for one image."""
         from PIL import Image
@@ -126,22 +161,9 @@ class ContractClient:
             index[:N, 0], index[N, 0] = np.arange(N), N
             weight[:, 0] = 1
             return np.stack([self.normalise(x) for x in parts]), index, weight
-        # 1. canvas
-        best = None
-        for h, w in lay["pinpoints"]:
-            scale = min(w / W, h / H)
-            effective = min(int(W * scale) * int(H * scale), W * H)
-            wasted = h * w - effective
-            if best is None or effective > best[0] or (effective == best[0] and wasted < best[1]):
-                best = (effective, wasted, h, w)
-        bh, bw = best[2], best[3]
+        # 1-2. canvas, resize and pad
+        bh, bw, nh, nw = self._canvas(W, H)
         gh, gw = bh // S, bw // S
-        # 2. resize and pad
-        sw, sh = bw / W, bh / H
-        if sw < sh:
-            nw, nh = bw, min(math.ceil(H * sw), bh)
-        else:
-            nh, nw = bh, min(math.ceil(W * sh), bw)
         canvas = Image.new("RGB", (bw, bh), (0, 0, 0))
         canvas.paste(image.resize((nw, nh), resample), ((bw - nw) // 2, (bh - nh) // 2))
         # 3. partitions: base view, then tiles row-major
@@ -201,9 +223,21 @@ class ContractClient:
         return pixel_values, np.asarray(index, np.int64), np.asarray(weight, np.float32)
 
     def tiled_embeds(self, image, tiled: bool = True) -> np.ndarray:
-        """One image through the anyres vision graph -> [T, hidden]."""
+        """One image through the anyres vision graph -> [T, hidden]. Reduced (pre-LLM) artifacts
+        take the candidate plan (no image_newline rows) and, when the graph has it, `base_tile`;
+        they return `reduction.budget` rows."""
         pixel_values, index, weight = self.plan_tiled(image, tiled)
-        feed = {"pixel_values": pixel_values, "pack_index": index, "pack_weight": weight}
+        reduction = self.manifest["reduction"]
+        vision_inputs = {t["name"] for t in self.manifest["graphs"]["vision"]["inputs"]}
+        feed = {"pixel_values": pixel_values}
+        if reduction["stage"] == "pre-llm":
+            candidate = index[:, 0] != len(pixel_values) * self.layout["patch_grid"] ** 2  # not image_newline
+            index, weight = index[candidate], weight[candidate]
+            if len(index) < reduction["budget"]:
+                raise ValueError(f"{len(index)} candidates < budget {reduction['budget']}: image refused")
+            if "base_tile" in vision_inputs:
+                feed["base_tile"] = self.base_tile(image.convert("RGB"))
+        feed.update(pack_index=index, pack_weight=weight)
         return self.sessions["vision"].run(["image_embeds"], feed)[0][0]
 
     def render(self, question: str, images: int = 1) -> str:

@@ -1,7 +1,8 @@
 """The artifact contract for tiled ("anyres") layouts: `tests/contract_client.py`, written from
 docs/artifact.md alone, plans LLaVA-NeXT images itself (partitions, packing plan, placeholder
 expansion), runs the graphs and decodes greedily; its tokens equal `tokedge run` on one image and
-transformers' `LlavaNextForConditionalGeneration.generate` on a prompt with two images."""
+transformers' `LlavaNextForConditionalGeneration.generate` on a prompt with two images. Reduced
+artifacts (hired, cls-attn: candidate plan, `base_tile`; fastv: `image_keep`) equal `tokedge run`."""
 
 from __future__ import annotations
 
@@ -137,3 +138,52 @@ def test_contract_packing_plan_matches_onevision_packing(size):
     np.testing.assert_allclose(packed, expected[0].numpy(), atol=1e-5, rtol=1e-5)
     interpolated = bool(((weight > 0) & (weight < 1)).any())
     assert interpolated == (height * width >= 1600 * 1200)  # the two large images exceed ~9 tiles
+
+
+REDUCED = ["hired", "cls-attn", "fastv"]  # pre-LLM with base_tile, pre-LLM without it, in-LLM (image_keep)
+# the two-image prompt fits the tiny model's 4096 positions unreduced (fastv prunes inside the LLM): 2340 + 1376
+PROMPTS = {"one image": [(480, 640)], "two images": [(480, 640), (400, 300)]}
+
+
+def _tokedge_reference(artifact, images, question):
+    """tokedge's own run of the prompt: Pipeline.generate's tokens, and the prefill logits of the
+    same runtime path (layout.prompt_inputs -> PromptEncoder -> runtime.generate)."""
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(artifact)
+    result = pipe.generate(images, question, max_new_tokens=NEW_TOKENS)
+    inputs = prompt_inputs(pipe.manifest, images)
+    enc = pipe.encoder.encode([question], [[x.tokens for x in inputs]])
+    gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1),
+                   images_per_row=[len(images)])
+    return result, gen.prefill_logits, enc.input_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", REDUCED)
+def test_contract_client_runs_reduced_tiled_artifacts_like_tokedge(artifacts, tiny_llava_next_dir, method):
+    """Reduced LLaVA-NeXT artifacts (budget 585) through the client, from docs/artifact.md alone:
+    pre-LLM methods fed the candidate plan (and hired its `base_tile`), fastv's prefill fed
+    `image_keep` = keep x images; on one 640x480 image and on a prompt with two images of different
+    sizes, its greedy tokens are `Pipeline.generate`'s and its prefill logits tokedge's within 1e-4."""
+    artifact = artifacts(method, budget=585, checkpoint=tiny_llava_next_dir)
+    client = ContractClient(artifact)
+    manifest = client.manifest
+    vision_inputs = {t["name"] for t in manifest["graphs"]["vision"]["inputs"]}
+    assert ("base_tile" in vision_inputs) == (method == "hired")
+    assert ("prefill" in manifest["graphs"]) == (method == "fastv")
+    eos = set(manifest["model"]["eos_token_ids"])
+    for name, sizes in PROMPTS.items():
+        images = [_image(*size) for size in sizes]
+        logits, tokens, ids = client.run(images, QUESTION, NEW_TOKENS)
+        result, expected_logits, expected_ids = _tokedge_reference(artifact, images, QUESTION)
+        np.testing.assert_array_equal(ids, expected_ids, err_msg=name)
+        image_tokens = int((ids[0] == manifest["prompt"]["image_token_id"]).sum())
+        if method == "fastv":  # the vision graph keeps every token; the full plans' counts
+            assert image_tokens == sum(len(client.plan_tiled(image)[1]) for image in images)
+        else:  # every image reduced to the budget
+            assert image_tokens == 585 * len(images)
+        assert _until_eos(tokens[0], eos) == result.token_ids[0], name
+        np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0, err_msg=name)
