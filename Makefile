@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[export,report,serve,dev]"
+	$(PY) -m pip install --quiet -e ".[export,report,serve,video,dev]"
 	# type stubs for the TensorRT path; --no-deps because their dependencies live on NVIDIA's index
 	$(PY) -m pip install --quiet --no-deps "tensorrt-stubs>=10.3"
 	touch $(STAMP)
