@@ -1,0 +1,240 @@
+"""Video input without torch: decode a clip with PyAV (or read a directory of frames), sample frames
+the way transformers' video processors do, preprocess each frame, and the LLaVA-OneVision video
+layout (per-frame tower features pooled 27x27 -> 14x14 by fixed bilinear matrices, one newline per
+video). See docs/research/video.md sections 1 and 3 for the transformers behaviour replayed here.
+
+PyAV is the `video` extra (`pip install 'tokedge[video]'`); it is imported only when a clip file is
+read, so a frame directory and the layout work without it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tokedge.artifact import PreprocessInfo
+from tokedge.errors import InputError, UsageError, require
+from tokedge.runtime.layout import _bilinear_taps
+from tokedge.runtime.preprocess import load_image, preprocess, to_rgb
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# --- frame sampling ------------------------------------------------------------------------------------
+
+
+def sample_indices(total: int, frames: int | None = None, fps: float | None = None,
+                   source_fps: float | None = None) -> np.ndarray:
+    """0-based indices of the frames to keep, as transformers' `default_sample_indices_fn`:
+    `frames=N` -> `i * total // N` for i < N; `fps=F` -> N = max(1, int(total / source_fps * F));
+    neither -> every frame. Returns int64 [N], strictly increasing."""
+    if frames is not None and fps is not None:
+        raise UsageError("--frames and --fps are mutually exclusive; give one of them")
+    if total < 1:
+        raise InputError("the video has no frames")
+    if fps is not None:
+        if not fps > 0:
+            raise UsageError(f"--fps must be positive, got {fps}")
+        if not source_fps:
+            raise UsageError("--fps needs the video's frame rate, which this input does not have; use --frames N")
+        frames = max(1, int(total / source_fps * fps))
+    if frames is None:
+        return np.arange(total, dtype=np.int64)
+    if frames < 1:
+        raise UsageError(f"--frames must be at least 1, got {frames}")
+    if frames > total:
+        raise InputError(f"{frames} frames requested but the video has only {total}; ask for at most {total}")
+    return np.arange(frames, dtype=np.int64) * total // frames
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip:
+    frames: list[np.ndarray]  # N arrays [H, W, 3] uint8 RGB, upright, in time order (sampled frames only)
+    indices: np.ndarray  # [N] int64 0-based index of each kept frame in the source
+    total: int  # frames in the source
+    fps: float | None  # source frame rate; None for a frame directory or when the container has none
+
+
+def _natural_key(name: str):
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def read_frame_dir(path: Path, frames: int | None = None, fps: float | None = None) -> Clip:
+    """Image files in `path` are the frames, in natural name order (digit runs compare as numbers:
+    f2.png before f10.png). No frame rate, so `fps` is refused."""
+    files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: _natural_key(p.name))
+    if not files:
+        raise InputError(f"frame directory '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    indices = sample_indices(len(files), frames, fps, None)
+    # frames may differ in size: each is resized on its own (transformers would fail to stack them)
+    images = [np.asarray(to_rgb(load_image(files[i]))) for i in indices]
+    return Clip(images, indices, len(files), None)
+
+
+def _unreadable(path: Path, exc: BaseException) -> InputError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(f"'{path}' is not a video PyAV/FFmpeg can read (empty, corrupt or unsupported): {detail}")
+
+
+def _upright(frame) -> np.ndarray:
+    """RGB array of a decoded frame with its display rotation applied (counter-clockwise degrees)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round(getattr(frame, "rotation", 0) or 0) // 90 % 4
+    return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+
+
+def _count_packets(av, path: Path) -> int:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+
+
+def _decode(av, path: Path, wanted: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """Decode in presentation order up to the last wanted index; returns the wanted frames and the
+    number of frames decoded. A decode error after the first frame is treated as the end of stream."""
+    keep = set(int(i) for i in wanted)
+    last = int(wanted[-1])
+    out: list[np.ndarray] = []
+    count = 0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                if count in keep:
+                    out.append(_upright(frame))
+                count += 1
+                if count > last:
+                    break
+        except av.error.FFmpegError as exc:
+            if count == 0:
+                raise _unreadable(path, exc) from None
+    return out, count
+
+
+def read_video(path: Path | str, frames: int | None = None, fps: float | None = None) -> Clip:
+    """A clip file (decoded with PyAV) or a directory of frames -> the sampled frames.
+
+    Indices follow transformers' PyAV loader: the container's frame count (counted from packets when
+    the header has none), frames numbered in decoded order. Display rotation is applied (transformers
+    ignores it). A stream that ends before its count is resampled over the frames that decoded."""
+    path = Path(path)
+    if path.is_dir():
+        return read_frame_dir(path, frames, fps)
+    if not path.exists():
+        raise InputError(f"video '{path}' does not exist")
+    if not path.is_file():
+        raise InputError(f"video '{path}' is not a file")
+    av = require("av", "video")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"'{path}' has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            source_fps = float(rate) if rate else None
+            total = int(stream.frames or 0)
+        if total <= 0:
+            total = _count_packets(av, path)
+        if total <= 0:
+            raise InputError(f"'{path}' has a video stream without frames")
+        indices = sample_indices(total, frames, fps, source_fps)
+        kept, decoded = _decode(av, path, indices)
+        if len(kept) < len(indices):  # the header promised more frames than the stream holds
+            if decoded == 0:
+                raise InputError(f"no frames could be decoded from '{path}'")
+            total = decoded
+            indices = sample_indices(total, frames, fps, source_fps)
+            kept, _ = _decode(av, path, indices)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+    return Clip(kept, indices, total, source_fps)
+
+
+# --- per-frame preprocessing ---------------------------------------------------------------------------
+
+
+def preprocess_frames(frames, info: PreprocessInfo) -> np.ndarray:
+    """Sampled frames (N arrays [H, W, 3] uint8) -> pixel_values_videos [N, 3, S, S] float32: every frame
+    resized to the processor's fixed size (no aspect kept, no padding; PIL bicubic), rescaled and
+    normalised with the saved mean/std, exactly as the image path does one image."""
+    if info.resize_size is None:
+        raise InputError("this artifact's preprocessing has no fixed frame size; video needs one")
+    return np.stack([preprocess(Image.fromarray(np.asarray(frame, dtype=np.uint8)), info) for frame in frames])
+
+
+# --- LLaVA-OneVision video layout ----------------------------------------------------------------------
+
+
+def pooling_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] float32 matrix W of a 1-D bilinear resize (align_corners=False, no
+    antialias): a 2-D resize of a map X is W @ X @ W.T, as torch's `interpolate(mode="bilinear")`."""
+    low, high, frac = _bilinear_taps(size_in, size_out)
+    w = np.zeros((size_out, size_in), dtype=np.float32)
+    rows = np.arange(size_out)
+    np.add.at(w, (rows, low), (1 - frac).astype(np.float32))
+    np.add.at(w, (rows, high), frac)
+    return w
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """LLaVA-OneVision's video path: each frame through the tower and projector (patch_grid^2
+    features), bilinear-pooled to ceil(patch_grid / 2)^2 tokens in raster order, frames one after
+    another, then ONE `image_newline` for the whole video."""
+
+    frame_size: int = 384  # S: every frame is resized to S x S
+    patch_grid: int = 27  # p: tower features per frame side (image_size // patch_size)
+    max_frames: int = 32  # default --frames for the family (papers use 32); never "all frames"
+
+    @property
+    def pooled_grid(self) -> int:
+        return math.ceil(self.patch_grid / 2)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.pooled_grid * self.pooled_grid
+
+    def tokens(self, frames: int) -> int:
+        """`<video>` placeholders for a video of `frames` frames, unreduced: F * q^2 + 1 newline."""
+        return frames * self.tokens_per_frame + 1
+
+    def pool(self, features: np.ndarray) -> np.ndarray:
+        """Per-frame projected features [F, p*p, D] -> pooled [F, q*q, D] (raster order)."""
+        f, n, d = features.shape
+        p = self.patch_grid
+        if n != p * p:
+            raise InputError(f"frame features have {n} tokens; this layout expects {p}x{p} = {p * p}")
+        w = pooling_matrix(p, self.pooled_grid)
+        grid = features.reshape(f, p, p, d).astype(np.float32, copy=False)
+        pooled = np.einsum("ai,fijd,bj->fabd", w, grid, w, optimize=True)
+        return np.ascontiguousarray(pooled.reshape(f, self.tokens_per_frame, d), dtype=np.float32)
+
+    def pack(self, features: np.ndarray, newline: np.ndarray) -> np.ndarray:
+        """Per-frame projected features [F, p*p, D] and `image_newline` [D] -> the video's visual
+        tokens [F*q*q + 1, D] as they replace the `<video>` placeholders."""
+        pooled = self.pool(features)
+        return np.concatenate([pooled.reshape(-1, pooled.shape[-1]), newline.reshape(1, -1).astype(np.float32)])
+
+
+def expand_video_placeholders(text: str, token: str, counts: list[int]) -> str:
+    """Replace the i-th `token` in `text` by `counts[i]` copies of it (transformers' processors do
+    this per video, in order). The number of placeholders must equal the number of videos."""
+    parts = text.split(token)
+    if len(parts) - 1 != len(counts):
+        raise InputError(f"the prompt has {len(parts) - 1} '{token}' placeholders for {len(counts)} videos; "
+                         "give one per video")
+    out = [parts[0]]
+    for count, rest in zip(counts, parts[1:]):
+        out.append(token * count)
+        out.append(rest)
+    return "".join(out)
