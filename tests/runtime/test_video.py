@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tokedge.artifact import PreprocessInfo
 from tokedge.errors import InputError, UsageError
 from tokedge.runtime.video import (
     VideoLayout,
@@ -181,12 +182,38 @@ def test_no_video_stream(tmp_path):
 def test_reader_imports_no_torch(clip10):
     code = ("import sys, json; from tokedge.runtime.video import read_video; read_video(sys.argv[1], frames=2); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))))")
-    out = subprocess.run([sys.executable, "-c", code, str(clip10)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(clip10)], capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
 
 
 # --- preprocessing and layout ---------------------------------------------------------------------------
+
+ONEVISION_PRE = PreprocessInfo(do_convert_rgb=True, do_resize=True, resize_shortest_edge=None, resize_size=(384, 384),
+                               resample=3, do_center_crop=False, crop_size=(384, 384), do_rescale=True,
+                               rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5, 0.5, 0.5),
+                               image_std=(0.5, 0.5, 0.5))
+
+
+def test_preprocess_frames_match_transformers_pil_processor(clip10, tmp_path):
+    """For square frames, OneVision's multi-image PIL path (pad-to-square is a no-op, then resize to
+    384x384, rescale, normalise) is the video path's per-frame arithmetic: compare bit for bit."""
+    pil = pytest.importorskip("transformers.models.llava_onevision.image_processing_pil_llava_onevision")
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(3)]
+    processor = pil.LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                                    size={"height": 384, "width": 384})
+    ref = processor(images=[[Image.fromarray(f) for f in frames]], return_tensors="np")["pixel_values"][:, 0]
+    got = preprocess_frames(frames, ONEVISION_PRE)
+    assert got.shape == (3, 3, 384, 384) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+    # non-square decoded frames are squashed to 384x384 (no padding): the frame's corners stay corners
+    clip = read_video(clip10, frames=2)
+    pixels = preprocess_frames(clip.frames, ONEVISION_PRE)
+    assert pixels.shape == (2, 3, 384, 384)
+    expected_corner = (clip.frames[1][-1, -1].astype(np.float32) / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(pixels[1, :, -1, -1], expected_corner, atol=0.05)
 
 
 def test_pooling_matrix_test_vector():

@@ -101,7 +101,7 @@ def _count_packets(av, path: Path) -> int:
 def _decode(av, path: Path, wanted: np.ndarray) -> tuple[list[np.ndarray], int]:
     """Decode in presentation order up to the last wanted index; returns the wanted frames and the
     number of frames decoded. A decode error after the first frame is treated as the end of stream."""
-    keep = set(int(i) for i in wanted)
+    keep = {int(i) for i in wanted}
     last = int(wanted[-1])
     out: list[np.ndarray] = []
     count = 0
