@@ -352,6 +352,54 @@ def render_images_prompt(loaded: LoadedCheckpoint, question: str, images: int = 
 # --- the family ------------------------------------------------------------------------------------
 
 
+# --- video: the per-frame vision graph (issue 13; not yet wired into export) ------------------------------
+
+
+class VideoVisionGraph(nn.Module):
+    """pixel_values_videos [F, 3, S, S] -> video_embeds [F, q*q, hidden].
+
+    transformers' `get_video_features`: every frame through the tower to the feature layer and the
+    projector (all p*p rows: SigLIP has no CLS), then `interpolate(size=(q, q), mode="bilinear")`
+    with q = ceil(p / 2), here two constant matrices (`W X W^T`, from `runtime.video.pooling_matrix`).
+    The video's single `image_newline` is appended by the runtime (`runtime.video.VideoLayout.pack`).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from tokedge.export.towers import VisionTower
+        from tokedge.runtime.video import pooling_matrix
+
+        m = model.model
+        cfg = model.config
+        self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=False, needs=frozenset())
+        self.projector = m.multi_modal_projector
+        self.p = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        self.q = math.ceil(self.p / 2)
+        self.register_buffer("pool", torch.from_numpy(pooling_matrix(self.p, self.q)), persistent=False)
+
+    def forward(self, pixel_values_videos):
+        feats = self.projector(self.tower(pixel_values_videos).features)  # [F, p*p, D]
+        f, d = feats.shape[0], feats.shape[-1]
+        grid = feats.reshape(f, self.p, self.p, d)
+        pool = self.pool.to(feats.dtype)
+        rows = torch.einsum("ai,fijd->fajd", pool, grid)
+        pooled = torch.einsum("bj,fajd->fabd", pool, rows)
+        return pooled.reshape(f, self.q * self.q, d)
+
+
+def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int):
+    """The video vision graph's input and output, frames dynamic."""
+    from tokedge.export.onnx_export import TraceSpec
+
+    return TraceSpec(
+        inputs=("pixel_values_videos",),
+        outputs=("video_embeds",),
+        example=(torch.rand(3, 3, image_size, image_size),),
+        dynamic_axes={"pixel_values_videos": {0: "frames"}, "video_embeds": {0: "frames"}},
+        output_shapes={"video_embeds": ("frames", tokens_per_frame, hidden_size)},
+    )
+
+
 class LlavaOnevisionFamily(LlavaNextFamily):
     """`LlavaOnevisionForConditionalGeneration`, images: LLaVA-NeXT's graphs, prompt and reference
     (inherited), with OneVision's config, processor loading, layout and method rules."""
