@@ -61,3 +61,38 @@ def test_video_graph_equals_transformers_video_features(onevision, tmp_path):
     with torch.no_grad():
         per_frame = graph.projector(graph.tower(torch.from_numpy(pixels)).features).numpy()
     np.testing.assert_allclose(layout.pack(per_frame, newline), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_video_tokens_generate_like_transformers_pixels(onevision, tiny_llava_onevision_dir, tmp_path):
+    """The runtime's pieces spliced by hand (prompt expanded by `expand_video_placeholders`, packed
+    tokens at the `<video>` positions) generate what transformers generates from the same pixels."""
+    from tokenizers import Tokenizer
+
+    from tokedge.runtime.video import expand_video_placeholders
+
+    cfg = onevision.config
+    layout = VideoLayout()
+    clip_path = tmp_path / "clip.mp4"
+    write_clip(clip_path, 6)
+    pixels = preprocess_frames(read_video(clip_path, frames=2).frames, ONEVISION_PRE)
+    prompt = expand_video_placeholders("<|im_start|>user\n<video>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n",
+                                       "<video>", [layout.tokens(2)])
+    tokenizer = Tokenizer.from_file(str(tiny_llava_onevision_dir / "tokenizer.json"))
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=True).ids])
+    assert int((ids == cfg.video_token_id).sum()) == layout.tokens(2) == 393
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = onevision.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=torch.from_numpy(pixels)[None],
+                                 max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        per_frame = onevision.model.multi_modal_projector(
+            onevision.model.vision_tower(torch.from_numpy(pixels), output_hidden_states=True)
+            .hidden_states[cfg.vision_feature_layer]).numpy()
+        packed = layout.pack(per_frame, onevision.model.image_newline.numpy())
+        embeds = onevision.get_input_embeddings()(ids).clone()
+        embeds[ids == cfg.video_token_id] = torch.from_numpy(packed)
+        got = onevision.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref_new = ref.sequences[0, ids.shape[1]:].tolist()
+    got_new = got.sequences[0, -len(ref_new):].tolist()
+    assert got_new == ref_new
+    np.testing.assert_allclose(got.logits[0].numpy(), ref.logits[0].numpy(), atol=1e-3)
