@@ -47,6 +47,16 @@ def test_sample_indices_match_transformers_vectors(total, frames, source_fps, fp
     assert got.tolist() == expected
 
 
+def test_linspace_sampling_matches_lmms_eval_vectors(clip10):
+    assert sample_indices(300, frames=8, sampling="linspace").tolist() == [0, 42, 85, 128, 170, 213, 256, 299]
+    assert sample_indices(10, frames=8, sampling="linspace").tolist() == [0, 1, 2, 3, 5, 6, 7, 9]
+    clip = read_video(clip10, frames=3, sampling="linspace")
+    assert clip.indices.tolist() == [0, 4, 9]
+    np.testing.assert_array_equal(clip.frames[2], decode_all(clip10)[9])
+    with pytest.raises(UsageError, match="sampling"):
+        sample_indices(10, frames=2, sampling="random")
+
+
 def test_sample_indices_refusals():
     with pytest.raises(UsageError, match="mutually exclusive"):
         sample_indices(10, frames=4, fps=1.0, source_fps=5.0)
@@ -55,6 +65,10 @@ def test_sample_indices_refusals():
     with pytest.raises(UsageError, match="frame rate"):
         sample_indices(10, fps=1.0, source_fps=None)
     assert sample_indices(5).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(UsageError, match="at least 1"):
+        sample_indices(10, frames=0)
+    with pytest.raises(UsageError, match="positive"):
+        sample_indices(10, fps=0.0, source_fps=5.0)
 
 
 def _frame(i: int, h: int = 48, w: int = 64) -> np.ndarray:

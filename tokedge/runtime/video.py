@@ -28,11 +28,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # --- frame sampling ------------------------------------------------------------------------------------
 
 
+SAMPLING = ("uniform", "linspace")
+
+
 def sample_indices(total: int, frames: int | None = None, fps: float | None = None,
-                   source_fps: float | None = None) -> np.ndarray:
+                   source_fps: float | None = None, sampling: str = "uniform") -> np.ndarray:
     """0-based indices of the frames to keep, as transformers' `default_sample_indices_fn`:
     `frames=N` -> `i * total // N` for i < N; `fps=F` -> N = max(1, int(total / source_fps * F));
-    neither -> every frame. Returns int64 [N], strictly increasing."""
+    neither -> every frame. Returns int64 [N], strictly increasing.
+
+    sampling="linspace" is lmms-eval's rule (`np.linspace(0, total - 1, N).astype(int)`, first and
+    last frame included), which the temporal-reduction papers evaluate with."""
+    if sampling not in SAMPLING:
+        raise UsageError(f"frame sampling '{sampling}' is unknown; use one of {', '.join(SAMPLING)}")
     if frames is not None and fps is not None:
         raise UsageError("--frames and --fps are mutually exclusive; give one of them")
     if total < 1:
@@ -49,6 +57,8 @@ def sample_indices(total: int, frames: int | None = None, fps: float | None = No
         raise UsageError(f"--frames must be at least 1, got {frames}")
     if frames > total:
         raise InputError(f"{frames} frames requested but the video has only {total}; ask for at most {total}")
+    if sampling == "linspace":
+        return np.linspace(0, total - 1, frames).astype(np.int64)
     return np.arange(frames, dtype=np.int64) * total // frames
 
 
@@ -67,14 +77,15 @@ def _natural_key(name: str):
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-def read_frame_dir(path: Path, frames: int | None = None, fps: float | None = None) -> Clip:
+def read_frame_dir(path: Path, frames: int | None = None, fps: float | None = None,
+                   sampling: str = "uniform") -> Clip:
     """Image files in `path` are the frames, in natural name order (digit runs compare as numbers:
     f2.png before f10.png). No frame rate, so `fps` is refused."""
     files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: _natural_key(p.name))
     if not files:
         raise InputError(f"frame directory '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    indices = sample_indices(len(files), frames, fps, None)
+    indices = sample_indices(len(files), frames, fps, None, sampling)
     # frames may differ in size: each is resized on its own (transformers would fail to stack them)
     images = [np.asarray(to_rgb(load_image(files[i]))) for i in indices]
     return Clip(images, indices, len(files), None)
@@ -121,7 +132,8 @@ def _decode(av, path: Path, wanted: np.ndarray) -> tuple[list[np.ndarray], int]:
     return out, count
 
 
-def read_video(path: Path | str, frames: int | None = None, fps: float | None = None) -> Clip:
+def read_video(path: Path | str, frames: int | None = None, fps: float | None = None,
+               sampling: str = "uniform") -> Clip:
     """A clip file (decoded with PyAV) or a directory of frames -> the sampled frames.
 
     Indices follow transformers' PyAV loader: the container's frame count (counted from packets when
@@ -129,7 +141,7 @@ def read_video(path: Path | str, frames: int | None = None, fps: float | None = 
     ignores it). A stream that ends before its count is resampled over the frames that decoded."""
     path = Path(path)
     if path.is_dir():
-        return read_frame_dir(path, frames, fps)
+        return read_frame_dir(path, frames, fps, sampling)
     if not path.exists():
         raise InputError(f"video '{path}' does not exist")
     if not path.is_file():
@@ -147,13 +159,13 @@ def read_video(path: Path | str, frames: int | None = None, fps: float | None = 
             total = _count_packets(av, path)
         if total <= 0:
             raise InputError(f"'{path}' has a video stream without frames")
-        indices = sample_indices(total, frames, fps, source_fps)
+        indices = sample_indices(total, frames, fps, source_fps, sampling)
         kept, decoded = _decode(av, path, indices)
         if len(kept) < len(indices):  # the header promised more frames than the stream holds
             if decoded == 0:
                 raise InputError(f"no frames could be decoded from '{path}'")
             total = decoded
-            indices = sample_indices(total, frames, fps, source_fps)
+            indices = sample_indices(total, frames, fps, source_fps, sampling)
             kept, _ = _decode(av, path, indices)
     except (av.error.FFmpegError, OSError) as exc:
         raise _unreadable(path, exc) from None
