@@ -256,6 +256,16 @@ def test_pool_matches_torch_interpolate():
     np.testing.assert_array_equal(packed[196:392], got[1])
 
 
+def test_resize_while_decoding_gives_the_same_pixel_values(clip10, tmp_path):
+    full = preprocess_frames(read_video(clip10, frames=3).frames, ONEVISION_PRE)
+    small = read_video(clip10, frames=3, size=(384, 384))
+    assert all(f.shape == (384, 384, 3) for f in small.frames)
+    np.testing.assert_array_equal(preprocess_frames(small.frames, ONEVISION_PRE), full)
+    for i in range(2):
+        Image.fromarray(_frame(i)).save(tmp_path / f"{i}.png")
+    assert read_video(tmp_path, size=(384, 384)).frames[1].shape == (384, 384, 3)
+
+
 def test_video_token_counts_and_placeholders():
     layout = VideoLayout()
     assert (layout.pooled_grid, layout.tokens_per_frame, layout.tokens(8), layout.tokens(32)) == (14, 196, 1569, 6273)

@@ -92,7 +92,8 @@ def read_frame_dir(path: Path, frames: int | None = None, fps: float | None = No
 
 
 def _unreadable(path: Path, exc: BaseException) -> InputError:
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = getattr(exc, "strerror", None) or str(exc).strip()  # FFmpeg's reason without errno and path
+    detail = text.splitlines()[0] if text else type(exc).__name__
     return InputError(f"'{path}' is not a video PyAV/FFmpeg can read (empty, corrupt or unsupported): {detail}")
 
 
@@ -109,9 +110,17 @@ def _count_packets(av, path: Path) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
-def _decode(av, path: Path, wanted: np.ndarray) -> tuple[list[np.ndarray], int]:
-    """Decode in presentation order up to the last wanted index; returns the wanted frames and the
-    number of frames decoded. A decode error after the first frame is treated as the end of stream."""
+def _resized(rgb: np.ndarray, size: tuple[int, int] | None, resample: int) -> np.ndarray:
+    if size is None or rgb.shape[:2] == tuple(size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample=Image.Resampling(resample)))
+
+
+def _decode(av, path: Path, wanted: np.ndarray, size: tuple[int, int] | None = None,
+            resample: int = 3) -> tuple[list[np.ndarray], int]:
+    """Decode in presentation order up to the last wanted index; returns the wanted frames (resized
+    to `size` at once when given) and the number of frames decoded. A decode error after the first
+    frame is treated as the end of stream."""
     keep = {int(i) for i in wanted}
     last = int(wanted[-1])
     out: list[np.ndarray] = []
@@ -122,7 +131,7 @@ def _decode(av, path: Path, wanted: np.ndarray) -> tuple[list[np.ndarray], int]:
         try:
             for frame in container.decode(stream):
                 if count in keep:
-                    out.append(_upright(frame))
+                    out.append(_resized(_upright(frame), size, resample))
                 count += 1
                 if count > last:
                     break
@@ -133,15 +142,20 @@ def _decode(av, path: Path, wanted: np.ndarray) -> tuple[list[np.ndarray], int]:
 
 
 def read_video(path: Path | str, frames: int | None = None, fps: float | None = None,
-               sampling: str = "uniform") -> Clip:
+               sampling: str = "uniform", size: tuple[int, int] | None = None, resample: int = 3) -> Clip:
     """A clip file (decoded with PyAV) or a directory of frames -> the sampled frames.
+
+    size=(height, width) resizes each kept frame as soon as it is decoded (PIL, `resample`), so a
+    long high-resolution clip never holds more than N small frames; with the processor's fixed size
+    and resample, `preprocess_frames` then gives exactly what it gives on full-size frames.
 
     Indices follow transformers' PyAV loader: the container's frame count (counted from packets when
     the header has none), frames numbered in decoded order. Display rotation is applied (transformers
     ignores it). A stream that ends before its count is resampled over the frames that decoded."""
     path = Path(path)
     if path.is_dir():
-        return read_frame_dir(path, frames, fps, sampling)
+        clip = read_frame_dir(path, frames, fps, sampling)
+        return Clip([_resized(f, size, resample) for f in clip.frames], clip.indices, clip.total, clip.fps)
     if not path.exists():
         raise InputError(f"video '{path}' does not exist")
     if not path.is_file():
@@ -160,13 +174,13 @@ def read_video(path: Path | str, frames: int | None = None, fps: float | None = 
         if total <= 0:
             raise InputError(f"'{path}' has a video stream without frames")
         indices = sample_indices(total, frames, fps, source_fps, sampling)
-        kept, decoded = _decode(av, path, indices)
+        kept, decoded = _decode(av, path, indices, size, resample)
         if len(kept) < len(indices):  # the header promised more frames than the stream holds
             if decoded == 0:
                 raise InputError(f"no frames could be decoded from '{path}'")
             total = decoded
             indices = sample_indices(total, frames, fps, source_fps, sampling)
-            kept, _ = _decode(av, path, indices)
+            kept, _ = _decode(av, path, indices, size, resample)
     except (av.error.FFmpegError, OSError) as exc:
         raise _unreadable(path, exc) from None
     return Clip(kept, indices, total, source_fps)
