@@ -15,25 +15,33 @@ from tokedge.runtime.video import VideoLayout, preprocess_frames, read_video
 
 
 @pytest.fixture(scope="module")
+def loaded(tiny_llava_onevision_dir):
+    from tokedge.export.families import load_checkpoint
+
+    return load_checkpoint(str(tiny_llava_onevision_dir), tiny_llava_onevision_dir)
+
+
+@pytest.fixture(scope="module")
 def onevision(tiny_llava_onevision_dir):
+    """transformers' model loaded on its own: the reference."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_llava_onevision_dir).eval()
 
 
-def test_video_graph_equals_transformers_video_features(onevision, tmp_path):
+def test_video_graph_equals_transformers_video_features(loaded, onevision, tmp_path):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from tokedge.export.families.llava_onevision import VideoVisionGraph, video_trace_spec
     from tokedge.export.onnx_export import trace_to_ir
 
     cfg = onevision.config
     layout = VideoLayout(frame_size=cfg.vision_config.image_size,
                          patch_grid=cfg.vision_config.image_size // cfg.vision_config.patch_size)
     hidden = cfg.text_config.hidden_size
-    graph = VideoVisionGraph(onevision).eval()
-    model = trace_to_ir(graph, video_trace_spec(hidden, layout.frame_size, layout.tokens_per_frame))
+    graph, spec = loaded.family.video_vision(loaded)
+    assert spec.output_shapes["video_embeds"] == ("frames", layout.tokens_per_frame, hidden)
+    model = trace_to_ir(graph, spec)
     path = tmp_path / "video_vision.onnx"
     ir.save(model, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -442,5 +442,12 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def hf_processor(self, loaded: LoadedCheckpoint):
         return hf_processor(loaded)
 
+    # --- video (issue 13; beyond the protocol until export writes video artifacts)
+    def video_vision(self, loaded: LoadedCheckpoint):
+        """The per-frame video vision graph ([F, 3, S, S] -> [F, q*q, hidden]) and its trace spec."""
+        cfg = loaded.model.config
+        graph = VideoVisionGraph(loaded.model).eval()
+        return graph, video_trace_spec(cfg.text_config.hidden_size, cfg.vision_config.image_size, graph.q * graph.q)
+
 
 FAMILY = register(LlavaOnevisionFamily())
