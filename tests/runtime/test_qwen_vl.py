@@ -3,6 +3,8 @@ the PIL image processor, the vision index helpers and Qwen2_5_VLModel.get_rope_i
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -98,7 +100,7 @@ def test_vision_index_inputs_reproduce_the_window_permutation(grid):
     got = qwen_vl.qwen2_5_vision_inputs(np.array([grid]))
     np.testing.assert_array_equal(got.patch_order, rows)
     np.testing.assert_array_equal(got.vision_pos, get_vision_position_ids(g, 2).numpy()[rows])
-    for w, (a, b) in enumerate(zip(ref_cu[:-1], ref_cu[1:])):
+    for w, (a, b) in enumerate(itertools.pairwise(ref_cu)):
         assert (got.window_seg[a:b] == w).all()
     assert len(got.window_seg) == n
     np.testing.assert_array_equal(got.merge_restore, torch.argsort(torch.from_numpy(ref_index)).numpy())
