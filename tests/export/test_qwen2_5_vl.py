@@ -96,8 +96,8 @@ def _reference(model, tok, images, ids):
     proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)(images=images, return_tensors="pt")
     input_ids = torch.from_numpy(ids)
     mm = (input_ids == model.config.image_token_id).long()
-    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm,
-                  pixel_values=proc["pixel_values"], image_grid_thw=proc["image_grid_thw"])
+    kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "mm_token_type_ids": mm,
+              "pixel_values": proc["pixel_values"], "image_grid_thw": proc["image_grid_thw"]}
     with torch.no_grad():
         out = model.generate(**kwargs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)

@@ -167,3 +167,46 @@ def test_mrope_axis_maps():
     np.testing.assert_array_equal(qwen_vl.mrope_axis_map([2, 3, 3], 16), [0, 0, 1, 1, 1, 2, 2, 2])
     np.testing.assert_array_equal(qwen_vl.mrope_axis_map([6, 5, 5], 32, interleaved=True),
                                   [0, 1, 2] * 5 + [0])
+
+
+def test_qwen_runtime_pieces_are_torch_free(tmp_path):
+    """The numpy Qwen-VL pieces run the whole input preparation without importing torch or transformers."""
+    import json
+    import subprocess
+    import sys
+
+    code = r"""
+import json, sys
+import numpy as np
+from PIL import Image
+from tokedge.runtime import qwen_vl
+img = Image.fromarray(np.zeros((750, 1000, 3), np.uint8))
+pixels, grid = qwen_vl.preprocess_image(img, qwen_vl.QwenImageSpec())
+idx = qwen_vl.qwen2_5_vision_inputs(grid[None])
+pos, delta = qwen_vl.rope_index(np.array([[0] * 3 + [1] * int(grid.prod() // 4) + [0] * 2]), grid[None])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx"))
+print(json.dumps({"grid": grid.tolist(), "delta": int(delta[0, 0]), "heavy": heavy}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    # 1000x750 -> 1008x756 -> 54 x 72 patches; positions end at 3 + 36 + 2 - 1 = 40 over 977 tokens
+    assert json.loads(proc.stdout) == {"grid": [1, 54, 72], "delta": 41 - 977, "heavy": []}
+
+
+def test_preset_tokenizer_and_template_render_as_the_hub(tiny_qwen2_5_vl_dir):
+    """The preset's tokenizer is a real Qwen2Tokenizer (no BOS, atomic vision tokens, EOS <|im_end|>)
+    and its chat template renders the hub Qwen2.5-VL prompt (research doc section 6)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_5_vl_dir)
+    assert type(tok).__name__ == "Qwen2Tokenizer" and tok.eos_token == "<|im_end|>"
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}
+    text = tok.apply_chat_template([turn], add_generation_prompt=True, tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok("<|vision_start|><|image_pad|><|image_pad|><|vision_end|>hi")["input_ids"]
+    assert ids[:4] == tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|image_pad|>",
+                                                 "<|vision_end|>"])
+    ip = Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen2_5_vl_dir)
+    assert (ip.patch_size, ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"]) == (14, 2, 3136, 12845056)
