@@ -1,9 +1,11 @@
 """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): dynamic resolution, window attention, M-RoPE.
 
 Status (issue 11, first step): the graph modules and their trace specs, `--method none` only.
-Not registered in the family registry yet (BUILTIN): the loader, manifest records and the runtime
-pipeline come next; tests/export/test_qwen2_5_vl.py exports these graphs and runs them with
-ONNX Runtime and the numpy inputs of tokedge/runtime/qwen_vl.py against transformers.
+The family is registered so that checkpoints are recognised, but `inspect` still refuses them
+with a one-line reason: the loader, manifest records (dynamic-resolution layout, M-RoPE
+positions) and the runtime pipeline come next. tests/export/test_qwen2_5_vl.py exports these
+graphs (reached through the registry) and runs them with ONNX Runtime and the numpy inputs of
+tokedge/runtime/qwen_vl.py against transformers.
 
 Graph contract (docs/research/qwen-vl.md section 3.6; one image per vision run, t = 1):
 - vision: `pixel_values [patches, C*T*P*P]` already in window order (`patch_order`),
@@ -21,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokedge.errors import UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, TokenEmbedder
+from tokedge.export.families import register
 from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
 from tokedge.export.primitives import attention, rotate_half
 
@@ -114,3 +118,26 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
                            **{name: (BATCH, kv_heads, TOTAL, head_dim) for name in present}},
         ),
     }
+
+
+class Qwen25VLFamily:
+    """Qwen2.5-VL, recognised by the registry; export is refused until the artifact path lands."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    architectures = (MODEL_CLASS,)
+    exportable = False  # left out of `supported()` until the artifact path lands
+
+    def inspect(self, config: dict):
+        raise UnsupportedModelError(
+            f"{MODEL_CLASS} is recognised but its export is not finished yet (issue 11: graphs exist, the "
+            "artifact and `tokedge run` path do not); use a LLaVA-family checkpoint for now")
+
+    def graph_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return build_graph_modules(model)
+
+    def graph_trace_specs(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+        return trace_specs(model, dtype)
+
+
+FAMILY = register(Qwen25VLFamily())
