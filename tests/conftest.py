@@ -82,3 +82,12 @@ def test_images():
     rng = np.random.default_rng(7)
     shapes = [(240, 320), (400, 300), (336, 336)]
     return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB") for h, w in shapes]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory) -> Path:
+    """Qwen2.5-VL (hub image geometry: patch 14, merge 2, 112 px windows) + Qwen2 decoder with M-RoPE;
+    model, Qwen2Tokenizer + chat_template.jinja and the PIL image processor saved with save_pretrained."""
+    from tokedge.export.presets import TinyQwen25VLConfig, build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl", TinyQwen25VLConfig())

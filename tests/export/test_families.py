@@ -58,7 +58,8 @@ def test_registry_finds_the_family_by_model_type_and_checks_architectures(tiny_l
             for_checkpoint(bad)
         message = str(err.value)
         assert "\n" not in message and "unsupported architecture" in message
-        assert all(name in message for name in registered)  # it lists what is supported
+        # it lists what is supported (a family still in progress, `exportable = False`, is not)
+        assert all(name in message for name, f in registered.items() if getattr(f, "exportable", True))
 
 
 def test_inspect_reads_the_config_without_weights(tiny_llava_dir, tmp_path):

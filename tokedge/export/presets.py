@@ -108,7 +108,7 @@ class TinyLlavaOnevisionConfig(TinyLlavaConfig):
     processor_files: str = "hub"
 
 
-PRESETS: dict[str, TinyLlavaConfig] = {"tiny-llava": TinyLlavaConfig(), "tiny-llava-next": TinyLlavaNextConfig(),
+PRESETS: dict[str, TinyLlavaConfig | TinyQwen25VLConfig] = {"tiny-llava": TinyLlavaConfig(), "tiny-llava-next": TinyLlavaNextConfig(),
                                        "tiny-llava-onevision": TinyLlavaOnevisionConfig()}
 
 
@@ -383,7 +383,8 @@ def _stamp(cfg: TinyLlavaConfig) -> str:
     import hashlib
     import json
 
-    template = ONEVISION_CHAT_TEMPLATE if isinstance(cfg, TinyLlavaOnevisionConfig) else CHAT_TEMPLATE
+    template = (ONEVISION_CHAT_TEMPLATE if isinstance(cfg, TinyLlavaOnevisionConfig)
+                else QWEN2_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen25VLConfig) else CHAT_TEMPLATE)
     blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": template}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -407,6 +408,124 @@ def resolve_preset(name: str) -> Path | None:
         import logging
 
         logging.getLogger("tokedge").info("building built-in checkpoint %s at %s", name, path)
-        build_tiny_llava(path, cfg, force=True)
+        if isinstance(cfg, TinyQwen25VLConfig):
+            build_tiny_qwen2_5_vl(path, cfg, force=True)
+        else:
+            build_tiny_llava(path, cfg, force=True)
         (path / PRESET_STAMP).write_text(json.dumps({"preset": name, "sha256": current}) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2.5-VL (docs/research/qwen-vl.md sections 6 and 7)
+
+# the hub Qwen2-VL / Qwen2.5-VL chat template (default system message, vision markers per image item)
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_VISION_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                      "<|image_pad|>", "<|video_pad|>")
+
+
+@dataclass(frozen=True)
+class TinyQwen25VLConfig:
+    """A small Qwen2.5-VL: hub image geometry (patch 14, merge 2, 112 px windows, pixels 56^2..3584^2),
+    a 4-block window/full vision tower and a 3-layer Qwen2 decoder with chunked M-RoPE [2, 3, 3]."""
+
+    vision_depth: int = 4
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    fullatt_blocks: tuple[int, ...] = (1, 3)
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    vocab_target: int = 400
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    max_position_embeddings: int = 8192
+    init_std: float = 0.3
+    seed: int = 0
+
+
+def build_qwen_tokenizer(cfg: TinyQwen25VLConfig):
+    """A real `Qwen2Tokenizer`: byte-level BPE trained on the corpus with Qwen's split regex, no BOS,
+    the chat and vision special tokens atomic, EOS `<|im_end|>`."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_target, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    qwen = Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", unk_token=None, bos_token=None)
+    qwen.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})
+    qwen.eos_token = "<|im_end|>"
+    return qwen
+
+
+def build_tiny_qwen2_5_vl(out: Path, cfg: TinyQwen25VLConfig = TinyQwen25VLConfig(), force: bool = False) -> Path:
+    """A tiny Qwen2_5_VLForConditionalGeneration directory at `out` (atomic): model, Qwen2Tokenizer with
+    chat_template.jinja and the PIL Qwen2-VL image processor (`Qwen2_5_VLProcessor` needs torchvision)."""
+    import transformers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
+    tok = build_qwen_tokenizer(cfg)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", *QWEN_VISION_TOKENS)}
+    head_dim = cfg.text_hidden // cfg.text_heads
+    if sum(cfg.mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {cfg.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden,
+                       "intermediate_size": cfg.vision_hidden * 2, "num_heads": cfg.vision_heads,
+                       "out_hidden_size": cfg.text_hidden, "window_size": 112,
+                       "fullatt_block_indexes": list(cfg.fullatt_blocks), "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 2},
+        text_config={"vocab_size": len(tok), "hidden_size": cfg.text_hidden, "intermediate_size": cfg.text_hidden * 2,
+                     "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+                     "num_key_value_heads": cfg.text_kv_heads, "max_position_embeddings": cfg.max_position_embeddings,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                         "mrope_section": list(cfg.mrope_section)},
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                     "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": False},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = _random_init(Qwen2_5_VLForConditionalGeneration, config, cfg.seed, cfg.init_std)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    with staged_directory(out, force=force, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tok.save_pretrained(stage)
+        image_processor.save_pretrained(stage)
+    return out
+
+
+PRESETS["tiny-qwen2.5-vl"] = TinyQwen25VLConfig()

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # modules that call register() when imported; listed here, imported by name on first use
 BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next",
-           "tokedge.export.families.llava_onevision")
+           "tokedge.export.families.llava_onevision", "tokedge.export.families.qwen2_5_vl")
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,10 @@ def families() -> dict[str, Family]:
 
 
 def supported() -> str:
-    """One line naming each family with its architectures, for error messages."""
+    """One line naming each family with its architectures, for error messages (a family still in
+    progress sets `exportable = False` and is left out)."""
     return "; ".join(f"{f.name} ({', '.join(f.architectures)}, model_type {'/'.join(f.model_types)})"
-                     for f in families().values())
+                     for f in families().values() if getattr(f, "exportable", True))
 
 
 def for_checkpoint(config: dict) -> Family:

@@ -1,0 +1,218 @@
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL inputs in numpy (torch-free): dynamic-resolution preprocessing,
+the vision tower's index inputs and the decoder's M-RoPE positions.
+
+Everything here follows transformers' processors and models exactly (docs/research/qwen-vl.md
+sections 2, 3 and 5); tests/runtime/test_qwen_vl.py compares each function with transformers' own.
+Shapes: `P` patch size, `m` merge size, `T` temporal patch size, grid `(t, gh, gw)` in patches;
+the LLM sees `t * gh * gw / m**2` merged tokens per image, in raster order of the merged grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from tokedge.errors import InputError
+
+
+@dataclass(frozen=True)
+class QwenImageSpec:
+    """The image processor's settings that shape the pixels (Qwen2VLImageProcessor's fields)."""
+
+    patch_size: int = 14  # P (16 on Qwen3-VL)
+    merge_size: int = 2  # m: m x m patches form one LLM token
+    temporal_patch_size: int = 2  # T: a still image is repeated T times
+    min_pixels: int = 3136  # size.shortest_edge: a pixel COUNT, not an edge
+    max_pixels: int = 12845056  # size.longest_edge: a pixel count
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    rescale: float = 1 / 255
+    resample: int = 3  # PIL bicubic
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor` with the pixel count inside [min, max].
+
+    Python's round (half to even), as transformers uses; raises InputError on aspect ratios over 200.
+    """
+    if min(height, width) <= 0:
+        raise InputError(f"image of {width}x{height} pixels is empty; pass a real image")
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"image of {width}x{height} pixels has an aspect ratio over 200, which Qwen-VL "
+                         "processors refuse; crop or pad it first")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def patchify(chw: np.ndarray, spec: QwenImageSpec) -> tuple[np.ndarray, np.ndarray]:
+    """[C, H, W] float32 (H, W multiples of P*m) -> (pixel_values [gh*gw, C*T*P*P], grid_thw [3]).
+
+    Rows are block-major: the m*m patches of one merge unit are consecutive; inside a row the
+    layout is [C][T][P][P] with the T temporal copies identical.
+    """
+    c, height, width = chw.shape
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    gh, gw = height // p, width // p
+    x = chw.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t, p, p))
+    pixels = np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p).astype(np.float32, copy=False)
+    return pixels, np.array([1, gh, gw], np.int64)
+
+
+def preprocess_image(image: Image.Image, spec: QwenImageSpec) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image -> (pixel_values [n, C*T*P*P] float32, grid_thw [3] int64), as
+    Qwen2VLImageProcessorPil does: smart_resize, PIL resize on uint8, rescale, normalize, patchify."""
+    h, w = smart_resize(image.height, image.width, spec.factor, spec.min_pixels, spec.max_pixels)
+    if (h, w) != (image.height, image.width):
+        image = image.resize((w, h), resample=spec.resample)
+    chw = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+    chw = chw * np.float32(spec.rescale)
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    return patchify((chw - mean) / std, spec)
+
+
+def _block_major(a: np.ndarray, h: int, w: int, m: int) -> np.ndarray:
+    """[h, w, ...] in raster order -> [h*w, ...] with each m x m merge unit consecutive."""
+    rest = a.shape[2:]
+    return a.reshape((h // m, m, w // m, m) + rest).transpose((0, 2, 1, 3) + tuple(range(4, 4 + len(rest)))) \
+        .reshape((h * w,) + rest)
+
+
+def vision_positions(grid_thw: np.ndarray, merge_size: int = 2) -> np.ndarray:
+    """[n_img, 3] grids -> (row, col) of every patch in processor (block-major) order, [N, 2] int64:
+    the vision tower's 2-D rotary positions."""
+    out = []
+    for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3):
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        hw = _block_major(np.stack([rows, cols], -1), int(h), int(w), merge_size)
+        out.append(np.tile(hw, (int(t), 1)))
+    return np.concatenate(out).astype(np.int64)
+
+
+def window_index(grid_thw: np.ndarray, merge_size: int = 2, window_size: int = 112,
+                 patch_size: int = 14) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's window partition: (window_index [N/m²] merged-token permutation, cu_window_seqlens
+    in patches, consecutive duplicates removed), as transformers' `get_vision_window_index`."""
+    ws = window_size // merge_size // patch_size
+    order, cu, base = [], [0], 0
+    for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3):
+        lh, lw = int(h) // merge_size, int(w) // merge_size
+        ph, pw = ws - lh % ws, ws - lw % ws  # a whole empty window when divisible, as transformers pads
+        nh, nw = (lh + ph) // ws, (lw + pw) // ws
+        ids = np.full((int(t), lh + ph, lw + pw), -1, np.int64)
+        ids[:, :lh, :lw] = np.arange(int(t) * lh * lw).reshape(int(t), lh, lw)
+        ids = ids.reshape(int(t), nh, ws, nw, ws).transpose(0, 1, 3, 2, 4).reshape(-1, ws * ws)
+        counts = (ids >= 0).sum(1)
+        flat = ids.reshape(-1)
+        order.append(flat[flat >= 0] + base)
+        cu.extend((np.cumsum(counts) * merge_size**2 + cu[-1]).tolist())
+        base += int(t) * lh * lw
+    cu_arr = np.asarray(cu, np.int64)
+    cu_arr = cu_arr[np.concatenate([[True], cu_arr[1:] != cu_arr[:-1]])]
+    return np.concatenate(order).astype(np.int64), cu_arr
+
+
+@dataclass(frozen=True)
+class VisionIndexInputs:
+    """The Qwen2.5-VL vision graph's small index inputs for one image (t = 1), from its grid alone.
+
+    `patch_order` permutes the processor's patch rows into window order (whole merge units);
+    `vision_pos` the (row, col) of each permuted patch; `window_seg` the window id of each permuted
+    patch (window blocks attend where ids are equal); `merge_restore` = argsort(window_index) puts the
+    merged tokens back into raster order of the merged grid.
+    """
+
+    patch_order: np.ndarray  # [N] int64
+    vision_pos: np.ndarray  # [N, 2] int64
+    window_seg: np.ndarray  # [N] int64
+    merge_restore: np.ndarray  # [N / m²] int64
+
+
+def qwen2_5_vision_inputs(grid_thw: np.ndarray, merge_size: int = 2, window_size: int = 112,
+                          patch_size: int = 14) -> VisionIndexInputs:
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    if len(grid) != 1:
+        raise ValueError("one image per vision run")
+    unit = merge_size**2
+    windows, cu = window_index(grid, merge_size, window_size, patch_size)
+    order = (windows[:, None] * unit + np.arange(unit)).reshape(-1)
+    seg = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
+    return VisionIndexInputs(patch_order=order, vision_pos=vision_positions(grid, merge_size)[order],
+                             window_seg=seg.astype(np.int64), merge_restore=np.argsort(windows).astype(np.int64))
+
+
+def rope_index(mm_token_type: np.ndarray, grids: np.ndarray, merge_size: int = 2,
+               attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions as transformers' `get_rope_index` (images only).
+
+    mm_token_type [B, L] (0 text, 1 image), grids [n_img, 3] consumed in order across the batch,
+    attention_mask [B, L] or None -> (position_ids [3, B, L] int64, rope_delta [B, 1] int64).
+    A text run advances every axis by one per token; an image run of grid (t, gh, gw) gets
+    (cur, cur + row, cur + col) over its merged grid in raster order, then cur += max(gh, gw) / m.
+    Decoding continues at `n_real_tokens + rope_delta` on all three axes.
+    """
+    types_all = np.asarray(mm_token_type, np.int64)
+    batch, length = types_all.shape
+    positions = np.zeros((3, batch, length), np.int64)
+    deltas = []
+    grid_iter = iter(np.asarray(grids, np.int64).reshape(-1, 3))
+    for b in range(batch):
+        keep = np.ones(length, bool) if attention_mask is None else np.asarray(attention_mask[b]).astype(bool)
+        types = types_all[b][keep]
+        cols, cur, i = [], 0, 0
+        while i < len(types):
+            j = i
+            while j < len(types) and types[j] == types[i]:
+                j += 1
+            if types[i] == 0:
+                cols.append(np.broadcast_to(np.arange(j - i) + cur, (3, j - i)))
+                cur += j - i
+            else:
+                try:
+                    t, h, w = (int(v) for v in next(grid_iter))
+                except StopIteration:
+                    raise InputError("the prompt has more image-token runs than images; give one image per "
+                                     "image placeholder") from None
+                if t * (h // merge_size) * (w // merge_size) != j - i:
+                    raise InputError(f"an image run of {j - i} tokens does not match its grid {t}x{h}x{w}")
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // merge_size), np.arange(w // merge_size),
+                                         indexing="ij")
+                cols.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur)
+                cur += max(h, w) // merge_size
+            i = j
+        pos = np.concatenate(cols, 1) if cols else np.zeros((3, 0), np.int64)
+        positions[:, b, keep] = pos
+        deltas.append((int(pos.max()) + 1 if pos.size else 0) - len(types))
+    return positions, np.asarray(deltas, np.int64)[:, None]
+
+
+def mrope_axis_map(mrope_section, head_dim: int, interleaved: bool = False) -> np.ndarray:
+    """Which position axis (0 t, 1 h, 2 w) drives each of the head_dim/2 rotary frequencies:
+    chunked `t*s0 h*s1 w*s2` (Qwen2/2.5-VL) or interleaved `t h w t h w ... t` (Qwen3-VL)."""
+    half = head_dim // 2
+    s = [int(v) for v in mrope_section]
+    if sum(s) != half:
+        raise ValueError(f"mrope_section {s} must sum to head_dim/2 = {half}")
+    if not interleaved:
+        return np.repeat(np.arange(3), s).astype(np.int64)
+    axes = np.zeros(half, np.int64)
+    axes[1:3 * s[1]:3] = 1
+    axes[2:3 * s[2]:3] = 2
+    return axes
