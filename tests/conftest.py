@@ -38,6 +38,23 @@ def tiny_llava_onevision_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ov_loaded(tiny_llava_onevision_dir):
+    """The tiny OneVision checkpoint loaded through tokedge's family (its processor parts)."""
+    from tokedge.export.families import load_checkpoint
+
+    return load_checkpoint(str(tiny_llava_onevision_dir), tiny_llava_onevision_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_onevision(tiny_llava_onevision_dir):
+    """The tiny OneVision model loaded straight from transformers: the independent reference."""
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_llava_onevision_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def hf_tiny(tiny_llava_dir):
     """(model, processor) loaded straight from transformers: the independent reference."""
     import torch

@@ -60,12 +60,20 @@ def reference(model, processor, images, stages, pivots):
     feats = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"],
                                            vision_feature_layer=cfg.vision_feature_layer,
                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-    feats = torch.cat(list(feats.pooler_output))
+    return splice_and_prune(model, batch, feats.pooler_output, stages, pivots, len(images))
+
+
+def splice_and_prune(model, batch, image_features, stages, pivots, images: int):
+    """transformers' packed features (one tensor per image) spliced into its own embeddings at the
+    processor's placeholders, then the loop-based pruning reference with each stage keeping its
+    per-image count x the images. -> (prefill logits, greedy tokens, input ids) of row 0."""
+    cfg = model.config
+    feats = torch.cat(list(image_features))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == cfg.image_token_id).unsqueeze(-1), feats)
     image_pos = torch.nonzero(ids[0] == cfg.image_token_id).squeeze(1)[None]
-    scaled = [{**s, "keep": s["keep"] * len(images)} for s in stages]
+    scaled = [{**s, "keep": s["keep"] * images} for s in stages]
     prefill, _, tokens = pruned_reference(model, embeds, mask, image_pos, scaled, pivots, STEPS)
     return prefill[0], tokens[0].tolist(), ids[0].numpy()
 

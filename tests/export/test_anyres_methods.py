@@ -26,8 +26,10 @@ NEW_TOKENS = 8
 DATA_DEPENDENT = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
 
 
-def _image(height: int, width: int) -> Image.Image:
-    rng = np.random.default_rng(height * 7 + width)
+def textured_image(height: int, width: int, seed: int = 7) -> Image.Image:
+    """A smooth gradient plus noise (attention and diversity have something to rank), deterministic
+    in (height * seed + width)."""
+    rng = np.random.default_rng(height * seed + width)
     yy, xx = np.mgrid[0:height, 0:width]
     smooth = np.stack([xx / width, yy / height, (xx + yy) / (width + height)], axis=-1) * 180
     return Image.fromarray((smooth + rng.integers(0, 75, (height, width, 3))).astype(np.uint8))
@@ -261,7 +263,7 @@ def test_method_on_tiled_images_matches_transformers_and_the_loop(method, size, 
     from tokedge.runtime.layout import anyres_inputs
 
     k = int(0.2 * full_tokens)
-    image = _image(*size)
+    image = textured_image(*size)
     expected_embeds = reference_tokens(hf_next, method, image, k)
     ids, expected_logits, expected_tokens = reference_generate(hf_next, expected_embeds)
     pipe = pipelines(method)
@@ -318,7 +320,7 @@ def test_image_with_fewer_candidates_than_the_budget_is_refused(artifact, tmp_pa
 
     path, _ = artifact("cls-attn")
     thin = tmp_path / "thin.png"
-    _image(5, 900).save(thin)
+    textured_image(5, 900).save(thin)
     assert main(["run", str(path), "--image", str(thin), "--prompt", "hi"]) != 0
     err = capsys.readouterr().err.strip()
     assert "gives 576 visual tokens, fewer than this artifact's budget of 585" in err

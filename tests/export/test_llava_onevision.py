@@ -36,28 +36,13 @@ def _image(height: int, width: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def ov_loaded(tiny_llava_onevision_dir):
-    from tokedge.export.families import load_checkpoint
-
-    return load_checkpoint(str(tiny_llava_onevision_dir), tiny_llava_onevision_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_llava_onevision_dir):
-    import torch
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_llava_onevision_dir, dtype=torch.float32).eval()
-
-
 # --- the checkpoint and the family -------------------------------------------------------------------
 
 
-def test_preset_is_a_onevision_checkpoint(tiny_llava_onevision_dir, hf_model):
+def test_preset_is_a_onevision_checkpoint(tiny_llava_onevision_dir, hf_onevision):
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    config = hf_model.config
+    config = hf_onevision.config
     assert config.model_type == "llava_onevision" and config.vision_config.model_type == "siglip_vision_model"
     assert config.text_config.model_type == "qwen2" and config.vision_aspect_ratio == "anyres_max_9"
     assert config.vision_feature_select_strategy == "full" and config.vision_feature_layer == -1
@@ -73,7 +58,7 @@ def test_preset_is_a_onevision_checkpoint(tiny_llava_onevision_dir, hf_model):
     files = {p.name for p in tiny_llava_onevision_dir.iterdir()}
     assert {"preprocessor_config.json", "processor_config.json", "chat_template.json", "tokenizer.json"} <= files
     assert json.loads((tiny_llava_onevision_dir / "processor_config.json").read_text())["num_image_tokens"] == 729
-    assert float(hf_model.model.image_newline.detach().abs().sum()) > 0
+    assert float(hf_onevision.model.image_newline.detach().abs().sum()) > 0
 
 
 def test_family_is_registered_and_describes_onevision(tiny_llava_onevision_dir, ov_loaded):
@@ -289,7 +274,7 @@ def vision_session(ov_loaded, tmp_path_factory):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_vision_graph_matches_transformers_features(ov_loaded, hf_model, vision_session, size):
+def test_vision_graph_matches_transformers_features(ov_loaded, hf_onevision, vision_session, size):
     """ONNX Runtime on the runtime's preprocessing and packing plan == transformers' image processor
     + get_image_features (SigLIP at layer -1, projector, unpadding, bilinear shrink, newlines)."""
     import torch
@@ -302,7 +287,7 @@ def test_vision_graph_matches_transformers_features(ov_loaded, hf_model, vision_
                                           "pack_weight": inputs.pack_weight})
     batch = ov_loaded.processor.image_processor([image], return_tensors="pt")
     with torch.no_grad():
-        out = hf_model.model.get_image_features(batch["pixel_values"].float(), batch["image_sizes"],
+        out = hf_onevision.model.get_image_features(batch["pixel_values"].float(), batch["image_sizes"],
                                                 vision_feature_layer=-1, vision_feature_select_strategy="full",
                                                 vision_aspect_ratio="anyres_max_9")
     expected = out.pooler_output[0].numpy()
@@ -336,20 +321,20 @@ def test_manifest_records_the_onevision_layout(ov_artifact):
                                    multi_image_square=True, pad_fill=(127, 127, 127))
 
 
-def _generate_reference(ov_loaded, hf_model, images: list, text: str):
+def _generate_reference(ov_loaded, hf_onevision, images: list, text: str):
     """transformers: prefill logits at the last position and greedy tokens, on its own inputs."""
     import torch
 
     batch = ov_loaded.family.reference_batch(ov_loaded, [images], [text])
     with torch.no_grad():
-        logits = hf_model(**batch).logits[0, -1].numpy()
-        tokens = hf_model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)[0, batch["input_ids"].shape[1]:]
+        logits = hf_onevision(**batch).logits[0, -1].numpy()
+        tokens = hf_onevision.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)[0, batch["input_ids"].shape[1]:]
     return batch, logits, tokens.tolist()
 
 
 @pytest.mark.slow  # ~50 s: transformers' forward and generate on up to 7.4k-token prompts
 @pytest.mark.parametrize("size", SIZES)
-def test_none_matches_transformers_generate(ov_loaded, hf_model, ov_artifact, size):
+def test_none_matches_transformers_generate(ov_loaded, hf_onevision, ov_artifact, size):
     """`--method none` greedy generation == LlavaOnevisionForConditionalGeneration.generate token for
     token, and prefill logits within 1e-3, on the runtime's own preprocessing, chat template, prompt
     expansion and packing (ONNX Runtime, no torch on that path)."""
@@ -359,7 +344,7 @@ def test_none_matches_transformers_generate(ov_loaded, hf_model, ov_artifact, si
 
     image = _image(*size)
     text = ov_loaded.family.render_prompt(ov_loaded, QUESTION)
-    batch, expected_logits, expected = _generate_reference(ov_loaded, hf_model, [image], text)
+    batch, expected_logits, expected = _generate_reference(ov_loaded, hf_onevision, [image], text)
     with Pipeline.load(ov_artifact) as pipe:
         result = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
         inputs = [anyres_inputs(image, pipe.manifest.layout.anyres(), pipe.manifest.preprocess)]
@@ -371,7 +356,7 @@ def test_none_matches_transformers_generate(ov_loaded, hf_model, ov_artifact, si
     np.testing.assert_allclose(gen.prefill_logits[0], expected_logits, atol=1e-3, rtol=0)
 
 
-def test_a_batch_of_one_image_prompts_matches_transformers(ov_loaded, hf_model, ov_artifact):
+def test_a_batch_of_one_image_prompts_matches_transformers(ov_loaded, hf_onevision, ov_artifact):
     """Two prompts with one image each, of different sizes (different partition and token counts,
     left padding; transformers: batch_num_images [1, 1], pixel_values padded to the larger P)."""
     import torch
@@ -386,8 +371,8 @@ def test_a_batch_of_one_image_prompts_matches_transformers(ov_loaded, hf_model, 
     batch = ov_loaded.family.reference_batch(ov_loaded, [[image] for image in images], texts)
     assert batch["batch_num_images"].tolist() == [1, 1] and batch["pixel_values"].shape[1] == 5
     with torch.no_grad():
-        expected_logits = hf_model(**batch).logits[:, -1].numpy()
-        out = hf_model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        expected_logits = hf_onevision(**batch).logits[:, -1].numpy()
+        out = hf_onevision.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
     with Pipeline.load(ov_artifact) as pipe:
         result = pipe.generate(images, questions, max_new_tokens=6)
         eos = set(pipe.manifest.model.eos_token_ids)
@@ -402,7 +387,7 @@ def test_a_batch_of_one_image_prompts_matches_transformers(ov_loaded, hf_model, 
         assert row == expected[:cut]
 
 
-def test_two_image_prompt_matches_transformers(ov_loaded, hf_model, ov_artifact, tmp_path, capsys):
+def test_two_image_prompt_matches_transformers(ov_loaded, hf_onevision, ov_artifact, tmp_path, capsys):
     """`tokedge run --image a --image b --prompt q` (one prompt, two images: OneVision pads each
     square, untiled, 730 tokens each) == transformers' generate on its own processor's inputs
     (nested image list, batch_num_images [2]); prefill logits within 1e-3."""
@@ -412,7 +397,7 @@ def test_two_image_prompt_matches_transformers(ov_loaded, hf_model, ov_artifact,
     images = [_image(480, 640), _image(900, 300)]
     question = "Compare the two images."
     text = ov_loaded.family.render_images_prompt(ov_loaded, question, images=2)
-    batch, expected_logits, expected = _generate_reference(ov_loaded, hf_model, images, text)
+    batch, expected_logits, expected = _generate_reference(ov_loaded, hf_onevision, images, text)
     assert batch["batch_num_images"].tolist() == [2] and batch["pixel_values"].shape[:2] == (2, 1)  # untiled
     paths = []
     for i, image in enumerate(images):

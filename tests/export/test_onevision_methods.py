@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 
 from tests.export.test_anyres_in_llm import QUESTION as IN_LLM_QUESTION
-from tests.export.test_anyres_in_llm import STEPS, _run
-from tests.export.test_anyres_methods import loop_divprune
-from tests.export.test_in_llm import pruned_reference
+from tests.export.test_anyres_in_llm import _run, splice_and_prune
+from tests.export.test_anyres_methods import loop_divprune, textured_image
 
 SIZES = {"640x480": (480, 640), "2000x1500 (bilinear shrink)": (1500, 2000)}  # (height, width)
 SMALL_TOKENS = 729 + 40 * 55  # 640x480: base view + 40 map rows of 54 tokens and a newline
@@ -31,24 +30,7 @@ NEW_TOKENS = 8
 
 
 def _image(height: int, width: int) -> Image.Image:
-    rng = np.random.default_rng(height * 11 + width)
-    yy, xx = np.mgrid[0:height, 0:width]
-    smooth = np.stack([xx / width, yy / height, (xx + yy) / (width + height)], axis=-1) * 180
-    return Image.fromarray((smooth + rng.integers(0, 75, (height, width, 3))).astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def ov_loaded(tiny_llava_onevision_dir):
-    from tokedge.export.families import load_checkpoint
-
-    return load_checkpoint(str(tiny_llava_onevision_dir), tiny_llava_onevision_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_llava_onevision_dir):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_llava_onevision_dir, dtype=torch.float32).eval()
+    return textured_image(height, width, seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +96,7 @@ def in_llm_reference(ov_loaded, model, images, stages, pivots):
                                            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                            vision_aspect_ratio=cfg.vision_aspect_ratio,
                                            batch_num_images=batch["batch_num_images"])
-    feats = torch.cat(list(feats.pooler_output))
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    embeds = model.get_input_embeddings()(ids)
-    embeds = embeds.masked_scatter((ids == cfg.image_token_id).unsqueeze(-1), feats)
-    image_pos = torch.nonzero(ids[0] == cfg.image_token_id).squeeze(1)[None]
-    scaled = [{**s, "keep": s["keep"] * len(images)} for s in stages]
-    prefill, _, tokens = pruned_reference(model, embeds, mask, image_pos, scaled, pivots, STEPS)
-    return prefill[0], tokens[0].tolist(), ids[0].numpy()
+    return splice_and_prune(model, batch, feats.pooler_output, stages, pivots, len(images))
 
 
 # --- the tests --------------------------------------------------------------------------------------
@@ -129,15 +104,15 @@ def in_llm_reference(ov_loaded, model, images, stages, pivots):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SIZES))
-def test_divprune_matches_transformers_and_the_loop(case, artifact, ov_loaded, hf_model):
+def test_divprune_matches_transformers_and_the_loop(case, artifact, ov_loaded, hf_onevision):
     from tokedge.runtime.generate import SamplingConfig, generate
     from tokedge.runtime.layout import anyres_inputs
     from tokedge.runtime.pipeline import Pipeline
 
     image = _image(*SIZES[case])
-    cand = projected_candidates(ov_loaded, hf_model, image)
+    cand = projected_candidates(ov_loaded, hf_onevision, image)
     expected_embeds = cand[loop_divprune(cand, BUDGET)]
-    ids, expected_logits, expected_tokens = reference_generate(ov_loaded, hf_model, expected_embeds)
+    ids, expected_logits, expected_tokens = reference_generate(ov_loaded, hf_onevision, expected_embeds)
     path, _ = artifact("divprune")
     with Pipeline.load(path) as pipe:
         layout, pre = pipe.manifest.layout.anyres(), pipe.manifest.preprocess
@@ -161,7 +136,7 @@ def test_divprune_matches_transformers_and_the_loop(case, artifact, ov_loaded, h
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fastv", "dart"])
 @pytest.mark.parametrize("case", list(SIZES))
-def test_in_llm_matches_the_pruning_reference(method, case, artifact, ov_loaded, hf_model):
+def test_in_llm_matches_the_pruning_reference(method, case, artifact, ov_loaded, hf_onevision):
     from tokedge.artifact import load_artifact
     from tokedge.runtime.pipeline import Pipeline
 
@@ -170,7 +145,7 @@ def test_in_llm_matches_the_pruning_reference(method, case, artifact, ov_loaded,
     stages = [dict(s, rule=getattr(s["rule"], "value", s["rule"])) for s in manifest.reduction.stages]
     assert manifest.reduction.budget == BUDGET and stages[-1]["keep"] == BUDGET
     images = [_image(*SIZES[case])]
-    exp_prefill, exp_tokens, exp_ids = in_llm_reference(ov_loaded, hf_model, images, stages,
+    exp_prefill, exp_tokens, exp_ids = in_llm_reference(ov_loaded, hf_onevision, images, stages,
                                                         int(manifest.reduction.options.get("pivots") or 8))
     with Pipeline.load(path) as pipe:
         gen, ids = _run(pipe, [images])

@@ -68,9 +68,16 @@ def reference_from_ids(llava: LoadedCheckpoint, method: Method, pixel_values: np
                        attention_mask: np.ndarray, budget: int, steps: int,
                        options: dict | None = None) -> dict[str, np.ndarray]:
     """transformers' outputs for already-tokenized inputs (placeholders expanded to `budget`)."""
-    family = llava.family
-    feats = family.reference_features(llava, method, torch.from_numpy(pixel_values), budget, options)
-    prefill, tokens, step_logits = family.reference_logits(
+    feats = llava.family.reference_features(llava, method, torch.from_numpy(pixel_values), budget, options)
+    return _logits_case(llava, feats, input_ids, attention_mask, budget, steps)
+
+
+@torch.no_grad()
+def _logits_case(llava: LoadedCheckpoint, feats: torch.Tensor, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 budget: int, steps: int) -> dict[str, np.ndarray]:
+    """A reference case from transformers' (reduced) image features: its LM's prefill logits and
+    greedy steps on the spliced prompt."""
+    prefill, tokens, step_logits = llava.family.reference_logits(
         llava, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), feats, steps
     )
     return {
@@ -102,19 +109,12 @@ def reference_image_from_ids(llava: LoadedCheckpoint, method: Method, image, inp
     """`reference_image_case` for an already-tokenized prompt (verify --checkpoint recomputes with it)."""
     if feats is None:
         feats = llava.family.reference_features(llava, method, [image], budget, options)
-    prefill, tokens, step_logits = llava.family.reference_logits(
-        llava, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), feats, steps
-    )
-    return {
-        "budget": np.array(budget, dtype=np.int64),
-        "image": np.asarray(image.convert("RGB"), dtype=np.uint8),
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "image_embeds": feats.float().numpy(),
-        "prefill_logits": prefill.numpy(),
-        "step_logits": torch.stack(step_logits, dim=1).numpy(),
-        "tokens": tokens.numpy(),
-    }
+    return {"image": _recorded(image), **_logits_case(llava, feats, input_ids, attention_mask, budget, steps)}
+
+
+def _recorded(image) -> np.ndarray:
+    """How a tiled layout's case records its image (uint8 RGB), so that a client can replay it."""
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 @torch.no_grad()
@@ -162,7 +162,7 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
 
     decoded = decode_loop(logits.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
                           keep_logits=True)
-    recorded = {} if image is None else {"image": np.asarray(image.convert("RGB"), dtype=np.uint8)}
+    recorded = {} if image is None else {"image": _recorded(image)}
     return {
         **recorded,
         "budget": np.array(budget, dtype=np.int64),

@@ -65,22 +65,30 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
                           text_layers=int(layers) if layers is not None else None, layout=VisualLayout(kind="single"))
 
 
-def check_supported(cfg: dict) -> None:
+def check_kind(cfg: dict, *, family: str, architectures: tuple[str, ...], vision: tuple[str, ...],
+               text: tuple[str, ...], default_vision: str, default_text: str, where: str = "") -> None:
+    """The checks every llava-hf family makes first (one line each): its `model_type` and
+    architectures, then a vision tower and a language model it can export (`default_*`: what the
+    config class assumes when config.json leaves the sub-config's model_type out; `where`: a
+    suffix naming the model in the tower messages)."""
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
-    if model_type != "llava" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+    if model_type != family or (archs and not set(archs) & set(architectures)):
         raise UnsupportedModelError(
-            f"unsupported architecture {archs or model_type!r}; the llava family reads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llava') checkpoints"
+            f"unsupported architecture {archs or model_type!r}; the {family} family reads "
+            f"{', '.join(architectures)} (model_type '{family}') checkpoints"
         )
-    vision = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
-    text = (cfg.get("text_config") or {}).get("model_type", "llama")
-    if vision not in SUPPORTED_VISION:
-        raise UnsupportedModelError(
-            f"unsupported vision tower '{vision}'; supported: {', '.join(SUPPORTED_VISION)}"
-        )
-    if text not in SUPPORTED_TEXT:
-        raise UnsupportedModelError(f"unsupported language model '{text}'; supported: {', '.join(SUPPORTED_TEXT)}")
+    tower = (cfg.get("vision_config") or {}).get("model_type", default_vision)
+    lm = (cfg.get("text_config") or {}).get("model_type", default_text)
+    if tower not in vision:
+        raise UnsupportedModelError(f"unsupported vision tower '{tower}'{where}; supported: {', '.join(vision)}")
+    if lm not in text:
+        raise UnsupportedModelError(f"unsupported language model '{lm}'{where}; supported: {', '.join(text)}")
+
+
+def check_supported(cfg: dict) -> None:
+    check_kind(cfg, family="llava", architectures=SUPPORTED_ARCHITECTURES, vision=SUPPORTED_VISION,
+               text=SUPPORTED_TEXT, default_vision="clip_vision_model", default_text="llama")
 
 
 def _check_weights(local: Path, allow_pickle: bool) -> None:
@@ -348,6 +356,17 @@ def embed_prompt(llava: LoadedCheckpoint, input_ids: torch.Tensor, image_feature
     return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
 
 
+def eager_tower_outputs(tower, pixel_values):
+    """transformers' vision tower on `pixel_values` with every hidden state and its attention
+    probabilities (eager attention for this call, the tower's setting restored after)."""
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        return tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
+    finally:
+        tower.set_attn_implementation(previous)
+
+
 @torch.no_grad()
 def reference_image_features(llava: LoadedCheckpoint, method: Method, pixel_values: torch.Tensor, k: int,
                              options: dict | None = None):
@@ -364,12 +383,7 @@ def reference_image_features(llava: LoadedCheckpoint, method: Method, pixel_valu
     if method.merges_in_vit:
         return VisionGraph(llava, method, k, options).eval()(pixel_values.to(next(model.parameters()).dtype)).float()
     tower = model.model.vision_tower
-    previous = tower.config._attn_implementation
-    tower.set_attn_implementation("eager")
-    try:
-        out = tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
-    finally:
-        tower.set_attn_implementation(previous)
+    out = eager_tower_outputs(tower, pixel_values)
     layer = cfg.vision_feature_layer
     feats = out.hidden_states[layer]
     has_cls = cfg.vision_config.model_type == "clip_vision_model"

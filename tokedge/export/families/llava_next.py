@@ -30,6 +30,8 @@ from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families.llava import (
     LlavaFamily,
+    check_kind,
+    eager_tower_outputs,
     load_hf_checkpoint,
     model_info,
     vision_geometry,
@@ -59,18 +61,8 @@ def layout_from_config(cfg: dict) -> VisualLayout:
 
 
 def check_supported(cfg: dict) -> None:
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llava_next" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
-        raise UnsupportedModelError(
-            f"unsupported architecture {archs or cfg.get('model_type')!r}; the llava_next family reads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llava_next') checkpoints"
-        )
-    vision = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
-    text = (cfg.get("text_config") or {}).get("model_type", "llama")
-    if vision not in SUPPORTED_VISION:
-        raise UnsupportedModelError(f"unsupported vision tower '{vision}'; supported: {', '.join(SUPPORTED_VISION)}")
-    if text not in SUPPORTED_TEXT:
-        raise UnsupportedModelError(f"unsupported language model '{text}'; supported: {', '.join(SUPPORTED_TEXT)}")
+    check_kind(cfg, family="llava_next", architectures=SUPPORTED_ARCHITECTURES, vision=SUPPORTED_VISION,
+               text=SUPPORTED_TEXT, default_vision="clip_vision_model", default_text="llama")
     if cfg.get("vision_feature_select_strategy", "default") != "default":
         raise UnsupportedModelError("LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported yet")
     if not isinstance(cfg.get("vision_feature_layer", -2), int):
@@ -311,15 +303,10 @@ def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, 
     model, cfg = loaded.model, loaded.model.config
     batch = loaded.processor.image_processor([image], return_tensors="pt")
     sizes = batch["image_sizes"]
-    tower = model.model.vision_tower
     parts = plan_image(loaded.spec.layout.anyres(), int(sizes[0, 0]), int(sizes[0, 1])).partitions
     pixel_values = batch["pixel_values"][0, :parts].float()
-    previous = tower.config._attn_implementation
-    tower.set_attn_implementation("eager")
-    try:
-        out = tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
-    finally:
-        tower.set_attn_implementation(previous)
+    tower = model.model.vision_tower
+    out = eager_tower_outputs(tower, pixel_values)
     produced_by = layers_to_feature(cfg.vision_feature_layer, len(out.attentions)) - 1
     has_cls = loaded.family.tower_has_cls
     feats = out.hidden_states[cfg.vision_feature_layer][:, 1 if has_cls else 0:]  # [P, N, d]: CLS dropped

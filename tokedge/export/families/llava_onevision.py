@@ -38,7 +38,7 @@ from torch import nn
 from tokedge.artifact import VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
-from tokedge.export.families.llava import load_hf_checkpoint, vision_geometry
+from tokedge.export.families.llava import check_kind, load_hf_checkpoint, vision_geometry
 from tokedge.export.families.llava_next import LlavaNextFamily
 from tokedge.export.families.llava_next import check_method as next_check_method
 from tokedge.export.families.llava_next import layout_from_config as anyres_layout_from_config
@@ -79,20 +79,9 @@ def _with_defaults(cfg: dict) -> dict:
 
 
 def check_supported(cfg: dict) -> None:
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llava_onevision" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
-        raise UnsupportedModelError(
-            f"unsupported architecture {archs or cfg.get('model_type')!r}; the llava_onevision family reads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llava_onevision') checkpoints"
-        )
-    vision = (cfg.get("vision_config") or {}).get("model_type", "siglip_vision_model")
-    text = (cfg.get("text_config") or {}).get("model_type", "qwen2")
-    if vision not in SUPPORTED_VISION:
-        raise UnsupportedModelError(
-            f"unsupported vision tower '{vision}' for LLaVA-OneVision; supported: {', '.join(SUPPORTED_VISION)}")
-    if text not in SUPPORTED_TEXT:
-        raise UnsupportedModelError(
-            f"unsupported language model '{text}' for LLaVA-OneVision; supported: {', '.join(SUPPORTED_TEXT)}")
+    check_kind(cfg, family="llava_onevision", architectures=SUPPORTED_ARCHITECTURES, vision=SUPPORTED_VISION,
+               text=SUPPORTED_TEXT, default_vision="siglip_vision_model", default_text="qwen2",
+               where=" for LLaVA-OneVision")
     strategy = cfg.get("vision_feature_select_strategy", "full")
     if strategy != "full":
         raise UnsupportedModelError(
