@@ -4,6 +4,7 @@ Edge-LLM's `clamp(ceil(n * (1 - r)), 1, n)` with its 16-token skip guard."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_matches_edge_llm_loop(spans, keep):
     assert got == edge_loop(e, is_img, quotas)
     img = np.flatnonzero(is_img)
     starts = np.cumsum([0] + spans)
-    per_span = [sum(1 for p in got if p in set(img[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+    per_span = [sum(1 for p in got if p in set(img[a:b])) for a, b in itertools.pairwise(starts)]
     assert per_span == quotas  # every image keeps its own quota
 
 
