@@ -16,10 +16,12 @@ from tokedge.reduce.in_llm import dart_span_select
 from tokedge.reduce.quota import TokenBudget, dart_quotas
 
 
-def edge_loop(e: np.ndarray, is_img: np.ndarray, quotas: list[int], piv_img: int = 4, piv_txt: int = 4) -> list[int]:
-    """Kept image positions, one span at a time, one pivot at a time, plain Python lists."""
+def edge_loop(e: np.ndarray, is_img: np.ndarray, quotas: list[int], piv_img: int = 4, piv_txt: int = 4,
+              pivot_score: np.ndarray | None = None) -> list[int]:
+    """Kept image positions, one span at a time, one pivot at a time, plain Python lists. Pivots by
+    the L1 norm of `e` (Edge-LLM) or by `pivot_score` (in-LLM: the scoring layer's key norms)."""
     e = e.astype(np.float32)
-    l1 = [float(np.abs(row).sum()) for row in e]
+    l1 = [float(np.abs(row).sum()) for row in e] if pivot_score is None else [float(v) for v in pivot_score]
     l2 = [math.sqrt(float(row @ row)) for row in e]
 
     def best(pos, score, k):  # descending score, ties to the lower position

@@ -234,9 +234,11 @@ def _pdrop_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
 
 
 def _dart_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
+    """layer K >= 1: pivots by layer K-1's key L1 norm, cosine on layer K's input (the paper);
+    layer 0: both on the input embeddings, before any layer (TensorRT Edge-LLM's embedding level)."""
     k = options["layer"]
-    if not 1 <= k < n_layers:
-        raise UsageError(f"--option layer={k}: must be within 1..{n_layers - 1} for this {n_layers}-layer model")
+    if not 0 <= k < n_layers:
+        raise UsageError(f"--option layer={k}: must be within 0..{n_layers - 1} for this {n_layers}-layer model")
     return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule=Signal.LLM_KEY_NORM),), pivots=options["pivots"])
 
 
@@ -267,7 +269,8 @@ DART = Method(
     summary="keep image tokens least similar to 8 pivot tokens (duplicate removal) at layer K",
     scores_with=(Signal.LLM_KEY_NORM,), reduce=keep_all, plan=_dart_plan,
     budget_meaning="image tokens kept after layer K",
-    option_specs={"layer": _LAYER,
+    option_specs={"layer": OptionSpec(int, 2, "pruning layer K (0: on the input embeddings, as TensorRT Edge-LLM)",
+                                      lambda v: v >= 0, "must be >= 0"),
                   "pivots": OptionSpec(int, 8, "pivot tokens, half image half text", lambda v: v >= 2 and v % 2 == 0,
                                        "must be an even number >= 2")},
 )

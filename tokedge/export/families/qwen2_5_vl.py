@@ -24,9 +24,19 @@ import torch
 from torch import nn
 
 from tokedge.errors import UnsupportedModelError
-from tokedge.export.decoder import KVDecoder, TokenEmbedder
+from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import register
-from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
+from tokedge.export.onnx_export import (
+    BATCH,
+    IMAGE_TOKENS,
+    PAST,
+    SEQ,
+    TOTAL,
+    TraceSpec,
+    axis,
+    kv_names,
+    mask_name,
+)
 from tokedge.export.primitives import attention, rotate_half
 
 PATCHES, TOKENS = "patches", "image_tokens"
@@ -120,6 +130,76 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
     }
 
 
+def pruning_graph_modules(model: nn.Module, plan) -> dict[str, nn.Module]:
+    """In-LLM methods (fastv, pdrop, dart): a prefill that prunes with M-RoPE positions [3, b, t]
+    (survivors keep their columns) and DART's quota per image span, and a decoder whose layer groups
+    have their own cache lengths and masks."""
+    lm = model.model.language_model
+    return {"prefill": PruningPrefill(lm, model.lm_head, plan, spans=True).eval(),
+            "decoder": KVDecoder(lm, model.lm_head, plan).eval()}
+
+
+def pruning_trace_specs(model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+    """Trace specs of `pruning_graph_modules`: prefill inputs `inputs_embeds [b, t, h]`,
+    `attention_mask [b, t]`, `position_ids [3, b, t]`, `image_positions [b, n]`, `image_keep [stages]`,
+    `image_span [b, n]` (which image each image token belongs to), `image_quota [b, n]` (its image's
+    count); decoder inputs `inputs_embeds`, one mask per layer group, `position_ids [3, b, s]`, past."""
+    tcfg = model.config.text_config
+    hidden, vocab = int(tcfg.hidden_size), int(tcfg.vocab_size)
+    layers, kv_heads = int(tcfg.num_hidden_layers), int(tcfg.num_key_value_heads)
+    head_dim = getattr(tcfg, "head_dim", None) or hidden // int(tcfg.num_attention_heads)
+    groups = [plan.group_of(i) for i in range(layers)]
+    n_groups = max(groups) + 1
+    masks = [mask_name(g) for g in range(n_groups)]
+    past_in, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
+    layer_of = [i for i in range(layers) for _ in range(2)]
+    b, s, p, n = 2, 3, 4, 24
+    t = n + 12
+    dec_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": {1: BATCH, 2: SEQ}, "logits": {0: BATCH}}
+    dec_axes.update({m: {0: BATCH, 1: axis(TOTAL, g)} for g, m in enumerate(masks)})
+    dec_axes.update({name: {0: BATCH, 2: axis(PAST, groups[layer_of[j]])} for j, name in enumerate(past_in)})
+    dec_axes.update({name: {0: BATCH, 2: axis(TOTAL, groups[layer_of[j]])} for j, name in enumerate(present)})
+    mask_example = torch.ones(b, t, dtype=torch.int64)
+    mask_example[1, :2] = 0
+    span = (torch.arange(n) >= n // 2).to(torch.int64).expand(b, n).contiguous()
+    pre_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: SEQ},
+                "position_ids": {1: BATCH, 2: SEQ}, "image_positions": {0: BATCH, 1: IMAGE_TOKENS},
+                "image_span": {0: BATCH, 1: IMAGE_TOKENS}, "image_quota": {0: BATCH, 1: IMAGE_TOKENS},
+                "logits": {0: BATCH}}
+    pre_axes.update({name: {0: BATCH, 2: axis(SEQ, groups[layer_of[j]])} for j, name in enumerate(present)})
+    pre_axes.update({m: {0: BATCH, 1: axis(SEQ, g + 1)} for g, m in enumerate(masks[1:])})
+    return {
+        "prefill": TraceSpec(
+            inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions", "image_keep",
+                    "image_span", "image_quota"),
+            outputs=("logits", *present, *masks[1:]),
+            example=(torch.randn(b, t, hidden, dtype=dtype), mask_example,
+                     torch.arange(t).expand(3, b, t).contiguous(),
+                     torch.arange(6, 6 + n).expand(b, n).contiguous(),
+                     torch.tensor([st.keep for st in plan.stages], dtype=torch.int64),
+                     span, torch.full((b, n), 6, dtype=torch.int64)),
+            dynamic_axes=pre_axes,
+            output_shapes={"logits": (BATCH, 1, vocab),
+                           **{name: (BATCH, kv_heads, axis(SEQ, groups[layer_of[j]]), head_dim)
+                              for j, name in enumerate(present)},
+                           **{m: (BATCH, axis(SEQ, g + 1)) for g, m in enumerate(masks[1:])}},
+        ),
+        "decoder": TraceSpec(
+            inputs=("inputs_embeds", *masks, "position_ids", *past_in),
+            outputs=("logits", *present),
+            example=(torch.randn(b, s, hidden, dtype=dtype),
+                     *[torch.ones(b, p + g + s, dtype=torch.int64) for g in range(n_groups)],
+                     torch.arange(p, p + s).expand(3, b, s).contiguous(),
+                     *[torch.zeros(b, kv_heads, p + groups[layer_of[j]], head_dim, dtype=dtype)
+                       for j in range(len(past_in))]),
+            dynamic_axes=dec_axes,
+            output_shapes={"logits": (BATCH, 1, vocab),
+                           **{name: (BATCH, kv_heads, axis(TOTAL, groups[layer_of[j]]), head_dim)
+                              for j, name in enumerate(present)}},
+        ),
+    }
+
+
 class Qwen25VLFamily:
     """Qwen2.5-VL, recognised by the registry; export is refused until the artifact path lands."""
 
@@ -138,6 +218,12 @@ class Qwen25VLFamily:
 
     def graph_trace_specs(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return trace_specs(model, dtype)
+
+    def pruning_graph_modules(self, model: nn.Module, plan) -> dict[str, nn.Module]:
+        return pruning_graph_modules(model, plan)
+
+    def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+        return pruning_trace_specs(model, plan, dtype)
 
 
 FAMILY = register(Qwen25VLFamily())
