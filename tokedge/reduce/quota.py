@@ -56,3 +56,34 @@ def dart_quotas(full: list[int], budget: TokenBudget) -> list[int]:
     if sum(full) < MIN_VISUAL_TOKENS:
         return list(full)
     return budget.counts(full)
+
+
+def image_spans(positions) -> list[int]:
+    """Lengths of the runs of consecutive image positions of one prompt row (one run per image:
+    chat templates put text between images)."""
+    counts, run = [], 0
+    for i, p in enumerate(positions):
+        if i and int(p) != int(positions[i - 1]) + 1:
+            counts.append(run)
+            run = 0
+        run += 1
+    return counts + [run] if run else counts
+
+
+def prefill_budget(stage_keeps: list[int], budget: TokenBudget | None, spans: list[int], images: int,
+                   edge_dart: bool) -> tuple[list[int], list[int] | None]:
+    """The prefill's `image_keep` [stages] for one prompt row, and its per-image quotas (DART with
+    a quota per image span; None otherwise).
+
+    stage_keeps: each stage's `keep` from the manifest; budget: the artifact's per-image budget on
+    dynamic-resolution layouts (None: fixed layouts, where a stage keeps `keep` x images);
+    spans: the row's image-token runs; edge_dart: the stage keeps Edge-LLM's per-image quotas.
+    """
+    if budget is None:
+        return [k * images for k in stage_keeps], None
+    if edge_dart:
+        quotas = dart_quotas(spans, budget)
+        return [sum(quotas)] * len(stage_keeps), quotas
+    if budget.keep is not None:
+        return [sum(budget.counts(spans))] * len(stage_keeps), None
+    return [sum(min(k, n) for n in spans) for k in stage_keeps], None

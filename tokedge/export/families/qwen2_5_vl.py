@@ -120,8 +120,16 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
 
 
 def check_method(method: Method) -> None:
-    if not method.keeps_all:
-        raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; export it with --method none")
+    """In-LLM methods prune merged tokens with their M-RoPE positions; merging inside the tower breaks
+    its fixed 2x2 PatchMerger groups and 112-px attention windows."""
+    if method.keeps_all or method.prunes_in_llm:
+        return
+    if method.merges_in_vit:
+        raise UsageError(f"--method {method.name} cannot run on Qwen2.5-VL: its vision tower merges fixed 2x2 patch "
+                         "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
+                         "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
+    raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv or pdrop "
+                     "(in-LLM) or none")
 
 
 def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:
@@ -554,7 +562,22 @@ class Qwen25VLFamily:
 
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
-        return build_graph_modules(loaded.model)
+        graphs = build_graph_modules(loaded.model)
+        if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
+            graphs.update(pruning_graph_modules(loaded.model, plan))
+        return graphs
+
+    def prefill_trace_spec(self, loaded: LoadedCheckpoint, plan, dtype=torch.float32) -> TraceSpec:
+        return pruning_trace_specs(loaded.model, plan, dtype)["prefill"]
+
+    def reference_positions(self, loaded: LoadedCheckpoint, input_ids, attention_mask, images) -> torch.Tensor:
+        """transformers' M-RoPE positions [3, b, t] (`get_rope_index` with `mm_token_type_ids`)."""
+        model = loaded.model
+        grids = image_batch(loaded, images)["image_grid_thw"]
+        mm = (input_ids == model.config.image_token_id).long()
+        positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grids,
+                                                  attention_mask=attention_mask)
+        return positions
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
         return trace_specs(loaded.model, dtype)["vision"]
