@@ -139,8 +139,8 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
     a client can replay it) instead of the shared `pixel_values`. `per_image`: dynamic-resolution
     layouts, the `TokenBudget` each image keeps (`image_keep` and DART's quotas as the runtime feeds
     them, `tokedge.reduce.quota.prefill_budget`); positions from the family when it decides them."""
-    from tokedge.reduce.quota import image_spans, prefill_budget
     from tokedge.reduce import get_method
+    from tokedge.reduce.quota import image_spans, prefill_budget
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
     family = llava.family
