@@ -108,3 +108,27 @@ def tiny_qwen2_5_vl_dir(tmp_path_factory) -> Path:
     from tokedge.export.presets import TinyQwen25VLConfig, build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl", TinyQwen25VLConfig())
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_artifact(tmp_path_factory, tiny_qwen2_5_vl_dir) -> Path:
+    """ONE `--method none` artifact of the tiny Qwen2.5-VL (validated at export), shared by the
+    Qwen2.5-VL tests."""
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("qwen-art") / "qwen2.5-vl-none"
+    export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=out, method="none"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2_5_vl(tiny_qwen2_5_vl_dir):
+    """(model, tokenizer, PIL image processor) of the tiny Qwen2.5-VL straight from transformers
+    (eager attention): the independent reference."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen2_5_vl_dir, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    return (model, AutoTokenizer.from_pretrained(tiny_qwen2_5_vl_dir),
+            Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen2_5_vl_dir))
