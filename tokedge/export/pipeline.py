@@ -193,6 +193,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     plan = None
     if method.prunes_in_llm and spec.text_layers is not None:  # layer options checked before loading
         plan = plan_for(method, budget, full, spec.text_layers, options)
+        _check_keep_stages(cfg, method, plan)
     local_source = Path(cfg.model) if Path(cfg.model).exists() else None
     check_target(out, cfg.force, protect=(local_source, local))  # after the flags, before anything heavy
 
@@ -229,9 +230,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if loaded.spec.text_layers is None:
             raise InputError(f"cannot tell how many decoder layers '{cfg.model}' has; its config names none")
         plan = plan_for(method, budget, full, loaded.spec.text_layers, options)
-    if cfg.keep is not None and plan is not None and len(plan.stages) > 1:
-        raise UsageError(f"--method {method.name} prunes in {len(plan.stages)} stages of fixed counts; "
-                         "give --budget (tokens per image) instead of --keep")
+    _check_keep_stages(cfg, method, plan)
     vision_tokens = method.vision_tokens(budget, full)  # in-LLM methods prune inside the decoder
     trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)
 
@@ -345,6 +344,12 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if not plan.fits:
             warnings.append(plan.summary() + "; quantize (--quantize int4) or pick a larger device")
     return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
+
+
+def _check_keep_stages(cfg: ExportConfig, method: Method, plan) -> None:
+    if cfg.keep is not None and plan is not None and len(plan.stages) > 1:
+        raise UsageError(f"--method {method.name} prunes in {len(plan.stages)} stages of fixed counts; "
+                         "give --budget (tokens per image) instead of --keep")
 
 
 def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
