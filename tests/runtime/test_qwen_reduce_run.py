@@ -98,3 +98,32 @@ def test_keep_refused_on_fixed_layouts(tiny_llava_dir, tmp_path):
     with pytest.raises(UsageError) as err:
         export(ExportConfig(model=str(tiny_llava_dir), out=tmp_path / "art", method="dart", keep=0.5))
     assert "\n" not in str(err.value) and "--budget" in str(err.value)
+
+
+@pytest.mark.slow
+def test_profile_compares_dart_keeps_with_none(dart_artifact, tiny_qwen2_5_vl_dir, tmp_path):
+    """Issue 11 acceptance 3: `tokedge profile --keeps 1,0.75,0.5` on the dart artifact reports
+    latency and fidelity for none (re-exported), dart keep 0.75 (re-exported) and 0.5 (itself)."""
+    from tokedge.artifact import load_artifact
+    from tokedge.report.profile import ProfileConfig, run_profile
+    from tokedge.report.render import markdown, summary_lines
+
+    images = []
+    for i, (w, h) in enumerate([(300, 200), (224, 224)]):
+        images.append(tmp_path / f"{i}.png")
+        _image(w, h, seed=i + 5).save(images[-1])
+    report = run_profile(ProfileConfig(artifact=dart_artifact, images=tuple(images), keeps=(1.0, 0.75, 0.5), runs=1,
+                                       warmup=0, max_new_tokens=3, checkpoint=str(tiny_qwen2_5_vl_dir),
+                                       reexport_dir=tmp_path / "artifacts"))
+    assert [r.label() for r in report.results] == ["none (all tokens)", "dart keep 0.75", "dart keep 0.5"]
+    full = [7 * 11, 8 * 8]  # merged tokens of 300x200 and 224x224
+    for r, keep in zip(report.results, (1.0, 0.75, 0.5)):
+        assert [e["visual_tokens"] for e in r.per_image] == [math.ceil(keep * n) for n in full]
+        assert r.ttft_ms > 0 and r.prefill_ms > 0 and r.decode_ms_per_token > 0
+        assert r.fidelity is not None and 0.0 <= r.fidelity["token_overlap"] <= 1.0
+    assert report.results[0].fidelity["first_token_agreement"] == 1.0  # the reference itself
+    assert report.fidelity_reference == "tokedge with --method none"
+    assert load_artifact(tmp_path / "artifacts" / "dart-keep0.5-keep-0.75").reduction.keep == 0.75
+    text = markdown(report)
+    assert "| dart keep 0.75 |" in text and "| none (all tokens) |" in text
+    assert any(line.startswith("dart keep 0.5:") for line in summary_lines(report))
