@@ -199,7 +199,9 @@ class ArtifactGraphs:
         if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
             counts = [1] * len(input_ids) if images_per_row is None else images_per_row
             out, past = self._pruning_prefill(host, input_ids, counts)
-            masks = {"attention_mask": attention_mask, **{n: out[n] for n in self.mask_names[1:]}}
+            # pruning before layer 0 (dart layer=0) leaves group 0 without layers: no `attention_mask` input
+            masks = {"attention_mask": attention_mask,
+                     **{n: out[n] for n in self.mask_names if n != "attention_mask"}}
             pruned = attention_mask.sum(axis=1) - masks[self.mask_names[-1]].sum(axis=1)
         else:
             out, past = self._run("decoder", host, self.empty_past(input_ids.shape[0]))
@@ -266,7 +268,8 @@ class ArtifactGraphs:
     def step(self, token_embeds: np.ndarray, state: DecodeState) -> np.ndarray:
         """One decode step for one new token per row; updates `state`. -> logits [b, vocab]."""
         positions = state.last_position + 1
-        host = {"inputs_embeds": token_embeds, "position_ids": positions, **state.masks(extra=1)}
+        masks = {n: m for n, m in state.masks(extra=1).items() if n in self.mask_names}
+        host = {"inputs_embeds": token_embeds, "position_ids": positions, **masks}
         out, state.past = self._run("decoder", host, state.past)
         state.grow()
         state.last_position = positions
