@@ -226,3 +226,39 @@ def test_max_pixels_resizes_large_images_down_and_verify_replays(tiny_qwen2_5_vl
     assert inputs.tokens * 28**2 <= 100_000 < 750 * 1000  # resized down: each merged token covers 28 x 28 pixels
     report = verify(out, checkpoint=str(tiny_qwen2_5_vl_dir))
     assert report.ok and len(report.cases) == 2
+
+
+def test_hub_style_config_is_read_without_weights():
+    """A transformers-4.x hub config.json (text fields at the top level, `rope_scaling` with
+    `mrope_section`, Qwen2.5-VL-3B's vision block) is inspected from the file alone."""
+    from tokedge.export.families import for_checkpoint
+
+    cfg = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+           "hidden_size": 2048, "num_hidden_layers": 36, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+           "vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655,
+           "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 2048, "patch_size": 14,
+                             "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                             "fullatt_block_indexes": [7, 15, 23, 31]}}
+    spec = for_checkpoint(cfg).inspect(cfg)
+    assert spec.layout.kind == "qwen_dynamic" and spec.layout.mrope_section == (16, 24, 24)
+    assert spec.layout.fullatt_blocks == (7, 15, 23, 31) and spec.text_layers == 36
+    assert spec.full_tokens == 1003520 // 28**2  # the processor class default until the processor is read
+
+
+def test_profile_runs_on_the_artifact(qwen2_5_vl_artifact, tmp_path):
+    """`tokedge profile` on a Qwen2.5-VL artifact: each image's own visual-token count and FLOPs
+    over its own patches (what branch qwenred compares reduced artifacts with)."""
+    from tokedge.report.profile import ProfileConfig, run_profile
+
+    paths = []
+    for i, (w, h) in enumerate([(448, 448), (300, 900)]):
+        _image(w, h, seed=i).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    report = run_profile(ProfileConfig(artifact=qwen2_5_vl_artifact, images=tuple(paths), runs=1, warmup=0,
+                                       max_new_tokens=2))
+    (result,) = report.results
+    assert [(p["vision_tokens"], p["visual_tokens"], p["partitions"]) for p in result.per_image] == \
+        [(256, 256, 1), (352, 352, 1)]
+    small, tall = (p["flops"]["vision"] for p in result.per_image)
+    assert 0 < small < tall  # the tower's cost follows the image's patches
+    assert result.visual_tokens == 352 and result.ttft_ms > 0
