@@ -127,3 +127,71 @@ def test_profile_compares_dart_keeps_with_none(dart_artifact, tiny_qwen2_5_vl_di
     text = markdown(report)
     assert "| dart keep 0.75 |" in text and "| none (all tokens) |" in text
     assert any(line.startswith("dart keep 0.5:") for line in summary_lines(report))
+
+
+@pytest.fixture(scope="module")
+def visionzip_artifact(tmp_path_factory, tiny_qwen2_5_vl_dir):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("qwen-vz") / "visionzip-keep0.5"
+    export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=out, method="visionzip", keep=0.5))
+    return out
+
+
+def test_visionzip_keep_run_equals_reference(visionzip_artifact, hf_qwen2_5_vl):
+    """A pre-LLM artifact end to end: each image's vision run keeps ceil(n/2) tokens (mean received
+    attention, no CLS) and the prompt carries them at their unreduced M-RoPE positions; greedy
+    tokens and prefill logits equal transformers' tower + loop selection + its language model."""
+    from tests.export.test_qwen_pre_llm import tower_signals, visionzip_loop
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, tok, processor = hf_qwen2_5_vl
+    images = [_image(300, 200, seed=7), _image(224, 224, seed=8)]
+    kept_idx, kept, grids = [], [], []
+    for image in images:
+        batch = processor(images=[image], return_tensors="pt")
+        merged, score, keys = tower_signals(model, batch["pixel_values"], batch["image_grid_thw"])
+        idx, tokens = visionzip_loop(merged, score, keys, math.ceil(merged.shape[0] / 2))
+        kept_idx.append(idx)
+        kept.append(tokens)
+        grids.append(batch["image_grid_thw"][0])
+    counts = [int(g.prod()) // 4 for g in grids]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    parts = text.split("<|image_pad|>")
+    full = torch.tensor([tok(parts[0] + "".join("<|image_pad|>" * n + r for n, r in zip(counts, parts[1:])))["input_ids"]])
+    token = model.config.image_token_id
+    is_img = (full[0] == token).numpy()
+    img_pos = np.flatnonzero(is_img)
+    starts = np.cumsum([0, *counts[:-1]])
+    cols = np.sort(np.concatenate([np.flatnonzero(~is_img)] + [img_pos[s + np.asarray(i)] for s, i in zip(starts, kept_idx)]))
+    pos, _ = model.model.get_rope_index(full, (full == token).long(), image_grid_thw=torch.stack(grids))
+    ids, pos = full[:, cols], pos[:, :, cols]
+    ref_tokens, logits = [], []
+    with torch.no_grad():
+        x = model.model.language_model.embed_tokens(ids).clone()
+        x[ids == token] = torch.cat(kept)
+        for _ in range(STEPS):  # greedy without a cache: the whole sequence each step, new tokens at last + 1
+            out = model(inputs_embeds=x, position_ids=pos, attention_mask=torch.ones(x.shape[:2], dtype=torch.long))
+            logits.append(out.logits[0, -1].numpy())
+            nxt = int(out.logits[0, -1].argmax())
+            ref_tokens.append(nxt)
+            x = torch.cat([x, model.model.language_model.embed_tokens(torch.tensor([[nxt]]))], 1)
+            pos = torch.cat([pos, pos[:, :, -1:] + 1], 2)
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import prompt_inputs
+
+    with Pipeline.load(visionzip_artifact) as pipe:
+        assert pipe.manifest.reduction.keep == 0.5
+        result = pipe.generate(images, QUESTION, max_new_tokens=STEPS)
+        inputs = prompt_inputs(pipe.manifest, images)
+        enc = pipe.encoder.encode([QUESTION], [[x.tokens for x in inputs]])
+        np.testing.assert_array_equal(enc.input_ids, ids.numpy())  # ceil(n/2) placeholders per image
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=STEPS),
+                       keep_logits=True, stop_at_eos=False, images_per_row=[len(images)])
+    assert result.visual_tokens == sum(math.ceil(n / 2) for n in counts)
+    assert result.token_ids[0] == ref_tokens[:len(result.token_ids[0])]  # `tokedge run` (may stop at EOS)
+    assert gen.token_ids[0] == ref_tokens
+    assert np.abs(gen.prefill_logits[0] - logits[0]).max() < 1e-3
+    steps = np.stack([s[0] for s in gen.step_logits])[:STEPS - 1]
+    assert np.abs(steps - np.stack(logits[1:1 + len(steps)])).max() < 1e-3

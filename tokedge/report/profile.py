@@ -230,7 +230,7 @@ def image_counts(manifest, image, runtime_budget: int | None) -> ImageCounts:
         from tokedge.runtime.layout import prompt_inputs
 
         (inputs,) = prompt_inputs(manifest, [image])
-        parts, full = inputs.partitions, inputs.tokens
+        parts, full = inputs.partitions, inputs.full_tokens
     placeholders = prompt_tokens_for(manifest, full, runtime_budget)
     if manifest.layout.kind == "single" and runtime_budget is None:
         placeholders = manifest.prompt.visual_tokens

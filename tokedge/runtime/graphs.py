@@ -162,11 +162,17 @@ class ArtifactGraphs:
         """Anyres layouts: the vision graph once per image (its partitions and packing plan, from
         `runtime.layout.anyres_inputs`; reduced artifacts: the candidate plan, plus `base_tile` when
         the graph takes it). -> one [T_i, hidden] array per image."""
+        return self.vision_indexed(images)[0]
+
+    def vision_indexed(self, images: Sequence) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """`vision_packed`, plus per image the `kept_index` output of graphs that select tokens
+        whose positions the prompt needs (dynamic-resolution pre-LLM reduction; else None)."""
         from tokedge.runtime.layout import vision_feed
 
         names = {t.name for t in self.manifest.graphs["vision"].inputs}
-        outs = [self.runners["vision"].infer(vision_feed(image, names))["image_embeds"] for image in images]
-        return [out[0] if out.ndim == 3 else out for out in outs]  # [1, T, D] (tiled) or [T, D] (dynamic)
+        outs = [self.runners["vision"].infer(vision_feed(image, names)) for image in images]
+        embeds = [o["image_embeds"][0] if o["image_embeds"].ndim == 3 else o["image_embeds"] for o in outs]
+        return embeds, [o.get("kept_index") for o in outs]  # [1, T, D] (tiled) or [T, D] (dynamic)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": input_ids.astype(np.int64, copy=False)})["inputs_embeds"]

@@ -122,14 +122,14 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
 def check_method(method: Method) -> None:
     """In-LLM methods prune merged tokens with their M-RoPE positions; merging inside the tower breaks
     its fixed 2x2 PatchMerger groups and 112-px attention windows."""
-    if method.keeps_all or method.prunes_in_llm:
+    if method.keeps_all or method.prunes_in_llm or (method.reduces_in_vision and method.reduce_indexed):
         return
     if method.merges_in_vit:
         raise UsageError(f"--method {method.name} cannot run on Qwen2.5-VL: its vision tower merges fixed 2x2 patch "
                          "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
                          "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
-    raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv or pdrop "
-                     "(in-LLM) or none")
+    raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv, pdrop "
+                     "(in-LLM), visionzip, divprune (pre-LLM) or none")
 
 
 def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:
@@ -628,6 +628,8 @@ class Qwen25VLFamily:
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
         graphs = build_graph_modules(loaded.model)
+        if method.reduces_in_vision:  # a count per image in, the kept tokens and their indices out
+            graphs["vision"] = QwenReducedVisionGraph(loaded.model, method, options).eval()
         if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
             graphs.update(pruning_graph_modules(loaded.model, plan))
         return graphs
@@ -645,6 +647,8 @@ class Qwen25VLFamily:
         return positions
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
+        if isinstance(vision, QwenReducedVisionGraph):
+            return reduced_vision_trace_spec(loaded.model, dtype)
         return trace_specs(loaded.model, dtype)["vision"]
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
