@@ -35,7 +35,6 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
     import onnxruntime as ort
 
     from tokedge.export.families import for_checkpoint
-    from tokedge.export.families.qwen2_5_vl import QwenReducedVisionGraph, reduced_vision_trace_spec
     from tokedge.export.onnx_export import finish, save_graph, trace_to_ir
     from tokedge.reduce import get_method
 
@@ -49,7 +48,8 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
         file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
         return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
 
-    sessions = {name: session(QwenReducedVisionGraph(model, get_method(name), {}), reduced_vision_trace_spec(model), name)
+    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}),
+                              family.reduced_vision_trace_spec(model), name)
                 for name in ("visionzip", "divprune", "cls-attn")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
@@ -146,8 +146,12 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
         grid = batch["image_grid_thw"]
         merged, score, keys = tower_signals(model, batch["pixel_values"], grid)
         k = max(1, math.ceil(keep * merged.shape[0]))
-        idx, ref = {"visionzip": lambda: visionzip_loop(merged, score, keys, k), "divprune": lambda: divprune_loop(merged, k),
-                    "cls-attn": lambda: received_top_loop(merged, score, k)}[method]()
+        if method == "visionzip":
+            idx, ref = visionzip_loop(merged, score, keys, k)
+        elif method == "divprune":
+            idx, ref = divprune_loop(merged, k)
+        else:
+            idx, ref = received_top_loop(merged, score, k)
         pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())
         inputs = qwen_vl.qwen2_5_vision_inputs(g[None])
         emb, index = graphs[method].run(None, {

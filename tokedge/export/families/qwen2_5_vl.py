@@ -701,6 +701,12 @@ class Qwen25VLFamily:
     def pruning_graph_modules(self, model: nn.Module, plan) -> dict[str, nn.Module]:
         return pruning_graph_modules(model, plan)
 
+    def reduced_vision_module(self, model: nn.Module, method: Method, options: dict) -> nn.Module:
+        return QwenReducedVisionGraph(model, method, options).eval()
+
+    def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
+        return reduced_vision_trace_spec(model, dtype)
+
     def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return pruning_trace_specs(model, plan, dtype)
 
