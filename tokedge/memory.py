@@ -242,7 +242,7 @@ def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADR
         notes = ("MatMulNBits is an ONNX Runtime op: for TensorRT, quantize with --quant-form qdq",)
     bounds = image_bounds(manifest)
     if bounds.tiled:
-        note = (f"{manifest.layout.kind} layout: planned for the largest image ({bounds.prompt_tokens[2]} visual tokens, "
+        note = (f"tiled layout: planned for the largest image ({bounds.prompt_tokens[2]} visual tokens, "
                 f"{bounds.partitions[2]} partitions); a typical 4:3 photo gives {bounds.prompt_tokens[1]}")
         notes += (note,)
     return plan_memory(manifest.model, tuple(manifest.graphs), scheme, device=profile.name,

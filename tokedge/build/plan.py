@@ -229,7 +229,7 @@ def plan_build(manifest: Manifest, profile: DeviceProfile, artifact: Path) -> Bu
                      "TopK/GatherND support needed by the reduction)")
     image = image_bounds(manifest)
     if image.tiled:
-        notes.append(f"{manifest.layout.kind} layout: per image {image.partitions[0]}..{image.partitions[2]} partitions and "
+        notes.append(f"tiled layout: per image {image.partitions[0]}..{image.partitions[2]} partitions and "
                      f"{image.vision_tokens[0]}..{image.vision_tokens[2]} visual tokens before reduction "
                      f"({image.prompt_tokens[2]} at most in the prompt), from the manifest's layout")
     return BuildPlan(artifact=str(artifact), profile=profile.name, trt_version=profile.trt_version,
