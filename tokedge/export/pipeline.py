@@ -354,7 +354,13 @@ def reduced_dynamic_cases(loaded, method: Method, budget: int, options: dict, st
     import numpy as np
     import torch
 
-    from tokedge.export.reference import EXAMPLE_PROMPTS, _recorded, anyres_example_images, render_prompt, tokenize
+    from tokedge.export.reference import (
+        EXAMPLE_PROMPTS,
+        _recorded,
+        anyres_example_images,
+        render_prompt,
+        tokenize,
+    )
     from tokedge.reduce import get_method
     from tokedge.reduce.quota import TokenBudget
 
@@ -412,7 +418,6 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
                          f"reduction (newlines aside); use --budget <= {most}")
     if pruning_modules is not None:
         from tokedge.export.reference import reference_pruned_from_ids, tokenize
-
         from tokedge.reduce import get_method
         from tokedge.reduce.quota import TokenBudget
 
