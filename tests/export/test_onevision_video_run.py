@@ -319,3 +319,48 @@ def test_video_budget_rules(ov_video_artifacts):
         with pytest.raises(InputError, match=needle) as err:
             video_plan(div, 8, **kwargs)
         assert "\n" not in str(err.value)
+
+
+# --- tokedge profile --video ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_profile_video_32_frames_at_several_budgets(method, ov_video_artifacts, tmp_path, capsys):
+    """ACCEPTANCE: a 32-frame clip profiled at several budgets writes a report whose structure holds
+    per-stage medians, tokens per frame after reduction and fidelity vs the unreduced run, with
+    token counts falling with the budget (timings are measured, never asserted)."""
+    clip = tmp_path / "clip32.mp4"
+    write_clip(clip, 32, frames=_frames(32, size=96, seed=9))
+    out = tmp_path / f"report-{method}"
+    rc, stdout, err = _cli(capsys, "profile", ov_video_artifacts(method), "--video", clip, "--frames", 32,
+                           "--budgets", "3136,1568,627", "--runs", 1, "--warmup", 0, "--max-new-tokens", 2,
+                           "--out", out, "--json")
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report == json.loads(stdout)
+    assert report["kind"] == "video" and report["method"] == method and report["frames"] == 32
+    assert report["full_tokens"] == 32 * 196 == 6272 and report["frame_indices"] == list(range(32))
+    results = report["results"]
+    assert [r["budget"] for r in results] == [6272, 3136, 1568, 627]  # the unreduced run first
+    placeholders = [r["placeholders"] for r in results]
+    llm_tokens = [r["visual_tokens"] for r in results]
+    assert llm_tokens == [6273, 3137, 1569, 628]  # the budget + the newline reach the LLM's last layer
+    assert all(a > b for a, b in zip(llm_tokens, llm_tokens[1:]))
+    if method == "divprune":  # pre-LLM: the prompt itself shrinks, and every frame's share is known
+        assert placeholders == llm_tokens
+        assert [sum(r["kept_per_frame"]) for r in results] == [6272, 3136, 1568, 627]
+        assert all(len(r["kept_per_frame"]) == 32 for r in results)
+        assert all(a > b for a, b in zip([r["prompt_tokens"] for r in results], [r["prompt_tokens"] for r in results][1:]))
+    else:  # in-LLM: the prompt keeps every placeholder, the prefill prunes after its layer
+        assert placeholders == [6273] * 4 and all(r["kept_per_frame"] is None for r in results)
+    for r in results:
+        assert set(r["medians_ms"]) == {"vision_ms", "reduce_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token"}
+        assert all(v >= 0 for v in r["medians_ms"].values())
+        assert set(r["fidelity"]) == {"first_token_agreement", "token_overlap", "prefill_top1_agreement",
+                                      "max_abs_prefill_logits"}
+        assert r["tokens_per_frame"] == pytest.approx(r["budget"] / 32, abs=0.01)
+    assert results[0]["fidelity"]["max_abs_prefill_logits"] == 0.0 and results[0]["fidelity"]["token_overlap"] == 1
+    text = (out / "report.md").read_text()
+    assert "| budget | share | tokens/frame" in text and ("Tokens per frame after reduction" in text) == (
+        method == "divprune")
