@@ -364,3 +364,27 @@ def test_profile_video_32_frames_at_several_budgets(method, ov_video_artifacts, 
     text = (out / "report.md").read_text()
     assert "| budget | share | tokens/frame" in text and ("Tokens per frame after reduction" in text) == (
         method == "divprune")
+
+
+VIDEO_CHECK = r"""
+import json, sys
+from tokedge.cli import main
+rc = main(["run", sys.argv[1], "--video", sys.argv[2], "--frames", "2", "--prompt", "What is this?",
+           "--max-new-tokens", "2", "--json"])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript", "onnx_ir"))
+print(json.dumps({"rc": rc, "heavy": heavy}))
+"""
+
+
+@pytest.mark.slow
+def test_run_video_imports_no_torch_or_transformers(ov_video_artifacts, clip8):
+    """The device path for video (PyAV decode, video graph, divprune's per-video stage) is torch-free."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", VIDEO_CHECK, str(ov_video_artifacts("divprune")), str(clip8)],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[0])["visual_tokens"] == int(0.25 * 2 * 196) + 1
+    assert json.loads(lines[-1]) == {"rc": 0, "heavy": []}
