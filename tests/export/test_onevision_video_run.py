@@ -49,22 +49,9 @@ def clip8(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ov_video_artifacts(tiny_llava_onevision_dir, tmp_path_factory):
-    """One OneVision artifact per method, exported once (image parity is tested elsewhere)."""
-    from tokedge.export.pipeline import ExportConfig, export
-
-    root = tmp_path_factory.mktemp("ov-video-art")
-    made: dict[str, Path] = {}
-
-    def get(method: str = "none") -> Path:
-        if method not in made:
-            out = root / method
-            export(ExportConfig(model=str(tiny_llava_onevision_dir), out=out, method=method,
-                                validate=method == "none"))
-            made[method] = out
-        return made[method]
-
-    return get
+def ov_video_artifacts(ov_artifacts):
+    """The session's shared OneVision artifacts (one export per method, images validated too)."""
+    return lambda method="none": ov_artifacts(method)[0]
 
 
 def hf_video_inputs(ov_loaded, clip: Path, frames: int):
