@@ -102,6 +102,7 @@ def resolve_model(source: str) -> Path | None:
 
 def check_flags(cfg: ExportConfig, method: Method) -> dict:
     """What can be checked from the flags alone (before the checkpoint is even read); -> options."""
+    method.refuse_without_video()  # temporal methods: image exports have no frames (video exports: issue 13)
     options = method.parse_options(dict(cfg.options))
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype} is not supported; use one of {', '.join(DTYPES)}")

@@ -42,6 +42,7 @@ class Signal(str, Enum):
     REGIONS = "regions"  # tiled images: each token's partition and the tile under each base-view token
     LLM_ATTENTION = "llm-attention"  # the last prompt token's attention inside the LLM
     LLM_KEY_NORM = "llm-key-norm"  # L1 norm of the LLM's keys, plus hidden-state similarity
+    RECEIVED_ATTENTION = "received-attention"  # video: mean attention each token receives in the tower's last layer
 
     def __str__(self) -> str:
         return self.value
@@ -118,6 +119,9 @@ class Method:
     budget_check: Callable[[int, int], str | None] | None = None  # (budget, full) -> error or None
     plan: Callable[..., Any] | None = None  # in-LLM: (budget, full, n_layers, options) -> in_llm.Plan
     fewest_tokens: Callable[[VisionGeometry], int] | None = None  # smallest budget the method can reach
+    # video-only methods (evs, dycoke, fastvid): act on a whole video's pooled projected tokens
+    temporal: Callable[..., Any] | None = None  # (reduce.frames.VideoTokens, budget, options) -> [K, hidden]
+    temporal_count: Callable[..., int] | None = None  # (frames, n, budget, options) -> K; UsageError if unreachable
 
     @property
     def needs(self) -> frozenset[str]:
@@ -128,6 +132,16 @@ class Method:
     def needs_attention(self) -> bool:
         """Scores with attention probabilities (so it needs eager attention, no fused kernels)."""
         return Signal.CLS_ATTENTION in self.scores_with or Signal.LLM_ATTENTION in self.scores_with
+
+    @property
+    def reduces_over_time(self) -> bool:
+        """A temporal (video-only) method: it needs frames, so image exports refuse it."""
+        return self.temporal is not None
+
+    def refuse_without_video(self) -> None:
+        if self.reduces_over_time:
+            raise UsageError(f"--method {self.name} reduces video tokens across frames; this export has no video "
+                             "input: use it on a video artifact, or an image method (see `tokedge methods`)")
 
     @property
     def keeps_all(self) -> bool:
