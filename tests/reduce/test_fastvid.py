@@ -71,7 +71,7 @@ def ref_density(tokens: np.ndarray) -> list[float]:
 
 def reference(x: np.ndarray, attn: np.ndarray, budget: int, d=0.4, cuts=8, tau=0.9, p=4, beta=0.6):
     """-> (flat indices ascending, their output vectors)."""
-    frames, n, width = x.shape
+    frames, n, _ = x.shape
     salient_n, context_n = ref_counts(frames, budget, d)
     salient, others, score = {}, {}, {}
     for f in range(frames):

@@ -19,8 +19,20 @@ _METHODS: dict[str, Method] | None = None
 def _registry() -> dict[str, Method]:
     global _METHODS
     if _METHODS is None:
-        from tokedge.reduce import (cls_attn, divprune, dycoke, evs, fastvid, hired, in_llm, none, pool, tome,
-                                    visionzip, vispruner)
+        from tokedge.reduce import (
+            cls_attn,
+            divprune,
+            dycoke,
+            evs,
+            fastvid,
+            hired,
+            in_llm,
+            none,
+            pool,
+            tome,
+            visionzip,
+            vispruner,
+        )
 
         _METHODS = {
             m.name: m

@@ -99,7 +99,6 @@ def keep_mask(x, plan: Schedule):
     """x [F, n, D] -> [F, n] bool: each pruned frame's `count` tokens least similar to its anchor."""
     import torch
 
-    frames, n = x.shape[0], x.shape[1]
     ref = torch.tensor([f if a is None else a for f, a in enumerate(plan.anchors)], dtype=torch.int64)
     sim = position_cosine(x, x[ref])  # whole frames compare with themselves; their count is n anyway
     counts = torch.tensor(plan.counts, dtype=torch.int64)
