@@ -390,11 +390,17 @@ def verify_cmd(
 @app.command("run", short_help="Generate text for images and prompts (no torch).")
 def run_cmd(
     artifact: ArtifactArg,
-    image: Annotated[list[Path], typer.Option(help="Image file; repeat for several images or a batch.")],
     prompt: Annotated[list[str], typer.Option(help="Question or instruction: one for all images, or one per --image.")],
+    image: Annotated[Optional[list[Path]], typer.Option(help="Image file; repeat for several images or a batch.")] = None,
     images_per_prompt: Annotated[Optional[str], typer.Option(
         help="Group the --image files into prompts, in order: 2,1 = two images for the first prompt, one for the next."
     )] = None,
+    video: Annotated[Optional[Path], typer.Option(help="Video clip (PyAV/FFmpeg) or a directory of frame images.")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Video: sample this many frames (default: the artifact's).")] = None,
+    fps: Annotated[Optional[float], typer.Option(help="Video: sample this many frames per second of the clip.")] = None,
+    frames_from_images: Annotated[bool, typer.Option(
+        "--frames-from-images", help="The --image files are the frames of one video, in order.")] = False,
+    keep: Annotated[Optional[float], typer.Option(help="Video: share of its visual tokens kept (reducing artifacts).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
@@ -413,11 +419,30 @@ def run_cmd(
     from tokedge.safeio import printable_text
 
     check_threads(threads)
-    groups = images_for_prompts(image, prompt, images_per_prompt)
+    image = list(image or [])
 
     def stream(text: str) -> None:
         sys.stdout.write(printable_text(text))
         sys.stdout.flush()
+
+    if video is not None or frames_from_images:
+        source = _video_source(video, image, frames_from_images, prompt, images_per_prompt)
+        with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
+                           engines=engines) as pipe:
+            clip = pipe.generate_video(source, prompt[0], frames=frames, fps=fps, budget=budget, keep=keep,
+                                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, on_text=None if json_out else stream, timeout=timeout)
+        print(json.dumps(clip.to_dict()) if json_out else "")
+        return
+    if frames is not None or fps is not None or keep is not None:
+        from tokedge.errors import UsageError
+
+        raise UsageError("--frames, --fps and --keep apply to a video; pass --video (or --frames-from-images)")
+    if not image:
+        from tokedge.errors import UsageError
+
+        raise UsageError("nothing to look at: pass --image FILE (repeatable) or --video CLIP")
+    groups = images_for_prompts(image, prompt, images_per_prompt)
 
     with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
                        engines=engines) as pipe:
@@ -432,6 +457,23 @@ def run_cmd(
             print(f"[{i}] {printable_text(text)}")
     else:
         print()
+
+
+def _video_source(video: Optional[Path], image: list[Path], frames_from_images: bool, prompt: list[str],
+                  images_per_prompt: Optional[str]):
+    """`tokedge run`'s video flags -> what `Pipeline.generate_video` takes, or a one-line UsageError."""
+    from tokedge.errors import UsageError
+
+    if video is not None and image:
+        raise UsageError("--video and --image cannot be combined; to pass frames as image files use "
+                         "--frames-from-images with --image, without --video")
+    if frames_from_images and video is not None:
+        raise UsageError("--frames-from-images takes the frames from --image; drop --video")
+    if frames_from_images and not image:
+        raise UsageError("--frames-from-images needs the frames as --image files, in order")
+    if len(prompt) != 1 or images_per_prompt is not None:
+        raise UsageError("a video takes exactly one --prompt (and no --images-per-prompt)")
+    return video if video is not None else image
 
 
 @app.command("serve", short_help="OpenAI-compatible HTTP server for an artifact.")

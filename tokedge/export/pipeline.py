@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from tokedge.export.quantize import QuantConfig
 
 DTYPES = ("fp32", "fp16")
+DEFAULT_VIDEO_KEEP = 0.25  # reducing artifacts keep this share of a video's tokens unless told otherwise
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -241,6 +242,12 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     vision_spec = family.vision_trace_spec(loaded, torch_dtype, modules["vision"])
     if vision_spec is not None:
         specs["vision"] = vision_spec
+    video = None  # families that take video add their per-frame graph and the manifest's video record
+    if getattr(family, "video", None) is not None:
+        video_graph, video_module, video_spec, video = family.video(loaded, torch_dtype)
+        video = replace(video, keep_ratio=1.0 if method.keeps_all else DEFAULT_VIDEO_KEEP)
+        modules = {**modules, video_graph: video_module}
+        specs[video_graph] = video_spec
 
     from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
 
@@ -287,6 +294,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             files={},
             optimizations=tuple(optimizations),
             layout=family.layout(loaded),
+            video=video,
         )
         if cfg.quantize is not None:
             from tokedge.export.quantize import quantize_graphs

@@ -182,8 +182,11 @@ class ArtifactGraphs:
         return out, {past_name: out[p] for p, past_name in present_to_past.items()}
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray,
-                room: int, images_per_row: Sequence[int] | None = None) -> tuple[np.ndarray, DecodeState]:
+                room: int, images_per_row: Sequence[int] | None = None,
+                prune: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, DecodeState]:
         """Prompt pass. `images_per_row`: how many images each row's prompt holds (default one each).
+        `prune`: (image_positions [b, n], image_keep [stages]) for the prefill graph, given by the
+        caller instead of derived from image placeholders (a video's frame tokens).
         -> (logits [b, vocab] fp32, state for `step`)."""
         attention_mask = attention_mask.astype(np.int64, copy=False)
         host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
@@ -191,7 +194,10 @@ class ArtifactGraphs:
         pruned = None
         if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
             counts = [1] * len(input_ids) if images_per_row is None else images_per_row
-            out, past = self._pruning_prefill(host, input_ids, counts)
+            if prune is not None:
+                out, past = self._run("prefill", {**host, "image_positions": prune[0], "image_keep": prune[1]}, {})
+            else:
+                out, past = self._pruning_prefill(host, input_ids, counts)
             masks = {"attention_mask": attention_mask, **{n: out[n] for n in self.mask_names[1:]}}
             pruned = attention_mask.sum(axis=1) - masks[self.mask_names[-1]].sum(axis=1)
         else:

@@ -341,16 +341,20 @@ def render_images_prompt(loaded: LoadedCheckpoint, question: str, images: int = 
 # --- the family ------------------------------------------------------------------------------------
 
 
-# --- video: the per-frame vision graph (issue 13; not yet wired into export) ------------------------------
+# --- video: the per-frame vision graph and the manifest's video record (issue 13) ---------------------
+
+DEFAULT_VIDEO_FRAMES = 8  # frames sampled when the user gives neither --frames nor --fps
+MAX_VIDEO_FRAMES = 64  # most frames a prompt may take (the papers use 32)
 
 
 class VideoVisionGraph(nn.Module):
-    """pixel_values_videos [F, 3, S, S] -> video_embeds [F, q*q, hidden].
+    """pixel_values_videos [F, 3, S, S] -> (video_embeds [F, q*q, hidden], newline [1, hidden]).
 
     transformers' `get_video_features`: every frame through the tower to the feature layer and the
     projector (all p*p rows: SigLIP has no CLS), then `interpolate(size=(q, q), mode="bilinear")`
     with q = ceil(p / 2), here two constant matrices (`W X W^T`, from `runtime.video.pooling_matrix`).
-    The video's single `image_newline` is appended by the runtime (`runtime.video.VideoLayout.pack`).
+    The video's single `image_newline` is the second output; the runtime appends it after the
+    (possibly reduced) frame tokens (`runtime.video.VideoLayout.pack` does the same in numpy).
     """
 
     def __init__(self, model: nn.Module):
@@ -362,6 +366,7 @@ class VideoVisionGraph(nn.Module):
         cfg = model.config
         self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=False, needs=frozenset())
         self.projector = m.multi_modal_projector
+        self.newline = m.image_newline
         self.p = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.q = math.ceil(self.p / 2)
         self.register_buffer("pool", torch.from_numpy(pooling_matrix(self.p, self.q)), persistent=False)
@@ -373,20 +378,71 @@ class VideoVisionGraph(nn.Module):
         pool = self.pool.to(feats.dtype)
         rows = torch.einsum("ai,fijd->fajd", pool, grid)
         pooled = torch.einsum("bj,fajd->fabd", pool, rows)
-        return pooled.reshape(f, self.q * self.q, d)
+        return pooled.reshape(f, self.q * self.q, d), self.newline.to(feats.dtype).reshape(1, d)
 
 
-def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int):
-    """The video vision graph's input and output, frames dynamic."""
+def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int, dtype=torch.float32):
+    """The video vision graph's input and outputs, frames dynamic."""
     from tokedge.export.onnx_export import TraceSpec
 
     return TraceSpec(
         inputs=("pixel_values_videos",),
-        outputs=("video_embeds",),
-        example=(torch.rand(3, 3, image_size, image_size),),
+        outputs=("video_embeds", "newline"),
+        example=(torch.rand(3, 3, image_size, image_size, dtype=dtype),),
         dynamic_axes={"pixel_values_videos": {0: "frames"}, "video_embeds": {0: "frames"}},
-        output_shapes={"video_embeds": ("frames", tokens_per_frame, hidden_size)},
+        output_shapes={"video_embeds": ("frames", tokens_per_frame, hidden_size), "newline": (1, hidden_size)},
     )
+
+
+def video_processor_settings(where: str | None, image_processor: Any) -> dict:
+    """The video processor's saved settings, looked up as transformers does (processor_config.json
+    "video_processor", then video_preprocessor_config.json), falling back key by key to the image
+    processor's (older hub layouts keep one preprocessor_config.json for both)."""
+    saved: dict = {}
+    if where is not None:
+        nested = _read_json(where, "processor_config.json").get("video_processor")
+        saved = nested if isinstance(nested, dict) else _read_json(where, "video_preprocessor_config.json")
+
+    def pick(key: str, default):
+        return saved[key] if key in saved else getattr(image_processor, key, default)
+
+    return {"resample": pick("resample", 3), "rescale_factor": pick("rescale_factor", 1 / 255),
+            "image_mean": pick("image_mean", [0.5] * 3), "image_std": pick("image_std", [0.5] * 3),
+            "size": saved.get("size")}
+
+
+def _triple(value, what: str) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3:
+        raise InputError(f"the video processor's {what} {values} does not have 3 channels")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def video_info(loaded: LoadedCheckpoint, graph_name: str = "video_vision"):
+    """The manifest's `video` record for this checkpoint."""
+    from tokedge.artifact import VideoInfo
+
+    cfg = loaded.model.config
+    proc = loaded.processor
+    settings = video_processor_settings(loaded.source if loaded.path is None else str(loaded.path),
+                                        proc.image_processor)
+    size = cfg.vision_config.image_size
+    saved = settings["size"]
+    if isinstance(saved, dict) and (saved.get("height", size), saved.get("width", size)) != (size, size):
+        raise UnsupportedModelError(f"the video processor resizes frames to {saved}, not the tower's {size}x{size}; "
+                                    "tokedge exports video only for square frames of the tower's size")
+    p = size // cfg.vision_config.patch_size
+    q = math.ceil(p / 2)
+    resample = settings["resample"]
+    token_id = getattr(cfg, "video_token_id", None)
+    if token_id is None:
+        token_id = proc.tokenizer.convert_tokens_to_ids(proc.video_token)
+    return VideoInfo(graph=graph_name, video_token=proc.video_token, video_token_id=int(token_id), frame_size=size,
+                     patch_grid=p, pooled_grid=q, tokens_per_frame=q * q, newline="one_per_video",
+                     resample=int(getattr(resample, "value", resample)),
+                     rescale_factor=float(settings["rescale_factor"]),
+                     mean=_triple(settings["image_mean"], "image_mean"), std=_triple(settings["image_std"], "image_std"),
+                     default_frames=DEFAULT_VIDEO_FRAMES, max_frames=MAX_VIDEO_FRAMES)
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
@@ -431,12 +487,18 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def hf_processor(self, loaded: LoadedCheckpoint):
         return hf_processor(loaded)
 
-    # --- video (issue 13; beyond the protocol until export writes video artifacts)
-    def video_vision(self, loaded: LoadedCheckpoint):
-        """The per-frame video vision graph ([F, 3, S, S] -> [F, q*q, hidden]) and its trace spec."""
+    # --- video (issue 13)
+    def video_vision(self, loaded: LoadedCheckpoint, dtype=torch.float32):
+        """The per-frame video vision graph ([F, 3, S, S] -> [F, q*q, hidden], newline) and its trace spec."""
         cfg = loaded.model.config
         graph = VideoVisionGraph(loaded.model).eval()
-        return graph, video_trace_spec(cfg.text_config.hidden_size, cfg.vision_config.image_size, graph.q * graph.q)
+        return graph, video_trace_spec(cfg.text_config.hidden_size, cfg.vision_config.image_size, graph.q * graph.q,
+                                       dtype)
+
+    def video(self, loaded: LoadedCheckpoint, dtype=torch.float32):
+        """What export writes for video input: (graph name, module, trace spec, manifest VideoInfo)."""
+        graph, spec = self.video_vision(loaded, dtype)
+        return "video_vision", graph, spec, video_info(loaded, "video_vision")
 
 
 FAMILY = register(LlavaOnevisionFamily())
