@@ -116,9 +116,9 @@ def test_authors_mode_matches_loop_reference(frames, ratio):
 def test_budget_matches_loop_reference(frames, keep):
     x = _video(frames, seed=100 + frames)
     budget = max(N, int(keep * frames * N))  # the first frame is the floor (F=8, keep 0.1: frame 0 only)
-    got = get_method("dycoke").temporal(VideoTokens(torch.from_numpy(x)), budget, {"prune_ratio": None})
+    got, kept = get_method("dycoke").temporal(VideoTokens(torch.from_numpy(x)), budget, {"prune_ratio": None})
     want = reference_budget(x, budget)
-    assert len(want) == budget
+    assert len(want) == budget and kept.tolist() == want
     np.testing.assert_array_equal(got.numpy(), x.reshape(-1, x.shape[-1])[want])
 
 

@@ -154,7 +154,7 @@ def test_registered_method_reduces_a_video():
     x, attn = _video([2, 6], seed=3)
     method = get_method("fastvid")
     options = method.parse_options({"cuts": "2"})
-    out = method.temporal(VideoTokens(torch.from_numpy(x), torch.from_numpy(attn)), 392, options)
+    out, _ = method.temporal(VideoTokens(torch.from_numpy(x), torch.from_numpy(attn)), 392, options)
     assert out.shape == (392, x.shape[-1])
     assert method.temporal_count(8, N, 392, options) == 392
 

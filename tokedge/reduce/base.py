@@ -23,6 +23,7 @@ class Stage(str, Enum):
     PRE_LLM = "pre-llm"  # between the vision tower and the LLM (in the vision graph)
     IN_VIT = "in-vit"  # inside the vision tower's layers (in the vision graph)
     IN_LLM = "in-llm"  # inside the decoder's prefill (the vision graph keeps every token)
+    TEMPORAL = "temporal"  # video only: across a video's frames, before the LLM (images keep every token)
 
     def __str__(self) -> str:
         return self.value
@@ -120,7 +121,7 @@ class Method:
     plan: Callable[..., Any] | None = None  # in-LLM: (budget, full, n_layers, options) -> in_llm.Plan
     fewest_tokens: Callable[[VisionGeometry], int] | None = None  # smallest budget the method can reach
     # video-only methods (evs, dycoke, fastvid): act on a whole video's pooled projected tokens
-    temporal: Callable[..., Any] | None = None  # (reduce.frames.VideoTokens, budget, options) -> [K, hidden]
+    temporal: Callable[..., Any] | None = None  # (frames.VideoTokens, budget, options) -> ([K, hidden], kept [K])
     temporal_count: Callable[..., int] | None = None  # (frames, n, budget, options) -> K; UsageError if unreachable
 
     @property
@@ -138,10 +139,11 @@ class Method:
         """A temporal (video-only) method: it needs frames, so image exports refuse it."""
         return self.temporal is not None
 
-    def refuse_without_video(self) -> None:
+    def refuse_without_video(self, family: str) -> None:
+        """Temporal methods need a family that exports a video graph."""
         if self.reduces_over_time:
-            raise UsageError(f"--method {self.name} reduces video tokens across frames; this export has no video "
-                             "input: use it on a video artifact, or an image method (see `tokedge methods`)")
+            raise UsageError(f"--method {self.name} reduces video tokens across frames and {family} checkpoints take "
+                             "no video in tokedge: use an image method (see `tokedge methods`)")
 
     @property
     def keeps_all(self) -> bool:

@@ -111,10 +111,11 @@ def select_dycoke(x, plan: Schedule):
 
 
 def reduce_dycoke(video: VideoTokens, budget: int | None, options: dict):
-    """[F, n, D] -> [K, D] kept tokens in frame-major raster order."""
+    """[F, n, D] -> ([K, D] kept tokens in frame-major raster order, [K] their flat indices)."""
     x = video.tokens
-    frames, n = x.shape[0], x.shape[1]
-    return x.reshape(frames * n, -1)[select_dycoke(x, plan_for(frames, n, budget, options))]
+    frames, n = int(x.shape[0]), int(x.shape[1])  # python ints, also while tracing
+    kept = select_dycoke(x, plan_for(frames, n, budget, options))
+    return x.reshape(frames * n, -1)[kept], kept
 
 
 def plan_for(frames: int, n: int, budget: int | None, options: dict) -> Schedule:
@@ -129,7 +130,7 @@ def count(frames: int, n: int, budget: int | None, options: dict) -> int:
 
 METHOD = Method(
     name="dycoke",
-    stage=Stage.PRE_LLM,
+    stage=Stage.TEMPORAL,
     scores_with=(Signal.EMBEDDINGS,),
     paper="2411.15024",
     summary="video: pairs/windows of frames keep their tokens least similar to the anchor frame (TTM)",

@@ -60,15 +60,16 @@ def count(frames: int, n: int, budget: int | None, options: dict) -> int:
 
 
 def reduce_evs(video: VideoTokens, budget: int | None, options: dict):
-    """[F, n, D] -> [K, D] kept tokens in frame-major raster order."""
+    """[F, n, D] -> ([K, D] kept tokens in frame-major raster order, [K] their flat indices)."""
     x = video.tokens
-    frames, n = x.shape[0], x.shape[1]
-    return x.reshape(frames * n, -1)[select_evs(x, count(frames, n, budget, options))]
+    frames, n = int(x.shape[0]), int(x.shape[1])  # python ints, also while tracing
+    kept = select_evs(x, count(frames, n, budget, options))
+    return x.reshape(frames * n, -1)[kept], kept
 
 
 METHOD = Method(
     name="evs",
-    stage=Stage.PRE_LLM,
+    stage=Stage.TEMPORAL,
     scores_with=(Signal.EMBEDDINGS,),
     paper="2510.14624",
     summary="video: keep the tokens that changed most since the same position in the previous frame",

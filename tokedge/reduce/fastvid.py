@@ -129,7 +129,7 @@ def fastvid(x, attn, plan: Plan):
     indices), K = plan.total, frame-major raster order."""
     import torch
 
-    frames, n, width = x.shape
+    frames, n, width = (int(v) for v in x.shape)
     seg = segments(x, plan)
     context = anchor_counts(seg, plan)
     salient = rank_descending(attn.float()) < torch.tensor(plan.salient, dtype=torch.int64)[:, None]
@@ -177,11 +177,11 @@ def plan_for(frames: int, n: int, budget: int | None, options: dict) -> Plan:
 
 
 def reduce_fastvid(video: VideoTokens, budget: int | None, options: dict):
-    """[F, n, D] (+ received attention [F, n]) -> [K, D]."""
+    """[F, n, D] (+ received attention [F, n]) -> ([K, D], [K] flat indices of the kept/anchor tokens)."""
     x = video.tokens
     if video.received_attention is None:
         raise UsageError("fastvid scores with the tower's received attention; this video graph has none")
-    return fastvid(x, video.received_attention, plan_for(x.shape[0], x.shape[1], budget, options))[0]
+    return fastvid(x, video.received_attention, plan_for(int(x.shape[0]), int(x.shape[1]), budget, options))
 
 
 def count(frames: int, n: int, budget: int | None, options: dict) -> int:
@@ -190,7 +190,7 @@ def count(frames: int, n: int, budget: int | None, options: dict) -> int:
 
 METHOD = Method(
     name="fastvid",
-    stage=Stage.PRE_LLM,
+    stage=Stage.TEMPORAL,
     scores_with=(Signal.EMBEDDINGS, Signal.RECEIVED_ATTENTION),
     paper="2503.11187",
     summary="video: segment by frame similarity, keep salient tokens, merge the rest into density anchors",

@@ -69,3 +69,15 @@ def mask_indices(mask, k: int):
     if k >= flat.shape[0]:
         return torch.arange(flat.shape[0], device=mask.device)
     return torch.sort(torch.topk(flat, k, largest=True, sorted=False).indices).values
+
+
+def temporal_module(method, frames: int, n: int, budget: int | None, options: dict):
+    """The graph a temporal method exports for `frames` frames of n tokens (static counts):
+    video_embeds [F, n, D] -> (video_tokens [K, D], video_kept [K] int64 flat indices)."""
+    import torch
+
+    class TemporalGraph(torch.nn.Module):
+        def forward(self, video_embeds):
+            return method.temporal(VideoTokens(video_embeds), budget, options)
+
+    return TemporalGraph().eval()
