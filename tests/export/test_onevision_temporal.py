@@ -1,4 +1,4 @@
-"""Temporal methods (evs, dycoke) on a LLaVA-OneVision video artifact, end to end (issue 13).
+"""Temporal methods (evs, dycoke, fastvid) on a LLaVA-OneVision video artifact, end to end (issue 13).
 
 Export with the method (its graph fixed to 8 frames, keep 0.25 -> 392 of 1568 frame tokens), then
 `tokedge run --video` on an 8-frame PyAV clip through the real CLI and the torch-free runtime.
@@ -21,9 +21,17 @@ torch = pytest.importorskip("torch")
 from tests.export.test_onevision_video_run import FRAMES, NEW_TOKENS, QUESTION, _cli, _frames, hf_video_inputs
 from tests.reduce.test_dycoke import reference_budget
 from tests.reduce.test_evs import reference_keep
+from tests.reduce.test_fastvid import reference as fastvid_reference
 from tests.runtime.test_video import write_clip
 
 KEEP = 392  # the default keep ratio 0.25 of 8 x 196
+
+OPTIONS = {"fastvid": (("cuts", "3"),)}  # 3 segments of the 8 frames (the default 8 cuts: one frame each)
+
+
+def _fastvid(feats: np.ndarray, attn: np.ndarray, keep: int):
+    return fastvid_reference(feats, attn, keep, cuts=3)
+
 
 REFERENCES = {"evs": reference_keep, "dycoke": reference_budget}
 
@@ -44,7 +52,8 @@ def temporal_artifacts(tiny_llava_onevision_dir, tmp_path_factory):
 
     def get(method: str):
         if method not in made:
-            cfg = ExportConfig(model=str(tiny_llava_onevision_dir), out=root / method, method=method, validate=False)
+            cfg = ExportConfig(model=str(tiny_llava_onevision_dir), out=root / method, method=method, validate=False,
+                               options=OPTIONS.get(method, ()))
             made[method] = export(cfg).out
         return made[method]
 
@@ -52,7 +61,7 @@ def temporal_artifacts(tiny_llava_onevision_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["evs", "dycoke"])
+@pytest.mark.parametrize("method", ["evs", "dycoke", "fastvid"])
 def test_run_video_equals_transformers_with_loop_reference_selection(method, temporal_artifacts, ov_loaded,
                                                                      hf_onevision, clip8, capsys):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -70,8 +79,13 @@ def test_run_video_equals_transformers_with_loop_reference_selection(method, tem
     with torch.no_grad():
         pooled = hf_onevision.model.get_video_features(pixel_values_videos=pixels).pooler_output[0]
     feats = pooled[:-1].reshape(FRAMES, 196, -1).numpy()
-    keep = REFERENCES[method](feats, KEEP)
-    reduced = torch.cat([pooled[:-1][torch.tensor(keep)], pooled[-1:]])  # kept frame tokens + the newline
+    if method == "fastvid":  # + the feature (last) layer's received attention, pooled as transformers pools tokens
+        attn = received_attention(hf_onevision, pixels[0])
+        keep, merged = _fastvid(feats, attn, KEEP)
+        reduced = torch.cat([torch.from_numpy(merged).float(), pooled[-1:]])
+    else:
+        keep = REFERENCES[method](feats, KEEP)
+        reduced = torch.cat([pooled[:-1][torch.tensor(keep)], pooled[-1:]])  # kept frame tokens + the newline
     video_token = ov_loaded.processor.video_token
     text = ov_loaded.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}])
@@ -104,6 +118,23 @@ def test_run_video_equals_transformers_with_loop_reference_selection(method, tem
     np.testing.assert_allclose(gen.prefill_logits[0], ref.logits[0][0].numpy(), atol=1e-3, rtol=0)
 
 
+def received_attention(hf_model, pixels) -> np.ndarray:
+    """transformers' tower with eager attention: the last layer's probabilities, mean over heads and
+    queries ([F, 729]), then OneVision's own `apply_pooling` (bilinear 27 -> 14) -> [F, 196]."""
+    tower = hf_model.model.vision_tower
+    assert hf_model.config.vision_feature_layer == -1  # the feature layer is the last one
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = tower(pixels, output_attentions=True, return_dict=True)
+    finally:
+        tower.set_attn_implementation(previous)
+    attn = out.attentions[-1].float().mean(dim=1).mean(dim=1)
+    with torch.no_grad():
+        return hf_model.model.apply_pooling(attn[..., None])[..., 0].numpy()
+
+
 @pytest.mark.slow
 def test_fixed_counts_refuse_other_frames_and_budgets(temporal_artifacts, clip8, capsys):
     art = temporal_artifacts("evs")
@@ -115,13 +146,12 @@ def test_fixed_counts_refuse_other_frames_and_budgets(temporal_artifacts, clip8,
 
 
 def test_temporal_export_refusals(tiny_llava_onevision_dir, tmp_path, capsys):
-    """One line each, before anything loads: fastvid has no received-attention signal in the video
-    graph yet; --frames belongs to temporal methods; a dycoke budget below its floor."""
-    cases = [(["--method", "fastvid"], "received attention"),
-             (["--method", "divprune", "--frames", 8], "drop --frames"),
+    """One line each: --frames belongs to temporal methods; dycoke pairs frames; no runtime budget."""
+    cases = [(["--method", "divprune", "--frames", 8], "drop --frames"),
+             (["--method", "dycoke", "--frames", 7], "even frame count"),
              (["--method", "evs", "--dynamic-budget", "200:400"], "drop --dynamic-budget")]
     for argv, needle in cases:
         rc, _, err = _cli(capsys, "export", tiny_llava_onevision_dir, "--out", tmp_path / "a", *argv)
-        lines = err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
+        lines = [line for line in err.strip().splitlines() if not line.startswith("✓")]  # progress lines
+        assert rc == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (argv, err)
         assert not (tmp_path / "a").exists()

@@ -214,6 +214,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
         loaded = family.load(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
 
+    if temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
+        probe = family.video(loaded, torch.float32, temporal.needs)[3]
+        temporal_graph(temporal, probe, video_options, temporal_budget, 1, torch.float32, temporal_frames)
+
     if method.prunes_in_llm and plan is None:
         if loaded.spec.text_layers is None:
             raise InputError(f"cannot tell how many decoder layers '{cfg.model}' has; its config names none")
@@ -254,7 +258,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         specs["vision"] = vision_spec
     video = None  # families that take video add their per-frame graph and the manifest's video record
     if getattr(family, "video", None) is not None:
-        video_graph, video_module, video_spec, video = family.video(loaded, torch_dtype)
+        video_graph, video_module, video_spec, video = family.video(
+            loaded, torch_dtype, *(() if temporal is None else (temporal.needs,)))
         video = replace(video, keep_ratio=1.0 if method.keeps_all else DEFAULT_VIDEO_KEEP)
         modules = {**modules, video_graph: video_module}
         specs[video_graph] = video_spec
@@ -347,11 +352,6 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
 def check_temporal(cfg: ExportConfig, method: Method) -> dict:
     """A temporal method's flags, before anything loads; -> its options."""
-    from tokedge.reduce.base import Signal
-
-    if Signal.RECEIVED_ATTENTION in method.scores_with:
-        raise UsageError(f"--method {method.name} scores with the vision tower's received attention, which tokedge's "
-                         "video graphs do not output yet: use --method evs or dycoke")
     if cfg.dynamic_budget is not None:
         raise UsageError(f"--method {method.name} fixes its counts at export: drop --dynamic-budget")
     if cfg.frames is not None and not 1 <= cfg.frames:
@@ -373,11 +373,13 @@ def temporal_graph(method: Method, video, options: dict, budget: int | None, hid
     if frames > video.max_frames:
         raise UsageError(f"--frames {frames}: this model takes at most {video.max_frames} frames per video")
     n = video.tokens_per_frame
-    if budget is None and not any(v is not None for v in options.values()):
+    if budget is None:  # (a count option of the method, e.g. evs pruning_rate, takes precedence)
         budget = max(n, int(DEFAULT_VIDEO_KEEP * frames * n))
     kept = method.temporal_count(frames, n, budget, options)
-    spec = TraceSpec(inputs=("video_embeds",), outputs=("video_tokens", "video_kept"),
-                     example=(torch.rand(frames, n, hidden, dtype=dtype),), dynamic_axes={},
+    inputs, example = ("video_embeds",), (torch.rand(frames, n, hidden, dtype=dtype),)
+    if "received_attention" in method.needs:  # the video graph's extra output (fastvid)
+        inputs, example = inputs + ("received_attention",), example + (torch.rand(frames, n),)
+    spec = TraceSpec(inputs=inputs, outputs=("video_tokens", "video_kept"), example=example, dynamic_axes={},
                      output_shapes={"video_tokens": (kept, hidden), "video_kept": (kept,)})
     video = replace(video, default_frames=frames, max_frames=frames, keep_ratio=kept / (frames * n))
     return video, temporal_module(method, frames, n, budget, options), spec, kept

@@ -43,7 +43,7 @@ class Signal(str, Enum):
     REGIONS = "regions"  # tiled images: each token's partition and the tile under each base-view token
     LLM_ATTENTION = "llm-attention"  # the last prompt token's attention inside the LLM
     LLM_KEY_NORM = "llm-key-norm"  # L1 norm of the LLM's keys, plus hidden-state similarity
-    RECEIVED_ATTENTION = "received-attention"  # video: mean attention each token receives in the tower's last layer
+    RECEIVED_ATTENTION = "received-attention"  # mean attention each token receives in the feature layer (video)
 
     def __str__(self) -> str:
         return self.value
@@ -52,7 +52,7 @@ class Signal(str, Enum):
 STAGES = tuple(s.value for s in Stage)
 # VisionFeatures extras a vision-side signal asks the tower for
 _TOWER_EXTRAS = {Signal.CLS_ATTENTION: "cls_attention", Signal.CLS_TOKEN: "cls_token", Signal.KEYS: "keys",
-                 Signal.EARLY_CLS_ATTENTION: "early_cls_attention"}
+                 Signal.EARLY_CLS_ATTENTION: "early_cls_attention", Signal.RECEIVED_ATTENTION: "received_attention"}
 
 
 @dataclass
@@ -82,6 +82,7 @@ class VisionFeatures:
     cls_token: Any = None
     keys: Any = None
     early_cls_attention: Any = None
+    received_attention: Any = None  # [b, n] feature layer's attention probabilities, mean over heads and queries
     partition: Any = None
     base_tile: Any = None
 

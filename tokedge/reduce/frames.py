@@ -73,11 +73,12 @@ def mask_indices(mask, k: int):
 
 def temporal_module(method, frames: int, n: int, budget: int | None, options: dict):
     """The graph a temporal method exports for `frames` frames of n tokens (static counts):
-    video_embeds [F, n, D] -> (video_tokens [K, D], video_kept [K] int64 flat indices)."""
+    video_embeds [F, n, D] (+ received_attention [F, n] when it scores with it) ->
+    (video_tokens [K, D], video_kept [K] int64 flat indices)."""
     import torch
 
     class TemporalGraph(torch.nn.Module):
-        def forward(self, video_embeds):
-            return method.temporal(VideoTokens(video_embeds), budget, options)
+        def forward(self, video_embeds, received_attention=None):
+            return method.temporal(VideoTokens(video_embeds, received_attention), budget, options)
 
     return TemporalGraph().eval()

@@ -179,8 +179,11 @@ def video_tokens(graphs: ArtifactGraphs, inputs: VideoInputs, plan: VideoPlan) -
     t0 = time.perf_counter()
     kept = np.arange(flat.shape[0], dtype=np.int64)
     if plan.stage is not None and TEMPORAL_GRAPH in graphs.runners:  # a temporal method's graph
-        out = graphs.runners[TEMPORAL_GRAPH].infer({"video_embeds": embeds})
-        flat, kept = out["video_tokens"], out["video_kept"]
+        feed = {"video_embeds": embeds}
+        if graphs.manifest.graphs[TEMPORAL_GRAPH].input("received_attention") is not None:
+            feed["received_attention"] = out["received_attention"]
+        reduced = graphs.runners[TEMPORAL_GRAPH].infer(feed)
+        flat, kept = reduced["video_tokens"], reduced["video_kept"]
     elif plan.stage is not None:
         options = dict(graphs.manifest.reduction.options)
         kept = stage_for(plan.stage).select(embeds, plan.keep, options)
