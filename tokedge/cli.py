@@ -514,8 +514,10 @@ def serve_cmd(
 @app.command("profile", short_help="Latency, FLOPs and fidelity per budget, with plots.")
 def profile_cmd(
     artifact: ArtifactArg,
-    image: Annotated[list[Path], typer.Option(help="Image(s) to profile with (repeatable).")],
-    prompt: Annotated[str, typer.Option(help="Prompt for every run.")] = "Describe this image.",
+    image: Annotated[Optional[list[Path]], typer.Option(help="Image(s) to profile with (repeatable).")] = None,
+    video: Annotated[Optional[Path], typer.Option(help="Profile a video (clip or frame directory) instead of images.")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Video: frames to sample (default: the artifact's).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt for every run.")] = None,
     budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64.")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
@@ -536,19 +538,25 @@ def profile_cmd(
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from tokedge.errors import UsageError
     from tokedge.report.profile import ProfileConfig, run_profile
     from tokedge.report.render import write_all
 
     try:
         budget_list = tuple(int(b) for b in budgets.split(",") if b.strip()) if budgets else ()
     except ValueError:
-        from tokedge.errors import UsageError
-
         raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
     if (out / "report.json").exists() and not force:
-        from tokedge.errors import UsageError
-
         raise UsageError(f"'{out}' already holds a report; choose another --out or pass --force to overwrite it")
+    if video is not None:
+        _profile_video(artifact, video, frames, prompt, budget_list, image, runs, warmup, max_new_tokens, out,
+                       threads, json_out, (backend != "onnxruntime", baseline, predict, checkpoint))
+        return
+    if frames is not None:
+        raise UsageError("--frames applies to a video; pass --video")
+    if not image:
+        raise UsageError("give at least one --image (or --video) to profile with")
+    prompt = prompt if prompt is not None else "Describe this image."
     if baseline_attention not in (None, "sdpa", "eager"):
         from tokedge.errors import UsageError
 
@@ -588,6 +596,38 @@ def profile_cmd(
                                                     if "cpu" in report.memory else ""))
         if "device_summary" in report.memory:
             console.print(report.memory["device_summary"])
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print(f"wrote {', '.join(str(f) for f in files)}")
+    if json_out:
+        print(json.dumps(report.to_dict()))
+
+
+def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: Optional[str], budgets: tuple,
+                   image: Optional[list[Path]], runs: int, warmup: int, max_new_tokens: int, out: Path, threads: int,
+                   json_out: bool, image_only: tuple) -> None:
+    """`tokedge profile --video`: per-budget latency, tokens per frame and fidelity vs the unreduced run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokedge.errors import UsageError
+    from tokedge.report.video_profile import VideoProfileConfig, run_video_profile, summary_lines, write_video_report
+
+    if image:
+        raise UsageError("--video and --image cannot be combined in one profile; run two profiles")
+    if any(image_only):
+        raise UsageError("--backend tensorrt, --baseline, --predict and --checkpoint are not available with --video yet")
+    cfg = VideoProfileConfig(artifact=artifact, video=video, frames=frames, budgets=budgets, runs=runs, warmup=warmup,
+                             max_new_tokens=max_new_tokens, threads=threads,
+                             prompt=prompt if prompt is not None else "Describe this video.")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console(), transient=True) as bar:
+        task = bar.add_task("profiling", total=None)
+        report = run_video_profile(cfg, progress=lambda label, done, total: bar.update(
+            task, description=label, completed=done, total=total))
+    files = write_video_report(report, out)
+    console = _console()
+    for line in summary_lines(report):
+        console.print(line, markup=False)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")

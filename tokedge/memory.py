@@ -255,7 +255,11 @@ def predicted_artifact_bytes(manifest: Manifest) -> dict[str, int]:
     """What the artifact's graphs should weigh on disk (weights in the artifact's own dtype,
     fp32 scales), per graph."""
     scheme = WeightScheme.from_quant(manifest.quantization, float_bytes=DTYPE_BYTES[manifest.dtype], scale_bytes=4.0)
-    return weight_bytes(manifest.model, tuple(manifest.graphs), scheme)
+    out = weight_bytes(manifest.model, tuple(manifest.graphs), scheme)
+    video = manifest.video
+    if video is not None and video.graph in manifest.graphs:  # the tower and projector again, never quantized
+        out[video.graph] = weight_bytes(manifest.model, ("vision",), WeightScheme(DTYPE_BYTES[manifest.dtype]))["vision"]
+    return out
 
 
 @dataclass

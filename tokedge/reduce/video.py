@@ -62,8 +62,9 @@ def select_divprune(tokens: np.ndarray, keep: int, options: dict | None = None) 
         return np.arange(total, dtype=np.int64)
     norms = np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
     xn = x / norms
-    dist = np.float32(1) - xn @ xn.T  # [N, N]
-    nearest = np.partition(dist, 1, axis=-1)[:, 1]  # distance to the nearest other token
+    dist = xn @ xn.T  # [N, N] cosine similarity, turned into the distance in place
+    np.subtract(np.float32(1), dist, out=dist)
+    nearest = _second_smallest(dist)  # distance to the nearest other token
     first = int(np.argmax(nearest))
     picks = [first]
     chosen = np.zeros(total, dtype=bool)
@@ -76,6 +77,23 @@ def select_divprune(tokens: np.ndarray, keep: int, options: dict | None = None) 
         chosen[nxt] = True
         np.minimum(min_dist, dist[nxt], out=min_dist)
     return np.sort(np.asarray(picks, dtype=np.int64))
+
+
+def _second_smallest(dist: np.ndarray) -> np.ndarray:
+    """Each row's second smallest value ([N, N] -> [N]), as a sort would give it: the smallest
+    off-diagonal value when the row's own (diagonal) value is not above it, else the smaller of the
+    diagonal and the second smallest off-diagonal value (without partitioning every row)."""
+    diag = dist.diagonal().copy()
+    np.fill_diagonal(dist, np.inf)
+    try:
+        first = dist.min(axis=1)
+        out = first.copy()
+        odd = np.flatnonzero(diag > first)
+        if odd.size:
+            out[odd] = np.minimum(diag[odd], np.partition(dist[odd], 1, axis=-1)[:, 1])
+    finally:
+        np.fill_diagonal(dist, diag)
+    return out
 
 
 DIVPRUNE = register(VideoStage("divprune", select_divprune,
