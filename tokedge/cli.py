@@ -155,8 +155,13 @@ def export_cmd(
         console.print(f"[green]✓[/green] parity: {report.summary()}")
     kept = m.reduction.budget
     where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
+    of = f"{m.reduction.full_tokens} visual tokens"
+    from tokedge.reduce.base import Stage
+
+    if m.video is not None and Stage(m.reduction.stage) is Stage.TEMPORAL:
+        of = f"{m.video.default_frames * m.video.tokens_per_frame} frame tokens of a {m.video.default_frames}-frame video"
     console.print(
-        f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
+        f"wrote {result.out} ({m.reduction.method}, {kept} of {of}{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
         + ")"
     )

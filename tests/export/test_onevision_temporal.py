@@ -136,13 +136,23 @@ def received_attention(hf_model, pixels) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_fixed_counts_refuse_other_frames_and_budgets(temporal_artifacts, clip8, capsys):
+def test_fixed_counts_refuse_other_frames_and_budgets(temporal_artifacts, clip8, tmp_path, capsys):
     art = temporal_artifacts("evs")
-    for argv, needle in [(["--frames", 4], "takes exactly 8 frames"), (["--budget", 100], "keeps 392 of the video's"),
-                         (["--keep", 0.5], "keeps 392 of the video's")]:
-        rc, _, err = _cli(capsys, "run", art, "--video", clip8, "--prompt", QUESTION, *argv)
+    for argv, needle in [(["run", art, "--video", clip8, "--frames", 4], "takes exactly 8 frames"),
+                         (["run", art, "--video", clip8, "--budget", 100], "keeps 392 of the video's"),
+                         (["run", art, "--video", clip8, "--keep", 0.5], "keeps 392 of the video's"),
+                         (["profile", art, "--video", clip8, "--budgets", "100"], "keeps 392 of 1568")]:
+        rc, _, err = _cli(capsys, *argv, "--prompt", QUESTION)
         lines = err.strip().splitlines()
         assert rc != 0 and len(lines) == 1 and needle in lines[0], (argv, err)
+    # profile: the unreduced run (the graph skipped) as the fidelity reference, then the artifact's budget
+    rc, _, err = _cli(capsys, "profile", art, "--video", clip8, "--runs", 1, "--warmup", 0, "--max-new-tokens", 2,
+                      "--out", tmp_path / "prof")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "prof" / "report.json").read_text())
+    assert report["stage"] == "temporal" and [r["budget"] for r in report["results"]] == [1568, KEEP]
+    assert report["results"][0]["kept_per_frame"] == [196] * FRAMES
+    assert sum(report["results"][1]["kept_per_frame"]) == KEEP and report["results"][1]["visual_tokens"] == KEEP + 1
 
 
 def test_temporal_export_refusals(tiny_llava_onevision_dir, tmp_path, capsys):

@@ -122,9 +122,11 @@ def video_plan(manifest: Manifest, frames: int, budget: int | None = None, keep:
         if frames != video.default_frames:
             raise InputError(f"this artifact's {red.method} graph takes exactly {video.default_frames} frames (fixed at "
                              f"export), not {frames}: use --frames {video.default_frames}, or re-export with --frames")
+        if budget == full or keep == 1:  # the unreduced run (profile's fidelity reference): the graph is skipped
+            return VideoPlan(frames, n, full, video.tokens(frames), None)
         if (budget is not None and budget != red.budget) or (keep is not None and int(keep * full) != red.budget):
             raise InputError(f"this artifact's {red.method} graph keeps {red.budget} of the video's {full} tokens (fixed "
-                             f"at export): drop --budget/--keep, or re-export with --budget")
+                             f"at export): drop --budget/--keep (or keep all {full}), or re-export with --budget")
         return VideoPlan(frames, n, red.budget, video.tokens(frames, red.budget), red.method)
     if stage is Stage.NONE:
         if (budget is not None and budget != full) or (keep is not None and keep != 1):
