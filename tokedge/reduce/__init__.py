@@ -26,6 +26,7 @@ def _registry() -> dict[str, Method]:
             evs,
             fastvid,
             hired,
+            holitom,
             in_llm,
             none,
             pool,
@@ -38,7 +39,7 @@ def _registry() -> dict[str, Method]:
             m.name: m
             for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
                       pool.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART, evs.METHOD, dycoke.METHOD,
-                      fastvid.METHOD)
+                      fastvid.METHOD, holitom.METHOD)
         }
     return _METHODS
 
