@@ -113,7 +113,7 @@ def export_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the checkpoint to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
     validate: Annotated[bool, typer.Option(help="Check ONNX Runtime against transformers after export.")] = True,
-    frames: Annotated[Optional[int], typer.Option(help="Temporal methods (evs, dycoke, fastvid): frames per video their graph takes.")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Temporal methods (evs, dycoke, fastvid, holitom): frames per video their graph takes.")] = None,
     quantize: QuantizeOpt = None,
     quant_form: QuantFormOpt = "matmulnbits",
     group_size: GroupSizeOpt = 128,

@@ -1,4 +1,4 @@
-"""Temporal methods (evs, dycoke, fastvid) on a LLaVA-OneVision video artifact, end to end (issue 13).
+"""Temporal methods (evs, dycoke, fastvid, holitom) on a LLaVA-OneVision video artifact, end to end (issue 13).
 
 Export with the method (its graph fixed to 8 frames, keep 0.25 -> 392 of 1568 frame tokens), then
 `tokedge run --video` on an 8-frame PyAV clip through the real CLI and the torch-free runtime.
@@ -22,6 +22,7 @@ from tests.export.test_onevision_video_run import FRAMES, NEW_TOKENS, QUESTION, 
 from tests.reduce.test_dycoke import reference_budget
 from tests.reduce.test_evs import reference_keep
 from tests.reduce.test_fastvid import reference as fastvid_reference
+from tests.reduce.test_holitom import reference as holitom_reference
 from tests.runtime.test_video import write_clip
 
 KEEP = 392  # the default keep ratio 0.25 of 8 x 196
@@ -61,7 +62,7 @@ def temporal_artifacts(tiny_llava_onevision_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["evs", "dycoke", "fastvid"])
+@pytest.mark.parametrize("method", ["evs", "dycoke", "fastvid", "holitom"])
 def test_run_video_equals_transformers_with_loop_reference_selection(method, temporal_artifacts, ov_loaded,
                                                                      hf_onevision, clip8, capsys):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -79,9 +80,12 @@ def test_run_video_equals_transformers_with_loop_reference_selection(method, tem
     with torch.no_grad():
         pooled = hf_onevision.model.get_video_features(pixel_values_videos=pixels).pooler_output[0]
     feats = pooled[:-1].reshape(FRAMES, 196, -1).numpy()
-    if method == "fastvid":  # + the feature (last) layer's received attention, pooled as transformers pools tokens
+    if method in ("fastvid", "holitom"):  # + the last layer's received attention, pooled as transformers pools
         attn = received_attention(hf_onevision, pixels[0])
-        keep, merged = _fastvid(feats, attn, KEEP)
+        if method == "fastvid":
+            keep, merged = _fastvid(feats, attn, KEEP)
+        else:
+            _, merged, keep = holitom_reference(feats, attn, KEEP)
         reduced = torch.cat([torch.from_numpy(merged).float(), pooled[-1:]])
     else:
         keep = REFERENCES[method](feats, KEEP)
