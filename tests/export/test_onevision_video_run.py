@@ -103,6 +103,8 @@ def test_run_video_none_equals_transformers_generate(ov_video_artifacts, ov_load
     from tokedge.runtime.video_pipeline import generate_video, video_inputs, video_plan
 
     art = ov_video_artifacts("none")
+    parity = json.loads((art / "tokedge.json").read_text())["reference"]["parity_at_export"]
+    assert parity["ok"] and parity["video"]["ok"] and parity["video"]["max_abs_video_embeds"] < 1e-4
     ids, pixels, indices = hf_video_inputs(ov_loaded, clip8, FRAMES)
     assert int((ids == hf_onevision.config.video_token_id).sum()) == FRAMES * 196 + 1 == 1569
     with torch.no_grad():
@@ -156,6 +158,11 @@ def test_frames_as_images_and_directory_match_the_clip(ov_video_artifacts, clip8
         answers.append(json.loads(out))
     assert answers[0]["token_ids"] == answers[1]["token_ids"] == answers[2]["token_ids"]
     assert answers[0]["video"]["frame_indices"] == answers[2]["video"]["frame_indices"] == [0, 2, 4, 6]
+    # --fps 2.5 on the 5 fps clip: int(8 / 5 * 2.5) = 4 frames, the same ones
+    rc, out, err = _cli(capsys, "run", art, "--video", clip8, "--fps", 2.5, *common[:-2])
+    assert rc == 0, err
+    assert json.loads(out)["video"]["frame_indices"] == [0, 2, 4, 6]
+    assert json.loads(out)["token_ids"] == answers[0]["token_ids"]
 
 
 @pytest.mark.slow

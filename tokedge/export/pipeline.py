@@ -245,6 +245,11 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             else:
                 cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
 
+    video_case = None  # transformers' video features on a small clip, to validate the video graph
+    if cfg.validate and getattr(family, "video_case", None) is not None:
+        with timed("reference video (transformers)"):
+            video_case = family.video_case(loaded)
+
     torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     if cfg.dtype == "fp16":
         loaded.model.half()
@@ -334,8 +339,11 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             with timed("validate (ONNX Runtime vs transformers)"):
                 with ArtifactGraphs(stage, manifest) as runtime_graphs:
                     report = run_cases(runtime_graphs, pixel_values, cases, tol)
+                    video_parity = check_video_graph(runtime_graphs, video_case, tol)
                 report.raise_if_failed("export validation failed")
                 parity = report.to_dict()
+                if video_parity is not None:
+                    parity["video"] = video_parity
         manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
@@ -383,6 +391,28 @@ def temporal_graph(method: Method, video, options: dict, budget: int | None, hid
                      output_shapes={"video_tokens": (kept, hidden), "video_kept": (kept,)})
     video = replace(video, default_frames=frames, max_frames=frames, keep_ratio=kept / (frames * n))
     return video, temporal_module(method, frames, n, budget, options), spec, kept
+
+
+def check_video_graph(graphs, case, tol) -> dict | None:
+    """The video graph (ONNX Runtime) against transformers' `get_video_features` on `case`
+    (pixels, features with the newline last): its frame tokens + newline, max abs difference.
+    Fails the export beyond the image-embeddings tolerance (fp16: reported, not judged)."""
+    import numpy as np
+
+    from tokedge.errors import ParityError
+
+    video = graphs.manifest.video
+    if case is None or video is None:
+        return None
+    pixels, expected = case
+    out = graphs.runners[video.graph].infer({"pixel_values_videos": pixels})
+    got = np.concatenate([out["video_embeds"].reshape(-1, out["video_embeds"].shape[-1]), out["newline"]])
+    diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.shape == expected.shape else float("inf")
+    ok = tol.image_embeds is None or diff <= tol.image_embeds
+    if not ok:
+        raise ParityError(f"export validation failed: the video graph's tokens differ from transformers' "
+                          f"get_video_features by {diff:.3g} (tolerance {tol.image_embeds})")
+    return {"frames": int(pixels.shape[0]), "max_abs_video_embeds": diff, "ok": ok}
 
 
 def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,

@@ -507,6 +507,21 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return graph, video_trace_spec(cfg.text_config.hidden_size, cfg.vision_config.image_size, graph.q * graph.q,
                                        dtype, needs)
 
+    def video_case(self, loaded: LoadedCheckpoint, frames: int = 2, seed: int = 0):
+        """A validation case for the video graph: (pixel_values_videos [F, 3, S, S] float32 of
+        smooth random frames, transformers' `get_video_features` on them [F*q*q + 1, hidden])."""
+        cfg = loaded.model.config
+        size = cfg.vision_config.image_size
+        rng = np.random.default_rng(seed)
+        coarse = rng.uniform(-1, 1, (frames, 3, 8, 8)).astype(np.float32)
+        pixels = np.ascontiguousarray(np.repeat(np.repeat(coarse, size // 8 + 1, axis=2), size // 8 + 1, axis=3)
+                                      [:, :, :size, :size])
+        with torch.no_grad():
+            ref = loaded.model.model.get_video_features(
+                torch.from_numpy(pixels)[None], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output[0]
+        return pixels, ref.float().numpy()
+
     def video(self, loaded: LoadedCheckpoint, dtype=torch.float32, needs: frozenset[str] = frozenset()):
         """What export writes for video input: (graph name, module, trace spec, manifest VideoInfo)."""
         graph, spec = self.video_vision(loaded, dtype, needs)
