@@ -175,7 +175,8 @@ def video_tokens(graphs: ArtifactGraphs, inputs: VideoInputs, plan: VideoPlan) -
     from tokedge.reduce.video import stage_for
 
     video = graphs.manifest.video
-    out = graphs.runners[video.graph].infer({"pixel_values_videos": inputs.pixel_values.astype(np.float32, copy=False)})
+    dtype = np.dtype(graphs.manifest.graphs[video.graph].input("pixel_values_videos").dtype)  # fp16 artifacts
+    out = graphs.runners[video.graph].infer({"pixel_values_videos": inputs.pixel_values.astype(dtype, copy=False)})
     embeds, newline = out["video_embeds"], out["newline"]
     flat = embeds.reshape(-1, embeds.shape[-1])
     t0 = time.perf_counter()
