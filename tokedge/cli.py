@@ -113,6 +113,7 @@ def export_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the checkpoint to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
     validate: Annotated[bool, typer.Option(help="Check ONNX Runtime against transformers after export.")] = True,
+    frames: Annotated[Optional[int], typer.Option(help="Temporal methods (evs, dycoke, fastvid, holitom): frames per video their graph takes.")] = None,
     quantize: QuantizeOpt = None,
     quant_form: QuantFormOpt = "matmulnbits",
     group_size: GroupSizeOpt = 128,
@@ -135,12 +136,13 @@ def export_cmd(
         from tokedge.reduce import get_method
 
         chosen = get_method(method)
-        label = budget if budget is not None else ("full" if chosen.keeps_all else 64)
+        label = budget if budget is not None else ("full" if chosen.keeps_all else
+                                                   "video" if chosen.reduces_over_time else 64)
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
-        quantize=quant, device_profile=device_profile,
+        quantize=quant, device_profile=device_profile, frames=frames,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)
@@ -153,8 +155,13 @@ def export_cmd(
         console.print(f"[green]✓[/green] parity: {report.summary()}")
     kept = m.reduction.budget
     where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
+    of = f"{m.reduction.full_tokens} visual tokens"
+    from tokedge.reduce.base import Stage
+
+    if m.video is not None and Stage(m.reduction.stage) is Stage.TEMPORAL:
+        of = f"{m.video.default_frames * m.video.tokens_per_frame} frame tokens of a {m.video.default_frames}-frame video"
     console.print(
-        f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
+        f"wrote {result.out} ({m.reduction.method}, {kept} of {of}{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
         + ")"
     )

@@ -219,7 +219,7 @@ def prompt_tokens_for(manifest: Manifest, image_tokens: int, budget: int | None 
     pre-LLM and in-ViT methods hand the LLM their budget (`budget`, else the artifact's) whatever
     the image; `none` and in-LLM methods all of the image's tokens."""
     red = manifest.reduction
-    if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM):
+    if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM, Stage.TEMPORAL):
         return image_tokens
     return red.budget if budget is None else budget
 

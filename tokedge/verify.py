@@ -49,6 +49,8 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
         raise InputError(f"--checkpoint '{checkpoint}' is a {loaded.family.name} checkpoint, the artifact was "
                          f"exported from a {manifest.model.family} one; pass the checkpoint it was exported from")
     method = get_method(red.method)
+    if method.reduces_over_time:  # temporal methods reduce videos only: the image cases keep every token
+        method = get_method("none")
     if method.prunes_in_llm:
         from tokedge.reduce.in_llm import plan_for
 

@@ -53,6 +53,7 @@ class ExportConfig:
     options: tuple[tuple[str, str], ...] = ()  # method options as given (`--option key=value`)
     quantize: "QuantConfig | None" = None  # weight-only quantization after tracing (None: float weights)
     device_profile: str | None = None  # warn when this device profile cannot hold the artifact
+    frames: int | None = None  # temporal methods: the frame count their video graph is fixed to (None: default)
 
 
 @dataclass
@@ -142,6 +143,14 @@ def _versions() -> dict[str, str]:
 def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult:
     """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
     method = get_method(cfg.method)
+    temporal, video_options = None, {}
+    if method.reduces_over_time:  # a video-only method: images keep every token, the method reduces videos
+        temporal, video_options = method, check_temporal(cfg, method)
+        temporal_budget, temporal_frames = cfg.budget, cfg.frames
+        cfg, method = replace(cfg, method="none", budget=None, options=()), get_method("none")
+    elif cfg.frames is not None:
+        raise UsageError(f"--frames fixes a temporal method's video graph; --method {method.name} takes any frame "
+                         "count at run time: drop --frames")
     check_flags(cfg, method)  # wrong flags are reported first, before "already exists" or any loading
     if cfg.quantize is not None:
         cfg.quantize.check()
@@ -168,6 +177,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     from tokedge.export.families import inspect_checkpoint
 
     family, spec = inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
+    if temporal is not None and getattr(family, "video", None) is None:
+        temporal.refuse_without_video(family.name)
     family.check_method(method)
     anyres = spec.layout.kind != "single"  # per-image token counts: no fixed-count reference cases yet
     full = spec.full_tokens
@@ -202,6 +213,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         )
 
         loaded = family.load(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+
+    if temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
+        probe = family.video(loaded, torch.float32, temporal.needs)[3]
+        temporal_graph(temporal, probe, video_options, temporal_budget, 1, torch.float32, temporal_frames)
 
     if method.prunes_in_llm and plan is None:
         if loaded.spec.text_layers is None:
@@ -248,10 +263,16 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         specs["vision"] = vision_spec
     video = None  # families that take video add their per-frame graph and the manifest's video record
     if getattr(family, "video", None) is not None:
-        video_graph, video_module, video_spec, video = family.video(loaded, torch_dtype)
+        video_graph, video_module, video_spec, video = family.video(
+            loaded, torch_dtype, *(() if temporal is None else (temporal.needs,)))
         video = replace(video, keep_ratio=1.0 if method.keeps_all else DEFAULT_VIDEO_KEEP)
         modules = {**modules, video_graph: video_module}
         specs[video_graph] = video_spec
+        if temporal is not None:  # its graph, fixed to one frame count; the record's frame counts follow it
+            from tokedge.runtime.video_pipeline import TEMPORAL_GRAPH
+
+            video, modules[TEMPORAL_GRAPH], specs[TEMPORAL_GRAPH], temporal_budget = temporal_graph(
+                temporal, video, video_options, temporal_budget, info.hidden_size, torch_dtype, temporal_frames)
 
     from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
 
@@ -274,12 +295,15 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         loaded.processor.tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
         tol = Tolerance.for_dtype(cfg.dtype)
         save_reference(stage / REFERENCE_FILE, pixel_values, cases)
+        recorded = method if temporal is None else temporal  # a temporal method's budget is its video's
         reduction = ReductionInfo(
-            method=method.name, budget=budget, full_tokens=full, stage=method.stage.value, budget_range=rng,
-            options=options, stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
+            method=recorded.name, budget=budget if temporal is None else temporal_budget, full_tokens=full,
+            stage=recorded.stage.value, budget_range=rng,
+            options=options if temporal is None else video_options,
+            stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
             merge_schedule=tuple(modules["vision"].schedule or ()),
-            scores_with=tuple(s.value for s in method.scores_with),
-            supports_runtime_budget=method.supports_runtime_budget,
+            scores_with=tuple(s.value for s in recorded.scores_with),
+            supports_runtime_budget=recorded.supports_runtime_budget,
         )
         manifest = Manifest(
             # the oldest format that reads it: 2 for tiled layouts and for prefill graphs with `image_keep`
@@ -332,6 +356,41 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if not plan.fits:
             warnings.append(plan.summary() + "; quantize (--quantize int4) or pick a larger device")
     return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
+
+
+def check_temporal(cfg: ExportConfig, method: Method) -> dict:
+    """A temporal method's flags, before anything loads; -> its options."""
+    if cfg.dynamic_budget is not None:
+        raise UsageError(f"--method {method.name} fixes its counts at export: drop --dynamic-budget")
+    if cfg.frames is not None and not 1 <= cfg.frames:
+        raise UsageError(f"--frames {cfg.frames}: use 1 or more frames")
+    return method.parse_options(dict(cfg.options))
+
+
+def temporal_graph(method: Method, video, options: dict, budget: int | None, hidden: int, dtype, frames: int | None):
+    """-> (the video record for F frames, the method's graph, its trace spec, K tokens it keeps).
+
+    The graph is fixed to F frames (--frames, else the record's default) and keeps K of the F*n
+    frame tokens: --budget, else the default keep ratio (the method's floor may raise it)."""
+    import torch
+
+    from tokedge.export.onnx_export import TraceSpec
+    from tokedge.reduce.frames import temporal_module
+
+    frames = frames or video.default_frames
+    if frames > video.max_frames:
+        raise UsageError(f"--frames {frames}: this model takes at most {video.max_frames} frames per video")
+    n = video.tokens_per_frame
+    if budget is None:  # (a count option of the method, e.g. evs pruning_rate, takes precedence)
+        budget = max(n, int(DEFAULT_VIDEO_KEEP * frames * n))
+    kept = method.temporal_count(frames, n, budget, options)
+    inputs, example = ("video_embeds",), (torch.rand(frames, n, hidden, dtype=dtype),)
+    if "received_attention" in method.needs:  # the video graph's extra output (fastvid)
+        inputs, example = inputs + ("received_attention",), example + (torch.rand(frames, n),)
+    spec = TraceSpec(inputs=inputs, outputs=("video_tokens", "video_kept"), example=example, dynamic_axes={},
+                     output_shapes={"video_tokens": (kept, hidden), "video_kept": (kept,)})
+    video = replace(video, default_frames=frames, max_frames=frames, keep_ratio=kept / (frames * n))
+    return video, temporal_module(method, frames, n, budget, options), spec, kept
 
 
 def check_video_graph(graphs, case, tol) -> dict | None:

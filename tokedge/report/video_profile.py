@@ -94,8 +94,14 @@ class VideoProfileReport:
         return cls(**data)
 
 
-def video_budgets(full: int, given: tuple[int, ...], reduces: bool) -> list[int]:
-    """The unreduced budget first, then the given ones (or the default shares), largest first."""
+def video_budgets(full: int, given: tuple[int, ...], reduces: bool, fixed: int | None = None) -> list[int]:
+    """The unreduced budget first, then the given ones (or the default shares), largest first.
+    `fixed`: a temporal method's graph keeps exactly this many (the only reduced budget)."""
+    if fixed is not None:
+        if set(given) - {full, fixed}:
+            raise UsageError(f"this artifact's temporal graph keeps {fixed} of {full} frame tokens (fixed at export): "
+                             f"--budgets {fixed} (and {full}, unreduced) only; export one artifact per budget")
+        return sorted({full, fixed}, reverse=True)
     if given:
         bad = [k for k in given if not 1 <= k <= full]
         if bad:
@@ -134,7 +140,8 @@ def run_video_profile(cfg: VideoProfileConfig,
         decode_ms = (time.perf_counter() - t0) * 1e3
         full = inputs.frames * info.tokens_per_frame
         stage = Stage(manifest.reduction.stage)
-        budgets = video_budgets(full, tuple(cfg.budgets), stage is not Stage.NONE)
+        budgets = video_budgets(full, tuple(cfg.budgets), stage is not Stage.NONE,
+                                manifest.reduction.budget if stage is Stage.TEMPORAL else None)
         report = VideoProfileReport(
             artifact=str(cfg.artifact), method=manifest.reduction.method, stage=stage.value, video=str(cfg.video),
             frames=inputs.frames, frame_indices=inputs.indices.tolist(), tokens_per_frame=info.tokens_per_frame,

@@ -27,6 +27,9 @@ from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
 from tokedge.runtime.video import Clip, preprocess_frames, read_frame_files, read_video
 
 
+TEMPORAL_GRAPH = "video_reduce"  # a temporal method's graph (evs, dycoke): video_embeds -> video_tokens, video_kept
+
+
 def video_record(manifest: Manifest) -> VideoInfo:
     """The manifest's video record, or a one-line error for artifacts without one."""
     if manifest.video is None:
@@ -115,6 +118,16 @@ def video_plan(manifest: Manifest, frames: int, budget: int | None = None, keep:
     if keep is not None and not 0 < keep <= 1:
         raise InputError(f"--keep must be in (0, 1] (a share of the video's {full} tokens), got {keep}")
     stage = Stage(red.stage)
+    if stage is Stage.TEMPORAL:  # the method's graph is fixed to one frame count and keeps red.budget tokens
+        if frames != video.default_frames:
+            raise InputError(f"this artifact's {red.method} graph takes exactly {video.default_frames} frames (fixed at "
+                             f"export), not {frames}: use --frames {video.default_frames}, or re-export with --frames")
+        if budget == full or keep == 1:  # the unreduced run (profile's fidelity reference): the graph is skipped
+            return VideoPlan(frames, n, full, video.tokens(frames), None)
+        if (budget is not None and budget != red.budget) or (keep is not None and int(keep * full) != red.budget):
+            raise InputError(f"this artifact's {red.method} graph keeps {red.budget} of the video's {full} tokens (fixed "
+                             f"at export): drop --budget/--keep (or keep all {full}), or re-export with --budget")
+        return VideoPlan(frames, n, red.budget, video.tokens(frames, red.budget), red.method)
     if stage is Stage.NONE:
         if (budget is not None and budget != full) or (keep is not None and keep != 1):
             raise InputError(f"this artifact keeps every visual token (--method none): a {frames}-frame video gives "
@@ -162,12 +175,19 @@ def video_tokens(graphs: ArtifactGraphs, inputs: VideoInputs, plan: VideoPlan) -
     from tokedge.reduce.video import stage_for
 
     video = graphs.manifest.video
-    out = graphs.runners[video.graph].infer({"pixel_values_videos": inputs.pixel_values.astype(np.float32, copy=False)})
+    dtype = np.dtype(graphs.manifest.graphs[video.graph].input("pixel_values_videos").dtype)  # fp16 artifacts
+    out = graphs.runners[video.graph].infer({"pixel_values_videos": inputs.pixel_values.astype(dtype, copy=False)})
     embeds, newline = out["video_embeds"], out["newline"]
     flat = embeds.reshape(-1, embeds.shape[-1])
     t0 = time.perf_counter()
     kept = np.arange(flat.shape[0], dtype=np.int64)
-    if plan.stage is not None:
+    if plan.stage is not None and TEMPORAL_GRAPH in graphs.runners:  # a temporal method's graph
+        feed = {"video_embeds": embeds}
+        if graphs.manifest.graphs[TEMPORAL_GRAPH].input("received_attention") is not None:
+            feed["received_attention"] = out["received_attention"]
+        reduced = graphs.runners[TEMPORAL_GRAPH].infer(feed)
+        flat, kept = reduced["video_tokens"], reduced["video_kept"]
+    elif plan.stage is not None:
         options = dict(graphs.manifest.reduction.options)
         kept = stage_for(plan.stage).select(embeds, plan.keep, options)
         flat = flat[kept]

@@ -357,41 +357,52 @@ class VideoVisionGraph(nn.Module):
     (possibly reduced) frame tokens (`runtime.video.VideoLayout.pack` does the same in numpy).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, needs: frozenset[str] = frozenset()):
         super().__init__()
         from tokedge.export.towers import VisionTower
         from tokedge.runtime.video import pooling_matrix
 
         m = model.model
         cfg = model.config
-        self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=False, needs=frozenset())
+        self.needs = needs  # "received_attention": also output it per frame, pooled like the tokens (fastvid)
+        self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=False, needs=needs)
         self.projector = m.multi_modal_projector
         self.newline = m.image_newline
         self.p = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.q = math.ceil(self.p / 2)
         self.register_buffer("pool", torch.from_numpy(pooling_matrix(self.p, self.q)), persistent=False)
 
+    def _pool(self, x):
+        """[F, p*p, d] -> [F, q*q, d]: the bilinear 27->14 pooling as two constant matrices."""
+        f, d = x.shape[0], x.shape[-1]
+        pool = self.pool.to(x.dtype)
+        rows = torch.einsum("ai,fijd->fajd", pool, x.reshape(f, self.p, self.p, d))
+        return torch.einsum("bj,fajd->fabd", pool, rows).reshape(f, self.q * self.q, d)
+
     def forward(self, pixel_values_videos):
-        feats = self.projector(self.tower(pixel_values_videos).features)  # [F, p*p, D]
-        f, d = feats.shape[0], feats.shape[-1]
-        grid = feats.reshape(f, self.p, self.p, d)
-        pool = self.pool.to(feats.dtype)
-        rows = torch.einsum("ai,fijd->fajd", pool, grid)
-        pooled = torch.einsum("bj,fajd->fabd", pool, rows)
-        return pooled.reshape(f, self.q * self.q, d), self.newline.to(feats.dtype).reshape(1, d)
+        vf = self.tower(pixel_values_videos)
+        feats = self.projector(vf.features)  # [F, p*p, D]
+        out = (self._pool(feats), self.newline.to(feats.dtype).reshape(1, feats.shape[-1]))
+        if "received_attention" in self.needs:
+            out += (self._pool(vf.received_attention[..., None])[..., 0],)
+        return out
 
 
-def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int, dtype=torch.float32):
+def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int, dtype=torch.float32,
+                     needs: frozenset[str] = frozenset()):
     """The video vision graph's input and outputs, frames dynamic."""
     from tokedge.export.onnx_export import TraceSpec
 
-    return TraceSpec(
-        inputs=("pixel_values_videos",),
-        outputs=("video_embeds", "newline"),
-        example=(torch.rand(3, 3, image_size, image_size, dtype=dtype),),
-        dynamic_axes={"pixel_values_videos": {0: "frames"}, "video_embeds": {0: "frames"}},
-        output_shapes={"video_embeds": ("frames", tokens_per_frame, hidden_size), "newline": (1, hidden_size)},
-    )
+    outputs = ("video_embeds", "newline")
+    axes = {"pixel_values_videos": {0: "frames"}, "video_embeds": {0: "frames"}}
+    shapes: dict = {"video_embeds": ("frames", tokens_per_frame, hidden_size), "newline": (1, hidden_size)}
+    if "received_attention" in needs:
+        outputs += ("received_attention",)
+        axes["received_attention"] = {0: "frames"}
+        shapes["received_attention"] = ("frames", tokens_per_frame)
+    return TraceSpec(inputs=("pixel_values_videos",), outputs=outputs,
+                     example=(torch.rand(3, 3, image_size, image_size, dtype=dtype),), dynamic_axes=axes,
+                     output_shapes=shapes)
 
 
 def video_processor_settings(where: str | None, image_processor: Any) -> dict:
@@ -488,12 +499,13 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return hf_processor(loaded)
 
     # --- video (issue 13)
-    def video_vision(self, loaded: LoadedCheckpoint, dtype=torch.float32):
-        """The per-frame video vision graph ([F, 3, S, S] -> [F, q*q, hidden], newline) and its trace spec."""
+    def video_vision(self, loaded: LoadedCheckpoint, dtype=torch.float32, needs: frozenset[str] = frozenset()):
+        """The per-frame video vision graph ([F, 3, S, S] -> [F, q*q, hidden], newline) and its trace spec;
+        `needs` {"received_attention"} adds that output ([F, q*q], pooled like the tokens)."""
         cfg = loaded.model.config
-        graph = VideoVisionGraph(loaded.model).eval()
+        graph = VideoVisionGraph(loaded.model, needs).eval()
         return graph, video_trace_spec(cfg.text_config.hidden_size, cfg.vision_config.image_size, graph.q * graph.q,
-                                       dtype)
+                                       dtype, needs)
 
     def video_case(self, loaded: LoadedCheckpoint, frames: int = 2, seed: int = 0):
         """A validation case for the video graph: (pixel_values_videos [F, 3, S, S] float32 of
@@ -510,9 +522,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output[0]
         return pixels, ref.float().numpy()
 
-    def video(self, loaded: LoadedCheckpoint, dtype=torch.float32):
+    def video(self, loaded: LoadedCheckpoint, dtype=torch.float32, needs: frozenset[str] = frozenset()):
         """What export writes for video input: (graph name, module, trace spec, manifest VideoInfo)."""
-        graph, spec = self.video_vision(loaded, dtype)
+        graph, spec = self.video_vision(loaded, dtype, needs)
         return "video_vision", graph, spec, video_info(loaded, "video_vision")
 
 
