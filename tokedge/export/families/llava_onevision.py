@@ -390,7 +390,8 @@ class VideoVisionGraph(nn.Module):
 
 def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int, dtype=torch.float32,
                      needs: frozenset[str] = frozenset()):
-    """The video vision graph's input and outputs, frames dynamic."""
+    """The video vision graph's input and outputs, frames dynamic. `pixel_values_videos` stays
+    float32 whatever the weights' `dtype` (the tower casts it), as the image graph's pixels do."""
     from tokedge.export.onnx_export import TraceSpec
 
     outputs = ("video_embeds", "newline")
@@ -401,7 +402,7 @@ def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int, d
         axes["received_attention"] = {0: "frames"}
         shapes["received_attention"] = ("frames", tokens_per_frame)
     return TraceSpec(inputs=("pixel_values_videos",), outputs=outputs,
-                     example=(torch.rand(3, 3, image_size, image_size, dtype=dtype),), dynamic_axes=axes,
+                     example=(torch.rand(3, 3, image_size, image_size),), dynamic_axes=axes,
                      output_shapes=shapes)
 
 
