@@ -117,8 +117,14 @@ def video_budgets(full: int, given: tuple[int, ...], reduces: bool, fixed: int |
 
 
 def prefill_fidelity(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    return {"prefill_top1_agreement": float(np.mean(reference.argmax(-1) == logits.argmax(-1))),
-            "max_abs_prefill_logits": float(np.max(np.abs(reference - logits)))}
+    """Prefill logits against the unreduced run's: top-1 agreement (export validation's metric) and
+    the largest absolute difference."""
+    from tokedge.export.validate import logit_agreement
+
+    empty = np.zeros((0,), dtype=np.float32)
+    _, top1 = logit_agreement({"prefill_logits": reference, "step_logits": empty},
+                              {"prefill_logits": logits, "step_logits": empty})
+    return {"prefill_top1_agreement": top1, "max_abs_prefill_logits": float(np.max(np.abs(reference - logits)))}
 
 
 def run_video_profile(cfg: VideoProfileConfig,
