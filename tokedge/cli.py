@@ -413,14 +413,15 @@ def run_cmd(
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
-    budget: Annotated[Optional[int], typer.Option(help="Visual tokens, within the artifact's runtime range.")] = None,
+    budget: Annotated[Optional[int], typer.Option(
+        help="Visual tokens, within the artifact's runtime range (video: frame tokens of the whole video).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
     timeout: Annotated[Optional[float], typer.Option(help="Stop the generation after this many seconds (exit 1).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Generate text for an image and a prompt from an exported artifact (no torch needed)."""
+    """Generate text for images (or one video) and a prompt from an exported artifact (no torch needed)."""
     from tokedge.runtime.ort_backend import OrtOptions, check_threads
     from tokedge.runtime.pipeline import Pipeline, images_for_prompts
     from tokedge.safeio import printable_text
@@ -523,7 +524,7 @@ def profile_cmd(
     video: Annotated[Optional[Path], typer.Option(help="Profile a video (clip or frame directory) instead of images.")] = None,
     frames: Annotated[Optional[int], typer.Option(help="Video: frames to sample (default: the artifact's).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt for every run.")] = None,
-    budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64.")] = None,
+    budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64 (video: frame tokens per video).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,

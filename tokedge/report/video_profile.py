@@ -17,9 +17,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class VideoProfileReport:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VideoProfileReport":
+    def from_dict(cls, data: dict) -> VideoProfileReport:
         data = dict(data)
         data["results"] = [VideoBudgetResult(**r) for r in data.get("results", [])]
         return cls(**data)
@@ -199,15 +199,15 @@ def markdown(report: VideoProfileReport) -> str:
     lines = [
         f"# tokedge profile --video: {Path(report.artifact).name} ({report.method}, {report.stage})",
         "",
-        f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('memory_gb')} GiB). Video: {report.video}, "
-        f"{report.frames} frames (indices {report.frame_indices[:4]}{' ...' if report.frames > 4 else ''}), "
-        f"{report.tokens_per_frame} tokens per frame before reduction ({report.full_tokens} per video). "
-        f"Decode + sample + preprocess: {report.decode_preprocess_ms:.1f} ms (once). Prompt: \"{report.prompt}\"; "
-        f"{report.runs} runs after {report.warmup} warm-up, {report.max_new_tokens} new tokens. "
-        "Medians (p90 in brackets), milliseconds.",
+        (f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('memory_gb')} GiB). Video: {report.video}, "
+         f"{report.frames} frames (indices {report.frame_indices[:4]}{' ...' if report.frames > 4 else ''}), "
+         f"{report.tokens_per_frame} tokens per frame before reduction ({report.full_tokens} per video). "
+         f"Decode + sample + preprocess: {report.decode_preprocess_ms:.1f} ms (once). Prompt: \"{report.prompt}\"; "
+         f"{report.runs} runs after {report.warmup} warm-up, {report.max_new_tokens} new tokens. "
+         "Medians (p90 in brackets), milliseconds."),
         "",
-        "| budget | share | tokens/frame | prompt tokens | vision | reduction | prefill | TTFT | decode/token "
-        "| tokens/s | fidelity first / overlap / prefill top-1 / max logit diff |",
+        ("| budget | share | tokens/frame | prompt tokens | vision | reduction | prefill | TTFT | decode/token "
+         "| tokens/s | fidelity first / overlap / prefill top-1 / max logit diff |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.results:

@@ -13,9 +13,9 @@ describes the same steps for any other client.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +25,6 @@ from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, context_limit, decode_loop
 from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
 from tokedge.runtime.video import Clip, preprocess_frames, read_frame_files, read_video
-
 
 TEMPORAL_GRAPH = "video_reduce"  # a temporal method's graph (evs, dycoke): video_embeds -> video_tokens, video_kept
 
