@@ -45,6 +45,30 @@ def ov_loaded(tiny_llava_onevision_dir):
     return load_checkpoint(str(tiny_llava_onevision_dir), tiny_llava_onevision_dir)
 
 
+OV_METHOD_BUDGET = 585  # per-image budget of the shared OneVision method artifacts (20% of a 640x480 image)
+
+
+@pytest.fixture(scope="session")
+def ov_artifacts(tiny_llava_onevision_dir, tmp_path_factory):
+    """OneVision artifacts exported once per session and shared (read-only) by the image, method
+    and video tests: `ov_artifacts(method) -> (path, ExportResult)`; `none` keeps every token,
+    other methods use OV_METHOD_BUDGET per image. Each carries the video graph and record."""
+    from tokedge.export.pipeline import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("ov-artifacts")
+    made: dict[str, tuple] = {}
+
+    def get(method: str = "none"):
+        if method not in made:
+            out = root / method
+            budget = None if method == "none" else OV_METHOD_BUDGET
+            made[method] = (out, export(ExportConfig(model=str(tiny_llava_onevision_dir), out=out, method=method,
+                                                     budget=budget)))
+        return made[method]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def hf_onevision(tiny_llava_onevision_dir):
     """The tiny OneVision model loaded straight from transformers: the independent reference."""

@@ -186,6 +186,39 @@ class VisualLayout:
 
 
 @dataclass(frozen=True)
+class VideoInfo:
+    """How a video becomes visual tokens (LLaVA-OneVision; docs/artifact.md, "video").
+
+    Frames sampled from the clip are each resized to `frame_size` squared, rescaled and normalised
+    with `mean`/`std` and run through `graph` ([F, 3, S, S] -> `video_embeds` [F, q*q, hidden]:
+    tower, projector, then a bilinear 27->14 style pooling of the p x p map to q x q, in-graph);
+    the video's tokens are the frames' pooled tokens in frame-major raster order followed by ONE
+    `image_newline` (the graph's `newline` output) when `newline` is "one_per_video"."""
+
+    graph: str  # name in `graphs` of the per-frame video graph ("video_vision")
+    video_token: str  # placeholder in prompts, e.g. "<video>"
+    video_token_id: int
+    frame_size: int  # S: every frame is resized to S x S (no aspect kept, no crop)
+    patch_grid: int  # p: tower features per frame side before pooling
+    pooled_grid: int  # q: tokens per frame side after pooling (ceil(p / 2))
+    tokens_per_frame: int  # q * q
+    newline: str  # "one_per_video" (one image_newline after the last frame) or "absent"
+    resample: int  # PIL resample enum value of the frame resize (3 = bicubic)
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_frames: int  # frames sampled when neither --frames nor --fps is given (never "all frames")
+    max_frames: int  # most frames a prompt may take (context and memory bound)
+    sampling: str = "uniform"  # transformers' default_sample_indices_fn: frame i*total//N
+    keep_ratio: float = 1.0  # reducing artifacts: share of a video's F*n tokens kept when no budget is given
+
+    def tokens(self, frames: int, kept: int | None = None) -> int:
+        """`<video>` placeholders for `frames` frames: every pooled token (or `kept` of them) + newline."""
+        body = frames * self.tokens_per_frame if kept is None else kept
+        return body + (1 if self.newline == "one_per_video" else 0)
+
+
+@dataclass(frozen=True)
 class QuantInfo:
     """The manifest's record of how the weights were quantized (absent = float weights)."""
 
@@ -220,6 +253,7 @@ class Manifest:
     optimizations: tuple[dict[str, Any], ...] = ()  # graph passes applied: {graph, pass, fired}
     quantization: QuantInfo | None = None  # weight-only quantization; absent in float artifacts
     layout: VisualLayout = VisualLayout()  # absent in manifests written before it existed: "single"
+    video: VideoInfo | None = None  # video input (OneVision); absent: the artifact takes images only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

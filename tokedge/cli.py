@@ -113,6 +113,7 @@ def export_cmd(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the checkpoint to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load *.bin pickle weights (weights_only) when no safetensors exist.")] = False,
     validate: Annotated[bool, typer.Option(help="Check ONNX Runtime against transformers after export.")] = True,
+    frames: Annotated[Optional[int], typer.Option(help="Temporal methods (evs, dycoke, fastvid, holitom): frames per video their graph takes.")] = None,
     quantize: QuantizeOpt = None,
     quant_form: QuantFormOpt = "matmulnbits",
     group_size: GroupSizeOpt = 128,
@@ -138,12 +139,13 @@ def export_cmd(
 
         chosen = get_method(method)
         label = budget if budget is not None else (f"keep{keep:g}" if keep is not None
-                                                   else "full" if chosen.keeps_all else 64)
+                                                   else "full" if chosen.keeps_all
+                                                   else "video" if chosen.reduces_over_time else 64)
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
-        quantize=quant, device_profile=device_profile, max_pixels=max_pixels, keep=keep,
+        quantize=quant, device_profile=device_profile, max_pixels=max_pixels, keep=keep, frames=frames,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)
@@ -160,8 +162,13 @@ def export_cmd(
         kept = f"--keep {m.reduction.keep:g}: ceil({m.reduction.keep:g} x n) of each image's n, up to {kept}"
     if m.layout.max_pixels is not None:  # dynamic resolution: counts follow each image's size
         where += f" for the largest image, --max-pixels {m.layout.max_pixels}"
+    of = f"{m.reduction.full_tokens} visual tokens"
+    from tokedge.reduce.base import Stage
+
+    if m.video is not None and Stage(m.reduction.stage) is Stage.TEMPORAL:
+        of = f"{m.video.default_frames * m.video.tokens_per_frame} frame tokens of a {m.video.default_frames}-frame video"
     console.print(
-        f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
+        f"wrote {result.out} ({m.reduction.method}, {kept} of {of}{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
         + ")"
     )
@@ -398,34 +405,60 @@ def verify_cmd(
 @app.command("run", short_help="Generate text for images and prompts (no torch).")
 def run_cmd(
     artifact: ArtifactArg,
-    image: Annotated[list[Path], typer.Option(help="Image file; repeat for several images or a batch.")],
     prompt: Annotated[list[str], typer.Option(help="Question or instruction: one for all images, or one per --image.")],
+    image: Annotated[Optional[list[Path]], typer.Option(help="Image file; repeat for several images or a batch.")] = None,
     images_per_prompt: Annotated[Optional[str], typer.Option(
         help="Group the --image files into prompts, in order: 2,1 = two images for the first prompt, one for the next."
     )] = None,
+    video: Annotated[Optional[Path], typer.Option(help="Video clip (PyAV/FFmpeg) or a directory of frame images.")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Video: sample this many frames (default: the artifact's).")] = None,
+    fps: Annotated[Optional[float], typer.Option(help="Video: sample this many frames per second of the clip.")] = None,
+    frames_from_images: Annotated[bool, typer.Option(
+        "--frames-from-images", help="The --image files are the frames of one video, in order.")] = False,
+    keep: Annotated[Optional[float], typer.Option(help="Video: share of its visual tokens kept (reducing artifacts).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
-    budget: Annotated[Optional[int], typer.Option(help="Visual tokens, within the artifact's runtime range.")] = None,
+    budget: Annotated[Optional[int], typer.Option(
+        help="Visual tokens, within the artifact's runtime range (video: frame tokens of the whole video).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
     timeout: Annotated[Optional[float], typer.Option(help="Stop the generation after this many seconds (exit 1).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Generate text for an image and a prompt from an exported artifact (no torch needed)."""
+    """Generate text for images (or one video) and a prompt from an exported artifact (no torch needed)."""
     from tokedge.runtime.ort_backend import OrtOptions, check_threads
     from tokedge.runtime.pipeline import Pipeline, images_for_prompts
     from tokedge.safeio import printable_text
 
     check_threads(threads)
-    groups = images_for_prompts(image, prompt, images_per_prompt)
+    image = list(image or [])
 
     def stream(text: str) -> None:
         sys.stdout.write(printable_text(text))
         sys.stdout.flush()
+
+    if video is not None or frames_from_images:
+        source = _video_source(video, image, frames_from_images, prompt, images_per_prompt)
+        with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
+                           engines=engines) as pipe:
+            clip = pipe.generate_video(source, prompt[0], frames=frames, fps=fps, budget=budget, keep=keep,
+                                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, on_text=None if json_out else stream, timeout=timeout)
+        print(json.dumps(clip.to_dict()) if json_out else "")
+        return
+    if frames is not None or fps is not None or keep is not None:
+        from tokedge.errors import UsageError
+
+        raise UsageError("--frames, --fps and --keep apply to a video; pass --video (or --frames-from-images)")
+    if not image:
+        from tokedge.errors import UsageError
+
+        raise UsageError("nothing to look at: pass --image FILE (repeatable) or --video CLIP")
+    groups = images_for_prompts(image, prompt, images_per_prompt)
 
     with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
                        engines=engines) as pipe:
@@ -440,6 +473,23 @@ def run_cmd(
             print(f"[{i}] {printable_text(text)}")
     else:
         print()
+
+
+def _video_source(video: Optional[Path], image: list[Path], frames_from_images: bool, prompt: list[str],
+                  images_per_prompt: Optional[str]):
+    """`tokedge run`'s video flags -> what `Pipeline.generate_video` takes, or a one-line UsageError."""
+    from tokedge.errors import UsageError
+
+    if video is not None and image:
+        raise UsageError("--video and --image cannot be combined; to pass frames as image files use "
+                         "--frames-from-images with --image, without --video")
+    if frames_from_images and video is not None:
+        raise UsageError("--frames-from-images takes the frames from --image; drop --video")
+    if frames_from_images and not image:
+        raise UsageError("--frames-from-images needs the frames as --image files, in order")
+    if len(prompt) != 1 or images_per_prompt is not None:
+        raise UsageError("a video takes exactly one --prompt (and no --images-per-prompt)")
+    return video if video is not None else image
 
 
 @app.command("serve", short_help="OpenAI-compatible HTTP server for an artifact.")
@@ -478,9 +528,11 @@ def serve_cmd(
 @app.command("profile", short_help="Latency, FLOPs and fidelity per budget, with plots.")
 def profile_cmd(
     artifact: ArtifactArg,
-    image: Annotated[list[Path], typer.Option(help="Image(s) to profile with (repeatable).")],
-    prompt: Annotated[str, typer.Option(help="Prompt for every run.")] = "Describe this image.",
-    budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64.")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(help="Image(s) to profile with (repeatable).")] = None,
+    video: Annotated[Optional[Path], typer.Option(help="Profile a video (clip or frame directory) instead of images.")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Video: frames to sample (default: the artifact's).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt for every run.")] = None,
+    budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64 (video: frame tokens per video).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,
@@ -501,14 +553,13 @@ def profile_cmd(
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from tokedge.errors import UsageError
     from tokedge.report.profile import ProfileConfig, run_profile
     from tokedge.report.render import write_all
 
     try:
         budget_list = tuple(int(b) for b in budgets.split(",") if b.strip()) if budgets else ()
     except ValueError:
-        from tokedge.errors import UsageError
-
         raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
     try:
         keep_list = tuple(float(k) for k in keeps.split(",") if k.strip()) if keeps else ()
@@ -517,9 +568,16 @@ def profile_cmd(
 
         raise UsageError(f"--keeps '{keeps}' is not a comma-separated list of ratios like 1,0.75,0.5") from None
     if (out / "report.json").exists() and not force:
-        from tokedge.errors import UsageError
-
         raise UsageError(f"'{out}' already holds a report; choose another --out or pass --force to overwrite it")
+    if video is not None:
+        _profile_video(artifact, video, frames, prompt, budget_list, image, runs, warmup, max_new_tokens, out,
+                       threads, json_out, (backend != "onnxruntime", baseline, predict, checkpoint))
+        return
+    if frames is not None:
+        raise UsageError("--frames applies to a video; pass --video")
+    if not image:
+        raise UsageError("give at least one --image (or --video) to profile with")
+    prompt = prompt if prompt is not None else "Describe this image."
     if baseline_attention not in (None, "sdpa", "eager"):
         from tokedge.errors import UsageError
 
@@ -559,6 +617,38 @@ def profile_cmd(
                                                     if "cpu" in report.memory else ""))
         if "device_summary" in report.memory:
             console.print(report.memory["device_summary"])
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print(f"wrote {', '.join(str(f) for f in files)}")
+    if json_out:
+        print(json.dumps(report.to_dict()))
+
+
+def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: Optional[str], budgets: tuple,
+                   image: Optional[list[Path]], runs: int, warmup: int, max_new_tokens: int, out: Path, threads: int,
+                   json_out: bool, image_only: tuple) -> None:
+    """`tokedge profile --video`: per-budget latency, tokens per frame and fidelity vs the unreduced run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokedge.errors import UsageError
+    from tokedge.report.video_profile import VideoProfileConfig, run_video_profile, summary_lines, write_video_report
+
+    if image:
+        raise UsageError("--video and --image cannot be combined in one profile; run two profiles")
+    if any(image_only):
+        raise UsageError("--backend tensorrt, --baseline, --predict and --checkpoint are not available with --video yet")
+    cfg = VideoProfileConfig(artifact=artifact, video=video, frames=frames, budgets=budgets, runs=runs, warmup=warmup,
+                             max_new_tokens=max_new_tokens, threads=threads,
+                             prompt=prompt if prompt is not None else "Describe this video.")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console(), transient=True) as bar:
+        task = bar.add_task("profiling", total=None)
+        report = run_video_profile(cfg, progress=lambda label, done, total: bar.update(
+            task, description=label, completed=done, total=total))
+    files = write_video_report(report, out)
+    console = _console()
+    for line in summary_lines(report):
+        console.print(line, markup=False)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"wrote {', '.join(str(f) for f in files)}")

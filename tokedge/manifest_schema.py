@@ -159,6 +159,8 @@ def check_ranges(m: Any, format_version: int) -> None:
     if any(s == 0 for s in pre.image_std):
         raise ManifestError("preprocess.image_std", "non-zero numbers", list(pre.image_std))
     _check_layout(m.layout, m.format_version)
+    if m.video is not None:
+        _check_video(m.video, m.graphs)
     for name in ("vision", "embed", "decoder"):
         if name not in m.graphs:
             raise ManifestError(f"graphs.{name}", "present")
@@ -233,3 +235,30 @@ def _check_dynamic(layout: Any) -> None:
         value = getattr(layout, key)
         if value is not None and not 0 <= value < 1 << 31:
             raise ManifestError(f"layout.{key}", "a token id >= 0", value)
+
+
+def _check_video(video: Any, graphs: dict) -> None:
+    if video.graph not in graphs:
+        raise ManifestError("video.graph", f"the name of a graph in 'graphs' (one of {', '.join(graphs)})", video.graph)
+    if not video.video_token:
+        raise ManifestError("video.video_token", "a non-empty string", video.video_token)
+    if not 0 <= video.video_token_id < 1 << 31:
+        raise ManifestError("video.video_token_id", "a token id >= 0", video.video_token_id)
+    _positive("video.frame_size", video.frame_size, high=16384)
+    _positive("video.patch_grid", video.patch_grid, high=4096)
+    _positive("video.pooled_grid", video.pooled_grid, high=video.patch_grid)
+    if video.tokens_per_frame != video.pooled_grid * video.pooled_grid:
+        raise ManifestError("video.tokens_per_frame", f"pooled_grid squared ({video.pooled_grid ** 2})",
+                            video.tokens_per_frame)
+    if video.newline not in ("one_per_video", "absent"):
+        raise ManifestError("video.newline", '"one_per_video" or "absent"', video.newline)
+    if video.resample not in range(6):
+        raise ManifestError("video.resample", "a PIL resample value 0..5", video.resample)
+    if any(s == 0 for s in video.std):
+        raise ManifestError("video.std", "non-zero numbers", list(video.std))
+    _positive("video.max_frames", video.max_frames, high=4096)
+    _positive("video.default_frames", video.default_frames, high=video.max_frames)
+    if not 0 < video.keep_ratio <= 1:
+        raise ManifestError("video.keep_ratio", "a number in (0, 1]", video.keep_ratio)
+    if video.sampling not in ("uniform", "linspace"):
+        raise ManifestError("video.sampling", '"uniform" or "linspace"', video.sampling)

@@ -219,7 +219,7 @@ def prompt_tokens_for(manifest: Manifest, image_tokens: int, budget: int | None 
     pre-LLM and in-ViT methods hand the LLM their budget (`budget`, else the artifact's) whatever
     the image; `none` and in-LLM methods all of the image's tokens."""
     red = manifest.reduction
-    if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM):
+    if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM, Stage.TEMPORAL):
         return image_tokens
     if manifest.layout.max_pixels is not None and budget is None:  # dynamic resolution: a count per image
         from tokedge.reduce.quota import vision_budget
@@ -259,7 +259,11 @@ def predicted_artifact_bytes(manifest: Manifest) -> dict[str, int]:
     """What the artifact's graphs should weigh on disk (weights in the artifact's own dtype,
     fp32 scales), per graph."""
     scheme = WeightScheme.from_quant(manifest.quantization, float_bytes=DTYPE_BYTES[manifest.dtype], scale_bytes=4.0)
-    return weight_bytes(manifest.model, tuple(manifest.graphs), scheme)
+    out = weight_bytes(manifest.model, tuple(manifest.graphs), scheme)
+    video = manifest.video
+    if video is not None and video.graph in manifest.graphs:  # the tower and projector again, never quantized
+        out[video.graph] = weight_bytes(manifest.model, ("vision",), WeightScheme(DTYPE_BYTES[manifest.dtype]))["vision"]
+    return out
 
 
 @dataclass

@@ -51,6 +51,8 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
     if manifest.layout.max_pixels is not None:  # dynamic resolution: the artifact's --max-pixels, not the default
         loaded = loaded.family.with_max_pixels(loaded, manifest.layout.max_pixels)
     method = get_method(red.method)
+    if method.reduces_over_time:  # temporal methods reduce videos only: the image cases keep every token
+        method = get_method("none")
     if method.prunes_in_llm:
         from tokedge.reduce.in_llm import plan_for
 

@@ -296,12 +296,8 @@ def test_vision_graph_matches_transformers_features(ov_loaded, hf_onevision, vis
 
 
 @pytest.fixture(scope="module")
-def ov_artifact(tiny_llava_onevision_dir, tmp_path_factory):
-    from tokedge.export.pipeline import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("ov-art") / "art"
-    export(ExportConfig(model=str(tiny_llava_onevision_dir), out=out, method="none"))
-    return out
+def ov_artifact(ov_artifacts):
+    return ov_artifacts("none")[0]  # exported once per session, shared with the method and video tests
 
 
 def test_manifest_records_the_onevision_layout(ov_artifact):

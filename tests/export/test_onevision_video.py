@@ -54,9 +54,10 @@ def test_video_graph_equals_transformers_video_features(loaded, onevision, tmp_p
     assert clip.indices.tolist() == [0, 2, 5, 7]
     pixels = preprocess_frames(clip.frames, ONEVISION_PRE)
 
-    (embeds,) = session.run(None, {"pixel_values_videos": pixels})
+    embeds, graph_newline = session.run(None, {"pixel_values_videos": pixels})
     assert embeds.shape == (4, 196, hidden)
     newline = onevision.model.image_newline.detach().numpy()
+    np.testing.assert_array_equal(graph_newline, newline[None])
     packed = np.concatenate([embeds.reshape(-1, hidden), newline[None]])
 
     with torch.no_grad():

@@ -21,7 +21,7 @@ DATA_DEPENDENT = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
 
 def _cases():
     for name in METHODS:
-        if name == "none":
+        if name == "none" or METHODS[name].reduces_over_time:  # video-only: refused below
             continue
         for k in BUDGETS:
             yield pytest.param(name, k, id=f"{name}-{k}")
@@ -73,11 +73,20 @@ def test_method_exports_verifies_and_runs(method, budget, artifacts, tiny_llava_
         assert all(k <= 3840 for k in ks), f"{name}.onnx TopK k {ks}"
 
 
+@pytest.mark.parametrize("method", [name for name, m in METHODS.items() if m.reduces_over_time])
+def test_temporal_methods_refuse_image_exports(method, tiny_llava_dir, tmp_path, capsys):
+    rc = main(["export", str(tiny_llava_dir), "--method", method, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip()
+    needle = "reduces video tokens across frames and llava"
+    assert rc == 2 and f"--method {method} " in err and needle in err and "\n" not in err
+    assert not (tmp_path / "a").exists()
+
+
 def test_methods_command_lists_every_method(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == {"none", "cls-attn", "hired", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv",
-                         "pdrop", "dart"}
+                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom"}
     assert rows["hired"]["options"]["alpha"]["default"] == 0.5
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
     assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tokedge.export.quantize import QuantConfig
 
 DTYPES = ("fp32", "fp16")
+DEFAULT_VIDEO_KEEP = 0.25  # reducing artifacts keep this share of a video's tokens unless told otherwise
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -53,6 +54,7 @@ class ExportConfig:
     device_profile: str | None = None  # warn when this device profile cannot hold the artifact
     max_pixels: int | None = None  # dynamic-resolution layouts: largest image (pixels); None: the processor's
     keep: float | None = None  # dynamic-resolution layouts: keep ratio per image (--keep), instead of --budget
+    frames: int | None = None  # temporal methods: the frame count their video graph is fixed to (None: default)
 
 
 @dataclass
@@ -152,6 +154,14 @@ def _versions() -> dict[str, str]:
 def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult:
     """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
     method = get_method(cfg.method)
+    temporal, video_options = None, {}
+    if method.reduces_over_time:  # a video-only method: images keep every token, the method reduces videos
+        temporal, video_options = method, check_temporal(cfg, method)
+        temporal_budget, temporal_frames = cfg.budget, cfg.frames
+        cfg, method = replace(cfg, method="none", budget=None, options=()), get_method("none")
+    elif cfg.frames is not None:
+        raise UsageError(f"--frames fixes a temporal method's video graph; --method {method.name} takes any frame "
+                         "count at run time: drop --frames")
     check_flags(cfg, method)  # wrong flags are reported first, before "already exists" or any loading
     if cfg.quantize is not None:
         cfg.quantize.check()
@@ -178,6 +188,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     from tokedge.export.families import inspect_checkpoint
 
     family, spec = inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
+    if temporal is not None and getattr(family, "video", None) is None:
+        temporal.refuse_without_video(family.name)
     family.check_method(method)
     anyres = spec.layout.per_image  # per-image token counts: one reference case per example image
     if cfg.max_pixels is not None and spec.layout.max_pixels is None:
@@ -226,6 +238,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         full = loaded.spec.full_tokens
         budget, rng, options = check_request(cfg, method, full, spec.geometry)
 
+    if temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
+        probe = family.video(loaded, torch.float32, temporal.needs)[3]
+        temporal_graph(temporal, probe, video_options, temporal_budget, 1, torch.float32, temporal_frames)
+
     if method.prunes_in_llm and plan is None:
         if loaded.spec.text_layers is None:
             raise InputError(f"cannot tell how many decoder layers '{cfg.model}' has; its config names none")
@@ -254,6 +270,11 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             else:
                 cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
 
+    video_case = None  # transformers' video features on a small clip, to validate the video graph
+    if cfg.validate and getattr(family, "video_case", None) is not None:
+        with timed("reference video (transformers)"):
+            video_case = family.video_case(loaded)
+
     torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     if cfg.dtype == "fp16":
         loaded.model.half()
@@ -267,6 +288,18 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         specs["vision"] = vision_spec
     if plan is not None and hasattr(family, "prefill_trace_spec"):  # a family's own prefill inputs
         specs["prefill"] = family.prefill_trace_spec(loaded, plan, torch_dtype)
+    video = None  # families that take video add their per-frame graph and the manifest's video record
+    if getattr(family, "video", None) is not None:
+        video_graph, video_module, video_spec, video = family.video(
+            loaded, torch_dtype, *(() if temporal is None else (temporal.needs,)))
+        video = replace(video, keep_ratio=1.0 if method.keeps_all else DEFAULT_VIDEO_KEEP)
+        modules = {**modules, video_graph: video_module}
+        specs[video_graph] = video_spec
+        if temporal is not None:  # its graph, fixed to one frame count; the record's frame counts follow it
+            from tokedge.runtime.video_pipeline import TEMPORAL_GRAPH
+
+            video, modules[TEMPORAL_GRAPH], specs[TEMPORAL_GRAPH], temporal_budget = temporal_graph(
+                temporal, video, video_options, temporal_budget, info.hidden_size, torch_dtype, temporal_frames)
 
     from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
 
@@ -289,12 +322,15 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         loaded.processor.tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
         tol = Tolerance.for_dtype(cfg.dtype)
         save_reference(stage / REFERENCE_FILE, pixel_values, cases)
+        recorded = method if temporal is None else temporal  # a temporal method's budget is its video's
         reduction = ReductionInfo(
-            method=method.name, budget=budget, full_tokens=full, stage=method.stage.value, budget_range=rng,
-            options=options, stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
+            method=recorded.name, budget=budget if temporal is None else temporal_budget, full_tokens=full,
+            stage=recorded.stage.value, budget_range=rng,
+            options=options if temporal is None else video_options,
+            stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
             merge_schedule=tuple(modules["vision"].schedule or ()),
-            scores_with=tuple(s.value for s in method.scores_with),
-            supports_runtime_budget=method.supports_runtime_budget, keep=cfg.keep,
+            scores_with=tuple(s.value for s in recorded.scores_with),
+            supports_runtime_budget=recorded.supports_runtime_budget, keep=cfg.keep,
         )
         manifest = Manifest(
             # the oldest format that reads it: the layout's (2 tiled, 3 dynamic resolution), at least 2 for
@@ -314,6 +350,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             files={},
             optimizations=tuple(optimizations),
             layout=family.layout(loaded),
+            video=video,
         )
         if cfg.quantize is not None:
             from tokedge.export.quantize import quantize_graphs
@@ -330,8 +367,11 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             with timed("validate (ONNX Runtime vs transformers)"):
                 with ArtifactGraphs(stage, manifest) as runtime_graphs:
                     report = run_cases(runtime_graphs, pixel_values, cases, tol)
+                    video_parity = check_video_graph(runtime_graphs, video_case, tol)
                 report.raise_if_failed("export validation failed")
                 parity = report.to_dict()
+                if video_parity is not None:
+                    parity["video"] = video_parity
         manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
@@ -386,6 +426,63 @@ def _check_keep_stages(cfg: ExportConfig, method: Method, plan) -> None:
     if cfg.keep is not None and plan is not None and len(plan.stages) > 1:
         raise UsageError(f"--method {method.name} prunes in {len(plan.stages)} stages of fixed counts; "
                          "give --budget (tokens per image) instead of --keep")
+
+
+def check_temporal(cfg: ExportConfig, method: Method) -> dict:
+    """A temporal method's flags, before anything loads; -> its options."""
+    if cfg.dynamic_budget is not None:
+        raise UsageError(f"--method {method.name} fixes its counts at export: drop --dynamic-budget")
+    if cfg.frames is not None and not 1 <= cfg.frames:
+        raise UsageError(f"--frames {cfg.frames}: use 1 or more frames")
+    return method.parse_options(dict(cfg.options))
+
+
+def temporal_graph(method: Method, video, options: dict, budget: int | None, hidden: int, dtype, frames: int | None):
+    """-> (the video record for F frames, the method's graph, its trace spec, K tokens it keeps).
+
+    The graph is fixed to F frames (--frames, else the record's default) and keeps K of the F*n
+    frame tokens: --budget, else the default keep ratio (the method's floor may raise it)."""
+    import torch
+
+    from tokedge.export.onnx_export import TraceSpec
+    from tokedge.reduce.frames import temporal_module
+
+    frames = frames or video.default_frames
+    if frames > video.max_frames:
+        raise UsageError(f"--frames {frames}: this model takes at most {video.max_frames} frames per video")
+    n = video.tokens_per_frame
+    if budget is None:  # (a count option of the method, e.g. evs pruning_rate, takes precedence)
+        budget = max(n, int(DEFAULT_VIDEO_KEEP * frames * n))
+    kept = method.temporal_count(frames, n, budget, options)
+    inputs, example = ("video_embeds",), (torch.rand(frames, n, hidden, dtype=dtype),)
+    if "received_attention" in method.needs:  # the video graph's extra output (fastvid)
+        inputs, example = inputs + ("received_attention",), example + (torch.rand(frames, n),)
+    spec = TraceSpec(inputs=inputs, outputs=("video_tokens", "video_kept"), example=example, dynamic_axes={},
+                     output_shapes={"video_tokens": (kept, hidden), "video_kept": (kept,)})
+    video = replace(video, default_frames=frames, max_frames=frames, keep_ratio=kept / (frames * n))
+    return video, temporal_module(method, frames, n, budget, options), spec, kept
+
+
+def check_video_graph(graphs, case, tol) -> dict | None:
+    """The video graph (ONNX Runtime) against transformers' `get_video_features` on `case`
+    (pixels, features with the newline last): its frame tokens + newline, max abs difference.
+    Fails the export beyond the image-embeddings tolerance (fp16: reported, not judged)."""
+    import numpy as np
+
+    from tokedge.errors import ParityError
+
+    video = graphs.manifest.video
+    if case is None or video is None:
+        return None
+    pixels, expected = case
+    out = graphs.runners[video.graph].infer({"pixel_values_videos": pixels})
+    got = np.concatenate([out["video_embeds"].reshape(-1, out["video_embeds"].shape[-1]), out["newline"]])
+    diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.shape == expected.shape else float("inf")
+    ok = tol.image_embeds is None or diff <= tol.image_embeds
+    if not ok:
+        raise ParityError(f"export validation failed: the video graph's tokens differ from transformers' "
+                          f"get_video_features by {diff:.3g} (tolerance {tol.image_embeds})")
+    return {"frames": int(pixels.shape[0]), "max_abs_video_embeds": diff, "ok": ok}
 
 
 def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,

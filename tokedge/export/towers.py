@@ -59,6 +59,9 @@ class VisionTower(nn.Module):
             extras["early_cls_attention"] = attention_row(q[:, :, :1], k, self.scale).mean(dim=1)
         if last and "cls_attention" in self.needs:
             extras["cls_attention"] = attention_row(q[:, :, :1], k, self.scale).mean(dim=1)
+        if last and "received_attention" in self.needs:  # every query's row: [b, h, t, t], mean over heads, queries
+            probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale, dim=-1)
+            extras["received_attention"] = probs.mean(dim=1).mean(dim=1)
         if last and "keys" in self.needs:
             extras["keys"] = k.mean(dim=1)
         if r > 0:
@@ -87,6 +90,8 @@ class VisionTower(nn.Module):
             vf.keys = extras["keys"][:, start:]
         if "early_cls_attention" in extras:
             vf.early_cls_attention = extras["early_cls_attention"][:, start:]
+        if "received_attention" in extras:
+            vf.received_attention = extras["received_attention"][:, start:]
         if "cls_token" in self.needs and self.has_cls:
             vf.cls_token = x[:, :1]
         return vf

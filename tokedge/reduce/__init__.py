@@ -19,12 +19,27 @@ _METHODS: dict[str, Method] | None = None
 def _registry() -> dict[str, Method]:
     global _METHODS
     if _METHODS is None:
-        from tokedge.reduce import cls_attn, divprune, hired, in_llm, none, pool, tome, visionzip, vispruner
+        from tokedge.reduce import (
+            cls_attn,
+            divprune,
+            dycoke,
+            evs,
+            fastvid,
+            hired,
+            holitom,
+            in_llm,
+            none,
+            pool,
+            tome,
+            visionzip,
+            vispruner,
+        )
 
         _METHODS = {
             m.name: m
             for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
-                      pool.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART)
+                      pool.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART, evs.METHOD, dycoke.METHOD,
+                      fastvid.METHOD, holitom.METHOD)
         }
     return _METHODS
 

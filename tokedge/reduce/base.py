@@ -23,6 +23,7 @@ class Stage(str, Enum):
     PRE_LLM = "pre-llm"  # between the vision tower and the LLM (in the vision graph)
     IN_VIT = "in-vit"  # inside the vision tower's layers (in the vision graph)
     IN_LLM = "in-llm"  # inside the decoder's prefill (the vision graph keeps every token)
+    TEMPORAL = "temporal"  # video only: across a video's frames, before the LLM (images keep every token)
 
     def __str__(self) -> str:
         return self.value
@@ -42,6 +43,7 @@ class Signal(str, Enum):
     REGIONS = "regions"  # tiled images: each token's partition and the tile under each base-view token
     LLM_ATTENTION = "llm-attention"  # the last prompt token's attention inside the LLM
     LLM_KEY_NORM = "llm-key-norm"  # L1 norm of the LLM's keys, plus hidden-state similarity
+    RECEIVED_ATTENTION = "received-attention"  # mean attention each token receives in the feature layer (video)
 
     def __str__(self) -> str:
         return self.value
@@ -50,7 +52,7 @@ class Signal(str, Enum):
 STAGES = tuple(s.value for s in Stage)
 # VisionFeatures extras a vision-side signal asks the tower for
 _TOWER_EXTRAS = {Signal.CLS_ATTENTION: "cls_attention", Signal.CLS_TOKEN: "cls_token", Signal.KEYS: "keys",
-                 Signal.EARLY_CLS_ATTENTION: "early_cls_attention"}
+                 Signal.EARLY_CLS_ATTENTION: "early_cls_attention", Signal.RECEIVED_ATTENTION: "received_attention"}
 
 
 @dataclass
@@ -80,6 +82,7 @@ class VisionFeatures:
     cls_token: Any = None
     keys: Any = None
     early_cls_attention: Any = None
+    received_attention: Any = None  # [b, n] feature layer's attention probabilities, mean over heads and queries
     partition: Any = None
     base_tile: Any = None
 
@@ -123,6 +126,9 @@ class Method:
     # largest k the graph is built for) -> (tokens [1, k, hidden], kept_index [1, k] int64 ascending:
     # whose position each token takes)
     reduce_indexed: Callable[..., Any] | None = None
+    # video-only methods (evs, dycoke, fastvid): act on a whole video's pooled projected tokens
+    temporal: Callable[..., Any] | None = None  # (frames.VideoTokens, budget, options) -> ([K, hidden], kept [K])
+    temporal_count: Callable[..., int] | None = None  # (frames, n, budget, options) -> K; UsageError if unreachable
 
     @property
     def needs(self) -> frozenset[str]:
@@ -133,6 +139,17 @@ class Method:
     def needs_attention(self) -> bool:
         """Scores with attention probabilities (so it needs eager attention, no fused kernels)."""
         return Signal.CLS_ATTENTION in self.scores_with or Signal.LLM_ATTENTION in self.scores_with
+
+    @property
+    def reduces_over_time(self) -> bool:
+        """A temporal (video-only) method: it needs frames, so image exports refuse it."""
+        return self.temporal is not None
+
+    def refuse_without_video(self, family: str) -> None:
+        """Temporal methods need a family that exports a video graph."""
+        if self.reduces_over_time:
+            raise UsageError(f"--method {self.name} reduces video tokens across frames and {family} checkpoints take "
+                             "no video in tokedge: use an image method (see `tokedge methods`)")
 
     @property
     def keeps_all(self) -> bool:

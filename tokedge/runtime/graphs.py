@@ -191,10 +191,13 @@ class ArtifactGraphs:
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray,
                 room: int, images_per_row: Sequence[int] | None = None,
-                position_ids: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:
+                position_ids: np.ndarray | None = None,
+                prune: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, DecodeState]:
         """Prompt pass. `images_per_row`: how many images each row's prompt holds (default one each).
         `position_ids`: the layout's own ([3, b, s] M-RoPE, `runtime.layout.prompt_positions`);
         None: 1-D positions from the mask. Decode steps continue at the last column + 1.
+        `prune`: (image_positions [b, n], image_keep [stages]) for the prefill graph, given by the
+        caller instead of derived from image placeholders (a video's frame tokens).
         -> (logits [b, vocab] fp32, state for `step`)."""
         attention_mask = attention_mask.astype(np.int64, copy=False)
         if position_ids is None:
@@ -204,7 +207,10 @@ class ArtifactGraphs:
         pruned = None
         if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
             counts = [1] * len(input_ids) if images_per_row is None else images_per_row
-            out, past = self._pruning_prefill(host, input_ids, counts)
+            if prune is not None:
+                out, past = self._run("prefill", {**host, "image_positions": prune[0], "image_keep": prune[1]}, {})
+            else:
+                out, past = self._pruning_prefill(host, input_ids, counts)
             # pruning before layer 0 (dart layer=0) leaves group 0 without layers: no `attention_mask` input
             masks = {"attention_mask": attention_mask,
                      **{n: out[n] for n in self.mask_names if n != "attention_mask"}}

@@ -162,6 +162,56 @@ class Pipeline:
         return Result(texts=texts, token_ids=gen.token_ids, visual_tokens=gen.visual_tokens, timings=gen.timings)
 
 
+    def generate_video(
+        self,
+        video: Path | str | Sequence[Path | str],
+        prompt: str,
+        *,
+        frames: int | None = None,
+        fps: float | None = None,
+        budget: int | None = None,
+        keep: float | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ):
+        """Generate for one prompt about one video: a clip file, a directory of frames, or a list
+        of frame image files in time order. `frames` / `fps` pick the frames (neither: the
+        artifact's default count); `budget` (frame tokens reaching the LLM) or `keep` (a share of
+        them) sets the per-video budget of a reducing artifact. -> `VideoResult`."""
+        from tokedge.runtime.video_pipeline import VideoResult, generate_video, video_inputs, video_plan, video_record
+
+        started = time.perf_counter()
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise InputError(f"--timeout must be a positive number of seconds (got {timeout})")
+        info = video_record(self.manifest)
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        cfg.check()
+        timings = Timings()
+        t0 = time.perf_counter()
+        inputs = video_inputs(self.manifest, video, frames, fps)
+        plan = video_plan(self.manifest, inputs.frames, budget, keep)
+        enc = self.encoder.encode_video(prompt, info.video_token, info.video_token_id, plan.placeholders)
+        timings.preprocess_ms = (time.perf_counter() - t0) * 1e3
+        streamer = _Streamer(self.encoder, on_text) if on_text is not None else None
+        deadline = Deadline(timeout) if timeout is not None else None
+        try:
+            gen = generate_video(self.graphs, inputs, plan, enc.input_ids, enc.attention_mask, cfg, on_step=streamer,
+                                 timings=timings, started=started, deadline=deadline)
+        finally:
+            if deadline is not None:
+                deadline.close()
+        if streamer is not None:
+            streamer.flush(gen.token_ids[0])
+        return VideoResult(text=self.encoder.decode(gen.token_ids[0]), token_ids=gen.token_ids[0], frames=inputs.frames,
+                           frame_indices=inputs.indices.tolist(), visual_tokens=gen.visual_tokens, budget=plan.keep,
+                           kept_per_frame=gen.kept_per_frame, timings=gen.timings, reduce_ms=gen.reduce_ms)
+
+
 ImageLike = Union[Image.Image, str, Path]
 ImagesArg = Union[ImageLike, Sequence[Union[ImageLike, Sequence[ImageLike]]]]
 

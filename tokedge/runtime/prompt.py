@@ -206,6 +206,17 @@ def render_messages(info: PromptInfo, messages: list[dict], special_tokens: dict
                            **(special_tokens or {}))
 
 
+def render_video_chat(info: PromptInfo, text: str, video_token: str, special_tokens: dict[str, str] | None = None,
+                      limits: Limits = DEFAULT_LIMITS) -> str:
+    """One user turn with one video item before the text, generation prompt added (bounded)."""
+    check_prompt_text(text, limits)
+    if info.chat_template is None:
+        return FALLBACK_TEMPLATE.format(image=video_token, text=text)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    return _render_bounded(info.chat_template, limits, messages=messages, add_generation_prompt=True,
+                           **(special_tokens or {}))
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: np.ndarray  # [b, t] int64, left-padded
@@ -288,6 +299,34 @@ class PromptEncoder:
             input_ids[i, width - len(row):] = row
             mask[i, width - len(row):] = 1
         return Encoded(input_ids=input_ids, attention_mask=mask)
+
+    def encode_video(self, prompt: str, video_token: str, video_token_id: int, count: int) -> Encoded:
+        """One prompt with one video: the chat template's video item expanded to `count` placeholders."""
+        from tokedge.runtime.video import expand_video_placeholders
+
+        rendered = render_video_chat(self.info, prompt, video_token, self.special_tokens, self.limits)
+        if rendered.count(video_token) == 0:
+            raise InputError(f"the artifact's chat template renders no '{video_token}' for a video item; it cannot "
+                             "place a video (re-export from a checkpoint whose chat template handles videos)")
+        if rendered.count(video_token) != 1:
+            raise InputError(f"the rendered prompt has {rendered.count(video_token)} video placeholders "
+                             f"'{video_token}' for 1 video; tokedge adds it itself (remove it from --prompt)")
+        if self.info.image_token in rendered:
+            raise InputError(f"the prompt holds the image placeholder '{self.info.image_token}' but no image is given; "
+                             "remove it from --prompt")
+        text = expand_video_placeholders(rendered, video_token, [count])
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ArtifactError(f"the artifact's tokenizer failed on this prompt: {printable(exc, 160)}; "
+                                "re-export the artifact") from None
+        if ids.count(video_token_id) != count:
+            raise InputError(f"the tokenizer split the video placeholder '{video_token}' (got "
+                             f"{ids.count(video_token_id)} video tokens, expected {count})")
+        input_ids = np.asarray([ids], dtype=np.int64)
+        return Encoded(input_ids=input_ids, attention_mask=np.ones_like(input_ids))
 
     def decode(self, ids: list[int]) -> str:
         try:

@@ -32,10 +32,12 @@ SAMPLING = ("uniform", "linspace")
 
 
 def sample_indices(total: int, frames: int | None = None, fps: float | None = None,
-                   source_fps: float | None = None, sampling: str = "uniform") -> np.ndarray:
+                   source_fps: float | None = None, sampling: str = "uniform", default: int | None = None) -> np.ndarray:
     """0-based indices of the frames to keep, as transformers' `default_sample_indices_fn`:
     `frames=N` -> `i * total // N` for i < N; `fps=F` -> N = max(1, int(total / source_fps * F));
-    neither -> every frame. Returns int64 [N], strictly increasing.
+    neither -> every frame, or with `default` min(default, total) frames sampled the same way
+    (an artifact's default frame count: never "all frames" of a long clip). Returns int64 [N],
+    strictly increasing.
 
     sampling="linspace" is lmms-eval's rule (`np.linspace(0, total - 1, N).astype(int)`, first and
     last frame included), which the temporal-reduction papers evaluate with."""
@@ -51,6 +53,8 @@ def sample_indices(total: int, frames: int | None = None, fps: float | None = No
         if not source_fps:
             raise UsageError("--fps needs the video's frame rate, which this input does not have; use --frames N")
         frames = max(1, int(total / source_fps * fps))
+    if frames is None and default is not None:
+        frames = min(default, total)
     if frames is None:
         return np.arange(total, dtype=np.int64)
     if frames < 1:
@@ -78,14 +82,24 @@ def _natural_key(name: str):
 
 
 def read_frame_dir(path: Path, frames: int | None = None, fps: float | None = None,
-                   sampling: str = "uniform") -> Clip:
+                   sampling: str = "uniform", default: int | None = None) -> Clip:
     """Image files in `path` are the frames, in natural name order (digit runs compare as numbers:
     f2.png before f10.png). No frame rate, so `fps` is refused."""
     files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: _natural_key(p.name))
     if not files:
         raise InputError(f"frame directory '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    indices = sample_indices(len(files), frames, fps, None, sampling)
+    return read_frame_files(files, frames, fps, sampling, default)
+
+
+def read_frame_files(files, frames: int | None = None, fps: float | None = None,
+                     sampling: str = "uniform", default: int | None = None) -> Clip:
+    """Image files given in time order (e.g. several --image marked as frames) are a video's
+    frames. No frame rate, so `fps` is refused."""
+    files = [Path(f) for f in files]
+    if not files:
+        raise InputError("no frame images given; pass at least one image file")
+    indices = sample_indices(len(files), frames, fps, None, sampling, default)
     # frames may differ in size: each is resized on its own (transformers would fail to stack them)
     images = [np.asarray(to_rgb(load_image(files[i]))) for i in indices]
     return Clip(images, indices, len(files), None)
@@ -142,7 +156,8 @@ def _decode(av, path: Path, wanted: np.ndarray, size: tuple[int, int] | None = N
 
 
 def read_video(path: Path | str, frames: int | None = None, fps: float | None = None,
-               sampling: str = "uniform", size: tuple[int, int] | None = None, resample: int = 3) -> Clip:
+               sampling: str = "uniform", size: tuple[int, int] | None = None, resample: int = 3,
+               default: int | None = None) -> Clip:
     """A clip file (decoded with PyAV) or a directory of frames -> the sampled frames.
 
     size=(height, width) resizes each kept frame as soon as it is decoded (PIL, `resample`), so a
@@ -154,7 +169,7 @@ def read_video(path: Path | str, frames: int | None = None, fps: float | None = 
     ignores it). A stream that ends before its count is resampled over the frames that decoded."""
     path = Path(path)
     if path.is_dir():
-        clip = read_frame_dir(path, frames, fps, sampling)
+        clip = read_frame_dir(path, frames, fps, sampling, default)
         return Clip([_resized(f, size, resample) for f in clip.frames], clip.indices, clip.total, clip.fps)
     if not path.exists():
         raise InputError(f"video '{path}' does not exist")
@@ -173,13 +188,13 @@ def read_video(path: Path | str, frames: int | None = None, fps: float | None = 
             total = _count_packets(av, path)
         if total <= 0:
             raise InputError(f"'{path}' has a video stream without frames")
-        indices = sample_indices(total, frames, fps, source_fps, sampling)
+        indices = sample_indices(total, frames, fps, source_fps, sampling, default)
         kept, decoded = _decode(av, path, indices, size, resample)
         if len(kept) < len(indices):  # the header promised more frames than the stream holds
             if decoded == 0:
                 raise InputError(f"no frames could be decoded from '{path}'")
             total = decoded
-            indices = sample_indices(total, frames, fps, source_fps, sampling)
+            indices = sample_indices(total, frames, fps, source_fps, sampling, default)
             kept, _ = _decode(av, path, indices, size, resample)
     except (av.error.FFmpegError, OSError) as exc:
         raise _unreadable(path, exc) from None

@@ -6,6 +6,11 @@ preprocessing, prompt rendering and the transformers-side reference. Everything 
 package talks to a family only through `Family`, found with `for_checkpoint(config)`; no other
 module imports a family module, and nothing outside asks which family it holds.
 
+Families that take video add two optional methods (export looks for them with `getattr`):
+`video(loaded, dtype) -> (graph name, torch module, TraceSpec, artifact.VideoInfo)` (the per-frame
+video graph and the manifest's `video` record) and `video_case(loaded) -> (pixel_values_videos,
+transformers' video tokens)` (what export validates that graph against).
+
 A family registers itself under the checkpoint's `model_type` at the bottom of its module
 (`register(LlavaFamily())`); the built-in family modules are imported on first use of the
 registry, so importing this package stays cheap and torch-free.

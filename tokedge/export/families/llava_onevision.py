@@ -341,52 +341,120 @@ def render_images_prompt(loaded: LoadedCheckpoint, question: str, images: int = 
 # --- the family ------------------------------------------------------------------------------------
 
 
-# --- video: the per-frame vision graph (issue 13; not yet wired into export) ------------------------------
+# --- video: the per-frame vision graph and the manifest's video record (issue 13) ---------------------
+
+DEFAULT_VIDEO_FRAMES = 8  # frames sampled when the user gives neither --frames nor --fps
+MAX_VIDEO_FRAMES = 64  # most frames a prompt may take (the papers use 32)
 
 
 class VideoVisionGraph(nn.Module):
-    """pixel_values_videos [F, 3, S, S] -> video_embeds [F, q*q, hidden].
+    """pixel_values_videos [F, 3, S, S] -> (video_embeds [F, q*q, hidden], newline [1, hidden]).
 
     transformers' `get_video_features`: every frame through the tower to the feature layer and the
     projector (all p*p rows: SigLIP has no CLS), then `interpolate(size=(q, q), mode="bilinear")`
     with q = ceil(p / 2), here two constant matrices (`W X W^T`, from `runtime.video.pooling_matrix`).
-    The video's single `image_newline` is appended by the runtime (`runtime.video.VideoLayout.pack`).
+    The video's single `image_newline` is the second output; the runtime appends it after the
+    (possibly reduced) frame tokens (`runtime.video.VideoLayout.pack` does the same in numpy).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, needs: frozenset[str] = frozenset()):
         super().__init__()
         from tokedge.export.towers import VisionTower
         from tokedge.runtime.video import pooling_matrix
 
         m = model.model
         cfg = model.config
-        self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=False, needs=frozenset())
+        self.needs = needs  # "received_attention": also output it per frame, pooled like the tokens (fastvid)
+        self.tower = VisionTower(m.vision_tower, cfg.vision_feature_layer, drop_cls=False, needs=needs)
         self.projector = m.multi_modal_projector
+        self.newline = m.image_newline
         self.p = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.q = math.ceil(self.p / 2)
         self.register_buffer("pool", torch.from_numpy(pooling_matrix(self.p, self.q)), persistent=False)
 
+    def _pool(self, x):
+        """[F, p*p, d] -> [F, q*q, d]: the bilinear 27->14 pooling as two constant matrices."""
+        f, d = x.shape[0], x.shape[-1]
+        pool = self.pool.to(x.dtype)
+        rows = torch.einsum("ai,fijd->fajd", pool, x.reshape(f, self.p, self.p, d))
+        return torch.einsum("bj,fajd->fabd", pool, rows).reshape(f, self.q * self.q, d)
+
     def forward(self, pixel_values_videos):
-        feats = self.projector(self.tower(pixel_values_videos).features)  # [F, p*p, D]
-        f, d = feats.shape[0], feats.shape[-1]
-        grid = feats.reshape(f, self.p, self.p, d)
-        pool = self.pool.to(feats.dtype)
-        rows = torch.einsum("ai,fijd->fajd", pool, grid)
-        pooled = torch.einsum("bj,fajd->fabd", pool, rows)
-        return pooled.reshape(f, self.q * self.q, d)
+        vf = self.tower(pixel_values_videos)
+        feats = self.projector(vf.features)  # [F, p*p, D]
+        out = (self._pool(feats), self.newline.to(feats.dtype).reshape(1, feats.shape[-1]))
+        if "received_attention" in self.needs:
+            out += (self._pool(vf.received_attention[..., None])[..., 0],)
+        return out
 
 
-def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int):
-    """The video vision graph's input and output, frames dynamic."""
+def video_trace_spec(hidden_size: int, image_size: int, tokens_per_frame: int, dtype=torch.float32,
+                     needs: frozenset[str] = frozenset()):
+    """The video vision graph's input and outputs, frames dynamic. `pixel_values_videos` stays
+    float32 whatever the weights' `dtype` (the tower casts it), as the image graph's pixels do."""
     from tokedge.export.onnx_export import TraceSpec
 
-    return TraceSpec(
-        inputs=("pixel_values_videos",),
-        outputs=("video_embeds",),
-        example=(torch.rand(3, 3, image_size, image_size),),
-        dynamic_axes={"pixel_values_videos": {0: "frames"}, "video_embeds": {0: "frames"}},
-        output_shapes={"video_embeds": ("frames", tokens_per_frame, hidden_size)},
-    )
+    outputs = ("video_embeds", "newline")
+    axes = {"pixel_values_videos": {0: "frames"}, "video_embeds": {0: "frames"}}
+    shapes: dict = {"video_embeds": ("frames", tokens_per_frame, hidden_size), "newline": (1, hidden_size)}
+    if "received_attention" in needs:
+        outputs += ("received_attention",)
+        axes["received_attention"] = {0: "frames"}
+        shapes["received_attention"] = ("frames", tokens_per_frame)
+    return TraceSpec(inputs=("pixel_values_videos",), outputs=outputs,
+                     example=(torch.rand(3, 3, image_size, image_size),), dynamic_axes=axes,
+                     output_shapes=shapes)
+
+
+def video_processor_settings(where: str | None, image_processor: Any) -> dict:
+    """The video processor's saved settings, looked up as transformers does (processor_config.json
+    "video_processor", then video_preprocessor_config.json), falling back key by key to the image
+    processor's (older hub layouts keep one preprocessor_config.json for both)."""
+    saved: dict = {}
+    if where is not None:
+        nested = _read_json(where, "processor_config.json").get("video_processor")
+        saved = nested if isinstance(nested, dict) else _read_json(where, "video_preprocessor_config.json")
+
+    def pick(key: str, default):
+        return saved[key] if key in saved else getattr(image_processor, key, default)
+
+    return {"resample": pick("resample", 3), "rescale_factor": pick("rescale_factor", 1 / 255),
+            "image_mean": pick("image_mean", [0.5] * 3), "image_std": pick("image_std", [0.5] * 3),
+            "size": saved.get("size")}
+
+
+def _triple(value, what: str) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3:
+        raise InputError(f"the video processor's {what} {values} does not have 3 channels")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def video_info(loaded: LoadedCheckpoint, graph_name: str = "video_vision"):
+    """The manifest's `video` record for this checkpoint."""
+    from tokedge.artifact import VideoInfo
+
+    cfg = loaded.model.config
+    proc = loaded.processor
+    settings = video_processor_settings(loaded.source if loaded.path is None else str(loaded.path),
+                                        proc.image_processor)
+    size = cfg.vision_config.image_size
+    saved = settings["size"]
+    if isinstance(saved, dict) and (saved.get("height", size), saved.get("width", size)) != (size, size):
+        raise UnsupportedModelError(f"the video processor resizes frames to {saved}, not the tower's {size}x{size}; "
+                                    "tokedge exports video only for square frames of the tower's size")
+    p = size // cfg.vision_config.patch_size
+    q = math.ceil(p / 2)
+    resample = settings["resample"]
+    token_id = getattr(cfg, "video_token_id", None)
+    if token_id is None:
+        token_id = proc.tokenizer.convert_tokens_to_ids(proc.video_token)
+    return VideoInfo(graph=graph_name, video_token=proc.video_token, video_token_id=int(token_id), frame_size=size,
+                     patch_grid=p, pooled_grid=q, tokens_per_frame=q * q, newline="one_per_video",
+                     resample=int(getattr(resample, "value", resample)),
+                     rescale_factor=float(settings["rescale_factor"]),
+                     mean=_triple(settings["image_mean"], "image_mean"), std=_triple(settings["image_std"], "image_std"),
+                     default_frames=DEFAULT_VIDEO_FRAMES, max_frames=MAX_VIDEO_FRAMES)
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
@@ -431,12 +499,34 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def hf_processor(self, loaded: LoadedCheckpoint):
         return hf_processor(loaded)
 
-    # --- video (issue 13; beyond the protocol until export writes video artifacts)
-    def video_vision(self, loaded: LoadedCheckpoint):
-        """The per-frame video vision graph ([F, 3, S, S] -> [F, q*q, hidden]) and its trace spec."""
+    # --- video (issue 13)
+    def video_vision(self, loaded: LoadedCheckpoint, dtype=torch.float32, needs: frozenset[str] = frozenset()):
+        """The per-frame video vision graph ([F, 3, S, S] -> [F, q*q, hidden], newline) and its trace spec;
+        `needs` {"received_attention"} adds that output ([F, q*q], pooled like the tokens)."""
         cfg = loaded.model.config
-        graph = VideoVisionGraph(loaded.model).eval()
-        return graph, video_trace_spec(cfg.text_config.hidden_size, cfg.vision_config.image_size, graph.q * graph.q)
+        graph = VideoVisionGraph(loaded.model, needs).eval()
+        return graph, video_trace_spec(cfg.text_config.hidden_size, cfg.vision_config.image_size, graph.q * graph.q,
+                                       dtype, needs)
+
+    def video_case(self, loaded: LoadedCheckpoint, frames: int = 2, seed: int = 0):
+        """A validation case for the video graph: (pixel_values_videos [F, 3, S, S] float32 of
+        smooth random frames, transformers' `get_video_features` on them [F*q*q + 1, hidden])."""
+        cfg = loaded.model.config
+        size = cfg.vision_config.image_size
+        rng = np.random.default_rng(seed)
+        coarse = rng.uniform(-1, 1, (frames, 3, 8, 8)).astype(np.float32)
+        pixels = np.ascontiguousarray(np.repeat(np.repeat(coarse, size // 8 + 1, axis=2), size // 8 + 1, axis=3)
+                                      [:, :, :size, :size])
+        with torch.no_grad():
+            ref = loaded.model.model.get_video_features(
+                torch.from_numpy(pixels)[None], vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy).pooler_output[0]
+        return pixels, ref.float().numpy()
+
+    def video(self, loaded: LoadedCheckpoint, dtype=torch.float32, needs: frozenset[str] = frozenset()):
+        """What export writes for video input: (graph name, module, trace spec, manifest VideoInfo)."""
+        graph, spec = self.video_vision(loaded, dtype, needs)
+        return "video_vision", graph, spec, video_info(loaded, "video_vision")
 
 
 FAMILY = register(LlavaOnevisionFamily())
