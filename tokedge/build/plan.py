@@ -153,7 +153,8 @@ class _Axes:
             self.ranges["visual_tokens"] = image.vision_tokens
         merge = manifest.layout.merge_size
         if merge:  # dynamic resolution: one image's patches (m² per visual token) and merged tokens
-            self.ranges["patches"] = tuple(t * merge * merge for t in image.vision_tokens)
+            lo, opt, hi = image.vision_tokens
+            self.ranges["patches"] = (lo * merge * merge, opt * merge * merge, hi * merge * merge)
             self.ranges["image_tokens"] = image.vision_tokens
         if red.stages:  # the prefill's image positions: every image token of a prompt, one image or several
             lo, opt, hi = image.vision_tokens
