@@ -108,3 +108,13 @@ def tiny_qwen2_5_vl_dir(tmp_path_factory) -> Path:
     from tokedge.export.presets import TinyQwen25VLConfig, build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl", TinyQwen25VLConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
+    """Qwen3-VL (hub image geometry: patch 16, merge 2; learned 12 x 12 position table, DeepStack on
+    blocks 1 and 2) + Qwen3 decoder with interleaved M-RoPE; model, Qwen2Tokenizer + chat_template.jinja
+    and the PIL image processor saved with save_pretrained."""
+    from tokedge.export.presets import TinyQwen3VLConfig, build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", TinyQwen3VLConfig())

@@ -39,12 +39,15 @@ class _Layers(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")  # Qwen3: RMSNorm on head_dim before rotary
 
     def qkv(self, layer, x, cos, sin):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = apply_rotary(split_heads(attn.q_proj(h), self.head_dim), cos, sin)
-        k = apply_rotary(split_heads(attn.k_proj(h), self.head_dim), cos, sin)
+        q, k = split_heads(attn.q_proj(h), self.head_dim), split_heads(attn.k_proj(h), self.head_dim)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = split_heads(attn.v_proj(h), self.head_dim)
         return q, k, v
 

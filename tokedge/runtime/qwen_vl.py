@@ -216,3 +216,31 @@ def mrope_axis_map(mrope_section, head_dim: int, interleaved: bool = False) -> n
     axes[1:3 * s[1]:3] = 1
     axes[2:3 * s[2]:3] = 2
     return axes
+
+
+def interpolation_inputs(grid_thw: np.ndarray, side: int, merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned position embedding resampled to a grid: (index [N, 4] int64 into the
+    flattened `side x side` table, weight [N, 4] float32), rows in processor (block-major) order.
+
+    Bilinear with align_corners, as transformers' `get_vision_interpolation_indices_and_weights`:
+    per axis `src = i * (side - 1) / max(n - 1, 1)` in float32, taps floor(src) and floor(src) + 1
+    (clamped to the table), weights from the unclamped taps; the 2 x 2 taps ordered
+    (r0c0, r0c1, r1c0, r1c1). The tower adds `sum_k table[index[:, k]] * weight[:, k]` to each patch.
+    """
+
+    def axis(n: int) -> tuple[np.ndarray, np.ndarray]:
+        src = (np.arange(n, dtype=np.float32) * np.float32(side - 1) / np.float32(max(n - 1, 1))).astype(np.float32)
+        low = np.floor(src)
+        taps = np.stack([low, low + 1], -1)
+        weight = np.clip(np.float32(1) - np.abs(src[:, None] - taps), 0, None).astype(np.float32)
+        return np.clip(taps.astype(np.int64), 0, side - 1), weight
+
+    index, weight = [], []
+    for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3):
+        row_taps, row_w = axis(int(h))
+        col_taps, col_w = axis(int(w))
+        idx = (row_taps[:, None, :, None] * side + col_taps[None, :, None, :]).reshape(int(h), int(w), 4)
+        wgt = (row_w[:, None, :, None] * col_w[None, :, None, :]).astype(np.float32).reshape(int(h), int(w), 4)
+        index.append(np.tile(_block_major(idx, int(h), int(w), merge_size), (int(t), 1)))
+        weight.append(np.tile(_block_major(wgt, int(h), int(w), merge_size), (int(t), 1)))
+    return np.concatenate(index).astype(np.int64), np.concatenate(weight).astype(np.float32)
