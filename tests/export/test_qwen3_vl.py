@@ -64,23 +64,20 @@ def _prompt(tok, counts):
 
 
 def _onnx_generate(model, tok, sessions, images):
-    """The torch-free path: numpy preprocessing and indices, one vision run per image, M-RoPE
-    positions from rope_index, DeepStack planes scattered to the image positions, greedy decode with
-    positions last + 1 and zero planes."""
+    """The torch-free path: numpy preprocessing and indices, one vision run per image, packed rows
+    (features + DeepStack planes) spliced at the image positions, M-RoPE positions from rope_index,
+    greedy decode with positions last + 1 (the embed graph gives text tokens zero planes)."""
     side = int(model.config.vision_config.num_position_embeddings ** 0.5)
-    embeds, stacks, grids = [], [], []
+    embeds, grids = [], []
     for image in images:
         pixels, grid = qwen_vl.preprocess_image(image, SPEC)
-        feat, deep = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
+        (feat,) = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
         embeds.append(feat)
-        stacks.append(deep)
         grids.append(grid)
     ids = _prompt(tok, [len(e) for e in embeds])
     image = ids == model.config.image_token_id
     (x,) = sessions["embed"].run(None, {"input_ids": ids})
     x[image] = np.concatenate(embeds)
-    levels = np.zeros((stacks[0].shape[0], *x.shape), np.float32)
-    levels[:, image] = np.concatenate(stacks, axis=1)
     pos, delta = qwen_vl.rope_index(image.astype(np.int64), np.stack(grids))
     tcfg = model.config.text_config
     kv = (1, tcfg.num_key_value_heads, 0, tcfg.head_dim)
@@ -90,7 +87,7 @@ def _onnx_generate(model, tok, sessions, images):
     tokens, step_logits = [], []
     for _ in range(STEPS):
         outs = sessions["decoder"].run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos,
-                                              "deepstack_embeds": levels, **past})
+                                              **past})
         logits, presents = outs[0], outs[1:]
         step_logits.append(logits[0, -1])
         nxt = int(logits[0, -1].argmax())
@@ -99,7 +96,6 @@ def _onnx_generate(model, tok, sessions, images):
         (x,) = sessions["embed"].run(None, {"input_ids": np.array([[nxt]], np.int64)})
         mask = np.ones((1, mask.shape[1] + 1), np.int64)
         pos = pos[:, :, -1:] + 1
-        levels = np.zeros((levels.shape[0], 1, 1, levels.shape[-1]), np.float32)
     return ids, delta, tokens, np.stack(step_logits)
 
 
@@ -152,13 +148,14 @@ def test_vision_graph_equals_transformers_tower(qwen3):
     pixels, grid = qwen_vl.preprocess_image(image, SPEC)
     np.testing.assert_allclose(pixels, proc["pixel_values"].numpy(), atol=1e-5, rtol=0)
     side = int(model.config.vision_config.num_position_embeddings ** 0.5)
-    got, deep = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
+    (packed,) = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
     hidden = model.config.text_config.hidden_size
-    assert got.shape == (23 * 31, hidden) and deep.shape == (2, 23 * 31, hidden)
-    np.testing.assert_allclose(got, ref.pooler_output[0].numpy(), atol=1e-4, rtol=0)
+    assert packed.shape == (23 * 31, 3 * hidden)  # features, then two DeepStack levels
+    np.testing.assert_allclose(packed[:, :hidden], ref.pooler_output[0].numpy(), atol=1e-4, rtol=0)
     assert len(ref.deepstack_features) == 2
     for level, plane in enumerate(ref.deepstack_features):
-        np.testing.assert_allclose(deep[level], plane[0].numpy(), atol=1e-4, rtol=0)  # one image
+        got = packed[:, (level + 1) * hidden:(level + 2) * hidden]
+        np.testing.assert_allclose(got, plane[0].numpy(), atol=1e-4, rtol=0)  # one image
 
 
 def test_deepstack_planes_and_interleaved_axes_change_the_logits(qwen3):
@@ -168,24 +165,26 @@ def test_deepstack_planes_and_interleaved_axes_change_the_logits(qwen3):
     model, tok, sessions = qwen3
     pixels, grid = qwen_vl.preprocess_image(_image(448, 448, seed=3), SPEC)
     side = int(model.config.vision_config.num_position_embeddings ** 0.5)
-    feat, deep = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
+    (feat,) = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
     ids = _prompt(tok, [len(feat)])
     image = ids == model.config.image_token_id
     (x,) = sessions["embed"].run(None, {"input_ids": ids})
+    hidden = model.config.text_config.hidden_size
+    assert x.shape[-1] == 3 * hidden and not x[..., hidden:].any()  # text rows: zero planes
     x[image] = feat
-    levels = np.zeros((deep.shape[0], *x.shape), np.float32)
-    levels[:, image] = deep
     pos, _ = qwen_vl.rope_index(image.astype(np.int64), grid[None])
     tcfg = model.config.text_config
     past = {f"past_key_values.{i}.{k}": np.zeros((1, tcfg.num_key_value_heads, 0, tcfg.head_dim), np.float32)
             for i in range(tcfg.num_hidden_layers) for k in ("key", "value")}
     mask = np.ones(ids.shape, np.int64)
 
-    def prefill(planes, positions):
-        return sessions["decoder"].run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": positions,
-                                              "deepstack_embeds": planes, **past})[0][0, -1]
+    def prefill(embeds, positions):
+        return sessions["decoder"].run(None, {"inputs_embeds": embeds, "attention_mask": mask,
+                                              "position_ids": positions, **past})[0][0, -1]
 
-    base = prefill(levels, pos)
-    assert np.abs(prefill(np.zeros_like(levels), pos) - base).max() > 1e-2
+    base = prefill(x, pos)
+    flat = x.copy()
+    flat[..., hidden:] = 0  # no DeepStack planes
+    assert np.abs(prefill(flat, pos) - base).max() > 1e-2
     swapped = pos[[0, 2, 1]]  # h and w exchanged: only the h/w frequencies see it
-    assert np.abs(prefill(levels, swapped) - base).max() > 1e-2
+    assert np.abs(prefill(x, swapped) - base).max() > 1e-2

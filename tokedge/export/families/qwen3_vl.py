@@ -1,20 +1,22 @@
 """Qwen3-VL (`Qwen3VLForConditionalGeneration`): dynamic resolution, a learned position table
 resampled to each grid, interleaved M-RoPE and DeepStack.
 
-Graph contract (docs/research/qwen-vl.md sections 3.4, 4 and 5.4; one image per vision run, t = 1):
+Graph contract (docs/research/qwen-vl.md sections 3.4, 4 and 5.4; one image per vision run, t = 1).
+DeepStack travels PACKED with the embeddings: every embedding row is `(1 + levels) * hidden` wide,
+the token's embedding followed by one DeepStack plane per level (zeros for text tokens). Splicing
+image rows into the prompt, batching, in-LLM pruning gathers and decode steps then carry the planes
+along with the tokens they belong to, and the runtime needs nothing Qwen3-specific.
 - vision: `pixel_values [patches, C*T*P*P]` in processor (block-major) order, `vision_pos [patches, 2]`
   (row, col) of each patch, `interp_index [patches, 4]` / `interp_weight [patches, 4]` the bilinear
   taps into the flattened learned position table (tokedge/runtime/qwen_vl.py `interpolation_inputs`)
-  -> `image_embeds [tokens, hidden]` in raster order of the merged grid and `deepstack_embeds
-  [levels, tokens, hidden]`: the outputs of the configured intermediate blocks
-  (`deepstack_visual_indexes`) through their own mergers. Full attention over the image (no windows).
-- embed: `input_ids [b, s]` -> `inputs_embeds [b, s, hidden]`.
-- decoder: as the Qwen2.5-VL decoder (`position_ids [3, b, s]`, M-RoPE rows t, h, w) with the
-  rotary frequencies taken from the axes INTERLEAVED (`t h w t h w ... t`), q/k RMS norms, and one
-  more input `deepstack_embeds [levels, b, s, hidden]`: after decoder layer l < levels the graph adds
-  `deepstack_embeds[l]` to the hidden states. The runtime scatters each level's rows to the image
-  positions and leaves zeros elsewhere (text, padding, decode steps), which is exactly transformers'
-  `hidden[visual_pos_masks] += ds_l`; a pruning gather along `sequence` keeps the planes aligned.
+  -> `image_embeds [tokens, (1 + levels) * hidden]` in raster order of the merged grid: the merger's
+  output, then the outputs of the configured intermediate blocks (`deepstack_visual_indexes`)
+  through their own mergers. Full attention over the image (no windows).
+- embed: `input_ids [b, s]` -> `inputs_embeds [b, s, (1 + levels) * hidden]` (zero planes).
+- decoder: as the Qwen2.5-VL decoder (`position_ids [3, b, s]`, M-RoPE rows t, h, w) with the rotary
+  frequencies taken from the axes INTERLEAVED (`t h w t h w ... t`) and q/k RMS norms; it splits
+  `inputs_embeds` into the hidden states and the planes and adds plane l after decoder layer l, which
+  is exactly transformers' `hidden[visual_pos_masks] += ds_l` (zeros elsewhere).
 """
 
 from __future__ import annotations
@@ -71,7 +73,21 @@ class Qwen3VisionGraph(nn.Module):
             h = h + block.mlp(block.norm2(h))
             if i in self.deepstack:
                 levels[self.deepstack[i]] = self.deepstack_mergers[self.deepstack[i]](h)
-        return self.merger(h), torch.stack(levels)
+        return torch.cat([self.merger(h), *levels], dim=-1)  # [T, (1 + levels) * hidden]
+
+
+class PackedEmbedder(TokenEmbedder):
+    """input_ids [b, s] -> inputs_embeds [b, s, (1 + levels) * hidden]: the token embedding, then
+    zero DeepStack planes (text tokens receive no DeepStack features)."""
+
+    def __init__(self, embed_tokens: nn.Module, levels: int):
+        super().__init__(embed_tokens)
+        self.levels = levels
+
+    def forward(self, input_ids):
+        x = self.embed_tokens(input_ids)
+        zeros = torch.zeros_like(x).repeat(1, 1, self.levels)
+        return torch.cat([x, zeros], dim=-1)
 
 
 class InterleavedMRope(nn.Module):
@@ -101,9 +117,16 @@ def _text_rotary(model: nn.Module) -> InterleavedMRope:
     return InterleavedMRope(model.model.language_model.rotary_emb, section, head_dim)
 
 
+def split_planes(inputs_embeds: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, s, (1 + levels) * hidden] -> (hidden states [b, s, hidden], planes [levels, b, s, hidden])."""
+    packed = inputs_embeds.reshape(inputs_embeds.shape[0], inputs_embeds.shape[1], 1 + levels, -1)
+    packed = packed.permute(2, 0, 1, 3)
+    return packed[0], packed[1:]
+
+
 class DeepStackDecoder(KVDecoder):
-    """One decode call with DeepStack: forward(inputs_embeds [b,s,h], attention_mask [b,past+s],
-    position_ids [3,b,s], deepstack_embeds [levels,b,s,h], *past) -> (logits, *present)."""
+    """One decode call with DeepStack: forward(inputs_embeds [b,s,(1+levels)*h], attention_mask
+    [b,past+s], position_ids [3,b,s], *past) -> (logits, *present)."""
 
     def __init__(self, model: nn.Module):
         lm = model.model.language_model
@@ -111,8 +134,8 @@ class DeepStackDecoder(KVDecoder):
         self.rotary = _text_rotary(model)
         self.levels = len(model.config.vision_config.deepstack_visual_indexes)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, deepstack_embeds, *past):
-        x = inputs_embeds
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        x, deepstack_embeds = split_planes(inputs_embeds, self.levels)
         bias = causal_bias(attention_mask, x.shape[1])
         cos, sin = self.rotary(x, position_ids)
         presents = []
@@ -130,50 +153,50 @@ class DeepStackDecoder(KVDecoder):
 def build_graph_modules(model: nn.Module) -> dict[str, nn.Module]:
     """vision, embed and decoder for `--method none`."""
     lm = model.model.language_model
-    return {"vision": Qwen3VisionGraph(model).eval(), "embed": TokenEmbedder(lm.embed_tokens).eval(),
+    levels = len(model.config.vision_config.deepstack_visual_indexes)
+    return {"vision": Qwen3VisionGraph(model).eval(), "embed": PackedEmbedder(lm.embed_tokens, levels).eval(),
             "decoder": DeepStackDecoder(model).eval()}
 
 
 def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
-    """Trace specs with a dynamic patch count (vision) and [3, b, s] positions + DeepStack planes
-    (decoder)."""
+    """Trace specs with a dynamic patch count (vision), packed (1 + levels) * hidden embeddings and
+    [3, b, s] positions (decoder)."""
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     row = int(vcfg.in_channels) * int(vcfg.temporal_patch_size) * int(vcfg.patch_size) ** 2
     hidden, vocab = int(tcfg.hidden_size), int(tcfg.vocab_size)
     layers, kv_heads = int(tcfg.num_hidden_layers), int(tcfg.num_key_value_heads)
     head_dim = getattr(tcfg, "head_dim", None) or hidden // int(tcfg.num_attention_heads)
     levels = len(vcfg.deepstack_visual_indexes)
+    width = (1 + levels) * hidden  # packed embedding rows
     table = int(vcfg.num_position_embeddings)
     n = 16  # a 4 x 4 patch example; the axis is dynamic
     b, s, p = 2, 3, 4
     past_in, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
     decoder_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": {1: BATCH, 2: SEQ},
-                    "deepstack_embeds": {1: BATCH, 2: SEQ}, "attention_mask": {0: BATCH, 1: TOTAL},
+                    "attention_mask": {0: BATCH, 1: TOTAL},
                     "logits": {0: BATCH}}
     decoder_axes.update({name: {0: BATCH, 2: PAST} for name in past_in})
     decoder_axes.update({name: {0: BATCH, 2: TOTAL} for name in present})
     return {
         "vision": TraceSpec(
             inputs=("pixel_values", "vision_pos", "interp_index", "interp_weight"),
-            outputs=("image_embeds", "deepstack_embeds"),
+            outputs=("image_embeds",),
             example=(torch.randn(n, row, dtype=dtype), torch.zeros(n, 2, dtype=torch.int64),
                      torch.randint(0, table, (n, 4), dtype=torch.int64), torch.rand(n, 4, dtype=torch.float32)),
             dynamic_axes={"pixel_values": {0: PATCHES}, "vision_pos": {0: PATCHES}, "interp_index": {0: PATCHES},
-                          "interp_weight": {0: PATCHES}, "image_embeds": {0: TOKENS},
-                          "deepstack_embeds": {1: TOKENS}},
-            output_shapes={"image_embeds": (TOKENS, hidden), "deepstack_embeds": (levels, TOKENS, hidden)},
+                          "interp_weight": {0: PATCHES}, "image_embeds": {0: TOKENS}},
+            output_shapes={"image_embeds": (TOKENS, width)},
         ),
         "embed": TraceSpec(
             inputs=("input_ids",), outputs=("inputs_embeds",), example=(torch.ones(b, 5, dtype=torch.int64),),
             dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}},
-            output_shapes={"inputs_embeds": (BATCH, SEQ, hidden)},
+            output_shapes={"inputs_embeds": (BATCH, SEQ, width)},
         ),
         "decoder": TraceSpec(
-            inputs=("inputs_embeds", "attention_mask", "position_ids", "deepstack_embeds", *past_in),
+            inputs=("inputs_embeds", "attention_mask", "position_ids", *past_in),
             outputs=("logits", *present),
-            example=(torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
+            example=(torch.randn(b, s, width, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
                      torch.arange(p, p + s).expand(3, b, s).contiguous(),
-                     torch.randn(levels, b, s, hidden, dtype=dtype),
                      *[torch.zeros(b, kv_heads, p, head_dim, dtype=dtype) for _ in past_in]),
             dynamic_axes=decoder_axes,
             output_shapes={"logits": (BATCH, 1, vocab),
