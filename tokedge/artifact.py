@@ -23,7 +23,7 @@ from tokedge.errors import ArtifactError, IntegrityError, UsageError
 if TYPE_CHECKING:
     from tokedge.safeio import Limits
 
-FORMAT_VERSION = 2  # what this tokedge writes for non-single layouts; it reads 1 and 2
+FORMAT_VERSION = 3  # the newest format this tokedge writes and reads (it reads 1, 2 and 3)
 MANIFEST_NAME = "tokedge.json"
 
 Dim = int | str  # a fixed size or a symbolic axis name
@@ -118,7 +118,10 @@ class PromptInfo:
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token... for the template
 
 
-LAYOUT_KINDS = ("single", "anyres")
+LAYOUT_KINDS = ("single", "anyres", "qwen_dynamic")
+# the oldest format_version that reads each layout kind (readers ignore keys they do not know, so a
+# layout older readers would misread needs a version they refuse)
+LAYOUT_FORMAT = {"single": 1, "anyres": 2, "qwen_dynamic": 3}
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,33 @@ class VisualLayout:
     multi_image_square: bool = False  # OneVision: images of multi-image prompts are padded square, untiled
     pad_fill: tuple[int, int, int] = (0, 0, 0)  # uint8 colour of the canvas padding (before normalising)
     image_newline: bool = False  # a learned newline embedding ends each row of tile features
+    # "qwen_dynamic" (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: docs/artifact.md, "dynamic resolution"); unused otherwise
+    patch_size: int | None = None  # P: pixels per patch side
+    merge_size: int | None = None  # m: m x m patches form one visual token
+    temporal_patch_size: int | None = None  # T: a still image is repeated T times in each patch row
+    min_pixels: int | None = None  # the resize keeps height * width inside [min_pixels, max_pixels]
+    max_pixels: int | None = None  # ... (export's --max-pixels; default the checkpoint's processor value)
+    window_size: int | None = None  # window attention side in pixels (Qwen2.5-VL: 112); None: full attention
+    fullatt_blocks: tuple[int, ...] = ()  # vision blocks with full attention (the others use windows)
+    mrope_section: tuple[int, ...] = ()  # M-RoPE: rotary frequencies per (temporal, height, width) axis
+    mrope_interleaved: bool = False  # Qwen3-VL's t h w t h w ... frequency order (chunked otherwise)
+    vision_start_token_id: int | None = None  # text tokens the chat template puts around each image
+    vision_end_token_id: int | None = None
+
+    @property
+    def format_version(self) -> int:
+        """The oldest manifest format that reads this layout."""
+        return LAYOUT_FORMAT.get(self.kind, FORMAT_VERSION)
+
+    @property
+    def per_image(self) -> bool:
+        """Each image gives its own visual-token count (the runtime builds per-image vision inputs)."""
+        return self.kind != "single"
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the decoder's `position_ids`: 3 with M-RoPE ([3, b, s]), else 1 ([b, s])."""
+        return 3 if self.mrope_section else 1
 
     def anyres(self):
         """This layout as the runtime's `AnyresLayout` (kind "anyres" only)."""

@@ -121,6 +121,7 @@ def export_cmd(
     quantize_embeddings: QuantEmbedOpt = False,
     accuracy_level: AccuracyOpt = 4,
     device_profile: Annotated[Optional[str], typer.Option("--profile", help="Warn when this device profile cannot hold the artifact (memory plan).")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: the processor's).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Export a LLaVA checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder)."""
@@ -140,7 +141,7 @@ def export_cmd(
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
-        quantize=quant, device_profile=device_profile,
+        quantize=quant, device_profile=device_profile, max_pixels=max_pixels,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)

@@ -191,8 +191,12 @@ def _check_layout(layout: Any, format_version: int) -> None:
         raise ManifestError("layout.kind", " or ".join(f'"{k}"' for k in LAYOUT_KINDS), layout.kind)
     if layout.kind == "single":
         return
-    if format_version < 2:  # a reader that ignores `layout` would run a tiled artifact as one crop
-        raise ManifestError("format_version", f'2 or more for a "{layout.kind}" layout', format_version)
+    if format_version < layout.format_version:  # a reader that ignores `layout` would misread the artifact
+        raise ManifestError("format_version", f'{layout.format_version} or more for a "{layout.kind}" layout',
+                            format_version)
+    if layout.kind == "qwen_dynamic":
+        _check_dynamic(layout)
+        return
     _positive("layout.tile", layout.tile, high=16384)
     _positive("layout.patch_grid", layout.patch_grid, high=4096)
     if not layout.pinpoints:
@@ -204,3 +208,26 @@ def _check_layout(layout: Any, format_version: int) -> None:
     _positive("layout.max_tiles", layout.max_tiles, allow_none=True, high=4096)
     if not all(0 <= c <= 255 for c in layout.pad_fill):
         raise ManifestError("layout.pad_fill", "three integers 0..255", list(layout.pad_fill))
+
+
+def _check_dynamic(layout: Any) -> None:
+    """A "qwen_dynamic" layout: sizes the numpy preprocessing and M-RoPE positions rely on."""
+    _positive("layout.patch_size", layout.patch_size, high=1024)
+    _positive("layout.merge_size", layout.merge_size, high=64)
+    _positive("layout.temporal_patch_size", layout.temporal_patch_size, high=64)
+    factor = layout.patch_size * layout.merge_size
+    _positive("layout.min_pixels", layout.min_pixels, high=1 << 30)
+    _positive("layout.max_pixels", layout.max_pixels, high=1 << 30)
+    if layout.max_pixels < max(layout.min_pixels, factor * factor):
+        raise ManifestError("layout.max_pixels", f"at least layout.min_pixels ({layout.min_pixels}) and one "
+                            f"merged patch ({factor * factor})", layout.max_pixels)
+    if layout.window_size is not None and (layout.window_size < factor or layout.window_size % factor):
+        raise ManifestError("layout.window_size", f"a multiple of patch_size * merge_size ({factor}) or null",
+                            layout.window_size)
+    if len(layout.mrope_section) not in (0, 3) or any(v < 1 for v in layout.mrope_section):
+        raise ManifestError("layout.mrope_section", "three positive integers (or empty for 1-D positions)",
+                            list(layout.mrope_section))
+    for key in ("vision_start_token_id", "vision_end_token_id"):
+        value = getattr(layout, key)
+        if value is not None and not 0 <= value < 1 << 31:
+            raise ManifestError(f"layout.{key}", "a token id >= 0", value)

@@ -46,10 +46,18 @@ def axis(base: str, group: int) -> str:
     return base if group == 0 else f"{base}.{group}"
 
 
+def _positions(example: torch.Tensor, rows: int) -> tuple[torch.Tensor, dict[int, str]]:
+    """Position ids [b, s], or [rows, b, s] (M-RoPE: every row equal in the example), and their axes."""
+    if rows == 1:
+        return example, {0: BATCH, 1: SEQ}
+    return example.expand(rows, *example.shape).contiguous(), {1: BATCH, 2: SEQ}
+
+
 def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visual_tokens: int | str,
-                plan=None, full_tokens: int = 0) -> dict[str, TraceSpec]:
+                plan=None, full_tokens: int = 0, position_rows: int = 1) -> dict[str, TraceSpec]:
     """visual_tokens: the fixed count of image_embeds, or TOKENS when the budget is a runtime input.
-    plan: the in-LLM pruning plan (adds the prefill graph and per-group masks / past axes)."""
+    plan: the in-LLM pruning plan (adds the prefill graph and per-group masks / past axes).
+    position_rows: 3 for M-RoPE layouts (`position_ids [3, b, s]`), else 1 (`[b, s]`)."""
     b, s, p = 2, 3, 4
     groups = [plan.group_of(i) if plan else 0 for i in range(info.num_layers)]
     n_groups = max(groups) + 1
@@ -58,7 +66,8 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
     past_in, present_out = kv_names(info.num_layers, "past_key_values"), kv_names(info.num_layers, "present")
     layer_of = [i for i in range(info.num_layers) for _ in range(2)]
     masks = [mask_name(g) for g in range(n_groups)]
-    decoder_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": {0: BATCH, 1: SEQ}, "logits": {0: BATCH}}
+    decoder_positions, position_axes = _positions(torch.arange(p, p + s).expand(b, s).contiguous(), position_rows)
+    decoder_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": position_axes, "logits": {0: BATCH}}
     decoder_axes.update({m: {0: BATCH, 1: axis(TOTAL, g)} for g, m in enumerate(masks)})
     decoder_axes.update({n: {0: BATCH, 2: axis(PAST, groups[layer_of[j]])} for j, n in enumerate(past_in)})
     decoder_axes.update({n: {0: BATCH, 2: axis(TOTAL, groups[layer_of[j]])} for j, n in enumerate(present_out)})
@@ -83,7 +92,7 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
             example=(
                 torch.randn(b, s, info.hidden_size, dtype=dtype),
                 *[torch.ones(b, p + g + s, dtype=torch.int64) for g in range(n_groups)],
-                torch.arange(p, p + s).expand(b, s).contiguous(),
+                decoder_positions,
                 *past,
             ),
             dynamic_axes=decoder_axes,
@@ -96,20 +105,21 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
     if plan is not None:
         t = full_tokens + 9
         group_masks = masks[1:]
+        mask_example = torch.ones(b, t, dtype=torch.int64)
+        mask_example[1, :2] = 0
+        prefill_positions, prefill_position_axes = _positions((mask_example.cumsum(-1) - 1).clamp(min=0), position_rows)
         prefill_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: SEQ},
-                        "position_ids": {0: BATCH, 1: SEQ}, "image_positions": {0: BATCH, 1: IMAGE_TOKENS},
+                        "position_ids": prefill_position_axes, "image_positions": {0: BATCH, 1: IMAGE_TOKENS},
                         "logits": {0: BATCH}}
         prefill_axes.update({n: {0: BATCH, 2: axis(SEQ, groups[layer_of[j]])} for j, n in enumerate(present_out)})
         prefill_axes.update({m: {0: BATCH, 1: axis(SEQ, g + 1)} for g, m in enumerate(group_masks)})
-        mask_example = torch.ones(b, t, dtype=torch.int64)
-        mask_example[1, :2] = 0
         specs["prefill"] = TraceSpec(
             inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions", "image_keep"),
             outputs=("logits", *present_out, *group_masks),
             example=(
                 torch.randn(b, t, info.hidden_size, dtype=dtype),
                 mask_example,
-                (mask_example.cumsum(-1) - 1).clamp(min=0),
+                prefill_positions,
                 torch.arange(4, 4 + full_tokens).expand(b, full_tokens).contiguous(),
                 torch.tensor([s.keep for s in plan.stages], dtype=torch.int64),
             ),

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import tokedge
 from tokedge.artifact import (
-    FORMAT_VERSION,
     Manifest,
     ReductionInfo,
     check_target,
@@ -52,6 +51,7 @@ class ExportConfig:
     options: tuple[tuple[str, str], ...] = ()  # method options as given (`--option key=value`)
     quantize: "QuantConfig | None" = None  # weight-only quantization after tracing (None: float weights)
     device_profile: str | None = None  # warn when this device profile cannot hold the artifact
+    max_pixels: int | None = None  # dynamic-resolution layouts: largest image (pixels); None: the processor's
 
 
 @dataclass
@@ -168,7 +168,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
     family, spec = inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
     family.check_method(method)
-    anyres = spec.layout.kind != "single"  # per-image token counts: no fixed-count reference cases yet
+    anyres = spec.layout.per_image  # per-image token counts: one reference case per example image
+    if cfg.max_pixels is not None and spec.layout.max_pixels is None:
+        raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {family.name} "
+                         "checkpoint has a fixed image geometry: drop --max-pixels")
     full = spec.full_tokens
     budget, rng, options = check_request(cfg, method, full, spec.geometry)
     from tokedge.reduce.in_llm import plan_for
@@ -201,6 +204,12 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         )
 
         loaded = family.load(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        if cfg.max_pixels is not None:
+            loaded = family.with_max_pixels(loaded, cfg.max_pixels)
+    if loaded.spec.full_tokens != full and loaded.spec.layout.kind == "qwen_dynamic":
+        # the pixel range comes with the image processor (and --max-pixels): the largest image's count
+        full = loaded.spec.full_tokens
+        budget, rng, options = check_request(cfg, method, full, spec.geometry)
 
     if method.prunes_in_llm and plan is None:
         if loaded.spec.text_layers is None:
@@ -236,7 +245,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     pre = family.preprocess(loaded)
     modules = family.modules(loaded, method, trace_k, options, plan)
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
-                           plan=plan, full_tokens=full)
+                           plan=plan, full_tokens=full, position_rows=loaded.spec.layout.position_rows)
     vision_spec = family.vision_trace_spec(loaded, torch_dtype, modules["vision"])
     if vision_spec is not None:
         specs["vision"] = vision_spec
@@ -270,8 +279,9 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             supports_runtime_budget=method.supports_runtime_budget,
         )
         manifest = Manifest(
-            # the oldest format that reads it: 2 for tiled layouts and for prefill graphs with `image_keep`
-            format_version=FORMAT_VERSION if anyres or plan is not None else 1,
+            # the oldest format that reads it: the layout's (2 tiled, 3 dynamic resolution), at least 2 for
+            # prefill graphs with `image_keep`
+            format_version=max(family.layout(loaded).format_version, 2 if plan is not None else 1),
             tokedge_version=tokedge.__version__,
             dtype=cfg.dtype,
             model=info,
@@ -307,7 +317,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
-    warnings = []
+    warnings = list(getattr(family, "export_warnings", lambda _: [])(loaded))
     if cfg.device_profile:
         from tokedge.memory import plan_for_device
         from tokedge.profiles import load_profile
@@ -332,9 +342,8 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
     )
     from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
 
-    layout = loaded.family.layout(loaded).anyres()
-
-    def candidates(image) -> int:
+    def candidates(image) -> int:  # tiled layouts only: methods that keep all tokens never ask
+        layout = loaded.family.layout(loaded).anyres()
         plan = plan_image(layout, image.height, image.width)
         return int(candidate_plan(layout, plan, *pack_plan(layout, plan))[0].shape[0])
 
@@ -348,6 +357,7 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
         from tokedge.export.reference import reference_pruned_from_ids, tokenize
 
         cases = []
+        layout = loaded.family.layout(loaded).anyres()
         for i, image in enumerate(usable):
             plan = plan_image(layout, image.height, image.width)
             ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], plan.tokens(layout))

@@ -74,11 +74,13 @@ def reference_from_ids(llava: LoadedCheckpoint, method: Method, pixel_values: np
 
 @torch.no_grad()
 def _logits_case(llava: LoadedCheckpoint, feats: torch.Tensor, input_ids: np.ndarray, attention_mask: np.ndarray,
-                 budget: int, steps: int) -> dict[str, np.ndarray]:
+                 budget: int, steps: int, images: list | None = None) -> dict[str, np.ndarray]:
     """A reference case from transformers' (reduced) image features: its LM's prefill logits and
-    greedy steps on the spliced prompt."""
+    greedy steps on the spliced prompt (`images`: the prompt's images, for families whose
+    positions depend on them)."""
+    extra = {} if images is None else {"images": images}
     prefill, tokens, step_logits = llava.family.reference_logits(
-        llava, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), feats, steps
+        llava, torch.from_numpy(input_ids), torch.from_numpy(attention_mask), feats, steps, **extra
     )
     return {
         "budget": np.array(budget, dtype=np.int64),
@@ -109,7 +111,8 @@ def reference_image_from_ids(llava: LoadedCheckpoint, method: Method, image, inp
     """`reference_image_case` for an already-tokenized prompt (verify --checkpoint recomputes with it)."""
     if feats is None:
         feats = llava.family.reference_features(llava, method, [image], budget, options)
-    return {"image": _recorded(image), **_logits_case(llava, feats, input_ids, attention_mask, budget, steps)}
+    return {"image": _recorded(image), **_logits_case(llava, feats, input_ids, attention_mask, budget, steps,
+                                                      images=[image])}
 
 
 def _recorded(image) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 from tokedge.errors import InputError
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
+from tokedge.runtime.layout import prompt_positions
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,10 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
 
     t0 = time.perf_counter()
     embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
+    positions = None if isinstance(pixel_values, np.ndarray) else \
+        prompt_positions(graphs.manifest, input_ids, attention_mask, pixel_values)
     logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens,
-                                   images_per_row=images_per_row)
+                                   images_per_row=images_per_row, position_ids=positions)
     now = time.perf_counter()
     timings.prefill_ms = (now - t0) * 1e3
     timings.ttft_ms = (now - started) * 1e3  # the first token is an argmax/sample away

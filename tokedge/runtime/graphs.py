@@ -64,7 +64,7 @@ class DecodeState:
     past: dict  # past_key_values.* -> numpy array or a runner's device-resident value
     buffers: dict[str, np.ndarray]  # mask name -> [b, length + room]
     lengths: dict[str, int]
-    last_position: np.ndarray  # [b, 1] position id of the last token fed
+    last_position: np.ndarray  # [b, 1] position id of the last token fed ([3, b, 1] with M-RoPE)
     pruned: np.ndarray | None = None  # [b] image tokens an in-LLM method dropped from each row
 
     def masks(self, extra: int = 0) -> dict[str, np.ndarray]:
@@ -164,7 +164,8 @@ class ArtifactGraphs:
         from tokedge.runtime.layout import vision_feed
 
         names = {t.name for t in self.manifest.graphs["vision"].inputs}
-        return [self.runners["vision"].infer(vision_feed(image, names))["image_embeds"][0] for image in images]
+        outs = [self.runners["vision"].infer(vision_feed(image, names))["image_embeds"] for image in images]
+        return [out[0] if out.ndim == 3 else out for out in outs]  # [1, T, D] (tiled) or [T, D] (dynamic)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": input_ids.astype(np.int64, copy=False)})["inputs_embeds"]
@@ -182,12 +183,17 @@ class ArtifactGraphs:
         return out, {past_name: out[p] for p, past_name in present_to_past.items()}
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, input_ids: np.ndarray,
-                room: int, images_per_row: Sequence[int] | None = None) -> tuple[np.ndarray, DecodeState]:
+                room: int, images_per_row: Sequence[int] | None = None,
+                position_ids: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:
         """Prompt pass. `images_per_row`: how many images each row's prompt holds (default one each).
+        `position_ids`: the layout's own ([3, b, s] M-RoPE, `runtime.layout.prompt_positions`);
+        None: 1-D positions from the mask. Decode steps continue at the last column + 1.
         -> (logits [b, vocab] fp32, state for `step`)."""
         attention_mask = attention_mask.astype(np.int64, copy=False)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
         host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
-                "position_ids": position_ids_from_mask(attention_mask)}
+                "position_ids": position_ids.astype(np.int64, copy=False)}
         pruned = None
         if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
             counts = [1] * len(input_ids) if images_per_row is None else images_per_row
@@ -199,7 +205,7 @@ class ArtifactGraphs:
             masks = {"attention_mask": attention_mask}
         state = DecodeState(past=past, buffers={n: _buffer(m, room) for n, m in masks.items()},
                             lengths={n: m.shape[1] for n, m in masks.items()},
-                            last_position=host["position_ids"][:, -1:], pruned=pruned)
+                            last_position=host["position_ids"][..., -1:], pruned=pruned)
         return out["logits"][:, -1].astype(np.float32), state
 
     def _pruning_prefill(self, host: dict, input_ids: np.ndarray, images: Sequence[int]) -> tuple[dict, dict]:

@@ -317,20 +317,49 @@ def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = 
     return AnyresInputs(pixel_values, index, weight, plan, budget, base_regions(layout, plan))
 
 
-def prompt_inputs(manifest, images: list) -> list[AnyresInputs]:
-    """The vision-graph inputs of the images of ONE prompt of a tiled artifact, as every tokedge
-    path builds them (run, serve, profile, verify): the manifest's layout and preprocessing,
-    OneVision's rule (a prompt with several images: each padded square, untiled) and, for
-    vision-side reduction, the candidate plan with the artifact's per-image budget."""
+def prompt_inputs(manifest, images: list) -> list:
+    """The vision-graph inputs of the images of ONE prompt of an artifact whose images each give
+    their own token count, as every tokedge path builds them (run, serve, profile, verify): the
+    manifest's layout and preprocessing. Tiled ("anyres"): OneVision's rule (a prompt with several
+    images: each padded square, untiled) and, for vision-side reduction, the candidate plan with
+    the artifact's per-image budget (-> `AnyresInputs`). Dynamic resolution ("qwen_dynamic"): each
+    image resized to multiples of the patch unit, patches and index inputs (-> `QwenImageInputs`)."""
+    if manifest.layout.kind == "qwen_dynamic":
+        from tokedge.runtime.qwen_vl import image_inputs
+
+        return [image_inputs(image, manifest.layout, manifest.preprocess) for image in images]
     layout = manifest.layout.anyres()
     tiled = not (layout.multi_image_square and len(images) > 1)
     keep = image_budget(manifest.reduction)
     return [anyres_inputs(image, layout, manifest.preprocess, tiled=tiled, budget=keep) for image in images]
 
 
-def vision_feed(image: AnyresInputs, graph_inputs) -> dict[str, np.ndarray]:
-    """One image's feed for a tiled vision graph whose input names are `graph_inputs`
-    (`base_tile` only when the graph takes it: hired's tile map)."""
+def prompt_positions(manifest, input_ids: np.ndarray, attention_mask: np.ndarray, images) -> np.ndarray | None:
+    """The prefill's `position_ids` when the layout decides them: M-RoPE layouts -> [3, b, s] from
+    each image's grid (`images`: `prompt_inputs` of every prompt of the batch, in order); None for
+    1-D positions (the runtime takes them from the attention mask)."""
+    if manifest.layout.position_rows == 1:
+        return None
+    from tokedge.runtime.qwen_vl import prompt_positions as mrope_positions
+
+    return mrope_positions(manifest.layout, manifest.model.image_token_id, input_ids, attention_mask, images)
+
+
+def bounds(layout) -> LayoutBounds:
+    """`layout_bounds` of any per-image layout (the manifest's `VisualLayout`)."""
+    if layout.kind == "qwen_dynamic":
+        from tokedge.runtime.qwen_vl import token_bounds
+
+        return LayoutBounds(partitions=(1, 1, 1), tokens=token_bounds(layout, TYPICAL_IMAGE))
+    return layout_bounds(layout.anyres())
+
+
+def vision_feed(image, graph_inputs) -> dict[str, np.ndarray]:
+    """One image's feed for a per-image vision graph whose input names are `graph_inputs`
+    (`base_tile` only when the graph takes it: hired's tile map; dynamic-resolution inputs feed
+    themselves)."""
+    if not isinstance(image, AnyresInputs):
+        return image.feed(graph_inputs)
     feed = {"pixel_values": image.pixel_values.astype(np.float32, copy=False),
             "pack_index": image.pack_index, "pack_weight": image.pack_weight}
     if "base_tile" in graph_inputs:

@@ -131,7 +131,7 @@ class Pipeline:
         t0 = time.perf_counter()
         pil = [[img if isinstance(img, Image.Image) else load_image(img) for img in group] for group in groups]
         red = self.manifest.reduction
-        if self.manifest.layout.kind == "anyres":  # tiles per image: a token count per image
+        if self.manifest.layout.per_image:  # tiles or dynamic resolution: a token count per image
             keep = image_budget(red)  # vision-side reduction: the graph keeps `budget` of each image's candidates
             if budget is not None:
                 if red.stages:

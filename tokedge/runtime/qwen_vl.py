@@ -244,3 +244,79 @@ def interpolation_inputs(grid_thw: np.ndarray, side: int, merge_size: int = 2) -
         index.append(np.tile(_block_major(idx, int(h), int(w), merge_size), (int(t), 1)))
         weight.append(np.tile(_block_major(wgt, int(h), int(w), merge_size), (int(t), 1)))
     return np.concatenate(index).astype(np.int64), np.concatenate(weight).astype(np.float32)
+
+# --- the artifact's side: one builder of an image's vision inputs, and the prompt's positions ---------
+
+
+def image_spec(layout, preprocess) -> QwenImageSpec:
+    """The manifest's "qwen_dynamic" layout and preprocessing record as a `QwenImageSpec`."""
+    return QwenImageSpec(patch_size=int(layout.patch_size), merge_size=int(layout.merge_size),
+                         temporal_patch_size=int(layout.temporal_patch_size), min_pixels=int(layout.min_pixels),
+                         max_pixels=int(layout.max_pixels), mean=tuple(preprocess.image_mean),
+                         std=tuple(preprocess.image_std), rescale=float(preprocess.rescale_factor),
+                         resample=int(preprocess.resample))
+
+
+@dataclass(frozen=True)
+class QwenImageInputs:
+    """One image's inputs to a Qwen-VL vision graph and how many visual tokens it gives.
+
+    `pixel_values` rows are already in the graph's order (window order when the layout has window
+    attention); `grid` = (t, gh, gw) in patches, which M-RoPE positions need."""
+
+    pixel_values: np.ndarray  # [N, C*T*P*P] float32
+    grid: np.ndarray  # [3] int64
+    vision_pos: np.ndarray  # [N, 2] int64
+    window_seg: np.ndarray | None  # [N] int64 (window attention only)
+    merge_restore: np.ndarray | None  # [N / m²] int64 (window attention only)
+    merge_size: int = 2
+    partitions: int = 1  # one vision run per image
+
+    @property
+    def tokens(self) -> int:
+        """Visual tokens this image gives in the prompt (t * gh * gw / m²)."""
+        return int(np.prod(self.grid)) // self.merge_size**2
+
+    def feed(self, graph_inputs) -> dict[str, np.ndarray]:
+        feed = {"pixel_values": self.pixel_values, "vision_pos": self.vision_pos}
+        if "window_seg" in graph_inputs:
+            feed["window_seg"] = self.window_seg
+            feed["merge_restore"] = self.merge_restore
+        return feed
+
+
+def image_inputs(image: Image.Image, layout, preprocess) -> QwenImageInputs:
+    """An image -> its vision-graph inputs under the manifest's layout: smart_resize with the
+    artifact's [min_pixels, max_pixels] (an image beyond max_pixels is resized down, as the
+    processor does), normalise, patchify, then the index inputs from the grid alone."""
+    from tokedge.runtime.preprocess import to_rgb
+
+    if preprocess.do_convert_rgb or image.mode != "RGB":
+        image = to_rgb(image)
+    spec = image_spec(layout, preprocess)
+    pixels, grid = preprocess_image(image, spec)
+    m = spec.merge_size
+    if layout.window_size is None:
+        return QwenImageInputs(pixels, grid, vision_positions(grid[None], m), None, None, m)
+    idx = qwen2_5_vision_inputs(grid[None], m, int(layout.window_size), spec.patch_size)
+    return QwenImageInputs(np.ascontiguousarray(pixels[idx.patch_order]), grid, idx.vision_pos, idx.window_seg,
+                           idx.merge_restore, m)
+
+
+def prompt_positions(layout, image_token_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     images) -> np.ndarray:
+    """M-RoPE `position_ids [3, b, s]` of a left-padded batch whose image placeholders are already
+    expanded; `images` = every image of the batch in prompt order (their grids are consumed in
+    that order). Decoding continues at the last column + 1 on all three rows."""
+    types = ((input_ids == image_token_id) & (attention_mask > 0)).astype(np.int64)
+    grids = np.stack([np.asarray(x.grid, np.int64) for x in images]) if images else np.zeros((0, 3), np.int64)
+    positions, _ = rope_index(types, grids, int(layout.merge_size), attention_mask)
+    return positions
+
+
+def token_bounds(layout, typical: tuple[int, int]) -> tuple[int, int, int]:
+    """Visual tokens of one image under the layout: (fewest, a `typical` (height, width) image, most)."""
+    factor = int(layout.patch_size) * int(layout.merge_size)
+    fewest = max(1, math.ceil(int(layout.min_pixels) / factor**2))
+    h, w = smart_resize(typical[0], typical[1], factor, int(layout.min_pixels), int(layout.max_pixels))
+    return fewest, (h // factor) * (w // factor), int(layout.max_pixels) // factor**2

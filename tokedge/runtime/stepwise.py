@@ -16,6 +16,7 @@ import numpy as np
 from tokedge.errors import InputError
 from tokedge.runtime.generate import DecodeRows, SamplingConfig, context_limit, per_row
 from tokedge.runtime.graphs import ArtifactGraphs, DecodeState, splice_image_embeds
+from tokedge.runtime.layout import prompt_positions
 
 
 class BatchDecoder:
@@ -68,8 +69,10 @@ class BatchDecoder:
         t0 = time.perf_counter()
         embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
                                      self.graphs.manifest.model.image_token_id, image_embeds)
+        positions = None if isinstance(self.pixel_values, np.ndarray) else \
+            prompt_positions(self.graphs.manifest, self.input_ids, self.attention_mask, self.pixel_values)
         logits, state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room,
-                                            images_per_row=self.images_per_row)
+                                            images_per_row=self.images_per_row, position_ids=positions)
         self.state = state
         # as generate does: each row's image tokens less what an in-LLM method pruned
         tokens = [int(np.prod(e.shape[:-1])) for e in image_embeds]

@@ -123,8 +123,9 @@ class Family(Protocol):
         ...
 
     def reference_logits(self, loaded: LoadedCheckpoint, input_ids: Any, attention_mask: Any,
-                         image_features: Any, steps: int = 1) -> tuple[Any, Any, list]:
-        """transformers' LM on the spliced prompt: (prefill logits, greedy tokens, step logits)."""
+                         image_features: Any, steps: int = 1, images: list | None = None) -> tuple[Any, Any, list]:
+        """transformers' LM on the spliced prompt: (prefill logits, greedy tokens, step logits).
+        `images`: the prompt's images, for families whose positions depend on them (M-RoPE)."""
         ...
 
     def embed_prompt(self, loaded: LoadedCheckpoint, input_ids: Any, image_features: Any) -> Any:

@@ -483,8 +483,9 @@ class LlavaFamily:
                            options: dict | None = None):
         return reference_image_features(loaded, method, pixel_values, k, options)
 
-    def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1):
-        return reference_logits(loaded, input_ids, attention_mask, image_features, steps)
+    def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
+                         images: list | None = None):
+        return reference_logits(loaded, input_ids, attention_mask, image_features, steps)  # 1-D positions: no images
 
     def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
         return embed_prompt(loaded, input_ids, image_features)

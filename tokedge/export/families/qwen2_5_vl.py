@@ -1,13 +1,14 @@
 """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): dynamic resolution, window attention, M-RoPE.
 
-Status (issue 11, first step): the graph modules and their trace specs, `--method none` only.
-The family is registered so that checkpoints are recognised, but `inspect` still refuses them
-with a one-line reason: the loader, manifest records (dynamic-resolution layout, M-RoPE
-positions) and the runtime pipeline come next. tests/export/test_qwen2_5_vl.py exports these
-graphs (reached through the registry) and runs them with ONNX Runtime and the numpy inputs of
-tokedge/runtime/qwen_vl.py against transformers.
+Read top to bottom: what is supported and how a config is inspected (a "qwen_dynamic" visual
+layout: patch and merge sizes, the pixel range, the vision window, the M-RoPE sections), how the
+processor is loaded without transformers' processor class (it needs torchvision for its video
+processor: tokenizer, `Qwen2VLImageProcessorPil` and the chat template are read separately), the
+graph modules with their trace specs, what the manifest records, and the transformers-side
+reference. `Qwen25VLFamily` at the end gathers these behind the `Family` protocol. `--method none`
+only for now; reduction methods on this family come with their own references (issue 11).
 
-Graph contract (docs/research/qwen-vl.md section 3.6; one image per vision run, t = 1):
+Graph contract (docs/artifact.md, "dynamic resolution"; one image per vision run, t = 1):
 - vision: `pixel_values [patches, C*T*P*P]` already in window order (`patch_order`),
   `vision_pos [patches, 2]` (row, col) of each permuted patch, `window_seg [patches]` window id per
   permuted patch, `merge_restore [tokens]` = argsort(window_index) -> `image_embeds [tokens, hidden]`
@@ -20,17 +21,197 @@ Graph contract (docs/research/qwen-vl.md section 3.6; one image per vision run, 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
-from tokedge.errors import UnsupportedModelError
+from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
+from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.decoder import KVDecoder, TokenEmbedder
-from tokedge.export.families import register
+from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
 from tokedge.export.primitives import attention, rotate_half
+from tokedge.reduce.base import Method
 
 PATCHES, TOKENS = "patches", "image_tokens"
 MODEL_CLASS = "Qwen2_5_VLForConditionalGeneration"
+SUPPORTED_TEXT = ("qwen2_5_vl_text", "qwen2_5_vl")  # the text sub-config (hub 4.x configs keep it at the top)
+IMAGE_TOKEN = "<|image_pad|>"
+# Qwen2VLImageProcessor's class defaults, used where preprocessor_config.json leaves a field out
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+# the vision graph's attention is dense N x N over an image's patches; beyond this many bytes of
+# scores per block the export warns (a Jetson-class device cannot hold it) and suggests --max-pixels
+DENSE_ATTENTION_WARN_BYTES = 4 << 30
+
+
+# --- the config (no weights) ---------------------------------------------------------------------
+
+
+def _text(cfg: dict) -> dict:
+    """The text model's fields: `text_config` (transformers 5), else the top level (hub 4.x files)."""
+    return cfg.get("text_config") or cfg
+
+
+def mrope_section(cfg: dict) -> tuple[int, ...]:
+    text = _text(cfg)
+    for rope in (text.get("rope_parameters"), text.get("rope_scaling"), cfg.get("rope_scaling")):
+        if isinstance(rope, dict) and rope.get("mrope_section"):
+            return tuple(int(v) for v in rope["mrope_section"])
+    raise UnsupportedModelError("this Qwen2.5-VL config names no mrope_section (rope_parameters); it is not a "
+                                "Qwen2.5-VL checkpoint tokedge can export")
+
+
+def check_supported(cfg: dict) -> None:
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "qwen2_5_vl" or (archs and MODEL_CLASS not in archs):
+        raise UnsupportedModelError(f"unsupported architecture {archs or cfg.get('model_type')!r}; the qwen2_5_vl "
+                                    f"family reads {MODEL_CLASS} (model_type 'qwen2_5_vl') checkpoints")
+    text_type = (cfg.get("text_config") or {}).get("model_type", "qwen2_5_vl_text")
+    if text_type not in SUPPORTED_TEXT:
+        raise UnsupportedModelError(f"unsupported language model '{text_type}' for Qwen2.5-VL; supported: "
+                                    f"{', '.join(SUPPORTED_TEXT)}")
+    mrope_section(cfg)
+
+
+def layout_from_config(cfg: dict, min_pixels: int = DEFAULT_MIN_PIXELS,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> VisualLayout:
+    """The "qwen_dynamic" layout a config.json dict describes, with the image processor's pixel range."""
+    vc = cfg.get("vision_config") or {}
+    return VisualLayout(
+        kind="qwen_dynamic",
+        patch_size=int(vc.get("patch_size", 14)), merge_size=int(vc.get("spatial_merge_size", 2)),
+        temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
+        min_pixels=int(min_pixels), max_pixels=int(max_pixels),
+        window_size=int(vc.get("window_size", 112)),
+        fullatt_blocks=tuple(int(i) for i in vc.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        mrope_section=mrope_section(cfg), mrope_interleaved=False,
+        vision_start_token_id=cfg.get("vision_start_token_id"), vision_end_token_id=cfg.get("vision_end_token_id"),
+    )
+
+
+def most_tokens(layout: VisualLayout) -> int:
+    """Visual tokens of the largest image the layout allows (max_pixels in merged patch units)."""
+    return int(layout.max_pixels) // (int(layout.patch_size) * int(layout.merge_size)) ** 2
+
+
+def inspect_config(cfg: dict) -> CheckpointSpec:
+    """Check a config.json dict is supported and describe it (pixel range: the class defaults
+    until the image processor is loaded)."""
+    check_supported(cfg)
+    layout = layout_from_config(cfg)
+    layers = _text(cfg).get("num_hidden_layers")
+    return CheckpointSpec(family="qwen2_5_vl", full_tokens=most_tokens(layout), geometry=None,
+                          text_layers=int(layers) if layers is not None else None, layout=layout)
+
+
+def check_method(method: Method) -> None:
+    if not method.keeps_all:
+        raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; export it with --method none")
+
+
+def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:
+    """The checkpoint with the export's --max-pixels: the largest image (in pixels, after the
+    processor's resize) the artifact takes; larger images are resized down to it at run time."""
+    layout = loaded.spec.layout
+    factor = int(layout.patch_size) * int(layout.merge_size)
+    if max_pixels < max(int(layout.min_pixels), factor * factor):
+        raise UsageError(f"--max-pixels {max_pixels} is below the image processor's min_pixels "
+                         f"({layout.min_pixels}) or one {factor}x{factor} patch unit; pass a larger value")
+    if max_pixels > 1 << 30:
+        raise UsageError(f"--max-pixels {max_pixels} is beyond any image tokedge takes (at most {1 << 30})")
+    layout = replace(layout, max_pixels=int(max_pixels))
+    return replace(loaded, spec=replace(loaded.spec, layout=layout, full_tokens=most_tokens(layout)))
+
+
+def dense_attention_warning(loaded: LoadedCheckpoint) -> str | None:
+    """A warning when the vision graph's dense attention at max_pixels is beyond a small device."""
+    layout, vc = loaded.spec.layout, loaded.model.config.vision_config
+    patches = int(layout.max_pixels) // int(layout.patch_size) ** 2
+    scores = int(vc.num_heads) * patches * patches * 4
+    if scores <= DENSE_ATTENTION_WARN_BYTES:
+        return None
+    factor = int(layout.patch_size) * int(layout.merge_size)
+    fits = int(math.sqrt(DENSE_ATTENTION_WARN_BYTES / 4 / int(vc.num_heads))) * int(layout.patch_size) ** 2
+    fits = max(fits // factor**2 * factor**2, factor**2)
+    return (f"images up to {layout.max_pixels} pixels give {patches} patches: the vision graph's dense attention "
+            f"needs {scores / 2**30:.1f} GiB of scores per block; export with --max-pixels {fits} or less for "
+            "devices with less memory")
+
+
+# --- the processor, without transformers' processor class ---------------------------------------
+
+
+@dataclass
+class QwenProcessor:
+    """What tokedge needs of `Qwen2_5_VLProcessor`: its image processor, tokenizer and chat template."""
+
+    image_processor: Any
+    tokenizer: Any
+    chat_template: str | None
+    image_token: str = IMAGE_TOKEN
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def load_processor(where: str, trust_remote_code: bool = False) -> QwenProcessor:
+    """`Qwen2VLImageProcessorPil` (it reads every preprocessor_config.json variant: legacy
+    min/max_pixels keys or a size dict), the fast tokenizer and the processor-level chat template
+    (chat_template.jinja, then chat_template.json, then the tokenizer's)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from tokedge.export.families.llava_onevision import _read_json, _read_text
+
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(where)
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")
+    template = template or getattr(tokenizer, "chat_template", None)
+    return QwenProcessor(image_processor, tokenizer, template if isinstance(template, str) else None)
+
+
+def pixel_range(image_processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a loaded `Qwen2VLImageProcessorPil` (its size dict)."""
+    size = image_processor.size
+    get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+    low = get("shortest_edge") or getattr(image_processor, "min_pixels", None) or DEFAULT_MIN_PIXELS
+    high = get("longest_edge") or getattr(image_processor, "max_pixels", None) or DEFAULT_MAX_PIXELS
+    return int(low), int(high)
+
+
+def load_qwen2_5_vl(source: str, local: Path | None, *, trust_remote_code: bool = False,
+                    allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Load model and processor pieces from a Qwen2.5-VL directory or hub id."""
+    from tokedge.export.families import read_config
+    from tokedge.export.families.llava import load_hf_checkpoint
+
+    spec = inspect_config(read_config(source, local, trust_remote_code))
+    model, processor = load_hf_checkpoint(MODEL_CLASS, source, local, trust_remote_code=trust_remote_code,
+                                          allow_pickle=allow_pickle, load_processor=load_processor)
+    ip = processor.image_processor
+    vc = model.config.vision_config
+    checks = [("patch_size", ip.patch_size, vc.patch_size), ("merge_size", ip.merge_size, vc.spatial_merge_size),
+              ("temporal_patch_size", ip.temporal_patch_size, vc.temporal_patch_size),
+              (f"the tokenizer's id of {IMAGE_TOKEN!r}", processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+               model.config.image_token_id)]
+    for what, got, want in checks:
+        if got != want:
+            raise InputError(f"the image processor's {what} is {got!r} but the model config says {want!r}; "
+                             "the checkpoint is inconsistent")
+    if processor.chat_template is None:
+        raise InputError(f"'{local or source}' has no chat template (chat_template.jinja); Qwen2.5-VL prompts need it")
+    layout = layout_from_config(model.config.to_dict(), *pixel_range(ip))
+    spec = replace(spec, layout=layout, full_tokens=most_tokens(layout),
+                   text_layers=int(model.config.text_config.num_hidden_layers))
+    return LoadedCheckpoint(family=FAMILY, source=source, model=model, processor=processor, path=local, spec=spec)
+
+
+# --- the graph modules ----------------------------------------------------------------------------
 
 
 class QwenVisionGraph(nn.Module):
@@ -120,19 +301,225 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
     }
 
 
+# --- metadata for the manifest --------------------------------------------------------------------
+
+
+def model_info(loaded: LoadedCheckpoint) -> ModelInfo:
+    cfg = loaded.model.config
+    tc, vc = cfg.text_config, cfg.vision_config
+    tok = loaded.processor.tokenizer
+    eos = tc.eos_token_id if tc.eos_token_id is not None else tok.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    gen_eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    for extra in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]):
+        if isinstance(extra, int) and extra not in eos_ids:
+            eos_ids += (extra,)
+    layout = loaded.spec.layout
+    return ModelInfo(
+        source=loaded.source, family="qwen2_5_vl", vision_model_type=vc.model_type, text_model_type=tc.model_type,
+        vision_hidden_size=vc.hidden_size, hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers,
+        num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+        vocab_size=tc.vocab_size, max_position_embeddings=tc.max_position_embeddings,
+        image_size=int(layout.patch_size) * int(layout.merge_size),  # one merge unit: images vary in size
+        patch_size=int(layout.patch_size), bos_token_id=tok.bos_token_id, eos_token_ids=eos_ids,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tc.pad_token_id,
+        image_token_id=int(cfg.image_token_id),
+        sliding_window=tc.sliding_window if getattr(tc, "use_sliding_window", False) else None,
+        vision_layers=int(vc.depth), vision_intermediate_size=int(vc.intermediate_size),
+        intermediate_size=int(tc.intermediate_size),
+    )
+
+
+def preprocess_info(loaded: LoadedCheckpoint) -> PreprocessInfo:
+    """The per-pixel part of the processor (resizing is the layout's smart_resize, not a fixed size)."""
+    ip = loaded.processor.image_processor
+    factor = int(loaded.spec.layout.patch_size) * int(loaded.spec.layout.merge_size)
+    resample = getattr(ip, "resample", 3)
+    return PreprocessInfo(
+        do_convert_rgb=bool(getattr(ip, "do_convert_rgb", True)), do_resize=bool(getattr(ip, "do_resize", True)),
+        resize_shortest_edge=None, resize_size=None, resample=int(getattr(resample, "value", resample)),
+        do_center_crop=False, crop_size=(factor, factor), do_rescale=bool(getattr(ip, "do_rescale", True)),
+        rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)), do_normalize=bool(getattr(ip, "do_normalize", True)),
+        image_mean=tuple(float(v) for v in ip.image_mean), image_std=tuple(float(v) for v in ip.image_std),
+    )
+
+
+def prompt_info(loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
+    proc = loaded.processor
+    return PromptInfo(
+        tokenizer_file="tokenizer.json", chat_template=proc.chat_template, image_token=IMAGE_TOKEN,
+        image_token_id=int(loaded.model.config.image_token_id), visual_tokens=visual_tokens,
+        special_tokens={k: v for k, v in proc.tokenizer.special_tokens_map.items() if isinstance(v, str)},
+    )
+
+
+# --- transformers-side reference -----------------------------------------------------------------
+
+
+def render_prompt(loaded: LoadedCheckpoint, question: str, images: int = 1) -> str:
+    """One user turn with `images` image items, then the question, as the chat template renders it."""
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+    return loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def image_batch(loaded: LoadedCheckpoint, images: list) -> dict:
+    """transformers' image processor (PIL backend) on `images` with the layout's pixel range:
+    pixel_values [sum of patches, C*T*P*P] and image_grid_thw [n, 3], torch tensors."""
+    layout = loaded.spec.layout
+    out = loaded.processor.image_processor(
+        images=list(images), size={"shortest_edge": int(layout.min_pixels), "longest_edge": int(layout.max_pixels)},
+        return_tensors="pt")
+    return {"pixel_values": out["pixel_values"].float(), "image_grid_thw": out["image_grid_thw"]}
+
+
+def tokenize(loaded: LoadedCheckpoint, prompts: list[str], visual_tokens) -> tuple[np.ndarray, np.ndarray]:
+    """Each `<|image_pad|>` expanded to its image's count (an int for every placeholder, or one
+    list of counts per prompt) and tokenized, left-padded (as transformers' processor expands)."""
+    tok = loaded.processor.tokenizer
+    texts = []
+    for i, prompt in enumerate(prompts):
+        pieces = prompt.split(IMAGE_TOKEN)
+        counts = visual_tokens[i] if isinstance(visual_tokens, (list, tuple)) else [visual_tokens] * (len(pieces) - 1)
+        if len(counts) != len(pieces) - 1:
+            raise ValueError(f"prompt {i} has {len(pieces) - 1} image placeholders for {len(counts)} counts")
+        texts.append(pieces[0] + "".join(IMAGE_TOKEN * int(n) + rest for n, rest in zip(counts, pieces[1:])))
+    previous = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, padding=True, return_tensors="np")
+    finally:
+        tok.padding_side = previous
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+@torch.no_grad()
+def reference_features(loaded: LoadedCheckpoint, images: list) -> torch.Tensor:
+    """transformers' vision tower and merger on the images (its own processor): [1, sum T_i, hidden]."""
+    batch = image_batch(loaded, images)
+    out = loaded.model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    pooled = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.cat(list(pooled), dim=0)[None].float()
+
+
+def embed_prompt(loaded: LoadedCheckpoint, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    model = loaded.model
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+
+
+@torch.no_grad()
+def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
+                     images: list | None = None):
+    """transformers' LM on the spliced prompt with transformers' own M-RoPE positions
+    (`get_rope_index` with `mm_token_type_ids` and the images' grids), then `steps` greedy
+    steps at `last + 1` on all three rows (what `generate` does). -> (prefill logits [b, vocab],
+    tokens [b, steps + 1], step logits)."""
+    from tokedge.runtime.generate import SamplingConfig, decode_loop
+
+    if not images:
+        raise InputError("Qwen2.5-VL references need the prompt's images: their grids decide the M-RoPE positions")
+    model = loaded.model
+    grids = image_batch(loaded, images)["image_grid_thw"]
+    mm = (input_ids == model.config.image_token_id).long()
+    positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grids,
+                                              attention_mask=attention_mask)
+    embeds = embed_prompt(loaded, input_ids, image_features)
+    out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    prefill = out.logits[:, -1].float()
+    state = {"past": out.past_key_values, "mask": attention_mask, "pos": positions[..., -1:]}
+
+    def step(ids):
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        state["pos"] = state["pos"] + 1
+        o = model(input_ids=torch.from_numpy(ids)[:, None], attention_mask=state["mask"], position_ids=state["pos"],
+                  past_key_values=state["past"], use_cache=True)
+        state["past"] = o.past_key_values
+        return o.logits[:, -1].float().numpy()
+
+    decoded = decode_loop(prefill.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
+                          keep_logits=True)
+    tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(input_ids.shape[0], -1)
+    return prefill, tokens, [torch.from_numpy(x) for x in decoded.step_logits]
+
+
+# --- the family ------------------------------------------------------------------------------------
+
+
 class Qwen25VLFamily:
-    """Qwen2.5-VL, recognised by the registry; export is refused until the artifact path lands."""
+    """`Qwen2_5_VLForConditionalGeneration`: dynamic resolution (one token count per image size),
+    window attention in the vision tower, M-RoPE positions in the decoder."""
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     architectures = (MODEL_CLASS,)
-    exportable = False  # left out of `supported()` until the artifact path lands
 
-    def inspect(self, config: dict):
-        raise UnsupportedModelError(
-            f"{MODEL_CLASS} is recognised but its export is not finished yet (issue 11: graphs exist, the "
-            "artifact and `tokedge run` path do not); use a LLaVA-family checkpoint for now")
+    def inspect(self, config: dict) -> CheckpointSpec:
+        return inspect_config(config)
 
+    def check_method(self, method: Method) -> None:
+        check_method(method)
+
+    def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> LoadedCheckpoint:
+        return load_qwen2_5_vl(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+    def with_max_pixels(self, loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:
+        return with_max_pixels(loaded, max_pixels)
+
+    def export_warnings(self, loaded: LoadedCheckpoint) -> list[str]:
+        warning = dense_attention_warning(loaded)
+        return [warning] if warning else []
+
+    def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
+        check_method(method)
+        return build_graph_modules(loaded.model)
+
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
+        return trace_specs(loaded.model, dtype)["vision"]
+
+    def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
+        return model_info(loaded)
+
+    def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
+        return preprocess_info(loaded)
+
+    def layout(self, loaded: LoadedCheckpoint) -> VisualLayout:
+        return loaded.spec.layout
+
+    def prompt(self, loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
+        return prompt_info(loaded, visual_tokens)
+
+    def render_prompt(self, loaded: LoadedCheckpoint, question: str) -> str:
+        return render_prompt(loaded, question)
+
+    def render_images_prompt(self, loaded: LoadedCheckpoint, question: str, images: int = 1) -> str:
+        return render_prompt(loaded, question, images)
+
+    def pixel_values(self, loaded: LoadedCheckpoint, images: list) -> np.ndarray:
+        return image_batch(loaded, images)["pixel_values"].numpy()
+
+    def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str], visual_tokens) -> tuple[np.ndarray, np.ndarray]:
+        return tokenize(loaded, prompts, visual_tokens)
+
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, images, k: int,
+                           options: dict | None = None):
+        """Dynamic resolution: `images` are the PIL images of one prompt -> [1, sum T_i, hidden]."""
+        check_method(method)
+        return reference_features(loaded, list(images))
+
+    def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
+                         images: list | None = None):
+        return reference_logits(loaded, input_ids, attention_mask, image_features, steps, images)
+
+    def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
+        return embed_prompt(loaded, input_ids, image_features)
+
+    def image_token_id(self, loaded: LoadedCheckpoint) -> int:
+        return int(loaded.model.config.image_token_id)
+
+    # --- the graphs straight from a transformers model (tests/export/test_qwen2_5_vl.py)
     def graph_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return build_graph_modules(model)
 
