@@ -245,6 +245,7 @@ def interpolation_inputs(grid_thw: np.ndarray, side: int, merge_size: int = 2) -
         weight.append(np.tile(_block_major(wgt, int(h), int(w), merge_size), (int(t), 1)))
     return np.concatenate(index).astype(np.int64), np.concatenate(weight).astype(np.float32)
 
+
 # --- the artifact's side: one builder of an image's vision inputs, and the prompt's positions ---------
 
 
@@ -271,6 +272,8 @@ class QwenImageInputs:
     merge_restore: np.ndarray | None  # [N / m²] int64 (window attention only)
     merge_size: int = 2
     partitions: int = 1  # one vision run per image
+    interp_index: np.ndarray | None = None  # [N, 4] int64 (learned position table only: Qwen3-VL)
+    interp_weight: np.ndarray | None = None  # [N, 4] float32
 
     @property
     def tokens(self) -> int:
@@ -282,6 +285,9 @@ class QwenImageInputs:
         if "window_seg" in graph_inputs:
             feed["window_seg"] = self.window_seg
             feed["merge_restore"] = self.merge_restore
+        if "interp_index" in graph_inputs:
+            feed["interp_index"] = self.interp_index
+            feed["interp_weight"] = self.interp_weight
         return feed
 
 
@@ -297,7 +303,9 @@ def image_inputs(image: Image.Image, layout, preprocess) -> QwenImageInputs:
     pixels, grid = preprocess_image(image, spec)
     m = spec.merge_size
     if layout.window_size is None:
-        return QwenImageInputs(pixels, grid, vision_positions(grid[None], m), None, None, m)
+        taps = (None, None) if layout.position_table is None else \
+            interpolation_inputs(grid[None], int(layout.position_table), m)
+        return QwenImageInputs(pixels, grid, vision_positions(grid[None], m), None, None, m, 1, *taps)
     idx = qwen2_5_vision_inputs(grid[None], m, int(layout.window_size), spec.patch_size)
     return QwenImageInputs(np.ascontiguousarray(pixels[idx.patch_order]), grid, idx.vision_pos, idx.window_seg,
                            idx.merge_restore, m)

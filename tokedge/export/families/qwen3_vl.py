@@ -21,18 +21,119 @@ along with the tokens they belong to, and the runtime needs nothing Qwen3-specif
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from tokedge.errors import UnsupportedModelError
+from tokedge.artifact import ModelInfo, VisualLayout
+from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, TokenEmbedder, causal_bias
-from tokedge.export.families import register
+from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
+from tokedge.export.families import qwen2_5_vl as q25
 from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
 from tokedge.export.primitives import attention, rotate_half
+from tokedge.reduce.base import Method
 from tokedge.runtime.qwen_vl import mrope_axis_map
 
 PATCHES, TOKENS = "patches", "image_tokens"
 MODEL_CLASS = "Qwen3VLForConditionalGeneration"
+SUPPORTED_TEXT = ("qwen3_vl_text",)
+# Qwen2VLImageProcessor's class defaults (patch 14) do not fit Qwen3-VL; its hub processor config
+# gives 256^2 .. 4096^2 pixels, used where preprocessor_config.json leaves the range out
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 65536, 16777216
+
+
+# --- the config (no weights) ---------------------------------------------------------------------
+
+
+def check_supported(cfg: dict) -> None:
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "qwen3_vl" or (archs and MODEL_CLASS not in archs):
+        raise UnsupportedModelError(f"unsupported architecture {archs or cfg.get('model_type')!r}; the qwen3_vl "
+                                    f"family reads {MODEL_CLASS} (model_type 'qwen3_vl') checkpoints")
+    text = cfg.get("text_config") or {}
+    text_type = text.get("model_type", "qwen3_vl_text")
+    if text_type not in SUPPORTED_TEXT:
+        raise UnsupportedModelError(f"unsupported language model '{text_type}' for Qwen3-VL; supported: "
+                                    f"{', '.join(SUPPORTED_TEXT)}")
+    vc = cfg.get("vision_config") or {}
+    levels = list(vc.get("deepstack_visual_indexes", (8, 16, 24)))
+    depth, layers = int(vc.get("depth", 27)), int(text.get("num_hidden_layers", 32))
+    if not levels or any(not 0 <= int(i) < depth for i in levels) or len(levels) > layers:
+        raise UnsupportedModelError(f"Qwen3-VL deepstack_visual_indexes {levels} must name 1..{layers} of the "
+                                    f"{depth} vision blocks; this config is not one tokedge can export")
+    table = int(vc.get("num_position_embeddings", 2304))
+    if math.isqrt(table) ** 2 != table:
+        raise UnsupportedModelError(f"Qwen3-VL num_position_embeddings {table} is not a square table; this "
+                                    "config is not one tokedge can export")
+
+
+def layout_from_config(cfg: dict, min_pixels: int = DEFAULT_MIN_PIXELS,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> VisualLayout:
+    """The "qwen_dynamic" layout of a Qwen3-VL config.json dict: full attention (no windows),
+    interleaved M-RoPE, the learned position table's side and the DeepStack level count."""
+    vc = cfg.get("vision_config") or {}
+    return VisualLayout(
+        kind="qwen_dynamic",
+        patch_size=int(vc.get("patch_size", 16)), merge_size=int(vc.get("spatial_merge_size", 2)),
+        temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
+        min_pixels=int(min_pixels), max_pixels=int(max_pixels), window_size=None, fullatt_blocks=(),
+        mrope_section=q25.mrope_section(cfg), mrope_interleaved=True,
+        position_table=math.isqrt(int(vc.get("num_position_embeddings", 2304))),
+        deepstack_levels=len(vc.get("deepstack_visual_indexes", (8, 16, 24))),
+        vision_start_token_id=cfg.get("vision_start_token_id"), vision_end_token_id=cfg.get("vision_end_token_id"),
+    )
+
+
+def inspect_config(cfg: dict) -> CheckpointSpec:
+    """Check a config.json dict is supported and describe it (pixel range: the hub defaults until
+    the image processor is loaded)."""
+    check_supported(cfg)
+    layout = layout_from_config(cfg)
+    layers = (cfg.get("text_config") or {}).get("num_hidden_layers")
+    return CheckpointSpec(family="qwen3_vl", full_tokens=q25.most_tokens(layout), geometry=None,
+                          text_layers=int(layers) if layers is not None else None, layout=layout)
+
+
+def check_method(method: Method) -> None:
+    if not method.keeps_all:
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"--method {method.name} is not available for Qwen3-VL yet; export it with --method none")
+
+
+def load_qwen3_vl(source: str, local: Path | None, *, trust_remote_code: bool = False,
+                  allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Load model and processor pieces (tokenizer, `Qwen2VLImageProcessorPil`, chat template: the
+    processor class needs torchvision) from a Qwen3-VL directory or hub id."""
+    from tokedge.export.families import read_config
+    from tokedge.export.families.llava import load_hf_checkpoint
+
+    spec = inspect_config(read_config(source, local, trust_remote_code))
+    model, processor = load_hf_checkpoint(MODEL_CLASS, source, local, trust_remote_code=trust_remote_code,
+                                          allow_pickle=allow_pickle, load_processor=q25.load_processor)
+    ip = processor.image_processor
+    vc = model.config.vision_config
+    checks = [("patch_size", ip.patch_size, vc.patch_size), ("merge_size", ip.merge_size, vc.spatial_merge_size),
+              ("temporal_patch_size", ip.temporal_patch_size, vc.temporal_patch_size),
+              (f"the tokenizer's id of {q25.IMAGE_TOKEN!r}",
+               processor.tokenizer.convert_tokens_to_ids(q25.IMAGE_TOKEN), model.config.image_token_id)]
+    for what, got, want in checks:
+        if got != want:
+            raise InputError(f"the image processor's {what} is {got!r} but the model config says {want!r}; "
+                             "the checkpoint is inconsistent")
+    if processor.chat_template is None:
+        raise InputError(f"'{local or source}' has no chat template (chat_template.jinja); Qwen3-VL prompts need it")
+    layout = layout_from_config(model.config.to_dict(), *q25.pixel_range(ip))
+    spec = replace(spec, layout=layout, full_tokens=q25.most_tokens(layout),
+                   text_layers=int(model.config.text_config.num_hidden_layers))
+    return LoadedCheckpoint(family=FAMILY, source=source, model=model, processor=processor, path=local, spec=spec)
+
+
+# --- the graph modules ----------------------------------------------------------------------------
 
 
 class Qwen3VisionGraph(nn.Module):
@@ -205,18 +306,124 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
     }
 
 
-class Qwen3VLFamily:
-    """Qwen3-VL, recognised by the registry; export is refused until the artifact path lands."""
+# --- metadata for the manifest --------------------------------------------------------------------
+
+
+def model_info(loaded: LoadedCheckpoint) -> ModelInfo:
+    return replace(q25.model_info(loaded), family="qwen3_vl")
+
+
+# --- transformers-side reference -----------------------------------------------------------------
+
+
+def split_features(features: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Packed rows [..., (1 + levels) * hidden] -> (features [..., hidden], one [..., hidden] per level)."""
+    parts = features.chunk(1 + levels, dim=-1)
+    return parts[0], list(parts[1:])
+
+
+@torch.no_grad()
+def reference_features(loaded: LoadedCheckpoint, images: list) -> torch.Tensor:
+    """transformers' tower, merger and DeepStack mergers on the images (its own processor), packed
+    as the artifact packs them: [1, sum T_i, (1 + levels) * hidden]."""
+    batch = q25.image_batch(loaded, images)
+    out = loaded.model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    pooled = torch.cat(list(out.pooler_output), dim=0)
+    levels = [torch.cat(list(level), dim=0) for level in out.deepstack_features]
+    return torch.cat([pooled, *levels], dim=-1)[None].float()
+
+
+def embed_prompt(loaded: LoadedCheckpoint, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with the (packed) image features' first plane spliced at the image positions."""
+    model = loaded.model
+    features, _ = split_features(image_features, len(model.config.vision_config.deepstack_visual_indexes))
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+
+@torch.no_grad()
+def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
+                     images: list | None = None):
+    """transformers' language model (its layers and `_deepstack_process`) on the spliced prompt with
+    its own M-RoPE positions (`get_rope_index` with `mm_token_type_ids` and the images' grids) and
+    the DeepStack levels at the image positions, then `steps` greedy steps at `last + 1` on all
+    three rows, as `generate` does. -> (prefill logits [b, vocab], tokens [b, steps + 1], step logits)."""
+    from tokedge.runtime.generate import SamplingConfig, decode_loop
+
+    if not images:
+        raise InputError("Qwen3-VL references need the prompt's images: their grids decide the M-RoPE positions")
+    model = loaded.model
+    grids = q25.image_batch(loaded, images)["image_grid_thw"]
+    image = input_ids == model.config.image_token_id
+    positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=image.long(), image_grid_thw=grids,
+                                              attention_mask=attention_mask)
+    _, levels = split_features(image_features, len(model.config.vision_config.deepstack_visual_indexes))
+    embeds = embed_prompt(loaded, input_ids, image_features)
+    lm = model.model.language_model
+    out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+             visual_pos_masks=image, deepstack_visual_embeds=[level.reshape(-1, level.shape[-1]) for level in levels])
+    prefill = model.lm_head(out.last_hidden_state[:, -1]).float()
+    state = {"past": out.past_key_values, "mask": attention_mask, "pos": positions[..., -1:]}
+
+    def step(ids):
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        state["pos"] = state["pos"] + 1
+        o = model(input_ids=torch.from_numpy(ids)[:, None], attention_mask=state["mask"], position_ids=state["pos"],
+                  past_key_values=state["past"], use_cache=True)
+        state["past"] = o.past_key_values
+        return o.logits[:, -1].float().numpy()
+
+    decoded = decode_loop(prefill.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
+                          keep_logits=True)
+    tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(input_ids.shape[0], -1)
+    return prefill, tokens, [torch.from_numpy(x) for x in decoded.step_logits]
+
+
+# --- the family ------------------------------------------------------------------------------------
+
+
+class Qwen3VLFamily(q25.Qwen25VLFamily):
+    """`Qwen3VLForConditionalGeneration`: dynamic resolution as Qwen2.5-VL (the processor pieces,
+    prompt, tokenization, --max-pixels are shared), full attention with a learned position table in
+    the tower, interleaved M-RoPE and DeepStack packed with the embeddings."""
 
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     architectures = (MODEL_CLASS,)
-    exportable = False  # left out of `supported()` until the artifact path lands
 
-    def inspect(self, config: dict):
-        raise UnsupportedModelError(
-            f"{MODEL_CLASS} is recognised but its export is not finished yet (issue 11: graphs exist, the "
-            "artifact and `tokedge run` path do not); use a LLaVA-family checkpoint for now")
+    def inspect(self, config: dict) -> CheckpointSpec:
+        return inspect_config(config)
+
+    def check_method(self, method: Method) -> None:
+        check_method(method)
+
+    def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> LoadedCheckpoint:
+        return load_qwen3_vl(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+    def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
+        check_method(method)
+        return build_graph_modules(loaded.model)
+
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
+        return trace_specs(loaded.model, dtype)["vision"]
+
+    def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
+        return model_info(loaded)
+
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, images, k: int,
+                           options: dict | None = None):
+        """Dynamic resolution: `images` are the PIL images of one prompt -> [1, sum T_i, (1 + levels) * hidden]."""
+        check_method(method)
+        return reference_features(loaded, list(images))
+
+    def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
+                         images: list | None = None):
+        return reference_logits(loaded, input_ids, attention_mask, image_features, steps, images)
+
+    def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
+        return embed_prompt(loaded, input_ids, image_features)
 
     def graph_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return build_graph_modules(model)
