@@ -1,7 +1,11 @@
-"""Qwen3-VL `--method none`: the graphs of tokedge/export/families/qwen3_vl.py exported to ONNX and run
-with ONNX Runtime on the torch-free numpy inputs (tokedge/runtime/qwen_vl.py) equal transformers'
-Qwen3VLForConditionalGeneration: the learned position interpolation, the DeepStack features, the
-interleaved M-RoPE decoder with DeepStack injection; greedy tokens and prefill logits (< 1e-3)."""
+"""Qwen3-VL `--method none` end to end: ONE artifact exported from the tiny random-weight checkpoint
+(real Qwen2Tokenizer, PIL Qwen2-VL image processor with Qwen3-VL's settings, chat template), then
+`tokedge run` against transformers' `Qwen3VLForConditionalGeneration.generate` (its own image
+processor, `mm_token_type_ids` given so it uses M-RoPE): greedy tokens equal, prefill and step
+logits within 1e-3, on 448x448, 300x900, 1000x750 and a two-image prompt. The graphs alone: the
+vision tower with its learned-position interpolation and DeepStack levels against transformers',
+and checks that DeepStack and the interleaved M-RoPE axes do change the logits (the parity could
+not hold by accident)."""
 
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ from tokedge.runtime import qwen_vl
 
 STEPS = 8
 QUESTION = "Describe the picture."
-SPEC = qwen_vl.QwenImageSpec(patch_size=16, min_pixels=65536, max_pixels=16777216, mean=(0.5, 0.5, 0.5),
-                             std=(0.5, 0.5, 0.5))
+CASES = {"448x448": [(448, 448)], "300x900": [(300, 900)], "1000x750": [(1000, 750)],
+         "two-images": [(448, 448), (300, 900)]}
 
 
 def _image(width, height, seed):
@@ -24,131 +28,118 @@ def _image(width, height, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
 
 
-@pytest.fixture(scope="module")
-def qwen3(tiny_qwen3_vl_dir, tmp_path_factory):
-    """(reference model, tokenizer, {graph: ORT session}) from one export of the tiny checkpoint."""
-    import onnxruntime as ort
-    import torch
-    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+def _images(name):
+    return [_image(w, h, seed=i + 1) for i, (w, h) in enumerate(CASES[name])]
 
-    from tokedge.export.families import for_checkpoint
-    from tokedge.export.onnx_export import finish, save_graph, trace_to_ir
+
+@pytest.fixture(scope="module")
+def qwen3_art(tiny_qwen3_vl_dir, tmp_path_factory):
+    """One export of the tiny Qwen3-VL checkpoint with --method none (validated at export)."""
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("qwen3-art") / "art"
+    result = export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=out, method="none"))
+    assert result.parity["ok"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_qwen3(tiny_qwen3_vl_dir):
+    """transformers' model (eager), tokenizer and image processor, loaded from the user's directory."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_qwen3_vl_dir, dtype=torch.float32,
                                                             attn_implementation="eager").eval()
-    out = tmp_path_factory.mktemp("qwen3-graphs")
-    family = for_checkpoint(json.loads((tiny_qwen3_vl_dir / "config.json").read_text()))
-    specs = family.graph_trace_specs(model)
-    sessions = {}
-    for name, module in family.graph_modules(model).items():
-        ir_model = trace_to_ir(module, specs[name])
-        finish(ir_model)
-        file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
-        sessions[name] = ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
-    return model, AutoTokenizer.from_pretrained(tiny_qwen3_vl_dir), sessions
+    return (model, AutoTokenizer.from_pretrained(tiny_qwen3_vl_dir),
+            Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen3_vl_dir))
 
 
-def _vision_feed(pixels, grid, side):
-    index, weight = qwen_vl.interpolation_inputs(grid[None], side)
-    return {"pixel_values": pixels, "vision_pos": qwen_vl.vision_positions(grid[None]), "interp_index": index,
-            "interp_weight": weight}
-
-
-def _prompt(tok, counts):
-    content = [{"type": "image"} for _ in counts] + [{"type": "text", "text": QUESTION}]
-    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                   tokenize=False)
-    parts = text.split("<|image_pad|>")
-    text = parts[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, parts[1:]))
-    return np.asarray([tok(text)["input_ids"]], np.int64)
-
-
-def _onnx_generate(model, tok, sessions, images):
-    """The torch-free path: numpy preprocessing and indices, one vision run per image, packed rows
-    (features + DeepStack planes) spliced at the image positions, M-RoPE positions from rope_index,
-    greedy decode with positions last + 1 (the embed graph gives text tokens zero planes)."""
-    side = int(model.config.vision_config.num_position_embeddings ** 0.5)
-    embeds, grids = [], []
-    for image in images:
-        pixels, grid = qwen_vl.preprocess_image(image, SPEC)
-        (feat,) = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
-        embeds.append(feat)
-        grids.append(grid)
-    ids = _prompt(tok, [len(e) for e in embeds])
-    image = ids == model.config.image_token_id
-    (x,) = sessions["embed"].run(None, {"input_ids": ids})
-    x[image] = np.concatenate(embeds)
-    pos, delta = qwen_vl.rope_index(image.astype(np.int64), np.stack(grids))
-    tcfg = model.config.text_config
-    kv = (1, tcfg.num_key_value_heads, 0, tcfg.head_dim)
-    past = {f"past_key_values.{i}.{k}": np.zeros(kv, np.float32)
-            for i in range(tcfg.num_hidden_layers) for k in ("key", "value")}
-    mask = np.ones((1, ids.shape[1]), np.int64)
-    tokens, step_logits = [], []
-    for _ in range(STEPS):
-        outs = sessions["decoder"].run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos,
-                                              **past})
-        logits, presents = outs[0], outs[1:]
-        step_logits.append(logits[0, -1])
-        nxt = int(logits[0, -1].argmax())
-        tokens.append(nxt)
-        past = {name: value for name, value in zip(past, presents)}
-        (x,) = sessions["embed"].run(None, {"input_ids": np.array([[nxt]], np.int64)})
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        pos = pos[:, :, -1:] + 1
-    return ids, delta, tokens, np.stack(step_logits)
-
-
-def _processor():
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                    size={"shortest_edge": 65536, "longest_edge": 16777216})
-
-
-def _reference(model, images, ids):
-    """transformers' own image processor and generate (mm_token_type_ids passed: M-RoPE): greedy
-    tokens and the logits of every step (prefill first)."""
+def _reference(hf, images):
+    """transformers alone: the chat template, each `<|image_pad|>` expanded to its grid's count
+    (as Qwen3VLProcessor does), generate with its own pixels. -> (input_ids [1, L], tokens, logits
+    of every step with min_new_tokens = STEPS, tokens of a plain generate that stops at EOS)."""
     import torch
 
-    proc = _processor()(images=images, return_tensors="pt")
-    input_ids = torch.from_numpy(ids)
-    mm = (input_ids == model.config.image_token_id).long()
-    kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "mm_token_type_ids": mm,
-              "pixel_values": proc["pixel_values"], "image_grid_thw": proc["image_grid_thw"]}
+    model, tok, processor = hf
+    batch = processor(images=images, return_tensors="pt")
+    counts = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    parts = text.split("<|image_pad|>")
+    text = parts[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, parts[1:]))
+    input_ids = torch.tensor([tok(text)["input_ids"]])
+    kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "mm_token_type_ids": (input_ids == model.config.image_token_id).long(),
+              "pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
     with torch.no_grad():
         out = model.generate(**kwargs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.cat(out.logits).numpy()
+        plain = model.generate(**kwargs, max_new_tokens=STEPS, do_sample=False)
+    return (input_ids.numpy(), out.sequences[0, input_ids.shape[1]:].tolist(), torch.cat(out.logits).numpy(),
+            plain[0, input_ids.shape[1]:].tolist())
 
 
-@pytest.mark.parametrize("sizes", [[(448, 448)], [(300, 900)], [(1000, 750)], [(448, 448), (300, 900)]],
-                         ids=["448x448", "300x900", "1000x750", "two-images"])
-def test_onnx_greedy_and_prefill_equal_transformers(qwen3, sizes):
-    model, tok, sessions = qwen3
-    images = [_image(w, h, seed=i + 1) for i, (w, h) in enumerate(sizes)]
-    ids, delta, tokens, logits = _onnx_generate(model, tok, sessions, images)
-    ref_tokens, ref_logits = _reference(model, images, ids)
+@pytest.mark.parametrize("case", list(CASES))
+def test_run_equals_transformers_generate(qwen3_art, hf_qwen3, case, tmp_path, capsys):
+    """`tokedge run` greedy == generate token for token; the runtime's prefill and step logits
+    (its own preprocessing, prompt, M-RoPE positions) within 1e-3 of generate's."""
+    from tokedge.cli import main
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.runtime.pipeline import Pipeline
+
+    images = _images(case)
+    ref_ids, ref_tokens, ref_logits, ref_plain = _reference(hf_qwen3, images)
+    paths = []
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+    assert main(["run", str(qwen3_art), *paths, "--prompt", QUESTION, "--max-new-tokens", str(STEPS), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == ref_plain  # greedy, stopping where generate stops
+    assert out["visual_tokens"] == int((ref_ids == hf_qwen3[0].config.image_token_id).sum())
+
+    with Pipeline.load(qwen3_art) as pipe:
+        inputs = prompt_inputs(pipe.manifest, images)
+        enc = pipe.encoder.encode([QUESTION], [[x.tokens for x in inputs]])
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=STEPS),
+                       stop_at_eos=False, keep_logits=True, images_per_row=[len(images)])
+    np.testing.assert_array_equal(enc.input_ids, ref_ids)  # same prompt, same placeholder counts
+    logits = np.stack([gen.prefill_logits[0], *[s[0] for s in gen.step_logits]])[:STEPS]
     assert np.abs(logits[0] - ref_logits[0]).max() < 1e-3  # prefill
-    assert tokens == ref_tokens
-    assert np.abs(logits - ref_logits).max() < 1e-3  # every decode step, with positions last + 1
-    assert int(delta[0, 0]) < 0  # the image span compresses positions: M-RoPE, not 1-D positions
+    assert gen.token_ids[0] == ref_tokens
+    assert np.abs(logits - ref_logits).max() < 1e-3  # every decode step, positions last + 1
 
 
-def test_vision_graph_equals_transformers_tower(qwen3):
-    """The vision graph alone on a non-square grid (1000x750 -> 46 x 62 patches): merged features
-    and every DeepStack level equal transformers' `get_image_features`."""
+def _sessions(art):
+    import onnxruntime as ort
+
+    return {name: ort.InferenceSession(str(art / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+            for name in ("vision", "embed", "decoder")}
+
+
+def _vision_feed(image, manifest_layout, preprocess):
+    return qwen_vl.image_inputs(image, manifest_layout, preprocess).feed({"interp_index"})
+
+
+def test_vision_graph_equals_transformers_tower(qwen3_art, hf_qwen3):
+    """The vision graph alone on a non-square grid (1000x750 -> 46 x 62 patches): the merged
+    features and every DeepStack level (packed after them) equal transformers' `get_image_features`;
+    the numpy pixels equal its image processor's."""
     import torch
 
-    model, _, sessions = qwen3
+    from tokedge.artifact import read_manifest
+
+    model, _, processor = hf_qwen3
+    manifest = read_manifest(qwen3_art)
     image = _image(1000, 750, seed=9)
-    proc = _processor()(images=[image], return_tensors="pt")
+    batch = processor(images=[image], return_tensors="pt")
     with torch.no_grad():
-        ref = model.model.get_image_features(proc["pixel_values"], proc["image_grid_thw"])
-    pixels, grid = qwen_vl.preprocess_image(image, SPEC)
-    np.testing.assert_allclose(pixels, proc["pixel_values"].numpy(), atol=1e-5, rtol=0)
-    side = int(model.config.vision_config.num_position_embeddings ** 0.5)
-    (packed,) = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
+        ref = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    feed = _vision_feed(image, manifest.layout, manifest.preprocess)
+    np.testing.assert_allclose(feed["pixel_values"], batch["pixel_values"].numpy(), atol=1e-5, rtol=0)
+    (packed,) = _sessions(qwen3_art)["vision"].run(None, feed)
     hidden = model.config.text_config.hidden_size
     assert packed.shape == (23 * 31, 3 * hidden)  # features, then two DeepStack levels
     np.testing.assert_allclose(packed[:, :hidden], ref.pooler_output[0].numpy(), atol=1e-4, rtol=0)
@@ -158,33 +149,57 @@ def test_vision_graph_equals_transformers_tower(qwen3):
         np.testing.assert_allclose(got, plane[0].numpy(), atol=1e-4, rtol=0)  # one image
 
 
-def test_deepstack_planes_and_interleaved_axes_change_the_logits(qwen3):
-    """The parity above could not hold by accident: dropping the DeepStack planes, or feeding positions
-    that differ only on the h/w axes (which interleaving spreads over all frequencies), moves the
-    prefill logits far beyond the 1e-3 tolerance."""
-    model, tok, sessions = qwen3
-    pixels, grid = qwen_vl.preprocess_image(_image(448, 448, seed=3), SPEC)
-    side = int(model.config.vision_config.num_position_embeddings ** 0.5)
-    (feat,) = sessions["vision"].run(None, _vision_feed(pixels, grid, side))
-    ids = _prompt(tok, [len(feat)])
+def test_deepstack_planes_and_interleaved_axes_change_the_logits(qwen3_art, hf_qwen3):
+    """Dropping the DeepStack planes, or exchanging the h and w position rows (which interleaving
+    spreads over all frequencies), moves the prefill logits far beyond the 1e-3 tolerance; the
+    embed graph gives text tokens zero planes."""
+    from tokedge.artifact import read_manifest
+
+    model, tok, _ = hf_qwen3
+    manifest = read_manifest(qwen3_art)
+    sessions = _sessions(qwen3_art)
+    inputs = qwen_vl.image_inputs(_image(448, 448, seed=3), manifest.layout, manifest.preprocess)
+    (feat,) = sessions["vision"].run(None, inputs.feed({"interp_index"}))
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = np.asarray([tok(text.replace("<|image_pad|>", "<|image_pad|>" * len(feat)))["input_ids"]], np.int64)
     image = ids == model.config.image_token_id
     (x,) = sessions["embed"].run(None, {"input_ids": ids})
     hidden = model.config.text_config.hidden_size
-    assert x.shape[-1] == 3 * hidden and not x[..., hidden:].any()  # text rows: zero planes
+    assert x.shape[-1] == 3 * hidden and not x[..., hidden:].any()
     x[image] = feat
-    pos, _ = qwen_vl.rope_index(image.astype(np.int64), grid[None])
+    pos, _ = qwen_vl.rope_index(image.astype(np.int64), inputs.grid[None])
     tcfg = model.config.text_config
     past = {f"past_key_values.{i}.{k}": np.zeros((1, tcfg.num_key_value_heads, 0, tcfg.head_dim), np.float32)
             for i in range(tcfg.num_hidden_layers) for k in ("key", "value")}
-    mask = np.ones(ids.shape, np.int64)
 
     def prefill(embeds, positions):
-        return sessions["decoder"].run(None, {"inputs_embeds": embeds, "attention_mask": mask,
+        return sessions["decoder"].run(None, {"inputs_embeds": embeds, "attention_mask": np.ones(ids.shape, np.int64),
                                               "position_ids": positions, **past})[0][0, -1]
 
     base = prefill(x, pos)
     flat = x.copy()
     flat[..., hidden:] = 0  # no DeepStack planes
     assert np.abs(prefill(flat, pos) - base).max() > 1e-2
-    swapped = pos[[0, 2, 1]]  # h and w exchanged: only the h/w frequencies see it
-    assert np.abs(prefill(x, swapped) - base).max() > 1e-2
+    assert np.abs(prefill(x, pos[[0, 2, 1]]) - base).max() > 1e-2
+
+
+def test_manifest_records_the_qwen3_layout(qwen3_art):
+    from tokedge.artifact import read_manifest
+
+    manifest = read_manifest(qwen3_art)
+    layout = manifest.layout
+    assert manifest.model.family == "qwen3_vl" and manifest.format_version == 3
+    assert (layout.kind, layout.patch_size, layout.window_size, layout.mrope_interleaved) == \
+        ("qwen_dynamic", 16, None, True)
+    assert (layout.position_table, layout.deepstack_levels, layout.mrope_section) == (12, 2, (6, 5, 5))
+    assert manifest.graphs["decoder"].input("inputs_embeds").shape[-1] == 3 * manifest.model.hidden_size
+
+
+def test_reduction_methods_are_refused_in_one_line(tiny_qwen3_vl_dir, tmp_path):
+    from tokedge.errors import UsageError
+    from tokedge.export.pipeline import ExportConfig, export
+
+    with pytest.raises(UsageError) as err:
+        export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=tmp_path / "art", method="divprune", budget=64))
+    assert "\n" not in str(err.value) and "Qwen3-VL" in str(err.value)

@@ -571,6 +571,9 @@ class TinyQwen3VLConfig:
     min_pixels: int = 65536
     max_pixels: int = 16777216
     max_position_embeddings: int = 8192
+    # untied: with random weights a tied head scores each fed token against itself and greedy decoding
+    # repeats it (the 2B/4B hub checkpoints tie, 8B does not; the graphs handle both)
+    tie_word_embeddings: bool = False
     init_std: float = 0.3
     seed: int = 0
 
@@ -605,7 +608,7 @@ def build_tiny_qwen3_vl(out: Path, cfg: TinyQwen3VLConfig = TinyQwen3VLConfig(),
                      "pad_token_id": ids["<|endoftext|>"]},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
     model = _random_init(Qwen3VLForConditionalGeneration, config, cfg.seed, cfg.init_std)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
