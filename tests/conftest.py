@@ -111,6 +111,30 @@ def tiny_qwen2_5_vl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_5_vl_artifact(tmp_path_factory, tiny_qwen2_5_vl_dir) -> Path:
+    """ONE `--method none` artifact of the tiny Qwen2.5-VL (validated at export), shared by the
+    Qwen2.5-VL tests."""
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("qwen-art") / "qwen2.5-vl-none"
+    export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=out, method="none"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2_5_vl(tiny_qwen2_5_vl_dir):
+    """(model, tokenizer, PIL image processor) of the tiny Qwen2.5-VL straight from transformers
+    (eager attention): the independent reference."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen2_5_vl_dir, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    return (model, AutoTokenizer.from_pretrained(tiny_qwen2_5_vl_dir),
+            Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen2_5_vl_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
     """Qwen3-VL (hub image geometry: patch 16, merge 2; learned 12 x 12 position table, DeepStack on
     blocks 1 and 2) + Qwen3 decoder with interleaved M-RoPE; model, Qwen2Tokenizer + chat_template.jinja

@@ -205,9 +205,9 @@ def image_bounds(manifest: Manifest) -> ImageBounds:
     if manifest.layout.kind == "single":
         parts, full, tiled = (1, 1, 1), (red.full_tokens,) * 3, False
     else:
-        from tokedge.runtime.layout import layout_bounds
+        from tokedge.runtime.layout import bounds as layout_bounds
 
-        bounds = layout_bounds(manifest.layout.anyres())
+        bounds = layout_bounds(manifest.layout)  # tiled, or dynamic resolution (pixel range)
         parts, full, tiled = bounds.partitions, bounds.tokens, True
     prompt = (prompt_tokens_for(manifest, full[0]), prompt_tokens_for(manifest, full[1]),
               prompt_tokens_for(manifest, full[2]))

@@ -48,6 +48,8 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
     if loaded.family.name != manifest.model.family:
         raise InputError(f"--checkpoint '{checkpoint}' is a {loaded.family.name} checkpoint, the artifact was "
                          f"exported from a {manifest.model.family} one; pass the checkpoint it was exported from")
+    if manifest.layout.max_pixels is not None:  # dynamic resolution: the artifact's --max-pixels, not the default
+        loaded = loaded.family.with_max_pixels(loaded, manifest.layout.max_pixels)
     method = get_method(red.method)
     if method.prunes_in_llm:
         from tokedge.reduce.in_llm import plan_for

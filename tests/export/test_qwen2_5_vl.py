@@ -138,13 +138,127 @@ def test_vision_graph_equals_transformers_tower(qwen):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
-def test_export_refuses_qwen2_5_vl_for_now_with_one_line(tiny_qwen2_5_vl_dir, tmp_path):
-    from tokedge.errors import UnsupportedModelError
+def test_export_refuses_reduction_methods_with_one_line_before_loading(tiny_qwen2_5_vl_dir, tmp_path):
+    from tokedge.errors import UsageError
+    from tokedge.export.families import supported
     from tokedge.export.pipeline import ExportConfig, export
 
-    with pytest.raises(UnsupportedModelError) as err:
-        export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=tmp_path / "art", method="none"))
-    assert "\n" not in str(err.value) and "not finished yet" in str(err.value)
-    from tokedge.export.families import supported
+    with pytest.raises(UsageError) as err:
+        export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=tmp_path / "art", method="fastv"))
+    assert "\n" not in str(err.value) and "--method none" in str(err.value)
+    assert not (tmp_path / "art").exists()
+    assert "qwen2_5_vl" in supported()  # listed among the exportable families now
 
-    assert "qwen" not in supported()  # error messages do not list it among the exportable families
+
+def test_max_pixels_is_refused_for_fixed_geometry_families(tiny_llava_dir, tmp_path):
+    from tokedge.errors import UsageError
+    from tokedge.export.pipeline import ExportConfig, export
+
+    with pytest.raises(UsageError) as err:
+        export(ExportConfig(model=str(tiny_llava_dir), out=tmp_path / "art", max_pixels=200_000))
+    assert "--max-pixels" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_manifest_records_the_dynamic_layout_as_format_3(qwen2_5_vl_artifact, tiny_qwen2_5_vl_dir):
+    """The layout record is read back from the manifest (hub geometry of the tiny preset) and names
+    everything the runtime needs; format 3 so that readers of formats 1-2 refuse it in one line."""
+    from tokedge.artifact import FORMAT_VERSION, load_artifact
+
+    raw = json.loads((qwen2_5_vl_artifact / "tokedge.json").read_text())
+    assert raw["format_version"] == 3 == FORMAT_VERSION
+    config = json.loads((tiny_qwen2_5_vl_dir / "config.json").read_text())
+    processor = json.loads((tiny_qwen2_5_vl_dir / "preprocessor_config.json").read_text())
+    layout = load_artifact(qwen2_5_vl_artifact).layout
+    assert layout.kind == "qwen_dynamic" and layout.position_rows == 3
+    assert (layout.patch_size, layout.merge_size, layout.temporal_patch_size, layout.window_size) == (14, 2, 2, 112)
+    assert (layout.min_pixels, layout.max_pixels) == (processor["size"]["shortest_edge"],
+                                                      processor["size"]["longest_edge"])
+    assert list(layout.mrope_section) == config["text_config"]["rope_parameters"]["mrope_section"]
+    assert list(layout.fullatt_blocks) == config["vision_config"]["fullatt_block_indexes"]
+    assert (layout.vision_start_token_id, layout.vision_end_token_id) == (config["vision_start_token_id"],
+                                                                          config["vision_end_token_id"])
+    decoder = {t["name"]: t["shape"] for t in raw["graphs"]["decoder"]["inputs"]}
+    assert decoder["position_ids"] == [3, "batch", "sequence"]
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"format_version": 2}, "format_version"),
+    ({"layout.max_pixels": 100}, "layout.max_pixels"),
+    ({"layout.patch_size": 0}, "layout.patch_size"),
+    ({"layout.window_size": 100}, "layout.window_size"),
+    ({"layout.mrope_section": [2, 3]}, "layout.mrope_section"),
+])
+def test_bad_dynamic_layouts_are_refused_in_one_line(qwen2_5_vl_artifact, edit, fragment):
+    from tokedge.artifact import Manifest
+    from tokedge.manifest_schema import ManifestError
+
+    data = json.loads((qwen2_5_vl_artifact / "tokedge.json").read_text())
+    for key, value in edit.items():
+        *parents, last = key.split(".")
+        target = data
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    with pytest.raises(ManifestError) as err:
+        Manifest.from_dict(data)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_max_pixels_resizes_large_images_down_and_verify_replays(tiny_qwen2_5_vl_dir, hf_qwen2_5_vl, tmp_path):
+    """`--max-pixels 100000`: the manifest records it, a 1000x750 image is resized down exactly as
+    transformers' processor does with that max_pixels (same grid), and `tokedge verify
+    --checkpoint` recomputes the reference with it."""
+    from tokedge.artifact import load_artifact
+    from tokedge.export.pipeline import ExportConfig, export
+    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.verify import verify
+
+    out = tmp_path / "art"
+    result = export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=out, max_pixels=100_000))
+    assert result.parity["ok"] and result.warnings == []  # small enough: no dense-attention warning
+    manifest = load_artifact(out)
+    assert manifest.layout.max_pixels == 100_000 and manifest.reduction.full_tokens == 100_000 // 28**2
+    image = _image(1000, 750, 3)
+    (inputs,) = prompt_inputs(manifest, [image])
+    ref = hf_qwen2_5_vl[2](images=[image], size={"shortest_edge": 3136, "longest_edge": 100_000},
+                           return_tensors="np")
+    np.testing.assert_array_equal(inputs.grid, ref["image_grid_thw"][0])
+    assert inputs.tokens * 28**2 <= 100_000 < 750 * 1000  # resized down: each merged token covers 28 x 28 pixels
+    report = verify(out, checkpoint=str(tiny_qwen2_5_vl_dir))
+    assert report.ok and len(report.cases) == 2
+
+
+def test_hub_style_config_is_read_without_weights():
+    """A transformers-4.x hub config.json (text fields at the top level, `rope_scaling` with
+    `mrope_section`, Qwen2.5-VL-3B's vision block) is inspected from the file alone."""
+    from tokedge.export.families import for_checkpoint
+
+    cfg = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+           "hidden_size": 2048, "num_hidden_layers": 36, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+           "vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655,
+           "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 2048, "patch_size": 14,
+                             "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                             "fullatt_block_indexes": [7, 15, 23, 31]}}
+    spec = for_checkpoint(cfg).inspect(cfg)
+    assert spec.layout.kind == "qwen_dynamic" and spec.layout.mrope_section == (16, 24, 24)
+    assert spec.layout.fullatt_blocks == (7, 15, 23, 31) and spec.text_layers == 36
+    assert spec.full_tokens == 1003520 // 28**2  # the processor class default until the processor is read
+
+
+def test_profile_runs_on_the_artifact(qwen2_5_vl_artifact, tmp_path):
+    """`tokedge profile` on a Qwen2.5-VL artifact: each image's own visual-token count and FLOPs
+    over its own patches (what branch qwenred compares reduced artifacts with)."""
+    from tokedge.report.profile import ProfileConfig, run_profile
+
+    paths = []
+    for i, (w, h) in enumerate([(448, 448), (300, 900)]):
+        _image(w, h, seed=i).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    report = run_profile(ProfileConfig(artifact=qwen2_5_vl_artifact, images=tuple(paths), runs=1, warmup=0,
+                                       max_new_tokens=2))
+    (result,) = report.results
+    assert [(p["vision_tokens"], p["visual_tokens"], p["partitions"]) for p in result.per_image] == \
+        [(256, 256, 1), (352, 352, 1)]
+    small, tall = (p["flops"]["vision"] for p in result.per_image)
+    assert 0 < small < tall  # the tower's cost follows the image's patches
+    assert result.visual_tokens == 352 and result.ttft_ms > 0

@@ -149,6 +149,10 @@ class _Axes:
         self.image_tokens = image.vision_tokens
         if image.tiled and not red.budget_range:
             self.ranges["visual_tokens"] = image.vision_tokens
+        merge = manifest.layout.merge_size
+        if merge:  # dynamic resolution: one image's patches (m² per visual token) and merged tokens
+            self.ranges["patches"] = tuple(t * merge * merge for t in image.vision_tokens)
+            self.ranges["image_tokens"] = image.vision_tokens
         if red.stages:  # the prefill's image positions: every image token of a prompt, one image or several
             lo, opt, hi = image.vision_tokens
             self.ranges["image_tokens"] = (lo, opt, max(hi, max_prompt - 1))

@@ -39,16 +39,18 @@ def bytes_per_value(manifest: Manifest) -> int:
     return 2 if manifest.dtype == "fp16" else 4
 
 
-def vision_cost(manifest: Manifest, budget: int, batch: int = 1, partitions: int = 1) -> StageCost:
+def vision_cost(manifest: Manifest, budget: int, batch: int = 1, partitions: int = 1,
+                patches: int | None = None) -> StageCost:
     """In-ViT merging follows the merge schedule the export recorded (tokens merged per layer),
     so the count per layer is the traced graph's, whatever the tower (CLS or not).
 
     `partitions`: views of one image the tower runs (1 for a single view; base view + tiles for
     a tiled layout, `runtime.layout.plan_image(...).partitions` for a given image size). Each runs
     the whole tower; unreduced, the projector runs on every partition's patch features (the
-    packing after it is a gather)."""
+    packing after it is a gather). `patches`: patches of one partition when images vary in size
+    (dynamic resolution; attention counted dense, window blocks included: an upper bound)."""
     m, red = manifest.model, manifest.reduction
-    patches = (m.image_size // m.patch_size) ** 2
+    patches = (m.image_size // m.patch_size) ** 2 if patches is None else patches
     n = patches + (1 if m.vision_model_type == "clip_vision_model" else 0)
     d, ff = m.vision_hidden_size, m.vision_intermediate_size or 4 * m.vision_hidden_size
     schedule = list(red.merge_schedule) + [0] * (m.vision_layers - len(red.merge_schedule))

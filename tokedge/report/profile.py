@@ -209,12 +209,17 @@ def image_counts(manifest, image, runtime_budget: int | None) -> ImageCounts:
     budget = runtime_budget if runtime_budget is not None else red.budget
     if manifest.layout.kind == "single":
         parts, full = 1, red.full_tokens
-    else:
+    elif manifest.layout.kind == "anyres":
         from tokedge.runtime.layout import plan_image
 
         layout = manifest.layout.anyres()
         plan = plan_image(layout, image.height, image.width)
         parts, full = plan.partitions, plan.tokens(layout)
+    else:  # dynamic resolution: one vision run, the image's own token count
+        from tokedge.runtime.layout import prompt_inputs
+
+        (inputs,) = prompt_inputs(manifest, [image])
+        parts, full = inputs.partitions, inputs.tokens
     placeholders = prompt_tokens_for(manifest, full, runtime_budget)
     if manifest.layout.kind == "single" and runtime_budget is None:
         placeholders = manifest.prompt.visual_tokens
@@ -241,7 +246,9 @@ def vision_feed(manifest, image, runtime_budget: int | None) -> dict:
 def _stage_gflops(manifest, budget: int, c: ImageCounts, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
     """GFLOP per stage for one image: the tower over its partitions, the prefill over its
     placeholders plus the text, one decode step at mid-generation."""
-    v = fl.vision_cost(manifest, budget, partitions=c.partitions)
+    merge = manifest.layout.merge_size
+    patches = c.vision_tokens * merge * merge if merge else None  # dynamic resolution: the image's own patches
+    v = fl.vision_cost(manifest, budget, partitions=c.partitions, patches=patches)
     p = fl.prefill_cost(manifest, prompt_tokens, c.placeholders)
     d = fl.decode_cost(manifest, prompt_tokens + c.llm_tokens + new_tokens // 2)
     return {"vision": v.flops / 1e9, "prefill": p.flops / 1e9, "decode_per_token": d.flops / 1e9}
