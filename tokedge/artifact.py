@@ -88,6 +88,9 @@ class ReductionInfo:
     merge_schedule: tuple[int, ...] = ()
     scores_with: tuple[str, ...] = ()  # the method's signals (tokedge.reduce.base.Signal values)
     supports_runtime_budget: bool = False  # the method can be re-exported with a `budget` input
+    # dynamic-resolution layouts: `--keep f` keeps clamp(ceil(f * n), 1, n) of an image's n tokens (then
+    # `budget` is that count at the largest image); None: `budget` tokens per image (`--budget`)
+    keep: float | None = None
 
 
 @dataclass(frozen=True)

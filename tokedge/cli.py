@@ -122,6 +122,7 @@ def export_cmd(
     accuracy_level: AccuracyOpt = 4,
     device_profile: Annotated[Optional[str], typer.Option("--profile", help="Warn when this device profile cannot hold the artifact (memory plan).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: the processor's).")] = None,
+    keep: Annotated[Optional[float], typer.Option("--keep", help="Dynamic-resolution models (Qwen-VL): share of each image's tokens to keep, e.g. 0.5 (instead of --budget, a count per image).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Export a LLaVA checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder)."""
@@ -136,12 +137,13 @@ def export_cmd(
         from tokedge.reduce import get_method
 
         chosen = get_method(method)
-        label = budget if budget is not None else ("full" if chosen.keeps_all else 64)
+        label = budget if budget is not None else (f"keep{keep:g}" if keep is not None
+                                                   else "full" if chosen.keeps_all else 64)
         out = Path(f"{Path(model.rstrip('/')).name}-{method}-{label}")
     cfg = ExportConfig(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
-        quantize=quant, device_profile=device_profile, max_pixels=max_pixels,
+        quantize=quant, device_profile=device_profile, max_pixels=max_pixels, keep=keep,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)
@@ -154,6 +156,8 @@ def export_cmd(
         console.print(f"[green]✓[/green] parity: {report.summary()}")
     kept = m.reduction.budget
     where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
+    if m.reduction.keep is not None:
+        kept = f"--keep {m.reduction.keep:g}: ceil({m.reduction.keep:g} x n) of each image's n, up to {kept}"
     console.print(
         f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")
@@ -165,6 +169,7 @@ def export_cmd(
         console.print(f"[yellow]warning:[/yellow] {w}")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "method": m.reduction.method, "budget": m.reduction.budget,
+                          "keep": m.reduction.keep,
                           "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds,
                           "quantization": dataclasses.asdict(m.quantization) if m.quantization else None,
                           "warnings": result.warnings}))

@@ -142,6 +142,8 @@ def check_ranges(m: Any, format_version: int) -> None:
         if not 1 <= lo <= hi <= red.full_tokens:
             raise ManifestError("reduction.budget_range", f"[min, max] with 1 <= min <= max <= {red.full_tokens}",
                                 list(red.budget_range))
+    if red.keep is not None and not 0.0 < red.keep <= 1.0:
+        raise ManifestError("reduction.keep", "a ratio in (0, 1] or null", red.keep)
     _positive("prompt.visual_tokens", m.prompt.visual_tokens, high=red.full_tokens)
     if not m.prompt.image_token:
         raise ManifestError("prompt.image_token", "a non-empty string", m.prompt.image_token)

@@ -14,7 +14,14 @@ from torch import nn
 
 from tokedge.export.primitives import apply_rotary, attention, merge_heads, repeat_kv, split_heads
 from tokedge.reduce.base import Signal
-from tokedge.reduce.in_llm import Plan, dart_select, keep_positions, remap_positions, select_top_image_tokens
+from tokedge.reduce.in_llm import (
+    Plan,
+    dart_select,
+    dart_span_select,
+    keep_positions,
+    remap_positions,
+    select_top_image_tokens,
+)
 
 
 def causal_bias(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
@@ -87,18 +94,30 @@ class KVDecoder(_Layers):
         return (self.logits(x), *presents)
 
 
+def gather_sequence(position_ids, keep):
+    """Keep the columns `keep` [b, k] of position ids [b, t] or M-RoPE position ids [3, b, t]."""
+    if position_ids.dim() == 3:
+        return torch.gather(position_ids, 2, keep.unsqueeze(0).expand(position_ids.shape[0], -1, -1))
+    return torch.gather(position_ids, 1, keep)
+
+
 class PruningPrefill(_Layers):
     """The prefill of an in-LLM method: forward(inputs_embeds [b,t,h], attention_mask [b,t],
-    position_ids [b,t], image_positions [b,n], image_keep [stages]) -> (logits, *present,
-    *group_masks). `image_positions` are every image token of each row (all images of its
-    prompt; `n` varies per call), `image_keep[s]` how many stage `s` keeps (a graph input: the
-    runtime passes the plan's per-image keep times the prompt's image count). Present tensors of
-    group g have the sequence length after g pruning stages; group_masks are the padding masks
-    of groups 1.. (group 0's is the input mask)."""
+    position_ids [b,t] (or M-RoPE [3,b,t]), image_positions [b,n], image_keep [stages]
+    [, image_span [b,n], image_quota [b,n]]) -> (logits, *present, *group_masks).
+    `image_positions` are every image token of each row (all images of its prompt; `n` varies per
+    call), `image_keep[s]` how many stage `s` keeps (a graph input: the runtime passes the plan's
+    per-image keep times the prompt's image count, or the sum of the per-image counts). With
+    `spans=True` (dynamic-resolution families) DART keeps `image_quota` tokens of each image span
+    (`image_span` = the image each image token belongs to, `dart_span_select`). A stage with
+    score_layer -1 prunes before layer 0 on the embeddings themselves (DART's embedding level,
+    as TensorRT Edge-LLM). Present tensors of group g have the sequence length after g pruning
+    stages; group_masks are the padding masks of groups 1.. (group 0's is the input mask)."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan, spans: bool = False):
         super().__init__(language_model, lm_head)
         self.plan = plan
+        self.spans = spans
 
     def _scores(self, layer, x, cos, sin, mask, rule):
         """Last-token attention row of `layer` over the current sequence (mean over heads), or
@@ -111,7 +130,16 @@ class PruningPrefill(_Layers):
         scores = scores + torch.where(mask > 0, 0.0, torch.finfo(torch.float32).min / 2)[:, None, None, :]
         return torch.softmax(scores, dim=-1)[:, :, 0].mean(dim=1)  # indexing, not squeeze: no If in ONNX
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, image_positions, image_keep):
+    def _select(self, stage, score, x, mask, img, keep, span, quota):
+        if stage.rule != Signal.LLM_KEY_NORM:
+            return select_top_image_tokens(score, img, keep)
+        if self.spans:
+            half = self.plan.pivots // 2
+            return dart_span_select(score, x, img, span, quota, mask, keep, half, self.plan.pivots - half)
+        return dart_select(score, x, img, mask, keep, self.plan.pivots)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, image_positions, image_keep,
+                image_span=None, image_quota=None):
         x, mask, pos, img = inputs_embeds, attention_mask, position_ids, image_positions
         by_score = {s.score_layer: s for s in self.plan.stages}
         by_prune = {s.prune_layer: (n, s) for n, s in enumerate(self.plan.stages)}
@@ -119,19 +147,18 @@ class PruningPrefill(_Layers):
         presents, group_masks = [], []
         cos, sin = self.rotary(x, pos)
         bias = causal_bias(mask, x.shape[1])
+        if -1 in by_score:  # embedding level: L1 norm of the embeddings
+            scores[by_score[-1].prune_layer] = x.float().abs().sum(-1)
         for i, layer in enumerate(self.layers):
             if i in by_score:
                 stage = by_score[i]
                 scores[stage.prune_layer] = self._scores(layer, x, cos, sin, mask, stage.rule)
             if i in by_prune:
                 n, stage = by_prune[i]
-                if stage.rule == Signal.LLM_KEY_NORM:
-                    kept = dart_select(scores[i], x, img, mask, image_keep[n], self.plan.pivots)
-                else:
-                    kept = select_top_image_tokens(scores[i], img, image_keep[n])
+                kept = self._select(stage, scores[i], x, mask, img, image_keep[n], image_span, image_quota)
                 keep = keep_positions(mask, img, kept)
                 x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-                mask, pos = torch.gather(mask, 1, keep), torch.gather(pos, 1, keep)
+                mask, pos = torch.gather(mask, 1, keep), gather_sequence(pos, keep)
                 img = remap_positions(keep, kept)
                 group_masks.append(mask)
                 cos, sin = self.rotary(x, pos)

@@ -52,6 +52,7 @@ class ExportConfig:
     quantize: "QuantConfig | None" = None  # weight-only quantization after tracing (None: float weights)
     device_profile: str | None = None  # warn when this device profile cannot hold the artifact
     max_pixels: int | None = None  # dynamic-resolution layouts: largest image (pixels); None: the processor's
+    keep: float | None = None  # dynamic-resolution layouts: keep ratio per image (--keep), instead of --budget
 
 
 @dataclass
@@ -117,6 +118,16 @@ def check_request(cfg: ExportConfig, method: Method, full_tokens: int,
     """Budget, runtime range and options, checked before any weights load."""
     options = check_flags(cfg, method)
     budget = cfg.budget if cfg.budget is not None else method.default_budget(full_tokens)
+    if cfg.keep is not None:  # a ratio per image: the recorded budget is the count at the largest image
+        from tokedge.reduce.quota import TokenBudget
+
+        if cfg.budget is not None:
+            raise UsageError("give --budget (tokens per image) or --keep (a share of each image's tokens), not both")
+        if method.keeps_all:
+            raise UsageError("--method none keeps every visual token; drop --keep or choose a reduction method")
+        if cfg.dynamic_budget is not None:
+            raise UsageError("--keep already adapts to each image; drop --dynamic-budget")
+        budget = TokenBudget(keep=cfg.keep).per_image(full_tokens)
     method.check_budget(budget, full_tokens, geometry)
     rng = cfg.dynamic_budget
     if rng is not None:
@@ -172,6 +183,9 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     if cfg.max_pixels is not None and spec.layout.max_pixels is None:
         raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {family.name} "
                          "checkpoint has a fixed image geometry: drop --max-pixels")
+    if cfg.keep is not None and spec.layout.max_pixels is None:
+        raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
+                         f"token counts; this {family.name} checkpoint has a fixed count: use --budget")
     full = spec.full_tokens
     budget, rng, options = check_request(cfg, method, full, spec.geometry)
     from tokedge.reduce.in_llm import plan_for
@@ -179,6 +193,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     plan = None
     if method.prunes_in_llm and spec.text_layers is not None:  # layer options checked before loading
         plan = plan_for(method, budget, full, spec.text_layers, options)
+        _check_keep_stages(cfg, method, plan)
     local_source = Path(cfg.model) if Path(cfg.model).exists() else None
     check_target(out, cfg.force, protect=(local_source, local))  # after the flags, before anything heavy
 
@@ -215,6 +230,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         if loaded.spec.text_layers is None:
             raise InputError(f"cannot tell how many decoder layers '{cfg.model}' has; its config names none")
         plan = plan_for(method, budget, full, loaded.spec.text_layers, options)
+    _check_keep_stages(cfg, method, plan)
     vision_tokens = method.vision_tokens(budget, full)  # in-LLM methods prune inside the decoder
     trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)
 
@@ -224,7 +240,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         pixel_values, cases, budgets = np.zeros((0, 3, 1, 1), dtype=np.float32), [], [budget]
         with timed("reference (transformers)"):  # one case per image: its own partitions and token count
             fp32_modules = family.modules(loaded, method, trace_k, options, plan) if method.prunes_in_llm else None
-            cases = anyres_cases(loaded, method, budget, options, DECODE_STEPS, fp32_modules)
+            cases = anyres_cases(loaded, method, budget, options, DECODE_STEPS, fp32_modules, keep=cfg.keep)
     else:
         with timed("reference (transformers)"):
             pixel_values = pixel_values_for(loaded, example_images(2))
@@ -250,6 +266,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     vision_spec = family.vision_trace_spec(loaded, torch_dtype, modules["vision"])
     if vision_spec is not None:
         specs["vision"] = vision_spec
+    if plan is not None and hasattr(family, "prefill_trace_spec"):  # a family's own prefill inputs
+        specs["prefill"] = family.prefill_trace_spec(loaded, plan, torch_dtype)
 
     from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
 
@@ -277,7 +295,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             options=options, stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
             merge_schedule=tuple(modules["vision"].schedule or ()),
             scores_with=tuple(s.value for s in method.scores_with),
-            supports_runtime_budget=method.supports_runtime_budget,
+            supports_runtime_budget=method.supports_runtime_budget, keep=cfg.keep,
         )
         manifest = Manifest(
             # the oldest format that reads it: the layout's (2 tiled, 3 dynamic resolution), at least 2 for
@@ -329,8 +347,14 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
 
 
+def _check_keep_stages(cfg: ExportConfig, method: Method, plan) -> None:
+    if cfg.keep is not None and plan is not None and len(plan.stages) > 1:
+        raise UsageError(f"--method {method.name} prunes in {len(plan.stages)} stages of fixed counts; "
+                         "give --budget (tokens per image) instead of --keep")
+
+
 def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
-                 pruning_modules: dict | None = None) -> list[dict]:
+                 pruning_modules: dict | None = None, keep: float | None = None) -> list[dict]:
     """Reference cases for a tiled layout: one per example image that has enough candidates for
     the budget (a reduced graph keeps `budget` of them), each with its own prompt. In-LLM methods
     (`pruning_modules`: the fp32 prefill and decoder) take transformers' unreduced features and
@@ -349,7 +373,8 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
         return int(candidate_plan(layout, plan, *pack_plan(layout, plan))[0].shape[0])
 
     images = anyres_example_images()
-    usable = [image for image in images if method.keeps_all or candidates(image) >= budget]
+    dynamic = loaded.family.layout(loaded).max_pixels is not None  # counts per image size (Qwen-VL)
+    usable = [image for image in images if method.keeps_all or dynamic or candidates(image) >= budget]
     if not usable:
         most = max(candidates(image) for image in images)
         raise UsageError(f"--budget {budget} is more than the {most} visual tokens the largest image gives before "
@@ -357,13 +382,22 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
     if pruning_modules is not None:
         from tokedge.export.reference import reference_pruned_from_ids, tokenize
 
+        from tokedge.reduce import get_method
+        from tokedge.reduce.quota import TokenBudget
+
         cases = []
-        layout = loaded.family.layout(loaded).anyres()
+        per_image = None
+        if dynamic:  # dynamic resolution: the prefill keeps a count or a share of each image's tokens
+            per_image = TokenBudget(keep=keep) if keep is not None else TokenBudget(count=budget)
         for i, image in enumerate(usable):
-            plan = plan_image(layout, image.height, image.width)
-            ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], plan.tokens(layout))
+            if dynamic:
+                count = int(loaded.family.reference_features(loaded, get_method("none"), [image], budget).shape[1])
+            else:
+                layout = loaded.family.layout(loaded).anyres()
+                count = plan_image(layout, image.height, image.width).tokens(layout)
+            ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], count)
             cases.append(reference_pruned_from_ids(loaded, pruning_modules, None, ids, mask, budget, steps,
-                                                   image=image))
+                                                   image=image, per_image=per_image))
         return cases
     return [reference_image_case(loaded, method, image, render_prompt(loaded, EXAMPLE_PROMPTS[i % 2]), budget, steps,
                                  options) for i, image in enumerate(usable)]

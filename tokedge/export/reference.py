@@ -133,11 +133,14 @@ def reference_pruned(llava: LoadedCheckpoint, modules: dict, pixel_values: np.nd
 @torch.no_grad()
 def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_values: np.ndarray | None,
                               input_ids: np.ndarray, attention_mask: np.ndarray, budget: int, steps: int,
-                              image=None) -> dict[str, np.ndarray]:
+                              image=None, per_image=None) -> dict[str, np.ndarray]:
     """`reference_pruned` for already-tokenized inputs (placeholders expanded to all visual tokens).
-    `image`: tiled layouts, one prompt with this one image (recorded in the case, so that a client
-    can replay it) instead of the shared `pixel_values`."""
+    `image`: tiled and dynamic layouts, one prompt with this one image (recorded in the case, so that
+    a client can replay it) instead of the shared `pixel_values`. `per_image`: dynamic-resolution
+    layouts, the `TokenBudget` each image keeps (`image_keep` and DART's quotas as the runtime feeds
+    them, `tokedge.reduce.quota.prefill_budget`); positions from the family when it decides them."""
     from tokedge.reduce import get_method
+    from tokedge.reduce.quota import image_spans, prefill_budget
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
     family = llava.family
@@ -149,12 +152,21 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
     embeds = family.embed_prompt(llava, ids_t, feats)
     embed = llava.model.get_input_embeddings()  # transformers' API on every model
     positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
+    if hasattr(family, "reference_positions"):  # M-RoPE: transformers' get_rope_index on the images
+        positions = family.reference_positions(llava, ids_t, mask_t, [image] if image is not None else None)
     image_pos = torch.stack([torch.nonzero(row == image_token_id).squeeze(1) for row in ids_t])
     prefill, decoder = modules["prefill"], modules["decoder"]
-    out = prefill(embeds, mask_t, positions, image_pos, prefill.image_keep(1))
+    spans = image_spans(image_pos[0].tolist())
+    keep, quotas = prefill_budget([s.keep for s in prefill.plan.stages], per_image, spans, 1,
+                                  getattr(prefill, "spans", False))
+    extra = ()
+    if quotas is not None:
+        span = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(spans))
+        extra = (span[None].expand(len(ids_t), -1), torch.tensor(quotas)[span][None].expand(len(ids_t), -1))
+    out = prefill(embeds, mask_t, positions, image_pos, torch.tensor(keep, dtype=torch.int64), *extra)
     n_kv = 2 * len(decoder.layers)
     logits = out[0][:, -1].float()
-    state = {"past": list(out[1 : 1 + n_kv]), "masks": [mask_t, *out[1 + n_kv :]], "last": positions[:, -1:]}
+    state = {"past": list(out[1 : 1 + n_kv]), "masks": [mask_t, *out[1 + n_kv :]], "last": positions[..., -1:]}
 
     def step(ids):
         state["masks"] = [torch.cat([m, torch.ones_like(m[:, :1])], dim=1) for m in state["masks"]]

@@ -135,6 +135,75 @@ def dart_select(key_norm, hidden, image_pos, mask, k, pivots: int = 8):
     return torch.sort(torch.gather(image_pos, 1, first), dim=-1).values
 
 
+def _rank_in_span(score, same_span, eligible):
+    """score [b, n], same_span [b, n, n] bool, eligible [b, n] bool -> [b, n] int64: each token's
+    place among the eligible tokens of its span by descending score, ties to the lower index."""
+    n = score.shape[1]
+    ar = torch.arange(n, device=score.device)
+    earlier = ar[None, :] < ar[:, None]  # [i, j]: j comes before i
+    s_i, s_j = score[:, :, None], score[:, None, :]
+    ahead = (s_j > s_i) | ((s_j == s_i) & earlier[None])
+    return (ahead & same_span & eligible[:, None, :]).sum(dim=-1)
+
+
+def dart_span_select(pivot_score, hidden, image_pos, image_span, image_quota, mask, k,
+                     image_pivots: int = 4, text_pivots: int = 4):
+    """DART with a quota per image span, as TensorRT Edge-LLM 0.11 selects (docs/research/qwen-vl.md
+    8.2; no image of a multi-image prompt is starved).
+
+    Per span (one image): its `image_pivots` image tokens with the largest `pivot_score` (at most its
+    quota) are kept at once; the pivot list is those (descending score) then the prompt's
+    `text_pivots` text tokens with the largest score (shared by every span); pivot p in turn takes
+    ceil(remaining / pivots left) of the span's not-yet-kept tokens least similar to it (highest
+    -(e_p . e_c) / max(|e_p| |e_c|, 1e-8), ties to the lower index), so each span ends with exactly
+    its quota.
+
+    pivot_score [b, t] (L1 norm of the embeddings, or of the scoring layer's keys); hidden [b, t, h]
+    the vectors compared; image_pos [b, n] ascending; image_span [b, n] int64 span id of each image
+    token; image_quota [b, n] int64 its span's quota; mask [b, t] (padding is never a pivot);
+    k = the sum of the quotas (int or 0-d int64 tensor) -> kept image positions [b, k] ascending.
+    Memory is O(n^2) in the image tokens of a prompt (pairwise ranks inside spans). The prompt
+    needs at least `text_pivots` text tokens (every chat template has them).
+    """
+    n = image_pos.shape[1]
+    e = hidden.float()
+    img_e = torch.gather(e, 1, image_pos.unsqueeze(-1).expand(-1, -1, e.shape[-1]))  # [b, n, h]
+    img_l1 = torch.gather(pivot_score.float(), 1, image_pos)
+    same = image_span[:, :, None] == image_span[:, None, :]  # [b, n, n]
+    everyone = torch.ones_like(image_pos) > 0
+    own_pivots = torch.clamp(image_quota, max=image_pivots)  # image pivots of each token's span
+    l1_place = _rank_in_span(img_l1, same, everyone)
+    taken = l1_place < own_pivots  # image pivots are kept at once
+    is_img = _flags(mask, image_pos)
+    text_ok = (~is_img) & (mask > 0)
+    neg = torch.finfo(torch.float32).min
+    text_piv = torch.topk(pivot_score.float().masked_fill(~text_ok, neg), text_pivots, dim=-1).indices  # [b, 4]
+    txt_e = torch.gather(e, 1, text_piv.unsqueeze(-1).expand(-1, -1, e.shape[-1]))
+    l2 = torch.sqrt((img_e * img_e).sum(-1))  # [b, n]
+    l2_txt = torch.sqrt((txt_e * txt_e).sum(-1))  # [b, 4]
+    eps = 1e-8
+    # score of candidate i against an image pivot j (of i's span) and against each text pivot
+    vs_img = -torch.matmul(img_e, img_e.transpose(1, 2)) / torch.clamp(l2[:, :, None] * l2[:, None, :], min=eps)
+    vs_txt = -torch.matmul(img_e, txt_e.transpose(1, 2)) / torch.clamp(l2[:, :, None] * l2_txt[:, None, :], min=eps)
+    n_piv = own_pivots + text_pivots  # [b, n]: pivots of each token's span
+    for p in range(image_pivots + text_pivots):
+        pivot_is_img = own_pivots > p
+        is_pivot = same & (l1_place[:, None, :] == p)  # [b, n, n]: j is i's span's image pivot p
+        s_img = torch.where(is_pivot, vs_img, torch.zeros_like(vs_img)).sum(-1)
+        t_slot = torch.clamp(p - own_pivots, min=0, max=text_pivots - 1)
+        s_txt = torch.gather(vs_txt, 2, t_slot.unsqueeze(-1))[..., 0]
+        score = torch.where(pivot_is_img, s_img, s_txt)
+        held = (same & taken[:, None, :]).sum(-1)  # [b, n]: kept so far in each token's span
+        left = torch.clamp(n_piv - p, min=1)
+        share = torch.div(image_quota - held + left - 1, left, rounding_mode="floor")  # ceil(remaining / left)
+        share = torch.where(n_piv > p, torch.clamp(share, min=0), torch.zeros_like(share))
+        cand = ~taken
+        taken = taken | (cand & (_rank_in_span(score, same, cand) < share))
+    key = taken.to(torch.float32) * (2.0 * n) - torch.arange(n, device=e.device).to(torch.float32)
+    first = torch.topk(key, _capped(k, image_pos), dim=-1).indices
+    return torch.sort(torch.gather(image_pos, 1, first), dim=-1).values
+
+
 # --- plans from options ----------------------------------------------------------------------------
 
 
@@ -165,9 +234,11 @@ def _pdrop_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
 
 
 def _dart_plan(budget: int, full: int, n_layers: int, options: dict) -> Plan:
+    """layer K >= 1: pivots by layer K-1's key L1 norm, cosine on layer K's input (the paper);
+    layer 0: both on the input embeddings, before any layer (TensorRT Edge-LLM's embedding level)."""
     k = options["layer"]
-    if not 1 <= k < n_layers:
-        raise UsageError(f"--option layer={k}: must be within 1..{n_layers - 1} for this {n_layers}-layer model")
+    if not 0 <= k < n_layers:
+        raise UsageError(f"--option layer={k}: must be within 0..{n_layers - 1} for this {n_layers}-layer model")
     return Plan((Stage(score_layer=k - 1, prune_layer=k, keep=budget, rule=Signal.LLM_KEY_NORM),), pivots=options["pivots"])
 
 
@@ -198,7 +269,8 @@ DART = Method(
     summary="keep image tokens least similar to 8 pivot tokens (duplicate removal) at layer K",
     scores_with=(Signal.LLM_KEY_NORM,), reduce=keep_all, plan=_dart_plan,
     budget_meaning="image tokens kept after layer K",
-    option_specs={"layer": _LAYER,
+    option_specs={"layer": OptionSpec(int, 2, "pruning layer K (0: on the input embeddings, as TensorRT Edge-LLM)",
+                                      lambda v: v >= 0, "must be >= 0"),
                   "pivots": OptionSpec(int, 8, "pivot tokens, half image half text", lambda v: v >= 2 and v % 2 == 0,
                                        "must be an even number >= 2")},
 )

@@ -16,6 +16,7 @@ import numpy as np
 
 from tokedge.artifact import Manifest, VerifiedArtifact
 from tokedge.errors import InputError
+from tokedge.reduce.quota import TokenBudget, image_spans, prefill_budget
 from tokedge.runtime.base import Runner
 from tokedge.runtime.ort_backend import OrtOptions, OrtRunner
 
@@ -221,28 +222,46 @@ class ArtifactGraphs:
                                  "tokedge); re-export it to run prompts with several images")
             host = {**host, "image_positions": image_positions(input_ids, token, self.manifest.prompt.visual_tokens)}
             return self._run("prefill", host, {})
-        stages = self.manifest.reduction.stages
         rows = [np.flatnonzero(row == token).astype(np.int64) for row in input_ids]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for r, (where, count) in enumerate(zip(rows, images)):
-            groups.setdefault((len(where), int(count)), []).append(r)
+        keeps = [self._image_keep(where, int(count)) for where, count in zip(rows, images)]
+        groups: dict[tuple, list[int]] = {}
+        for r, (where, (keep, quotas)) in enumerate(zip(rows, keeps)):
+            groups.setdefault((len(where), tuple(keep), tuple(quotas or ())), []).append(r)
 
-        def feed(members: list[int], count: int) -> dict:
-            return {**{k: v[members] for k, v in host.items()}, "image_positions": np.stack([rows[r] for r in members]),
-                    "image_keep": np.array([int(s["keep"]) * count for s in stages], dtype=np.int64)}
+        def feed(members: list[int]) -> dict:
+            keep, quotas = keeps[members[0]]
+            rows_of = {k: (v[:, members] if k == "position_ids" and v.ndim == 3 else v[members])  # M-RoPE [3, b, t]
+                       for k, v in host.items()}
+            out = {**rows_of, "image_positions": np.stack([rows[r] for r in members]),
+                   "image_keep": np.array(keep, dtype=np.int64)}
+            if quotas is not None:  # DART with a quota per image: which image each token is, and its quota
+                span = np.repeat(np.arange(len(quotas)), image_spans(rows[members[0]]))
+                out["image_span"] = np.broadcast_to(span, (len(members), len(span))).astype(np.int64)
+                out["image_quota"] = np.broadcast_to(np.asarray(quotas)[span], (len(members), len(span))).astype(np.int64)
+            return out
 
         if len(groups) == 1:
-            ((_, count), members), = groups.items()
-            return self._run("prefill", feed(members, count), {})
+            (members,) = groups.values()
+            return self._run("prefill", feed(members), {})
         outs = {}
-        for (_, count), members in groups.items():
-            out = self.runners["prefill"].infer(feed(members, count))  # host arrays: merged below
+        for members in groups.values():
+            out = self.runners["prefill"].infer(feed(members))  # host arrays: merged below
             for i, r in enumerate(members):
                 outs[r] = {name: value[i:i + 1] for name, value in out.items()}
         merged = {name: _left_pad_concat([outs[r][name] for r in range(len(rows))], name)
                   for name in outs[0]}
         present_to_past = {p.replace("past_key_values.", "present."): p for p in self.past_names}
         return merged, {past: merged[present] for present, past in present_to_past.items()}
+
+    def _image_keep(self, where: np.ndarray, images: int) -> tuple[list[int], list[int] | None]:
+        """`image_keep` for one row, and DART's per-image quotas when the prefill takes them."""
+        red = self.manifest.reduction
+        budget = None
+        if self.manifest.layout.max_pixels is not None:  # dynamic resolution: counts follow each image's size
+            budget = TokenBudget(keep=red.keep) if red.keep is not None else TokenBudget(count=red.budget)
+        spans = image_spans(where)
+        edge = self.manifest.graphs["prefill"].input("image_quota") is not None
+        return prefill_budget([int(s["keep"]) for s in red.stages], budget, spans, images, edge)
 
     def step(self, token_embeds: np.ndarray, state: DecodeState) -> np.ndarray:
         """One decode step for one new token per row; updates `state`. -> logits [b, vocab]."""

@@ -32,9 +32,19 @@ from torch import nn
 
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError, UsageError
-from tokedge.export.decoder import KVDecoder, TokenEmbedder
+from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
-from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
+from tokedge.export.onnx_export import (
+    BATCH,
+    IMAGE_TOKENS,
+    PAST,
+    SEQ,
+    TOTAL,
+    TraceSpec,
+    axis,
+    kv_names,
+    mask_name,
+)
 from tokedge.export.primitives import attention, rotate_half
 from tokedge.reduce.base import Method
 
@@ -110,8 +120,16 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
 
 
 def check_method(method: Method) -> None:
-    if not method.keeps_all:
-        raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; export it with --method none")
+    """In-LLM methods prune merged tokens with their M-RoPE positions; merging inside the tower breaks
+    its fixed 2x2 PatchMerger groups and 112-px attention windows."""
+    if method.keeps_all or method.prunes_in_llm:
+        return
+    if method.merges_in_vit:
+        raise UsageError(f"--method {method.name} cannot run on Qwen2.5-VL: its vision tower merges fixed 2x2 patch "
+                         "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
+                         "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
+    raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv or pdrop "
+                     "(in-LLM) or none")
 
 
 def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:
@@ -301,6 +319,76 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
     }
 
 
+def pruning_graph_modules(model: nn.Module, plan) -> dict[str, nn.Module]:
+    """In-LLM methods (fastv, pdrop, dart): a prefill that prunes with M-RoPE positions [3, b, t]
+    (survivors keep their columns) and DART's quota per image span, and a decoder whose layer groups
+    have their own cache lengths and masks."""
+    lm = model.model.language_model
+    return {"prefill": PruningPrefill(lm, model.lm_head, plan, spans=True).eval(),
+            "decoder": KVDecoder(lm, model.lm_head, plan).eval()}
+
+
+def pruning_trace_specs(model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+    """Trace specs of `pruning_graph_modules`: prefill inputs `inputs_embeds [b, t, h]`,
+    `attention_mask [b, t]`, `position_ids [3, b, t]`, `image_positions [b, n]`, `image_keep [stages]`,
+    `image_span [b, n]` (which image each image token belongs to), `image_quota [b, n]` (its image's
+    count); decoder inputs `inputs_embeds`, one mask per layer group, `position_ids [3, b, s]`, past."""
+    tcfg = model.config.text_config
+    hidden, vocab = int(tcfg.hidden_size), int(tcfg.vocab_size)
+    layers, kv_heads = int(tcfg.num_hidden_layers), int(tcfg.num_key_value_heads)
+    head_dim = getattr(tcfg, "head_dim", None) or hidden // int(tcfg.num_attention_heads)
+    groups = [plan.group_of(i) for i in range(layers)]
+    n_groups = max(groups) + 1
+    masks = [mask_name(g) for g in range(n_groups)]
+    past_in, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
+    layer_of = [i for i in range(layers) for _ in range(2)]
+    b, s, p, n = 2, 3, 4, 24
+    t = n + 12
+    dec_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": {1: BATCH, 2: SEQ}, "logits": {0: BATCH}}
+    dec_axes.update({m: {0: BATCH, 1: axis(TOTAL, g)} for g, m in enumerate(masks)})
+    dec_axes.update({name: {0: BATCH, 2: axis(PAST, groups[layer_of[j]])} for j, name in enumerate(past_in)})
+    dec_axes.update({name: {0: BATCH, 2: axis(TOTAL, groups[layer_of[j]])} for j, name in enumerate(present)})
+    mask_example = torch.ones(b, t, dtype=torch.int64)
+    mask_example[1, :2] = 0
+    span = (torch.arange(n) >= n // 2).to(torch.int64).expand(b, n).contiguous()
+    pre_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: SEQ},
+                "position_ids": {1: BATCH, 2: SEQ}, "image_positions": {0: BATCH, 1: IMAGE_TOKENS},
+                "image_span": {0: BATCH, 1: IMAGE_TOKENS}, "image_quota": {0: BATCH, 1: IMAGE_TOKENS},
+                "logits": {0: BATCH}}
+    pre_axes.update({name: {0: BATCH, 2: axis(SEQ, groups[layer_of[j]])} for j, name in enumerate(present)})
+    pre_axes.update({m: {0: BATCH, 1: axis(SEQ, g + 1)} for g, m in enumerate(masks[1:])})
+    return {
+        "prefill": TraceSpec(
+            inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions", "image_keep",
+                    "image_span", "image_quota"),
+            outputs=("logits", *present, *masks[1:]),
+            example=(torch.randn(b, t, hidden, dtype=dtype), mask_example,
+                     torch.arange(t).expand(3, b, t).contiguous(),
+                     torch.arange(6, 6 + n).expand(b, n).contiguous(),
+                     torch.tensor([st.keep for st in plan.stages], dtype=torch.int64),
+                     span, torch.full((b, n), 6, dtype=torch.int64)),
+            dynamic_axes=pre_axes,
+            output_shapes={"logits": (BATCH, 1, vocab),
+                           **{name: (BATCH, kv_heads, axis(SEQ, groups[layer_of[j]]), head_dim)
+                              for j, name in enumerate(present)},
+                           **{m: (BATCH, axis(SEQ, g + 1)) for g, m in enumerate(masks[1:])}},
+        ),
+        "decoder": TraceSpec(
+            inputs=("inputs_embeds", *masks, "position_ids", *past_in),
+            outputs=("logits", *present),
+            example=(torch.randn(b, s, hidden, dtype=dtype),
+                     *[torch.ones(b, p + g + s, dtype=torch.int64) for g in range(n_groups)],
+                     torch.arange(p, p + s).expand(3, b, s).contiguous(),
+                     *[torch.zeros(b, kv_heads, p + groups[layer_of[j]], head_dim, dtype=dtype)
+                       for j in range(len(past_in))]),
+            dynamic_axes=dec_axes,
+            output_shapes={"logits": (BATCH, 1, vocab),
+                           **{name: (BATCH, kv_heads, axis(TOTAL, groups[layer_of[j]]), head_dim)
+                              for j, name in enumerate(present)}},
+        ),
+    }
+
+
 # --- metadata for the manifest --------------------------------------------------------------------
 
 
@@ -474,7 +562,22 @@ class Qwen25VLFamily:
 
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
-        return build_graph_modules(loaded.model)
+        graphs = build_graph_modules(loaded.model)
+        if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
+            graphs.update(pruning_graph_modules(loaded.model, plan))
+        return graphs
+
+    def prefill_trace_spec(self, loaded: LoadedCheckpoint, plan, dtype=torch.float32) -> TraceSpec:
+        return pruning_trace_specs(loaded.model, plan, dtype)["prefill"]
+
+    def reference_positions(self, loaded: LoadedCheckpoint, input_ids, attention_mask, images) -> torch.Tensor:
+        """transformers' M-RoPE positions [3, b, t] (`get_rope_index` with `mm_token_type_ids`)."""
+        model = loaded.model
+        grids = image_batch(loaded, images)["image_grid_thw"]
+        mm = (input_ids == model.config.image_token_id).long()
+        positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grids,
+                                                  attention_mask=attention_mask)
+        return positions
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
         return trace_specs(loaded.model, dtype)["vision"]
@@ -525,6 +628,12 @@ class Qwen25VLFamily:
 
     def graph_trace_specs(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return trace_specs(model, dtype)
+
+    def pruning_graph_modules(self, model: nn.Module, plan) -> dict[str, nn.Module]:
+        return pruning_graph_modules(model, plan)
+
+    def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+        return pruning_trace_specs(model, plan, dtype)
 
 
 FAMILY = register(Qwen25VLFamily())

@@ -1,0 +1,100 @@
+"""Token reduction on Qwen2.5-VL end to end: ONE `dart --keep 0.5` artifact, run torch-free
+(`Pipeline`, the code of `tokedge run`) on a two-image prompt, equals the independent reference of
+tests/export/test_qwen_in_llm.py (transformers' decoder layers, eager attention, rotary and
+get_rope_index; Edge-LLM's per-image selection as loops) token for token with logits < 1e-3; each
+image keeps ceil(n/2) of its n tokens. And the one-line refusals of --keep and of methods that
+cannot act on Qwen's merged tokens."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.export.test_qwen_in_llm import reference
+from tokedge.errors import UsageError
+
+STEPS = 4
+QUESTION = "What differs?"
+
+
+def _image(width, height, seed):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def dart_artifact(tmp_path_factory, tiny_qwen2_5_vl_dir):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("qwen-dart") / "dart-keep0.5"
+    export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=out, method="dart", keep=0.5))
+    return out
+
+
+def test_dart_keep_run_equals_reference(dart_artifact, hf_qwen2_5_vl):
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, tok, processor = hf_qwen2_5_vl
+    images = [_image(300, 200, seed=5), _image(224, 224, seed=6)]
+    batch = processor(images=images, return_tensors="pt")
+    counts = [int(g.prod()) // 4 for g in batch["image_grid_thw"]]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    parts = text.split("<|image_pad|>")
+    ids = torch.tensor([tok(parts[0] + "".join("<|image_pad|>" * n + r for n, r in zip(counts, parts[1:])))["input_ids"]])
+    is_img = (ids[0] == model.config.image_token_id).numpy()
+    with torch.no_grad():
+        feats = torch.cat(model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        embeds = model.model.language_model.embed_tokens(ids).clone()
+    embeds[ids == model.config.image_token_id] = feats
+    mm = torch.from_numpy(is_img.astype(np.int64))[None]
+    pos, _ = model.model.get_rope_index(ids, mm, image_grid_thw=batch["image_grid_thw"])
+    quotas = [math.ceil(n / 2) for n in counts]  # Edge-LLM's dartReductionRatio 0.5
+    ref_logits, kept = reference(model, embeds, pos, is_img, "dart", 2, quotas, STEPS)
+
+    with Pipeline.load(dart_artifact) as pipe:
+        assert pipe.manifest.reduction.keep == 0.5
+        result = pipe.generate(images, QUESTION, max_new_tokens=STEPS)
+        assert result.visual_tokens == sum(quotas) == len(kept)
+        inputs = prompt_inputs(pipe.manifest, images)
+        enc = pipe.encoder.encode([QUESTION], [counts])
+        np.testing.assert_array_equal(enc.input_ids, ids.numpy())
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=STEPS),
+                       keep_logits=True, stop_at_eos=False, images_per_row=[len(images)])
+    ref_tokens = ref_logits.argmax(-1).tolist()
+    assert gen.token_ids[0][:STEPS] == ref_tokens
+    assert np.abs(gen.prefill_logits[0] - ref_logits[0]).max() < 1e-3
+    steps = np.stack([s[0] for s in gen.step_logits])[:STEPS - 1]
+    assert np.abs(steps - ref_logits[1:1 + len(steps)]).max() < 1e-3
+    assert result.token_ids[0] == ref_tokens[:len(result.token_ids[0])]  # `tokedge run` (may stop at EOS)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"method": "tome", "budget": 64}, "PatchMerger"),
+    ({"method": "dart", "keep": 0.5, "budget": 64}, "not both"),
+    ({"method": "pdrop", "keep": 0.5}, "stages"),
+    ({"method": "dart", "keep": 1.5}, "(0, 1]"),
+    ({"method": "none", "keep": 0.5}, "keeps every"),
+])
+def test_refusals_are_one_line(tiny_qwen2_5_vl_dir, tmp_path, kwargs, words):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    with pytest.raises(UsageError) as err:
+        export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=tmp_path / "art", **kwargs))
+    assert "\n" not in str(err.value) and words in str(err.value)
+    assert not (tmp_path / "art").exists()
+
+
+def test_keep_refused_on_fixed_layouts(tiny_llava_dir, tmp_path):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    with pytest.raises(UsageError) as err:
+        export(ExportConfig(model=str(tiny_llava_dir), out=tmp_path / "art", method="dart", keep=0.5))
+    assert "\n" not in str(err.value) and "--budget" in str(err.value)
