@@ -30,7 +30,7 @@ from torch import nn
 
 from tokedge.artifact import ModelInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError
-from tokedge.export.decoder import KVDecoder, TokenEmbedder, causal_bias
+from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families import qwen2_5_vl as q25
 from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
@@ -99,10 +99,18 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
 
 
 def check_method(method: Method) -> None:
-    if not method.keeps_all:
-        from tokedge.errors import UsageError
+    """In-LLM methods prune merged tokens with their M-RoPE positions and DeepStack planes; merging
+    inside the tower breaks its fixed 2x2 PatchMerger groups."""
+    from tokedge.errors import UsageError
 
-        raise UsageError(f"--method {method.name} is not available for Qwen3-VL yet; export it with --method none")
+    if method.keeps_all or method.prunes_in_llm:
+        return
+    if method.merges_in_vit:
+        raise UsageError(f"--method {method.name} cannot run on Qwen3-VL: its vision tower merges fixed 2x2 patch "
+                         "groups (PatchMerger, also for each DeepStack level), which tokens merged inside the tower "
+                         "break; use a method that acts on merged tokens (dart, fastv, pdrop)")
+    raise UsageError(f"--method {method.name} is not available for Qwen3-VL yet; use dart, fastv or pdrop (in-LLM) "
+                     "or none")
 
 
 def load_qwen3_vl(source: str, local: Path | None, *, trust_remote_code: bool = False,
@@ -218,45 +226,41 @@ def _text_rotary(model: nn.Module) -> InterleavedMRope:
     return InterleavedMRope(model.model.language_model.rotary_emb, section, head_dim)
 
 
-def split_planes(inputs_embeds: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[b, s, (1 + levels) * hidden] -> (hidden states [b, s, hidden], planes [levels, b, s, hidden])."""
-    packed = inputs_embeds.reshape(inputs_embeds.shape[0], inputs_embeds.shape[1], 1 + levels, -1)
-    packed = packed.permute(2, 0, 1, 3)
-    return packed[0], packed[1:]
-
-
-class DeepStackDecoder(KVDecoder):
-    """One decode call with DeepStack: forward(inputs_embeds [b,s,(1+levels)*h], attention_mask
-    [b,past+s], position_ids [3,b,s], *past) -> (logits, *present)."""
-
-    def __init__(self, model: nn.Module):
-        lm = model.model.language_model
-        super().__init__(lm, model.lm_head)
-        self.rotary = _text_rotary(model)
-        self.levels = len(model.config.vision_config.deepstack_visual_indexes)
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        x, deepstack_embeds = split_planes(inputs_embeds, self.levels)
-        bias = causal_bias(attention_mask, x.shape[1])
-        cos, sin = self.rotary(x, position_ids)
-        presents = []
-        for i, layer in enumerate(self.layers):
-            q, k, v = self.qkv(layer, x, cos, sin)
-            k = torch.cat([past[2 * i], k], dim=2)
-            v = torch.cat([past[2 * i + 1], v], dim=2)
-            presents += [k, v]
-            x = self.run_layer(layer, x, q, k, v, bias)
-            if i < self.levels:
-                x = x + deepstack_embeds[i].to(x.dtype)
-        return (self.logits(x), *presents)
-
-
 def build_graph_modules(model: nn.Module) -> dict[str, nn.Module]:
     """vision, embed and decoder for `--method none`."""
     lm = model.model.language_model
     levels = len(model.config.vision_config.deepstack_visual_indexes)
     return {"vision": Qwen3VisionGraph(model).eval(), "embed": PackedEmbedder(lm.embed_tokens, levels).eval(),
-            "decoder": DeepStackDecoder(model).eval()}
+            "decoder": _with_rotary(KVDecoder(lm, model.lm_head, levels=levels), model).eval()}
+
+
+def _with_rotary(module: nn.Module, model: nn.Module) -> nn.Module:
+    """A decoder / prefill module with Qwen3-VL's interleaved M-RoPE in place of transformers' module."""
+    module.rotary = _text_rotary(model)
+    return module
+
+
+def pruning_graph_modules(model: nn.Module, plan) -> dict[str, nn.Module]:
+    """In-LLM methods (fastv, pdrop, dart): Qwen2.5-VL's pruning prefill (M-RoPE columns kept, DART's
+    quota per image span) and per-group decoder, with DeepStack planes packed in the embedding rows:
+    the prefill's keep gather shortens the planes with the hidden states, so layers l < levels after
+    the pruning layer add plane l to the surviving image tokens only (research doc 8.6)."""
+    lm = model.model.language_model
+    levels = len(model.config.vision_config.deepstack_visual_indexes)
+    return {"prefill": _with_rotary(PruningPrefill(lm, model.lm_head, plan, spans=True, levels=levels), model).eval(),
+            "decoder": _with_rotary(KVDecoder(lm, model.lm_head, plan, levels=levels), model).eval()}
+
+
+def pruning_trace_specs(model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+    """Qwen2.5-VL's prefill / decoder trace specs with packed (1 + levels) * hidden embedding rows."""
+    hidden = int(model.config.text_config.hidden_size)
+    width = (1 + len(model.config.vision_config.deepstack_visual_indexes)) * hidden
+    specs = q25.pruning_trace_specs(model, plan, dtype)
+    for name, spec in specs.items():
+        embeds = spec.example[0]
+        specs[name] = replace(spec, example=(torch.randn(*embeds.shape[:-1], width, dtype=embeds.dtype),
+                                             *spec.example[1:]))
+    return specs
 
 
 def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
@@ -334,12 +338,15 @@ def reference_features(loaded: LoadedCheckpoint, images: list) -> torch.Tensor:
 
 
 def embed_prompt(loaded: LoadedCheckpoint, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-    """Token embeddings with the (packed) image features' first plane spliced at the image positions."""
+    """Packed prompt rows [b, s, (1 + levels) * hidden], as the artifact's embed graph and splice give
+    them: transformers' token embeddings with zero planes, the packed image features at the image
+    positions."""
     model = loaded.model
-    features, _ = split_features(image_features, len(model.config.vision_config.deepstack_visual_indexes))
     embeds = model.get_input_embeddings()(input_ids)
+    packed = torch.cat([embeds, embeds.new_zeros(*embeds.shape[:-1], image_features.shape[-1] - embeds.shape[-1])],
+                       dim=-1)
     mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    return embeds.masked_scatter(mask, features.to(embeds.dtype))
+    return packed.masked_scatter(mask, image_features.to(packed.dtype))
 
 
 @torch.no_grad()
@@ -358,8 +365,8 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
     image = input_ids == model.config.image_token_id
     positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=image.long(), image_grid_thw=grids,
                                               attention_mask=attention_mask)
-    _, levels = split_features(image_features, len(model.config.vision_config.deepstack_visual_indexes))
-    embeds = embed_prompt(loaded, input_ids, image_features)
+    features, levels = split_features(image_features, len(model.config.vision_config.deepstack_visual_indexes))
+    embeds = model.get_input_embeddings()(input_ids).masked_scatter(image[..., None], features)
     lm = model.model.language_model
     out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True,
              visual_pos_masks=image, deepstack_visual_embeds=[level.reshape(-1, level.shape[-1]) for level in levels])
@@ -404,7 +411,13 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
 
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
-        return build_graph_modules(loaded.model)
+        graphs = build_graph_modules(loaded.model)
+        if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
+            graphs.update(pruning_graph_modules(loaded.model, plan))
+        return graphs
+
+    def prefill_trace_spec(self, loaded: LoadedCheckpoint, plan, dtype=torch.float32) -> TraceSpec:
+        return pruning_trace_specs(loaded.model, plan, dtype)["prefill"]
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
         return trace_specs(loaded.model, dtype)["vision"]
@@ -430,6 +443,12 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
 
     def graph_trace_specs(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return trace_specs(model, dtype)
+
+    def pruning_graph_modules(self, model: nn.Module, plan) -> dict[str, nn.Module]:
+        return pruning_graph_modules(model, plan)
+
+    def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+        return pruning_trace_specs(model, plan, dtype)
 
 
 FAMILY = register(Qwen3VLFamily())
