@@ -229,3 +229,54 @@ def test_planes_must_follow_the_kept_tokens(qwen3, prompt, graphs):
     packed[0, is_img, embeds.shape[-1]:] = np.roll(torch.cat(levels, dim=-1).numpy(), 1, axis=0)
     logits, _ = onnx_generate(sessions, None, packed, pos, is_img, counts, quotas, 1)
     assert np.abs(logits[0] - ref_logits[0]).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_dart_artifact_run_and_verify_match_the_reference(qwen3, tmp_path, capsys):
+    """`tokedge export --method dart --keep 0.5` of the Qwen3-VL checkpoint, then `tokedge run` on two
+    images: the runtime's own preprocessing, prompt, per-image quotas (image_span / image_quota) and
+    packed DeepStack rows give the reference's greedy tokens, prefill and step logits (< 1e-3), ceil(n/2)
+    tokens per image; `tokedge verify --checkpoint` recomputes the export's cases from the checkpoint."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from tokedge.cli import main
+    from tokedge.export.pipeline import ExportConfig, export
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, _, ckpt = qwen3
+    art = tmp_path / "dart"
+    export(ExportConfig(model=str(ckpt), out=art, method="dart", keep=0.5))
+    images = [_image(w, h, seed=i + 3) for i, (w, h) in enumerate(SIZES)]
+    proc = Qwen2VLImageProcessorPil.from_pretrained(ckpt)(images=images, return_tensors="pt")
+    counts = [int(g.prod()) // 4 for g in proc["image_grid_thw"]]
+    with Pipeline.load(art) as pipe:
+        inputs = prompt_inputs(pipe.manifest, images)
+        enc = pipe.encoder.encode(["What differs?"], [[x.tokens for x in inputs]])
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=STEPS),
+                       stop_at_eos=False, keep_logits=True, images_per_row=[2])
+    ids = torch.from_numpy(enc.input_ids)
+    is_img = (ids[0] == model.config.image_token_id).numpy()
+    assert [x.tokens for x in inputs] == counts and gen.visual_tokens == sum((n + 1) // 2 for n in counts)
+    with torch.no_grad():
+        out = model.model.get_image_features(proc["pixel_values"], proc["image_grid_thw"])
+        embeds = model.model.language_model.embed_tokens(ids).clone()
+    embeds[0, is_img] = torch.cat(out.pooler_output)
+    levels = [torch.cat(level) for level in out.deepstack_features]
+    pos, _ = model.model.get_rope_index(ids, torch.from_numpy(is_img.astype(np.int64))[None],
+                                        image_grid_thw=proc["image_grid_thw"])
+    ref_logits, _ = reference(model, embeds, levels, pos, is_img, "dart", 2, dart_quotas(counts, TokenBudget(keep=0.5)),
+                              STEPS)
+    logits = np.stack([gen.prefill_logits[0], *[s[0] for s in gen.step_logits]])[:STEPS]
+    assert gen.token_ids[0] == ref_logits.argmax(-1).tolist()
+    assert np.abs(logits - ref_logits).max() < 1e-3
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    assert main(["run", str(art), "--image", str(tmp_path / "0.png"), "--image", str(tmp_path / "1.png"),
+                 "--prompt", "What differs?", "--max-new-tokens", str(STEPS), "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["visual_tokens"] == gen.visual_tokens and run["token_ids"]  # greedy; stops early only at EOS
+    assert run["token_ids"] == gen.token_ids[0][:len(run["token_ids"])]
+    assert main(["verify", str(art), "--checkpoint", str(ckpt)]) == 0
+    assert "tokens match" in capsys.readouterr().err
