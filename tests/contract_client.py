@@ -5,7 +5,9 @@ It deliberately imports nothing from tokedge: the export tests use it to show th
 contract, as documented, is enough to reproduce transformers' outputs. `generate` takes prepared
 inputs (both layouts); `run` goes from PIL images and a question to tokens, planning tiled
 ("anyres") images itself (docs/artifact.md, "Planning a tiled image"), including reduced tiled
-artifacts (candidate plan, `base_tile`, and `image_keep` for in-LLM prefill graphs).
+artifacts (candidate plan, `base_tile`, and `image_keep` for in-LLM prefill graphs), and
+dynamic-resolution ("qwen_dynamic") images with M-RoPE positions (docs/artifact.md, "Dynamic
+resolution", "Running a prompt" step 5).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ class ContractClient:
         self.root = Path(artifact)
         self.manifest = json.loads((self.root / "tokedge.json").read_text())
         self.layout = self.manifest.get("layout") or {"kind": "single"}  # absent: written before layouts
-        if self.layout["kind"] not in ("single", "anyres"):
-            raise ValueError(f"this client implements the 'single' and 'anyres' layouts, not '{self.layout['kind']}'")
+        if self.layout["kind"] not in ("single", "anyres", "qwen_dynamic"):
+            raise ValueError(f"this client implements the 'single', 'anyres' and 'qwen_dynamic' layouts, "
+                             f"not '{self.layout['kind']}'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
         self.sessions = {
@@ -49,7 +52,8 @@ class ContractClient:
         new_past = {t["name"]: outs["present." + t["name"][len("past_key_values."):]] for t in self.past_inputs}
         return outs["logits"][:, -1, :], new_past, {m: outs[m] for m in masks_out}
 
-    def generate(self, pixel_values, input_ids, attention_mask, new_tokens: int, budget: int | None = None):
+    def generate(self, pixel_values, input_ids, attention_mask, new_tokens: int, budget: int | None = None,
+                 positions: np.ndarray | None = None):
         """Greedy decoding per the contract's steps; returns (prefill_logits, tokens [b, n]).
         `pixel_values`: [b, 3, H, W] (single layout), or per row a list of that row's images'
         embeddings [T_i, hidden] (already run through the vision graph: see `run`)."""
@@ -66,7 +70,8 @@ class ContractClient:
             embeds[r, pos] = img[r]
             image_pos.append(pos)
         mask = attention_mask.astype(np.int64)
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+        if positions is None:  # M-RoPE layouts pass their [3, b, s] positions
+            positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
         dec_inputs = [t["name"] for t in self.manifest["graphs"]["decoder"]["inputs"]]
         mask_names = [n for n in dec_inputs if n.startswith("attention_mask")]
         feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
@@ -89,7 +94,7 @@ class ContractClient:
             masks = {"attention_mask": mask}
         prefill = logits
         tokens = [logits.argmax(-1)]
-        last = positions[:, -1:]
+        last = positions[..., -1:]
         for _ in range(new_tokens - 1):
             masks = {k: np.concatenate([v, np.ones((v.shape[0], 1), np.int64)], axis=1) for k, v in masks.items()}
             last = last + 1
@@ -276,9 +281,89 @@ class ContractClient:
         """PIL images (all in one prompt) + a question -> (prefill_logits [1, vocab], tokens [1, n],
         input_ids [1, t]). A tiled layout plans every image (untiled when `multi_image_square` and
         there are several)."""
+        if self.layout["kind"] == "qwen_dynamic":
+            planned = [self.dynamic_embeds(image) for image in images]
+            ids = self.encode(self.render(question, len(images)), [len(e) for e, _ in planned])
+            positions = self.mrope_positions(ids, [grid for _, grid in planned])
+            logits, tokens = self.generate([[e for e, _ in planned]], ids, np.ones_like(ids), new_tokens,
+                                           positions=positions)
+            return logits, tokens, ids
         assert self.layout["kind"] == "anyres", "run() plans tiled images; single views take generate()"
         tiled = not (self.layout.get("multi_image_square") and len(images) > 1)
         embeds = [self.tiled_embeds(image, tiled) for image in images]
         ids = self.encode(self.render(question, len(images)), [len(e) for e in embeds])
         logits, tokens = self.generate([embeds], ids, np.ones_like(ids), new_tokens)
         return logits, tokens, ids
+
+    # --- dynamic resolution (docs/artifact.md: "Dynamic resolution", "Running a prompt" step 5) ---
+
+    def dynamic_embeds(self, image):
+        """One image -> (image_embeds [T, hidden], grid (gh, gw) in patches)."""
+        lay, pre = self.layout, self.manifest["preprocess"]
+        P, m, T = lay["patch_size"], lay["merge_size"], lay["temporal_patch_size"]
+        F = P * m
+        image = image.convert("RGB")
+        W, H = image.size
+        assert max(H, W) / min(H, W) <= 200
+        h, w = round(H / F) * F, round(W / F) * F  # 1. size
+        if h * w > lay["max_pixels"]:
+            beta = math.sqrt(H * W / lay["max_pixels"])
+            h, w = max(F, math.floor(H / beta / F) * F), max(F, math.floor(W / beta / F) * F)
+        elif h * w < lay["min_pixels"]:
+            beta = math.sqrt(lay["min_pixels"] / (H * W))
+            h, w = math.ceil(H * beta / F) * F, math.ceil(W * beta / F) * F
+        if (h, w) != (H, W):  # 2. pixels
+            image = image.resize((w, h), pre["resample"])
+        x = self.normalise(image)
+        gh, gw = h // P, w // P  # 3. patches, block-major
+        x = x.reshape(3, gh // m, m, P, gw // m, m, P).transpose(1, 4, 2, 5, 0, 3, 6)
+        x = np.repeat(x[:, :, :, :, :, None], T, axis=5).reshape(gh * gw, 3 * T * P * P)
+        pos = []
+        for bh in range(gh // m):
+            for bw in range(gw // m):
+                for mh in range(m):
+                    for mw in range(m):
+                        pos.append((bh * m + mh, bw * m + mw))
+        pos = np.asarray(pos, np.int64)
+        feed = {"pixel_values": np.ascontiguousarray(x, np.float32), "vision_pos": pos}
+        if lay["window_size"] is not None:  # 4. windows
+            ws = lay["window_size"] // m // P
+            lh, lw = gh // m, gw // m
+            rows, cols = lh + (ws - lh % ws), lw + (ws - lw % ws)
+            grid = -np.ones((rows, cols), np.int64)
+            grid[:lh, :lw] = np.arange(lh * lw).reshape(lh, lw)
+            order, seg, windows = [], [], 0
+            for wr in range(rows // ws):
+                for wc in range(cols // ws):
+                    cells = [int(v) for v in grid[wr * ws:(wr + 1) * ws, wc * ws:(wc + 1) * ws].ravel() if v >= 0]
+                    if cells:  # empty windows take no number
+                        seg += [windows] * (len(cells) * m * m)
+                        order += cells
+                        windows += 1
+            window_index = np.asarray(order, np.int64)
+            perm = (window_index[:, None] * m * m + np.arange(m * m)).ravel()
+            feed = {"pixel_values": feed["pixel_values"][perm], "vision_pos": pos[perm],
+                    "window_seg": np.asarray(seg, np.int64), "merge_restore": np.argsort(window_index)}
+        out = self.sessions["vision"].run(["image_embeds"], feed)[0]
+        return out, (gh, gw)
+
+    def mrope_positions(self, ids: np.ndarray, grids: list) -> np.ndarray:
+        """Step 5, M-RoPE: [3, 1, t] positions of one unpadded prompt whose images have `grids`."""
+        m = self.layout["merge_size"]
+        image = (ids[0] == self.manifest["prompt"]["image_token_id"]).tolist()
+        cols, cur, i, k = [], 0, 0, 0
+        while i < len(image):
+            j = i
+            while j < len(image) and image[j] == image[i]:
+                j += 1
+            if not image[i]:
+                cols += [(cur + n, cur + n, cur + n) for n in range(j - i)]
+                cur += j - i
+            else:
+                lh, lw = grids[k][0] // m, grids[k][1] // m
+                k += 1
+                assert lh * lw == j - i
+                cols += [(cur, cur + r, cur + c) for r in range(lh) for c in range(lw)]
+                cur += max(lh, lw)
+            i = j
+        return np.asarray(cols, np.int64).T[:, None, :]

@@ -1,6 +1,7 @@
-"""Qwen2.5-VL `--method none`: the graphs of tokedge/export/families/qwen2_5_vl.py exported to ONNX
-and run with ONNX Runtime on the torch-free numpy inputs (tokedge/runtime/qwen_vl.py) equal
-transformers' Qwen2_5_VLForConditionalGeneration: greedy tokens and prefill logits (< 1e-3)."""
+"""Qwen2.5-VL `--method none` export: the vision graph vs transformers' tower, the manifest's
+dynamic-resolution layout record (format 3) and its schema checks, `--max-pixels`, one-line
+refusals, and `tokedge profile` on the artifact. Generation through the runtime against
+transformers' `generate` is tests/runtime/test_qwen2_5_vl_run.py."""
 
 from __future__ import annotations
 
@@ -11,129 +12,29 @@ import pytest
 
 from tokedge.runtime import qwen_vl
 
-STEPS = 8
-QUESTION = "Describe the picture."
-
-
 def _image(width, height, seed):
     from PIL import Image
 
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
 
 
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen2_5_vl_dir, tmp_path_factory):
-    """(reference model, tokenizer, {graph: ORT session}) from one export of the tiny checkpoint."""
+def test_vision_graph_equals_transformers_tower(qwen2_5_vl_artifact, hf_qwen2_5_vl):
+    """The artifact's vision graph alone (ONNX Runtime, no tokedge runtime) on a grid with partial
+    windows (1000x750 -> 54 x 72 patches) equals transformers' tower + merger; the index inputs
+    come from tokedge/runtime/qwen_vl.py (each compared with transformers in tests/runtime/test_qwen_vl.py)."""
     import onnxruntime as ort
     import torch
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from tokedge.export.families import for_checkpoint
-    from tokedge.export.onnx_export import finish, save_graph, trace_to_ir
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen2_5_vl_dir, dtype=torch.float32,
-                                                               attn_implementation="eager").eval()
-    out = tmp_path_factory.mktemp("qwen-graphs")
-    family = for_checkpoint(json.loads((tiny_qwen2_5_vl_dir / "config.json").read_text()))
-    specs = family.graph_trace_specs(model)
-    sessions = {}
-    for name, module in family.graph_modules(model).items():
-        ir_model = trace_to_ir(module, specs[name])
-        finish(ir_model)
-        file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
-        sessions[name] = ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
-    return model, AutoTokenizer.from_pretrained(tiny_qwen2_5_vl_dir), sessions
-
-
-def _prompt(tok, counts):
-    content = [{"type": "image"} for _ in counts] + [{"type": "text", "text": QUESTION}]
-    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                   tokenize=False)
-    parts = text.split("<|image_pad|>")
-    text = parts[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, parts[1:]))
-    return np.asarray([tok(text)["input_ids"]], np.int64)
-
-
-def _onnx_generate(model, tok, sessions, images):
-    """The torch-free path: numpy preprocessing and indices, one vision run per image, M-RoPE
-    positions from rope_index, greedy decode with positions last + 1."""
-    spec = qwen_vl.QwenImageSpec(min_pixels=3136, max_pixels=12845056)
-    embeds, grids = [], []
-    for image in images:
-        pixels, grid = qwen_vl.preprocess_image(image, spec)
-        idx = qwen_vl.qwen2_5_vision_inputs(grid[None])
-        (feat,) = sessions["vision"].run(None, {"pixel_values": pixels[idx.patch_order], "vision_pos": idx.vision_pos,
-                                                "window_seg": idx.window_seg, "merge_restore": idx.merge_restore})
-        embeds.append(feat)
-        grids.append(grid)
-    ids = _prompt(tok, [len(e) for e in embeds])
-    image_token = model.config.image_token_id
-    (x,) = sessions["embed"].run(None, {"input_ids": ids})
-    x[ids == image_token] = np.concatenate(embeds)
-    pos, delta = qwen_vl.rope_index((ids == image_token).astype(np.int64), np.stack(grids))
-    layers = model.config.text_config.num_hidden_layers
-    kv = (1, model.config.text_config.num_key_value_heads, 0,
-          model.config.text_config.hidden_size // model.config.text_config.num_attention_heads)
-    past = {f"past_key_values.{i}.{k}": np.zeros(kv, np.float32) for i in range(layers) for k in ("key", "value")}
-    mask = np.ones((1, ids.shape[1]), np.int64)
-    tokens, step_logits = [], []
-    for _ in range(STEPS):
-        outs = sessions["decoder"].run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos, **past})
-        logits, presents = outs[0], outs[1:]
-        step_logits.append(logits[0, -1])
-        nxt = int(logits[0, -1].argmax())
-        tokens.append(nxt)
-        past = {name: value for name, value in zip(past, presents)}
-        (x,) = sessions["embed"].run(None, {"input_ids": np.array([[nxt]], np.int64)})
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        pos = pos[:, :, -1:] + 1
-    return ids, delta, tokens, np.stack(step_logits)
-
-
-def _reference(model, tok, images, ids):
-    """transformers' own processor pieces and generate (mm_token_type_ids passed: M-RoPE): greedy
-    tokens and the logits of every step (prefill first)."""
-    import torch
-    from transformers import Qwen2VLImageProcessorPil
-
-    proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)(images=images, return_tensors="pt")
-    input_ids = torch.from_numpy(ids)
-    mm = (input_ids == model.config.image_token_id).long()
-    kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "mm_token_type_ids": mm,
-              "pixel_values": proc["pixel_values"], "image_grid_thw": proc["image_grid_thw"]}
-    with torch.no_grad():
-        out = model.generate(**kwargs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.cat(out.logits).numpy()
-
-
-@pytest.mark.parametrize("sizes", [[(448, 448)], [(300, 900)], [(1000, 750)], [(448, 448), (300, 900)]],
-                         ids=["448x448", "300x900", "1000x750", "two-images"])
-def test_onnx_greedy_and_prefill_equal_transformers(qwen, sizes):
-    model, tok, sessions = qwen
-    images = [_image(w, h, seed=i + 1) for i, (w, h) in enumerate(sizes)]
-    ids, delta, tokens, logits = _onnx_generate(model, tok, sessions, images)
-    ref_tokens, ref_logits = _reference(model, tok, images, ids)
-    assert np.abs(logits[0] - ref_logits[0]).max() < 1e-3  # prefill
-    assert tokens == ref_tokens
-    assert np.abs(logits - ref_logits).max() < 1e-3  # every decode step, with positions last + 1
-    assert int(delta[0, 0]) < 0  # the image span compresses positions: M-RoPE, not 1-D positions
-
-
-def test_vision_graph_equals_transformers_tower(qwen):
-    """The vision graph alone on a grid with partial windows (1000x750 -> 54 x 72 patches)."""
-    import torch
-    from transformers import Qwen2VLImageProcessorPil
-
-    model, _, sessions = qwen
+    model, _, processor = hf_qwen2_5_vl
     image = _image(1000, 750, seed=9)
-    proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)(images=[image], return_tensors="pt")
+    proc = processor(images=[image], return_tensors="pt")
     with torch.no_grad():
         ref = model.model.visual(proc["pixel_values"], grid_thw=proc["image_grid_thw"]).pooler_output.numpy()
     pixels, grid = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())
     idx = qwen_vl.qwen2_5_vision_inputs(grid[None])
-    (got,) = sessions["vision"].run(None, {"pixel_values": pixels[idx.patch_order], "vision_pos": idx.vision_pos,
-                                           "window_seg": idx.window_seg, "merge_restore": idx.merge_restore})
+    session = ort.InferenceSession(str(qwen2_5_vl_artifact / "vision.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"pixel_values": pixels[idx.patch_order], "vision_pos": idx.vision_pos,
+                                "window_seg": idx.window_seg, "merge_restore": idx.merge_restore})
     assert got.shape == ref.shape == (27 * 36, model.config.text_config.hidden_size)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 

@@ -134,6 +134,10 @@ class Family(Protocol):
 
     def image_token_id(self, loaded: LoadedCheckpoint) -> int: ...
 
+    # Dynamic-resolution families (a layout with `max_pixels`) also provide
+    # `with_max_pixels(loaded, max_pixels) -> LoadedCheckpoint` (export's --max-pixels, verify's
+    # replay) and may provide `export_warnings(loaded) -> list[str]` (printed after export).
+
 
 FAMILIES: dict[str, Family] = {}
 

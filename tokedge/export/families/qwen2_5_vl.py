@@ -295,7 +295,7 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
         "vision": TraceSpec(
             inputs=("pixel_values", "vision_pos", "window_seg", "merge_restore"),
             outputs=("image_embeds",),
-            example=(torch.randn(n, row, dtype=dtype), torch.zeros(n, 2, dtype=torch.int64),
+            example=(torch.randn(n, row), torch.zeros(n, 2, dtype=torch.int64),  # pixel_values stay float32
                      torch.zeros(n, dtype=torch.int64), torch.arange(n // 4, dtype=torch.int64)),
             dynamic_axes={"pixel_values": {0: PATCHES}, "vision_pos": {0: PATCHES}, "window_seg": {0: PATCHES},
                           "merge_restore": {0: TOKENS}, "image_embeds": {0: TOKENS}},
