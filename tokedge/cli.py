@@ -493,6 +493,7 @@ def profile_cmd(
     checkpoint: Annotated[Optional[str], typer.Option(
         help="Re-export budgets this artifact cannot run from this checkpoint, into <out>/artifacts.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per session (0 = automatic).")] = 0,
+    keeps: Annotated[Optional[str], typer.Option(help="Dynamic-resolution (Qwen-VL) artifacts: keep ratios to compare, e.g. 1,0.75,0.5 (1 = --method none); others re-export from --checkpoint.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
@@ -507,6 +508,12 @@ def profile_cmd(
         from tokedge.errors import UsageError
 
         raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
+    try:
+        keep_list = tuple(float(k) for k in keeps.split(",") if k.strip()) if keeps else ()
+    except ValueError:
+        from tokedge.errors import UsageError
+
+        raise UsageError(f"--keeps '{keeps}' is not a comma-separated list of ratios like 1,0.75,0.5") from None
     if (out / "report.json").exists() and not force:
         from tokedge.errors import UsageError
 
@@ -518,7 +525,7 @@ def profile_cmd(
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
                         baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
-                        reexport_dir=out / "artifacts", threads=threads)
+                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -535,7 +542,7 @@ def profile_cmd(
         console.print(line, markup=False)
     for r in report.results:
         if r.share_of_gemm_peak:
-            console.print(f"budget {r.budget:>4} compute: " + "  ".join(
+            console.print(f"{r.label() if r.keep is not None else f'budget {r.budget:>4}'} compute: " + "  ".join(
                 f"{stage} {r.achieved_gflops_per_s[stage]:.0f} GFLOP/s ({r.share_of_gemm_peak[stage]:.0%})"
                 for stage in ("vision", "prefill", "decode")) + f" of {report.gemm_peak_gflops_per_s:.0f} GFLOP/s GEMM peak")
     if report.quantization:

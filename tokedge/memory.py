@@ -221,6 +221,10 @@ def prompt_tokens_for(manifest: Manifest, image_tokens: int, budget: int | None 
     red = manifest.reduction
     if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM):
         return image_tokens
+    if manifest.layout.max_pixels is not None and budget is None:  # dynamic resolution: a count per image
+        from tokedge.reduce.quota import vision_budget
+
+        return vision_budget(red).per_image(image_tokens)
     return red.budget if budget is None else budget
 
 

@@ -98,3 +98,100 @@ def test_keep_refused_on_fixed_layouts(tiny_llava_dir, tmp_path):
     with pytest.raises(UsageError) as err:
         export(ExportConfig(model=str(tiny_llava_dir), out=tmp_path / "art", method="dart", keep=0.5))
     assert "\n" not in str(err.value) and "--budget" in str(err.value)
+
+
+@pytest.mark.slow
+def test_profile_compares_dart_keeps_with_none(dart_artifact, tiny_qwen2_5_vl_dir, tmp_path):
+    """Issue 11 acceptance 3: `tokedge profile --keeps 1,0.75,0.5` on the dart artifact reports
+    latency and fidelity for none (re-exported), dart keep 0.75 (re-exported) and 0.5 (itself)."""
+    from tokedge.artifact import load_artifact
+    from tokedge.report.profile import ProfileConfig, run_profile
+    from tokedge.report.render import markdown, summary_lines
+
+    images = []
+    for i, (w, h) in enumerate([(300, 200), (224, 224)]):
+        images.append(tmp_path / f"{i}.png")
+        _image(w, h, seed=i + 5).save(images[-1])
+    report = run_profile(ProfileConfig(artifact=dart_artifact, images=tuple(images), keeps=(1.0, 0.75, 0.5), runs=1,
+                                       warmup=0, max_new_tokens=3, checkpoint=str(tiny_qwen2_5_vl_dir),
+                                       reexport_dir=tmp_path / "artifacts"))
+    assert [r.label() for r in report.results] == ["none (all tokens)", "dart keep 0.75", "dart keep 0.5"]
+    full = [7 * 11, 8 * 8]  # merged tokens of 300x200 and 224x224
+    for r, keep in zip(report.results, (1.0, 0.75, 0.5)):
+        assert [e["visual_tokens"] for e in r.per_image] == [math.ceil(keep * n) for n in full]
+        assert r.ttft_ms > 0 and r.prefill_ms > 0 and r.decode_ms_per_token > 0
+        assert r.fidelity is not None and 0.0 <= r.fidelity["token_overlap"] <= 1.0
+    assert report.results[0].fidelity["first_token_agreement"] == 1.0  # the reference itself
+    assert report.fidelity_reference == "tokedge with --method none"
+    assert load_artifact(tmp_path / "artifacts" / "dart-keep0.5-keep-0.75").reduction.keep == 0.75
+    text = markdown(report)
+    assert "| dart keep 0.75 |" in text and "| none (all tokens) |" in text
+    assert any(line.startswith("dart keep 0.5:") for line in summary_lines(report))
+
+
+@pytest.fixture(scope="module")
+def visionzip_artifact(tmp_path_factory, tiny_qwen2_5_vl_dir):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("qwen-vz") / "visionzip-keep0.5"
+    export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=out, method="visionzip", keep=0.5))
+    return out
+
+
+def test_visionzip_keep_run_equals_reference(visionzip_artifact, hf_qwen2_5_vl):
+    """A pre-LLM artifact end to end: each image's vision run keeps ceil(n/2) tokens (mean received
+    attention, no CLS) and the prompt carries them at their unreduced M-RoPE positions; greedy
+    tokens and prefill logits equal transformers' tower + loop selection + its language model."""
+    from tests.export.test_qwen_pre_llm import tower_signals, visionzip_loop
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, tok, processor = hf_qwen2_5_vl
+    images = [_image(300, 200, seed=7), _image(224, 224, seed=8)]
+    kept_idx, kept, grids = [], [], []
+    for image in images:
+        batch = processor(images=[image], return_tensors="pt")
+        merged, score, keys = tower_signals(model, batch["pixel_values"], batch["image_grid_thw"])
+        idx, tokens = visionzip_loop(merged, score, keys, math.ceil(merged.shape[0] / 2))
+        kept_idx.append(idx)
+        kept.append(tokens)
+        grids.append(batch["image_grid_thw"][0])
+    counts = [int(g.prod()) // 4 for g in grids]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    parts = text.split("<|image_pad|>")
+    full = torch.tensor([tok(parts[0] + "".join("<|image_pad|>" * n + r for n, r in zip(counts, parts[1:])))["input_ids"]])
+    token = model.config.image_token_id
+    is_img = (full[0] == token).numpy()
+    img_pos = np.flatnonzero(is_img)
+    starts = np.cumsum([0, *counts[:-1]])
+    cols = np.sort(np.concatenate([np.flatnonzero(~is_img)] + [img_pos[s + np.asarray(i)] for s, i in zip(starts, kept_idx)]))
+    pos, _ = model.model.get_rope_index(full, (full == token).long(), image_grid_thw=torch.stack(grids))
+    ids, pos = full[:, cols], pos[:, :, cols]
+    ref_tokens, logits = [], []
+    with torch.no_grad():
+        x = model.model.language_model.embed_tokens(ids).clone()
+        x[ids == token] = torch.cat(kept)
+        for _ in range(STEPS):  # greedy without a cache: the whole sequence each step, new tokens at last + 1
+            out = model(inputs_embeds=x, position_ids=pos, attention_mask=torch.ones(x.shape[:2], dtype=torch.long))
+            logits.append(out.logits[0, -1].numpy())
+            nxt = int(out.logits[0, -1].argmax())
+            ref_tokens.append(nxt)
+            x = torch.cat([x, model.model.language_model.embed_tokens(torch.tensor([[nxt]]))], 1)
+            pos = torch.cat([pos, pos[:, :, -1:] + 1], 2)
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.layout import prompt_inputs
+
+    with Pipeline.load(visionzip_artifact) as pipe:
+        assert pipe.manifest.reduction.keep == 0.5
+        result = pipe.generate(images, QUESTION, max_new_tokens=STEPS)
+        inputs = prompt_inputs(pipe.manifest, images)
+        enc = pipe.encoder.encode([QUESTION], [[x.tokens for x in inputs]])
+        np.testing.assert_array_equal(enc.input_ids, ids.numpy())  # ceil(n/2) placeholders per image
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=STEPS),
+                       keep_logits=True, stop_at_eos=False, images_per_row=[len(images)])
+    assert result.visual_tokens == sum(math.ceil(n / 2) for n in counts)
+    assert result.token_ids[0] == ref_tokens[:len(result.token_ids[0])]  # `tokedge run` (may stop at EOS)
+    assert gen.token_ids[0] == ref_tokens
+    assert np.abs(gen.prefill_logits[0] - logits[0]).max() < 1e-3
+    steps = np.stack([s[0] for s in gen.step_logits])[:STEPS - 1]
+    assert np.abs(steps - np.stack(logits[1:1 + len(steps)])).max() < 1e-3

@@ -50,6 +50,14 @@ class TokenBudget:
         return {"count": self.count, "keep": self.keep}
 
 
+def vision_budget(reduction) -> TokenBudget | None:
+    """The per-image budget of a vision graph that reduces each image itself (pre-LLM methods on
+    dynamic-resolution layouts), from the manifest's `reduction`; None when it keeps every token."""
+    if reduction.stage != "pre-llm":
+        return None
+    return TokenBudget(keep=reduction.keep) if reduction.keep is not None else TokenBudget(count=reduction.budget)
+
+
 def dart_quotas(full: list[int], budget: TokenBudget) -> list[int]:
     """Edge-LLM DART's per-image-span quotas: `budget.per_image` for each span, or every token
     when the prompt has fewer than MIN_VISUAL_TOKENS visual tokens (Edge-LLM's skip guard)."""

@@ -73,6 +73,50 @@ def _check(budget: int, full: int) -> str | None:
     return None
 
 
+def received_split(k):
+    """Towers without CLS: k (0-d int64) -> (dominant, contextual) with contextual =
+    max(1, round(k * 10 / 64)) (the authors' 54:10 ratio, no CLS slot)."""
+    ctx = torch.clamp(torch.round(k.to(torch.float32) * 10.0 / 64.0), min=1.0).to(torch.int64)
+    return k - ctx, ctx
+
+
+def reduce_visionzip_indexed(vf: VisionFeatures, k, options: dict):
+    """VisionZip on one image of a tower without CLS (Qwen-VL), b = 1, a run-time count k.
+
+    vf.features [1, n, d] merged tokens (raster order of the merged grid); vf.cls_attention [1, n]
+    the mean attention each merged token receives in the scoring block (its 4 patches averaged);
+    vf.keys [1, n, e] that block's keys before rotary, mean over heads and over each merge unit.
+    Dominant = top (k - c) by attention; contextual: c targets at a uniform stride over the rest
+    (raster order), every other remaining token joins its most similar target (cosine of keys),
+    each contextual token = target + mean of its members, at the target's position. Output in
+    raster order of those positions -> (tokens [1, k, d], kept_index [1, k])."""
+    dominant, k_c = received_split(k)
+    if options.get("contextual") is not None:
+        k_c = torch.minimum(torch.ones_like(k) * int(options["contextual"]), k - 1)
+        dominant = k - k_c
+    score, x = vf.cls_attention[0].float(), vf.features[0]
+    keys = torch.nn.functional.normalize(vf.keys[0].float(), dim=-1)
+    n = score.shape[0]
+    order = torch.topk(score, n).indices  # every token by score, ties to the lower index
+    dom = torch.sort(order[:dominant]).values
+    rest = torch.sort(order[dominant:]).values  # [R] raster order
+    ones = torch.ones_like(rest)
+    step = torch.clamp(torch.div(ones.sum(), k_c, rounding_mode="floor"), min=1)
+    slot = ones.cumsum(0) - 1
+    targets = torch.arange(k_c) * step  # places in `rest`
+    is_target = (slot % step == 0) & (torch.div(slot, step, rounding_mode="floor") < k_c)
+    rest_k, tgt_k = keys[rest], keys[rest[targets]]
+    best = torch.matmul(rest_k, tgt_k.T).argmax(-1)  # [R]
+    member = (best[:, None] == torch.arange(k_c)[None, :]) & ~is_target[:, None]  # [R, c]
+    weight = member.to(x.dtype)
+    count = weight.sum(0).clamp(min=1.0)[:, None]
+    ctx = x[rest[targets]] + torch.matmul(weight.T, x[rest]) / count
+    index = torch.cat([dom, rest[targets]])
+    tokens = torch.cat([x[dom], ctx])
+    place = torch.sort(index).indices
+    return tokens[place][None], index[place][None]
+
+
 METHOD = Method(
     name="visionzip",
     stage=Stage.PRE_LLM,
@@ -80,6 +124,7 @@ METHOD = Method(
     summary="CLS + dominant patches by CLS attention + contextual tokens merged by key similarity",
     scores_with=(Signal.CLS_ATTENTION, Signal.CLS_TOKEN, Signal.KEYS),
     reduce=reduce_visionzip,
+    reduce_indexed=reduce_visionzip_indexed,
     budget_meaning="visual tokens that enter the LLM (CLS + dominant + contextual)",
     option_specs={
         "contextual": OptionSpec(int, None, "contextual tokens (default round(budget*10/64))",

@@ -76,7 +76,14 @@ def prefill_cost(manifest: Manifest, prompt_tokens: int, visual_tokens: int, bat
     if red.stages:  # in-LLM pruning: later layers see shorter sequences
         lengths = []
         current = t
-        cuts = {s["prune_layer"]: red.full_tokens - s["keep"] for s in red.stages}
+        # image tokens each stage removes: down to its keep (a share of this image's tokens with --keep)
+        if red.keep is not None:
+            from tokedge.reduce.quota import TokenBudget
+
+            kept = {s["prune_layer"]: TokenBudget(keep=red.keep).per_image(visual_tokens) for s in red.stages}
+        else:
+            kept = {s["prune_layer"]: min(int(s["keep"]), visual_tokens) for s in red.stages}
+        cuts = {layer: visual_tokens - k for layer, k in kept.items()}
         for layer in range(m.num_layers):
             if layer in cuts:
                 current = t - cuts[layer]

@@ -40,6 +40,9 @@ class ProfileConfig:
     checkpoint: str | None = None  # re-export budgets outside the artifact's range from here (else refuse)
     reexport_dir: Path | None = None  # where those re-exports go (the CLI: <--out>/artifacts)
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides)
+    # dynamic-resolution artifacts: keep ratios to compare instead of budgets; 1 = `--method none`
+    # (all tokens, the fidelity reference); others re-export the artifact's method with --keep
+    keeps: tuple[float, ...] = ()
 
 
 @dataclass
@@ -69,6 +72,14 @@ class BudgetResult:
     # reaching the LLM's last layer), median stage times, FLOPs and fidelity; with a tiled layout
     # every image has its own counts (`visual_tokens` above is then the largest image's)
     per_image: list[dict] = field(default_factory=list)
+    method: str = ""  # the method that ran (with --keeps, `none` for keep 1)
+    keep: float | None = None  # its keep ratio per image (dynamic-resolution artifacts exported with --keep)
+
+    def label(self) -> str:
+        """The row label in reports: the budget, or with --keeps the method and its keep ratio."""
+        if self.keep is None:
+            return str(self.budget)
+        return "none (all tokens)" if self.method == "none" else f"{self.method} keep {self.keep:g}"
 
 
 @dataclass
@@ -219,7 +230,7 @@ def image_counts(manifest, image, runtime_budget: int | None) -> ImageCounts:
         from tokedge.runtime.layout import prompt_inputs
 
         (inputs,) = prompt_inputs(manifest, [image])
-        parts, full = inputs.partitions, inputs.tokens
+        parts, full = inputs.partitions, inputs.full_tokens
     placeholders = prompt_tokens_for(manifest, full, runtime_budget)
     if manifest.layout.kind == "single" and runtime_budget is None:
         placeholders = manifest.prompt.visual_tokens
@@ -276,7 +287,9 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     if not cfg.images:
         raise UsageError("give at least one --image to profile with")
     images = [load_image(p) for p in cfg.images]
-    budgets = list(cfg.budgets) or default_budgets(manifest)
+    if cfg.keeps and cfg.budgets:
+        raise UsageError("give --budgets or --keeps, not both")
+    budgets = [] if cfg.keeps else (list(cfg.budgets) or default_budgets(manifest))
     device_profile = None
     if cfg.predict:
         from tokedge.profiles import load_profile
@@ -291,7 +304,10 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             f"{manifest.model.source} to re-export them into the report folder, or export with --dynamic-budget"
         )
     notes: list[str] = []
-    artifacts = {k: _artifact_for(cfg, manifest, k, notes) for k in budgets}
+    if cfg.keeps:  # each entry: (budget: the artifact's own, keep ratio, artifact, runtime budget)
+        entries = [(None, keep, *_artifact_for_keep(cfg, manifest, keep, notes)) for keep in cfg.keeps]
+    else:
+        entries = [(k, None, *_artifact_for(cfg, manifest, k, notes)) for k in budgets]
 
     report = ProfileReport(
         artifact=str(cfg.artifact), method=manifest.reduction.method, images=[str(p) for p in cfg.images],
@@ -303,24 +319,26 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     report.warnings += notes
     from tokedge.report.tegrastats import Sampler
 
-    total = len(budgets) * (cfg.warmup + cfg.runs) * len(images)
+    total = len(entries) * (cfg.warmup + cfg.runs) * len(images)
     done = 0
     with Sampler() as sampler:
-        for k in budgets:
-            art, runtime_budget = artifacts[k]
+        for k, keep, art, runtime_budget in entries:
             samples: dict[str, list[float]] = {s: [] for s in STAGES}
             per_samples: list[dict[str, list[float]]] = [{s: [] for s in STAGES} for _ in images]
             tokens: list[list[int]] = []
             with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines,
                                options=OrtOptions(intra_op_threads=cfg.threads)) as pipe:
                 pm = pipe.manifest
+                k = pm.reduction.budget if k is None else k
+                label = (f"budget {k}" if keep is None else "none (all tokens)" if keep >= 1.0
+                         else f"{pm.reduction.method} keep {keep:g}")
                 counts = [image_counts(pm, img, runtime_budget) for img in images]
                 for i in range(cfg.warmup + cfg.runs):
                     for j, img in enumerate(images):
                         res = pipe.generate(img, cfg.prompt, max_new_tokens=cfg.max_new_tokens, budget=runtime_budget)
                         done += 1
                         if progress:
-                            progress(f"budget {k}", done, total)
+                            progress(label, done, total)
                         if i >= cfg.warmup:
                             for s in STAGES:
                                 samples[s].append(getattr(res.timings, s))
@@ -339,7 +357,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 elif stage is Stage.NONE:
                     red_ms = 0.0
             for name, key in (("TTFT", "ttft_ms"), ("decode", "decode_ms_per_token")):
-                warning = spread_warning(f"budget {k} {name}", samples[key])
+                warning = spread_warning(f"{label} {name}", samples[key])
                 if warning:
                     report.warnings.append(warning)
             med = {s: statistics.median(v) for s, v in samples.items()}
@@ -379,7 +397,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 token_ids=tokens,
                 share_of_gemm_peak={key: round(val / report.gemm_peak_gflops_per_s, 3)
                                     for key, val in achieved.items()} if report.gemm_peak_gflops_per_s else {},
-                per_image=per_image,
+                per_image=per_image, method=pm.reduction.method,
+                keep=None if keep is None else (1.0 if keep >= 1.0 else pm.reduction.keep),
             ))
     from tokedge.memory import profile_memory
 
@@ -411,9 +430,11 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     full = manifest.reduction.full_tokens
     in_llm = Stage(manifest.reduction.stage) is Stage.IN_LLM
     reference = next((r for r in report.results if r.budget == full and not in_llm), None)
+    if cfg.keeps:
+        reference = next((r for r in report.results if r.keep == 1.0), None)
     ref_tokens = None
     if reference is not None:
-        report.fidelity_reference = f"tokedge at {full} tokens"
+        report.fidelity_reference = f"tokedge at {full} tokens" if not cfg.keeps else "tokedge with --method none"
         ref_tokens = reference.token_ids
     elif report.baseline:
         report.fidelity_reference = "transformers baseline (all tokens), image by image"
@@ -437,6 +458,41 @@ def _runtime_budget(manifest, k: int) -> tuple[bool, int | None]:
     if red.budget_range and red.budget_range[0] <= k <= red.budget_range[1]:
         return True, k
     return k == red.budget, None
+
+
+def _artifact_for_keep(cfg: ProfileConfig, manifest, keep: float, notes: list[str]) -> tuple[Path, None]:
+    """The artifact that keeps `keep` of each image's tokens: this one when it does (keep 1 = an
+    artifact of `--method none`), else a re-export of its method (or of none, for keep 1) from
+    --checkpoint into cfg.reexport_dir, said in `notes`."""
+    red = manifest.reduction
+    if manifest.layout.max_pixels is None:
+        raise UsageError("--keeps applies to dynamic-resolution artifacts (Qwen-VL), whose images give different "
+                         "token counts; use --budgets")
+    if not 0.0 < keep <= 1.0:
+        raise UsageError(f"--keeps {keep:g} is out of range: use ratios in (0, 1], 1 for all tokens (--method none)")
+    full = keep >= 1.0
+    if (full and red.method == "none") or (red.keep is not None and abs(red.keep - keep) < 1e-9):
+        return cfg.artifact, None
+    if not full and red.method == "none":
+        raise UsageError(f"this artifact keeps every token; to compare --keeps {keep:g}, profile an artifact of a "
+                         "reduction method (e.g. --method dart --keep 0.75) with --checkpoint")
+    if not cfg.checkpoint:
+        raise UsageError(f"--keeps {keep:g} needs another export of this model; pass --checkpoint {manifest.model.source}"
+                         " to re-export it into the report folder")
+    from tokedge.export.pipeline import ExportConfig, export
+
+    where = cfg.reexport_dir or Path(cfg.artifact).parent
+    out = where / (f"{Path(cfg.artifact).name}-none" if full else f"{Path(cfg.artifact).name}-keep-{keep:g}")
+    if not (out / "tokedge.json").is_file():
+        options = () if full else tuple((key, str(v)) for key, v in red.options.items() if v not in (None, ""))
+        try:
+            export(ExportConfig(model=cfg.checkpoint, out=out, method="none" if full else red.method,
+                                keep=None if full else keep, force=True, options=options,
+                                max_pixels=manifest.layout.max_pixels))
+        except InputError as exc:
+            raise InputError(f"re-exporting --keeps {keep:g} from '{cfg.checkpoint}' failed: {exc}") from None
+    notes.append(f"keep {keep:g} ran a re-export from {cfg.checkpoint} ({'none' if full else red.method}) at {out}")
+    return out, None
 
 
 def _artifact_for(cfg: ProfileConfig, manifest, k: int, notes: list[str]) -> tuple[Path, int | None]:

@@ -35,7 +35,7 @@ def markdown(report: ProfileReport) -> str:
                if r.fidelity else "n/a")
         red = f"{r.reduction_ms:.2f}" if r.reduction_ms is not None else "n/a"
         lines.append(
-            f"| {r.budget} | {r.backend} | {r.visual_tokens} | {r.preprocess_ms:.1f} | {r.vision_ms:.1f} | {red} "
+            f"| {r.label()} | {r.backend} | {r.visual_tokens} | {r.preprocess_ms:.1f} | {r.vision_ms:.1f} | {red} "
             f"| {r.prefill_ms:.1f} | {r.ttft_ms:.1f} ({r.p90['ttft_ms']:.1f}) | {r.decode_ms_per_token:.2f} "
             f"({r.p90['decode_ms_per_token']:.2f}) | {r.tokens_per_s:.1f} | {r.peak_rss_mb:.0f} "
             f"| {r.flops['vision']:.2f} / {r.flops['prefill']:.2f} | {r.achieved_gflops_per_s['prefill']:.1f} | {fid} |"
@@ -53,7 +53,7 @@ def markdown(report: ProfileReport) -> str:
             fid = e.get("fidelity")
             fid_text = f"{fid['first_token_agreement']:.2f} / {fid['token_overlap']:.2f}" if fid else "n/a"
             lines.append(
-                f"| {r.budget} | {Path(e['image']).name} | {e['width']}x{e['height']} | {e['partitions']} "
+                f"| {r.label()} | {Path(e['image']).name} | {e['width']}x{e['height']} | {e['partitions']} "
                 f"| {e['vision_tokens']} / {e['visual_tokens']} | {e['vision_ms']:.1f} | {e['prefill_ms']:.1f} "
                 f"| {e['ttft_ms']:.1f} | {e['decode_ms_per_token']:.2f} "
                 f"| {e['flops']['vision']:.2f} / {e['flops']['prefill']:.2f} "
@@ -65,7 +65,7 @@ def markdown(report: ProfileReport) -> str:
                   f"TTFT {b['ttft_ms']:.1f} ms (p90 {b['ttft_p90_ms']:.1f}), prefill {b['prefill_ms']:.1f} ms, "
                   f"decode {b['decode_ms_per_token']:.2f} ms/token, {b['visual_tokens']} visual tokens.", "",
                   "| budget | TTFT speed-up | decode speed-up |", "|---|---|---|"]
-        lines += [f"| {r.budget} | {r.speedup_vs_baseline['ttft']:.2f}x | {r.speedup_vs_baseline['decode']:.2f}x |"
+        lines += [f"| {r.label()} | {r.speedup_vs_baseline['ttft']:.2f}x | {r.speedup_vs_baseline['decode']:.2f}x |"
                   for r in report.results if r.speedup_vs_baseline]
     if report.predicted_on:
         d = report.predicted_on
@@ -74,7 +74,7 @@ def markdown(report: ProfileReport) -> str:
                   "Lower bounds: max of FLOPs / peak, bytes / bandwidth and a latency floor (kernel launches and engine "
                   "calls); \"floor-bound\" rows are set by the floor, not by the model.", "",
                   "| budget | predicted TTFT ms | predicted decode ms/token | predicted tokens/s |", "|---|---|---|---|"]
-        lines += [f"| {r.budget} | {r.predicted['ttft_ms']:.2f} | {r.predicted['decode_ms_per_token']:.3f} "
+        lines += [f"| {r.label()} | {r.predicted['ttft_ms']:.2f} | {r.predicted['decode_ms_per_token']:.3f} "
                   f"| {r.predicted['tokens_per_s']:.0f}{' (floor-bound)' if r.predicted.get('overhead_bound') else ''} |"
                   for r in report.results if r.predicted]
     if report.tegrastats:
@@ -95,7 +95,7 @@ def summary_lines(report: ProfileReport) -> list[str]:
     prediction, so a budget can be chosen without opening report.md."""
     lines = []
     for r in sorted(report.results, key=lambda r: -r.budget):
-        parts = [f"budget {r.budget:>4}: TTFT {r.ttft_ms:7.1f} ms (p90 {r.p90['ttft_ms']:.1f})",
+        parts = [f"{r.label() if r.keep is not None else f'budget {r.budget:>4}'}: TTFT {r.ttft_ms:7.1f} ms (p90 {r.p90['ttft_ms']:.1f})",
                  f"decode {r.decode_ms_per_token:6.2f} ms/token"]
         if r.fidelity:
             parts.append(f"fidelity {r.fidelity['first_token_agreement']:.2f}/{r.fidelity['token_overlap']:.2f}")

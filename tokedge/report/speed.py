@@ -20,7 +20,7 @@ def speed_section(report) -> list[str]:
             if r.share_of_gemm_peak:
                 cells = [f"{r.achieved_gflops_per_s[s]:.0f} ({r.share_of_gemm_peak[s]:.0%})"
                          for s in ("vision", "prefill", "decode")]
-                lines.append(f"| {r.budget} | " + " | ".join(cells) + " |")
+                lines.append(f"| {r.label()} | " + " | ".join(cells) + " |")
     mem = report.memory or {}
     if "artifact_bytes" in mem:
         a = mem["artifact_bytes"]

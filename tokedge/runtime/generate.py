@@ -253,15 +253,18 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
 
     t0 = time.perf_counter()
     # an array [b, 3, H, W] for single views; a list of per-image anyres inputs otherwise
-    image_embeds = graphs.vision(pixel_values, budget) if isinstance(pixel_values, np.ndarray) else \
-        graphs.vision_packed(pixel_values)
+    kept = None
+    if isinstance(pixel_values, np.ndarray):
+        image_embeds = graphs.vision(pixel_values, budget)
+    else:
+        image_embeds, kept = graphs.vision_indexed(pixel_values)
     image_embeds = per_row(image_embeds, images_per_row)
     timings.vision_ms = (time.perf_counter() - t0) * 1e3
 
     t0 = time.perf_counter()
     embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
     positions = None if isinstance(pixel_values, np.ndarray) else \
-        prompt_positions(graphs.manifest, input_ids, attention_mask, pixel_values)
+        prompt_positions(graphs.manifest, input_ids, attention_mask, pixel_values, kept)
     logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens,
                                    images_per_row=images_per_row, position_ids=positions)
     now = time.perf_counter()

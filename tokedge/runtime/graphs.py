@@ -162,11 +162,17 @@ class ArtifactGraphs:
         """Anyres layouts: the vision graph once per image (its partitions and packing plan, from
         `runtime.layout.anyres_inputs`; reduced artifacts: the candidate plan, plus `base_tile` when
         the graph takes it). -> one [T_i, hidden] array per image."""
+        return self.vision_indexed(images)[0]
+
+    def vision_indexed(self, images: Sequence) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """`vision_packed`, plus per image the `kept_index` output of graphs that select tokens
+        whose positions the prompt needs (dynamic-resolution pre-LLM reduction; else None)."""
         from tokedge.runtime.layout import vision_feed
 
         names = {t.name for t in self.manifest.graphs["vision"].inputs}
-        outs = [self.runners["vision"].infer(vision_feed(image, names))["image_embeds"] for image in images]
-        return [out[0] if out.ndim == 3 else out for out in outs]  # [1, T, D] (tiled) or [T, D] (dynamic)
+        outs = [self.runners["vision"].infer(vision_feed(image, names)) for image in images]
+        embeds = [o["image_embeds"][0] if o["image_embeds"].ndim == 3 else o["image_embeds"] for o in outs]
+        return embeds, [o.get("kept_index") for o in outs]  # [1, T, D] (tiled) or [T, D] (dynamic)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.runners["embed"].infer({"input_ids": input_ids.astype(np.int64, copy=False)})["inputs_embeds"]
@@ -199,7 +205,9 @@ class ArtifactGraphs:
         if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
             counts = [1] * len(input_ids) if images_per_row is None else images_per_row
             out, past = self._pruning_prefill(host, input_ids, counts)
-            masks = {"attention_mask": attention_mask, **{n: out[n] for n in self.mask_names[1:]}}
+            # pruning before layer 0 (dart layer=0) leaves group 0 without layers: no `attention_mask` input
+            masks = {"attention_mask": attention_mask,
+                     **{n: out[n] for n in self.mask_names if n != "attention_mask"}}
             pruned = attention_mask.sum(axis=1) - masks[self.mask_names[-1]].sum(axis=1)
         else:
             out, past = self._run("decoder", host, self.empty_past(input_ids.shape[0]))
@@ -266,7 +274,8 @@ class ArtifactGraphs:
     def step(self, token_embeds: np.ndarray, state: DecodeState) -> np.ndarray:
         """One decode step for one new token per row; updates `state`. -> logits [b, vocab]."""
         positions = state.last_position + 1
-        host = {"inputs_embeds": token_embeds, "position_ids": positions, **state.masks(extra=1)}
+        masks = {n: m for n, m in state.masks(extra=1).items() if n in self.mask_names}
+        host = {"inputs_embeds": token_embeds, "position_ids": positions, **masks}
         out, state.past = self._run("decoder", host, state.past)
         state.grow()
         state.last_position = positions

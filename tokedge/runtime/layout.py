@@ -325,24 +325,28 @@ def prompt_inputs(manifest, images: list) -> list:
     the artifact's per-image budget (-> `AnyresInputs`). Dynamic resolution ("qwen_dynamic"): each
     image resized to multiples of the patch unit, patches and index inputs (-> `QwenImageInputs`)."""
     if manifest.layout.kind == "qwen_dynamic":
+        from tokedge.reduce.quota import vision_budget
         from tokedge.runtime.qwen_vl import image_inputs
 
-        return [image_inputs(image, manifest.layout, manifest.preprocess) for image in images]
+        budget = vision_budget(manifest.reduction)  # pre-LLM reduction: each image keeps its own count
+        return [image_inputs(image, manifest.layout, manifest.preprocess, budget) for image in images]
     layout = manifest.layout.anyres()
     tiled = not (layout.multi_image_square and len(images) > 1)
     keep = image_budget(manifest.reduction)
     return [anyres_inputs(image, layout, manifest.preprocess, tiled=tiled, budget=keep) for image in images]
 
 
-def prompt_positions(manifest, input_ids: np.ndarray, attention_mask: np.ndarray, images) -> np.ndarray | None:
+def prompt_positions(manifest, input_ids: np.ndarray, attention_mask: np.ndarray, images,
+                     kept=None) -> np.ndarray | None:
     """The prefill's `position_ids` when the layout decides them: M-RoPE layouts -> [3, b, s] from
-    each image's grid (`images`: `prompt_inputs` of every prompt of the batch, in order); None for
-    1-D positions (the runtime takes them from the attention mask)."""
+    each image's grid (`images`: `prompt_inputs` of every prompt of the batch, in order; `kept`:
+    the vision graph's `kept_index` per image when it selects tokens); None for 1-D positions (the
+    runtime takes them from the attention mask)."""
     if manifest.layout.position_rows == 1:
         return None
     from tokedge.runtime.qwen_vl import prompt_positions as mrope_positions
 
-    return mrope_positions(manifest.layout, manifest.model.image_token_id, input_ids, attention_mask, images)
+    return mrope_positions(manifest.layout, manifest.model.image_token_id, input_ids, attention_mask, images, kept)
 
 
 def bounds(layout) -> LayoutBounds:

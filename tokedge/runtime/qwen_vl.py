@@ -10,7 +10,7 @@ the LLM sees `t * gh * gw / m**2` merged tokens per image, in raster order of th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -272,16 +272,24 @@ class QwenImageInputs:
     merge_restore: np.ndarray | None  # [N / m²] int64 (window attention only)
     merge_size: int = 2
     partitions: int = 1  # one vision run per image
+    keep: int | None = None  # pre-LLM reduction: tokens the vision graph keeps of this image (None: all)
     interp_index: np.ndarray | None = None  # [N, 4] int64 (learned position table only: Qwen3-VL)
     interp_weight: np.ndarray | None = None  # [N, 4] float32
 
     @property
-    def tokens(self) -> int:
-        """Visual tokens this image gives in the prompt (t * gh * gw / m²)."""
+    def full_tokens(self) -> int:
+        """Visual tokens of the image before reduction (t * gh * gw / m²)."""
         return int(np.prod(self.grid)) // self.merge_size**2
+
+    @property
+    def tokens(self) -> int:
+        """Visual tokens this image gives in the prompt (all, or the kept ones)."""
+        return self.full_tokens if self.keep is None else self.keep
 
     def feed(self, graph_inputs) -> dict[str, np.ndarray]:
         feed = {"pixel_values": self.pixel_values, "vision_pos": self.vision_pos}
+        if "keep" in graph_inputs:  # a reduced vision graph: this image's count
+            feed["keep"] = np.array(self.tokens, dtype=np.int64)
         if "window_seg" in graph_inputs:
             feed["window_seg"] = self.window_seg
             feed["merge_restore"] = self.merge_restore
@@ -291,10 +299,19 @@ class QwenImageInputs:
         return feed
 
 
-def image_inputs(image: Image.Image, layout, preprocess) -> QwenImageInputs:
+def image_inputs(image: Image.Image, layout, preprocess, budget=None) -> QwenImageInputs:
     """An image -> its vision-graph inputs under the manifest's layout: smart_resize with the
     artifact's [min_pixels, max_pixels] (an image beyond max_pixels is resized down, as the
-    processor does), normalise, patchify, then the index inputs from the grid alone."""
+    processor does), normalise, patchify, then the index inputs from the grid alone. `budget`
+    (a `tokedge.reduce.quota.TokenBudget`): pre-LLM reduction, the image keeps
+    `budget.per_image(n)` of its n tokens."""
+    inputs = _image_inputs(image, layout, preprocess)
+    if budget is None:
+        return inputs
+    return replace(inputs, keep=budget.per_image(inputs.full_tokens))
+
+
+def _image_inputs(image: Image.Image, layout, preprocess) -> QwenImageInputs:
     from tokedge.runtime.preprocess import to_rgb
 
     if preprocess.do_convert_rgb or image.mode != "RGB":
@@ -303,19 +320,24 @@ def image_inputs(image: Image.Image, layout, preprocess) -> QwenImageInputs:
     pixels, grid = preprocess_image(image, spec)
     m = spec.merge_size
     if layout.window_size is None:
-        taps = (None, None) if layout.position_table is None else \
+        index, weight = (None, None) if layout.position_table is None else \
             interpolation_inputs(grid[None], int(layout.position_table), m)
-        return QwenImageInputs(pixels, grid, vision_positions(grid[None], m), None, None, m, 1, *taps)
+        return QwenImageInputs(pixels, grid, vision_positions(grid[None], m), None, None, m,
+                               interp_index=index, interp_weight=weight)
     idx = qwen2_5_vision_inputs(grid[None], m, int(layout.window_size), spec.patch_size)
     return QwenImageInputs(np.ascontiguousarray(pixels[idx.patch_order]), grid, idx.vision_pos, idx.window_seg,
                            idx.merge_restore, m)
 
 
 def prompt_positions(layout, image_token_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
-                     images) -> np.ndarray:
+                     images, kept=None) -> np.ndarray:
     """M-RoPE `position_ids [3, b, s]` of a left-padded batch whose image placeholders are already
     expanded; `images` = every image of the batch in prompt order (their grids are consumed in
-    that order). Decoding continues at the last column + 1 on all three rows."""
+    that order). Decoding continues at the last column + 1 on all three rows. `kept`: pre-LLM
+    reduction, per image the merged-grid indices the vision graph kept (its `kept_index`): each
+    kept token takes the position it has in the unreduced prompt."""
+    if kept is not None and any(k is not None for k in kept):
+        return _kept_positions(layout, image_token_id, input_ids, attention_mask, images, kept)
     types = ((input_ids == image_token_id) & (attention_mask > 0)).astype(np.int64)
     grids = np.stack([np.asarray(x.grid, np.int64) for x in images]) if images else np.zeros((0, 3), np.int64)
     positions, _ = rope_index(types, grids, int(layout.merge_size), attention_mask)
@@ -328,3 +350,43 @@ def token_bounds(layout, typical: tuple[int, int]) -> tuple[int, int, int]:
     fewest = max(1, math.ceil(int(layout.min_pixels) / factor**2))
     h, w = smart_resize(typical[0], typical[1], factor, int(layout.min_pixels), int(layout.max_pixels))
     return fewest, (h // factor) * (w // factor), int(layout.max_pixels) // factor**2
+
+
+def _kept_positions(layout, image_token_id: int, input_ids: np.ndarray, attention_mask: np.ndarray, images,
+                    kept) -> np.ndarray:
+    """`prompt_positions` of a prompt whose image runs hold only the kept tokens: per row, the
+    unreduced prompt's positions (`rope_index` with every image at its full count), then the columns
+    of its text and of each image's kept tokens."""
+    m = int(layout.merge_size)
+    out = np.zeros((3,) + input_ids.shape, np.int64)
+    pending = iter(zip(images, kept))
+    for b in range(input_ids.shape[0]):
+        real = np.flatnonzero(attention_mask[b] > 0)
+        ids = input_ids[b, real]
+        types, take, grids, j = [], [], [], 0
+        while j < len(ids):
+            if ids[j] != image_token_id:
+                take.append(len(types))
+                types.append(0)
+                j += 1
+                continue
+            end = j
+            while end < len(ids) and ids[end] == image_token_id:
+                end += 1
+            try:
+                image, index = next(pending)
+            except StopIteration:
+                raise InputError("the prompt has more image-token runs than images; give one image per "
+                                 "image placeholder") from None
+            index = np.arange(image.full_tokens) if index is None else np.asarray(index, np.int64).reshape(-1)
+            if len(index) != end - j:
+                raise InputError(f"an image run of {end - j} tokens does not match the {len(index)} tokens its "
+                                 "vision graph kept")
+            take.extend((len(types) + index).tolist())
+            types.extend([1] * image.full_tokens)
+            grids.append(np.asarray(image.grid, np.int64))
+            j = end
+        grid = np.stack(grids) if grids else np.zeros((0, 3), np.int64)
+        full, _ = rope_index(np.asarray([types], np.int64), grid, m)
+        out[:, b, real] = full[:, 0, take]
+    return out

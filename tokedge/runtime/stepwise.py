@@ -62,15 +62,18 @@ class BatchDecoder:
 
     def prefill(self) -> list[int | None]:
         t0 = time.perf_counter()
-        image_embeds = self.graphs.vision(self.pixel_values, self.budget) if isinstance(self.pixel_values, np.ndarray) \
-            else self.graphs.vision_packed(self.pixel_values)
+        kept = None
+        if isinstance(self.pixel_values, np.ndarray):
+            image_embeds = self.graphs.vision(self.pixel_values, self.budget)
+        else:
+            image_embeds, kept = self.graphs.vision_indexed(self.pixel_values)
         image_embeds = per_row(image_embeds, self.images_per_row)
         self.vision_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
                                      self.graphs.manifest.model.image_token_id, image_embeds)
         positions = None if isinstance(self.pixel_values, np.ndarray) else \
-            prompt_positions(self.graphs.manifest, self.input_ids, self.attention_mask, self.pixel_values)
+            prompt_positions(self.graphs.manifest, self.input_ids, self.attention_mask, self.pixel_values, kept)
         logits, state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room,
                                             images_per_row=self.images_per_row, position_ids=positions)
         self.state = state

@@ -28,7 +28,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokedge.errors import InputError, TokedgeError
-from tokedge.memory import prompt_tokens_for
 from tokedge.runtime.generate import SamplingConfig, context_limit
 from tokedge.runtime.layout import prompt_inputs
 from tokedge.runtime.pipeline import Pipeline
@@ -62,7 +61,7 @@ def vision_inputs(pipe: Pipeline, images: list) -> tuple[Any, list[int]]:
         views = np.stack([preprocess(image, manifest.preprocess) for image in images])
         return views, [pipe.visual_tokens_for(None)] * len(images)
     inputs = prompt_inputs(manifest, images)
-    return inputs, [prompt_tokens_for(manifest, x.tokens) for x in inputs]
+    return inputs, [x.tokens for x in inputs]  # placeholders: the image's own count, or what it keeps
 
 
 class Service:

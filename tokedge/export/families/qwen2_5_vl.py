@@ -46,9 +46,9 @@ from tokedge.export.onnx_export import (
     mask_name,
 )
 from tokedge.export.primitives import attention, rotate_half
-from tokedge.reduce.base import Method
+from tokedge.reduce.base import Method, VisionFeatures
 
-PATCHES, TOKENS = "patches", "image_tokens"
+PATCHES, TOKENS, KEPT = "patches", "image_tokens", "kept_tokens"
 MODEL_CLASS = "Qwen2_5_VLForConditionalGeneration"
 SUPPORTED_TEXT = ("qwen2_5_vl_text", "qwen2_5_vl")  # the text sub-config (hub 4.x configs keep it at the top)
 IMAGE_TOKEN = "<|image_pad|>"
@@ -122,14 +122,14 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
 def check_method(method: Method) -> None:
     """In-LLM methods prune merged tokens with their M-RoPE positions; merging inside the tower breaks
     its fixed 2x2 PatchMerger groups and 112-px attention windows."""
-    if method.keeps_all or method.prunes_in_llm:
+    if method.keeps_all or method.prunes_in_llm or (method.reduces_in_vision and method.reduce_indexed):
         return
     if method.merges_in_vit:
         raise UsageError(f"--method {method.name} cannot run on Qwen2.5-VL: its vision tower merges fixed 2x2 patch "
                          "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
                          "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
-    raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv or pdrop "
-                     "(in-LLM) or none")
+    raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv, pdrop "
+                     "(in-LLM), visionzip, divprune (pre-LLM) or none")
 
 
 def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:
@@ -268,6 +268,71 @@ class QwenVisionGraph(nn.Module):
             h = h + self._attention(block, block.norm1(h), cos, sin, bias)
             h = h + block.mlp(block.norm2(h))
         return self.merger(h)[merge_restore]
+
+
+class QwenReducedVisionGraph(QwenVisionGraph):
+    """The vision graph of a pre-LLM method on Qwen2.5-VL: forward(..., keep) -> (image_embeds
+    [keep, hidden], kept_index [keep]). `keep` (0-d int64) is this image's count (the runtime's
+    `TokenBudget.per_image`); `kept_index` are the merged-grid raster indices whose M-RoPE positions
+    the tokens take (ascending). No CLS token: methods that rank by CLS attention get the mean
+    attention each merged token receives in the last vision block (softmax over the block's keys,
+    mean over heads and queries, averaged over the 4 patches of its merge unit) and that block's
+    keys before rotary (mean over heads and merge unit): docs/methods.md."""
+
+    def __init__(self, model: nn.Module, method: Method, options: dict):
+        super().__init__(model)
+        self.method, self.options = method, options
+        self.scores = bool(method.needs)
+
+    def _signals(self, block, x, cos, sin, bias):
+        n = x.shape[0]
+        qkv = block.attn.qkv(x).reshape(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        q, k = qkv[0].float(), qkv[1].float()
+        keys = k.mean(0)  # [N, d] before rotary
+        q = q * cos[0] + rotate_half(q) * sin[0]
+        k = k * cos[0] + rotate_half(k) * sin[0]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5
+        if bias is not None:
+            logits = logits + bias[0]
+        received = torch.softmax(logits, dim=-1).mean(0).mean(0)  # [N]: mean over heads and queries
+        return received, keys
+
+    def forward(self, pixel_values, vision_pos, window_seg, merge_restore, keep):
+        h = self.patch_embed(pixel_values)
+        cos, sin = self.rotary(h, vision_pos)
+        cos, sin = cos.float()[None], sin.float()[None]
+        same = window_seg[:, None] == window_seg[None, :]
+        window_bias = torch.where(same, 0.0, torch.finfo(torch.float32).min / 2)[None, None]
+        received = keys = None
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            bias = None if i in self.full else window_bias
+            x = block.norm1(h)
+            if i == last and self.scores:
+                received, keys = self._signals(block, x, cos, sin, bias)
+            h = h + self._attention(block, x, cos, sin, bias)
+            h = h + block.mlp(block.norm2(h))
+        merged = self.merger(h)[merge_restore]  # [n, hidden], raster order of the merged grid
+        n = merged.shape[0]
+        vf = VisionFeatures(features=merged[None], project=lambda t: t)
+        if received is not None:  # window order, 4 rows per merge unit -> raster order of merged tokens
+            vf.cls_attention = received.reshape(n, -1).mean(-1)[merge_restore][None]
+            vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[merge_restore][None]
+        tokens, index = self.method.reduce_indexed(vf, keep, self.options)
+        return tokens[0], index[0]
+
+
+def reduced_vision_trace_spec(model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
+    """`QwenReducedVisionGraph`: the none vision spec plus `keep` in, `kept_index` out."""
+    base = trace_specs(model, dtype)["vision"]
+    hidden = int(model.config.text_config.hidden_size)
+    n = base.example[0].shape[0]
+    return TraceSpec(
+        inputs=(*base.inputs, "keep"), outputs=("image_embeds", "kept_index"),
+        example=(*base.example, torch.tensor(n // 8, dtype=torch.int64)),
+        dynamic_axes={**base.dynamic_axes, "image_embeds": {0: KEPT}, "kept_index": {0: KEPT}},
+        output_shapes={"image_embeds": (KEPT, hidden), "kept_index": (KEPT,)},
+    )
 
 
 def build_graph_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -563,6 +628,8 @@ class Qwen25VLFamily:
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
         graphs = build_graph_modules(loaded.model)
+        if method.reduces_in_vision:  # a count per image in, the kept tokens and their indices out
+            graphs["vision"] = QwenReducedVisionGraph(loaded.model, method, options).eval()
         if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
             graphs.update(pruning_graph_modules(loaded.model, plan))
         return graphs
@@ -580,6 +647,8 @@ class Qwen25VLFamily:
         return positions
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
+        if isinstance(vision, QwenReducedVisionGraph):
+            return reduced_vision_trace_spec(loaded.model, dtype)
         return trace_specs(loaded.model, dtype)["vision"]
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:

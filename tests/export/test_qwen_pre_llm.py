@@ -1,0 +1,185 @@
+"""Pre-LLM methods on Qwen2.5-VL (no CLS token): `visionzip` scoring by the mean attention each
+merged token receives in the last vision block, and `divprune`, in the reduced vision graph with a
+run-time count per image (`keep`) and the kept merged-grid indices (`kept_index`), against an
+independent reference: transformers' own vision tower (`model.model.visual`, a hook on its last
+block's attention for q/k, `apply_rotary_pos_emb_vision`, eager softmax per `cu_seqlens` segment,
+`get_vision_window_index`), the selections written as loops, and transformers' language model on
+the reduced prompt with the kept columns of `get_rope_index` (prefill logits < 1e-3), two images
+at --keep 0.5 and 0.75."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tokedge.runtime import qwen_vl
+
+SIZES = [(300, 200), (224, 224)]
+
+
+def _image(width, height, seed):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
+    """The reduced vision graph of each method and the plain decoder, as ONNX Runtime sessions."""
+    import onnxruntime as ort
+
+    from tokedge.export.families import for_checkpoint
+    from tokedge.export.families.qwen2_5_vl import QwenReducedVisionGraph, reduced_vision_trace_spec
+    from tokedge.export.onnx_export import finish, save_graph, trace_to_ir
+    from tokedge.reduce import get_method
+
+    model = hf_qwen2_5_vl[0]
+    family = for_checkpoint(json.loads((tiny_qwen2_5_vl_dir / "config.json").read_text()))
+    out = tmp_path_factory.mktemp("qwen-pre")
+
+    def session(module, spec, name):
+        ir_model = trace_to_ir(module.eval(), spec)
+        finish(ir_model)
+        file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
+        return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
+
+    sessions = {name: session(QwenReducedVisionGraph(model, get_method(name), {}), reduced_vision_trace_spec(model), name)
+                for name in ("visionzip", "divprune")}
+    sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
+                                  "decoder")
+    return sessions
+
+
+@torch.no_grad()
+def tower_signals(model, pixel_values, grid):
+    """transformers' tower on one image: merged tokens [n, h] (raster), the mean attention each merged
+    token receives in the last block [n] and that block's pre-rotary keys per merged token [n, d]."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["x"], seen["cu"], seen["pe"] = args[0] if args else kwargs["hidden_states"], kwargs["cu_seqlens"], \
+            kwargs["position_embeddings"]
+
+    handle = visual.blocks[-1].attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        merged = visual(pixel_values, grid_thw=grid).pooler_output
+    finally:
+        handle.remove()
+    attn = visual.blocks[-1].attn
+    x = seen["x"]
+    qkv = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+    q, k = qkv[0], qkv[1]  # [N, H, d]
+    keys = k.float().mean(1)
+    cos, sin = seen["pe"]
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    received = torch.zeros(x.shape[0])
+    cu = seen["cu"].tolist()
+    for a, b in itertools.pairwise(cu):  # eager attention inside each segment
+        qs, ks = q[a:b].transpose(0, 1).float(), k[a:b].transpose(0, 1).float()
+        p = torch.softmax(qs @ ks.transpose(1, 2) * attn.head_dim**-0.5, dim=-1)  # [H, n, n]
+        received[a:b] = p.mean(0).mean(0)
+    window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    restore = torch.argsort(window_index)
+    n = merged.shape[0]
+    return merged, received.reshape(n, 4).mean(1)[restore], keys.reshape(n, 4, -1).mean(1)[restore]
+
+
+def visionzip_loop(x, score, keys, k):
+    c = max(1, round(k * 10 / 64))
+    order = sorted(range(len(x)), key=lambda i: (-float(score[i]), i))
+    dom, rest = sorted(order[: k - c]), sorted(order[k - c:])
+    step = max(1, len(rest) // c)
+    targets = [rest[j * step] for j in range(c)]
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1)
+    members = {t: [] for t in targets}
+    for r in rest:
+        if r in members:
+            continue
+        sims = [float(kn[r] @ kn[t]) for t in targets]
+        members[targets[sims.index(max(sims))]].append(r)
+    out = [(i, x[i]) for i in dom]
+    out += [(t, x[t] + (torch.stack([x[m] for m in members[t]]).mean(0) if members[t] else 0)) for t in targets]
+    out.sort(key=lambda pair: pair[0])
+    return [i for i, _ in out], torch.stack([v for _, v in out])
+
+
+def divprune_loop(x, k):
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    dist = (1 - xn @ xn.T).tolist()
+    n = len(dist)
+    nearest = [sorted(row)[1] for row in dist]
+    picks = [max(range(n), key=lambda i: (nearest[i], -i))]
+    closest = list(dist[picks[0]])
+    for _ in range(k - 1):
+        nxt = max((j for j in range(n) if j not in picks), key=lambda j: (closest[j], -j))
+        picks.append(nxt)
+        closest = [min(a, b) for a, b in zip(closest, dist[nxt])]
+    picks.sort()
+    return picks, x[picks]
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75])
+@pytest.mark.parametrize("method", ["visionzip", "divprune"])
+def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
+    model, tok, processor = hf_qwen2_5_vl
+    images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
+    kept_idx, kept_ref, kept_onnx, grids = [], [], [], []
+    for image in images:
+        batch = processor(images=[image], return_tensors="pt")
+        grid = batch["image_grid_thw"]
+        merged, score, keys = tower_signals(model, batch["pixel_values"], grid)
+        k = max(1, math.ceil(keep * merged.shape[0]))
+        idx, ref = visionzip_loop(merged, score, keys, k) if method == "visionzip" else divprune_loop(merged, k)
+        pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())
+        inputs = qwen_vl.qwen2_5_vision_inputs(g[None])
+        emb, index = graphs[method].run(None, {
+            "pixel_values": pixels[inputs.patch_order], "vision_pos": inputs.vision_pos,
+            "window_seg": inputs.window_seg, "merge_restore": inputs.merge_restore, "keep": np.array(k, np.int64)})
+        assert index.tolist() == idx  # the same tokens, at the same positions
+        np.testing.assert_allclose(emb, ref.numpy(), atol=1e-4, rtol=0)
+        kept_idx.append(idx)
+        kept_ref.append(ref)
+        kept_onnx.append(emb)
+        grids.append(grid[0])
+    # the language model on the reduced prompt: kept tokens at their own M-RoPE columns
+    counts = [int(g.prod()) // 4 for g in grids]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Compare them."}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    parts = text.split("<|image_pad|>")
+    full_ids = torch.tensor([tok(parts[0] + "".join("<|image_pad|>" * n + r for n, r in zip(counts, parts[1:])))["input_ids"]])
+    image_token = model.config.image_token_id
+    is_img = (full_ids[0] == image_token).numpy()
+    img_pos = np.flatnonzero(is_img)
+    starts = np.cumsum([0, *counts[:-1]])
+    keep_cols = np.sort(np.concatenate([np.flatnonzero(~is_img)] + [img_pos[s + np.asarray(i)]
+                                                                      for s, i in zip(starts, kept_idx)]))
+    grid_t = torch.stack(grids)
+    ref_pos, _ = model.model.get_rope_index(full_ids, (full_ids == image_token).long(), image_grid_thw=grid_t)
+    ids = full_ids[:, keep_cols]
+    with torch.no_grad():
+        embeds = model.model.language_model.embed_tokens(ids).clone()
+        embeds[ids == image_token] = torch.cat(kept_ref)
+        ref_logits = model(inputs_embeds=embeds, position_ids=ref_pos[:, :, keep_cols],
+                           attention_mask=torch.ones_like(ids)).logits[0, -1].numpy()
+    pos, _ = qwen_vl.rope_index(is_img[None].astype(np.int64), grid_t.numpy())
+    x = embeds.numpy().copy()
+    x[0, (ids[0] == image_token).numpy()] = np.concatenate(kept_onnx)
+    tcfg = model.config.text_config
+    kv = (1, tcfg.num_key_value_heads, 0, tcfg.hidden_size // tcfg.num_attention_heads)
+    past = {f"past_key_values.{i}.{n}": np.zeros(kv, np.float32) for i in range(tcfg.num_hidden_layers)
+            for n in ("key", "value")}
+    (logits, *_) = graphs["decoder"].run(None, {"inputs_embeds": x, "attention_mask": np.ones(ids.shape, np.int64),
+                                               "position_ids": pos[:, :, keep_cols], **past})
+    assert np.abs(logits[0, -1] - ref_logits).max() < 1e-3
+    assert len(keep_cols) == len(full_ids[0]) - sum(counts) + sum(len(i) for i in kept_idx)
