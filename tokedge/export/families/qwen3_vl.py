@@ -286,7 +286,7 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
         "vision": TraceSpec(
             inputs=("pixel_values", "vision_pos", "interp_index", "interp_weight"),
             outputs=("image_embeds",),
-            example=(torch.randn(n, row, dtype=dtype), torch.zeros(n, 2, dtype=torch.int64),
+            example=(torch.randn(n, row), torch.zeros(n, 2, dtype=torch.int64),  # pixel_values stay float32
                      torch.randint(0, table, (n, 4), dtype=torch.int64), torch.rand(n, 4, dtype=torch.float32)),
             dynamic_axes={"pixel_values": {0: PATCHES}, "vision_pos": {0: PATCHES}, "interp_index": {0: PATCHES},
                           "interp_weight": {0: PATCHES}, "image_embeds": {0: TOKENS}},
