@@ -1,5 +1,5 @@
-"""Pre-LLM methods on Qwen2.5-VL (no CLS token): `visionzip` scoring by the mean attention each
-merged token receives in the last vision block, and `divprune`, in the reduced vision graph with a
+"""Pre-LLM methods on Qwen2.5-VL (no CLS token): `visionzip` and `cls-attn` scoring by the mean
+attention each merged token receives in the last vision block, and `divprune`, in the reduced vision graph with a
 run-time count per image (`keep`) and the kept merged-grid indices (`kept_index`), against an
 independent reference: transformers' own vision tower (`model.model.visual`, a hook on its last
 block's attention for q/k, `apply_rotary_pos_emb_vision`, eager softmax per `cu_seqlens` segment,
@@ -35,7 +35,6 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
     import onnxruntime as ort
 
     from tokedge.export.families import for_checkpoint
-    from tokedge.export.families.qwen2_5_vl import QwenReducedVisionGraph, reduced_vision_trace_spec
     from tokedge.export.onnx_export import finish, save_graph, trace_to_ir
     from tokedge.reduce import get_method
 
@@ -49,8 +48,9 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
         file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
         return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
 
-    sessions = {name: session(QwenReducedVisionGraph(model, get_method(name), {}), reduced_vision_trace_spec(model), name)
-                for name in ("visionzip", "divprune")}
+    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}),
+                              family.reduced_vision_trace_spec(model), name)
+                for name in ("visionzip", "divprune", "cls-attn")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -114,6 +114,12 @@ def visionzip_loop(x, score, keys, k):
     return [i for i, _ in out], torch.stack([v for _, v in out])
 
 
+def received_top_loop(x, score, k):
+    """cls-attn on a tower without CLS: the k tokens receiving the most attention, raster order."""
+    picks = sorted(sorted(range(len(x)), key=lambda i: (-float(score[i]), i))[:k])
+    return picks, x[picks]
+
+
 def divprune_loop(x, k):
     xn = torch.nn.functional.normalize(x.float(), dim=-1)
     dist = (1 - xn @ xn.T).tolist()
@@ -130,7 +136,7 @@ def divprune_loop(x, k):
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.75])
-@pytest.mark.parametrize("method", ["visionzip", "divprune"])
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "cls-attn"])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
@@ -140,7 +146,12 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
         grid = batch["image_grid_thw"]
         merged, score, keys = tower_signals(model, batch["pixel_values"], grid)
         k = max(1, math.ceil(keep * merged.shape[0]))
-        idx, ref = visionzip_loop(merged, score, keys, k) if method == "visionzip" else divprune_loop(merged, k)
+        if method == "visionzip":
+            idx, ref = visionzip_loop(merged, score, keys, k)
+        elif method == "divprune":
+            idx, ref = divprune_loop(merged, k)
+        else:
+            idx, ref = received_top_loop(merged, score, k)
         pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())
         inputs = qwen_vl.qwen2_5_vision_inputs(g[None])
         emb, index = graphs[method].run(None, {

@@ -26,6 +26,16 @@ def reduce_cls_attn(vf: VisionFeatures, k: int, options: dict):
     return vf.project(gather_tokens(vf.features, select_cls_attn(vf.cls_attention, k)))
 
 
+def reduce_cls_attn_indexed(vf: VisionFeatures, k, options: dict):
+    """Towers without CLS (Qwen-VL), one image, a run-time count k (0-d int64): the k merged tokens
+    that receive the most attention (`vf.cls_attention` holds that score) -> (tokens [1, k, d],
+    their raster indices [1, k] ascending)."""
+    import torch
+
+    idx = torch.sort(torch.topk(vf.cls_attention[0], k).indices).values
+    return vf.features[0][idx][None], idx[None]
+
+
 METHOD = Method(
     name="cls-attn",
     stage=Stage.PRE_LLM,
@@ -34,4 +44,5 @@ METHOD = Method(
     scores_with=(Signal.CLS_ATTENTION,),
     supports_runtime_budget=True,
     reduce=reduce_cls_attn,
+    reduce_indexed=reduce_cls_attn_indexed,
 )

@@ -79,7 +79,7 @@ class BudgetResult:
         """The row label in reports: the budget, or with --keeps the method and its keep ratio."""
         if self.keep is None:
             return str(self.budget)
-        return "none (all tokens)" if self.method == "none" else f"{self.method} keep {self.keep:g}"
+        return "none (all tokens)" if self.keep >= 1.0 else f"{self.method} keep {self.keep:g}"
 
 
 @dataclass
@@ -470,10 +470,10 @@ def _artifact_for_keep(cfg: ProfileConfig, manifest, keep: float, notes: list[st
                          "token counts; use --budgets")
     if not 0.0 < keep <= 1.0:
         raise UsageError(f"--keeps {keep:g} is out of range: use ratios in (0, 1], 1 for all tokens (--method none)")
-    full = keep >= 1.0
-    if (full and red.method == "none") or (red.keep is not None and abs(red.keep - keep) < 1e-9):
+    full, keeps_all = keep >= 1.0, Stage(red.stage) is Stage.NONE
+    if (full and keeps_all) or (red.keep is not None and abs(red.keep - keep) < 1e-9):
         return cfg.artifact, None
-    if not full and red.method == "none":
+    if not full and keeps_all:
         raise UsageError(f"this artifact keeps every token; to compare --keeps {keep:g}, profile an artifact of a "
                          "reduction method (e.g. --method dart --keep 0.75) with --checkpoint")
     if not cfg.checkpoint:

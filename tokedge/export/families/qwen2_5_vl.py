@@ -129,7 +129,7 @@ def check_method(method: Method) -> None:
                          "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
                          "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
     raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv, pdrop "
-                     "(in-LLM), visionzip, divprune (pre-LLM) or none")
+                     "(in-LLM), visionzip, divprune, cls-attn (pre-LLM) or none")
 
 
 def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:
@@ -700,6 +700,12 @@ class Qwen25VLFamily:
 
     def pruning_graph_modules(self, model: nn.Module, plan) -> dict[str, nn.Module]:
         return pruning_graph_modules(model, plan)
+
+    def reduced_vision_module(self, model: nn.Module, method: Method, options: dict) -> nn.Module:
+        return QwenReducedVisionGraph(model, method, options).eval()
+
+    def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
+        return reduced_vision_trace_spec(model, dtype)
 
     def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return pruning_trace_specs(model, plan, dtype)
