@@ -196,10 +196,13 @@ def test_manifest_records_the_qwen3_layout(qwen3_art):
     assert manifest.graphs["decoder"].input("inputs_embeds").shape[-1] == 3 * manifest.model.hidden_size
 
 
-def test_reduction_methods_are_refused_in_one_line(tiny_qwen3_vl_dir, tmp_path):
+def test_methods_that_cannot_apply_are_refused_in_one_line(tiny_qwen3_vl_dir, tmp_path):
+    """tome merges inside the tower (the PatchMerger's fixed 2x2 groups, every DeepStack level's too);
+    refused before any weights load, nothing written."""
     from tokedge.errors import UsageError
     from tokedge.export.pipeline import ExportConfig, export
 
     with pytest.raises(UsageError) as err:
-        export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=tmp_path / "art", method="divprune", budget=64))
-    assert "\n" not in str(err.value) and "Qwen3-VL" in str(err.value)
+        export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=tmp_path / "art", method="tome", budget=64))
+    assert "\n" not in str(err.value) and "Qwen3-VL" in str(err.value) and "PatchMerger" in str(err.value)
+    assert not (tmp_path / "art").exists()

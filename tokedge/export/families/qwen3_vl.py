@@ -35,7 +35,7 @@ from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families import qwen2_5_vl as q25
 from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
 from tokedge.export.primitives import attention, rotate_half
-from tokedge.reduce.base import Method
+from tokedge.reduce.base import Method, Signal, VisionFeatures
 from tokedge.runtime.qwen_vl import mrope_axis_map
 
 PATCHES, TOKENS = "patches", "image_tokens"
@@ -103,14 +103,14 @@ def check_method(method: Method) -> None:
     inside the tower breaks its fixed 2x2 PatchMerger groups."""
     from tokedge.errors import UsageError
 
-    if method.keeps_all or method.prunes_in_llm:
+    if method.keeps_all or method.prunes_in_llm or (method.reduces_in_vision and method.reduce_indexed):
         return
     if method.merges_in_vit:
         raise UsageError(f"--method {method.name} cannot run on Qwen3-VL: its vision tower merges fixed 2x2 patch "
                          "groups (PatchMerger, also for each DeepStack level), which tokens merged inside the tower "
                          "break; use a method that acts on merged tokens (dart, fastv, pdrop)")
-    raise UsageError(f"--method {method.name} is not available for Qwen3-VL yet; use dart, fastv or pdrop (in-LLM) "
-                     "or none")
+    raise UsageError(f"--method {method.name} is not available for Qwen3-VL yet; use dart, fastv, pdrop (in-LLM), "
+                     "visionzip, divprune (pre-LLM) or none")
 
 
 def load_qwen3_vl(source: str, local: Path | None, *, trust_remote_code: bool = False,
@@ -183,6 +183,75 @@ class Qwen3VisionGraph(nn.Module):
             if i in self.deepstack:
                 levels[self.deepstack[i]] = self.deepstack_mergers[self.deepstack[i]](h)
         return torch.cat([self.merger(h), *levels], dim=-1)  # [T, (1 + levels) * hidden]
+
+
+class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
+    """The vision graph of a pre-LLM method on Qwen3-VL: forward(..., keep) -> (image_embeds
+    [keep, (1 + levels) * hidden], kept_index [keep]), as Qwen2.5-VL's (`keep` this image's run-time
+    count, `kept_index` the merged-grid raster indices whose M-RoPE positions the tokens take). No CLS:
+    methods ranking by CLS attention get the mean attention each merged token receives in the last
+    vision block (full attention; mean over heads and queries, then over the 4 patches of its merge
+    unit) and that block's keys before rotary (mean over heads and merge unit). DeepStack: the method
+    acts on the packed rows, so every level gets the same operation as the features (a selection
+    gathers the same rows; VisionZip's contextual tokens merge each level with the same assignment);
+    a method that ranks by the embeddings themselves (divprune) ranks by the merger's output only."""
+
+    def __init__(self, model: nn.Module, method: Method, options: dict):
+        super().__init__(model)
+        self.method, self.options = method, options
+        self.scores = bool(method.needs)
+        self.by_embeddings = Signal.EMBEDDINGS in method.scores_with
+
+    def _signals(self, block, x, cos, sin):
+        n = x.shape[0]
+        qkv = block.attn.qkv(x).reshape(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        q, k = qkv[0].float(), qkv[1].float()
+        keys = k.mean(0)  # [N, d] before rotary
+        q = q * cos[0] + rotate_half(q) * sin[0]
+        k = k * cos[0] + rotate_half(k) * sin[0]
+        received = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5, dim=-1)
+        return received.mean(0).mean(0), keys  # [N]: mean over heads and queries
+
+    def forward(self, pixel_values, vision_pos, interp_index, interp_weight, keep):
+        h = self.patch_embed(pixel_values)
+        h = h + (self.pos_embed(interp_index) * interp_weight[:, :, None]).sum(1).to(h.dtype)
+        cos, sin = self.rotary(h, vision_pos)
+        cos, sin = cos.float()[None], sin.float()[None]
+        levels = [None] * len(self.deepstack)
+        received = keys = None
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block.norm1(h)
+            if i == last and self.scores:
+                received, keys = self._signals(block, x, cos, sin)
+            h = h + self._attention(block, x, cos, sin)
+            h = h + block.mlp(block.norm2(h))
+            if i in self.deepstack:
+                levels[self.deepstack[i]] = self.deepstack_mergers[self.deepstack[i]](h)
+        merged = self.merger(h)  # [n, hidden], raster order of the merged grid (block-major patches)
+        packed = torch.cat([merged, *levels], dim=-1)
+        n = merged.shape[0]
+        vf = VisionFeatures(features=(merged if self.by_embeddings else packed)[None], project=lambda t: t)
+        if received is not None:  # 4 consecutive patch rows per merge unit
+            vf.cls_attention = received.reshape(n, -1).mean(-1)[None]
+            vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[None]
+        tokens, index = self.method.reduce_indexed(vf, keep, self.options)
+        if self.by_embeddings:  # ranked by the features: the same rows of every level
+            tokens = packed[index[0]][None]
+        return tokens[0], index[0]
+
+
+def reduced_vision_trace_spec(model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
+    """`Qwen3ReducedVisionGraph`: the none vision spec plus `keep` in, `kept_index` out."""
+    base = trace_specs(model, dtype)["vision"]
+    width = base.output_shapes["image_embeds"][-1]
+    n = base.example[0].shape[0]
+    return TraceSpec(
+        inputs=(*base.inputs, "keep"), outputs=("image_embeds", "kept_index"),
+        example=(*base.example, torch.tensor(n // 4, dtype=torch.int64)),
+        dynamic_axes={**base.dynamic_axes, "image_embeds": {0: q25.KEPT}, "kept_index": {0: q25.KEPT}},
+        output_shapes={"image_embeds": (q25.KEPT, width), "kept_index": (q25.KEPT,)},
+    )
 
 
 class PackedEmbedder(TokenEmbedder):
@@ -392,8 +461,10 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
 
 class Qwen3VLFamily(q25.Qwen25VLFamily):
     """`Qwen3VLForConditionalGeneration`: dynamic resolution as Qwen2.5-VL (the processor pieces,
-    prompt, tokenization, --max-pixels are shared), full attention with a learned position table in
-    the tower, interleaved M-RoPE and DeepStack packed with the embeddings."""
+    prompt, tokenization, --max-pixels, M-RoPE reference positions are shared), full attention with a
+    learned position table in the tower, interleaved M-RoPE and DeepStack packed with the embeddings.
+    Every method that builds or describes a graph is overridden here (a Qwen2.5-VL graph must never
+    be inherited by accident)."""
 
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
@@ -412,6 +483,8 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
         graphs = build_graph_modules(loaded.model)
+        if method.reduces_in_vision:  # a count per image in, the kept packed rows and their indices out
+            graphs["vision"] = Qwen3ReducedVisionGraph(loaded.model, method, options).eval()
         if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
             graphs.update(pruning_graph_modules(loaded.model, plan))
         return graphs
@@ -420,6 +493,8 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
         return pruning_trace_specs(loaded.model, plan, dtype)["prefill"]
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
+        if isinstance(vision, Qwen3ReducedVisionGraph):
+            return reduced_vision_trace_spec(loaded.model, dtype)
         return trace_specs(loaded.model, dtype)["vision"]
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
@@ -449,6 +524,12 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
 
     def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return pruning_trace_specs(model, plan, dtype)
+
+    def reduced_vision_module(self, model: nn.Module, method: Method, options: dict) -> nn.Module:
+        return Qwen3ReducedVisionGraph(model, method, options).eval()
+
+    def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
+        return reduced_vision_trace_spec(model, dtype)
 
 
 FAMILY = register(Qwen3VLFamily())
