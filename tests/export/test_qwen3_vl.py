@@ -206,3 +206,45 @@ def test_methods_that_cannot_apply_are_refused_in_one_line(tiny_qwen3_vl_dir, tm
         export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=tmp_path / "art", method="tome", budget=64))
     assert "\n" not in str(err.value) and "Qwen3-VL" in str(err.value) and "PatchMerger" in str(err.value)
     assert not (tmp_path / "art").exists()
+
+
+def _hub_config(**vision):
+    """A config.json as the Qwen3-VL-4B-Instruct hub checkpoint writes it (sizes from its file; no weights)."""
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "tie_word_embeddings": True,
+        "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 2560, "num_hidden_layers": 36,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                        "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20],
+                                         "mrope_interleaved": True}, "rope_theta": 5000000},
+        "vision_config": {"model_type": "qwen3_vl", "depth": 24, "hidden_size": 1024, "num_heads": 16,
+                          "out_hidden_size": 2560, "patch_size": 16, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "num_position_embeddings": 2304,
+                          "deepstack_visual_indexes": [5, 11, 17], **vision},
+    }
+
+
+def test_hub_config_is_inspected_from_the_file_alone():
+    from tokedge.export.families import for_checkpoint
+
+    cfg = _hub_config()
+    family = for_checkpoint(cfg)
+    spec = family.inspect(cfg)
+    layout = spec.layout
+    assert (spec.family, spec.text_layers, spec.full_tokens) == ("qwen3_vl", 36, 16777216 // 32**2)
+    assert (layout.patch_size, layout.window_size, layout.mrope_section, layout.mrope_interleaved) == \
+        (16, None, (24, 20, 20), True)
+    assert (layout.position_table, layout.deepstack_levels) == (48, 3)
+
+
+@pytest.mark.parametrize("vision, words", [({"num_position_embeddings": 2300}, "not a square"),
+                                           ({"deepstack_visual_indexes": [5, 30]}, "deepstack_visual_indexes")])
+def test_configs_tokedge_cannot_export_are_refused_in_one_line(vision, words):
+    from tokedge.errors import UnsupportedModelError
+    from tokedge.export.families import for_checkpoint
+
+    cfg = _hub_config(**vision)
+    with pytest.raises(UnsupportedModelError) as err:
+        for_checkpoint(cfg).inspect(cfg)
+    assert words in str(err.value) and "\n" not in str(err.value)
