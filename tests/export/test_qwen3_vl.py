@@ -57,8 +57,8 @@ def hf_qwen3(tiny_qwen3_vl_dir):
 
 def _reference(hf, images):
     """transformers alone: the chat template, each `<|image_pad|>` expanded to its grid's count
-    (as Qwen3VLProcessor does), generate with its own pixels. -> (input_ids [1, L], tokens, logits
-    of every step with min_new_tokens = STEPS, tokens of a plain generate that stops at EOS)."""
+    (as Qwen3VLProcessor does), generate with its own pixels. -> (input_ids [1, L], tokens and the
+    logits of every step with min_new_tokens = STEPS, the tokens up to and including the first EOS)."""
     import torch
 
     model, tok, processor = hf
@@ -75,9 +75,10 @@ def _reference(hf, images):
     with torch.no_grad():
         out = model.generate(**kwargs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
-        plain = model.generate(**kwargs, max_new_tokens=STEPS, do_sample=False)
-    return (input_ids.numpy(), out.sequences[0, input_ids.shape[1]:].tolist(), torch.cat(out.logits).numpy(),
-            plain[0, input_ids.shape[1]:].tolist())
+    tokens = out.sequences[0, input_ids.shape[1]:].tolist()
+    eos = set(model.generation_config.eos_token_id)
+    stop = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+    return input_ids.numpy(), tokens, torch.cat(out.logits).numpy(), tokens[:stop]
 
 
 @pytest.mark.parametrize("case", list(CASES))
