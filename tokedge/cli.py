@@ -158,6 +158,8 @@ def export_cmd(
     where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
     if m.reduction.keep is not None:
         kept = f"--keep {m.reduction.keep:g}: ceil({m.reduction.keep:g} x n) of each image's n, up to {kept}"
+    if m.layout.max_pixels is not None:  # dynamic resolution: counts follow each image's size
+        where += f" for the largest image, --max-pixels {m.layout.max_pixels}"
     console.print(
         f"wrote {result.out} ({m.reduction.method}, {kept} of {m.reduction.full_tokens} visual tokens{where}"
         + (f", runtime budget {m.reduction.budget_range[0]}..{m.reduction.budget_range[1]}" if m.reduction.budget_range else "")

@@ -48,7 +48,7 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
         file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
         return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
 
-    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}),
+    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, 64),
                               family.reduced_vision_trace_spec(model), name)
                 for name in ("visionzip", "divprune", "cls-attn")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],

@@ -101,10 +101,16 @@ def test_keep_refused_on_fixed_layouts(tiny_llava_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_compares_dart_keeps_with_none(dart_artifact, tiny_qwen2_5_vl_dir, tmp_path):
+def test_profile_compares_dart_keeps_with_none(dart_artifact, qwen2_5_vl_artifact, tiny_qwen2_5_vl_dir, tmp_path):
     """Issue 11 acceptance 3: `tokedge profile --keeps 1,0.75,0.5` on the dart artifact reports
-    latency and fidelity for none (re-exported), dart keep 0.75 (re-exported) and 0.5 (itself)."""
+    latency and fidelity for none, dart keep 0.75 (re-exported) and 0.5 (itself). The session's
+    `--method none` artifact stands where the profile would re-export none (it reuses a re-export
+    already there), which saves an export."""
+    import shutil
+
     from tokedge.artifact import load_artifact
+
+    shutil.copytree(qwen2_5_vl_artifact, tmp_path / "artifacts" / "dart-keep0.5-none")
     from tokedge.report.profile import ProfileConfig, run_profile
     from tokedge.report.render import markdown, summary_lines
 

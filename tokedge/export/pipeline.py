@@ -347,6 +347,42 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
 
 
+def reduced_dynamic_cases(loaded, method: Method, budget: int, options: dict, steps: int,
+                          keep: float | None) -> list[dict]:
+    """Pre-LLM methods on dynamic-resolution layouts: per example image, tokedge's torch reduced
+    vision module keeps the image's count (its tokens and kept indices), transformers' language
+    model runs the prompt with those tokens at their unreduced M-RoPE columns."""
+    import numpy as np
+    import torch
+
+    from tokedge.export.reference import (
+        EXAMPLE_PROMPTS,
+        _recorded,
+        anyres_example_images,
+        render_prompt,
+        tokenize,
+    )
+    from tokedge.reduce import get_method
+    from tokedge.reduce.quota import TokenBudget
+
+    family = loaded.family
+    per_image = TokenBudget(keep=keep) if keep is not None else TokenBudget(count=budget)
+    cases = []
+    for i, image in enumerate(anyres_example_images()):
+        full = int(family.reference_features(loaded, get_method("none"), [image], budget).shape[1])
+        count = per_image.per_image(full)
+        feats, index = family.reduced_reference_features(loaded, method, image, count, options, budget)
+        ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], count)
+        with torch.no_grad():
+            prefill, tokens, step_logits = family.reference_logits(
+                loaded, torch.from_numpy(ids), torch.from_numpy(mask), feats, steps, images=[image], kept=[index])
+        cases.append({"image": _recorded(image), "budget": np.array(budget, dtype=np.int64), "input_ids": ids,
+                      "attention_mask": mask, "image_embeds": feats.float().numpy(),
+                      "prefill_logits": prefill.numpy(), "step_logits": torch.stack(step_logits, dim=1).numpy(),
+                      "tokens": tokens.numpy()})
+    return cases
+
+
 def _check_keep_stages(cfg: ExportConfig, method: Method, plan) -> None:
     if cfg.keep is not None and plan is not None and len(plan.stages) > 1:
         raise UsageError(f"--method {method.name} prunes in {len(plan.stages)} stages of fixed counts; "
@@ -375,9 +411,7 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
     images = anyres_example_images()
     dynamic = loaded.family.layout(loaded).max_pixels is not None  # counts per image size (Qwen-VL)
     if dynamic and method.reduces_in_vision:
-        # no export-time case yet: transformers has no reduced Qwen tower to compare with here; the
-        # independent references are tests/export/test_qwen_pre_llm.py (parity says "skipped")
-        return []
+        return reduced_dynamic_cases(loaded, method, budget, options, steps, keep)
     usable = [image for image in images if method.keeps_all or dynamic or candidates(image) >= budget]
     if not usable:
         most = max(candidates(image) for image in images)
@@ -385,7 +419,6 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
                          f"reduction (newlines aside); use --budget <= {most}")
     if pruning_modules is not None:
         from tokedge.export.reference import reference_pruned_from_ids, tokenize
-
         from tokedge.reduce import get_method
         from tokedge.reduce.quota import TokenBudget
 

@@ -119,8 +119,9 @@ class Method:
     plan: Callable[..., Any] | None = None  # in-LLM: (budget, full, n_layers, options) -> in_llm.Plan
     fewest_tokens: Callable[[VisionGeometry], int] | None = None  # smallest budget the method can reach
     # towers without CLS and counts that vary per image (Qwen-VL): (VisionFeatures with b = 1 and
-    # cls_attention = the attention each token receives, k a 0-d int64 tensor, options) ->
-    # (tokens [1, k, hidden], kept_index [1, k] int64 ascending: whose position each token takes)
+    # cls_attention = the attention each token receives, k a 0-d int64 tensor, options, most = the
+    # largest k the graph is built for) -> (tokens [1, k, hidden], kept_index [1, k] int64 ascending:
+    # whose position each token takes)
     reduce_indexed: Callable[..., Any] | None = None
 
     @property

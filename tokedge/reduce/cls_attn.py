@@ -26,7 +26,7 @@ def reduce_cls_attn(vf: VisionFeatures, k: int, options: dict):
     return vf.project(gather_tokens(vf.features, select_cls_attn(vf.cls_attention, k)))
 
 
-def reduce_cls_attn_indexed(vf: VisionFeatures, k, options: dict):
+def reduce_cls_attn_indexed(vf: VisionFeatures, k, options: dict, most: int = 0):
     """Towers without CLS (Qwen-VL), one image, a run-time count k (0-d int64): the k merged tokens
     that receive the most attention (`vf.cls_attention` holds that score) -> (tokens [1, k, d],
     their raster indices [1, k] ascending)."""

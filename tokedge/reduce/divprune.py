@@ -51,32 +51,35 @@ def reduce_divprune(vf: VisionFeatures, k: int, options: dict):
 
 
 
-@torch.jit.script
-def _greedy_picks(dist: torch.Tensor, first: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The max-min greedy as a loop of `k - 1` steps over fixed-shape state (an ONNX Loop when
-    traced): dist [n, n], first 0-d -> [n] bool, True at the k picked tokens."""
-    n = dist.shape[0]
-    ar = torch.arange(n)
-    chosen = ar == first
-    min_dist = dist[first]
-    for _ in range(int(k) - 1):
-        nxt = min_dist.masked_fill(chosen, -1.0).argmax()
-        chosen = chosen | (ar == nxt)
-        min_dist = torch.minimum(min_dist, dist[nxt])
-    return chosen
+MOST_STEPS = 4096  # greedy steps a graph unrolls at most (one per kept token)
 
 
-def reduce_divprune_indexed(vf: VisionFeatures, k, options: dict):
-    """Merged tokens of one image (b = 1), a run-time count k (0-d int64) -> (the k picked tokens
-    [1, k, d], their indices [1, k] ascending). Same rule as `select_divprune`."""
+def reduce_divprune_indexed(vf: VisionFeatures, k, options: dict, most: int):
+    """Merged tokens of one image (b = 1), a run-time count k (0-d int64, at most `most`) -> (the k
+    picked tokens [1, k, d], their indices [1, k] ascending). Same rule as `select_divprune`, its
+    greedy unrolled `most - 1` steps, step i doing nothing once i >= k - 1 (no control flow)."""
     x = vf.features[0]
     dist = cosine_distance(x[None])[0]
     n = dist.shape[0]
+    ar = torch.arange(n)
     first = torch.topk(dist, 2, dim=-1, largest=False).values[:, 1].argmax()
-    chosen = _greedy_picks(dist, first, k)
-    key = chosen.to(torch.float32) * (2.0 * n) - torch.arange(n).to(torch.float32)
+    chosen = ar == first
+    closest = dist[first]
+    for i in range(most - 1):
+        active = k > i + 1
+        nxt = closest.masked_fill(chosen, -1.0).argmax()
+        chosen = chosen | ((ar == nxt) & active)
+        closest = torch.where(active, torch.minimum(closest, dist[nxt]), closest)
+    key = chosen.to(torch.float32) * (2.0 * n) - ar.to(torch.float32)
     idx = torch.sort(torch.topk(key, torch.minimum(k, torch.ones_like(k) * n)).indices).values
     return x[idx][None], idx[None]
+
+
+def _check(budget: int, full: int) -> str | None:
+    if budget > MOST_STEPS:
+        return (f"divprune unrolls one greedy step per kept token, at most {MOST_STEPS}: use --budget <= {MOST_STEPS} "
+                "(or a smaller --keep or --max-pixels)")
+    return None
 
 
 METHOD = Method(
@@ -87,4 +90,5 @@ METHOD = Method(
     summary="greedy max-min diverse subset of projected tokens (cosine distance)",
     reduce=reduce_divprune,
     reduce_indexed=reduce_divprune_indexed,
+    budget_check=_check,
 )

@@ -80,7 +80,7 @@ def received_split(k):
     return k - ctx, ctx
 
 
-def reduce_visionzip_indexed(vf: VisionFeatures, k, options: dict):
+def reduce_visionzip_indexed(vf: VisionFeatures, k, options: dict, most: int = 0):
     """VisionZip on one image of a tower without CLS (Qwen-VL), b = 1, a run-time count k.
 
     vf.features [1, n, d] merged tokens (raster order of the merged grid); vf.cls_attention [1, n]

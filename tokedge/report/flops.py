@@ -60,7 +60,9 @@ def vision_cost(manifest: Manifest, budget: int, batch: int = 1, partitions: int
         n -= r
     stage = Stage(red.stage)
     # pre-LLM methods that select among projected tokens (divprune) project all of them
-    projects_all = stage in (Stage.NONE, Stage.IN_LLM) or Signal.EMBEDDINGS.value in red.scores_with
+    # and on dynamic-resolution layouts every method acts on merged tokens (the merger runs on all)
+    projects_all = (stage in (Stage.NONE, Stage.IN_LLM) or Signal.EMBEDDINGS.value in red.scores_with
+                    or manifest.layout.max_pixels is not None)
     flops *= partitions
     projected = partitions * patches if projects_all else budget
     flops += 2 * projected * (d * m.hidden_size + m.hidden_size * m.hidden_size)

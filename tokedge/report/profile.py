@@ -259,6 +259,8 @@ def _stage_gflops(manifest, budget: int, c: ImageCounts, prompt_tokens: int, new
     placeholders plus the text, one decode step at mid-generation."""
     merge = manifest.layout.merge_size
     patches = c.vision_tokens * merge * merge if merge else None  # dynamic resolution: the image's own patches
+    if patches is not None:  # dynamic resolution: the image's own count enters the LLM, not the largest image's
+        budget = c.placeholders
     v = fl.vision_cost(manifest, budget, partitions=c.partitions, patches=patches)
     p = fl.prefill_cost(manifest, prompt_tokens, c.placeholders)
     d = fl.decode_cost(manifest, prompt_tokens + c.llm_tokens + new_tokens // 2)

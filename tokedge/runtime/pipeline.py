@@ -136,8 +136,10 @@ class Pipeline:
             if budget is not None:
                 if red.stages:
                     self.visual_tokens_for(budget)  # in-LLM: the exported budget is the only value
-                elif budget != keep:
+                elif budget != keep or red.keep is not None:
                     what = f"reduces every image to {keep} visual tokens" if keep else "keeps every visual token"
+                    if red.keep is not None:
+                        what = f"keeps ceil({red.keep:g} x n) of each image's n visual tokens"
                     raise InputError(f"this anyres artifact {what} (--method {red.method}); drop --budget")
             pixel_values = [inputs for group in pil for inputs in prompt_inputs(self.manifest, group)]
             k = None

@@ -279,9 +279,9 @@ class QwenReducedVisionGraph(QwenVisionGraph):
     mean over heads and queries, averaged over the 4 patches of its merge unit) and that block's
     keys before rotary (mean over heads and merge unit): docs/methods.md."""
 
-    def __init__(self, model: nn.Module, method: Method, options: dict):
+    def __init__(self, model: nn.Module, method: Method, options: dict, most: int):
         super().__init__(model)
-        self.method, self.options = method, options
+        self.method, self.options, self.most = method, options, most  # most: the largest count fed
         self.scores = bool(method.needs)
 
     def _signals(self, block, x, cos, sin, bias):
@@ -318,7 +318,7 @@ class QwenReducedVisionGraph(QwenVisionGraph):
         if received is not None:  # window order, 4 rows per merge unit -> raster order of merged tokens
             vf.cls_attention = received.reshape(n, -1).mean(-1)[merge_restore][None]
             vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[merge_restore][None]
-        tokens, index = self.method.reduce_indexed(vf, keep, self.options)
+        tokens, index = self.method.reduce_indexed(vf, keep, self.options, self.most)
         return tokens[0], index[0]
 
 
@@ -563,12 +563,37 @@ def embed_prompt(loaded: LoadedCheckpoint, input_ids: torch.Tensor, image_featur
 
 
 @torch.no_grad()
+def kept_positions(loaded: LoadedCheckpoint, input_ids, grids, kept) -> torch.Tensor:
+    """transformers' `get_rope_index` on the unreduced prompt (each image run expanded to its full
+    count), then the columns of the text and of each image's kept merged-grid indices: the
+    positions of a prompt whose runs hold only the kept tokens (one prompt, no padding)."""
+    token = int(loaded.model.config.image_token_id)
+    row, full, take, i, image = input_ids[0].tolist(), [], [], 0, 0
+    while i < len(row):
+        if row[i] != token:
+            take.append(len(full))
+            full.append(row[i])
+            i += 1
+            continue
+        end = i
+        while end < len(row) and row[end] == token:
+            end += 1
+        n = int(grids[image].prod()) // int(loaded.model.config.vision_config.spatial_merge_size) ** 2
+        take.extend(len(full) + int(j) for j in kept[image])
+        full.extend([token] * n)
+        i, image = end, image + 1
+    ids = torch.tensor([full])
+    positions, _ = loaded.model.model.get_rope_index(ids, mm_token_type_ids=(ids == token).long(), image_grid_thw=grids)
+    return positions[:, :, take]
+
+
 def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
-                     images: list | None = None):
+                     images: list | None = None, kept: list | None = None):
     """transformers' LM on the spliced prompt with transformers' own M-RoPE positions
-    (`get_rope_index` with `mm_token_type_ids` and the images' grids), then `steps` greedy
-    steps at `last + 1` on all three rows (what `generate` does). -> (prefill logits [b, vocab],
-    tokens [b, steps + 1], step logits)."""
+    (`get_rope_index` with `mm_token_type_ids` and the images' grids; `kept`: per image the
+    merged-grid indices a pre-LLM method kept, `kept_positions`), then `steps` greedy steps at
+    `last + 1` on all three rows (what `generate` does). -> (prefill logits [b, vocab], tokens
+    [b, steps + 1], step logits)."""
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
     if not images:
@@ -576,8 +601,11 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
     model = loaded.model
     grids = image_batch(loaded, images)["image_grid_thw"]
     mm = (input_ids == model.config.image_token_id).long()
-    positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grids,
-                                              attention_mask=attention_mask)
+    if kept is not None:
+        positions = kept_positions(loaded, input_ids, grids, kept)
+    else:
+        positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grids,
+                                                  attention_mask=attention_mask)
     embeds = embed_prompt(loaded, input_ids, image_features)
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True)
     prefill = out.logits[:, -1].float()
@@ -629,7 +657,7 @@ class Qwen25VLFamily:
         check_method(method)
         graphs = build_graph_modules(loaded.model)
         if method.reduces_in_vision:  # a count per image in, the kept tokens and their indices out
-            graphs["vision"] = QwenReducedVisionGraph(loaded.model, method, options).eval()
+            graphs["vision"] = QwenReducedVisionGraph(loaded.model, method, options, k).eval()
         if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
             graphs.update(pruning_graph_modules(loaded.model, plan))
         return graphs
@@ -682,8 +710,23 @@ class Qwen25VLFamily:
         return reference_features(loaded, list(images))
 
     def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
-                         images: list | None = None):
-        return reference_logits(loaded, input_ids, attention_mask, image_features, steps, images)
+                         images: list | None = None, kept: list | None = None):
+        return reference_logits(loaded, input_ids, attention_mask, image_features, steps, images, kept)
+
+    @torch.no_grad()
+    def reduced_reference_features(self, loaded: LoadedCheckpoint, method: Method, image, count: int,
+                                   options: dict, most: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Pre-LLM methods: tokedge's torch reduced vision module (the one exported) on the image's
+        runtime inputs -> (kept tokens [1, count, hidden], kept_index). A check of the tracing; the
+        independent reference of the selections lives in tests/export/test_qwen_pre_llm.py."""
+        from tokedge.runtime.qwen_vl import image_inputs
+
+        x = image_inputs(image, loaded.spec.layout, preprocess_info(loaded))
+        module = QwenReducedVisionGraph(loaded.model, method, options, most).eval()
+        tokens, index = module(torch.from_numpy(x.pixel_values), torch.from_numpy(x.vision_pos),
+                               torch.from_numpy(x.window_seg), torch.from_numpy(x.merge_restore),
+                               torch.tensor(count, dtype=torch.int64))
+        return tokens[None].float(), index.numpy()
 
     def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
         return embed_prompt(loaded, input_ids, image_features)
@@ -701,8 +744,8 @@ class Qwen25VLFamily:
     def pruning_graph_modules(self, model: nn.Module, plan) -> dict[str, nn.Module]:
         return pruning_graph_modules(model, plan)
 
-    def reduced_vision_module(self, model: nn.Module, method: Method, options: dict) -> nn.Module:
-        return QwenReducedVisionGraph(model, method, options).eval()
+    def reduced_vision_module(self, model: nn.Module, method: Method, options: dict, most: int) -> nn.Module:
+        return QwenReducedVisionGraph(model, method, options, most).eval()
 
     def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
         return reduced_vision_trace_spec(model, dtype)
