@@ -60,7 +60,8 @@ def graphs(hf, tiny_qwen3_vl_dir, tmp_path_factory):
         file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
         return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
 
-    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}),
+    most = max(math.ceil(0.75 * (h // 32) * (w // 32)) for w, h in SIZES)  # the largest count the tests feed
+    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, most),
                               family.reduced_vision_trace_spec(model), name) for name in ("visionzip", "divprune")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
@@ -182,7 +183,8 @@ def test_visionzip_artifact_runs_as_the_reference(hf, tiny_qwen3_vl_dir, tmp_pat
 
     model, tok, processor = hf
     art = tmp_path / "vz"
-    export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=art, method="visionzip", keep=0.5))
+    result = export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=art, method="visionzip", keep=0.5))
+    assert result.parity["ok"] and result.parity["cases"]  # export-time cases: the torch module + transformers LM
     images = [_image(w, h, seed=i + 21) for i, (w, h) in enumerate(SIZES)]
     kept_idx, kept_ref, grids = [], [], []
     for image in images:

@@ -196,9 +196,9 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
     gathers the same rows; VisionZip's contextual tokens merge each level with the same assignment);
     a method that ranks by the embeddings themselves (divprune) ranks by the merger's output only."""
 
-    def __init__(self, model: nn.Module, method: Method, options: dict):
+    def __init__(self, model: nn.Module, method: Method, options: dict, most: int):
         super().__init__(model)
-        self.method, self.options = method, options
+        self.method, self.options, self.most = method, options, most  # most: the largest count fed
         self.scores = bool(method.needs)
         self.by_embeddings = Signal.EMBEDDINGS in method.scores_with
 
@@ -235,7 +235,7 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
         if received is not None:  # 4 consecutive patch rows per merge unit
             vf.cls_attention = received.reshape(n, -1).mean(-1)[None]
             vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[None]
-        tokens, index = self.method.reduce_indexed(vf, keep, self.options)
+        tokens, index = self.method.reduce_indexed(vf, keep, self.options, self.most)
         if self.by_embeddings:  # ranked by the features: the same rows of every level
             tokens = packed[index[0]][None]
         return tokens[0], index[0]
@@ -420,11 +420,12 @@ def embed_prompt(loaded: LoadedCheckpoint, input_ids: torch.Tensor, image_featur
 
 @torch.no_grad()
 def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
-                     images: list | None = None):
+                     images: list | None = None, kept: list | None = None):
     """transformers' language model (its layers and `_deepstack_process`) on the spliced prompt with
-    its own M-RoPE positions (`get_rope_index` with `mm_token_type_ids` and the images' grids) and
-    the DeepStack levels at the image positions, then `steps` greedy steps at `last + 1` on all
-    three rows, as `generate` does. -> (prefill logits [b, vocab], tokens [b, steps + 1], step logits)."""
+    its own M-RoPE positions (`get_rope_index` with `mm_token_type_ids` and the images' grids; `kept`:
+    per image the merged-grid indices a pre-LLM method kept, their unreduced columns) and the
+    DeepStack levels at the image positions, then `steps` greedy steps at `last + 1` on all three
+    rows, as `generate` does. -> (prefill logits [b, vocab], tokens [b, steps + 1], step logits)."""
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
     if not images:
@@ -432,8 +433,11 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
     model = loaded.model
     grids = q25.image_batch(loaded, images)["image_grid_thw"]
     image = input_ids == model.config.image_token_id
-    positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=image.long(), image_grid_thw=grids,
-                                              attention_mask=attention_mask)
+    if kept is not None:
+        positions = q25.kept_positions(loaded, input_ids, grids, kept)
+    else:
+        positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=image.long(), image_grid_thw=grids,
+                                                  attention_mask=attention_mask)
     features, levels = split_features(image_features, len(model.config.vision_config.deepstack_visual_indexes))
     embeds = model.get_input_embeddings()(input_ids).masked_scatter(image[..., None], features)
     lm = model.model.language_model
@@ -484,7 +488,7 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
         check_method(method)
         graphs = build_graph_modules(loaded.model)
         if method.reduces_in_vision:  # a count per image in, the kept packed rows and their indices out
-            graphs["vision"] = Qwen3ReducedVisionGraph(loaded.model, method, options).eval()
+            graphs["vision"] = Qwen3ReducedVisionGraph(loaded.model, method, options, k).eval()
         if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
             graphs.update(pruning_graph_modules(loaded.model, plan))
         return graphs
@@ -507,8 +511,23 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
         return reference_features(loaded, list(images))
 
     def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
-                         images: list | None = None):
-        return reference_logits(loaded, input_ids, attention_mask, image_features, steps, images)
+                         images: list | None = None, kept: list | None = None):
+        return reference_logits(loaded, input_ids, attention_mask, image_features, steps, images, kept)
+
+    @torch.no_grad()
+    def reduced_reference_features(self, loaded: LoadedCheckpoint, method: Method, image, count: int,
+                                   options: dict, most: int):
+        """Pre-LLM methods: tokedge's torch reduced vision module (the one exported) on the image's
+        runtime inputs -> (kept packed rows [1, count, (1 + levels) * hidden], kept_index). A check of
+        the tracing; the independent reference lives in tests/export/test_qwen3_pre_llm.py."""
+        from tokedge.runtime.qwen_vl import image_inputs
+
+        x = image_inputs(image, loaded.spec.layout, self.preprocess(loaded))
+        module = Qwen3ReducedVisionGraph(loaded.model, method, options, most).eval()
+        tokens, index = module(torch.from_numpy(x.pixel_values), torch.from_numpy(x.vision_pos),
+                               torch.from_numpy(x.interp_index), torch.from_numpy(x.interp_weight),
+                               torch.tensor(count, dtype=torch.int64))
+        return tokens[None].float(), index.numpy()
 
     def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
         return embed_prompt(loaded, input_ids, image_features)
@@ -525,8 +544,8 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
     def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return pruning_trace_specs(model, plan, dtype)
 
-    def reduced_vision_module(self, model: nn.Module, method: Method, options: dict) -> nn.Module:
-        return Qwen3ReducedVisionGraph(model, method, options).eval()
+    def reduced_vision_module(self, model: nn.Module, method: Method, options: dict, most: int) -> nn.Module:
+        return Qwen3ReducedVisionGraph(model, method, options, most).eval()
 
     def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
         return reduced_vision_trace_spec(model, dtype)
