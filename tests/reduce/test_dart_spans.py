@@ -142,3 +142,17 @@ def test_exported_graph_selects_the_same_tokens(tmp_path):
                 "k": np.array(sum(quotas), np.int64)}
         (kept,) = sess.run(None, feed)
         assert kept[0].tolist() == edge_loop(e, is_img, quotas)
+
+
+def test_prefill_inputs_per_image():
+    """What the runtime feeds the prefill: fixed layouts keep `keep` x images; dynamic ones the sum
+    of each image's count; DART also each image's quota (all tokens under 16 visual tokens)."""
+    from tokedge.reduce.quota import image_spans, prefill_budget
+
+    assert image_spans([5, 6, 7, 10, 11]) == [3, 2]
+    assert image_spans([]) == []
+    assert prefill_budget([8], None, [576, 576], 2, False) == ([16], None)
+    assert prefill_budget([100], TokenBudget(count=100), [154, 64], 2, False) == ([164], None)
+    assert prefill_budget([1], TokenBudget(keep=0.5), [154, 256], 2, False) == ([205], None)
+    assert prefill_budget([1], TokenBudget(keep=0.75), [154, 256], 2, True) == ([116 + 192], [116, 192])
+    assert prefill_budget([1], TokenBudget(keep=0.5), [6, 9], 2, True) == ([15], [6, 9])  # Edge-LLM's skip guard
