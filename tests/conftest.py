@@ -156,3 +156,13 @@ def hf_qwen2_5_vl(tiny_qwen2_5_vl_dir):
                                                                attn_implementation="eager").eval()
     return (model, AutoTokenizer.from_pretrained(tiny_qwen2_5_vl_dir),
             Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen2_5_vl_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
+    """Qwen3-VL (hub image geometry: patch 16, merge 2; learned 12 x 12 position table, DeepStack on
+    blocks 1 and 2) + Qwen3 decoder with interleaved M-RoPE; model, Qwen2Tokenizer + chat_template.jinja
+    and the PIL image processor saved with save_pretrained."""
+    from tokedge.export.presets import TinyQwen3VLConfig, build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", TinyQwen3VLConfig())

@@ -156,6 +156,8 @@ class VisualLayout:
     fullatt_blocks: tuple[int, ...] = ()  # vision blocks with full attention (the others use windows)
     mrope_section: tuple[int, ...] = ()  # M-RoPE: rotary frequencies per (temporal, height, width) axis
     mrope_interleaved: bool = False  # Qwen3-VL's t h w t h w ... frequency order (chunked otherwise)
+    position_table: int | None = None  # Qwen3-VL: side of the learned position table resampled to each grid
+    deepstack_levels: int = 0  # Qwen3-VL: DeepStack planes packed after each embedding row (docs/artifact.md)
     vision_start_token_id: int | None = None  # text tokens the chat template puts around each image
     vision_end_token_id: int | None = None
 

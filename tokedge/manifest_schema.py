@@ -231,6 +231,9 @@ def _check_dynamic(layout: Any) -> None:
     if len(layout.mrope_section) not in (0, 3) or any(v < 1 for v in layout.mrope_section):
         raise ManifestError("layout.mrope_section", "three positive integers (or empty for 1-D positions)",
                             list(layout.mrope_section))
+    _positive("layout.position_table", layout.position_table, allow_none=True, high=4096)
+    if not 0 <= layout.deepstack_levels <= 64:
+        raise ManifestError("layout.deepstack_levels", "an integer 0..64", layout.deepstack_levels)
     for key in ("vision_start_token_id", "vision_end_token_id"):
         value = getattr(layout, key)
         if value is not None and not 0 <= value < 1 << 31:

@@ -58,9 +58,14 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
 
         plan = plan_for(method, red.budget, red.full_tokens, loaded.spec.text_layers or 0, dict(red.options))
         modules = loaded.family.modules(loaded, method, red.full_tokens, dict(red.options), plan)
+        per_image = None
+        if manifest.layout.max_pixels is not None:  # dynamic resolution: each image keeps its share, as at export
+            from tokedge.reduce.quota import TokenBudget
+
+            per_image = TokenBudget(keep=red.keep) if red.keep is not None else TokenBudget(count=red.budget)
         return [reference_pruned_from_ids(loaded, modules, pixel_values, c["input_ids"], c["attention_mask"],
                                           int(c["budget"]), c["step_logits"].shape[1],
-                                          image=_case_image(c)) for c in cases]
+                                          image=_case_image(c), per_image=per_image) for c in cases]
     if any("image" in c for c in cases):  # tiled layouts: each case holds its own image
         from tokedge.export.reference import reference_image_from_ids
 

@@ -35,9 +35,15 @@ def causal_bias(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
 
 
 class _Layers(nn.Module):
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+    """`levels` > 0 (Qwen3-VL DeepStack): embedding rows are packed `(1 + levels) * hidden` wide, the
+    token's embedding then one plane per level (zeros for text); plane l is added to the hidden
+    states after layer l, as transformers' `hidden[visual_pos_masks] += deepstack_l` (docs/artifact.md)."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, levels: int = 0):
         super().__init__()
         cfg = language_model.config
+        self.levels = levels
+        self.hidden = cfg.hidden_size
         self.layers = language_model.layers
         self.norm = language_model.norm
         self.rotary = language_model.rotary_emb
@@ -46,12 +52,28 @@ class _Layers(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")  # Qwen3: RMSNorm on head_dim before rotary
+
+    def unpack(self, inputs_embeds):
+        """Packed rows -> (hidden states [b, s, hidden], planes [levels, b, s, hidden] or None).
+        Unpacked rows (hidden wide: transformers' own embeddings in references) carry no planes."""
+        if not self.levels or inputs_embeds.shape[-1] == self.hidden:
+            return inputs_embeds, None
+        packed = inputs_embeds.reshape(inputs_embeds.shape[0], inputs_embeds.shape[1], 1 + self.levels, self.hidden)
+        packed = packed.permute(2, 0, 1, 3)
+        return packed[0], packed[1:]
+
+    def deepstack(self, i, x, planes):
+        """After layer i: add DeepStack plane i (zero rows at text positions change nothing)."""
+        return x if planes is None or i >= self.levels else x + planes[i].to(x.dtype)
 
     def qkv(self, layer, x, cos, sin):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = apply_rotary(split_heads(attn.q_proj(h), self.head_dim), cos, sin)
-        k = apply_rotary(split_heads(attn.k_proj(h), self.head_dim), cos, sin)
+        q, k = split_heads(attn.q_proj(h), self.head_dim), split_heads(attn.k_proj(h), self.head_dim)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = split_heads(attn.v_proj(h), self.head_dim)
         return q, k, v
 
@@ -71,14 +93,14 @@ class KVDecoder(_Layers):
     without in-LLM pruning): [b, past_g + s]. past/present alternate key, value per layer, each
     [b, kv_heads, past_g(+s), head_dim]."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan | None = None):
-        super().__init__(language_model, lm_head)
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan | None = None, levels: int = 0):
+        super().__init__(language_model, lm_head, levels)
         self.group = [plan.group_of(i) if plan else 0 for i in range(len(self.layers))]
         self.n_groups = max(self.group) + 1
 
     def forward(self, inputs_embeds, *rest):
         masks, position_ids, past = rest[: self.n_groups], rest[self.n_groups], rest[self.n_groups + 1 :]
-        x = inputs_embeds
+        x, planes = self.unpack(inputs_embeds)
         biases = [causal_bias(m, x.shape[1]) for m in masks]
         cos, sin = self.rotary(x, position_ids)
         presents = []
@@ -88,6 +110,7 @@ class KVDecoder(_Layers):
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
             x = self.run_layer(layer, x, q, k, v, biases[self.group[i]])
+            x = self.deepstack(i, x, planes)
         return (self.logits(x), *presents)
 
 
@@ -111,8 +134,9 @@ class PruningPrefill(_Layers):
     as TensorRT Edge-LLM). Present tensors of group g have the sequence length after g pruning
     stages; group_masks are the padding masks of groups 1.. (group 0's is the input mask)."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan, spans: bool = False):
-        super().__init__(language_model, lm_head)
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, plan: Plan, spans: bool = False,
+                 levels: int = 0):
+        super().__init__(language_model, lm_head, levels)
         self.plan = plan
         self.spans = spans
 
@@ -137,7 +161,7 @@ class PruningPrefill(_Layers):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, image_positions, image_keep,
                 image_span=None, image_quota=None):
-        x, mask, pos, img = inputs_embeds, attention_mask, position_ids, image_positions
+        (x, planes), mask, pos, img = self.unpack(inputs_embeds), attention_mask, position_ids, image_positions
         by_score = {s.score_layer: s for s in self.plan.stages}
         by_prune = {s.prune_layer: (n, s) for n, s in enumerate(self.plan.stages)}
         scores = {}
@@ -155,6 +179,9 @@ class PruningPrefill(_Layers):
                 kept = self._select(stage, scores[i], x, mask, img, image_keep[n], image_span, image_quota)
                 keep = keep_positions(mask, img, kept)
                 x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+                if planes is not None:  # DeepStack planes stay with their tokens
+                    planes = torch.gather(planes, 2, keep[None, :, :, None].expand(planes.shape[0], -1, -1,
+                                                                                   planes.shape[-1]))
                 mask, pos = torch.gather(mask, 1, keep), gather_sequence(pos, keep)
                 img = remap_positions(keep, kept)
                 group_masks.append(mask)
@@ -162,7 +189,7 @@ class PruningPrefill(_Layers):
                 bias = causal_bias(mask, x.shape[1])
             q, k, v = self.qkv(layer, x, cos, sin)
             presents += [k, v]
-            x = self.run_layer(layer, x, q, k, v, bias)
+            x = self.deepstack(i, self.run_layer(layer, x, q, k, v, bias), planes)
         return (self.logits(x), *presents, *group_masks)
 
     def image_keep(self, images: int = 1) -> torch.Tensor:

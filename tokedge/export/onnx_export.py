@@ -54,10 +54,14 @@ def _positions(example: torch.Tensor, rows: int) -> tuple[torch.Tensor, dict[int
 
 
 def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visual_tokens: int | str,
-                plan=None, full_tokens: int = 0, position_rows: int = 1) -> dict[str, TraceSpec]:
+                plan=None, full_tokens: int = 0, position_rows: int = 1,
+                deepstack_levels: int = 0) -> dict[str, TraceSpec]:
     """visual_tokens: the fixed count of image_embeds, or TOKENS when the budget is a runtime input.
     plan: the in-LLM pruning plan (adds the prefill graph and per-group masks / past axes).
-    position_rows: 3 for M-RoPE layouts (`position_ids [3, b, s]`), else 1 (`[b, s]`)."""
+    position_rows: 3 for M-RoPE layouts (`position_ids [3, b, s]`), else 1 (`[b, s]`).
+    deepstack_levels: DeepStack planes packed after each embedding row (Qwen3-VL): image_embeds and
+    inputs_embeds rows are (1 + levels) * hidden wide."""
+    width = (1 + deepstack_levels) * info.hidden_size
     b, s, p = 2, 3, 4
     groups = [plan.group_of(i) if plan else 0 for i in range(info.num_layers)]
     n_groups = max(groups) + 1
@@ -77,20 +81,20 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
             outputs=("image_embeds",),
             example=(torch.rand(b, 3, *crop),),
             dynamic_axes={"pixel_values": {0: BATCH}, "image_embeds": {0: BATCH}},
-            output_shapes={"image_embeds": (BATCH, visual_tokens, info.hidden_size)},
+            output_shapes={"image_embeds": (BATCH, visual_tokens, width)},
         ),
         "embed": TraceSpec(
             inputs=("input_ids",),
             outputs=("inputs_embeds",),
             example=(torch.ones(b, 5, dtype=torch.int64),),
             dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}},
-            output_shapes={"inputs_embeds": (BATCH, SEQ, info.hidden_size)},
+            output_shapes={"inputs_embeds": (BATCH, SEQ, width)},
         ),
         "decoder": TraceSpec(
             inputs=("inputs_embeds", *masks, "position_ids", *past_in),
             outputs=("logits", *present_out),
             example=(
-                torch.randn(b, s, info.hidden_size, dtype=dtype),
+                torch.randn(b, s, width, dtype=dtype),
                 *[torch.ones(b, p + g + s, dtype=torch.int64) for g in range(n_groups)],
                 decoder_positions,
                 *past,
@@ -117,7 +121,7 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
             inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions", "image_keep"),
             outputs=("logits", *present_out, *group_masks),
             example=(
-                torch.randn(b, t, info.hidden_size, dtype=dtype),
+                torch.randn(b, t, width, dtype=dtype),
                 mask_example,
                 prefill_positions,
                 torch.arange(4, 4 + full_tokens).expand(b, full_tokens).contiguous(),

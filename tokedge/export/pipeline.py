@@ -282,7 +282,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     pre = family.preprocess(loaded)
     modules = family.modules(loaded, method, trace_k, options, plan)
     specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
-                           plan=plan, full_tokens=full, position_rows=loaded.spec.layout.position_rows)
+                           plan=plan, full_tokens=full, position_rows=loaded.spec.layout.position_rows,
+                           deepstack_levels=loaded.spec.layout.deepstack_levels)
     vision_spec = family.vision_trace_spec(loaded, torch_dtype, modules["vision"])
     if vision_spec is not None:
         specs["vision"] = vision_spec

@@ -110,7 +110,7 @@ class TinyLlavaOnevisionConfig(TinyLlavaConfig):
     processor_files: str = "hub"
 
 
-PRESETS: dict[str, TinyLlavaConfig | TinyQwen25VLConfig] = {"tiny-llava": TinyLlavaConfig(), "tiny-llava-next": TinyLlavaNextConfig(),
+PRESETS: dict[str, TinyLlavaConfig | TinyQwen25VLConfig | TinyQwen3VLConfig] = {"tiny-llava": TinyLlavaConfig(), "tiny-llava-next": TinyLlavaNextConfig(),
                                        "tiny-llava-onevision": TinyLlavaOnevisionConfig()}
 
 
@@ -386,7 +386,8 @@ def _stamp(cfg: TinyLlavaConfig) -> str:
     import json
 
     template = (ONEVISION_CHAT_TEMPLATE if isinstance(cfg, TinyLlavaOnevisionConfig)
-                else QWEN2_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen25VLConfig) else CHAT_TEMPLATE)
+                else QWEN2_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen25VLConfig)
+                else QWEN3_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen3VLConfig) else CHAT_TEMPLATE)
     blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": template}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -412,6 +413,8 @@ def resolve_preset(name: str) -> Path | None:
         logging.getLogger("tokedge").info("building built-in checkpoint %s at %s", name, path)
         if isinstance(cfg, TinyQwen25VLConfig):
             build_tiny_qwen2_5_vl(path, cfg, force=True)
+        elif isinstance(cfg, TinyQwen3VLConfig):
+            build_tiny_qwen3_vl(path, cfg, force=True)
         else:
             build_tiny_llava(path, cfg, force=True)
         (path / PRESET_STAMP).write_text(json.dumps({"preset": name, "sha256": current}) + "\n")
@@ -463,7 +466,7 @@ class TinyQwen25VLConfig:
     seed: int = 0
 
 
-def build_qwen_tokenizer(cfg: TinyQwen25VLConfig):
+def build_qwen_tokenizer(cfg: TinyQwen25VLConfig | TinyQwen3VLConfig):
     """A real `Qwen2Tokenizer`: byte-level BPE trained on the corpus with Qwen's split regex, no BOS,
     the chat and vision special tokens atomic, EOS `<|im_end|>`."""
     import json
@@ -531,3 +534,96 @@ def build_tiny_qwen2_5_vl(out: Path, cfg: TinyQwen25VLConfig = TinyQwen25VLConfi
 
 
 PRESETS["tiny-qwen2.5-vl"] = TinyQwen25VLConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen3-VL (docs/research/qwen-vl.md sections 3.4, 4, 6 and 7)
+
+# the Qwen3-VL template reduced to user/assistant/system turns without tools: no default system
+# message, vision markers per image item (renders as the hub template does for these messages)
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyQwen3VLConfig:
+    """A small Qwen3-VL: hub image geometry (patch 16, merge 2, pixels 256^2..4096^2, mean/std 0.5), a
+    4-block full-attention tower with a 12 x 12 learned position table and DeepStack on blocks 1 and 2,
+    and a 3-layer Qwen3 decoder (q/k norms, head_dim 32) with interleaved M-RoPE [6, 5, 5]."""
+
+    vision_depth: int = 4
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    position_embeddings: int = 144  # a square: the learned table is 12 x 12, resampled to each grid
+    deepstack_blocks: tuple[int, ...] = (1, 2)
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 2
+    text_kv_heads: int = 1
+    head_dim: int = 32
+    mrope_section: tuple[int, int, int] = (6, 5, 5)
+    vocab_target: int = 400
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
+    max_position_embeddings: int = 8192
+    # untied: with random weights a tied head scores each fed token against itself and greedy decoding
+    # repeats it (the 2B/4B hub checkpoints tie, 8B does not; the graphs handle both)
+    tie_word_embeddings: bool = False
+    init_std: float = 0.3
+    seed: int = 0
+
+
+def build_tiny_qwen3_vl(out: Path, cfg: TinyQwen3VLConfig = TinyQwen3VLConfig(), force: bool = False) -> Path:
+    """A tiny Qwen3VLForConditionalGeneration directory at `out` (atomic): model, Qwen2Tokenizer with
+    chat_template.jinja and the PIL Qwen2-VL image processor with Qwen3-VL's settings (the
+    `Qwen3VLProcessor` needs torchvision, so no processor file)."""
+    import transformers
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
+    tok = build_qwen_tokenizer(cfg)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", *QWEN_VISION_TOKENS)}
+    if sum(cfg.mrope_section) * 2 != cfg.head_dim:
+        raise ValueError(f"mrope_section {cfg.mrope_section} must sum to head_dim/2 = {cfg.head_dim // 2}")
+    config = Qwen3VLConfig(
+        vision_config={"depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden,
+                       "intermediate_size": cfg.vision_hidden * 2, "num_heads": cfg.vision_heads,
+                       "out_hidden_size": cfg.text_hidden, "patch_size": 16, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "num_position_embeddings": cfg.position_embeddings,
+                       "deepstack_visual_indexes": list(cfg.deepstack_blocks)},
+        text_config={"vocab_size": len(tok), "hidden_size": cfg.text_hidden, "intermediate_size": cfg.text_hidden * 2,
+                     "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+                     "num_key_value_heads": cfg.text_kv_heads, "head_dim": cfg.head_dim,
+                     "max_position_embeddings": cfg.max_position_embeddings,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                         "mrope_section": list(cfg.mrope_section), "mrope_interleaved": True},
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                     "pad_token_id": ids["<|endoftext|>"]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    model = _random_init(Qwen3VLForConditionalGeneration, config, cfg.seed, cfg.init_std)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels})
+    tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    with staged_directory(out, force=force, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tok.save_pretrained(stage)
+        image_processor.save_pretrained(stage)
+    return out
+
+
+PRESETS["tiny-qwen3-vl"] = TinyQwen3VLConfig()

@@ -218,6 +218,34 @@ def mrope_axis_map(mrope_section, head_dim: int, interleaved: bool = False) -> n
     return axes
 
 
+def interpolation_inputs(grid_thw: np.ndarray, side: int, merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned position embedding resampled to a grid: (index [N, 4] int64 into the
+    flattened `side x side` table, weight [N, 4] float32), rows in processor (block-major) order.
+
+    Bilinear with align_corners, as transformers' `get_vision_interpolation_indices_and_weights`:
+    per axis `src = i * (side - 1) / max(n - 1, 1)` in float32, taps floor(src) and floor(src) + 1
+    (clamped to the table), weights from the unclamped taps; the 2 x 2 taps ordered
+    (r0c0, r0c1, r1c0, r1c1). The tower adds `sum_k table[index[:, k]] * weight[:, k]` to each patch.
+    """
+
+    def axis(n: int) -> tuple[np.ndarray, np.ndarray]:
+        src = (np.arange(n, dtype=np.float32) * np.float32(side - 1) / np.float32(max(n - 1, 1))).astype(np.float32)
+        low = np.floor(src)
+        taps = np.stack([low, low + 1], -1)
+        weight = np.clip(np.float32(1) - np.abs(src[:, None] - taps), 0, None).astype(np.float32)
+        return np.clip(taps.astype(np.int64), 0, side - 1), weight
+
+    index, weight = [], []
+    for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3):
+        row_taps, row_w = axis(int(h))
+        col_taps, col_w = axis(int(w))
+        idx = (row_taps[:, None, :, None] * side + col_taps[None, :, None, :]).reshape(int(h), int(w), 4)
+        wgt = (row_w[:, None, :, None] * col_w[None, :, None, :]).astype(np.float32).reshape(int(h), int(w), 4)
+        index.append(np.tile(_block_major(idx, int(h), int(w), merge_size), (int(t), 1)))
+        weight.append(np.tile(_block_major(wgt, int(h), int(w), merge_size), (int(t), 1)))
+    return np.concatenate(index).astype(np.int64), np.concatenate(weight).astype(np.float32)
+
+
 # --- the artifact's side: one builder of an image's vision inputs, and the prompt's positions ---------
 
 
@@ -245,6 +273,8 @@ class QwenImageInputs:
     merge_size: int = 2
     partitions: int = 1  # one vision run per image
     keep: int | None = None  # pre-LLM reduction: tokens the vision graph keeps of this image (None: all)
+    interp_index: np.ndarray | None = None  # [N, 4] int64 (learned position table only: Qwen3-VL)
+    interp_weight: np.ndarray | None = None  # [N, 4] float32
 
     @property
     def full_tokens(self) -> int:
@@ -263,6 +293,9 @@ class QwenImageInputs:
         if "window_seg" in graph_inputs:
             feed["window_seg"] = self.window_seg
             feed["merge_restore"] = self.merge_restore
+        if "interp_index" in graph_inputs:
+            feed["interp_index"] = self.interp_index
+            feed["interp_weight"] = self.interp_weight
         return feed
 
 
@@ -287,7 +320,10 @@ def _image_inputs(image: Image.Image, layout, preprocess) -> QwenImageInputs:
     pixels, grid = preprocess_image(image, spec)
     m = spec.merge_size
     if layout.window_size is None:
-        return QwenImageInputs(pixels, grid, vision_positions(grid[None], m), None, None, m)
+        index, weight = (None, None) if layout.position_table is None else \
+            interpolation_inputs(grid[None], int(layout.position_table), m)
+        return QwenImageInputs(pixels, grid, vision_positions(grid[None], m), None, None, m,
+                               interp_index=index, interp_weight=weight)
     idx = qwen2_5_vision_inputs(grid[None], m, int(layout.window_size), spec.patch_size)
     return QwenImageInputs(np.ascontiguousarray(pixels[idx.patch_order]), grid, idx.vision_pos, idx.window_seg,
                            idx.merge_restore, m)
