@@ -50,7 +50,7 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
 
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, 64),
                               family.reduced_vision_trace_spec(model), name)
-                for name in ("visionzip", "divprune", "cls-attn")}
+                for name in ("visionzip", "divprune", "cls-attn", "pool")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -135,8 +135,54 @@ def divprune_loop(x, k):
     return picks, x[picks]
 
 
+def pool_loop(x, width, k):
+    """`pool` on an H x W merged grid (raster rows of x) to exactly k tokens, from the rule in
+    docs/methods.md: h bands (h*h*W <= k*H maximal, clamped to [ceil(k/W), min(H, k)]), band i holds
+    floor((i+1)k/h) - floor(ik/h) windows; adaptive (floor/ceil) row and column ranges; each token
+    the window mean at its top-left cell."""
+    height = len(x) // width
+    h = max(b for b in range(1, k + 1) if b * b * width <= k * height) if k * height >= width else 1
+    h = max(1, min(max(h, -(-k // width)), height, k))
+    picks, out = [], []
+    for band in range(h):
+        rows = range(band * height // h, -(-(band + 1) * height // h))
+        w = (band + 1) * k // h - band * k // h
+        for c in range(w):
+            cols = range(c * width // w, -(-(c + 1) * width // w))
+            cells = [r * width + q for r in rows for q in cols]
+            picks.append(cells[0])
+            out.append(torch.stack([x[i] for i in cells]).mean(0))
+    assert len(picks) == k
+    return picks, torch.stack(out)
+
+
+@pytest.mark.parametrize(("height", "width"), [(4, 6), (6, 4), (5, 7), (1, 9), (8, 8)])
+def test_pool_bands_follow_the_definition(height, width):
+    """Every count 1..n on grids that divide and grids that don't: exactly k windows, ascending
+    top-left positions, the loop's means; an even split is adaptive_avg_pool2d."""
+    from tokedge.reduce.base import VisionFeatures
+    from tokedge.reduce.pool import reduce_pool_indexed
+
+    x = torch.randn(height * width, 3, generator=torch.Generator().manual_seed(height * width))
+    for k in range(1, height * width + 1):
+        vf = VisionFeatures(features=x[None], project=lambda t: t)
+        vf.grid_width = torch.tensor(width)
+        tokens, index = reduce_pool_indexed(vf, torch.tensor(k), {})
+        picks, ref = pool_loop(x, width, k)
+        assert index[0].tolist() == picks == sorted(set(picks))
+        torch.testing.assert_close(tokens[0], ref, atol=1e-6, rtol=0)
+    if height % 2 == 0 and width % 2 == 0:  # a quarter of an even grid: 2x2 windows
+        k = height * width // 4
+        vf = VisionFeatures(features=x[None], project=lambda t: t)
+        vf.grid_width = torch.tensor(width)
+        tokens, _ = reduce_pool_indexed(vf, torch.tensor(k), {})
+        grid = x.T.reshape(1, 3, height, width)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, (height // 2, width // 2))
+        torch.testing.assert_close(tokens[0], pooled.reshape(3, -1).T, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.75])
-@pytest.mark.parametrize("method", ["visionzip", "divprune", "cls-attn"])
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "cls-attn", "pool"])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
@@ -150,6 +196,8 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
             idx, ref = visionzip_loop(merged, score, keys, k)
         elif method == "divprune":
             idx, ref = divprune_loop(merged, k)
+        elif method == "pool":
+            idx, ref = pool_loop(merged, int(grid[0, 2]) // 2, k)
         else:
             idx, ref = received_top_loop(merged, score, k)
         pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())

@@ -116,7 +116,7 @@ def check_flags(cfg: ExportConfig, method: Method) -> dict:
 
 
 def check_request(cfg: ExportConfig, method: Method, full_tokens: int,
-                  geometry: "VisionGeometry | None" = None) -> tuple[int, tuple[int, int] | None, dict]:
+                  geometry: "VisionGeometry | None" = None, dynamic: bool = False) -> tuple[int, tuple[int, int] | None, dict]:
     """Budget, runtime range and options, checked before any weights load."""
     options = check_flags(cfg, method)
     budget = cfg.budget if cfg.budget is not None else method.default_budget(full_tokens)
@@ -130,7 +130,7 @@ def check_request(cfg: ExportConfig, method: Method, full_tokens: int,
         if cfg.dynamic_budget is not None:
             raise UsageError("--keep already adapts to each image; drop --dynamic-budget")
         budget = TokenBudget(keep=cfg.keep).per_image(full_tokens)
-    method.check_budget(budget, full_tokens, geometry)
+    method.check_budget(budget, full_tokens, geometry, dynamic)
     rng = cfg.dynamic_budget
     if rng is not None:
         lo, hi = rng
@@ -199,7 +199,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
                          f"token counts; this {family.name} checkpoint has a fixed count: use --budget")
     full = spec.full_tokens
-    budget, rng, options = check_request(cfg, method, full, spec.geometry)
+    budget, rng, options = check_request(cfg, method, full, spec.geometry, spec.layout.max_pixels is not None)
     from tokedge.reduce.in_llm import plan_for
 
     plan = None
@@ -236,7 +236,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     if loaded.spec.full_tokens != full and loaded.spec.layout.kind == "qwen_dynamic":
         # the pixel range comes with the image processor (and --max-pixels): the largest image's count
         full = loaded.spec.full_tokens
-        budget, rng, options = check_request(cfg, method, full, spec.geometry)
+        budget, rng, options = check_request(cfg, method, full, spec.geometry, spec.layout.max_pixels is not None)
 
     if temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
         probe = family.video(loaded, torch.float32, temporal.needs)[3]

@@ -85,6 +85,7 @@ class VisionFeatures:
     received_attention: Any = None  # [b, n] feature layer's attention probabilities, mean over heads and queries
     partition: Any = None
     base_tile: Any = None
+    grid_width: Any = None  # dynamic resolution (Qwen-VL): 0-d int64, columns of the merged grid (raster order)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class Method:
     option_specs: dict[str, OptionSpec] = field(default_factory=dict)
     min_budget: int = 1
     budget_check: Callable[[int, int], str | None] | None = None  # (budget, full) -> error or None
+    # the same on dynamic-resolution families (a count per image, `reduce_indexed`); None: budget_check
+    indexed_budget_check: Callable[[int, int], str | None] | None = None
     plan: Callable[..., Any] | None = None  # in-LLM: (budget, full, n_layers, options) -> in_llm.Plan
     fewest_tokens: Callable[[VisionGeometry], int] | None = None  # smallest budget the method can reach
     # towers without CLS and counts that vary per image (Qwen-VL): (VisionFeatures with b = 1 and
@@ -180,7 +183,9 @@ class Method:
     def default_budget(self, full_tokens: int) -> int:
         return full_tokens if self.keeps_all else min(64, full_tokens)
 
-    def check_budget(self, budget: int, full_tokens: int, geometry: VisionGeometry | None = None) -> None:
+    def check_budget(self, budget: int, full_tokens: int, geometry: VisionGeometry | None = None,
+                     dynamic: bool = False) -> None:
+        """`dynamic`: a dynamic-resolution family (each image its own grid and count)."""
         if not 1 <= budget <= full_tokens:
             raise UsageError(f"--budget {budget} is out of range for this model: use 1..{full_tokens} visual tokens")
         if self.keeps_all and budget != full_tokens:
@@ -197,7 +202,8 @@ class Method:
                     f"--method {self.name} cannot merge down to {budget} tokens in this model's {geometry.layers} "
                     f"vision layers (each merges at most half): use --budget >= {fewest}"
                 )
-        problem = self.budget_check(budget, full_tokens) if self.budget_check else None
+        check = self.indexed_budget_check if dynamic and self.indexed_budget_check else self.budget_check
+        problem = check(budget, full_tokens) if check else None
         if problem:
             raise UsageError(f"--method {self.name} --budget {budget}: {problem}")
 

@@ -245,6 +245,7 @@ class QwenVisionGraph(nn.Module):
         self.merger = visual.merger
         self.full = {int(i) for i in visual.fullatt_block_indexes}
         self.heads = int(visual.config.num_heads)
+        self.merge = int(visual.spatial_merge_size)
         self.head_dim = int(visual.config.hidden_size) // self.heads
         self.schedule = None  # no in-ViT merging
 
@@ -315,6 +316,7 @@ class QwenReducedVisionGraph(QwenVisionGraph):
         merged = self.merger(h)[merge_restore]  # [n, hidden], raster order of the merged grid
         n = merged.shape[0]
         vf = VisionFeatures(features=merged[None], project=lambda t: t)
+        vf.grid_width = torch.div(vision_pos[:, 1].max(), self.merge, rounding_mode="floor") + 1  # merged columns
         if received is not None:  # window order, 4 rows per merge unit -> raster order of merged tokens
             vf.cls_attention = received.reshape(n, -1).mean(-1)[merge_restore][None]
             vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[merge_restore][None]

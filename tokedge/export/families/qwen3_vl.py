@@ -159,6 +159,7 @@ class Qwen3VisionGraph(nn.Module):
         self.deepstack = {int(b): i for i, b in enumerate(visual.deepstack_visual_indexes)}
         self.deepstack_mergers = visual.deepstack_merger_list
         self.heads = int(visual.config.num_heads)
+        self.merge = int(visual.spatial_merge_size)
         self.head_dim = int(visual.config.hidden_size) // self.heads
         self.schedule = None  # no in-ViT merging
 
@@ -232,6 +233,7 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
         packed = torch.cat([merged, *levels], dim=-1)
         n = merged.shape[0]
         vf = VisionFeatures(features=(merged if self.by_embeddings else packed)[None], project=lambda t: t)
+        vf.grid_width = torch.div(vision_pos[:, 1].max(), self.merge, rounding_mode="floor") + 1  # merged columns
         if received is not None:  # 4 consecutive patch rows per merge unit
             vf.cls_attention = received.reshape(n, -1).mean(-1)[None]
             vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[None]
