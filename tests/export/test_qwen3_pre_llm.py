@@ -1,5 +1,5 @@
 """Pre-LLM methods on Qwen3-VL keep DeepStack aligned: `visionzip` (mean received attention in the
-last vision block, no CLS) and `divprune` in the reduced vision graph (run-time count per image,
+last vision block, no CLS), `divprune` and `pool` in the reduced vision graph (run-time count per image,
 `kept_index` out), whose packed rows carry each DeepStack level through the same selection (and, for
 VisionZip, the same contextual merge). Independent reference: transformers' own tower
 (`model.model.visual`, a hook on its last block's attention for q/k, `apply_rotary_pos_emb_vision`,
@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.export.test_qwen_pre_llm import divprune_loop, visionzip_loop
+from tests.export.test_qwen_pre_llm import divprune_loop, pool_loop, visionzip_loop
 from tokedge.runtime import qwen_vl
 
 SIZES = [(320, 224), (256, 256)]  # 7x10 and 8x8 merged tokens at patch 16
@@ -62,7 +62,7 @@ def graphs(hf, tiny_qwen3_vl_dir, tmp_path_factory):
 
     most = max(math.ceil(0.75 * (h // 32) * (w // 32)) for w, h in SIZES)  # the largest count the tests feed
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, most),
-                              family.reduced_vision_trace_spec(model), name) for name in ("visionzip", "divprune")}
+                              family.reduced_vision_trace_spec(model), name) for name in ("visionzip", "divprune", "pool")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -128,8 +128,8 @@ def _lm_reference(model, tok, grids, kept_idx, kept_rows, question="Compare them
     return ids, is_img, cols, logits
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.75])
-@pytest.mark.parametrize("method", ["visionzip", "divprune"])
+@pytest.mark.parametrize(("method", "keep"), [("visionzip", 0.5), ("visionzip", 0.75), ("divprune", 0.5),
+                                             ("divprune", 0.75), ("pool", 0.25)])
 def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
     model, tok, processor = hf
     hidden = model.config.text_config.hidden_size
@@ -143,6 +143,8 @@ def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
         k = max(1, math.ceil(keep * packed.shape[0]))
         if method == "visionzip":  # decisions from attention and keys; the same merge on every level
             idx, ref = visionzip_loop(packed, score, keys, k)
+        elif method == "pool":  # band pooling of the merged grid, every level averaged alike
+            idx, ref = pool_loop(packed, int(grid[0, 2]) // 2, k)
         else:  # diversity of the merger's output; every level takes the same rows
             idx, _ = divprune_loop(packed[:, :hidden], k)
             ref = packed[idx]

@@ -148,7 +148,33 @@ def test_visionzip_keep_run_equals_reference(visionzip_artifact, hf_qwen2_5_vl):
     """A pre-LLM artifact end to end: each image's vision run keeps ceil(n/2) tokens (mean received
     attention, no CLS) and the prompt carries them at their unreduced M-RoPE positions; greedy
     tokens and prefill logits equal transformers' tower + loop selection + its language model."""
-    from tests.export.test_qwen_pre_llm import tower_signals, visionzip_loop
+    from tests.export.test_qwen_pre_llm import visionzip_loop
+
+    _pre_llm_run_equals_reference(visionzip_artifact, hf_qwen2_5_vl, 0.5,
+                                  lambda merged, score, keys, grid, k: visionzip_loop(merged, score, keys, k))
+
+
+@pytest.fixture(scope="module")
+def pool_artifact(tmp_path_factory, tiny_qwen2_5_vl_dir):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("qwen-pool") / "pool-keep0.25"
+    export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=out, method="pool", keep=0.25))
+    return out
+
+
+def test_pool_keep_run_equals_reference(pool_artifact, hf_qwen2_5_vl):
+    """`pool --keep 0.25` end to end: the 8x8 merged grid (224x224) pools 2x2 windows, the 7x11 one
+    (300x200) 20 band windows; each token the mean of its window of transformers' merged tokens at
+    the M-RoPE position of the window's top-left token (the loop of tests/export/test_qwen_pre_llm.py)."""
+    from tests.export.test_qwen_pre_llm import pool_loop
+
+    _pre_llm_run_equals_reference(pool_artifact, hf_qwen2_5_vl, 0.25,
+                                  lambda merged, score, keys, grid, k: pool_loop(merged, int(grid[2]) // 2, k))
+
+
+def _pre_llm_run_equals_reference(artifact, hf_qwen2_5_vl, keep, pick):
+    from tests.export.test_qwen_pre_llm import tower_signals
     from tokedge.runtime.pipeline import Pipeline
 
     model, tok, processor = hf_qwen2_5_vl
@@ -157,7 +183,7 @@ def test_visionzip_keep_run_equals_reference(visionzip_artifact, hf_qwen2_5_vl):
     for image in images:
         batch = processor(images=[image], return_tensors="pt")
         merged, score, keys = tower_signals(model, batch["pixel_values"], batch["image_grid_thw"])
-        idx, tokens = visionzip_loop(merged, score, keys, math.ceil(merged.shape[0] / 2))
+        idx, tokens = pick(merged, score, keys, batch["image_grid_thw"][0], math.ceil(merged.shape[0] * keep))
         kept_idx.append(idx)
         kept.append(tokens)
         grids.append(batch["image_grid_thw"][0])
@@ -187,15 +213,15 @@ def test_visionzip_keep_run_equals_reference(visionzip_artifact, hf_qwen2_5_vl):
     from tokedge.runtime.generate import SamplingConfig, generate
     from tokedge.runtime.layout import prompt_inputs
 
-    with Pipeline.load(visionzip_artifact) as pipe:
-        assert pipe.manifest.reduction.keep == 0.5
+    with Pipeline.load(artifact) as pipe:
+        assert pipe.manifest.reduction.keep == keep
         result = pipe.generate(images, QUESTION, max_new_tokens=STEPS)
         inputs = prompt_inputs(pipe.manifest, images)
         enc = pipe.encoder.encode([QUESTION], [[x.tokens for x in inputs]])
-        np.testing.assert_array_equal(enc.input_ids, ids.numpy())  # ceil(n/2) placeholders per image
+        np.testing.assert_array_equal(enc.input_ids, ids.numpy())  # ceil(keep * n) placeholders per image
         gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=STEPS),
                        keep_logits=True, stop_at_eos=False, images_per_row=[len(images)])
-    assert result.visual_tokens == sum(math.ceil(n / 2) for n in counts)
+    assert result.visual_tokens == sum(math.ceil(n * keep) for n in counts)
     assert result.token_ids[0] == ref_tokens[:len(result.token_ids[0])]  # `tokedge run` (may stop at EOS)
     assert gen.token_ids[0] == ref_tokens
     assert np.abs(gen.prefill_logits[0] - logits[0]).max() < 1e-3
