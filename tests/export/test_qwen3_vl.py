@@ -207,6 +207,10 @@ def test_methods_that_cannot_apply_are_refused_in_one_line(tiny_qwen3_vl_dir, tm
         export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=tmp_path / "art", method="tome", budget=64))
     assert "\n" not in str(err.value) and "Qwen3-VL" in str(err.value) and "PatchMerger" in str(err.value)
     assert not (tmp_path / "art").exists()
+    with pytest.raises(UsageError) as err:  # diversity over packed DeepStack rows: not defined yet
+        export(ExportConfig(model=str(tiny_qwen3_vl_dir), out=tmp_path / "art", method="vispruner", keep=0.5))
+    assert "\n" not in str(err.value) and "DeepStack" in str(err.value) and "divprune" in str(err.value)
+    assert not (tmp_path / "art").exists()
 
 
 def _hub_config(**vision):

@@ -1,5 +1,6 @@
 """Pre-LLM methods on Qwen2.5-VL (no CLS token): `visionzip` and `cls-attn` scoring by the mean
-attention each merged token receives in the last vision block, and `divprune`, in the reduced vision graph with a
+attention each merged token receives in the last vision block, `divprune`, `pool` (band windows of the merged grid)
+and `vispruner` (important by received attention + diverse rounds), in the reduced vision graph with a
 run-time count per image (`keep`) and the kept merged-grid indices (`kept_index`), against an
 independent reference: transformers' own vision tower (`model.model.visual`, a hook on its last
 block's attention for q/k, `apply_rotary_pos_emb_vision`, eager softmax per `cu_seqlens` segment,
@@ -50,7 +51,7 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
 
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, 64),
                               family.reduced_vision_trace_spec(model), name)
-                for name in ("visionzip", "divprune", "cls-attn", "pool")}
+                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -181,8 +182,25 @@ def test_pool_bands_follow_the_definition(height, width):
         torch.testing.assert_close(tokens[0], pooled.reshape(3, -1).T, atol=1e-6, rtol=0)
 
 
+def vispruner_loop(x, score, k, ratio=0.5):
+    """VisPruner without CLS: the round(k * ratio) tokens receiving the most attention, then rounds over
+    the rest (raster order): A = even places, B = odd places, drop the min(|A|, left - target) A tokens
+    whose most similar B token (cosine) is closest, ties to the lower index; kept in raster order."""
+    n_imp = min(k, round(k * ratio))
+    order = sorted(range(len(x)), key=lambda i: (-float(score[i]), i))
+    important, rest = order[:n_imp], sorted(order[n_imp:])
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    while len(rest) > k - n_imp:
+        a, b = rest[0::2], rest[1::2]
+        best = {i: max((float(xn[i] @ xn[j]) for j in b), default=0.0) for i in a}
+        drop = set(sorted(a, key=lambda i: (-best[i], i))[:min(len(a), len(rest) - (k - n_imp))])
+        rest = [i for i in rest if i not in drop]
+    picks = sorted(important + rest)
+    return picks, x[picks]
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.75])
-@pytest.mark.parametrize("method", ["visionzip", "divprune", "cls-attn", "pool"])
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "cls-attn", "pool", "vispruner"])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
@@ -198,6 +216,8 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
             idx, ref = divprune_loop(merged, k)
         elif method == "pool":
             idx, ref = pool_loop(merged, int(grid[0, 2]) // 2, k)
+        elif method == "vispruner":
+            idx, ref = vispruner_loop(merged, score, k)
         else:
             idx, ref = received_top_loop(merged, score, k)
         pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())

@@ -7,6 +7,12 @@ B (odd positions) and drop the A tokens most similar to their best B match (cosi
 feature-layer tokens), min(|A|, remaining - target) per round, until k - important remain; the
 number of rounds is fixed by the counts, so the graph is static. Kept indices go back to raster
 order. `--budget` = tokens kept.
+
+Towers without CLS (Qwen-VL, `reduce_indexed`, a run-time count k per image): important = the top
+round(k * r) merged tokens by the mean attention each receives (`VisionFeatures.cls_attention`
+there); diverse = the same rounds on the rest with the merged tokens' cosine similarity, unrolled
+`ROUNDS` times with rounds past the target dropping nothing; within a round the A tokens with the
+largest best match go first, ties to the lower raster index.
 """
 
 from __future__ import annotations
@@ -60,6 +66,41 @@ def reduce_vispruner(vf: VisionFeatures, k: int, options: dict):
     return vf.project(gather_tokens(vf.features, idx))
 
 
+ROUNDS = 32  # unrolled diverse rounds: each drops at most half, so 2**31 candidates finish
+
+
+def reduce_vispruner_indexed(vf: VisionFeatures, k, options: dict, most: int = 0):
+    """VisPruner on one image of a tower without CLS, b = 1: vf.features [1, n, d] merged tokens (raster
+    order), vf.cls_attention [1, n] the attention each receives, k a 0-d int64 count ->
+    (tokens [1, k, d], kept_index [1, k] ascending raster indices)."""
+    x, score = vf.features[0], vf.cls_attention[0].float()
+    n = score.shape[0]
+    cells = torch.cumsum(torch.ones_like(score, dtype=torch.int64), 0) - 1  # [n] 0..n-1
+    n_imp = torch.clamp(torch.round(k.to(torch.float32) * float(options.get("important", 0.5))).to(torch.int64), max=k)
+    order = torch.topk(score, n).indices  # by score, ties to the lower index
+    rank = torch.zeros_like(cells).scatter(0, order, cells)
+    important = rank < n_imp
+    target = k - n_imp
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = torch.matmul(xn, xn.T)  # [n, n]
+    alive = ~important
+    lower = cells[:, None] < cells[None, :]  # [i, j]: i before j
+    for _ in range(ROUNDS):
+        left = alive.to(torch.int64).sum()
+        slot = torch.cumsum(alive.to(torch.int64), 0) - 1
+        in_a = alive & (slot % 2 == 0)
+        in_b = alive & (slot % 2 == 1)
+        best = torch.where(in_b[None, :], sim, torch.full_like(sim, -2.0)).max(-1).values
+        best = torch.where(in_b.any(), best, torch.zeros_like(best))
+        drop = torch.clamp(torch.minimum(torch.div(left + 1, 2, rounding_mode="floor"), left - target), min=0)
+        before = (best[:, None] > best[None, :]) | ((best[:, None] == best[None, :]) & lower)  # i ranks before j
+        place = (before & in_a[:, None]).to(torch.int64).sum(0)  # [n] A tokens ranked before each
+        alive = alive & ~(in_a & (place < drop))
+    kept = important | alive
+    index = torch.sort(torch.where(kept, cells, cells + n)).values[:k]
+    return x[index][None], index[None]
+
+
 METHOD = Method(
     name="vispruner",
     stage=Stage.PRE_LLM,
@@ -67,6 +108,7 @@ METHOD = Method(
     summary="important patches by CLS attention + diverse patches by bipartite de-duplication",
     scores_with=(Signal.CLS_ATTENTION, Signal.FEATURES),
     reduce=reduce_vispruner,
+    reduce_indexed=reduce_vispruner_indexed,
     option_specs={
         "important": OptionSpec(float, 0.5, "share of the budget taken by CLS attention (0..1)",
                                 lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"),

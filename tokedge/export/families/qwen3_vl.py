@@ -103,6 +103,10 @@ def check_method(method: Method) -> None:
     inside the tower breaks its fixed 2x2 PatchMerger groups."""
     from tokedge.errors import UsageError
 
+    if Signal.FEATURES in method.scores_with and method.reduces_in_vision:
+        raise UsageError(f"--method {method.name} ranks by feature similarity, which on Qwen3-VL would mix the "
+                         "DeepStack levels packed with each token and is not defined yet; use divprune (diversity of "
+                         "the merger's output), visionzip, cls-attn or pool")
     if method.keeps_all or method.prunes_in_llm or (method.reduces_in_vision and method.reduce_indexed):
         return
     if method.merges_in_vit:
