@@ -51,7 +51,7 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
 
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, 64),
                               family.reduced_vision_trace_spec(model), name)
-                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner")}
+                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner", "hired")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -199,8 +199,9 @@ def vispruner_loop(x, score, k, ratio=0.5):
     return picks, x[picks]
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.75])
-@pytest.mark.parametrize("method", ["visionzip", "divprune", "cls-attn", "pool", "vispruner"])
+@pytest.mark.parametrize(("method", "keep"), [
+    *((m, keep) for m in ("visionzip", "divprune", "cls-attn", "pool", "vispruner") for keep in (0.5, 0.75)),
+    ("hired", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
@@ -218,7 +219,7 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
             idx, ref = pool_loop(merged, int(grid[0, 2]) // 2, k)
         elif method == "vispruner":
             idx, ref = vispruner_loop(merged, score, k)
-        else:
+        else:  # cls-attn, and hired: one view per image (HiRED's single-view rule)
             idx, ref = received_top_loop(merged, score, k)
         pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())
         inputs = qwen_vl.qwen2_5_vision_inputs(g[None])

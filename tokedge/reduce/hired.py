@@ -16,7 +16,9 @@ between the base view and the tiles, then each partition keeps its own best toke
    first, then the tile map in raster order, no newline tokens.
 All counts are integers computed exactly (no float rounding in the split); ties in a top-k go
 to the lower index. Single view (LLaVA-1.5): keep the top B by the feature layer's CLS
-attention (the authors' modeling_llava.py), i.e. `cls-attn`.
+attention (the authors' modeling_llava.py), i.e. `cls-attn`. Dynamic resolution (Qwen-VL): each
+image is one view (no base view, no tiles), so the same single-view rule with the attention each
+merged token receives (`cls-attn`'s `reduce_indexed`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from tokedge.reduce.base import Method, OptionSpec, Signal, Stage, VisionFeatures
-from tokedge.reduce.cls_attn import reduce_cls_attn
+from tokedge.reduce.cls_attn import reduce_cls_attn, reduce_cls_attn_indexed
 from tokedge.reduce.select import gather_tokens
 
 
@@ -87,6 +89,7 @@ METHOD = Method(
     summary="budget split base/tiles by first-layer CLS attention, top tokens per partition by feature-layer CLS",
     scores_with=(Signal.CLS_ATTENTION, Signal.EARLY_CLS_ATTENTION, Signal.REGIONS),
     reduce=reduce_hired,
+    reduce_indexed=reduce_cls_attn_indexed,  # one view per image: the single-view rule
     budget_meaning="visual tokens per image that enter the LLM (base view + tiles)",
     option_specs={
         "alpha": OptionSpec(float, 0.5, "share of the budget for the base view; 1 - alpha of its tokens vote for tiles",

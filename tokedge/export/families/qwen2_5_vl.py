@@ -129,7 +129,7 @@ def check_method(method: Method) -> None:
                          "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
                          "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
     raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv, pdrop "
-                     "(in-LLM), visionzip, divprune, cls-attn, pool, vispruner (pre-LLM) or none")
+                     "(in-LLM), visionzip, divprune, cls-attn, hired, pool, vispruner (pre-LLM) or none")
 
 
 def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoint:

@@ -114,7 +114,7 @@ def check_method(method: Method) -> None:
                          "groups (PatchMerger, also for each DeepStack level), which tokens merged inside the tower "
                          "break; use a method that acts on merged tokens (dart, fastv, pdrop)")
     raise UsageError(f"--method {method.name} is not available for Qwen3-VL yet; use dart, fastv, pdrop (in-LLM), "
-                     "visionzip, divprune, cls-attn, pool (pre-LLM) or none")
+                     "visionzip, divprune, cls-attn, hired, pool (pre-LLM) or none")
 
 
 def load_qwen3_vl(source: str, local: Path | None, *, trust_remote_code: bool = False,
