@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,19 @@ def pool_loop(x, width, k):
             out.append(torch.stack([x[i] for i in cells]).mean(0))
     assert len(picks) == k
     return picks, torch.stack(out)
+
+
+def test_pool_takes_any_count_on_dynamic_resolution_only():
+    """LLaVA's pool needs a perfect-square budget; on Qwen each image pools to its own count."""
+    from tokedge.errors import UsageError
+    from tokedge.export.pipeline import ExportConfig, check_request
+    from tokedge.reduce import get_method
+
+    pool = get_method("pool")
+    cfg = ExportConfig(model="tiny-qwen2.5-vl", out=Path("unused"), method="pool", budget=7)
+    assert check_request(cfg, pool, 16384, None, dynamic=True)[0] == 7
+    with pytest.raises(UsageError, match="perfect square"):
+        check_request(cfg, pool, 576, None)
 
 
 @pytest.mark.parametrize(("height", "width"), [(4, 6), (6, 4), (5, 7), (1, 9), (8, 8)])
