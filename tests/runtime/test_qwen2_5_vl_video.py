@@ -15,6 +15,7 @@ Prompt: transformers' tokenizer and chat template with a video item, `<|video_pa
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ av = pytest.importorskip("av")
 
 STEPS = 6
 QUESTION = "What happens in the video?"
-TOTAL, RATE, HEIGHT, WIDTH = 8, 2, 112, 168
+TOTAL, RATE, HEIGHT, WIDTH = 8, Fraction(1, 16), 112, 168  # 16 s per frame: far-apart t positions
 
 
 def _frame(i: int) -> np.ndarray:
@@ -79,7 +80,7 @@ def _video_batch(path: Path, n: int, processor):
 
 
 def _reference(hf, path: Path, n: int):
-    """transformers alone: prompt ids, greedy tokens (EOS dropped), prefill logits, positions."""
+    """transformers alone: prompt ids, greedy tokens (EOS dropped), logits (prefill, then each step), positions."""
     import torch
 
     model, tok, processor = hf
@@ -99,7 +100,7 @@ def _reference(hf, path: Path, n: int):
     tokens = out.sequences[0, ids.shape[1]:].tolist()
     if tokens and tokens[-1] in set(model.generation_config.eos_token_id):
         tokens = tokens[:-1]
-    return ids.numpy(), count, tokens, out.logits[0][0].numpy(), positions.numpy(), indices, float(seconds[0])
+    return ids.numpy(), count, tokens, torch.cat(out.logits).numpy(), positions.numpy(), indices, float(seconds[0])
 
 
 def test_manifest_carries_qwen_video_record(pipe, hf_qwen2_5_vl):
@@ -110,16 +111,18 @@ def test_manifest_carries_qwen_video_record(pipe, hf_qwen2_5_vl):
     assert video.tokens_per_second == hf_qwen2_5_vl[0].config.vision_config.tokens_per_second == 2
 
 
-# 4 frames: the acceptance case (2 temporal groups, t-positions 0, 4). 8 frames: 4 groups whose
-# t-positions (0, 4, 8, 12) pass the text after the video (which resumes at +6), so decoding must
-# continue after the largest position, as transformers' rope_delta.
+# 4 frames: the acceptance case (2 temporal groups, second_per_grid 64 s, t offsets 0, 128); 8 frames:
+# 4 groups, t offsets 0, 64, 128, 192. The text after the video resumes at +6 (max(h', w')), so the
+# largest t position passes the whole prompt's text: transformers' `generate` (5.23) still decodes at
+# the prompt's last column + 1 on each axis (`_update_model_kwargs_for_generation`), not at
+# max + 1 (the `rope_deltas` a forward without position_ids uses); tokedge follows generate.
 @pytest.mark.parametrize("frames", [4, 8])
 def test_run_video_equals_transformers_generate(pipe, hf_qwen2_5_vl, clip, frames):
     from tokedge.runtime.generate import SamplingConfig
     from tokedge.runtime.qwen_vl import video_prompt_positions
     from tokedge.runtime.video_pipeline import generate_video, video_inputs, video_plan
 
-    ids, count, ref_tokens, ref_prefill, ref_positions, ref_indices, seconds = _reference(hf_qwen2_5_vl, clip, frames)
+    ids, count, ref_tokens, ref_logits, ref_positions, ref_indices, seconds = _reference(hf_qwen2_5_vl, clip, frames)
     m = pipe.manifest
     inputs = video_inputs(m, clip, frames)
     assert inputs.indices.tolist() == ref_indices and inputs.second_per_grid == pytest.approx(seconds)
@@ -130,6 +133,7 @@ def test_run_video_equals_transformers_generate(pipe, hf_qwen2_5_vl, clip, frame
     positions = video_prompt_positions(m.layout, m.video.video_token_id, m.video.tokens_per_second,
                                        enc.input_ids, enc.attention_mask, inputs)
     np.testing.assert_array_equal(positions, ref_positions)
+    assert positions.max() > positions[..., -1].max()  # the case the decode rule exists for
 
     result = pipe.generate_video(clip, QUESTION, frames=frames, max_new_tokens=STEPS)
     assert result.token_ids == ref_tokens and len(ref_tokens) > 0
@@ -137,7 +141,11 @@ def test_run_video_equals_transformers_generate(pipe, hf_qwen2_5_vl, clip, frame
 
     gen = generate_video(pipe.graphs, inputs, plan, enc.input_ids, enc.attention_mask,
                          SamplingConfig(max_new_tokens=STEPS), keep_logits=True, stop_at_eos=False)
-    assert np.abs(gen.prefill_logits[0] - ref_prefill).max() < 1e-3
+    assert np.abs(gen.prefill_logits[0] - ref_logits[0]).max() < 1e-3
+    steps = min(len(gen.step_logits), len(ref_logits) - 1)  # decode positions as generate's
+    assert steps >= 1
+    for i in range(steps):
+        assert np.abs(gen.step_logits[i][0] - ref_logits[i + 1]).max() < 1e-3, f"step {i + 1}"
 
 
 def test_cli_run_video(pipe, hf_qwen2_5_vl, qwen2_5_vl_artifact, clip, capsys):

@@ -44,15 +44,6 @@ def image_positions(input_ids: np.ndarray, image_token_id: int, count: int | Seq
     return [r.astype(np.int64) for r in rows]
 
 
-def _last_position(position_ids: np.ndarray) -> np.ndarray:
-    """Where decoding continues from (minus one): the last column of 1-D positions; with M-RoPE
-    ([3, b, s]) each row's largest position on all three axes, as transformers' rope_delta (a
-    video's temporal positions can pass the text after it; left padding holds position 0)."""
-    if position_ids.ndim != 3:
-        return position_ids[..., -1:]
-    return np.broadcast_to(position_ids.max(axis=(0, 2))[None, :, None], position_ids[..., -1:].shape).copy()
-
-
 def splice_image_embeds(
     text_embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int, image_embeds: np.ndarray | list[np.ndarray]
 ) -> np.ndarray:
@@ -229,7 +220,7 @@ class ArtifactGraphs:
             masks = {"attention_mask": attention_mask}
         state = DecodeState(past=past, buffers={n: _buffer(m, room) for n, m in masks.items()},
                             lengths={n: m.shape[1] for n, m in masks.items()},
-                            last_position=_last_position(host["position_ids"]), pruned=pruned)
+                            last_position=host["position_ids"][..., -1:], pruned=pruned)
         return out["logits"][:, -1].astype(np.float32), state
 
     def _pruning_prefill(self, host: dict, input_ids: np.ndarray, images: Sequence[int]) -> tuple[dict, dict]:

@@ -190,8 +190,10 @@ def rope_index(mm_token_type: np.ndarray, grids: np.ndarray, merge_size: int = 2
     of grid (t, gh, gw) gets (cur, cur + row, cur + col) over its merged grid in raster order, then
     cur += max(gh, gw) / m. A video run's temporal row is cur + int(g * tokens_per_second *
     second_per_grid) for temporal group g (float32, truncated, as transformers); the text after it
-    still resumes at cur + max(gh, gw) / m. Decoding continues at `n_real_tokens + rope_delta` on
-    all three axes (rope_delta from the largest position, which a video's temporal row can hold).
+    still resumes at cur + max(gh, gw) / m. `rope_delta` = largest position + 1 - tokens (what a
+    forward without position_ids decodes from); transformers' `generate` decodes at the last
+    column + 1 instead, which differs when a video's temporal row passes the text after it
+    (tokedge's decode loop follows generate; tests/runtime/test_qwen2_5_vl_video.py pins it).
     """
     no_video = np.zeros((0, 3), np.int64)
     video_iter = iter(np.asarray(video_grids if video_grids is not None else no_video, np.int64).reshape(-1, 3))
