@@ -198,3 +198,12 @@ def test_reducing_methods_refused_on_qwen_video(pipe, clip):
     red = replace(pipe.manifest.reduction, method="dart", stage="in-llm")
     with pytest.raises(InputError, match="runs unreduced only"):
         video_plan(replace(pipe.manifest, reduction=red), inputs.frames, inputs=inputs)
+
+
+def test_temporal_method_export_refused_for_qwen(tiny_qwen2_5_vl_dir, tmp_path):
+    from tokedge.errors import UsageError
+    from tokedge.export.pipeline import ExportConfig, export
+
+    with pytest.raises(UsageError, match="temporal methods are not available for qwen2_5_vl video"):
+        export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=tmp_path / "evs", method="evs"))
+    assert not (tmp_path / "evs").exists()
