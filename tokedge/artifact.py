@@ -213,6 +213,11 @@ class VideoInfo:
     max_frames: int  # most frames a prompt may take (context and memory bound)
     sampling: str = "uniform"  # transformers' default_sample_indices_fn: frame i*total//N
     keep_ratio: float = 1.0  # reducing artifacts: share of a video's F*n tokens kept when no budget is given
+    # "frames" (above: OneVision) or "qwen_dynamic" (Qwen2.5-VL: frames resized and patchified with the
+    # "qwen_dynamic" layout, T frames per temporal group, `graph` = the image vision graph run once per group;
+    # frame_size, patch_grid, pooled_grid and tokens_per_frame are 0, the grid follows each clip's size)
+    kind: str = "frames"
+    tokens_per_second: float = 0.0  # "qwen_dynamic": M-RoPE temporal positions per second of video
 
     def tokens(self, frames: int, kept: int | None = None) -> int:
         """`<video>` placeholders for `frames` frames: every pooled token (or `kept` of them) + newline."""

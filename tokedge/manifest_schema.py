@@ -247,9 +247,15 @@ def _check_video(video: Any, graphs: dict) -> None:
         raise ManifestError("video.video_token", "a non-empty string", video.video_token)
     if not 0 <= video.video_token_id < 1 << 31:
         raise ManifestError("video.video_token_id", "a token id >= 0", video.video_token_id)
-    _positive("video.frame_size", video.frame_size, high=16384)
-    _positive("video.patch_grid", video.patch_grid, high=4096)
-    _positive("video.pooled_grid", video.pooled_grid, high=video.patch_grid)
+    if video.kind not in ("frames", "qwen_dynamic"):
+        raise ManifestError("video.kind", '"frames" or "qwen_dynamic"', video.kind)
+    if video.kind == "qwen_dynamic":  # frames follow the layout; the grid is each clip's own
+        if not 0 < video.tokens_per_second < 1e6:
+            raise ManifestError("video.tokens_per_second", "a positive number", video.tokens_per_second)
+    else:
+        _positive("video.frame_size", video.frame_size, high=16384)
+        _positive("video.patch_grid", video.patch_grid, high=4096)
+        _positive("video.pooled_grid", video.pooled_grid, high=video.patch_grid)
     if video.tokens_per_frame != video.pooled_grid * video.pooled_grid:
         raise ManifestError("video.tokens_per_frame", f"pooled_grid squared ({video.pooled_grid ** 2})",
                             video.tokens_per_frame)

@@ -261,7 +261,8 @@ def predicted_artifact_bytes(manifest: Manifest) -> dict[str, int]:
     scheme = WeightScheme.from_quant(manifest.quantization, float_bytes=DTYPE_BYTES[manifest.dtype], scale_bytes=4.0)
     out = weight_bytes(manifest.model, tuple(manifest.graphs), scheme)
     video = manifest.video
-    if video is not None and video.graph in manifest.graphs:  # the tower and projector again, never quantized
+    # a video graph of its own (OneVision): the tower and projector again, never quantized (Qwen reuses "vision")
+    if video is not None and video.kind == "frames" and video.graph in manifest.graphs:
         out[video.graph] = weight_bytes(manifest.model, ("vision",), WeightScheme(DTYPE_BYTES[manifest.dtype]))["vision"]
     return out
 

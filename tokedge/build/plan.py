@@ -146,7 +146,7 @@ class _Axes:
         # tiled layouts: the vision graph runs one image's partitions (base view + tiles) at a time,
         # and its packing plan has one row per visual token of that image
         self.ranges[PARTITIONS] = image.partitions
-        if manifest.video is not None:  # the video graph runs all frames of one video at once
+        if manifest.video is not None and manifest.video.kind == "frames":  # one video's frames at once
             self.ranges["frames"] = (1, manifest.video.default_frames, manifest.video.max_frames)
         self.image_tokens = image.vision_tokens
         if image.tiled and not red.budget_range:

@@ -294,8 +294,9 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         video_graph, video_module, video_spec, video = family.video(
             loaded, torch_dtype, *(() if temporal is None else (temporal.needs,)))
         video = replace(video, keep_ratio=1.0 if method.keeps_all else DEFAULT_VIDEO_KEEP)
-        modules = {**modules, video_graph: video_module}
-        specs[video_graph] = video_spec
+        if video_module is not None:  # None: the video runs through a graph already exported (Qwen: "vision")
+            modules = {**modules, video_graph: video_module}
+            specs[video_graph] = video_spec
         if temporal is not None:  # its graph, fixed to one frame count; the record's frame counts follow it
             from tokedge.runtime.video_pipeline import TEMPORAL_GRAPH
 

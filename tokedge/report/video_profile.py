@@ -159,7 +159,7 @@ def run_video_profile(cfg: VideoProfileConfig,
         total, done = len(budgets) * (cfg.warmup + cfg.runs), 0
         reference_tokens, reference_logits = None, None
         for k in budgets:
-            plan = video_plan(manifest, inputs.frames, budget=k if stage is not Stage.NONE else None)
+            plan = video_plan(manifest, inputs.frames, budget=k if stage is not Stage.NONE else None, inputs=inputs)
             enc = pipe.encoder.encode_video(cfg.prompt, info.video_token, info.video_token_id, plan.placeholders)
             samples: dict[str, list[float]] = {s: [] for s in STAGES}
             gen = None

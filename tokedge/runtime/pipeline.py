@@ -194,7 +194,7 @@ class Pipeline:
         timings = Timings()
         t0 = time.perf_counter()
         inputs = video_inputs(self.manifest, video, frames, fps)
-        plan = video_plan(self.manifest, inputs.frames, budget, keep)
+        plan = video_plan(self.manifest, inputs.frames, budget, keep, inputs=inputs)
         enc = self.encoder.encode_video(prompt, info.video_token, info.video_token_id, plan.placeholders)
         timings.preprocess_ms = (time.perf_counter() - t0) * 1e3
         streamer = _Streamer(self.encoder, on_text) if on_text is not None else None

@@ -79,13 +79,33 @@ def preprocess_image(image: Image.Image, spec: QwenImageSpec) -> tuple[np.ndarra
     """An RGB image -> (pixel_values [n, C*T*P*P] float32, grid_thw [3] int64), as
     Qwen2VLImageProcessorPil does: smart_resize, PIL resize on uint8, rescale, normalize, patchify."""
     h, w = smart_resize(image.height, image.width, spec.factor, spec.min_pixels, spec.max_pixels)
+    return patchify(_normalised(image, spec, h, w), spec)
+
+
+def _normalised(image: Image.Image, spec: QwenImageSpec, h: int, w: int) -> np.ndarray:
+    """An RGB image resized to h x w (PIL, on uint8), rescaled and normalised -> [C, h, w] float32."""
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), resample=spec.resample)
     chw = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
     chw = chw * np.float32(spec.rescale)
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
     std = np.asarray(spec.std, np.float32)[:, None, None]
-    return patchify((chw - mean) / std, spec)
+    return (chw - mean) / std
+
+
+def video_patchify(frames: np.ndarray, spec: QwenImageSpec) -> tuple[np.ndarray, np.ndarray]:
+    """[F, C, H, W] float32 frames (F a multiple of T; H, W multiples of P*m) -> (pixel_values
+    [t*gh*gw, C*T*P*P], grid_thw [3] = (F/T, gh, gw)), as Qwen2VLVideoProcessor's patchify: rows in
+    (temporal group, merge-block row, merge-block col, in-block row, in-block col) order, each row
+    [C][T][P][P] holding the group's T consecutive frames."""
+    f, c, height, width = frames.shape
+    p, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    if f % tp:
+        raise ValueError(f"{f} frames is not a multiple of the temporal patch size {tp}")
+    t, gh, gw = f // tp, height // p, width // p
+    x = frames.reshape(t, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixels = np.ascontiguousarray(x).reshape(t * gh * gw, c * tp * p * p).astype(np.float32, copy=False)
+    return pixels, np.array([t, gh, gw], np.int64)
 
 
 def _block_major(a: np.ndarray, h: int, w: int, m: int) -> np.ndarray:
@@ -159,15 +179,25 @@ def qwen2_5_vision_inputs(grid_thw: np.ndarray, merge_size: int = 2, window_size
 
 
 def rope_index(mm_token_type: np.ndarray, grids: np.ndarray, merge_size: int = 2,
-               attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """M-RoPE positions as transformers' `get_rope_index` (images only).
+               attention_mask: np.ndarray | None = None, video_grids: np.ndarray | None = None,
+               second_per_grid: np.ndarray | None = None,
+               tokens_per_second: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions as transformers' (5.23) `Qwen2_5_VLModel.get_rope_index`.
 
-    mm_token_type [B, L] (0 text, 1 image), grids [n_img, 3] consumed in order across the batch,
-    attention_mask [B, L] or None -> (position_ids [3, B, L] int64, rope_delta [B, 1] int64).
-    A text run advances every axis by one per token; an image run of grid (t, gh, gw) gets
-    (cur, cur + row, cur + col) over its merged grid in raster order, then cur += max(gh, gw) / m.
-    Decoding continues at `n_real_tokens + rope_delta` on all three axes.
+    mm_token_type [B, L] (0 text, 1 image, 2 video), grids [n_img, 3] and video_grids [n_vid, 3]
+    consumed in order across the batch, attention_mask [B, L] or None -> (position_ids [3, B, L]
+    int64, rope_delta [B, 1] int64). A text run advances every axis by one per token; an image run
+    of grid (t, gh, gw) gets (cur, cur + row, cur + col) over its merged grid in raster order, then
+    cur += max(gh, gw) / m. A video run's temporal row is cur + int(g * tokens_per_second *
+    second_per_grid) for temporal group g (float32, truncated, as transformers); the text after it
+    still resumes at cur + max(gh, gw) / m. `rope_delta` = largest position + 1 - tokens (what a
+    forward without position_ids decodes from); transformers' `generate` decodes at the last
+    column + 1 instead, which differs when a video's temporal row passes the text after it
+    (tokedge's decode loop follows generate; tests/runtime/test_qwen2_5_vl_video.py pins it).
     """
+    no_video = np.zeros((0, 3), np.int64)
+    video_iter = iter(np.asarray(video_grids if video_grids is not None else no_video, np.int64).reshape(-1, 3))
+    seconds = iter(np.asarray(second_per_grid if second_per_grid is not None else [], np.float32).reshape(-1))
     types_all = np.asarray(mm_token_type, np.int64)
     batch, length = types_all.shape
     positions = np.zeros((3, batch, length), np.int64)
@@ -185,14 +215,20 @@ def rope_index(mm_token_type: np.ndarray, grids: np.ndarray, merge_size: int = 2
                 cols.append(np.broadcast_to(np.arange(j - i) + cur, (3, j - i)))
                 cur += j - i
             else:
+                video = types[i] == 2
+                what = "video" if video else "image"
                 try:
-                    t, h, w = (int(v) for v in next(grid_iter))
+                    t, h, w = (int(v) for v in next(video_iter if video else grid_iter))
+                    steps = np.arange(t)
+                    if video:
+                        interval = np.float32(tokens_per_second) * next(seconds, np.float32(1.0))
+                        steps = (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
                 except StopIteration:
-                    raise InputError("the prompt has more image-token runs than images; give one image per "
-                                     "image placeholder") from None
+                    raise InputError(f"the prompt has more {what}-token runs than {what}s; give one {what} per "
+                                     f"{what} placeholder") from None
                 if t * (h // merge_size) * (w // merge_size) != j - i:
-                    raise InputError(f"an image run of {j - i} tokens does not match its grid {t}x{h}x{w}")
-                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // merge_size), np.arange(w // merge_size),
+                    raise InputError(f"a {what} run of {j - i} tokens does not match its grid {t}x{h}x{w}")
+                tt, hh, ww = np.meshgrid(steps, np.arange(h // merge_size), np.arange(w // merge_size),
                                          indexing="ij")
                 cols.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur)
                 cur += max(h, w) // merge_size
@@ -390,3 +426,75 @@ def _kept_positions(layout, image_token_id: int, input_ids: np.ndarray, attentio
         full, _ = rope_index(np.asarray([types], np.int64), grid, m)
         out[:, b, real] = full[:, 0, take]
     return out
+
+
+# --- video (Qwen2.5-VL; docs/research/video.md section 2) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class QwenVideoInputs:
+    """One video's inputs: its temporal groups (T consecutive frames each) as image-shaped vision
+    runs. Qwen2.5-VL's tower attends within one temporal group only (full-attention blocks per
+    group, windows per group), so running the image vision graph once per group, grid (1, gh, gw),
+    gives transformers' `get_video_features` exactly; the tokens are concatenated group-major."""
+
+    groups: tuple[QwenImageInputs, ...]  # one per temporal group, rows in the graph's order
+    grid: np.ndarray  # [3] int64 (t, gh, gw): t temporal groups of gh x gw patches
+    second_per_grid: float  # seconds one temporal group spans (T / sampled fps)
+    indices: np.ndarray  # [F] 0-based source index of each sampled frame (before padding to a multiple of T)
+    total: int  # frames in the source
+    fps: float | None  # source frame rate (None: frame images)
+    merge_size: int = 2
+
+    @property
+    def frames(self) -> int:
+        return len(self.indices)
+
+    @property
+    def tokens_per_group(self) -> int:
+        return int(self.grid[1] * self.grid[2]) // self.merge_size**2
+
+    @property
+    def full_tokens(self) -> int:
+        return int(self.grid[0]) * self.tokens_per_group
+
+
+def video_inputs(frames: list[np.ndarray], indices: np.ndarray, total: int, fps: float | None, layout,
+                 preprocess) -> QwenVideoInputs:
+    """Sampled RGB frames [H, W, 3] uint8 -> the video's vision inputs, as Qwen2VLVideoProcessor:
+    one smart_resize of the clip's size for every frame (the layout's pixel range), rescale,
+    normalise, pad to a multiple of T by repeating the last frame, patchify; then each temporal
+    group's window-order rows and index inputs from its grid alone. `second_per_grid` =
+    T / (sampled frames / total * fps), fps 24 when the source has none (as transformers)."""
+    spec = image_spec(layout, preprocess)
+    if not frames:
+        raise InputError("the video gave no frames; pass a clip with at least one decodable frame")
+    height, width = frames[0].shape[:2]
+    h, w = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
+    chw = [_normalised(Image.fromarray(np.asarray(f, np.uint8)), spec, h, w) for f in frames]
+    tp = spec.temporal_patch_size
+    chw += [chw[-1]] * (-len(chw) % tp)
+    pixels, grid = video_patchify(np.stack(chw), spec)
+    m, t = spec.merge_size, int(grid[0])
+    per_group = int(grid[1] * grid[2])
+    one = np.array([1, grid[1], grid[2]], np.int64)
+    groups = []
+    for g in range(t):
+        rows = pixels[g * per_group:(g + 1) * per_group]
+        if layout.window_size is None:
+            groups.append(QwenImageInputs(np.ascontiguousarray(rows), one, vision_positions(one[None], m), None, None, m))
+            continue
+        idx = qwen2_5_vision_inputs(one[None], m, int(layout.window_size), spec.patch_size)
+        groups.append(QwenImageInputs(np.ascontiguousarray(rows[idx.patch_order]), one, idx.vision_pos,
+                                      idx.window_seg, idx.merge_restore, m))
+    sampled_fps = len(frames) / max(total, 1) * (fps if fps else 24.0)
+    return QwenVideoInputs(tuple(groups), grid, tp / sampled_fps, np.asarray(indices, np.int64), int(total), fps, m)
+
+
+def video_prompt_positions(layout, video_token_id: int, tokens_per_second: float, input_ids: np.ndarray,
+                           attention_mask: np.ndarray, video: QwenVideoInputs) -> np.ndarray:
+    """M-RoPE `position_ids [3, 1, s]` of a one-video prompt whose placeholders are expanded."""
+    types = ((input_ids == video_token_id) & (attention_mask > 0)).astype(np.int64) * 2
+    positions, _ = rope_index(types, np.zeros((0, 3), np.int64), int(layout.merge_size), attention_mask,
+                              video.grid[None], np.array([video.second_per_grid], np.float32), tokens_per_second)
+    return positions

@@ -34,7 +34,7 @@ def video_record(manifest: Manifest) -> VideoInfo:
     if manifest.video is None:
         raise InputError(f"this artifact takes images only (no video graph: model family '{manifest.model.family}', "
                          f"or exported by a tokedge without video support); pass --image, or re-export a "
-                         f"LLaVA-OneVision checkpoint with this tokedge to use --video")
+                         f"LLaVA-OneVision or Qwen2.5-VL checkpoint with this tokedge to use --video")
     return manifest.video
 
 
@@ -71,6 +71,8 @@ def video_inputs(manifest: Manifest, source: Path | str | Sequence[Path | str], 
     if frames is not None and frames > video.max_frames:
         raise InputError(f"--frames {frames} is more than this artifact takes per video ({video.max_frames}); "
                          f"use --frames <= {video.max_frames}")
+    if video.kind == "qwen_dynamic":
+        return _qwen_video_inputs(manifest, source, frames, fps)
     size = (video.frame_size, video.frame_size)
     if isinstance(source, (list, tuple)):
         clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames)
@@ -82,6 +84,26 @@ def video_inputs(manifest: Manifest, source: Path | str | Sequence[Path | str], 
                          f"{video.max_frames} per video; lower --fps or use --frames <= {video.max_frames}")
     pixels = preprocess_frames(clip.frames, frame_preprocess(video))
     return VideoInputs(pixels, clip.indices, clip.total, clip.fps)
+
+
+def _qwen_video_inputs(manifest: Manifest, source, frames: int | None, fps: float | None):
+    """Qwen2.5-VL: `frames` rounded to a multiple of the temporal patch size T (half to even, as
+    Qwen2VLVideoProcessor's sample_frames), frames decoded at full size, then
+    `runtime.qwen_vl.video_inputs` (one smart_resize for the clip, T frames per temporal group)."""
+    from tokedge.runtime.qwen_vl import video_inputs as qwen_video_inputs
+
+    video, layout = video_record(manifest), manifest.layout
+    tp = int(layout.temporal_patch_size)
+    if frames is not None:
+        frames = max(tp, round(frames / tp) * tp)
+    if isinstance(source, (list, tuple)):
+        clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames)
+    else:
+        clip = read_video(source, frames, fps, video.sampling, default=video.default_frames)
+    if len(clip.frames) > video.max_frames:
+        raise InputError(f"{len(clip.frames)} frames sampled (--fps) but this artifact takes at most "
+                         f"{video.max_frames} per video; lower --fps or use --frames <= {video.max_frames}")
+    return qwen_video_inputs(clip.frames, clip.indices, clip.total, clip.fps, layout, manifest.preprocess)
 
 
 @dataclass(frozen=True)
@@ -100,16 +122,31 @@ class VideoPlan:
         return self.frames * self.tokens_per_frame
 
 
-def video_plan(manifest: Manifest, frames: int, budget: int | None = None, keep: float | None = None) -> VideoPlan:
+def video_plan(manifest: Manifest, frames: int, budget: int | None = None, keep: float | None = None,
+               inputs=None) -> VideoPlan:
     """The per-video budget: `budget` frame tokens, or a `keep` ratio of the F*n pooled tokens
     (K = int(keep * F * n), at least 1); neither -> every token for `none`, else the artifact's
     default ratio `video.keep_ratio`. Pre-LLM methods need a registered per-video stage
-    (`tokedge.reduce.video`); in-LLM methods scale each prefill stage's keep to the video."""
+    (`tokedge.reduce.video`); in-LLM methods scale each prefill stage's keep to the video.
+    Qwen ("qwen_dynamic") videos need their `inputs` (the grid follows the clip) and run unreduced:
+    the plan's frames are the temporal groups, tokens_per_frame the tokens of one group."""
     from tokedge.reduce.base import Stage
     from tokedge.reduce.video import stage_for
 
     video = video_record(manifest)
     red = manifest.reduction
+    if video.kind == "qwen_dynamic":
+        if inputs is None or not hasattr(inputs, "grid"):
+            raise InputError("a Qwen-VL video's token count follows its frame size: plan it from its inputs "
+                             "(runtime.video_pipeline.video_inputs)")
+        if Stage(red.stage) is not Stage.NONE:
+            raise InputError(f"video on {manifest.model.family} artifacts runs unreduced only: --method "
+                             f"{red.method} is not available for Qwen video yet; re-export with --method none")
+        full = inputs.full_tokens
+        if (budget is not None and budget != full) or (keep is not None and keep != 1):
+            raise InputError(f"this artifact keeps every visual token (--method none): this video gives {full}; "
+                             "drop --budget/--keep")
+        return VideoPlan(int(inputs.grid[0]), inputs.tokens_per_group, full, full, None)
     n = video.tokens_per_frame
     full = frames * n
     if budget is not None and keep is not None:
@@ -174,6 +211,16 @@ def video_tokens(graphs: ArtifactGraphs, inputs: VideoInputs, plan: VideoPlan) -
     from tokedge.reduce.video import stage_for
 
     video = graphs.manifest.video
+    if video.kind == "qwen_dynamic":  # the image vision graph once per temporal group, tokens group-major
+        names = {t.name for t in graphs.manifest.graphs[video.graph].inputs}
+        dtype = np.dtype(graphs.manifest.graphs[video.graph].input("pixel_values").dtype)
+        outs = []
+        for group in inputs.groups:
+            feed = group.feed(names)
+            feed["pixel_values"] = feed["pixel_values"].astype(dtype, copy=False)
+            outs.append(graphs.runners[video.graph].infer(feed)["image_embeds"])
+        flat = np.concatenate(outs)
+        return flat, np.arange(flat.shape[0], dtype=np.int64), 0.0
     dtype = np.dtype(graphs.manifest.graphs[video.graph].input("pixel_values_videos").dtype)  # fp16 artifacts
     out = graphs.runners[video.graph].infer({"pixel_values_videos": inputs.pixel_values.astype(dtype, copy=False)})
     embeds, newline = out["video_embeds"], out["newline"]
@@ -220,7 +267,14 @@ def _generate_video(graphs, inputs, plan, input_ids, attention_mask, cfg, *, on_
     if graphs.has_prefill:  # in-LLM methods prune the frame tokens (never the newline)
         where = np.flatnonzero(input_ids[0] == video.video_token_id)[: plan.full].astype(np.int64)
         prune = (where[None], np.asarray(plan.llm_keep, dtype=np.int64))
-    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens, prune=prune)
+    positions = None
+    if video.kind == "qwen_dynamic":  # M-RoPE with time-aware temporal positions
+        from tokedge.runtime.qwen_vl import video_prompt_positions
+
+        positions = video_prompt_positions(graphs.manifest.layout, video.video_token_id, video.tokens_per_second,
+                                           input_ids, attention_mask, inputs)
+    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens, prune=prune,
+                                   position_ids=positions)
     now = time.perf_counter()
     timings.prefill_ms = (now - t0) * 1e3
     timings.ttft_ms = (now - started) * 1e3

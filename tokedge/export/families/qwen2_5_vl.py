@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
+from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VideoInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
@@ -500,6 +500,26 @@ def preprocess_info(loaded: LoadedCheckpoint) -> PreprocessInfo:
     )
 
 
+VIDEO_TOKEN = "<|video_pad|>"
+VIDEO_DEFAULT_FRAMES = 8  # frames sampled when neither --frames nor --fps is given
+VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor's max_frames
+
+
+def video_info(loaded: LoadedCheckpoint) -> VideoInfo:
+    """The manifest's `video` record: kind "qwen_dynamic" (frames resized and patchified with the
+    layout, T frames per temporal group through the image vision graph; docs/artifact.md "video")."""
+    cfg = loaded.model.config
+    pre = preprocess_info(loaded)
+    token_id = getattr(cfg, "video_token_id", None)
+    if token_id is None:
+        token_id = loaded.processor.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    return VideoInfo(graph="vision", video_token=VIDEO_TOKEN, video_token_id=int(token_id), frame_size=0,
+                     patch_grid=0, pooled_grid=0, tokens_per_frame=0, newline="absent", resample=pre.resample,
+                     rescale_factor=pre.rescale_factor, mean=pre.image_mean, std=pre.image_std,
+                     default_frames=VIDEO_DEFAULT_FRAMES, max_frames=VIDEO_MAX_FRAMES, kind="qwen_dynamic",
+                     tokens_per_second=float(getattr(cfg.vision_config, "tokens_per_second", 4)))
+
+
 def prompt_info(loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
     proc = loaded.processor
     return PromptInfo(
@@ -675,6 +695,14 @@ class Qwen25VLFamily:
         positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm, image_grid_thw=grids,
                                                   attention_mask=attention_mask)
         return positions
+
+    def video(self, loaded: LoadedCheckpoint, dtype=torch.float32, needs: frozenset[str] | None = None):
+        """Video reuses the image vision graph (once per temporal group): (graph name, no new module,
+        no new trace spec, the manifest's VideoInfo). Temporal methods are refused (not ported yet)."""
+        if needs is not None:
+            raise UsageError(f"temporal methods are not available for {self.name} video yet; export with "
+                             "--method none (video runs unreduced)")
+        return "vision", None, None, video_info(loaded)
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
         if isinstance(vision, QwenReducedVisionGraph):

@@ -478,6 +478,7 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
 
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
+    video = None  # Qwen3-VL video (timestamps in the text, no temporal M-RoPE steps) is not exported yet
     architectures = (MODEL_CLASS,)
 
     def inspect(self, config: dict) -> CheckpointSpec:
