@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tokedge-installed
 DEMO_OUT ?= demo-out
+PYTEST_WORKERS ?= auto
 
 .PHONY: demo test typecheck install lint clean
 
@@ -27,7 +28,8 @@ demo: $(STAMP)
 	$(PY) -m tokedge.demo --out $(DEMO_OUT)
 
 test: $(STAMP) typecheck
-	$(PY) -m pytest -q -p no:cacheprovider
+	# one worker per core, whole files per worker (module fixtures export once); PYTEST_WORKERS=0 runs in-process
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
 
 # pyright checks the TensorRT modules against tensorrt-stubs (mypy cannot parse those stubs)
 typecheck: $(STAMP)
