@@ -344,20 +344,44 @@ def build_graph_modules(model: nn.Module) -> dict[str, nn.Module]:
             "decoder": KVDecoder(lm, model.lm_head).eval()}
 
 
-def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
-    """Trace specs with a dynamic patch count (vision) and [3, b, s] positions (decoder)."""
-    vcfg, tcfg = model.config.vision_config, model.config.text_config
-    row = 3 * int(vcfg.temporal_patch_size) * int(vcfg.patch_size) ** 2
+def text_trace_specs(model: nn.Module, dtype: torch.dtype, width: int) -> dict[str, TraceSpec]:
+    """`embed` and `decoder` trace specs: embedding rows `width` wide (Qwen3-VL packs DeepStack
+    planes after the token's embedding), M-RoPE `position_ids [3, b, s]`, a KV cache per layer."""
+    tcfg = model.config.text_config
     hidden, vocab = int(tcfg.hidden_size), int(tcfg.vocab_size)
     layers, kv_heads = int(tcfg.num_hidden_layers), int(tcfg.num_key_value_heads)
     head_dim = getattr(tcfg, "head_dim", None) or hidden // int(tcfg.num_attention_heads)
-    n = 64  # an 8 x 8 patch example (one full window); the axis is dynamic
     b, s, p = 2, 3, 4
     past_in, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
     decoder_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": {1: BATCH, 2: SEQ},
                     "attention_mask": {0: BATCH, 1: TOTAL}, "logits": {0: BATCH}}
     decoder_axes.update({name: {0: BATCH, 2: PAST} for name in past_in})
     decoder_axes.update({name: {0: BATCH, 2: TOTAL} for name in present})
+    return {
+        "embed": TraceSpec(
+            inputs=("input_ids",), outputs=("inputs_embeds",), example=(torch.ones(b, 5, dtype=torch.int64),),
+            dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}},
+            output_shapes={"inputs_embeds": (BATCH, SEQ, width)},
+        ),
+        "decoder": TraceSpec(
+            inputs=("inputs_embeds", "attention_mask", "position_ids", *past_in),
+            outputs=("logits", *present),
+            example=(torch.randn(b, s, width, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
+                     torch.arange(p, p + s).expand(3, b, s).contiguous(),
+                     *[torch.zeros(b, kv_heads, p, head_dim, dtype=dtype) for _ in past_in]),
+            dynamic_axes=decoder_axes,
+            output_shapes={"logits": (BATCH, 1, vocab),
+                           **{name: (BATCH, kv_heads, TOTAL, head_dim) for name in present}},
+        ),
+    }
+
+
+def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
+    """Trace specs with a dynamic patch count (vision) and [3, b, s] positions (decoder)."""
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    row = 3 * int(vcfg.temporal_patch_size) * int(vcfg.patch_size) ** 2
+    hidden = int(tcfg.hidden_size)
+    n = 64  # an 8 x 8 patch example (one full window); the axis is dynamic
     return {
         "vision": TraceSpec(
             inputs=("pixel_values", "vision_pos", "window_seg", "merge_restore"),
@@ -368,21 +392,7 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
                           "merge_restore": {0: TOKENS}, "image_embeds": {0: TOKENS}},
             output_shapes={"image_embeds": (TOKENS, hidden)},
         ),
-        "embed": TraceSpec(
-            inputs=("input_ids",), outputs=("inputs_embeds",), example=(torch.ones(b, 5, dtype=torch.int64),),
-            dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}},
-            output_shapes={"inputs_embeds": (BATCH, SEQ, hidden)},
-        ),
-        "decoder": TraceSpec(
-            inputs=("inputs_embeds", "attention_mask", "position_ids", *past_in),
-            outputs=("logits", *present),
-            example=(torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
-                     torch.arange(p, p + s).expand(3, b, s).contiguous(),
-                     *[torch.zeros(b, kv_heads, p, head_dim, dtype=dtype) for _ in past_in]),
-            dynamic_axes=decoder_axes,
-            output_shapes={"logits": (BATCH, 1, vocab),
-                           **{name: (BATCH, kv_heads, TOTAL, head_dim) for name in present}},
-        ),
+        **text_trace_specs(model, dtype, hidden),
     }
 
 
@@ -616,8 +626,6 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
     merged-grid indices a pre-LLM method kept, `kept_positions`), then `steps` greedy steps at
     `last + 1` on all three rows (what `generate` does). -> (prefill logits [b, vocab], tokens
     [b, steps + 1], step logits)."""
-    from tokedge.runtime.generate import SamplingConfig, decode_loop
-
     if not images:
         raise InputError("Qwen2.5-VL references need the prompt's images: their grids decide the M-RoPE positions")
     model = loaded.model
@@ -631,7 +639,16 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
     embeds = embed_prompt(loaded, input_ids, image_features)
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True)
     prefill = out.logits[:, -1].float()
-    state = {"past": out.past_key_values, "mask": attention_mask, "pos": positions[..., -1:]}
+    return (prefill, *greedy_steps(model, prefill, out.past_key_values, attention_mask, positions, steps))
+
+
+def greedy_steps(model: nn.Module, prefill, past, attention_mask, positions, steps: int):
+    """`steps` greedy steps of transformers' model after its prefill (`prefill` logits, `past` cache),
+    each at the prompt's last position column + 1 on all three M-RoPE rows, as `generate` does.
+    -> (tokens [b, steps + 1], step logits)."""
+    from tokedge.runtime.generate import SamplingConfig, decode_loop
+
+    state = {"past": past, "mask": attention_mask, "pos": positions[..., -1:]}
 
     def step(ids):
         state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
@@ -643,8 +660,8 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
 
     decoded = decode_loop(prefill.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
                           keep_logits=True)
-    tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(input_ids.shape[0], -1)
-    return prefill, tokens, [torch.from_numpy(x) for x in decoded.step_logits]
+    tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(prefill.shape[0], -1)
+    return tokens, [torch.from_numpy(x) for x in decoded.step_logits]
 
 
 # --- the family ------------------------------------------------------------------------------------

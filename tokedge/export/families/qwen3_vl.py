@@ -33,7 +33,7 @@ from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families import qwen2_5_vl as q25
-from tokedge.export.onnx_export import BATCH, PAST, SEQ, TOTAL, TraceSpec, kv_names
+from tokedge.export.onnx_export import TraceSpec
 from tokedge.export.primitives import attention, rotate_half
 from tokedge.reduce.base import Method, Signal, VisionFeatures
 from tokedge.runtime.qwen_vl import mrope_axis_map
@@ -343,20 +343,10 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
     [3, b, s] positions (decoder)."""
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     row = int(vcfg.in_channels) * int(vcfg.temporal_patch_size) * int(vcfg.patch_size) ** 2
-    hidden, vocab = int(tcfg.hidden_size), int(tcfg.vocab_size)
-    layers, kv_heads = int(tcfg.num_hidden_layers), int(tcfg.num_key_value_heads)
-    head_dim = getattr(tcfg, "head_dim", None) or hidden // int(tcfg.num_attention_heads)
     levels = len(vcfg.deepstack_visual_indexes)
-    width = (1 + levels) * hidden  # packed embedding rows
+    width = (1 + levels) * int(tcfg.hidden_size)  # packed embedding rows
     table = int(vcfg.num_position_embeddings)
     n = 16  # a 4 x 4 patch example; the axis is dynamic
-    b, s, p = 2, 3, 4
-    past_in, present = kv_names(layers, "past_key_values"), kv_names(layers, "present")
-    decoder_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": {1: BATCH, 2: SEQ},
-                    "attention_mask": {0: BATCH, 1: TOTAL},
-                    "logits": {0: BATCH}}
-    decoder_axes.update({name: {0: BATCH, 2: PAST} for name in past_in})
-    decoder_axes.update({name: {0: BATCH, 2: TOTAL} for name in present})
     return {
         "vision": TraceSpec(
             inputs=("pixel_values", "vision_pos", "interp_index", "interp_weight"),
@@ -367,21 +357,7 @@ def trace_specs(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[st
                           "interp_weight": {0: PATCHES}, "image_embeds": {0: TOKENS}},
             output_shapes={"image_embeds": (TOKENS, width)},
         ),
-        "embed": TraceSpec(
-            inputs=("input_ids",), outputs=("inputs_embeds",), example=(torch.ones(b, 5, dtype=torch.int64),),
-            dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}},
-            output_shapes={"inputs_embeds": (BATCH, SEQ, width)},
-        ),
-        "decoder": TraceSpec(
-            inputs=("inputs_embeds", "attention_mask", "position_ids", *past_in),
-            outputs=("logits", *present),
-            example=(torch.randn(b, s, width, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
-                     torch.arange(p, p + s).expand(3, b, s).contiguous(),
-                     *[torch.zeros(b, kv_heads, p, head_dim, dtype=dtype) for _ in past_in]),
-            dynamic_axes=decoder_axes,
-            output_shapes={"logits": (BATCH, 1, vocab),
-                           **{name: (BATCH, kv_heads, TOTAL, head_dim) for name in present}},
-        ),
+        **q25.text_trace_specs(model, dtype, width),
     }
 
 
@@ -432,8 +408,6 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
     per image the merged-grid indices a pre-LLM method kept, their unreduced columns) and the
     DeepStack levels at the image positions, then `steps` greedy steps at `last + 1` on all three
     rows, as `generate` does. -> (prefill logits [b, vocab], tokens [b, steps + 1], step logits)."""
-    from tokedge.runtime.generate import SamplingConfig, decode_loop
-
     if not images:
         raise InputError("Qwen3-VL references need the prompt's images: their grids decide the M-RoPE positions")
     model = loaded.model
@@ -450,20 +424,7 @@ def reference_logits(loaded: LoadedCheckpoint, input_ids, attention_mask, image_
     out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True,
              visual_pos_masks=image, deepstack_visual_embeds=[level.reshape(-1, level.shape[-1]) for level in levels])
     prefill = model.lm_head(out.last_hidden_state[:, -1]).float()
-    state = {"past": out.past_key_values, "mask": attention_mask, "pos": positions[..., -1:]}
-
-    def step(ids):
-        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-        state["pos"] = state["pos"] + 1
-        o = model(input_ids=torch.from_numpy(ids)[:, None], attention_mask=state["mask"], position_ids=state["pos"],
-                  past_key_values=state["past"], use_cache=True)
-        state["past"] = o.past_key_values
-        return o.logits[:, -1].float().numpy()
-
-    decoded = decode_loop(prefill.numpy(), step, SamplingConfig(max_new_tokens=steps + 1), stop_at_eos=False,
-                          keep_logits=True)
-    tokens = torch.tensor(decoded.tokens, dtype=torch.int64).reshape(input_ids.shape[0], -1)
-    return prefill, tokens, [torch.from_numpy(x) for x in decoded.step_logits]
+    return (prefill, *q25.greedy_steps(model, prefill, out.past_key_values, attention_mask, positions, steps))
 
 
 # --- the family ------------------------------------------------------------------------------------
