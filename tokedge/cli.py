@@ -100,7 +100,7 @@ def _stage_printer(enabled: bool):
     yield stage
 
 
-@app.command("export", short_help="Export a LLaVA checkpoint to an ONNX artifact.")
+@app.command("export", short_help="Export a LLaVA or Qwen-VL checkpoint to an ONNX artifact.")
 def export_cmd(
     model: Annotated[str, typer.Argument(help="Hub id (llava-hf/llava-1.5-7b-hf), llava-hf directory, or tiny-llava.")],
     method: Annotated[str, typer.Option(help="Reduction method (see `tokedge methods`).")] = "none",
@@ -525,6 +525,16 @@ def serve_cmd(
     ))
 
 
+def _number_list(text: Optional[str], kind, message: str) -> tuple:
+    """A comma-separated option (`--budgets 576,64`, `--keeps 1,0.5`) -> its numbers; UsageError(message)."""
+    from tokedge.errors import UsageError
+
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip()) if text else ()
+    except ValueError:
+        raise UsageError(message) from None
+
+
 @app.command("profile", short_help="Latency, FLOPs and fidelity per budget, with plots.")
 def profile_cmd(
     artifact: ArtifactArg,
@@ -557,16 +567,8 @@ def profile_cmd(
     from tokedge.report.profile import ProfileConfig, run_profile
     from tokedge.report.render import write_all
 
-    try:
-        budget_list = tuple(int(b) for b in budgets.split(",") if b.strip()) if budgets else ()
-    except ValueError:
-        raise UsageError(f"--budgets '{budgets}' is not a comma-separated list of integers") from None
-    try:
-        keep_list = tuple(float(k) for k in keeps.split(",") if k.strip()) if keeps else ()
-    except ValueError:
-        from tokedge.errors import UsageError
-
-        raise UsageError(f"--keeps '{keeps}' is not a comma-separated list of ratios like 1,0.75,0.5") from None
+    budget_list = _number_list(budgets, int, f"--budgets '{budgets}' is not a comma-separated list of integers")
+    keep_list = _number_list(keeps, float, f"--keeps '{keeps}' is not a comma-separated list of ratios like 1,0.75,0.5")
     if (out / "report.json").exists() and not force:
         raise UsageError(f"'{out}' already holds a report; choose another --out or pass --force to overwrite it")
     if video is not None:
@@ -579,8 +581,6 @@ def profile_cmd(
         raise UsageError("give at least one --image (or --video) to profile with")
     prompt = prompt if prompt is not None else "Describe this image."
     if baseline_attention not in (None, "sdpa", "eager"):
-        from tokedge.errors import UsageError
-
         raise UsageError(f"--baseline-attention {baseline_attention} is not one of: sdpa, eager")
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
