@@ -279,15 +279,19 @@ def test_local_images_are_opened_without_following_links(server, image_dir, tmp_
 
 
 SWAPPER = """
-import os, sys, time
+import ctypes, os, sys, time
 d, target, end = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
-name, tmp_file, tmp_link = os.path.join(d, "race.png"), os.path.join(d, ".f"), os.path.join(d, ".l")
+name, other = os.path.join(d, "race.png"), os.path.join(d, ".race-link")
+with open(name, "wb") as f:
+    f.write(b"inside, not an image")
+os.symlink(target, other)
+libc = ctypes.CDLL(None, use_errno=True)
+exchange = lambda: libc.renameat2(-100, name.encode(), -100, other.encode(), 2)  # RENAME_EXCHANGE
+if exchange() != 0:  # no renameat2 here: swap by renaming through a third name
+    def exchange():
+        os.rename(name, name + ".t"); os.rename(other, name); os.rename(name + ".t", other)
 while time.monotonic() < end:
-    with open(tmp_file, "wb") as f:
-        f.write(b"inside, not an image")
-    os.replace(tmp_file, name)
-    os.symlink(target, tmp_link)
-    os.replace(tmp_link, name)
+    exchange()
 """
 
 
@@ -302,15 +306,24 @@ def test_a_local_image_swapped_for_a_link_is_never_read_outside(server, image_di
     assert_error(post(base, {**request(model, "a.png"), "messages": user_message(data_url(Image.open(secret)), "hi")}),
                  413, "pixels")
     swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(image_dir), str(secret), "6"])
-    codes: list[int] = []
-    try:
+    body = json.dumps(request(model, "race.png"))
+    end = time.monotonic() + 5
+
+    def client() -> list[int]:  # several at once: their checks and reads interleave in the server
+        codes = []
         with httpx.Client(headers=JSON, timeout=30) as http:
-            body = json.dumps(request(model, "race.png"))
-            end = time.monotonic() + 5
-            while time.monotonic() < end and len(codes) < 1500:
+            while time.monotonic() < end and len(codes) < 500:
                 codes.append(http.post(f"{base}/v1/chat/completions", content=body).status_code)
+        return codes
+
+    try:
+        time.sleep(0.2)  # the swapper has made both names
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            codes = [c for f in [pool.submit(client) for _ in range(4)] for c in f.result(timeout=60)]
     finally:
         swapper.wait(30)
+        for leftover in ("race.png", ".race-link"):
+            (image_dir / leftover).unlink(missing_ok=True)
     assert 413 not in codes, f"{codes.count(413)} of {len(codes)} requests read the file outside DIR"
     assert len(codes) > 50 and set(codes) <= {400}
 
