@@ -41,16 +41,18 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+LOGGERS = ("uvicorn", "uvicorn.error", "asyncio")
+
+
 @pytest.fixture(scope="module")
 def server_log():
-    """Everything uvicorn logs (its 'Exception in ASGI application' tracebacks included)."""
+    """Everything uvicorn logs (its 'Exception in ASGI application' tracebacks included). uvicorn's
+    logging set-up replaces the handlers of its loggers whenever a server is built, so
+    `no_tracebacks` attaches this one again before each test."""
     handler = _Records()
-    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "asyncio")]
-    for lg in loggers:
-        lg.addHandler(handler)
     yield handler
-    for lg in loggers:
-        lg.removeHandler(handler)
+    for name in LOGGERS:
+        logging.getLogger(name).removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,9 @@ def assert_error(resp: httpx.Response, status: int, fragment: str) -> None:
 
 @pytest.fixture(autouse=True)
 def no_tracebacks(server_log):
+    for name in LOGGERS:
+        if server_log not in logging.getLogger(name).handlers:
+            logging.getLogger(name).addHandler(server_log)
     before = len(server_log.records)
     yield
     bad = [r for r in server_log.records[before:] if r.exc_info or r.levelno >= logging.ERROR]
