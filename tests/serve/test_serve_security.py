@@ -376,7 +376,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
         while sock.recv(4096):
             pass
         return True
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except OSError:
         return True
@@ -475,7 +475,7 @@ class _Drip(threading.Thread):
         while not self.stop.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             threading.Thread(target=self.drip, args=(conn,), daemon=True).start()
 
@@ -529,7 +529,7 @@ def test_remote_fetches_follow_no_redirects_and_fail_uniformly(serve_artifact, i
         def __init__(self, *a, **k):
             super().__init__(*a, directory=str(image_files[0].parent), **k)
 
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             if self.path.startswith("/to-"):
                 target = {"/to-ftp": f"ftp://127.0.0.1:{ftp_port}/x.png",
                           "/to-http": f"/{image_files[0].name}"}[self.path]
@@ -569,8 +569,8 @@ def test_remote_fetches_follow_no_redirects_and_fail_uniformly(serve_artifact, i
 
 
 def test_api_key_file_keeps_the_key_off_the_command_line(serve_artifact, tmp_path, image_urls):
-    from tests.serve.test_cli_serve import free_port, start_cli
     from tests.serve.conftest import wait_ready
+    from tests.serve.test_cli_serve import free_port, start_cli
 
     key = "s3cret-from-file-42"
     key_file = tmp_path / "key"

@@ -19,6 +19,8 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -98,15 +100,11 @@ class Stage:
     every slot has been in use for longer than `ServeConfig.stall_s`."""
 
     def __init__(self, name: str, slots: int):
-        import anyio
-
         self.name, self.slots = name, slots
         self._entry, self._threads = anyio.CapacityLimiter(slots), anyio.CapacityLimiter(slots)
         self._since: dict[int, float] = {}
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        import anyio.to_thread
-
         async with self._entry:
             token = object()
             self._since[id(token)] = time.monotonic()
@@ -138,6 +136,7 @@ class Service:
         self.on_ready: Callable[[], None] = lambda: None
         self.stages = [Stage("remote image fetch", cfg.max_remote_fetches),
                        Stage("image preprocessing", cfg.max_preprocess)]
+        self.uploads = anyio.CapacityLimiter(cfg.max_uploads)  # bodies held in memory while they arrive
 
     def load(self) -> None:
         try:
@@ -414,7 +413,8 @@ def create_app(service: Service) -> Any:
     async def chat(request: Request) -> Any:
         if not service.ready.is_set():
             raise APIError(503, "the model is still loading; retry when GET /health answers 200", code="loading")
-        body = await _read_body(request, cfg.max_body_bytes, cfg.request_timeout_s)
+        async with service.uploads:
+            body = await _read_body(request, cfg.max_body_bytes, cfg.request_timeout_s)
         arrived = time.perf_counter()
         data = loads(body)
         del body

@@ -35,6 +35,7 @@ class ServeConfig:
     max_remote_fetches: int = 4  # remote images fetched at once (others wait for a slot)
     max_preprocess: int = 2  # requests whose images are decoded and preprocessed at once (others wait)
     max_connections: int = 256  # open client connections; more are closed at once
+    max_uploads: int = 16  # request bodies read at once (each up to max_body_bytes); others wait, unread
     request_timeout_s: float = 30.0  # deadline for a request's headers and, separately, for its body; 408 after
     shutdown_timeout_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
     stall_s: float = 30.0  # /health answers 503 "stalled" once every slot of a stage is this long in use
@@ -53,7 +54,7 @@ class ServeConfig:
     def check(self) -> None:
         for name in ("max_batch", "max_queue", "max_image_bytes", "max_image_pixels", "max_request_pixels",
                      "max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_remote_fetches",
-                     "max_preprocess", "max_connections"):
+                     "max_preprocess", "max_connections", "max_uploads"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         for name in ("remote_timeout_s", "request_timeout_s", "shutdown_timeout_s", "stall_s"):
