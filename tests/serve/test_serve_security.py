@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from tests.serve.conftest import QUESTION, data_url, running_server, user_message
+from tokedge.layouts import layout_of
 from tokedge.runtime.generate import SamplingConfig
 from tokedge.runtime.pipeline import Pipeline
-from tokedge.runtime.preprocess import preprocess
 from tokedge.serve.config import ServeConfig
 from tokedge.serve.metrics import Metrics
 from tokedge.serve.scheduler import Done, Failed, Job, Scheduler, TextTracker
@@ -188,8 +188,8 @@ def test_a_row_that_fails_inside_a_batch_fails_alone(serve_artifact, test_images
         for name, prompt, cfg in (("bad", "Hi?", SamplingConfig(max_new_tokens=6, temperature=1.0, seed=-1)),
                                   ("good", QUESTION, SamplingConfig(max_new_tokens=6))):
             enc = pipe.encoder.encode([prompt], pipe.visual_tokens_for(None))
-            pixels = preprocess(test_images[1], pipe.manifest.preprocess)[None]
-            jobs.append(Job(pixel_values=pixels, input_ids=enc.input_ids[0], sampling=cfg, stop=(),
+            images = layout_of(pipe.manifest).prepare([[test_images[1]]], None, pipe.visual_tokens_for)
+            jobs.append(Job(pixel_values=images, input_ids=enc.input_ids[0], sampling=cfg, stop=(),
                             sink=events[name].append))
         metrics = Metrics()
         scheduler = Scheduler(pipe.graphs, pipe.encoder.decode, metrics, max_batch=2, max_queue=4, batch_wait_s=0,

@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -29,10 +28,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokedge.errors import InputError, TokedgeError, UsageError
+from tokedge.layouts import layout_of
 from tokedge.runtime.generate import SamplingConfig, context_limit
-from tokedge.runtime.layout import prompt_inputs
 from tokedge.runtime.pipeline import Pipeline
-from tokedge.runtime.preprocess import preprocess
 from tokedge.runtime.prompt import render_messages
 from tokedge.safeio import printable
 from tokedge.serve.config import ServeConfig, is_loopback
@@ -69,28 +67,20 @@ def images_per_prompt(pipe: Pipeline) -> int:
 
 
 def vision_inputs(pipe: Pipeline, images: list) -> tuple[Any, list[int]]:
-    """A request's images (message order, opened lazily by `images.open_image`) -> the vision
-    graph's inputs and each image's placeholder count, from the manifest's layout: preprocessed
-    views [n, 3, H, W] and the artifact's fixed count (each image decoded, preprocessed and freed
-    before the next is decoded), or, for a tiled layout, each image's partitions and packing plan
-    (`runtime.layout.prompt_inputs`: OneVision's rule, the candidate plan of reduced artifacts) and
-    its own count."""
-    manifest = pipe.manifest
-    if manifest.layout.kind == "single":
-        views = []
-        for image in images:
-            decoded = decode_image(image)
-            views.append(preprocess(decoded, manifest.preprocess))
-            decoded.close()
-            image.close()
-        return np.stack(views), [pipe.visual_tokens_for(None)] * len(images)
-    decoded = [decode_image(image) for image in images]  # within --max-request-pixels together
+    """A request's images (message order, opened lazily by `images.open_image`: only their headers
+    read) -> the vision graph's inputs (`layouts.ImageBatch`, as the artifact's layout prepares one
+    prompt's images) and each image's placeholder count. The images are decoded one after the
+    other (all of them within --max-request-pixels) and closed as soon as the layout has built its
+    inputs, so their pixels are not kept while the request waits for a batch."""
+    decoded: list = []
     try:
-        inputs = prompt_inputs(manifest, decoded)
+        for image in images:
+            decoded.append(decode_image(image))
+        batch = layout_of(pipe.manifest).prepare([decoded], None, pipe.visual_tokens_for)
     finally:
-        for image in decoded:
+        for image in [*decoded, *images]:
             image.close()
-    return inputs, [x.tokens for x in inputs]  # placeholders: the image's own count, or what it keeps
+    return batch, batch.counts[0]
 
 
 class Stage:
