@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import signal
 import socket
 import sys
@@ -324,16 +325,20 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {printable(declared, 30)} bytes; this server accepts at most {limit} "
                             "(images count after base64; see --max-image-bytes)")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes, this server's limit "
+                                    "(images count after base64; see --max-image-bytes)")
+            chunks.append(chunk)
+
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise APIError(413, f"the request body is larger than {limit} bytes, this server's limit "
-                                        "(images count after base64; see --max-image-bytes)")
-                chunks.append(chunk)
-    except TimeoutError:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout:g} s (--request-timeout)",
                        code="timeout") from None
     return b"".join(chunks)
@@ -560,7 +565,7 @@ def build_server(cfg: ServeConfig, loader: Callable[[], Pipeline] | None = None)
     server = uvicorn.Server(uvicorn.Config(
         create_app(service), host=cfg.host, port=cfg.port, lifespan="on", log_level="warning", access_log=False,
         http=_protocol(cfg),  # SIGTERM: stop accepting, let in-flight requests finish within the timeout
-        timeout_graceful_shutdown=cfg.shutdown_timeout_s))
+        timeout_graceful_shutdown=math.ceil(cfg.shutdown_timeout_s)))
 
     def stop() -> None:
         server.should_exit = True
