@@ -500,11 +500,16 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Concurrent requests decoded as one batch.")] = 4,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a batch; more get 429.")] = 32,
-    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' (default: $TOKEDGE_API_KEY).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY'; visible to other local users in the process list: prefer $TOKEDGE_API_KEY or --api-key-file.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="Read the API key from this file (its first line).")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without an API key.")] = False,
     model_name: Annotated[Optional[str], typer.Option(help="Model id clients send (default: the artifact directory name).")] = None,
     max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image; larger gets 413.")] = 8 << 20,
     max_image_pixels: Annotated[int, typer.Option(help="Largest image in pixels (width x height); larger gets 413.")] = 40_000_000,
+    max_request_pixels: Annotated[int, typer.Option(help="All images of one request together, in pixels; more gets 413.")] = 48_000_000,
+    max_connections: Annotated[int, typer.Option(help="Open client connections; more are closed at once.")] = 256,
+    request_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers, and for its body, to arrive (408 after).")] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests to finish.")] = 60.0,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt in tokens, image included; longer gets 400.")] = 4096,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
@@ -516,14 +521,35 @@ def serve_cmd(
     """Serve an artifact over an OpenAI-compatible Chat Completions API (needs the serve extra: pip install 'tokedge[serve]')."""
     from tokedge.serve import ServeConfig, serve
 
-    key = api_key if api_key is not None else os.environ.get("TOKEDGE_API_KEY") or None
+    key = _api_key(api_key, api_key_file)
     serve(ServeConfig(
         artifact=artifact, host=host, port=port, api_key=key, insecure=insecure, model_name=model_name,
         max_batch=max_batch, max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+        max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels, max_connections=max_connections,
+        request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
+        max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, allow_local_images=allow_local_images,
         allow_remote_images=allow_remote_images, threads=threads,
     ))
+
+
+def _api_key(flag: Optional[str], path: Optional[Path]) -> Optional[str]:
+    """--api-key-file's first line, else --api-key, else $TOKEDGE_API_KEY (None when none is set)."""
+    from tokedge.errors import UsageError
+
+    if path is None:
+        return flag if flag is not None else os.environ.get("TOKEDGE_API_KEY") or None
+    if flag is not None:
+        raise UsageError("pass the API key with --api-key-file or --api-key, not both")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4097)
+    except OSError as exc:
+        raise UsageError(f"--api-key-file {path}: cannot read it ({exc.strerror})") from None
+    lines = data.decode("utf-8", "replace").splitlines()
+    if len(data) > 4096:
+        raise UsageError(f"--api-key-file {path} is over 4 KiB; it should hold the key on one line")
+    return lines[0].strip() if lines else ""
 
 
 def _number_list(text: Optional[str], kind, message: str) -> tuple:
