@@ -284,7 +284,9 @@ def vision_architecture(vc: dict, tower: str, layers: int, projector: tuple[int,
     """The vision record: `fixed_tokens` tokens per partition enter the first block (0: the count
     follows the image), minus ToMe's merges layer by layer. Every block's scores are dense over the
     partition's tokens (span 0): CLIP/SigLIP and Qwen3-VL attend fully; Qwen2.5-VL's window blocks
-    mask a dense N x N score matrix in tokedge's graph (the memory and FLOPs of full attention)."""
+    mask a dense N x N score matrix in tokedge's graph (the memory and FLOPs of full attention), which
+    holds the float32 mask and its bool comparison (5 bytes per N x N position) and the masked scores
+    beside the scores (measured with ONNX Runtime: tests/test_memory.py)."""
     d = int(vc["hidden_size"])
     tokens: tuple[int, ...] = ()
     if fixed_tokens:
@@ -294,11 +296,13 @@ def vision_architecture(vc: dict, tower: str, layers: int, projector: tuple[int,
             counts.append(n)
             n -= schedule[i]
         tokens = tuple(counts)
+    masked = bool(vc.get("window_size")) and bool(vc.get("fullatt_block_indexes"))  # windows as a dense mask
     return VisionArchitecture(
         layers=layers, hidden=d, intermediate=int(vc.get("intermediate_size") or 4 * d),
         heads=int(vc.get("num_attention_heads") or vc.get("num_heads") or max(1, d // 64)),
         gated_mlp=tower == "qwen2_5_vl_vision", layer_tokens=tokens, attention_span=(0,) * layers,
-        patches_per_token=patches_per_token, projector=projector,
+        patches_per_token=patches_per_token, projector=projector, score_buffers=2 if masked else 1,
+        mask_bytes=5 if masked else 0,
     )
 
 

@@ -274,6 +274,10 @@ class VisionArchitecture:
     # a dense N x N score matrix, so the memory is that of full attention
     attention_span: tuple[int, ...] = ()
     patches_per_token: int = 1  # patches merged into one visual token after the tower (Qwen: merge_size^2)
+    # float32 heads x N x N buffers live at a block's attention peak: 1 for softmax(q k^T) (the softmax
+    # reuses the scores), 2 when a mask is added first (masked scores beside the scores)
+    score_buffers: int = 1
+    mask_bytes: int = 0  # bytes per N x N position of a mask the graph holds (Qwen2.5-VL windows: float32 bias + bool)
     projector: tuple[int, ...] = ()  # widths of the projector's matrices, in order: (in, hidden, ..., out)
 
 

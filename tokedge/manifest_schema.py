@@ -299,6 +299,9 @@ def _check_architecture(arch: Any, graphs: dict) -> None:
     for key in ("hidden", "intermediate", "heads"):
         _positive(f"architecture.vision.{key}", getattr(v, key))
     _positive("architecture.vision.patches_per_token", v.patches_per_token, high=4096)
+    _positive("architecture.vision.score_buffers", v.score_buffers, high=8)
+    if not 0 <= v.mask_bytes <= 16:
+        raise ManifestError("architecture.vision.mask_bytes", "an integer between 0 and 16", v.mask_bytes)
     for key, values in (("layer_tokens", v.layer_tokens), ("attention_span", v.attention_span)):
         if len(values) not in (0, v.layers):
             raise ManifestError(f"architecture.vision.{key}", f"empty or one entry per layer ({v.layers})", len(values))
