@@ -354,18 +354,25 @@ def from_hub(repo_id: str, max_pixels: int | None = None) -> Geometry:
     """A hub id: config.json (and preprocessor_config.json) downloaded through huggingface_hub, no weights."""
     from tokedge.errors import require
 
+    import logging
+
     hub = require("huggingface_hub", "export")
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its retry warnings would break the one-line error
     try:
-        config = Path(hub.hf_hub_download(repo_id, "config.json"))
-    except Exception as exc:  # offline, unknown repo, gated: one line
-        raise InputError(f"cannot download config.json of '{repo_id}' from the hub ({type(exc).__name__}); check the "
-                         "id and the network, or pass a local checkpoint directory or a named geometry") from None
-    processor: dict = {}
-    try:
-        processor = pixel_range(_read_json(Path(hub.hf_hub_download(repo_id, "preprocessor_config.json")),
-                                           "preprocessor_config.json"))
-    except Exception:  # no image processor file: only dynamic-resolution models need it (then --max-pixels)
-        processor = {}
+        try:
+            config = Path(hub.hf_hub_download(repo_id, "config.json"))
+        except Exception as exc:  # offline, unknown repo, gated: one line
+            raise InputError(f"cannot download config.json of '{repo_id}' from the hub ({type(exc).__name__}); check "
+                             "the id and the network, or pass a local checkpoint directory or a named geometry") from None
+        try:
+            processor = pixel_range(_read_json(Path(hub.hf_hub_download(repo_id, "preprocessor_config.json")),
+                                               "preprocessor_config.json"))
+        except Exception:  # no image processor file: only dynamic-resolution models need it (then --max-pixels)
+            processor = {}
+    finally:
+        log.setLevel(level)
     return from_config(_read_json(config, "config.json"), processor, name=repo_id, source=repo_id,
                        max_pixels=max_pixels)
 
