@@ -44,6 +44,7 @@ TEXT_STYLES = {"llama": (False, False), "mistral": (False, False), "qwen2": (Tru
                "qwen3_vl": (False, True), "qwen3_vl_text": (False, True)}
 DEFAULT_TEXT = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2", "qwen2_5_vl": "qwen2_5_vl_text",
                 "qwen3_vl": "qwen3_vl_text"}
+DEFAULT_FEATURE_LAYER = {"llava": -2, "llava_next": -2}  # transformers' class defaults (OneVision: -1)
 MAX_CONFIG_BYTES = 4 << 20  # a config.json is a few kB
 
 
@@ -148,7 +149,7 @@ def _need(d: dict, key: str, where: str):
 
 
 def _feature_layers(cfg: dict, total: int) -> int:
-    feature = cfg.get("vision_feature_layer", -2 if cfg.get("model_type") in ("llava", "llava_next") else -1)
+    feature = cfg.get("vision_feature_layer", DEFAULT_FEATURE_LAYER.get(cfg.get("model_type"), -1))
     if not isinstance(feature, int):
         raise UnsupportedModelError("multi-layer vision features (a list vision_feature_layer) are not supported")
     index = feature if feature >= 0 else total + 1 + feature
@@ -199,8 +200,8 @@ def _layout(cfg: dict, vc: dict, tc: dict, tower: str, processor: dict, max_pixe
                         image_newline=True)
 
 
-def _full_tokens(layout: VisualLayout, vc: dict) -> int:
-    if layout.kind == "single":
+def _full_tokens(layout: VisualLayout, vc: dict, per_image: bool) -> int:
+    if not per_image:
         return (int(vc["image_size"]) // int(vc["patch_size"])) ** 2
     from tokedge.runtime.layout import bounds
 
@@ -234,12 +235,14 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     hd = int(tc.get("head_dim") or h // heads)
     ff = int(_need(tc, "intermediate_size", "text "))
     layout = _layout(cfg, vc, tc, tower, processor or {}, max_pixels)
+    dynamic = "spatial_merge_size" in vc  # merged patches over an image-sized grid (what _layout read)
+    tiled = not dynamic and bool(cfg.get("image_grid_pinpoints"))
 
     vision, vision_matrices = TOWERS[tower](vc, layers)
     if tower in ("clip_vision_model", "siglip_vision_model"):  # LLaVA's two-layer projector (+ newline row)
         d = int(vc["hidden_size"])
         proj = _sum(_linear(d, h), _linear(h, h))
-        vision += proj[0] + (h if layout.kind == "anyres" else 0)
+        vision += proj[0] + (h if tiled else 0)  # the image_newline row
         vision_matrices += proj[1]
         projector: tuple[int, ...] = (d, h, h)
     else:
@@ -251,9 +254,9 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
               "decoder": GraphParameters(parameters=decoder)}
     matrices = {"vision": vision_matrices, "embed": 0, "decoder": n_layers * layer_matrices + vocab * h}
     d = int(vc["hidden_size"])
-    merge = int(vc.get("spatial_merge_size", 1)) ** 2 if layout.kind == "qwen_dynamic" else 1
-    fixed = (int(vc["image_size"]) // int(vc["patch_size"])) ** 2 + (1 if tower == "clip_vision_model" else 0) \
-        if layout.kind != "qwen_dynamic" else 0
+    merge = int(vc.get("spatial_merge_size", 1)) ** 2 if dynamic else 1
+    fixed = 0 if dynamic else (int(vc["image_size"]) // int(vc["patch_size"])) ** 2 + (1 if tower == "clip_vision_model"
+                                                                                      else 0)
     arch = Architecture(
         graphs=graphs,
         vision=vision_architecture(vc, tower, layers, projector, merge, fixed),
@@ -275,7 +278,7 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
         vision_layers=layers, vision_intermediate_size=int(vc.get("intermediate_size") or 4 * d),
         intermediate_size=ff,
     )
-    return Geometry(name=name or source, model=info, layout=layout, full_tokens=_full_tokens(layout, vc),
+    return Geometry(name=name or source, model=info, layout=layout, full_tokens=_full_tokens(layout, vc, dynamic or tiled),
                     architecture=arch, matrices=matrices, lm_head=vocab * h)
 
 

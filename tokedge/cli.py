@@ -313,7 +313,7 @@ def memory_cmd(
     target: Annotated[str, typer.Argument(help="Artifact directory, checkpoint directory (config.json only), hub id, "
                                                "or a named geometry (tokedge memory --list).")] = "",
     profile: Annotated[Optional[str], typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")] = None,
-    method: Annotated[str, typer.Option(help="For a model (not an artifact): the reduction method it would be exported with.")] = "none",
+    method: Annotated[Optional[str], typer.Option(help="For a model (not an artifact): the reduction method it would be exported with (default none).")] = None,
     budget: Annotated[Optional[int], typer.Option(help="For a model: visual tokens per image that reach the LLM.")] = None,
     keep: Annotated[Optional[float], typer.Option(help="For a dynamic-resolution model: share of each image's tokens kept.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="For a dynamic-resolution model: largest image in pixels.")] = None,

@@ -155,14 +155,16 @@ def target_of(manifest: Manifest) -> Target:
                   quantization=manifest.quantization, artifact=True, notes=notes)
 
 
-def target_for_geometry(geometry, method: str = "none", budget: int | None = None, keep: float | None = None,
+def target_for_geometry(geometry, method: str | None = None, budget: int | None = None, keep: float | None = None,
                         quantize: str | None = None, group_size: int = 128) -> Target:
-    """A geometry exported with `method` (fp32 weights, or `quantize` int4/int8 as `tokedge export
+    """A geometry exported with `method` (default: none; fp32 weights, or `quantize` int4/int8 as `tokedge export
     --quantize` writes them for TensorRT: qdq, decoder and prefill MatMuls, lm_head and embeddings float)."""
     from tokedge.errors import UsageError
 
-    if method == "none":
-        from tokedge.reduce.none import METHOD as m  # the registry below imports every method (and torch)
+    from tokedge.reduce.none import METHOD as keep_all
+
+    if method is None or method == keep_all.name:  # torch-free (the registry imports every method, and torch)
+        m = keep_all
     else:
         from tokedge.reduce import get_method
 
@@ -578,7 +580,7 @@ def profile_memory(root, manifest: Manifest, device=None, results=()) -> dict:
     return out
 
 
-def resolve_target(target: str, *, method: str = "none", budget: int | None = None, keep: float | None = None,
+def resolve_target(target: str, *, method: str | None = None, budget: int | None = None, keep: float | None = None,
                    max_pixels: int | None = None, quantize: str | None = None,
                    group_size: int = 128) -> tuple[Target, dict[str, int] | None]:
     """`tokedge memory TARGET`: an artifact directory (its manifest; and its graphs' bytes on disk),
@@ -593,7 +595,7 @@ def resolve_target(target: str, *, method: str = "none", budget: int | None = No
     path = Path(target).expanduser()
     names = arch.named_geometries()
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        given = [flag for flag, value in (("--method", method != "none"), ("--budget", budget is not None),
+        given = [flag for flag, value in (("--method", method is not None), ("--budget", budget is not None),
                                           ("--keep", keep is not None), ("--max-pixels", max_pixels is not None),
                                           ("--quantize", quantize is not None)) if value]
         if given:
