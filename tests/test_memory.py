@@ -363,3 +363,27 @@ def test_predicted_artifact_bytes_and_profile_memory_section(artifacts, tmp_path
     md = (tmp_path / "r" / "report.md").read_text()
     assert "GEMM peak" in md and "predicted by the memory plan" in md
     assert target_of(load_artifact(art)).architecture.counted == "onnx-initializers"
+
+
+def test_an_artifact_quantized_after_export(exported, tmp_path, capsys):
+    """`tokedge quantize` keeps the float export's record: the plan estimates the quantized counts
+    from the layer sizes (and says so); `recount_graphs` (for commands that rewrite graphs) makes
+    the record exact again, which the files on disk confirm."""
+    from tokedge.artifact import write_manifest
+    from tokedge.export.architecture import recount_graphs
+
+    out = tmp_path / "int4"
+    assert main(["quantize", str(exported["llava"][0]), "--out", str(out), "--scheme", "int4", "--quant-form", "qdq",
+                 "--group-size", "32"]) == 0
+    capsys.readouterr()
+    manifest = read_manifest(out)
+    estimated = target_of(manifest)
+    assert any("predates this artifact's quantization" in n for n in estimated.notes)
+    recounted = recount_graphs(out, manifest)
+    exact = recounted.architecture.graphs["decoder"]
+    # the estimate is the decoder's MatMul weights: exact when every one was quantized (lm_head stays float)
+    assert estimated.graphs["decoder"].quantized == exact.quantized > 0
+    write_manifest(out, recounted)
+    assert main(["memory", str(out), "--profile", "rtx-4090", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert abs(sum(plan["artifact_bytes"].values()) / sum(plan["artifact_bytes_measured"].values()) - 1) < 0.02

@@ -117,11 +117,18 @@ class Target:
 def _legacy_architecture(manifest: Manifest) -> Architecture:
     """Formulas for artifacts written before the architecture record (LLaVA-style towers; the vision
     graph's counts follow `ModelInfo`)."""
-    m = manifest.model
+    m, quant = manifest.model, manifest.quantization
     p = ParamCounts.of(m)
     decoder = p.decoder_layers + p.lm_head
     sizes = {"vision": p.vision, "embed": p.embed, "decoder": decoder, "prefill": decoder}
-    graphs = {g: GraphParameters(parameters=sizes.get(g, p.vision)) for g in manifest.graphs}
+    if manifest.video is not None:  # a video graph of its own (OneVision): the tower again; temporal graphs ~0
+        sizes.setdefault(manifest.video.graph, p.vision)
+    graphs = {g: GraphParameters(parameters=sizes.get(g, 0)) for g in manifest.graphs}
+    for g in ("decoder", "prefill"):  # quantized decoder layers (and lm_head when it was), as the record would say
+        if quant is not None and g in quant.graphs and g in graphs:
+            q = p.decoder_layers + (p.lm_head if quant.lm_head else 0)
+            graphs[g] = GraphParameters(parameters=decoder, quantized=q, scale_groups=-(-q // quant.group_size),
+                                        padded=q)
     d, ff = m.vision_hidden_size, m.vision_intermediate_size or 4 * m.vision_hidden_size
     fixed = manifest.layout.max_pixels is None  # (old manifests only: the record answers this for new ones)
     n = (m.image_size // m.patch_size) ** 2 + (1 if m.vision_model_type == "clip_vision_model" else 0)
@@ -143,6 +150,29 @@ def _legacy_architecture(manifest: Manifest) -> Architecture:
     return Architecture(graphs=graphs, vision=vision, text=text, counted="model-info-formulas")
 
 
+def _quantized_later(manifest: Manifest, arch: Architecture) -> Architecture | None:
+    """A record written before the graphs were quantized (`tokedge quantize` on a float artifact
+    keeps the float export's record): the quantized graphs' MatMul weights from the record's layer
+    numbers. None when the record already counts them."""
+    quant = manifest.quantization
+    stale = [g for g in (quant.graphs if quant else ()) if g in arch.graphs and not arch.graphs[g].quantized]
+    if not stale:
+        return None
+    t, v = arch.text, arch.vision
+    matrices = {
+        "decoder": t.layers * (2 * t.hidden * t.heads * t.head_dim + 2 * t.hidden * t.kv_heads * t.head_dim
+                               + 3 * t.hidden * t.intermediate) + (t.vocab * t.hidden if quant.lm_head else 0),
+        "vision": v.layers * (4 * v.hidden**2 + (3 if v.gated_mlp else 2) * v.hidden * v.intermediate)
+        + sum(a * b for a, b in zip(v.projector, v.projector[1:])),
+    }
+    matrices["prefill"] = matrices["decoder"]
+    graphs = dict(arch.graphs)
+    for g in stale:
+        q = min(matrices.get(g, 0), graphs[g].parameters)
+        graphs[g] = replace(graphs[g], quantized=q, scale_groups=-(-q // quant.group_size), padded=q)
+    return replace(arch, graphs=graphs)
+
+
 def target_of(manifest: Manifest) -> Target:
     arch = manifest.architecture
     notes: tuple[str, ...] = ()
@@ -150,6 +180,10 @@ def target_of(manifest: Manifest) -> Target:
         arch = _legacy_architecture(manifest)
         notes = ("this artifact predates the manifest's architecture record: parameter counts from formulas "
                  "(re-export for exact counts)",)
+    elif (later := _quantized_later(manifest, arch)) is not None:
+        arch = later
+        notes = ("the architecture record predates this artifact's quantization (tokedge quantize): quantized "
+                 "counts estimated from the layer sizes",)
     return Target(name=manifest.model.source, model=manifest.model, layout=manifest.layout,
                   reduction=manifest.reduction, architecture=arch, dtype=manifest.dtype,
                   quantization=manifest.quantization, artifact=True, notes=notes)

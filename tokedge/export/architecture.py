@@ -97,3 +97,13 @@ def record_architecture(root: Path, manifest: Manifest, config: dict) -> Manifes
     graphs = {name: count_graph(root, spec) for name, spec in manifest.graphs.items()}
     arch = replace(geometry.architecture, graphs=graphs, vision=vision, counted="onnx-initializers")
     return replace(manifest, architecture=arch)
+
+
+def recount_graphs(root: Path, manifest: Manifest) -> Manifest:
+    """`manifest` with its record's graph counts redone from the graphs now in `root`: for commands
+    that rewrite an artifact's graphs (`tokedge quantize`, `tokedge optimize`), so the record
+    describes what they wrote. Manifests without a record are returned unchanged."""
+    if manifest.architecture is None:
+        return manifest
+    graphs = {name: count_graph(root, spec) for name, spec in manifest.graphs.items()}
+    return replace(manifest, architecture=replace(manifest.architecture, graphs=graphs))
