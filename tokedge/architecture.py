@@ -355,9 +355,9 @@ def from_directory(path: Path, max_pixels: int | None = None) -> Geometry:
 
 def from_hub(repo_id: str, max_pixels: int | None = None) -> Geometry:
     """A hub id: config.json (and preprocessor_config.json) downloaded through huggingface_hub, no weights."""
-    from tokedge.errors import require
-
     import logging
+
+    from tokedge.errors import require
 
     hub = require("huggingface_hub", "export")
     log = logging.getLogger("huggingface_hub")
@@ -366,13 +366,13 @@ def from_hub(repo_id: str, max_pixels: int | None = None) -> Geometry:
     try:
         try:
             config = Path(hub.hf_hub_download(repo_id, "config.json"))
-        except Exception as exc:  # offline, unknown repo, gated: one line
+        except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated, any hub error: one line
             raise InputError(f"cannot download config.json of '{repo_id}' from the hub ({type(exc).__name__}); check "
                              "the id and the network, or pass a local checkpoint directory or a named geometry") from None
         try:
             processor = pixel_range(_read_json(Path(hub.hf_hub_download(repo_id, "preprocessor_config.json")),
                                                "preprocessor_config.json"))
-        except Exception:  # no image processor file: only dynamic-resolution models need it (then --max-pixels)
+        except Exception:  # noqa: BLE001 - no image processor file: only dynamic resolution needs it (then --max-pixels)
             processor = {}
     finally:
         log.setLevel(level)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 
 from tokedge.artifact import (
     Architecture,
@@ -163,7 +164,7 @@ def _quantized_later(manifest: Manifest, arch: Architecture) -> Architecture | N
         "decoder": t.layers * (2 * t.hidden * t.heads * t.head_dim + 2 * t.hidden * t.kv_heads * t.head_dim
                                + 3 * t.hidden * t.intermediate) + (t.vocab * t.hidden if quant.lm_head else 0),
         "vision": v.layers * (4 * v.hidden**2 + (3 if v.gated_mlp else 2) * v.hidden * v.intermediate)
-        + sum(a * b for a, b in zip(v.projector, v.projector[1:])),
+        + sum(a * b for a, b in pairwise(v.projector)),
     }
     matrices["prefill"] = matrices["decoder"]
     graphs = dict(arch.graphs)
@@ -179,11 +180,11 @@ def target_of(manifest: Manifest) -> Target:
     if arch is None:
         arch = _legacy_architecture(manifest)
         notes = ("this artifact predates the manifest's architecture record: parameter counts from formulas "
-                 "(re-export for exact counts)",)
+                 "(re-export for exact counts)"),
     elif (later := _quantized_later(manifest, arch)) is not None:
         arch = later
         notes = ("the architecture record predates this artifact's quantization (tokedge quantize): quantized "
-                 "counts estimated from the layer sizes",)
+                 "counts estimated from the layer sizes"),
     return Target(name=manifest.model.source, model=manifest.model, layout=manifest.layout,
                   reduction=manifest.reduction, architecture=arch, dtype=manifest.dtype,
                   quantization=manifest.quantization, artifact=True, notes=notes)
@@ -194,7 +195,6 @@ def target_for_geometry(geometry, method: str | None = None, budget: int | None 
     """A geometry exported with `method` (default: none; fp32 weights, or `quantize` int4/int8 as `tokedge export
     --quantize` writes them for TensorRT: qdq, decoder and prefill MatMuls, lm_head and embeddings float)."""
     from tokedge.errors import UsageError
-
     from tokedge.reduce.none import METHOD as keep_all
 
     if method is None or method == keep_all.name:  # torch-free (the registry imports every method, and torch)
@@ -278,7 +278,7 @@ def written_bytes(target: Target) -> dict[str, int]:
     out = {}
     for g, r in target.graphs.items():
         stored = (r.padded if padded and r.padded else r.quantized) * bits / 8
-        out[g] = int(round((r.parameters - r.quantized) * width + stored + r.scale_groups * 4 + r.other_bytes))
+        out[g] = round((r.parameters - r.quantized) * width + stored + r.scale_groups * 4 + r.other_bytes)
     return out
 
 
@@ -381,7 +381,8 @@ def plan(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
                      "--max-pixels lowers it)")
     if bounds.tiled:
         notes.append(f"per-image layout: planned for the largest image ({visual} visual tokens, "
-                     f"{bounds.partitions[2]} partitions); a typical 4:3 photo gives {bounds.prompt_tokens[1]}")
+                     f"{bounds.partitions[2]} partition{'s' if bounds.partitions[2] > 1 else ''}); a typical 4:3 "
+                     f"photo gives {bounds.prompt_tokens[1]}")
     weights = device_weight_bytes(target, value)
     if "prefill" in weights:
         notes.append(f"in-LLM method: the prefill graph holds its own copy of the decoder weights "
@@ -404,14 +405,7 @@ def plan(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
     build_graph = max(builds, key=builds.get)
     room = usable - sum(weights.values()) - kv  # what the vision graph may use
     if not v.layer_tokens and vis > room:
-        limit = vision_patch_limit(target, room / profile.max_batch, value_bytes=value) if room > 0 else 0
-        if limit:
-            pixels = limit * int(target.layout.patch_size or 14) ** 2
-            notes.append(f"the vision graph's attention cannot fit at max_pixels: at most {limit} patches per image "
-                         f"fit beside the weights and KV cache (export with --max-pixels {pixels} or less)")
-        else:
-            notes.append("the vision graph's attention cannot fit for any image: the weights and KV cache leave "
-                         f"{max(room, 0) / GB:.2f} GB of the {usable / GB:.2f} GB usable")
+        notes.append(_vision_fit_note(target, room, usable, profile.max_batch, value))
     run_fits, build_fits = total <= usable, builds[build_graph] <= usable
     return MemoryPlan(
         device=profile.name, memory_gb=profile.memory_gb, headroom=headroom, weights=_scheme_label(target, value),
@@ -422,6 +416,17 @@ def plan(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
         run_fits=run_fits, build_fits=build_fits, source=target.name, counted=target.architecture.counted,
         artifact_bytes=written,
     )
+
+
+def _vision_fit_note(target: Target, room: int, usable: int, batch: int, value: float) -> str:
+    """What to do when a dynamic-resolution vision graph cannot fit beside the weights and KV cache."""
+    limit = vision_patch_limit(target, room / batch, value_bytes=value) if room > 0 else 0
+    if limit:
+        pixels = limit * int(target.layout.patch_size or 14) ** 2
+        return (f"the vision graph's attention cannot fit at max_pixels: at most {limit} patches per image fit "
+                f"beside the weights and KV cache (export with --max-pixels {pixels} or less)")
+    return ("the vision graph's attention cannot fit for any image: the weights and KV cache leave "
+            f"{max(room, 0) / GB:.2f} GB of the {usable / GB:.2f} GB usable")
 
 
 def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADROOM,

@@ -13,6 +13,7 @@ LLaVA formulas below remain for artifacts written before the record.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from tokedge.artifact import Manifest
 from tokedge.reduce.base import Signal, Stage
@@ -102,7 +103,7 @@ def _recorded_vision_cost(manifest: Manifest, budget: int, batch: int, partition
     projected = partitions * merged if projects_all else budget
     widths = v.projector
     mergers = 1 + int(manifest.layout.deepstack_levels or 0)  # DeepStack: one merger per level beside the main one
-    flops += mergers * 2 * projected * sum(a * b for a, b in zip(widths, widths[1:]))
+    flops += mergers * 2 * projected * sum(a * b for a, b in pairwise(widths))
     params = arch.graphs["vision"].parameters if "vision" in arch.graphs else 0
     return StageCost(flops=batch * flops, bytes=params * bytes_per_value(manifest))
 
