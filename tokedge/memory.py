@@ -394,6 +394,10 @@ def plan(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
         scores = v.score_buffers * v.heads * tokens * tokens * SCORE_BYTES + v.mask_bytes * tokens * tokens
         notes.append(f"vision attention is dense over an image's patches: {tokens} patches at the largest image "
                      f"({target.layout.max_pixels} pixels) hold {scores / GB:.2f} GB of scores")
+    if pre >= vis and pre > 0.25 * profile.memory_gb * GB:
+        notes.append(f"prefill attention at the profile's limits ({prompt_limit} tokens x batch {profile.max_batch}) "
+                     f"holds {pre / GB:.2f} GB of float32 scores (tokedge's graphs scale after q k^T, which TensorRT "
+                     "does not fuse): a profile with a smaller max_prompt_tokens or max_batch lowers it")
     kv = kv_cache_bytes(m, total_seq, profile.max_batch, value)
     total = sum(weights.values()) + kv + max(vis, pre)
     usable = int(profile.memory_gb * GB * (1 - headroom))
