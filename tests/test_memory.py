@@ -387,3 +387,23 @@ def test_an_artifact_quantized_after_export(exported, tmp_path, capsys):
     assert main(["memory", str(out), "--profile", "rtx-4090", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert abs(sum(plan["artifact_bytes"].values()) / sum(plan["artifact_bytes_measured"].values()) - 1) < 0.02
+
+
+def test_onevision_record_counts_both_tower_graphs(ov_artifacts, tiny_llava_onevision_dir, capsys):
+    """LLaVA-OneVision: the image graph and the per-frame video graph each hold the tower and the
+    projector (counted twice: TensorRT engines do not share weights); both equal transformers'
+    modules, and the plan's bytes agree with the files within 2%."""
+    import transformers
+
+    art = ov_artifacts("none")[0]
+    graphs = read_manifest(art).architecture.graphs
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_llava_onevision_dir)
+    config = json.loads((tiny_llava_onevision_dir / "config.json").read_text())
+    hf = _hf_counts(model, config)
+    assert {g: graphs[g].parameters for g in ("vision", "embed", "decoder")} == hf
+    video = read_manifest(art).video.graph
+    assert graphs[video].parameters == hf["vision"]  # tower, projector and the newline row it outputs
+    assert main(["memory", str(art), "--profile", "jetson-agx-orin-64gb", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert abs(sum(plan["artifact_bytes"].values()) / sum(plan["artifact_bytes_measured"].values()) - 1) < 0.02
+    assert plan["visual_tokens"] == 8829 and video in plan["weight_bytes"]
