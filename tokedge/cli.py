@@ -309,51 +309,63 @@ def _memory_plan(artifact: Path, profile: str):
     return plan_for_device(load_artifact(artifact, check_hashes=False), load_profile(profile))
 
 
-@app.command("memory", short_help="Memory plan of an artifact or geometry on a device.")
+@app.command("memory", short_help="Memory plan of an artifact, checkpoint or named geometry on a device.")
 def memory_cmd(
-    target: Annotated[str, typer.Argument(help="Artifact directory, or a model geometry: llava-1.5-7b.")],
-    profile: Annotated[str, typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")],
-    quantize: Annotated[Optional[str], typer.Option(help="For a geometry: int4 or int8 decoder weights.")] = None,
+    target: Annotated[str, typer.Argument(help="Artifact directory, checkpoint directory (config.json only), hub id, "
+                                               "or a named geometry (tokedge memory --list).")] = "",
+    profile: Annotated[Optional[str], typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="For a model (not an artifact): the reduction method it would be exported with (default none).")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="For a model: visual tokens per image that reach the LLM.")] = None,
+    keep: Annotated[Optional[float], typer.Option(help="For a dynamic-resolution model: share of each image's tokens kept.")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="For a dynamic-resolution model: largest image in pixels.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="For a model: int4 or int8 decoder weights.")] = None,
     group_size: GroupSizeOpt = 128,
-    budget: Annotated[Optional[int], typer.Option(help="For a geometry: visual tokens in the prompt (default: all).")] = None,
     text_tokens: Annotated[int, typer.Option(help="Prompt text tokens beside the image.")] = 64,
-    headroom: Annotated[float, typer.Option(help="Share of device memory kept free (OS, CUDA context, workspace).")] = 0.2,
+    headroom: Annotated[float, typer.Option(help="Share of device memory kept free (OS, CUDA context, libraries).")] = 0.2,
+    list_geometries: Annotated[bool, typer.Option("--list", help="List the named geometries and exit.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Memory plan: weights + KV cache + activation peak against a device profile's memory."""
+    """Memory plan: weights + KV cache + activation peak, and the engine-build peak, against a
+    device profile's memory. Exits 3 when it does not fit (the plan is printed first)."""
     from tokedge.errors import UsageError
-    from tokedge.memory import DTYPE_BYTES, GEOMETRIES, WeightScheme, plan_for_device, plan_memory
+    from tokedge.memory import EXIT_DOES_NOT_FIT, GB, plan, resolve_target
     from tokedge.profiles import load_profile
 
+    if list_geometries:
+        from tokedge.architecture import named_geometries
+
+        rows = {name: entry["source"] for name, entry in named_geometries().items()}
+        if json_out:
+            print(json.dumps({"geometries": [{"name": k, "source": v} for k, v in rows.items()]}))
+        else:
+            for name, source in rows.items():
+                print(f"{name:<22} {source}")
+        return
+    if not target or profile is None:
+        raise UsageError("give a TARGET (artifact, checkpoint directory, hub id or named geometry) and --profile")
     if not 0 <= headroom < 1:
         raise UsageError(f"--headroom {headroom} must be in [0, 1)")
+    if text_tokens < 0:
+        raise UsageError(f"--text-tokens {text_tokens} must be >= 0")
     device = load_profile(profile)
-    if target in GEOMETRIES:
-        if quantize not in (None, "int4", "int8"):
-            raise UsageError(f"--quantize {quantize} is not supported; use int4 or int8")
-        geometry = GEOMETRIES[target]
-        value = max(DTYPE_BYTES.get(device.precision, 2.0), 2.0)
-        scheme = WeightScheme(float_bytes=value, bits=int(quantize[3:]) if quantize else None, group_size=group_size)
-        full = (geometry.image_size // geometry.patch_size) ** 2
-        plan = plan_memory(geometry, ("vision", "embed", "decoder"), scheme, device=device.name,
-                           memory_gb=device.memory_gb, visual_tokens=budget or full, new_tokens=device.max_new_tokens,
-                           batch=device.max_batch, text_tokens=text_tokens, value_bytes=value, headroom=headroom)
-    else:
-        from tokedge.artifact import load_artifact
-
-        if not Path(target).exists():
-            raise UsageError(f"'{target}' is neither an artifact directory nor a known geometry "
-                             f"({', '.join(GEOMETRIES)})")
-        if quantize or budget:
-            raise UsageError("--quantize and --budget apply to a geometry; an artifact carries its own")
-        plan = plan_for_device(load_artifact(Path(target), check_hashes=False), device, headroom=headroom,
-                               text_tokens=text_tokens)
+    resolved, measured = resolve_target(target, method=method, budget=budget, keep=keep, max_pixels=max_pixels,
+                                        quantize=quantize, group_size=group_size)
+    result = plan(resolved, device, headroom=headroom, text_tokens=text_tokens)
     if json_out:
-        print(json.dumps(plan.to_dict()))
+        out = result.to_dict()
+        if measured is not None:
+            out["artifact_bytes_measured"] = measured
+        print(json.dumps(out))
     else:
-        print(plan.summary())
-        for note in plan.notes:
+        print(result.summary())
+        for note in result.notes:
             print(f"note: {note}")
+        if measured is not None:
+            predicted, on_disk = sum(result.artifact_bytes.values()), sum(measured.values())
+            print(f"artifact graphs: predicted {predicted / GB:.4f} GB, on disk {on_disk / GB:.4f} GB "
+                  f"({predicted / max(on_disk, 1):.3f}x; parameters {result.counted})")
+    if not result.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
 @app.command("check", short_help="Static TensorRT compatibility check (no GPU).")

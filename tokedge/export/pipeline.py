@@ -308,6 +308,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
                 temporal, video, video_options, temporal_budget, info.hidden_size, torch_dtype, temporal_frames)
 
     from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
+    from tokedge.export.architecture import record_architecture
 
     passes = DEFAULT_PASSES if cfg.passes is None else cfg.passes
     optimizations = []
@@ -383,6 +384,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
                 parity = report.to_dict()
                 if video_parity is not None:
                     parity["video"] = video_parity
+        manifest = record_architecture(stage, manifest, loaded.model.config.to_dict())  # graphs are final here
         manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
