@@ -193,7 +193,7 @@ import json, sys
 import numpy as np, onnxruntime as ort
 from PIL import Image
 from tokedge.artifact import open_artifact
-from tokedge.runtime.layout import prompt_inputs, vision_feed
+from tokedge.layouts import layout_of, prompt_inputs
 va = open_artifact(sys.argv[1])
 side = int(sys.argv[2])
 image = Image.fromarray((np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8))
@@ -203,7 +203,7 @@ so = ort.SessionOptions()
 so.intra_op_num_threads, so.enable_cpu_mem_arena = 1, False
 sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 names = [i.name for i in sess.get_inputs()]
-feed = {k: v for k, v in vision_feed(inputs, names).items() if k in names}
+feed = {k: v for k, v in layout_of(va.manifest).feed(inputs, names).items() if k in names}
 def hwm():  # this process image's peak RSS (ru_maxrss would carry the forking parent's across exec)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024

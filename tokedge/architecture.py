@@ -203,9 +203,9 @@ def _layout(cfg: dict, vc: dict, tc: dict, tower: str, processor: dict, max_pixe
 def _full_tokens(layout: VisualLayout, vc: dict, per_image: bool) -> int:
     if not per_image:
         return (int(vc["image_size"]) // int(vc["patch_size"])) ** 2
-    from tokedge.runtime.layout import bounds
+    from tokedge.layouts import record_bounds
 
-    return bounds(layout).tokens[2]
+    return record_bounds(layout).tokens[2]
 
 
 def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", source: str = "",

@@ -252,11 +252,11 @@ def _check_architecture(arch: Any, graphs: dict) -> None:
             raise ManifestError(f"architecture.graphs.{name}.quantized", "at most parameters (and padded at least "
                                 "quantized)", rec.quantized)
     v, t = arch.vision, arch.text
-    _positive("architecture.vision.layers", v.layers, high=MAX_LAYERS)
+    positive("architecture.vision.layers", v.layers, high=MAX_LAYERS)
     for key in ("hidden", "intermediate", "heads"):
-        _positive(f"architecture.vision.{key}", getattr(v, key))
-    _positive("architecture.vision.patches_per_token", v.patches_per_token, high=4096)
-    _positive("architecture.vision.score_buffers", v.score_buffers, high=8)
+        positive(f"architecture.vision.{key}", getattr(v, key))
+    positive("architecture.vision.patches_per_token", v.patches_per_token, high=4096)
+    positive("architecture.vision.score_buffers", v.score_buffers, high=8)
     if not 0 <= v.mask_bytes <= 16:
         raise ManifestError("architecture.vision.mask_bytes", "an integer between 0 and 16", v.mask_bytes)
     for key, values in (("layer_tokens", v.layer_tokens), ("attention_span", v.attention_span)):
@@ -267,6 +267,6 @@ def _check_architecture(arch: Any, graphs: dict) -> None:
                 raise ManifestError(f"architecture.vision.{key}[{i}]", f"an integer between 0 and {MAX_DIM}", value)
     if len(v.projector) > 16 or any(not 1 <= w <= MAX_DIM for w in v.projector):
         raise ManifestError("architecture.vision.projector", "at most 16 widths between 1 and 2^24", list(v.projector))
-    _positive("architecture.text.layers", t.layers, high=MAX_LAYERS)
+    positive("architecture.text.layers", t.layers, high=MAX_LAYERS)
     for key in ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
-        _positive(f"architecture.text.{key}", getattr(t, key))
+        positive(f"architecture.text.{key}", getattr(t, key))

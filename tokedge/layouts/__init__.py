@@ -47,6 +47,11 @@ def video_layout_of(manifest) -> VideoLayout | None:
     return video_layout_class(manifest.video.kind)(manifest)
 
 
+def record_bounds(record) -> LayoutBounds:
+    """Bounds of a per-image layout from its record alone (a config read without an artifact)."""
+    return image_layout_class(record.kind).of_record(record).bounds()
+
+
 def prompt_inputs(manifest, images: list):
     """The vision-graph inputs of the images of ONE prompt, as every tokedge path builds them (run,
     serve, profile, verify, export validation): the layout's `prompt_images`."""

@@ -77,9 +77,15 @@ class ImageLayout:
     counts_per_image: ClassVar[bool] = True  # each image gives its own token count (no fixed count)
     takes_max_pixels: ClassVar[bool] = False  # export's --max-pixels / --keep apply (images resized to a pixel budget)
 
-    def __init__(self, manifest):
+    def __init__(self, manifest, record=None):
         self.manifest = manifest
-        self.record = manifest.layout
+        self.record = manifest.layout if record is None else record
+
+    @classmethod
+    def of_record(cls, record) -> "ImageLayout":
+        """The layout of a record alone, before any manifest exists (what a config describes): the
+        questions that need only the record (`bounds` of per-image layouts, `axes`)."""
+        return cls(None, record)
 
     # --- the record ------------------------------------------------------------------------------
     @classmethod

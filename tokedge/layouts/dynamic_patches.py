@@ -13,6 +13,26 @@ from tokedge.layouts.base import TYPICAL_IMAGE, ImageBatch, ImageLayout, LayoutB
 from tokedge.manifest_schema import ManifestError
 
 MAX_TOKENS_PER_IMAGE = 1 << 20  # bound on max_pixels / (patch x merge)^2 a manifest may declare
+VISION_MEMORY_ENV = "TOKEDGE_VISION_MEMORY_GB"  # memory one vision-graph run may take (default: half of RAM)
+
+
+def vision_memory_bytes() -> float:
+    """The memory budget of one vision-graph run on this machine: $TOKEDGE_VISION_MEMORY_GB, else
+    half of the physical memory (docs/safety.md)."""
+    import os
+
+    from tokedge.errors import UsageError
+
+    given = os.environ.get(VISION_MEMORY_ENV)
+    if given:
+        try:
+            value = float(given)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{VISION_MEMORY_ENV}={given!r} is not a positive number of GB")
+        return value * 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
 
 
 class DynamicPatches(ImageLayout):
@@ -57,10 +77,40 @@ class DynamicPatches(ImageLayout):
 
         return vision_budget(self.manifest.reduction)  # pre-LLM reduction: each image keeps its own count
 
+    def patch_limit(self) -> int | None:
+        """The most patches one image may have for the vision graph's dense attention to fit this
+        machine's vision memory budget (`memory.vision_patch_limit`)."""
+        if not hasattr(self, "_patch_limit"):
+            from tokedge.memory import vision_patch_limit
+
+            self._patch_limit = vision_patch_limit(self.manifest, vision_memory_bytes())
+        return self._patch_limit
+
+    def check_size(self, image) -> None:
+        """Refuse, before anything is resized or run, an image whose patches the vision graph's dense
+        attention cannot hold in this machine's budget (issue: images within --max-pixels that
+        exhaust memory)."""
+        from tokedge.errors import InputError
+        from tokedge.runtime.qwen_vl import smart_resize
+
+        r = self.record
+        p, m = int(r.patch_size), int(r.merge_size)
+        h, w = smart_resize(image.height, image.width, p * m, int(r.min_pixels), int(r.max_pixels))
+        patches = (h // p) * (w // p)
+        limit = self.patch_limit()
+        if limit is not None and patches > limit:
+            fits = max(limit, m * m) * p * p
+            raise InputError(f"a {image.width}x{image.height} image gives {patches} patches ({w}x{h} after resizing "
+                             f"within --max-pixels {r.max_pixels}), more than the {limit} whose vision attention fits "
+                             f"this machine's budget of {vision_memory_bytes() / 1e9:.3g} GB ({VISION_MEMORY_ENV}); "
+                             f"use a smaller image, or an artifact exported with --max-pixels {fits} or less")
+
     def prompt_images(self, images: list) -> list:
         from tokedge.runtime.qwen_vl import image_inputs
 
         budget = self.vision_budget()
+        for image in images:  # every image of the prompt, before any is preprocessed
+            self.check_size(image)
         return [image_inputs(image, self.record, self.manifest.preprocess, budget) for image in images]
 
     def prepare(self, groups, budget, check_budget) -> ImageBatch:
