@@ -328,6 +328,19 @@ class VerifiedArtifact:
             raise IntegrityError(f"'{rel}' is not a file listed in the artifact's manifest")
         return self.blobs[rel]
 
+    def write_to(self, stage: Path) -> None:
+        """Write every verified file into `stage` (a fresh directory this process owns), from the
+        bytes that were hashed: commands that derive a new artifact from this one (quantize,
+        optimize) never read the source's paths again, so a file swapped or replaced by a symlink
+        after the check cannot reach their output. Files are created exclusively, without
+        following links."""
+        from tokedge.safeio import write_new
+
+        for rel, data in self.blobs.items():
+            target = Path(stage) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_new(target, data)
+
     def graph_bytes(self, name: str) -> tuple[bytes, dict[str, bytes]]:
         """(model bytes, {external-data location as named in the model: its bytes}) of a graph."""
         graph = self.manifest.graphs[name]

@@ -141,6 +141,20 @@ def read_regular_path(root: Path, rel: str, limit: int, what: str | None = None)
         os.close(fd)
 
 
+def write_new(path: Path, data: bytes | str, mode: int = 0o666) -> None:
+    """Create `path` and write `data`: the file must not exist yet (O_EXCL) and a symbolic link
+    planted at its name is never followed (O_NOFOLLOW), so a write cannot land elsewhere."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def printable(text: object, limit: int = 400, keep: str = "") -> str:
     """`text` safe to print on one terminal line: control characters (newlines, ANSI escapes,
     carriage returns) shown as escapes, and long strings cut."""

@@ -19,7 +19,6 @@ unless asked. The result is recorded in the manifest as `QuantInfo`.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,7 +248,7 @@ def quantize_artifact(artifact: Path, out: Path, cfg: QuantConfig, force: bool =
                       validate: bool = True) -> QuantizeResult:
     """`tokedge quantize`: copy a float artifact, quantize its graphs, re-check it against the
     fp32 transformers reference recorded at export (with the scheme's tolerance), write it."""
-    from tokedge.artifact import hash_tree, load_artifact, staged_directory, write_manifest
+    from tokedge.artifact import hash_tree, open_artifact, staged_directory, write_manifest
     from tokedge.export.validate import load_reference, run_cases, tolerance_dict, tolerance_for
     from tokedge.runtime.graphs import ArtifactGraphs
 
@@ -257,13 +256,12 @@ def quantize_artifact(artifact: Path, out: Path, cfg: QuantConfig, force: bool =
     if artifact.resolve() == out.resolve():
         raise UsageError("--out must differ from the artifact: quantize writes a new artifact")
     cfg.check()
-    manifest = load_artifact(artifact)
-    with staged_directory(out, force=force) as stage:
-        for rel in manifest.files:
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(artifact / rel, stage / rel)
+    verified = open_artifact(artifact)  # every file read once, no links followed, hashed: these bytes are copied
+    manifest = verified.manifest
+    with staged_directory(out, force=force, protect=(artifact,)) as stage:
+        verified.write_to(stage)
         staged, info = quantize_graphs(stage, dataclasses.replace(manifest, files={}), cfg)
-        pixel_values, cases = load_reference(stage / manifest.reference["file"])
+        pixel_values, cases = load_reference(verified.read(manifest.reference["file"]))
         tol = tolerance_for(staged.dtype, info)
         parity: dict = {"skipped": True}
         if validate:
