@@ -20,6 +20,18 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TENSOR_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"})
 MAX_DIM = 1 << 24  # no size in a tokedge manifest is anywhere near this
 
+# Bounds on quantities DERIVED from several fields, checked when any command reads a manifest (run,
+# serve, verify, memory, build --dry-run, profile, check): each field may be legal while their
+# product is a huge allocation. Every model tokedge exports is far inside them (docs/safety.md).
+MAX_PIXELS = 1 << 25  # pixels of one image after resizing: Qwen max_pixels, an anyres canvas (Qwen3-VL: 16.8 M)
+MAX_PINPOINTS = 256  # anyres candidate canvases (OneVision: 36)
+MAX_TILES = 256  # tiles of the largest anyres canvas (OneVision anyres_max_9: 36)
+MAX_TOKENS_PER_TILE = 1 << 14  # patch_grid squared (OneVision: 729)
+MAX_PATCHES = 1 << 18  # vision patches of one image: Qwen max_pixels / patch_size^2, anyres (tiles + 1) * tile tokens
+MAX_WINDOW_CELLS = 1 << 12  # merged tokens in one Qwen2.5-VL attention window ((window_size / 28)^2 = 16)
+MAX_FRAME_PIXELS = 1 << 24  # video.frame_size squared (OneVision: 384^2)
+MAX_VIDEO_PIXELS = 1 << 28  # video.max_frames * frame pixels (OneVision: 64 x 384^2 = 9.4 M)
+
 
 class ManifestError(ArtifactError):
     def __init__(self, path: str, expected: str, value: Any = dataclasses.MISSING):
@@ -161,6 +173,7 @@ def check_ranges(m: Any, format_version: int) -> None:
     _check_layout(m.layout, m.format_version)
     if m.video is not None:
         _check_video(m.video, m.graphs)
+    check_derived(m.layout, m.video)
     for name in ("vision", "embed", "decoder"):
         if name not in m.graphs:
             raise ManifestError(f"graphs.{name}", "present")
@@ -271,3 +284,38 @@ def _check_video(video: Any, graphs: dict) -> None:
         raise ManifestError("video.keep_ratio", "a number in (0, 1]", video.keep_ratio)
     if video.sampling not in ("uniform", "linspace"):
         raise ManifestError("video.sampling", '"uniform" or "linspace"', video.sampling)
+
+
+def _bounded(path: str, what: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise ManifestError(path, f"a value whose {what} stays within {limit}", value)
+
+
+def check_derived(layout: Any, video: Any) -> None:
+    """Quantities derived from several (each legal) fields, bounded before anything is allocated
+    from them: pixels after resizing, tiles, tokens per tile, patches per image, window cells,
+    frame pixels."""
+    if layout.kind == "anyres":
+        tile, grid = layout.tile, layout.patch_grid
+        _bounded("layout.pinpoints", "count", len(layout.pinpoints), MAX_PINPOINTS)
+        _bounded("layout.patch_grid", "square (tokens per tile)", grid * grid, MAX_TOKENS_PER_TILE)
+        for i, (h, w) in enumerate(layout.pinpoints):
+            _bounded(f"layout.pinpoints[{i}]", "pixel count", h * w, MAX_PIXELS)
+            tiles = (h // tile) * (w // tile)
+            _bounded(f"layout.pinpoints[{i}]", f"tile count (at layout.tile {tile})", tiles, MAX_TILES)
+            _bounded(f"layout.pinpoints[{i}]", "patch count ((tiles + 1) * patch_grid^2)", (tiles + 1) * grid * grid,
+                     MAX_PATCHES)
+    elif layout.kind == "qwen_dynamic":
+        factor = layout.patch_size * layout.merge_size
+        _bounded("layout.max_pixels", "pixel count", layout.max_pixels, MAX_PIXELS)
+        _bounded("layout.max_pixels", f"patch count (/ patch_size^2 = {layout.patch_size ** 2})",
+                 layout.max_pixels // layout.patch_size ** 2, MAX_PATCHES)
+        if layout.window_size is not None:
+            _bounded("layout.window_size", "window cells ((window_size / (patch_size * merge_size))^2)",
+                     (layout.window_size // factor) ** 2, MAX_WINDOW_CELLS)
+    if video is not None and video.kind == "frames":
+        pixels = video.frame_size * video.frame_size
+        _bounded("video.frame_size", "frame pixels (squared)", pixels, MAX_FRAME_PIXELS)
+        _bounded("video.max_frames", f"pixels over all frames (x {pixels} per frame)", video.max_frames * pixels,
+                 MAX_VIDEO_PIXELS)
+        _bounded("video.patch_grid", "square (tokens per frame)", video.patch_grid ** 2, MAX_TOKENS_PER_TILE)
