@@ -12,6 +12,7 @@ describes the same steps for any other client.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tokedge.artifact import Manifest, PreprocessInfo, VideoInfo
-from tokedge.errors import InputError
+from tokedge.errors import InputError, UsageError
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, context_limit, decode_loop
 from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
@@ -68,6 +69,10 @@ def video_inputs(manifest: Manifest, source: Path | str | Sequence[Path | str], 
     list) -> the frames sampled as transformers' video loader samples them (`frames` or `fps`;
     neither: the artifact's default count, fewer for shorter clips) and preprocessed."""
     video = video_record(manifest)
+    if frames is not None and frames < 1:  # before any rounding (Qwen rounds to a multiple of T)
+        raise UsageError(f"--frames must be at least 1, got {frames}")
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise UsageError(f"--fps must be a positive finite number, got {fps}")
     if frames is not None and frames > video.max_frames:
         raise InputError(f"--frames {frames} is more than this artifact takes per video ({video.max_frames}); "
                          f"use --frames <= {video.max_frames}")
@@ -75,7 +80,8 @@ def video_inputs(manifest: Manifest, source: Path | str | Sequence[Path | str], 
         return _qwen_video_inputs(manifest, source, frames, fps)
     size = (video.frame_size, video.frame_size)
     if isinstance(source, (list, tuple)):
-        clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames)
+        clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=size,
+                                      resample=video.resample)
     else:
         clip = read_video(source, frames, fps, video.sampling, size=size, resample=video.resample,
                           default=video.default_frames)
@@ -90,16 +96,33 @@ def _qwen_video_inputs(manifest: Manifest, source, frames: int | None, fps: floa
     """Qwen2.5-VL: `frames` rounded to a multiple of the temporal patch size T (half to even, as
     Qwen2VLVideoProcessor's sample_frames), frames decoded at full size, then
     `runtime.qwen_vl.video_inputs` (one smart_resize for the clip, T frames per temporal group)."""
+    from tokedge.runtime.qwen_vl import image_spec, smart_resize
     from tokedge.runtime.qwen_vl import video_inputs as qwen_video_inputs
 
     video, layout = video_record(manifest), manifest.layout
     tp = int(layout.temporal_patch_size)
     if frames is not None:
         frames = max(tp, round(frames / tp) * tp)
+    spec = image_spec(layout, manifest.preprocess)
+    m = manifest.model
+    context = m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
+
+    def frame_size(height: int, width: int, count: int) -> tuple[int, int]:
+        """The clip's one resize (from its first frame, or the stream header before decoding), refusing
+        a clip whose visual tokens cannot fit the context: every frame is then resized as it is decoded."""
+        h, w = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
+        tokens = -(-count // tp) * (h // spec.factor) * (w // spec.factor)
+        if tokens >= context:
+            raise InputError(f"a video of {count} frames at {width}x{height} gives {tokens} visual tokens, more than "
+                             f"the model's context of {context}; use fewer --frames or a shorter clip")
+        return h, w
+
     if isinstance(source, (list, tuple)):
-        clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames)
+        clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=frame_size,
+                                      resample=spec.resample)
     else:
-        clip = read_video(source, frames, fps, video.sampling, default=video.default_frames)
+        clip = read_video(source, frames, fps, video.sampling, size=frame_size, resample=spec.resample,
+                          default=video.default_frames)
     if len(clip.frames) > video.max_frames:
         raise InputError(f"{len(clip.frames)} frames sampled (--fps) but this artifact takes at most "
                          f"{video.max_frames} per video; lower --fps or use --frames <= {video.max_frames}")
