@@ -9,6 +9,7 @@ Torch-free and onnx-free: the device runtime uses it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -153,6 +154,35 @@ def write_new(path: Path, data: bytes | str, mode: int = 0o666) -> None:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` whole: written to a temporary file of an unpredictable name,
+    created exclusively beside it (a name planted in advance, a symlink included, is never
+    opened), then renamed over `path` (a rename replaces a symlink at `path`, it never writes
+    through it). Readable as the umask allows, like any file the user writes."""
+    import tempfile
+
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def printable(text: object, limit: int = 400, keep: str = "") -> str:
