@@ -32,6 +32,7 @@ class Limits:
     """Bounds against a hostile artifact or input. Defaults fit any model tokedge exports."""
 
     manifest_bytes: int = 16 * MiB  # tokedge.json (chat templates are a few KiB)
+    engines_index_bytes: int = 16 * MiB  # engines.json of a `tokedge build` directory (a few KiB)
     tokenizer_bytes: int = 64 * MiB  # tokenizer.json (large vocabularies are ~10-30 MiB)
     reference_bytes: int = 256 * MiB  # reference.npz on disk
     reference_unpacked_bytes: int = 1 * GiB  # its arrays once decompressed
