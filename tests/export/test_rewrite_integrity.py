@@ -135,3 +135,20 @@ def test_verify_checks_the_tokenizer(art, capsys):
 def test_verify_passes_a_good_artifact(base_art, capsys):
     assert main(["verify", str(base_art)]) == 0
     assert "hashes ok" in "".join(capsys.readouterr())
+
+
+def test_quantize_embeddings_keeps_onnxruntime_lines_off_stderr(base_art, tmp_path):
+    """Issue 22 item 22: onnxruntime's quantizer logs "The IR version of the input model is 8 ..."
+    for the embedding table; stderr stays tokedge's own (shown with --debug)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TOKEDGE_DEBUG"}
+    args = [sys.executable, "-m", "tokedge", "quantize", str(base_art), "--quantize-embeddings", "--group-size", "32",
+            "--no-validate"]
+    proc = subprocess.run([*args, "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxruntime" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+    debug = subprocess.run([*args, "--out", str(tmp_path / "qd"), "--debug"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert debug.returncode == 0 and "onnxruntime.quantization" in debug.stderr

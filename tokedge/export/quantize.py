@@ -160,7 +160,11 @@ def quantize_model(model, cfg: QuantConfig, vocab_size: int, graph: str = "decod
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    # onnxruntime's quantizer logs its own lines (and calls logging.basicConfig on import): errors only,
+    # unless the caller chose a level (the CLI shows everything with --debug)
+    log = logging.getLogger("onnxruntime.quantization")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.ERROR)
     gather = cfg.embeddings and graph == "embed"
     if cfg.form == "qdq" or gather:  # int4 tensors and block-wise DequantizeLinear need opset 21
         from onnx import version_converter
