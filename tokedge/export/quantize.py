@@ -152,6 +152,39 @@ def _int8_qdq(model, group: int, exclude: set[str]) -> int:
     return count
 
 
+def check_initializers(model, where: str) -> None:
+    """Every initializer's data holds exactly what its dims and type declare: a graph whose dims lie
+    is refused in one line (ArtifactError) before numpy or onnxruntime's quantizer reshape it."""
+    import math
+
+    from onnx import TensorProto, helper
+
+    from tokedge.errors import ArtifactError
+    from tokedge.safeio import printable
+
+    packed = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            continue  # not loaded: the artifact's data file is checked where it is read
+        count = math.prod(t.dims) if all(d >= 0 for d in t.dims) else -1
+        try:
+            if t.HasField("raw_data") or t.raw_data:
+                itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                actual, expected = len(t.raw_data), (count + 1) // 2 if t.data_type in packed else count * itemsize
+            else:
+                actual = len(getattr(t, helper.tensor_dtype_to_field(t.data_type)))
+                expected = (count + 1) // 2 if t.data_type in packed else count
+                if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+                    expected = 2 * count
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{where}: initializer '{printable(t.name, 80)}' has an unknown data type "
+                                f"{t.data_type}; re-export the artifact") from None
+        if count < 0 or actual != expected:
+            raise ArtifactError(f"{where}: initializer '{printable(t.name, 80)}' declares dims {list(t.dims)} but "
+                                f"holds {actual} {'bytes' if t.raw_data else 'values'}; the graph is corrupt, "
+                                "re-export the artifact")
+
+
 def quantize_model(model, cfg: QuantConfig, vocab_size: int, graph: str = "decoder"):
     """Quantize one onnx ModelProto (the artifact's graph `graph`); returns (new ModelProto,
     weights quantized). Only the embed graph's Gather (the token table) is ever quantized."""
@@ -221,6 +254,7 @@ def quantize_graphs(root: Path, manifest, cfg: QuantConfig, external_threshold: 
     for name in wanted:
         spec = graphs[name]
         model = onnx.load(str(root / spec.file), load_external_data=True)
+        check_initializers(model, spec.file)
         before = _weight_bytes(model)
         model, count = quantize_model(model, cfg, manifest.model.vocab_size, name)
         after = _weight_bytes(model)
