@@ -152,3 +152,44 @@ def test_quantize_embeddings_keeps_onnxruntime_lines_off_stderr(base_art, tmp_pa
     debug = subprocess.run([*args, "--out", str(tmp_path / "qd"), "--debug"], capture_output=True, text=True,
                            timeout=300, env=env)
     assert debug.returncode == 0 and "onnxruntime.quantization" in debug.stderr
+
+
+def test_build_gives_tensorrt_the_verified_bytes(art, tmp_path, monkeypatch, capsys):
+    """`tokedge build` (issue 22 item 3, "any other such command"): the graphs TensorRT parses and
+    the manifest hash engines.json records are the verified ones, even when the source changes
+    right after its check. TensorRT itself is replaced by a recorder here."""
+    import hashlib
+
+    import tokedge.build.trt as trt
+
+    good = (art / "decoder.onnx").read_bytes()
+    manifest_sha = hashlib.sha256((art / MANIFEST_NAME).read_bytes()).hexdigest()
+    real = tokedge.artifact.verify_files
+    seen: dict[str, bytes] = {}
+
+    def verify_then_tamper(*args, **kwargs):
+        blobs = real(*args, **kwargs)
+        evil = tmp_path / "evil"
+        evil.write_bytes(good[:-16] + b"\0" * 16)
+        os.replace(evil, art / "decoder.onnx")
+        data = json.loads((art / MANIFEST_NAME).read_text())
+        data["files"]["decoder.onnx"] = sha256_file(art / "decoder.onnx")
+        (art / MANIFEST_NAME).write_text(json.dumps(data))
+        return blobs
+
+    def record(plan, source, out, timing_cache):
+        metas = []
+        for engine in plan.engines:
+            seen[engine.graph] = (Path(source) / engine.onnx).read_bytes()
+            (out / engine.plan).write_bytes(b"plan")
+            metas.append({"graph": engine.graph, "plan_sha256": "0" * 64})
+        return metas
+
+    monkeypatch.setattr(tokedge.artifact, "verify_files", verify_then_tamper)
+    monkeypatch.setattr(trt, "build_all", record)
+    engines = tmp_path / "engines"
+    rc = main(["build", str(art), "--profile", "jetson-orin-nano-8gb", "--out", str(engines)])
+    assert rc == 0, capsys.readouterr().err
+    assert seen["decoder"] == good, "TensorRT was given bytes that were never verified"
+    assert json.loads((engines / "engines.json").read_text())["artifact_manifest_sha256"] == manifest_sha
+    assert not list(tmp_path.glob(".engines.source-*"))
