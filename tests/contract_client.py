@@ -6,7 +6,7 @@ contract, as documented, is enough to reproduce transformers' outputs. `generate
 inputs (both layouts); `run` goes from PIL images and a question to tokens, planning tiled
 ("anyres") images itself (docs/artifact.md, "Planning a tiled image"), including reduced tiled
 artifacts (candidate plan, `base_tile`, and `image_keep` for in-LLM prefill graphs), and
-dynamic-resolution ("qwen_dynamic") images with M-RoPE positions (docs/artifact.md, "Dynamic
+dynamic-resolution ("dynamic_patches", formerly "qwen_dynamic") images with M-RoPE positions (docs/artifact.md, "Dynamic
 resolution", "Running a prompt" step 5).
 """
 
@@ -25,8 +25,8 @@ class ContractClient:
         self.root = Path(artifact)
         self.manifest = json.loads((self.root / "tokedge.json").read_text())
         self.layout = self.manifest.get("layout") or {"kind": "single"}  # absent: written before layouts
-        if self.layout["kind"] not in ("single", "anyres", "qwen_dynamic"):
-            raise ValueError(f"this client implements the 'single', 'anyres' and 'qwen_dynamic' layouts, "
+        if self.layout["kind"] not in ("single", "anyres", "dynamic_patches", "qwen_dynamic"):
+            raise ValueError(f"this client implements the 'single', 'anyres' and 'dynamic_patches' (formerly 'qwen_dynamic') layouts, "
                              f"not '{self.layout['kind']}'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -281,7 +281,7 @@ class ContractClient:
         """PIL images (all in one prompt) + a question -> (prefill_logits [1, vocab], tokens [1, n],
         input_ids [1, t]). A tiled layout plans every image (untiled when `multi_image_square` and
         there are several)."""
-        if self.layout["kind"] == "qwen_dynamic":
+        if self.layout["kind"] in ("dynamic_patches", "qwen_dynamic"):
             planned = [self.dynamic_embeds(image) for image in images]
             ids = self.encode(self.render(question, len(images)), [len(e) for e, _ in planned])
             positions = self.mrope_positions(ids, [grid for _, grid in planned])

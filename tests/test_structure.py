@@ -215,3 +215,82 @@ def test_nothing_outside_families_branches_on_the_family():
         assert family_comparisons(source, names), source
     assert family_comparisons('if layout.kind == "anyres": pass\nfamily = for_checkpoint(cfg)\n'
                               'if loaded.family.name != manifest.model.family: raise E', names) == []
+
+
+# --- layouts: nothing outside tokedge/layouts/ branches on a layout kind or its proxies --------------
+# (docs/architecture.md; the kinds and their aliases come from the registry, so layouts added later are
+# covered as they land; no whitelist)
+
+
+def layout_words() -> set[str]:
+    from tokedge.layouts import IMAGE_LAYOUTS, VIDEO_LAYOUTS
+
+    return {name for cls in [*IMAGE_LAYOUTS.values(), *VIDEO_LAYOUTS.values()] for name in (cls.kind, *cls.aliases)}
+
+
+def layout_branches(source: str, words: set[str]) -> list[str]:
+    """Comparisons with a layout kind: a kind (or alias) as a string literal in a comparison, or any
+    `<...layout/video...>.kind` compared with a string literal; and the proxies that stood in for a
+    kind (`max_pixels is not None`, `isinstance(pixel_values, ...)`)."""
+    import ast
+
+    def kind_attr(node) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "kind" and any(
+            w in ast.unparse(node.value).lower() for w in ("layout", "video"))
+
+    def literal(node, only=None) -> bool:
+        if isinstance(node, ast.Constant):
+            return isinstance(node.value, str) and (only is None or node.value in only)
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(literal(e, only) for e in node.elts)
+
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(literal(o, words) for o in operands) or (any(kind_attr(o) for o in operands)
+                                                           and any(literal(o) for o in operands)):
+                hits.append(ast.unparse(node))
+            if any(isinstance(o, ast.Attribute) and o.attr == "max_pixels" and "layout" in ast.unparse(o.value).lower()
+                   for o in operands) and any(
+                    isinstance(o, ast.Constant) and o.value is None for o in operands):
+                hits.append(ast.unparse(node))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            if node.args and "pixel_values" in ast.unparse(node.args[0]):
+                hits.append(ast.unparse(node))
+    return hits
+
+
+def test_nothing_outside_the_layout_modules_branches_on_a_layout_kind():
+    words = layout_words()
+    assert {"single", "anyres", "dynamic_patches", "qwen_dynamic", "frames"} <= words
+    offenders = [f"{name}: {hit}" for name, text in SOURCES.items() if not name.startswith("layouts/")
+                 for hit in layout_branches(text, words)]
+    assert offenders == []
+
+
+def test_the_layout_branch_check_catches_every_form():
+    words = {*layout_words(), "newlayout"}
+    caught = ['if manifest.layout.kind == "single": pass',
+              'x = video.kind != "frames"',
+              'ok = kind in ("anyres", "qwen_dynamic")',
+              'if m.layout.kind == "newlayout": pass',
+              'if layout.max_pixels is not None: pass',
+              'if manifest.layout.max_pixels is None: pass',
+              'if isinstance(pixel_values, np.ndarray): pass',
+              'if isinstance(self.pixel_values, list): pass']
+    for source in caught:
+        assert layout_branches(source, words), source
+    clean = ('layout = layout_of(manifest)\nif layout.pixel_limit() is not None: pass\nif m.kind == "counter": pass\n'
+             'if cfg.max_pixels is not None: pass\n')  # a flag the user gave is not a layout proxy
+    assert layout_branches(clean, words) == []
+
+
+def test_one_module_drives_prefill_graphs():
+    """The prompt path exists once (runtime/driver.py): images and video, run, serve, profile,
+    verify and export validation all reach the prefill through it."""
+    drivers = sorted(name for name, text in SOURCES.items()
+                     if re.search(r"\bgraphs\.prefill\(", text) or "splice_image_embeds(" in text.replace(
+                         "def splice_image_embeds(", ""))
+    assert drivers == ["runtime/driver.py"]
+    runners = sorted(name for name, text in SOURCES.items() if re.search(r"""runners\[["']prefill["']\]""", text))
+    assert runners == ["runtime/graphs.py"]  # the graph wrapper itself, behind `ArtifactGraphs.prefill`

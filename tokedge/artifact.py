@@ -121,12 +121,6 @@ class PromptInfo:
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token... for the template
 
 
-LAYOUT_KINDS = ("single", "anyres", "qwen_dynamic")
-# the oldest format_version that reads each layout kind (readers ignore keys they do not know, so a
-# layout older readers would misread needs a version they refuse)
-LAYOUT_FORMAT = {"single": 1, "anyres": 2, "qwen_dynamic": 3}
-
-
 @dataclass(frozen=True)
 class VisualLayout:
     """How one image becomes visual tokens, declared by the model family (docs/artifact.md).
@@ -146,7 +140,8 @@ class VisualLayout:
     multi_image_square: bool = False  # OneVision: images of multi-image prompts are padded square, untiled
     pad_fill: tuple[int, int, int] = (0, 0, 0)  # uint8 colour of the canvas padding (before normalising)
     image_newline: bool = False  # a learned newline embedding ends each row of tile features
-    # "qwen_dynamic" (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: docs/artifact.md, "dynamic resolution"); unused otherwise
+    # "dynamic_patches" (Qwen2-VL / Qwen2.5-VL / Qwen3-VL; older manifests: "qwen_dynamic"; docs/artifact.md,
+    # "dynamic resolution"); unused otherwise
     patch_size: int | None = None  # P: pixels per patch side
     merge_size: int | None = None  # m: m x m patches form one visual token
     temporal_patch_size: int | None = None  # T: a still image is repeated T times in each patch row
@@ -163,13 +158,18 @@ class VisualLayout:
 
     @property
     def format_version(self) -> int:
-        """The oldest manifest format that reads this layout."""
-        return LAYOUT_FORMAT.get(self.kind, FORMAT_VERSION)
+        """The oldest manifest format that reads this layout (`tokedge.layouts`)."""
+        from tokedge.layouts import IMAGE_LAYOUTS, canonical_kind
+
+        cls = IMAGE_LAYOUTS.get(canonical_kind(self.kind))
+        return cls.format_version if cls is not None else FORMAT_VERSION
 
     @property
     def per_image(self) -> bool:
         """Each image gives its own visual-token count (the runtime builds per-image vision inputs)."""
-        return self.kind != "single"
+        from tokedge.layouts import image_layout_class
+
+        return image_layout_class(self.kind).counts_per_image
 
     @property
     def position_rows(self) -> int:
@@ -177,11 +177,11 @@ class VisualLayout:
         return 3 if self.mrope_section else 1
 
     def anyres(self):
-        """This layout as the runtime's `AnyresLayout` (kind "anyres" only)."""
+        """This layout as the runtime's `AnyresLayout` (tiled layouts: tile and patch grid set)."""
         from tokedge.runtime.layout import AnyresLayout
 
-        if self.kind != "anyres" or self.tile is None or self.patch_grid is None:
-            raise ArtifactError(f"the manifest's layout is '{self.kind}', not a complete 'anyres' layout")
+        if self.tile is None or self.patch_grid is None:
+            raise ArtifactError(f"the manifest's layout is '{self.kind}', not a complete tiled layout")
         return AnyresLayout(tile=self.tile, patch_grid=self.patch_grid, pinpoints=self.pinpoints,
                             max_tiles=self.max_tiles, interpolate_threshold=self.interpolate_threshold,
                             multi_image_square=self.multi_image_square, pad_fill=self.pad_fill)
@@ -213,11 +213,11 @@ class VideoInfo:
     max_frames: int  # most frames a prompt may take (context and memory bound)
     sampling: str = "uniform"  # transformers' default_sample_indices_fn: frame i*total//N
     keep_ratio: float = 1.0  # reducing artifacts: share of a video's F*n tokens kept when no budget is given
-    # "frames" (above: OneVision) or "qwen_dynamic" (Qwen2.5-VL: frames resized and patchified with the
-    # "qwen_dynamic" layout, T frames per temporal group, `graph` = the image vision graph run once per group;
+    # "frames" (above: OneVision) or "dynamic_patches" (Qwen2.5-VL; older manifests: "qwen_dynamic": frames
+    # resized and patchified with the image layout, T frames per temporal group, `graph` = the image vision graph run once per group;
     # frame_size, patch_grid, pooled_grid and tokens_per_frame are 0, the grid follows each clip's size)
     kind: str = "frames"
-    tokens_per_second: float = 0.0  # "qwen_dynamic": M-RoPE temporal positions per second of video
+    tokens_per_second: float = 0.0  # "dynamic_patches": M-RoPE temporal positions per second of video
 
     def tokens(self, frames: int, kept: int | None = None) -> int:
         """`<video>` placeholders for `frames` frames: every pooled token (or `kept` of them) + newline."""
@@ -270,7 +270,15 @@ class Manifest:
         """Validate `data` against the schema (types, then ranges) and build the manifest."""
         from tokedge.manifest_schema import check_ranges, convert
 
+        from tokedge.layouts import canonical_kind, canonical_video_kind
+
         manifest = convert(cls, data, "")
+        # older kind names (e.g. "qwen_dynamic") read as their layout's name today
+        manifest = dataclasses.replace(manifest, layout=dataclasses.replace(
+            manifest.layout, kind=canonical_kind(manifest.layout.kind)))
+        if manifest.video is not None:
+            manifest = dataclasses.replace(manifest, video=dataclasses.replace(
+                manifest.video, kind=canonical_video_kind(manifest.video.kind)))
         check_ranges(manifest, manifest.format_version)
         return manifest
 

@@ -28,6 +28,8 @@ class Finding:
     problem: str
 
     def line(self) -> str:
+        if self.op == "profile":  # an engine plan, not a node
+            return f"engine plan for profile {self.node}: {self.problem}"
         return f"{self.graph}: node '{self.node}' ({self.op}): {self.problem}"
 
 
@@ -133,7 +135,28 @@ def check_model(model, graph_name: str, rules: dict, report: CheckReport) -> Non
                 break
 
 
-def check_artifact(artifact: Path, target: str) -> CheckReport:
+def target_profiles(target: str) -> list:
+    """The shipped device profiles of a TensorRT family (`--target trt-10.3`: the JetPack 6 devices)."""
+    from tokedge.profiles import list_profiles
+
+    version = target.removeprefix("trt-")
+    return [p for p in list_profiles().values() if p.trt_version == version]
+
+
+def check_plans(manifest, target: str, report: CheckReport, profiles=None) -> None:
+    """Engine planning, as `tokedge build` does it (`build.plan.plan_shapes`: one decision), for
+    every device profile of the target family: a finding per profile that cannot be planned."""
+    from tokedge.build.plan import plan_shapes
+    from tokedge.errors import TokedgeError
+
+    for profile in profiles if profiles is not None else target_profiles(target):
+        try:
+            plan_shapes(manifest, profile)
+        except TokedgeError as exc:
+            report.findings.append(Finding("plan", profile.name, "profile", str(exc)))
+
+
+def check_artifact(artifact: Path, target: str, profiles=None) -> CheckReport:
     try:
         import onnx_ir as ir
     except ImportError:
@@ -144,4 +167,5 @@ def check_artifact(artifact: Path, target: str) -> CheckReport:
     report = CheckReport(target=target)
     for name, spec in manifest.graphs.items():
         check_model(ir.load(root / spec.file), name, rules, report)
+    check_plans(manifest, target, report, profiles)
     return report

@@ -121,7 +121,7 @@ def export_cmd(
     quantize_lm_head: QuantLmHeadOpt = False,
     quantize_embeddings: QuantEmbedOpt = False,
     accuracy_level: AccuracyOpt = 4,
-    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Warn when this device profile cannot hold the artifact (memory plan).")] = None,
+    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Refuse an artifact whose engines this device profile cannot plan (with the fix); warn when its memory plan does not fit.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: the processor's).")] = None,
     keep: Annotated[Optional[float], typer.Option("--keep", help="Dynamic-resolution models (Qwen-VL): share of each image's tokens to keep, e.g. 0.5 (instead of --budget, a count per image).")] = None,
     json_out: JsonFlag = False,
@@ -160,8 +160,9 @@ def export_cmd(
     where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
     if m.reduction.keep is not None:
         kept = f"--keep {m.reduction.keep:g}: ceil({m.reduction.keep:g} x n) of each image's n, up to {kept}"
-    if m.layout.max_pixels is not None:  # dynamic resolution: counts follow each image's size
-        where += f" for the largest image, --max-pixels {m.layout.max_pixels}"
+    from tokedge.layouts import layout_of
+
+    where += layout_of(m).describe_budget()  # e.g. dynamic resolution: counts follow each image's size
     of = f"{m.reduction.full_tokens} visual tokens"
     from tokedge.reduce.base import Stage
 

@@ -21,14 +21,14 @@ TENSOR_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "
 MAX_DIM = 1 << 24  # no size in a tokedge manifest is anywhere near this
 
 # Bounds on quantities DERIVED from several fields, checked when any command reads a manifest (run,
-# serve, verify, memory, build --dry-run, profile, check): each field may be legal while their
-# product is a huge allocation. Every model tokedge exports is far inside them (docs/safety.md).
+# serve, verify, memory, build --dry-run, profile, check) by each layout's `check_record`: each field
+# may be legal while their product is a huge allocation. Every model tokedge exports is far inside
+# them (docs/safety.md).
 MAX_PIXELS = 1 << 25  # pixels of one image after resizing: Qwen max_pixels, an anyres canvas (Qwen3-VL: 16.8 M)
 MAX_PINPOINTS = 256  # anyres candidate canvases (OneVision: 36)
 MAX_TILES = 256  # tiles of the largest anyres canvas (OneVision anyres_max_9: 36)
 MAX_TOKENS_PER_TILE = 1 << 14  # patch_grid squared (OneVision: 729)
 MAX_PATCHES = 1 << 18  # vision patches of one image: Qwen max_pixels / patch_size^2, anyres (tiles + 1) * tile tokens
-MAX_WINDOW_CELLS = 1 << 12  # merged tokens in one Qwen2.5-VL attention window ((window_size / 28)^2 = 16)
 MAX_FRAME_PIXELS = 1 << 24  # video.frame_size squared (OneVision: 384^2)
 MAX_VIDEO_PIXELS = 1 << 28  # video.max_frames * frame pixels (OneVision: 64 x 384^2 = 9.4 M)
 
@@ -123,7 +123,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     raise ManifestError(path, _describe(tp), value)  # pragma: no cover - a type the manifest does not use
 
 
-def _positive(path: str, value: int | None, allow_none: bool = False, high: int = MAX_DIM) -> None:
+def positive(path: str, value: int | None, allow_none: bool = False, high: int = MAX_DIM) -> None:
     if value is None and allow_none:
         return
     if value is None or not 1 <= value <= high:
@@ -138,7 +138,7 @@ def check_ranges(m: Any, format_version: int) -> None:
         raise ManifestError("dtype", '"fp32" or "fp16"', m.dtype)
     for key in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
                 "max_position_embeddings", "image_size", "patch_size", "vision_hidden_size"):
-        _positive(f"model.{key}", getattr(m.model, key))
+        positive(f"model.{key}", getattr(m.model, key))
     for key in ("image_token_id", "bos_token_id", "pad_token_id"):
         value = getattr(m.model, key)
         if value is not None and not 0 <= value < 1 << 31:
@@ -147,8 +147,8 @@ def check_ranges(m: Any, format_version: int) -> None:
         if not 0 <= tok < 1 << 31:
             raise ManifestError(f"model.eos_token_ids[{i}]", "a token id >= 0", tok)
     red = m.reduction
-    _positive("reduction.full_tokens", red.full_tokens)
-    _positive("reduction.budget", red.budget, high=red.full_tokens)
+    positive("reduction.full_tokens", red.full_tokens)
+    positive("reduction.budget", red.budget, high=red.full_tokens)
     if red.budget_range is not None:
         lo, hi = red.budget_range
         if not 1 <= lo <= hi <= red.full_tokens:
@@ -156,16 +156,16 @@ def check_ranges(m: Any, format_version: int) -> None:
                                 list(red.budget_range))
     if red.keep is not None and not 0.0 < red.keep <= 1.0:
         raise ManifestError("reduction.keep", "a ratio in (0, 1] or null", red.keep)
-    _positive("prompt.visual_tokens", m.prompt.visual_tokens, high=red.full_tokens)
+    positive("prompt.visual_tokens", m.prompt.visual_tokens, high=red.full_tokens)
     if not m.prompt.image_token:
         raise ManifestError("prompt.image_token", "a non-empty string", m.prompt.image_token)
     pre = m.preprocess
     for i, size in enumerate(pre.crop_size):
-        _positive(f"preprocess.crop_size[{i}]", size, high=16384)
-    _positive("preprocess.resize_shortest_edge", pre.resize_shortest_edge, allow_none=True, high=16384)
+        positive(f"preprocess.crop_size[{i}]", size, high=16384)
+    positive("preprocess.resize_shortest_edge", pre.resize_shortest_edge, allow_none=True, high=16384)
     if pre.resize_size is not None:
         for i, size in enumerate(pre.resize_size):
-            _positive(f"preprocess.resize_size[{i}]", size, high=16384)
+            positive(f"preprocess.resize_size[{i}]", size, high=16384)
     if pre.resample not in range(6):
         raise ManifestError("preprocess.resample", "a PIL resample value 0..5", pre.resample)
     if any(s == 0 for s in pre.image_std):
@@ -173,7 +173,6 @@ def check_ranges(m: Any, format_version: int) -> None:
     _check_layout(m.layout, m.format_version)
     if m.video is not None:
         _check_video(m.video, m.graphs)
-    check_derived(m.layout, m.video)
     for name in ("vision", "embed", "decoder"):
         if name not in m.graphs:
             raise ManifestError(f"graphs.{name}", "present")
@@ -202,55 +201,15 @@ def check_ranges(m: Any, format_version: int) -> None:
 
 
 def _check_layout(layout: Any, format_version: int) -> None:
-    from tokedge.artifact import LAYOUT_KINDS
+    from tokedge.layouts import IMAGE_LAYOUTS
 
-    if layout.kind not in LAYOUT_KINDS:
-        raise ManifestError("layout.kind", " or ".join(f'"{k}"' for k in LAYOUT_KINDS), layout.kind)
-    if layout.kind == "single":
-        return
-    if format_version < layout.format_version:  # a reader that ignores `layout` would misread the artifact
-        raise ManifestError("format_version", f'{layout.format_version} or more for a "{layout.kind}" layout',
+    cls = IMAGE_LAYOUTS.get(layout.kind)
+    if cls is None:
+        raise ManifestError("layout.kind", " or ".join(f'"{k}"' for k in IMAGE_LAYOUTS), layout.kind)
+    if format_version < cls.format_version:  # a reader that ignores `layout` would misread the artifact
+        raise ManifestError("format_version", f'{cls.format_version} or more for a "{layout.kind}" layout',
                             format_version)
-    if layout.kind == "qwen_dynamic":
-        _check_dynamic(layout)
-        return
-    _positive("layout.tile", layout.tile, high=16384)
-    _positive("layout.patch_grid", layout.patch_grid, high=4096)
-    if not layout.pinpoints:
-        raise ManifestError("layout.pinpoints", "a non-empty list of [height, width]", [])
-    for i, (h, w) in enumerate(layout.pinpoints):
-        if not (1 <= h <= 16384 and 1 <= w <= 16384) or h % layout.tile or w % layout.tile:
-            raise ManifestError(f"layout.pinpoints[{i}]", f"[height, width], multiples of layout.tile ({layout.tile})",
-                                [h, w])
-    _positive("layout.max_tiles", layout.max_tiles, allow_none=True, high=4096)
-    if not all(0 <= c <= 255 for c in layout.pad_fill):
-        raise ManifestError("layout.pad_fill", "three integers 0..255", list(layout.pad_fill))
-
-
-def _check_dynamic(layout: Any) -> None:
-    """A "qwen_dynamic" layout: sizes the numpy preprocessing and M-RoPE positions rely on."""
-    _positive("layout.patch_size", layout.patch_size, high=1024)
-    _positive("layout.merge_size", layout.merge_size, high=64)
-    _positive("layout.temporal_patch_size", layout.temporal_patch_size, high=64)
-    factor = layout.patch_size * layout.merge_size
-    _positive("layout.min_pixels", layout.min_pixels, high=1 << 30)
-    _positive("layout.max_pixels", layout.max_pixels, high=1 << 30)
-    if layout.max_pixels < max(layout.min_pixels, factor * factor):
-        raise ManifestError("layout.max_pixels", f"at least layout.min_pixels ({layout.min_pixels}) and one "
-                            f"merged patch ({factor * factor})", layout.max_pixels)
-    if layout.window_size is not None and (layout.window_size < factor or layout.window_size % factor):
-        raise ManifestError("layout.window_size", f"a multiple of patch_size * merge_size ({factor}) or null",
-                            layout.window_size)
-    if len(layout.mrope_section) not in (0, 3) or any(v < 1 for v in layout.mrope_section):
-        raise ManifestError("layout.mrope_section", "three positive integers (or empty for 1-D positions)",
-                            list(layout.mrope_section))
-    _positive("layout.position_table", layout.position_table, allow_none=True, high=4096)
-    if not 0 <= layout.deepstack_levels <= 64:
-        raise ManifestError("layout.deepstack_levels", "an integer 0..64", layout.deepstack_levels)
-    for key in ("vision_start_token_id", "vision_end_token_id"):
-        value = getattr(layout, key)
-        if value is not None and not 0 <= value < 1 << 31:
-            raise ManifestError(f"layout.{key}", "a token id >= 0", value)
+    cls.check_record(layout, format_version)
 
 
 def _check_video(video: Any, graphs: dict) -> None:
@@ -260,15 +219,12 @@ def _check_video(video: Any, graphs: dict) -> None:
         raise ManifestError("video.video_token", "a non-empty string", video.video_token)
     if not 0 <= video.video_token_id < 1 << 31:
         raise ManifestError("video.video_token_id", "a token id >= 0", video.video_token_id)
-    if video.kind not in ("frames", "qwen_dynamic"):
-        raise ManifestError("video.kind", '"frames" or "qwen_dynamic"', video.kind)
-    if video.kind == "qwen_dynamic":  # frames follow the layout; the grid is each clip's own
-        if not 0 < video.tokens_per_second < 1e6:
-            raise ManifestError("video.tokens_per_second", "a positive number", video.tokens_per_second)
-    else:
-        _positive("video.frame_size", video.frame_size, high=16384)
-        _positive("video.patch_grid", video.patch_grid, high=4096)
-        _positive("video.pooled_grid", video.pooled_grid, high=video.patch_grid)
+    from tokedge.layouts import VIDEO_LAYOUTS
+
+    cls = VIDEO_LAYOUTS.get(video.kind)
+    if cls is None:
+        raise ManifestError("video.kind", " or ".join(f'"{k}"' for k in VIDEO_LAYOUTS), video.kind)
+    cls.check_record(video)
     if video.tokens_per_frame != video.pooled_grid * video.pooled_grid:
         raise ManifestError("video.tokens_per_frame", f"pooled_grid squared ({video.pooled_grid ** 2})",
                             video.tokens_per_frame)
@@ -278,44 +234,16 @@ def _check_video(video: Any, graphs: dict) -> None:
         raise ManifestError("video.resample", "a PIL resample value 0..5", video.resample)
     if any(s == 0 for s in video.std):
         raise ManifestError("video.std", "non-zero numbers", list(video.std))
-    _positive("video.max_frames", video.max_frames, high=4096)
-    _positive("video.default_frames", video.default_frames, high=video.max_frames)
+    positive("video.max_frames", video.max_frames, high=4096)
+    positive("video.default_frames", video.default_frames, high=video.max_frames)
     if not 0 < video.keep_ratio <= 1:
         raise ManifestError("video.keep_ratio", "a number in (0, 1]", video.keep_ratio)
     if video.sampling not in ("uniform", "linspace"):
         raise ManifestError("video.sampling", '"uniform" or "linspace"', video.sampling)
 
 
-def _bounded(path: str, what: str, value: int, limit: int) -> None:
+def bounded(path: str, what: str, value: int, limit: int) -> None:
+    """A quantity derived from several fields (the MAX_* bounds above), refused past `limit`;
+    each layout's `check_record` names its own (tokedge/layouts)."""
     if value > limit:
         raise ManifestError(path, f"a value whose {what} stays within {limit}", value)
-
-
-def check_derived(layout: Any, video: Any) -> None:
-    """Quantities derived from several (each legal) fields, bounded before anything is allocated
-    from them: pixels after resizing, tiles, tokens per tile, patches per image, window cells,
-    frame pixels."""
-    if layout.kind == "anyres":
-        tile, grid = layout.tile, layout.patch_grid
-        _bounded("layout.pinpoints", "count", len(layout.pinpoints), MAX_PINPOINTS)
-        _bounded("layout.patch_grid", "square (tokens per tile)", grid * grid, MAX_TOKENS_PER_TILE)
-        for i, (h, w) in enumerate(layout.pinpoints):
-            _bounded(f"layout.pinpoints[{i}]", "pixel count", h * w, MAX_PIXELS)
-            tiles = (h // tile) * (w // tile)
-            _bounded(f"layout.pinpoints[{i}]", f"tile count (at layout.tile {tile})", tiles, MAX_TILES)
-            _bounded(f"layout.pinpoints[{i}]", "patch count ((tiles + 1) * patch_grid^2)", (tiles + 1) * grid * grid,
-                     MAX_PATCHES)
-    elif layout.kind == "qwen_dynamic":
-        factor = layout.patch_size * layout.merge_size
-        _bounded("layout.max_pixels", "pixel count", layout.max_pixels, MAX_PIXELS)
-        _bounded("layout.max_pixels", f"patch count (/ patch_size^2 = {layout.patch_size ** 2})",
-                 layout.max_pixels // layout.patch_size ** 2, MAX_PATCHES)
-        if layout.window_size is not None:
-            _bounded("layout.window_size", "window cells ((window_size / (patch_size * merge_size))^2)",
-                     (layout.window_size // factor) ** 2, MAX_WINDOW_CELLS)
-    if video is not None and video.kind == "frames":
-        pixels = video.frame_size * video.frame_size
-        _bounded("video.frame_size", "frame pixels (squared)", pixels, MAX_FRAME_PIXELS)
-        _bounded("video.max_frames", f"pixels over all frames (x {pixels} per frame)", video.max_frames * pixels,
-                 MAX_VIDEO_PIXELS)
-        _bounded("video.patch_grid", "square (tokens per frame)", video.patch_grid ** 2, MAX_TOKENS_PER_TILE)

@@ -201,31 +201,27 @@ class ImageBounds:
 
 
 def image_bounds(manifest: Manifest) -> ImageBounds:
-    red = manifest.reduction
-    if manifest.layout.kind == "single":
-        parts, full, tiled = (1, 1, 1), (red.full_tokens,) * 3, False
-    else:
-        from tokedge.runtime.layout import bounds as layout_bounds
+    from tokedge.layouts import layout_of
 
-        bounds = layout_bounds(manifest.layout)  # tiled, or dynamic resolution (pixel range)
-        parts, full, tiled = bounds.partitions, bounds.tokens, True
+    layout = layout_of(manifest)
+    bounds = layout.bounds()
+    full = bounds.tokens
     prompt = (prompt_tokens_for(manifest, full[0]), prompt_tokens_for(manifest, full[1]),
               prompt_tokens_for(manifest, full[2]))
-    return ImageBounds(partitions=parts, vision_tokens=full, prompt_tokens=prompt, tiled=tiled)
+    return ImageBounds(partitions=bounds.partitions, vision_tokens=full, prompt_tokens=prompt,
+                       tiled=layout.counts_per_image)
 
 
 def prompt_tokens_for(manifest: Manifest, image_tokens: int, budget: int | None = None) -> int:
     """Placeholders in the prompt for an image whose packing gives `image_tokens` visual tokens:
-    pre-LLM and in-ViT methods hand the LLM their budget (`budget`, else the artifact's) whatever
-    the image; `none` and in-LLM methods all of the image's tokens."""
+    pre-LLM and in-ViT methods hand the LLM their budget (`budget`, else the artifact's, per image
+    as the layout counts it) whatever the image; `none` and in-LLM methods all of the image's tokens."""
+    from tokedge.layouts import layout_of
+
     red = manifest.reduction
     if Stage(red.stage) in (Stage.NONE, Stage.IN_LLM, Stage.TEMPORAL):
         return image_tokens
-    if manifest.layout.max_pixels is not None and budget is None:  # dynamic resolution: a count per image
-        from tokedge.reduce.quota import vision_budget
-
-        return vision_budget(red).per_image(image_tokens)
-    return red.budget if budget is None else budget
+    return layout_of(manifest).prompt_tokens(image_tokens, budget)
 
 
 def visual_tokens_of(manifest: Manifest) -> int:
@@ -262,7 +258,9 @@ def predicted_artifact_bytes(manifest: Manifest) -> dict[str, int]:
     out = weight_bytes(manifest.model, tuple(manifest.graphs), scheme)
     video = manifest.video
     # a video graph of its own (OneVision): the tower and projector again, never quantized (Qwen reuses "vision")
-    if video is not None and video.kind == "frames" and video.graph in manifest.graphs:
+    from tokedge.layouts import video_layout_of
+
+    if video is not None and video_layout_of(manifest).separate_graph():
         out[video.graph] = weight_bytes(manifest.model, ("vision",), WeightScheme(DTYPE_BYTES[manifest.dtype]))["vision"]
     return out
 

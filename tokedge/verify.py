@@ -49,8 +49,11 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
     if loaded.family.name != manifest.model.family:
         raise InputError(f"--checkpoint '{checkpoint}' is a {loaded.family.name} checkpoint, the artifact was "
                          f"exported from a {manifest.model.family} one; pass the checkpoint it was exported from")
-    if manifest.layout.max_pixels is not None:  # dynamic resolution: the artifact's --max-pixels, not the default
-        loaded = loaded.family.with_max_pixels(loaded, manifest.layout.max_pixels)
+    from tokedge.layouts import layout_of
+
+    layout = layout_of(manifest)
+    if layout.pixel_limit() is not None:  # images resized to a pixel budget: the artifact's --max-pixels
+        loaded = loaded.family.with_max_pixels(loaded, layout.pixel_limit())
     method = get_method(red.method)
     if method.reduces_over_time:  # temporal methods reduce videos only: the image cases keep every token
         method = get_method("none")
@@ -59,11 +62,7 @@ def _recompute(manifest, checkpoint: str, pixel_values, cases):
 
         plan = plan_for(method, red.budget, red.full_tokens, loaded.spec.text_layers or 0, dict(red.options))
         modules = loaded.family.modules(loaded, method, red.full_tokens, dict(red.options), plan)
-        per_image = None
-        if manifest.layout.max_pixels is not None:  # dynamic resolution: each image keeps its share, as at export
-            from tokedge.reduce.quota import TokenBudget
-
-            per_image = TokenBudget(keep=red.keep) if red.keep is not None else TokenBudget(count=red.budget)
+        per_image = layout.prefill_budget()  # per-image counts where images differ, as at export
         return [reference_pruned_from_ids(loaded, modules, pixel_values, c["input_ids"], c["attention_mask"],
                                           int(c["budget"]), c["step_logits"].shape[1],
                                           image=_case_image(c), per_image=per_image) for c in cases]

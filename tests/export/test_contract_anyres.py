@@ -149,7 +149,7 @@ def _tokedge_reference(artifact, images, question):
     """tokedge's own run of the prompt: Pipeline.generate's tokens, and the prefill logits of the
     same runtime path (layout.prompt_inputs -> PromptEncoder -> runtime.generate)."""
     from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
     from tokedge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(artifact)

@@ -408,7 +408,7 @@ def test_two_image_prompt_matches_transformers(ov_loaded, hf_onevision, ov_artif
         enc = pipe.encoder.encode([question], [[730, 730]])
         np.testing.assert_array_equal(enc.input_ids[0], batch["input_ids"][0].numpy())
         from tokedge.runtime.generate import SamplingConfig, generate
-        from tokedge.runtime.layout import prompt_inputs
+        from tokedge.layouts import prompt_inputs
 
         gen = generate(pipe.graphs, prompt_inputs(pipe.manifest, images), enc.input_ids, enc.attention_mask,
                        SamplingConfig(max_new_tokens=1), images_per_row=[2])

@@ -71,7 +71,7 @@ def test_manifest_records_the_dynamic_layout_as_format_3(qwen2_5_vl_artifact, ti
     config = json.loads((tiny_qwen2_5_vl_dir / "config.json").read_text())
     processor = json.loads((tiny_qwen2_5_vl_dir / "preprocessor_config.json").read_text())
     layout = load_artifact(qwen2_5_vl_artifact).layout
-    assert layout.kind == "qwen_dynamic" and layout.position_rows == 3
+    assert layout.kind == "dynamic_patches" and layout.position_rows == 3
     assert (layout.patch_size, layout.merge_size, layout.temporal_patch_size, layout.window_size) == (14, 2, 2, 112)
     assert (layout.min_pixels, layout.max_pixels) == (processor["size"]["shortest_edge"],
                                                       processor["size"]["longest_edge"])
@@ -112,7 +112,7 @@ def test_max_pixels_resizes_large_images_down_and_verify_replays(tiny_qwen2_5_vl
     --checkpoint` recomputes the reference with it."""
     from tokedge.artifact import load_artifact
     from tokedge.export.pipeline import ExportConfig, export
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
     from tokedge.verify import verify
 
     out = tmp_path / "art"
@@ -142,7 +142,7 @@ def test_hub_style_config_is_read_without_weights():
                              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
                              "fullatt_block_indexes": [7, 15, 23, 31]}}
     spec = for_checkpoint(cfg).inspect(cfg)
-    assert spec.layout.kind == "qwen_dynamic" and spec.layout.mrope_section == (16, 24, 24)
+    assert spec.layout.kind == "dynamic_patches" and spec.layout.mrope_section == (16, 24, 24)
     assert spec.layout.fullatt_blocks == (7, 15, 23, 31) and spec.text_layers == 36
     assert spec.full_tokens == 1003520 // 28**2  # the processor class default until the processor is read
 

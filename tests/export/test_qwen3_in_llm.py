@@ -242,7 +242,7 @@ def test_dart_artifact_run_and_verify_match_the_reference(qwen3, tmp_path, capsy
     from tokedge.cli import main
     from tokedge.export.pipeline import ExportConfig, export
     from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
     from tokedge.runtime.pipeline import Pipeline
 
     model, _, ckpt = qwen3

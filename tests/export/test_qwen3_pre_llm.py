@@ -180,7 +180,7 @@ def test_visionzip_artifact_runs_as_the_reference(hf, tiny_qwen3_vl_dir, tmp_pat
     reduced prompt (its tower, loop selection, DeepStack on the kept rows, kept M-RoPE columns)."""
     from tokedge.export.pipeline import ExportConfig, export
     from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
     from tokedge.runtime.pipeline import Pipeline
 
     model, tok, processor = hf

@@ -87,7 +87,7 @@ def test_run_equals_transformers_generate(qwen3_art, hf_qwen3, case, tmp_path, c
     (its own preprocessing, prompt, M-RoPE positions) within 1e-3 of generate's."""
     from tokedge.cli import main
     from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
     from tokedge.runtime.pipeline import Pipeline
 
     images = _images(case)
@@ -192,7 +192,7 @@ def test_manifest_records_the_qwen3_layout(qwen3_art):
     layout = manifest.layout
     assert manifest.model.family == "qwen3_vl" and manifest.format_version == 3
     assert (layout.kind, layout.patch_size, layout.window_size, layout.mrope_interleaved) == \
-        ("qwen_dynamic", 16, None, True)
+        ("dynamic_patches", 16, None, True)
     assert (layout.position_table, layout.deepstack_levels, layout.mrope_section) == (12, 2, (6, 5, 5))
     assert manifest.graphs["decoder"].input("inputs_embeds").shape[-1] == 3 * manifest.model.hidden_size
 

@@ -60,7 +60,7 @@ def _reference(hf, images):
 @pytest.mark.parametrize("case", list(SIZES))
 def test_run_equals_transformers_generate(pipe, hf_qwen2_5_vl, case):
     from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
 
     images = [_image(w, h, seed=i + 1) for i, (w, h) in enumerate(SIZES[case])]
     ids, counts, ref_tokens, ref_logits = _reference(hf_qwen2_5_vl, images)

@@ -1,5 +1,5 @@
 """Qwen2.5-VL video, `--method none`, end to end (issue 13): the session Qwen2.5-VL artifact (its
-manifest carries a "qwen_dynamic" video record), run torch-free, equals transformers'
+manifest carries a "dynamic_patches" video record), run torch-free, equals transformers'
 `Qwen2_5_VLForConditionalGeneration.generate(pixel_values_videos=..., video_grid_thw=...,
 second_per_grid_ts=...)` token for token, prefill logits within 1e-3, on a tiny clip written with PyAV.
 
@@ -105,7 +105,7 @@ def _reference(hf, path: Path, n: int):
 
 def test_manifest_carries_qwen_video_record(pipe, hf_qwen2_5_vl):
     video = pipe.manifest.video
-    assert video is not None and video.kind == "qwen_dynamic" and video.graph == "vision"
+    assert video is not None and video.kind == "dynamic_patches" and video.graph == "vision"
     assert video.video_token == "<|video_pad|>"
     assert video.video_token_id == hf_qwen2_5_vl[0].config.video_token_id
     assert video.tokens_per_second == hf_qwen2_5_vl[0].config.vision_config.tokens_per_second == 2

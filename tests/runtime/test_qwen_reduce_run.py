@@ -38,7 +38,7 @@ def dart_artifact(tmp_path_factory, tiny_qwen2_5_vl_dir):
 
 def test_dart_keep_run_equals_reference(dart_artifact, hf_qwen2_5_vl):
     from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
     from tokedge.runtime.pipeline import Pipeline
 
     model, tok, processor = hf_qwen2_5_vl
@@ -211,7 +211,7 @@ def _pre_llm_run_equals_reference(artifact, hf_qwen2_5_vl, keep, pick):
             x = torch.cat([x, model.model.language_model.embed_tokens(torch.tensor([[nxt]]))], 1)
             pos = torch.cat([pos, pos[:, :, -1:] + 1], 2)
     from tokedge.runtime.generate import SamplingConfig, generate
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
 
     with Pipeline.load(artifact) as pipe:
         assert pipe.manifest.reduction.keep == keep

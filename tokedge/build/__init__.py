@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tokedge.axes import TYPICAL_TEXT_TOKENS
 from tokedge.build.plan import (
     FP32_LAYERS,
-    TYPICAL_TEXT_TOKENS,
     BuildPlan,
     EnginePlan,
     OptProfile,
@@ -29,7 +29,7 @@ def check_warnings(artifact: Path, trt_version: str) -> list[str]:
     """What `tokedge check` would reject for this TensorRT family, as warning lines (empty: clean)."""
     from tokedge.check import check_artifact
 
-    report = check_artifact(artifact, f"trt-{trt_version}")
+    report = check_artifact(artifact, f"trt-{trt_version}", profiles=[])  # ops only: build plans its own profile
     if report.ok:
         return []
     first = report.findings[0].line()

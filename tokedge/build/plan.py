@@ -10,15 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokedge.artifact import Manifest, TensorSpec
+from tokedge.axes import axis_bounds
 from tokedge.errors import UsageError
 from tokedge.memory import image_bounds
 from tokedge.profiles import DeviceProfile
 
 # layer types kept in fp32 under TensorRT 10.x builder precision flags (scores, softmax, TopK)
 FP32_LAYERS = ("SOFTMAX", "TOPK", "REDUCE")
-TYPICAL_TEXT_TOKENS = 64  # prompt text beside the image, for the `opt` shapes
-PARTITIONS = "partitions"  # tiled layouts: the vision graph's views of one image (base view + tiles)
-PACKING_INPUTS = ("pack_index", "pack_weight")  # tiled layouts: one row per visual token of the image
 
 
 @dataclass(frozen=True)
@@ -91,140 +89,72 @@ def precision_settings(profile: DeviceProfile, artifact_dtype: str) -> tuple[boo
     return False, tuple(flags), FP32_LAYERS if flags else ()
 
 
-class _Axes:
-    """min/opt/max for every symbolic axis name of the artifact, from the device profile and the
-    manifest's visual layout (`memory.image_bounds`: partitions and visual tokens per image, read
-    as data; a tiled layout's counts vary with the image size)."""
-
-    def __init__(self, manifest: Manifest, profile: DeviceProfile, phase: str):
-        red = manifest.reduction
-        text = TYPICAL_TEXT_TOKENS
-        image = image_bounds(manifest)
-        fewest_visual, opt_visual, most_visual = image.prompt_tokens
-        if image.tiled:
-            prompt_visual = fewest_visual  # the smallest image must fit; larger ones are checked below
+def _shape(spec: TensorSpec, axes: dict[str, tuple[int, int, int]], graph: str) -> ShapeRange:
+    """An input's shape range from its declared dims: sizes as they are, axes from their bounds."""
+    mins, opts, maxs = [], [], []
+    for dim in spec.shape:
+        if isinstance(dim, int):
+            lo = opt = hi = dim
+        elif dim in axes:
+            lo, opt, hi = axes[dim]
         else:
-            prompt_visual = manifest.prompt.visual_tokens
-            opt_visual = prompt_visual
-        if profile.max_prompt_tokens <= prompt_visual:
-            raise UsageError(f"profile {profile.name} allows {profile.max_prompt_tokens} prompt tokens, fewer than the "
-                             f"artifact's {prompt_visual} visual tokens plus text")
-        if red.budget_range:  # the fewest visual tokens a prompt can carry
-            prompt_visual = max(red.budget_range[0], profile.budget_min)
-        max_total = min(profile.max_sequence, manifest.model.max_position_embeddings)
-        max_prompt = min(profile.max_prompt_tokens, max_total - 1)  # leave room for at least one new token
-        if max_prompt <= prompt_visual:
-            raise UsageError(f"profile {profile.name} leaves {max_prompt} prompt tokens, not more than the "
-                             f"artifact's {prompt_visual} visual tokens")
-        self.warnings: list[str] = []
-        if image.tiled and most_visual >= max_prompt:
-            self.warnings.append(
-                f"profile {profile.name} allows {max_prompt} prompt tokens but the layout's largest image gives "
-                f"{most_visual} visual tokens: images over {max_prompt - 1} visual tokens will not run on these "
-                "engines (use a profile with a larger max_prompt_tokens, or a reduced artifact)")
-        opt_prompt = min(max_prompt, opt_visual + text)
-        self.ranges: dict[str, tuple[int, int, int]] = {"batch": (1, 1, profile.max_batch)}
-        if phase == "decode":
-            self.ranges["sequence"] = (1, 1, 1)
-        elif phase == "prefill":
-            self.ranges["sequence"] = (prompt_visual + 1, opt_prompt, max_prompt)
-        else:  # embed: prompts and single decode tokens
-            self.ranges["sequence"] = (1, opt_prompt, max_prompt)
-        cut = {0: 0}
-        for g, stage in enumerate(red.stages, start=1):
-            cut[g] = red.full_tokens - stage["keep"]
-        for g, removed in cut.items():
-            suffix = "" if g == 0 else f".{g}"
-            if phase == "decode":
-                self.ranges["past_sequence" + suffix] = (1, opt_prompt - removed, max_total - 1 - removed)
-                self.ranges["total_sequence" + suffix] = (2, opt_prompt - removed + 1, max_total - removed)
-            else:
-                self.ranges["past_sequence" + suffix] = (0, 0, 0)
-                lo, opt, hi = self.ranges["sequence"]
-                self.ranges["total_sequence" + suffix] = (lo, opt, hi)
-                self.ranges["sequence" + suffix] = (max(1, lo - removed), max(1, opt - removed), hi - removed)
-        # tiled layouts: the vision graph runs one image's partitions (base view + tiles) at a time,
-        # and its packing plan has one row per visual token of that image
-        self.ranges[PARTITIONS] = image.partitions
-        if manifest.video is not None and manifest.video.kind == "frames":  # one video's frames at once
-            self.ranges["frames"] = (1, manifest.video.default_frames, manifest.video.max_frames)
-        self.image_tokens = image.vision_tokens
-        if image.tiled and not red.budget_range:
-            self.ranges["visual_tokens"] = image.vision_tokens
-        merge = manifest.layout.merge_size
-        if merge:  # dynamic resolution: one image's patches (m² per visual token) and merged tokens
-            lo, opt, hi = image.vision_tokens
-            self.ranges["patches"] = (lo * merge * merge, opt * merge * merge, hi * merge * merge)
-            self.ranges["image_tokens"] = image.vision_tokens
-        if red.stages:  # the prefill's image positions: every image token of a prompt, one image or several
-            lo, opt, hi = image.vision_tokens
-            self.ranges["image_tokens"] = (lo, opt, max(hi, max_prompt - 1))
-        if red.budget_range:
-            lo = max(red.budget_range[0], profile.budget_min)
-            hi = min(red.budget_range[1], profile.budget_max)
-            if lo > hi:
-                raise UsageError(f"the artifact's budget range {red.budget_range[0]}..{red.budget_range[1]} and profile "
-                                 f"{profile.name}'s {profile.budget_min}..{profile.budget_max} do not overlap")
-            self.budget = (lo, min(max(red.budget, lo), hi), hi)
-            self.ranges["visual_tokens"] = self.budget
-        else:
-            self.budget = None
-
-    def shape(self, spec: TensorSpec) -> ShapeRange:
-        mins, opts, maxs = [], [], []
-        for dim in spec.shape:
-            if isinstance(dim, int):
-                lo = opt = hi = dim
-            elif dim in self.ranges:
-                lo, opt, hi = self.ranges[dim]
-            else:
-                raise UsageError(f"input {spec.name} has axis '{dim}' that tokedge build does not know how to bound")
-            mins.append(lo)
-            opts.append(opt)
-            maxs.append(hi)
-        return ShapeRange(tuple(mins), tuple(opts), tuple(maxs))
+            raise UsageError(f"graph {graph}: input {spec.name} has axis '{dim}' that no layout or graph of this "
+                             "artifact declares bounds for; re-export it with this tokedge")
+        mins.append(lo)
+        opts.append(opt)
+        maxs.append(hi)
+    rng = ShapeRange(tuple(mins), tuple(opts), tuple(maxs))
+    if not all(0 <= a <= b <= c for a, b, c in zip(rng.min, rng.opt, rng.max)):
+        raise UsageError(f"graph {graph}: input {spec.name} got the impossible shape range min {list(rng.min)} "
+                         f"opt {list(rng.opt)} max {list(rng.max)}")  # a bug: `axes.bounded` makes them ordered
+    return rng
 
 
 def _profile(name: str, manifest: Manifest, graph: str, profile: DeviceProfile,
              phase: str) -> tuple[OptProfile, list[str]]:
-    axes = _Axes(manifest, profile, phase)
+    bounds = axis_bounds(manifest, profile, graph, phase)
     spec = manifest.graphs[graph]
     shapes, values = {}, {}
     for tensor in spec.inputs:
-        if tensor.name == "budget":
-            assert axes.budget is not None
-            lo, opt, hi = axes.budget
-            values["budget"] = ShapeRange((lo,), (opt,), (hi,))  # a 0-d shape tensor: one value
+        if tensor.name in bounds.values:  # a 0-d shape tensor: one value
+            lo, opt, hi = bounds.values[tensor.name]
+            values[tensor.name] = ShapeRange((lo,), (opt,), (hi,))
             continue
-        shapes[tensor.name] = axes.shape(tensor)
-        if tensor.name in PACKING_INPUTS and not isinstance(tensor.shape[0], int):
-            # rows = the image's visual tokens before reduction, whatever the axis is named (a
-            # reduced graph may share the name with its budget)
-            rng = shapes[tensor.name]
-            lo, opt, hi = axes.image_tokens
-            shapes[tensor.name] = ShapeRange((lo, *rng.min[1:]), (opt, *rng.opt[1:]), (hi, *rng.max[1:]))
-    return OptProfile(name=name, shapes=shapes, values=values), axes.warnings
+        shapes[tensor.name] = _shape(tensor, bounds.shapes, graph)
+    return OptProfile(name=name, shapes=shapes, values=values), bounds.warnings
+
+
+def graph_phases(manifest: Manifest, graph: str) -> tuple[tuple[str, str], ...]:
+    """(profile name, phase) of each optimisation profile a graph's engine gets."""
+    if graph == "decoder":
+        return (("decode", "decode"),) if "prefill" in manifest.graphs else (("prefill", "prefill"), ("decode", "decode"))
+    if graph == "prefill":
+        return (("prefill", "prefill"),)
+    return (("default", "default"),)
+
+
+def plan_shapes(manifest: Manifest, profile: DeviceProfile) -> tuple[dict[str, tuple[OptProfile, ...]], list[str]]:
+    """THE decision whether an artifact's graphs can be planned for a device profile (`check` and
+    `build` both call it): every graph's optimisation profiles, or a `UsageError` naming what cannot
+    be bounded and the fix. -> ({graph: profiles}, warnings)."""
+    out: dict[str, tuple[OptProfile, ...]] = {}
+    warnings: list[str] = []
+    for graph in manifest.graphs:
+        planned = [_profile(name, manifest, graph, profile, phase) for name, phase in graph_phases(manifest, graph)]
+        out[graph] = tuple(opt for opt, _ in planned)
+        warnings += [w for _, ws in planned for w in ws if w not in warnings]
+    return out, warnings
 
 
 def plan_build(manifest: Manifest, profile: DeviceProfile, artifact: Path) -> BuildPlan:
     strongly_typed, flags, fp32_layers = precision_settings(profile, manifest.dtype)
     notes = []
-    warnings: list[str] = []
+    shapes, warnings = plan_shapes(manifest, profile)
     engines = []
     for graph, spec in manifest.graphs.items():
-        if graph == "decoder":
-            phases = (("decode", "decode"),) if "prefill" in manifest.graphs else (("prefill", "prefill"),
-                                                                                   ("decode", "decode"))
-        elif graph == "prefill":
-            phases = (("prefill", "prefill"),)
-        else:
-            phases = (("default", "default"),)
-        planned = [_profile(name, manifest, graph, profile, phase) for name, phase in phases]
-        profiles = tuple(opt for opt, _ in planned)
-        warnings += [w for _, ws in planned for w in ws if w not in warnings]
         engines.append(EnginePlan(
             graph=graph, onnx=spec.file, onnx_sha256=manifest.files[spec.file], plan=f"{graph}.plan",
-            profiles=profiles, strongly_typed=strongly_typed, builder_flags=flags, fp32_layer_types=fp32_layers,
+            profiles=shapes[graph], strongly_typed=strongly_typed, builder_flags=flags, fp32_layer_types=fp32_layers,
             workspace_mb=profile.workspace_mb,
         ))
     if profile.dla_cores:
@@ -232,7 +162,7 @@ def plan_build(manifest: Manifest, profile: DeviceProfile, artifact: Path) -> Bu
                      "TopK/GatherND support needed by the reduction)")
     image = image_bounds(manifest)
     if image.tiled:
-        notes.append(f"tiled layout: per image {image.partitions[0]}..{image.partitions[2]} partitions and "
+        notes.append(f"per-image layout: per image {image.partitions[0]}..{image.partitions[2]} partitions and "
                      f"{image.vision_tokens[0]}..{image.vision_tokens[2]} visual tokens before reduction "
                      f"({image.prompt_tokens[2]} at most in the prompt), from the manifest's layout")
     return BuildPlan(artifact=str(artifact), profile=profile.name, trt_version=profile.trt_version,

@@ -191,15 +191,19 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     if temporal is not None and getattr(family, "video", None) is None:
         temporal.refuse_without_video(family.name)
     family.check_method(method)
-    anyres = spec.layout.per_image  # per-image token counts: one reference case per example image
-    if cfg.max_pixels is not None and spec.layout.max_pixels is None:
+    from tokedge.layouts import image_layout_class
+
+    layout_class = image_layout_class(spec.layout.kind)
+    anyres = layout_class.counts_per_image  # per-image token counts: one reference case per example image
+    resizes = layout_class.takes_max_pixels  # images resized to a pixel budget (--max-pixels, --keep apply)
+    if cfg.max_pixels is not None and not resizes:
         raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {family.name} "
                          "checkpoint has a fixed image geometry: drop --max-pixels")
-    if cfg.keep is not None and spec.layout.max_pixels is None:
+    if cfg.keep is not None and not resizes:
         raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
                          f"token counts; this {family.name} checkpoint has a fixed count: use --budget")
     full = spec.full_tokens
-    budget, rng, options = check_request(cfg, method, full, spec.geometry, spec.layout.max_pixels is not None)
+    budget, rng, options = check_request(cfg, method, full, spec.geometry, resizes)
     from tokedge.reduce.in_llm import plan_for
 
     plan = None
@@ -233,10 +237,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         loaded = family.load(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         if cfg.max_pixels is not None:
             loaded = family.with_max_pixels(loaded, cfg.max_pixels)
-    if loaded.spec.full_tokens != full and loaded.spec.layout.kind == "qwen_dynamic":
+    if loaded.spec.full_tokens != full and resizes:
         # the pixel range comes with the image processor (and --max-pixels): the largest image's count
         full = loaded.spec.full_tokens
-        budget, rng, options = check_request(cfg, method, full, spec.geometry, spec.layout.max_pixels is not None)
+        budget, rng, options = check_request(cfg, method, full, spec.geometry, resizes)
 
     if temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
         probe = family.video(loaded, torch.float32, temporal.needs)[3]
@@ -354,6 +358,11 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
             layout=family.layout(loaded),
             video=video,
         )
+        if cfg.device_profile:  # engines must hold every shape the runtime will feed: refuse now, with the fix
+            from tokedge.build.plan import plan_shapes
+            from tokedge.profiles import load_profile
+
+            plan_shapes(manifest, load_profile(cfg.device_profile))
         if cfg.quantize is not None:
             from tokedge.export.quantize import quantize_graphs
             from tokedge.export.validate import tolerance_dict, tolerance_for
@@ -507,7 +516,9 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
         return int(candidate_plan(layout, plan, *pack_plan(layout, plan))[0].shape[0])
 
     images = anyres_example_images()
-    dynamic = loaded.family.layout(loaded).max_pixels is not None  # counts per image size (Qwen-VL)
+    from tokedge.layouts import image_layout_class
+
+    dynamic = image_layout_class(loaded.family.layout(loaded).kind).takes_max_pixels  # counts per image size
     if dynamic and method.reduces_in_vision:
         return reduced_dynamic_cases(loaded, method, budget, options, steps, keep)
     usable = [image for image in images if method.keeps_all or dynamic or candidates(image) >= budget]

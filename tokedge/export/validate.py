@@ -203,7 +203,7 @@ def image_inputs(graphs, images: list[np.ndarray]) -> list:
     (preprocessing and packing or candidate plan from the manifest), as `tokedge run` builds them."""
     from PIL import Image
 
-    from tokedge.runtime.layout import prompt_inputs
+    from tokedge.layouts import prompt_inputs
 
     return prompt_inputs(graphs.manifest, [Image.fromarray(np.ascontiguousarray(image), "RGB") for image in images])
 

@@ -61,8 +61,10 @@ def vision_cost(manifest: Manifest, budget: int, batch: int = 1, partitions: int
     stage = Stage(red.stage)
     # pre-LLM methods that select among projected tokens (divprune) project all of them
     # and on dynamic-resolution layouts every method acts on merged tokens (the merger runs on all)
+    from tokedge.layouts import layout_of
+
     projects_all = (stage in (Stage.NONE, Stage.IN_LLM, Stage.TEMPORAL) or Signal.EMBEDDINGS.value in red.scores_with
-                    or manifest.layout.max_pixels is not None)
+                    or layout_of(manifest).takes_max_pixels)
     flops *= partitions
     projected = partitions * patches if projects_all else budget
     flops += 2 * projected * (d * m.hidden_size + m.hidden_size * m.hidden_size)

@@ -216,39 +216,22 @@ def image_counts(manifest, image, runtime_budget: int | None) -> ImageCounts:
     layouts) and reduction: read as data, whichever family exported it."""
     from tokedge.memory import prompt_tokens_for
 
+    from tokedge.layouts import layout_of
+
     red = manifest.reduction
     budget = runtime_budget if runtime_budget is not None else red.budget
-    if manifest.layout.kind == "single":
-        parts, full = 1, red.full_tokens
-    elif manifest.layout.kind == "anyres":
-        from tokedge.runtime.layout import plan_image
-
-        layout = manifest.layout.anyres()
-        plan = plan_image(layout, image.height, image.width)
-        parts, full = plan.partitions, plan.tokens(layout)
-    else:  # dynamic resolution: one vision run, the image's own token count
-        from tokedge.runtime.layout import prompt_inputs
-
-        (inputs,) = prompt_inputs(manifest, [image])
-        parts, full = inputs.partitions, inputs.full_tokens
+    layout = layout_of(manifest)
+    parts, full = layout.image_counts(image)
     placeholders = prompt_tokens_for(manifest, full, runtime_budget)
-    if manifest.layout.kind == "single" and runtime_budget is None:
-        placeholders = manifest.prompt.visual_tokens
     llm = budget if Stage(red.stage) is Stage.IN_LLM else placeholders
     return ImageCounts(image.width, image.height, parts, full, placeholders, llm)
 
 
 def vision_feed(manifest, image, runtime_budget: int | None) -> dict:
-    """The vision graph's inputs for one image, as the runtime builds them."""
-    if manifest.layout.kind == "single":
-        from tokedge.runtime.preprocess import preprocess_batch
+    """The vision graph's inputs for one image, as the runtime builds them (the layout's feed)."""
+    from tokedge.layouts import layout_of
 
-        feed = {"pixel_values": preprocess_batch([image], manifest.preprocess)}
-    else:
-        from tokedge.runtime.layout import prompt_inputs, vision_feed
-
-        (inputs,) = prompt_inputs(manifest, [image])
-        feed = vision_feed(inputs, {t.name for t in manifest.graphs["vision"].inputs})
+    feed = layout_of(manifest).vision_feed(image, runtime_budget)
     if manifest.graphs["vision"].input("budget") is not None:
         feed["budget"] = np.array(runtime_budget or manifest.reduction.budget, dtype=np.int64)
     return feed
@@ -466,8 +449,10 @@ def _artifact_for_keep(cfg: ProfileConfig, manifest, keep: float, notes: list[st
     """The artifact that keeps `keep` of each image's tokens: this one when it does (keep 1 = an
     artifact of `--method none`), else a re-export of its method (or of none, for keep 1) from
     --checkpoint into cfg.reexport_dir, said in `notes`."""
+    from tokedge.layouts import layout_of
+
     red = manifest.reduction
-    if manifest.layout.max_pixels is None:
+    if not layout_of(manifest).takes_max_pixels:
         raise UsageError("--keeps applies to dynamic-resolution artifacts (Qwen-VL), whose images give different "
                          "token counts; use --budgets")
     if not 0.0 < keep <= 1.0:

@@ -14,8 +14,7 @@ import numpy as np
 
 from tokedge.errors import InputError
 from tokedge.runtime.deadline import Deadline
-from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
-from tokedge.runtime.layout import prompt_positions
+from tokedge.runtime.graphs import ArtifactGraphs
 
 
 @dataclass(frozen=True)
@@ -222,16 +221,10 @@ def context_limit(graphs: ArtifactGraphs) -> int:
 
 
 def per_row(image_embeds, images_per_row: list[int] | None):
-    """Vision outputs of every image ([n, k, D], or one [T_i, D] per image) -> what each row
-    splices: as they are with one image per row, else one [sum of its images' tokens, D] per row."""
-    if images_per_row is None or all(n == 1 for n in images_per_row):
-        return image_embeds
-    rows, start = [], 0
-    for n in images_per_row:
-        rows.append(np.concatenate([image_embeds[i].reshape(-1, image_embeds[i].shape[-1])
-                                    for i in range(start, start + n)]))
-        start += n
-    return rows
+    """`runtime.driver.per_row` (kept here for callers of the older name)."""
+    from tokedge.runtime.driver import per_row as rows_of
+
+    return rows_of(image_embeds, images_per_row)
 
 
 def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, on_step, timings, started,
@@ -240,9 +233,14 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
     timings = timings or Timings()
     started = time.perf_counter() if started is None else started
     prompt_len = input_ids.shape[1]
-    counts = images_per_row or [1] * input_ids.shape[0]
-    if len(counts) != input_ids.shape[0] or sum(counts) != len(pixel_values) or min(counts) < 1:
-        raise InputError(f"{input_ids.shape[0]} prompts with {len(pixel_values)} images, grouped {list(counts)}: "
+    from tokedge.layouts import ImageBatch
+    from tokedge.runtime.driver import prefill, prepare_images, stepper
+
+    batch = ImageBatch.of(pixel_values, images_per_row or [1] * input_ids.shape[0], budget)
+    counts = batch.images_per_row
+    n_images = len(batch.inputs)
+    if len(counts) != input_ids.shape[0] or sum(counts) != n_images or min(counts) < 1:
+        raise InputError(f"{input_ids.shape[0]} prompts with {n_images} images, grouped {list(counts)}: "
                          "give each prompt at least one image, in prompt order")
     limit = context_limit(graphs)
     if prompt_len + cfg.max_new_tokens > limit:
@@ -252,31 +250,15 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
         )
 
     t0 = time.perf_counter()
-    # an array [b, 3, H, W] for single views; a list of per-image anyres inputs otherwise
-    kept = None
-    if isinstance(pixel_values, np.ndarray):
-        image_embeds = graphs.vision(pixel_values, budget)
-    else:
-        image_embeds, kept = graphs.vision_indexed(pixel_values)
-    image_embeds = per_row(image_embeds, images_per_row)
-    timings.vision_ms = (time.perf_counter() - t0) * 1e3
-
-    t0 = time.perf_counter()
-    embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, m.image_token_id, image_embeds)
-    positions = None if isinstance(pixel_values, np.ndarray) else \
-        prompt_positions(graphs.manifest, input_ids, attention_mask, pixel_values, kept)
-    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens,
-                                   images_per_row=images_per_row, position_ids=positions)
+    prompt = prepare_images(graphs, batch, input_ids, attention_mask)
+    timings.vision_ms = prompt.vision_ms
+    logits, state = prefill(graphs, prompt, room=cfg.max_new_tokens)
     now = time.perf_counter()
-    timings.prefill_ms = (now - t0) * 1e3
+    timings.prefill_ms = (now - t0) * 1e3 - prompt.vision_ms
     timings.ttft_ms = (now - started) * 1e3  # the first token is an argmax/sample away
 
     decode_start = time.perf_counter()
-
-    def step(ids: np.ndarray) -> np.ndarray:
-        if deadline is not None:
-            deadline.check()
-        return graphs.step(graphs.embed(ids[:, None]), state)
+    step = stepper(graphs, state, deadline)
 
     decoded = decode_loop(
         logits, step, cfg,
@@ -287,7 +269,6 @@ def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, o
         timings.decode_ms_per_token = (time.perf_counter() - decode_start) * 1e3 / decoded.steps
     timings.decode_tokens = decoded.steps
     timings.total_ms = (time.perf_counter() - started) * 1e3
-    first = image_embeds.shape[1] if isinstance(image_embeds, np.ndarray) else len(image_embeds[0])
-    return Generation(token_ids=decoded.tokens, visual_tokens=state.visual_tokens(first),
-                      timings=timings, image_embeds=image_embeds, prefill_logits=logits,
+    return Generation(token_ids=decoded.tokens, visual_tokens=state.visual_tokens(prompt.visual[0]),
+                      timings=timings, image_embeds=prompt.image_embeds, prefill_logits=logits,
                       step_logits=decoded.step_logits)

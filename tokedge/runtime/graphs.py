@@ -8,15 +8,16 @@ numpy only; docs/artifact.md describes exactly what this does, so any client can
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokedge.artifact import Manifest, VerifiedArtifact
 from tokedge.errors import InputError
-from tokedge.reduce.quota import TokenBudget, image_spans, prefill_budget
+from tokedge.reduce.quota import image_spans, prefill_budget
 from tokedge.runtime.base import Runner
 from tokedge.runtime.ort_backend import OrtOptions, OrtRunner
 
@@ -128,7 +129,7 @@ class ArtifactGraphs:
         self.float_dtype = np.dtype(dec.input("inputs_embeds").dtype)
         self.has_prefill = "prefill" in manifest.graphs
 
-    def __enter__(self) -> "ArtifactGraphs":
+    def __enter__(self) -> ArtifactGraphs:
         for runner in self.runners.values():
             runner.__enter__()
         return self
@@ -138,7 +139,7 @@ class ArtifactGraphs:
             runner.__exit__(*exc)
 
     @contextlib.contextmanager
-    def limited(self, deadline: "Deadline | None") -> Iterator[None]:
+    def limited(self, deadline: Deadline | None) -> Iterator[None]:
         """Runs inside this block stop when `deadline` passes: a runner that can stop a run in
         progress does (ONNX Runtime); every step checks it before starting."""
         if deadline is None:
@@ -158,19 +159,11 @@ class ArtifactGraphs:
             feed["budget"] = np.array(budget if budget is not None else self.manifest.reduction.budget, dtype=np.int64)
         return self.runners["vision"].infer(feed)["image_embeds"]
 
-    def vision_packed(self, images: Sequence) -> list[np.ndarray]:
-        """Anyres layouts: the vision graph once per image (its partitions and packing plan, from
-        `runtime.layout.anyres_inputs`; reduced artifacts: the candidate plan, plus `base_tile` when
-        the graph takes it). -> one [T_i, hidden] array per image."""
-        return self.vision_indexed(images)[0]
-
-    def vision_indexed(self, images: Sequence) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-        """`vision_packed`, plus per image the `kept_index` output of graphs that select tokens
-        whose positions the prompt needs (dynamic-resolution pre-LLM reduction; else None)."""
-        from tokedge.runtime.layout import vision_feed
-
-        names = {t.name for t in self.manifest.graphs["vision"].inputs}
-        outs = [self.runners["vision"].infer(vision_feed(image, names)) for image in images]
+    def vision_indexed(self, feeds: Sequence[dict]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """The vision graph once per image, from each image's feed (the layout builds them:
+        `tokedge.layouts`). -> one [T_i, hidden] array per image, and per image the `kept_index`
+        output of graphs that select tokens whose positions the prompt needs (else None)."""
+        outs = [self.runners["vision"].infer(feed) for feed in feeds]
         embeds = [o["image_embeds"][0] if o["image_embeds"].ndim == 3 else o["image_embeds"] for o in outs]
         return embeds, [o.get("kept_index") for o in outs]  # [1, T, D] (tiled) or [T, D] (dynamic)
 
@@ -269,10 +262,10 @@ class ArtifactGraphs:
 
     def _image_keep(self, where: np.ndarray, images: int) -> tuple[list[int], list[int] | None]:
         """`image_keep` for one row, and DART's per-image quotas when the prefill takes them."""
+        from tokedge.layouts import layout_of
+
         red = self.manifest.reduction
-        budget = None
-        if self.manifest.layout.max_pixels is not None:  # dynamic resolution: counts follow each image's size
-            budget = TokenBudget(keep=red.keep) if red.keep is not None else TokenBudget(count=red.budget)
+        budget = layout_of(self.manifest).prefill_budget()  # per-image counts on layouts whose images differ
         spans = image_spans(where)
         edge = self.manifest.graphs["prefill"].input("image_quota") is not None
         return prefill_budget([int(s["keep"]) for s in red.stages], budget, spans, images, edge)

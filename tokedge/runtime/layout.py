@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from tokedge.errors import InputError
+from tokedge.layouts.base import TYPICAL_IMAGE, LayoutBounds
 
 
 @dataclass(frozen=True)
@@ -116,19 +117,6 @@ def plan_image(layout: AnyresLayout, height: int, width: int, tiled: bool = True
             packed = (int(rows // ratio), int(cols // ratio))
     return ImagePlan(height, width, True, (bh, bw), grid, (nh, nw), ((bh - nh) // 2, (bw - nw) // 2),
                      (rows, cols), packed)
-
-
-TYPICAL_IMAGE = (768, 1024)  # (height, width) of a 4:3 photo: the "typical" image of shape planning
-
-
-@dataclass(frozen=True)
-class LayoutBounds:
-    """What any one image can give under a layout, from the layout alone (no image): the
-    partitions its vision graph runs and its visual tokens before reduction, as (min, typical,
-    max); typical = an image of TYPICAL_IMAGE. Build planning, FLOPs, memory and serve limits read these."""
-
-    partitions: tuple[int, int, int]
-    tokens: tuple[int, int, int]
 
 
 def layout_bounds(layout: AnyresLayout) -> LayoutBounds:
@@ -315,57 +303,3 @@ def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = 
             f"budget of {budget} per image; use a larger image or an artifact exported with --budget <= {index.shape[0]}"
         )
     return AnyresInputs(pixel_values, index, weight, plan, budget, base_regions(layout, plan))
-
-
-def prompt_inputs(manifest, images: list) -> list:
-    """The vision-graph inputs of the images of ONE prompt of an artifact whose images each give
-    their own token count, as every tokedge path builds them (run, serve, profile, verify): the
-    manifest's layout and preprocessing. Tiled ("anyres"): OneVision's rule (a prompt with several
-    images: each padded square, untiled) and, for vision-side reduction, the candidate plan with
-    the artifact's per-image budget (-> `AnyresInputs`). Dynamic resolution ("qwen_dynamic"): each
-    image resized to multiples of the patch unit, patches and index inputs (-> `QwenImageInputs`)."""
-    if manifest.layout.kind == "qwen_dynamic":
-        from tokedge.reduce.quota import vision_budget
-        from tokedge.runtime.qwen_vl import image_inputs
-
-        budget = vision_budget(manifest.reduction)  # pre-LLM reduction: each image keeps its own count
-        return [image_inputs(image, manifest.layout, manifest.preprocess, budget) for image in images]
-    layout = manifest.layout.anyres()
-    tiled = not (layout.multi_image_square and len(images) > 1)
-    keep = image_budget(manifest.reduction)
-    return [anyres_inputs(image, layout, manifest.preprocess, tiled=tiled, budget=keep) for image in images]
-
-
-def prompt_positions(manifest, input_ids: np.ndarray, attention_mask: np.ndarray, images,
-                     kept=None) -> np.ndarray | None:
-    """The prefill's `position_ids` when the layout decides them: M-RoPE layouts -> [3, b, s] from
-    each image's grid (`images`: `prompt_inputs` of every prompt of the batch, in order; `kept`:
-    the vision graph's `kept_index` per image when it selects tokens); None for 1-D positions (the
-    runtime takes them from the attention mask)."""
-    if manifest.layout.position_rows == 1:
-        return None
-    from tokedge.runtime.qwen_vl import prompt_positions as mrope_positions
-
-    return mrope_positions(manifest.layout, manifest.model.image_token_id, input_ids, attention_mask, images, kept)
-
-
-def bounds(layout) -> LayoutBounds:
-    """`layout_bounds` of any per-image layout (the manifest's `VisualLayout`)."""
-    if layout.kind == "qwen_dynamic":
-        from tokedge.runtime.qwen_vl import token_bounds
-
-        return LayoutBounds(partitions=(1, 1, 1), tokens=token_bounds(layout, TYPICAL_IMAGE))
-    return layout_bounds(layout.anyres())
-
-
-def vision_feed(image, graph_inputs) -> dict[str, np.ndarray]:
-    """One image's feed for a per-image vision graph whose input names are `graph_inputs`
-    (`base_tile` only when the graph takes it: hired's tile map; dynamic-resolution inputs feed
-    themselves)."""
-    if not isinstance(image, AnyresInputs):
-        return image.feed(graph_inputs)
-    feed = {"pixel_values": image.pixel_values.astype(np.float32, copy=False),
-            "pack_index": image.pack_index, "pack_weight": image.pack_weight}
-    if "base_tile" in graph_inputs:
-        feed["base_tile"] = image.base_tile
-    return feed

@@ -5,20 +5,21 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Union
 
 from PIL import Image
 
 from tokedge.artifact import Manifest, open_artifact
 from tokedge.errors import InputError, UsageError
+from tokedge.layouts import layout_of
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
-from tokedge.runtime.layout import image_budget, prompt_inputs
 from tokedge.runtime.ort_backend import OrtOptions
-from tokedge.runtime.preprocess import load_image, preprocess_batch
+from tokedge.runtime.preprocess import load_image
 from tokedge.runtime.prompt import PromptEncoder
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -53,7 +54,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, artifact: Path | str, backend: str = "onnxruntime", options: OrtOptions = OrtOptions(),
-             engines: Path | str | None = None) -> "Pipeline":
+             engines: Path | str | None = None) -> Pipeline:
         if backend not in BACKENDS:
             raise UsageError(f"--backend {backend} is unknown; use one of {', '.join(BACKENDS)}")
         root = Path(artifact)
@@ -72,7 +73,7 @@ class Pipeline:
     def close(self) -> None:
         self.graphs.__exit__(None, None, None)
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,32 +132,13 @@ class Pipeline:
         timings = Timings()
         t0 = time.perf_counter()
         pil = [[img if isinstance(img, Image.Image) else load_image(img) for img in group] for group in groups]
-        red = self.manifest.reduction
-        if self.manifest.layout.per_image:  # tiles or dynamic resolution: a token count per image
-            keep = image_budget(red)  # vision-side reduction: the graph keeps `budget` of each image's candidates
-            if budget is not None:
-                if red.stages:
-                    self.visual_tokens_for(budget)  # in-LLM: the exported budget is the only value
-                elif budget != keep or red.keep is not None:
-                    what = f"reduces every image to {keep} visual tokens" if keep else "keeps every visual token"
-                    if red.keep is not None:
-                        what = f"keeps ceil({red.keep:g} x n) of each image's n visual tokens"
-                    raise InputError(f"this anyres artifact {what} (--method {red.method}); drop --budget")
-            pixel_values = [inputs for group in pil for inputs in prompt_inputs(self.manifest, group)]
-            k = None
-            tokens = iter(image.tokens for image in pixel_values)
-            counts = [[next(tokens) for _ in group] for group in pil]
-        else:
-            pixel_values = preprocess_batch([img for group in pil for img in group], self.manifest.preprocess)
-            k = self.visual_tokens_for(budget)
-            counts = [[k] * len(group) for group in pil]
+        batch = layout_of(self.manifest).prepare(pil, budget, self.visual_tokens_for)
+        counts = batch.counts
         enc = self.encoder.encode(prompts, counts)
         timings.preprocess_ms = (time.perf_counter() - t0) * 1e3
         streamer = _Streamer(self.encoder, on_text) if on_text is not None and len(prompts) == 1 else None
-        gen: Generation = generate(self.graphs, pixel_values, enc.input_ids, enc.attention_mask, cfg,
-                                   budget=k if red.budget_range else None,
-                                   on_step=streamer, timings=timings, started=started, deadline=deadline,
-                                   images_per_row=[len(group) for group in pil])
+        gen: Generation = generate(self.graphs, batch, enc.input_ids, enc.attention_mask, cfg,
+                                   on_step=streamer, timings=timings, started=started, deadline=deadline)
         if streamer is not None:
             streamer.flush(gen.token_ids[0])
         texts = [self.encoder.decode(ids) for ids in gen.token_ids]
@@ -184,7 +166,13 @@ class Pipeline:
         of frame image files in time order. `frames` / `fps` pick the frames (neither: the
         artifact's default count); `budget` (frame tokens reaching the LLM) or `keep` (a share of
         them) sets the per-video budget of a reducing artifact. -> `VideoResult`."""
-        from tokedge.runtime.video_pipeline import VideoResult, generate_video, video_inputs, video_plan, video_record
+        from tokedge.runtime.video_pipeline import (
+            VideoResult,
+            generate_video,
+            video_inputs,
+            video_plan,
+            video_record,
+        )
 
         started = time.perf_counter()
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
@@ -214,7 +202,7 @@ class Pipeline:
 
 
 ImageLike = Union[Image.Image, str, Path]
-ImagesArg = Union[ImageLike, Sequence[Union[ImageLike, Sequence[ImageLike]]]]
+ImagesArg = Union[ImageLike, Sequence[ImageLike | Sequence[ImageLike]]]
 
 
 def group_images(images: ImagesArg, prompts: Sequence[str] | str) -> tuple[list[list[ImageLike]], list[str]]:

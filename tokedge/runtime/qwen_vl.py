@@ -286,7 +286,7 @@ def interpolation_inputs(grid_thw: np.ndarray, side: int, merge_size: int = 2) -
 
 
 def image_spec(layout, preprocess) -> QwenImageSpec:
-    """The manifest's "qwen_dynamic" layout and preprocessing record as a `QwenImageSpec`."""
+    """The manifest's "dynamic_patches" layout and preprocessing record as a `QwenImageSpec`."""
     return QwenImageSpec(patch_size=int(layout.patch_size), merge_size=int(layout.merge_size),
                          temporal_patch_size=int(layout.temporal_patch_size), min_pixels=int(layout.min_pixels),
                          max_pixels=int(layout.max_pixels), mean=tuple(preprocess.image_mean),

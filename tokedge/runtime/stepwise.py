@@ -14,9 +14,10 @@ import time
 import numpy as np
 
 from tokedge.errors import InputError
-from tokedge.runtime.generate import DecodeRows, SamplingConfig, context_limit, per_row
-from tokedge.runtime.graphs import ArtifactGraphs, DecodeState, splice_image_embeds
-from tokedge.runtime.layout import prompt_positions
+from tokedge.layouts import ImageBatch
+from tokedge.runtime import driver
+from tokedge.runtime.generate import DecodeRows, SamplingConfig, context_limit
+from tokedge.runtime.graphs import ArtifactGraphs, DecodeState
 
 
 class BatchDecoder:
@@ -33,10 +34,11 @@ class BatchDecoder:
         """`pixel_values` holds every image of the batch in row order ([n, 3, H, W] single views, or
         one tiled image's `runtime.layout.AnyresInputs` each, as `generate` takes them);
         `images_per_row` how many each row's prompt has (default one each)."""
-        counts = images_per_row or [1] * input_ids.shape[0]
+        batch = ImageBatch.of(pixel_values, images_per_row or [1] * input_ids.shape[0], budget)
+        counts = batch.images_per_row
         if len(configs) != input_ids.shape[0] or len(counts) != input_ids.shape[0] or \
-                sum(counts) != len(pixel_values):
-            raise InputError(f"{input_ids.shape[0]} prompts, {len(pixel_values)} images (grouped {counts}) and "
+                sum(counts) != len(batch.inputs):
+            raise InputError(f"{input_ids.shape[0]} prompts, {len(batch.inputs)} images (grouped {counts}) and "
                              f"{len(configs)} sampling configs; pass one prompt and config per row")
         self.decode = DecodeRows(configs, eos=frozenset(graphs.manifest.model.eos_token_ids),
                                  pad=graphs.manifest.model.pad_token_id or 0)
@@ -45,7 +47,7 @@ class BatchDecoder:
             raise InputError(f"prompt ({input_ids.shape[1]} tokens incl. image) + max new tokens ({self.room}) "
                              f"exceeds the model's limit of {context_limit(graphs)} tokens")
         self.graphs, self.budget = graphs, budget
-        self.pixel_values, self.input_ids, self.attention_mask = pixel_values, input_ids, attention_mask
+        self.batch, self.input_ids, self.attention_mask = batch, input_ids, attention_mask
         self.rows = self.decode.rows
         self.images_per_row = counts
         self.state: DecodeState | None = None
@@ -62,27 +64,15 @@ class BatchDecoder:
 
     def prefill(self) -> list[int | None]:
         t0 = time.perf_counter()
-        kept = None
-        if isinstance(self.pixel_values, np.ndarray):
-            image_embeds = self.graphs.vision(self.pixel_values, self.budget)
-        else:
-            image_embeds, kept = self.graphs.vision_indexed(self.pixel_values)
-        image_embeds = per_row(image_embeds, self.images_per_row)
-        self.vision_ms = (time.perf_counter() - t0) * 1e3
-        t0 = time.perf_counter()
-        embeds = splice_image_embeds(self.graphs.embed(self.input_ids), self.input_ids,
-                                     self.graphs.manifest.model.image_token_id, image_embeds)
-        positions = None if isinstance(self.pixel_values, np.ndarray) else \
-            prompt_positions(self.graphs.manifest, self.input_ids, self.attention_mask, self.pixel_values, kept)
-        logits, state = self.graphs.prefill(embeds, self.attention_mask, self.input_ids, room=self.room,
-                                            images_per_row=self.images_per_row, position_ids=positions)
+        prompt = driver.prepare_images(self.graphs, self.batch, self.input_ids, self.attention_mask)
+        self.vision_ms = prompt.vision_ms
+        logits, state = driver.prefill(self.graphs, prompt, room=self.room)
         self.state = state
         # as generate does: each row's image tokens less what an in-LLM method pruned
-        tokens = [int(np.prod(e.shape[:-1])) for e in image_embeds]
-        pruned = state.pruned if state.pruned is not None else np.zeros(len(tokens), dtype=np.int64)
-        self.visual_tokens_per_row = [t - int(p) for t, p in zip(tokens, pruned)]
+        pruned = state.pruned if state.pruned is not None else np.zeros(len(prompt.visual), dtype=np.int64)
+        self.visual_tokens_per_row = [t - int(p) for t, p in zip(prompt.visual, pruned)]
         self.visual_tokens = self.visual_tokens_per_row[0]
-        self.prefill_ms = (time.perf_counter() - t0) * 1e3
+        self.prefill_ms = (time.perf_counter() - t0) * 1e3 - prompt.vision_ms
         return self.decode.take(logits)
 
     def step(self) -> list[int | None]:
@@ -90,5 +80,5 @@ class BatchDecoder:
             raise RuntimeError("BatchDecoder.step() before prefill()")
         if not self.active:
             return [None] * len(self.rows)
-        logits = self.graphs.step(self.graphs.embed(self.decode.feed()[:, None]), self.state)
+        logits = driver.stepper(self.graphs, self.state)(self.decode.feed())
         return self.decode.take(logits)

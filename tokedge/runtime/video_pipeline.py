@@ -22,12 +22,10 @@ import numpy as np
 
 from tokedge.artifact import Manifest, PreprocessInfo, VideoInfo
 from tokedge.errors import InputError, UsageError
+from tokedge.layouts.video_frames import TEMPORAL_GRAPH  # noqa: F401 (the name callers import from here)
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, context_limit, decode_loop
-from tokedge.runtime.graphs import ArtifactGraphs, splice_image_embeds
-from tokedge.runtime.video import Clip, preprocess_frames, read_frame_files, read_video
-
-TEMPORAL_GRAPH = "video_reduce"  # a temporal method's graph (evs, dycoke): video_embeds -> video_tokens, video_kept
+from tokedge.runtime.graphs import ArtifactGraphs
 
 
 def video_record(manifest: Manifest) -> VideoInfo:
@@ -76,57 +74,16 @@ def video_inputs(manifest: Manifest, source: Path | str | Sequence[Path | str], 
     if frames is not None and frames > video.max_frames:
         raise InputError(f"--frames {frames} is more than this artifact takes per video ({video.max_frames}); "
                          f"use --frames <= {video.max_frames}")
-    if video.kind == "qwen_dynamic":
-        return _qwen_video_inputs(manifest, source, frames, fps)
-    size = (video.frame_size, video.frame_size)
-    if isinstance(source, (list, tuple)):
-        clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=size,
-                                      resample=video.resample)
-    else:
-        clip = read_video(source, frames, fps, video.sampling, size=size, resample=video.resample,
-                          default=video.default_frames)
-    if len(clip.frames) > video.max_frames:
-        raise InputError(f"{len(clip.frames)} frames sampled (--fps) but this artifact takes at most "
+    from tokedge.layouts import video_layout_of
+
+    return video_layout_of(manifest).read(source, frames, fps)
+
+
+def check_sampled(video: VideoInfo, sampled: int) -> None:
+    """Refuse a clip sampled (--fps) to more frames than the artifact takes per video."""
+    if sampled > video.max_frames:
+        raise InputError(f"{sampled} frames sampled (--fps) but this artifact takes at most "
                          f"{video.max_frames} per video; lower --fps or use --frames <= {video.max_frames}")
-    pixels = preprocess_frames(clip.frames, frame_preprocess(video))
-    return VideoInputs(pixels, clip.indices, clip.total, clip.fps)
-
-
-def _qwen_video_inputs(manifest: Manifest, source, frames: int | None, fps: float | None):
-    """Qwen2.5-VL: `frames` rounded to a multiple of the temporal patch size T (half to even, as
-    Qwen2VLVideoProcessor's sample_frames), frames decoded at full size, then
-    `runtime.qwen_vl.video_inputs` (one smart_resize for the clip, T frames per temporal group)."""
-    from tokedge.runtime.qwen_vl import image_spec, smart_resize
-    from tokedge.runtime.qwen_vl import video_inputs as qwen_video_inputs
-
-    video, layout = video_record(manifest), manifest.layout
-    tp = int(layout.temporal_patch_size)
-    if frames is not None:
-        frames = max(tp, round(frames / tp) * tp)
-    spec = image_spec(layout, manifest.preprocess)
-    m = manifest.model
-    context = m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
-
-    def frame_size(height: int, width: int, count: int) -> tuple[int, int]:
-        """The clip's one resize (from its first frame, or the stream header before decoding), refusing
-        a clip whose visual tokens cannot fit the context: every frame is then resized as it is decoded."""
-        h, w = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
-        tokens = -(-count // tp) * (h // spec.factor) * (w // spec.factor)
-        if tokens >= context:
-            raise InputError(f"a video of {count} frames at {width}x{height} gives {tokens} visual tokens, more than "
-                             f"the model's context of {context}; use fewer --frames or a shorter clip")
-        return h, w
-
-    if isinstance(source, (list, tuple)):
-        clip: Clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=frame_size,
-                                      resample=spec.resample)
-    else:
-        clip = read_video(source, frames, fps, video.sampling, size=frame_size, resample=spec.resample,
-                          default=video.default_frames)
-    if len(clip.frames) > video.max_frames:
-        raise InputError(f"{len(clip.frames)} frames sampled (--fps) but this artifact takes at most "
-                         f"{video.max_frames} per video; lower --fps or use --frames <= {video.max_frames}")
-    return qwen_video_inputs(clip.frames, clip.indices, clip.total, clip.fps, layout, manifest.preprocess)
 
 
 @dataclass(frozen=True)
@@ -151,61 +108,12 @@ def video_plan(manifest: Manifest, frames: int, budget: int | None = None, keep:
     (K = int(keep * F * n), at least 1); neither -> every token for `none`, else the artifact's
     default ratio `video.keep_ratio`. Pre-LLM methods need a registered per-video stage
     (`tokedge.reduce.video`); in-LLM methods scale each prefill stage's keep to the video.
-    Qwen ("qwen_dynamic") videos need their `inputs` (the grid follows the clip) and run unreduced:
+    Dynamic-patch videos (Qwen) need their `inputs` (the grid follows the clip) and run unreduced:
     the plan's frames are the temporal groups, tokens_per_frame the tokens of one group."""
-    from tokedge.reduce.base import Stage
-    from tokedge.reduce.video import stage_for
+    from tokedge.layouts import video_layout_of
 
-    video = video_record(manifest)
-    red = manifest.reduction
-    if video.kind == "qwen_dynamic":
-        if inputs is None or not hasattr(inputs, "grid"):
-            raise InputError("a Qwen-VL video's token count follows its frame size: plan it from its inputs "
-                             "(runtime.video_pipeline.video_inputs)")
-        if Stage(red.stage) is not Stage.NONE:
-            raise InputError(f"video on {manifest.model.family} artifacts runs unreduced only: --method "
-                             f"{red.method} is not available for Qwen video yet; re-export with --method none")
-        full = inputs.full_tokens
-        if (budget is not None and budget != full) or (keep is not None and keep != 1):
-            raise InputError(f"this artifact keeps every visual token (--method none): this video gives {full}; "
-                             "drop --budget/--keep")
-        return VideoPlan(int(inputs.grid[0]), inputs.tokens_per_group, full, full, None)
-    n = video.tokens_per_frame
-    full = frames * n
-    if budget is not None and keep is not None:
-        raise InputError("--budget and --keep both set the video's budget; give one of them")
-    if keep is not None and not 0 < keep <= 1:
-        raise InputError(f"--keep must be in (0, 1] (a share of the video's {full} tokens), got {keep}")
-    stage = Stage(red.stage)
-    if stage is Stage.TEMPORAL:  # the method's graph is fixed to one frame count and keeps red.budget tokens
-        if frames != video.default_frames:
-            raise InputError(f"this artifact's {red.method} graph takes exactly {video.default_frames} frames (fixed at "
-                             f"export), not {frames}: use --frames {video.default_frames}, or re-export with --frames")
-        if budget == full or keep == 1:  # the unreduced run (profile's fidelity reference): the graph is skipped
-            return VideoPlan(frames, n, full, video.tokens(frames), None)
-        if (budget is not None and budget != red.budget) or (keep is not None and int(keep * full) != red.budget):
-            raise InputError(f"this artifact's {red.method} graph keeps {red.budget} of the video's {full} tokens (fixed "
-                             f"at export): drop --budget/--keep (or keep all {full}), or re-export with --budget")
-        return VideoPlan(frames, n, red.budget, video.tokens(frames, red.budget), red.method)
-    if stage is Stage.NONE:
-        if (budget is not None and budget != full) or (keep is not None and keep != 1):
-            raise InputError(f"this artifact keeps every visual token (--method none): a {frames}-frame video gives "
-                             f"{full}; drop --budget/--keep or export with a reduction method")
-        return VideoPlan(frames, n, full, video.tokens(frames), None)
-    if budget is None:
-        budget = max(1, int((keep if keep is not None else video.keep_ratio) * full))
-    if not 1 <= budget <= full:
-        raise InputError(f"--budget {budget} is out of range for a {frames}-frame video: use 1..{full} visual tokens")
-    if stage is Stage.IN_LLM:
-        last = red.stages[-1]["keep"] if red.stages else red.budget
-        llm_keep = tuple(min(full, int(s["keep"]) * budget // int(last)) for s in red.stages)
-        return VideoPlan(frames, n, budget, video.tokens(frames), None, llm_keep)
-    if stage_for(red.method) is None:
-        from tokedge.reduce.video import STAGES
-
-        raise InputError(f"--method {red.method} has no per-video stage; video runs with --method none, "
-                         f"{', '.join(STAGES)} or an in-LLM method (fastv, pdrop, dart)")
-    return VideoPlan(frames, n, budget, video.tokens(frames, budget), red.method)
+    video_record(manifest)
+    return video_layout_of(manifest).plan(frames, budget, keep, inputs)
 
 
 @dataclass
@@ -231,39 +139,9 @@ def generate_video(graphs: ArtifactGraphs, inputs: VideoInputs, plan: VideoPlan,
 def video_tokens(graphs: ArtifactGraphs, inputs: VideoInputs, plan: VideoPlan) -> tuple[np.ndarray, np.ndarray, float]:
     """The video's tokens as they replace its placeholders: [placeholders, hidden], the flat indices
     of the kept frame tokens (all of them without a stage), and the stage's milliseconds."""
-    from tokedge.reduce.video import stage_for
+    from tokedge.layouts import video_layout_of
 
-    video = graphs.manifest.video
-    if video.kind == "qwen_dynamic":  # the image vision graph once per temporal group, tokens group-major
-        names = {t.name for t in graphs.manifest.graphs[video.graph].inputs}
-        dtype = np.dtype(graphs.manifest.graphs[video.graph].input("pixel_values").dtype)
-        outs = []
-        for group in inputs.groups:
-            feed = group.feed(names)
-            feed["pixel_values"] = feed["pixel_values"].astype(dtype, copy=False)
-            outs.append(graphs.runners[video.graph].infer(feed)["image_embeds"])
-        flat = np.concatenate(outs)
-        return flat, np.arange(flat.shape[0], dtype=np.int64), 0.0
-    dtype = np.dtype(graphs.manifest.graphs[video.graph].input("pixel_values_videos").dtype)  # fp16 artifacts
-    out = graphs.runners[video.graph].infer({"pixel_values_videos": inputs.pixel_values.astype(dtype, copy=False)})
-    embeds, newline = out["video_embeds"], out["newline"]
-    flat = embeds.reshape(-1, embeds.shape[-1])
-    t0 = time.perf_counter()
-    kept = np.arange(flat.shape[0], dtype=np.int64)
-    if plan.stage is not None and TEMPORAL_GRAPH in graphs.runners:  # a temporal method's graph
-        feed = {"video_embeds": embeds}
-        if graphs.manifest.graphs[TEMPORAL_GRAPH].input("received_attention") is not None:
-            feed["received_attention"] = out["received_attention"]
-        reduced = graphs.runners[TEMPORAL_GRAPH].infer(feed)
-        flat, kept = reduced["video_tokens"], reduced["video_kept"]
-    elif plan.stage is not None:
-        options = dict(graphs.manifest.reduction.options)
-        kept = stage_for(plan.stage).select(embeds, plan.keep, options)
-        flat = flat[kept]
-    reduce_ms = (time.perf_counter() - t0) * 1e3
-    if video.newline == "one_per_video":
-        flat = np.concatenate([flat, newline.reshape(1, -1).astype(flat.dtype)])
-    return flat, kept, reduce_ms
+    return video_layout_of(graphs.manifest).tokens(graphs, inputs, plan)
 
 
 def _generate_video(graphs, inputs, plan, input_ids, attention_mask, cfg, *, on_step, timings, started, stop_at_eos,
@@ -280,35 +158,19 @@ def _generate_video(graphs, inputs, plan, input_ids, attention_mask, cfg, *, on_
             f"--max-new-tokens ({cfg.max_new_tokens}) exceeds the model's limit of {limit} tokens; use fewer --frames, "
             "a smaller --budget or lower --max-new-tokens"
         )
-    t0 = time.perf_counter()
-    tokens, kept, reduce_ms = video_tokens(graphs, inputs, plan)
-    timings.vision_ms = (time.perf_counter() - t0) * 1e3
+    from tokedge.runtime.driver import prefill, prepare_video, stepper
 
     t0 = time.perf_counter()
-    embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, video.video_token_id, tokens[None])
-    prune = None
-    if graphs.has_prefill:  # in-LLM methods prune the frame tokens (never the newline)
-        where = np.flatnonzero(input_ids[0] == video.video_token_id)[: plan.full].astype(np.int64)
-        prune = (where[None], np.asarray(plan.llm_keep, dtype=np.int64))
-    positions = None
-    if video.kind == "qwen_dynamic":  # M-RoPE with time-aware temporal positions
-        from tokedge.runtime.qwen_vl import video_prompt_positions
-
-        positions = video_prompt_positions(graphs.manifest.layout, video.video_token_id, video.tokens_per_second,
-                                           input_ids, attention_mask, inputs)
-    logits, state = graphs.prefill(embeds, attention_mask, input_ids, room=cfg.max_new_tokens, prune=prune,
-                                   position_ids=positions)
+    prompt, kept, reduce_ms = prepare_video(graphs, inputs, plan, input_ids, attention_mask)
+    timings.vision_ms = prompt.vision_ms
+    logits, state = prefill(graphs, prompt, room=cfg.max_new_tokens)
     now = time.perf_counter()
-    timings.prefill_ms = (now - t0) * 1e3
+    timings.prefill_ms = (now - t0) * 1e3 - prompt.vision_ms
     timings.ttft_ms = (now - started) * 1e3
 
     decode_start = time.perf_counter()
-
-    def step(ids: np.ndarray) -> np.ndarray:
-        if deadline is not None:
-            deadline.check()
-        return graphs.step(graphs.embed(ids[:, None]), state)
-
+    step = stepper(graphs, state, deadline)
+    tokens = prompt.image_embeds[0]
     decoded = decode_loop(logits, step, cfg, eos=frozenset(m.eos_token_ids),
                           pad=m.pad_token_id if m.pad_token_id is not None else 0,
                           stop_at_eos=stop_at_eos, keep_logits=keep_logits, on_step=on_step)

@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -28,10 +27,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokedge.errors import InputError, TokedgeError
+from tokedge.layouts import layout_of
 from tokedge.runtime.generate import SamplingConfig, context_limit
-from tokedge.runtime.layout import prompt_inputs
 from tokedge.runtime.pipeline import Pipeline
-from tokedge.runtime.preprocess import preprocess
 from tokedge.runtime.prompt import render_messages
 from tokedge.serve.config import ServeConfig
 from tokedge.serve.images import fetch_image
@@ -51,17 +49,10 @@ def images_per_prompt(pipe: Pipeline) -> int:
 
 
 def vision_inputs(pipe: Pipeline, images: list) -> tuple[Any, list[int]]:
-    """A request's images (message order) -> the vision graph's inputs and each image's placeholder
-    count, from the manifest's layout: preprocessed views [n, 3, H, W] and the artifact's fixed
-    count, or, for a tiled layout, each image's partitions and packing plan
-    (`runtime.layout.prompt_inputs`: OneVision's rule, the candidate plan of reduced artifacts) and
-    its own count."""
-    manifest = pipe.manifest
-    if manifest.layout.kind == "single":
-        views = np.stack([preprocess(image, manifest.preprocess) for image in images])
-        return views, [pipe.visual_tokens_for(None)] * len(images)
-    inputs = prompt_inputs(manifest, images)
-    return inputs, [x.tokens for x in inputs]  # placeholders: the image's own count, or what it keeps
+    """A request's images (message order) -> the vision graph's inputs (`layouts.ImageBatch`, as the
+    artifact's layout prepares one prompt's images) and each image's placeholder count."""
+    batch = layout_of(pipe.manifest).prepare([images], None, pipe.visual_tokens_for)
+    return batch, batch.counts[0]
 
 
 class Service:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tokedge.layouts import ImageBatch
 from tokedge.runtime.generate import SamplingConfig
 from tokedge.runtime.graphs import ArtifactGraphs
 from tokedge.runtime.stepwise import BatchDecoder
@@ -58,7 +59,7 @@ class QueueFull(Exception):
 class Job:
     """One request's inputs, ready for a batch, and where its events go (called from the worker)."""
 
-    pixel_values: Any  # the request's images in message order: [n, 3, H, W] single views, or a list of tiled images' `AnyresInputs`
+    pixel_values: Any  # the request's images in message order, as its layout prepared them (`layouts.ImageBatch`)
     input_ids: np.ndarray  # [t] int64, no padding
     sampling: SamplingConfig
     stop: tuple[str, ...]
@@ -196,11 +197,8 @@ class Scheduler:
         for r, job in enumerate(jobs):  # left padding, as PromptEncoder pads a batch
             ids[r, width - len(job.input_ids):] = job.input_ids
             mask[r, width - len(job.input_ids):] = 1
-        views = [j.pixel_values for j in jobs]
-        pixel_values = np.concatenate(views) if all(isinstance(v, np.ndarray) for v in views) else \
-            [image for v in views for image in v]
-        dec = BatchDecoder(self.graphs, pixel_values, ids, mask, [j.sampling for j in jobs],
-                           images_per_row=[len(v) for v in views])
+        dec = BatchDecoder(self.graphs, ImageBatch.join([j.pixel_values for j in jobs]), ids, mask,
+                           [j.sampling for j in jobs])
         trackers = [TextTracker(self.decode, j.stop) for j in jobs]
         first_token_at: list[float] = [0.0] * len(jobs)
         dec.prefill()

@@ -1,6 +1,6 @@
 """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): dynamic resolution, window attention, M-RoPE.
 
-Read top to bottom: what is supported and how a config is inspected (a "qwen_dynamic" visual
+Read top to bottom: what is supported and how a config is inspected (a "dynamic_patches" visual
 layout: patch and merge sizes, the pixel range, the vision window, the M-RoPE sections), how the
 processor is loaded without transformers' processor class (it needs torchvision for its video
 processor: tokenizer, `Qwen2VLImageProcessorPil` and the chat template are read separately), the
@@ -90,10 +90,10 @@ def check_supported(cfg: dict) -> None:
 
 def layout_from_config(cfg: dict, min_pixels: int = DEFAULT_MIN_PIXELS,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> VisualLayout:
-    """The "qwen_dynamic" layout a config.json dict describes, with the image processor's pixel range."""
+    """The "dynamic_patches" layout a config.json dict describes, with the image processor's pixel range."""
     vc = cfg.get("vision_config") or {}
     return VisualLayout(
-        kind="qwen_dynamic",
+        kind="dynamic_patches",
         patch_size=int(vc.get("patch_size", 14)), merge_size=int(vc.get("spatial_merge_size", 2)),
         temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
         min_pixels=int(min_pixels), max_pixels=int(max_pixels),
@@ -519,7 +519,7 @@ VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor's max_frames
 
 
 def video_info(loaded: LoadedCheckpoint) -> VideoInfo:
-    """The manifest's `video` record: kind "qwen_dynamic" (frames resized and patchified with the
+    """The manifest's `video` record: kind "dynamic_patches" (frames resized and patchified with the
     layout, T frames per temporal group through the image vision graph; docs/artifact.md "video")."""
     cfg = loaded.model.config
     pre = preprocess_info(loaded)
@@ -529,7 +529,7 @@ def video_info(loaded: LoadedCheckpoint) -> VideoInfo:
     return VideoInfo(graph="vision", video_token=VIDEO_TOKEN, video_token_id=int(token_id), frame_size=0,
                      patch_grid=0, pooled_grid=0, tokens_per_frame=0, newline="absent", resample=pre.resample,
                      rescale_factor=pre.rescale_factor, mean=pre.image_mean, std=pre.image_std,
-                     default_frames=VIDEO_DEFAULT_FRAMES, max_frames=VIDEO_MAX_FRAMES, kind="qwen_dynamic",
+                     default_frames=VIDEO_DEFAULT_FRAMES, max_frames=VIDEO_MAX_FRAMES, kind="dynamic_patches",
                      tokens_per_second=float(getattr(cfg.vision_config, "tokens_per_second", 4)))
 
 

@@ -73,11 +73,11 @@ def check_supported(cfg: dict) -> None:
 
 def layout_from_config(cfg: dict, min_pixels: int = DEFAULT_MIN_PIXELS,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> VisualLayout:
-    """The "qwen_dynamic" layout of a Qwen3-VL config.json dict: full attention (no windows),
+    """The "dynamic_patches" layout of a Qwen3-VL config.json dict: full attention (no windows),
     interleaved M-RoPE, the learned position table's side and the DeepStack level count."""
     vc = cfg.get("vision_config") or {}
     return VisualLayout(
-        kind="qwen_dynamic",
+        kind="dynamic_patches",
         patch_size=int(vc.get("patch_size", 16)), merge_size=int(vc.get("spatial_merge_size", 2)),
         temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
         min_pixels=int(min_pixels), max_pixels=int(max_pixels), window_size=None, fullatt_blocks=(),

@@ -1,0 +1,148 @@
+"""Dynamic patches with M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each image is resized to
+multiples of patch x merge inside a pixel range, cut into patches, merged m x m into visual tokens
+by the vision graph, and placed with 3-D (t, h, w) rotary positions. Each image gives its own
+count; vision-side methods keep a count or a share of each image (`reduce.quota.TokenBudget`).
+The mechanism (smart_resize, patchify, window index, rope_index) lives in `tokedge.runtime.qwen_vl`.
+Older manifests call this layout "qwen_dynamic"."""
+
+from __future__ import annotations
+
+import math
+
+from tokedge.layouts.base import TYPICAL_IMAGE, ImageBatch, ImageLayout, LayoutBounds, Range
+from tokedge.manifest_schema import ManifestError
+
+MAX_TOKENS_PER_IMAGE = 1 << 20  # bound on max_pixels / (patch x merge)^2 a manifest may declare
+
+
+class DynamicPatches(ImageLayout):
+    kind = "dynamic_patches"
+    aliases = ("qwen_dynamic",)
+    format_version = 3
+    takes_max_pixels = True
+
+    @classmethod
+    def check_record(cls, layout, format_version: int) -> None:
+        from tokedge.manifest_schema import MAX_PATCHES, MAX_PIXELS, bounded, positive
+
+        positive("layout.patch_size", layout.patch_size, high=1024)
+        positive("layout.merge_size", layout.merge_size, high=64)
+        positive("layout.temporal_patch_size", layout.temporal_patch_size, high=64)
+        factor = layout.patch_size * layout.merge_size
+        positive("layout.min_pixels", layout.min_pixels, high=1 << 30)
+        positive("layout.max_pixels", layout.max_pixels, high=1 << 30)
+        if layout.max_pixels < max(layout.min_pixels, factor * factor):
+            raise ManifestError("layout.max_pixels", f"at least layout.min_pixels ({layout.min_pixels}) and one "
+                                f"merged patch ({factor * factor})", layout.max_pixels)
+        if layout.max_pixels // (factor * factor) > MAX_TOKENS_PER_IMAGE:
+            raise ManifestError("layout.max_pixels", f"at most {MAX_TOKENS_PER_IMAGE} merged patches of "
+                                f"{factor}x{factor} pixels", layout.max_pixels)
+        bounded("layout.max_pixels", "pixel count", layout.max_pixels, MAX_PIXELS)  # docs/safety.md "Limits"
+        bounded("layout.max_pixels", f"patch count (/ patch_size^2 = {layout.patch_size ** 2})",
+                layout.max_pixels // layout.patch_size ** 2, MAX_PATCHES)
+        if layout.window_size is not None and (layout.window_size < factor or layout.window_size % factor
+                                               or layout.window_size > 64 * factor):
+            raise ManifestError("layout.window_size", f"a multiple of patch_size * merge_size ({factor}), at most "
+                                f"{64 * factor}, or null", layout.window_size)
+        if len(layout.mrope_section) not in (0, 3) or any(v < 1 for v in layout.mrope_section):
+            raise ManifestError("layout.mrope_section", "three positive integers (or empty for 1-D positions)",
+                                list(layout.mrope_section))
+        positive("layout.position_table", layout.position_table, allow_none=True, high=4096)
+        if not 0 <= layout.deepstack_levels <= 64:
+            raise ManifestError("layout.deepstack_levels", "an integer 0..64", layout.deepstack_levels)
+        for key in ("vision_start_token_id", "vision_end_token_id"):
+            value = getattr(layout, key)
+            if value is not None and not 0 <= value < 1 << 31:
+                raise ManifestError(f"layout.{key}", "a token id >= 0", value)
+
+    def vision_budget(self):
+        from tokedge.reduce.quota import vision_budget
+
+        return vision_budget(self.manifest.reduction)  # pre-LLM reduction: each image keeps its own count
+
+    def prompt_images(self, images: list) -> list:
+        from tokedge.runtime.qwen_vl import image_inputs
+
+        budget = self.vision_budget()
+        return [image_inputs(image, self.record, self.manifest.preprocess, budget) for image in images]
+
+    def prepare(self, groups, budget, check_budget) -> ImageBatch:
+        from tokedge.errors import InputError
+
+        red = self.manifest.reduction
+        if budget is not None:
+            if red.stages:
+                check_budget(budget)
+            elif red.keep is not None or budget != self.vision_budget_count():
+                what = "keeps every visual token" if self.vision_budget() is None else \
+                    f"keeps {self.vision_budget().describe()} of each image"
+                raise InputError(f"this dynamic-resolution artifact {what} (--method {red.method}); drop --budget")
+        inputs = [x for group in groups for x in self.prompt_images(group)]
+        tokens = iter(x.tokens for x in inputs)
+        return ImageBatch(inputs, [[next(tokens) for _ in group] for group in groups])
+
+    def vision_budget_count(self) -> int | None:
+        budget = self.vision_budget()
+        return None if budget is None else budget.count
+
+    def feed(self, image_inputs, graph_inputs):
+        return image_inputs.feed(graph_inputs)
+
+    def positions(self, input_ids, attention_mask, batch, kept):
+        from tokedge.runtime.qwen_vl import prompt_positions
+
+        return prompt_positions(self.record, self.manifest.model.image_token_id, input_ids, attention_mask,
+                                batch.inputs, kept)
+
+    def image_counts(self, image) -> tuple[int, int]:
+        (inputs,) = self.prompt_images([image])
+        return inputs.partitions, inputs.full_tokens
+
+    def vision_feed(self, image, budget):
+        (inputs,) = self.prompt_images([image])
+        return inputs.feed({t.name for t in self.manifest.graphs["vision"].inputs})
+
+    def bounds(self) -> LayoutBounds:
+        from tokedge.runtime.qwen_vl import token_bounds
+
+        return LayoutBounds(partitions=(1, 1, 1), tokens=token_bounds(self.record, TYPICAL_IMAGE))
+
+    def prompt_tokens(self, image_tokens: int, budget: int | None = None) -> int:
+        if budget is not None:
+            return budget
+        per_image = self.vision_budget()
+        return image_tokens if per_image is None else per_image.per_image(image_tokens)
+
+    def prefill_budget(self):
+        from tokedge.reduce.quota import TokenBudget
+
+        red = self.manifest.reduction
+        return TokenBudget(keep=red.keep) if red.keep is not None else TokenBudget(count=red.budget)
+
+    def pixel_limit(self) -> int | None:
+        return int(self.record.max_pixels)
+
+    def pixels_for_tokens(self, tokens: int) -> int:
+        """The largest --max-pixels whose images give at most `tokens` visual tokens."""
+        factor = int(self.record.patch_size) * int(self.record.merge_size)
+        return max(1, tokens) * factor * factor
+
+    def describe_budget(self) -> str:
+        return f" for the largest image, --max-pixels {self.record.max_pixels}"
+
+    def axes(self, max_prompt: int) -> dict[str, Range]:
+        lo, opt, hi = self.bounds().tokens
+        m2 = int(self.record.merge_size) ** 2
+        kept = (1, opt, hi)
+        per_image = self.vision_budget()
+        if per_image is not None:
+            kept = (per_image.per_image(lo), per_image.per_image(opt), per_image.per_image(hi))
+        return {"patches": (lo * m2, opt * m2, hi * m2), "image_tokens": (lo, opt, hi), "kept_tokens": kept}
+
+
+def merged_tokens(pixels: int, patch: int, merge: int) -> int:
+    """Merged tokens of an image of `pixels` pixels (an upper bound after smart_resize)."""
+    return math.ceil(pixels / (patch * merge) ** 2)
+
+
+__all__ = ["DynamicPatches", "merged_tokens"]
