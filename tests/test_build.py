@@ -227,7 +227,7 @@ def test_dry_run_for_a_tiled_artifact_bounds_partitions_tokens_and_prompt(artifa
             for rng in prof["shapes"].values():
                 assert all(lo <= opt <= hi for lo, opt, hi in zip(rng["min"], rng["opt"], rng["max"]))
     assert out["plan"]["warnings"] == [] and any("per-image layout" in n for n in out["plan"]["notes"])
-    assert out["memory"]["prompt_tokens"] == largest + 64  # the largest image plus typical text
+    assert out["memory"]["visual_tokens"] == largest  # the largest image (the KV cache holds the profile's limit)
     small = tmp_path / "small.toml"
     text = (load_profile.__globals__["HERE"] / f"{p.name}.toml").read_text()
     small.write_text(text.replace(f'name = "{p.name}"', 'name = "small"')

@@ -244,6 +244,66 @@ class QuantInfo:
 
 
 @dataclass(frozen=True)
+class GraphParameters:
+    """One graph's weights as written: counted at export from the graph's initializers (not from
+    the torch module): every floating-point initializer of one element or more that is not a
+    quantization scale, plus every quantized weight at its logical size (K x N); integer index
+    constants, zero points and 0-d scalars are left out."""
+
+    parameters: int  # weight elements, float and quantized together
+    quantized: int = 0  # of which stored as int4/int8 (logical elements)
+    scale_groups: int = 0  # quantization scales stored (one per group of `group_size` weights along K)
+    padded: int = 0  # quantized elements as stored, padded to whole groups (MatMulNBits pads K; qdq does not)
+    other_bytes: int = 0  # bytes of the written files that are not these weights or scales: nodes, names, constants
+
+
+@dataclass(frozen=True)
+class VisionArchitecture:
+    """The vision graph's tower as it runs (docs/artifact.md, "architecture")."""
+
+    layers: int  # blocks run up to the feature layer
+    hidden: int
+    intermediate: int
+    heads: int
+    gated_mlp: bool = False  # SwiGLU MLP (three matrices) instead of fc1/fc2
+    # tokens of one partition entering each block, in-ViT merging applied (ToMe's schedule); empty when
+    # the count follows the image (dynamic resolution: the image's patches)
+    layer_tokens: tuple[int, ...] = ()
+    # per block, the keys one query is scored against: 0 = every token of the partition (dense N x N
+    # scores), k > 0 = windows of k tokens. Qwen2.5-VL's window blocks are 0 here: tokedge's graph masks
+    # a dense N x N score matrix, so the memory is that of full attention
+    attention_span: tuple[int, ...] = ()
+    patches_per_token: int = 1  # patches merged into one visual token after the tower (Qwen: merge_size^2)
+    # float32 heads x N x N buffers live at a block's attention peak: 1 for softmax(q k^T) (the softmax
+    # reuses the scores), 2 when a mask is added first (masked scores beside the scores)
+    score_buffers: int = 1
+    mask_bytes: int = 0  # bytes per N x N position of a mask the graph holds (Qwen2.5-VL windows: float32 bias + bool)
+    projector: tuple[int, ...] = ()  # widths of the projector's matrices, in order: (in, hidden, ..., out)
+
+
+@dataclass(frozen=True)
+class TextArchitecture:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Architecture numbers recorded at export (absent in older manifests): what memory, FLOPs and
+    planning read instead of formulas."""
+
+    graphs: dict[str, GraphParameters]
+    vision: VisionArchitecture
+    text: TextArchitecture
+    counted: str = "onnx-initializers"  # how `graphs` was counted
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     tokedge_version: str
@@ -261,6 +321,7 @@ class Manifest:
     quantization: QuantInfo | None = None  # weight-only quantization; absent in float artifacts
     layout: VisualLayout = VisualLayout()  # absent in manifests written before it existed: "single"
     video: VideoInfo | None = None  # video input (OneVision); absent: the artifact takes images only
+    architecture: Architecture | None = None  # architecture numbers; absent in manifests written before it existed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -309,51 +309,63 @@ def _memory_plan(artifact: Path, profile: str):
     return plan_for_device(load_artifact(artifact, check_hashes=False), load_profile(profile))
 
 
-@app.command("memory", short_help="Memory plan of an artifact or geometry on a device.")
+@app.command("memory", short_help="Memory plan of an artifact, checkpoint or named geometry on a device.")
 def memory_cmd(
-    target: Annotated[str, typer.Argument(help="Artifact directory, or a model geometry: llava-1.5-7b.")],
-    profile: Annotated[str, typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")],
-    quantize: Annotated[Optional[str], typer.Option(help="For a geometry: int4 or int8 decoder weights.")] = None,
+    target: Annotated[str, typer.Argument(help="Artifact directory, checkpoint directory (config.json only), hub id, "
+                                               "or a named geometry (tokedge memory --list).")] = "",
+    profile: Annotated[Optional[str], typer.Option(help="Device profile name (see `tokedge profiles`) or a .toml file.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="For a model (not an artifact): the reduction method it would be exported with (default none).")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="For a model: visual tokens per image that reach the LLM.")] = None,
+    keep: Annotated[Optional[float], typer.Option(help="For a dynamic-resolution model: share of each image's tokens kept.")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="For a dynamic-resolution model: largest image in pixels.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="For a model: int4 or int8 decoder weights.")] = None,
     group_size: GroupSizeOpt = 128,
-    budget: Annotated[Optional[int], typer.Option(help="For a geometry: visual tokens in the prompt (default: all).")] = None,
     text_tokens: Annotated[int, typer.Option(help="Prompt text tokens beside the image.")] = 64,
-    headroom: Annotated[float, typer.Option(help="Share of device memory kept free (OS, CUDA context, workspace).")] = 0.2,
+    headroom: Annotated[float, typer.Option(help="Share of device memory kept free (OS, CUDA context, libraries).")] = 0.2,
+    list_geometries: Annotated[bool, typer.Option("--list", help="List the named geometries and exit.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Memory plan: weights + KV cache + activation peak against a device profile's memory."""
+    """Memory plan: weights + KV cache + activation peak, and the engine-build peak, against a
+    device profile's memory. Exits 3 when it does not fit (the plan is printed first)."""
     from tokedge.errors import UsageError
-    from tokedge.memory import DTYPE_BYTES, GEOMETRIES, WeightScheme, plan_for_device, plan_memory
+    from tokedge.memory import EXIT_DOES_NOT_FIT, GB, plan, resolve_target
     from tokedge.profiles import load_profile
 
+    if list_geometries:
+        from tokedge.architecture import named_geometries
+
+        rows = {name: entry["source"] for name, entry in named_geometries().items()}
+        if json_out:
+            print(json.dumps({"geometries": [{"name": k, "source": v} for k, v in rows.items()]}))
+        else:
+            for name, source in rows.items():
+                print(f"{name:<22} {source}")
+        return
+    if not target or profile is None:
+        raise UsageError("give a TARGET (artifact, checkpoint directory, hub id or named geometry) and --profile")
     if not 0 <= headroom < 1:
         raise UsageError(f"--headroom {headroom} must be in [0, 1)")
+    if text_tokens < 0:
+        raise UsageError(f"--text-tokens {text_tokens} must be >= 0")
     device = load_profile(profile)
-    if target in GEOMETRIES:
-        if quantize not in (None, "int4", "int8"):
-            raise UsageError(f"--quantize {quantize} is not supported; use int4 or int8")
-        geometry = GEOMETRIES[target]
-        value = max(DTYPE_BYTES.get(device.precision, 2.0), 2.0)
-        scheme = WeightScheme(float_bytes=value, bits=int(quantize[3:]) if quantize else None, group_size=group_size)
-        full = (geometry.image_size // geometry.patch_size) ** 2
-        plan = plan_memory(geometry, ("vision", "embed", "decoder"), scheme, device=device.name,
-                           memory_gb=device.memory_gb, visual_tokens=budget or full, new_tokens=device.max_new_tokens,
-                           batch=device.max_batch, text_tokens=text_tokens, value_bytes=value, headroom=headroom)
-    else:
-        from tokedge.artifact import load_artifact
-
-        if not Path(target).exists():
-            raise UsageError(f"'{target}' is neither an artifact directory nor a known geometry "
-                             f"({', '.join(GEOMETRIES)})")
-        if quantize or budget:
-            raise UsageError("--quantize and --budget apply to a geometry; an artifact carries its own")
-        plan = plan_for_device(load_artifact(Path(target), check_hashes=False), device, headroom=headroom,
-                               text_tokens=text_tokens)
+    resolved, measured = resolve_target(target, method=method, budget=budget, keep=keep, max_pixels=max_pixels,
+                                        quantize=quantize, group_size=group_size)
+    result = plan(resolved, device, headroom=headroom, text_tokens=text_tokens)
     if json_out:
-        print(json.dumps(plan.to_dict()))
+        out = result.to_dict()
+        if measured is not None:
+            out["artifact_bytes_measured"] = measured
+        print(json.dumps(out))
     else:
-        print(plan.summary())
-        for note in plan.notes:
+        print(result.summary())
+        for note in result.notes:
             print(f"note: {note}")
+        if measured is not None:
+            predicted, on_disk = sum(result.artifact_bytes.values()), sum(measured.values())
+            print(f"artifact graphs: predicted {predicted / GB:.4f} GB, on disk {on_disk / GB:.4f} GB "
+                  f"({predicted / max(on_disk, 1):.3f}x; parameters {result.counted})")
+    if not result.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
 @app.command("check", short_help="Static TensorRT compatibility check (no GPU).")
@@ -500,11 +512,16 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Concurrent requests decoded as one batch.")] = 4,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a batch; more get 429.")] = 32,
-    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' (default: $TOKEDGE_API_KEY).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY'; visible to other local users in the process list: prefer $TOKEDGE_API_KEY or --api-key-file.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="Read the API key from this file (its first line).")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without an API key.")] = False,
     model_name: Annotated[Optional[str], typer.Option(help="Model id clients send (default: the artifact directory name).")] = None,
     max_image_bytes: Annotated[int, typer.Option(help="Largest encoded image; larger gets 413.")] = 8 << 20,
     max_image_pixels: Annotated[int, typer.Option(help="Largest image in pixels (width x height); larger gets 413.")] = 40_000_000,
+    max_request_pixels: Annotated[int, typer.Option(help="All images of one request together, in pixels; more gets 413.")] = 48_000_000,
+    max_connections: Annotated[int, typer.Option(help="Open client connections; more are closed at once.")] = 256,
+    request_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers, and for its body, to arrive (408 after).")] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests to finish.")] = 60.0,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt in tokens, image included; longer gets 400.")] = 4096,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
@@ -516,14 +533,35 @@ def serve_cmd(
     """Serve an artifact over an OpenAI-compatible Chat Completions API (needs the serve extra: pip install 'tokedge[serve]')."""
     from tokedge.serve import ServeConfig, serve
 
-    key = api_key if api_key is not None else os.environ.get("TOKEDGE_API_KEY") or None
+    key = _api_key(api_key, api_key_file)
     serve(ServeConfig(
         artifact=artifact, host=host, port=port, api_key=key, insecure=insecure, model_name=model_name,
         max_batch=max_batch, max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+        max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels, max_connections=max_connections,
+        request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
+        max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, allow_local_images=allow_local_images,
         allow_remote_images=allow_remote_images, threads=threads,
     ))
+
+
+def _api_key(flag: Optional[str], path: Optional[Path]) -> Optional[str]:
+    """--api-key-file's first line, else --api-key, else $TOKEDGE_API_KEY (None when none is set)."""
+    from tokedge.errors import UsageError
+
+    if path is None:
+        return flag if flag is not None else os.environ.get("TOKEDGE_API_KEY") or None
+    if flag is not None:
+        raise UsageError("pass the API key with --api-key-file or --api-key, not both")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4097)
+    except OSError as exc:
+        raise UsageError(f"--api-key-file {path}: cannot read it ({exc.strerror})") from None
+    lines = data.decode("utf-8", "replace").splitlines()
+    if len(data) > 4096:
+        raise UsageError(f"--api-key-file {path} is over 4 KiB; it should hold the key on one line")
+    return lines[0].strip() if lines else ""
 
 
 def _number_list(text: Optional[str], kind, message: str) -> tuple:

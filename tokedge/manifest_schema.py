@@ -173,6 +173,8 @@ def check_ranges(m: Any, format_version: int) -> None:
     _check_layout(m.layout, m.format_version)
     if m.video is not None:
         _check_video(m.video, m.graphs)
+    if m.architecture is not None:
+        _check_architecture(m.architecture, m.graphs)
     for name in ("vision", "embed", "decoder"):
         if name not in m.graphs:
             raise ManifestError(f"graphs.{name}", "present")
@@ -247,3 +249,43 @@ def bounded(path: str, what: str, value: int, limit: int) -> None:
     each layout's `check_record` names its own (tokedge/layouts)."""
     if value > limit:
         raise ManifestError(path, f"a value whose {what} stays within {limit}", value)
+
+
+MAX_PARAMETERS = 1 << 42  # 4 T weights: far above any model tokedge exports, small enough for exact float math
+MAX_LAYERS = 1024
+
+
+def _check_architecture(arch: Any, graphs: dict) -> None:
+    """The architecture record: counts >= 0 and bounded, so memory/FLOPs arithmetic on a hostile
+    manifest stays small (lists are bounded by the layer count, every size by MAX_DIM)."""
+    for name, rec in arch.graphs.items():
+        if name not in graphs:
+            raise ManifestError(f"architecture.graphs.{name}", f"the name of a graph in 'graphs' ({', '.join(graphs)})",
+                                name)
+        for key in ("parameters", "quantized", "scale_groups", "padded", "other_bytes"):
+            value = getattr(rec, key)
+            if not 0 <= value <= MAX_PARAMETERS:
+                raise ManifestError(f"architecture.graphs.{name}.{key}", f"an integer between 0 and {MAX_PARAMETERS}",
+                                    value)
+        if rec.quantized > rec.parameters or rec.padded and rec.padded < rec.quantized:
+            raise ManifestError(f"architecture.graphs.{name}.quantized", "at most parameters (and padded at least "
+                                "quantized)", rec.quantized)
+    v, t = arch.vision, arch.text
+    positive("architecture.vision.layers", v.layers, high=MAX_LAYERS)
+    for key in ("hidden", "intermediate", "heads"):
+        positive(f"architecture.vision.{key}", getattr(v, key))
+    positive("architecture.vision.patches_per_token", v.patches_per_token, high=4096)
+    positive("architecture.vision.score_buffers", v.score_buffers, high=8)
+    if not 0 <= v.mask_bytes <= 16:
+        raise ManifestError("architecture.vision.mask_bytes", "an integer between 0 and 16", v.mask_bytes)
+    for key, values in (("layer_tokens", v.layer_tokens), ("attention_span", v.attention_span)):
+        if len(values) not in (0, v.layers):
+            raise ManifestError(f"architecture.vision.{key}", f"empty or one entry per layer ({v.layers})", len(values))
+        for i, value in enumerate(values):
+            if not 0 <= value <= MAX_DIM:
+                raise ManifestError(f"architecture.vision.{key}[{i}]", f"an integer between 0 and {MAX_DIM}", value)
+    if len(v.projector) > 16 or any(not 1 <= w <= MAX_DIM for w in v.projector):
+        raise ManifestError("architecture.vision.projector", "at most 16 widths between 1 and 2^24", list(v.projector))
+    positive("architecture.text.layers", t.layers, high=MAX_LAYERS)
+    for key in ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+        positive(f"architecture.text.{key}", getattr(t, key))

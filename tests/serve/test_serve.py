@@ -64,6 +64,7 @@ def delta(before: dict, after: dict, name: str, **labels) -> float:
 
 def post(base: str, body, key: str | None = KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers["Content-Type"] = "application/json"
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(f"{base}/v1/chat/completions", content=content, headers=headers, timeout=60)
 
@@ -225,7 +226,8 @@ def test_oversized_image_gets_413(server, model, image_urls):
         assert_openai_error(resp, 413, fragment)
     limit = server[1].cfg.max_body_bytes
     assert_openai_error(post(base, b"x" * (limit + 1)), 413, f"at most {limit}")  # by Content-Length
-    chunked = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+    chunked = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
+                                                                 "Content-Type": "application/json"},
                          content=(b"x" * 65536 for _ in range(limit // 65536 + 2)))  # no Content-Length
     assert_openai_error(chunked, 413, f"larger than {limit} bytes")
     assert post(base, {"model": model, "messages": user_message(image_urls[0], "hi"), "max_tokens": 2}).status_code == 200

@@ -188,7 +188,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     from tokedge.export.families import inspect_checkpoint
 
     family, spec = inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
-    if temporal is not None and getattr(family, "video", None) is None:
+    if temporal is not None and family.video is None:
         temporal.refuse_without_video(family.name)
     family.check_method(method)
     from tokedge.layouts import image_layout_class
@@ -275,7 +275,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
                 cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
 
     video_case = None  # transformers' video features on a small clip, to validate the video graph
-    if cfg.validate and getattr(family, "video_case", None) is not None:
+    if cfg.validate and family.video_case is not None:
         with timed("reference video (transformers)"):
             video_case = family.video_case(loaded)
 
@@ -291,10 +291,10 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
     vision_spec = family.vision_trace_spec(loaded, torch_dtype, modules["vision"])
     if vision_spec is not None:
         specs["vision"] = vision_spec
-    if plan is not None and hasattr(family, "prefill_trace_spec"):  # a family's own prefill inputs
+    if plan is not None and family.prefill_trace_spec is not None:  # a family's own prefill inputs
         specs["prefill"] = family.prefill_trace_spec(loaded, plan, torch_dtype)
     video = None  # families that take video add their per-frame graph and the manifest's video record
-    if getattr(family, "video", None) is not None:
+    if family.video is not None:
         video_graph, video_module, video_spec, video = family.video(
             loaded, torch_dtype, *(() if temporal is None else (temporal.needs,)))
         video = replace(video, keep_ratio=1.0 if method.keeps_all else DEFAULT_VIDEO_KEEP)
@@ -308,6 +308,7 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
                 temporal, video, video_options, temporal_budget, info.hidden_size, torch_dtype, temporal_frames)
 
     from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
+    from tokedge.export.architecture import record_architecture
 
     passes = DEFAULT_PASSES if cfg.passes is None else cfg.passes
     optimizations = []
@@ -383,10 +384,11 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
                 parity = report.to_dict()
                 if video_parity is not None:
                     parity["video"] = video_parity
+        manifest = record_architecture(stage, manifest, loaded.model.config.to_dict())  # graphs are final here
         manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
                            files=hash_tree(stage))
         write_manifest(stage, manifest)
-    warnings = list(getattr(family, "export_warnings", lambda _: [])(loaded))
+    warnings = list(family.export_warnings(loaded))
     if cfg.device_profile:
         from tokedge.memory import plan_for_device
         from tokedge.profiles import load_profile

@@ -152,7 +152,7 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
     embeds = family.embed_prompt(llava, ids_t, feats)
     embed = llava.model.get_input_embeddings()  # transformers' API on every model
     positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
-    if hasattr(family, "reference_positions"):  # M-RoPE: transformers' get_rope_index on the images
+    if family.reference_positions is not None:  # M-RoPE: transformers' get_rope_index on the images
         positions = family.reference_positions(llava, ids_t, mask_t, [image] if image is not None else None)
     image_pos = torch.stack([torch.nonzero(row == image_token_id).squeeze(1) for row in ids_t])
     prefill, decoder = modules["prefill"], modules["decoder"]

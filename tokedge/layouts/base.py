@@ -138,6 +138,11 @@ class ImageLayout:
         pixel budget (None: fixed views)."""
         return None
 
+    def pixels_for_tokens(self, tokens: int) -> int:
+        """The largest pixel budget whose images give at most `tokens` visual tokens (layouts with a
+        `pixel_limit`; others have no pixel budget to lower)."""
+        raise NotImplementedError
+
     def describe_budget(self) -> str:
         """What export's summary line adds about the budget (e.g. "for the largest image")."""
         return ""

@@ -74,8 +74,9 @@ class DynamicPatches(ImageLayout):
             if red.stages:
                 check_budget(budget)
             elif red.keep is not None or budget != self.vision_budget_count():
-                what = "keeps every visual token" if self.vision_budget() is None else \
-                    f"keeps {self.vision_budget().describe()} of each image"
+                per_image = self.vision_budget()
+                what = "keeps every visual token" if per_image is None else \
+                    f"keeps {per_image.describe()} of each image"
                 raise InputError(f"this dynamic-resolution artifact {what} (--method {red.method}); drop --budget")
         inputs = [x for group in groups for x in self.prompt_images(group)]
         tokens = iter(x.tokens for x in inputs)

@@ -42,8 +42,6 @@ class SingleView(ImageLayout):
         full = self.manifest.reduction.full_tokens
         return LayoutBounds(partitions=(1, 1, 1), tokens=(full, full, full))
 
-    def prompt_tokens(self, image_tokens: int, budget: int | None = None) -> int:
-        return self.manifest.prompt.visual_tokens if budget is None else budget
 
 
 __all__ = ["SingleView", "np"]

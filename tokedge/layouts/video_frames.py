@@ -110,7 +110,9 @@ class VideoFrames(VideoLayout):
             reduced = graphs.runners[TEMPORAL_GRAPH].infer(feed)
             flat, kept = reduced["video_tokens"], reduced["video_kept"]
         elif plan.stage is not None:
-            kept = stage_for(plan.stage).select(embeds, plan.keep, dict(self.manifest.reduction.options))
+            stage = stage_for(plan.stage)
+            assert stage is not None  # `plan` refused methods without a per-video stage
+            kept = stage.select(embeds, plan.keep, dict(self.manifest.reduction.options))
             flat = flat[kept]
         reduce_ms = (time.perf_counter() - t0) * 1e3
         if video.newline == "one_per_video":

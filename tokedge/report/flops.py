@@ -3,11 +3,17 @@
 Rough by design: dense projections, attention score/value products and MLPs; norms, softmax and
 the reduction's own selection are left out (they are small next to the GEMMs). Used for the
 achieved GFLOP/s column of `tokedge profile` and for roofline predictions on a device profile.
+
+Artifacts with the manifest's `architecture` record are costed from it: the tokens each vision
+block runs (ToMe's schedule included), each block's attention span, the MLP's matrices (SwiGLU:
+three), the projector's widths and the exact parameter counts of the graphs (bytes moved). The
+LLaVA formulas below remain for artifacts written before the record.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from tokedge.artifact import Manifest
 from tokedge.reduce.base import Signal, Stage
@@ -49,6 +55,8 @@ def vision_cost(manifest: Manifest, budget: int, batch: int = 1, partitions: int
     the whole tower; unreduced, the projector runs on every partition's patch features (the
     packing after it is a gather). `patches`: patches of one partition when images vary in size
     (dynamic resolution; attention counted dense, window blocks included: an upper bound)."""
+    if getattr(manifest, "architecture", None) is not None:
+        return _recorded_vision_cost(manifest, budget, batch, partitions, patches)
     m, red = manifest.model, manifest.reduction
     patches = (m.image_size // m.patch_size) ** 2 if patches is None else patches
     n = patches + (1 if m.vision_model_type == "clip_vision_model" else 0)
@@ -69,6 +77,36 @@ def vision_cost(manifest: Manifest, budget: int, batch: int = 1, partitions: int
     projected = partitions * patches if projects_all else budget
     flops += 2 * projected * (d * m.hidden_size + m.hidden_size * m.hidden_size)
     params = m.vision_layers * (4 * d * d + 2 * d * ff) + d * m.hidden_size + m.hidden_size**2
+    return StageCost(flops=batch * flops, bytes=params * bytes_per_value(manifest))
+
+
+def _recorded_vision_cost(manifest: Manifest, budget: int, batch: int, partitions: int,
+                          patches: int | None) -> StageCost:
+    """`vision_cost` from the architecture record. `patches`: one image's patches when the tower's
+    count follows the image (default: the largest image the layout allows)."""
+    arch, red = manifest.architecture, manifest.reduction
+    v = arch.vision
+    if v.layer_tokens:
+        counts = list(v.layer_tokens)
+    else:
+        if patches is None:
+            from tokedge.memory import image_bounds
+
+            patches = image_bounds(manifest).vision_tokens[2] * v.patches_per_token
+        counts = [patches] * v.layers
+    spans = v.attention_span or (0,) * v.layers
+    d, ff, mats = v.hidden, v.intermediate, 3 if v.gated_mlp else 2
+    flops = sum(2 * n * 4 * d * d + 2 * 2 * n * (s or n) * d + 2 * n * mats * d * ff for n, s in zip(counts, spans))
+    flops *= partitions
+    stage = Stage(red.stage)
+    merged = (counts[0] if v.layer_tokens else patches) // max(1, v.patches_per_token)
+    projects_all = (stage in (Stage.NONE, Stage.IN_LLM, Stage.TEMPORAL) or Signal.EMBEDDINGS.value in red.scores_with
+                    or not v.layer_tokens)  # merged-patch towers project every merged token, then select
+    projected = partitions * merged if projects_all else budget
+    widths = v.projector
+    mergers = 1 + int(manifest.layout.deepstack_levels or 0)  # DeepStack: one merger per level beside the main one
+    flops += mergers * 2 * projected * sum(a * b for a, b in pairwise(widths))
+    params = arch.graphs["vision"].parameters if "vision" in arch.graphs else 0
     return StageCost(flops=batch * flops, bytes=params * bytes_per_value(manifest))
 
 

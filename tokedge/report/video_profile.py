@@ -144,13 +144,14 @@ def run_video_profile(cfg: VideoProfileConfig,
         t0 = time.perf_counter()
         inputs = video_inputs(manifest, cfg.video, cfg.frames, cfg.fps)
         decode_ms = (time.perf_counter() - t0) * 1e3
-        full = inputs.frames * info.tokens_per_frame
+        unreduced = video_plan(manifest, inputs.frames, inputs=inputs)  # the video layout counts the tokens
+        full = unreduced.full
         stage = Stage(manifest.reduction.stage)
         budgets = video_budgets(full, tuple(cfg.budgets), stage is not Stage.NONE,
                                 manifest.reduction.budget if stage is Stage.TEMPORAL else None)
         report = VideoProfileReport(
             artifact=str(cfg.artifact), method=manifest.reduction.method, stage=stage.value, video=str(cfg.video),
-            frames=inputs.frames, frame_indices=inputs.indices.tolist(), tokens_per_frame=info.tokens_per_frame,
+            frames=inputs.frames, frame_indices=inputs.indices.tolist(), tokens_per_frame=unreduced.tokens_per_frame,
             full_tokens=full, prompt=cfg.prompt, runs=cfg.runs, warmup=cfg.warmup,
             max_new_tokens=cfg.max_new_tokens, machine=describe(), decode_preprocess_ms=round(decode_ms, 3),
             fidelity_reference=f"the same artifact at {full} frame tokens (no reduction)",

@@ -66,6 +66,7 @@ def prepare_video(graphs: ArtifactGraphs, inputs, plan, input_ids: np.ndarray,
     layout = video_layout_of(graphs.manifest)
     assert layout is not None
     video = graphs.manifest.video
+    assert video is not None
     t0 = time.perf_counter()
     tokens, kept, reduce_ms = layout.tokens(graphs, inputs, plan)
     vision_ms = (time.perf_counter() - t0) * 1e3

@@ -66,7 +66,10 @@ def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
     """logits [b, vocab] -> next token ids [b] (int64)."""
     if cfg.temperature <= 0:
         return logits.argmax(-1).astype(np.int64)
-    scaled = logits.astype(np.float64) / cfg.temperature
+    # shift before dividing: (x - max) <= 0, so a tiny temperature (1e-320) gives -inf, never inf - inf = NaN
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = shifted / cfg.temperature
     if cfg.top_k and cfg.top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
         scaled = np.where(scaled < kth, -np.inf, scaled)

@@ -13,6 +13,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokedge.artifact import PreprocessInfo
 from tokedge.errors import InputError
 
+# the image formats tokedge decodes (run, serve): common camera/web formats only, so that no input
+# reaches Pillow's other plugins (EPS would start Ghostscript where it is installed)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
 
 def load_image(path: Path | str) -> Image.Image:
     """Open an image file, apply its EXIF orientation and return it fully loaded.
@@ -25,13 +29,14 @@ def load_image(path: Path | str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
                 img.load()
                 return ImageOps.exif_transpose(img) or img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"image '{path}' is too large to decode safely ({exc}); resize it first") from None
     except UnidentifiedImageError:
-        raise InputError(f"'{path}' is not an image Pillow can read (empty, corrupt or not an image format)") from None
+        raise InputError(f"'{path}' is not an image in an accepted format ({', '.join(IMAGE_FORMATS)}); it may be "
+                         "empty, corrupt or another format") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"image '{path}' cannot be decoded ({exc}); the file may be truncated or corrupt") from None
 

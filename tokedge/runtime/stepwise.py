@@ -28,7 +28,7 @@ class BatchDecoder:
     on EOS ("eos"), at its `max_new_tokens` ("length"), or when the caller calls `finish`.
     """
 
-    def __init__(self, graphs: ArtifactGraphs, pixel_values: np.ndarray | list, input_ids: np.ndarray,
+    def __init__(self, graphs: ArtifactGraphs, pixel_values: ImageBatch | np.ndarray | list, input_ids: np.ndarray,
                  attention_mask: np.ndarray, configs: list[SamplingConfig], *, budget: int | None = None,
                  images_per_row: list[int] | None = None):
         """`pixel_values` holds every image of the batch in row order ([n, 3, H, W] single views, or

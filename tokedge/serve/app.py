@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import signal
 import socket
 import sys
@@ -19,28 +20,46 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tokedge.errors import InputError, TokedgeError
+from tokedge.errors import InputError, TokedgeError, UsageError
 from tokedge.layouts import layout_of
 from tokedge.runtime.generate import SamplingConfig, context_limit
 from tokedge.runtime.pipeline import Pipeline
 from tokedge.runtime.prompt import render_messages
-from tokedge.serve.config import ServeConfig
-from tokedge.serve.images import fetch_image
+from tokedge.safeio import printable
+from tokedge.serve.config import ServeConfig, is_loopback
+from tokedge.serve.images import (
+    check_request_pixels,
+    decode_image,
+    fetch_remote,
+    image_bytes,
+    is_remote,
+    open_image,
+    release_memory,
+)
 from tokedge.serve.metrics import CONTENT_TYPE, Metrics
-from tokedge.serve.protocol import APIError, ChatRequest, chunk_body, completion_body, parse_chat_request
+from tokedge.serve.protocol import (
+    APIError,
+    ChatRequest,
+    chunk_body,
+    completion_body,
+    loads,
+    parse_chat_request,
+)
 from tokedge.serve.scheduler import Delta, Done, Event, Failed, Job, QueueFull, Scheduler
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 MAX_IMAGES_PER_PROMPT = 8  # images are fetched and decoded before the prompt length is known
+LARGE_REQUEST_PIXELS = 4_000_000  # after a request with more pixels than this, freed heap goes back to the OS
 
 
 def images_per_prompt(pipe: Pipeline) -> int:
@@ -49,10 +68,45 @@ def images_per_prompt(pipe: Pipeline) -> int:
 
 
 def vision_inputs(pipe: Pipeline, images: list) -> tuple[Any, list[int]]:
-    """A request's images (message order) -> the vision graph's inputs (`layouts.ImageBatch`, as the
-    artifact's layout prepares one prompt's images) and each image's placeholder count."""
-    batch = layout_of(pipe.manifest).prepare([images], None, pipe.visual_tokens_for)
+    """A request's images (message order, opened lazily by `images.open_image`: only their headers
+    read) -> the vision graph's inputs (`layouts.ImageBatch`, as the artifact's layout prepares one
+    prompt's images) and each image's placeholder count. The images are decoded one after the
+    other (all of them within --max-request-pixels) and closed as soon as the layout has built its
+    inputs, so their pixels are not kept while the request waits for a batch."""
+    decoded: list = []
+    try:
+        for image in images:
+            decoded.append(decode_image(image))
+        batch = layout_of(pipe.manifest).prepare([decoded], None, pipe.visual_tokens_for)
+    finally:
+        for image in [*decoded, *images]:
+            image.close()
     return batch, batch.counts[0]
+
+
+class Stage:
+    """One bounded stage of preparing requests (remote fetches, image decoding): at most `slots`
+    at once, each on a thread of the stage's own (never Starlette's shared pool, which stays free
+    for everything else); the rest wait without holding a thread. `/health` calls it stalled once
+    every slot has been in use for longer than `ServeConfig.stall_s`."""
+
+    def __init__(self, name: str, slots: int):
+        self.name, self.slots = name, slots
+        self._entry, self._threads = anyio.CapacityLimiter(slots), anyio.CapacityLimiter(slots)
+        self._since: dict[int, float] = {}
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        async with self._entry:
+            token = object()
+            self._since[id(token)] = time.monotonic()
+            try:
+                return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
+            finally:
+                del self._since[id(token)]
+
+    def stalled(self, after_s: float) -> bool:
+        since = list(self._since.values())
+        return len(since) >= self.slots and max(since) < time.monotonic() - after_s
 
 
 class Service:
@@ -71,6 +125,9 @@ class Service:
         self.load_error: BaseException | None = None
         self.on_load_failure: Callable[[], None] = lambda: None
         self.on_ready: Callable[[], None] = lambda: None
+        self.stages = [Stage("remote image fetch", cfg.max_remote_fetches),
+                       Stage("image preprocessing", cfg.max_preprocess)]
+        self.uploads = anyio.CapacityLimiter(cfg.max_uploads)  # bodies held in memory while they arrive
 
     def load(self) -> None:
         try:
@@ -100,25 +157,62 @@ class Service:
         if self.pipe is not None:
             self.pipe.close()
 
-    def prepare(self, req: ChatRequest, sink: Callable[[Event], None], arrived: float) -> Job:
-        """Images fetched and preprocessed, messages rendered and tokenized, limits checked.
-        `arrived` (perf_counter) is when the request body was in: TTFT counts from there."""
+    def stalled(self) -> str | None:
+        """Why the server cannot make progress, or None: the scheduler thread died, or every slot of
+        a preparation stage has been in use for longer than `stall_s`."""
+        if self.scheduler is not None and not self.scheduler.alive:
+            return "the scheduler thread has stopped"
+        for stage in self.stages:
+            if stage.stalled(self.cfg.stall_s):
+                return f"all {stage.slots} {stage.name} slots have been busy for over {self.cfg.stall_s:g} s"
+        return None
+
+    async def prepare_async(self, req: ChatRequest, sink: Callable[[Event], None], arrived: float) -> Job:
+        """`prepare` on the preprocessing stage, after the request's remote images (if any) were
+        fetched on the fetch stage, one at a time."""
         assert self.pipe is not None
-        pipe, cfg = self.pipe, self.cfg
-        family, allowed = pipe.manifest.model.family, images_per_prompt(pipe)
+        self.check_image_count(req)
+        fetches, preparing = self.stages
+        fetched: dict[int, bytes] = {}
+        for i, url in enumerate(req.image_urls):
+            if is_remote(url) and self.cfg.allow_remote_images:
+                fetched[i] = await fetches.run(fetch_remote, url, self.cfg)
+        return await preparing.run(self.prepare, req, sink, arrived, fetched)
+
+    def check_image_count(self, req: ChatRequest) -> None:
+        assert self.pipe is not None
+        family, allowed = self.pipe.manifest.model.family, images_per_prompt(self.pipe)
         if not req.image_urls:
             raise APIError(400, f"this artifact ({family}) needs an image in the request: add an image_url part to "
                                 "the user message; text-only prompts are not supported", param="messages")
         if len(req.image_urls) > allowed:
             raise APIError(400, f"the request has {len(req.image_urls)} images; this server takes at most {allowed} "
                                 "image_url parts per request", param="messages")
-        images = [fetch_image(url, cfg) for url in req.image_urls]
+
+    def prepare(self, req: ChatRequest, sink: Callable[[Event], None], arrived: float,
+                fetched: dict[int, bytes] | None = None) -> Job:
+        """Images read and preprocessed, messages rendered and tokenized, limits checked.
+        `arrived` (perf_counter) is when the request body was in: TTFT counts from there;
+        `fetched`: the bytes of remote images by position. Every image's header is read (format,
+        pixels) and the request's pixel budget checked before any image is decoded."""
+        assert self.pipe is not None
+        pipe, cfg = self.pipe, self.cfg
+        self.check_image_count(req)
+        fetched = fetched or {}
+        images = []
+        for i, url in enumerate(req.image_urls):
+            images.append(open_image(fetched.pop(i) if i in fetched else image_bytes(url, cfg), cfg))
+        pixels = check_request_pixels(images, cfg)
         try:
             pixel_values, counts = vision_inputs(pipe, images)
             rendered = render_messages(pipe.manifest.prompt, req.messages, pipe.manifest.prompt.special_tokens)
             enc = pipe.encoder.encode_rendered([rendered], [counts])
         except InputError as exc:
             raise APIError(400, str(exc), param="messages") from None
+        finally:
+            del images
+            if pixels > LARGE_REQUEST_PIXELS:
+                release_memory()
         prompt_tokens = int(enc.input_ids.shape[1])
         if prompt_tokens > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt is {prompt_tokens} tokens (image included); this server accepts at most "
@@ -131,6 +225,10 @@ class Service:
                            param="max_tokens")
         sampling = SamplingConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   seed=req.seed)
+        try:
+            sampling.check()
+        except InputError as exc:
+            raise APIError(400, str(exc)) from None
         return Job(pixel_values=pixel_values, input_ids=enc.input_ids[0], sampling=sampling, stop=req.stop, sink=sink,
                    created=arrived)
 
@@ -143,13 +241,47 @@ def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+def _split_host(value: str) -> str:
+    """A Host header or an Origin's authority ('name', 'name:port', '[::1]:port') -> the host name."""
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def _origin_authority(origin: str) -> str | None:
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        return None  # "null" (sandboxed pages, file://) and anything malformed
+    return rest
+
+
 class _Gate:
-    """ASGI middleware: checks the API key and counts every answered request by path and status."""
+    """ASGI middleware in front of every route: refuses requests a web page could have sent
+    (a foreign `Host` on a loopback bind, which is what DNS rebinding produces; a foreign `Origin`),
+    checks the API key, and counts every answered request by path and status."""
 
     def __init__(self, app: Any, service: Service):
         self.app, self.service = app, service
         key = service.cfg.api_key
         self.expected = key.encode() if key else None
+        self.loopback = is_loopback(service.cfg.host)
+
+    def refusal(self, headers: dict[bytes, bytes]) -> APIError | None:
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        if self.loopback and host and not is_loopback(_split_host(host)):
+            return APIError(403, f"Host '{printable(host, 100)}' is not this server's: a server bound to loopback "
+                                 "answers only Host localhost, 127.0.0.1 or [::1] (a foreign Host is a DNS-rebinding "
+                                 "web page)", code="forbidden_host")
+        origin = headers.get(b"origin")
+        if origin is not None:
+            text = origin.decode("latin-1").strip().lower()
+            authority = _origin_authority(text)
+            same = authority is not None and (is_loopback(_split_host(authority)) if self.loopback
+                                              else authority == host)
+            if not same:
+                return APIError(403, f"cross-origin request from '{printable(text, 100)}' refused: this server "
+                                     "answers no web page of another origin", code="forbidden_origin")
+        return None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -166,8 +298,13 @@ class _Gate:
                     metrics.inc("tokedge_request_errors", path=path, code=code)
             await send(message)
 
+        headers = dict(scope["headers"])
+        refused = self.refusal(headers)
+        if refused is not None:
+            await _error(refused)(scope, receive, counted)
+            return
         if self.expected is not None and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            given = headers.get(b"authorization", b"")
             scheme, _, token = given.strip().partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
                 msg = ("missing API key: send 'Authorization: Bearer <key>'" if not given
@@ -177,18 +314,33 @@ class _Gate:
         await self.app(scope, receive, counted)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body within `limit` bytes and `timeout` seconds (408 after: a stalled upload neither
+    holds its part nor delays shutdown). A client that leaves mid-body raises ClientDisconnect."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"the request body must be sent as Content-Type: application/json (got "
+                            f"'{printable(kind, 60) or 'none'}')")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {declared} bytes; this server accepts at most {limit} "
+        raise APIError(413, f"the request body is {printable(declared, 30)} bytes; this server accepts at most {limit} "
                             "(images count after base64; see --max-image-bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes, this server's limit "
-                                "(images count after base64; see --max-image-bytes)")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes, this server's limit "
+                                    "(images count after base64; see --max-image-bytes)")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--request-timeout)",
+                       code="timeout") from None
     return b"".join(chunks)
 
 
@@ -256,12 +408,11 @@ def create_app(service: Service) -> Any:
     async def chat(request: Request) -> Any:
         if not service.ready.is_set():
             raise APIError(503, "the model is still loading; retry when GET /health answers 200", code="loading")
-        body = await _read_body(request, cfg.max_body_bytes)
+        async with service.uploads:
+            body = await _read_body(request, cfg.max_body_bytes, cfg.request_timeout_s)
         arrived = time.perf_counter()
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+        data = loads(body)
+        del body
         req = parse_chat_request(data, served_name=cfg.served_name, max_tokens_limit=cfg.max_tokens_limit,
                                  default_max_tokens=cfg.default_max_tokens)
         loop = asyncio.get_running_loop()
@@ -271,7 +422,7 @@ def create_app(service: Service) -> Any:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = await run_in_threadpool(service.prepare, req, sink, arrived)
+        job = await service.prepare_async(req, sink, arrived)
         assert service.scheduler is not None
         try:
             service.scheduler.submit(job)
@@ -293,6 +444,9 @@ def create_app(service: Service) -> Any:
 
     async def health(request: Request) -> JSONResponse:
         if service.ready.is_set():
+            stalled = service.stalled()
+            if stalled is not None:
+                return JSONResponse({"status": "stalled", "error": stalled}, status_code=503)
             return JSONResponse({"status": "ok"})
         if service.load_error is not None:
             return JSONResponse({"status": "error", "error": str(service.load_error)}, status_code=503)
@@ -309,6 +463,9 @@ def create_app(service: Service) -> Any:
         assert isinstance(exc, HTTPException)
         return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
+    async def gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # the client left mid-body: nobody reads this, nothing to log
+
     async def internal_error(request: Request, exc: Exception) -> Response:
         first = str(exc).splitlines()[0] if str(exc) else ""
         return _error(APIError(500, f"internal error: {type(exc).__name__}: {first}"))
@@ -322,7 +479,8 @@ def create_app(service: Service) -> Any:
     app = Starlette(
         routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
                 Route("/health", health), Route("/metrics", metrics)],
-        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error},
+        exception_handlers={APIError: api_error, HTTPException: http_error, ClientDisconnect: gone,
+                            Exception: internal_error},
         lifespan=lifespan,
     )
     return _Gate(app, service)
@@ -346,19 +504,93 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _protocol(cfg: ServeConfig) -> type:
+    """uvicorn's h11 protocol with two bounds of its own: at most `max_connections` open client
+    connections (one more is closed as soon as it is accepted, so slow clients cannot use up the
+    process's file descriptors), and `request_timeout_s` for each request's headers to arrive
+    (a slowloris client that drips header bytes is disconnected)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _refused = False
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= cfg.max_connections:
+                self._refused = True
+                transport.abort()
+                return
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._refused:
+                return
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm()  # the bytes of a (next) request's headers: they have a deadline
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # the headers are in; the body has its own deadline (_read_body)
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(cfg.request_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
 def build_server(cfg: ServeConfig, loader: Callable[[], Pipeline] | None = None) -> tuple[Any, Service]:
     import uvicorn
 
     service = Service(cfg, loader)
     server = uvicorn.Server(uvicorn.Config(
         create_app(service), host=cfg.host, port=cfg.port, lifespan="on", log_level="warning", access_log=False,
-        timeout_graceful_shutdown=None))  # SIGTERM: stop accepting, let every in-flight request finish
+        http=_protocol(cfg),  # SIGTERM: stop accepting, let in-flight requests finish within the timeout
+        timeout_graceful_shutdown=math.ceil(cfg.shutdown_timeout_s)))
 
     def stop() -> None:
         server.should_exit = True
 
     service.on_load_failure = stop
     return server, service
+
+
+def _raise_open_files(connections: int) -> None:
+    """Make room for `connections` client sockets plus the artifact's and the process's own files:
+    raise the soft RLIMIT_NOFILE toward the hard one, or refuse to start (one line)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    need = connections + 128
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft < need:
+            raise UsageError(f"--max-connections {connections} needs {need} open files, but this process may open "
+                             f"{soft} (ulimit -n); lower --max-connections or raise the limit")
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -368,6 +600,7 @@ def serve(cfg: ServeConfig) -> None:
     cfg.check()
     require("uvicorn", "serve")
     require("starlette", "serve")
+    _raise_open_files(cfg.max_connections)
     sock = listen(cfg.host, cfg.port)
     server, service = build_server(cfg)
     port = sock.getsockname()[1]

@@ -3,20 +3,28 @@ problem, and the JSON bodies of responses, stream chunks and errors."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from tokedge.safeio import printable
+
 ROLES = ("system", "developer", "user", "assistant")
-MAX_STOP = 4  # as OpenAI
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 256  # characters per stop string (text that may start one is held back while streaming)
+MAX_SEED = 2**63 - 1  # seeds are 0 .. 2**63-1, as `tokedge run --seed`
+MAX_JSON_DEPTH = 32  # nesting of the request body (messages -> content -> part -> image_url is 5)
 
 
 class APIError(Exception):
     """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+        404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+        415: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -52,18 +60,65 @@ def _number(body: dict, key: str, lo: float, hi: float, default: float, *, lo_op
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(400, f"'{key}' must be a number (got {type(value).__name__})", param=key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"'{key}' must be a finite number (got {value})", param=key)
     if value > hi or value < lo or (lo_open and value == lo):
         raise APIError(400, f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}] (got {value})", param=key)
     return float(value)
 
 
-def _integer(body: dict, key: str) -> int | None:
+def _integer(body: dict, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
     value = body.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise APIError(400, f"'{key}' must be an integer (got {type(value).__name__})", param=key)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        shown = str(value) if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
+        raise APIError(400, f"'{key}' must be an integer from {lo} to {hi} (got {shown})", param=key)
     return value
+
+
+def _json_constant(name: str) -> float:
+    raise APIError(400, f"the request body contains {name}, which is not JSON; send finite numbers")
+
+
+def loads(body: bytes) -> Any:
+    """The request body -> a JSON value, or APIError(400): invalid JSON or UTF-8, the NaN / Infinity
+    literals Python's parser would accept, nesting deeper than MAX_JSON_DEPTH, and strings that are
+    not valid Unicode (a lone surrogate escape such as "\\ud800" cannot be encoded or tokenized)."""
+    import json
+
+    try:
+        data = json.loads(body, parse_constant=_json_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({str(exc)[:200]})") from None
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:  # iterative: the depth bound is what this walk checks
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise APIError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _check_text(k)
+                    stack.append((v, depth + 1))
+            else:
+                stack.extend((v, depth + 1) for v in value)
+    return data
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body contains a string with a lone surrogate (an unpaired \\ud800-"
+                                "\\udfff escape); send valid Unicode text") from None
 
 
 def _content(message: dict, index: int, image_urls: list[str]) -> list[dict[str, Any]]:
@@ -103,7 +158,7 @@ def parse_chat_request(body: Any, *, served_name: str, max_tokens_limit: int, de
     if not isinstance(model, str) or not model:
         raise APIError(400, f"'model' is required; this server serves '{served_name}'", param="model")
     if model != served_name:
-        raise APIError(404, f"model '{model}' is not served here; this server serves '{served_name}' "
+        raise APIError(404, f"model '{printable(model, 100)}' is not served here; this server serves '{served_name}' "
                             "(GET /v1/models)", param="model", code="model_not_found")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -138,6 +193,10 @@ def parse_chat_request(body: Any, *, served_name: str, max_tokens_limit: int, de
     else:
         raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} non-empty strings",
                        param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        longest = max(len(s) for s in stops)
+        raise APIError(400, f"a 'stop' string is {longest} characters; this server accepts at most {MAX_STOP_CHARS} "
+                            "per stop string", param="stop")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -151,7 +210,7 @@ def parse_chat_request(body: Any, *, served_name: str, max_tokens_limit: int, de
         model=model, messages=rendered, image_urls=image_urls, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
-        seed=_integer(body, "seed"), stop=stops, stream=stream, include_usage=bool(options.get("include_usage")),
+        seed=_integer(body, "seed", 0, MAX_SEED), stop=stops, stream=stream, include_usage=bool(options.get("include_usage")),
     )
 
 

@@ -67,9 +67,35 @@ class Job:
     created: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
+    started: bool = False  # some of its text was sent: it cannot be run again
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+def _borders(s: str) -> list[int]:
+    """KMP failure function: b[i] = length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    b = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = b[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        b[i] = k
+    return b
+
+
+def _overlap(text: str, s: str, borders: list[int]) -> int:
+    """The longest k < len(s) with text.endswith(s[:k]): a KMP scan of text's last len(s)-1
+    characters, O(len(s)) (no prefix longer than that can end the text without containing s)."""
+    k = 0
+    for ch in text[max(0, len(text) - len(s) + 1):] if len(s) > 1 else "":
+        while k and (k == len(s) or ch != s[k]):
+            k = borders[k - 1]
+        if ch == s[k]:
+            k += 1
+    return k if k < len(s) else borders[k - 1]
 
 
 class TextTracker:
@@ -79,6 +105,7 @@ class TextTracker:
 
     def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
         self.decode, self.stop, self.sent = decode, stop, ""
+        self._borders = [_borders(s) for s in stop]
 
     def _cut(self, text: str) -> tuple[str, bool]:
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
@@ -90,7 +117,7 @@ class TextTracker:
         if not hit:
             if text.endswith("\ufffd"):
                 return "", False
-            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            hold = max((_overlap(text, s, b) for s, b in zip(self.stop, self._borders)), default=0)
             text = text[: len(text) - hold]
         return self._extend(text), hit
 
@@ -117,6 +144,10 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() or self._closed
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -176,19 +207,36 @@ class Scheduler:
             return batch
 
     def _run(self, jobs: list[Job]) -> None:
-        self.metrics.set("tokedge_running_requests", len(jobs))
-        self.metrics.observe("tokedge_batch_size", len(jobs))
+        """Decode `jobs` as one batch. A row whose own settings are invalid fails alone before the
+        batch starts; if the batch fails anyway, every row that has not sent text yet is run again
+        alone, so one bad request fails only itself, not the requests that shared its batch."""
+        good = []
+        for job in jobs:
+            try:
+                job.sampling.check()
+            except Exception as exc:  # noqa: BLE001 - reported to that row only
+                self._fail(job, exc)
+            else:
+                good.append(job)
+        self.metrics.set("tokedge_running_requests", len(good))
         try:
-            self._decode(jobs)
+            if good:
+                self.metrics.observe("tokedge_batch_size", len(good))
+                self._decode(good)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not take the server down
-            message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            for job in jobs:
-                if not job.finished:
-                    job.finished = True
-                    self.metrics.inc("tokedge_completions", reason="error")
-                    job.sink(Failed(message))
+            retry = [j for j in good if not j.finished and not j.started] if len(good) > 1 else []
+            for job in good:
+                if not job.finished and job not in retry:
+                    self._fail(job, exc)
+            for job in retry:
+                self._run([job])
         finally:
             self.metrics.set("tokedge_running_requests", 0)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        job.finished = True
+        self.metrics.inc("tokedge_completions", reason="error")
+        job.sink(Failed(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
 
     def _decode(self, jobs: list[Job]) -> None:
         width = max(len(j.input_ids) for j in jobs)
@@ -224,6 +272,7 @@ class Scheduler:
                 if row.finish_reason is not None:
                     delta += trackers[r].final(row.tokens)
                 if delta:
+                    job.started = True
                     job.sink(Delta(delta))
                 if row.finish_reason is not None:
                     job.finished = True

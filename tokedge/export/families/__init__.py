@@ -6,10 +6,12 @@ preprocessing, prompt rendering and the transformers-side reference. Everything 
 package talks to a family only through `Family`, found with `for_checkpoint(config)`; no other
 module imports a family module, and nothing outside asks which family it holds.
 
-Families that take video add two optional methods (export looks for them with `getattr`):
-`video(loaded, dtype) -> (graph name, torch module, TraceSpec, artifact.VideoInfo)` (the per-frame
-video graph and the manifest's `video` record) and `video_case(loaded) -> (pixel_values_videos,
-transformers' video tokens)` (what export validates that graph against).
+Optional capabilities are declared on `FamilyBase` (None = the family has none; export asks
+`family.video is not None`, never `hasattr`): `video(loaded, dtype) -> (graph name, torch module,
+TraceSpec, artifact.VideoInfo)` (the per-frame video graph and the manifest's `video` record),
+`video_case(loaded) -> (pixel_values_videos, transformers' video tokens)` (what export validates
+that graph against), `prefill_trace_spec` (a family's own prefill inputs), `reference_positions`
+(M-RoPE positions in the transformers reference) and `export_warnings`.
 
 A family registers itself under the checkpoint's `model_type` at the bottom of its module
 (`register(LlavaFamily())`); the built-in family modules are imported on first use of the
@@ -63,6 +65,19 @@ class LoadedCheckpoint:
     @property
     def full_tokens(self) -> int:
         return self.spec.full_tokens
+
+
+class FamilyBase:
+    """The optional capabilities every family declares (a family that has one defines the method)."""
+
+    video: Any = None  # (loaded, dtype, needs) -> (graph name, module | None, TraceSpec, VideoInfo)
+    video_case: Any = None  # (loaded) -> (pixel_values_videos, transformers' video tokens)
+    prefill_trace_spec: Any = None  # (loaded, plan, dtype) -> TraceSpec of the family's own prefill inputs
+    reference_positions: Any = None  # (loaded, input_ids, attention_mask, images) -> M-RoPE positions
+
+    def export_warnings(self, loaded: Any) -> list[str]:
+        """Lines export prints after writing (e.g. memory the vision graph needs at --max-pixels)."""
+        return []
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from torch import nn
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
-from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
+from tokedge.export.families import CheckpointSpec, FamilyBase, LoadedCheckpoint, register
 from tokedge.export.towers import VisionTower, layers_to_feature
 from tokedge.reduce.base import Method, VisionFeatures, VisionGeometry
 
@@ -435,7 +435,7 @@ def reference_logits(llava: LoadedCheckpoint, input_ids, attention_mask, image_f
 # --- the family ------------------------------------------------------------------------------------
 
 
-class LlavaFamily:
+class LlavaFamily(FamilyBase):
     """`LlavaForConditionalGeneration`: one image, one fixed-size view, one block of visual tokens."""
 
     name = "llava"

@@ -33,7 +33,7 @@ from torch import nn
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VideoInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
-from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
+from tokedge.export.families import CheckpointSpec, FamilyBase, LoadedCheckpoint, register
 from tokedge.export.onnx_export import (
     BATCH,
     IMAGE_TOKENS,
@@ -670,7 +670,7 @@ def greedy_steps(model: nn.Module, prefill, past, attention_mask, positions, ste
 # --- the family ------------------------------------------------------------------------------------
 
 
-class Qwen25VLFamily:
+class Qwen25VLFamily(FamilyBase):
     """`Qwen2_5_VLForConditionalGeneration`: dynamic resolution (one token count per image size),
     window attention in the vision tower, M-RoPE positions in the decoder."""
 

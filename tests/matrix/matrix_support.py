@@ -1,0 +1,222 @@
+"""The family x method matrix (issue: the spine): every pair `tokedge export` accepts on the tiny
+presets goes through every command a user runs on it, in process through `tokedge.cli.main` (the
+real CLI, its error mapping and exit codes): export, verify, run (image; video where the artifact
+takes video), profile at one budget, memory, check --target trt-10.3, build --dry-run for
+jetson-orin-nano-8gb and rtx-4090. A pair export refuses must be refused in one line with exit 2.
+
+Shape envelope: while run and profile execute, every input shape ONNX Runtime is fed is recorded
+per graph (a wrapper around `OrtRunner.infer` that records and calls the real method), then each
+must lie inside one optimisation profile of that graph in the build plan of each device profile
+(`build.plan.plan_shapes`, the same planner `build` and `check` use). Every plan's ranges are
+non-negative with min <= opt <= max.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tokedge.reduce import METHODS
+
+DEVICES = ("jetson-orin-nano-8gb", "rtx-4090")
+TRT11_PRECISION = "TensorRT 11 is strongly typed"  # fp32 artifacts: build refuses rtx-4090 in one line
+
+# per preset: the reducing flags (a budget every image of the test clears, or a keep ratio) and the
+# pixel budget of dynamic-resolution presets (small enough for every device profile's prompt limit)
+PRESETS = {
+    "tiny-llava": {"reduce": ["--budget", "64"], "extra": []},
+    "tiny-llava-next": {"reduce": ["--budget", "64"], "extra": []},
+    "tiny-llava-onevision": {"reduce": ["--budget", "64"], "extra": []},
+    "tiny-qwen2.5-vl": {"reduce": ["--budget", "16"], "extra": ["--max-pixels", "50176"]},
+    "tiny-qwen3-vl": {"reduce": ["--budget", "16"], "extra": ["--max-pixels", "50176"]},
+}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`tokedge ARGS` in this process -> (exit code, stdout, stderr)."""
+    from tokedge.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@dataclass
+class ShapeLog:
+    """Input shapes (and 0-d values) fed to each graph, recorded while the real runner runs."""
+
+    fed: dict[str, set[tuple]] = field(default_factory=dict)
+    values: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+
+    def record(self, graph: str, feed: dict) -> None:
+        shapes = []
+        for name, value in feed.items():
+            shape = tuple(value.shape() if callable(getattr(value, "shape", None)) else np.shape(value))
+            if shape == ():
+                self.values.setdefault(graph, set()).add((name, int(np.asarray(value))))
+            else:
+                shapes.append((name, shape))
+        self.fed.setdefault(graph, set()).add(tuple(sorted(shapes)))
+
+
+def recording(monkeypatch, log: ShapeLog) -> None:
+    from tokedge.runtime.ort_backend import OrtRunner
+
+    real = OrtRunner.infer
+
+    def infer(self, feed, keep=frozenset()):
+        log.record(self.name, feed)
+        return real(self, feed, keep)
+
+    monkeypatch.setattr(OrtRunner, "infer", infer)
+
+
+def assert_plan_ranges(graphs: dict) -> None:
+    """Every range of a plan: non-negative, min <= opt <= max."""
+    for graph, profiles in graphs.items():
+        for prof in profiles:
+            for name, rng in [*prof.shapes.items(), *prof.values.items()]:
+                assert all(0 <= lo <= opt <= hi for lo, opt, hi in zip(rng.min, rng.opt, rng.max)), \
+                    f"{graph}/{prof.name}/{name}: {rng}"
+
+
+def assert_in_envelope(graphs: dict, log: ShapeLog, device: str) -> int:
+    """Each recorded feed lies inside one of its graph's profiles. -> feeds checked."""
+    checked = 0
+    for graph, feeds in log.fed.items():
+        assert graph in graphs, f"{graph} was run but has no engine plan on {device}"
+        for feed in feeds:
+            def inside(prof) -> bool:
+                for name, shape in feed:
+                    rng = prof.shapes.get(name)
+                    if rng is None or len(rng.min) != len(shape) or not all(
+                            lo <= d <= hi for lo, d, hi in zip(rng.min, shape, rng.max)):
+                        return False
+                return True
+
+            assert any(inside(p) for p in graphs[graph]), \
+                f"{device}: {graph} was fed {dict(feed)}, outside every profile " + \
+                "; ".join(f"{p.name}: {({n: (r.min, r.max) for n, r in p.shapes.items()})}" for p in graphs[graph])
+            checked += 1
+    for graph, values in log.values.items():
+        for name, value in values:
+            for prof in graphs[graph]:
+                if name in prof.values:
+                    rng = prof.values[name]
+                    assert rng.min[0] <= value <= rng.max[0], f"{device}: {graph}.{name}={value} outside {rng}"
+    return checked
+
+
+def write_image(path: Path, size=(200, 150), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def frame_dir(path: Path, frames: int = 8, size=(96, 72)) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(frames):
+        write_image(path / f"frame_{i:03d}.png", size, seed=100 + i)
+    return path
+
+
+def export_args(preset: str, method: str) -> list[str]:
+    cfg = PRESETS[preset]
+    m = METHODS[method]
+    reduce = [] if m.keeps_all else cfg["reduce"]
+    return ["export", preset, "--method", method, *reduce, *cfg["extra"]]
+
+
+def run_pair(preset: str, method: str, tmp: Path, capsys, monkeypatch) -> dict:
+    """One pair through every command. -> what was covered (for the test's list of pairs)."""
+    from tokedge.artifact import load_artifact
+    from tokedge.build.plan import plan_shapes
+    from tokedge.profiles import load_profile
+
+    art = tmp / "art"
+    rc, out, err = cli(capsys, *export_args(preset, method), "--out", art)
+    if rc != 0:  # refused: one line, exit 2 (wrong input), nothing written
+        lines = [line for line in err.strip().splitlines() if line]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+        assert not art.exists()
+        return {"pair": f"{preset} x {method}", "status": "refused", "why": lines[0]}
+    manifest = load_artifact(art)
+    image = write_image(tmp / "image.png")
+    covered = ["export"]
+
+    rc, out, err = cli(capsys, "verify", art)
+    assert rc == 0, err
+    covered.append("verify")
+
+    log = ShapeLog()
+    with monkeypatch.context() as mp:
+        recording(mp, log)
+        rc, out, err = cli(capsys, "run", art, "--image", image, "--prompt", "What is shown?",
+                           "--max-new-tokens", "3", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["token_ids"], out
+        covered.append("run image")
+        if manifest.video is not None:
+            frames = manifest.video.default_frames
+            clip = frame_dir(tmp / "clip", frames)
+            rc, out, err = cli(capsys, "run", art, "--video", clip, "--frames", frames, "--prompt",
+                               "What happens?", "--max-new-tokens", "3", "--json")
+            assert rc == 0 or (rc == 2 and len(err.strip().splitlines()) == 1), err
+            covered.append("run video" if rc == 0 else f"run video refused: {err.strip()}")
+            rc, out, err = cli(capsys, "profile", art, "--video", clip, "--frames", frames, "--runs", 1,
+                               "--warmup", 0, "--max-new-tokens", 2, "--out", tmp / "vprof")
+            assert rc == 0 or (rc == 2 and len(err.strip().splitlines()) == 1), err
+            assert "internal error" not in err
+            covered.append("profile video" if rc == 0 else "profile video refused in one line")
+        rc, out, err = cli(capsys, "profile", art, "--image", image, "--runs", 1, "--warmup", 0,
+                           "--max-new-tokens", 2, "--out", tmp / "prof")
+        assert rc == 0, err
+        covered.append("profile")
+
+    rc, out, err = cli(capsys, "memory", art, "--profile", "jetson-orin-nano-8gb", "--json")
+    assert rc in (0, 3), err  # 3: "does not fit" (docs/cli.md)
+    json.loads(out)
+    covered.append("memory")
+
+    rc, out, err = cli(capsys, "check", art, "--target", "trt-10.3", "--json")
+    report = json.loads(out)
+    plan_findings = {f["node"] for f in report["findings"] if f["op"] == "profile"}
+    covered.append("check")
+
+    checked = 0
+    for device in DEVICES:
+        rc, out, err = cli(capsys, "build", art, "--profile", device, "--dry-run")
+        if device == "rtx-4090" and rc != 0:  # fp32 artifact on a strongly typed TensorRT: one line
+            assert TRT11_PRECISION in err and len(err.strip().splitlines()) == 1, err
+        else:
+            assert rc == 0, err
+        if device == "jetson-orin-nano-8gb":  # check and build agree: one planner
+            assert (rc == 0) == (device not in plan_findings), (err, report)
+        graphs, _ = plan_shapes(manifest, load_profile(device))
+        assert_plan_ranges(graphs)
+        checked += assert_in_envelope(graphs, log, device)
+        covered.append(f"build --dry-run {device}")
+    assert checked > 0
+    return {"pair": f"{preset} x {method}", "status": "covered", "commands": covered, "feeds_checked": checked,
+            "export": shlex.join(export_args(preset, method))}
+
+
+def report_pairs(preset: str, covered: list[dict]) -> None:
+    """The list of pairs this run covered, printed (pytest -s shows it) and written next to the
+    test cache; every method appears, covered or refused in one line: none is skipped silently."""
+    import os
+
+    methods = sorted(METHODS)
+    done = sorted(c["pair"].split(" x ")[1] for c in covered)
+    assert done == methods, f"{preset}: pairs not run: {sorted(set(methods) - set(done))}"
+    where = Path(os.environ.get("TOKEDGE_CACHE", ".")) / f"matrix-{preset}.json"
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.write_text(json.dumps(covered, indent=1))
+    for c in covered:
+        print(f"{c['pair']}: {c['status']}: {c.get('why') or ', '.join(c['commands'])}")
