@@ -173,11 +173,11 @@ def check_ranges(m: Any, format_version: int) -> None:
     _check_layout(m.layout, m.format_version)
     if m.video is not None:
         _check_video(m.video, m.graphs)
-    if m.architecture is not None:
-        _check_architecture(m.architecture, m.graphs)
     for name in ("vision", "embed", "decoder"):
         if name not in m.graphs:
             raise ManifestError(f"graphs.{name}", "present")
+    if m.architecture is not None:  # after the graphs it names are known to be there
+        _check_architecture(m.architecture, m.graphs)
     for name, graph in m.graphs.items():
         for kind, specs in (("inputs", graph.inputs), ("outputs", graph.outputs)):
             for i, spec in enumerate(specs):
