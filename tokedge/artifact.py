@@ -397,6 +397,19 @@ class VerifiedArtifact:
             raise IntegrityError(f"'{rel}' is not a file listed in the artifact's manifest")
         return self.blobs[rel]
 
+    def write_to(self, stage: Path) -> None:
+        """Write every verified file into `stage` (a fresh directory this process owns), from the
+        bytes that were hashed: commands that derive a new artifact from this one (quantize,
+        optimize) never read the source's paths again, so a file swapped or replaced by a symlink
+        after the check cannot reach their output. Files are created exclusively, without
+        following links."""
+        from tokedge.safeio import write_new
+
+        for rel, data in self.blobs.items():
+            target = Path(stage) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_new(target, data)
+
     def graph_bytes(self, name: str) -> tuple[bytes, dict[str, bytes]]:
         """(model bytes, {external-data location as named in the model: its bytes}) of a graph."""
         graph = self.manifest.graphs[name]
@@ -581,10 +594,41 @@ def check_target(target: Path, force: bool, marker: str = MANIFEST_NAME, protect
         raise UsageError(f"'{target}' is a file, not a {kind}; --force replaces only a {kind} or an empty directory")
     with os.scandir(target) as entries:
         empty = next(entries, None) is None
-    marked = os.path.isfile(target / marker) and not os.path.islink(target / marker)
-    if not empty and not marked:
-        raise UsageError(f"'{target}' is not a {kind} (no {marker}); --force replaces only a {kind} or an empty "
-                         "directory: remove it yourself or choose another --out")
+    if not empty and not _holds_kind(target, marker):
+        raise UsageError(f"'{target}' is not a {kind} (no {marker} of one, with the files it lists); --force "
+                         f"replaces only a {kind} or an empty directory: remove it yourself or choose another --out")
+
+
+def _holds_kind(target: Path, marker: str) -> bool:
+    """Whether `target` is a directory tokedge wrote, not one that merely holds a file named `marker`:
+    the marker is a regular file (no link) whose JSON has the shape tokedge writes, and for an
+    artifact every file its manifest lists is there."""
+    from tokedge.errors import TokedgeError
+    from tokedge.safeio import MiB, open_dir, open_regular, read_regular
+
+    try:
+        fd = open_dir(target)
+        try:
+            data = json.loads(read_regular(fd, marker, 16 * MiB).decode("utf-8"))
+            if not isinstance(data, dict):
+                return False
+            if marker == MANIFEST_NAME:
+                files, version = data.get("files"), data.get("format_version")
+                if (not isinstance(files, dict) or not files or not isinstance(data.get("graphs"), dict)
+                        or isinstance(version, bool) or not isinstance(version, int)):
+                    return False
+                for rel in files:  # each listed file present: a regular file below target, no links
+                    os.close(open_regular(fd, str(rel)))
+                return True
+            if marker == "engines.json":
+                return isinstance(data.get("engines"), dict) and isinstance(data.get("artifact_manifest_sha256"), str)
+            if marker == "config.json":
+                return isinstance(data.get("model_type"), str)
+            return True
+        finally:
+            os.close(fd)
+    except (TokedgeError, OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
 
 
 @contextlib.contextmanager

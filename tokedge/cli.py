@@ -810,10 +810,13 @@ def _quiet(debug: bool) -> None:
     """Keep stderr to tokedge's own one-line messages: library warnings (numpy, Pillow, torch)
     and ONNX Runtime's log lines are shown only with --debug. Pillow's decompression-bomb
     warning is an error either way."""
+    import logging
     import warnings
 
     if not debug:
         warnings.simplefilter("ignore")
+    # onnxruntime's Python tools (the quantizer) log through `logging`: shown only with --debug
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.DEBUG if debug else logging.ERROR)
     try:
         from PIL import Image
 

@@ -20,6 +20,18 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TENSOR_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"})
 MAX_DIM = 1 << 24  # no size in a tokedge manifest is anywhere near this
 
+# Bounds on quantities DERIVED from several fields, checked when any command reads a manifest (run,
+# serve, verify, memory, build --dry-run, profile, check) by each layout's `check_record`: each field
+# may be legal while their product is a huge allocation. Every model tokedge exports is far inside
+# them (docs/safety.md).
+MAX_PIXELS = 1 << 25  # pixels of one image after resizing: Qwen max_pixels, an anyres canvas (Qwen3-VL: 16.8 M)
+MAX_PINPOINTS = 256  # anyres candidate canvases (OneVision: 36)
+MAX_TILES = 256  # tiles of the largest anyres canvas (OneVision anyres_max_9: 36)
+MAX_TOKENS_PER_TILE = 1 << 14  # patch_grid squared (OneVision: 729)
+MAX_PATCHES = 1 << 18  # vision patches of one image: Qwen max_pixels / patch_size^2, anyres (tiles + 1) * tile tokens
+MAX_FRAME_PIXELS = 1 << 24  # video.frame_size squared (OneVision: 384^2)
+MAX_VIDEO_PIXELS = 1 << 28  # video.max_frames * frame pixels (OneVision: 64 x 384^2 = 9.4 M)
+
 
 class ManifestError(ArtifactError):
     def __init__(self, path: str, expected: str, value: Any = dataclasses.MISSING):
@@ -161,11 +173,11 @@ def check_ranges(m: Any, format_version: int) -> None:
     _check_layout(m.layout, m.format_version)
     if m.video is not None:
         _check_video(m.video, m.graphs)
-    if m.architecture is not None:
-        _check_architecture(m.architecture, m.graphs)
     for name in ("vision", "embed", "decoder"):
         if name not in m.graphs:
             raise ManifestError(f"graphs.{name}", "present")
+    if m.architecture is not None:  # after the graphs it names are known to be there
+        _check_architecture(m.architecture, m.graphs)
     for name, graph in m.graphs.items():
         for kind, specs in (("inputs", graph.inputs), ("outputs", graph.outputs)):
             for i, spec in enumerate(specs):
@@ -230,6 +242,13 @@ def _check_video(video: Any, graphs: dict) -> None:
         raise ManifestError("video.keep_ratio", "a number in (0, 1]", video.keep_ratio)
     if video.sampling not in ("uniform", "linspace"):
         raise ManifestError("video.sampling", '"uniform" or "linspace"', video.sampling)
+
+
+def bounded(path: str, what: str, value: int, limit: int) -> None:
+    """A quantity derived from several fields (the MAX_* bounds above), refused past `limit`;
+    each layout's `check_record` names its own (tokedge/layouts)."""
+    if value > limit:
+        raise ManifestError(path, f"a value whose {what} stays within {limit}", value)
 
 
 MAX_PARAMETERS = 1 << 42  # 4 T weights: far above any model tokedge exports, small enough for exact float math

@@ -9,6 +9,7 @@ Torch-free and onnx-free: the device runtime uses it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -31,6 +32,7 @@ class Limits:
     """Bounds against a hostile artifact or input. Defaults fit any model tokedge exports."""
 
     manifest_bytes: int = 16 * MiB  # tokedge.json (chat templates are a few KiB)
+    engines_index_bytes: int = 16 * MiB  # engines.json of a `tokedge build` directory (a few KiB)
     tokenizer_bytes: int = 64 * MiB  # tokenizer.json (large vocabularies are ~10-30 MiB)
     reference_bytes: int = 256 * MiB  # reference.npz on disk
     reference_unpacked_bytes: int = 1 * GiB  # its arrays once decompressed
@@ -139,6 +141,49 @@ def read_regular_path(root: Path, rel: str, limit: int, what: str | None = None)
         return read_regular(fd, rel, limit, what)
     finally:
         os.close(fd)
+
+
+def write_new(path: Path, data: bytes | str, mode: int = 0o666) -> None:
+    """Create `path` and write `data`: the file must not exist yet (O_EXCL) and a symbolic link
+    planted at its name is never followed (O_NOFOLLOW), so a write cannot land elsewhere."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` whole: written to a temporary file of an unpredictable name,
+    created exclusively beside it (a name planted in advance, a symlink included, is never
+    opened), then renamed over `path` (a rename replaces a symlink at `path`, it never writes
+    through it). Readable as the umask allows, like any file the user writes."""
+    import tempfile
+
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def printable(text: object, limit: int = 400, keep: str = "") -> str:

@@ -23,6 +23,7 @@ def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOpti
         raise UsageError(f"'{root}' passed its hash checks but records no reference cases to compare "
                          f"(layout '{manifest.layout.kind}', --method {manifest.reduction.method}: export-time "
                          "validation is not implemented for it yet)")
+    check_tokenizer(verified)
     tol = Tolerance(**ref["tolerance"])
     if checkpoint is not None:
         cases = _recompute(manifest, checkpoint, pixel_values, cases)
@@ -85,3 +86,29 @@ def _case_image(case: dict):
     from PIL import Image
 
     return Image.fromarray(case["image"], "RGB")
+
+
+def check_tokenizer(verified) -> None:
+    """Load the tokenizer from its verified bytes (never the path again) and check that it is the
+    artifact's: it parses, keeps the image placeholder whole as `prompt.image_token_id`, and a
+    rendered probe prompt encodes to ids the model's vocabulary has. A foreign tokenizer.json whose
+    hash was recomputed fails here rather than passing as "hashes ok"."""
+    from tokedge.errors import ArtifactError, TokedgeError
+    from tokedge.runtime.prompt import PromptEncoder
+    from tokedge.safeio import printable
+
+    manifest = verified.manifest
+    info = manifest.prompt
+    encoder = PromptEncoder(verified.root, info, manifest.model.pad_token_id, info.special_tokens,
+                            tokenizer_json=verified.read(info.tokenizer_file))
+    where = f"the artifact's tokenizer ({printable(info.tokenizer_file)})"
+    if encoder.tokenizer.token_to_id(info.image_token) != info.image_token_id:
+        raise ArtifactError(f"{where} does not map the image placeholder '{printable(info.image_token)}' to "
+                            f"prompt.image_token_id {info.image_token_id}; it is not this artifact's tokenizer")
+    try:
+        ids = encoder.encode(["Describe the image."], 1).input_ids
+    except TokedgeError as exc:
+        raise ArtifactError(f"{where} cannot encode a probe prompt ({exc}); it is not this artifact's tokenizer") from None
+    if ids.size and (int(ids.max()) >= manifest.model.vocab_size or int(ids.min()) < 0):
+        raise ArtifactError(f"{where} gives token id {int(ids.max())}, outside the model's vocabulary of "
+                            f"{manifest.model.vocab_size}; it is not this artifact's tokenizer")

@@ -52,27 +52,38 @@ def build(artifact: Path, profile_name: str, out: Path | None = None, force: boo
     artifact's manifest hash, which the TensorRT runner checks before deserialising anything.
     """
     import json
+    import tempfile
 
-    from tokedge.artifact import MANIFEST_NAME, load_artifact, sha256_file, staged_directory
+    from tokedge.artifact import open_artifact, staged_directory, write_manifest
     from tokedge.profiles import load_profile
 
     artifact = Path(artifact)
-    manifest = load_artifact(artifact)
+    verified = open_artifact(artifact)  # every file read once, no links followed, hashed
+    manifest = verified.manifest
     profile = load_profile(profile_name)
     plan = plan_build(manifest, profile, artifact)
-    plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(check_warnings(artifact, profile.trt_version)))
     out = Path(out) if out else default_engines_dir(artifact, profile.name)
+
+    def checked(source: Path) -> BuildPlan:
+        return dataclasses.replace(plan, warnings=plan.warnings + tuple(check_warnings(source, profile.trt_version)))
+
     if dry_run:
-        return plan, out, []
+        return checked(artifact), out, []
     from tokedge.build.trt import build_all
 
     timing_cache = out.parent / f".{profile.name}.timing.cache"
-    with staged_directory(out, force=force, marker="engines.json", protect=(artifact,)) as stage:
-        metas = build_all(plan, artifact, stage, timing_cache)
+    with staged_directory(out, force=force, marker="engines.json", protect=(artifact,)) as stage, \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.source-", dir=out.parent) as private:
+        # the static check and TensorRT read files: they get a private copy of the verified bytes,
+        # never the artifact's paths again
+        verified.write_to(Path(private))
+        write_manifest(Path(private), manifest)
+        plan = checked(Path(private))
+        metas = build_all(plan, Path(private), stage, timing_cache)
         index = {
             "profile": profile.name,
             "trt_version": profile.trt_version,
-            "artifact_manifest_sha256": sha256_file(artifact / MANIFEST_NAME),
+            "artifact_manifest_sha256": verified.manifest_sha256,
             "plan": plan.to_dict(),
             "engines": {m["graph"]: {"plan": f"{m['graph']}.plan", "sha256": m["plan_sha256"]} for m in metas},
         }

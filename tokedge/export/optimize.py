@@ -8,11 +8,10 @@ reference recorded at export: a pass that changes the numbers beyond tolerance f
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokedge.artifact import hash_tree, load_artifact, staged_directory, write_manifest
+from tokedge.artifact import hash_tree, open_artifact, staged_directory, write_manifest
 from tokedge.errors import UsageError
 
 
@@ -47,16 +46,15 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
     if artifact.resolve() == out.resolve():
         raise UsageError("--out must differ from the artifact: optimize writes a new artifact")
     get_passes(passes)
-    manifest = load_artifact(artifact)
+    verified = open_artifact(artifact)  # every file read once, no links followed, hashed: these bytes are copied
+    manifest = verified.manifest
     counts: dict[str, dict[str, int]] = {}
     earlier: dict[str, dict[str, int]] = {}
     for record in manifest.optimizations:
         per = earlier.setdefault(record["graph"], {})
         per[record["pass"]] = per.get(record["pass"], 0) + int(record["fired"])
     with staged_directory(out, force=force, protect=(Path(artifact),)) as stage:
-        for rel in manifest.files:
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(artifact / rel, stage / rel)
+        verified.write_to(stage)
         for name, spec in manifest.graphs.items():
             model = ir.load(stage / spec.file)
             for value in model.graph.initializers.values():  # detach from the copied data file
@@ -67,7 +65,7 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
             if spec.external_data:
                 (stage / spec.external_data).unlink()
             save_graph(model, stage, Path(spec.file).stem, threshold)
-        pixel_values, cases = load_reference(stage / manifest.reference["file"])
+        pixel_values, cases = load_reference(verified.read(manifest.reference["file"]))
         tol = Tolerance(**manifest.reference["tolerance"])
         staged = dataclasses.replace(manifest, files={})
         with ArtifactGraphs(stage, staged) as graphs:

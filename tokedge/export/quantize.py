@@ -19,7 +19,6 @@ unless asked. The result is recorded in the manifest as `QuantInfo`.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +152,39 @@ def _int8_qdq(model, group: int, exclude: set[str]) -> int:
     return count
 
 
+def check_initializers(model, where: str) -> None:
+    """Every initializer's data holds exactly what its dims and type declare: a graph whose dims lie
+    is refused in one line (ArtifactError) before numpy or onnxruntime's quantizer reshape it."""
+    import math
+
+    from onnx import TensorProto, helper
+
+    from tokedge.errors import ArtifactError
+    from tokedge.safeio import printable
+
+    packed = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            continue  # not loaded: the artifact's data file is checked where it is read
+        count = math.prod(t.dims) if all(d >= 0 for d in t.dims) else -1
+        try:
+            if t.HasField("raw_data") or t.raw_data:
+                itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                actual, expected = len(t.raw_data), (count + 1) // 2 if t.data_type in packed else count * itemsize
+            else:
+                actual = len(getattr(t, helper.tensor_dtype_to_field(t.data_type)))
+                expected = (count + 1) // 2 if t.data_type in packed else count
+                if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+                    expected = 2 * count
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{where}: initializer '{printable(t.name, 80)}' has an unknown data type "
+                                f"{t.data_type}; re-export the artifact") from None
+        if count < 0 or actual != expected:
+            raise ArtifactError(f"{where}: initializer '{printable(t.name, 80)}' declares dims {list(t.dims)} but "
+                                f"holds {actual} {'bytes' if t.raw_data else 'values'}; the graph is corrupt, "
+                                "re-export the artifact")
+
+
 def quantize_model(model, cfg: QuantConfig, vocab_size: int, graph: str = "decoder"):
     """Quantize one onnx ModelProto (the artifact's graph `graph`); returns (new ModelProto,
     weights quantized). Only the embed graph's Gather (the token table) is ever quantized."""
@@ -161,7 +193,11 @@ def quantize_model(model, cfg: QuantConfig, vocab_size: int, graph: str = "decod
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    # onnxruntime's quantizer logs its own lines (and calls logging.basicConfig on import): errors only,
+    # unless the caller chose a level (the CLI shows everything with --debug)
+    log = logging.getLogger("onnxruntime.quantization")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.ERROR)
     gather = cfg.embeddings and graph == "embed"
     if cfg.form == "qdq" or gather:  # int4 tensors and block-wise DequantizeLinear need opset 21
         from onnx import version_converter
@@ -218,6 +254,7 @@ def quantize_graphs(root: Path, manifest, cfg: QuantConfig, external_threshold: 
     for name in wanted:
         spec = graphs[name]
         model = onnx.load(str(root / spec.file), load_external_data=True)
+        check_initializers(model, spec.file)
         before = _weight_bytes(model)
         model, count = quantize_model(model, cfg, manifest.model.vocab_size, name)
         after = _weight_bytes(model)
@@ -249,7 +286,7 @@ def quantize_artifact(artifact: Path, out: Path, cfg: QuantConfig, force: bool =
                       validate: bool = True) -> QuantizeResult:
     """`tokedge quantize`: copy a float artifact, quantize its graphs, re-check it against the
     fp32 transformers reference recorded at export (with the scheme's tolerance), write it."""
-    from tokedge.artifact import hash_tree, load_artifact, staged_directory, write_manifest
+    from tokedge.artifact import hash_tree, open_artifact, staged_directory, write_manifest
     from tokedge.export.validate import load_reference, run_cases, tolerance_dict, tolerance_for
     from tokedge.runtime.graphs import ArtifactGraphs
 
@@ -257,13 +294,12 @@ def quantize_artifact(artifact: Path, out: Path, cfg: QuantConfig, force: bool =
     if artifact.resolve() == out.resolve():
         raise UsageError("--out must differ from the artifact: quantize writes a new artifact")
     cfg.check()
-    manifest = load_artifact(artifact)
-    with staged_directory(out, force=force) as stage:
-        for rel in manifest.files:
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(artifact / rel, stage / rel)
+    verified = open_artifact(artifact)  # every file read once, no links followed, hashed: these bytes are copied
+    manifest = verified.manifest
+    with staged_directory(out, force=force, protect=(artifact,)) as stage:
+        verified.write_to(stage)
         staged, info = quantize_graphs(stage, dataclasses.replace(manifest, files={}), cfg)
-        pixel_values, cases = load_reference(stage / manifest.reference["file"])
+        pixel_values, cases = load_reference(verified.read(manifest.reference["file"]))
         tol = tolerance_for(staged.dtype, info)
         parity: dict = {"skipped": True}
         if validate:

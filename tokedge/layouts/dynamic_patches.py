@@ -43,7 +43,7 @@ class DynamicPatches(ImageLayout):
 
     @classmethod
     def check_record(cls, layout, format_version: int) -> None:
-        from tokedge.manifest_schema import positive
+        from tokedge.manifest_schema import MAX_PATCHES, MAX_PIXELS, bounded, positive
 
         positive("layout.patch_size", layout.patch_size, high=1024)
         positive("layout.merge_size", layout.merge_size, high=64)
@@ -57,6 +57,9 @@ class DynamicPatches(ImageLayout):
         if layout.max_pixels // (factor * factor) > MAX_TOKENS_PER_IMAGE:
             raise ManifestError("layout.max_pixels", f"at most {MAX_TOKENS_PER_IMAGE} merged patches of "
                                 f"{factor}x{factor} pixels", layout.max_pixels)
+        bounded("layout.max_pixels", "pixel count", layout.max_pixels, MAX_PIXELS)  # docs/safety.md "Limits"
+        bounded("layout.max_pixels", f"patch count (/ patch_size^2 = {layout.patch_size ** 2})",
+                layout.max_pixels // layout.patch_size ** 2, MAX_PATCHES)
         if layout.window_size is not None and (layout.window_size < factor or layout.window_size % factor
                                                or layout.window_size > 64 * factor):
             raise ManifestError("layout.window_size", f"a multiple of patch_size * merge_size ({factor}), at most "

@@ -18,7 +18,8 @@ class Tiled(ImageLayout):
 
     @classmethod
     def check_record(cls, layout, format_version: int) -> None:
-        from tokedge.manifest_schema import positive
+        from tokedge.manifest_schema import (MAX_PATCHES, MAX_PINPOINTS, MAX_PIXELS, MAX_TILES, MAX_TOKENS_PER_TILE,
+                                             bounded, positive)
 
         positive("layout.tile", layout.tile, high=16384)
         positive("layout.patch_grid", layout.patch_grid, high=4096)
@@ -29,6 +30,16 @@ class Tiled(ImageLayout):
                 raise ManifestError(f"layout.pinpoints[{i}]",
                                     f"[height, width], multiples of layout.tile ({layout.tile})", [h, w])
         positive("layout.max_tiles", layout.max_tiles, allow_none=True, high=4096)
+        # derived sizes (docs/safety.md "Limits"): canvases, tiles, tokens per tile, patches per image
+        grid = layout.patch_grid
+        bounded("layout.pinpoints", "count", len(layout.pinpoints), MAX_PINPOINTS)
+        bounded("layout.patch_grid", "square (tokens per tile)", grid * grid, MAX_TOKENS_PER_TILE)
+        for i, (h, w) in enumerate(layout.pinpoints):
+            tiles = (h // layout.tile) * (w // layout.tile)
+            bounded(f"layout.pinpoints[{i}]", "pixel count", h * w, MAX_PIXELS)
+            bounded(f"layout.pinpoints[{i}]", f"tile count (at layout.tile {layout.tile})", tiles, MAX_TILES)
+            bounded(f"layout.pinpoints[{i}]", "patch count ((tiles + 1) * patch_grid^2)", (tiles + 1) * grid * grid,
+                    MAX_PATCHES)
         if not all(0 <= c <= 255 for c in layout.pad_fill):
             raise ManifestError("layout.pad_fill", "three integers 0..255", list(layout.pad_fill))
 

@@ -20,11 +20,16 @@ class VideoFrames(VideoLayout):
 
     @classmethod
     def check_record(cls, video) -> None:
-        from tokedge.manifest_schema import positive
+        from tokedge.manifest_schema import MAX_FRAME_PIXELS, MAX_TOKENS_PER_TILE, MAX_VIDEO_PIXELS, bounded, positive
 
         positive("video.frame_size", video.frame_size, high=16384)
         positive("video.patch_grid", video.patch_grid, high=4096)
         positive("video.pooled_grid", video.pooled_grid, high=video.patch_grid)
+        pixels = video.frame_size * video.frame_size  # derived sizes (docs/safety.md "Limits")
+        bounded("video.frame_size", "frame pixels (squared)", pixels, MAX_FRAME_PIXELS)
+        bounded("video.max_frames", f"pixels over all frames (x {pixels} per frame)", video.max_frames * pixels,
+                MAX_VIDEO_PIXELS)
+        bounded("video.patch_grid", "square (tokens per frame)", video.patch_grid ** 2, MAX_TOKENS_PER_TILE)
 
     def read(self, source, frames, fps):
         from tokedge.runtime.video import preprocess_frames, read_frame_files, read_video
@@ -33,7 +38,8 @@ class VideoFrames(VideoLayout):
         video = self.record
         size = (video.frame_size, video.frame_size)
         if isinstance(source, (list, tuple)):
-            clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames)
+            clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=size,
+                                    resample=video.resample)
         else:
             clip = read_video(source, frames, fps, video.sampling, size=size, resample=video.resample,
                               default=video.default_frames)

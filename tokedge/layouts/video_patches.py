@@ -23,9 +23,11 @@ class VideoPatches(VideoLayout):
 
     def read(self, source, frames, fps):
         """`frames` rounded to a multiple of the temporal patch size T (half to even, as
-        Qwen2VLVideoProcessor's sample_frames), frames decoded at full size, then
-        `runtime.qwen_vl.video_inputs` (one smart_resize for the clip, T frames per temporal group)."""
-        from tokedge.runtime.qwen_vl import video_inputs
+        Qwen2VLVideoProcessor's sample_frames), each frame resized as it is decoded to the clip's one
+        smart_resize size, then `runtime.qwen_vl.video_inputs` (T frames per temporal group). The
+        token count is checked against the context from the stream header and `frames` before
+        anything is decoded (docs/safety.md "Limits")."""
+        from tokedge.runtime.qwen_vl import image_spec, smart_resize, video_inputs
         from tokedge.runtime.video import read_frame_files, read_video
         from tokedge.runtime.video_pipeline import check_sampled
 
@@ -33,10 +35,24 @@ class VideoPatches(VideoLayout):
         tp = int(layout.temporal_patch_size)
         if frames is not None:
             frames = max(tp, round(frames / tp) * tp)
+        spec = image_spec(layout, self.manifest.preprocess)
+        m = self.manifest.model
+        context = min(m.max_position_embeddings, m.sliding_window or m.max_position_embeddings)
+
+        def frame_size(height: int, width: int, count: int) -> tuple[int, int]:
+            h, w = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
+            tokens = -(-count // tp) * (h // spec.factor) * (w // spec.factor)
+            if tokens >= context:
+                raise InputError(f"a video of {count} frames at {width}x{height} gives {tokens} visual tokens, more "
+                                 f"than the model's context of {context}; use fewer --frames or a shorter clip")
+            return h, w
+
         if isinstance(source, (list, tuple)):
-            clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames)
+            clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=frame_size,
+                                    resample=spec.resample)
         else:
-            clip = read_video(source, frames, fps, video.sampling, default=video.default_frames)
+            clip = read_video(source, frames, fps, video.sampling, size=frame_size, resample=spec.resample,
+                              default=video.default_frames)
         check_sampled(video, len(clip.frames))
         return video_inputs(clip.frames, clip.indices, clip.total, clip.fps, layout, self.manifest.preprocess)
 

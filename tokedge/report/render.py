@@ -3,17 +3,16 @@ never live sessions."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 from tokedge.report.profile import ProfileReport
+from tokedge.safeio import write_atomic
 
 
 def write_json(report: ProfileReport, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def markdown(report: ProfileReport) -> str:
@@ -199,10 +198,10 @@ def plots(report: ProfileReport, out: Path) -> list[Path]:
     for name, make in (("latency.png", latency_figure), ("flops.png", flops_figure)):
         fig = make(report)
         path = out / name
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
+        write_atomic(path, png.getvalue())
         written.append(path)
     return written
 
@@ -210,7 +209,5 @@ def plots(report: ProfileReport, out: Path) -> list[Path]:
 def write_all(report: ProfileReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "report.json")
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(markdown(report), encoding="utf-8")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", markdown(report))
     return [out / "report.json", out / "report.md", *plots(report, out)]

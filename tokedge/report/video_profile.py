@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from tokedge.errors import UsageError
 from tokedge.report.machine import describe, peak_rss_mb
 from tokedge.report.profile import fidelity
 from tokedge.report.stats import p90, spread_warning
+from tokedge.safeio import write_atomic
 
 STAGES = ("vision_ms", "reduce_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token")
 DEFAULT_SHARES = (0.5, 0.25, 0.1)  # budgets profiled by default: these shares of the video's tokens
@@ -238,9 +238,7 @@ def write_video_report(report: VideoProfileReport, out: Path) -> list[Path]:
     files = []
     for name, text in (("report.json", json.dumps(report.to_dict(), indent=2) + "\n"), ("report.md", markdown(report))):
         path = out / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text)
         files.append(path)
     return files
 

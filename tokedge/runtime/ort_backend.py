@@ -14,16 +14,11 @@ import numpy as np
 from tokedge.errors import ArtifactError, UsageError
 from tokedge.safeio import printable
 
-_empty_dir: str | None = None
-
-
-def _EMPTY_DIR() -> str:
-    """An empty private directory: where ONNX Runtime would look for external data that was not
-    handed over in memory, so that such a reference fails instead of reading some file."""
-    global _empty_dir
-    if _empty_dir is None or not os.path.isdir(_empty_dir):
-        _empty_dir = tempfile.mkdtemp(prefix="tokedge-no-external-")
-    return _empty_dir
+def _empty_dir() -> tempfile.TemporaryDirectory:
+    """An empty private directory for one session's creation: where ONNX Runtime would look for
+    external data that was not handed over in memory, so that such a reference fails instead of
+    reading some file. Removed once the session exists (it has read all it will read)."""
+    return tempfile.TemporaryDirectory(prefix="tokedge-no-external-")
 
 
 def quiet_onnxruntime(debug: bool = False) -> None:
@@ -101,16 +96,19 @@ class OrtRunner:
         providers = list(self.options.providers or default_providers())
         if self._model is None and self.path is None:
             raise ArtifactError(f"{self.name} graph was closed; load the artifact again")
+        empty = contextlib.ExitStack()
         if self._model is not None:
             if self._external:
                 names = list(self._external)
                 buffers = [self._external[n] for n in names]
                 so.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
             # any location the model names that was not handed over above must not be read from disk
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", _EMPTY_DIR())
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        empty.enter_context(_empty_dir()))
         source = self._model if self._model is not None else str(self.path)
         try:
-            self._session = ort.InferenceSession(source, sess_options=so, providers=providers)
+            with empty:
+                self._session = ort.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ArtifactError(f"ONNX Runtime cannot load the {self.name} graph: "
                                 f"{printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None

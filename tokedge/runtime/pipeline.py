@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -262,11 +263,15 @@ def _tensorrt_runners(root: Path, engines: Path | str | None, manifest_sha256: s
     if engines is None:
         raise UsageError("--backend tensorrt needs --engines DIR (the output of `tokedge build`)")
     engines = Path(engines)
+    from tokedge.safeio import DEFAULT_LIMITS, read_regular_path
+
     index_path = engines / "engines.json"
-    if not index_path.is_file():
+    if not os.path.lexists(index_path):
         raise ArtifactError(f"'{engines}' has no engines.json; build engines with `tokedge build`")
+    # bounded on the open descriptor before a byte is read, no links followed (like the manifest)
+    raw = read_regular_path(engines, "engines.json", DEFAULT_LIMITS.engines_index_bytes, f"'{index_path}'")
     try:
-        index = json.loads(index_path.read_bytes()[: 16 << 20].decode("utf-8"))
+        index = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ArtifactError(f"'{index_path}' is not valid JSON; rebuild the engines with `tokedge build`") from None
     if not isinstance(index, dict):

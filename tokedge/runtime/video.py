@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def sample_indices(total: int, frames: int | None = None, fps: float | None = No
     if total < 1:
         raise InputError("the video has no frames")
     if fps is not None:
-        if not fps > 0:
-            raise UsageError(f"--fps must be positive, got {fps}")
+        if not (fps > 0 and math.isfinite(fps)):
+            raise UsageError(f"--fps must be a positive finite number, got {fps}")
         if not source_fps:
             raise UsageError("--fps needs the video's frame rate, which this input does not have; use --frames N")
         frames = max(1, int(total / source_fps * fps))
@@ -69,6 +70,19 @@ def sample_indices(total: int, frames: int | None = None, fps: float | None = No
 # --- decoding ----------------------------------------------------------------------------------------------
 
 
+MAX_FRAME_PIXELS = 1 << 25  # pixels of one decoded video frame (8K UHD is 33.2 M); docs/safety.md "Limits"
+
+# a frame size: fixed (height, width), or a function of the first frame's (height, width) and the number of
+# frames to decode, called before decoding (it may refuse the clip) and giving the size every frame is resized to
+FrameSize = tuple[int, int] | Callable[[int, int, int], tuple[int, int]] | None
+
+
+def check_frame_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_FRAME_PIXELS:
+        raise InputError(f"{what} has frames of {width}x{height} pixels, over the limit of {MAX_FRAME_PIXELS} "
+                         "pixels per frame; downscale the video first")
+
+
 @dataclass(frozen=True)
 class Clip:
     frames: list[np.ndarray]  # N arrays [H, W, 3] uint8 RGB, upright, in time order (sampled frames only)
@@ -82,26 +96,35 @@ def _natural_key(name: str):
 
 
 def read_frame_dir(path: Path, frames: int | None = None, fps: float | None = None,
-                   sampling: str = "uniform", default: int | None = None) -> Clip:
+                   sampling: str = "uniform", default: int | None = None, size: FrameSize = None,
+                   resample: int = 3) -> Clip:
     """Image files in `path` are the frames, in natural name order (digit runs compare as numbers:
     f2.png before f10.png). No frame rate, so `fps` is refused."""
     files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: _natural_key(p.name))
     if not files:
         raise InputError(f"frame directory '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return read_frame_files(files, frames, fps, sampling, default)
+    return read_frame_files(files, frames, fps, sampling, default, size, resample)
 
 
 def read_frame_files(files, frames: int | None = None, fps: float | None = None,
-                     sampling: str = "uniform", default: int | None = None) -> Clip:
+                     sampling: str = "uniform", default: int | None = None, size: FrameSize = None,
+                     resample: int = 3) -> Clip:
     """Image files given in time order (e.g. several --image marked as frames) are a video's
-    frames. No frame rate, so `fps` is refused."""
+    frames. No frame rate, so `fps` is refused. Each frame is resized to `size` as it is loaded
+    (a callable `size` sees the first frame's size)."""
     files = [Path(f) for f in files]
     if not files:
         raise InputError("no frame images given; pass at least one image file")
     indices = sample_indices(len(files), frames, fps, None, sampling, default)
-    # frames may differ in size: each is resized on its own (transformers would fail to stack them)
-    images = [np.asarray(to_rgb(load_image(files[i]))) for i in indices]
+    images = []
+    for i in indices:
+        rgb = np.asarray(to_rgb(load_image(files[i])))
+        check_frame_pixels(rgb.shape[1], rgb.shape[0], f"frame image '{files[i]}'")
+        if callable(size):  # one size for the clip, from its first frame
+            size = size(rgb.shape[0], rgb.shape[1], len(indices))
+        # without a size frames may differ: each is resized on its own (transformers would fail to stack them)
+        images.append(_resized(rgb, size, resample))
     return Clip(images, indices, len(files), None)
 
 
@@ -118,8 +141,13 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
+def _open(av, path: Path):
+    # tags are only shown, never trusted: bytes that are not UTF-8 (WebM/MKV from anywhere) must not end the read
+    return av.open(str(path), metadata_errors="replace")
+
+
 def _count_packets(av, path: Path) -> int:
-    with av.open(str(path)) as container:
+    with _open(av, path) as container:
         stream = container.streams.video[0]
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
@@ -130,22 +158,26 @@ def _resized(rgb: np.ndarray, size: tuple[int, int] | None, resample: int) -> np
     return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), resample=Image.Resampling(resample)))
 
 
-def _decode(av, path: Path, wanted: np.ndarray, size: tuple[int, int] | None = None,
+def _decode(av, path: Path, wanted: np.ndarray, size: FrameSize = None,
             resample: int = 3) -> tuple[list[np.ndarray], int]:
     """Decode in presentation order up to the last wanted index; returns the wanted frames (resized
     to `size` at once when given) and the number of frames decoded. A decode error after the first
-    frame is treated as the end of stream."""
+    frame is treated as the end of stream. Every frame's size is checked before it is converted."""
     keep = {int(i) for i in wanted}
     last = int(wanted[-1])
     out: list[np.ndarray] = []
     count = 0
-    with av.open(str(path)) as container:
+    with _open(av, path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
             for frame in container.decode(stream):
+                check_frame_pixels(frame.width, frame.height, f"video '{path}'")  # the header may lie
                 if count in keep:
-                    out.append(_resized(_upright(frame), size, resample))
+                    rgb = _upright(frame)
+                    if callable(size):  # one size for the clip, from its first (upright) frame
+                        size = size(rgb.shape[0], rgb.shape[1], len(wanted))
+                    out.append(_resized(rgb, size, resample))
                 count += 1
                 if count > last:
                     break
@@ -156,39 +188,46 @@ def _decode(av, path: Path, wanted: np.ndarray, size: tuple[int, int] | None = N
 
 
 def read_video(path: Path | str, frames: int | None = None, fps: float | None = None,
-               sampling: str = "uniform", size: tuple[int, int] | None = None, resample: int = 3,
+               sampling: str = "uniform", size: FrameSize = None, resample: int = 3,
                default: int | None = None) -> Clip:
     """A clip file (decoded with PyAV) or a directory of frames -> the sampled frames.
 
     size=(height, width) resizes each kept frame as soon as it is decoded (PIL, `resample`), so a
     long high-resolution clip never holds more than N small frames; with the processor's fixed size
-    and resample, `preprocess_frames` then gives exactly what it gives on full-size frames.
+    and resample, `preprocess_frames` then gives exactly what it gives on full-size frames. A
+    callable `size(height, width, frames)` is first called with the stream header's size and the
+    number of frames to decode, before anything is decoded (it may refuse the clip), then with the
+    first decoded frame's upright size for the size of every frame. Frames over MAX_FRAME_PIXELS
+    are refused from the header and again per decoded frame.
 
     Indices follow transformers' PyAV loader: the container's frame count (counted from packets when
     the header has none), frames numbered in decoded order. Display rotation is applied (transformers
     ignores it). A stream that ends before its count is resampled over the frames that decoded."""
     path = Path(path)
     if path.is_dir():
-        clip = read_frame_dir(path, frames, fps, sampling, default)
-        return Clip([_resized(f, size, resample) for f in clip.frames], clip.indices, clip.total, clip.fps)
+        return read_frame_dir(path, frames, fps, sampling, default, size, resample)
     if not path.exists():
         raise InputError(f"video '{path}' does not exist")
     if not path.is_file():
         raise InputError(f"video '{path}' is not a file")
     av = require("av", "video")
     try:
-        with av.open(str(path)) as container:
+        with _open(av, path) as container:
             if not container.streams.video:
                 raise InputError(f"'{path}' has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             source_fps = float(rate) if rate else None
             total = int(stream.frames or 0)
+            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        check_frame_pixels(width, height, f"video '{path}'")
         if total <= 0:
             total = _count_packets(av, path)
         if total <= 0:
             raise InputError(f"'{path}' has a video stream without frames")
         indices = sample_indices(total, frames, fps, source_fps, sampling, default)
+        if callable(size) and width and height:  # sizes and token count from the header, before decoding
+            size(height, width, len(indices))
         kept, decoded = _decode(av, path, indices, size, resample)
         if len(kept) < len(indices):  # the header promised more frames than the stream holds
             if decoded == 0:
@@ -196,7 +235,7 @@ def read_video(path: Path | str, frames: int | None = None, fps: float | None = 
             total = decoded
             indices = sample_indices(total, frames, fps, source_fps, sampling, default)
             kept, _ = _decode(av, path, indices, size, resample)
-    except (av.error.FFmpegError, OSError) as exc:
+    except (av.error.FFmpegError, OSError, UnicodeError) as exc:
         raise _unreadable(path, exc) from None
     return Clip(kept, indices, total, source_fps)
 

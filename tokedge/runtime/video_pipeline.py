@@ -12,6 +12,7 @@ describes the same steps for any other client.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tokedge.artifact import Manifest, PreprocessInfo, VideoInfo
-from tokedge.errors import InputError
+from tokedge.errors import InputError, UsageError
 from tokedge.layouts.video_frames import TEMPORAL_GRAPH  # noqa: F401 (the name callers import from here)
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, context_limit, decode_loop
@@ -66,6 +67,10 @@ def video_inputs(manifest: Manifest, source: Path | str | Sequence[Path | str], 
     list) -> the frames sampled as transformers' video loader samples them (`frames` or `fps`;
     neither: the artifact's default count, fewer for shorter clips) and preprocessed."""
     video = video_record(manifest)
+    if frames is not None and frames < 1:  # before any rounding (Qwen rounds to a multiple of T)
+        raise UsageError(f"--frames must be at least 1, got {frames}")
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise UsageError(f"--fps must be a positive finite number, got {fps}")
     if frames is not None and frames > video.max_frames:
         raise InputError(f"--frames {frames} is more than this artifact takes per video ({video.max_frames}); "
                          f"use --frames <= {video.max_frames}")

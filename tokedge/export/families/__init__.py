@@ -206,8 +206,10 @@ def read_config(source: str, local: Path | None, trust_remote_code: bool = False
             raise InputError(f"'{local}' has no config.json; pass a transformers checkpoint directory or a hub id")
         try:
             data = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{cfg_path} is not valid JSON ({exc})") from exc
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InputError(f"{cfg_path} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise InputError(f"{cfg_path} is nested too deeply to be a transformers config") from None
         if not isinstance(data, dict):
             raise InputError(f"{cfg_path} is not a JSON object; it is not a transformers config")
         return data

@@ -199,6 +199,8 @@ def _read_json(where: str, name: str) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{name} of '{where}' is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{name} of '{where}' is nested too deeply to be a processor config") from None
     if not isinstance(data, dict):
         raise InputError(f"{name} of '{where}' is not a JSON object")
     return data

@@ -140,8 +140,11 @@ def with_max_pixels(loaded: LoadedCheckpoint, max_pixels: int) -> LoadedCheckpoi
     if max_pixels < max(int(layout.min_pixels), factor * factor):
         raise UsageError(f"--max-pixels {max_pixels} is below the image processor's min_pixels "
                          f"({layout.min_pixels}) or one {factor}x{factor} patch unit; pass a larger value")
-    if max_pixels > 1 << 30:
-        raise UsageError(f"--max-pixels {max_pixels} is beyond any image tokedge takes (at most {1 << 30})")
+    from tokedge.manifest_schema import MAX_PATCHES, MAX_PIXELS
+
+    most = min(MAX_PIXELS, MAX_PATCHES * int(layout.patch_size) ** 2)
+    if max_pixels > most:  # the manifest readers refuse more (docs/safety.md, "Limits")
+        raise UsageError(f"--max-pixels {max_pixels} is beyond any image tokedge takes (at most {most})")
     layout = replace(layout, max_pixels=int(max_pixels))
     return replace(loaded, spec=replace(loaded.spec, layout=layout, full_tokens=most_tokens(layout)))
 
