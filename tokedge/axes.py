@@ -65,6 +65,9 @@ def axis_bounds(manifest, profile, graph: str, phase: str) -> AxisBounds:
                          f"artifact's {prompt_visual} visual tokens plus text")
     if red.budget_range:  # the fewest visual tokens a prompt can carry
         prompt_visual = max(red.budget_range[0], profile.budget_min)
+    video = video_layout_of(manifest)
+    if video is not None:  # a video prompt may be shorter than any image's
+        prompt_visual = min(prompt_visual, video.fewest_tokens())
     max_total = min(profile.max_sequence, manifest.model.max_position_embeddings)
     max_prompt = min(profile.max_prompt_tokens, max_total - 1)  # leave room for at least one new token
     if max_prompt <= prompt_visual:
@@ -87,7 +90,6 @@ def axis_bounds(manifest, profile, graph: str, phase: str) -> AxisBounds:
         out.shapes.update(_text_axes(manifest, layout, image, phase, prompt_visual, opt_prompt, max_prompt, max_total))
     else:  # a vision-side graph: the layout's axes, and the video layout's
         out.shapes.update(layout.axes(max_prompt))
-        video = video_layout_of(manifest)
         if video is not None:
             out.shapes.update(video.axes())
     if red.budget_range:
@@ -116,7 +118,9 @@ def _text_axes(manifest, layout, image, phase: str, prompt_visual: int, opt_prom
     groups = [(0, 0, 0, 0)]  # (group, removed at the fewest, typical and most visual tokens)
     for g, stage in enumerate(red.stages, start=1):
         keep = int(stage["keep"])
-        groups.append((g, _removed(layout, red, keep, lo_v), _removed(layout, red, keep, opt_v),
+        # a video's in-LLM stages scale their keep to the video (VideoPlan.llm_keep): remove possibly nothing
+        fewest = 0 if manifest.video is not None else _removed(layout, red, keep, lo_v)
+        groups.append((g, fewest, _removed(layout, red, keep, opt_v),
                        _removed(layout, red, keep, max_prompt - 1)))
     for g, fewest, typical, most in groups:
         suffix = "" if g == 0 else f".{g}"

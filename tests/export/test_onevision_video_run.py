@@ -161,6 +161,7 @@ def _older_artifact(art: Path, out: Path) -> Path:
     shutil.copytree(art, out)
     manifest = json.loads((out / "tokedge.json").read_text())
     graph = manifest.pop("video")["graph"]
+    manifest.pop("architecture", None)  # (written since; a tokedge without video had no such record)
     manifest["graphs"].pop(graph)
     (out / "tokedge.json").write_text(json.dumps(manifest))
     return out

@@ -193,5 +193,9 @@ class VideoLayout:
         """The video runs a graph of its own (its weights count apart from the image graph's)."""
         return False
 
+    def fewest_tokens(self) -> int:
+        """The fewest video tokens a prompt can carry (the prefill's shortest prompt may be a video's)."""
+        return 1
+
     def axes(self) -> dict[str, Range]:
         return {}

@@ -119,6 +119,20 @@ class VideoFrames(VideoLayout):
             flat = np.concatenate([flat, newline.reshape(1, -1).astype(flat.dtype)])
         return flat, kept, reduce_ms
 
+    def fewest_tokens(self) -> int:
+        """Unreduced and in-LLM: one frame's tokens; a temporal graph: its fixed budget; per-video
+        stages: one token; plus the newline."""
+        from tokedge.reduce.base import Stage
+
+        video, red = self.record, self.manifest.reduction
+        newline = 1 if video.newline == "one_per_video" else 0
+        stage = Stage(red.stage)
+        if stage in (Stage.NONE, Stage.IN_LLM):
+            return video.tokens_per_frame + newline
+        if stage is Stage.TEMPORAL:
+            return min(red.budget, video.tokens_per_frame * video.default_frames) + newline
+        return 1 + newline
+
     def separate_graph(self) -> bool:
         return self.record.graph in self.manifest.graphs
 

@@ -86,6 +86,12 @@ class VideoPatches(VideoLayout):
         flat = np.concatenate(outs)
         return flat, np.arange(flat.shape[0], dtype=np.int64), 0.0
 
+    def fewest_tokens(self) -> int:
+        """One temporal group of the smallest frames the image layout allows."""
+        from tokedge.layouts import layout_of
+
+        return layout_of(self.manifest).bounds().tokens[0]
+
     def positions(self, input_ids, attention_mask, inputs):
         from tokedge.runtime.qwen_vl import video_prompt_positions
 

@@ -457,6 +457,7 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
         graphs = build_graph_modules(loaded.model)
         if method.reduces_in_vision:  # a count per image in, the kept packed rows and their indices out
             graphs["vision"] = Qwen3ReducedVisionGraph(loaded.model, method, options, k).eval()
+        q25.refuse_multistage(method, plan, "Qwen3-VL")
         if plan is not None:  # in-LLM: the pruning prefill and a decoder with per-group caches
             graphs.update(pruning_graph_modules(loaded.model, plan))
         return graphs
