@@ -58,10 +58,10 @@ def test_old_manifests_load_plan_and_count(path):
 def test_an_old_qwen_artifact_runs_and_verifies_as_a_fresh_export(tmp_path, capsys):
     """The whole old artifact: verify (hashes and parity against its own reference), run with an
     image and with a video through the new layouts, tokens equal to a fresh export's."""
+    from matrix.matrix_support import frame_dir, write_image
+
     from tokedge.cli import main
     from tokedge.runtime.pipeline import Pipeline
-
-    from matrix.matrix_support import frame_dir, write_image
 
     old = tmp_path / "old"
     shutil.copytree(OLD_QWEN, old)

@@ -120,7 +120,8 @@ def _text_axes(manifest, layout, image, phase: str, prompt_visual: int, opt_prom
         keep = int(stage["keep"])
         # a video's in-LLM stages scale their keep to the video (VideoPlan.llm_keep): remove possibly nothing
         fewest = 0 if manifest.video is not None else _removed(layout, red, keep, lo_v)
-        groups.append((g, fewest, _removed(layout, red, keep, opt_v),
+        typical = min(opt_v, max(1, opt_prompt - TYPICAL_TEXT_TOKENS))  # the typical image, as much as fits
+        groups.append((g, fewest, _removed(layout, red, keep, typical),
                        _removed(layout, red, keep, max_prompt - 1)))
     for g, fewest, typical, most in groups:
         suffix = "" if g == 0 else f".{g}"

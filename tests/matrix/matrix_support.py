@@ -92,7 +92,7 @@ def assert_in_envelope(graphs: dict, log: ShapeLog, device: str) -> int:
     for graph, feeds in log.fed.items():
         assert graph in graphs, f"{graph} was run but has no engine plan on {device}"
         for feed in feeds:
-            def inside(prof) -> bool:
+            def inside(prof, feed=feed) -> bool:
                 for name, shape in feed:
                     rng = prof.shapes.get(name)
                     if rng is None or len(rng.min) != len(shape) or not all(
@@ -226,3 +226,19 @@ def report_pairs(preset: str, covered: list[dict]) -> None:
     where.write_text(json.dumps(covered, indent=1))
     for c in covered:
         print(f"{c['pair']}: {c['status']}: {c.get('why') or ', '.join(c['commands'])}")
+
+
+def family_tests(preset: str):
+    """The two tests of one preset's matrix file: every method through `run_pair`, then the list."""
+    import pytest
+
+    covered: list[dict] = []
+
+    @pytest.mark.parametrize("method", sorted(METHODS))
+    def test_pair(method, tmp_path, capsys, monkeypatch):
+        covered.append(run_pair(preset, method, tmp_path, capsys, monkeypatch))
+
+    def test_pairs_listed():
+        report_pairs(preset, covered)
+
+    return test_pair, test_pairs_listed

@@ -1,20 +1,6 @@
-"""Family x method matrix, tiny-qwen2.5-vl: every method through every command (tests/matrix/matrix_support.py)."""
+"""Family x method matrix, tiny-qwen2.5-vl: every method through every command (tests/matrix/matrix_support.py);
+one file per preset so that the test workers share the matrix."""
 
-from __future__ import annotations
+from .matrix_support import family_tests
 
-import pytest
-
-from .matrix_support import report_pairs, run_pair
-from tokedge.reduce import METHODS
-
-PRESET = "tiny-qwen2.5-vl"
-COVERED: list[dict] = []
-
-
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_pair(method, tmp_path, capsys, monkeypatch):
-    COVERED.append(run_pair(PRESET, method, tmp_path, capsys, monkeypatch))
-
-
-def test_pairs_listed():
-    report_pairs(PRESET, COVERED)
+test_pair, test_pairs_listed = family_tests("tiny-qwen2.5-vl")

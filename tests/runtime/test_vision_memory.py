@@ -20,7 +20,7 @@ def test_run_refuses_an_image_whose_attention_exceeds_the_budget(qwen2_5_vl_arti
                                                                 monkeypatch, capsys):
     from tokedge.artifact import read_manifest
     from tokedge.cli import main
-    from tokedge.memory import vision_patch_limit, vision_working_set, target_of
+    from tokedge.memory import target_of, vision_patch_limit, vision_working_set
 
     manifest = read_manifest(qwen2_5_vl_artifact)
     budget = 0.2e9

@@ -82,7 +82,7 @@ class ImageLayout:
         self.record = manifest.layout if record is None else record
 
     @classmethod
-    def of_record(cls, record) -> "ImageLayout":
+    def of_record(cls, record) -> ImageLayout:
         """The layout of a record alone, before any manifest exists (what a config describes): the
         questions that need only the record (`bounds` of per-image layouts, `axes`)."""
         return cls(None, record)
@@ -176,6 +176,23 @@ class VideoLayout:
     def read(self, source, frames: int | None, fps: float | None):
         """A clip / frame directory / frame files -> the layout's video inputs."""
         raise NotImplementedError
+
+    def clip(self, source, frames: int | None, fps: float | None, size, resample: int):
+        """The sampled frames of a clip file, a frame directory or frame files in time order, each
+        resized by `size` (a (w, h) or a callable of the decoded size) as it is decoded; refused when
+        more frames were sampled than the artifact takes."""
+        from tokedge.runtime.video import read_frame_files, read_video
+        from tokedge.runtime.video_pipeline import check_sampled
+
+        video = self.record
+        if isinstance(source, (list, tuple)):
+            clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=size,
+                                    resample=resample)
+        else:
+            clip = read_video(source, frames, fps, video.sampling, size=size, resample=resample,
+                              default=video.default_frames)
+        check_sampled(video, len(clip.frames))
+        return clip
 
     def plan(self, frames: int, budget: int | None, keep: float | None, inputs):
         """-> `VideoPlan` (how many of the video's tokens reach the LLM)."""

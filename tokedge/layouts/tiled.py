@@ -18,8 +18,15 @@ class Tiled(ImageLayout):
 
     @classmethod
     def check_record(cls, layout, format_version: int) -> None:
-        from tokedge.manifest_schema import (MAX_PATCHES, MAX_PINPOINTS, MAX_PIXELS, MAX_TILES, MAX_TOKENS_PER_TILE,
-                                             bounded, positive)
+        from tokedge.manifest_schema import (
+            MAX_PATCHES,
+            MAX_PINPOINTS,
+            MAX_PIXELS,
+            MAX_TILES,
+            MAX_TOKENS_PER_TILE,
+            bounded,
+            positive,
+        )
 
         positive("layout.tile", layout.tile, high=16384)
         positive("layout.patch_grid", layout.patch_grid, high=4096)

@@ -20,7 +20,13 @@ class VideoFrames(VideoLayout):
 
     @classmethod
     def check_record(cls, video) -> None:
-        from tokedge.manifest_schema import MAX_FRAME_PIXELS, MAX_TOKENS_PER_TILE, MAX_VIDEO_PIXELS, bounded, positive
+        from tokedge.manifest_schema import (
+            MAX_FRAME_PIXELS,
+            MAX_TOKENS_PER_TILE,
+            MAX_VIDEO_PIXELS,
+            bounded,
+            positive,
+        )
 
         positive("video.frame_size", video.frame_size, high=16384)
         positive("video.patch_grid", video.patch_grid, high=4096)
@@ -32,18 +38,11 @@ class VideoFrames(VideoLayout):
         bounded("video.patch_grid", "square (tokens per frame)", video.patch_grid ** 2, MAX_TOKENS_PER_TILE)
 
     def read(self, source, frames, fps):
-        from tokedge.runtime.video import preprocess_frames, read_frame_files, read_video
-        from tokedge.runtime.video_pipeline import VideoInputs, check_sampled, frame_preprocess
+        from tokedge.runtime.video import preprocess_frames
+        from tokedge.runtime.video_pipeline import VideoInputs, frame_preprocess
 
         video = self.record
-        size = (video.frame_size, video.frame_size)
-        if isinstance(source, (list, tuple)):
-            clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=size,
-                                    resample=video.resample)
-        else:
-            clip = read_video(source, frames, fps, video.sampling, size=size, resample=video.resample,
-                              default=video.default_frames)
-        check_sampled(video, len(clip.frames))
+        clip = self.clip(source, frames, fps, (video.frame_size, video.frame_size), video.resample)
         pixels = preprocess_frames(clip.frames, frame_preprocess(video))
         return VideoInputs(pixels, clip.indices, clip.total, clip.fps)
 

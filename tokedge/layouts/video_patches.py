@@ -28,10 +28,8 @@ class VideoPatches(VideoLayout):
         token count is checked against the context from the stream header and `frames` before
         anything is decoded (docs/safety.md "Limits")."""
         from tokedge.runtime.qwen_vl import image_spec, smart_resize, video_inputs
-        from tokedge.runtime.video import read_frame_files, read_video
-        from tokedge.runtime.video_pipeline import check_sampled
 
-        video, layout = self.record, self.manifest.layout
+        layout = self.manifest.layout
         tp = int(layout.temporal_patch_size)
         if frames is not None:
             frames = max(tp, round(frames / tp) * tp)
@@ -47,13 +45,7 @@ class VideoPatches(VideoLayout):
                                  f"than the model's context of {context}; use fewer --frames or a shorter clip")
             return h, w
 
-        if isinstance(source, (list, tuple)):
-            clip = read_frame_files(source, frames, fps, video.sampling, video.default_frames, size=frame_size,
-                                    resample=spec.resample)
-        else:
-            clip = read_video(source, frames, fps, video.sampling, size=frame_size, resample=spec.resample,
-                              default=video.default_frames)
-        check_sampled(video, len(clip.frames))
+        clip = self.clip(source, frames, fps, frame_size, spec.resample)
         return video_inputs(clip.frames, clip.indices, clip.total, clip.fps, layout, self.manifest.preprocess)
 
     def plan(self, frames, budget, keep, inputs):
