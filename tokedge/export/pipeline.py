@@ -10,9 +10,10 @@ import contextlib
 import dataclasses
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import tokedge
 from tokedge.artifact import (
@@ -50,7 +51,7 @@ class ExportConfig:
     validate: bool = True
     passes: tuple[str, ...] | None = None  # graph passes after tracing; None = DEFAULT_PASSES
     options: tuple[tuple[str, str], ...] = ()  # method options as given (`--option key=value`)
-    quantize: "QuantConfig | None" = None  # weight-only quantization after tracing (None: float weights)
+    quantize: QuantConfig | None = None  # weight-only quantization after tracing (None: float weights)
     device_profile: str | None = None  # warn when this device profile cannot hold the artifact
     max_pixels: int | None = None  # dynamic-resolution layouts: largest image (pixels); None: the processor's
     keep: float | None = None  # dynamic-resolution layouts: keep ratio per image (--keep), instead of --budget
@@ -116,7 +117,7 @@ def check_flags(cfg: ExportConfig, method: Method) -> dict:
 
 
 def check_request(cfg: ExportConfig, method: Method, full_tokens: int,
-                  geometry: "VisionGeometry | None" = None, dynamic: bool = False) -> tuple[int, tuple[int, int] | None, dict]:
+                  geometry: VisionGeometry | None = None, dynamic: bool = False) -> tuple[int, tuple[int, int] | None, dict]:
     """Budget, runtime range and options, checked before any weights load."""
     options = check_flags(cfg, method)
     budget = cfg.budget if cfg.budget is not None else method.default_budget(full_tokens)
@@ -151,29 +152,66 @@ def _versions() -> dict[str, str]:
     return out
 
 
+@dataclass
+class _Export:
+    """What the stages of one export share: the request as checked (`plan_export`), then what each
+    later stage adds. Each stage reads the fields before it and sets its own."""
+
+    cfg: ExportConfig
+    method: Method
+    out: Path
+    timed: Callable[[str], contextlib.AbstractContextManager]
+    family: Any = None
+    spec: Any = None
+    local: Path | None = None
+    temporal: Method | None = None  # a video-only method (its graph reduces videos; images keep every token)
+    video_options: dict = field(default_factory=dict)
+    temporal_budget: int | None = None
+    temporal_frames: int | None = None
+    counts_per_image: bool = False  # the layout's images each give their own count
+    resizes: bool = False  # the layout resizes images to a pixel budget (--max-pixels, --keep apply)
+    full: int = 0
+    budget: int = 0
+    rng: tuple[int, int] | None = None
+    options: dict = field(default_factory=dict)
+    plan: Any = None  # in-LLM pruning plan
+    loaded: Any = None
+    vision_tokens: int = 0
+    trace_k: int = 0
+    pixel_values: Any = None
+    cases: list = field(default_factory=list)
+    budgets: list = field(default_factory=list)
+    video_case: Any = None
+    torch_dtype: Any = None
+    modules: dict = field(default_factory=dict)
+    specs: dict = field(default_factory=dict)
+    video: Any = None  # the manifest's video record
+
+    @property
+    def protect(self) -> tuple:
+        source = Path(self.cfg.model) if Path(self.cfg.model).exists() else None
+        return (source, self.local)
+
+
 def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult:
-    """Run the whole export; raises TokedgeError subclasses on bad input or failed parity."""
-    method = get_method(cfg.method)
-    temporal, video_options = None, {}
-    if method.reduces_over_time:  # a video-only method: images keep every token, the method reduces videos
-        temporal, video_options = method, check_temporal(cfg, method)
-        temporal_budget, temporal_frames = cfg.budget, cfg.frames
-        cfg, method = replace(cfg, method="none", budget=None, options=()), get_method("none")
-    elif cfg.frames is not None:
-        raise UsageError(f"--frames fixes a temporal method's video graph; --method {method.name} takes any frame "
-                         "count at run time: drop --frames")
-    check_flags(cfg, method)  # wrong flags are reported first, before "already exists" or any loading
-    if cfg.quantize is not None:
-        cfg.quantize.check()
-        if cfg.dtype != "fp32":
-            raise UsageError("--quantize starts from fp32 weights; drop --dtype fp16")
-    if cfg.device_profile:
-        from tokedge.profiles import load_profile
-
-        load_profile(cfg.device_profile)
-    out = Path(cfg.out)
+    """Run the whole export; raises TokedgeError subclasses on bad input or failed parity. A script
+    of stages: every check once, load, transformers' reference cases, modules with complete trace
+    specs, then trace / passes / manifest / quantize / validate into a staged directory, written
+    atomically."""
     seconds: dict[str, float] = {}
+    job = plan_export(cfg, _timer(progress, seconds))
+    load_checkpoint_stage(job)
+    reference_stage(job)
+    modules_stage(job)
+    with staged_directory(job.out, force=cfg.force, protect=job.protect) as stage:
+        graphs, optimizations = trace_stage(job, stage)
+        manifest = manifest_stage(job, stage, graphs, optimizations)
+        manifest, parity = validate_stage(job, stage, manifest)
+        manifest = finish_stage(job, stage, manifest, parity)
+    return ExportResult(out=job.out, manifest=manifest, parity=parity, seconds=seconds, warnings=_warnings(job, manifest))
 
+
+def _timer(progress: Progress, seconds: dict[str, float]):
     def timed(name: str):
         @contextlib.contextmanager
         def run() -> Iterator[None]:
@@ -184,219 +222,277 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
 
         return run()
 
-    local = resolve_model(cfg.model)  # config only: cheap, so no progress stage for it
-    from tokedge.export.families import inspect_checkpoint
+    return timed
 
-    family, spec = inspect_checkpoint(cfg.model, local, cfg.trust_remote_code)
-    if temporal is not None and family.video is None:
-        temporal.refuse_without_video(family.name)
-    family.check_method(method)
+
+def plan_export(cfg: ExportConfig, timed) -> _Export:
+    """Every check that needs no weights, once: flags, method, family and its layout, budget, the
+    in-LLM plan when the config names the decoder's layers, and the output directory."""
+    from tokedge.export.families import inspect_checkpoint
     from tokedge.layouts import image_layout_class
 
-    layout_class = image_layout_class(spec.layout.kind)
-    anyres = layout_class.counts_per_image  # per-image token counts: one reference case per example image
-    resizes = layout_class.takes_max_pixels  # images resized to a pixel budget (--max-pixels, --keep apply)
-    if cfg.max_pixels is not None and not resizes:
-        raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {family.name} "
+    job = _Export(cfg=cfg, method=get_method(cfg.method), out=Path(cfg.out), timed=timed)
+    if job.method.reduces_over_time:  # a video-only method: images keep every token, the method reduces videos
+        job.temporal, job.video_options = job.method, check_temporal(cfg, job.method)
+        job.temporal_budget, job.temporal_frames = cfg.budget, cfg.frames
+        job.cfg = cfg = replace(cfg, method="none", budget=None, options=())
+        job.method = get_method("none")
+    elif cfg.frames is not None:
+        raise UsageError(f"--frames fixes a temporal method's video graph; --method {job.method.name} takes any frame "
+                         "count at run time: drop --frames")
+    check_flags(cfg, job.method)  # wrong flags are reported first, before "already exists" or any loading
+    if cfg.quantize is not None:
+        cfg.quantize.check()
+        if cfg.dtype != "fp32":
+            raise UsageError("--quantize starts from fp32 weights; drop --dtype fp16")
+    if cfg.device_profile:
+        from tokedge.profiles import load_profile
+
+        load_profile(cfg.device_profile)
+    job.local = resolve_model(cfg.model)  # config only: cheap, so no progress stage for it
+    job.family, job.spec = inspect_checkpoint(cfg.model, job.local, cfg.trust_remote_code)
+    if job.temporal is not None and job.family.video is None:
+        job.temporal.refuse_without_video(job.family.name)
+    job.family.check_method(job.method)
+    layout_class = image_layout_class(job.spec.layout.kind)
+    job.counts_per_image, job.resizes = layout_class.counts_per_image, layout_class.takes_max_pixels
+    if cfg.max_pixels is not None and not job.resizes:
+        raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {job.family.name} "
                          "checkpoint has a fixed image geometry: drop --max-pixels")
-    if cfg.keep is not None and not resizes:
+    if cfg.keep is not None and not job.resizes:
         raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
-                         f"token counts; this {family.name} checkpoint has a fixed count: use --budget")
-    full = spec.full_tokens
-    budget, rng, options = check_request(cfg, method, full, spec.geometry, resizes)
-    from tokedge.reduce.in_llm import plan_for
+                         f"token counts; this {job.family.name} checkpoint has a fixed count: use --budget")
+    job.full = job.spec.full_tokens
+    job.budget, job.rng, job.options = check_request(cfg, job.method, job.full, job.spec.geometry, job.resizes)
+    if job.method.prunes_in_llm and job.spec.text_layers is not None:  # layer options checked before loading
+        from tokedge.reduce.in_llm import plan_for
 
-    plan = None
-    if method.prunes_in_llm and spec.text_layers is not None:  # layer options checked before loading
-        plan = plan_for(method, budget, full, spec.text_layers, options)
-        _check_keep_stages(cfg, method, plan)
-    local_source = Path(cfg.model) if Path(cfg.model).exists() else None
-    check_target(out, cfg.force, protect=(local_source, local))  # after the flags, before anything heavy
+        job.plan = plan_for(job.method, job.budget, job.full, job.spec.text_layers, job.options)
+        _check_keep_stages(cfg, job.method, job.plan)
+    check_target(job.out, cfg.force, protect=job.protect)  # after the flags, before anything heavy
+    return job
 
-    with timed("load checkpoint"):
+
+def load_checkpoint_stage(job: _Export) -> None:
+    """The weights; what the loaded processor changes (a dynamic layout's pixel range sets the largest
+    image's count), the temporal graph's checks, and the in-LLM plan from the loaded decoder."""
+    cfg, family = job.cfg, job.family
+    with job.timed("load checkpoint"):
         import torch
 
-        from tokedge.export import onnx_export as ox
-        from tokedge.export.reference import (
-            EXAMPLE_PROMPTS,
-            example_images,
-            pixel_values_for,
-            reference_case,
-            render_prompt,
-        )
-        from tokedge.runtime.graphs import ArtifactGraphs
-        from tokedge.export.validate import (
-            DECODE_STEPS,
-            REFERENCE_FILE,
-            Tolerance,
-            run_cases,
-            tolerance_dict,
-            save_reference,
-        )
-
-        loaded = family.load(cfg.model, local, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        job.loaded = family.load(cfg.model, job.local, trust_remote_code=cfg.trust_remote_code,
+                                 allow_pickle=cfg.allow_pickle)
         if cfg.max_pixels is not None:
-            loaded = family.with_max_pixels(loaded, cfg.max_pixels)
-    if loaded.spec.full_tokens != full and resizes:
-        # the pixel range comes with the image processor (and --max-pixels): the largest image's count
-        full = loaded.spec.full_tokens
-        budget, rng, options = check_request(cfg, method, full, spec.geometry, resizes)
+            job.loaded = family.with_max_pixels(job.loaded, cfg.max_pixels)
+    if job.loaded.spec.full_tokens != job.full and job.resizes:
+        job.full = job.loaded.spec.full_tokens  # the pixel range comes with the image processor (and --max-pixels)
+        job.budget, job.rng, job.options = check_request(cfg, job.method, job.full, job.spec.geometry, job.resizes)
+    if job.temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
+        probe = family.video(job.loaded, torch.float32, job.temporal.needs)[3]
+        temporal_graph(job.temporal, probe, job.video_options, job.temporal_budget, 1, torch.float32,
+                       job.temporal_frames)
+    if job.method.prunes_in_llm and job.plan is None:
+        from tokedge.reduce.in_llm import plan_for
 
-    if temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
-        probe = family.video(loaded, torch.float32, temporal.needs)[3]
-        temporal_graph(temporal, probe, video_options, temporal_budget, 1, torch.float32, temporal_frames)
-
-    if method.prunes_in_llm and plan is None:
-        if loaded.spec.text_layers is None:
+        if job.loaded.spec.text_layers is None:
             raise InputError(f"cannot tell how many decoder layers '{cfg.model}' has; its config names none")
-        plan = plan_for(method, budget, full, loaded.spec.text_layers, options)
-    _check_keep_stages(cfg, method, plan)
-    vision_tokens = method.vision_tokens(budget, full)  # in-LLM methods prune inside the decoder
-    trace_k = vision_tokens if rng is None else (rng[1] if rng[1] < full else full - 1)
+        job.plan = plan_for(job.method, job.budget, job.full, job.loaded.spec.text_layers, job.options)
+    _check_keep_stages(cfg, job.method, job.plan)
+    job.vision_tokens = job.method.vision_tokens(job.budget, job.full)  # in-LLM methods prune inside the decoder
+    job.trace_k = job.vision_tokens if job.rng is None else (job.rng[1] if job.rng[1] < job.full else job.full - 1)
 
-    if anyres:
-        import numpy as np
 
-        pixel_values, cases, budgets = np.zeros((0, 3, 1, 1), dtype=np.float32), [], [budget]
-        with timed("reference (transformers)"):  # one case per image: its own partitions and token count
-            fp32_modules = family.modules(loaded, method, trace_k, options, plan) if method.prunes_in_llm else None
-            cases = anyres_cases(loaded, method, budget, options, DECODE_STEPS, fp32_modules, keep=cfg.keep)
-    else:
-        with timed("reference (transformers)"):
-            pixel_values = pixel_values_for(loaded, example_images(2))
+def reference_stage(job: _Export) -> None:
+    """transformers' outputs the artifact is validated against: one case per example image for
+    layouts whose images give their own counts, else one batch of the example views (per budget)."""
+    from tokedge.export.reference import (
+        EXAMPLE_PROMPTS,
+        example_images,
+        pixel_values_for,
+        reference_case,
+        render_prompt,
+    )
+    from tokedge.export.validate import DECODE_STEPS
+
+    loaded, method, family = job.loaded, job.method, job.family
+    pruning = family.modules(loaded, method, job.trace_k, job.options, job.plan) if method.prunes_in_llm else None
+    with job.timed("reference (transformers)"):
+        if job.counts_per_image:
+            import numpy as np
+
+            job.pixel_values, job.budgets = np.zeros((0, 3, 1, 1), dtype=np.float32), [job.budget]
+            job.cases = anyres_cases(loaded, method, job.budget, job.options, DECODE_STEPS, pruning, keep=job.cfg.keep)
+        else:
+            job.pixel_values = pixel_values_for(loaded, example_images(2))
             prompts = [render_prompt(loaded, q) for q in EXAMPLE_PROMPTS]
-            budgets = [budget] if rng is None else sorted({rng[0], budget, rng[1]})
-            if method.prunes_in_llm:
+            job.budgets = [job.budget] if job.rng is None else sorted({job.rng[0], job.budget, job.rng[1]})
+            if pruning is not None:
                 from tokedge.export.reference import reference_pruned
 
-                fp32_modules = family.modules(loaded, method, trace_k, options, plan)
-                cases = [reference_pruned(loaded, fp32_modules, pixel_values, prompts, budget, full, DECODE_STEPS)]
+                job.cases = [reference_pruned(loaded, pruning, job.pixel_values, prompts, job.budget, job.full,
+                                              DECODE_STEPS)]
             else:
-                cases = [reference_case(loaded, method, pixel_values, prompts, k, DECODE_STEPS, options) for k in budgets]
+                job.cases = [reference_case(loaded, method, job.pixel_values, prompts, k, DECODE_STEPS, job.options)
+                             for k in job.budgets]
+    if job.cfg.validate and family.video_case is not None:  # transformers' video features on a small clip
+        with job.timed("reference video (transformers)"):
+            job.video_case = family.video_case(loaded)
 
-    video_case = None  # transformers' video features on a small clip, to validate the video graph
-    if cfg.validate and family.video_case is not None:
-        with timed("reference video (transformers)"):
-            video_case = family.video_case(loaded)
 
-    torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
+def modules_stage(job: _Export) -> None:
+    """The torch modules to trace, each with its complete trace spec (the family's own where it has
+    one), plus the video graph and the manifest's video record of families that take video."""
+    import torch
+
+    from tokedge.export import onnx_export as ox
+
+    cfg, family, loaded = job.cfg, job.family, job.loaded
+    job.torch_dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     if cfg.dtype == "fp16":
         loaded.model.half()
-    info = family.model_info(loaded)
-    pre = family.preprocess(loaded)
-    modules = family.modules(loaded, method, trace_k, options, plan)
-    specs = ox.trace_specs(info, pre.crop_size, torch_dtype, vision_tokens if rng is None else ox.TOKENS,
-                           plan=plan, full_tokens=full, position_rows=loaded.spec.layout.position_rows,
-                           deepstack_levels=loaded.spec.layout.deepstack_levels)
-    vision_spec = family.vision_trace_spec(loaded, torch_dtype, modules["vision"])
+    info, pre = family.model_info(loaded), family.preprocess(loaded)
+    job.modules = family.modules(loaded, job.method, job.trace_k, job.options, job.plan)
+    job.specs = ox.trace_specs(info, pre.crop_size, job.torch_dtype, job.vision_tokens if job.rng is None else ox.TOKENS,
+                               plan=job.plan, full_tokens=job.full, position_rows=loaded.spec.layout.position_rows,
+                               deepstack_levels=loaded.spec.layout.deepstack_levels)
+    vision_spec = family.vision_trace_spec(loaded, job.torch_dtype, job.modules["vision"])
     if vision_spec is not None:
-        specs["vision"] = vision_spec
-    if plan is not None and family.prefill_trace_spec is not None:  # a family's own prefill inputs
-        specs["prefill"] = family.prefill_trace_spec(loaded, plan, torch_dtype)
-    video = None  # families that take video add their per-frame graph and the manifest's video record
-    if family.video is not None:
-        video_graph, video_module, video_spec, video = family.video(
-            loaded, torch_dtype, *(() if temporal is None else (temporal.needs,)))
-        video = replace(video, keep_ratio=1.0 if method.keeps_all else DEFAULT_VIDEO_KEEP)
-        if video_module is not None:  # None: the video runs through a graph already exported (Qwen: "vision")
-            modules = {**modules, video_graph: video_module}
-            specs[video_graph] = video_spec
-        if temporal is not None:  # its graph, fixed to one frame count; the record's frame counts follow it
-            from tokedge.runtime.video_pipeline import TEMPORAL_GRAPH
+        job.specs["vision"] = vision_spec
+    if job.plan is not None and family.prefill_trace_spec is not None:  # a family's own prefill inputs
+        job.specs["prefill"] = family.prefill_trace_spec(loaded, job.plan, job.torch_dtype)
+    if family.video is None:
+        return
+    temporal = job.temporal
+    video_graph, video_module, video_spec, video = family.video(
+        loaded, job.torch_dtype, *(() if temporal is None else (temporal.needs,)))
+    job.video = replace(video, keep_ratio=1.0 if job.method.keeps_all else DEFAULT_VIDEO_KEEP)
+    if video_module is not None:  # None: the video runs through a graph already exported (Qwen: "vision")
+        job.modules = {**job.modules, video_graph: video_module}
+        job.specs[video_graph] = video_spec
+    if temporal is not None:  # its graph, fixed to one frame count; the record's frame counts follow it
+        from tokedge.runtime.video_pipeline import TEMPORAL_GRAPH
 
-            video, modules[TEMPORAL_GRAPH], specs[TEMPORAL_GRAPH], temporal_budget = temporal_graph(
-                temporal, video, video_options, temporal_budget, info.hidden_size, torch_dtype, temporal_frames)
+        job.video, job.modules[TEMPORAL_GRAPH], job.specs[TEMPORAL_GRAPH], job.temporal_budget = temporal_graph(
+            temporal, job.video, job.video_options, job.temporal_budget, info.hidden_size, job.torch_dtype,
+            job.temporal_frames)
 
+
+def trace_stage(job: _Export, stage: Path) -> tuple[dict, list[dict]]:
+    """Each module traced to ONNX, a runtime budget made an input, graph passes, saved. -> (graph
+    specs, the passes that fired)."""
+    from tokedge.export import onnx_export as ox
     from tokedge.export.passes import DEFAULT_PASSES, PassCall, run_passes
+
+    passes = DEFAULT_PASSES if job.cfg.passes is None else job.cfg.passes
+    graphs, optimizations = {}, []
+    for name in job.modules:
+        with job.timed(f"trace {name}.onnx"):
+            model = ox.trace_to_ir(job.modules[name], job.specs[name])
+            if name == "vision" and job.rng is not None:
+                run_passes(model, [PassCall("runtime-budget", {"sentinel_k": job.trace_k, "lo": job.rng[0],
+                                                               "hi": job.rng[1]})], graph=name)
+            ox.finish(model)
+            for pass_name, fired in run_passes(model, passes, graph=name).items():
+                optimizations.append({"graph": name, "pass": pass_name, "fired": fired})
+            file, data = ox.save_graph(model, stage, name, job.cfg.external_data_threshold)
+            graphs[name] = ox.graph_spec(model, file, data)
+    return graphs, optimizations
+
+
+def manifest_stage(job: _Export, stage: Path, graphs: dict, optimizations: list[dict]) -> Manifest:
+    """The tokenizer, the reference cases and the manifest; refused here (nothing written) when
+    `--profile` cannot plan engines for it."""
+    from tokedge.export import onnx_export as ox
+    from tokedge.export.validate import (
+        DECODE_STEPS,
+        REFERENCE_FILE,
+        Tolerance,
+        save_reference,
+        tolerance_dict,
+    )
+
+    cfg, family, loaded, method, temporal = job.cfg, job.family, job.loaded, job.method, job.temporal
+    loaded.processor.tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
+    save_reference(stage / REFERENCE_FILE, job.pixel_values, job.cases)
+    recorded = method if temporal is None else temporal  # a temporal method's budget is its video's
+    reduction = ReductionInfo(
+        method=recorded.name, budget=job.budget if temporal is None else job.temporal_budget, full_tokens=job.full,
+        stage=recorded.stage.value, budget_range=job.rng, options=job.options if temporal is None else job.video_options,
+        stages=tuple(dataclasses.asdict(s) for s in job.plan.stages) if job.plan else (),
+        merge_schedule=tuple(job.modules["vision"].schedule or ()),
+        scores_with=tuple(s.value for s in recorded.scores_with),
+        supports_runtime_budget=recorded.supports_runtime_budget, keep=cfg.keep,
+    )
+    manifest = Manifest(
+        # the oldest format that reads it: the layout's (2 tiled, 3 dynamic resolution), at least 2 for
+        # prefill graphs with `image_keep`
+        format_version=max(family.layout(loaded).format_version, 2 if job.plan is not None else 1),
+        tokedge_version=tokedge.__version__, dtype=cfg.dtype, model=family.model_info(loaded), reduction=reduction,
+        graphs=graphs, preprocess=family.preprocess(loaded), prompt=family.prompt(loaded, job.vision_tokens),
+        versions=_versions(), opset=ox.OPSET,
+        reference={"file": REFERENCE_FILE, "tolerance": tolerance_dict(Tolerance.for_dtype(cfg.dtype)),
+                   "budgets": job.budgets, "decode_steps": DECODE_STEPS},
+        files={}, optimizations=tuple(optimizations), layout=family.layout(loaded), video=job.video,
+    )
+    if cfg.device_profile:  # engines must hold every shape the runtime will feed: refuse now, with the fix
+        from tokedge.build.plan import plan_shapes
+        from tokedge.profiles import load_profile
+
+        plan_shapes(manifest, load_profile(cfg.device_profile))
+    return manifest
+
+
+def validate_stage(job: _Export, stage: Path, manifest: Manifest) -> tuple[Manifest, dict]:
+    """Quantize (when asked), then run the staged artifact through the device's own prompt path
+    against the reference cases (and the video graph against transformers'). -> (manifest, parity)."""
+    from tokedge.export.validate import Tolerance, run_cases, tolerance_dict, tolerance_for
+    from tokedge.runtime.graphs import ArtifactGraphs
+
+    cfg = job.cfg
+    tol = Tolerance.for_dtype(cfg.dtype)
+    if cfg.quantize is not None:
+        from tokedge.export.quantize import quantize_graphs
+
+        with job.timed(f"quantize ({cfg.quantize.scheme}, {cfg.quantize.form})"):
+            manifest, quant = quantize_graphs(stage, manifest, cfg.quantize, cfg.external_data_threshold)
+        tol = tolerance_for(cfg.dtype, quant)
+        manifest = replace(manifest, reference={**manifest.reference, "tolerance": tolerance_dict(tol)})
+    if not job.cases:
+        return manifest, {"skipped": True, "reason": "no reference case"}
+    if not cfg.validate:
+        return manifest, {"skipped": True}
+    with job.timed("validate (ONNX Runtime vs transformers)"):
+        with ArtifactGraphs(stage, manifest) as runtime_graphs:
+            report = run_cases(runtime_graphs, job.pixel_values, job.cases, tol)
+            video_parity = check_video_graph(runtime_graphs, job.video_case, tol)
+        report.raise_if_failed("export validation failed")
+    parity = report.to_dict()
+    if video_parity is not None:
+        parity["video"] = video_parity
+    return manifest, parity
+
+
+def finish_stage(job: _Export, stage: Path, manifest: Manifest, parity: dict) -> Manifest:
+    """The architecture record of the final graphs, the parity at export, every file's hash, the
+    manifest written (the staged directory is renamed into place when the `with` ends)."""
     from tokedge.export.architecture import record_architecture
 
-    passes = DEFAULT_PASSES if cfg.passes is None else cfg.passes
-    optimizations = []
-    with staged_directory(out, force=cfg.force, protect=(local_source, local)) as stage:
-        graphs = {}
-        for name in modules:
-            with timed(f"trace {name}.onnx"):
-                model = ox.trace_to_ir(modules[name], specs[name])
-                if name == "vision" and rng is not None:
-                    run_passes(model, [PassCall("runtime-budget", {"sentinel_k": trace_k, "lo": rng[0], "hi": rng[1]})],
-                               graph=name)
-                ox.finish(model)
-                for pass_name, fired in run_passes(model, passes, graph=name).items():
-                    optimizations.append({"graph": name, "pass": pass_name, "fired": fired})
-                file, data = ox.save_graph(model, stage, name, cfg.external_data_threshold)
-                graphs[name] = ox.graph_spec(model, file, data)
+    manifest = record_architecture(stage, manifest, job.loaded.model.config.to_dict())  # graphs are final here
+    manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity}, files=hash_tree(stage))
+    write_manifest(stage, manifest)
+    return manifest
 
-        loaded.processor.tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
-        tol = Tolerance.for_dtype(cfg.dtype)
-        save_reference(stage / REFERENCE_FILE, pixel_values, cases)
-        recorded = method if temporal is None else temporal  # a temporal method's budget is its video's
-        reduction = ReductionInfo(
-            method=recorded.name, budget=budget if temporal is None else temporal_budget, full_tokens=full,
-            stage=recorded.stage.value, budget_range=rng,
-            options=options if temporal is None else video_options,
-            stages=tuple(dataclasses.asdict(s) for s in plan.stages) if plan else (),
-            merge_schedule=tuple(modules["vision"].schedule or ()),
-            scores_with=tuple(s.value for s in recorded.scores_with),
-            supports_runtime_budget=recorded.supports_runtime_budget, keep=cfg.keep,
-        )
-        manifest = Manifest(
-            # the oldest format that reads it: the layout's (2 tiled, 3 dynamic resolution), at least 2 for
-            # prefill graphs with `image_keep`
-            format_version=max(family.layout(loaded).format_version, 2 if plan is not None else 1),
-            tokedge_version=tokedge.__version__,
-            dtype=cfg.dtype,
-            model=info,
-            reduction=reduction,
-            graphs=graphs,
-            preprocess=pre,
-            prompt=family.prompt(loaded, vision_tokens),
-            versions=_versions(),
-            opset=ox.OPSET,
-            reference={"file": REFERENCE_FILE, "tolerance": tolerance_dict(tol),
-                       "budgets": budgets, "decode_steps": DECODE_STEPS},
-            files={},
-            optimizations=tuple(optimizations),
-            layout=family.layout(loaded),
-            video=video,
-        )
-        if cfg.device_profile:  # engines must hold every shape the runtime will feed: refuse now, with the fix
-            from tokedge.build.plan import plan_shapes
-            from tokedge.profiles import load_profile
 
-            plan_shapes(manifest, load_profile(cfg.device_profile))
-        if cfg.quantize is not None:
-            from tokedge.export.quantize import quantize_graphs
-            from tokedge.export.validate import tolerance_dict, tolerance_for
-
-            with timed(f"quantize ({cfg.quantize.scheme}, {cfg.quantize.form})"):
-                manifest, quant = quantize_graphs(stage, manifest, cfg.quantize, cfg.external_data_threshold)
-            tol = tolerance_for(cfg.dtype, quant)
-            manifest = replace(manifest, reference={**manifest.reference, "tolerance": tolerance_dict(tol)})
-        parity: dict = {"skipped": True}
-        if not cases:
-            parity = {"skipped": True, "reason": "no reference case"}
-        elif cfg.validate:
-            with timed("validate (ONNX Runtime vs transformers)"):
-                with ArtifactGraphs(stage, manifest) as runtime_graphs:
-                    report = run_cases(runtime_graphs, pixel_values, cases, tol)
-                    video_parity = check_video_graph(runtime_graphs, video_case, tol)
-                report.raise_if_failed("export validation failed")
-                parity = report.to_dict()
-                if video_parity is not None:
-                    parity["video"] = video_parity
-        manifest = record_architecture(stage, manifest, loaded.model.config.to_dict())  # graphs are final here
-        manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity},
-                           files=hash_tree(stage))
-        write_manifest(stage, manifest)
-    warnings = list(family.export_warnings(loaded))
-    if cfg.device_profile:
+def _warnings(job: _Export, manifest: Manifest) -> list[str]:
+    warnings = list(job.family.export_warnings(job.loaded))
+    if job.cfg.device_profile:
         from tokedge.memory import plan_for_device
         from tokedge.profiles import load_profile
 
-        plan = plan_for_device(manifest, load_profile(cfg.device_profile))
+        plan = plan_for_device(manifest, load_profile(job.cfg.device_profile))
         if not plan.fits:
             warnings.append(plan.summary() + "; quantize (--quantize int4) or pick a larger device")
-    return ExportResult(out=out, manifest=manifest, parity=parity, seconds=seconds, warnings=warnings)
+    return warnings
 
 
 def reduced_dynamic_cases(loaded, method: Method, budget: int, options: dict, steps: int,
