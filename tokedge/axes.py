@@ -35,7 +35,7 @@ class AxisBounds:
     warnings: list[str] = field(default_factory=list)
 
 
-def _removed(layout, red, keep: int, visual: int) -> int:
+def _removed(layout, keep: int, visual: int) -> int:
     """Image tokens an in-LLM stage keeping `keep` (per image, manifest) removes from a prompt whose
     image gives `visual` tokens."""
     per_image = layout.prefill_budget()
@@ -119,10 +119,10 @@ def _text_axes(manifest, layout, image, phase: str, prompt_visual: int, opt_prom
     for g, stage in enumerate(red.stages, start=1):
         keep = int(stage["keep"])
         # a video's in-LLM stages scale their keep to the video (VideoPlan.llm_keep): remove possibly nothing
-        fewest = 0 if manifest.video is not None else _removed(layout, red, keep, lo_v)
+        fewest = 0 if manifest.video is not None else _removed(layout, keep, lo_v)
         typical = min(opt_v, max(1, opt_prompt - TYPICAL_TEXT_TOKENS))  # the typical image, as much as fits
-        groups.append((g, fewest, _removed(layout, red, keep, typical),
-                       _removed(layout, red, keep, max_prompt - 1)))
+        groups.append((g, fewest, _removed(layout, keep, typical),
+                       _removed(layout, keep, max_prompt - 1)))
     for g, fewest, typical, most in groups:
         suffix = "" if g == 0 else f".{g}"
         if phase == "decode":

@@ -121,9 +121,16 @@ class ImageLayout:
         """(partitions the vision graph runs, visual tokens before reduction) for one PIL image."""
         raise NotImplementedError
 
-    def vision_feed(self, image, budget: int | None) -> dict[str, np.ndarray]:
+    def vision_feed(self, image) -> dict[str, np.ndarray]:
         """One image's vision-graph feed as the runtime builds it (profile's stage timing)."""
-        raise NotImplementedError
+        (inputs,) = self.prompt_images([image])
+        return self.feed(inputs, {t.name for t in self.manifest.graphs["vision"].inputs})
+
+    def batch_of(self, groups: list[list]) -> ImageBatch:
+        """Per-image layouts: each prompt's images prepared, each image's placeholders its own count."""
+        inputs = [x for group in groups for x in self.prompt_images(group)]
+        tokens = iter(x.tokens for x in inputs)
+        return ImageBatch(inputs, [[next(tokens) for _ in group] for group in groups])
 
     # --- counts, as data --------------------------------------------------------------------------
     def bounds(self) -> LayoutBounds:

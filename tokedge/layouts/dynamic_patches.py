@@ -80,19 +80,10 @@ class DynamicPatches(ImageLayout):
 
         return vision_budget(self.manifest.reduction)  # pre-LLM reduction: each image keeps its own count
 
-    def patch_limit(self) -> int | None:
-        """The most patches one image may have for the vision graph's dense attention to fit this
-        machine's vision memory budget (`memory.vision_patch_limit`)."""
-        if not hasattr(self, "_patch_limit"):
-            from tokedge.memory import vision_patch_limit
-
-            self._patch_limit = vision_patch_limit(self.manifest, vision_memory_bytes())
-        return self._patch_limit
-
-    def check_size(self, image) -> None:
-        """Refuse, before anything is resized or run, an image whose patches the vision graph's dense
-        attention cannot hold in this machine's budget (issue: images within --max-pixels that
-        exhaust memory)."""
+    def check_size(self, image, limit: int | None) -> None:
+        """Refuse, before anything is resized or run, an image with more patches than `limit`, the most
+        the vision graph's dense attention holds in this machine's budget (`memory.vision_patch_limit`;
+        issue: images within --max-pixels that exhaust memory)."""
         from tokedge.errors import InputError
         from tokedge.runtime.qwen_vl import smart_resize
 
@@ -100,7 +91,6 @@ class DynamicPatches(ImageLayout):
         p, m = int(r.patch_size), int(r.merge_size)
         h, w = smart_resize(image.height, image.width, p * m, int(r.min_pixels), int(r.max_pixels))
         patches = (h // p) * (w // p)
-        limit = self.patch_limit()
         if limit is not None and patches > limit:
             fits = max(limit, m * m) * p * p
             raise InputError(f"a {image.width}x{image.height} image gives {patches} patches ({w}x{h} after resizing "
@@ -109,11 +99,13 @@ class DynamicPatches(ImageLayout):
                              f"use a smaller image, or an artifact exported with --max-pixels {fits} or less")
 
     def prompt_images(self, images: list) -> list:
+        from tokedge.memory import vision_patch_limit
         from tokedge.runtime.qwen_vl import image_inputs
 
         budget = self.vision_budget()
+        limit = vision_patch_limit(self.manifest, vision_memory_bytes())
         for image in images:  # every image of the prompt, before any is preprocessed
-            self.check_size(image)
+            self.check_size(image, limit)
         return [image_inputs(image, self.record, self.manifest.preprocess, budget) for image in images]
 
     def prepare(self, groups, budget, check_budget) -> ImageBatch:
@@ -128,9 +120,7 @@ class DynamicPatches(ImageLayout):
                 what = "keeps every visual token" if per_image is None else \
                     f"keeps {per_image.describe()} of each image"
                 raise InputError(f"this dynamic-resolution artifact {what} (--method {red.method}); drop --budget")
-        inputs = [x for group in groups for x in self.prompt_images(group)]
-        tokens = iter(x.tokens for x in inputs)
-        return ImageBatch(inputs, [[next(tokens) for _ in group] for group in groups])
+        return self.batch_of(groups)
 
     def vision_budget_count(self) -> int | None:
         budget = self.vision_budget()
@@ -148,10 +138,6 @@ class DynamicPatches(ImageLayout):
     def image_counts(self, image) -> tuple[int, int]:
         (inputs,) = self.prompt_images([image])
         return inputs.partitions, inputs.full_tokens
-
-    def vision_feed(self, image, budget):
-        (inputs,) = self.prompt_images([image])
-        return inputs.feed({t.name for t in self.manifest.graphs["vision"].inputs})
 
     def bounds(self) -> LayoutBounds:
         from tokedge.runtime.qwen_vl import token_bounds
@@ -191,9 +177,4 @@ class DynamicPatches(ImageLayout):
         return {"patches": (lo * m2, opt * m2, hi * m2), "image_tokens": (lo, opt, hi), "kept_tokens": kept}
 
 
-def merged_tokens(pixels: int, patch: int, merge: int) -> int:
-    """Merged tokens of an image of `pixels` pixels (an upper bound after smart_resize)."""
-    return math.ceil(pixels / (patch * merge) ** 2)
-
-
-__all__ = ["DynamicPatches", "merged_tokens"]
+__all__ = ["DynamicPatches"]

@@ -33,7 +33,7 @@ class SingleView(ImageLayout):
     def image_counts(self, image) -> tuple[int, int]:
         return 1, self.manifest.reduction.full_tokens
 
-    def vision_feed(self, image, budget):
+    def vision_feed(self, image):
         from tokedge.runtime.preprocess import preprocess_batch
 
         return {"pixel_values": preprocess_batch([image], self.manifest.preprocess)}

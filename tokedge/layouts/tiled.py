@@ -85,9 +85,7 @@ class Tiled(ImageLayout):
             elif budget != keep:
                 what = f"reduces every image to {keep} visual tokens" if keep else "keeps every visual token"
                 raise InputError(f"this tiled artifact {what} (--method {red.method}); drop --budget")
-        inputs = [x for group in groups for x in self.prompt_images(group)]
-        tokens = iter(x.tokens for x in inputs)
-        return ImageBatch(inputs, [[next(tokens) for _ in group] for group in groups])
+        return self.batch_of(groups)
 
     def image_counts(self, image) -> tuple[int, int]:
         from tokedge.runtime.layout import plan_image
@@ -95,10 +93,6 @@ class Tiled(ImageLayout):
         layout = self.mechanism()
         plan = plan_image(layout, image.height, image.width)
         return plan.partitions, plan.tokens(layout)
-
-    def vision_feed(self, image, budget):
-        (inputs,) = self.prompt_images([image])
-        return feed_of(inputs, {t.name for t in self.manifest.graphs["vision"].inputs})
 
     def feed(self, image_inputs, graph_inputs):
         return feed_of(image_inputs, graph_inputs)

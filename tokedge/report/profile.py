@@ -231,7 +231,7 @@ def vision_feed(manifest, image, runtime_budget: int | None) -> dict:
     """The vision graph's inputs for one image, as the runtime builds them (the layout's feed)."""
     from tokedge.layouts import layout_of
 
-    feed = layout_of(manifest).vision_feed(image, runtime_budget)
+    feed = layout_of(manifest).vision_feed(image)
     if manifest.graphs["vision"].input("budget") is not None:
         feed["budget"] = np.array(runtime_budget or manifest.reduction.budget, dtype=np.int64)
     return feed

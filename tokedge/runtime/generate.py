@@ -223,13 +223,6 @@ def context_limit(graphs: ArtifactGraphs) -> int:
     return m.max_position_embeddings if not m.sliding_window else min(m.max_position_embeddings, m.sliding_window)
 
 
-def per_row(image_embeds, images_per_row: list[int] | None):
-    """`runtime.driver.per_row` (kept here for callers of the older name)."""
-    from tokedge.runtime.driver import per_row as rows_of
-
-    return rows_of(image_embeds, images_per_row)
-
-
 def _generate(graphs, pixel_values, input_ids, attention_mask, cfg, *, budget, on_step, timings, started,
               stop_at_eos, keep_logits, deadline, images_per_row=None) -> Generation:
     m = graphs.manifest.model
