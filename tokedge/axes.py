@@ -115,12 +115,12 @@ def _text_axes(manifest, layout, image, phase: str, prompt_visual: int, opt_prom
     else:  # embed: prompts and single decode tokens
         shapes["sequence"] = bounded(1, opt_prompt, max_prompt, floor=1)
     lo_v, opt_v, _ = image.vision_tokens
+    typical = min(opt_v, max(1, opt_prompt - TYPICAL_TEXT_TOKENS))  # the typical image, as much as fits
     groups = [(0, 0, 0, 0)]  # (group, removed at the fewest, typical and most visual tokens)
     for g, stage in enumerate(red.stages, start=1):
         keep = int(stage["keep"])
         # a video's in-LLM stages scale their keep to the video (VideoPlan.llm_keep): remove possibly nothing
         fewest = 0 if manifest.video is not None else _removed(layout, keep, lo_v)
-        typical = min(opt_v, max(1, opt_prompt - TYPICAL_TEXT_TOKENS))  # the typical image, as much as fits
         groups.append((g, fewest, _removed(layout, keep, typical),
                        _removed(layout, keep, max_prompt - 1)))
     for g, fewest, typical, most in groups:
