@@ -63,6 +63,25 @@ QuantLmHeadOpt = Annotated[bool, typer.Option("--quantize-lm-head/--float-lm-hea
 QuantEmbedOpt = Annotated[bool, typer.Option("--quantize-embeddings/--float-embeddings",
                                              help="Also quantize the token embeddings (matmulnbits only).")]
 AccuracyOpt = Annotated[int, typer.Option("--accuracy-level", help="MatMulNBits compute: 4 = int8 (VNNI/AMX), 0 = float.")]
+# where the graphs run (run, serve, verify, profile): docs/runtime.md "Backends"
+BackendOpt = Annotated[str, typer.Option(
+    help="onnxruntime (CPU), ort-cuda or ort-tensorrt (ONNX Runtime's GPU providers, onnxruntime-gpu), "
+         "or tensorrt (engines from `tokedge build`).")]
+EnginesOpt = Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")]
+DeviceIdOpt = Annotated[int, typer.Option("--device-id", help="CUDA device for ort-cuda / ort-tensorrt.")]
+DeviceProfileOpt = Annotated[Optional[str], typer.Option(
+    "--device-profile", help="ort-tensorrt: device profile whose build plan gives the engines' shape ranges.")]
+TrtCacheOpt = Annotated[Optional[Path], typer.Option(
+    "--trt-cache", help="ort-tensorrt: engine cache directory (default: <artifact>.ort-trt-<profile>).")]
+Fp16Opt = Annotated[bool, typer.Option("--fp16/--no-fp16", help="ort-tensorrt: allow fp16 kernels.")]
+
+
+def _backend(name: str, engines: Optional[Path], threads: int, device_id: int, device_profile: Optional[str],
+             trt_cache: Optional[Path], fp16: bool):
+    from tokedge.runtime.backends import Backend
+
+    return Backend(name=name, engines=engines, threads=threads, device_id=device_id, device_profile=device_profile,
+                   cache_dir=trt_cache, fp16=fp16)
 
 
 def _quant_config(scheme: str, form: str, group_size: int, graphs: str, lm_head: bool, embeddings: bool,
@@ -399,13 +418,19 @@ def check_cmd(
 def verify_cmd(
     artifact: ArtifactArg,
     checkpoint: Annotated[Optional[str], typer.Option(help="Recompute the reference from this checkpoint (needs [export]).")] = None,
+    backend: BackendOpt = "onnxruntime",
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
     json_out: JsonFlag = False,
 ) -> None:
     """Re-check file hashes and the graphs' agreement with the recorded (or a fresh) reference."""
     from tokedge.errors import ParityError
     from tokedge.verify import verify
 
-    report = verify(artifact, checkpoint=checkpoint)
+    report = verify(artifact, checkpoint=checkpoint,
+                    backend=_backend(backend, None, 0, device_id, device_profile, trt_cache, fp16))
     if json_out:
         print(json.dumps(report.to_dict()))
     if not report.ok:  # the error line carries the summary: printed once
@@ -436,18 +461,23 @@ def run_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     budget: Annotated[Optional[int], typer.Option(
         help="Visual tokens, within the artifact's runtime range (video: frame tokens of the whole video).")] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
-    engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
+    backend: BackendOpt = "onnxruntime",
+    engines: EnginesOpt = None,
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
     timeout: Annotated[Optional[float], typer.Option(help="Stop the generation after this many seconds (exit 1).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Generate text for images (or one video) and a prompt from an exported artifact (no torch needed)."""
-    from tokedge.runtime.ort_backend import OrtOptions, check_threads
+    from tokedge.runtime.ort_backend import check_threads
     from tokedge.runtime.pipeline import Pipeline, images_for_prompts
     from tokedge.safeio import printable_text
 
     check_threads(threads)
+    choice = _backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16)
     image = list(image or [])
 
     def stream(text: str) -> None:
@@ -456,8 +486,7 @@ def run_cmd(
 
     if video is not None or frames_from_images:
         source = _video_source(video, image, frames_from_images, prompt, images_per_prompt)
-        with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
-                           engines=engines) as pipe:
+        with Pipeline.load(artifact, backend=choice) as pipe:
             clip = pipe.generate_video(source, prompt[0], frames=frames, fps=fps, budget=budget, keep=keep,
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, on_text=None if json_out else stream, timeout=timeout)
@@ -473,8 +502,7 @@ def run_cmd(
         raise UsageError("nothing to look at: pass --image FILE (repeatable) or --video CLIP")
     groups = images_for_prompts(image, prompt, images_per_prompt)
 
-    with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
-                       engines=engines) as pipe:
+    with Pipeline.load(artifact, backend=choice) as pipe:
         result = pipe.generate(
             groups, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, budget=budget, on_text=None if json_out or len(prompt) > 1 else stream, timeout=timeout,
@@ -529,8 +557,14 @@ def serve_cmd(
     allow_local_images: Annotated[Optional[Path], typer.Option(help="Let image_url name files under this directory.")] = None,
     allow_remote_images: Annotated[bool, typer.Option(help="Let image_url be an http(s) URL the server fetches.")] = False,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
+    backend: BackendOpt = "onnxruntime",
+    engines: EnginesOpt = None,
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
 ) -> None:
-    """Serve an artifact over an OpenAI-compatible Chat Completions API (needs the serve extra: pip install 'tokedge[serve]')."""
+    """Serve an artifact over an OpenAI-compatible Chat Completions API (torch-free; docs/serve.md)."""
     from tokedge.serve import ServeConfig, serve
 
     key = _api_key(api_key, api_key_file)
@@ -542,6 +576,7 @@ def serve_cmd(
         max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, allow_local_images=allow_local_images,
         allow_remote_images=allow_remote_images, threads=threads,
+        runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16),
     ))
 
 
@@ -582,8 +617,12 @@ def profile_cmd(
     frames: Annotated[Optional[int], typer.Option(help="Video: frames to sample (default: the artifact's).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt for every run.")] = None,
     budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64 (video: frame tokens per video).")] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
-    engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
+    backend: BackendOpt = "onnxruntime",
+    engines: EnginesOpt = None,
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
     runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs first, per budget and image.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 32,
@@ -624,7 +663,8 @@ def profile_cmd(
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
                         baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
-                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list)
+                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list,
+                        runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)

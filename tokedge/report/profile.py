@@ -43,6 +43,14 @@ class ProfileConfig:
     # dynamic-resolution artifacts: keep ratios to compare instead of budgets; 1 = `--method none`
     # (all tokens, the fidelity reference); others re-export the artifact's method with --keep
     keeps: tuple[float, ...] = ()
+    runtime: object | None = None  # a tokedge.runtime.backends.Backend (GPU providers...); None: from backend/engines/threads
+
+    def choice(self):
+        from tokedge.runtime.backends import Backend
+
+        if self.runtime is not None:
+            return self.runtime
+        return Backend(name=self.backend, engines=Path(self.engines) if self.engines else None, threads=self.threads)
 
 
 @dataclass
@@ -102,6 +110,7 @@ class ProfileReport:
     threads: int = 0  # ONNX Runtime intra-op threads (0 = automatic)
     quantization: dict | None = None  # the artifact's weight scheme (manifest `quantization`)
     memory: dict | None = None  # predicted vs measured artifact bytes and CPU peak; the device plan with --predict
+    runtime: dict | None = None  # the --backend choice and the execution providers the sessions used
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -269,6 +278,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     from tokedge.runtime.ort_backend import check_threads
 
     check_threads(cfg.threads)
+    choice = cfg.choice()
+    choice.check()
     if not cfg.images:
         raise UsageError("give at least one --image to profile with")
     images = [load_image(p) for p in cfg.images]
@@ -300,6 +311,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         machine=describe(), gemm_peak_gflops_per_s=round(gemm_peak_gflops(), 1),
         predicted_on=dataclasses.asdict(device_profile) if device_profile else None, threads=cfg.threads,
         quantization=dataclasses.asdict(manifest.quantization) if manifest.quantization else None,
+        runtime=choice.describe(),
     )
     report.warnings += notes
     from tokedge.report.tegrastats import Sampler
@@ -311,9 +323,9 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             samples: dict[str, list[float]] = {s: [] for s in STAGES}
             per_samples: list[dict[str, list[float]]] = [{s: [] for s in STAGES} for _ in images]
             tokens: list[list[int]] = []
-            with Pipeline.load(art, backend=cfg.backend, engines=cfg.engines,
-                               options=OrtOptions(intra_op_threads=cfg.threads)) as pipe:
+            with Pipeline.load(art, backend=choice) as pipe:
                 pm = pipe.manifest
+                report.runtime = {**choice.describe(), "providers": pipe.providers()}
                 k = pm.reduction.budget if k is None else k
                 label = (f"budget {k}" if keep is None else "none (all tokens)" if keep >= 1.0
                          else f"{pm.reduction.method} keep {keep:g}")
@@ -368,7 +380,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 if med["decode_ms_per_token"] else 0.0,
             }
             report.results.append(BudgetResult(
-                budget=k, backend=cfg.backend, visual_tokens=largest.llm_tokens, artifact=str(art),
+                budget=k, backend=choice.name, visual_tokens=largest.llm_tokens, artifact=str(art),
                 ttft_ms=med["ttft_ms"], vision_ms=med["vision_ms"], prefill_ms=med["prefill_ms"],
                 preprocess_ms=med["preprocess_ms"], decode_ms_per_token=med["decode_ms_per_token"],
                 tokens_per_s=1e3 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else 0.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -18,11 +19,12 @@ from tokedge.layouts import layout_of
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
+from tokedge.runtime.backends import BACKENDS, Backend
 from tokedge.runtime.ort_backend import OrtOptions
 from tokedge.runtime.preprocess import load_image
 from tokedge.runtime.prompt import PromptEncoder
 
-BACKENDS = ("onnxruntime", "tensorrt")
+__all__ = ["BACKENDS", "Backend", "Pipeline", "Result"]
 
 
 @dataclass
@@ -53,10 +55,14 @@ class Pipeline:
         self.root, self.manifest, self.graphs, self.encoder = root, manifest, graphs, encoder
 
     @classmethod
-    def load(cls, artifact: Path | str, backend: str = "onnxruntime", options: OrtOptions = OrtOptions(),
+    def load(cls, artifact: Path | str, backend: str | Backend = "onnxruntime", options: OrtOptions | None = None,
              engines: Path | str | None = None) -> Pipeline:
-        if backend not in BACKENDS:
-            raise UsageError(f"--backend {backend} is unknown; use one of {', '.join(BACKENDS)}")
+        """`backend`: a name (with `engines` for "tensorrt") or a full `Backend` choice; `options`
+        tunes the ONNX Runtime sessions (threads...), the backend picks their providers."""
+        choice = backend if isinstance(backend, Backend) else Backend(
+            name=backend, engines=Path(engines) if engines is not None else None,
+            threads=options.intra_op_threads if options is not None else 0)
+        choice.check()  # before any file is read: unknown name, missing provider or engines
         root = Path(artifact)
         # manifest schema, format version, every file read once, bounded, confined and hashed; the
         # graphs and the tokenizer are built from those bytes, never re-read from disk
@@ -64,14 +70,26 @@ class Pipeline:
         manifest = verified.manifest
         encoder = PromptEncoder(root, manifest.prompt, manifest.model.pad_token_id, manifest.prompt.special_tokens,
                                 tokenizer_json=verified.read(manifest.prompt.tokenizer_file))
-        runners = _tensorrt_runners(root, engines, verified.manifest_sha256) if backend == "tensorrt" else None
-        graphs = ArtifactGraphs(root, manifest, runners=runners, options=options, verified=verified)
+        runners = _tensorrt_runners(root, choice.engines, verified.manifest_sha256) if choice.name == "tensorrt" else None
+        chosen = choice.ort_options(manifest, root)
+        if options is not None:
+            chosen = dataclasses.replace(options, backend=chosen.backend, gpu=chosen.gpu)
+        graphs = ArtifactGraphs(root, manifest, runners=runners, options=chosen, verified=verified)
         del verified  # the runners hold what they need until their sessions are created
         graphs.__enter__()
         return cls(root, manifest, graphs, encoder)
 
     def close(self) -> None:
         self.graphs.__exit__(None, None, None)
+
+    def providers(self) -> dict[str, list[str]]:
+        """Per graph, the execution providers its session runs on (ONNX Runtime), or its engine."""
+        out = {}
+        for name, runner in self.graphs.runners.items():
+            session = getattr(runner, "session", None)
+            out[name] = list(session.get_providers()) if session is not None and hasattr(session, "get_providers") \
+                else [type(runner).__name__]
+        return out
 
     def __enter__(self) -> Pipeline:
         return self

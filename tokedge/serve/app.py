@@ -114,10 +114,10 @@ class Service:
     /health can answer (503) while the artifact is verified and its sessions are created."""
 
     def __init__(self, cfg: ServeConfig, loader: Callable[[], Pipeline] | None = None):
-        from tokedge.runtime.ort_backend import OrtOptions
+        from tokedge.runtime.backends import Backend
 
         self.cfg = cfg
-        self.loader = loader or (lambda: Pipeline.load(cfg.artifact, options=OrtOptions(intra_op_threads=cfg.threads)))
+        self.loader = loader or (lambda: Pipeline.load(cfg.artifact, backend=cfg.runtime or Backend(threads=cfg.threads)))
         self.metrics = Metrics()
         self.pipe: Pipeline | None = None
         self.scheduler: Scheduler | None = None
@@ -595,11 +595,9 @@ def _raise_open_files(connections: int) -> None:
 
 def serve(cfg: ServeConfig) -> None:
     """Run the server until SIGTERM / SIGINT (after draining in-flight requests)."""
-    from tokedge.errors import require
-
     cfg.check()
-    require("uvicorn", "serve")
-    require("starlette", "serve")
+    if cfg.runtime is not None:
+        cfg.runtime.check()  # an unknown backend or a missing GPU provider: one line before binding
     _raise_open_files(cfg.max_connections)
     sock = listen(cfg.host, cfg.port)
     server, service = build_server(cfg)
