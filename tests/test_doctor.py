@@ -4,6 +4,7 @@ a given set of packages, a table that fits 80 columns, and a run that imports no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_a_cpu_only_workstation_has_no_profile_and_says_why(capsys):
 def test_the_json_schema_is_the_documented_one(capsys):
     data = _doctor_json(capsys, FIXTURES / "jetson-orin-nano-super")
     assert list(data) == ["root", "python", "python_ok", "cpu", "memory", "jetson", "gpu", "cuda", "packages",
-                          "onnxruntime_providers", "onnxruntime_distribution", "profile", "commands", "schema"]
+                          "tensorrt_library", "onnxruntime_providers", "onnxruntime_distribution", "profile", "commands", "schema"]
     assert data["schema"] == 1
     assert list(data["cpu"]) == ["model", "arch", "cores", "features"]
     assert list(data["memory"]) == ["total_bytes", "available_bytes"]
@@ -136,7 +137,7 @@ R36_43 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: 
     ("NVIDIA Jetson Orin Nano Developer Kit", "# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic",
      7.4, "jetson-orin-nano-8gb", "exact", "JetPack 6.0 ships TensorRT 8.6"),
     # a model string naming no module: the L4T major picks the generation
-    ("Custom Carrier", R36_43, 15.0, "jetson-orin-nx-16gb", "nearest", "L4T R36 runs on"),
+    ("Custom Carrier", R36_43, 15.0, "jetson-orin-nx-16gb", "nearest", "L4T R36 is for Orin: nearest is"),
     ("Jetson-AGX", "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t186ref", 31.0, None, "none",
      "no device profile for this Jetson"),
     (None, None, 62.5, None, "none", "CPU-only machine"),
@@ -200,6 +201,16 @@ def test_a_gpu_device_install_builds_and_has_the_gpu_providers():
     old = Probes(python=(3, 10, 12), packages={**BASE, "tensorrt": "8.6.2"}, ort_providers=("CPUExecutionProvider",))
     build = _commands(diagnose(FIXTURES / "jetson-agx-orin-64gb", old))["build"]
     assert not build.works and "older than 10.3" in (build.fix or "")
+
+
+def test_the_tensorrt_provider_needs_libnvinfer_not_the_python_module():
+    ort_gpu = Probes(python=(3, 10, 12), packages=BASE, ort_distribution="onnxruntime-gpu",
+                     ort_providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
+    cmds = _commands(diagnose(FIXTURES / "jetson-orin-nano-super", ort_gpu))
+    assert cmds["--backend ort-cuda"].works
+    assert not cmds["--backend ort-tensorrt"].works and "nvidia-tensorrt" in (cmds["--backend ort-tensorrt"].fix or "")
+    with_lib = dataclasses.replace(ort_gpu, nvinfer="libnvinfer.so.10")
+    assert _commands(diagnose(FIXTURES / "jetson-orin-nano-super", with_lib))["--backend ort-tensorrt"].works
 
 
 def test_a_cpu_only_workstation_exports_but_builds_nothing():

@@ -70,6 +70,7 @@ class Probes:
     ort_providers: tuple[str, ...] = ()  # onnxruntime.get_available_providers(); () when onnxruntime is absent
     ort_distribution: str | None = None  # "onnxruntime" or "onnxruntime-gpu" (the wheel that provides the module)
     cudart: str | None = None  # the CUDA runtime library the loader finds (ctypes.util.find_library), e.g. "libcudart.so.12"
+    nvinfer: str | None = None  # TensorRT's library the loader finds, e.g. "libnvinfer.so.10" (ONNX Runtime's TensorRT EP loads it)
     machine: str = ""  # platform.machine(), used when /proc/cpuinfo says nothing
     cpu_count: int = 0  # os.cpu_count(), used when /proc/cpuinfo lists no processors
 
@@ -95,15 +96,18 @@ class Probes:
                 providers = tuple(onnxruntime.get_available_providers())
             except Exception:  # noqa: BLE001 - a broken install is a finding, not a crash
                 providers = ()
-        cudart = None
-        if system:
+        def library(name: str) -> str | None:
+            if not system:
+                return None
             try:
-                cudart = ctypes.util.find_library("cudart")
+                return ctypes.util.find_library(name)
             except Exception:  # noqa: BLE001 - find_library runs ldconfig/gcc; any failure means "not found"
-                cudart = None
+                return None
+
         python = (sys.version_info.major, sys.version_info.minor, sys.version_info.micro)
         return cls(python=python, packages=packages, ort_providers=providers,
-                   ort_distribution=dist_of.get("onnxruntime"), cudart=cudart, machine=platform.machine(),
+                   ort_distribution=dist_of.get("onnxruntime"), cudart=library("cudart"),
+                   nvinfer=library("nvinfer"), machine=platform.machine(),
                    cpu_count=os.cpu_count() or 0)
 
 
@@ -165,6 +169,7 @@ JETSON_MODULES = (
 )
 # L4T major -> the module generation it runs on, for a board whose model string names no module
 L4T_GENERATION = {"36": "jetson-orin-nano-8gb", "38": "jetson-agx-thor"}
+L4T_GENERATION_NAME = {"36": "Orin", "38": "Thor"}
 # discrete GPU name (/proc/driver/nvidia/gpus/*/information) -> profile, and what makes it exact
 DISCRETE_GPUS = (
     ("RTX 4090", "rtx-4090", ("4090",)),
@@ -240,6 +245,7 @@ class Report:
     gpu: Gpu | None  # a discrete NVIDIA GPU
     cuda: Cuda
     packages: dict[str, str | None]
+    tensorrt_library: str | None  # libnvinfer as the loader finds it
     onnxruntime_providers: tuple[str, ...]
     onnxruntime_distribution: str | None
     profile: ProfileMatch
@@ -353,9 +359,10 @@ def match_profile(jetson: Jetson | None, gpu: Gpu | None, memory: Memory,
             if family_by_release is None:
                 return ProfileMatch(None, "none", f"no device profile for this Jetson ({_what(jetson)}): tokedge's "
                                                   "profiles are for Orin on JetPack 6 and Thor on JetPack 7")
+            major = jetson.l4t.split(".")[0]
             return _nearest(family_by_release, total_gib, profiles,
-                            f"the device-tree model names no module tokedge knows ({jetson.model or 'unreadable'}); "
-                            f"L4T R{jetson.l4t.split('.')[0]} runs on")
+                            f"the device-tree model ({jetson.model or 'unreadable'}) names no module tokedge knows; "
+                            f"L4T R{major} is for {L4T_GENERATION_NAME[major]}:", jetson)
         if family is None:
             return ProfileMatch(None, "none", f"no device profile for this Jetson ({_what(jetson)})")
         profile = profiles[family]
@@ -471,9 +478,9 @@ def commands(probes: Probes, jetson: Jetson | None, gpu: Gpu | None, python_ok: 
             block, fix = ["provider"], gpu_ort
         else:
             block, fix = [], ""
-        if backend == "ort-tensorrt" and not block and trt is None:
-            block, fix = ["tensorrt"], ("TensorRT's libraries: sudo apt install nvidia-tensorrt" if jetson is not None
-                                        else "pip install 'tokedge[tensorrt]'")
+        if backend == "ort-tensorrt" and not block and trt is None and probes.nvinfer is None:
+            block, fix = ["tensorrt"], ("TensorRT's libnvinfer from JetPack: sudo apt install nvidia-tensorrt"
+                                        if jetson is not None else "pip install 'tokedge[tensorrt]'")
         row(f"--backend {backend}", f"onnxruntime-gpu with {provider}", block, fix)
     return tuple(rows)
 
@@ -496,7 +503,8 @@ def diagnose(root: str | Path = "/", probes: Probes | None = None,
     return Report(
         root=str(root), python=".".join(str(x) for x in probes.python), python_ok=python_ok,
         cpu=read_cpu(_read(root, "proc/cpuinfo", 4 << 20), probes), memory=memory, jetson=jetson, gpu=gpu,
-        cuda=read_cuda(root, probes), packages=dict(probes.packages), onnxruntime_providers=tuple(probes.ort_providers),
+        cuda=read_cuda(root, probes), packages=dict(probes.packages),
+        tensorrt_library=probes.nvinfer, onnxruntime_providers=tuple(probes.ort_providers),
         onnxruntime_distribution=probes.ort_distribution, profile=match_profile(jetson, gpu, memory, profiles),
         commands=commands(probes, jetson, gpu, python_ok),
     )
@@ -557,7 +565,8 @@ def findings(report: Report) -> list[tuple[str, str]]:
         cuda = "not found: JetPack's CUDA comes with sudo apt install nvidia-jetpack"
     rows.append(("cuda", (cuda or "not found") + ("" if gpu_present or not cuda else ": unused without a GPU")))
     trt = r.packages.get("tensorrt")
-    rows.append(("tensorrt", f"{trt}" if trt else "not installed: `tokedge build` needs it"))
+    lib = f" ({r.tensorrt_library})" if r.tensorrt_library else ""
+    rows.append(("tensorrt", f"{trt}{lib}" if trt else f"python module not installed{lib}: `tokedge build` needs it"))
     ort = r.packages.get("onnxruntime")
     providers = ", ".join(p.removesuffix("ExecutionProvider") for p in r.onnxruntime_providers) or "none"
     rows.append(("onnxruntime", f"{ort} ({r.onnxruntime_distribution or 'onnxruntime'}); providers: {providers}"
