@@ -96,6 +96,7 @@ class Probes:
                 providers = tuple(onnxruntime.get_available_providers())
             except Exception:  # noqa: BLE001 - a broken install is a finding, not a crash
                 providers = ()
+
         def library(name: str) -> str | None:
             if not system:
                 return None
