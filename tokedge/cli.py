@@ -803,6 +803,28 @@ def methods_cmd(json_out: ListJsonFlag = False) -> None:
     ], detail=lambda r: f"{r['summary']} (arXiv {r['paper']})" if r["paper"] != "-" else r["summary"])
 
 
+@app.command("doctor", short_help="What this machine has; which commands work here.")
+def doctor_cmd(
+    json_out: ListJsonFlag = False,
+    root: Annotated[Path, typer.Option("--root", help="Read the system files under this directory instead of / (for testing).")] = Path("/"),
+) -> None:
+    """Python, CPU, memory, JetPack/L4T, CUDA, TensorRT, ONNX Runtime and its providers; the device
+    profile that matches this machine (or the nearest); which commands work here and what to install
+    for the others. Exit code 0 whatever it finds."""
+    import shutil
+
+    from tokedge.doctor import diagnose, render
+    from tokedge.errors import UsageError
+
+    if not root.is_dir():
+        raise UsageError(f"--root {root}: not a directory")
+    report = diagnose(root)
+    if json_out:
+        print(json.dumps(report.to_json()))
+        return
+    print(render(report, shutil.get_terminal_size((80, 24)).columns))
+
+
 def _version_callback(value: bool) -> None:
     if value:
         import tokedge
