@@ -9,7 +9,14 @@ STAMP := $(VENV)/.tokedge-installed
 DEMO_OUT ?= demo-out
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test typecheck install lint clean
+# `make wheel`: tokedge's sdist and wheel (PEP 517) plus the wheels of its base dependencies for
+# this machine, all in dist/, so that `pip install --no-index dist/*.whl` works offline.
+# `make device-wheels`: the same for a JetPack 6 device (aarch64, Python 3.10, pinned by
+# constraints/jetpack6.txt), in dist/jetpack6/; copy that folder to the device (docs/device.md).
+DIST ?= dist
+DEVICE_DIST ?= $(DIST)/jetpack6
+
+.PHONY: demo test typecheck install lint clean wheel device-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +45,19 @@ typecheck: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check tokedge tests
 
+wheel: $(STAMP)
+	rm -rf $(DIST) build
+	$(PY) -m build --no-isolation --sdist --wheel --outdir $(DIST) .
+	$(PY) -m pip download --quiet --only-binary=:all: --dest $(DIST) $(DIST)/tokedge-*.whl
+
+device-wheels: wheel
+	mkdir -p $(DEVICE_DIST)
+	cp $(DIST)/tokedge-*.whl $(DEVICE_DIST)/
+	# PyPI's onnxruntime is the CPU build; for the GPU providers the device swaps in NVIDIA's
+	# onnxruntime-gpu (docs/device.md)
+	$(PY) -m pip download --quiet --only-binary=:all: --platform manylinux2014_aarch64 --python-version 3.10 \
+		--implementation cp --constraint constraints/jetpack6.txt --dest $(DEVICE_DIST) \
+		$$(grep -v -e '^#' -e '^$$' constraints/jetpack6.txt | cut -d= -f1 | tr '\n' ' ')
+
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) .pytest_cache $(DIST) build

@@ -677,6 +677,8 @@ def profile_cmd(
     console = _console()
     from tokedge.report.render import summary_lines
 
+    if not any(f.suffix == ".png" for f in files):
+        console.print("note: no plots: matplotlib is not installed (pip install 'tokedge[report]')")
     for line in summary_lines(report):
         console.print(line, markup=False)
     for r in report.results:
@@ -950,6 +952,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (SystemExit, GeneratorExit):
         raise
+    except ModuleNotFoundError as exc:  # an optional extra this command needs: name it
+        from tokedge.errors import missing_extra
+
+        command_name = next((a for a in argv if not a.startswith("-")), "")
+        named = missing_extra(exc, command_name)
+        if debug or named is None:
+            if debug:
+                raise
+            _say(f"internal error: ModuleNotFoundError: {exc} (rerun with --debug for the traceback)")
+            return 1
+        _say(str(named))
+        return named.exit_code
     except BaseException as exc:  # last resort (incl. Rust panics, which are BaseExceptions): one line
         if debug:
             raise

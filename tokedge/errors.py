@@ -64,3 +64,27 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"this command needs '{module}', which is not installed: pip install 'tokedge[{extra}]'"
         ) from exc
+
+
+# top-level module -> the extra that installs it (pyproject.toml): what a command missing one needs
+EXTRAS = {
+    "torch": "export", "transformers": "export", "safetensors": "export", "onnx": "export", "onnxscript": "export",
+    "onnx_ir": "export", "av": "video", "matplotlib": "report", "starlette": "serve", "uvicorn": "serve",
+    "tensorrt": "tensorrt",
+}
+
+
+def missing_extra(exc: BaseException, command: str) -> MissingDependencyError | None:
+    """A ModuleNotFoundError for a module an extra provides, as the one-line error naming the extra."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    if extra == "tensorrt":
+        how = "install TensorRT's Python bindings (on Jetson: JetPack's python3-libnvinfer; see docs/device.md)"
+    else:
+        how = f"pip install 'tokedge[{extra}]'"
+    what = f"tokedge {command}" if command else "this command"
+    return MissingDependencyError(f"{what} needs '{top}', which is not installed: {how}")

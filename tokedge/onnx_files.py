@@ -13,6 +13,7 @@ collects every node's op_type (NodeProto field 4), so control flow can be refuse
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 from tokedge.errors import IntegrityError
 
@@ -47,7 +48,7 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(buf: memoryview):
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
     """Yield (field_number, wire_type, value): an int for varints, else a memoryview of the bytes."""
     pos = 0
     while pos < len(buf):

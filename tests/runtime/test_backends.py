@@ -81,7 +81,9 @@ def test_tensorrt_provider_without_cuda_falls_back_to_cpu_only():
 
 def test_ort_tensorrt_needs_a_device_profile(artifacts):
     from tokedge.errors import UsageError
+    from tokedge.runtime.backends import this_device_profile
 
+    assert this_device_profile() is None  # this CPU-only machine matches none (doctor's own tests cover devices)
     with pytest.raises(UsageError, match="--device-profile"):
         Backend(name="ort-tensorrt").ort_options(load_artifact(artifacts("cls-attn", 64)), artifacts("cls-attn", 64))
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokedge.errors import UsageError
-from tokedge.runtime.ort_backend import ORT_BACKENDS, GpuOptions, OrtOptions, available_providers, require_provider
+from tokedge.runtime.ort_backend import (
+    ORT_BACKENDS,
+    GpuOptions,
+    OrtOptions,
+    available_providers,
+    require_provider,
+)
 
 BACKENDS = (*ORT_BACKENDS, "tensorrt")
 
@@ -76,11 +82,21 @@ def trt_provider_plan(manifest, artifact: Path, device_profile: str | None, cach
     from tokedge.profiles import load_profile
 
     if device_profile is None:
-        raise UsageError("--backend ort-tensorrt needs --device-profile NAME (see `tokedge profiles`): its build "
-                         "plan gives the engines' shape ranges")
+        device_profile = this_device_profile()
+    if device_profile is None:
+        raise UsageError("--backend ort-tensorrt needs --device-profile NAME (see `tokedge profiles`; `tokedge "
+                         "doctor` found none for this machine): its build plan gives the engines' shape ranges")
     profile = load_profile(device_profile)
     shapes, _ = plan_shapes(manifest, profile)
     profiles = {graph: tuple({name: (r.min, r.opt, r.max) for name, r in opt.shapes.items()} for opt in opts)
                 for graph, opts in shapes.items()}
     cache = cache_dir if cache_dir is not None else Path(artifact).parent / f"{Path(artifact).name}.ort-trt-{profile.name}"
     return {"profiles": profiles, "workspace_mb": profile.workspace_mb, "cache_dir": str(cache)}
+
+
+def this_device_profile() -> str | None:
+    """The device profile `tokedge doctor` matches to this machine (exactly or as the nearest), if any."""
+    from tokedge.doctor import diagnose
+
+    match = diagnose().profile
+    return match.name if match.match in ("exact", "nearest") else None

@@ -216,6 +216,7 @@ class OrtRunner:
     def session(self):
         if self._session is None:
             self._open()
+        assert self._session is not None
         return self._session
 
     def __enter__(self) -> "OrtRunner":

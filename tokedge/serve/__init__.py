@@ -9,7 +9,7 @@ __all__ = ["ServeConfig", "serve"]
 def serve(cfg: ServeConfig) -> None:
     from tokedge.errors import require
 
-    require("starlette", "serve")  # base dependencies since 0.2; an older or partial install says what to add
+    require("starlette", "serve")  # base dependencies; an older or partial install says what to add
     require("uvicorn", "serve")
     from tokedge.serve.app import serve as _serve
 
