@@ -6,6 +6,7 @@ transformers' `generate` is tests/runtime/test_qwen2_5_vl_run.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,19 @@ def test_export_summary_names_the_pixel_budget_and_how_to_raise_it(tiny_qwen2_5_
                  "--profile", "jetson-orin-nano-8gb"]) == 0
     (note,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["notes"]
     assert note.startswith("images: up to 1003520 pixels (1280 visual tokens) each, tokedge's edge default;")
+
+    # a device whose prompt holds 600 tokens: 600 - 64 text tokens = 536 visual tokens per image
+    small = tmp_path / "small-device.toml"
+    small.write_text((Path(__file__).parents[2] / "tokedge/profiles/jetson-orin-nano-8gb.toml").read_text()
+                     .replace('name = "jetson-orin-nano-8gb"', 'name = "small-device"')
+                     .replace("max_prompt_tokens = 3072", "max_prompt_tokens = 600"))
+    capped = tmp_path / "capped"
+    assert main(["export", str(tiny_qwen2_5_vl_dir), "--out", str(capped), "--no-validate", "--json",
+                 "--profile", str(small)]) == 0
+    (note,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["notes"]
+    assert note.startswith(f"images: up to {536 * 28 * 28} pixels (536 visual tokens) each, what --profile "
+                           f"{small} holds (tokedge's edge default: 1003520)")
+    assert load_artifact(capped).layout.max_pixels == 536 * 28 * 28
 
 
 def test_profile_pixel_limit_is_what_the_device_holds():
