@@ -8,6 +8,15 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tokedge-installed
 DEMO_OUT ?= demo-out
 PYTEST_WORKERS ?= auto
+# The preprocessing stage (`make test-preprocess`, part of `make test`): a second venv with torchvision,
+# where transformers' image processors take their torchvision backend (what a GPU user gets) and its
+# video processors construct; tests/preprocess/ compares tokedge's numpy preprocessing with both
+# backends there (in .venv those tests skip: no torchvision). TV_TORCH_SPEC is the CUDA build of
+# torch that runs on the CPU (~5.5 GB); a GPU user may pass their own pins.
+TV_VENV ?= .venv-tv
+TV_PY := $(TV_VENV)/bin/python
+TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TV_STAMP := $(TV_VENV)/.tokedge-installed
 
 # `make wheel`: tokedge's sdist and wheel (PEP 517) plus the wheels of its base dependencies for
 # this machine, all in dist/, so that `pip install --no-index dist/*.whl` works offline.
@@ -16,7 +25,7 @@ PYTEST_WORKERS ?= auto
 DIST ?= dist
 DEVICE_DIST ?= $(DIST)/jetpack6
 
-.PHONY: demo test typecheck install lint clean wheel device-wheels
+.PHONY: demo test test-preprocess typecheck install install-tv lint clean wheel device-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +40,27 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+$(TV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TV_VENV)
+	$(TV_PY) -m pip install --quiet --upgrade pip
+	$(TV_PY) -m pip install --quiet $(TV_TORCH_SPEC)
+	$(TV_PY) -m pip install --quiet -e ".[export,video,dev]"
+	touch $(TV_STAMP)
+
+install-tv: $(TV_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m tokedge.demo --out $(DEMO_OUT)
 
 test: $(STAMP) typecheck
 	# one worker per core, whole files per worker (module fixtures export once); PYTEST_WORKERS=0 runs in-process
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
+	$(MAKE) test-preprocess
+
+# tokedge's preprocessing vs transformers' PIL and torchvision backends and video processors; prints
+# the measured pixel and logit differences at the end (docs/runtime.md, "Which image-processor backend")
+test-preprocess: $(TV_STAMP)
+	$(TV_PY) -m pytest -q -p no:cacheprovider tests/preprocess
 
 # pyright checks the TensorRT modules against tensorrt-stubs (mypy cannot parse those stubs)
 typecheck: $(STAMP)

@@ -140,8 +140,8 @@ def export_cmd(
     quantize_lm_head: QuantLmHeadOpt = False,
     quantize_embeddings: QuantEmbedOpt = False,
     accuracy_level: AccuracyOpt = 4,
-    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Refuse an artifact whose engines this device profile cannot plan (with the fix); warn when its memory plan does not fit.")] = None,
-    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: the processor's).")] = None,
+    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Refuse an artifact whose engines this device profile cannot plan (with the fix); warn when its memory plan does not fit; on Qwen-VL without --max-pixels, default the largest image to what it holds.")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: 1280 visual tokens per image, ~1 MP, or less when --profile's device holds less; never above the checkpoint's).")] = None,
     keep: Annotated[Optional[float], typer.Option("--keep", help="Dynamic-resolution models (Qwen-VL): share of each image's tokens to keep, e.g. 0.5 (instead of --budget, a count per image).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
@@ -194,6 +194,8 @@ def export_cmd(
     )
     if m.quantization is not None:
         console.print(f"weights: {_quant_line(m.quantization)}")
+    for note in result.notes:
+        console.print(note)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     if json_out:
@@ -201,7 +203,7 @@ def export_cmd(
                           "keep": m.reduction.keep,
                           "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds,
                           "quantization": dataclasses.asdict(m.quantization) if m.quantization else None,
-                          "warnings": result.warnings}))
+                          "notes": result.notes, "warnings": result.warnings}))
 
 
 def _quant_line(q) -> str:

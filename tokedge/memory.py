@@ -441,6 +441,24 @@ def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADR
     return plan(target_of(manifest), profile, headroom, text_tokens)
 
 
+def profile_pixel_limit(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
+                        text_tokens: int = DEFAULT_TEXT_TOKENS) -> int | None:
+    """The largest image (pixels, a multiple of one merged patch) of a dynamic-resolution target that a
+    device profile holds: its visual tokens (unreduced) fit the profile's prompt limit beside
+    `text_tokens` of text, and its vision graph's attention fits beside the weights and the KV cache
+    (`plan`'s arithmetic). None for fixed views, or when not even one visual token fits."""
+    v, lay = target.architecture.vision, target.layout
+    if v.layer_tokens:
+        return None
+    p, m = int(lay.patch_size or 14), int(lay.merge_size or 1)
+    whole = plan(target, profile, headroom, text_tokens)
+    value = max(DTYPE_BYTES.get(profile.precision, 2.0), 2.0)
+    room = whole.usable_bytes - sum(whole.weight_bytes.values()) - whole.kv_cache_bytes
+    patches = (vision_patch_limit(target, room / whole.batch, value_bytes=value) or 0) if room > 0 else 0
+    tokens = min(patches // (m * m), whole.prompt_tokens - text_tokens)
+    return tokens * (p * m) ** 2 if tokens >= 1 else None
+
+
 def vision_patch_limit(manifest, memory_bytes: float, value_bytes: float | None = None) -> int | None:
     """The most patches one image may have so that one vision-graph run fits `memory_bytes`
     (`vision_working_set`: dense heads x N x N float32 scores per block, a mask's bytes, the

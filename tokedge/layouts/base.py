@@ -160,6 +160,11 @@ class ImageLayout:
         """What export's summary line adds about the budget (e.g. "for the largest image")."""
         return ""
 
+    def default_pixel_limit(self, device_limit: int | None = None) -> int | None:
+        """Export's pixel budget when --max-pixels is not given (layouts with a `pixel_limit`; None:
+        fixed views, nothing to choose). `device_limit`: the most pixels a device profile holds."""
+        return None
+
     def axes(self, max_prompt: int) -> dict[str, Range]:
         """Bounds of the symbolic axes this layout's vision graph declares, for a device that holds
         `max_prompt` prompt tokens."""
