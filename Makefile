@@ -53,9 +53,13 @@ demo: $(STAMP)
 	$(PY) -m tokedge.demo --out $(DEMO_OUT)
 
 test: $(STAMP) typecheck
-	# one worker per core, whole files per worker (module fixtures export once); PYTEST_WORKERS=0 runs in-process
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
-	$(MAKE) test-preprocess
+	# one worker per core, whole files per worker (module fixtures export once); PYTEST_WORKERS=0 runs in-process.
+	# The preprocessing stage (its own venv: ~4 min, mostly unpacking torch) runs beside the main suite,
+	# filling the cores' idle time; its output is printed when both are done, and either failing fails.
+	( $(MAKE) -s test-preprocess > .test-preprocess.log 2>&1; echo $$? > .test-preprocess.rc ) & \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile; rc=$$?; \
+	wait; echo "--- make test-preprocess"; cat .test-preprocess.log; \
+	test $$rc -eq 0 && test "$$(cat .test-preprocess.rc)" = 0
 
 # tokedge's preprocessing vs transformers' PIL and torchvision backends and video processors; prints
 # the measured pixel and logit differences at the end (docs/runtime.md, "Which image-processor backend")
@@ -84,4 +88,4 @@ device-wheels: wheel
 		$$(grep -v -e '^#' -e '^$$' constraints/jetpack6.txt | cut -d= -f1 | tr '\n' ' ')
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache $(DIST) build
+	rm -rf $(DEMO_OUT) .pytest_cache $(DIST) build .test-preprocess.log .test-preprocess.rc
