@@ -108,7 +108,7 @@ def test_debug_before_or_after_the_subcommand(where, tmp_path, capsys):
 
     args = ["verify", str(tmp_path / "missing")]
     argv = ["--debug", *args] if where == "before" else [*args, "--debug"]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     with pytest.raises(ArtifactError):  # --debug lets the traceback through

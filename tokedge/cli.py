@@ -268,7 +268,7 @@ def optimize_cmd(
     console.print(f"wrote {result.out} (parity re-checked against the export reference)")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "counts": result.counts, "already_applied": result.earlier,
-                          "parity": result.parity}))
+                          "ort_ops": result.ort_ops, "parity": result.parity}))
 
 
 @app.command("passes", short_help="List the graph passes.")
@@ -530,6 +530,10 @@ def _video_source(video: Optional[Path], image: list[Path], frames_from_images: 
         raise UsageError("--frames-from-images needs the frames as --image files, in order")
     if len(prompt) != 1 or images_per_prompt is not None:
         raise UsageError("a video takes exactly one --prompt (and no --images-per-prompt)")
+    if video is not None and video.is_file():
+        from tokedge.runtime.video import refuse_still_image
+
+        refuse_still_image(video)  # before the artifact loads: a photo is not a one-frame clip
     return video if video is not None else image
 
 

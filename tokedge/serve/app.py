@@ -599,6 +599,9 @@ def serve(cfg: ServeConfig) -> None:
     if cfg.runtime is not None:
         cfg.runtime.check()  # an unknown backend or a missing GPU provider: one line before binding
     _raise_open_files(cfg.max_connections)
+    from tokedge.artifact import read_manifest
+
+    read_manifest(cfg.artifact)  # a path that is not an artifact: one line (exit 2) before binding
     sock = listen(cfg.host, cfg.port)
     server, service = build_server(cfg)
     port = sock.getsockname()[1]
