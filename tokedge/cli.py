@@ -561,6 +561,7 @@ def serve_cmd(
     allow_local_images: Annotated[Optional[Path], typer.Option(help="Let image_url name files under this directory.")] = None,
     allow_remote_images: Annotated[bool, typer.Option(help="Let image_url be an http(s) URL the server fetches.")] = False,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
+    request_log: Annotated[bool, typer.Option("--request-log/--no-request-log", help="One line per request on stderr: method, status, tokens, TTFT, total ms.")] = True,
     backend: BackendOpt = "onnxruntime",
     engines: EnginesOpt = None,
     device_id: DeviceIdOpt = 0,
@@ -579,7 +580,7 @@ def serve_cmd(
         request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
         max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, allow_local_images=allow_local_images,
-        allow_remote_images=allow_remote_images, threads=threads,
+        allow_remote_images=allow_remote_images, threads=threads, request_log=request_log,
         runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16),
     ))
 
