@@ -131,7 +131,7 @@ def _parity_at_80_columns(art, capsys) -> tuple[list[str], dict]:
 
 
 def test_parity_lines_fit_80_columns_without_splitting_words(artifacts, narrow, capsys):
-    lines, report = _parity_at_80_columns(artifacts("cls-attn", 64), capsys)
+    lines, _ = _parity_at_80_columns(artifacts("cls-attn", 64), capsys)
     assert lines[0].startswith("✓ hashes ok; parity: 1 case within tolerance 0.001")
     flat = " ".join(" ".join(lines).split())
     assert "2 prompts x 1 image, 64 visual tokens each: embeds" in flat and "tokens match" in flat

@@ -162,7 +162,7 @@ class Service:
                 from PIL import Image
 
                 pipe.generate(Image.new("RGB", (64, 64), (127, 127, 127)), "Hello", max_new_tokens=1)
-            self.text_only_refusal = text_only_support(pipe)
+            self.text_only_refusal = text_only_support(pipe)  # one short text-only prefill, warm-up or not
             m = pipe.manifest.model
             self.scheduler = Scheduler(
                 pipe.graphs, pipe.encoder.decode, self.metrics, max_batch=self.cfg.max_batch,
