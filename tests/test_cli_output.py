@@ -153,3 +153,22 @@ def test_parity_cases_are_labelled_by_their_sample(artifacts, tiny_llava_next_di
     for label in expected:
         assert f"{label}: embeds" in flat
     assert "budget" not in flat
+
+
+def test_export_parity_lines_at_80_columns(tiny_llava_dir, tmp_path, narrow, capsys):
+    """export prints the same labelled parity lines as verify, none wider than the terminal."""
+    out = tmp_path / "art"
+    assert main(["export", str(tiny_llava_dir), "--method", "cls-attn", "--budget", "32", "--out", str(out),
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    lines = captured.err.splitlines()
+    start = next(i for i, line in enumerate(lines) if "parity: " in line)
+    end = next(i for i, line in enumerate(lines) if line.startswith("wrote "))
+    parity = lines[start:end]
+    assert parity[0].endswith(f"parity: {len(summary['parity']['cases'])} case within tolerance 0.001")
+    assert all(len(line) <= 80 for line in parity)
+    flat = " ".join(" ".join(parity).split())
+    for case in summary["parity"]["cases"]:
+        assert case["label"] == "2 prompts x 1 image, 32 visual tokens each"
+        assert f"{case['label']}: embeds {case['max_abs_image_embeds']:.2e}," in flat
