@@ -102,6 +102,29 @@ def _console():
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def fit_lines(line: str, width: int | None = None) -> list[str]:
+    """A line for a person at the terminal's width ($COLUMNS; 80 when unknown): wrapped at spaces
+    only, so no word, number or path is split; continuation lines are indented under it."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    if len(line) <= width:
+        return [line]
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.wrap(line, width=width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def _print_parity(console, title: str, report) -> None:
+    """`✓ TITLE: N cases within tolerance T`, then one line per case, labelled by its sample."""
+    head, *cases = report.lines()
+    mark = "[green]✓[/green]" if report.ok else "[red]✗[/red]"
+    console.print(f"{mark} {title}: {head}")
+    for line in cases:
+        for piece in fit_lines(line):
+            console.print(piece, markup=False)
+
+
 @contextlib.contextmanager
 def _stage_printer(enabled: bool):
     console = _console()
@@ -174,7 +197,7 @@ def export_cmd(
         from tokedge.export.validate import ParityCase, ParityReport, Tolerance
 
         report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
-        console.print(f"[green]✓[/green] parity: {report.summary()}")
+        _print_parity(console, "parity", report)
     kept = m.reduction.budget
     where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
     if m.reduction.keep is not None:
@@ -241,7 +264,7 @@ def quantize_cmd(
 
     if result.parity.get("cases"):
         report = ParityReport(Tolerance(**result.parity["tolerance"]), [ParityCase(**c) for c in result.parity["cases"]])
-        console.print(f"[green]✓[/green] parity vs the fp32 reference: {report.summary()}")
+        _print_parity(console, "parity vs the fp32 reference", report)
     else:
         console.print("[yellow]warning:[/yellow] not validated (--no-validate)")
     console.print(f"wrote {result.out}")
@@ -270,7 +293,7 @@ def optimize_cmd(
     console.print(f"wrote {result.out} (parity re-checked against the export reference)")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "counts": result.counts, "already_applied": result.earlier,
-                          "parity": result.parity}))
+                          "ort_ops": result.ort_ops, "parity": result.parity}))
 
 
 @app.command("passes", short_help="List the graph passes.")
@@ -349,7 +372,7 @@ def memory_cmd(
     """Memory plan: weights + KV cache + activation peak, and the engine-build peak, against a
     device profile's memory. Exits 3 when it does not fit (the plan is printed first)."""
     from tokedge.errors import UsageError
-    from tokedge.memory import EXIT_DOES_NOT_FIT, GB, plan, resolve_target
+    from tokedge.memory import EXIT_DOES_NOT_FIT, plan, resolve_target, size_text
     from tokedge.profiles import load_profile
 
     if list_geometries:
@@ -383,7 +406,7 @@ def memory_cmd(
             print(f"note: {note}")
         if measured is not None:
             predicted, on_disk = sum(result.artifact_bytes.values()), sum(measured.values())
-            print(f"artifact graphs: predicted {predicted / GB:.4f} GB, on disk {on_disk / GB:.4f} GB "
+            print(f"artifact graphs: predicted {size_text(predicted)}, on disk {size_text(on_disk)} "
                   f"({predicted / max(on_disk, 1):.3f}x; parameters {result.counted})")
     if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
@@ -439,7 +462,7 @@ def verify_cmd(
         against = f"a fresh reference from {checkpoint}" if checkpoint else "the recorded reference"
         raise ParityError(f"{artifact}: hashes ok, but the graphs disagree with {against}: {report.summary()}")
     if not json_out:
-        _console().print(f"hashes ok; parity: {report.summary()}")
+        _print_parity(_console(), "hashes ok; parity", report)
 
 
 @app.command("run", short_help="Generate text for images and prompts (no torch).")
@@ -532,6 +555,10 @@ def _video_source(video: Optional[Path], image: list[Path], frames_from_images: 
         raise UsageError("--frames-from-images needs the frames as --image files, in order")
     if len(prompt) != 1 or images_per_prompt is not None:
         raise UsageError("a video takes exactly one --prompt (and no --images-per-prompt)")
+    if video is not None and video.is_file():
+        from tokedge.runtime.video import refuse_still_image
+
+        refuse_still_image(video)  # before the artifact loads: a photo is not a one-frame clip
     return video if video is not None else image
 
 
@@ -559,6 +586,7 @@ def serve_cmd(
     allow_local_images: Annotated[Optional[Path], typer.Option(help="Let image_url name files under this directory.")] = None,
     allow_remote_images: Annotated[bool, typer.Option(help="Let image_url be an http(s) URL the server fetches.")] = False,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
+    request_log: Annotated[bool, typer.Option("--request-log/--no-request-log", help="One line per request on stderr: method, status, tokens, TTFT, total ms.")] = True,
     backend: BackendOpt = "onnxruntime",
     engines: EnginesOpt = None,
     device_id: DeviceIdOpt = 0,
@@ -577,7 +605,7 @@ def serve_cmd(
         request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
         max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, allow_local_images=allow_local_images,
-        allow_remote_images=allow_remote_images, threads=threads,
+        allow_remote_images=allow_remote_images, threads=threads, request_log=request_log,
         runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16),
     ))
 

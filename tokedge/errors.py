@@ -27,9 +27,17 @@ class UnsupportedModelError(InputError):
 
 
 class ArtifactError(TokedgeError):
-    """An artifact directory is missing, malformed, of a newer format, or fails integrity checks."""
+    """An artifact is malformed, of a newer format, or fails integrity checks (exit 1: the
+    artifact is damaged); `ArtifactPathError` when the path given is not an artifact at all."""
 
     exit_code = 1
+
+
+class ArtifactPathError(ArtifactError):
+    """The path given as an artifact is not one: missing, a file, unreadable, or a directory
+    without a manifest. A wrong input (exit 2), unlike a damaged artifact (exit 1)."""
+
+    exit_code = 2
 
 
 class IntegrityError(ArtifactError):

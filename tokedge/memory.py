@@ -50,6 +50,18 @@ from tokedge.artifact import (
 from tokedge.reduce.base import Stage
 
 GB = 1e9
+
+
+def size_text(n: float) -> str:
+    """Bytes for a person, in the decimal units of device memory (the profiles' memory_gb): 1.23 GB,
+    412 MB, 3.4 MB, 850 kB; never "0.00 GB" for a tiny model."""
+    if n >= GB:
+        return f"{n / GB:.2f} GB"
+    if n >= 10e6:
+        return f"{n / 1e6:.0f} MB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{int(n)} B"
 DEFAULT_HEADROOM = 0.2
 DEFAULT_TEXT_TOKENS = 64
 DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0}
@@ -348,15 +360,16 @@ class MemoryPlan:
     def summary(self) -> str:
         w = sum(self.weight_bytes.values())
         verdict = "fits" if self.fits else "does NOT fit"
-        graphs = ", ".join(f"{g} {b / GB:.2f}" for g, b in self.weight_bytes.items())
+        graphs = ", ".join(f"{g} {size_text(b)}" for g, b in self.weight_bytes.items())
         why = "" if self.fits else (" (run)" if not self.run_fits and self.build_fits else
                                     " (engine build)" if self.run_fits else " (run and engine build)")
-        return (f"memory plan on {self.device}: weights {w / GB:.2f} GB ({graphs}) + KV cache "
-                f"{self.kv_cache_bytes / GB:.2f} GB ({self.prompt_tokens}+{self.new_tokens} tokens x{self.batch}) + "
-                f"activations {self.activation_bytes / GB:.2f} GB = {self.total_bytes / GB:.2f} GB; engine build peak "
-                f"{self.build_peak_bytes / GB:.2f} GB ({self.build_graph}); {verdict}{why} in "
-                f"{self.usable_bytes / GB:.2f} GB usable ({self.memory_gb:g} GB, {self.headroom:.0%} headroom) "
-                f"[{self.weights}]")
+        seqs = "sequence" if self.batch == 1 else "sequences"
+        return (f"memory plan on {self.device}: weights {size_text(w)} ({graphs}) + KV cache "
+                f"{size_text(self.kv_cache_bytes)} ({self.batch} {seqs} of {self.prompt_tokens} prompt + "
+                f"{self.new_tokens} new tokens) + activations {size_text(self.activation_bytes)} = "
+                f"{size_text(self.total_bytes)}; engine build peak {size_text(self.build_peak_bytes)} "
+                f"({self.build_graph}); {verdict}{why} in {size_text(self.usable_bytes)} usable "
+                f"({self.memory_gb:g} GB, {self.headroom:.0%} headroom) [{self.weights}]")
 
 
 def _scheme_label(target: Target, value: float) -> str:
@@ -388,17 +401,17 @@ def plan(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
     weights = device_weight_bytes(target, value)
     if "prefill" in weights:
         notes.append(f"in-LLM method: the prefill graph holds its own copy of the decoder weights "
-                     f"({weights['prefill'] / GB:.2f} GB; TensorRT engines do not share weights)")
+                     f"({size_text(weights['prefill'])}; TensorRT engines do not share weights)")
     v = target.architecture.vision
     tokens = v.layer_tokens[0] if v.layer_tokens else bounds.vision_tokens[2] * v.patches_per_token
     vis, pre = activation_bytes(target, bounds.partitions[2], tokens, prompt_limit, profile.max_batch, value)
     if not v.layer_tokens:
         scores = v.score_buffers * v.heads * tokens * tokens * SCORE_BYTES + v.mask_bytes * tokens * tokens
         notes.append(f"vision attention is dense over an image's patches: {tokens} patches at the largest image "
-                     f"({target.layout.max_pixels} pixels) hold {scores / GB:.2f} GB of scores")
+                     f"({target.layout.max_pixels} pixels) hold {size_text(scores)} of scores")
     if pre >= vis and pre > 0.25 * profile.memory_gb * GB:
         notes.append(f"prefill attention at the profile's limits ({prompt_limit} tokens x batch {profile.max_batch}) "
-                     f"holds {pre / GB:.2f} GB of float32 scores (tokedge's graphs scale after q k^T, which TensorRT "
+                     f"holds {size_text(pre)} of float32 scores (tokedge's graphs scale after q k^T, which TensorRT "
                      "does not fuse): a profile with a smaller max_prompt_tokens or max_batch lowers it")
     kv = kv_cache_bytes(m, total_seq, profile.max_batch, value)
     total = sum(weights.values()) + kv + max(vis, pre)
@@ -432,7 +445,7 @@ def _vision_fit_note(target: Target, room: int, usable: int, batch: int, value: 
         return (f"the vision graph's attention cannot fit at max_pixels: at most {limit} patches per image fit "
                 f"beside the weights and KV cache (export with --max-pixels {pixels} or less)")
     return ("the vision graph's attention cannot fit for any image: the weights and KV cache leave "
-            f"{max(room, 0) / GB:.2f} GB of the {usable / GB:.2f} GB usable")
+            f"{size_text(max(room, 0))} of the {size_text(usable)} usable")
 
 
 def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADROOM,

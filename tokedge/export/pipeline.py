@@ -102,7 +102,11 @@ def resolve_model(source: str) -> Path | None:
         from tokedge.export.hf import offline_checkpoint
 
         return offline_checkpoint(source)  # None: online, transformers downloads it
-    raise InputError(f"'{source}' is not a directory, a built-in preset ({', '.join(PRESETS)}) or a hub id (owner/name)")
+    from tokedge.suggest import did_you_mean
+
+    hint = did_you_mean(source, PRESETS).strip()
+    raise InputError(f"'{source}' is not a directory, a built-in preset ({', '.join(PRESETS)}) or a hub id "
+                     f"(owner/name)" + (f"; {hint}" if hint else ""))
 
 
 def check_flags(cfg: ExportConfig, method: Method) -> dict:

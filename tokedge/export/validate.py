@@ -64,6 +64,16 @@ class ParityCase:
     tokens_match: bool
     logit_cosine: float = 1.0  # worst cosine similarity of a logits row (prefill and steps)
     top1_agreement: float = 1.0  # share of logits rows whose argmax equals the reference's
+    label: str = ""  # which sample: "image 640x480, 2340 visual tokens" (older manifests: none, shown by budget)
+
+    def name(self) -> str:
+        return self.label or f"budget {self.budget}"
+
+    def numbers(self, quantized: bool) -> str:
+        logits = max(self.max_abs_prefill_logits, self.max_abs_step_logits)
+        return (f"embeds {self.max_abs_image_embeds:.2e}, logits {logits:.2e}, "
+                + (f"cosine {self.logit_cosine:.4f}, top-1 {self.top1_agreement:.0%}" if quantized else
+                   f"tokens {'match' if self.tokens_match else 'DIFFER'}"))
 
     def ok(self, tol: Tolerance) -> bool:
         if tol.image_embeds is not None and self.max_abs_image_embeds > tol.image_embeds:
@@ -87,19 +97,26 @@ class ParityReport:
     def to_dict(self) -> dict:
         return {"ok": self.ok, **asdict(self)}
 
-    def summary(self) -> str:
+    @property
+    def quantized(self) -> bool:
+        return self.tolerance.logit_cosine is not None or self.tolerance.top1_agreement is not None
+
+    def bound(self) -> str:
         tol = self.tolerance
-        quantized = tol.logit_cosine is not None or tol.top1_agreement is not None
-        parts = [
-            f"budget {c.budget}: image_embeds {c.max_abs_image_embeds:.2e}, logits "
-            f"{max(c.max_abs_prefill_logits, c.max_abs_step_logits):.2e}, "
-            + (f"cosine {c.logit_cosine:.4f}, top-1 {c.top1_agreement:.0%}" if quantized else
-               f"tokens {'match' if c.tokens_match else 'DIFFER'}")
-            for c in self.cases
-        ]
-        bound = (f"cosine >= {tol.logit_cosine:g}, top-1 >= {tol.top1_agreement:.0%}" if quantized
-                 else f"{tol.logits:g}")
-        return "; ".join(parts) + f" (tolerance {bound})"
+        return (f"cosine >= {tol.logit_cosine:g}, top-1 >= {tol.top1_agreement:.0%}" if self.quantized
+                else f"{tol.logits:g}")
+
+    def summary(self) -> str:
+        """One line (error messages): every case, labelled, then the tolerance."""
+        parts = [f"{c.name()}: {c.numbers(self.quantized)}" for c in self.cases]
+        return "; ".join(parts) + f" (tolerance {self.bound()})"
+
+    def lines(self) -> list[str]:
+        """For a person: a header, then one short line per case (each fits 80 columns)."""
+        n = len(self.cases)
+        verdict = "within" if self.ok else "NOT within"
+        head = f"{n} case{'s' if n != 1 else ''} {verdict} tolerance {self.bound()}"
+        return [head, *(f"  {c.name()}: {c.numbers(self.quantized)}" for c in self.cases)]
 
     def raise_if_failed(self, what: str) -> None:
         if not self.ok:
@@ -128,7 +145,28 @@ def logit_agreement(expected: dict[str, np.ndarray], actual: dict[str, np.ndarra
     return float(cos.min()), float(np.mean(a.argmax(-1) == b.argmax(-1)))
 
 
-def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budget: int) -> ParityCase:
+def case_label(case: dict[str, np.ndarray], manifest=None) -> str:
+    """Which sample a recorded case is, for a person: its image's size (tiled and dynamic layouts
+    record one image per case) or its prompts, the visual tokens the vision graph gave, and the
+    artifact's keep ratio or runtime budget where it has one."""
+    embeds = np.asarray(case["image_embeds"])
+    tokens = int(embeds.shape[-2]) if embeds.ndim >= 2 else 0
+    if "image" in case:
+        height, width = np.asarray(case["image"]).shape[:2]
+        label = f"image {width}x{height}, {tokens} visual tokens"
+    else:
+        rows = int(np.asarray(case["input_ids"]).shape[0])
+        label = f"{rows} prompts x 1 image, {tokens} visual tokens each" if rows > 1 else f"1 image, {tokens} visual tokens"
+    red = manifest.reduction if manifest is not None else None
+    if red is not None and red.keep is not None:
+        label += f" (keep {red.keep:g})"
+    elif red is not None and red.budget_range is not None:
+        label += f" (budget {int(case['budget'])})"
+    return label
+
+
+def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budget: int,
+            label: str = "") -> ParityCase:
     cosine, top1 = logit_agreement(expected, actual)
     return ParityCase(
         budget=budget,
@@ -139,6 +177,7 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budg
         tokens_match=bool(np.array_equal(expected["tokens"], actual["tokens"])),
         logit_cosine=round(cosine, 6),
         top1_agreement=round(top1, 4),
+        label=label,
     )
 
 
@@ -238,5 +277,5 @@ def run_cases(graphs, pixel_values: np.ndarray, cases: list[dict[str, np.ndarray
         inputs = image_inputs(graphs, [case["image"]]) if "image" in case else pixel_values  # tiled: its own image
         actual = greedy_arrays(graphs, inputs, case["input_ids"], case["attention_mask"],
                                int(case["step_logits"].shape[1]), budget)
-        report.cases.append(compare(case, actual, budget))
+        report.cases.append(compare(case, actual, budget, case_label(case, graphs.manifest)))
     return report

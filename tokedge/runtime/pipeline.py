@@ -103,9 +103,7 @@ class Pipeline:
             return self.manifest.prompt.visual_tokens
         if red.budget_range is None:
             if budget != red.budget:
-                how = ("re-export with --dynamic-budget to choose it at run time" if red.supports_runtime_budget else
-                       f"--method {red.method} takes no runtime budget: export one artifact per budget")
-                raise InputError(f"this artifact has a fixed budget of {red.budget} visual tokens; {how}")
+                raise InputError(_fixed_budget_message(self.manifest, budget))
             return budget
         lo, hi = red.budget_range
         if not lo <= budget <= hi:
@@ -217,6 +215,27 @@ class Pipeline:
         return VideoResult(text=self.encoder.decode(gen.token_ids[0]), token_ids=gen.token_ids[0], frames=inputs.frames,
                            frame_indices=inputs.indices.tolist(), visual_tokens=gen.visual_tokens, budget=plan.keep,
                            kept_per_frame=gen.kept_per_frame, timings=gen.timings, reduce_ms=gen.reduce_ms)
+
+
+def _fixed_budget_message(manifest, budget: int) -> str:
+    """Why `--budget` cannot be chosen at run time for this artifact, in its own terms: a keep
+    ratio, every token of each image, a count per image, or one fixed count."""
+    from tokedge.layouts import layout_of
+
+    red = manifest.reduction
+    how = ("re-export with --dynamic-budget to choose it at run time" if red.supports_runtime_budget else
+           f"--method {red.method} takes no runtime budget: export one artifact per budget")
+    if red.keep is not None:
+        return (f"--budget {budget} does not apply: this artifact keeps a share of each image's visual tokens "
+                f"(exported with --keep {red.keep:g}: ceil({red.keep:g} x n) of an image's n, up to {red.budget}); "
+                "re-export with another --keep (or --budget N per image) to change it")
+    if layout_of(manifest).counts_per_image and red.budget >= red.full_tokens:
+        return (f"--budget {budget} does not apply: this artifact keeps every visual token of each image (as many as "
+                f"the image's size gives, up to {red.budget}); export with a reduction method (`tokedge methods`) "
+                "to keep fewer")
+    if layout_of(manifest).counts_per_image:
+        return f"--budget {budget} does not apply: this artifact keeps up to {red.budget} visual tokens per image; {how}"
+    return f"--budget {budget} does not apply: this artifact has a fixed budget of {red.budget} visual tokens; {how}"
 
 
 ImageLike = Union[Image.Image, str, Path]

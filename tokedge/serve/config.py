@@ -46,6 +46,7 @@ class ServeConfig:
     threads: int = 0  # ONNX Runtime intra-op threads (0 = automatic)
     runtime: Backend | None = None  # a tokedge.runtime.backends.Backend (--backend...); None: ONNX Runtime on the CPU
     warmup: bool = True  # run one tiny generation before reporting ready
+    request_log: bool = True  # one line per request on stderr (method, status, tokens, TTFT, total ms)
 
     @property
     def served_name(self) -> str:
