@@ -315,6 +315,15 @@ def activation_bytes(target: Target, partitions: int, vision_tokens: int, prompt
     return int(batch * vision), int(batch * prefill)
 
 
+def size_text(n: float) -> str:
+    """Bytes in the largest decimal unit that keeps them >= 1 (GB, MB, kB, B): "0.00 GB" never
+    hides a 2 MB tiny model."""
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     device: str
@@ -348,13 +357,13 @@ class MemoryPlan:
     def summary(self) -> str:
         w = sum(self.weight_bytes.values())
         verdict = "fits" if self.fits else "does NOT fit"
-        graphs = ", ".join(f"{g} {b / GB:.2f}" for g, b in self.weight_bytes.items())
+        graphs = ", ".join(f"{g} {size_text(b)}" for g, b in self.weight_bytes.items())
         why = "" if self.fits else (" (run)" if not self.run_fits and self.build_fits else
                                     " (engine build)" if self.run_fits else " (run and engine build)")
-        return (f"memory plan on {self.device}: weights {w / GB:.2f} GB ({graphs}) + KV cache "
-                f"{self.kv_cache_bytes / GB:.2f} GB ({self.prompt_tokens}+{self.new_tokens} tokens x{self.batch}) + "
-                f"activations {self.activation_bytes / GB:.2f} GB = {self.total_bytes / GB:.2f} GB; engine build peak "
-                f"{self.build_peak_bytes / GB:.2f} GB ({self.build_graph}); {verdict}{why} in "
+        return (f"memory plan on {self.device}: weights {size_text(w)} ({graphs}) + KV cache "
+                f"{size_text(self.kv_cache_bytes)} ({self.prompt_tokens}+{self.new_tokens} tokens x{self.batch}) + "
+                f"activations {size_text(self.activation_bytes)} = {size_text(self.total_bytes)}; engine build peak "
+                f"{size_text(self.build_peak_bytes)} ({self.build_graph}); {verdict}{why} in "
                 f"{self.usable_bytes / GB:.2f} GB usable ({self.memory_gb:g} GB, {self.headroom:.0%} headroom) "
                 f"[{self.weights}]")
 

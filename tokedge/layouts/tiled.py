@@ -109,6 +109,16 @@ class Tiled(ImageLayout):
         return {"partitions": b.partitions, "visual_tokens": b.tokens,
                 "candidates": (min(n, b.tokens[0]), typical_candidates, b.tokens[2])}
 
+    def largest_reduced_budget(self) -> int | None:
+        """Export builds a reduced graph's reference cases from its example canvases and refuses a
+        budget above their candidate tokens (newlines aside): the same count, from the manifest."""
+        from tokedge.export.reference import ANYRES_SIZES
+        from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
+
+        layout = self.mechanism()
+        plans = [plan_image(layout, h, w) for h, w in ANYRES_SIZES]
+        return max(int(candidate_plan(layout, plan, *pack_plan(layout, plan))[0].shape[0]) for plan in plans)
+
     def image_counts_typical(self) -> int:
         from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
 
