@@ -401,11 +401,20 @@ def test_profile_of_a_tiled_image_over_budgets_prefill_falls(tiny_llava_next_dir
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (750, 1000, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "report"
+    # every token (2928) cannot be a reduced tiled export (export's canvases give 2880 candidates):
+    # refused in one line before the other budgets are re-exported (issue 28, item 15)
+    assert main(["profile", str(art), "--image", str(image), "--budgets", "2928,256", "--checkpoint",
+                 str(tiny_llava_next_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2928" in err[0] and "<= 2880" in err[0] and not out.exists()
     assert main(["profile", str(art), "--image", str(image), "--budgets", "576,256,64", "--checkpoint",
                  str(tiny_llava_next_dir), "--runs", "3", "--warmup", "1", "--max-new-tokens", "4",
                  "--out", str(out)]) == 0
-    capsys.readouterr()
+    err = capsys.readouterr().err
     report = ProfileReport.from_dict(json.loads((out / "report.json").read_text()))
+    # no full-token run is possible: fidelity is n/a, with the reason and --baseline (item 8)
+    assert report.fidelity_reference is None and "--baseline" in report.fidelity_note
+    assert "cannot keep all 2928" in report.fidelity_note and "fidelity n/a" in err
     by_budget = {r.budget: r for r in report.results}
     assert sorted(by_budget) == [64, 256, 576]
     assert [by_budget[k].visual_tokens for k in (64, 256, 576)] == [64, 256, 576]

@@ -425,8 +425,8 @@ MEMORY_MEASURE = ("peak RSS of a fresh process per row that loads its artifact a
 
 def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | None = None,
                 say: Callable[[str], None] | None = None) -> ProfileReport:
-    """`progress(label, done, total)` after every timed or warm-up run; `say(line)` before each
-    re-export and the memory measurement."""
+    """`progress(label, done, total)` after every timed or warm-up run and before each row's memory
+    measurement; `say(line)` before each re-export."""
     import contextlib
 
     from tokedge.runtime.pipeline import Pipeline
@@ -493,8 +493,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     summary = sampler.summary()
     memories = []
     for n, e in enumerate(entries):
-        if say:
-            say(f"measuring memory of {rowinfo[n][3]} in a fresh process ({n + 1}/{len(entries)})")
+        if progress:
+            progress(f"memory of {rowinfo[n][3]}, in a fresh process", n, len(entries))
         memories.append(measure_memory(e, choice, cfg.images, cfg.prompt, cfg.max_new_tokens))
 
     for e, (pm, k, keep, label), row, (counts, prompt_tokens, red_ms), mem in zip(entries, rowinfo, rows, extras,
@@ -631,11 +631,11 @@ def _set_fidelity(report: ProfileReport, cfg: ProfileConfig, manifest) -> None:
     elif _runtime_budget(manifest, full)[0]:
         also = f" or add {full} to --budgets"
     elif limit is not None and limit < full:
-        also = (f" (a {manifest.reduction.method} export of this tiled layout stops at {limit} tokens, so it cannot "
-                "be its own reference)")
+        also = (f"; a {manifest.reduction.method} export of this tiled model cannot keep all {full} (it stops at "
+                f"{limit}), so only --baseline gives a reference")
     else:
         also = f" or add {full} to --budgets with --checkpoint (re-exported)"
-    report.fidelity_note = (f"fidelity n/a: no run at all {full} visual tokens to compare with; pass --baseline "
+    report.fidelity_note = (f"fidelity n/a: no run with all {full} visual tokens to compare with; pass --baseline "
                             f"{source} (transformers at all tokens){also}")
 
 

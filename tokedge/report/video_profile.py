@@ -84,6 +84,8 @@ class VideoProfileReport:
     fidelity_reference: str = ""
     warnings: list[str] = field(default_factory=list)
     kind: str = "video"
+    # what each result's peak_rss_mb is (image profiles measure each budget in a fresh process)
+    memory_measure: str = "peak RSS of the profiling process so far (cumulative over the budgets run before)"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
