@@ -10,6 +10,10 @@ import numpy as np
 from tokedge.layouts.base import TYPICAL_IMAGE, ImageBatch, ImageLayout, LayoutBounds, Range
 from tokedge.manifest_schema import ManifestError
 
+# the canvases export builds a tiled artifact's reference cases from (height, width): 2304 and 2880
+# candidates on LLaVA-NeXT; a reduced export's budget cannot exceed the larger
+ANYRES_SIZES = ((480, 640), (1000, 1000))
+
 
 class Tiled(ImageLayout):
     kind = "anyres"
@@ -112,7 +116,6 @@ class Tiled(ImageLayout):
     def largest_reduced_budget(self) -> int | None:
         """Export builds a reduced graph's reference cases from its example canvases and refuses a
         budget above their candidate tokens (newlines aside): the same count, from the manifest."""
-        from tokedge.export.reference import ANYRES_SIZES
         from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
 
         layout = self.mechanism()
