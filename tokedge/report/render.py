@@ -211,19 +211,18 @@ def x_axis(report: ProfileReport) -> tuple[list, list[float], str]:
 
 
 def plot_title(report: ProfileReport, what: str) -> str:
-    """A title that names every method in the plot (with --keeps: the reduced rows and `none`)."""
-    names: list[str] = []
-    for r in sorted(report.results, key=lambda r: -(r.keep or 0.0)):
-        name = r.method or report.method
-        if r.keep is not None and r.keep < 1.0:
-            name = f"{name} keep {r.keep:g}"
-        elif r.keep is not None:
-            name = "none (all tokens)"
-        if name not in names:
-            names.append(name)
+    """A title that names every method in the plot (with --keeps: `none` and each method's keep
+    ratios), then what is plotted on a second line."""
     if all(r.keep is None for r in report.results):
-        names = [report.method]
-    return f"{', '.join(names)}: {what}"
+        return f"{report.method}: {what}"
+    keeps: dict[str, list[str]] = {}
+    for r in sorted(report.results, key=lambda r: -(r.keep or 0.0)):
+        if r.keep is not None and r.keep >= 1.0:
+            keeps.setdefault("none (all tokens)", [])
+        else:
+            keeps.setdefault(r.method or report.method, []).append(f"{r.keep:g}" if r.keep is not None else "")
+    names = [name if not ratios else f"{name} keep {'/'.join(ratios)}" for name, ratios in keeps.items()]
+    return f"{', '.join(names)}\n{what}"
 
 
 def _x_ticks(ax, xs: list[float], label: str) -> None:
@@ -262,9 +261,9 @@ def latency_figure(report: ProfileReport):
     if predicted:
         ax.plot([x for x, _ in predicted], [v for _, v in predicted], "D", color="#31a354", markersize=4,
                 label=f"predicted TTFT ({next(r for r in results if r.predicted).predicted['device']})")
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # from 0, with room above the baseline line
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # from 0, with a band above the bars and the baseline for the legend
     ax.set_ylabel("time to first token (ms)")
-    ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=2)
+    ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=3)
     ax.set_title(plot_title(report, "latency by stage (medians, whiskers p10..p90)" if spread
                             else "latency by stage (medians, whiskers to p90)"))
     ax2.plot(xs, [r.decode_ms_per_token for r in results], "k.-", label="decode ms/token (median)")
@@ -277,9 +276,9 @@ def latency_figure(report: ProfileReport):
     if report.baseline:
         ax2.axhline(report.baseline["decode_ms_per_token"], color="k", linestyle="--", linewidth=0.8,
                     label=f"baseline decode ({report.baseline.get('attention', 'eager')}, all tokens)")
-    ax2.set_ylim(0, ax2.get_ylim()[1] * 1.15)
+    ax2.set_ylim(0, ax2.get_ylim()[1] * 1.3)
     ax2.set_ylabel("decode (ms/token)")
-    ax2.legend(loc="lower left", fontsize=7, frameon=False, ncol=3)
+    ax2.legend(loc="upper left", fontsize=7, frameon=False, ncol=3)
     _x_ticks(ax2, xs, xlabel)
     fig.tight_layout()
     return fig
