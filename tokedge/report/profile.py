@@ -423,6 +423,10 @@ MEMORY_MEASURE = ("peak RSS of a fresh process per row that loads its artifact a
                   "(interpreter and libraries included; 'before load' is that process before the artifact)")
 
 
+TIMING = ("interleaved: all sessions loaded, each round runs every row once per image (order rotating), "
+          "warm-up rounds first; medians with p10..p90 over the timed rounds")
+
+
 def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | None = None,
                 say: Callable[[str], None] | None = None) -> ProfileReport:
     """`progress(label, done, total)` after every timed or warm-up run and before each row's memory
@@ -497,54 +501,8 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             progress(f"memory of {rowinfo[n][3]}, in a fresh process", n, len(entries))
         memories.append(measure_memory(e, choice, cfg.images, cfg.prompt, cfg.max_new_tokens))
 
-    for e, (pm, k, keep, label), row, (counts, prompt_tokens, red_ms), mem in zip(entries, rowinfo, rows, extras,
-                                                                                 memories):
-        samples = row.samples
-        counts = [dataclasses.replace(c, llm_tokens=t) for c, t in zip(counts, row.llm_tokens)]
-        for name, key in (("TTFT", "ttft_ms"), ("decode", "decode_ms_per_token")):
-            warning = spread_warning(f"{label} {name}", samples[key])
-            if warning:
-                report.warnings.append(warning)
-        med = {s: statistics.median(v) for s, v in samples.items()}
-        per_image = []
-        for path, c, own in zip(cfg.images, counts, row.per_image):
-            own_med = {s: statistics.median(v) for s, v in own.items()}
-            g = _stage_gflops(pm, k, c, prompt_tokens, cfg.max_new_tokens)
-            per_image.append({
-                "image": str(path), "width": c.width, "height": c.height, "partitions": c.partitions,
-                "vision_tokens": c.vision_tokens, "visual_tokens": c.llm_tokens,
-                **{s: round(own_med[s], 3) for s in STAGES},
-                "flops": {key: round(val, 4) for key, val in g.items()},
-            })
-        # the images' mean FLOPs against the median times of all runs (exact for one image or a
-        # single-view layout, where every image costs the same)
-        gflops = {key: sum(_stage_gflops(pm, k, c, prompt_tokens, cfg.max_new_tokens)[key] for c in counts)
-                  / len(counts) for key in ("vision", "prefill", "decode_per_token")}
-        largest = max(counts, key=lambda c: c.llm_tokens)
-        achieved = {
-            "vision": gflops["vision"] / (med["vision_ms"] / 1e3) if med["vision_ms"] else 0.0,
-            "prefill": gflops["prefill"] / (med["prefill_ms"] / 1e3) if med["prefill_ms"] else 0.0,
-            "decode": gflops["decode_per_token"] / (med["decode_ms_per_token"] / 1e3)
-            if med["decode_ms_per_token"] else 0.0,
-        }
-        report.results.append(BudgetResult(
-            budget=k, backend=choice.name, visual_tokens=largest.llm_tokens, artifact=str(e.artifact),
-            ttft_ms=med["ttft_ms"], vision_ms=med["vision_ms"], prefill_ms=med["prefill_ms"],
-            preprocess_ms=med["preprocess_ms"], decode_ms_per_token=med["decode_ms_per_token"],
-            tokens_per_s=1e3 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else 0.0,
-            p90={s: p90(v) for s, v in samples.items()}, p10={s: p10(v) for s, v in samples.items()},
-            peak_rss_mb=round(mem["peak_rss_mb"], 1), rss_before_load_mb=round(mem["rss_before_load_mb"], 1),
-            reduction_ms=red_ms, prompt_tokens=prompt_tokens,
-            flops={key: round(val, 4) for key, val in gflops.items()},
-            achieved_gflops_per_s={key: round(val, 2) for key, val in achieved.items()},
-            predicted=predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens,
-                              partitions=largest.partitions, visual=largest.placeholders)
-            if device_profile else None,
-            token_ids=row.tokens,
-            share_of_gemm_peak={key: round(val / report.gemm_peak_gflops_per_s, 3)
-                                for key, val in achieved.items()} if report.gemm_peak_gflops_per_s else {},
-            per_image=per_image, method=pm.reduction.method, keep=keep,
-        ))
+    for e, info, row, extra, mem in zip(entries, rowinfo, rows, extras, memories):
+        report.results.append(_budget_result(cfg, report, e, info, row, extra, mem, choice.name, device_profile))
     from tokedge.memory import profile_memory
 
     report.memory = profile_memory(cfg.artifact, manifest, device_profile, report.results)
@@ -580,8 +538,59 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     return report
 
 
-TIMING = ("interleaved: all sessions loaded, each round runs every row once per image (order rotating), "
-          "warm-up rounds first; medians with p10..p90 over the timed rounds")
+def _budget_result(cfg: ProfileConfig, report: ProfileReport, e: Entry, info: tuple, row: _Row, extra: tuple,
+                   mem: dict, backend: str, device_profile) -> BudgetResult:
+    """One row's result from its timed rounds: medians and spread per stage, per-image entries,
+    FLOPs and the achieved rate against the GEMM peak, its memory, the prediction. Spread
+    warnings go to `report.warnings`."""
+    pm, k, keep, label = info
+    counts, prompt_tokens, red_ms = extra
+    samples = row.samples
+    counts = [dataclasses.replace(c, llm_tokens=t) for c, t in zip(counts, row.llm_tokens)]
+    for name, key in (("TTFT", "ttft_ms"), ("decode", "decode_ms_per_token")):
+        warning = spread_warning(f"{label} {name}", samples[key])
+        if warning:
+            report.warnings.append(warning)
+    med = {s: statistics.median(v) for s, v in samples.items()}
+    per_image = []
+    for path, c, own in zip(cfg.images, counts, row.per_image):
+        own_med = {s: statistics.median(v) for s, v in own.items()}
+        g = _stage_gflops(pm, k, c, prompt_tokens, cfg.max_new_tokens)
+        per_image.append({
+            "image": str(path), "width": c.width, "height": c.height, "partitions": c.partitions,
+            "vision_tokens": c.vision_tokens, "visual_tokens": c.llm_tokens,
+            **{s: round(own_med[s], 3) for s in STAGES},
+            "flops": {key: round(val, 4) for key, val in g.items()},
+        })
+    # the images' mean FLOPs against the median times of all runs (exact for one image or a
+    # single-view layout, where every image costs the same)
+    gflops = {key: sum(_stage_gflops(pm, k, c, prompt_tokens, cfg.max_new_tokens)[key] for c in counts)
+              / len(counts) for key in ("vision", "prefill", "decode_per_token")}
+    largest = max(counts, key=lambda c: c.llm_tokens)
+    achieved = {
+        "vision": gflops["vision"] / (med["vision_ms"] / 1e3) if med["vision_ms"] else 0.0,
+        "prefill": gflops["prefill"] / (med["prefill_ms"] / 1e3) if med["prefill_ms"] else 0.0,
+        "decode": gflops["decode_per_token"] / (med["decode_ms_per_token"] / 1e3)
+        if med["decode_ms_per_token"] else 0.0,
+    }
+    peak = report.gemm_peak_gflops_per_s
+    return BudgetResult(
+        budget=k, backend=backend, visual_tokens=largest.llm_tokens, artifact=str(e.artifact),
+        ttft_ms=med["ttft_ms"], vision_ms=med["vision_ms"], prefill_ms=med["prefill_ms"],
+        preprocess_ms=med["preprocess_ms"], decode_ms_per_token=med["decode_ms_per_token"],
+        tokens_per_s=1e3 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else 0.0,
+        p90={s: p90(v) for s, v in samples.items()}, p10={s: p10(v) for s, v in samples.items()},
+        peak_rss_mb=round(mem["peak_rss_mb"], 1), rss_before_load_mb=round(mem["rss_before_load_mb"], 1),
+        reduction_ms=red_ms, prompt_tokens=prompt_tokens,
+        flops={key: round(val, 4) for key, val in gflops.items()},
+        achieved_gflops_per_s={key: round(val, 2) for key, val in achieved.items()},
+        predicted=predict(pm, device_profile, k, prompt_tokens, cfg.max_new_tokens,
+                          partitions=largest.partitions, visual=largest.placeholders)
+        if device_profile else None,
+        token_ids=row.tokens,
+        share_of_gemm_peak={key: round(val / peak, 3) for key, val in achieved.items()} if peak else {},
+        per_image=per_image, method=pm.reduction.method, keep=keep,
+    )
 
 
 def _row_keep(pm, keep: float | None) -> float | None:
