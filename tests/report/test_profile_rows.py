@@ -363,7 +363,16 @@ def test_dynamic_resolution_rows_are_labelled_by_keep_not_by_the_bound(qwen2_5_v
     assert r.keep == 1.0 and f"none (all tokens) ({r.visual_tokens} tokens):" in err
     assert f"budget {r.budget}" not in err and r.visual_tokens < r.budget
     assert "| none (all tokens) |" in (out / "report.md").read_text()
+    assert report.fidelity_reference == "tokedge with --method none" and report.fidelity_note is None
     m = load_artifact(qwen2_5_vl_artifact)
     dart = replace(m, reduction=replace(m.reduction, method="dart", stage="in-llm", keep=0.5))
     assert _row_keep(dart, None) == 0.5
     assert _row_keep(m, None) == 1.0
+    # a keep artifact alone: fidelity n/a says how to get a reference, without the 16384 bound
+    from tokedge.report.profile import _set_fidelity
+
+    alone = _report([_row(dart.reduction.budget, 126, 50.0, 2.0, 0.5, "dart")])
+    _set_fidelity(alone, ProfileConfig(artifact=qwen2_5_vl_artifact, images=()), dart)
+    assert alone.fidelity_reference is None and alone.results[0].fidelity is None
+    assert "--keeps 1,0.5 with --checkpoint" in alone.fidelity_note and "--baseline" in alone.fidelity_note
+    assert str(dart.reduction.full_tokens) not in alone.fidelity_note

@@ -618,7 +618,8 @@ def _set_fidelity(report: ProfileReport, cfg: ProfileConfig, manifest) -> None:
         reference = next((r for r in report.results if r.budget == full and not in_llm), None)
     ref_tokens = None
     if reference is not None:
-        report.fidelity_reference = f"tokedge at {full} tokens" if not cfg.keeps else "tokedge with --method none"
+        report.fidelity_reference = ("tokedge with --method none" if cfg.keeps or reference.keep is not None
+                                     else f"tokedge at {full} tokens")
         ref_tokens = reference.token_ids
     elif report.baseline:
         report.fidelity_reference = "transformers baseline (all tokens), image by image"
@@ -633,6 +634,13 @@ def _set_fidelity(report: ProfileReport, cfg: ProfileConfig, manifest) -> None:
 
     source = cfg.checkpoint or manifest.model.source
     limit = layout_of(manifest).largest_reduced_budget()
+    keeps = sorted({r.keep for r in report.results if r.keep is not None}, reverse=True)
+    if keeps:  # dynamic resolution: the recorded budget is only the largest image's bound
+        report.fidelity_note = (
+            f"fidelity n/a: no run with every visual token to compare with; pass --baseline {source} (transformers "
+            f"at all tokens) or --keeps 1,{','.join(f'{k:g}' for k in keeps)} with --checkpoint (a --method none "
+            "re-export)")
+        return
     if cfg.keeps:
         also = " or add 1 to --keeps (a --method none re-export)"
     elif in_llm:
