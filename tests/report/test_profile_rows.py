@@ -376,3 +376,20 @@ def test_dynamic_resolution_rows_are_labelled_by_keep_not_by_the_bound(qwen2_5_v
     assert alone.fidelity_reference is None and alone.results[0].fidelity is None
     assert "--keeps 1,0.5 with --checkpoint" in alone.fidelity_note and "--baseline" in alone.fidelity_note
     assert str(dart.reduction.full_tokens) not in alone.fidelity_note
+
+
+def test_profile_without_reexports_imports_no_torch(artifacts, image, tmp_path):
+    """Profiling what the artifact can run needs the base install only: neither the rows' planning
+    nor the memory probes nor the fidelity note import torch, transformers or onnx."""
+    import os
+    import subprocess
+    import sys
+
+    art = artifacts("cls-attn", 64, dynamic=(16, 576))
+    code = ("import json, sys\nfrom tokedge.cli import main\n"
+            f"rc = main(['profile', {str(art)!r}, '--image', {str(image)!r}, '--runs', '1', '--warmup', '0', "
+            f"'--max-new-tokens', '2', '--out', {str(tmp_path / 'r')!r}])\n"
+            "print(json.dumps([rc, sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules)]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, []], done.stderr[-2000:]

@@ -316,11 +316,6 @@ def plan_entries(cfg: ProfileConfig, manifest) -> list[Entry]:
         entries = [_entry_for(cfg, manifest, k) for k in budgets]
     exports = [e for e in entries if e.export is not None and not (e.artifact / "tokedge.json").is_file()]
     if exports:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise UsageError("re-exporting budgets outside this artifact needs tokedge[export] (torch) installed") \
-                from None
         import contextlib
 
         from tokedge.export.pipeline import plan_export
@@ -343,9 +338,11 @@ def plan_entries(cfg: ProfileConfig, manifest) -> list[Entry]:
 
 def export_entries(entries: list[Entry], say: Callable[[str], None] | None = None) -> None:
     """Re-export the rows that need it, one line each before it starts (they take a while)."""
+    todo = [e for e in entries if e.export is not None and not (e.artifact / "tokedge.json").is_file()]
+    if not todo:
+        return  # nothing to export: torch stays unimported (profile runs on the base install)
     from tokedge.export.pipeline import export
 
-    todo = [e for e in entries if e.export is not None and not (e.artifact / "tokedge.json").is_file()]
     for i, e in enumerate(todo, 1):
         what = f"--keeps {e.keep:g}" if e.keep is not None else f"budget {e.budget}"
         if say:
@@ -664,6 +661,18 @@ def _runtime_budget(manifest, k: int) -> tuple[bool, int | None]:
     return k == red.budget, None
 
 
+def _export_config(what: str, **fields):
+    """The ExportConfig of a re-export, refusing in one line where export is not installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{what} needs a re-export, and re-exporting needs tokedge[export] (torch) installed") \
+            from None
+    from tokedge.export.pipeline import ExportConfig
+
+    return ExportConfig(**fields)
+
+
 def _entry_for_keep(cfg: ProfileConfig, manifest, keep: float) -> Entry:
     """The row that keeps `keep` of each image's tokens: this artifact when it does (keep 1 = an
     artifact of `--method none`), else a re-export of its method (or of none, for keep 1) from
@@ -685,14 +694,12 @@ def _entry_for_keep(cfg: ProfileConfig, manifest, keep: float) -> Entry:
     if not cfg.checkpoint:
         raise UsageError(f"--keeps {keep:g} needs another export of this model; pass --checkpoint {manifest.model.source}"
                          " to re-export it into the report folder")
-    from tokedge.export.pipeline import ExportConfig
-
     where = cfg.reexport_dir or Path(cfg.artifact).parent
     out = where / (f"{Path(cfg.artifact).name}-none" if full else f"{Path(cfg.artifact).name}-keep-{keep:g}")
     options = () if full else tuple((key, str(v)) for key, v in red.options.items() if v not in (None, ""))
-    export = ExportConfig(model=cfg.checkpoint, out=out, method="none" if full else red.method,
-                          keep=None if full else keep, force=True, options=options,
-                          max_pixels=manifest.layout.max_pixels)
+    export = _export_config(f"--keeps {keep:g}", model=cfg.checkpoint, out=out, method="none" if full else red.method,
+                            keep=None if full else keep, force=True, options=options,
+                            max_pixels=manifest.layout.max_pixels)
     note = f"keep {keep:g} ran a re-export from {cfg.checkpoint} ({'none' if full else red.method}) at {out}"
     return Entry(None, keep, out, None, export, note)
 
@@ -703,12 +710,10 @@ def _entry_for(cfg: ProfileConfig, manifest, k: int) -> Entry:
     can_run, runtime = _runtime_budget(manifest, k)
     if can_run:
         return Entry(k, None, Path(cfg.artifact), runtime)
-    from tokedge.export.pipeline import ExportConfig
-
     red = manifest.reduction
     source = cfg.checkpoint or manifest.model.source
     where = cfg.reexport_dir or Path(cfg.artifact).parent
     out = where / f"{Path(cfg.artifact).name}-budget-{k}"
-    export = ExportConfig(model=source, out=out, method=red.method, budget=k, force=True,
-                          options=tuple((key, str(v)) for key, v in red.options.items() if v not in (None, "")))
+    export = _export_config(f"budget {k}", model=source, out=out, method=red.method, budget=k, force=True,
+                            options=tuple((key, str(v)) for key, v in red.options.items() if v not in (None, "")))
     return Entry(k, None, out, None, export, f"budget {k} is outside {cfg.artifact}: ran a re-export from {source} at {out}")
