@@ -695,42 +695,47 @@ def profile_cmd(
                         baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
                         reexport_dir=out / "artifacts", threads=threads, keeps=keep_list,
                         runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16))
+    import shutil
+
+    from tokedge.report.render import compute_lines, memory_lines, summary_lines, wrap
+
+    width = shutil.get_terminal_size((80, 24)).columns
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
-        task = bar.add_task("profiling", total=None)
+        task = bar.add_task("checking budgets", total=None)
 
         def tick(label: str, done: int, total: int) -> None:
             bar.update(task, description=label, completed=done, total=total)
 
-        report = run_profile(cfg, progress=tick)
+        def say(line: str) -> None:  # re-exports and memory probes: a line each, above the bar
+            bar.update(task, description=line.split(" (")[0])
+            for part in wrap(line, width):
+                bar.console.print(part, markup=False)
+
+        report = run_profile(cfg, progress=tick, say=say)
     files = write_all(report, out)
     console = _console()
-    from tokedge.report.render import summary_lines
+
+    def show(lines: list[str]) -> None:
+        for line in lines:
+            console.print(line, markup=False)
 
     if not any(f.suffix == ".png" for f in files):
-        console.print("note: no plots: matplotlib is not installed (pip install 'tokedge[report]')")
-    for line in summary_lines(report):
-        console.print(line, markup=False)
-    for r in report.results:
-        if r.share_of_gemm_peak:
-            console.print(f"{r.label() if r.keep is not None else f'budget {r.budget:>4}'} compute: " + "  ".join(
-                f"{stage} {r.achieved_gflops_per_s[stage]:.0f} GFLOP/s ({r.share_of_gemm_peak[stage]:.0%})"
-                for stage in ("vision", "prefill", "decode")) + f" of {report.gemm_peak_gflops_per_s:.0f} GFLOP/s GEMM peak")
+        show(wrap("note: no plots: matplotlib is not installed (pip install 'tokedge[report]')", width))
+    show(summary_lines(report, width))
+    show(compute_lines(report, width))
     if report.quantization:
         from tokedge.artifact import QuantInfo
 
-        console.print(f"weights: {_quant_line(QuantInfo(**report.quantization))}")
-    if report.memory:
-        size = report.memory["artifact_bytes"]
-        console.print(f"artifact graphs {size['measured'] / 2**20:.1f} MiB, predicted {size['predicted'] / 2**20:.1f} MiB "
-                      f"({size['ratio']:.2f}x)" + (f"; CPU peak RSS {report.memory['cpu']['peak_rss_bytes'] / 2**20:.0f} MiB, "
-                                                    f"predicted working set {report.memory['cpu']['predicted_bytes'] / 2**20:.0f} MiB"
-                                                    if "cpu" in report.memory else ""))
-        if "device_summary" in report.memory:
-            console.print(report.memory["device_summary"])
+        show(wrap(f"weights: {_quant_line(QuantInfo(**report.quantization))}", width))
+    show(memory_lines(report, width))
+    from rich.markup import escape
+
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(f"wrote {', '.join(str(f) for f in files)}")
+        lines = wrap(f"warning: {w}", width)
+        console.print("[yellow]warning:[/yellow]" + escape(lines[0][len("warning:"):]), highlight=False)
+        show(lines[1:])
+    show(wrap("wrote " + ", ".join(str(f) for f in files), width))
     if json_out:
         print(json.dumps(report.to_dict()))
 
@@ -758,11 +763,22 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
             task, description=label, completed=done, total=total))
     files = write_video_report(report, out)
     console = _console()
-    for line in summary_lines(report):
+    import shutil
+
+    from rich.markup import escape
+
+    from tokedge.report.render import wrap
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    for line in summary_lines(report, width):
         console.print(line, markup=False)
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(f"wrote {', '.join(str(f) for f in files)}")
+        lines = wrap(f"warning: {w}", width)
+        console.print("[yellow]warning:[/yellow]" + escape(lines[0][len("warning:"):]), highlight=False)
+        for line in lines[1:]:
+            console.print(line, markup=False)
+    for line in wrap("wrote " + ", ".join(str(f) for f in files), width):
+        console.print(line, markup=False)
     if json_out:
         print(json.dumps(report.to_dict()))
 

@@ -50,18 +50,6 @@ from tokedge.artifact import (
 from tokedge.reduce.base import Stage
 
 GB = 1e9
-
-
-def size_text(n: float) -> str:
-    """Bytes for a person, in the decimal units of device memory (the profiles' memory_gb): 1.23 GB,
-    412 MB, 3.4 MB, 850 kB; never "0.00 GB" for a tiny model."""
-    if n >= GB:
-        return f"{n / GB:.2f} GB"
-    if n >= 10e6:
-        return f"{n / 1e6:.0f} MB"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{int(n)} B"
 DEFAULT_HEADROOM = 0.2
 DEFAULT_TEXT_TOKENS = 64
 DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0}
@@ -325,6 +313,15 @@ def activation_bytes(target: Target, partitions: int, vision_tokens: int, prompt
     prefill = (t.heads * prompt_tokens * prompt_tokens * SCORE_BYTES
                + prompt_tokens * (3 * t.intermediate + 4 * t.hidden) * value_bytes + t.vocab * 4)
     return int(batch * vision), int(batch * prefill)
+
+
+def size_text(n: float) -> str:
+    """Bytes in the largest decimal unit that keeps them >= 1 (GB, MB, kB, B): "0.00 GB" never
+    hides a 2 MB tiny model."""
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)

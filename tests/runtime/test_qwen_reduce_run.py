@@ -132,7 +132,8 @@ def test_profile_compares_dart_keeps_with_none(dart_artifact, qwen2_5_vl_artifac
     assert load_artifact(tmp_path / "artifacts" / "dart-keep0.5-keep-0.75").reduction.keep == 0.75
     text = markdown(report)
     assert "| dart keep 0.75 |" in text and "| none (all tokens) |" in text
-    assert any(line.startswith("dart keep 0.5:") for line in summary_lines(report))
+    assert any(line.startswith(f"dart keep 0.5 ({report.results[2].visual_tokens} tokens):")
+               for line in summary_lines(report))
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,11 @@ class ImageLayout:
         `pixel_limit`; others have no pixel budget to lower)."""
         raise NotImplementedError
 
+    def largest_reduced_budget(self) -> int | None:
+        """The largest budget a reduction method can be exported at, when export's example images
+        bound it below the visual-token count (None: the count is the bound)."""
+        return None
+
     def describe_budget(self) -> str:
         """What export's summary line adds about the budget (e.g. "for the largest image")."""
         return ""
