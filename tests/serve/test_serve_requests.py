@@ -21,6 +21,20 @@ from tokedge.serve.config import ServeConfig
 LINE = re.compile(r"^tokedge serve: (?P<method>[A-Z]+) (?P<path>\S+) (?P<status>\d+)(?P<rest>.*)$")
 
 
+def logged(capsys, count: int, timeout: float = 10.0) -> list[dict]:
+    """The request log lines on stderr once `count` have arrived: a line is written as its request
+    finishes, which may be just after the client has the response (the server's thread prints it)."""
+    import time
+
+    err, deadline = "", time.monotonic() + timeout
+    while True:
+        err += capsys.readouterr().err
+        lines = log_lines(err)
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
 def log_lines(err: str) -> list[dict]:
     out = []
     for line in err.splitlines():
@@ -65,7 +79,7 @@ def test_request_log_line_matches_usage(server, client, image_urls, capsys):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=user_message(image_urls[0], QUESTION), max_tokens=3)
     assert httpx.get(f"{base}/health").status_code == 200
-    lines = log_lines(capsys.readouterr().err)
+    lines = logged(capsys, 3)
     assert [(x["method"], x["path"], x["status"]) for x in lines] == [
         ("POST", "/v1/chat/completions", "200"), ("POST", "/v1/chat/completions", "200"),
         ("POST", "/v1/chat/completions", "404")]  # a successful /health probe is not logged
@@ -88,7 +102,7 @@ def test_no_request_log(serve_artifact, image_urls, capsys):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
         client.chat.completions.create(model=service.cfg.served_name, messages=user_message(image_urls[0], "Hi"),
                                        max_tokens=2)
-        assert log_lines(capsys.readouterr().err) == []
+        assert logged(capsys, 1, timeout=1.0) == []  # given a second to arrive, none does
 
 
 def test_text_only_turn_equals_transformers(server, client, hf_tiny, capsys):
@@ -100,7 +114,7 @@ def test_text_only_turn_equals_transformers(server, client, hf_tiny, capsys):
     assert resp.choices[0].message.content == text
     assert resp.usage.completion_tokens == count and resp.usage.prompt_tokens == prompt_len
     assert resp.usage.model_extra["visual_tokens"] == 0
-    line = log_lines(capsys.readouterr().err)[-1]
+    line = logged(capsys, 1)[-1]
     assert line["status"] == "200" and line["visual_tokens"] == "0"
 
 

@@ -225,9 +225,12 @@ def markdown(report: VideoProfileReport) -> str:
             f"({p['ttft_ms']:.1f}) | {md['decode_ms_per_token']:.2f} | {r.tokens_per_s:.1f} | {fid} |")
     per_frame = [r for r in report.results if r.kept_per_frame is not None and r.budget < report.full_tokens]
     if per_frame:
-        lines += ["", "## Tokens per frame after reduction", "",
-                  "| budget | " + " | ".join(f"f{i}" for i in range(report.frames)) + " |",
-                  "|---|" + "---|" * report.frames]
+        units = len(per_frame[0].kept_per_frame or [])  # per frame, or per temporal group (Qwen-VL: pairs)
+        name = "f" if units == report.frames else "g"
+        lines += ["", "## Tokens per frame after reduction" if name == "f" else
+                  f"## Tokens per temporal group ({report.frames // max(units, 1)} frames each) after reduction", "",
+                  "| budget | " + " | ".join(f"{name}{i}" for i in range(units)) + " |",
+                  "|---|" + "---|" * units]
         lines += [f"| {r.budget} | " + " | ".join(map(str, r.kept_per_frame)) + " |" for r in per_frame]
     lines += ["", f"Fidelity compares greedy output and prefill logits with {report.fidelity_reference}."]
     if report.warnings:
@@ -276,12 +279,13 @@ def video_tokens_figure(report: VideoProfileReport):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    frames = list(range(report.frames))
+    units = report.frames
     for r in sorted(report.results, key=lambda r: -r.budget):
         counts = r.kept_per_frame if r.kept_per_frame is not None else [r.tokens_per_frame] * report.frames
-        ax.plot(frames, counts, ".-", label=f"budget {r.budget} ({r.keep_share:.0%})")
+        units = len(counts)  # Qwen-VL counts per temporal group (frames in pairs), the others per frame
+        ax.plot(list(range(units)), counts, ".-", label=f"budget {r.budget} ({r.keep_share:.0%})")
     ax.set_ylim(0, report.tokens_per_frame * 1.08)
-    ax.set_xlabel("frame")
+    ax.set_xlabel("frame" if units == report.frames else f"temporal group ({report.frames // max(units, 1)} frames each)")
     ax.set_ylabel("frame tokens reaching the LLM")
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(f"{report.method}: tokens per frame after reduction")
