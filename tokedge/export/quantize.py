@@ -90,16 +90,23 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class QuantTolerance:
-    """What a quantized artifact must reach against the fp32 transformers reference: the worst
-    cosine similarity of a logits row and the share of logits rows whose argmax agrees."""
+    """What a quantized artifact must reach, calibrated on a real language model (SmolLM2-135M in a
+    LLaVA checkpoint; measurements and reasoning in docs/quantization.md): the image prompts' mean
+    KL from the fp32 transformers reference, and the text measure against the fp32 artifact (mean
+    and p99 KL per token, top-1 agreement). The int4 bounds catch a broken or crude quantization
+    (symmetric g128 RTN fails them) while passing the int4 cost a 135M model pays with any fast
+    scheme; int8 bounds are an order of magnitude tighter."""
 
-    logit_cosine: float
-    top1_agreement: float
+    kl_mean: float  # image prompts: mean KL (nats) of their prefill and decode logits rows
+    text_kl_mean: float
+    text_kl_p99: float
+    text_top1: float
 
     @classmethod
     def for_scheme(cls, scheme: str) -> QuantTolerance:
-        # int4 RTN moves logits visibly; a flip of the top token where two logits are close is normal
-        return cls(logit_cosine=0.95, top1_agreement=0.75) if scheme == "int4" else cls(0.995, 0.9)
+        if scheme == "int4":  # measured (default, int4 g32 zero points): 0.59, 0.273, 1.02, 68.8%
+            return cls(kl_mean=1.0, text_kl_mean=0.35, text_kl_p99=1.5, text_top1=0.60)
+        return cls(kl_mean=0.5, text_kl_mean=0.02, text_kl_p99=0.1, text_top1=0.90)  # int8 g32: 0.004, 0.003, 0.014, 96.4%
 
 
 def _logits_matmul(graph, vocab_size: int) -> str | None:
