@@ -238,6 +238,8 @@ def quantize_model(model, cfg: QuantConfig, vocab_size: int, graph: str = "decod
     head = _logits_matmul(model.graph, vocab_size)
     if head is not None and not cfg.lm_head:
         exclude.add(head)
+    if graph == "vision":  # the tower's first and last blocks (and the projector) stay float: measured
+        exclude |= _int8_nodes(model.graph, ("first", "last"))  # on the real LM, the image tokens move less
     int8 = _int8_nodes(model.graph, cfg.int8) - exclude if cfg.bits == 4 and not gather else set()
     ops = ("Gather",) if gather else ("MatMul",)
     if cfg.form == "qdq" and cfg.bits == 8:
@@ -282,11 +284,12 @@ def _nbits(model, cfg: QuantConfig, bits: int, ops: tuple[str, ...], exclude: se
     return out
 
 
-def _layer(name: str) -> int:
-    """The repeat index the exporter gives a module's nodes (`/mlp/down_proj_7/MatMul` -> 7, the
-    first repeat has none -> 0): the layer, for graphs whose layers repeat the same modules."""
-    match = re.search(r"_(\d+)/MatMul$", name)
-    return int(match.group(1)) if match else 0
+def _layer(name: str, names: set[str]) -> int:
+    """The repeat index the exporter gives a module's nodes (`/mlp/down_proj_7/MatMul` -> 7 when
+    `/mlp/down_proj/MatMul` exists too; the first repeat, and modules that do not repeat, e.g. a
+    projector's `linear_2`, -> 0): the layer, for graphs whose layers repeat the same modules."""
+    match = re.search(r"^(.*)_(\d+)/MatMul$", name)
+    return int(match.group(2)) if match and f"{match.group(1)}/MatMul" in names else 0
 
 
 def _int8_nodes(graph, names: tuple[str, ...]) -> set[str]:
@@ -295,9 +298,11 @@ def _int8_nodes(graph, names: tuple[str, ...]) -> set[str]:
         return set()
     consts = {t.name for t in graph.initializer}
     matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in consts]
-    last = max((_layer(n) for n in matmuls), default=0)
+    every = set(matmuls)
+    layer = {n: _layer(n, every) for n in matmuls}
+    last = max(layer.values(), default=0)
     return {n for n in matmuls if ("down_proj" in names and "/down_proj" in n)
-            or ("first" in names and _layer(n) == 0) or ("last" in names and _layer(n) == last)}
+            or ("first" in names and layer[n] == 0) or ("last" in names and layer[n] == last)}
 
 
 def quantize_graphs(root: Path, manifest, cfg: QuantConfig, external_threshold: int = 1 << 30):
