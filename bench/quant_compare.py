@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tokedge.export.quantize import QuantConfig  # noqa: E402
+from tokedge.export.quantize import QuantConfig
 
 # name -> (QuantConfig, label); the first rows are the old default and its variants
 SCHEMES: dict[str, QuantConfig] = {

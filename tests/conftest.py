@@ -181,7 +181,7 @@ def real_llava_dir() -> Path:
     try:
         with exclusive(root / "llava-smollm2.lock", timeout=1800):
             return build_llava_smollm2(root / "llava-smollm2")
-    except Exception as exc:  # noqa: BLE001 - offline machines: the real-LM tests skip with the reason
+    except Exception as exc:  # offline machines: the real-LM tests skip with the reason
         if isinstance(exc, ImportError) or "pip" in str(exc) or isinstance(exc, OSError):
             pytest.skip(f"the real-LM fixture could not be built: {type(exc).__name__}: {exc}")
         raise

@@ -161,9 +161,9 @@ def export_cmd(
     m = result.manifest
     console = _console()
     if result.parity.get("cases"):
-        from tokedge.export.validate import ParityReport
-
         from rich.markup import escape
+
+        from tokedge.export.validate import ParityReport
 
         console.print(f"[green]✓[/green] parity: {escape(ParityReport.from_dict(result.parity).summary())}")
     kept = m.reduction.budget
