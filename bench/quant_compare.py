@@ -20,6 +20,7 @@ calibrated from) and measured against the fp32 artifact:
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import platform
 import statistics
@@ -124,7 +125,7 @@ def main() -> None:
     for name, cfg in SCHEMES.items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
-        out = args.work / name.split(" ")[0]
+        out = args.work / re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")  # one directory per row
         start = time.perf_counter()
         result = quantize_artifact(fp32, out, cfg, force=True, validate=False)
         seconds = time.perf_counter() - start
