@@ -1,18 +1,20 @@
 """Weight-only quantization of an artifact's linear layers (`--quantize int4|int8`).
 
-Round-to-nearest, block-wise along the input dimension K, symmetric (no zero point). Two graph
-forms, because the targets differ:
+Block-wise along the input dimension K (groups of 32 by default), round-to-nearest with a zero
+point per group (`--symmetric`: none) or onnxruntime's HQQ, optionally int4 with some MatMuls kept
+int8 (mixed precision). Schemes, the measure that judges them and its calibration on a real
+language model: docs/quantization.md. Two graph forms, because the targets differ:
 
 - `matmulnbits` (ONNX Runtime): onnxruntime's own `MatMulNBitsQuantizer` replaces each MatMul
   with a constant weight by the `com.microsoft::MatMulNBits` contrib op. `accuracy_level` 4 lets
   the CPU kernels quantize activations to int8 per block and use VNNI/AMX dot products.
 - `qdq` (TensorRT): the weight is stored as INT4/INT8 with fp32 scales and dequantized with a
   standard `DequantizeLinear(axis=0, block_size=G)` (opset 21) feeding the unchanged MatMul; zero
-  points are omitted, i.e. all zero, because TensorRT rejects asymmetric ones. int4 comes from
+  points are omitted, i.e. all zero, because TensorRT rejects asymmetric ones (always symmetric). int4 comes from
   onnxruntime's quantizer in QDQ mode, int8 is written here (same scheme, 8 bits).
 
 What is quantized is data (`QuantConfig`): the decoder and prefill graphs by default, the vision
-graph on request; `lm_head` (the MatMul producing the logits) and the token embeddings stay float
+graph on request (its first and last blocks and the projector stay float); `lm_head` (the MatMul producing the logits) and the token embeddings stay float
 unless asked. The result is recorded in the manifest as `QuantInfo`.
 """
 
@@ -49,7 +51,7 @@ class QuantConfig:
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (VNNI/AMX), 0 = float
     symmetric: bool | None = None  # zero points or not; None: asymmetric for matmulnbits, symmetric for qdq
     algorithm: str = "rtn"  # rtn (round to nearest, min/max scales) | hqq (onnxruntime's HQQ: matmulnbits int4)
-    int8: tuple[str, ...] = ()  # int4 mixed precision: MatMuls named by these (ALGORITHMS doc) stay int8
+    int8: tuple[str, ...] = ()  # int4 mixed precision: the MatMuls these name (INT8_MATMULS) stay int8
 
     @property
     def bits(self) -> int:
@@ -106,7 +108,8 @@ class QuantTolerance:
     def for_scheme(cls, scheme: str) -> QuantTolerance:
         if scheme == "int4":  # measured (default, int4 g32 zero points): 0.59, 0.273, 1.02, 68.8%
             return cls(kl_mean=1.0, text_kl_mean=0.35, text_kl_p99=1.5, text_top1=0.60)
-        return cls(kl_mean=0.5, text_kl_mean=0.02, text_kl_p99=0.1, text_top1=0.90)  # int8 g32: 0.004, 0.003, 0.014, 96.4%
+        # int8 (measured, g32 zero points: 0.004, 0.003, 0.014, 96.4%)
+        return cls(kl_mean=0.5, text_kl_mean=0.02, text_kl_p99=0.1, text_top1=0.90)
 
 
 def _logits_matmul(graph, vocab_size: int) -> str | None:
