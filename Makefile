@@ -8,8 +8,24 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tokedge-installed
 DEMO_OUT ?= demo-out
 PYTEST_WORKERS ?= auto
+# The preprocessing stage (`make test-preprocess`, part of `make test`): a second venv with torchvision,
+# where transformers' image processors take their torchvision backend (what a GPU user gets) and its
+# video processors construct; tests/preprocess/ compares tokedge's numpy preprocessing with both
+# backends there (in .venv those tests skip: no torchvision). TV_TORCH_SPEC is the CUDA build of
+# torch that runs on the CPU (~5.5 GB); a GPU user may pass their own pins.
+TV_VENV ?= .venv-tv
+TV_PY := $(TV_VENV)/bin/python
+TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TV_STAMP := $(TV_VENV)/.tokedge-installed
 
-.PHONY: demo test typecheck install lint clean
+# `make wheel`: tokedge's sdist and wheel (PEP 517) plus the wheels of its base dependencies for
+# this machine, all in dist/, so that `pip install --no-index dist/*.whl` works offline.
+# `make device-wheels`: the same for a JetPack 6 device (aarch64, Python 3.10, pinned by
+# constraints/jetpack6.txt), in dist/jetpack6/; copy that folder to the device (docs/device.md).
+DIST ?= dist
+DEVICE_DIST ?= $(DIST)/jetpack6
+
+.PHONY: demo test test-preprocess typecheck install install-tv lint clean wheel device-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +40,31 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+$(TV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TV_VENV)
+	$(TV_PY) -m pip install --quiet --upgrade pip
+	$(TV_PY) -m pip install --quiet $(TV_TORCH_SPEC)
+	$(TV_PY) -m pip install --quiet -e ".[export,video,dev]"
+	touch $(TV_STAMP)
+
+install-tv: $(TV_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m tokedge.demo --out $(DEMO_OUT)
 
 test: $(STAMP) typecheck
-	# one worker per core, whole files per worker (module fixtures export once); PYTEST_WORKERS=0 runs in-process
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
+	# one worker per core, whole files per worker (module fixtures export once); PYTEST_WORKERS=0 runs in-process.
+	# The preprocessing stage (its own venv: ~4 min, mostly unpacking torch) runs beside the main suite,
+	# filling the cores' idle time; its output is printed when both are done, and either failing fails.
+	( $(MAKE) -s test-preprocess > .test-preprocess.log 2>&1; echo $$? > .test-preprocess.rc ) & \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile; rc=$$?; \
+	wait; echo "--- make test-preprocess"; cat .test-preprocess.log; \
+	test $$rc -eq 0 && test "$$(cat .test-preprocess.rc)" = 0
+
+# tokedge's preprocessing vs transformers' PIL and torchvision backends and video processors; prints
+# the measured pixel and logit differences at the end (docs/runtime.md, "Which image-processor backend")
+test-preprocess: $(TV_STAMP)
+	$(TV_PY) -m pytest -q -p no:cacheprovider tests/preprocess
 
 # pyright checks the TensorRT modules against tensorrt-stubs (mypy cannot parse those stubs)
 typecheck: $(STAMP)
@@ -38,5 +73,19 @@ typecheck: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check tokedge tests
 
+wheel: $(STAMP)
+	rm -rf $(DIST) build
+	$(PY) -m build --no-isolation --sdist --wheel --outdir $(DIST) .
+	$(PY) -m pip download --quiet --only-binary=:all: --dest $(DIST) $(DIST)/tokedge-*.whl
+
+device-wheels: wheel
+	mkdir -p $(DEVICE_DIST)
+	cp $(DIST)/tokedge-*.whl $(DEVICE_DIST)/
+	# PyPI's onnxruntime is the CPU build; for the GPU providers the device swaps in NVIDIA's
+	# onnxruntime-gpu (docs/device.md)
+	$(PY) -m pip download --quiet --only-binary=:all: --platform manylinux2014_aarch64 --python-version 3.10 \
+		--implementation cp --constraint constraints/jetpack6.txt --dest $(DEVICE_DIST) \
+		$$(grep -v -e '^#' -e '^$$' constraints/jetpack6.txt | cut -d= -f1 | tr '\n' ' ')
+
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) .pytest_cache $(DIST) build .test-preprocess.log .test-preprocess.rc

@@ -108,15 +108,67 @@ def test_debug_before_or_after_the_subcommand(where, tmp_path, capsys):
 
     args = ["verify", str(tmp_path / "missing")]
     argv = ["--debug", *args] if where == "before" else [*args, "--debug"]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     with pytest.raises(ArtifactError):  # --debug lets the traceback through
         main(argv)
 
 
-def test_log_lines_are_not_hard_wrapped(artifacts, narrow, capsys):
-    assert main(["verify", str(artifacts("cls-attn", 64))]) == 0
+def _parity_at_80_columns(art, capsys) -> tuple[list[str], dict]:
+    """verify's lines at COLUMNS=80 (each checked to fit, none splitting a word) and its --json."""
+    assert main(["verify", str(art), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["verify", str(art)]) == 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("hashes ok; parity: ") and len(lines[0]) > 80
+    assert all(len(line) <= 80 for line in lines), lines
+    words = " ".join(err.split()).split(" ")
+    for case in report["cases"]:  # every number whole: a word cut at the margin would not be found
+        for value in (case["max_abs_image_embeds"], max(case["max_abs_prefill_logits"], case["max_abs_step_logits"])):
+            assert f"{value:.2e}," in words
+    return lines, report
+
+
+def test_parity_lines_fit_80_columns_without_splitting_words(artifacts, narrow, capsys):
+    lines, _ = _parity_at_80_columns(artifacts("cls-attn", 64), capsys)
+    assert lines[0].startswith("✓ hashes ok; parity: 1 case within tolerance 0.001")
+    flat = " ".join(" ".join(lines).split())
+    assert "2 prompts x 1 image, 64 visual tokens each: embeds" in flat and "tokens match" in flat
+
+
+def test_parity_cases_are_labelled_by_their_sample(artifacts, tiny_llava_next_dir, narrow, capsys):
+    """Issue 28 item 14: a tiled artifact's cases read "budget 2928; budget 2928". Each is now named
+    by its own image's size and visual tokens, read back independently from reference.npz."""
+    import numpy as np
+
+    art = artifacts("none", checkpoint=tiny_llava_next_dir)
+    lines, report = _parity_at_80_columns(art, capsys)
+    flat = " ".join(" ".join(lines).split())
+    with np.load(art / "reference.npz") as ref:
+        expected = [f"image {ref[f'case{i}.image'].shape[1]}x{ref[f'case{i}.image'].shape[0]}, "
+                    f"{ref[f'case{i}.image_embeds'].shape[-2]} visual tokens" for i in range(len(report["cases"]))]
+    assert len(expected) >= 2 and len(set(expected)) == len(expected)
+    assert [c["label"] for c in report["cases"]] == expected
+    for label in expected:
+        assert f"{label}: embeds" in flat
+    assert "budget" not in flat
+
+
+def test_export_parity_lines_at_80_columns(tiny_llava_dir, tmp_path, narrow, capsys):
+    """export prints the same labelled parity lines as verify, none wider than the terminal."""
+    out = tmp_path / "art"
+    assert main(["export", str(tiny_llava_dir), "--method", "cls-attn", "--budget", "32", "--out", str(out),
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    lines = captured.err.splitlines()
+    start = next(i for i, line in enumerate(lines) if "parity: " in line)
+    end = next(i for i, line in enumerate(lines) if line.startswith("wrote "))
+    parity = lines[start:end]
+    assert parity[0].endswith(f"parity: {len(summary['parity']['cases'])} case within tolerance 0.001")
+    assert all(len(line) <= 80 for line in parity)
+    flat = " ".join(" ".join(parity).split())
+    for case in summary["parity"]["cases"]:
+        assert case["label"] == "2 prompts x 1 image, 32 visual tokens each"
+        assert f"{case['label']}: embeds {case['max_abs_image_embeds']:.2e}," in flat

@@ -21,5 +21,14 @@ def test_demo_says_the_weights_are_random_before_anything_else(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tokedge.demo", "--out", str(blocker / "out")], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0  # the output folder cannot be created under a file
-    first = proc.stdout.splitlines()[0]
-    assert "RANDOM weights" in first and "gibberish" in first
+    first = " ".join(proc.stdout.split("\n\n")[0].split())  # the banner's paragraph, wrapped to the terminal
+    assert first.startswith("demo: ") and "RANDOM weights" in first and "gibberish" in first
+
+
+def test_banner_at_80_columns_splits_no_word(monkeypatch):
+    from tokedge.demo import BANNER, banner
+
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = banner().splitlines()
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+    assert " ".join(banner().split()) == " ".join(BANNER.split())  # the same words, none cut in two

@@ -407,3 +407,32 @@ def test_onevision_record_counts_both_tower_graphs(ov_artifacts, tiny_llava_onev
     plan = json.loads(capsys.readouterr().out)
     assert abs(sum(plan["artifact_bytes"].values()) / sum(plan["artifact_bytes_measured"].values()) - 1) < 0.02
     assert plan["visual_tokens"] == 8829 and video in plan["weight_bytes"]
+
+
+def _bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
+def test_summary_line_reads_in_fitting_units(artifacts, capsys):
+    """Issue 28 item 14: a tiny artifact printed "weights 0.00 GB (vision 0.00, ...)" and the KV cache
+    as "(2047+1 tokens x1)". Every size now carries a unit that shows it (parsed back and compared
+    with --json's bytes to the shown precision), and the KV cache says what it holds."""
+    import re
+
+    art = str(artifacts("cls-attn", 64))
+    assert main(["memory", art, "--profile", "jetson-orin-nano-8gb", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert main(["memory", art, "--profile", "jetson-orin-nano-8gb"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "0.00 GB" not in line and " GB (" not in line.split("+")[0]  # MB-sized weights are not shown in GB
+    size = r"(\d+(?:\.\d+)? (?:B|kB|MB|GB))"
+    weights = re.search(rf"weights {size} \(([^)]*)\)", line)
+    shown = {graph: _bytes(value) for graph, value in re.findall(rf"(\w+) {size}", weights.group(2))}
+    assert set(shown) == set(plan["weight_bytes"])
+    for graph, value in plan["weight_bytes"].items():
+        assert shown[graph] == pytest.approx(value, rel=0.06), graph
+    assert _bytes(weights.group(1)) == pytest.approx(sum(plan["weight_bytes"].values()), rel=0.06)
+    kv = re.search(rf"KV cache {size} \((\d+) sequences? of (\d+) prompt \+ (\d+) new tokens\)", line)
+    assert _bytes(kv.group(1)) == pytest.approx(plan["kv_cache_bytes"], rel=0.06)
+    assert [int(kv.group(i)) for i in (2, 3, 4)] == [plan["batch"], plan["prompt_tokens"], plan["new_tokens"]]

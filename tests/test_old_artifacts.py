@@ -78,3 +78,22 @@ def test_an_old_qwen_artifact_runs_and_verifies_as_a_fresh_export(tmp_path, caps
             answers.append((img.token_ids, vid.token_ids, img.visual_tokens, vid.visual_tokens))
     assert answers[0] == answers[1]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("name,recorded", [("q25-dart-keep0.5", 12845056), ("q3-fastv", 16777216)])
+def test_old_manifests_keep_their_recorded_max_pixels(name, recorded):
+    """Artifacts exported before the edge default (1280 tokens per image) recorded the checkpoint's
+    max_pixels; they keep it: the layout's pixel limit and token bounds are the recorded ones, and an
+    image between the edge default and the recorded limit is not resized down to the edge default."""
+    from tokedge.artifact import Manifest
+    from tokedge.layouts import layout_of
+    from tokedge.runtime.qwen_vl import image_spec, smart_resize
+
+    manifest = Manifest.from_dict(json.loads((FIXTURES / "old-manifests" / f"{name}.json").read_text()))
+    layout = layout_of(manifest)
+    factor = int(manifest.layout.patch_size) * int(manifest.layout.merge_size)
+    assert layout.pixel_limit() == recorded and layout.bounds().tokens[2] == recorded // factor**2
+    assert layout.default_pixel_limit() == 1280 * factor**2  # what a new export would pick
+    spec = image_spec(manifest.layout, manifest.preprocess)
+    h, w = smart_resize(1512, 2016, factor, spec.min_pixels, spec.max_pixels)  # 3 MP: above the edge default
+    assert (h, w) == (round(1512 / factor) * factor, round(2016 / factor) * factor) and h * w > 1280 * factor**2

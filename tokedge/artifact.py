@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from tokedge.errors import ArtifactError, IntegrityError, UsageError
+from tokedge.errors import ArtifactError, ArtifactPathError, IntegrityError, UsageError
 
 if TYPE_CHECKING:
     from tokedge.safeio import Limits
@@ -521,7 +521,8 @@ def _read_manifest_bytes(root: Path, fd: int, limits: "Limits") -> bytes:
     try:
         os.stat(MANIFEST_NAME, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
-        raise ArtifactError(f"'{root}' is not a tokedge artifact (no {MANIFEST_NAME}); create one with `tokedge export`") from None
+        raise ArtifactPathError(f"'{root}' is not a tokedge artifact (no {MANIFEST_NAME}); create one with "
+                                "`tokedge export`") from None
     return read_regular(fd, MANIFEST_NAME, limits.manifest_bytes, f"{root / MANIFEST_NAME}")
 
 

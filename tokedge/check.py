@@ -8,8 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokedge.artifact import load_artifact
-from tokedge.errors import MissingDependencyError, UsageError
+from tokedge.errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,42 +62,42 @@ def _rules(target: str) -> dict:
 
 
 def _is_block_dq(node) -> bool:
-    return node.op_type == "DequantizeLinear" and node.attributes.get("block_size") is not None
+    return node.op_type == "DequantizeLinear" and "block_size" in node.ints
 
 
-def _check_dequantize(node, graph_name: str, name: str, rules: dict, report: CheckReport) -> None:
+def _check_dequantize(node, view, graph_name: str, name: str, rules: dict, report: CheckReport,
+                      external: dict[str, bytes]) -> None:
     """TensorRT's dequantize layer takes symmetric quantization only: a zero point, when given,
     must be a constant of zeros."""
-    import onnx_ir as ir
-
-    if len(node.inputs) < 3 or node.inputs[2] is None:
+    zp = node.input(2)
+    if zp is None:
         return
-    zp = node.inputs[2]
-    const = ir.convenience.get_const_tensor(zp)
+    const = view.const(zp)
     if const is None:
-        report.findings.append(Finding(graph_name, name, "DequantizeLinear", f"zero point '{zp.name}' is not a constant; "
+        report.findings.append(Finding(graph_name, name, "DequantizeLinear", f"zero point '{zp}' is not a constant; "
                                        f"{rules['name']} needs symmetric quantization (zero points all zero)"))
         return
-    values = const.numpy().reshape(-1)
+    values = const.numpy(external).reshape(-1)
     nonzero = int((values != 0).sum())
     if nonzero:
         report.findings.append(Finding(
             graph_name, name, "DequantizeLinear",
-            f"asymmetric zero point '{zp.name}' ({nonzero} of {values.size} values non-zero, e.g. "
+            f"asymmetric zero point '{zp}' ({nonzero} of {values.size} values non-zero, e.g. "
             f"{values[values != 0][0]}); {rules['name']} accepts only zero (symmetric) zero points: "
             "re-quantize with `tokedge quantize --quant-form qdq` (symmetric)"))
 
 
-def check_model(model, graph_name: str, rules: dict, report: CheckReport) -> None:
-    """`model` is an onnx_ir Model; appends findings for every node and value that fails."""
-    import onnx_ir as ir
-
-    opset = model.opset_imports.get("", 0)
-    block_dq = any(_is_block_dq(n) for n in model.graph.all_nodes())
+def check_model(view, graph_name: str, rules: dict, report: CheckReport,
+                external: dict[str, bytes] | None = None) -> None:
+    """`view` is a `tokedge.onnx_graph.GraphView` (read without onnx or onnx-ir, so that the check
+    runs on a device install); appends findings for every node and value that fails."""
+    external = external or {}
+    opset = view.opsets.get("", 0)
+    block_dq = any(_is_block_dq(n) for n in view.nodes)
     if opset > rules["max_opset"] and not (block_dq and opset <= rules["block_dq_opset"]):
         report.findings.append(Finding(graph_name, "<model>", "opset", f"default-domain opset {opset} is above "
                                        f"{rules['max_opset']}, the newest {rules['name']} parses"))
-    for node in model.graph.all_nodes():
+    for node in view.nodes:
         report.nodes_checked += 1
         name = node.name or "<unnamed>"
         if node.domain == "com.microsoft":
@@ -113,24 +112,26 @@ def check_model(model, graph_name: str, rules: dict, report: CheckReport) -> Non
                                            f"custom-domain op; {rules['name']} needs a plugin for it"))
             continue
         if node.op_type == "DequantizeLinear":
-            _check_dequantize(node, graph_name, name, rules, report)
+            _check_dequantize(node, view, graph_name, name, rules, report, external)
         if node.op_type not in rules["supported"]:
             report.findings.append(Finding(graph_name, name, node.op_type, f"not supported by {rules['name']}'s ONNX parser"))
             continue
-        if node.op_type == "TopK" and len(node.inputs) > 1 and node.inputs[1] is not None:
-            k = ir.convenience.get_const_tensor(node.inputs[1])
-            if k is not None and int(k.numpy().reshape(-1)[0]) > rules["max_k"]:
-                report.findings.append(Finding(graph_name, name, "TopK", f"k = {int(k.numpy().reshape(-1)[0])} is above "
+        if node.op_type == "TopK" and node.input(1) is not None:
+            k = view.const(node.input(1))
+            if k is not None and int(k.numpy(external).reshape(-1)[0]) > rules["max_k"]:
+                report.findings.append(Finding(graph_name, name, "TopK", f"k = {int(k.numpy(external).reshape(-1)[0])} is above "
                                                f"TensorRT's limit of {rules['max_k']}"))
-        weights = ({id(v) for v in (node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None)
-                    if v is not None and v.const_value is not None} if _is_block_dq(node) else set())
+        weights = ({v for v in (node.input(0), node.input(2)) if v is not None and v in view.initializers}
+                   if _is_block_dq(node) else set())
         for value in [*node.inputs, *node.outputs]:
-            if value is not None and id(value) in weights and value.dtype is not None \
-                    and value.dtype.name in rules["weight_only_dtypes"]:
+            dtype = view.dtypes.get(value) if value else None
+            if dtype is None:
+                continue
+            if value in weights and dtype in rules["weight_only_dtypes"]:
                 continue  # a block-quantized constant weight: the weight-only form TensorRT takes
-            if value is not None and value.dtype is not None and value.dtype.name in rules["dtypes"]:
+            if dtype in rules["dtypes"]:
                 report.findings.append(Finding(graph_name, name, node.op_type,
-                                               f"tensor '{value.name}' has dtype {value.dtype.name}, "
+                                               f"tensor '{value}' has dtype {dtype}, "
                                                f"which {rules['name']} does not take"))
                 break
 
@@ -157,15 +158,17 @@ def check_plans(manifest, target: str, report: CheckReport, profiles=None) -> No
 
 
 def check_artifact(artifact: Path, target: str, profiles=None) -> CheckReport:
-    try:
-        import onnx_ir as ir
-    except ImportError:
-        raise MissingDependencyError("tokedge check needs onnx-ir: pip install 'tokedge[export]'") from None
+    """Check the graphs of an artifact as they were verified (`open_artifact`: hashes, links,
+    limits), from those bytes: the files are not read again by path."""
+    from tokedge.artifact import open_artifact
+    from tokedge.onnx_graph import read_graph
+
     rules = _rules(target)
-    root = Path(artifact)
-    manifest = load_artifact(root)
+    verified = open_artifact(Path(artifact))
+    manifest = verified.manifest
     report = CheckReport(target=target)
     for name, spec in manifest.graphs.items():
-        check_model(ir.load(root / spec.file), name, rules, report)
+        model, external = verified.graph_bytes(name)
+        check_model(read_graph(model, spec.file), name, rules, report, external)
     check_plans(manifest, target, report, profiles)
     return report

@@ -68,6 +68,25 @@ QuantLmHeadOpt = Annotated[bool, typer.Option("--quantize-lm-head/--float-lm-hea
 QuantEmbedOpt = Annotated[bool, typer.Option("--quantize-embeddings/--float-embeddings",
                                              help="Also quantize the token embeddings (matmulnbits only).")]
 AccuracyOpt = Annotated[int, typer.Option("--accuracy-level", help="MatMulNBits compute: 4 = int8 (VNNI/AMX), 0 = float.")]
+# where the graphs run (run, serve, verify, profile): docs/runtime.md "Backends"
+BackendOpt = Annotated[str, typer.Option(
+    help="onnxruntime (CPU), ort-cuda or ort-tensorrt (ONNX Runtime's GPU providers, onnxruntime-gpu), "
+         "or tensorrt (engines from `tokedge build`).")]
+EnginesOpt = Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")]
+DeviceIdOpt = Annotated[int, typer.Option("--device-id", help="CUDA device for ort-cuda / ort-tensorrt.")]
+DeviceProfileOpt = Annotated[Optional[str], typer.Option(
+    "--device-profile", help="ort-tensorrt: device profile whose build plan gives the engines' shape ranges.")]
+TrtCacheOpt = Annotated[Optional[Path], typer.Option(
+    "--trt-cache", help="ort-tensorrt: engine cache directory (default: <artifact>.ort-trt-<profile>).")]
+Fp16Opt = Annotated[bool, typer.Option("--fp16/--no-fp16", help="ort-tensorrt: allow fp16 kernels.")]
+
+
+def _backend(name: str, engines: Optional[Path], threads: int, device_id: int, device_profile: Optional[str],
+             trt_cache: Optional[Path], fp16: bool):
+    from tokedge.runtime.backends import Backend
+
+    return Backend(name=name, engines=engines, threads=threads, device_id=device_id, device_profile=device_profile,
+                   cache_dir=trt_cache, fp16=fp16)
 
 
 def _quant_config(scheme: str, form: str, group_size: int, graphs: str, lm_head: bool, embeddings: bool,
@@ -89,6 +108,29 @@ def _console():
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def fit_lines(line: str, width: int | None = None) -> list[str]:
+    """A line for a person at the terminal's width ($COLUMNS; 80 when unknown): wrapped at spaces
+    only, so no word, number or path is split; continuation lines are indented under it."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    if len(line) <= width:
+        return [line]
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.wrap(line, width=width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def _print_parity(console, title: str, report) -> None:
+    """`✓ TITLE: N cases within tolerance T`, then one line per case, labelled by its sample."""
+    head, *cases = report.lines()
+    mark = "[green]✓[/green]" if report.ok else "[red]✗[/red]"
+    console.print(f"{mark} {title}: {head}")
+    for line in cases:
+        for piece in fit_lines(line):
+            console.print(piece, markup=False)
+
+
 @contextlib.contextmanager
 def _stage_printer(enabled: bool):
     console = _console()
@@ -108,7 +150,7 @@ def _stage_printer(enabled: bool):
 
 @app.command("export", short_help="Export a LLaVA or Qwen-VL checkpoint to an ONNX artifact.")
 def export_cmd(
-    model: Annotated[str, typer.Argument(help="Hub id (llava-hf/llava-1.5-7b-hf), llava-hf directory, or tiny-llava.")],
+    model: Annotated[str, typer.Argument(help="Hub id (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-3B-Instruct), a checkpoint directory, or a random-weight preset: tiny-llava, tiny-llava-next, tiny-llava-onevision, tiny-qwen2.5-vl, tiny-qwen3-vl.")],
     method: Annotated[str, typer.Option(help="Reduction method (see `tokedge methods`).")] = "none",
     budget: Annotated[Optional[int], typer.Option(help="Visual tokens that reach the LLM (default: all for none, 64 otherwise).")] = None,
     dynamic_budget: Annotated[Optional[str], typer.Option(help="MIN:MAX runtime range; --budget is the default.")] = None,
@@ -130,12 +172,12 @@ def export_cmd(
     quantize_lm_head: QuantLmHeadOpt = False,
     quantize_embeddings: QuantEmbedOpt = False,
     accuracy_level: AccuracyOpt = 4,
-    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Refuse an artifact whose engines this device profile cannot plan (with the fix); warn when its memory plan does not fit.")] = None,
-    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: the processor's).")] = None,
+    device_profile: Annotated[Optional[str], typer.Option("--profile", help="Refuse an artifact whose engines this device profile cannot plan (with the fix); warn when its memory plan does not fit; on Qwen-VL without --max-pixels, default the largest image to what it holds.")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: 1280 visual tokens per image, ~1 MP, or less when --profile's device holds less; never above the checkpoint's).")] = None,
     keep: Annotated[Optional[float], typer.Option("--keep", help="Dynamic-resolution models (Qwen-VL): share of each image's tokens to keep, e.g. 0.5 (instead of --budget, a count per image).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Export a LLaVA checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder)."""
+    """Export a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder; prefill for in-LLM methods)."""
     from tokedge.export.pipeline import ExportConfig, export, parse_budget_range
     from tokedge.reduce.base import parse_option_pairs
 
@@ -161,11 +203,9 @@ def export_cmd(
     m = result.manifest
     console = _console()
     if result.parity.get("cases"):
-        from rich.markup import escape
-
         from tokedge.export.validate import ParityReport
 
-        console.print(f"[green]✓[/green] parity: {escape(ParityReport.from_dict(result.parity).summary())}")
+        _print_parity(console, "parity", ParityReport.from_dict(result.parity))
     kept = m.reduction.budget
     where = f" kept after LLM layer {m.reduction.stages[-1]['prune_layer']}" if m.reduction.stages else ""
     if m.reduction.keep is not None:
@@ -187,6 +227,8 @@ def export_cmd(
         console.print(f"weights: {_quant_line(m.quantization)}")
         if m.weights is not None:
             console.print(f"note: {_random_note(m.weights)}")
+    for note in result.notes:
+        console.print(note)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     if json_out:
@@ -194,7 +236,7 @@ def export_cmd(
                           "keep": m.reduction.keep,
                           "budget_range": m.reduction.budget_range, "parity": result.parity, "seconds": result.seconds,
                           "quantization": dataclasses.asdict(m.quantization) if m.quantization else None,
-                          "warnings": result.warnings}))
+                          "notes": result.notes, "warnings": result.warnings}))
 
 
 def _quant_line(q) -> str:
@@ -245,9 +287,7 @@ def quantize_cmd(
     if weights is not None:
         console.print(f"note: {_random_note(weights)}")
     if result.parity.get("cases"):
-        from rich.markup import escape
-
-        console.print(f"[green]✓[/green] parity vs the fp32 reference: {escape(ParityReport.from_dict(result.parity).summary())}")
+        _print_parity(console, "parity vs the fp32 reference", ParityReport.from_dict(result.parity))
     else:
         console.print("[yellow]warning:[/yellow] not validated (--no-validate)")
     console.print(f"wrote {result.out}")
@@ -276,7 +316,7 @@ def optimize_cmd(
     console.print(f"wrote {result.out} (parity re-checked against the export reference)")
     if json_out:
         print(json.dumps({"artifact": str(result.out), "counts": result.counts, "already_applied": result.earlier,
-                          "parity": result.parity}))
+                          "ort_ops": result.ort_ops, "parity": result.parity}))
 
 
 @app.command("passes", short_help="List the graph passes.")
@@ -355,7 +395,7 @@ def memory_cmd(
     """Memory plan: weights + KV cache + activation peak, and the engine-build peak, against a
     device profile's memory. Exits 3 when it does not fit (the plan is printed first)."""
     from tokedge.errors import UsageError
-    from tokedge.memory import EXIT_DOES_NOT_FIT, GB, plan, resolve_target
+    from tokedge.memory import EXIT_DOES_NOT_FIT, plan, resolve_target, size_text
     from tokedge.profiles import load_profile
 
     if list_geometries:
@@ -389,7 +429,7 @@ def memory_cmd(
             print(f"note: {note}")
         if measured is not None:
             predicted, on_disk = sum(result.artifact_bytes.values()), sum(measured.values())
-            print(f"artifact graphs: predicted {predicted / GB:.4f} GB, on disk {on_disk / GB:.4f} GB "
+            print(f"artifact graphs: predicted {size_text(predicted)}, on disk {size_text(on_disk)} "
                   f"({predicted / max(on_disk, 1):.3f}x; parameters {result.counted})")
     if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
@@ -426,20 +466,26 @@ def check_cmd(
 def verify_cmd(
     artifact: ArtifactArg,
     checkpoint: Annotated[Optional[str], typer.Option(help="Recompute the reference from this checkpoint (needs [export]).")] = None,
+    backend: BackendOpt = "onnxruntime",
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
     json_out: JsonFlag = False,
 ) -> None:
     """Re-check file hashes and the graphs' agreement with the recorded (or a fresh) reference."""
     from tokedge.errors import ParityError
     from tokedge.verify import verify
 
-    report = verify(artifact, checkpoint=checkpoint)
+    report = verify(artifact, checkpoint=checkpoint,
+                    backend=_backend(backend, None, 0, device_id, device_profile, trt_cache, fp16))
     if json_out:
         print(json.dumps(report.to_dict()))
     if not report.ok:  # the error line carries the summary: printed once
         against = f"a fresh reference from {checkpoint}" if checkpoint else "the recorded reference"
         raise ParityError(f"{artifact}: hashes ok, but the graphs disagree with {against}: {report.summary()}")
     if not json_out:
-        _console().print(f"hashes ok; parity: {report.summary()}")
+        _print_parity(_console(), "hashes ok; parity", report)
 
 
 @app.command("run", short_help="Generate text for images and prompts (no torch).")
@@ -463,18 +509,23 @@ def run_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     budget: Annotated[Optional[int], typer.Option(
         help="Visual tokens, within the artifact's runtime range (video: frame tokens of the whole video).")] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
-    engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
+    backend: BackendOpt = "onnxruntime",
+    engines: EnginesOpt = None,
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
     timeout: Annotated[Optional[float], typer.Option(help="Stop the generation after this many seconds (exit 1).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Generate text for images (or one video) and a prompt from an exported artifact (no torch needed)."""
-    from tokedge.runtime.ort_backend import OrtOptions, check_threads
+    from tokedge.runtime.ort_backend import check_threads
     from tokedge.runtime.pipeline import Pipeline, images_for_prompts
     from tokedge.safeio import printable_text
 
     check_threads(threads)
+    choice = _backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16)
     image = list(image or [])
 
     def stream(text: str) -> None:
@@ -483,8 +534,7 @@ def run_cmd(
 
     if video is not None or frames_from_images:
         source = _video_source(video, image, frames_from_images, prompt, images_per_prompt)
-        with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
-                           engines=engines) as pipe:
+        with Pipeline.load(artifact, backend=choice) as pipe:
             clip = pipe.generate_video(source, prompt[0], frames=frames, fps=fps, budget=budget, keep=keep,
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, on_text=None if json_out else stream, timeout=timeout)
@@ -500,8 +550,7 @@ def run_cmd(
         raise UsageError("nothing to look at: pass --image FILE (repeatable) or --video CLIP")
     groups = images_for_prompts(image, prompt, images_per_prompt)
 
-    with Pipeline.load(artifact, backend=backend, options=OrtOptions(intra_op_threads=threads),
-                       engines=engines) as pipe:
+    with Pipeline.load(artifact, backend=choice) as pipe:
         result = pipe.generate(
             groups, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, budget=budget, on_text=None if json_out or len(prompt) > 1 else stream, timeout=timeout,
@@ -529,6 +578,10 @@ def _video_source(video: Optional[Path], image: list[Path], frames_from_images: 
         raise UsageError("--frames-from-images needs the frames as --image files, in order")
     if len(prompt) != 1 or images_per_prompt is not None:
         raise UsageError("a video takes exactly one --prompt (and no --images-per-prompt)")
+    if video is not None and video.is_file():
+        from tokedge.runtime.video import refuse_still_image
+
+        refuse_still_image(video)  # before the artifact loads: a photo is not a one-frame clip
     return video if video is not None else image
 
 
@@ -556,8 +609,15 @@ def serve_cmd(
     allow_local_images: Annotated[Optional[Path], typer.Option(help="Let image_url name files under this directory.")] = None,
     allow_remote_images: Annotated[bool, typer.Option(help="Let image_url be an http(s) URL the server fetches.")] = False,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = automatic).")] = 0,
+    request_log: Annotated[bool, typer.Option("--request-log/--no-request-log", help="One line per request on stderr: method, status, tokens, TTFT, total ms.")] = True,
+    backend: BackendOpt = "onnxruntime",
+    engines: EnginesOpt = None,
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
 ) -> None:
-    """Serve an artifact over an OpenAI-compatible Chat Completions API (needs the serve extra: pip install 'tokedge[serve]')."""
+    """Serve an artifact over an OpenAI-compatible Chat Completions API (torch-free; docs/serve.md)."""
     from tokedge.serve import ServeConfig, serve
 
     key = _api_key(api_key, api_key_file)
@@ -568,7 +628,8 @@ def serve_cmd(
         request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
         max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens, allow_local_images=allow_local_images,
-        allow_remote_images=allow_remote_images, threads=threads,
+        allow_remote_images=allow_remote_images, threads=threads, request_log=request_log,
+        runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16),
     ))
 
 
@@ -609,8 +670,12 @@ def profile_cmd(
     frames: Annotated[Optional[int], typer.Option(help="Video: frames to sample (default: the artifact's).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt for every run.")] = None,
     budgets: Annotated[Optional[str], typer.Option(help="Comma-separated budgets, e.g. 576,192,64 (video: frame tokens per video).")] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
-    engines: Annotated[Optional[Path], typer.Option(help="Engines directory from `tokedge build` (tensorrt).")] = None,
+    backend: BackendOpt = "onnxruntime",
+    engines: EnginesOpt = None,
+    device_id: DeviceIdOpt = 0,
+    device_profile: DeviceProfileOpt = None,
+    trt_cache: TrtCacheOpt = None,
+    fp16: Fp16Opt = True,
     runs: Annotated[int, typer.Option(help="Timed runs per budget and image.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs first, per budget and image.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per run.")] = 32,
@@ -651,41 +716,49 @@ def profile_cmd(
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
                         baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
-                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list)
+                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list,
+                        runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16))
+    import shutil
+
+    from tokedge.report.render import compute_lines, memory_lines, summary_lines, wrap
+
+    width = shutil.get_terminal_size((80, 24)).columns
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_console(), transient=True) as bar:
-        task = bar.add_task("profiling", total=None)
+        task = bar.add_task("checking budgets", total=None)
 
         def tick(label: str, done: int, total: int) -> None:
             bar.update(task, description=label, completed=done, total=total)
 
-        report = run_profile(cfg, progress=tick)
+        def say(line: str) -> None:  # re-exports and memory probes: a line each, above the bar
+            bar.update(task, description=line.split(" (")[0])
+            for part in wrap(line, width):
+                bar.console.print(part, markup=False)
+
+        report = run_profile(cfg, progress=tick, say=say)
     files = write_all(report, out)
     console = _console()
-    from tokedge.report.render import summary_lines
 
-    for line in summary_lines(report):
-        console.print(line, markup=False)
-    for r in report.results:
-        if r.share_of_gemm_peak:
-            console.print(f"{r.label() if r.keep is not None else f'budget {r.budget:>4}'} compute: " + "  ".join(
-                f"{stage} {r.achieved_gflops_per_s[stage]:.0f} GFLOP/s ({r.share_of_gemm_peak[stage]:.0%})"
-                for stage in ("vision", "prefill", "decode")) + f" of {report.gemm_peak_gflops_per_s:.0f} GFLOP/s GEMM peak")
+    def show(lines: list[str]) -> None:
+        for line in lines:
+            console.print(line, markup=False)
+
+    if not any(f.suffix == ".png" for f in files):
+        show(wrap("note: no plots: matplotlib is not installed (pip install 'tokedge[report]')", width))
+    show(summary_lines(report, width))
+    show(compute_lines(report, width))
     if report.quantization:
         from tokedge.artifact import QuantInfo
 
-        console.print(f"weights: {_quant_line(QuantInfo(**report.quantization))}")
-    if report.memory:
-        size = report.memory["artifact_bytes"]
-        console.print(f"artifact graphs {size['measured'] / 2**20:.1f} MiB, predicted {size['predicted'] / 2**20:.1f} MiB "
-                      f"({size['ratio']:.2f}x)" + (f"; CPU peak RSS {report.memory['cpu']['peak_rss_bytes'] / 2**20:.0f} MiB, "
-                                                    f"predicted working set {report.memory['cpu']['predicted_bytes'] / 2**20:.0f} MiB"
-                                                    if "cpu" in report.memory else ""))
-        if "device_summary" in report.memory:
-            console.print(report.memory["device_summary"])
+        show(wrap(f"weights: {_quant_line(QuantInfo(**report.quantization))}", width))
+    show(memory_lines(report, width))
+    from rich.markup import escape
+
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(f"wrote {', '.join(str(f) for f in files)}")
+        lines = wrap(f"warning: {w}", width)
+        console.print("[yellow]warning:[/yellow]" + escape(lines[0][len("warning:"):]), highlight=False)
+        show(lines[1:])
+    show(wrap("wrote " + ", ".join(str(f) for f in files), width))
     if json_out:
         print(json.dumps(report.to_dict()))
 
@@ -713,11 +786,22 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
             task, description=label, completed=done, total=total))
     files = write_video_report(report, out)
     console = _console()
-    for line in summary_lines(report):
+    import shutil
+
+    from rich.markup import escape
+
+    from tokedge.report.render import wrap
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    for line in summary_lines(report, width):
         console.print(line, markup=False)
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(f"wrote {', '.join(str(f) for f in files)}")
+        lines = wrap(f"warning: {w}", width)
+        console.print("[yellow]warning:[/yellow]" + escape(lines[0][len("warning:"):]), highlight=False)
+        for line in lines[1:]:
+            console.print(line, markup=False)
+    for line in wrap("wrote " + ", ".join(str(f) for f in files), width):
+        console.print(line, markup=False)
     if json_out:
         print(json.dumps(report.to_dict()))
 
@@ -788,6 +872,28 @@ def methods_cmd(json_out: ListJsonFlag = False) -> None:
         ("method", "name"), ("acts", "stage"), ("runtime budget", lambda r: "yes" if r["runtime_budget"] else "no"),
         ("scores with", lambda r: ", ".join(r["scores_with"]) or "-"),
     ], detail=lambda r: f"{r['summary']} (arXiv {r['paper']})" if r["paper"] != "-" else r["summary"])
+
+
+@app.command("doctor", short_help="What this machine has; which commands work here.")
+def doctor_cmd(
+    json_out: ListJsonFlag = False,
+    root: Annotated[Path, typer.Option("--root", help="Read the system files under this directory instead of / (for testing).")] = Path("/"),
+) -> None:
+    """Python, CPU, memory, JetPack/L4T, CUDA, TensorRT, ONNX Runtime and its providers; the device
+    profile that matches this machine (or the nearest); which commands work here and what to install
+    for the others. Exit code 0 whatever it finds."""
+    import shutil
+
+    from tokedge.doctor import diagnose, render
+    from tokedge.errors import UsageError
+
+    if not root.is_dir():
+        raise UsageError(f"--root {root}: not a directory")
+    report = diagnose(root)
+    if json_out:
+        print(json.dumps(report.to_json()))
+        return
+    print(render(report, shutil.get_terminal_size((80, 24)).columns))
 
 
 def _version_callback(value: bool) -> None:
@@ -915,6 +1021,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (SystemExit, GeneratorExit):
         raise
+    except ModuleNotFoundError as exc:  # an optional extra this command needs: name it
+        from tokedge.errors import missing_extra
+
+        command_name = next((a for a in argv if not a.startswith("-")), "")
+        named = missing_extra(exc, command_name)
+        if debug or named is None:
+            if debug:
+                raise
+            _say(f"internal error: ModuleNotFoundError: {exc} (rerun with --debug for the traceback)")
+            return 1
+        _say(str(named))
+        return named.exit_code
     except BaseException as exc:  # last resort (incl. Rust panics, which are BaseExceptions): one line
         if debug:
             raise

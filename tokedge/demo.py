@@ -43,13 +43,23 @@ def demo_image(path: Path) -> Path:
     return path
 
 
+BANNER = ("demo: tiny-llava is a built-in model with RANDOM weights (LLaVA-1.5 geometry, no download): "
+          "its answers are gibberish by design; the demo shows the pipeline, its parity checks and timings. "
+          "Pass a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf) to `tokedge export` for real answers.")
+
+
+def banner() -> str:
+    """The random-weights banner, wrapped at spaces to the terminal's width (no word split)."""
+    from tokedge.cli import fit_lines
+
+    return "\n".join(fit_lines(BANNER))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out", type=Path)
     args = parser.parse_args()
-    print("demo: tiny-llava is a built-in model with RANDOM weights (LLaVA-1.5 geometry, no download): "
-          "its answers are gibberish by design; the demo shows the pipeline, its parity checks and timings. "
-          "Pass a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf) to `tokedge export` for real answers.", flush=True)
+    print(banner(), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     artifact = args.out / "tiny-llava-cls-attn-64"
     _step("export", ["export", "tiny-llava", "--method", "cls-attn", "--budget", "64", "--dynamic-budget", "16:576",

@@ -27,9 +27,17 @@ class UnsupportedModelError(InputError):
 
 
 class ArtifactError(TokedgeError):
-    """An artifact directory is missing, malformed, of a newer format, or fails integrity checks."""
+    """An artifact is malformed, of a newer format, or fails integrity checks (exit 1: the
+    artifact is damaged); `ArtifactPathError` when the path given is not an artifact at all."""
 
     exit_code = 1
+
+
+class ArtifactPathError(ArtifactError):
+    """The path given as an artifact is not one: missing, a file, unreadable, or a directory
+    without a manifest. A wrong input (exit 2), unlike a damaged artifact (exit 1)."""
+
+    exit_code = 2
 
 
 class IntegrityError(ArtifactError):
@@ -64,3 +72,27 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"this command needs '{module}', which is not installed: pip install 'tokedge[{extra}]'"
         ) from exc
+
+
+# top-level module -> the extra that installs it (pyproject.toml): what a command missing one needs
+EXTRAS = {
+    "torch": "export", "transformers": "export", "safetensors": "export", "onnx": "export", "onnxscript": "export",
+    "onnx_ir": "export", "av": "video", "matplotlib": "report", "starlette": "serve", "uvicorn": "serve",
+    "tensorrt": "tensorrt",
+}
+
+
+def missing_extra(exc: BaseException, command: str) -> MissingDependencyError | None:
+    """A ModuleNotFoundError for a module an extra provides, as the one-line error naming the extra."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    if extra == "tensorrt":
+        how = "install TensorRT's Python bindings (on Jetson: JetPack's python3-libnvinfer; see docs/device.md)"
+    else:
+        how = f"pip install 'tokedge[{extra}]'"
+    what = f"tokedge {command}" if command else "this command"
+    return MissingDependencyError(f"{what} needs '{top}', which is not installed: {how}")

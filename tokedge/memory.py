@@ -317,6 +317,15 @@ def activation_bytes(target: Target, partitions: int, vision_tokens: int, prompt
     return int(batch * vision), int(batch * prefill)
 
 
+def size_text(n: float) -> str:
+    """Bytes in the largest decimal unit that keeps them >= 1 (GB, MB, kB, B): "0.00 GB" never
+    hides a 2 MB tiny model."""
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     device: str
@@ -350,15 +359,16 @@ class MemoryPlan:
     def summary(self) -> str:
         w = sum(self.weight_bytes.values())
         verdict = "fits" if self.fits else "does NOT fit"
-        graphs = ", ".join(f"{g} {b / GB:.2f}" for g, b in self.weight_bytes.items())
+        graphs = ", ".join(f"{g} {size_text(b)}" for g, b in self.weight_bytes.items())
         why = "" if self.fits else (" (run)" if not self.run_fits and self.build_fits else
                                     " (engine build)" if self.run_fits else " (run and engine build)")
-        return (f"memory plan on {self.device}: weights {w / GB:.2f} GB ({graphs}) + KV cache "
-                f"{self.kv_cache_bytes / GB:.2f} GB ({self.prompt_tokens}+{self.new_tokens} tokens x{self.batch}) + "
-                f"activations {self.activation_bytes / GB:.2f} GB = {self.total_bytes / GB:.2f} GB; engine build peak "
-                f"{self.build_peak_bytes / GB:.2f} GB ({self.build_graph}); {verdict}{why} in "
-                f"{self.usable_bytes / GB:.2f} GB usable ({self.memory_gb:g} GB, {self.headroom:.0%} headroom) "
-                f"[{self.weights}]")
+        seqs = "sequence" if self.batch == 1 else "sequences"
+        return (f"memory plan on {self.device}: weights {size_text(w)} ({graphs}) + KV cache "
+                f"{size_text(self.kv_cache_bytes)} ({self.batch} {seqs} of {self.prompt_tokens} prompt + "
+                f"{self.new_tokens} new tokens) + activations {size_text(self.activation_bytes)} = "
+                f"{size_text(self.total_bytes)}; engine build peak {size_text(self.build_peak_bytes)} "
+                f"({self.build_graph}); {verdict}{why} in {size_text(self.usable_bytes)} usable "
+                f"({self.memory_gb:g} GB, {self.headroom:.0%} headroom) [{self.weights}]")
 
 
 def _scheme_label(target: Target, value: float) -> str:
@@ -390,17 +400,17 @@ def plan(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
     weights = device_weight_bytes(target, value)
     if "prefill" in weights:
         notes.append(f"in-LLM method: the prefill graph holds its own copy of the decoder weights "
-                     f"({weights['prefill'] / GB:.2f} GB; TensorRT engines do not share weights)")
+                     f"({size_text(weights['prefill'])}; TensorRT engines do not share weights)")
     v = target.architecture.vision
     tokens = v.layer_tokens[0] if v.layer_tokens else bounds.vision_tokens[2] * v.patches_per_token
     vis, pre = activation_bytes(target, bounds.partitions[2], tokens, prompt_limit, profile.max_batch, value)
     if not v.layer_tokens:
         scores = v.score_buffers * v.heads * tokens * tokens * SCORE_BYTES + v.mask_bytes * tokens * tokens
         notes.append(f"vision attention is dense over an image's patches: {tokens} patches at the largest image "
-                     f"({target.layout.max_pixels} pixels) hold {scores / GB:.2f} GB of scores")
+                     f"({target.layout.max_pixels} pixels) hold {size_text(scores)} of scores")
     if pre >= vis and pre > 0.25 * profile.memory_gb * GB:
         notes.append(f"prefill attention at the profile's limits ({prompt_limit} tokens x batch {profile.max_batch}) "
-                     f"holds {pre / GB:.2f} GB of float32 scores (tokedge's graphs scale after q k^T, which TensorRT "
+                     f"holds {size_text(pre)} of float32 scores (tokedge's graphs scale after q k^T, which TensorRT "
                      "does not fuse): a profile with a smaller max_prompt_tokens or max_batch lowers it")
     kv = kv_cache_bytes(m, total_seq, profile.max_batch, value)
     total = sum(weights.values()) + kv + max(vis, pre)
@@ -434,13 +444,31 @@ def _vision_fit_note(target: Target, room: int, usable: int, batch: int, value: 
         return (f"the vision graph's attention cannot fit at max_pixels: at most {limit} patches per image fit "
                 f"beside the weights and KV cache (export with --max-pixels {pixels} or less)")
     return ("the vision graph's attention cannot fit for any image: the weights and KV cache leave "
-            f"{max(room, 0) / GB:.2f} GB of the {usable / GB:.2f} GB usable")
+            f"{size_text(max(room, 0))} of the {size_text(usable)} usable")
 
 
 def plan_for_device(manifest: Manifest, profile, headroom: float = DEFAULT_HEADROOM,
                     text_tokens: int = DEFAULT_TEXT_TOKENS) -> MemoryPlan:
     """The plan for running an artifact on a device profile."""
     return plan(target_of(manifest), profile, headroom, text_tokens)
+
+
+def profile_pixel_limit(target: Target, profile, headroom: float = DEFAULT_HEADROOM,
+                        text_tokens: int = DEFAULT_TEXT_TOKENS) -> int | None:
+    """The largest image (pixels, a multiple of one merged patch) of a dynamic-resolution target that a
+    device profile holds: its visual tokens (unreduced) fit the profile's prompt limit beside
+    `text_tokens` of text, and its vision graph's attention fits beside the weights and the KV cache
+    (`plan`'s arithmetic). None for fixed views, or when not even one visual token fits."""
+    v, lay = target.architecture.vision, target.layout
+    if v.layer_tokens:
+        return None
+    p, m = int(lay.patch_size or 14), int(lay.merge_size or 1)
+    whole = plan(target, profile, headroom, text_tokens)
+    value = max(DTYPE_BYTES.get(profile.precision, 2.0), 2.0)
+    room = whole.usable_bytes - sum(whole.weight_bytes.values()) - whole.kv_cache_bytes
+    patches = (vision_patch_limit(target, room / whole.batch, value_bytes=value) or 0) if room > 0 else 0
+    tokens = min(patches // (m * m), whole.prompt_tokens - text_tokens)
+    return tokens * (p * m) ** 2 if tokens >= 1 else None
 
 
 def vision_patch_limit(manifest, memory_bytes: float, value_bytes: float | None = None) -> int | None:

@@ -13,6 +13,7 @@ collects every node's op_type (NodeProto field 4), so control flow can be refuse
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 from tokedge.errors import IntegrityError
 
@@ -47,8 +48,8 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(buf: memoryview):
-    """Yield (field_number, wire_type, value) where value is a memoryview for length-delimited."""
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """Yield (field_number, wire_type, value): an int for varints, else a memoryview of the bytes."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
@@ -56,14 +57,14 @@ def _fields(buf: memoryview):
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 1:
-            value, pos = None, pos + 8
+            value, pos = buf[pos : pos + 8], pos + 8
         elif wire == 2:
             length, pos = _varint(buf, pos)
             if pos + length > len(buf):
                 raise ValueError("truncated field")
             value, pos = buf[pos : pos + length], pos + length
         elif wire == 5:
-            value, pos = None, pos + 4
+            value, pos = buf[pos : pos + 4], pos + 4
         else:
             raise ValueError(f"unsupported wire type {wire}")
         if pos > len(buf):

@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from tokedge.errors import ArtifactError, IntegrityError
+from tokedge.errors import ArtifactError, ArtifactPathError, IntegrityError
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -59,11 +59,11 @@ def open_dir(root: Path) -> int:
     try:
         return os.open(root, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
     except FileNotFoundError:
-        raise ArtifactError(f"artifact directory '{root}' does not exist") from None
+        raise ArtifactPathError(f"artifact directory '{root}' does not exist") from None
     except NotADirectoryError:
-        raise ArtifactError(f"'{root}' is a file, not an artifact directory; pass the directory `tokedge export` wrote") from None
+        raise ArtifactPathError(f"'{root}' is a file, not an artifact directory; pass the directory `tokedge export` wrote") from None
     except OSError as exc:
-        raise ArtifactError(f"cannot open artifact directory '{root}': {exc.strerror}") from None
+        raise ArtifactPathError(f"cannot open artifact directory '{root}': {exc.strerror}") from None
 
 
 def open_regular(root_fd: int, rel: str, what: str | None = None) -> int:

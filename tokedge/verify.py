@@ -11,7 +11,17 @@ from tokedge.runtime.graphs import ArtifactGraphs
 from tokedge.runtime.ort_backend import OrtOptions
 
 
-def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOptions = OrtOptions()) -> ParityReport:
+def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOptions = OrtOptions(),
+           backend=None) -> ParityReport:
+    """`backend`: a `tokedge.runtime.backends.Backend` (ONNX Runtime's CPU or GPU providers) the
+    parity runs on; None: the CPU."""
+    if backend is not None:
+        from tokedge.errors import UsageError
+
+        if backend.name == "tensorrt":
+            raise UsageError("verify runs the graphs on ONNX Runtime: use --backend onnxruntime, ort-cuda or "
+                             "ort-tensorrt (engines are checked against their artifact when `run` loads them)")
+        backend.check()
     root = Path(artifact)
     verified = open_artifact(root)  # schema, format version, hashes, confined paths: and the bytes
     manifest = verified.manifest
@@ -27,6 +37,11 @@ def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOpti
     tol = Tolerance(**ref["tolerance"])
     if checkpoint is not None:
         cases = _recompute(manifest, checkpoint, pixel_values, cases)
+    if backend is not None:
+        import dataclasses
+
+        chosen = backend.ort_options(manifest, root)
+        options = dataclasses.replace(options, backend=chosen.backend, gpu=chosen.gpu)
     with ArtifactGraphs(root, manifest, options=options, verified=verified) as graphs:
         report = run_cases(graphs, pixel_values, cases, tol)
         if "text" in ref:  # quantized: the text measure against the fp32 side recorded at quantization

@@ -103,7 +103,7 @@ def test_force_replaces_whole_and_leaves_no_staging(artifacts, tiny_llava_dir, t
 def test_verify_cli(artifacts, tmp_path, capsys):
     assert main(["verify", str(artifacts("cls-attn", 64)), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
-    assert main(["verify", str(tmp_path)]) == 1
+    assert main(["verify", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a tokedge artifact" in err and len(err.splitlines()) == 1
 
@@ -176,3 +176,23 @@ def test_runtime_budget_advice_only_for_methods_that_take_one(artifacts, tmp_pat
     assert main(["run", str(artifacts("visionzip", 64)), *args]) == 2
     err = capsys.readouterr().err
     assert "takes no runtime budget" in err and "--dynamic-budget" not in err
+
+
+@pytest.mark.parametrize("argv,suggestion", [
+    (["export", "tiny-lava"], "did you mean 'tiny-llava'?"),
+    (["export", "tiny-qwen2.5vl"], "did you mean 'tiny-qwen2.5-vl'?"),
+    (["optimize", "ART", "--out", "OUT", "--passes", "fold,ort-fusion"], "did you mean 'ort-fusions'?"),
+    (["optimize", "ART", "--out", "OUT", "--passes", "fuse-selections"], "did you mean 'fuse-selection'?"),
+])
+def test_unknown_preset_or_pass_suggests_the_closest(argv, suggestion, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "tiny-lava" must not exist as a directory here
+    assert main([a.replace("ART", str(tmp_path / "art")).replace("OUT", str(tmp_path / "o")) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert suggestion in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_far_names_get_no_suggestion(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "my-model-dir"]) == 2
+    assert "did you mean" not in capsys.readouterr().err

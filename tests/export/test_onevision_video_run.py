@@ -357,6 +357,8 @@ def test_profile_video_32_frames_at_several_budgets(method, ov_video_artifacts, 
                                       "max_abs_prefill_logits"}
         assert r["tokens_per_frame"] == pytest.approx(r["budget"] / 32, abs=0.01)
     assert results[0]["fidelity"]["max_abs_prefill_logits"] == 0.0 and results[0]["fidelity"]["token_overlap"] == 1
+    for png in ("latency.png", "tokens.png"):  # the plots the README lists (issue 28, item 6)
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
     assert "| budget | share | tokens/frame" in text and ("Tokens per frame after reduction" in text) == (
         method == "divprune")

@@ -218,3 +218,26 @@ def test_ort_fusions_leave_a_graph_without_patterns(tmp_path):
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
     assert run_passes(model, ["ort-fusions"]) == {"ort-fusions": 0}
     assert _ops(model) == ["Add"]
+
+
+def test_ort_fusions_count_what_is_in_the_written_graphs(artifacts, tmp_path, capsys):
+    """Issue 28 item 7: a decoder whose MatMul + Transpose became FusedMatMul was reported "fired 0x"
+    (onnxscript counts only its transformer fusions). The count must equal the com.microsoft nodes
+    found in the written graphs, read back independently with onnx."""
+    art = artifacts("cls-attn", 64)
+    out = tmp_path / "ort"
+    assert main(["optimize", str(art), "--out", str(out), "--passes", "ort-fusions", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["parity"]["ok"]
+    for graph, counts in summary["counts"].items():
+        before = [n for n in onnx.load(art / f"{graph}.onnx").graph.node if n.domain == "com.microsoft"]
+        after = [n for n in onnx.load(out / f"{graph}.onnx").graph.node if n.domain == "com.microsoft"]
+        assert not before
+        assert counts["ort-fusions"] == len(after), graph
+        assert summary["ort_ops"][graph] == {op: sum(n.op_type == op for n in after) for op in {n.op_type for n in after}}
+    decoder_ops = summary["ort_ops"]["decoder"]
+    assert decoder_ops.get("FusedMatMul", 0) > 0 and summary["counts"]["decoder"]["ort-fusions"] > 0
+    decoder_line = next(line for line in captured.err.splitlines() if line.startswith("decoder:"))
+    assert f"ort-fusions fired {summary['counts']['decoder']['ort-fusions']}x" in decoder_line
+    assert f"FusedMatMul {decoder_ops['FusedMatMul']}" in decoder_line

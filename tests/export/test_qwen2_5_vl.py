@@ -6,6 +6,7 @@ transformers' `generate` is tests/runtime/test_qwen2_5_vl_run.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,8 +74,9 @@ def test_manifest_records_the_dynamic_layout_as_format_3(qwen2_5_vl_artifact, ti
     layout = load_artifact(qwen2_5_vl_artifact).layout
     assert layout.kind == "dynamic_patches" and layout.position_rows == 3
     assert (layout.patch_size, layout.merge_size, layout.temporal_patch_size, layout.window_size) == (14, 2, 2, 112)
-    assert (layout.min_pixels, layout.max_pixels) == (processor["size"]["shortest_edge"],
-                                                      processor["size"]["longest_edge"])
+    # exported without --max-pixels: tokedge's edge default (1280 tokens), not the checkpoint's 12.8 MP
+    assert layout.min_pixels == processor["size"]["shortest_edge"]
+    assert layout.max_pixels == 1280 * 28 * 28 < processor["size"]["longest_edge"] == 12845056
     assert list(layout.mrope_section) == config["text_config"]["rope_parameters"]["mrope_section"]
     assert list(layout.fullatt_blocks) == config["vision_config"]["fullatt_block_indexes"]
     assert (layout.vision_start_token_id, layout.vision_end_token_id) == (config["vision_start_token_id"],
@@ -164,3 +166,70 @@ def test_profile_runs_on_the_artifact(qwen2_5_vl_artifact, tmp_path):
     small, tall = (p["flops"]["vision"] for p in result.per_image)
     assert 0 < small < tall  # the tower's cost follows the image's patches
     assert result.visual_tokens == 352 and result.ttft_ms > 0
+
+
+def test_export_summary_names_the_pixel_budget_and_how_to_raise_it(tiny_qwen2_5_vl_dir, tmp_path, capsys):
+    """Without --max-pixels the manifest records the edge default (1280 visual tokens per image) and
+    the summary says so, with the checkpoint's own limit and the flag that raises it; with
+    --max-pixels the given value."""
+    from tokedge.artifact import load_artifact
+    from tokedge.cli import main
+
+    out = tmp_path / "edge"
+    assert main(["export", str(tiny_qwen2_5_vl_dir), "--out", str(out), "--no-validate", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (note,) = summary["notes"]
+    assert note.startswith("images: up to 1003520 pixels (1280 visual tokens) each, tokedge's edge default; "
+                           "the checkpoint takes up to 12845056")
+    assert "--max-pixels N" in note
+    manifest = load_artifact(out)
+    assert (manifest.layout.max_pixels, manifest.reduction.full_tokens) == (1003520, 1280)
+
+    given = tmp_path / "given"
+    assert main(["export", str(tiny_qwen2_5_vl_dir), "--out", str(given), "--no-validate", "--json",
+                 "--max-pixels", "2000000"]) == 0
+    (note,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["notes"]
+    assert note.startswith("images: up to 2000000 pixels (2551 visual tokens) each, --max-pixels;")
+    assert load_artifact(given).layout.max_pixels == 2000000
+
+    # --profile: the default is what the device holds when that is less (the tiny preset fits whole)
+    profiled = tmp_path / "profiled"
+    assert main(["export", str(tiny_qwen2_5_vl_dir), "--out", str(profiled), "--no-validate", "--json",
+                 "--profile", "jetson-orin-nano-8gb"]) == 0
+    (note,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["notes"]
+    assert note.startswith("images: up to 1003520 pixels (1280 visual tokens) each, tokedge's edge default;")
+
+    # a device whose prompt holds 600 tokens: 600 - 64 text tokens = 536 visual tokens per image
+    small = tmp_path / "small-device.toml"
+    small.write_text((Path(__file__).parents[2] / "tokedge/profiles/jetson-orin-nano-8gb.toml").read_text()
+                     .replace('name = "jetson-orin-nano-8gb"', 'name = "small-device"')
+                     .replace("max_prompt_tokens = 3072", "max_prompt_tokens = 600"))
+    capped = tmp_path / "capped"
+    assert main(["export", str(tiny_qwen2_5_vl_dir), "--out", str(capped), "--no-validate", "--json",
+                 "--profile", str(small)]) == 0
+    (note,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["notes"]
+    assert note.startswith(f"images: up to {536 * 28 * 28} pixels (536 visual tokens) each, what --profile "
+                           f"{small} holds (tokedge's edge default: 1003520)")
+    assert load_artifact(capped).layout.max_pixels == 536 * 28 * 28
+
+
+def test_profile_pixel_limit_is_what_the_device_holds():
+    """`memory.profile_pixel_limit`: at the limit the plan's vision attention fits beside the weights and
+    KV cache and the image's tokens fit the prompt; one merged patch row more and one of them does not."""
+    from dataclasses import replace
+
+    from tokedge.memory import DEFAULT_TEXT_TOKENS, plan, profile_pixel_limit, resolve_target
+    from tokedge.profiles import load_profile
+
+    target, _ = resolve_target("qwen2.5-vl-3b", quantize="int4")
+    nano = load_profile("jetson-orin-nano-8gb")
+    limit = profile_pixel_limit(target, nano)
+    assert limit is not None and limit % 28**2 == 0 and limit < 1280 * 28 * 28
+
+    def fits(pixels: int) -> bool:
+        p = plan(replace(target, layout=replace(target.layout, max_pixels=pixels)), nano)
+        room = p.usable_bytes - sum(p.weight_bytes.values()) - p.kv_cache_bytes
+        return p.vision_activation_bytes <= room and p.visual_tokens + DEFAULT_TEXT_TOKENS <= p.prompt_tokens
+
+    assert fits(limit) and not fits(limit + 64 * 28**2)
+    assert profile_pixel_limit(resolve_target("qwen2.5-vl-7b")[0], nano) is None  # fp16 weights: nothing fits

@@ -126,7 +126,7 @@ def _tokenizer_tampered(art: Path):
 
 ARTIFACT_CASES = [
     ("newer-format", _newer_format, 1, "newer than this tokedge reads"),
-    ("not-an-artifact", _no_manifest, 1, "not a tokedge artifact"),
+    ("not-an-artifact", _no_manifest, 2, "not a tokedge artifact"),
     ("bad-manifest", _bad_json, 1, "not valid JSON"),
     ("missing-graph", _missing_graph, 1, "'decoder.onnx' is missing"),
     ("tampered-tokenizer", _tokenizer_tampered, 1, "tokenizer.json"),
@@ -164,4 +164,4 @@ def test_bad_prompts_and_options(args, fragment, artifacts, workdir, capsys):
 def test_artifact_path_is_a_file(workdir, capsys):
     image = _png(workdir / "ok.png")
     rc, err, _ = _run([str(image), "--image", str(image), "--prompt", "hi"], capsys)
-    assert rc == 1 and "is a file, not an artifact directory" in err
+    assert rc == 2 and "is a file, not an artifact directory" in err

@@ -132,7 +132,8 @@ def test_profile_compares_dart_keeps_with_none(dart_artifact, qwen2_5_vl_artifac
     assert load_artifact(tmp_path / "artifacts" / "dart-keep0.5-keep-0.75").reduction.keep == 0.75
     text = markdown(report)
     assert "| dart keep 0.75 |" in text and "| none (all tokens) |" in text
-    assert any(line.startswith("dart keep 0.5:") for line in summary_lines(report))
+    assert any(line.startswith(f"dart keep 0.5 ({report.results[2].visual_tokens} tokens):")
+               for line in summary_lines(report))
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +228,26 @@ def _pre_llm_run_equals_reference(artifact, hf_qwen2_5_vl, keep, pick):
     assert np.abs(gen.prefill_logits[0] - logits[0]).max() < 1e-3
     steps = np.stack([s[0] for s in gen.step_logits])[:STEPS - 1]
     assert np.abs(steps - np.stack(logits[1:1 + len(steps)])).max() < 1e-3
+
+
+def test_keep_artifact_speaks_of_its_keep_ratio(dart_artifact, tmp_path, capsys, monkeypatch):
+    """Issue 28 item 14: a --keep artifact reported "budget 8192" in verify and `run --budget 50` said
+    "fixed budget of 8192 visual tokens". Now verify names each case's image and the keep ratio, and
+    run says --budget does not apply and why."""
+    from tokedge.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    image = tmp_path / "a.png"
+    _image(300, 200, seed=5).save(image)
+    rc = main(["run", str(dart_artifact), "--image", str(image), "--prompt", "hi", "--budget", "50"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--budget 50 does not apply" in err and "--keep 0.5" in err and "8192 visual tokens" not in err
+    assert main(["verify", str(dart_artifact)]) == 0
+    err = capsys.readouterr().err
+    flat = " ".join(err.split())
+    assert "budget 8192" not in flat and "(keep 0.5): embeds" in flat
+    with np.load(dart_artifact / "reference.npz") as ref:
+        sizes = sorted({f"image {ref[k].shape[1]}x{ref[k].shape[0]}," for k in ref.files if k.endswith(".image")})
+    assert sizes and all(size in flat for size in sizes)
+    assert all(len(line) <= 80 for line in err.splitlines())

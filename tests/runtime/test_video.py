@@ -274,3 +274,25 @@ def test_video_token_counts_and_placeholders():
     assert expanded.count("<video>") == 393 and expanded.endswith("\nWhat happens?<|im_end|>\n")
     with pytest.raises(InputError, match="placeholders"):
         expand_video_placeholders(text, "<video>", [1, 1])
+
+
+@pytest.mark.parametrize("name,fmt", [("photo.jpg", "JPEG"), ("photo.PNG", "PNG"), ("renamed.mp4", "PNG")])
+def test_a_still_image_is_not_a_one_frame_clip(name, fmt, tmp_path, clip10, artifacts, capsys):
+    """Issue 28 item 18: `--video photo.jpg` used to run as a one-frame clip. It is refused in one
+    line (exit 2) naming --image, before the artifact is loaded; by name or, renamed, by content.
+    An animated GIF and a real clip are still videos."""
+    from PIL import Image
+
+    from tokedge.cli import main
+
+    photo = tmp_path / name
+    Image.fromarray(_frame(0)).save(photo, format=fmt)
+    with pytest.raises(InputError, match="still image, not a video; pass it with --image"):
+        read_video(photo)
+    rc = main(["run", str(artifacts("cls-attn", 64)), "--video", str(photo), "--prompt", "hi"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--image" in err and name in err
+    animated = tmp_path / "anim.gif"
+    Image.fromarray(_frame(0)).save(animated, save_all=True, append_images=[Image.fromarray(_frame(i)) for i in (1, 2)])
+    assert len(read_video(animated).frames) == 3
+    assert len(read_video(clip10, frames=2).frames) == 2

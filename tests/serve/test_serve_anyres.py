@@ -110,3 +110,22 @@ def test_a_reduced_tiled_artifact_with_two_images_in_one_request(artifacts, tiny
             messages=[{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}])
     assert resp.choices[0].message.content == expected.text
     assert resp.usage.model_extra["visual_tokens"] == 2 * 585
+
+
+def test_text_only_turn_equals_transformers(server, client, tiny_llava_next_dir):
+    """A tiled artifact answers a turn without an image as LlavaNextForConditionalGeneration.generate."""
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_next_dir)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_llava_next_dir, dtype=torch.float32).eval()
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Say something."}]}]
+    enc = processor.tokenizer(processor.apply_chat_template(conv, add_generation_prompt=True), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    new = out[0, enc.input_ids.shape[1]:].tolist()
+    resp = client.chat.completions.create(model=server[1].cfg.served_name, max_tokens=8,
+                                          messages=[{"role": "user", "content": "Say something."}])
+    assert server[1].text_only_refusal is None
+    assert resp.choices[0].message.content == processor.tokenizer.decode(new, skip_special_tokens=True)
+    assert resp.usage.completion_tokens == len(new) and resp.usage.model_extra["visual_tokens"] == 0

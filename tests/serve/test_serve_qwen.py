@@ -51,3 +51,23 @@ def test_batched_requests_with_different_image_sizes_equal_run(server, qwen2_5_v
         assert answer.choices[0].message.content == alone.text
         assert answer.usage.model_extra["visual_tokens"] == alone.visual_tokens
     assert [a.usage.model_extra["visual_tokens"] for a in answers] == [256, 352 + 972]
+
+
+def test_text_only_turn_equals_transformers(server, hf_qwen2_5_vl):
+    """A chat turn without an image (M-RoPE positions of plain text) answers as transformers'
+    Qwen2_5_VLForConditionalGeneration.generate does on the same templated prompt."""
+    import torch
+
+    base, service = server
+    model, tokenizer, _ = hf_qwen2_5_vl
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to five."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=300)
+    resp = client.chat.completions.create(model=service.cfg.served_name, max_tokens=8, messages=messages)
+    assert service.text_only_refusal is None
+    assert resp.choices[0].message.content == tokenizer.decode(new, skip_special_tokens=True)
+    assert resp.usage.prompt_tokens == ids["input_ids"].shape[1] and resp.usage.completion_tokens == len(new)
+    assert resp.usage.model_extra["visual_tokens"] == 0

@@ -21,6 +21,7 @@ from tokedge.artifact import GraphSpec, ModelInfo, TensorSpec
 OPSET = 17
 BATCH, SEQ, PAST, TOTAL, TOKENS = "batch", "sequence", "past_sequence", "total_sequence", "visual_tokens"
 IMAGE_TOKENS = "image_tokens"  # the prefill's image positions: every image token of a prompt
+TRACE_IMAGE_TOKENS = 576  # the most image tokens an in-LLM prefill is traced with (LLaVA-1.5's count)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
         ),
     }
     if plan is not None:
+        # the prefill is traced on a short prompt: its image-token and sequence axes are dynamic, and
+        # tracing at a tiled model's full count (8,829 image tokens for OneVision) ran eager attention
+        # over [batch, heads, 8838, 8838] scores (6 GB for the tiny preset); enough image tokens for
+        # every stage's keep, as validation then checks at the real counts
+        full_tokens = min(full_tokens, max(TRACE_IMAGE_TOKENS, 2 * max(st.keep for st in plan.stages)))
         t = full_tokens + 9
         group_masks = masks[1:]
         mask_example = torch.ones(b, t, dtype=torch.int64)

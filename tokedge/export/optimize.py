@@ -21,6 +21,7 @@ class OptimizeResult:
     counts: dict[str, dict[str, int]]  # graph -> pass -> fired
     parity: dict
     earlier: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # already applied: graph -> pass -> fired
+    ort_ops: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # graph -> com.microsoft op -> nodes after
 
     def describe(self, graph: str) -> str:
         """One line per graph: what each pass did now, and when it had already run before."""
@@ -30,7 +31,9 @@ class OptimizeResult:
             if before is not None and fired == 0:
                 parts.append(f"{name} had already run (at export or an earlier optimize, fired {before}x then): nothing left")
             else:
-                parts.append(f"{name} fired {fired}x")
+                ops = self.ort_ops.get(graph) if name == "ort-fusions" else None
+                held = f" ({', '.join(f'{op} {n}' for op, n in sorted(ops.items()))} in the graph)" if ops else ""
+                parts.append(f"{name} fired {fired}x{held}")
         return f"{graph}: " + ", ".join(parts)
 
 
@@ -49,6 +52,7 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
     verified = open_artifact(artifact)  # every file read once, no links followed, hashed: these bytes are copied
     manifest = verified.manifest
     counts: dict[str, dict[str, int]] = {}
+    ort_ops: dict[str, dict[str, int]] = {}
     earlier: dict[str, dict[str, int]] = {}
     for record in manifest.optimizations:
         per = earlier.setdefault(record["graph"], {})
@@ -61,6 +65,10 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
                 if isinstance(value.const_value, ir.ExternalTensor):
                     value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
             counts[name] = run_passes(model, passes)
+            if "ort-fusions" in passes:
+                from tokedge.export.passes.ort_fusions import ort_nodes
+
+                ort_ops[name] = dict(ort_nodes(model))
             threshold = 0 if spec.external_data else 1 << 62
             if spec.external_data:
                 (stage / spec.external_data).unlink()
@@ -75,4 +83,4 @@ def optimize(artifact: Path, out: Path, passes: list[str], force: bool = False) 
             {"graph": g, "pass": p, "fired": n} for g, per in counts.items() for p, n in per.items()
         )
         write_manifest(stage, dataclasses.replace(manifest, optimizations=records, files=hash_tree(stage)))
-    return OptimizeResult(out=out, counts=counts, parity=report.to_dict(), earlier=earlier)
+    return OptimizeResult(out=out, counts=counts, parity=report.to_dict(), earlier=earlier, ort_ops=ort_ops)

@@ -53,7 +53,7 @@ class ExportConfig:
     options: tuple[tuple[str, str], ...] = ()  # method options as given (`--option key=value`)
     quantize: QuantConfig | None = None  # weight-only quantization after tracing (None: float weights)
     device_profile: str | None = None  # warn when this device profile cannot hold the artifact
-    max_pixels: int | None = None  # dynamic-resolution layouts: largest image (pixels); None: the processor's
+    max_pixels: int | None = None  # dynamic-resolution layouts: largest image (pixels); None: the edge default (pixel_budget_stage)
     keep: float | None = None  # dynamic-resolution layouts: keep ratio per image (--keep), instead of --budget
     frames: int | None = None  # temporal methods: the frame count their video graph is fixed to (None: default)
 
@@ -65,6 +65,7 @@ class ExportResult:
     parity: dict
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # summary lines (the pixel budget chosen and how to raise it)
 
 
 Progress = Callable[[str], contextlib.AbstractContextManager]
@@ -101,7 +102,11 @@ def resolve_model(source: str) -> Path | None:
         from tokedge.export.hf import offline_checkpoint
 
         return offline_checkpoint(source)  # None: online, transformers downloads it
-    raise InputError(f"'{source}' is not a directory, a built-in preset ({', '.join(PRESETS)}) or a hub id (owner/name)")
+    from tokedge.suggest import did_you_mean
+
+    hint = did_you_mean(source, PRESETS).strip()
+    raise InputError(f"'{source}' is not a directory, a built-in preset ({', '.join(PRESETS)}) or a hub id "
+                     f"(owner/name)" + (f"; {hint}" if hint else ""))
 
 
 def check_flags(cfg: ExportConfig, method: Method) -> dict:
@@ -186,6 +191,7 @@ class _Export:
     modules: dict = field(default_factory=dict)
     specs: dict = field(default_factory=dict)
     video: Any = None  # the manifest's video record
+    notes: list = field(default_factory=list)  # summary lines for the user (ExportResult.notes)
 
     @property
     def protect(self) -> tuple:
@@ -208,7 +214,8 @@ def export(cfg: ExportConfig, progress: Progress = _quiet_stage) -> ExportResult
         manifest = manifest_stage(job, stage, graphs, optimizations)
         manifest, parity = validate_stage(job, stage, manifest)
         manifest = finish_stage(job, stage, manifest, parity)
-    return ExportResult(out=job.out, manifest=manifest, parity=parity, seconds=seconds, warnings=_warnings(job, manifest))
+    return ExportResult(out=job.out, manifest=manifest, parity=parity, seconds=seconds, warnings=_warnings(job, manifest),
+                        notes=job.notes)
 
 
 def _timer(progress: Progress, seconds: dict[str, float]):
@@ -282,8 +289,7 @@ def load_checkpoint_stage(job: _Export) -> None:
 
         job.loaded = family.load(cfg.model, job.local, trust_remote_code=cfg.trust_remote_code,
                                  allow_pickle=cfg.allow_pickle)
-        if cfg.max_pixels is not None:
-            job.loaded = family.with_max_pixels(job.loaded, cfg.max_pixels)
+        job.loaded = pixel_budget_stage(job)
     if job.loaded.spec.full_tokens != job.full and job.resizes:
         job.full = job.loaded.spec.full_tokens  # the pixel range comes with the image processor (and --max-pixels)
         job.budget, job.rng, job.options = check_request(cfg, job.method, job.full, job.spec.geometry, job.resizes)
@@ -498,6 +504,53 @@ def finish_stage(job: _Export, stage: Path, manifest: Manifest, parity: dict) ->
     manifest = replace(manifest, reference={**manifest.reference, "parity_at_export": parity}, files=hash_tree(stage))
     write_manifest(stage, manifest)
     return manifest
+
+
+def pixel_budget_stage(job: _Export):
+    """The largest image a dynamic-resolution artifact takes: --max-pixels, else the layout's edge
+    default (`default_pixel_limit`: 1280 visual tokens), capped by what --profile's device holds; the
+    checkpoint's own max_pixels (12.8 MP on the hub's Qwen2.5-VL) is an upper bound, never the default.
+    Adds the summary line that says which and how to raise it."""
+    from tokedge.layouts import image_layout_class
+
+    cfg, loaded = job.cfg, job.loaded
+    layout = image_layout_class(loaded.spec.layout.kind).of_record(loaded.spec.layout)
+    checkpoint = layout.pixel_limit()
+    if checkpoint is None:  # fixed views (--max-pixels was refused in plan_export)
+        return loaded
+    if cfg.max_pixels is not None:
+        chosen, why = cfg.max_pixels, "--max-pixels"
+    else:
+        device = _device_pixel_limit(job, checkpoint) if cfg.device_profile else None
+        chosen = layout.default_pixel_limit(device)
+        edge = layout.default_pixel_limit()
+        why = ("the checkpoint's max_pixels" if chosen == checkpoint else
+               f"what --profile {cfg.device_profile} holds (tokedge's edge default: {edge})" if chosen != edge else
+               "tokedge's edge default")
+        why += "" if chosen == checkpoint else f"; the checkpoint takes up to {checkpoint}"
+    loaded = job.family.with_max_pixels(loaded, chosen)
+    tokens = image_layout_class(loaded.spec.layout.kind).of_record(loaded.spec.layout).bounds().tokens[2]
+    job.notes.append(f"images: up to {chosen} pixels ({tokens} visual tokens) each, {why}; larger images are "
+                     "resized down at run time" + ("" if cfg.max_pixels is not None else
+                                                    "; raise or lower it with --max-pixels N"))
+    return loaded
+
+
+def _device_pixel_limit(job: _Export, checkpoint: int) -> int | None:
+    """The largest image --profile's device holds for this checkpoint, method and weights
+    (`memory.profile_pixel_limit` on the loaded config, planned as `tokedge memory` plans a checkpoint)."""
+    from tokedge import architecture as arch
+    from tokedge.memory import profile_pixel_limit, target_for_geometry
+    from tokedge.profiles import load_profile
+
+    cfg, record = job.cfg, job.loaded.spec.layout
+    geometry = arch.from_config(job.loaded.model.config.to_dict(),
+                                {"min_pixels": int(record.min_pixels), "max_pixels": checkpoint},
+                                name=cfg.model, source=cfg.model)
+    method = None if job.method.reduces_over_time else job.method.name
+    target = target_for_geometry(geometry, method, keep=cfg.keep,
+                                 quantize=cfg.quantize.scheme if cfg.quantize is not None else None)
+    return profile_pixel_limit(target, load_profile(cfg.device_profile))
 
 
 def _warnings(job: _Export, manifest: Manifest) -> list[str]:

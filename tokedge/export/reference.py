@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from tokedge.export.families import LoadedCheckpoint
+from tokedge.layouts.tiled import ANYRES_SIZES  # export's tiled canvases (profile reads them without torch)
 from tokedge.reduce.base import Method
 
 EXAMPLE_PROMPTS = ("What is shown in this image?", "Describe the picture in detail, please.")
@@ -27,7 +28,6 @@ def example_images(n: int = 2):
     return images
 
 
-ANYRES_SIZES = ((480, 640), (1000, 1000))  # (height, width): two canvases, 2304 and 2880 candidates on LLaVA-NeXT
 
 
 def anyres_example_images():

@@ -93,6 +93,20 @@ class ParityCase:
     top1_agreement: float = 1.0  # share of logits rows whose argmax equals the reference's
     kl_mean: float = 0.0  # mean KL(reference || artifact) of the logits rows, nats
     kl_max: float = 0.0
+    label: str = ""  # which sample: "image 640x480, 2340 visual tokens" (older manifests: none, shown by budget)
+
+    def name(self) -> str:
+        return self.label or f"budget {self.budget}"
+
+    def numbers(self, tol: Tolerance) -> str:
+        logits = max(self.max_abs_prefill_logits, self.max_abs_step_logits)
+        if tol.kl_mean is not None or not tol.gated:  # quantized, judged (or measured) by KL
+            judged = f"KL mean {self.kl_mean:.4f} (max {self.kl_max:.3f}), top-1 {self.top1_agreement:.0%}"
+        elif tol.quantized:  # quantized before KL: the older bounds
+            judged = f"cosine {self.logit_cosine:.4f}, top-1 {self.top1_agreement:.0%}"
+        else:
+            judged = f"tokens {'match' if self.tokens_match else 'DIFFER'}"
+        return f"embeds {self.max_abs_image_embeds:.2e}, logits {logits:.2e}, " + judged
 
     def ok(self, tol: Tolerance) -> bool:
         if not tol.gated:
@@ -127,33 +141,39 @@ class ParityReport:
         return cls(Tolerance(**data["tolerance"]), [ParityCase(**c) for c in data.get("cases", [])],
                    data.get("text"))
 
-    def summary(self) -> str:
-        tol = self.tolerance
-        parts = []
-        for c in self.cases:
-            head = (f"budget {c.budget}: image_embeds {c.max_abs_image_embeds:.2e}, logits "
-                    f"{max(c.max_abs_prefill_logits, c.max_abs_step_logits):.2e}, ")
-            if tol.kl_mean is not None or not tol.gated:
-                parts.append(head + f"KL mean {c.kl_mean:.4f} (max {c.kl_max:.3f}), top-1 {c.top1_agreement:.0%}")
-            elif tol.quantized:
-                parts.append(head + f"cosine {c.logit_cosine:.4f}, top-1 {c.top1_agreement:.0%}")
-            else:
-                parts.append(head + f"tokens {'match' if c.tokens_match else 'DIFFER'}")
-        if self.text is not None:
-            from tokedge.fidelity import Fidelity
+    @property
+    def quantized(self) -> bool:
+        return self.tolerance.quantized
 
-            parts.append(Fidelity.from_dict(self.text).line())
+    def bound(self) -> str:
+        tol = self.tolerance
         if not tol.gated:
-            bound = "not gated: random weights"
-        elif tol.kl_mean is not None:
-            bound = (f"image KL mean <= {tol.kl_mean:g}" + (
+            return "not gated: random weights"
+        if tol.kl_mean is not None:
+            return f"image KL mean <= {tol.kl_mean:g}" + (
                 f", text KL mean <= {tol.text_kl_mean:g}, p99 <= {tol.text_kl_p99:g}, top-1 >= {tol.text_top1:.0%}"
-                if tol.text_kl_mean is not None else ""))
-        elif tol.quantized:
-            bound = f"cosine >= {tol.logit_cosine:g}, top-1 >= {tol.top1_agreement:.0%}"
-        else:
-            bound = f"{tol.logits:g}"
-        return "; ".join(parts) + f" (tolerance {bound})"
+                if tol.text_kl_mean is not None else "")
+        if tol.quantized:
+            return f"cosine >= {tol.logit_cosine:g}, top-1 >= {tol.top1_agreement:.0%}"
+        return f"{tol.logits:g}"
+
+    def _text_line(self) -> list[str]:
+        from tokedge.fidelity import Fidelity
+
+        return [] if self.text is None else [Fidelity.from_dict(self.text).line()]
+
+    def summary(self) -> str:
+        """One line (error messages): every case, labelled, the text measure, then the tolerance."""
+        parts = [f"{c.name()}: {c.numbers(self.tolerance)}" for c in self.cases] + self._text_line()
+        return "; ".join(parts) + f" (tolerance {self.bound()})"
+
+    def lines(self) -> list[str]:
+        """For a person: a header, then one short line per case and one for the text measure."""
+        n = len(self.cases)
+        verdict = "within" if self.ok else "NOT within"
+        head = f"{n} case{'s' if n != 1 else ''} {verdict} tolerance {self.bound()}"
+        return [head, *(f"  {c.name()}: {c.numbers(self.tolerance)}" for c in self.cases),
+                *(f"  {line}" for line in self._text_line())]
 
     def raise_if_failed(self, what: str) -> None:
         if not self.ok:
@@ -193,7 +213,28 @@ def logit_kl(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> 
     return float(kl.mean()), float(kl.max())
 
 
-def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budget: int) -> ParityCase:
+def case_label(case: dict[str, np.ndarray], manifest=None) -> str:
+    """Which sample a recorded case is, for a person: its image's size (tiled and dynamic layouts
+    record one image per case) or its prompts, the visual tokens the vision graph gave, and the
+    artifact's keep ratio or runtime budget where it has one."""
+    embeds = np.asarray(case["image_embeds"])
+    tokens = int(embeds.shape[-2]) if embeds.ndim >= 2 else 0
+    if "image" in case:
+        height, width = np.asarray(case["image"]).shape[:2]
+        label = f"image {width}x{height}, {tokens} visual tokens"
+    else:
+        rows = int(np.asarray(case["input_ids"]).shape[0])
+        label = f"{rows} prompts x 1 image, {tokens} visual tokens each" if rows > 1 else f"1 image, {tokens} visual tokens"
+    red = manifest.reduction if manifest is not None else None
+    if red is not None and red.keep is not None:
+        label += f" (keep {red.keep:g})"
+    elif red is not None and red.budget_range is not None:
+        label += f" (budget {int(case['budget'])})"
+    return label
+
+
+def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budget: int,
+            label: str = "") -> ParityCase:
     cosine, top1 = logit_agreement(expected, actual)
     kl_mean, kl_max = logit_kl(expected, actual)
     return ParityCase(
@@ -207,6 +248,7 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budg
         top1_agreement=round(top1, 4),
         kl_mean=round(kl_mean, 6),
         kl_max=round(kl_max, 6),
+        label=label,
     )
 
 
@@ -306,5 +348,5 @@ def run_cases(graphs, pixel_values: np.ndarray, cases: list[dict[str, np.ndarray
         inputs = image_inputs(graphs, [case["image"]]) if "image" in case else pixel_values  # tiled: its own image
         actual = greedy_arrays(graphs, inputs, case["input_ids"], case["attention_mask"],
                                int(case["step_logits"].shape[1]), budget)
-        report.cases.append(compare(case, actual, budget))
+        report.cases.append(compare(case, actual, budget, case_label(case, graphs.manifest)))
     return report

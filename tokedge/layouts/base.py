@@ -156,9 +156,19 @@ class ImageLayout:
         `pixel_limit`; others have no pixel budget to lower)."""
         raise NotImplementedError
 
+    def largest_reduced_budget(self) -> int | None:
+        """The largest budget a reduction method can be exported at, when export's example images
+        bound it below the visual-token count (None: the count is the bound)."""
+        return None
+
     def describe_budget(self) -> str:
         """What export's summary line adds about the budget (e.g. "for the largest image")."""
         return ""
+
+    def default_pixel_limit(self, device_limit: int | None = None) -> int | None:
+        """Export's pixel budget when --max-pixels is not given (layouts with a `pixel_limit`; None:
+        fixed views, nothing to choose). `device_limit`: the most pixels a device profile holds."""
+        return None
 
     def axes(self, max_prompt: int) -> dict[str, Range]:
         """Bounds of the symbolic axes this layout's vision graph declares, for a device that holds

@@ -14,6 +14,11 @@ from tokedge.manifest_schema import ManifestError
 
 MAX_TOKENS_PER_IMAGE = 1 << 20  # bound on max_pixels / (patch x merge)^2 a manifest may declare
 VISION_MEMORY_ENV = "TOKEDGE_VISION_MEMORY_GB"  # memory one vision-graph run may take (default: half of RAM)
+# export's default pixel budget without --max-pixels: 1280 visual tokens per image (1280 x 28 x 28 =
+# 1,003,520 pixels on Qwen2.5-VL, 1280 x 32 x 32 = 1,310,720 on Qwen3-VL), the max_pixels Qwen's own
+# model cards suggest for a memory/quality balance and Qwen2VLImageProcessor's class default, instead
+# of the hub checkpoints' 12.8-16.8 MP (a phone photo would be ~15k tokens); docs/cli.md "--max-pixels"
+EDGE_IMAGE_TOKENS = 1280
 
 
 def vision_memory_bytes() -> float:
@@ -166,6 +171,16 @@ class DynamicPatches(ImageLayout):
 
     def describe_budget(self) -> str:
         return f" for the largest image, --max-pixels {self.record.max_pixels}"
+
+    def default_pixel_limit(self, device_limit: int | None = None) -> int | None:
+        """EDGE_IMAGE_TOKENS per image, never more than the record's (the checkpoint's) max_pixels
+        nor than `device_limit`, and never below one merged patch or min_pixels."""
+        factor = int(self.record.patch_size) * int(self.record.merge_size)
+        pixels = min(int(self.record.max_pixels), self.pixels_for_tokens(EDGE_IMAGE_TOKENS))
+        if device_limit is not None:
+            pixels = min(pixels, int(device_limit))
+        pixels -= pixels % (factor * factor)
+        return max(pixels, factor * factor, -(-int(self.record.min_pixels) // factor**2) * factor**2)
 
     def axes(self, max_prompt: int) -> dict[str, Range]:
         lo, opt, hi = self.bounds().tokens

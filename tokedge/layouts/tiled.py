@@ -10,6 +10,10 @@ import numpy as np
 from tokedge.layouts.base import TYPICAL_IMAGE, ImageBatch, ImageLayout, LayoutBounds, Range
 from tokedge.manifest_schema import ManifestError
 
+# the canvases export builds a tiled artifact's reference cases from (height, width): 2304 and 2880
+# candidates on LLaVA-NeXT; a reduced export's budget cannot exceed the larger
+ANYRES_SIZES = ((480, 640), (1000, 1000))
+
 
 class Tiled(ImageLayout):
     kind = "anyres"
@@ -108,6 +112,15 @@ class Tiled(ImageLayout):
         typical_candidates = self.image_counts_typical()
         return {"partitions": b.partitions, "visual_tokens": b.tokens,
                 "candidates": (min(n, b.tokens[0]), typical_candidates, b.tokens[2])}
+
+    def largest_reduced_budget(self) -> int | None:
+        """Export builds a reduced graph's reference cases from its example canvases and refuses a
+        budget above their candidate tokens (newlines aside): the same count, from the manifest."""
+        from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
+
+        layout = self.mechanism()
+        plans = [plan_image(layout, h, w) for h, w in ANYRES_SIZES]
+        return max(int(candidate_plan(layout, plan, *pack_plan(layout, plan))[0].shape[0]) for plan in plans)
 
     def image_counts_typical(self) -> int:
         from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image

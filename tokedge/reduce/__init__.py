@@ -48,10 +48,9 @@ def get_method(name: str) -> Method:
     methods = _registry()
     if name in methods:
         return methods[name]
-    import difflib
+    from tokedge.suggest import did_you_mean
 
-    close = difflib.get_close_matches(name.lower(), list(methods), n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = did_you_mean(name, methods)
     raise UsageError(f"unknown method '{name}'; {hint}choose one of: {', '.join(methods)} (see `tokedge methods`)")
 
 

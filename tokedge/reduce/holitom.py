@@ -62,8 +62,10 @@ def windows(sim, tau: float):
     # static[s, e]: positions static over s..e (no move in s..e-1); gain = count x (e - s), e > s
     still = (prefix[None, :, :] - prefix[:, None, :]) == 0  # [s, e, n]
     span = (order[None, :] - order[:, None]).clamp_min(0)
-    gain = (still.sum(dim=-1) * span).double()  # [F, F] (0 for e <= s); exact integers, ArgMax-friendly
-    zero = torch.zeros((), dtype=torch.float64)
+    # [F, F] (0 for e <= s): integer token counts held in float32 for Max/ArgMax (TensorRT takes no
+    # float64 and no int64 ArgMax); exact, as every sum here is at most F * n < 2**24 (`plan` checks)
+    gain = (still.sum(dim=-1) * span).float()
+    zero = torch.zeros((), dtype=torch.float32)
     dp, start = [], []
     for i in range(frames):
         options = [dp[i - 1] if i > 0 else zero]  # frame i alone
@@ -90,6 +92,8 @@ def windows(sim, tau: float):
 def plan(frames: int, n: int, budget: int, tau: float = 0.8, beta: float = 0.6) -> Plan:
     if not 1 <= budget <= frames * n:
         raise UsageError(f"holitom: use --budget 1..{frames * n} for {frames} frames of {n} tokens")
+    if frames * n >= 1 << 24:  # token counts are compared in float32 (TensorRT has no float64): exact below 2**24
+        raise UsageError(f"holitom: {frames} frames of {n} tokens is more than 2**24 tokens; sample fewer frames")
     return Plan(budget, tau, beta)
 
 
@@ -123,7 +127,7 @@ def holitom(x, attn, plan: Plan):
     share = torch.div(budget * sizes, total, rounding_mode="floor")
     rest = budget * sizes - share * total
     extra = budget - share.sum()
-    counts = (share + (rank_descending(rest.double()) < extra).long()).reshape(frames, 2)
+    counts = (share + (rank_descending(rest.float()) < extra).long()).reshape(frames, 2)  # rest < F*n: exact
     c_static, c_dynamic = counts[:, 0], counts[:, 1]
 
     # dynamic tokens: the top by attention among each frame's dynamic positions

@@ -20,7 +20,8 @@ def speed_section(report) -> list[str]:
     lines.append(f"ONNX Runtime intra-op threads: {report.threads or 'automatic'}.")
     if any(r.share_of_gemm_peak for r in report.results):
         peak = report.gemm_peak_gflops_per_s
-        lines += ["", f"Achieved GFLOP/s per stage against the measured GEMM peak ({peak:.0f} GFLOP/s):", "",
+        lines += ["", (f"Achieved GFLOP/s per stage (analytical FLOPs / median time) against the measured GEMM peak "
+                       f"({peak:.0f} GFLOP/s: {report.gemm_peak_measure}):"), "",
                   "| budget | vision | prefill | decode |", "|---|---|---|---|"]
         for r in report.results:
             if r.share_of_gemm_peak:
@@ -34,8 +35,9 @@ def speed_section(report) -> list[str]:
                        f"predicted by the memory plan ({a['ratio']:.3f}x).")]
     if "cpu" in mem:
         c = mem["cpu"]
-        lines.append(f"CPU: peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB vs predicted working set "
+        lines.append(f"CPU: peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB (largest row, {report.memory_measure}) vs "
+                     f"predicted working set "
                      f"{c['predicted_bytes'] / 2**20:.0f} MiB ({c['note']}).")
     if "device_summary" in mem:
-        lines.append(mem["device_summary"].capitalize() + ".")
+        lines.append(mem["device_summary"][:1].upper() + mem["device_summary"][1:] + ".")  # not .capitalize(): "GB" stays
     return lines

@@ -10,9 +10,18 @@ SPREAD_LIMIT = 0.25
 MIN_RUNS = 3  # fewer timed runs than this cannot show a spread at all
 
 
-def p90(values: list[float]) -> float:
+def quantile(values: list[float], q: float) -> float:
+    """The sample at rank round(q * (n - 1)) of the sorted values (no interpolation); 0 if empty."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))] if ordered else 0.0
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))] if ordered else 0.0
+
+
+def p90(values: list[float]) -> float:
+    return quantile(values, 0.9)
+
+
+def p10(values: list[float]) -> float:
+    return quantile(values, 0.1)
 
 
 def spread(values: list[float]) -> float:

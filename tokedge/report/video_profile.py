@@ -13,6 +13,7 @@ speed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -58,7 +59,7 @@ class VideoBudgetResult:
     medians_ms: dict[str, float]  # STAGES -> median over the timed runs
     p90_ms: dict[str, float]
     tokens_per_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the profiling process's peak so far (cumulative over the budgets run before)
     token_ids: list[int] = field(default_factory=list)
     fidelity: dict[str, float] | None = None  # vs the unreduced run
 
@@ -83,6 +84,8 @@ class VideoProfileReport:
     fidelity_reference: str = ""
     warnings: list[str] = field(default_factory=list)
     kind: str = "video"
+    # what each result's peak_rss_mb is (image profiles measure each budget in a fresh process)
+    memory_measure: str = "peak RSS of the profiling process so far (cumulative over the budgets run before)"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,19 +235,103 @@ def markdown(report: VideoProfileReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def video_latency_figure(report: VideoProfileReport):
+    """Top: stacked vision / reduction / prefill per budget (frame tokens per video, at their values)
+    with whiskers to the TTFT p90; bottom: decode ms/token (median and p90) from 0."""
+    import matplotlib.pyplot as plt
+
+    results = sorted(report.results, key=lambda r: r.budget)
+    xs = [r.budget for r in results]
+    gaps = [b - a for a, b in itertools.pairwise(xs) if b > a] or [max(xs)]
+    width = max(1.0, 0.6 * min(gaps))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    bottom = [0.0] * len(results)
+    for stage, color in (("vision_ms", "#3182bd"), ("reduce_ms", "#756bb1"), ("prefill_ms", "#e6550d")):
+        values = [r.medians_ms[stage] for r in results]
+        ax.bar(xs, values, width=width, bottom=bottom, label=stage.replace("_ms", ""), color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.errorbar(xs, [r.medians_ms["ttft_ms"] for r in results],
+                yerr=[[0.0] * len(results), [max(0.0, r.p90_ms["ttft_ms"] - r.medians_ms["ttft_ms"]) for r in results]],
+                fmt="none", ecolor="#444444", capsize=3, label="TTFT p90")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+    ax.set_ylabel("time to first token (ms)")
+    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    ax.set_title(f"{report.method} ({report.stage}), {report.frames} frames: latency by stage (medians)")
+    ax2.plot(xs, [r.medians_ms["decode_ms_per_token"] for r in results], "k.-", label="decode ms/token (median)")
+    ax2.plot(xs, [r.p90_ms["decode_ms_per_token"] for r in results], "k:", linewidth=1, label="decode p90")
+    ax2.set_ylim(0, ax2.get_ylim()[1] * 1.15)
+    ax2.set_ylabel("decode (ms/token)")
+    ax2.legend(loc="lower left", fontsize=7, frameon=False, ncol=2)
+    ax2.set_xticks(xs)
+    ax2.set_xticklabels([str(x) for x in xs], fontsize=8)
+    ax2.set_xlim(0, max(xs) * 1.05 + 1)
+    ax2.set_xlabel(f"frame tokens per video (of {report.full_tokens})")
+    fig.tight_layout()
+    return fig
+
+
+def video_tokens_figure(report: VideoProfileReport):
+    """Frame tokens kept per frame, one line per reduced budget (pre-LLM methods: the kept count of
+    every frame; others: the mean per frame)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    frames = list(range(report.frames))
+    for r in sorted(report.results, key=lambda r: -r.budget):
+        counts = r.kept_per_frame if r.kept_per_frame is not None else [r.tokens_per_frame] * report.frames
+        ax.plot(frames, counts, ".-", label=f"budget {r.budget} ({r.keep_share:.0%})")
+    ax.set_ylim(0, report.tokens_per_frame * 1.08)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("frame tokens reaching the LLM")
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(f"{report.method}: tokens per frame after reduction")
+    fig.tight_layout()
+    return fig
+
+
+def video_plots(report: VideoProfileReport, out: Path) -> list[Path]:
+    """latency.png and tokens.png (nothing when matplotlib is not installed or nothing was run)."""
+    if not report.results:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    import io
+
+    written = []
+    for name, make in (("latency.png", video_latency_figure), ("tokens.png", video_tokens_figure)):
+        fig = make(report)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        plt.close(fig)
+        write_atomic(out / name, png.getvalue())
+        written.append(out / name)
+    return written
+
+
 def write_video_report(report: VideoProfileReport, out: Path) -> list[Path]:
-    """report.json and report.md in `out` (each written atomically)."""
+    """report.json, report.md, latency.png and tokens.png in `out` (each written atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for name, text in (("report.json", json.dumps(report.to_dict(), indent=2) + "\n"), ("report.md", markdown(report))):
         path = out / name
         write_atomic(path, text)
         files.append(path)
-    return files
+    return files + video_plots(report, out)
 
 
-def summary_lines(report: VideoProfileReport) -> list[str]:
-    return [f"budget {r.budget:>5} ({r.keep_share:.0%}): {r.tokens_per_frame:.1f} tokens/frame, "
-            f"prefill {r.medians_ms['prefill_ms']:.1f} ms, TTFT {r.medians_ms['ttft_ms']:.1f} ms, "
-            f"first token {'=' if r.fidelity and r.fidelity['first_token_agreement'] == 1 else '!='} unreduced"
-            for r in report.results]
+def summary_lines(report: VideoProfileReport, width: int = 80) -> list[str]:
+    """Per budget one row, broken between fields to fit `width` columns (never mid-word)."""
+    from tokedge.report.render import fit
+
+    lines = []
+    for r in report.results:
+        same = "=" if r.fidelity and r.fidelity["first_token_agreement"] == 1 else "!="
+        lines += fit([f"budget {r.budget:>5} ({r.keep_share:.0%}): {r.tokens_per_frame:.1f} tokens/frame,",
+                      f"prefill {r.medians_ms['prefill_ms']:.1f} ms, TTFT {r.medians_ms['ttft_ms']:.1f} ms,",
+                      f"first token {same} unreduced"], width)
+    return lines

@@ -48,6 +48,10 @@ def prepare_images(graphs: ArtifactGraphs, batch: ImageBatch, input_ids: np.ndar
                    attention_mask: np.ndarray) -> PreparedPrompt:
     """Vision graph (the layout's feed) -> splice at the image placeholders -> the layout's positions."""
     layout = layout_of(graphs.manifest)
+    if not any(batch.images_per_row):  # text-only prompts: no vision graph, nothing to splice
+        return PreparedPrompt(input_ids, attention_mask, graphs.embed(input_ids),
+                              layout.positions(input_ids, attention_mask, batch, None), None, batch.images_per_row,
+                              [0] * input_ids.shape[0], [], 0.0)
     t0 = time.perf_counter()
     image_embeds, kept = layout.run_vision(graphs, batch)
     rows = per_row(image_embeds, batch.images_per_row)

@@ -198,7 +198,14 @@ class ArtifactGraphs:
         host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                 "position_ids": position_ids.astype(np.int64, copy=False)}
         pruned = None
-        if self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
+        text_only = images_per_row is not None and not any(images_per_row) and prune is None
+        if text_only and self.has_prefill:  # nothing to prune: the decoder runs the prompt, every cache full
+            feed = {"inputs_embeds": inputs_embeds, "position_ids": host["position_ids"],
+                    **{n: attention_mask for n in self.mask_names}}
+            out, past = self._run("decoder", feed, self.empty_past(input_ids.shape[0]))
+            masks = {"attention_mask": attention_mask, **{n: attention_mask for n in self.mask_names}}
+            pruned = np.zeros(input_ids.shape[0], dtype=np.int64)
+        elif self.has_prefill:  # in-LLM pruning: the prefill graph shortens later layers' caches
             counts = [1] * len(input_ids) if images_per_row is None else images_per_row
             if prune is not None:
                 out, past = self._run("prefill", {**host, "image_positions": prune[0], "image_keep": prune[1]}, {})

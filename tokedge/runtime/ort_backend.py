@@ -29,15 +29,116 @@ def quiet_onnxruntime(debug: bool = False) -> None:
     ort.set_default_logger_severity(0 if debug and os.environ.get("TOKEDGE_ORT_VERBOSE") else (2 if debug else 4))
 
 
+# `--backend` names that run on ONNX Runtime, and the execution provider each one asks for
+ORT_BACKENDS = {
+    "onnxruntime": "CPUExecutionProvider",
+    "ort-cuda": "CUDAExecutionProvider",
+    "ort-tensorrt": "TensorrtExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    """ONNX Runtime GPU execution-provider settings (`--backend ort-cuda | ort-tensorrt`)."""
+
+    device_id: int = 0
+    fp16: bool = True  # TensorRT EP: let TensorRT pick fp16 kernels (the CUDA EP runs the graph's own dtypes)
+    cache_dir: str | None = None  # TensorRT EP: engine and timing caches, one subdirectory per graph
+    workspace_mb: int | None = None  # TensorRT EP: builder workspace cap (the device profile's)
+    # TensorRT EP: graph -> its optimisation profiles, each {input name: (min, opt, max) shape}, from
+    # the build plan of a device profile (`tokedge.build.plan.plan_shapes`)
+    profiles: dict[str, tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]], ...]] | None = None
+
+
 @dataclass(frozen=True)
 class OrtOptions:
-    providers: tuple[str, ...] | None = None  # None: TensorRT/CUDA EP when available, else CPU
+    providers: tuple[str, ...] | None = None  # explicit provider names; None: those of `backend`
     intra_op_threads: int = 0  # 0 lets ONNX Runtime decide
     optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
     # Busy-wait of idle intra-op threads. Off: an artifact runs three sessions one after another,
     # and a pool that spins after its graph finished takes the cores the next graph needs (on a
     # shared or small CPU that doubled prefill and decode time); see docs/runtime.md.
     spinning: bool = False
+    backend: str = "onnxruntime"  # a key of ORT_BACKENDS
+    gpu: GpuOptions = GpuOptions()
+
+
+def _shape_list(profiles, pick: int, sizes_only: bool = True) -> str:
+    """TensorRT EP profile-shape option text: "name:d1xd2,name:d1xd2" with one entry per input per
+    profile, profiles in order (an input named again starts the next profile). 0-d inputs (shape
+    tensors such as the runtime budget) have no dims to give and are left out."""
+    entries = []
+    for profile in profiles:
+        for name, ranges in profile.items():
+            dims = ranges[pick]
+            if len(dims) == 0 and sizes_only:
+                continue
+            entries.append(f"{name}:{'x'.join(str(int(d)) for d in dims)}")
+    return ",".join(entries)
+
+
+def session_providers(options: OrtOptions, graph: str, available: list[str]) -> list[tuple[str, dict]]:
+    """The (execution provider, provider options) list for one graph's session, in preference
+    order: pure, so the option building is tested on any machine. A backend whose provider this
+    ONNX Runtime lacks is refused in one line naming what to install."""
+    if options.providers is not None:
+        return [(p, {}) for p in options.providers]
+    backend = options.backend
+    if backend not in ORT_BACKENDS:
+        raise UsageError(f"--backend {backend} is not an ONNX Runtime backend; use one of {', '.join(ORT_BACKENDS)}")
+    wanted = ORT_BACKENDS[backend]
+    cpu = ("CPUExecutionProvider", {})
+    if backend == "onnxruntime":
+        return [cpu]
+    require_provider(backend, available)
+    gpu = options.gpu
+    cuda = ("CUDAExecutionProvider", {
+        "device_id": gpu.device_id,
+        "arena_extend_strategy": "kSameAsRequested",  # grow the arena by what is asked, not in powers of two
+        "cudnn_conv_algo_search": "HEURISTIC",  # no exhaustive search at session start
+        "do_copy_in_default_stream": True,
+    })
+    if backend == "ort-cuda":
+        return [cuda, cpu]
+    trt: dict = {
+        "device_id": gpu.device_id,
+        "trt_fp16_enable": gpu.fp16,
+        "trt_engine_cache_enable": gpu.cache_dir is not None,
+        "trt_timing_cache_enable": gpu.cache_dir is not None,
+    }
+    if gpu.cache_dir is not None:
+        path = str(Path(gpu.cache_dir) / graph)
+        trt.update(trt_engine_cache_path=path, trt_timing_cache_path=path)
+    if gpu.workspace_mb is not None:
+        trt["trt_max_workspace_size"] = int(gpu.workspace_mb) << 20
+    profiles = (gpu.profiles or {}).get(graph)
+    if profiles:
+        trt.update(trt_profile_min_shapes=_shape_list(profiles, 0), trt_profile_opt_shapes=_shape_list(profiles, 1),
+                   trt_profile_max_shapes=_shape_list(profiles, 2))
+        if not trt["trt_profile_min_shapes"]:  # only shape-tensor inputs: nothing explicit to give
+            for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+                del trt[key]
+    # what TensorRT cannot take falls back to CUDA, then the CPU (ONNX Runtime partitions the graph)
+    return [(wanted, trt)] + ([cuda] if "CUDAExecutionProvider" in available else []) + [cpu]
+
+
+def require_provider(backend: str, available: list[str]) -> None:
+    """One line naming the missing execution provider and what to install."""
+    wanted = ORT_BACKENDS.get(backend)
+    if wanted is None or wanted in available:
+        return
+    from tokedge.errors import MissingDependencyError
+
+    have = ", ".join(p.removesuffix("ExecutionProvider") for p in available) or "none"
+    raise MissingDependencyError(
+        f"--backend {backend} needs ONNX Runtime's {wanted}, which this onnxruntime lacks (it has: {have}); "
+        "install onnxruntime-gpu (on Jetson, NVIDIA's JetPack build: see docs/device.md)")
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
 
 
 def max_threads() -> int:
@@ -49,14 +150,6 @@ def check_threads(threads: int) -> None:
     if not 0 <= threads <= max_threads():
         raise UsageError(f"--threads must be between 0 (automatic) and {max_threads()} "
                          f"(4x this machine's {os.cpu_count()} CPU cores); got {threads}")
-
-
-def default_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    preferred = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    return [p for p in preferred if p in available] or ["CPUExecutionProvider"]
 
 
 class OrtRunner:
@@ -93,7 +186,7 @@ class OrtRunner:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.options.optimization]
-        providers = list(self.options.providers or default_providers())
+        chosen = session_providers(self.options, self.name, available_providers())
         if self._model is None and self.path is None:
             raise ArtifactError(f"{self.name} graph was closed; load the artifact again")
         empty = contextlib.ExitStack()
@@ -108,7 +201,8 @@ class OrtRunner:
         source = self._model if self._model is not None else str(self.path)
         try:
             with empty:
-                self._session = ort.InferenceSession(source, sess_options=so, providers=providers)
+                self._session = ort.InferenceSession(source, sess_options=so, providers=[p for p, _ in chosen],
+                                                     provider_options=[o for _, o in chosen])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ArtifactError(f"ONNX Runtime cannot load the {self.name} graph: "
                                 f"{printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
@@ -122,6 +216,7 @@ class OrtRunner:
     def session(self):
         if self._session is None:
             self._open()
+        assert self._session is not None
         return self._session
 
     def __enter__(self) -> "OrtRunner":

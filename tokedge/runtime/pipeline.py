@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -18,11 +19,12 @@ from tokedge.layouts import layout_of
 from tokedge.runtime.deadline import Deadline
 from tokedge.runtime.generate import Generation, SamplingConfig, Timings, generate
 from tokedge.runtime.graphs import ArtifactGraphs
+from tokedge.runtime.backends import BACKENDS, Backend
 from tokedge.runtime.ort_backend import OrtOptions
 from tokedge.runtime.preprocess import load_image
 from tokedge.runtime.prompt import PromptEncoder
 
-BACKENDS = ("onnxruntime", "tensorrt")
+__all__ = ["BACKENDS", "Backend", "Pipeline", "Result"]
 
 
 @dataclass
@@ -53,10 +55,14 @@ class Pipeline:
         self.root, self.manifest, self.graphs, self.encoder = root, manifest, graphs, encoder
 
     @classmethod
-    def load(cls, artifact: Path | str, backend: str = "onnxruntime", options: OrtOptions = OrtOptions(),
+    def load(cls, artifact: Path | str, backend: str | Backend = "onnxruntime", options: OrtOptions | None = None,
              engines: Path | str | None = None) -> Pipeline:
-        if backend not in BACKENDS:
-            raise UsageError(f"--backend {backend} is unknown; use one of {', '.join(BACKENDS)}")
+        """`backend`: a name (with `engines` for "tensorrt") or a full `Backend` choice; `options`
+        tunes the ONNX Runtime sessions (threads...), the backend picks their providers."""
+        choice = backend if isinstance(backend, Backend) else Backend(
+            name=backend, engines=Path(engines) if engines is not None else None,
+            threads=options.intra_op_threads if options is not None else 0)
+        choice.check()  # before any file is read: unknown name, missing provider or engines
         root = Path(artifact)
         # manifest schema, format version, every file read once, bounded, confined and hashed; the
         # graphs and the tokenizer are built from those bytes, never re-read from disk
@@ -64,14 +70,26 @@ class Pipeline:
         manifest = verified.manifest
         encoder = PromptEncoder(root, manifest.prompt, manifest.model.pad_token_id, manifest.prompt.special_tokens,
                                 tokenizer_json=verified.read(manifest.prompt.tokenizer_file))
-        runners = _tensorrt_runners(root, engines, verified.manifest_sha256) if backend == "tensorrt" else None
-        graphs = ArtifactGraphs(root, manifest, runners=runners, options=options, verified=verified)
+        runners = _tensorrt_runners(root, choice.engines, verified.manifest_sha256) if choice.name == "tensorrt" else None
+        chosen = choice.ort_options(manifest, root)
+        if options is not None:
+            chosen = dataclasses.replace(options, backend=chosen.backend, gpu=chosen.gpu)
+        graphs = ArtifactGraphs(root, manifest, runners=runners, options=chosen, verified=verified)
         del verified  # the runners hold what they need until their sessions are created
         graphs.__enter__()
         return cls(root, manifest, graphs, encoder)
 
     def close(self) -> None:
         self.graphs.__exit__(None, None, None)
+
+    def providers(self) -> dict[str, list[str]]:
+        """Per graph, the execution providers its session runs on (ONNX Runtime), or its engine."""
+        out = {}
+        for name, runner in self.graphs.runners.items():
+            session = getattr(runner, "session", None)
+            out[name] = list(session.get_providers()) if session is not None and hasattr(session, "get_providers") \
+                else [type(runner).__name__]
+        return out
 
     def __enter__(self) -> Pipeline:
         return self
@@ -85,9 +103,7 @@ class Pipeline:
             return self.manifest.prompt.visual_tokens
         if red.budget_range is None:
             if budget != red.budget:
-                how = ("re-export with --dynamic-budget to choose it at run time" if red.supports_runtime_budget else
-                       f"--method {red.method} takes no runtime budget: export one artifact per budget")
-                raise InputError(f"this artifact has a fixed budget of {red.budget} visual tokens; {how}")
+                raise InputError(_fixed_budget_message(self.manifest, budget))
             return budget
         lo, hi = red.budget_range
         if not lo <= budget <= hi:
@@ -199,6 +215,27 @@ class Pipeline:
         return VideoResult(text=self.encoder.decode(gen.token_ids[0]), token_ids=gen.token_ids[0], frames=inputs.frames,
                            frame_indices=inputs.indices.tolist(), visual_tokens=gen.visual_tokens, budget=plan.keep,
                            kept_per_frame=gen.kept_per_frame, timings=gen.timings, reduce_ms=gen.reduce_ms)
+
+
+def _fixed_budget_message(manifest, budget: int) -> str:
+    """Why `--budget` cannot be chosen at run time for this artifact, in its own terms: a keep
+    ratio, every token of each image, a count per image, or one fixed count."""
+    from tokedge.layouts import layout_of
+
+    red = manifest.reduction
+    how = ("re-export with --dynamic-budget to choose it at run time" if red.supports_runtime_budget else
+           f"--method {red.method} takes no runtime budget: export one artifact per budget")
+    if red.keep is not None:
+        return (f"--budget {budget} does not apply: this artifact keeps a share of each image's visual tokens "
+                f"(exported with --keep {red.keep:g}: ceil({red.keep:g} x n) of an image's n, up to {red.budget}); "
+                "re-export with another --keep (or --budget N per image) to change it")
+    if layout_of(manifest).counts_per_image and red.budget >= red.full_tokens:
+        return (f"--budget {budget} does not apply: this artifact keeps every visual token of each image (as many as "
+                f"the image's size gives, up to {red.budget}); export with a reduction method (`tokedge methods`) "
+                "to keep fewer")
+    if layout_of(manifest).counts_per_image:
+        return f"--budget {budget} does not apply: this artifact keeps up to {red.budget} visual tokens per image; {how}"
+    return f"--budget {budget} does not apply: this artifact has a fixed budget of {red.budget} visual tokens; {how}"
 
 
 ImageLike = Union[Image.Image, str, Path]

@@ -187,6 +187,22 @@ def _decode(av, path: Path, wanted: np.ndarray, size: FrameSize = None,
     return out, count
 
 
+def refuse_still_image(path: Path) -> None:
+    """A photo given as a video would be a one-frame clip: refused, naming --image. Judged by the
+    name (IMAGE_SUFFIXES) and by the content (Pillow reads a single-frame image's header), so a
+    renamed photo is caught too, and without PyAV installed."""
+    still = path.suffix.lower() in IMAGE_SUFFIXES
+    if not still:
+        try:
+            with Image.open(path) as img:
+                still = getattr(img, "n_frames", 1) == 1
+        except Exception:  # noqa: BLE001 - not an image Pillow reads: a clip for PyAV
+            still = False
+    if still:
+        raise InputError(f"'{path}' is a still image, not a video; pass it with --image (or several frames with "
+                         "--image F0 --image F1 ... --frames-from-images)")
+
+
 def read_video(path: Path | str, frames: int | None = None, fps: float | None = None,
                sampling: str = "uniform", size: FrameSize = None, resample: int = 3,
                default: int | None = None) -> Clip:
@@ -210,6 +226,7 @@ def read_video(path: Path | str, frames: int | None = None, fps: float | None = 
         raise InputError(f"video '{path}' does not exist")
     if not path.is_file():
         raise InputError(f"video '{path}' is not a file")
+    refuse_still_image(path)
     av = require("av", "video")
     try:
         with _open(av, path) as container:

@@ -1,5 +1,5 @@
 """`tokedge serve`: an OpenAI-compatible Chat Completions server for one artifact, on the
-torch-free runtime (needs the `[serve]` extra: Starlette and uvicorn)."""
+torch-free runtime (Starlette and uvicorn, in the base install)."""
 
 from tokedge.serve.config import ServeConfig
 
@@ -7,6 +7,10 @@ __all__ = ["ServeConfig", "serve"]
 
 
 def serve(cfg: ServeConfig) -> None:
+    from tokedge.errors import require
+
+    require("starlette", "serve")  # base dependencies; an older or partial install says what to add
+    require("uvicorn", "serve")
     from tokedge.serve.app import serve as _serve
 
     _serve(cfg)

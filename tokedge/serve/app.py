@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokedge.errors import InputError, TokedgeError, UsageError
-from tokedge.layouts import layout_of
+from tokedge.layouts import ImageBatch, layout_of
 from tokedge.runtime.generate import SamplingConfig, context_limit
 from tokedge.runtime.pipeline import Pipeline
 from tokedge.runtime.prompt import render_messages
@@ -46,6 +46,7 @@ from tokedge.serve.images import (
 )
 from tokedge.serve.metrics import CONTENT_TYPE, Metrics
 from tokedge.serve.protocol import (
+    FINISH_REASONS,
     APIError,
     ChatRequest,
     chunk_body,
@@ -65,6 +66,23 @@ LARGE_REQUEST_PIXELS = 4_000_000  # after a request with more pixels than this, 
 def images_per_prompt(pipe: Pipeline) -> int:
     """How many images one request may carry (each becomes its own image item of the prompt)."""
     return MAX_IMAGES_PER_PROMPT
+
+
+def text_only_support(pipe: Pipeline) -> str | None:
+    """None when the artifact answers a prompt without images, else why not. Probed once at load
+    with one real prefill of a text-only chat turn through the batch decoder the scheduler uses."""
+    from tokedge.runtime.stepwise import BatchDecoder
+
+    try:
+        rendered = render_messages(pipe.manifest.prompt, [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                   pipe.manifest.prompt.special_tokens)
+        enc = pipe.encoder.encode_rendered([rendered], [[]])
+        BatchDecoder(pipe.graphs, ImageBatch([], [[]]), enc.input_ids, enc.attention_mask,
+                     [SamplingConfig(max_new_tokens=1)]).prefill()
+    except Exception as exc:  # noqa: BLE001 - the reason is what a text-only request is told
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {printable(first, 200)}"
+    return None
 
 
 def vision_inputs(pipe: Pipeline, images: list) -> tuple[Any, list[int]]:
@@ -109,25 +127,32 @@ class Stage:
         return len(since) >= self.slots and max(since) < time.monotonic() - after_s
 
 
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 class Service:
     """The loaded artifact, its scheduler and metrics. Loading runs in a background thread so that
     /health can answer (503) while the artifact is verified and its sessions are created."""
 
     def __init__(self, cfg: ServeConfig, loader: Callable[[], Pipeline] | None = None):
-        from tokedge.runtime.ort_backend import OrtOptions
+        from tokedge.runtime.backends import Backend
 
         self.cfg = cfg
-        self.loader = loader or (lambda: Pipeline.load(cfg.artifact, options=OrtOptions(intra_op_threads=cfg.threads)))
+        self.loader = loader or (lambda: Pipeline.load(cfg.artifact, backend=cfg.runtime or Backend(threads=cfg.threads)))
         self.metrics = Metrics()
         self.pipe: Pipeline | None = None
         self.scheduler: Scheduler | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
+        self.text_only_refusal: str | None = None  # why prompts without images cannot be answered (None: they can)
         self.on_load_failure: Callable[[], None] = lambda: None
         self.on_ready: Callable[[], None] = lambda: None
         self.stages = [Stage("remote image fetch", cfg.max_remote_fetches),
                        Stage("image preprocessing", cfg.max_preprocess)]
         self.uploads = anyio.CapacityLimiter(cfg.max_uploads)  # bodies held in memory while they arrive
+        # one line per request (`request_line`) on stderr; None with --no-request-log
+        self.log_request: Callable[[str], None] | None = _stderr_line if cfg.request_log else None
 
     def load(self) -> None:
         try:
@@ -137,6 +162,7 @@ class Service:
                 from PIL import Image
 
                 pipe.generate(Image.new("RGB", (64, 64), (127, 127, 127)), "Hello", max_new_tokens=1)
+            self.text_only_refusal = text_only_support(pipe)  # one short text-only prefill, warm-up or not
             m = pipe.manifest.model
             self.scheduler = Scheduler(
                 pipe.graphs, pipe.encoder.decode, self.metrics, max_batch=self.cfg.max_batch,
@@ -182,9 +208,10 @@ class Service:
     def check_image_count(self, req: ChatRequest) -> None:
         assert self.pipe is not None
         family, allowed = self.pipe.manifest.model.family, images_per_prompt(self.pipe)
-        if not req.image_urls:
-            raise APIError(400, f"this artifact ({family}) needs an image in the request: add an image_url part to "
-                                "the user message; text-only prompts are not supported", param="messages")
+        if not req.image_urls and self.text_only_refusal is not None:
+            raise APIError(400, f"this artifact ({family}) cannot answer a prompt without an image "
+                                f"({self.text_only_refusal}): add an image_url part to the user message",
+                           param="messages")
         if len(req.image_urls) > allowed:
             raise APIError(400, f"the request has {len(req.image_urls)} images; this server takes at most {allowed} "
                                 "image_url parts per request", param="messages")
@@ -204,7 +231,7 @@ class Service:
             images.append(open_image(fetched.pop(i) if i in fetched else image_bytes(url, cfg), cfg))
         pixels = check_request_pixels(images, cfg)
         try:
-            pixel_values, counts = vision_inputs(pipe, images)
+            pixel_values, counts = vision_inputs(pipe, images) if images else (ImageBatch([], [[]]), [])
             rendered = render_messages(pipe.manifest.prompt, req.messages, pipe.manifest.prompt.special_tokens)
             enc = pipe.encoder.encode_rendered([rendered], [counts])
         except InputError as exc:
@@ -234,6 +261,38 @@ class Service:
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
+
+QUIET_PATHS = ("/health", "/metrics")  # probes and scrapes: logged only when they fail
+LOG_KEY = "tokedge.request"  # the scope entry a route fills with what the request log line reports
+
+
+def request_line(method: str, path: str, record: dict[str, Any], total_s: float) -> str:
+    """The request log line (stderr, one per request, `--no-request-log` turns it off): method,
+    path, status, client, then for chat completions the request id, prompt / visual / completion
+    tokens, TTFT, total time, finish reason and whether it streamed; an error's message last."""
+    fields = [f"tokedge serve: {method} {printable(path, 100)} {record.get('status') or '-'}"]
+    if record.get("client"):
+        fields.append(f"client={record['client']}")
+    for key in ("id", "prompt_tokens", "visual_tokens", "completion_tokens"):
+        if key in record:
+            fields.append(f"{key}={record[key]}")
+    if "ttft_s" in record:
+        fields.append(f"ttft_ms={record['ttft_s'] * 1e3:.1f}")
+    fields.append(f"total_ms={total_s * 1e3:.1f}")
+    for key in ("finish", "stream"):
+        if key in record:
+            value = record[key]
+            fields.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if record.get("error"):
+        fields.append(f"error={json.dumps(printable(record['error'], 300))}")
+    return " ".join(fields)
+
+
+def _log_done(record: dict[str, Any] | None, done: Done) -> None:
+    if record is not None:
+        record.update(prompt_tokens=done.prompt_tokens, visual_tokens=done.visual_tokens,
+                      completion_tokens=done.completion_tokens, ttft_s=done.ttft_s,
+                      finish=FINISH_REASONS.get(done.finish_reason, done.finish_reason))
 
 
 def _error(exc: APIError) -> JSONResponse:
@@ -287,12 +346,25 @@ class _Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
+        client = scope.get("client")
+        record: dict[str, Any] = {"client": f"{client[0]}:{client[1]}" if client else None}
+        scope[LOG_KEY] = record
+        try:
+            await self._answer(scope, receive, send, record)
+        finally:
+            log = self.service.log_request
+            if log is not None and (scope["path"] not in QUIET_PATHS or (record.get("status") or 0) >= 400):
+                log(request_line(scope.get("method", "-"), scope["path"], record, time.perf_counter() - start))
+
+    async def _answer(self, scope, receive, send, record: dict[str, Any]) -> None:
         path = scope["path"] if scope["path"] in ROUTES else "other"
         metrics = self.service.metrics
 
         async def counted(message) -> None:
             if message["type"] == "http.response.start":
                 code = str(message["status"])
+                record["status"] = message["status"]
                 metrics.inc("tokedge_requests", path=path, code=code)
                 if message["status"] >= 400:
                     metrics.inc("tokedge_request_errors", path=path, code=code)
@@ -301,6 +373,7 @@ class _Gate:
         headers = dict(scope["headers"])
         refused = self.refusal(headers)
         if refused is not None:
+            record["error"] = refused.message
             await _error(refused)(scope, receive, counted)
             return
         if self.expected is not None and scope["path"] != "/health":
@@ -309,6 +382,7 @@ class _Gate:
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
                 msg = ("missing API key: send 'Authorization: Bearer <key>'" if not given
                        else "incorrect API key in the Authorization header")
+                record["error"] = msg
                 await _error(APIError(401, msg, code="invalid_api_key"))(scope, receive, counted)
                 return
         await self.app(scope, receive, counted)
@@ -390,10 +464,14 @@ class _EventStream:
                 if isinstance(event, Delta):
                     await emit(json.dumps(chunk_body(self.req, {"content": event.text})))
                 elif isinstance(event, Done):
+                    _log_done(scope.get(LOG_KEY), event)
                     await emit(json.dumps(chunk_body(self.req, {}, event.finish_reason)))
                     if self.req.include_usage:
                         await emit(json.dumps(chunk_body(self.req, None, usage=event.usage())))
                 else:
+                    record = scope.get(LOG_KEY)
+                    if record is not None:
+                        record["error"] = event.message
                     await emit(json.dumps(APIError(500, event.message).body()))
             await emit("[DONE]", more=False)
         except OSError:  # the client went away while we were writing
@@ -415,6 +493,9 @@ def create_app(service: Service) -> Any:
         del body
         req = parse_chat_request(data, served_name=cfg.served_name, max_tokens_limit=cfg.max_tokens_limit,
                                  default_max_tokens=cfg.default_max_tokens)
+        record = request.scope.get(LOG_KEY)
+        if record is not None:
+            record.update(id=req.request_id, stream=req.stream)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -433,9 +514,12 @@ def create_app(service: Service) -> Any:
         async with contextlib.aclosing(_events(job, queue, request.receive)) as events:
             async for event in events:
                 if isinstance(event, Done):
+                    _log_done(record, event)
                     return JSONResponse(completion_body(req, event.text, event.finish_reason, event.usage()))
                 if isinstance(event, Failed):
                     raise APIError(500, event.message)
+        if record is not None:
+            record["error"] = "the client closed the connection"
         return Response(status_code=499)  # the client closed the connection; nobody reads this
 
     async def models(request: Request) -> JSONResponse:
@@ -455,20 +539,26 @@ def create_app(service: Service) -> Any:
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
+    def logged(request: Request, exc: APIError) -> Response:
+        record = request.scope.get(LOG_KEY)
+        if record is not None:
+            record["error"] = exc.message
+        return _error(exc)
+
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        return _error(exc)
+        return logged(request, exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+        return logged(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
     async def gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # the client left mid-body: nobody reads this, nothing to log
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        return _error(APIError(500, f"internal error: {type(exc).__name__}: {first}"))
+        return logged(request, APIError(500, f"internal error: {type(exc).__name__}: {first}"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -595,12 +685,13 @@ def _raise_open_files(connections: int) -> None:
 
 def serve(cfg: ServeConfig) -> None:
     """Run the server until SIGTERM / SIGINT (after draining in-flight requests)."""
-    from tokedge.errors import require
-
     cfg.check()
-    require("uvicorn", "serve")
-    require("starlette", "serve")
+    if cfg.runtime is not None:
+        cfg.runtime.check()  # an unknown backend or a missing GPU provider: one line before binding
     _raise_open_files(cfg.max_connections)
+    from tokedge.artifact import read_manifest
+
+    read_manifest(cfg.artifact)  # a path that is not an artifact: one line (exit 2) before binding
     sock = listen(cfg.host, cfg.port)
     server, service = build_server(cfg)
     port = sock.getsockname()[1]

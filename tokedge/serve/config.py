@@ -6,8 +6,12 @@ import ipaddress
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokedge.errors import UsageError
+
+if TYPE_CHECKING:
+    from tokedge.runtime.backends import Backend
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -40,7 +44,9 @@ class ServeConfig:
     shutdown_timeout_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
     stall_s: float = 30.0  # /health answers 503 "stalled" once every slot of a stage is this long in use
     threads: int = 0  # ONNX Runtime intra-op threads (0 = automatic)
+    runtime: Backend | None = None  # a tokedge.runtime.backends.Backend (--backend...); None: ONNX Runtime on the CPU
     warmup: bool = True  # run one tiny generation before reporting ready
+    request_log: bool = True  # one line per request on stderr (method, status, tokens, TTFT, total ms)
 
     @property
     def served_name(self) -> str:

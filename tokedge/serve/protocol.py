@@ -143,6 +143,10 @@ def _content(message: dict, index: int, image_urls: list[str]) -> list[dict[str,
                 raise APIError(400, f"{where}[{j}]: images are accepted in user messages only", param=where)
             image_urls.append(url)
             parts.append({"type": "image"})
+        elif kind in ("video_url", "video"):
+            raise APIError(400, f"{where}[{j}]: video is not available over `tokedge serve` yet; run the clip with "
+                                "`tokedge run ARTIFACT --video CLIP --prompt ...` (docs/video.md)", param=where,
+                           code="video_not_supported")
         else:
             raise APIError(400, f"{where}[{j}] must be {{\"type\": \"text\", \"text\": ...}} or "
                                 f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}} (got type {kind!r})",

@@ -37,6 +37,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     visual_tokens: int
+    ttft_s: float = 0.0  # request arrival (body received) to its first token
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -71,6 +72,11 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    @property
+    def text_only(self) -> bool:
+        """No image: such prompts run in batches of their own (no vision graph, no splice)."""
+        return not any(self.pixel_values.images_per_row)
 
 
 def _borders(s: str) -> list[int]:
@@ -201,6 +207,8 @@ class Scheduler:
                 w, r = max(width, len(job.input_ids)), max(room, job.sampling.max_new_tokens)
                 if batch and w + r > self.context_limit:  # would not fit beside the others: next batch
                     break
+                if batch and job.text_only != batch[0].text_only:  # text-only and image prompts: separate batches
+                    break
                 batch.append(self._pending.popleft())
                 width, room = w, r
             self.metrics.set("tokedge_queue_depth", len(self._pending))
@@ -291,4 +299,4 @@ class Scheduler:
         self.metrics.inc("tokedge_prompt_tokens", prompt_tokens)
         self.metrics.inc("tokedge_completion_tokens", len(tokens))
         job.sink(Done(text=text, finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=len(tokens),
-                      visual_tokens=visual))
+                      visual_tokens=visual, ttft_s=first_at - job.created))

@@ -64,8 +64,11 @@ def get_passes(items: Sequence[str | PassCall]) -> list[tuple[GraphPass, dict[st
     out = []
     for call in map(_call, items):
         if call.name not in PASSES:
-            plain = ", ".join(n for n, p in PASSES.items() if not p.params)
-            raise UsageError(f"unknown pass '{call.name}'; choose from: {plain}")
+            from tokedge.suggest import did_you_mean
+
+            plain = [n for n, p in PASSES.items() if not p.params]
+            raise UsageError(f"unknown pass '{call.name}'; {did_you_mean(call.name, plain)}"
+                             f"choose from: {', '.join(plain)} (see `tokedge passes`)")
         p = PASSES[call.name]
         missing = [k for k in p.params if k not in call.params]
         extra = sorted(set(call.params) - set(p.params))
