@@ -119,7 +119,8 @@ def exported(artifacts, tiny_llava_next_dir, tiny_qwen2_5_vl_dir, tiny_qwen3_vl_
     int4 = QuantConfig(scheme="int4", form="matmulnbits", group_size=32)
     specs = {
         "llava-next": {"model": str(tiny_llava_next_dir), "method": "none"},
-        "qwen2.5-vl-dart": {"model": str(tiny_qwen2_5_vl_dir), "method": "dart", "keep": 0.5},
+        # the checkpoint processor's 12.8 MP, not the edge default: its vision attention cannot fit a Nano
+        "qwen2.5-vl-dart": {"model": str(tiny_qwen2_5_vl_dir), "method": "dart", "keep": 0.5, "max_pixels": 12845056},
         "qwen3-vl": {"model": str(tiny_qwen3_vl_dir), "method": "none"},
         "llava-int8-qdq": {"model": str(artifacts.checkpoint), "method": "cls-attn", "budget": 64, "quantize": int8},
         "qwen2.5-vl-int4": {"model": str(tiny_qwen2_5_vl_dir), "method": "dart", "keep": 0.5, "quantize": int4},
