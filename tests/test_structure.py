@@ -53,9 +53,11 @@ def test_one_decode_loop():
     assert "def greedy(" not in SOURCES["runtime/graphs.py"]  # validation and verify go through generate
     assert "generate(" in SOURCES["export/validate.py"]
     pickers = sorted(name for name, text in SOURCES.items() if ".argmax(-1)" in text and not name.startswith("reduce/"))
-    # tokens are chosen in one place; export/validate.py only compares argmaxes (the quantized
-    # artifacts' top-1 agreement metric) and picks no token
-    assert pickers == ["export/validate.py", "runtime/generate.py"]
+    # tokens are chosen in one place; export/validate.py and fidelity.py only compare argmaxes (the
+    # quantized artifacts' top-1 agreement metrics) and pick no token
+    assert pickers == ["export/validate.py", "fidelity.py", "runtime/generate.py"]
+    assert SOURCES["fidelity.py"].count(".argmax(-1)") == 1 and "logq.argmax(-1) == ref.top_ids" in SOURCES[
+        "fidelity.py"]
     assert SOURCES["export/validate.py"].count(".argmax(-1)") == 2 and "a.argmax(-1) == b.argmax(-1)" in SOURCES[
         "export/validate.py"]
 

@@ -232,8 +232,8 @@ class QuantInfo:
     scheme: str  # int4 | int8
     form: str  # matmulnbits | qdq
     group_size: int
-    symmetric: bool
-    algorithm: str  # "rtn" (round to nearest)
+    symmetric: bool  # False: a zero point per group (matmulnbits only)
+    algorithm: str  # "rtn" (round to nearest) | "hqq" (onnxruntime's HQQ)
     accuracy_level: int  # MatMulNBits only; 0 for qdq
     graphs: tuple[str, ...]
     lm_head: bool
@@ -241,6 +241,10 @@ class QuantInfo:
     quantized: dict[str, int] = field(default_factory=dict)  # graph -> weights quantized
     weight_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # graph -> {"before", "after"}
     tolerance: dict[str, float] = field(default_factory=dict)  # QuantTolerance as data
+    int8_matmuls: tuple[str, ...] = ()  # int4 mixed precision: the MatMuls kept at int8 (down_proj, first, last)
+    # the measure at quantization (docs/quantization.md): text KL mean / p99 / max, top-1, perplexity
+    # (fp32 and this), image prompts' KL; empty in artifacts quantized before it existed or with --no-validate
+    fidelity: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,9 @@ class Manifest:
     layout: VisualLayout = VisualLayout()  # absent in manifests written before it existed: "single"
     video: VideoInfo | None = None  # video input (OneVision); absent: the artifact takes images only
     architecture: Architecture | None = None  # architecture numbers; absent in manifests written before it existed
+    # where the weights came from when they are not a trained checkpoint's: "random (preset tiny-llava)";
+    # None: the checkpoint's own weights (and in manifests written before the field existed)
+    weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -423,7 +430,7 @@ class VerifiedArtifact:
 def _limit_for(rel: str, manifest: Manifest, limits: "Limits") -> int:
     if rel == manifest.prompt.tokenizer_file:
         return limits.tokenizer_bytes
-    if rel == manifest.reference.get("file"):
+    if rel == manifest.reference.get("file") or rel == (manifest.reference.get("text") or {}).get("file"):
         return limits.reference_bytes
     return limits.graph_bytes
 
@@ -444,6 +451,8 @@ def verify_files(root: Path, manifest: Manifest, root_fd: int | None = None,
     try:
         scoped = [("prompt.tokenizer_file", manifest.prompt.tokenizer_file),
                   ("reference.file", manifest.reference["file"])]
+        if manifest.reference.get("text"):
+            scoped += [("reference.text.file", manifest.reference["text"]["file"])]
         for name, graph in manifest.graphs.items():
             scoped += [(f"graphs.{name}.file", graph.file)]
             if graph.external_data is not None:

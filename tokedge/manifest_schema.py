@@ -194,12 +194,17 @@ def check_ranges(m: Any, format_version: int) -> None:
     if not isinstance(ref.get("file"), str):
         raise ManifestError("reference.file", "a string", ref.get("file", dataclasses.MISSING))
     tol = ref.get("tolerance")
-    known = {"image_embeds", "logits", "logit_cosine", "top1_agreement"}
+    known = {"image_embeds", "logits", "logit_cosine", "top1_agreement", "kl_mean", "text_kl_mean", "text_kl_p99",
+             "text_top1", "gated"}
     if not isinstance(tol, dict) or not {"image_embeds", "logits"} <= set(tol) or not set(tol) <= known:
         raise ManifestError("reference.tolerance", 'an object with "image_embeds" and "logits" (and optionally '
-                            '"logit_cosine", "top1_agreement")', tol)
+                            '"logit_cosine", "top1_agreement", "kl_mean", "text_kl_mean", "text_kl_p99", '
+                            '"text_top1", "gated")', tol)
     for key, value in tol.items():
-        convert(float | None, value, f"reference.tolerance.{key}")
+        convert(bool if key == "gated" else float | None, value, f"reference.tolerance.{key}")
+    text = ref.get("text")  # quantized artifacts: the fp32 side of the text measure (tokedge.fidelity)
+    if text is not None and not (isinstance(text, dict) and isinstance(text.get("file"), str)):
+        raise ManifestError("reference.text", 'an object with "file"', text)
 
 
 def _check_layout(layout: Any, format_version: int) -> None:

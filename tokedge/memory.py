@@ -65,6 +65,7 @@ class WeightScheme:
     bits: int | None = None  # quantized layers: 4 or 8 (None: nothing quantized)
     group_size: int = 128
     scale_bytes: float = 2.0  # one scale per group (fp16 on the device, fp32 in an artifact)
+    zero_bytes: float = 0.0  # one zero point per group (asymmetric matmulnbits: bits / 8), 0 when symmetric
     decoder: bool = True  # decoder layers quantized
     vision: bool = False
     lm_head: bool = False
@@ -73,7 +74,7 @@ class WeightScheme:
     def per_weight(self, quantized: bool) -> float:
         if not quantized or self.bits is None:
             return self.float_bytes
-        return self.bits / 8 + self.scale_bytes / self.group_size
+        return self.bits / 8 + (self.scale_bytes + self.zero_bytes) / self.group_size
 
     @property
     def label(self) -> str:
@@ -88,7 +89,8 @@ class WeightScheme:
         if quant is None:
             return cls(float_bytes=float_bytes)
         return cls(float_bytes=float_bytes, bits=4 if quant.scheme == "int4" else 8, group_size=quant.group_size,
-                   scale_bytes=scale_bytes, decoder=bool({"decoder", "prefill"} & set(quant.graphs)),
+                   scale_bytes=scale_bytes, zero_bytes=0.0 if quant.symmetric else (4 if quant.scheme == "int4" else 8) / 8,
+                   decoder=bool({"decoder", "prefill"} & set(quant.graphs)),
                    vision="vision" in quant.graphs, lm_head=quant.lm_head, embeddings=quant.embeddings)
 
 

@@ -43,7 +43,15 @@ def verify(artifact: Path | str, checkpoint: str | None = None, options: OrtOpti
         chosen = backend.ort_options(manifest, root)
         options = dataclasses.replace(options, backend=chosen.backend, gpu=chosen.gpu)
     with ArtifactGraphs(root, manifest, options=options, verified=verified) as graphs:
-        return run_cases(graphs, pixel_values, cases, tol)
+        report = run_cases(graphs, pixel_values, cases, tol)
+        if "text" in ref:  # quantized: the text measure against the fp32 side recorded at quantization
+            from dataclasses import replace
+
+            from tokedge.fidelity import TextReference, measure
+
+            text = TextReference.load(verified.read(ref["text"]["file"]))
+            report = replace(report, text=measure(graphs, text).to_dict())
+        return report
 
 
 def _recompute(manifest, checkpoint: str, pixel_values, cases):

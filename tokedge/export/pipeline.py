@@ -409,6 +409,7 @@ def manifest_stage(job: _Export, stage: Path, graphs: dict, optimizations: list[
     """The tokenizer, the reference cases and the manifest; refused here (nothing written) when
     `--profile` cannot plan engines for it."""
     from tokedge.export import onnx_export as ox
+    from tokedge.export.presets import random_weights
     from tokedge.export.validate import (
         DECODE_STEPS,
         REFERENCE_FILE,
@@ -439,6 +440,7 @@ def manifest_stage(job: _Export, stage: Path, graphs: dict, optimizations: list[
         reference={"file": REFERENCE_FILE, "tolerance": tolerance_dict(Tolerance.for_dtype(cfg.dtype)),
                    "budgets": job.budgets, "decode_steps": DECODE_STEPS},
         files={}, optimizations=tuple(optimizations), layout=family.layout(loaded), video=job.video,
+        weights=random_weights(cfg.model, loaded.model.config),
     )
     if cfg.device_profile:  # engines must hold every shape the runtime will feed: refuse now, with the fix
         from tokedge.build.plan import plan_shapes
@@ -449,19 +451,26 @@ def manifest_stage(job: _Export, stage: Path, graphs: dict, optimizations: list[
 
 
 def validate_stage(job: _Export, stage: Path, manifest: Manifest) -> tuple[Manifest, dict]:
-    """Quantize (when asked), then run the staged artifact through the device's own prompt path
-    against the reference cases (and the video graph against transformers'). -> (manifest, parity)."""
+    """Quantize (when asked: the fp32 side of the text measure first), then run the staged artifact
+    through the device's own prompt path against the reference cases (and the video graph against
+    transformers'; a quantized artifact also over the built-in text). -> (manifest, parity)."""
     from tokedge.export.validate import Tolerance, run_cases, tolerance_dict, tolerance_for
     from tokedge.runtime.graphs import ArtifactGraphs
 
     cfg = job.cfg
     tol = Tolerance.for_dtype(cfg.dtype)
+    text_ref = quant = None
     if cfg.quantize is not None:
-        from tokedge.export.quantize import quantize_graphs
+        from tokedge.export.quantize import quantize_graphs, record_text_reference
 
+        if cfg.validate:
+            with job.timed("fp32 text reference (quantization measure)"):
+                text_ref, text_record = record_text_reference(stage, manifest)
+            if text_record is not None:
+                manifest = replace(manifest, reference={**manifest.reference, "text": text_record})
         with job.timed(f"quantize ({cfg.quantize.scheme}, {cfg.quantize.form})"):
             manifest, quant = quantize_graphs(stage, manifest, cfg.quantize, cfg.external_data_threshold)
-        tol = tolerance_for(cfg.dtype, quant)
+        tol = tolerance_for(cfg.dtype, quant, gated=manifest.weights is None)
         manifest = replace(manifest, reference={**manifest.reference, "tolerance": tolerance_dict(tol)})
     if not job.cases:
         return manifest, {"skipped": True, "reason": "no reference case"}
@@ -470,8 +479,16 @@ def validate_stage(job: _Export, stage: Path, manifest: Manifest) -> tuple[Manif
     with job.timed("validate (ONNX Runtime vs transformers)"):
         with ArtifactGraphs(stage, manifest) as runtime_graphs:
             report = run_cases(runtime_graphs, job.pixel_values, job.cases, tol)
+            if text_ref is not None:
+                from tokedge.fidelity import measure
+
+                report = replace(report, text=measure(runtime_graphs, text_ref).to_dict())
             video_parity = check_video_graph(runtime_graphs, job.video_case, tol)
         report.raise_if_failed("export validation failed")
+    if quant is not None:
+        from tokedge.export.quantize import fidelity_record
+
+        manifest = replace(manifest, quantization=replace(quant, fidelity=fidelity_record(report)))
     parity = report.to_dict()
     if video_parity is not None:
         parity["video"] = video_parity

@@ -159,6 +159,7 @@ def _random_init(model_cls, config, seed: int, init_std: float):
     fan-in scaled matrices, wide embeddings so greedy decoding has clear winners)."""
     import torch
 
+    config.tokedge_weights = "random"  # saved in config.json: export records that no gate means anything here
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -390,6 +391,16 @@ def _stamp(cfg: TinyLlavaConfig) -> str:
                 else QWEN3_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen3VLConfig) else CHAT_TEMPLATE)
     blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": template}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def random_weights(source: str, config) -> str | None:
+    """The manifest's `weights` record for a checkpoint whose weights are random: a preset named as
+    `source`, or a directory written by this module's builders (marked in its config.json)."""
+    if source in PRESETS:
+        return f"random (preset {source})"
+    if getattr(config, "tokedge_weights", None) == "random":
+        return "random (built by tokedge.export.presets)"
+    return None
 
 
 def resolve_preset(name: str) -> Path | None:

@@ -26,32 +26,59 @@ class Tolerance:
     moves whole rows; their parity is judged on logits and greedy tokens, the diff still reported.
 
     Quantized artifacts are judged by the scheme's distribution-level bounds instead (logits None,
-    greedy tokens not required to match): the worst cosine similarity of a logits row and the share
-    of logits rows whose argmax agrees with the fp32 reference."""
+    greedy tokens not required to match), calibrated on a real language model (docs/quantization.md):
+    the mean KL divergence of the image prompts' logits rows from the fp32 reference (`kl_mean`) and
+    the teacher-forced measure over the built-in text (`text_*`, `tokedge.fidelity`). Artifacts
+    quantized before that record the older bounds (`logit_cosine`, `top1_agreement`) and are still
+    judged by them. `gated` False (random-weight presets): measured and reported, never judged."""
 
     image_embeds: float | None
     logits: float | None
     logit_cosine: float | None = None
     top1_agreement: float | None = None
+    kl_mean: float | None = None  # image prompts: mean KL (nats) of the prefill and step logits rows
+    text_kl_mean: float | None = None  # built-in text: mean KL per token
+    text_kl_p99: float | None = None  # built-in text: 99th percentile of the per-token KL
+    text_top1: float | None = None  # built-in text: top-1 agreement with the fp32 artifact
+    gated: bool = True
 
     @classmethod
     def for_dtype(cls, dtype: str) -> Tolerance:
         return cls(image_embeds=1e-3, logits=1e-3) if dtype == "fp32" else cls(image_embeds=None, logits=1e-1)
 
+    @property
+    def quantized(self) -> bool:
+        return self.logit_cosine is not None or self.top1_agreement is not None or self.kl_mean is not None \
+            or not self.gated
+
+    def text_failures(self, text: dict) -> list[str]:
+        """What the text measure (`Fidelity.to_dict()`) misses of these bounds."""
+        out = []
+        if self.text_kl_mean is not None and text["kl_mean"] > self.text_kl_mean:
+            out.append(f"text KL mean {text['kl_mean']:.4f} > {self.text_kl_mean:g}")
+        if self.text_kl_p99 is not None and text["kl_p99"] > self.text_kl_p99:
+            out.append(f"text KL p99 {text['kl_p99']:.3f} > {self.text_kl_p99:g}")
+        if self.text_top1 is not None and text["top1"] < self.text_top1:
+            out.append(f"text top-1 {text['top1']:.1%} < {self.text_top1:.0%}")
+        return out
+
 
 def tolerance_dict(tol: Tolerance) -> dict:
     """The manifest's `reference.tolerance`: float artifacts keep the two keys older readers know."""
-    return {k: v for k, v in asdict(tol).items() if v is not None or k in ("image_embeds", "logits")}
+    return {k: v for k, v in asdict(tol).items()
+            if (v is not None or k in ("image_embeds", "logits")) and not (k == "gated" and v)}
 
 
-def tolerance_for(dtype: str, quant=None) -> Tolerance:
+def tolerance_for(dtype: str, quant=None, gated: bool = True) -> Tolerance:
     """The tolerance an artifact is validated with: by dtype, or by quantization scheme (`QuantInfo`)."""
     base = Tolerance.for_dtype(dtype)
     if quant is None:
         return base
     bounds = quant.tolerance
     return Tolerance(image_embeds=None if "vision" in quant.graphs else base.image_embeds, logits=None,
-                     logit_cosine=bounds["logit_cosine"], top1_agreement=bounds["top1_agreement"])
+                     logit_cosine=bounds.get("logit_cosine"), top1_agreement=bounds.get("top1_agreement"),
+                     kl_mean=bounds.get("kl_mean"), text_kl_mean=bounds.get("text_kl_mean"),
+                     text_kl_p99=bounds.get("text_kl_p99"), text_top1=bounds.get("text_top1"), gated=gated)
 
 
 @dataclass(frozen=True)
@@ -64,21 +91,31 @@ class ParityCase:
     tokens_match: bool
     logit_cosine: float = 1.0  # worst cosine similarity of a logits row (prefill and steps)
     top1_agreement: float = 1.0  # share of logits rows whose argmax equals the reference's
+    kl_mean: float = 0.0  # mean KL(reference || artifact) of the logits rows, nats
+    kl_max: float = 0.0
     label: str = ""  # which sample: "image 640x480, 2340 visual tokens" (older manifests: none, shown by budget)
 
     def name(self) -> str:
         return self.label or f"budget {self.budget}"
 
-    def numbers(self, quantized: bool) -> str:
+    def numbers(self, tol: Tolerance) -> str:
         logits = max(self.max_abs_prefill_logits, self.max_abs_step_logits)
-        return (f"embeds {self.max_abs_image_embeds:.2e}, logits {logits:.2e}, "
-                + (f"cosine {self.logit_cosine:.4f}, top-1 {self.top1_agreement:.0%}" if quantized else
-                   f"tokens {'match' if self.tokens_match else 'DIFFER'}"))
+        if tol.kl_mean is not None or not tol.gated:  # quantized, judged (or measured) by KL
+            judged = f"KL mean {self.kl_mean:.4f} (max {self.kl_max:.3f}), top-1 {self.top1_agreement:.0%}"
+        elif tol.quantized:  # quantized before KL: the older bounds
+            judged = f"cosine {self.logit_cosine:.4f}, top-1 {self.top1_agreement:.0%}"
+        else:
+            judged = f"tokens {'match' if self.tokens_match else 'DIFFER'}"
+        return f"embeds {self.max_abs_image_embeds:.2e}, logits {logits:.2e}, " + judged
 
     def ok(self, tol: Tolerance) -> bool:
+        if not tol.gated:
+            return True
         if tol.image_embeds is not None and self.max_abs_image_embeds > tol.image_embeds:
             return False
-        if tol.logit_cosine is not None or tol.top1_agreement is not None:  # quantized: distribution-level
+        if tol.kl_mean is not None:  # quantized, judged by KL (the text measure is judged by the report)
+            return self.kl_mean <= tol.kl_mean
+        if tol.logit_cosine is not None or tol.top1_agreement is not None:  # quantized before KL: older bounds
             return (self.logit_cosine >= (tol.logit_cosine or 0.0)
                     and self.top1_agreement >= (tol.top1_agreement or 0.0))
         return (tol.logits is None or max(self.max_abs_prefill_logits, self.max_abs_step_logits) <= tol.logits) \
@@ -89,34 +126,54 @@ class ParityCase:
 class ParityReport:
     tolerance: Tolerance
     cases: list[ParityCase] = field(default_factory=list)
+    text: dict | None = None  # the text measure (`tokedge.fidelity.Fidelity.to_dict()`), quantized artifacts
 
     @property
     def ok(self) -> bool:
-        return all(c.ok(self.tolerance) for c in self.cases)
+        text_ok = self.text is None or not self.tolerance.gated or not self.tolerance.text_failures(self.text)
+        return all(c.ok(self.tolerance) for c in self.cases) and text_ok
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, **asdict(self)}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ParityReport:
+        return cls(Tolerance(**data["tolerance"]), [ParityCase(**c) for c in data.get("cases", [])],
+                   data.get("text"))
+
     @property
     def quantized(self) -> bool:
-        return self.tolerance.logit_cosine is not None or self.tolerance.top1_agreement is not None
+        return self.tolerance.quantized
 
     def bound(self) -> str:
         tol = self.tolerance
-        return (f"cosine >= {tol.logit_cosine:g}, top-1 >= {tol.top1_agreement:.0%}" if self.quantized
-                else f"{tol.logits:g}")
+        if not tol.gated:
+            return "not gated: random weights"
+        if tol.kl_mean is not None:
+            return f"image KL mean <= {tol.kl_mean:g}" + (
+                f", text KL mean <= {tol.text_kl_mean:g}, p99 <= {tol.text_kl_p99:g}, top-1 >= {tol.text_top1:.0%}"
+                if tol.text_kl_mean is not None else "")
+        if tol.quantized:
+            return f"cosine >= {tol.logit_cosine:g}, top-1 >= {tol.top1_agreement:.0%}"
+        return f"{tol.logits:g}"
+
+    def _text_line(self) -> list[str]:
+        from tokedge.fidelity import Fidelity
+
+        return [] if self.text is None else [Fidelity.from_dict(self.text).line()]
 
     def summary(self) -> str:
-        """One line (error messages): every case, labelled, then the tolerance."""
-        parts = [f"{c.name()}: {c.numbers(self.quantized)}" for c in self.cases]
+        """One line (error messages): every case, labelled, the text measure, then the tolerance."""
+        parts = [f"{c.name()}: {c.numbers(self.tolerance)}" for c in self.cases] + self._text_line()
         return "; ".join(parts) + f" (tolerance {self.bound()})"
 
     def lines(self) -> list[str]:
-        """For a person: a header, then one short line per case (each fits 80 columns)."""
+        """For a person: a header, then one short line per case and one for the text measure."""
         n = len(self.cases)
         verdict = "within" if self.ok else "NOT within"
         head = f"{n} case{'s' if n != 1 else ''} {verdict} tolerance {self.bound()}"
-        return [head, *(f"  {c.name()}: {c.numbers(self.quantized)}" for c in self.cases)]
+        return [head, *(f"  {c.name()}: {c.numbers(self.tolerance)}" for c in self.cases),
+                *(f"  {line}" for line in self._text_line())]
 
     def raise_if_failed(self, what: str) -> None:
         if not self.ok:
@@ -145,6 +202,17 @@ def logit_agreement(expected: dict[str, np.ndarray], actual: dict[str, np.ndarra
     return float(cos.min()), float(np.mean(a.argmax(-1) == b.argmax(-1)))
 
 
+def logit_kl(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(mean, max) KL(expected || actual) over the prefill and step logits rows (full vocabulary)."""
+    from tokedge.fidelity import row_kl
+
+    a, b = _logit_rows(expected), _logit_rows(actual)
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    kl = row_kl(a, b)
+    return float(kl.mean()), float(kl.max())
+
+
 def case_label(case: dict[str, np.ndarray], manifest=None) -> str:
     """Which sample a recorded case is, for a person: its image's size (tiled and dynamic layouts
     record one image per case) or its prompts, the visual tokens the vision graph gave, and the
@@ -168,6 +236,7 @@ def case_label(case: dict[str, np.ndarray], manifest=None) -> str:
 def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budget: int,
             label: str = "") -> ParityCase:
     cosine, top1 = logit_agreement(expected, actual)
+    kl_mean, kl_max = logit_kl(expected, actual)
     return ParityCase(
         budget=budget,
         batch=int(expected["prefill_logits"].shape[0]),
@@ -177,6 +246,8 @@ def compare(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], budg
         tokens_match=bool(np.array_equal(expected["tokens"], actual["tokens"])),
         logit_cosine=round(cosine, 6),
         top1_agreement=round(top1, 4),
+        kl_mean=round(kl_mean, 6),
+        kl_max=round(kl_max, 6),
         label=label,
     )
 

@@ -7,8 +7,14 @@ def speed_section(report) -> list[str]:
     lines = ["", "## Efficiency and memory", ""]
     if report.quantization:
         q = report.quantization
-        lines.append(f"Weights: {q['scheme']} {q['form']} (group {q['group_size']}, symmetric {q['algorithm']}) on "
+        zero = "symmetric" if q.get("symmetric", True) else "zero points"
+        lines.append(f"Weights: {q['scheme']} {q['form']} (group {q['group_size']}, {zero}, {q['algorithm']}) on "
                      f"{', '.join(q['graphs'])}; lm_head {'quantized' if q['lm_head'] else 'float'}.")
+        fid = q.get("fidelity") or {}
+        if "text_kl_mean" in fid:  # measured at quantization against the fp32 artifact (docs/quantization.md)
+            lines.append(f"Fidelity vs fp32 (at quantization, {fid['text_tokens']:.0f} tokens of the built-in text): "
+                         f"KL mean {fid['text_kl_mean']:.4f}, p99 {fid['text_kl_p99']:.3f}, top-1 "
+                         f"{fid['text_top1']:.1%}, perplexity {fid['ppl_fp32']:.2f} -> {fid['ppl']:.2f}.")
     else:
         lines.append("Weights: float (not quantized).")
     lines.append(f"ONNX Runtime intra-op threads: {report.threads or 'automatic'}.")

@@ -85,6 +85,13 @@ def prepare_video(graphs: ArtifactGraphs, inputs, plan, input_ids: np.ndarray,
     return prompt, kept, reduce_ms
 
 
+def prepare_text(graphs: ArtifactGraphs, input_ids: np.ndarray) -> PreparedPrompt:
+    """A prompt of text only (no placeholders, no padding): the token embeddings as they are. The
+    quantization measure (`tokedge.fidelity`) reads its evaluation text through it."""
+    mask = np.ones(input_ids.shape, dtype=np.int64)
+    return PreparedPrompt(input_ids, mask, graphs.embed(input_ids), None, None, None, [0] * len(input_ids), None)
+
+
 def prefill(graphs: ArtifactGraphs, prompt: PreparedPrompt, room: int) -> tuple[np.ndarray, DecodeState]:
     """The prompt pass (the decoder, or an in-LLM method's prefill graph). -> (logits [b, vocab], state)."""
     return graphs.prefill(prompt.embeds, prompt.attention_mask, prompt.input_ids, room=room,
@@ -102,4 +109,4 @@ def stepper(graphs: ArtifactGraphs, state: DecodeState, deadline=None) -> Callab
     return step
 
 
-__all__ = ["PreparedPrompt", "per_row", "prefill", "prepare_images", "prepare_video", "stepper"]
+__all__ = ["PreparedPrompt", "per_row", "prefill", "prepare_images", "prepare_text", "prepare_video", "stepper"]
