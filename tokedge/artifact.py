@@ -680,3 +680,12 @@ def staged_directory(target: Path, force: bool = False, lock_timeout: float | No
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
+
+
+def random_weights_notice(weights: str | None) -> str | None:
+    """One line for every command that shows output or numbers from an artifact whose weights are
+    random (a preset's): None for a trained checkpoint's."""
+    if not weights:
+        return None
+    return (f"this artifact's weights are {weights}: its text and its fidelity numbers show that the "
+            "pipeline works, not what a trained model would answer")

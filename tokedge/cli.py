@@ -227,6 +227,7 @@ def export_cmd(
         console.print(f"weights: {_quant_line(m.quantization)}")
         if m.weights is not None:
             console.print(f"note: {_random_note(m.weights)}")
+    _say_random(m.weights, console)
     for note in result.notes:
         console.print(note)
     for w in result.warnings:
@@ -247,6 +248,22 @@ def _quant_line(q) -> str:
             f"{q.algorithm}{mixed}) on {', '.join(q.graphs)}: "
             f"{sum(q.quantized.values())} weights, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
             + ("" if q.lm_head else "; lm_head float") + ("" if q.embeddings else "; embeddings float"))
+
+
+def _say_random(weights: Optional[str], console=None) -> None:
+    """The random-weights notice, once, for commands that show output or numbers from an artifact
+    (on stderr unless a console is given: stdout may be --json)."""
+    from tokedge.artifact import random_weights_notice
+    from tokedge.safeio import printable
+
+    notice = random_weights_notice(weights)
+    if notice is None:
+        return
+    for line in fit_lines(f"note: {printable(notice)}"):
+        if console is not None:
+            console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr)
 
 
 def _random_note(weights: str) -> str:
@@ -486,6 +503,9 @@ def verify_cmd(
         raise ParityError(f"{artifact}: hashes ok, but the graphs disagree with {against}: {report.summary()}")
     if not json_out:
         _print_parity(_console(), "hashes ok; parity", report)
+    from tokedge.artifact import read_manifest
+
+    _say_random(read_manifest(artifact).weights)
 
 
 @app.command("run", short_help="Generate text for images and prompts (no torch).")
@@ -539,6 +559,7 @@ def run_cmd(
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, on_text=None if json_out else stream, timeout=timeout)
         print(json.dumps(clip.to_dict()) if json_out else "")
+        _say_random(pipe.manifest.weights)
         return
     if frames is not None or fps is not None or keep is not None:
         from tokedge.errors import UsageError
@@ -562,6 +583,7 @@ def run_cmd(
             print(f"[{i}] {printable_text(text)}")
     else:
         print()
+    _say_random(pipe.manifest.weights)
 
 
 def _video_source(video: Optional[Path], image: list[Path], frames_from_images: bool, prompt: list[str],

@@ -111,6 +111,7 @@ class ProfileReport:
     warnings: list[str] = field(default_factory=list)
     threads: int = 0  # ONNX Runtime intra-op threads (0 = automatic)
     quantization: dict | None = None  # the artifact's weight scheme (manifest `quantization`)
+    weights: str | None = None  # manifest `weights`: "random (preset tiny-llava)" for a preset's random weights
     memory: dict | None = None  # predicted vs measured artifact bytes and CPU peak; the device plan with --predict
     runtime: dict | None = None  # the --backend choice and the execution providers the sessions used
     # how rows were timed and what peak_rss_mb measures (the defaults describe reports written before)
@@ -458,6 +459,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         machine=describe(), gemm_peak_gflops_per_s=round(gemm_peak_gflops(cfg.threads), 1),
         predicted_on=dataclasses.asdict(device_profile) if device_profile else None, threads=cfg.threads,
         quantization=dataclasses.asdict(manifest.quantization) if manifest.quantization else None,
+        weights=manifest.weights,
         runtime=choice.describe(), timing=TIMING, memory_measure=MEMORY_MEASURE, gemm_peak_measure=PEAK_MEASURE,
     )
     report.warnings += [e.note for e in entries if e.note]

@@ -18,9 +18,13 @@ def write_json(report: ProfileReport, path: Path) -> None:
 
 def markdown(report: ProfileReport) -> str:
     m = report.machine
+    from tokedge.artifact import random_weights_notice
+
+    notice = random_weights_notice(report.weights)
     lines = [
         f"# tokedge profile: {Path(report.artifact).name} ({report.method})",
         "",
+        *([f"> **Random weights.** {notice[0].upper()}{notice[1:]}.", ""] if notice else []),
         f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('memory_gb')} GiB), measured GEMM peak "
         f"{report.gemm_peak_gflops_per_s:.0f} GFLOP/s (fp32). Prompt: \"{report.prompt}\"; "
         f"{len(report.images)} image(s), {report.runs} runs after {report.warmup} warm-up, "
@@ -166,6 +170,11 @@ def summary_lines(report: ProfileReport, width: int = 80) -> list[str]:
         b = report.baseline
         lines += wrap(f"baseline transformers ({b.get('attention', 'eager')} attention, {b['visual_tokens']} tokens): "
                       f"TTFT {b['ttft_ms']:.1f} ms, decode {b['decode_ms_per_token']:.2f} ms/token", width)
+    from tokedge.artifact import random_weights_notice
+
+    notice = random_weights_notice(report.weights)
+    if notice:
+        lines += wrap(f"note: {notice}", width)
     return lines
 
 

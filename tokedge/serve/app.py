@@ -695,9 +695,16 @@ def serve(cfg: ServeConfig) -> None:
     sock = listen(cfg.host, cfg.port)
     server, service = build_server(cfg)
     port = sock.getsockname()[1]
-    service.on_ready = lambda: print(
-        f"tokedge serve: {cfg.served_name} ready on http://{cfg.host}:{port} (max batch {cfg.max_batch}"
-        f"{', API key required' if cfg.api_key else ''})", file=sys.stderr, flush=True)
+    def ready() -> None:
+        from tokedge.artifact import random_weights_notice
+
+        print(f"tokedge serve: {cfg.served_name} ready on http://{cfg.host}:{port} (max batch {cfg.max_batch}"
+              f"{', API key required' if cfg.api_key else ''})", file=sys.stderr, flush=True)
+        notice = random_weights_notice(service.pipe.manifest.weights if service.pipe is not None else None)
+        if notice:
+            print(f"tokedge serve: note: {notice}", file=sys.stderr, flush=True)
+
+    service.on_ready = ready
     # uvicorn re-raises the SIGTERM it caught once it has drained; a drained shutdown is a clean exit
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
