@@ -32,7 +32,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --no-compile "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[export,report,serve,video,dev]"
 	# type stubs for the TensorRT path; --no-deps because their dependencies live on NVIDIA's index
 	$(PY) -m pip install --quiet --no-deps "tensorrt-stubs>=10.3"
@@ -43,7 +43,8 @@ install: $(STAMP)
 $(TV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(TV_VENV)
 	$(TV_PY) -m pip install --quiet --upgrade pip
-	$(TV_PY) -m pip install --quiet $(TV_TORCH_SPEC)
+	# --no-compile: no .pyc for torch's thousands of modules at install (the tests import a few)
+	$(TV_PY) -m pip install --quiet --no-compile $(TV_TORCH_SPEC)
 	$(TV_PY) -m pip install --quiet -e ".[export,video,dev]"
 	touch $(TV_STAMP)
 
@@ -57,7 +58,7 @@ test: $(STAMP) typecheck
 	# The preprocessing stage (its own venv: ~4 min, mostly unpacking torch) runs beside the main suite,
 	# filling the cores' idle time; its output is printed when both are done, and either failing fails.
 	( $(MAKE) -s test-preprocess > .test-preprocess.log 2>&1; echo $$? > .test-preprocess.rc ) & \
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --durations=25; rc=$$?; \
 	wait; echo "--- make test-preprocess"; cat .test-preprocess.log; \
 	test $$rc -eq 0 && test "$$(cat .test-preprocess.rc)" = 0
 
