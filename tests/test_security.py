@@ -434,7 +434,10 @@ def test_library_warnings_stay_off_stderr(base_art, tmp_path):
     with pytest.warns(UserWarning, match="Metadata Warning"):  # the library does warn on this file
         Image.open(path).load()
     proc = _sub("run", base_art, "--image", path, "--prompt", "hi", "--max-new-tokens", "2", timeout=60)
-    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    # the only stderr is tokedge's own once-per-run notice that the preset's weights are random (item 9)
+    err = proc.stderr.strip()
+    notice = err.startswith("note: this artifact's weights are random") and "Warning" not in err
+    assert proc.returncode == 0 and (err == "" or notice), proc.stderr
 
 
 @pytest.mark.parametrize("field", ["file_name", "tokedge_version"])
