@@ -117,9 +117,10 @@ def check_model(view, graph_name: str, rules: dict, report: CheckReport,
             report.findings.append(Finding(graph_name, name, node.op_type, f"not supported by {rules['name']}'s ONNX parser"))
             continue
         if node.op_type == "TopK" and node.input(1) is not None:
-            k = view.const(node.input(1))
-            if k is not None and int(k.numpy(external).reshape(-1)[0]) > rules["max_k"]:
-                report.findings.append(Finding(graph_name, name, "TopK", f"k = {int(k.numpy(external).reshape(-1)[0])} is above "
+            const_k = view.const(node.input(1))
+            k = int(const_k.numpy(external).reshape(-1)[0]) if const_k is not None else None
+            if k is not None and k > rules["max_k"]:
+                report.findings.append(Finding(graph_name, name, "TopK", f"k = {k} is above "
                                                f"TensorRT's limit of {rules['max_k']}"))
         weights = ({v for v in (node.input(0), node.input(2)) if v is not None and v in view.initializers}
                    if _is_block_dq(node) else set())

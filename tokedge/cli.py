@@ -1046,11 +1046,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:  # an optional extra this command needs: name it
         from tokedge.errors import missing_extra
 
-        command_name = next((a for a in argv if not a.startswith("-")), "")
-        named = missing_extra(exc, command_name)
-        if debug or named is None:
-            if debug:
-                raise
+        if debug:
+            raise
+        named = missing_extra(exc, next((a for a in argv if not a.startswith("-")), ""))
+        if named is None:
             _say(f"internal error: ModuleNotFoundError: {exc} (rerun with --debug for the traceback)")
             return 1
         _say(str(named))

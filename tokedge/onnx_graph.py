@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tokedge.errors import IntegrityError
-from tokedge.onnx_files import _fields
+from tokedge.onnx_files import _fields, _varint
 
 # onnx.proto field numbers
 _MODEL_OPSET, _MODEL_GRAPH = 8, 7
@@ -129,8 +129,6 @@ def _text(value) -> str:
 
 
 def _packed_ints(wire: int, value) -> list[int]:
-    from tokedge.onnx_files import _varint
-
     if wire == 0:
         return [value]
     out, pos = [], 0
@@ -166,8 +164,8 @@ def _tensor(buf) -> TensorRef:
             external[entry.get(1, "")] = entry.get(2, "")
         elif number == _T_LOCATION and wire == 0:
             location = value
-    if dtype in (6, 5, 4, 3, 2, 9, 10, 21, 22) and ints is not None:
-        ints = [v & 0xFFFFFFFF if dtype in (21, 22, 10) else v for v in ints]
+    if dtype in (10, 21, 22) and ints is not None:  # float16 / 4-bit: bit patterns, not signed values
+        ints = [v & 0xFFFFFFFF for v in ints]
     return TensorRef(name=name, dtype=dtype, dims=tuple(dims), raw=raw, ints=ints, floats=floats,
                      external=external if location == 1 else None)
 

@@ -309,8 +309,9 @@ def flops_figure(report: ProfileReport):
     return fig
 
 
-def plots(report: ProfileReport, out: Path) -> list[Path]:
-    """latency.png and flops.png (nothing when matplotlib is not installed)."""
+def write_figures(report, out: Path, makers) -> list[Path]:
+    """Each (file name, figure maker) as a PNG in `out`, written atomically; nothing when matplotlib
+    is not installed (the `report` extra). The one place profile and video reports save plots."""
     try:
         import matplotlib
 
@@ -319,7 +320,7 @@ def plots(report: ProfileReport, out: Path) -> list[Path]:
     except ImportError:
         return []
     written = []
-    for name, make in (("latency.png", latency_figure), ("flops.png", flops_figure)):
+    for name, make in makers:
         fig = make(report)
         path = out / name
         png = io.BytesIO()
@@ -328,6 +329,11 @@ def plots(report: ProfileReport, out: Path) -> list[Path]:
         write_atomic(path, png.getvalue())
         written.append(path)
     return written
+
+
+def plots(report: ProfileReport, out: Path) -> list[Path]:
+    """latency.png and flops.png (nothing when matplotlib is not installed)."""
+    return write_figures(report, out, (("latency.png", latency_figure), ("flops.png", flops_figure)))
 
 
 def write_all(report: ProfileReport, out: Path) -> list[Path]:

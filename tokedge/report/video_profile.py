@@ -297,24 +297,9 @@ def video_plots(report: VideoProfileReport, out: Path) -> list[Path]:
     """latency.png and tokens.png (nothing when matplotlib is not installed or nothing was run)."""
     if not report.results:
         return []
-    try:
-        import matplotlib
+    from tokedge.report.render import write_figures
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    import io
-
-    written = []
-    for name, make in (("latency.png", video_latency_figure), ("tokens.png", video_tokens_figure)):
-        fig = make(report)
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=110)
-        plt.close(fig)
-        write_atomic(out / name, png.getvalue())
-        written.append(out / name)
-    return written
+    return write_figures(report, out, (("latency.png", video_latency_figure), ("tokens.png", video_tokens_figure)))
 
 
 def write_video_report(report: VideoProfileReport, out: Path) -> list[Path]:
