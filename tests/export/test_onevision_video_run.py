@@ -123,6 +123,65 @@ def test_run_video_none_equals_transformers_generate(ov_video_artifacts, ov_load
 
 
 @pytest.mark.slow
+def test_serve_video_equals_transformers_generate(ov_video_artifacts, ov_loaded, hf_onevision, clip8, tmp_path, capfd):
+    """Issue 28 item 17: a `video_url` part over `tokedge serve` (the official openai client, a real
+    server): the answer equals transformers' greedy `generate` on the same 8 frames, streamed and
+    not; usage and the request log line count the clip's 1569 visual tokens; the clip's limits and
+    a broken clip are one-line OpenAI-style errors; an image-only artifact refuses video."""
+    import base64
+
+    import openai
+
+    from tests.serve.conftest import running_server
+    from tokedge.serve.config import ServeConfig
+
+    art = ov_video_artifacts("none")
+    ids, pixels, _ = hf_video_inputs(ov_loaded, clip8, FRAMES)
+    with torch.no_grad():
+        ref = hf_onevision.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
+                                    max_new_tokens=NEW_TOKENS, do_sample=False)
+    ref_tokens = ref[0, ids.shape[1]:].tolist()
+    eos = set(np.atleast_1d(hf_onevision.generation_config.eos_token_id).tolist())
+    ref_text = ov_loaded.processor.tokenizer.decode([t for t in ref_tokens if t not in eos], skip_special_tokens=True)
+
+    url = "data:video/mp4;base64," + base64.b64encode(clip8.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": QUESTION}]}]
+    cfg = ServeConfig(artifact=art, video_frames=FRAMES, max_prompt_tokens=4096, warmup=False,
+                      max_video_bytes=clip8.stat().st_size + 10)
+    with running_server(cfg) as (base, service):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        done = client.chat.completions.create(model=service.cfg.served_name, messages=messages,
+                                              max_tokens=NEW_TOKENS, temperature=0)
+        assert done.choices[0].message.content == ref_text
+        assert done.choices[0].finish_reason == ("length" if len(ref_tokens) == NEW_TOKENS and not eos & set(ref_tokens)
+                                                 else "stop")
+        usage = done.usage.model_dump()
+        assert usage["visual_tokens"] == 1569 and usage["prompt_tokens"] == ids.shape[1]
+        stream = client.chat.completions.create(model=service.cfg.served_name, messages=messages,
+                                                max_tokens=NEW_TOKENS, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref_text
+
+        bad = "data:video/mp4;base64," + base64.b64encode(b"\x00\x01not a video at all" * 10).decode()
+        big = "data:video/mp4;base64," + base64.b64encode(b"\x00" * (clip8.stat().st_size + 100)).decode()
+        two = [{"type": "video_url", "video_url": {"url": url}}] * 2
+        for content, status, needle in [
+            ([{"type": "video_url", "video_url": {"url": bad}}], 400, "not a video PyAV/FFmpeg can read"),
+            ([{"type": "video_url", "video_url": {"url": big}}], 413, "--max-video-bytes"),
+            (two, 400, "one video per request"),
+            ([{"type": "video_url", "video_url": {"url": "/etc/passwd"}}], 400, "--allow-local-images"),
+        ]:
+            with pytest.raises(openai.APIStatusError) as err:
+                client.chat.completions.create(model=service.cfg.served_name, max_tokens=2, messages=[
+                    {"role": "user", "content": [*content, {"type": "text", "text": "?"}]}])
+            assert err.value.status_code == status, err.value.body
+            message = err.value.body["message"]
+            assert needle in message and "\n" not in message and "tokedge-video-" not in message, message
+    log = [line for line in capfd.readouterr().err.splitlines() if "POST /v1/chat/completions 200" in line]
+    assert len(log) == 2 and all("visual_tokens=1569" in line for line in log), log
+
+
+@pytest.mark.slow
 def test_frames_as_images_and_directory_match_the_clip(ov_video_artifacts, clip8, tmp_path, capsys):
     """The clip's decoded frames saved as PNG files give the same answer as a frame directory and
     as --image files marked --frames-from-images as the clip itself (same pixels, same tokens)."""

@@ -207,3 +207,28 @@ def test_temporal_method_export_refused_for_qwen(tiny_qwen2_5_vl_dir, tmp_path):
     with pytest.raises(UsageError, match="temporal methods are not available for qwen2_5_vl video"):
         export(ExportConfig(model=str(tiny_qwen2_5_vl_dir), out=tmp_path / "evs", method="evs"))
     assert not (tmp_path / "evs").exists()
+
+
+def test_serve_video_equals_transformers_generate(hf_qwen2_5_vl, qwen2_5_vl_artifact, clip):
+    """Issue 28 item 17 on the dynamic-patch layout: a `video_url` part over a real `tokedge serve`
+    (the openai client) answers what transformers' `generate` answers on the same 4 frames, and
+    usage counts the clip's video tokens."""
+    import base64
+
+    import openai
+
+    from tests.serve.conftest import running_server
+    from tokedge.serve.config import ServeConfig
+
+    ids, count, ref_tokens, *_ = _reference(hf_qwen2_5_vl, clip, 4)
+    model, tokenizer = hf_qwen2_5_vl[0], hf_qwen2_5_vl[1]
+    eos = set(np.atleast_1d(model.generation_config.eos_token_id).tolist())
+    ref_text = tokenizer.decode([t for t in ref_tokens if t not in eos], skip_special_tokens=True)
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    with running_server(ServeConfig(artifact=qwen2_5_vl_artifact, video_frames=4, warmup=False)) as (base, service):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        done = client.chat.completions.create(model=service.cfg.served_name, max_tokens=STEPS, messages=[
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": QUESTION}]}])
+    assert done.choices[0].message.content == ref_text and ref_text
+    assert done.usage.prompt_tokens == ids.shape[1] and done.usage.model_dump()["visual_tokens"] == count

@@ -184,7 +184,7 @@ def test_models_lists_the_artifact(client, model, serve_artifact):
     ({"model": "MODEL", "messages": "USER_IMG", "n": 2}, 400, "'n' must be 1"),
     ({"model": "other", "messages": "USER_IMG"}, 404, "model 'other' is not served here"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]}, 400, "video is not available"),
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]}, 400, "takes images only"),
     ({"model": "MODEL", "messages": "NINE_IMAGES"}, 400, "at most 8 image_url parts"),
     ({"model": "MODEL", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "not valid base64"),

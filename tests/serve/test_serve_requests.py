@@ -2,7 +2,7 @@
 (one per request on stderr, its numbers equal to the response's `usage`), text-only chat turns
 (answers equal transformers' own `generate` on the text-only prompt: an independent reference,
 for a pre-LLM and an in-LLM artifact, and alone or beside image requests), and video parts refused
-with a clear OpenAI-style 400."""
+by an image-only artifact with a clear OpenAI-style 400."""
 
 from __future__ import annotations
 
@@ -163,12 +163,17 @@ def test_text_only_refused_where_the_artifact_cannot(server, client):
 
 
 def test_video_parts_are_refused_clearly(server, client, image_urls):
+    """An image-only artifact (LLaVA-1.5) refuses a video_url part naming what takes video; a part of
+    type "video" is told the wire format. (Video over serve on a video artifact:
+    tests/export/test_onevision_video_run.py::test_serve_video_equals_transformers_generate.)"""
     _, service = server
-    for part in ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
-                 {"type": "video", "video": ["data:image/png;base64,AAAA"]}):
+    for part, needle, code in (
+            ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, "takes images only",
+             "video_not_supported"),
+            ({"type": "video", "video": ["data:image/png;base64,AAAA"]}, '"type": "video_url"', None)):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=service.cfg.served_name, max_tokens=3,
                                            messages=[{"role": "user", "content": [part, {"type": "text", "text": "?"}]}])
         body = err.value.body
-        assert body["code"] == "video_not_supported" and "tokedge run" in body["message"]
+        assert body["code"] == code and needle in body["message"], body
         assert "\n" not in body["message"]

@@ -166,27 +166,26 @@ def decode_loop(
     pad: int = 0,
     stop_at_eos: bool = True,
     keep_logits: bool = False,
-    on_step: Callable[[list[list[int]]], None] | None = None,
+    on_step: Callable[[list[list[int]]], bool | None] | None = None,
 ) -> Decoded:
     """THE decode loop, shared by `tokedge run`, export validation, the transformers references,
     the profile baseline and `verify` (and, step by step, `tokedge serve`): pick a token from
     `first_logits` [b, vocab] (the prefill's), then call `step(next_ids [b] int64) -> logits
     [b, vocab]` until every row hit EOS (when `stop_at_eos`) or `cfg.max_new_tokens` tokens were
-    picked. Rows that finished are fed `pad`."""
+    picked. Rows that finished are fed `pad`. `on_step(tokens so far)` runs after every pick; when
+    it returns True the loop ends there (the server: a stop string, a client gone)."""
     rows = DecodeRows([cfg] * np.asarray(first_logits).shape[0], eos=eos, pad=pad, stop_at_eos=stop_at_eos)
     rows.take(first_logits)
     kept: list[np.ndarray] = []
     steps = 0
-    if on_step is not None:
-        on_step(rows.tokens)
-    while rows.active:
+    halt = on_step is not None and bool(on_step(rows.tokens))
+    while rows.active and not halt:
         logits = np.asarray(step(rows.feed()), dtype=np.float32)
         steps += 1
         if keep_logits:
             kept.append(logits)
         rows.take(logits)
-        if on_step is not None:
-            on_step(rows.tokens)
+        halt = on_step is not None and bool(on_step(rows.tokens))
     return Decoded(tokens=rows.tokens, step_logits=kept, steps=steps)
 
 

@@ -302,18 +302,24 @@ class PromptEncoder:
 
     def encode_video(self, prompt: str, video_token: str, video_token_id: int, count: int) -> Encoded:
         """One prompt with one video: the chat template's video item expanded to `count` placeholders."""
+        rendered = render_video_chat(self.info, prompt, video_token, self.special_tokens, self.limits)
+        return self.encode_video_rendered(rendered, video_token, video_token_id, count, where="--prompt")
+
+    def encode_video_rendered(self, rendered: str, video_token: str, video_token_id: int, count: int,
+                              where: str = "the messages") -> Encoded:
+        """A conversation rendered with one video item (`render_video_chat`, or the server's
+        `render_messages`) -> ids with the video item expanded to `count` placeholders."""
         from tokedge.runtime.video import expand_video_placeholders
 
-        rendered = render_video_chat(self.info, prompt, video_token, self.special_tokens, self.limits)
         if rendered.count(video_token) == 0:
             raise InputError(f"the artifact's chat template renders no '{video_token}' for a video item; it cannot "
                              "place a video (re-export from a checkpoint whose chat template handles videos)")
         if rendered.count(video_token) != 1:
             raise InputError(f"the rendered prompt has {rendered.count(video_token)} video placeholders "
-                             f"'{video_token}' for 1 video; tokedge adds it itself (remove it from --prompt)")
+                             f"'{video_token}' for 1 video; tokedge adds it itself (remove it from {where})")
         if self.info.image_token in rendered:
             raise InputError(f"the prompt holds the image placeholder '{self.info.image_token}' but no image is given; "
-                             "remove it from --prompt")
+                             f"remove it from {where}")
         text = expand_video_placeholders(rendered, video_token, [count])
         try:
             ids = self.tokenizer.encode(text, add_special_tokens=True).ids

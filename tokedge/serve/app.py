@@ -36,6 +36,8 @@ from tokedge.runtime.prompt import render_messages
 from tokedge.safeio import printable
 from tokedge.serve.config import ServeConfig, is_loopback
 from tokedge.serve.images import (
+    IMAGE,
+    VIDEO,
     check_request_pixels,
     decode_image,
     fetch_remote,
@@ -55,6 +57,7 @@ from tokedge.serve.protocol import (
     parse_chat_request,
 )
 from tokedge.serve.scheduler import Delta, Done, Event, Failed, Job, QueueFull, Scheduler
+from tokedge.serve.video import takes_video, video_job_inputs, video_refusal
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -200,14 +203,19 @@ class Service:
         self.check_image_count(req)
         fetches, preparing = self.stages
         fetched: dict[int, bytes] = {}
-        for i, url in enumerate(req.image_urls):
+        media = VIDEO if req.video_urls else IMAGE
+        for i, url in enumerate(req.video_urls or req.image_urls):
             if is_remote(url) and self.cfg.allow_remote_images:
-                fetched[i] = await fetches.run(fetch_remote, url, self.cfg)
+                fetched[i] = await fetches.run(fetch_remote, url, self.cfg, media)
         return await preparing.run(self.prepare, req, sink, arrived, fetched)
 
     def check_image_count(self, req: ChatRequest) -> None:
         assert self.pipe is not None
         family, allowed = self.pipe.manifest.model.family, images_per_prompt(self.pipe)
+        if req.video_urls:
+            if not takes_video(self.pipe.manifest):
+                raise video_refusal(self.pipe.manifest)
+            return
         if not req.image_urls and self.text_only_refusal is not None:
             raise APIError(400, f"this artifact ({family}) cannot answer a prompt without an image "
                                 f"({self.text_only_refusal}): add an image_url part to the user message",
@@ -226,6 +234,8 @@ class Service:
         pipe, cfg = self.pipe, self.cfg
         self.check_image_count(req)
         fetched = fetched or {}
+        if req.video_urls:
+            return self.prepare_video(req, sink, arrived, fetched)
         images = []
         for i, url in enumerate(req.image_urls):
             images.append(open_image(fetched.pop(i) if i in fetched else image_bytes(url, cfg), cfg))
@@ -240,14 +250,43 @@ class Service:
             del images
             if pixels > LARGE_REQUEST_PIXELS:
                 release_memory()
-        prompt_tokens = int(enc.input_ids.shape[1])
+        sampling = self.sampling(req, int(enc.input_ids.shape[1]), "image")
+        return Job(pixel_values=pixel_values, input_ids=enc.input_ids[0], sampling=sampling, stop=req.stop, sink=sink,
+                   created=arrived)
+
+    def prepare_video(self, req: ChatRequest, sink: Callable[[Event], None], arrived: float,
+                      fetched: dict[int, bytes]) -> Job:
+        """A video request: the clip read and sampled as `tokedge run --video` reads one (the
+        artifact's default frame count, or --video-frames), the messages rendered with the
+        template's video item and its placeholders expanded to the plan's count."""
+        assert self.pipe is not None
+        pipe, cfg = self.pipe, self.cfg
+        data = fetched.pop(0) if 0 in fetched else image_bytes(req.video_urls[0], cfg, VIDEO)
+        inputs, plan = video_job_inputs(pipe.manifest, data, cfg)
+        del data
+        info = pipe.manifest.video
+        assert info is not None
+        try:
+            rendered = render_messages(pipe.manifest.prompt, req.messages, pipe.manifest.prompt.special_tokens)
+            enc = pipe.encoder.encode_video_rendered(rendered, info.video_token, info.video_token_id, plan.placeholders)
+        except InputError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        sampling = self.sampling(req, int(enc.input_ids.shape[1]), "video")
+        return Job(pixel_values=ImageBatch([], [[]]), input_ids=enc.input_ids[0], sampling=sampling, stop=req.stop,
+                   sink=sink, created=arrived, video=(inputs, plan))
+
+    def sampling(self, req: ChatRequest, prompt_tokens: int, media: str) -> SamplingConfig:
+        """The request's sampling settings, once its prompt length is within the server's and the model's limits."""
+        assert self.pipe is not None
+        cfg = self.cfg
         if prompt_tokens > cfg.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {prompt_tokens} tokens (image included); this server accepts at most "
-                                f"{cfg.max_prompt_tokens} (--max-prompt-tokens); shorten the messages",
+            raise APIError(400, f"the prompt is {prompt_tokens} tokens ({media} included); this server accepts at most "
+                                f"{cfg.max_prompt_tokens} (--max-prompt-tokens); shorten the messages"
+                                + (" or lower --video-frames" if media == "video" else ""),
                            param="messages")
-        limit = context_limit(pipe.graphs)
+        limit = context_limit(self.pipe.graphs)
         if prompt_tokens + req.max_tokens > limit:
-            raise APIError(400, f"the prompt ({prompt_tokens} tokens, image included) + max_tokens ({req.max_tokens}) "
+            raise APIError(400, f"the prompt ({prompt_tokens} tokens, {media} included) + max_tokens ({req.max_tokens}) "
                                 f"exceeds the model's context of {limit} tokens; lower max_tokens",
                            param="max_tokens")
         sampling = SamplingConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -256,8 +295,7 @@ class Service:
             sampling.check()
         except InputError as exc:
             raise APIError(400, str(exc)) from None
-        return Job(pixel_values=pixel_values, input_ids=enc.input_ids[0], sampling=sampling, stop=req.stop, sink=sink,
-                   created=arrived)
+        return sampling
 
 
 # -- HTTP -------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ class ServeConfig:
     batch_wait_ms: float = 10.0  # after the first queued request, wait this long for more to batch with it
     max_queue: int = 32  # requests waiting for the batch after the running one; more get 429
     max_image_bytes: int = 8 << 20  # encoded size of one image; larger gets 413
+    max_video_bytes: int = 8 << 20  # encoded size of one video (video artifacts); larger gets 413
+    video_frames: int | None = None  # frames sampled from a request's video (None: the artifact's default count)
     max_image_pixels: int = 40_000_000  # width * height of one decoded image; larger gets 413
     max_request_pixels: int = 48_000_000  # all images of one request together, checked before any is decoded
     max_prompt_tokens: int = 4096  # prompt after templating, image placeholders included; longer gets 400
@@ -54,11 +56,11 @@ class ServeConfig:
 
     @property
     def max_body_bytes(self) -> int:
-        """A request body may hold one base64 image at the byte limit plus the messages around it."""
-        return self.max_image_bytes * 4 // 3 + (1 << 20)
+        """A request body may hold one base64 image (or video) at the byte limit plus the messages around it."""
+        return max(self.max_image_bytes, self.max_video_bytes) * 4 // 3 + (1 << 20)
 
     def check(self) -> None:
-        for name in ("max_batch", "max_queue", "max_image_bytes", "max_image_pixels", "max_request_pixels",
+        for name in ("max_batch", "max_queue", "max_image_bytes", "max_video_bytes", "max_image_pixels", "max_request_pixels",
                      "max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_remote_fetches",
                      "max_preprocess", "max_connections", "max_uploads"):
             if getattr(self, name) < 1:
@@ -69,6 +71,8 @@ class ServeConfig:
                 raise UsageError(f"--{name[:-2].replace('_', '-')} must be a positive number of seconds (got {value})")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port {self.port} is not a TCP port (0..65535)")
+        if self.video_frames is not None and self.video_frames < 1:
+            raise UsageError(f"--video-frames must be at least 1 (got {self.video_frames})")
         if self.batch_wait_ms < 0:
             raise UsageError(f"--batch-wait-ms must be >= 0 (got {self.batch_wait_ms})")
         if self.api_key is not None and not self.api_key.strip():

@@ -38,7 +38,8 @@ class APIError(Exception):
 @dataclass(frozen=True)
 class ChatRequest:
     """A validated request. `messages` are in the chat template's format, with each image part
-    replaced by {"type": "image"} and its URL kept, in order, in `image_urls`."""
+    replaced by {"type": "image"} and its URL kept, in order, in `image_urls`, and a video part
+    (at most one, never beside images) by {"type": "video"} with its URL in `video_urls`."""
 
     model: str
     messages: list[dict[str, Any]]
@@ -50,6 +51,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    video_urls: list[str] = field(default_factory=list)
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -121,35 +123,41 @@ def _check_text(text: str) -> None:
                                 "\\udfff escape); send valid Unicode text") from None
 
 
-def _content(message: dict, index: int, image_urls: list[str]) -> list[dict[str, Any]]:
+def _media_url(part: dict, kind: str, where: str, example: str) -> str:
+    value = part.get(kind)
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise APIError(400, f'{where}.{kind} must be {{"url": "{example}"}}', param=where)
+    return url
+
+
+def _content(message: dict, index: int, image_urls: list[str], video_urls: list[str]) -> list[dict[str, Any]]:
     content = message.get("content")
     where = f"messages[{index}].content"
     if isinstance(content, str):  # as a text part: templates such as llava-hf's iterate over parts
         return [{"type": "text", "text": content}]
     if not isinstance(content, list) or not content:
-        raise APIError(400, f"{where} must be a string or a non-empty list of text / image_url parts", param=where)
+        raise APIError(400, f"{where} must be a string or a non-empty list of text / image_url / video_url parts",
+                       param=where)
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str) or not url:
-                raise APIError(400, f"{where}[{j}].image_url must be {{\"url\": \"data:image/...;base64,...\"}}",
-                               param=where)
+        elif kind in ("image_url", "video_url"):
+            url = _media_url(part, kind, f"{where}[{j}]",
+                             "data:image/...;base64,..." if kind == "image_url" else "data:video/mp4;base64,...")
             if message.get("role") != "user":
-                raise APIError(400, f"{where}[{j}]: images are accepted in user messages only", param=where)
-            image_urls.append(url)
-            parts.append({"type": "image"})
-        elif kind in ("video_url", "video"):
-            raise APIError(400, f"{where}[{j}]: video is not available over `tokedge serve` yet; run the clip with "
-                                "`tokedge run ARTIFACT --video CLIP --prompt ...` (docs/video.md)", param=where,
-                           code="video_not_supported")
+                raise APIError(400, f"{where}[{j}]: {kind[:5]}s are accepted in user messages only", param=where)
+            (image_urls if kind == "image_url" else video_urls).append(url)
+            parts.append({"type": kind[:5]})
+        elif kind == "video":
+            example = '{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}'
+            raise APIError(400, f"{where}[{j}]: send a video as {example}", param=where)
         else:
-            raise APIError(400, f"{where}[{j}] must be {{\"type\": \"text\", \"text\": ...}} or "
-                                f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}} (got type {kind!r})",
+            raise APIError(400, f"{where}[{j}] must be {{\"type\": \"text\", \"text\": ...}}, "
+                                f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}} or "
+                                f"{{\"type\": \"video_url\", \"video_url\": {{\"url\": ...}}}} (got type {kind!r})",
                            param=where)
     return parts
 
@@ -168,15 +176,22 @@ def parse_chat_request(body: Any, *, served_name: str, max_tokens_limit: int, de
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
     image_urls: list[str] = []
+    video_urls: list[str] = []
     rendered: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}] must be an object with 'role' one of {', '.join(ROLES)}",
                            param="messages")
         role = "system" if message["role"] == "developer" else message["role"]
-        rendered.append({"role": role, "content": _content(message, i, image_urls)})
+        rendered.append({"role": role, "content": _content(message, i, image_urls, video_urls)})
     if rendered[-1]["role"] != "user":
         raise APIError(400, "the last message must be from the user", param="messages")
+    if len(video_urls) > 1:
+        raise APIError(400, f"the request has {len(video_urls)} video_url parts; send one video per request",
+                       param="messages")
+    if video_urls and image_urls:
+        raise APIError(400, "the request has both a video and images; send the video alone (one video_url part) "
+                            "or the images without it", param="messages")
     n = _integer(body, "n")
     if n not in (None, 1):
         raise APIError(400, f"'n' must be 1 (got {n}); send separate requests for several answers", param="n")
@@ -211,7 +226,7 @@ def parse_chat_request(body: Any, *, served_name: str, max_tokens_limit: int, de
         raise APIError(400, "'stream_options' must be an object such as {\"include_usage\": true}",
                        param="stream_options")
     return ChatRequest(
-        model=model, messages=rendered, image_urls=image_urls, max_tokens=max_tokens,
+        model=model, messages=rendered, image_urls=image_urls, video_urls=video_urls, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
         seed=_integer(body, "seed", 0, MAX_SEED), stop=stops, stream=stream, include_usage=bool(options.get("include_usage")),

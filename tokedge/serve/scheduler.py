@@ -69,6 +69,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
     started: bool = False  # some of its text was sent: it cannot be run again
+    video: Any = None  # a video request's (`VideoInputs`, `VideoPlan`); such a job runs alone
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -76,7 +77,12 @@ class Job:
     @property
     def text_only(self) -> bool:
         """No image: such prompts run in batches of their own (no vision graph, no splice)."""
-        return not any(self.pixel_values.images_per_row)
+        return self.video is None and not any(self.pixel_values.images_per_row)
+
+    @property
+    def kind(self) -> str:
+        """What a batch must share: text-only and image prompts batch apart; a video runs alone."""
+        return "video" if self.video is not None else "text" if self.text_only else "image"
 
 
 def _borders(s: str) -> list[int]:
@@ -207,7 +213,7 @@ class Scheduler:
                 w, r = max(width, len(job.input_ids)), max(room, job.sampling.max_new_tokens)
                 if batch and w + r > self.context_limit:  # would not fit beside the others: next batch
                     break
-                if batch and job.text_only != batch[0].text_only:  # text-only and image prompts: separate batches
+                if batch and (job.kind != batch[0].kind or job.kind == "video"):  # see Job.kind
                     break
                 batch.append(self._pending.popleft())
                 width, room = w, r
@@ -230,7 +236,10 @@ class Scheduler:
         try:
             if good:
                 self.metrics.observe("tokedge_batch_size", len(good))
-                self._decode(good)
+                if good[0].video is not None:
+                    self._decode_video(good[0])
+                else:
+                    self._decode(good)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not take the server down
             retry = [j for j in good if not j.finished and not j.started] if len(good) > 1 else []
             for job in good:
@@ -289,6 +298,52 @@ class Scheduler:
             if not dec.active:
                 return
             dec.step()
+
+    def _decode_video(self, job: Job) -> None:
+        """One video request through the video path `tokedge run --video` takes (`generate_video`,
+        batch 1), its text streamed step by step; a stop string or a client gone ends the loop."""
+        from tokedge.runtime.video_pipeline import generate_video
+
+        inputs, plan = job.video
+        tracker = TextTracker(self.decode, job.stop)
+        first_at: list[float] = []
+        halted: list[str] = []
+
+        def on_step(rows: list[list[int]]) -> bool:
+            if not first_at:
+                first_at.append(time.perf_counter())
+                self.metrics.observe("tokedge_ttft_seconds", first_at[0] - job.created)
+            if job.cancelled.is_set():
+                halted.append("cancelled")
+                return True
+            delta, hit = tracker.update(rows[0])
+            if delta:
+                job.started = True
+                job.sink(Delta(delta))
+            if hit:
+                halted.append("stop")
+            return hit
+
+        ids = job.input_ids[None, :]
+        gen = generate_video(self.graphs, inputs, plan, ids, np.ones_like(ids), job.sampling, on_step=on_step)
+        tokens = gen.token_ids[0]
+        self.metrics.observe("tokedge_visual_tokens", gen.visual_tokens)
+        if halted and halted[0] == "cancelled":
+            job.finished = True
+            self.metrics.inc("tokedge_completions", reason="cancelled")
+            self.metrics.inc("tokedge_completion_tokens", len(tokens))
+            return
+        if halted:
+            reason = "stop"
+        else:
+            reason = "length" if len(tokens) >= job.sampling.max_new_tokens else "eos"
+            delta = tracker.final(tokens)
+            if delta:
+                job.started = True
+                job.sink(Delta(delta))
+        job.finished = True
+        self._finished(job, tokens, reason, tracker.sent, len(job.input_ids), gen.visual_tokens,
+                       first_at[0] if first_at else time.perf_counter())
 
     def _finished(self, job: Job, tokens: list[int], reason: str, text: str, prompt_tokens: int, visual: int,
                   first_at: float) -> None:
