@@ -811,6 +811,7 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
             task, description=label, completed=done, total=total))
     files = write_video_report(report, out)
     console = _console()
+    _say_random(report.weights, console)
     import shutil
 
     from rich.markup import escape

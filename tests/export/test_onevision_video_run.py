@@ -421,6 +421,13 @@ def test_profile_video_32_frames_at_several_budgets(method, ov_video_artifacts, 
     text = (out / "report.md").read_text()
     assert "| budget | share | tokens/frame" in text and ("Tokens per frame after reduction" in text) == (
         method == "divprune")
+    # random weights said once on the terminal and as report.md's banner (issue 28, item 9)
+    from tokedge.artifact import read_manifest
+
+    weights = read_manifest(ov_video_artifacts(method)).weights
+    assert weights and weights.startswith("random") and report["weights"] == weights
+    assert " ".join(err.split()).count("weights are random") == 1, err
+    assert text.splitlines()[2].startswith("> **Random weights.**")
 
 
 VIDEO_CHECK = r"""

@@ -86,6 +86,7 @@ class VideoProfileReport:
     kind: str = "video"
     # what each result's peak_rss_mb is (image profiles measure each budget in a fresh process)
     memory_measure: str = "peak RSS of the profiling process so far (cumulative over the budgets run before)"
+    weights: str | None = None  # manifest `weights`: "random (preset ...)" for a preset's random weights
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,7 +158,7 @@ def run_video_profile(cfg: VideoProfileConfig,
             frames=inputs.frames, frame_indices=inputs.indices.tolist(), tokens_per_frame=unreduced.tokens_per_frame,
             full_tokens=full, prompt=cfg.prompt, runs=cfg.runs, warmup=cfg.warmup,
             max_new_tokens=cfg.max_new_tokens, machine=describe(), decode_preprocess_ms=round(decode_ms, 3),
-            fidelity_reference=f"the same artifact at {full} frame tokens (no reduction)",
+            fidelity_reference=f"the same artifact at {full} frame tokens (no reduction)", weights=manifest.weights,
         )
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
         total, done = len(budgets) * (cfg.warmup + cfg.runs), 0
@@ -199,10 +200,14 @@ def run_video_profile(cfg: VideoProfileConfig,
 
 
 def markdown(report: VideoProfileReport) -> str:
+    from tokedge.artifact import random_weights_notice
+
     m = report.machine
+    notice = random_weights_notice(report.weights)
     lines = [
         f"# tokedge profile --video: {Path(report.artifact).name} ({report.method}, {report.stage})",
         "",
+        *([f"> **Random weights.** {notice[0].upper()}{notice[1:]}.", ""] if notice else []),
         (f"Machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('memory_gb')} GiB). Video: {report.video}, "
          f"{report.frames} frames (indices {report.frame_indices[:4]}{' ...' if report.frames > 4 else ''}), "
          f"{report.tokens_per_frame} tokens per frame before reduction ({report.full_tokens} per video). "
