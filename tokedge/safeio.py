@@ -107,20 +107,30 @@ def open_regular(root_fd: int, rel: str, what: str | None = None) -> int:
     return leaf
 
 
+READ_ONCE = 1 << 30  # files up to this size are read with one read() into their own bytes object
+
+
 def read_fd(fd: int, limit: int, what: str) -> bytes:
-    """All bytes of an open regular file, refusing files over `limit` before reading them."""
+    """All bytes of an open regular file, refusing files over `limit` before reading them.
+
+    A file up to READ_ONCE is read by one read() of its size + 1 straight into the bytes object
+    returned (no chunks joined: half the time on a 500 MB graph), the extra byte catching a file
+    that grew since its size was taken; larger files, and reads the kernel cuts short, go on in
+    chunks. Every path checks the limit on what was actually read."""
     size = os.fstat(fd).st_size
     if size > limit:
         raise ArtifactError(f"{what} is {size} bytes, over the limit of {limit}; it is not a file tokedge writes")
-    chunks = []
     remaining = limit + 1  # a file that grows while we read is caught too
-    while remaining > 0:
+    first = os.read(fd, min(remaining, size + 1, READ_ONCE))
+    chunks = [first]
+    remaining -= len(first)
+    while remaining > 0 and first:
         block = os.read(fd, min(remaining, 16 * MiB))
         if not block:
             break
         chunks.append(block)
         remaining -= len(block)
-    data = b"".join(chunks)
+    data = first if len(chunks) == 1 else b"".join(chunks)
     if len(data) > limit:
         raise ArtifactError(f"{what} grew past the limit of {limit} bytes while being read")
     return data
