@@ -53,7 +53,7 @@ def test_exact_match_and_choice_letter():
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     rows = [m.Scored(float(i % 3 == 0)) for i in range(60)]
-    mean = lambda rs: sum(r.score for r in rs) / len(rs)  # noqa: E731
+    mean = lambda rs: sum(r.score for r in rs) / len(rs)
     a = m.bootstrap_ci(rows, mean, seed=0)
     assert a == m.bootstrap_ci(rows, mean, seed=0) != m.bootstrap_ci(rows, mean, seed=1)
     assert a[0] < mean(rows) < a[1]
