@@ -196,7 +196,10 @@ def _entry_point():
     """pyproject.toml's `lmms_eval.models` entry point, as importlib.metadata builds it once installed."""
     import importlib.metadata
 
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # pyright: ignore[reportMissingImports]
 
     data = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     value = data["project"]["entry-points"]["lmms_eval.models"]["tokedge"]
