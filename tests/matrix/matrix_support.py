@@ -25,10 +25,10 @@ from tokedge.reduce import METHODS
 
 DEVICES = ("jetson-orin-nano-8gb", "rtx-4090")
 # Methods run on some presets only. `random` (the random baseline: the TopK + sort graph of cls-attn
-# over constant scores, scoring with nothing a family supplies) would add ~3.5 min of CI on all five
-# presets (measured per pair: llava-next 54 s, qwen2.5-vl 40 s, llava 15 s); tiny-llava and
-# tiny-qwen2.5-vl cover both of its paths (`reduce` on a fixed view, `reduce_indexed` per image), and
-# its export on llava-next, llava-onevision and qwen3-vl is validated by hand (docs/methods.md).
+# over constant scores, scoring with nothing a family supplies) adds ~60 s of CI on all five presets
+# (measured per pair on the idle 2-core machine: llava-next 15 s, llava-onevision 14 s, qwen3-vl 11 s,
+# llava 10 s, qwen2.5-vl 9 s; all five passed); tiny-llava and tiny-qwen2.5-vl cover both of its
+# paths (`reduce` on a fixed view, `reduce_indexed` per image) for ~20 s.
 SAMPLED = {"random": ("tiny-llava", "tiny-qwen2.5-vl")}
 
 
