@@ -24,6 +24,7 @@ from PIL import Image
 from tokedge.reduce import METHODS
 
 DEVICES = ("jetson-orin-nano-8gb", "rtx-4090")
+TRT11_PRECISION = "TensorRT 11 is strongly typed"  # fp32 artifacts: build refuses rtx-4090 in one line
 # Methods run on some presets only. `random` (the random baseline: the TopK + sort graph of cls-attn
 # over constant scores, scoring with nothing a family supplies) adds ~60 s of CI on all five presets
 # (measured per pair on the idle 2-core machine: llava-next 15 s, llava-onevision 14 s, qwen3-vl 11 s,
@@ -35,7 +36,7 @@ SAMPLED = {"random": ("tiny-llava", "tiny-qwen2.5-vl")}
 def methods_for(preset: str) -> list[str]:
     """The methods the matrix runs on `preset`: every method, `SAMPLED` ones on their presets only."""
     return sorted(m for m in METHODS if preset in SAMPLED.get(m, (preset,)))
-TRT11_PRECISION = "TensorRT 11 is strongly typed"  # fp32 artifacts: build refuses rtx-4090 in one line
+
 
 # per preset: the reducing flags (a budget every image of the test clears, or a keep ratio) and the
 # pixel budget of dynamic-resolution presets (small enough for every device profile's prompt limit)
