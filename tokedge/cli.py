@@ -828,6 +828,52 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
         print(json.dumps(report.to_dict()))
 
 
+@app.command("sweep", short_help="Export, evaluate and profile a grid of methods x budgets x tasks; one comparison report.")
+def sweep_cmd(
+    grid: Annotated[Path, typer.Option("--grid", help="Grid file (TOML): model, methods, budgets, tasks, quantize, limit; see docs/eval.md.")],
+    out: Annotated[Path, typer.Option(help="Sweep directory: artifacts/, results/, profiles/, report.md, report.json, pareto.png. Rerunning into it computes only what is missing.")] = Path("sweep-out"),
+    ray_address: Annotated[Optional[str], typer.Option("--ray", help="Run every job as a Ray task on this cluster (auto or HOST:PORT; needs tokedge[sweep]); --out must be a path every node sees.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Export every (method, budget, quantization) of a grid, evaluate each artifact on each task,
+    profile it, and write one comparison report with a Pareto plot. Resumable: finished points are
+    cached by artifact hash, task and code version."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokedge.report.render import wrap
+    from tokedge.sweep.grid import load_grid
+    from tokedge.sweep.run import SweepConfig, fail_once_from_env, run_sweep
+
+    if ray_address is not None:
+        from tokedge.errors import require
+
+        require("ray", "sweep")
+    cfg = SweepConfig(grid=load_grid(grid), out=out, ray_address=ray_address, fail_once=fail_once_from_env())
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console(), transient=True) as bar:
+        task = bar.add_task("sweeping", total=None)
+        report = run_sweep(cfg, progress=lambda label, done, total: bar.update(
+            task, description=label, completed=done, total=total))
+    import shutil
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    console = _console()
+    weights = next((r.get("weights") for r in report.records if r.get("weights")), None)
+    _say_random(weights, console)
+    lines = [f"{len(report.ran)} job(s) ran, {len(report.cached)} cached, {len(report.failures)} failed "
+             f"({report.engine}, {report.seconds:.1f} s)"]
+    lines += [f"failed: {f['label']}: {f['error']} ({f['attempts']} attempts)" for f in report.failures]
+    lines.append("wrote " + ", ".join(report.files))
+    for line in lines:
+        for part in wrap(line, width):
+            console.print(part, markup=False)
+    if json_out:
+        print(json.dumps({"out": report.out, "engine": report.engine, "ran": report.ran, "cached": report.cached,
+                          "failures": report.failures, "files": report.files, "seconds": report.seconds}))
+    if report.failures:
+        raise typer.Exit(1)
+
+
 def _print_listing(rows: list[dict], columns: list[tuple[str, Any]], detail: Any = None) -> None:
     """A plain table for listing commands: the first column (the name a flag takes) is never cut;
     at widths too narrow for every column, each row's `detail` goes on its own indented line
