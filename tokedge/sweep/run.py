@@ -82,9 +82,10 @@ def plan_sweep(cfg: SweepConfig) -> list[Plan]:
     return plans
 
 
-def _failure(child: Child, error: str, out: Path) -> dict:
+def _failure(child: Child, error: str, out: Path, counted: str | None = None) -> dict:
+    """A failed job as a record; `counted`: the label whose attempts count (its export's, when that failed)."""
     return {**child.meta, "kind": child.kind, "label": child.label, "status": "failed", "error": error,
-            "attempts": max(1, attempts(out, child.label))}
+            "attempts": max(1, attempts(out, counted or child.label))}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -118,7 +119,7 @@ def run_local(cfg: SweepConfig, plans: list[Plan], progress: Progress | None = N
             exports[plan.label] = {"status": "failed", "error": error}
         for child in plan.children:
             if exported is None:
-                record = _failure(child, error, cfg.out)
+                record = _failure(child, error, cfg.out, plan.label)
             else:
                 try:
                     record = _retry(child.job(), exported, *child.args, cfg.fail_once)
@@ -151,15 +152,19 @@ def run_ray(cfg: SweepConfig, plans: list[Plan], progress: Progress | None = Non
             exported = export_refs[plan.label] = remote_export.remote(g.model, plan.point, str(cfg.out), g.validate,
                                                                       cfg.fail_once)
             for child in plan.children:
-                pending[remote[child.kind].remote(exported, *child.args, cfg.fail_once)] = child
+                pending[remote[child.kind].remote(exported, *child.args, cfg.fail_once)] = (child, plan.label)
         out, total = [], len(pending)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            child = pending.pop(ready[0])
+            child, export_label = pending.pop(ready[0])
             try:
                 record = ray.get(ready[0])
-            except Exception as exc:  # the task failed twice (or its export did)
-                record = _failure(child, _first_line(exc), cfg.out)
+            except Exception as exc:  # the task failed twice, or its export did
+                try:
+                    ray.get(export_refs[export_label])
+                    record = _failure(child, _first_line(exc), cfg.out)
+                except Exception as upstream:
+                    record = _failure(child, f"export failed: {_first_line(upstream)}", cfg.out, export_label)
             out.append((child, record))
             if progress:
                 progress(child.label, len(out), total)
