@@ -18,8 +18,17 @@ from tokedge.cli import app, main
 PROFILE = "jetson-orin-nano-8gb"
 
 
+def _task(tmp: Path, image: Path) -> str:
+    """A one-line POPE task about `image` (for `tokedge eval`)."""
+    task = tmp / "pope.jsonl"
+    task.write_text(json.dumps({"question": "Is there a cat?", "label": "no", "image": str(image)}) + "\n")
+    return f"pope:{task}"
+
+
 def _argv(command: str, target: Path, tmp: Path, image: Path) -> list[str]:
     """The command's minimal arguments around `target`, the path under test."""
+    if command == "eval":
+        return ["eval", str(target), "--task", _task(tmp, image), "--out", str(tmp / "out")]
     return {
         "export": ["export", str(target), "--out", str(tmp / "out"), "--no-validate"],
         "quantize": ["quantize", str(target), "--out", str(tmp / "out")],
@@ -34,7 +43,8 @@ def _argv(command: str, target: Path, tmp: Path, image: Path) -> list[str]:
     }[command]
 
 
-PATH_COMMANDS = ("export", "quantize", "optimize", "build", "memory", "check", "verify", "run", "serve", "profile")
+PATH_COMMANDS = ("export", "quantize", "optimize", "build", "memory", "check", "verify", "run", "serve", "profile",
+                 "eval")
 
 
 def test_every_command_with_a_path_argument_is_covered():
@@ -83,7 +93,7 @@ def _tampered_graph(art: Path) -> None:
         f.write(b"\0")
 
 
-ARTIFACT_COMMANDS = ("quantize", "optimize", "build", "memory", "check", "verify", "run", "serve", "profile")
+ARTIFACT_COMMANDS = ("quantize", "optimize", "build", "memory", "check", "verify", "run", "serve", "profile", "eval")
 
 
 @pytest.mark.parametrize("command", ARTIFACT_COMMANDS)

@@ -900,6 +900,40 @@ def _print_listing(rows: list[dict], columns: list[tuple[str, Any]], detail: Any
                                 subsequent_indent="    ", break_on_hyphens=False))
 
 
+@app.command("eval", short_help="Score artifacts on a local benchmark task (no torch).")
+def eval_cmd(
+    artifact: Annotated[list[Path], typer.Argument(help="Artifact directories (from tokedge export).")],
+    task: Annotated[str, typer.Option(
+        help="FORMAT:PATH, FORMAT one of pope, mme, gqa, vqav2, textvqa, mc, jsonl (docs/eval.md); a bare PATH "
+             "is the generic JSONL (or an MME directory).")],
+    limit: Annotated[int | None, typer.Option(help="Score only the first N examples.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for each artifact's result JSON and predictions JSONL.")] = Path(
+        "tokedge-eval"),
+    images: Annotated[Path | None, typer.Option(
+        help="Directory the task's image names are relative to (default: the task file's).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="New tokens per answer (default: 8 for yes/no and multiple choice, 16 otherwise).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap confidence interval.")] = 0,
+    backend: BackendOpt = "onnxruntime",
+    json_out: JsonFlag = False,
+) -> None:
+    """Run each artifact on the device runtime over a local task (greedy) and score it with the benchmark's metric."""
+    from tokedge.eval import evaluate, load_task
+    from tokedge.eval.render import table_lines
+
+    loaded = load_task(task, images=images, limit=limit)  # a bad task file fails before any artifact opens
+    results = [evaluate(a, loaded, backend=backend, out=out, seed=seed, max_new_tokens=max_new_tokens)
+               for a in artifact]
+    if json_out:
+        print(json.dumps({"results": [r.to_dict() for r in results]}))
+    else:
+        for line in table_lines(results):
+            print(line)
+        print(f"results and predictions in {out}/")
+    for weights in dict.fromkeys(r.weights for r in results):
+        _say_random(weights)
+
+
 @app.command("profiles", short_help="List the device profiles.")
 def profiles_cmd(json_out: ListJsonFlag = False) -> None:
     """List the device profiles (tokedge/profiles/*.toml); pass a name to --profile / --predict."""

@@ -30,6 +30,7 @@ def _registry() -> dict[str, Method]:
             in_llm,
             none,
             pool,
+            random_tokens,
             tome,
             visionzip,
             vispruner,
@@ -38,7 +39,7 @@ def _registry() -> dict[str, Method]:
         _METHODS = {
             m.name: m
             for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
-                      pool.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART, evs.METHOD, dycoke.METHOD,
+                      pool.METHOD, random_tokens.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART, evs.METHOD, dycoke.METHOD,
                       fastvid.METHOD, holitom.METHOD)
         }
     return _METHODS

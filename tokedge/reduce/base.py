@@ -112,7 +112,7 @@ class Method:
     stage: Stage
     paper: str  # arXiv id(s) of the method's paper
     summary: str
-    scores_with: tuple[Signal, ...] = ()  # what it ranks tokens by (empty: keeps all)
+    scores_with: tuple[Signal, ...] = ()  # what it ranks tokens by (empty: nothing: `none` keeps all, `random` draws)
     static_counts: bool = True  # every token count is known at export time for a fixed budget
     supports_runtime_budget: bool = False  # can export a `budget` graph input (TopK with runtime k)
     budget_meaning: str = "visual tokens that enter the LLM"
