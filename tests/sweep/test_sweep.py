@@ -25,29 +25,31 @@ BUDGETS = [16, 36, 64]
 
 
 def _tasks(where: Path) -> list[str]:
-    """Two small task files of the eval's JSONL format (tokedge/eval), with their images."""
-    import numpy as np
-    from PIL import Image
+    """Two small tasks in formats `tokedge eval` reads: POPE (yes/no) and the generic JSONL."""
+    from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng(0)
-    names = []
-    for name in ("shapes", "colors"):
-        rows = []
-        for i in range(2):
-            image = f"{name}{i}.png"
-            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(where / image)
-            rows.append({"image": image, "question": f"Is there a {name} {i}?", "answer": "yes"})
-        (where / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        names.append(f"{name}.jsonl")
-    return names
+    for i, colour in enumerate(("red", "blue")):
+        img = Image.new("RGB", (96, 64), "white")
+        ImageDraw.Draw(img).ellipse((20, 10, 60, 50), fill=colour)
+        img.save(where / f"scene{i}.png")
+    pope = [{"question_id": i, "image": f"scene{i}.png", "text": "Is there a circle in the image?", "label": "yes"}
+            for i in range(2)]
+    (where / "pope_circles.json").write_text("".join(json.dumps(r) + "\n" for r in pope))
+    colours = [{"id": f"c{i}", "image": f"scene{i}.png", "question": "What colour is the circle?", "answers": [c],
+                "metric": "exact"} for i, c in enumerate(("red", "blue"))]
+    (where / "colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in colours))
+    return ["pope:pope_circles.json", "colours.jsonl"]
+
+
+TASKS = ["pope-pope_circles", "jsonl-colours"]  # the names tokedge eval gives them
 
 
 def _grid(where: Path, name: str, methods: list[str], budgets: list[int], *, reference: str = "none",
-          baseline: str = "", profile: bool = False) -> Path:  # TEMP
+          baseline: str = "random", profile: bool = False) -> Path:
     path = where / name
     path.write_text(
         f'model = "tiny-llava"\nmethods = {json.dumps(methods)}\nbudgets = {json.dumps(budgets)}\n'
-        f'tasks = ["shapes.jsonl", "colors.jsonl"]\nreference = "{reference}"\nbaseline = "{baseline}"\n'
+        f'tasks = ["pope:pope_circles.json", "colours.jsonl"]\nreference = "{reference}"\nbaseline = "{baseline}"\n'
         f'limit = 2\nvalidate = false\n[profile]\nenabled = {str(profile).lower()}\nruns = 1\nwarmup = 0\n'
         'max_new_tokens = 2\n')
     return path
@@ -81,8 +83,8 @@ def test_local_sweep_writes_the_comparison_report_and_pareto_plots(sweep_dir):
     assert sorted((r["method"], r["budget"]) for r in rows if r["role"] == "baseline") == [("random", b) for b in BUDGETS]
     assert sorted((r["method"], r["budget"]) for r in rows if r["role"] == "method") == sorted(
         (m, b) for m in METHODS for b in BUDGETS)
-    assert report["tasks"] == ["shapes", "colors"]
-    assert all(set(r["scores"]) == {"shapes", "colors"} and r["mean_score"] is not None for r in rows)
+    assert report["tasks"] == TASKS
+    assert all(set(r["scores"]) == set(TASKS) and r["mean_score"] is not None for r in rows)
     assert all(r["ttft_ms"] > 0 and r["prefill_gflops"] > 0 for r in rows)
     assert sorted(report["best_per_budget"]) == sorted(str(b) for b in BUDGETS)
     assert all(m in METHODS for m in report["best_per_budget"].values())
@@ -175,7 +177,7 @@ def test_ray_two_node_sweep_gives_the_same_table(sweep_dir, ray_cluster, monkeyp
     shutil.copytree(sweep_dir / "local" / "artifacts", out / "artifacts")
     redo = next((out / "artifacts").glob("pool-64-*"))
     shutil.rmtree(redo)  # one export runs as a Ray task too
-    monkeypatch.setenv("TOKEDGE_SWEEP_FAIL_ONCE", "eval cls-attn-16/shapes")  # fails once, Ray retries it
+    monkeypatch.setenv("TOKEDGE_SWEEP_FAIL_ONCE", "eval cls-attn-16/pope-pope_circles")  # fails once, Ray retries it
     assert _cli("sweep", "--grid", str(grid), "--out", str(out), "--ray", ray_cluster) == 0
     local = json.loads((sweep_dir / "local" / "report.json").read_text())
     remote = json.loads((out / "report.json").read_text())
@@ -188,7 +190,7 @@ def test_ray_two_node_sweep_gives_the_same_table(sweep_dir, ray_cluster, monkeyp
     assert (out / "attempts").is_dir() and remote["failures"] == []
     from tokedge.sweep.jobs import attempts
 
-    assert attempts(out, "eval cls-attn-16/shapes") == 2
+    assert attempts(out, "eval cls-attn-16/pope-pope_circles") == 2
 
 
 def test_killed_sweep_loses_no_result_and_the_rerun_computes_only_what_is_missing(sweep_dir):
@@ -225,7 +227,7 @@ def test_a_point_that_fails_twice_is_reported_in_the_table(sweep_dir, capsys):
     shutil.copytree(sweep_dir / "local" / "artifacts", out / "artifacts")
     assert _cli("sweep", "--grid", str(grid), "--out", str(out), "--json") == 1
     summary = json.loads(capsys.readouterr().out)
-    assert sorted(f["label"] for f in summary["failures"]) == ["eval pool-20/colors", "eval pool-20/shapes"]
+    assert sorted(f["label"] for f in summary["failures"]) == ["eval pool-20/jsonl-colours", "eval pool-20/pope-pope_circles"]
     assert all(f["error"].startswith("export failed: UsageError") and f["attempts"] == 2 for f in summary["failures"])
     report = json.loads((out / "report.json").read_text())
     assert len(report["failures"]) == 2

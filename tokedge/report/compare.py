@@ -57,7 +57,7 @@ class Row:
 
 
 def _task_name(result: dict) -> str:
-    return Path(str(result.get("task", ""))).stem or str(result.get("task", ""))
+    return str(result.get("task", ""))  # EvalResult.task: FORMAT-STEM
 
 
 def build_rows(results: list[dict], profiles: list[dict] | None = None, roles: Roles = Roles()) -> tuple[list[Row], list[str]]:

@@ -4,7 +4,7 @@
 model = "tiny-llava"                      # checkpoint directory, hub id or preset
 methods = ["cls-attn", "divprune", "pool"]
 budgets = [16, 64, 144]
-tasks = ["tasks/vqa.jsonl", "tasks/captions.jsonl"]   # task files for `tokedge eval` (relative to the grid)
+tasks = ["pope:tasks/pope.json", "tasks/mine.jsonl"]  # `tokedge eval --task` specs; paths relative to the grid
 reference = "none"                        # the unreduced artifact: one point per task, no budget
 baseline = "random"                       # random selection at every budget: the floor to beat ("" for none)
 quantize = [""]                           # "" (float), "int8", "int4": each multiplies the grid
@@ -136,11 +136,15 @@ def parse_grid(data: dict, where: str = "grid", base: Path | None = None) -> Swe
 
 
 def _resolve_task(task: str, base: Path | None) -> str:
-    """A task given as a relative path that exists beside the grid file becomes absolute; anything
-    else (a task name `tokedge eval` knows) is passed as written."""
-    if base is not None and not Path(task).is_absolute() and (base / task).exists():
-        return str((base / task).resolve())
-    return task
+    """A task as `tokedge eval --task` takes it (FORMAT:PATH or PATH); a relative PATH is relative
+    to the grid file."""
+    from tokedge.eval.tasks import parse_spec
+
+    head, sep, _ = task.partition(":")
+    fmt, path = parse_spec(task)
+    if base is not None and not path.is_absolute():
+        path = (base / path).resolve()
+    return f"{head}:{path}" if sep and head == fmt else str(path)
 
 
 def load_grid(path: Path) -> SweepGrid:

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokedge.safeio import write_atomic
-from tokedge.sweep.keys import code_version, digest, task_identity
+from tokedge.sweep.keys import code_version, digest, task_identity, task_name
 
 # a test hook (docs/eval.md): points whose label contains this string fail on their first attempt
 FAIL_ONCE_ENV = "TOKEDGE_SWEEP_FAIL_ONCE"
@@ -90,7 +90,7 @@ def _artifact_info(target: Path) -> dict:
 
 def result_path(out: Path, exported: dict, task: str, settings: dict) -> Path:
     key = digest(exported["manifest_sha256"], task_identity(task), settings, code_version())
-    return out / "results" / f"{exported['name']}-{Path(task).stem}-{key}.json"
+    return out / "results" / f"{exported['name']}-{task_name(task)}-{key}.json"
 
 
 def eval_job(exported: dict, task: str, settings: dict, meta: dict, out: str, fail_once: str | None = None) -> dict:
@@ -100,14 +100,15 @@ def eval_job(exported: dict, task: str, settings: dict, meta: dict, out: str, fa
     path = result_path(out_dir, exported, task, settings)
     if path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
-    label = f"{exported['name']}/{Path(task).stem}"
+    label = f"{exported['name']}/{task_name(task)}"
     n = _attempt(out_dir, f"eval {label}", fail_once)
     from tokedge.eval.runner import evaluate
 
     start = time.perf_counter()
     result = evaluate(Path(exported["artifact"]), task, limit=settings["limit"], backend=settings["backend"],
                       seed=settings["seed"])
-    record = {**meta, "kind": "eval", "label": label, "task": task, "artifact": exported["artifact"],
+    record = {**meta, "kind": "eval", "label": label, "task": task_name(task), "task_spec": task,
+              "artifact": exported["artifact"],
               "manifest_sha256": exported["manifest_sha256"], "weights": exported.get("weights"),
               "code_version": code_version(), "settings": settings, "attempt": n,
               "seconds": round(time.perf_counter() - start, 2), "result": result.to_dict()}

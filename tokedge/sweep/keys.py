@@ -7,8 +7,8 @@
 - an artifact: the export point (model, method, budget, options, quantization, validate) and the
   code version name its directory; it counts as done once its `tokedge.json` exists (exports are
   staged and renamed into place whole).
-- an eval result: the artifact's manifest sha256 + the task (its file's sha256 when it is a file,
-  else its name) + limit + seed + backend + the code version.
+- an eval result: the artifact's manifest sha256 + the task (its format and the sha256 of its
+  file, or of every file of an MME directory) + limit + seed + backend + the code version.
 - a profile: the artifact's manifest sha256 + the profile settings + the code version.
 """
 
@@ -44,8 +44,21 @@ def digest(*parts: object) -> str:
 
 
 def task_identity(task: str) -> str:
-    """A task file's sha256 (so an edited task file is a new task), or the task's name."""
-    path = Path(task)
-    if path.is_file():
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    return "name:" + task
+    """A task's format and the sha256 of its file (of every file below it, for an MME directory),
+    so an edited task file is a new task."""
+    from tokedge.eval.tasks import parse_spec
+
+    fmt, path = parse_spec(task)
+    h = hashlib.sha256(fmt.encode() + b"\0")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return f"{fmt}:{h.hexdigest()}" if files else f"name:{task}"
+
+
+def task_name(task: str) -> str:
+    """The name `tokedge eval` gives a task (FORMAT-STEM): result file names and report columns."""
+    from tokedge.eval.tasks import parse_spec
+
+    fmt, path = parse_spec(task)
+    return f"{fmt}-{path.stem if path.suffix else path.name}"

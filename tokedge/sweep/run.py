@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokedge.sweep.grid import SweepGrid
 from tokedge.sweep.jobs import FAIL_ONCE_ENV, attempts, eval_job, export_job, profile_job, settings_of
-from tokedge.sweep.keys import code_version
+from tokedge.sweep.keys import code_version, task_name
 
 Progress = Callable[[str, int, int], None]  # (label of the job that finished, done, total)
 
@@ -74,8 +74,8 @@ def plan_sweep(cfg: SweepConfig) -> list[Plan]:
         point = {**asdict(p), "name": p.name()}
         meta = {"method": p.method, "budget": p.budget, "quantize": p.quantize, "role": g.role(p.method),
                 "backend": g.backend}
-        children = [Child("eval", f"eval {p.name()}/{Path(t).stem}", meta, (t, settings, meta, str(cfg.out)))
-                    for t in g.tasks]
+        children = [Child("eval", f"eval {p.name()}/{task_name(t)}", {**meta, "task": task_name(t)},
+                          (t, settings, meta, str(cfg.out))) for t in g.tasks]
         if g.profile.enabled:
             children.append(Child("profile", f"profile {p.name()}", meta, (settings_of(g.profile), meta, str(cfg.out))))
         plans.append(Plan(f"export {p.name()}", point, tuple(children)))
