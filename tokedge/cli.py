@@ -711,6 +711,7 @@ def profile_cmd(
         help="Re-export budgets this artifact cannot run from this checkpoint, into <out>/artifacts.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per session (0 = automatic).")] = 0,
     keeps: Annotated[Optional[str], typer.Option(help="Dynamic-resolution (Qwen-VL) artifacts: keep ratios to compare, e.g. 1,0.75,0.5 (1 = --method none); others re-export from --checkpoint.")] = None,
+    eval_results: Annotated[Path | None, typer.Option("--eval-results", help="Directory of tokedge eval results (its --out, or a sweep's results/): those of the profiled artifacts add an accuracy section and pareto.png.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
@@ -726,7 +727,7 @@ def profile_cmd(
         raise UsageError(f"'{out}' already holds a report; choose another --out or pass --force to overwrite it")
     if video is not None:
         _profile_video(artifact, video, frames, prompt, budget_list, image, runs, warmup, max_new_tokens, out,
-                       threads, json_out, (backend != "onnxruntime", baseline, predict, checkpoint))
+                       threads, json_out, (backend != "onnxruntime", baseline, predict, checkpoint, eval_results))
         return
     if frames is not None:
         raise UsageError("--frames applies to a video; pass --video")
@@ -738,7 +739,7 @@ def profile_cmd(
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
                         baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
-                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list,
+                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list, eval_results=eval_results,
                         runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16))
     import shutil
 
@@ -797,7 +798,8 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
     if image:
         raise UsageError("--video and --image cannot be combined in one profile; run two profiles")
     if any(image_only):
-        raise UsageError("--backend tensorrt, --baseline, --predict and --checkpoint are not available with --video yet")
+        raise UsageError("--backend tensorrt, --baseline, --predict, --checkpoint and --eval-results are not available "
+                         "with --video yet")
     cfg = VideoProfileConfig(artifact=artifact, video=video, frames=frames, budgets=budgets, runs=runs, warmup=warmup,
                              max_new_tokens=max_new_tokens, threads=threads,
                              prompt=prompt if prompt is not None else "Describe this video.")
@@ -832,7 +834,7 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
 def sweep_cmd(
     grid: Annotated[Path, typer.Option("--grid", help="Grid file (TOML): model, methods, budgets, tasks, quantize, limit; see docs/eval.md.")],
     out: Annotated[Path, typer.Option(help="Sweep directory: artifacts/, results/, profiles/, report.md, report.json, pareto.png. Rerunning into it computes only what is missing.")] = Path("sweep-out"),
-    ray_address: Annotated[Optional[str], typer.Option("--ray", help="Run every job as a Ray task on this cluster (auto or HOST:PORT; needs tokedge[sweep]); --out must be a path every node sees.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray", help="Run every job as a Ray task on this cluster (auto or HOST:PORT; needs tokedge[sweep]); --out must be a path every node sees.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Export every (method, budget, quantization) of a grid, evaluate each artifact on each task,
@@ -860,8 +862,8 @@ def sweep_cmd(
     console = _console()
     weights = next((r.get("weights") for r in report.records if r.get("weights")), None)
     _say_random(weights, console)
-    lines = [f"{len(report.ran)} job(s) ran, {len(report.cached)} cached, {len(report.failures)} failed "
-             f"({report.engine}, {report.seconds:.1f} s)"]
+    lines = [(f"{len(report.ran)} job(s) ran, {len(report.cached)} cached, {len(report.failures)} failed "
+              f"({report.engine}, {report.seconds:.1f} s)")]
     lines += [f"failed: {f['label']}: {f['error']} ({f['attempts']} attempts)" for f in report.failures]
     lines.append("wrote " + ", ".join(report.files))
     for line in lines:

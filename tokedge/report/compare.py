@@ -145,7 +145,7 @@ def weights_notice(results: list[dict]) -> str | None:
                 from tokedge.artifact import read_manifest
 
                 weights = read_manifest(r["artifact"]).weights
-            except Exception:  # a moved or damaged artifact: its result still counts, without the banner
+            except Exception:  # noqa: BLE001 - a moved or damaged artifact: its result counts, without the banner
                 weights = None
         notice = random_weights_notice(weights)
         if notice:
@@ -179,9 +179,9 @@ def markdown(data: dict, title: str = "tokedge comparison") -> str:
     lines = [f"# {title}", ""]
     if notice:
         lines += [f"> **Random weights.** {notice[0].upper()}{notice[1:]}.", ""]
-    lines += ["Accuracy per task (score, 95% interval, examples), their mean, latency (median TTFT, ms) and "
-              "prefill GFLOP per example. **Bold**: the best method at its budget (ties: fewer FLOPs). The "
-              "reference keeps every visual token; the random baseline keeps a random subset of the same size.", "",
+    lines += [("Accuracy per task (score, 95% interval, examples), their mean, latency (median TTFT, ms) and "
+               "prefill GFLOP per example. **Bold**: the best method at its budget (ties: fewer FLOPs). The "
+               "reference keeps every visual token; the random baseline keeps a random subset of the same size."), "",
               "| role | method | budget | " + " | ".join(tasks) + " | mean | TTFT ms | prefill GFLOP | status |",
               "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for r in data["rows"]:
@@ -209,8 +209,8 @@ def markdown(data: dict, title: str = "tokedge comparison") -> str:
     if data.get("sweep"):
         s = data["sweep"]
         lines += ["", "## Sweep", "",
-                  f"Code version {s.get('code_version')}; {len(s.get('ran', []))} job(s) ran, {len(s.get('cached', []))} "
-                  f"came from the cache; engine: {s.get('engine')}."]
+                  (f"Code version {s.get('code_version')}; {len(s.get('ran', []))} job(s) ran, "
+                   f"{len(s.get('cached', []))} came from the cache; engine: {s.get('engine')}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -239,11 +239,10 @@ def pareto_figure(data: dict, x: str = "ttft_ms"):
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#2ca02c", alpha=0.5,
                 linewidth=2, label="Pareto front")
-    for r in rows:
-        if r["best"]:
-            ax.plot([r[x]], [r["mean_score"]], "o", markersize=14, markerfacecolor="none", markeredgecolor="#d62728")
-            ax.annotate(f"best @ {r['budget']}", (r[x], r["mean_score"]), textcoords="offset points", xytext=(6, 6),
-                        fontsize=7, color="#d62728")
+    for i, r in enumerate(r for r in rows if r["best"]):  # labels staggered: points often share a score
+        ax.plot([r[x]], [r["mean_score"]], "o", markersize=14, markerfacecolor="none", markeredgecolor="#d62728")
+        ax.annotate(f"best @ {r['budget']}: {r['label']}", (r[x], r["mean_score"]), textcoords="offset points",
+                    xytext=(6, 8 + 11 * (i % 4)), fontsize=7, color="#d62728")
     ax.set_xlabel("median TTFT (ms)" if x == "ttft_ms" else "prefill GFLOP per example")
     ax.set_ylabel("mean accuracy over tasks")
     ax.set_ylim(-0.02, 1.05)
@@ -273,3 +272,70 @@ def write_comparison(results: list[dict], out: Path, profiles: list[dict] | None
     write_atomic(out / "report.json", json.dumps(data, indent=2) + "\n")
     write_atomic(out / "report.md", markdown(data, title))
     return [out / "report.json", out / "report.md", *write_figures(data, out, FIGURES)]
+
+
+# --- eval results beside a profile (`tokedge profile --eval-results DIR`) -------------------------
+
+
+def load_eval_results(where: Path) -> list[dict]:
+    """Every eval result in `where` (not recursive): the JSON files `tokedge eval --out DIR` writes
+    (`EvalResult.to_dict()`) and those of a sweep's `results/` (the same dict under `result`)."""
+    from tokedge.errors import InputError
+
+    where = Path(where)
+    if not where.is_dir():
+        raise InputError(f"--eval-results '{where}' is not a directory of eval results (tokedge eval --out DIR)")
+    found = []
+    for path in sorted(where.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        data = data.get("result", data) if isinstance(data, dict) else None
+        if isinstance(data, dict) and "artifact_sha256" in data and "score" in data:
+            found.append(data)
+    return found
+
+
+def accuracy_for(report_dict: dict, results: list[dict]) -> list[dict]:
+    """The eval results of the artifacts a profile measured (matched by manifest sha256), each with
+    the profile row of its budget as `profile_row` (its measured TTFT and FLOPs)."""
+    import hashlib
+
+    rows_by_sha: dict[str, list[dict]] = {}
+    for row in report_dict.get("results", []):
+        try:
+            sha = hashlib.sha256((Path(row["artifact"]) / "tokedge.json").read_bytes()).hexdigest()
+        except OSError:
+            continue
+        rows_by_sha.setdefault(sha, []).append(row)
+    matched = []
+    for r in results:
+        rows = rows_by_sha.get(r["artifact_sha256"], [])
+        row = next((w for w in rows if w.get("budget") == r.get("budget")), rows[0] if rows else None)
+        if row is not None:
+            matched.append({**r, "profile_row": {k: row[k] for k in ("budget", "ttft_ms", "flops", "artifact")}})
+    return matched
+
+
+def profile_comparison(accuracy: list[dict], weights: str | None = None) -> dict:
+    """The comparison dict of a profile's matched eval results, latency from the profile's rows."""
+    profiles = [{"manifest_sha256": a["artifact_sha256"], "report": {"artifact": a["profile_row"]["artifact"],
+                                                                     "results": [a["profile_row"]]}} for a in accuracy]
+    return comparison_dict([{**a, "weights": weights} for a in accuracy], profiles)
+
+
+def accuracy_lines(accuracy: list[dict]) -> list[str]:
+    """report.md's section for a profile with eval results."""
+    if not accuracy:
+        return []
+    lines = ["", "## Accuracy (tokedge eval)", "",
+             ("Eval results of the profiled artifacts (matched by manifest sha256); TTFT is this profile's median. "
+              "pareto.png plots accuracy against it, pareto-flops.png against prefill FLOPs."), "",
+             "| budget | method | task | metric | score | 95% interval | n | TTFT ms |", "|---|---|---|---|---|---|---|---|"]
+    for a in sorted(accuracy, key=lambda a: (-(a.get("budget") or 0), a.get("task", ""))):
+        ci = a.get("ci95") or [None, None]
+        ci_text = f"{ci[0]:.3f}..{ci[1]:.3f}" if None not in ci else "n/a"
+        lines.append(f"| {a.get('budget')} | {a.get('method')} | {a.get('task')} | {a.get('metric')} | {a['score']:.3f} "
+                     f"| {ci_text} | {a.get('n')} | {a['profile_row']['ttft_ms']:.1f} |")
+    return lines

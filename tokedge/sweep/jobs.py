@@ -10,8 +10,8 @@ output directory is the only shared state: on a Ray cluster it must be a path ev
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path

@@ -99,7 +99,7 @@ def _retry(fn, *args):
     """Run `fn(*args)`, once more if it raises (what Ray's max_retries=1 does for a task)."""
     try:
         return fn(*args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a first failure is retried once
         return fn(*args)
 
 
@@ -114,7 +114,7 @@ def run_local(cfg: SweepConfig, plans: list[Plan], progress: Progress | None = N
         try:
             exported = _retry(export_job, g.model, plan.point, str(cfg.out), g.validate, cfg.fail_once)
             exports[plan.label] = exported
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of a job is reported, not raised
             exported, error = None, f"export failed: {_first_line(exc)}"
             exports[plan.label] = {"status": "failed", "error": error}
         for child in plan.children:
@@ -123,7 +123,7 @@ def run_local(cfg: SweepConfig, plans: list[Plan], progress: Progress | None = N
             else:
                 try:
                     record = _retry(child.job(), exported, *child.args, cfg.fail_once)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure of a job is reported, not raised
                     record = _failure(child, _first_line(exc), cfg.out)
             out.append((child, record))
             done += 1
@@ -159,11 +159,11 @@ def run_ray(cfg: SweepConfig, plans: list[Plan], progress: Progress | None = Non
             child, export_label = pending.pop(ready[0])
             try:
                 record = ray.get(ready[0])
-            except Exception as exc:  # the task failed twice, or its export did
+            except Exception as exc:  # noqa: BLE001 - the task failed twice, or its export did: reported
                 try:
                     ray.get(export_refs[export_label])
                     record = _failure(child, _first_line(exc), cfg.out)
-                except Exception as upstream:
+                except Exception as upstream:  # noqa: BLE001 - any failure of a job is reported, not raised
                     record = _failure(child, f"export failed: {_first_line(upstream)}", cfg.out, export_label)
             out.append((child, record))
             if progress:
@@ -172,7 +172,7 @@ def run_ray(cfg: SweepConfig, plans: list[Plan], progress: Progress | None = Non
         for label, ref in export_refs.items():
             try:
                 exports[label] = ray.get(ref)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of a job is reported, not raised
                 exports[label] = {"status": "failed", "error": f"export failed: {_first_line(exc)}"}
         order = {c.label: i for i, c in enumerate(c for p in plans for c in p.children)}
         return sorted(out, key=lambda pair: order[pair[0].label]), exports
