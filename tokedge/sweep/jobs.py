@@ -75,9 +75,21 @@ def export_job(model: str, point: dict, out: str, validate: bool, fail_once: str
         quant.check()
     start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _build_preset_once(model)
     export(ExportConfig(model=model, out=target, method=point["method"], budget=point["budget"], validate=validate,
                         options=tuple(tuple(o) for o in point["options"]), quantize=quant, force=True))
     return {**info, **_artifact_info(target), "cached": False, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _build_preset_once(model: str) -> None:
+    """Build a preset's checkpoint under a lock: two jobs of one node may export from it at once,
+    and the first use builds it."""
+    from tokedge.export.presets import PRESETS, preset_cache_dir, resolve_preset
+    from tokedge.locking import exclusive
+
+    if model in PRESETS:
+        with exclusive(preset_cache_dir() / f".{model}.sweep.lock"):
+            resolve_preset(model)
 
 
 def _artifact_info(target: Path) -> dict:
