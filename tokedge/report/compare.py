@@ -236,9 +236,10 @@ def pareto_figure(data: dict, x: str = "ttft_ms"):
                     markersize=size, linewidth=1)
     points = [(r[x], r["mean_score"]) for r in rows]
     front = [points[i] for i in pareto(points)]
-    if front:
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#2ca02c", alpha=0.5,
-                linewidth=2, label="Pareto front")
+    if front:  # a step line carried to the largest cost, so a front of one point shows too
+        right = max(p[0] for p in points)
+        ax.step([p[0] for p in front] + [right], [p[1] for p in front] + [front[-1][1]], where="post",
+                color="#2ca02c", alpha=0.35, linewidth=5, label="Pareto front", zorder=0)
     for i, r in enumerate(r for r in rows if r["best"]):  # labels staggered: points often share a score
         ax.plot([r[x]], [r["mean_score"]], "o", markersize=14, markerfacecolor="none", markeredgecolor="#d62728")
         ax.annotate(f"best @ {r['budget']}: {r['label']}", (r[x], r["mean_score"]), textcoords="offset points",
