@@ -18,6 +18,15 @@ TV_PY := $(TV_VENV)/bin/python
 TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TV_STAMP := $(TV_VENV)/.tokedge-installed
 
+# lmms-eval for tests/eval (its scoring functions, model registry and simple_evaluate, checked against
+# `tokedge eval`; docs/eval.md). --no-deps: lmms-eval 0.7.3 requires torchvision, wandb, opencv and more,
+# and pip would replace this venv's torch and transformers pins; these are the packages that importing
+# its task utils, registry and evaluator needs, at the versions tested. Without them those tests skip.
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3 loguru==0.7.3 pytz==2026.6 datasets==5.2.0 dill==0.4.1 xxhash==4.1.0 \
+	multiprocess==0.70.19 pandas==3.1.1 pyarrow==26.0.1 tenacity==9.2.1 evaluate==0.4.6 sacrebleu==2.6.0 \
+	portalocker==4.4.2 tabulate==0.10.0 colorama==0.4.6 lxml==6.2.1 aiohttp==3.14.5 multidict==7.2.1 yarl==1.25.1 \
+	propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0
+
 # `make wheel`: tokedge's sdist and wheel (PEP 517) plus the wheels of its base dependencies for
 # this machine, all in dist/, so that `pip install --no-index dist/*.whl` works offline.
 # `make device-wheels`: the same for a JetPack 6 device (aarch64, Python 3.10, pinned by
@@ -25,7 +34,7 @@ TV_STAMP := $(TV_VENV)/.tokedge-installed
 DIST ?= dist
 DEVICE_DIST ?= $(DIST)/jetpack6
 
-.PHONY: demo test test-preprocess typecheck install install-tv lint clean wheel device-wheels
+.PHONY: demo test test-preprocess typecheck install install-tv lint clean wheel device-wheels lmms-eval
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +45,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[export,report,serve,video,dev]"
 	# type stubs for the TensorRT path; --no-deps because their dependencies live on NVIDIA's index
 	$(PY) -m pip install --quiet --no-deps "tensorrt-stubs>=10.3"
+	# lmms-eval and what importing it needs, without its own dependency pins (LMMS_EVAL_SPEC above)
+	$(PY) -m pip install --quiet --no-deps --no-compile $(LMMS_EVAL_SPEC)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+lmms-eval: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --no-compile $(LMMS_EVAL_SPEC)
 
 $(TV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(TV_VENV)

@@ -917,14 +917,16 @@ def eval_cmd(
         help="New tokens per answer (default: 8 for yes/no and multiple choice, 16 otherwise).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap confidence interval.")] = 0,
     backend: BackendOpt = "onnxruntime",
+    engines: EnginesOpt = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Run each artifact on the device runtime over a local task (greedy) and score it with the benchmark's metric."""
     from tokedge.eval import evaluate, load_task
     from tokedge.eval.render import table_lines
 
+    choice = _backend(backend, engines, 0, 0, None, None, True)
     loaded = load_task(task, images=images, limit=limit)  # a bad task file fails before any artifact opens
-    results = [evaluate(a, loaded, backend=backend, out=out, seed=seed, max_new_tokens=max_new_tokens)
+    results = [evaluate(a, loaded, backend=choice, out=out, seed=seed, max_new_tokens=max_new_tokens)
                for a in artifact]
     if json_out:
         print(json.dumps({"results": [r.to_dict() for r in results]}))

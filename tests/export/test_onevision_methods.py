@@ -165,7 +165,7 @@ def test_method_rules_on_onevision(ov_loaded):
     from tokedge.reduce.base import Signal
 
     family = ov_loaded.family
-    works = {"none", "divprune", "fastv", "pdrop", "dart"}
+    works = {"none", "divprune", "random", "fastv", "pdrop", "dart"}
     for name in METHODS:
         method = get_method(name)
         if method.reduces_over_time:  # video-only methods: image exports refuse them before the family

@@ -4,15 +4,20 @@ saved as JSON beside a predictions JSONL); renderers read those."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokedge.eval import metrics as m
 from tokedge.eval.tasks import Example, Task, load_task
+
+if TYPE_CHECKING:
+    from tokedge.runtime.backends import Backend
 
 SCHEMA = 1
 RESAMPLES = 1000  # bootstrap draws for the 95% interval
@@ -83,13 +88,13 @@ class EvalResult:
 
 
 def evaluate(artifact: Path | str, task: str | Path | Task, *, limit: int | None = None,
-             backend: str = "onnxruntime", out: Path | str | None = None, seed: int = 0,
+             backend: str | Backend = "onnxruntime", out: Path | str | None = None, seed: int = 0,
              images: Path | str | None = None, max_new_tokens: int | None = None,
              on_example: Callable[[int, int], None] | None = None) -> EvalResult:
     """Run `artifact` over `task` and score it.
 
     artifact: an artifact directory (`tokedge export`); opened with `Pipeline.load(artifact, backend)`,
-        hashes checked. task: `FORMAT:PATH`, a generic JSONL path, or a `Task` from `load_task`.
+        hashes checked; backend a name or a full `Backend` choice (engines for "tensorrt"). task: `FORMAT:PATH`, a generic JSONL path, or a `Task` from `load_task`.
     limit: the first N examples. images: the directory image names are relative to (default: the
         task file's). max_new_tokens: default the task's (8 for yes/no and multiple choice, 16 else).
     out: a directory; writes `<artifact>-<task>.json` (the result) and `<artifact>-<task>.predictions.jsonl`
@@ -106,7 +111,7 @@ def evaluate(artifact: Path | str, task: str | Path | Task, *, limit: int | None
     if not isinstance(task, Task):
         task = load_task(task, images=images, limit=limit)
     elif limit is not None:
-        task = Task(**{**task.__dict__, "examples": task.examples[:limit]})
+        task = dataclasses.replace(task, examples=task.examples[:limit])
     tokens = max_new_tokens or task.max_new_tokens
     with Pipeline.load(artifact, backend=backend) as pipe:
         sha = manifest_sha256(Path(artifact))
@@ -130,7 +135,7 @@ def evaluate(artifact: Path | str, task: str | Path | Task, *, limit: int | None
         task=task.name, task_format=task.format, metric=main, score=subs[main], ci95=ci, n=len(scored),
         metrics=subs, ttft_ms_median=float(statistics.median(ttfts)) if ttfts else 0.0,
         prefill_flops_per_example=float(sum(flops) / len(flops)) if flops else 0.0, predictions=None,
-        weights=manifest.weights, backend=backend, seed=seed, max_new_tokens=tokens,
+        weights=manifest.weights, backend=backend if isinstance(backend, str) else backend.name, seed=seed, max_new_tokens=tokens,
         records=[_record(ex, p, s) for ex, p, s in zip(task.examples, predictions, scored)])
     result.elapsed_s = time.perf_counter() - started
     if out is not None:

@@ -213,8 +213,9 @@ def _read_pope(path: Path, root: Path | None) -> Iterator[Example]:
 def _read_mme(path: Path, root: Path | None) -> Iterator[Example]:
     if path.is_file():
         fix = "MME lines need question_id (the image), category, question, answer (Yes/No) and image"
-        for where, rec in _records(path, fix):
-            yield _mme_example(rec, where, fix, _image(_field(rec, ("image",), where, fix), path.parent, root, where))
+        for i, (where, rec) in enumerate(_records(path, fix)):
+            image = _image(_field(rec, ("image",), where, fix), path.parent, root, where)
+            yield _mme_example(rec, where, fix, image, i)
         return
     fix = "an MME directory holds <category>/images + questions_answers_YN, or <category>/*.jpg with *.txt beside"
     categories = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -237,10 +238,10 @@ def _read_mme(path: Path, root: Path | None) -> Iterator[Example]:
                     raise _fail(f"{txt}:{n}", "is not 'question<TAB>answer'", fix)
                 rec = {"question_id": f"{cat.name}/{image.name}", "category": cat.name, "question": parts[0],
                        "answer": parts[1]}
-                yield _mme_example(rec, f"{txt}:{n}", fix, image)
+                yield _mme_example(rec, f"{txt}:{n}", fix, image, n)
 
 
-def _mme_example(rec: dict, where: str, fix: str, image: Path) -> Example:
+def _mme_example(rec: dict, where: str, fix: str, image: Path, index: int) -> Example:
     question = _field(rec, ("question",), where, fix)
     answer = _field(rec, ("answer",), where, fix).strip().lower().replace(".", "")
     if answer not in ("yes", "no"):
@@ -248,7 +249,7 @@ def _mme_example(rec: dict, where: str, fix: str, image: Path) -> Example:
     category = _field(rec, ("category",), where, fix)
     group = _field(rec, ("question_id", "image"), where, fix)
     prompt = question.strip().replace(MME_ASK, "") + SHORT
-    return Example(id=f"{group}#{where.rsplit(':', 1)[-1]}", image=image, question=question, prompt=prompt,
+    return Example(id=f"{group}#{index}", image=image, question=question, prompt=prompt,
                    answers=(answer,), metric="mme", category=category, group=f"{category}/{group}", source=where)
 
 

