@@ -97,3 +97,13 @@ def test_import_tokedge_and_the_sweep_modules_import_no_ray():
     code = ("import sys, tokedge, tokedge.cli, tokedge.sweep.run, tokedge.report.compare; "
             "assert 'ray' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_missing_task_file_fails_before_any_export(tmp_path, capsys):
+    from tokedge.cli import main
+
+    (tmp_path / "g.toml").write_text('model = "tiny-llava"\nmethods = ["pool"]\nbudgets = [16]\n'
+                                     'tasks = ["pope:missing.json"]\n')
+    assert main(["sweep", "--grid", str(tmp_path / "g.toml"), "--out", str(tmp_path / "out")]) == 2
+    assert "missing.json' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

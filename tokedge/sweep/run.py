@@ -184,7 +184,11 @@ def run_sweep(cfg: SweepConfig, progress: Progress | None = None) -> SweepReport
     """Run every job not done yet, then write the comparison report into `cfg.out`."""
     from tokedge.report.compare import Roles, write_comparison
 
+    from tokedge.eval.tasks import load_task
+
     start = time.perf_counter()
+    for task in cfg.grid.tasks:  # a missing or unreadable task file fails here, before any export
+        load_task(task, limit=1)
     cfg.out.mkdir(parents=True, exist_ok=True)
     plans = plan_sweep(cfg)
     engine = f"ray ({cfg.ray_address})" if cfg.ray_address else "local (one job at a time)"
