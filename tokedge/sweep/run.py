@@ -182,9 +182,8 @@ def run_ray(cfg: SweepConfig, plans: list[Plan], progress: Progress | None = Non
 
 def run_sweep(cfg: SweepConfig, progress: Progress | None = None) -> SweepReport:
     """Run every job not done yet, then write the comparison report into `cfg.out`."""
-    from tokedge.report.compare import Roles, write_comparison
-
     from tokedge.eval.tasks import load_task
+    from tokedge.report.compare import Roles, write_comparison
 
     start = time.perf_counter()
     for task in cfg.grid.tasks:  # a missing or unreadable task file fails here, before any export
