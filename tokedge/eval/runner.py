@@ -94,11 +94,13 @@ def evaluate(artifact: Path | str, task: str | Path | Task, *, limit: int | None
     """Run `artifact` over `task` and score it.
 
     artifact: an artifact directory (`tokedge export`); opened with `Pipeline.load(artifact, backend)`,
-        hashes checked; backend a name or a full `Backend` choice (engines for "tensorrt"). task: `FORMAT:PATH`, a generic JSONL path, or a `Task` from `load_task`.
+        hashes checked; `backend` a name or a full `Backend` choice (engines for "tensorrt").
+    task: `FORMAT:PATH`, a generic JSONL path, or a `Task` from `load_task` (read once, reused).
     limit: the first N examples. images: the directory image names are relative to (default: the
         task file's). max_new_tokens: default the task's (8 for yes/no and multiple choice, 16 else).
-    out: a directory; writes `<artifact>-<task>.json` (the result) and `<artifact>-<task>.predictions.jsonl`
-        atomically (created when missing). None: nothing is written (`predictions` is None).
+    out: a directory; writes `<artifact>-<task>.json` (the result) and
+        `<artifact>-<task>.predictions.jsonl` atomically (created when missing; <artifact> is the
+        directory's name, so artifacts of the same name in different places need different `out`). None: nothing is written (`predictions` is None).
     seed: the bootstrap's. Greedy decoding, batch 1, one example at a time.
     on_example(done, total): progress after each example.
     -> EvalResult (see its docstring for the keys)."""
@@ -135,7 +137,8 @@ def evaluate(artifact: Path | str, task: str | Path | Task, *, limit: int | None
         task=task.name, task_format=task.format, metric=main, score=subs[main], ci95=ci, n=len(scored),
         metrics=subs, ttft_ms_median=float(statistics.median(ttfts)) if ttfts else 0.0,
         prefill_flops_per_example=float(sum(flops) / len(flops)) if flops else 0.0, predictions=None,
-        weights=manifest.weights, backend=backend if isinstance(backend, str) else backend.name, seed=seed, max_new_tokens=tokens,
+        weights=manifest.weights, backend=backend if isinstance(backend, str) else backend.name, seed=seed,
+        max_new_tokens=tokens,
         records=[_record(ex, p, s) for ex, p, s in zip(task.examples, predictions, scored)])
     result.elapsed_s = time.perf_counter() - started
     if out is not None:
