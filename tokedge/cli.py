@@ -714,6 +714,7 @@ def profile_cmd(
         help="Re-export budgets this artifact cannot run from this checkpoint, into <out>/artifacts.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per session (0 = automatic).")] = 0,
     keeps: Annotated[Optional[str], typer.Option(help="Dynamic-resolution (Qwen-VL) artifacts: keep ratios to compare, e.g. 1,0.75,0.5 (1 = --method none); others re-export from --checkpoint.")] = None,
+    eval_results: Annotated[Path | None, typer.Option("--eval-results", help="Directory of tokedge eval results (its --out, or a sweep's results/): those of the profiled artifacts add an accuracy section and pareto.png.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency, memory, FLOPs and fidelity per budget; writes report.json, report.md and PNG plots."""
@@ -729,7 +730,7 @@ def profile_cmd(
         raise UsageError(f"'{out}' already holds a report; choose another --out or pass --force to overwrite it")
     if video is not None:
         _profile_video(artifact, video, frames, prompt, budget_list, image, runs, warmup, max_new_tokens, out,
-                       threads, json_out, (backend != "onnxruntime", baseline, predict, checkpoint))
+                       threads, json_out, (backend != "onnxruntime", baseline, predict, checkpoint, eval_results))
         return
     if frames is not None:
         raise UsageError("--frames applies to a video; pass --video")
@@ -741,7 +742,7 @@ def profile_cmd(
     cfg = ProfileConfig(artifact=artifact, images=tuple(image), prompt=prompt, budgets=budget_list, backend=backend,
                         engines=engines, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, baseline=baseline,
                         baseline_attention=baseline_attention, predict=predict, checkpoint=checkpoint,
-                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list,
+                        reexport_dir=out / "artifacts", threads=threads, keeps=keep_list, eval_results=eval_results,
                         runtime=_backend(backend, engines, threads, device_id, device_profile, trt_cache, fp16))
     import shutil
 
@@ -800,7 +801,8 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
     if image:
         raise UsageError("--video and --image cannot be combined in one profile; run two profiles")
     if any(image_only):
-        raise UsageError("--backend tensorrt, --baseline, --predict and --checkpoint are not available with --video yet")
+        raise UsageError("--backend tensorrt, --baseline, --predict, --checkpoint and --eval-results are not available "
+                         "with --video yet")
     cfg = VideoProfileConfig(artifact=artifact, video=video, frames=frames, budgets=budgets, runs=runs, warmup=warmup,
                              max_new_tokens=max_new_tokens, threads=threads,
                              prompt=prompt if prompt is not None else "Describe this video.")
@@ -830,6 +832,52 @@ def _profile_video(artifact: Path, video: Path, frames: Optional[int], prompt: O
         console.print(line, markup=False)
     if json_out:
         print(json.dumps(report.to_dict()))
+
+
+@app.command("sweep", short_help="Export, evaluate and profile a grid of methods x budgets x tasks; one comparison report.")
+def sweep_cmd(
+    grid: Annotated[Path, typer.Option("--grid", help="Grid file (TOML): model, methods, budgets, tasks, quantize, limit; see docs/eval.md.")],
+    out: Annotated[Path, typer.Option(help="Sweep directory: artifacts/, results/, profiles/, report.md, report.json, pareto.png. Rerunning into it computes only what is missing.")] = Path("sweep-out"),
+    ray_address: Annotated[str | None, typer.Option("--ray", help="Run every job as a Ray task on this cluster (auto or HOST:PORT; needs tokedge[sweep]); --out must be a path every node sees.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Export every (method, budget, quantization) of a grid, evaluate each artifact on each task,
+    profile it, and write one comparison report with a Pareto plot. Resumable: finished points are
+    cached by artifact hash, task and code version."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tokedge.report.render import wrap
+    from tokedge.sweep.grid import load_grid
+    from tokedge.sweep.run import SweepConfig, fail_once_from_env, run_sweep
+
+    if ray_address is not None:
+        from tokedge.errors import require
+
+        require("ray", "sweep")
+    cfg = SweepConfig(grid=load_grid(grid), out=out, ray_address=ray_address, fail_once=fail_once_from_env())
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_console(), transient=True) as bar:
+        task = bar.add_task("sweeping", total=None)
+        report = run_sweep(cfg, progress=lambda label, done, total: bar.update(
+            task, description=label, completed=done, total=total))
+    import shutil
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    console = _console()
+    weights = next((r.get("weights") for r in report.records if r.get("weights")), None)
+    _say_random(weights, console)
+    lines = [(f"{len(report.ran)} job(s) ran, {len(report.cached)} cached, {len(report.failures)} failed "
+              f"({report.engine}, {report.seconds:.1f} s)")]
+    lines += [f"failed: {f['label']}: {f['error']} ({f['attempts']} attempts)" for f in report.failures]
+    lines.append("wrote " + ", ".join(report.files))
+    for line in lines:
+        for part in wrap(line, width):
+            console.print(part, markup=False)
+    if json_out:
+        print(json.dumps({"out": report.out, "engine": report.engine, "ran": report.ran, "cached": report.cached,
+                          "failures": report.failures, "files": report.files, "seconds": report.seconds}))
+    if report.failures:
+        raise typer.Exit(1)
 
 
 def _print_listing(rows: list[dict], columns: list[tuple[str, Any]], detail: Any = None) -> None:

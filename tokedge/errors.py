@@ -78,7 +78,7 @@ def require(module: str, extra: str):
 EXTRAS = {
     "torch": "export", "transformers": "export", "safetensors": "export", "onnx": "export", "onnxscript": "export",
     "onnx_ir": "export", "av": "video", "matplotlib": "report", "starlette": "serve", "uvicorn": "serve",
-    "tensorrt": "tensorrt",
+    "tensorrt": "tensorrt", "ray": "sweep",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -56,10 +57,11 @@ PEAK_MEASURE = (f"best fp32 MatMul rate of ONNX Runtime (the engine the stages r
                 f"sizes {', '.join(map(str, GEMM_SIZES))}")
 
 
+@functools.lru_cache(maxsize=8)
 def gemm_peak_gflops(threads: int = 0, sizes: tuple[int, ...] = GEMM_SIZES, repeats: int = 3) -> float:
     """The dense fp32 GEMM peak a stage's achieved GFLOP/s is compared with: the best rate of ONNX
     Runtime's own MatMul (MLAS, with the profile's intra-op threads) and of numpy's BLAS over
-    `sizes`. numpy alone at 1024 measured ~25% below MLAS on a 2-core EPYC, which showed a vision
+    `sizes`; measured once per process (a sweep profiles many artifacts on one machine). numpy alone at 1024 measured ~25% below MLAS on a 2-core EPYC, which showed a vision
     stage at 108% of "peak"; the engine the stages use is the honest ceiling."""
     best = numpy_gemm_gflops(sizes[0], repeats)
     try:

@@ -44,6 +44,7 @@ class ProfileConfig:
     # (all tokens, the fidelity reference); others re-export the artifact's method with --keep
     keeps: tuple[float, ...] = ()
     runtime: object | None = None  # a tokedge.runtime.backends.Backend (GPU providers...); None: from backend/engines/threads
+    eval_results: Path | None = None  # a directory of `tokedge eval` results: those of these artifacts join the report
 
     def choice(self):
         from tokedge.runtime.backends import Backend
@@ -119,6 +120,8 @@ class ProfileReport:
     memory_measure: str = "peak RSS of the profiling process so far (cumulative over the rows run before)"
     fidelity_note: str | None = None  # why fidelity is n/a and how to get it
     gemm_peak_measure: str = "numpy's BLAS, fp32 1024x1024 matmul, best of 5"
+    # eval results of the profiled artifacts (--eval-results DIR; tokedge.report.compare.accuracy_for)
+    accuracy: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -450,6 +453,11 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         from tokedge.profiles import load_profile
 
         device_profile = load_profile(cfg.predict)
+    evals = None
+    if cfg.eval_results is not None:  # a wrong directory fails before anything is measured
+        from tokedge.report.compare import load_eval_results
+
+        evals = load_eval_results(cfg.eval_results)
     entries = plan_entries(cfg, manifest)  # every budget checked before the first re-export
     export_entries(entries, say)
 
@@ -529,6 +537,13 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 "decode": round(base.decode_ms_per_token / r.decode_ms_per_token, 2) if r.decode_ms_per_token else 0.0,
             }
     _set_fidelity(report, cfg, manifest)
+    if evals is not None:
+        from tokedge.report.compare import accuracy_for
+
+        report.accuracy = accuracy_for(report.to_dict(), evals)
+        if not report.accuracy:
+            report.warnings.append(f"no eval result in {cfg.eval_results} is of the profiled artifact(s) "
+                                   "(matched by manifest sha256): run `tokedge eval` on them first")
     overhead = [r.budget for r in report.results if r.predicted and r.predicted["overhead_bound"]]
     if overhead and device_profile is not None:
         report.warnings.append(

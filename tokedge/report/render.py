@@ -95,6 +95,9 @@ def markdown(report: ProfileReport) -> str:
     from tokedge.report.speed import speed_section
 
     lines += speed_section(report)
+    from tokedge.report.compare import accuracy_lines
+
+    lines += accuracy_lines(report.accuracy)
     for w in report.warnings:
         lines += ["", f"**Warning:** {w}"]
     return "\n".join(lines) + "\n"
@@ -332,8 +335,14 @@ def write_figures(report, out: Path, makers) -> list[Path]:
 
 
 def plots(report: ProfileReport, out: Path) -> list[Path]:
-    """latency.png and flops.png (nothing when matplotlib is not installed)."""
-    return write_figures(report, out, (("latency.png", latency_figure), ("flops.png", flops_figure)))
+    """latency.png and flops.png, and with eval results pareto.png and pareto-flops.png (accuracy
+    vs TTFT and vs prefill FLOPs, as `tokedge sweep` draws them); nothing without matplotlib."""
+    written = write_figures(report, out, (("latency.png", latency_figure), ("flops.png", flops_figure)))
+    if report.accuracy:
+        from tokedge.report.compare import FIGURES, profile_comparison
+
+        written += write_figures(profile_comparison(report.accuracy, report.weights), out, FIGURES)
+    return written
 
 
 def write_all(report: ProfileReport, out: Path) -> list[Path]:
