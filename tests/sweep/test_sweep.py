@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["cls-attn", "divprune", "pool"]
+METHODS = ["cls-attn", "fastv", "pool"]  # pre-LLM by CLS attention, in-LLM, pooling (divprune exports 2-3x slower)
 BUDGETS = [16, 36, 64]
 
 
