@@ -18,14 +18,19 @@ TV_PY := $(TV_VENV)/bin/python
 TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TV_STAMP := $(TV_VENV)/.tokedge-installed
 
-# lmms-eval for tests/eval (its scoring functions, model registry and simple_evaluate, checked against
-# `tokedge eval`; docs/eval.md). --no-deps: lmms-eval 0.7.3 requires torchvision, wandb, opencv and more,
-# and pip would replace this venv's torch and transformers pins; these are the packages that importing
-# its task utils, registry and evaluator needs, at the versions tested. Without them those tests skip.
+# lmms-eval for tests/eval (its scoring functions, and its command line running the `tokedge` model and
+# its `openai` model against `tokedge serve`, checked against `tokedge eval`; docs/eval.md). --no-deps:
+# lmms-eval 0.7.3 requires torchvision, wandb, opencv and more, and pip would replace this venv's torch and
+# transformers pins; these are the packages its task utils, registry, evaluator and command line need
+# (pytablewriter: its result table; python-dotenv: its openai model), at the versions tested. filelock 3.x:
+# lmms-eval 0.7.3 patches filelock._api, which filelock 4 removed. Without them those tests skip.
 LMMS_EVAL_SPEC ?= lmms-eval==0.7.3 loguru==0.7.3 pytz==2026.6 datasets==5.2.0 dill==0.4.1 xxhash==4.1.0 \
 	multiprocess==0.70.19 pandas==3.1.1 pyarrow==26.0.1 tenacity==9.2.1 evaluate==0.4.6 sacrebleu==2.6.0 \
 	portalocker==4.4.2 tabulate==0.10.0 colorama==0.4.6 lxml==6.2.1 aiohttp==3.14.5 multidict==7.2.1 yarl==1.25.1 \
-	propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0
+	propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 \
+	filelock==3.32.7 pytablewriter==1.2.1 DataProperty==1.1.1 chardet==6.0.0.post1 mbstrdecoder==1.1.5 \
+	pathvalidate==3.3.1 python-dateutil==2.9.0.post0 six==1.17.0 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 \
+	python-dotenv==1.2.1
 
 # `make wheel`: tokedge's sdist and wheel (PEP 517) plus the wheels of its base dependencies for
 # this machine, all in dist/, so that `pip install --no-index dist/*.whl` works offline.

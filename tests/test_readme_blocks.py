@@ -5,7 +5,8 @@ either runs here, exactly as written, in one working directory, in README order 
 a block runs on are the ones an earlier block exported, as for a reader following the README), or
 is listed in NOT_HERE with the reason it cannot run on this machine. A command line in neither
 fails the test, so a new README line must be classified. Inputs the README assumes the reader has
-(photo.jpg, a.jpg, b.jpg, c.jpg, clip.mp4) are made first. The exit code must be the one the line's
+(photo.jpg, a.jpg, b.jpg, c.jpg, clip.mp4, and a few POPE questions in coco_pope_random.json's
+format about images in val2014/) are made first. The exit code must be the one the line's
 comment names ("exit 3") or 0; every command that shows output or numbers from a preset's artifact
 (export, run, verify, profile) says once that its weights are random. `serve` lines run as a server
 process that must become ready and answer a chat request before SIGTERM stops it (exit 0).
@@ -16,6 +17,7 @@ example by tests/test_public_api.py; both run verbatim there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -78,6 +80,16 @@ def _make_inputs(root: Path) -> None:
     for name, size in (("photo.jpg", (640, 480)), ("a.jpg", (500, 375)), ("b.jpg", (300, 400)), ("c.jpg", (256, 256))):
         base = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
         Image.fromarray(np.kron(base, np.ones((16, 16, 1), np.uint8))).save(root / name, quality=92)
+    (root / "val2014").mkdir()
+    pope = []
+    for i in range(2):  # POPE's own layout: JSON lines naming COCO val2014 images, yes/no labels
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.fromarray(np.kron(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
+                                np.ones((16, 16, 1), np.uint8))).save(root / "val2014" / name)
+        for j, (thing, label) in enumerate((("dog", "yes"), ("car", "no"))):
+            pope.append({"question_id": 2 * i + j + 1, "image": name, "text": f"Is there a {thing} in the image?",
+                         "label": label})
+    (root / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in pope))
     with av.open(str(root / "clip.mp4"), "w") as container:  # 40 frames: `--frames 32` takes 32 of them
         stream = container.add_stream("mpeg4", rate=8)
         stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
@@ -156,7 +168,7 @@ def test_readme_command_blocks_run_verbatim(tmp_path, monkeypatch, capsys):
                 code = main(words[1:])
                 err = capsys.readouterr().err
             assert code == _expected_exit(comment), (line, err[-2000:])
-            shows_preset_output = words[1] in ("export", "run", "verify", "profile", "serve") and "tiny" in command \
+            shows_preset_output = words[1] in ("export", "run", "verify", "profile", "serve", "eval") and "tiny" in command \
                 or words[1] in ("run", "profile") and ("./ov-" in command or "./qwen-" in command)
             notices = " ".join(err.split()).count(NOTICE)
             assert notices == (1 if shows_preset_output else 0), (line, err[-2000:])
@@ -168,6 +180,10 @@ def test_readme_command_blocks_run_verbatim(tmp_path, monkeypatch, capsys):
     # what the README promises exists after its commands
     assert (tmp_path / "report" / "report.md").read_text().splitlines()[2].startswith("> **Random weights.**")
     assert (tmp_path / "report-video" / "latency.png").exists()
+    results = {p.name for p in (tmp_path / "tokedge-eval").glob("*.json")}
+    assert results == {"tiny-llava-random-64-pope-coco_pope_random.json", "tiny-llava-cls-attn-64-pope-coco_pope_random.json"}
+    comparison = json.loads((tmp_path / "tokedge-eval" / "comparison" / "report.json").read_text())
+    assert {r["method"] for r in comparison["rows"]} == {"random", "cls-attn"}
     assert len(ran) >= 20 and {c.split()[1] for c in ran} >= {"export", "run", "verify", "methods", "doctor", "serve",
-                                                               "profile", "check", "build", "optimize"}
+                                                               "profile", "check", "build", "optimize", "eval"}
     assert all("tokedge" in c or "make" in c or "pip" in c for c, _ in skipped)

@@ -932,12 +932,18 @@ def eval_cmd(
     loaded = load_task(task, images=images, limit=limit)  # a bad task file fails before any artifact opens
     results = [evaluate(a, loaded, backend=choice, out=out, seed=seed, max_new_tokens=max_new_tokens)
                for a in artifact]
+    compared = []
+    if len(results) > 1:  # several artifacts: one comparison report (reference, random baseline, Pareto plots)
+        from tokedge.report.compare import write_comparison
+
+        compared = write_comparison([r.to_dict() for r in results], out / "comparison", title="tokedge eval")
     if json_out:
-        print(json.dumps({"results": [r.to_dict() for r in results]}))
+        print(json.dumps({"results": [r.to_dict() for r in results],
+                          "comparison": [str(p) for p in compared]}))
     else:
         for line in table_lines(results):
             print(line)
-        print(f"results and predictions in {out}/")
+        print(f"results and predictions in {out}/" + (f"; comparison in {out / 'comparison'}/" if compared else ""))
     for weights in dict.fromkeys(r.weights for r in results):
         _say_random(weights)
 

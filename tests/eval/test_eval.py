@@ -7,13 +7,15 @@
   weights; a bad task file is one line and exit 2 naming the file and the line;
 - `tokedge eval` imports no torch;
 - the lmms-eval model `tokedge` (entry point `lmms_eval.models`) runs a local lmms-eval task through
-  lmms-eval's `simple_evaluate` offline and answers what `tokedge eval` answers.
+  lmms-eval's own command line (`lmms-eval --model tokedge ...`) offline and answers what `tokedge
+  eval` answers.
 
 The artifacts are the session's shared ones (tests/conftest.py): no export of its own."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,53 +194,69 @@ def doc_to_visual(doc):
 """
 
 
-def _entry_point():
-    """pyproject.toml's `lmms_eval.models` entry point, as importlib.metadata builds it once installed."""
+def test_lmms_eval_command_runs_a_local_task_on_an_artifact(llava_none, tasks, tmp_path):
+    """`lmms-eval --model tokedge --model_args artifact=DIR --tasks T --include_path DIR`: lmms-eval's own
+    command line, offline, finds the model through the entry point pyproject.toml declares
+    (`lmms_eval.models`, as installed by `pip install -e .`) and runs a local task (a JSON dataset on
+    disk, a task yaml beside it, lmms-eval's POPE utilities); its logged answers equal `tokedge eval`'s
+    and its results hold the POPE metrics."""
     import importlib.metadata
 
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # pyright: ignore[reportMissingImports]
-
-    data = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    value = data["project"]["entry-points"]["lmms_eval.models"]["tokedge"]
-    return importlib.metadata.EntryPoint(name="tokedge", value=value, group="lmms_eval.models")
-
-
-def test_lmms_eval_runs_a_local_task_on_an_artifact(llava_none, tasks, tmp_path, monkeypatch):
-    """Through lmms-eval's own registry (the entry point, as lmms-eval loads it) and `simple_evaluate`,
-    offline: a JSON dataset on disk, a task yaml beside it. lmms-eval 0.7.3's `simple_evaluate` first
-    patches `filelock._api`, which filelock >= 4 (this venv's) no longer has: the patch (re-entrant
-    dataset locks for multi-process loading) is marked done so that it is skipped."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make lmms-eval)")
-    from lmms_eval import evaluator
-    from lmms_eval.models import registry_v2
-    from lmms_eval.tasks import TaskManager
-
+    if not any(e.name == "tokedge" for e in importlib.metadata.entry_points(group="lmms_eval.models")):
+        pytest.skip("tokedge is not installed as a distribution here (pip install -e .): no lmms_eval.models entry")
     root, specs = tasks
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    env = _local_pope_task(root, specs, tmp_path)
+    command = [*LMMS_EVAL, "--model", "tokedge", "--model_args", f"artifact={llava_none}", "--tasks",
+               "tokedge_local_pope", "--include_path", str(tmp_path / "task"), "--output_path", str(tmp_path / "out"),
+               "--log_samples"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_lmms_output(tmp_path / "out", llava_none, specs)
+
+
+def _local_pope_task(root: Path, specs: dict, where: Path) -> dict:
+    """A local lmms-eval task over the self-made POPE questions: a JSON dataset on disk and a task yaml
+    (lmms-eval's POPE utilities) in `where`/task; -> the environment that keeps lmms-eval offline."""
     rows = [json.loads(line) for line in Path(specs["pope"].split(":", 1)[1]).read_text().splitlines()]
-    data = tmp_path / "pope.jsonl"
+    data = where / "pope.jsonl"
     data.write_text("".join(json.dumps({"question_id": r["question_id"], "question": r["text"], "answer": r["label"],
                                         "image": str(root / r["image"])}) + "\n" for r in rows))
-    (tmp_path / "task").mkdir()
-    (tmp_path / "task" / "tokedge_local_pope.yaml").write_text(TASK_YAML.format(data=data))
-    (tmp_path / "task" / "utils.py").write_text(TASK_UTILS)
+    (where / "task").mkdir()
+    (where / "task" / "tokedge_local_pope.yaml").write_text(TASK_YAML.format(data=data))
+    (where / "task" / "utils.py").write_text(TASK_UTILS)
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(where / "hf")}
 
-    registry = registry_v2.ModelRegistryV2()
-    monkeypatch.setattr(registry, "_select_entry_points", lambda group: [_entry_point()])
-    registry.load_entrypoint_manifests()
-    assert registry.get_model_class("tokedge").__name__ == "Tokedge"
-    monkeypatch.setattr(evaluator.models, "MODEL_REGISTRY_V2", registry, raising=False)
-    monkeypatch.setattr(evaluator._enable_reentrant_filelocks, "_patched", True, raising=False)
-    model = registry.get_model_class("tokedge").create_from_arg_string(f"artifact={llava_none}")
-    out = evaluator.simple_evaluate(model=model, tasks=["tokedge_local_pope"], log_samples=True,
-                                    task_manager=TaskManager(include_path=str(tmp_path / "task"),
-                                                             include_defaults=False))
-    answers = [s["filtered_resps"][0] for s in sorted(out["samples"]["tokedge_local_pope"], key=lambda s: s["doc_id"])]
-    ours = evaluate(llava_none, specs["pope"]).records
-    assert answers == [r["prediction"] for r in ours]
-    assert "pope_accuracy,none" in out["results"]["tokedge_local_pope"]
+
+LMMS_EVAL = [sys.executable, "-c", "import sys; from lmms_eval.cli.dispatch import main; sys.exit(main())"]
+
+
+def _check_lmms_output(out: Path, artifact: Path, specs: dict) -> None:
+    """lmms-eval's logged answers equal `tokedge eval`'s on the same questions; its results hold POPE's metrics."""
+    (samples,) = out.rglob("*samples_tokedge_local_pope.jsonl")
+    (results,) = out.rglob("*_results.json")
+    logged = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
+    ours = evaluate(artifact, specs["pope"]).records
+    assert [s["filtered_resps"] for s in logged] == [r["prediction"] for r in ours]
+    assert {"pope_accuracy,none", "pope_f1_score,none"} <= set(json.loads(results.read_text())["results"]
+                                                            ["tokedge_local_pope"])
+
+
+def test_lmms_eval_openai_model_against_tokedge_serve(llava_none, tasks, tmp_path):
+    """docs/eval.md's recipe: lmms-eval's own `openai` model (its command line) against a real `tokedge
+    serve` of the artifact, on the same local task: the server's answers equal `tokedge eval`'s."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make lmms-eval)")
+    pytest.importorskip("dotenv", reason="python-dotenv (lmms-eval's openai model) is not installed (make lmms-eval)")
+    from tests.serve.conftest import running_server
+    from tokedge.serve.config import ServeConfig
+
+    root, specs = tasks
+    env = _local_pope_task(root, specs, tmp_path)
+    with running_server(ServeConfig(artifact=llava_none, model_name="tokedge-under-test", warmup=False)) as (base, _):
+        command = [*LMMS_EVAL, "--model", "openai", "--model_args",
+                   f"model_version=tokedge-under-test,base_url={base}/v1,api_key=unused,num_concurrent=2",
+                   "--tasks", "tokedge_local_pope", "--include_path", str(tmp_path / "task"), "--output_path",
+                   str(tmp_path / "out"), "--log_samples"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_lmms_output(tmp_path / "out", llava_none, specs)

@@ -89,7 +89,7 @@ def test_methods_command_lists_every_method(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == {"none", "cls-attn", "hired", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv",
-                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom"}
+                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random"}
     assert rows["hired"]["options"]["alpha"]["default"] == 0.5
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
     assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]
