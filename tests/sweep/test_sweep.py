@@ -169,14 +169,30 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_ray_two_node_sweep_gives_the_same_table(sweep_dir, ray_cluster, monkeypatch):
+def test_ray_two_node_sweep_gives_the_same_table(sweep_dir, ray_cluster):
     """A smaller grid (2 methods x 2 budgets, with the reference and the baseline) that also
-    profiles every artifact; its rows equal the local sweep's rows for the same points."""
+    profiles every artifact, run by `tokedge sweep --ray` on the two-node cluster: its rows equal the
+    local sweep's rows for the same points. On the way, one eval fails once on purpose (Ray retries
+    it) and a Ray worker process is SIGKILLed while it profiles a point (Ray runs that task again):
+    neither costs a result, the results written before the kill stay as they were, and a rerun finds
+    nothing missing."""
     grid = _grid(sweep_dir, "ray.toml", ["cls-attn", "pool"], [16, 64], profile=True)
     out = sweep_dir / "ray"
     shutil.copytree(sweep_dir / "local" / "artifacts", out / "artifacts")  # export tasks find them done
-    monkeypatch.setenv("TOKEDGE_SWEEP_FAIL_ONCE", "eval cls-attn-16/pope-pope_circles")  # fails once, Ray retries it
-    assert _cli("sweep", "--grid", str(grid), "--out", str(out), "--ray", ray_cluster) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "TOKEDGE_SWEEP_FAIL_ONCE": "eval cls-attn-16/pope-pope_circles"}  # fails once, Ray retries it
+    proc = subprocess.Popen([sys.executable, "-m", "tokedge", "sweep", "--grid", str(grid), "--out", str(out), "--ray",
+                             ray_cluster], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, done_before, deadline = [], {}, time.monotonic() + 120
+    while not killed and proc.poll() is None and time.monotonic() < deadline:
+        for pid in _ray_task_processes("profile_job")[:1]:
+            done_before = {p.name: p.read_bytes() for p in (out / "results").glob("*.json")}
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=300)
+    assert killed, "no profile task was seen running"
+    assert proc.returncode == 0, stderr[-2000:]
     local = json.loads((sweep_dir / "local" / "report.json").read_text())
     remote = json.loads((out / "report.json").read_text())
     assert remote["sweep"]["engine"].startswith("ray")
@@ -186,9 +202,15 @@ def test_ray_two_node_sweep_gives_the_same_table(sweep_dir, ray_cluster, monkeyp
     assert len(list((out / "profiles").glob("*.json"))) == 7
     assert sorted(remote["sweep"]["cached"]) == sorted(f"export {r[1]}-{r[2] or 'full'}" for r in same)
     assert (out / "attempts").is_dir() and remote["failures"] == []
+    for name, data in done_before.items():
+        assert (out / "results" / name).read_bytes() == data
+    from tokedge.sweep.grid import load_grid
     from tokedge.sweep.jobs import attempts
+    from tokedge.sweep.run import SweepConfig, run_sweep
 
     assert attempts(out, "eval cls-attn-16/pope-pope_circles") == 2
+    again = run_sweep(SweepConfig(grid=load_grid(grid), out=out))
+    assert again.ran == [] and not again.failures
 
 
 def _ray_task_processes(name: str) -> list[int]:
@@ -202,39 +224,6 @@ def _ray_task_processes(name: str) -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def test_a_ray_worker_killed_mid_task_loses_nothing(sweep_dir, ray_cluster):
-    """A Ray worker process SIGKILLed while it profiles a point: Ray runs the task again (max_retries),
-    the sweep ends with every point and no failure, the results written before the kill are
-    untouched, and a rerun finds nothing missing."""
-    grid = _grid(sweep_dir, "raykill.toml", ["pool"], [16, 64], reference="", baseline="", profile=True)
-    out = sweep_dir / "raykill"
-    shutil.copytree(sweep_dir / "local" / "artifacts", out / "artifacts")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "tokedge", "sweep", "--grid", str(grid), "--out", str(out), "--ray",
-                             ray_cluster, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed, deadline = [], time.monotonic() + 120
-    while not killed and proc.poll() is None and time.monotonic() < deadline:
-        for pid in _ray_task_processes("profile_job")[:1]:
-            done_before = {p.name: p.read_bytes() for p in (out / "results").glob("*.json")}
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        time.sleep(0.02)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert killed, "no profile task was seen running"
-    assert proc.returncode == 0, stderr[-2000:]
-    assert stdout.strip(), stderr[-2000:]
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["failures"] == [], summary
-    for name, data in done_before.items():
-        assert (out / "results" / name).read_bytes() == data
-    assert len(list((out / "profiles").glob("*.json"))) == 2 and len(list((out / "results").glob("*.json"))) == 4
-    from tokedge.sweep.grid import load_grid
-    from tokedge.sweep.run import SweepConfig, run_sweep
-
-    again = run_sweep(SweepConfig(grid=load_grid(grid), out=out))
-    assert again.ran == [] and not again.failures
 
 
 def test_killed_sweep_loses_no_result_and_the_rerun_computes_only_what_is_missing(sweep_dir):
