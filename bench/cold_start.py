@@ -34,15 +34,6 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - 
 """
 
 
-def quantiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-
-    def q(p: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(p * (len(ordered) - 1))))]
-
-    return {"median": statistics.median(ordered), "p10": q(0.1), "p90": q(0.9)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
@@ -62,6 +53,7 @@ def main() -> None:
             rows[name].append(row)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tokedge.report.machine import describe
+    from tokedge.report.stats import p10, p90
 
     machine = describe()
     size = sum(f.stat().st_size for f in args.artifact.iterdir() if f.is_file())
@@ -70,8 +62,8 @@ def main() -> None:
     for name, values in rows.items():
         cells = []
         for key in ("wall_s", "import_s", "load_s", "first_token_s"):
-            s = quantiles([v[key] for v in values])
-            cells.append(f"{key[:-2]} {s['median']:.2f} ({s['p10']:.2f}..{s['p90']:.2f})")
+            xs = [v[key] for v in values]
+            cells.append(f"{key[:-2]} {statistics.median(xs):.2f} ({p10(xs):.2f}..{p90(xs):.2f})")
         print(f"{name}: " + "; ".join(cells))
 
 
