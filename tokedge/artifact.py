@@ -544,6 +544,19 @@ def _read_manifest_bytes(root: Path, fd: int, limits: "Limits") -> bytes:
     return read_regular(fd, MANIFEST_NAME, limits.manifest_bytes, f"{root / MANIFEST_NAME}")
 
 
+def manifest_sha256(root: Path | str, limits: Limits | None = None) -> str:
+    """sha256 of an artifact's manifest bytes, its id (what `open_artifact` reports and `tokedge
+    build` records), without checking its files."""
+    from tokedge.safeio import DEFAULT_LIMITS, open_dir
+
+    root = Path(root)
+    fd = open_dir(root)
+    try:
+        return hashlib.sha256(_read_manifest_bytes(root, fd, limits or DEFAULT_LIMITS)).hexdigest()
+    finally:
+        os.close(fd)
+
+
 def read_manifest(root: Path | str, limits: "Limits | None" = None) -> Manifest:
     """The manifest alone, schema-validated (no file hashes checked)."""
     from tokedge.safeio import DEFAULT_LIMITS, open_dir

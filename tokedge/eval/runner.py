@@ -116,7 +116,7 @@ def evaluate(artifact: Path | str, task: str | Path | Task, *, limit: int | None
         task = dataclasses.replace(task, examples=task.examples[:limit])
     tokens = max_new_tokens or task.max_new_tokens
     with Pipeline.load(artifact, backend=backend) as pipe:
-        sha = manifest_sha256(Path(artifact))
+        sha = pipe.manifest_sha256
         predictions, ttfts, flops = [], [], []
         for i, ex in enumerate(task.examples):
             image = ex.image if isinstance(ex.image, Image.Image) else load_image(str(ex.image))
@@ -189,16 +189,6 @@ def _record(ex: Example, prediction: str, s: m.Scored) -> dict:
     if ex.category:
         rec["category"] = ex.category
     return rec
-
-
-def manifest_sha256(root: Path) -> str:
-    """sha256 of an artifact's manifest bytes (what `tokedge build` records as the artifact's id)."""
-    import hashlib
-
-    from tokedge.artifact import MANIFEST_NAME
-    from tokedge.safeio import DEFAULT_LIMITS, read_regular_path
-
-    return hashlib.sha256(read_regular_path(root, MANIFEST_NAME, DEFAULT_LIMITS.manifest_bytes)).hexdigest()
 
 
 def _prefill_flops(pipe, ex: Example, image) -> float:

@@ -51,8 +51,10 @@ class Result:
 class Pipeline:
     """An artifact opened for generation. Checks format version and every file's sha256 first."""
 
-    def __init__(self, root: Path, manifest: Manifest, graphs: ArtifactGraphs, encoder: PromptEncoder):
+    def __init__(self, root: Path, manifest: Manifest, graphs: ArtifactGraphs, encoder: PromptEncoder,
+                 manifest_sha256: str = ""):
         self.root, self.manifest, self.graphs, self.encoder = root, manifest, graphs, encoder
+        self.manifest_sha256 = manifest_sha256  # of the manifest bytes loaded: the artifact's id (as `build` records it)
 
     @classmethod
     def load(cls, artifact: Path | str, backend: str | Backend = "onnxruntime", options: OrtOptions | None = None,
@@ -75,9 +77,10 @@ class Pipeline:
         if options is not None:
             chosen = dataclasses.replace(options, backend=chosen.backend, gpu=chosen.gpu)
         graphs = ArtifactGraphs(root, manifest, runners=runners, options=chosen, verified=verified)
+        sha = verified.manifest_sha256
         del verified  # the runners hold what they need until their sessions are created
         graphs.__enter__()
-        return cls(root, manifest, graphs, encoder)
+        return cls(root, manifest, graphs, encoder, sha)
 
     def close(self) -> None:
         self.graphs.__exit__(None, None, None)

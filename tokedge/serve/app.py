@@ -57,7 +57,7 @@ from tokedge.serve.protocol import (
     parse_chat_request,
 )
 from tokedge.serve.scheduler import Delta, Done, Event, Failed, Job, QueueFull, Scheduler
-from tokedge.serve.video import takes_video, video_job_inputs, video_refusal
+from tokedge.serve.video import video_job_inputs, video_refusal
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -200,7 +200,7 @@ class Service:
         """`prepare` on the preprocessing stage, after the request's remote images (if any) were
         fetched on the fetch stage, one at a time."""
         assert self.pipe is not None
-        self.check_image_count(req)
+        self.check_media(req)
         fetches, preparing = self.stages
         fetched: dict[int, bytes] = {}
         media = VIDEO if req.video_urls else IMAGE
@@ -209,11 +209,12 @@ class Service:
                 fetched[i] = await fetches.run(fetch_remote, url, self.cfg, media)
         return await preparing.run(self.prepare, req, sink, arrived, fetched)
 
-    def check_image_count(self, req: ChatRequest) -> None:
+    def check_media(self, req: ChatRequest) -> None:
+        """The request's images or video against what the artifact takes (400 naming what to send)."""
         assert self.pipe is not None
         family, allowed = self.pipe.manifest.model.family, images_per_prompt(self.pipe)
         if req.video_urls:
-            if not takes_video(self.pipe.manifest):
+            if self.pipe.manifest.video is None:
                 raise video_refusal(self.pipe.manifest)
             return
         if not req.image_urls and self.text_only_refusal is not None:
@@ -232,7 +233,7 @@ class Service:
         pixels) and the request's pixel budget checked before any image is decoded."""
         assert self.pipe is not None
         pipe, cfg = self.pipe, self.cfg
-        self.check_image_count(req)
+        self.check_media(req)
         fetched = fetched or {}
         if req.video_urls:
             return self.prepare_video(req, sink, arrived, fetched)

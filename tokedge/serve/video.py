@@ -14,10 +14,6 @@ from tokedge.serve.config import ServeConfig
 from tokedge.serve.protocol import APIError
 
 
-def takes_video(manifest: Any) -> bool:
-    return getattr(manifest, "video", None) is not None
-
-
 def video_refusal(manifest: Any) -> APIError:
     family = manifest.model.family
     return APIError(400, f"this artifact ({family}) takes images only (it has no video graph); send image_url parts, "

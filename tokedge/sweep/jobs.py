@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from tokedge.artifact import manifest_sha256
 from tokedge.safeio import write_atomic
 from tokedge.sweep.keys import code_version, digest, task_identity, task_name
 
@@ -43,10 +44,6 @@ def _attempt(out: Path, label: str, fail_once: str | None) -> int:
 def attempts(out: Path, label: str) -> int:
     path = out / "attempts" / (hashlib.sha256(label.encode()).hexdigest()[:16] + ".txt")
     return int(path.read_text() or 0) if path.exists() else 0
-
-
-def manifest_sha256(artifact: Path) -> str:
-    return hashlib.sha256((Path(artifact) / "tokedge.json").read_bytes()).hexdigest()
 
 
 def artifact_dir(out: Path, model: str, point: dict, validate: bool) -> Path:
