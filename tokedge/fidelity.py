@@ -201,11 +201,5 @@ def row_kl(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
     return np.maximum((np.exp(a) * (a - b)).sum(-1), 0.0)
 
 
-def applies(manifest) -> bool:
-    """The text measure runs through the plain decoder: artifacts whose prompts go through an in-LLM
-    pruning prefill graph are judged on their image prompts only (docs/quantization.md)."""
-    return "prefill" not in manifest.graphs
-
-
-__all__ = ["FIDELITY_FILE", "Fidelity", "TextPlan", "TextReference", "applies", "eval_text", "kl_top_k",
+__all__ = ["FIDELITY_FILE", "Fidelity", "TextPlan", "TextReference", "eval_text", "kl_top_k",
            "measure", "record_reference", "row_kl", "text_ids"]

@@ -216,6 +216,25 @@ def test_export_quantize_flag(tiny_llava_dir, tmp_path, capsys):
     assert manifest.quantization.graphs == ("decoder",)  # no prefill graph for a pre-LLM method
 
 
+def test_in_llm_artifact_reads_the_text_through_its_decoder(artifacts, quantized, tmp_path, capsys):
+    """fastv's artifact has a prefill graph (it prunes image tokens); the text measure holds no image,
+    so it runs through the decoder graph, which is the same network as the `none` artifact's: the same
+    scheme must measure the same on both, and verify repeats it from the artifact alone."""
+    out = tmp_path / "fastv-int4-qdq"
+    assert main(["quantize", str(artifacts("fastv")), "--out", str(out), "--scheme", "int4", "--quant-form", "qdq",
+                 "--group-size", "32"]) == 0
+    m = read_manifest(out)
+    assert "prefill" in m.graphs and set(m.quantization.graphs) == {"decoder", "prefill"}
+    fid, same = m.quantization.fidelity, read_manifest(quantized["int4-qdq"]).quantization.fidelity
+    assert fid["text_tokens"] == same["text_tokens"] == 512 and m.reference["text"]["rows"] == 8
+    for key in ("text_kl_mean", "text_top1", "ppl_fp32", "ppl"):
+        assert fid[key] == pytest.approx(same[key], rel=1e-3, abs=1e-5), key
+    capsys.readouterr()
+    assert main(["verify", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["text"]["kl_mean"] == pytest.approx(fid["text_kl_mean"], abs=1e-6)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--scheme", "int3"], "--quantize int3"),
     (["--group-size", "100"], "--group-size 100"),

@@ -466,8 +466,7 @@ def validate_stage(job: _Export, stage: Path, manifest: Manifest) -> tuple[Manif
         if cfg.validate:
             with job.timed("fp32 text reference (quantization measure)"):
                 text_ref, text_record = record_text_reference(stage, manifest)
-            if text_record is not None:
-                manifest = replace(manifest, reference={**manifest.reference, "text": text_record})
+            manifest = replace(manifest, reference={**manifest.reference, "text": text_record})
         with job.timed(f"quantize ({cfg.quantize.scheme}, {cfg.quantize.form})"):
             manifest, quant = quantize_graphs(stage, manifest, cfg.quantize, cfg.external_data_threshold)
         tol = tolerance_for(cfg.dtype, quant, gated=manifest.weights is None)

@@ -355,13 +355,12 @@ def quantize_graphs(root: Path, manifest, cfg: QuantConfig, external_threshold: 
 
 def record_text_reference(root: Path, manifest):
     """The fp32 side of the text measure (`tokedge.fidelity`), from the float graphs staged at
-    `root`, saved there as `fidelity.npz`. -> (TextReference, the manifest's `reference.text`), or
-    (None, None) where the measure does not apply (in-LLM pruning prefill graphs)."""
+    `root`, saved there as `fidelity.npz`. -> (TextReference, the manifest's `reference.text`). The
+    text is a prompt without images, so in-LLM pruning artifacts read it through their decoder graph
+    (their prefill graph prunes image tokens only; the image prompts measure it)."""
     from tokedge import fidelity
     from tokedge.runtime.graphs import ArtifactGraphs
 
-    if not fidelity.applies(manifest):
-        return None, None
     plan = fidelity.TextPlan()
     ids = fidelity.text_ids((root / "tokenizer.json").read_text(encoding="utf-8"), plan)
     with ArtifactGraphs(root, manifest) as graphs:
