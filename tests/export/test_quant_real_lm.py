@@ -91,7 +91,8 @@ def test_int8_with_vision_passes_and_verify_repeats_the_measure(arts, capsys):
     fid = m.quantization.fidelity
     assert m.quantization.graphs == ("decoder", "vision") and m.reference["parity_at_export"]["ok"]
     assert fid["image_kl_mean"] <= m.reference["tolerance"]["kl_mean"]
-    # measured 96.4% over 1024 tokens (bench/QUANT.md): below the 98% target, documented there
+    # measured 96.4% over 1024 tokens (bench/QUANT.md): below the 98% target; llama.cpp's q8_0
+    # of the same GGUF measures 94.7% on the same tokens
     assert fid["text_top1"] >= 0.95 and fid["text_kl_mean"] < 0.01
     capsys.readouterr()
     assert main(["verify", str(int8), "--json"]) == 0
