@@ -241,7 +241,7 @@ class QuantInfo:
     quantized: dict[str, int] = field(default_factory=dict)  # graph -> weights quantized
     weight_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # graph -> {"before", "after"}
     tolerance: dict[str, float] = field(default_factory=dict)  # QuantTolerance as data
-    int8_matmuls: tuple[str, ...] = ()  # int4 mixed precision: the MatMuls kept at int8 (down_proj, first, last)
+    int8_matmuls: tuple[str, ...] = ()  # int4 mixed precision: the MatMuls kept at int8 (down_proj, first, last, lm_head)
     # the measure at quantization (docs/quantization.md): text KL mean / p99 / max, top-1, perplexity
     # (fp32 and this), image prompts' KL; empty in artifacts quantized before it existed or with --no-validate
     fidelity: dict[str, float] = field(default_factory=dict)
@@ -258,6 +258,7 @@ class GraphParameters:
     quantized: int = 0  # of which stored as int4/int8 (logical elements)
     scale_groups: int = 0  # quantization scales stored (one per group of `group_size` weights along K)
     padded: int = 0  # quantized elements as stored, padded to whole groups (MatMulNBits pads K; qdq does not)
+    int8: int = 0  # of `quantized`, those stored at 8 bits (an int8 scheme's, or int4 mixed precision's int8 MatMuls)
     other_bytes: int = 0  # bytes of the written files that are not these weights or scales: nodes, names, constants
 
 

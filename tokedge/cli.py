@@ -61,10 +61,12 @@ SymmetricOpt = Annotated[Optional[bool], typer.Option(
     "--symmetric/--asymmetric", help="Zero points or not (default: asymmetric for matmulnbits; qdq is symmetric).")]
 AlgorithmOpt = Annotated[str, typer.Option("--quant-algorithm", help="rtn (round to nearest) or hqq (onnxruntime's HQQ).")]
 Int8MatmulsOpt = Annotated[str, typer.Option(
-    "--int8-matmuls", help="int4 mixed precision: keep these MatMuls int8: down_proj, first, last (layers).")]
+    "--int8-matmuls",
+    help="int4 mixed precision: keep these MatMuls int8: down_proj, first, last (layers), lm_head (the logits).")]
 QuantGraphsOpt = Annotated[str, typer.Option("--quant-graphs", help="Graphs to quantize: decoder,prefill[,vision].")]
-QuantLmHeadOpt = Annotated[bool, typer.Option("--quantize-lm-head/--float-lm-head",
-                                              help="Also quantize the logits MatMul (lm_head).")]
+QuantLmHeadOpt = Annotated[Optional[bool], typer.Option(
+    "--quantize-lm-head/--float-lm-head",
+    help="The logits MatMul (lm_head) at the scheme's bits, or float (default: int8 under int4 matmulnbits, else float).")]
 QuantEmbedOpt = Annotated[bool, typer.Option("--quantize-embeddings/--float-embeddings",
                                              help="Also quantize the token embeddings (matmulnbits only).")]
 AccuracyOpt = Annotated[int, typer.Option("--accuracy-level", help="MatMulNBits compute: 4 = int8 (VNNI/AMX), 0 = float.")]
@@ -89,7 +91,7 @@ def _backend(name: str, engines: Optional[Path], threads: int, device_id: int, d
                    cache_dir=trt_cache, fp16=fp16)
 
 
-def _quant_config(scheme: str, form: str, group_size: int, graphs: str, lm_head: bool, embeddings: bool,
+def _quant_config(scheme: str, form: str, group_size: int, graphs: str, lm_head: Optional[bool], embeddings: bool,
                   accuracy_level: int, symmetric: bool | None = None, algorithm: str = "rtn", int8: str = ""):
     from tokedge.export.quantize import QuantConfig
 
@@ -169,7 +171,7 @@ def export_cmd(
     quant_algorithm: AlgorithmOpt = "rtn",
     int8_matmuls: Int8MatmulsOpt = "",
     quant_graphs: QuantGraphsOpt = "decoder,prefill",
-    quantize_lm_head: QuantLmHeadOpt = False,
+    quantize_lm_head: QuantLmHeadOpt = None,
     quantize_embeddings: QuantEmbedOpt = False,
     accuracy_level: AccuracyOpt = 4,
     device_profile: Annotated[Optional[str], typer.Option("--profile", help="Refuse an artifact whose engines this device profile cannot plan (with the fix); warn when its memory plan does not fit; on Qwen-VL without --max-pixels, default the largest image to what it holds.")] = None,
@@ -247,7 +249,8 @@ def _quant_line(q) -> str:
     return (f"{q.scheme} {q.form} (group {q.group_size}, {'symmetric' if q.symmetric else 'zero points'}, "
             f"{q.algorithm}{mixed}) on {', '.join(q.graphs)}: "
             f"{sum(q.quantized.values())} weights, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
-            + ("" if q.lm_head else "; lm_head float") + ("" if q.embeddings else "; embeddings float"))
+            + ("" if q.lm_head or "lm_head" in q.int8_matmuls else "; lm_head float")
+            + ("" if q.embeddings else "; embeddings float"))
 
 
 def _say_random(weights: Optional[str], console=None) -> None:
@@ -282,7 +285,7 @@ def quantize_cmd(
     quant_algorithm: AlgorithmOpt = "rtn",
     int8_matmuls: Int8MatmulsOpt = "",
     quant_graphs: QuantGraphsOpt = "decoder,prefill",
-    quantize_lm_head: QuantLmHeadOpt = False,
+    quantize_lm_head: QuantLmHeadOpt = None,
     quantize_embeddings: QuantEmbedOpt = False,
     accuracy_level: AccuracyOpt = 4,
     force: Annotated[bool, typer.Option(help="Replace an existing --out (whole).")] = False,

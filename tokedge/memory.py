@@ -129,9 +129,10 @@ def _legacy_architecture(manifest: Manifest) -> Architecture:
     graphs = {g: GraphParameters(parameters=sizes.get(g, 0)) for g in manifest.graphs}
     for g in ("decoder", "prefill"):  # quantized decoder layers (and lm_head when it was), as the record would say
         if quant is not None and g in quant.graphs and g in graphs:
-            q = p.decoder_layers + (p.lm_head if quant.lm_head else 0)
+            head = p.lm_head if head_quantized(quant) else 0
+            q = p.decoder_layers + head
             graphs[g] = GraphParameters(parameters=decoder, quantized=q, scale_groups=-(-q // quant.group_size),
-                                        padded=q)
+                                        padded=q, int8=head if "lm_head" in quant.int8_matmuls else 0)
     d, ff = m.vision_hidden_size, m.vision_intermediate_size or 4 * m.vision_hidden_size
     from tokedge.layouts import image_layout_class
 
@@ -166,15 +167,17 @@ def _quantized_later(manifest: Manifest, arch: Architecture) -> Architecture | N
     t, v = arch.text, arch.vision
     matrices = {
         "decoder": t.layers * (2 * t.hidden * t.heads * t.head_dim + 2 * t.hidden * t.kv_heads * t.head_dim
-                               + 3 * t.hidden * t.intermediate) + (t.vocab * t.hidden if quant.lm_head else 0),
+                               + 3 * t.hidden * t.intermediate) + (t.vocab * t.hidden if head_quantized(quant) else 0),
         "vision": v.layers * (4 * v.hidden**2 + (3 if v.gated_mlp else 2) * v.hidden * v.intermediate)
         + sum(a * b for a, b in pairwise(v.projector)),
     }
     matrices["prefill"] = matrices["decoder"]
     graphs = dict(arch.graphs)
+    head8 = t.vocab * t.hidden if "lm_head" in quant.int8_matmuls else 0  # int4 body, int8 lm_head
     for g in stale:
         q = min(matrices.get(g, 0), graphs[g].parameters)
-        graphs[g] = replace(graphs[g], quantized=q, scale_groups=-(-q // quant.group_size), padded=q)
+        graphs[g] = replace(graphs[g], quantized=q, scale_groups=-(-q // quant.group_size), padded=q,
+                            int8=head8 if g in ("decoder", "prefill") else 0)
     return replace(arch, graphs=graphs)
 
 
@@ -244,7 +247,7 @@ def target_for_geometry(geometry, method: str | None = None, budget: int | None 
             raise UsageError(f"--quantize {quantize} is not supported; use int4 or int8")
         if group_size < 16 or group_size & (group_size - 1):
             raise UsageError(f"--group-size {group_size} must be a power of two >= 16")
-        matrices = geometry.matrices["decoder"] - geometry.lm_head
+        matrices = geometry.matrices["decoder"] - geometry.lm_head  # qdq's default: the lm_head float
         q = GraphParameters(parameters=graphs["decoder"].parameters, quantized=matrices,
                             scale_groups=-(-matrices // group_size), padded=matrices)
         for g in ("decoder", "prefill"):
@@ -261,6 +264,12 @@ def target_for_geometry(geometry, method: str | None = None, budget: int | None 
 # --- the arithmetic ----------------------------------------------------------------------------
 
 
+def head_quantized(quant: QuantInfo) -> bool:
+    """Whether the lm_head's weights were quantized: at the scheme's bits (`lm_head`), or at 8 bits
+    under int4 mixed precision (`int8_matmuls` names it: int4's default)."""
+    return quant.lm_head or "lm_head" in quant.int8_matmuls
+
+
 def _bits(target: Target) -> int:
     return 4 if target.quantization is not None and target.quantization.scheme == "int4" else 8
 
@@ -269,7 +278,8 @@ def device_weight_bytes(target: Target, float_bytes: float = 2.0, scale_bytes: f
     """Weights per graph on the device: float weights at `float_bytes`, quantized ones at bits/8
     plus one scale per group."""
     bits = _bits(target)
-    return {g: int((r.parameters - r.quantized) * float_bytes + r.quantized * bits / 8 + r.scale_groups * scale_bytes)
+    return {g: int((r.parameters - r.quantized) * float_bytes + (r.quantized - r.int8) * bits / 8 + r.int8
+                   + r.scale_groups * scale_bytes)
             for g, r in target.graphs.items()}
 
 
@@ -281,7 +291,8 @@ def written_bytes(target: Target) -> dict[str, int]:
     padded = target.quantization is not None and target.quantization.form == "matmulnbits"
     out = {}
     for g, r in target.graphs.items():
-        stored = (r.padded if padded and r.padded else r.quantized) * bits / 8
+        # the 8-bit weights of int4 mixed precision (lm_head, down_proj...) at a byte each, counted unpadded
+        stored = ((r.padded if padded and r.padded else r.quantized) - r.int8) * bits / 8 + r.int8
         out[g] = round((r.parameters - r.quantized) * width + stored + r.scale_groups * 4 + r.other_bytes)
     return out
 

@@ -126,7 +126,9 @@ def test_top_k_kl_is_close_to_the_full_vocabulary_kl(arts):
 
 def test_group_32_is_never_worse_than_128(arts):
     """The decoder quantized in memory at group 32 and 128 (the default scheme otherwise), measured
-    over the same text against the same fp32 side: the smaller group never measures worse."""
+    over the same text against the same fp32 side: the smaller group never measures worse. 384 tokens:
+    over 192 the p99 is the second-worst token, and on an Intel Xeon (AMX int8 kernels) it flipped
+    (g32 1.052 vs g128 0.967, means 0.262 vs 0.274); over 384 and 1,024 tokens g32 wins both."""
     import onnx
 
     from tokedge import fidelity
@@ -136,7 +138,7 @@ def test_group_32_is_never_worse_than_128(arts):
 
     v = open_artifact(arts["fp32"])
     m = v.manifest
-    plan = fidelity.TextPlan(rows=4, steps=48)
+    plan = fidelity.TextPlan(rows=8, steps=48)
     ids = fidelity.text_ids(v.read("tokenizer.json").decode(), plan)
     with ArtifactGraphs(arts["fp32"], m, verified=v) as graphs:
         ref = fidelity.record_reference(graphs, ids, plan.context)
@@ -148,7 +150,7 @@ def test_group_32_is_never_worse_than_128(arts):
         runners["decoder"] = OrtRunner(model.SerializeToString(), name="decoder")
         with ArtifactGraphs(arts["fp32"], m, runners=runners) as graphs:
             got[group] = fidelity.measure(graphs, ref)
-    assert got[32].kl_mean <= got[128].kl_mean and got[32].kl_p99 <= got[128].kl_p99
+    assert got[32].kl_mean <= got[128].kl_mean and got[32].kl_p99 <= got[128].kl_p99, (got[32].line(), got[128].line())
 
 
 def test_qdq_for_tensorrt_passes_its_gate_and_check(arts):

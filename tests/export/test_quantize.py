@@ -33,7 +33,8 @@ def quantized(fp32_art, tmp_path_factory):
     for name, args in {
         "int4-qdq": ["--scheme", "int4", "--quant-form", "qdq", "--group-size", "32"],
         "int8-qdq": ["--scheme", "int8", "--quant-form", "qdq", "--group-size", "32"],
-        "int4-nbits-fp": ["--scheme", "int4", "--group-size", "32", "--accuracy-level", "0", "--symmetric"],
+        "int4-nbits-fp": ["--scheme", "int4", "--group-size", "32", "--accuracy-level", "0", "--symmetric",
+                          "--float-lm-head"],
         "int4-nbits": ["--scheme", "int4", "--group-size", "32", "--quantize-lm-head"],
     }.items():
         assert main(["quantize", str(fp32_art), "--out", str(root / name), *args]) == 0, name
@@ -245,6 +246,7 @@ def test_in_llm_artifact_reads_the_text_through_its_decoder(artifacts, quantized
     (["--quant-algorithm", "hqq", "--scheme", "int8"], "hqq needs int4"),
     (["--int8-matmuls", "up_proj"], "unknown 'up_proj'"),
     (["--int8-matmuls", "down_proj", "--scheme", "int8"], "needs --quantize int4"),
+    (["--int8-matmuls", "lm_head", "--quantize-lm-head"], "drop --quantize-lm-head"),
 ])
 def test_quantize_bad_input_is_one_line(fp32_art, tmp_path, capsys, args, needle):
     assert main(["quantize", str(fp32_art), "--out", str(tmp_path / "x"), *args]) == 2
@@ -258,11 +260,16 @@ def test_quantizing_twice_is_refused(quantized, tmp_path, capsys):
     assert not (tmp_path / "again").exists()
 
 
-def test_quant_config_defaults_keep_lm_head_and_embeddings_float():
+def test_quant_config_defaults_int8_lm_head_under_int4_and_float_embeddings():
     cfg = QuantConfig()
     assert (cfg.scheme, cfg.form, cfg.group_size, cfg.lm_head, cfg.embeddings, cfg.accuracy_level) == (
-        "int4", "matmulnbits", 32, False, False, 4)
+        "int4", "matmulnbits", 32, None, False, 4)
     assert not cfg.is_symmetric and QuantConfig(form="qdq").is_symmetric  # zero points for ONNX Runtime only
+    # the lm_head's default, as the manifest records it: int8 under int4 matmulnbits (bench/QUANT.md), else float
+    assert (cfg.resolved().lm_head, cfg.resolved().int8) == (False, ("lm_head",))
+    for other in (QuantConfig(form="qdq"), QuantConfig(scheme="int8"), QuantConfig(lm_head=False), QuantConfig(lm_head=True)):
+        assert other.resolved().int8 == () and other.resolved().lm_head == bool(other.lm_head)
+    assert QuantConfig(int8=("down_proj",)).resolved().int8 == ("down_proj", "lm_head")
 
 
 def test_profile_shows_the_scheme_and_a_cheaper_decode_prediction(fp32_art, quantized, tmp_path, test_images, capsys):
@@ -311,6 +318,11 @@ def test_int4_decoder_bytes_at_most_035_of_fp32_with_a_float_lm_head():
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, vocab])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     before = _weight_bytes(model)
-    quantized, count = quantize_model(model, QuantConfig(), vocab)
+    quantized, count = quantize_model(model, QuantConfig(lm_head=False), vocab)
     assert count == layers * len(shapes)  # every MatMul but the lm_head
     assert _weight_bytes(quantized) <= 0.35 * before
+    # the default keeps the lm_head at int8 (one more MatMulNBits, 8 bits): fewer bytes still
+    mixed, count = quantize_model(model, QuantConfig(), vocab)
+    head = [n for n in mixed.graph.node if n.name.startswith("/lm_head/")]
+    assert count == layers * len(shapes) + 1 and [a.i for a in head[0].attribute if a.name == "bits"] == [8]
+    assert _weight_bytes(mixed) < 0.25 * before

@@ -36,7 +36,7 @@ def count_graph(root: Path, spec: GraphSpec) -> GraphParameters:
 
     model = onnx.load(str(Path(root) / spec.file), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
-    quantized = padded = groups = 0
+    quantized = padded = groups = eight = 0
     counted: set[str] = set()
     scales: set[str] = set()
     for node in model.graph.node:
@@ -45,6 +45,7 @@ def count_graph(root: Path, spec: GraphSpec) -> GraphParameters:
             k, n, block = _attr(node, "K", 0), _attr(node, "N", 0), _attr(node, "block_size", 32)
             blocks = -(-k // block)
             quantized, padded, groups = quantized + k * n, padded + n * blocks * block, groups + n * blocks
+            eight += k * n if _attr(node, "bits", PACKED_4BIT) == 8 else 0
             counted.add(ins[1])
             scales.add(ins[2])
         elif node.op_type == "GatherBlockQuantized" and len(ins) > 2 and ins[0] in inits:
@@ -52,12 +53,14 @@ def count_graph(root: Path, spec: GraphSpec) -> GraphParameters:
             bits = _attr(node, "bits", PACKED_4BIT)
             logical = _numel(data) * (8 // bits if data.data_type == 2 else 1)  # uint8 holds 8/bits weights
             quantized, padded, groups = quantized + logical, padded + logical, groups + _numel(inits[ins[2]])
+            eight += logical if bits == 8 else 0
             counted.add(ins[0])
             scales.add(ins[2])
         elif node.op_type == "DequantizeLinear" and len(ins) > 1 and ins[0] in inits \
                 and inits[ins[0]].data_type not in FLOAT_TYPES:
             logical = _numel(inits[ins[0]])
             quantized, padded = quantized + logical, padded + logical
+            eight += logical if inits[ins[0]].data_type in (2, 3) else 0  # UINT8, INT8 (int4: 21, 22)
             groups += _numel(inits[ins[1]]) if ins[1] in inits else 0
             counted.add(ins[0])
             scales.add(ins[1])
@@ -77,7 +80,7 @@ def count_graph(root: Path, spec: GraphSpec) -> GraphParameters:
             t.ClearField("external_data")
             t.data_location = onnx.TensorProto.DEFAULT
     return GraphParameters(parameters=floats + quantized, quantized=quantized, scale_groups=groups,
-                           padded=padded, other_bytes=model.ByteSize())
+                           padded=padded, other_bytes=model.ByteSize(), int8=eight)
 
 
 def record_architecture(root: Path, manifest: Manifest, config: dict) -> Manifest:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 
+def _head(q: dict) -> str:
+    if q["lm_head"]:
+        return "quantized"
+    return "int8" if "lm_head" in (q.get("int8_matmuls") or ()) else "float"
+
+
 def speed_section(report) -> list[str]:
     lines = ["", "## Efficiency and memory", ""]
     if report.quantization:
         q = report.quantization
         zero = "symmetric" if q.get("symmetric", True) else "zero points"
         lines.append(f"Weights: {q['scheme']} {q['form']} (group {q['group_size']}, {zero}, {q['algorithm']}) on "
-                     f"{', '.join(q['graphs'])}; lm_head {'quantized' if q['lm_head'] else 'float'}.")
+                     f"{', '.join(q['graphs'])}; lm_head {_head(q)}.")
         fid = q.get("fidelity") or {}
         if "text_kl_mean" in fid:  # measured at quantization against the fp32 artifact (docs/quantization.md)
             lines.append(f"Fidelity vs fp32 (at quantization, {fid['text_tokens']:.0f} tokens of the built-in text): "
