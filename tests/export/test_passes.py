@@ -241,3 +241,56 @@ def test_ort_fusions_count_what_is_in_the_written_graphs(artifacts, tmp_path, ca
     decoder_line = next(line for line in captured.err.splitlines() if line.startswith("decoder:"))
     assert f"ort-fusions fired {summary['counts']['decoder']['ort-fusions']}x" in decoder_line
     assert f"FusedMatMul {decoder_ops['FusedMatMul']}" in decoder_line
+
+
+class Heads(torch.nn.Module):
+    """Attention's reshapes as traced: split heads with sizes read from the input, merge them back
+    after a transpose, and one reshape whose size is not the input's own (left alone)."""
+
+    def forward(self, x):
+        b, n = x.shape[0], x.shape[1]
+        h = x.reshape(b, n, -1, 4).transpose(1, 2)  # [b, heads, n, 4]
+        merged = (h * 2).transpose(1, 2)
+        out = merged.reshape(merged.shape[0], merged.shape[1], -1)  # through the Transpose: dims 0, 1
+        other = x.reshape(n, b, -1)  # sizes from other positions: not the data's own dimension there
+        return out + other.transpose(0, 1)
+
+
+def test_shape_simplify_makes_own_dimension_reshapes_constant(tmp_path):
+    path = tmp_path / "heads.onnx"
+    torch.onnx.export(Heads(), (torch.randn(2, 3, 8),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b", 1: "n"}}, opset_version=17)
+    model = ir.load(path)
+    before = _ops(model)
+    feeds = [{"x": np.random.default_rng(i).standard_normal(shape).astype(np.float32)}
+             for i, shape in enumerate([(2, 3, 8), (1, 5, 8), (4, 1, 8)])]
+    want = [_run(model, tmp_path, f, "before")[0] for f in feeds]
+    counts = run_passes(model, ["shape-simplify"])
+    assert counts == {"shape-simplify": 2}  # split and merge; the (n, b, -1) reshape keeps its sizes
+    reshapes = [n for n in model.graph.all_nodes() if n.op_type == "Reshape"]
+    targets = sorted(tuple(n.inputs[1].const_value.numpy()) for n in reshapes if n.inputs[1].const_value is not None)
+    assert targets == [(0, 0, -1), (0, 0, -1, 4)] and len(reshapes) == 3
+    assert _ops(model).count("Shape") < before.count("Shape")
+    for f, w in zip(feeds, want):  # every batch and length, not only the traced one
+        np.testing.assert_array_equal(_run(model, tmp_path, f, "after")[0], w)
+
+
+def test_grouped_attention_equals_transformers_repeat_kv_attention():
+    """The decoder's grouped-query attention (no K/V copies) against transformers' own eager
+    attention, which repeats K and V per query head (`repeat_kv`)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from tokedge.export.primitives import grouped_attention
+
+    torch.manual_seed(0)
+    b, kv, groups, s, t, d = 2, 3, 3, 4, 9, 16
+    q, k, v = torch.randn(b, kv * groups, s, d), torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, :3] = False  # a left-padded row
+    allowed = (torch.arange(t)[None, :] <= torch.arange(s)[:, None] + (t - s))[None, None] & mask[:, None, None, :]
+    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = groups, False
+    want, _ = eager_attention_forward(module, q, k, v, bias, scaling=d**-0.5)  # [b, s, H, d]
+    got = grouped_attention(q, k, v, d**-0.5, bias, kv, groups, d)  # [b, H, s, d]
+    torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=1e-5)

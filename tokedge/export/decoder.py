@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokedge.export.primitives import apply_rotary, attention, merge_heads, repeat_kv, split_heads
+from tokedge.export.primitives import apply_rotary, grouped_attention, merge_heads, repeat_kv, split_heads
 from tokedge.reduce.base import Signal
 from tokedge.reduce.in_llm import (
     Plan,
@@ -78,8 +78,7 @@ class _Layers(nn.Module):
         return q, k, v
 
     def run_layer(self, layer, x, q, k, v, bias):
-        groups = self.n_heads // self.n_kv
-        o = attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.scale, bias)
+        o = grouped_attention(q, k, v, self.scale, bias, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         x = x + layer.self_attn.o_proj(merge_heads(o))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

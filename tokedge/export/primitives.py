@@ -28,6 +28,23 @@ def attention(q, k, v, scale: float, bias: torch.Tensor | None = None) -> torch.
     return torch.matmul(probs.to(v.dtype), v)
 
 
+def grouped_attention(q, k, v, scale: float, bias: torch.Tensor | None, kv_heads: int, groups: int,
+                      head_dim: int) -> torch.Tensor:
+    """Grouped-query attention without repeating K and V: q [b, H, s, d] with H = kv_heads * g (head h
+    reads kv head h // g, as transformers' `repeat_kv` pairs them), k/v [b, kv_heads, t, d], bias
+    [b, 1, s, t]. The g query heads of a kv head become g*s rows of one product, so the cache is read
+    once per kv head instead of copied g times every step; each score is the same dot product.
+    -> [b, H, s, d]"""
+    d = head_dim  # sizes as Python ints: the traced Reshapes take constants (and 0 = "this dimension")
+    rows = q.reshape(q.shape[0], kv_heads, -1, d)  # [b, kv, g*s, d]: row j*s + i is head kv*g + j, token i
+    scores = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.repeat(1, 1, groups, 1)  # [b, 1, g*s, t]: every head's rows see their token's mask
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v)  # [b, kv, g*s, d]
+    return out.reshape(out.shape[0], kv_heads * groups, -1, d)
+
+
 def attention_row(q_row, k, scale: float) -> torch.Tensor:
     """One query's attention probabilities: q_row [b, h, 1, d], k [b, h, t, d] -> [b, h, t] (fp32).
     Used for scores (CLS in the ViT, last prompt token in the LLM) without eager attention."""

@@ -175,7 +175,9 @@ class OrtRunner:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.options.intra_op_threads
+        # the embed graph is one Gather of a few rows: a pool's wake-up costs more than it saves
+        so.intra_op_num_threads = 1 if self.name == "embed" and not self.options.intra_op_threads \
+            else self.options.intra_op_threads
         so.log_severity_level = 4
         if not self.options.spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -21,6 +21,7 @@ from tokedge.export.passes.fuse_selection import fuse_selection
 from tokedge.export.passes.indices_int32 import indices_to_int32
 from tokedge.export.passes.ort_fusions import ort_fusions
 from tokedge.export.passes.runtime_budget import bind_runtime_budget
+from tokedge.export.passes.shape_simplify import simplify_reshapes
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,14 @@ PASSES = {
         GraphPass("indices-int32", indices_to_int32, "int64 gather indices from TopK/ArgMax -> int32"),
         GraphPass("fp16-guard", guard_fp16_scores, "fp16 Softmax/TopK inputs computed in fp32"),
         GraphPass("fold", fold_and_prune, "constant folding and dead-node removal"),
+        GraphPass("shape-simplify", simplify_reshapes, "Reshape sizes read from the input's own shape -> constants "
+                  "with 0 (copy the dimension)"),
         GraphPass("ort-fusions", ort_fusions, "ONNX Runtime transformer fusions (ONNX Runtime only)", True),
         GraphPass("runtime-budget", bind_runtime_budget, "the selection's TopK k -> an int64 `budget` input "
                   "(export --dynamic-budget)", params=("sentinel_k", "lo", "hi")),
     )
 }
-DEFAULT_PASSES = ("fuse-selection", "indices-int32", "fp16-guard", "fold")
+DEFAULT_PASSES = ("fuse-selection", "indices-int32", "fp16-guard", "fold", "shape-simplify")
 
 
 def _call(item: str | PassCall) -> PassCall:
