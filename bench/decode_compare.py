@@ -6,8 +6,9 @@ around whole steps, medians and spread, the machine named.
 Each artifact reads the same text-only prompt (the first tokens of the built-in evaluation text,
 `tokedge.fidelity`), then per round: a prefill of `--prompt` tokens, 8 warm-up steps and 32 timed
 steps through `tokedge.runtime.driver` (the path `tokedge run` takes; the KV cache bound in ONNX
-Runtime between steps). Reports ms/token (median, p10, p90 over rounds), the decoder graph's node
-count and weight bytes, so a change to the graph (bench/DECODE.md) is measured against the artifact
+Runtime between steps). Reports ms/token (median, p10, p90 over rounds), how much of a step is the
+decoder's `session.run` and how much the rest (embedding the token, IO binding, Python), the decoder
+graph's node count and weight bytes, so a change to the graph (bench/DECODE.md) is measured against the artifact
 it replaces: export one artifact with each version and name both here.
 """
 
@@ -60,15 +61,20 @@ def runner(art: Path, prompt: int, threads: int):
     graphs = ArtifactGraphs(art, verified.manifest, verified=verified,
                             options=OrtOptions(intra_op_threads=threads)).__enter__()
 
-    def run() -> float:
+    decoder = graphs.runners["decoder"]
+
+    def run() -> tuple[float, float]:
+        """-> (ms per step, of which inside the decoder's session.run)"""
         _, state = prefill(graphs, prepare_text(graphs, ids[:1, :prompt]), room=48)
         step = stepper(graphs, state)
         for t in range(8):
             step(ids[:1, prompt + t])
+        inside = 0.0
         start = time.perf_counter()
         for t in range(32):
             step(ids[:1, prompt + 8 + t])
-        return (time.perf_counter() - start) * 1e3 / 32
+            inside += decoder.last_inference_time
+        return (time.perf_counter() - start) * 1e3 / 32, inside * 1e3 / 32
 
     return graphs, run
 
@@ -86,9 +92,12 @@ def main() -> None:
     arts = dict(a.split("=", 1) for a in args.artifacts)
     runs = {label: runner(Path(path), args.prompt, args.threads) for label, path in arts.items()}
     times: dict[str, list[float]] = {label: [] for label in runs}
+    inside: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(args.rounds):  # interleaved: every artifact once per round
         for label, (_, run) in runs.items():
-            times[label].append(run())
+            total, session = run()
+            times[label].append(total)
+            inside[label].append(session)
     for graphs, _ in runs.values():
         graphs.__exit__(None, None, None)
     rows = []
@@ -99,11 +108,15 @@ def main() -> None:
         row = {"label": label, "artifact": str(path), "decoder_nodes": decoder_nodes(Path(path)),
                "decoder_bytes": q.weight_bytes["decoder"]["after"] if q else None,
                "ms_per_token": {"median": round(statistics.median(times[label]), 2),
-                                "p10": round(p10(times[label]), 2), "p90": round(p90(times[label]), 2)}}
+                                "p10": round(p10(times[label]), 2), "p90": round(p90(times[label]), 2)},
+               # the rest of a step: embedding the token, binding inputs, Python (median over rounds)
+               "session_run_ms": round(statistics.median(inside[label]), 2),
+               "overhead_ms": round(statistics.median(t - s for t, s in zip(times[label], inside[label])), 2)}
         rows.append(row)
         ms = row["ms_per_token"]
-        print(f"{label:40s} {ms['median']:7.2f} ms/token ({ms['p10']:.2f}-{ms['p90']:.2f})  "
-              f"decoder nodes {row['decoder_nodes']}", flush=True)
+        print(f"{label:40s} {ms['median']:7.2f} ms/token ({ms['p10']:.2f}-{ms['p90']:.2f}), in session.run "
+              f"{row['session_run_ms']:.2f}, overhead {row['overhead_ms']:.2f}; decoder nodes {row['decoder_nodes']}",
+              flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine(), "rounds": args.rounds, "prompt": args.prompt,

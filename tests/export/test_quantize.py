@@ -91,21 +91,29 @@ def test_dequantized_weights_within_half_a_step(fp32_art, quantized, name, qmin,
 
 
 def _hf_with_weights(checkpoint, fp32_decoder, dequantized):
-    """transformers' model with each decoder Linear weight replaced by its dequantized values
-    (matched to the fp32 graph's initializers by value)."""
+    """transformers' model with each decoder Linear weight replaced by its dequantized values,
+    matched to the fp32 graph's initializers by value: a whole initializer, or a block of columns
+    of one (the export's fuse-matmuls pass concatenates q/k/v and gate/up along N)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    by_bytes = {np.ascontiguousarray(a).tobytes(): name for name, a in fp32_decoder.items() if a.ndim == 2}
-    swapped = 0
+    found = set()
     for module in model.model.language_model.modules():
-        if isinstance(module, torch.nn.Linear):
-            name = by_bytes.get(np.ascontiguousarray(module.weight.detach().numpy().T).tobytes())
-            if name in dequantized:
-                module.weight.data = torch.from_numpy(np.ascontiguousarray(dequantized[name][0].T))
-                swapped += 1
-    assert swapped == len(dequantized)
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        wt = module.weight.detach().numpy().T
+        for name, a in fp32_decoder.items():
+            if name not in dequantized or a.ndim != 2 or a.shape[0] != wt.shape[0]:
+                continue
+            starts = [c for c in np.flatnonzero((a == wt[:, :1]).all(axis=0)) if c + wt.shape[1] <= a.shape[1]]
+            at = next((c for c in starts if np.array_equal(a[:, c:c + wt.shape[1]], wt)), None)
+            if at is not None:
+                block = dequantized[name][0][:, at:at + wt.shape[1]]
+                module.weight.data = torch.from_numpy(np.ascontiguousarray(block.T))
+                found.add(name)
+                break
+    assert found == set(dequantized)
     return model
 
 

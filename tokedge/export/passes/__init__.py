@@ -17,6 +17,7 @@ import onnx_ir as ir
 from tokedge.errors import PassRefused, UsageError
 from tokedge.export.passes.cleanup import fold_and_prune
 from tokedge.export.passes.fp16_guard import guard_fp16_scores
+from tokedge.export.passes.fuse_matmuls import fuse_matmuls
 from tokedge.export.passes.fuse_selection import fuse_selection
 from tokedge.export.passes.indices_int32 import indices_to_int32
 from tokedge.export.passes.ort_fusions import ort_fusions
@@ -48,6 +49,8 @@ PASSES = {
         GraphPass("indices-int32", indices_to_int32, "int64 gather indices from TopK/ArgMax -> int32"),
         GraphPass("fp16-guard", guard_fp16_scores, "fp16 Softmax/TopK inputs computed in fp32"),
         GraphPass("fold", fold_and_prune, "constant folding and dead-node removal"),
+        GraphPass("fuse-matmuls", fuse_matmuls, "MatMuls reading one input with constant weights -> one MatMul "
+                  "and a Split (q/k/v, gate/up)"),
         GraphPass("shape-simplify", simplify_reshapes, "Reshape sizes read from the input's own shape -> constants "
                   "with 0 (copy the dimension)"),
         GraphPass("ort-fusions", ort_fusions, "ONNX Runtime transformer fusions (ONNX Runtime only)", True),
@@ -55,7 +58,7 @@ PASSES = {
                   "(export --dynamic-budget)", params=("sentinel_k", "lo", "hi")),
     )
 }
-DEFAULT_PASSES = ("fuse-selection", "indices-int32", "fp16-guard", "fold", "shape-simplify")
+DEFAULT_PASSES = ("fuse-selection", "indices-int32", "fp16-guard", "fold", "fuse-matmuls", "shape-simplify")
 
 
 def _call(item: str | PassCall) -> PassCall:
