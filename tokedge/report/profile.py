@@ -74,7 +74,7 @@ class BudgetResult:
     achieved_gflops_per_s: dict[str, float]
     fidelity: dict[str, float] | None = None  # vs the full-token output
     predicted: dict | None = None  # roofline on a device profile: labelled predicted
-    speedup_vs_baseline: dict[str, float] | None = None
+    speedup_vs_baseline: dict[str, float | None] | None = None  # decode None: the baseline decoded nothing
     token_ids: list[list[int]] = field(default_factory=list)
     share_of_gemm_peak: dict[str, float] = field(default_factory=dict)  # achieved / measured GEMM peak per stage
     # one entry per image: its size, partitions the vision graph ran, visual tokens (vision graph /
@@ -531,10 +531,16 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             warning = spread_warning(f"baseline {name}", base.samples[key])
             if warning:
                 report.warnings.append(warning)
+        decoded = bool(base.samples["decode_ms_per_token"])
+        if not decoded:  # no decode time to compare with: say so instead of a 0x
+            report.warnings.append("baseline decode: transformers stopped at an end-of-sequence token before a "
+                                   "second token in every run, so there is no decode speed to compare (the decode "
+                                   "speedup is null); use a --prompt that makes the model answer at length")
         for r in report.results:
             r.speedup_vs_baseline = {
                 "ttft": round(base.ttft_ms / r.ttft_ms, 2) if r.ttft_ms else 0.0,
-                "decode": round(base.decode_ms_per_token / r.decode_ms_per_token, 2) if r.decode_ms_per_token else 0.0,
+                "decode": round(base.decode_ms_per_token / r.decode_ms_per_token, 2)
+                if r.decode_ms_per_token and decoded else None,
             }
     _set_fidelity(report, cfg, manifest)
     if evals is not None:

@@ -12,6 +12,11 @@ from tokedge.report.profile import ProfileReport
 from tokedge.safeio import write_atomic
 
 
+def _times(ratio: float | None) -> str:
+    """A speedup, or n/a where the baseline had nothing to compare (it decoded no token)."""
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
 def write_json(report: ProfileReport, path: Path) -> None:
     write_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
 
@@ -75,7 +80,7 @@ def markdown(report: ProfileReport) -> str:
                   f"TTFT {b['ttft_ms']:.1f} ms (p90 {b['ttft_p90_ms']:.1f}), prefill {b['prefill_ms']:.1f} ms, "
                   f"decode {b['decode_ms_per_token']:.2f} ms/token, {b['visual_tokens']} visual tokens.", "",
                   "| budget | TTFT speed-up | decode speed-up |", "|---|---|---|"]
-        lines += [f"| {r.label()} | {r.speedup_vs_baseline['ttft']:.2f}x | {r.speedup_vs_baseline['decode']:.2f}x |"
+        lines += [f"| {r.label()} | {r.speedup_vs_baseline['ttft']:.2f}x | {_times(r.speedup_vs_baseline['decode'])} |"
                   for r in report.results if r.speedup_vs_baseline]
     if report.predicted_on:
         d = report.predicted_on
@@ -157,7 +162,7 @@ def summary_lines(report: ProfileReport, width: int = 80) -> list[str]:
             parts.append(f"fidelity {r.fidelity['first_token_agreement']:.2f}/{r.fidelity['token_overlap']:.2f}")
         if r.speedup_vs_baseline:
             parts.append(f"vs baseline: TTFT {r.speedup_vs_baseline['ttft']:.2f}x, "
-                         f"decode {r.speedup_vs_baseline['decode']:.2f}x")
+                         f"decode {_times(r.speedup_vs_baseline['decode'])}")
         if r.predicted:
             rate = f"{r.predicted['tokens_per_s']:.0f} tok/s" + (" (floor-bound)" if r.predicted.get("overhead_bound")
                                                                  else "")
