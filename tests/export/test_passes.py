@@ -298,13 +298,15 @@ def test_grouped_attention_equals_transformers_repeat_kv_attention():
 
 def test_fuse_matmuls_merges_projections_of_one_input(tmp_path):
     """q/k/v-like MatMuls of one input become one MatMul and a Split (named after the first, with a
-    /fused prefix); a MatMul whose weight is a graph input, and one whose output is a graph output,
-    stay as they are."""
+    /fused prefix; a weight used twice is one block); a MatMul whose weight is a graph input, and one
+    whose output is a graph output, stay as they are."""
     rng = np.random.default_rng(0)
     k = 8
     weights = {f"w{i}": rng.standard_normal((k, n)).astype(np.float32) for i, n in enumerate((8, 4, 4))}
     nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"p{i}"], name=f"/proj_{i}/MatMul") for i in range(3)]
-    nodes += [helper.make_node("Add", ["p0", "p0"], ["a"]), helper.make_node("Concat", ["a", "p1", "p2"], ["cat"], axis=-1),
+    # the same product again (a pruning prefill scores a layer's q/k/v, then runs the layer): one block for both
+    nodes += [helper.make_node("MatMul", ["x", "w0"], ["p3"], name="/again/MatMul"),
+              helper.make_node("Add", ["p0", "p3"], ["a"]), helper.make_node("Concat", ["a", "p1", "p2"], ["cat"], axis=-1),
               helper.make_node("MatMul", ["x", "dyn"], ["d"], name="/dyn/MatMul"),
               helper.make_node("MatMul", ["x", "w_out"], ["y_out"], name="/out/MatMul")]
     f32 = TensorProto.FLOAT
@@ -316,9 +318,10 @@ def test_fuse_matmuls_merges_projections_of_one_input(tmp_path):
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
     feed = {"x": rng.standard_normal((3, k)).astype(np.float32), "dyn": rng.standard_normal((k, 3)).astype(np.float32)}
     want = _run(model, tmp_path, feed, "before")
-    assert run_passes(model, ["fuse-matmuls"]) == {"fuse-matmuls": 2}
-    matmuls = sorted(n.name for n in model.graph.all_nodes() if n.op_type == "MatMul")
-    assert matmuls == ["/dyn/MatMul", "/fused/proj_0/MatMul", "/out/MatMul"] and _ops(model).count("Split") == 1
+    assert run_passes(model, ["fuse-matmuls"]) == {"fuse-matmuls": 3}
+    matmuls = {n.name: n for n in model.graph.all_nodes() if n.op_type == "MatMul"}
+    assert sorted(matmuls) == ["/dyn/MatMul", "/fused/proj_0/MatMul", "/out/MatMul"] and _ops(model).count("Split") == 1
+    assert matmuls["/fused/proj_0/MatMul"].inputs[1].const_value.shape == (k, 16)  # w0 once: 8 + 4 + 4 columns
     for got, expected in zip(_run(model, tmp_path, feed, "after"), want):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     assert run_passes(model, ["fuse-matmuls"]) == {"fuse-matmuls": 0}

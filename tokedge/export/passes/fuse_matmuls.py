@@ -47,10 +47,15 @@ def fuse_matmuls(model: ir.Model) -> int:
         dtype = group[0][1].const_value.dtype
         rows = group[0][1].const_value.shape[0]
         group = [(n, w) for n, w in group if w.const_value.dtype == dtype and w.const_value.shape[0] == rows]
-        if len(group) < 2:
+        # one block per distinct weight: MatMuls that repeat the same product (a pruning prefill scores a
+        # layer's q/k/v, then runs the layer) share that block's output instead of duplicating the weight
+        blocks: dict[int, ir.Value] = {}
+        for _, w in group:
+            blocks.setdefault(id(w), w)
+        if len(group) < 2 or len(blocks) < 2:
             continue
         first = group[0][0]
-        arrays = [w.const_value.numpy() for _, w in group]
+        arrays = [w.const_value.numpy() for w in blocks.values()]
         widths = [a.shape[1] for a in arrays]
         name = f"/fused{first.name}" if first.name.startswith("/") else f"fused/{first.name}"
         weight = ir.Value(name=f"{name}.weight", const_value=ir.tensor(np.concatenate(arrays, axis=1),
@@ -60,11 +65,13 @@ def fuse_matmuls(model: ir.Model) -> int:
                                                                       name=f"{name}.split"))
         graph.register_initializer(sizes)
         matmul = ir.node("MatMul", [value, weight], name=name)
-        split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(group),
+        split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(blocks),
                         name=f"{name}/Split")
         graph.insert_before(first, [matmul, split])
-        for (node, _), out in zip(group, split.outputs):
-            out.name = node.outputs[0].name + "_split"
+        part = dict(zip(blocks, split.outputs))
+        for node, w in group:
+            out = part[id(w)]
+            out.name = out.name or node.outputs[0].name + "_split"
             node.outputs[0].replace_all_uses_with(out)
         for node, _ in group:
             graph.remove(node, safe=True)
