@@ -85,23 +85,12 @@ def answers(art: Path, image: Path) -> list[str]:
 
 
 def decode_ms(art: Path, ids) -> float:
-    from tokedge.artifact import open_artifact
-    from tokedge.runtime.driver import prefill, prepare_text, stepper
-    from tokedge.runtime.graphs import ArtifactGraphs
-
-    verified = open_artifact(art)
-    runs = []
-    with ArtifactGraphs(art, verified.manifest, verified=verified) as graphs:
-        for _ in range(3):
-            _, state = prefill(graphs, prepare_text(graphs, ids[:1, :16]), room=48)
-            step = stepper(graphs, state)
-            for t in range(8):
-                step(ids[:1, 16 + t])
-            start = time.perf_counter()
-            for t in range(32):
-                step(ids[:1, 24 + t])
-            runs.append((time.perf_counter() - start) * 1e3 / 32)
-    return statistics.median(runs)
+    """Median of 3 timed decodes (`tokedge_decoder`)."""
+    graphs, run = tokedge_decoder(art, ids)
+    try:
+        return statistics.median(run() for _ in range(3))
+    finally:
+        graphs.__exit__(None, None, None)
 
 
 LLAMA_CPP_ROWS = {  # label -> (llama_ftype, keep the token table f32)

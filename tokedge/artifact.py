@@ -246,6 +246,12 @@ class QuantInfo:
     # (fp32 and this), image prompts' KL; empty in artifacts quantized before it existed or with --no-validate
     fidelity: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def head_quantized(self) -> bool:
+        """Whether the lm_head's weights were quantized: at the scheme's bits (`lm_head`), or at 8 bits
+        under int4 mixed precision (`int8_matmuls` names it: int4 matmulnbits' default)."""
+        return self.lm_head or "lm_head" in self.int8_matmuls
+
 
 @dataclass(frozen=True)
 class GraphParameters:

@@ -249,7 +249,7 @@ def _quant_line(q) -> str:
     return (f"{q.scheme} {q.form} (group {q.group_size}, {'symmetric' if q.symmetric else 'zero points'}, "
             f"{q.algorithm}{mixed}) on {', '.join(q.graphs)}: "
             f"{sum(q.quantized.values())} weights, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
-            + ("" if q.lm_head or "lm_head" in q.int8_matmuls else "; lm_head float")
+            + ("" if q.head_quantized else "; lm_head float")
             + ("" if q.embeddings else "; embeddings float"))
 
 

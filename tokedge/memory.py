@@ -129,7 +129,7 @@ def _legacy_architecture(manifest: Manifest) -> Architecture:
     graphs = {g: GraphParameters(parameters=sizes.get(g, 0)) for g in manifest.graphs}
     for g in ("decoder", "prefill"):  # quantized decoder layers (and lm_head when it was), as the record would say
         if quant is not None and g in quant.graphs and g in graphs:
-            head = p.lm_head if head_quantized(quant) else 0
+            head = p.lm_head if quant.head_quantized else 0
             q = p.decoder_layers + head
             graphs[g] = GraphParameters(parameters=decoder, quantized=q, scale_groups=-(-q // quant.group_size),
                                         padded=q, int8=head if "lm_head" in quant.int8_matmuls else 0)
@@ -167,7 +167,7 @@ def _quantized_later(manifest: Manifest, arch: Architecture) -> Architecture | N
     t, v = arch.text, arch.vision
     matrices = {
         "decoder": t.layers * (2 * t.hidden * t.heads * t.head_dim + 2 * t.hidden * t.kv_heads * t.head_dim
-                               + 3 * t.hidden * t.intermediate) + (t.vocab * t.hidden if head_quantized(quant) else 0),
+                               + 3 * t.hidden * t.intermediate) + (t.vocab * t.hidden if quant.head_quantized else 0),
         "vision": v.layers * (4 * v.hidden**2 + (3 if v.gated_mlp else 2) * v.hidden * v.intermediate)
         + sum(a * b for a, b in pairwise(v.projector)),
     }
@@ -262,12 +262,6 @@ def target_for_geometry(geometry, method: str | None = None, budget: int | None 
 
 
 # --- the arithmetic ----------------------------------------------------------------------------
-
-
-def head_quantized(quant: QuantInfo) -> bool:
-    """Whether the lm_head's weights were quantized: at the scheme's bits (`lm_head`), or at 8 bits
-    under int4 mixed precision (`int8_matmuls` names it: int4's default)."""
-    return quant.lm_head or "lm_head" in quant.int8_matmuls
 
 
 def _bits(target: Target) -> int:

@@ -260,10 +260,12 @@ def quantize_model(model, cfg: QuantConfig, vocab_size: int, graph: str = "decod
         exclude.add(head)
     if graph == "vision":  # the tower's first and last blocks (and the projector) stay float: measured
         exclude |= _int8_nodes(model.graph, ("first", "last"))  # on the real LM, the image tokens move less
-    int8 = _int8_nodes(model.graph, cfg.int8) - exclude if cfg.bits == 4 and not gather else set()
-    if head is not None and "lm_head" in cfg.int8 and cfg.bits == 4 and not gather:  # int4 body, int8 logits
-        exclude.discard(head)
-        int8.add(head)
+    int8: set[str] = set()
+    if cfg.bits == 4 and not gather:  # int4 mixed precision: these MatMuls at int8
+        int8 = _int8_nodes(model.graph, cfg.int8) - exclude
+        if head is not None and "lm_head" in cfg.int8:  # int4 body, int8 logits
+            exclude.discard(head)
+            int8.add(head)
     ops = ("Gather",) if gather else ("MatMul",)
     if cfg.form == "qdq" and cfg.bits == 8:
         count = _int8_qdq(model, cfg.group_size, exclude)

@@ -57,7 +57,8 @@ def fuse_matmuls(model: ir.Model) -> int:
         first = group[0][0]
         arrays = [w.const_value.numpy() for w in blocks.values()]
         widths = [a.shape[1] for a in arrays]
-        name = f"/fused{first.name}" if first.name.startswith("/") else f"fused/{first.name}"
+        base = first.name or f"MatMul_{fired}"
+        name = f"/fused{base}" if base.startswith("/") else f"fused/{base}"
         weight = ir.Value(name=f"{name}.weight", const_value=ir.tensor(np.concatenate(arrays, axis=1),
                                                                        name=f"{name}.weight"))
         graph.register_initializer(weight)
