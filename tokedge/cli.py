@@ -973,14 +973,17 @@ def profiles_cmd(json_out: ListJsonFlag = False) -> None:
 
 @app.command("methods", short_help="List the reduction methods.")
 def methods_cmd(json_out: ListJsonFlag = False) -> None:
-    """List the reduction methods: where each acts, what it scores with, whether it takes a runtime budget."""
+    """List the reduction methods: where each acts, what it scores with, the families it exports for,
+    whether it takes a runtime budget, and the code whose semantics it follows."""
+    from tokedge.export.families import families_for
     from tokedge.reduce import METHODS
 
     rows = [
         {"name": m.name, "stage": m.stage.value, "scores_with": [s.value for s in m.scores_with],
+         "families": families_for(m),
          "needs_attention": m.needs_attention, "static_counts": m.static_counts,
-         "runtime_budget": m.supports_runtime_budget, "paper": m.paper, "budget": m.budget_meaning,
-         "summary": m.summary,
+         "runtime_budget": m.supports_runtime_budget, "paper": m.paper, "reference": m.reference,
+         "budget": m.budget_meaning, "summary": m.summary,
          "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help} for k, o in m.option_specs.items()}}
         for m in METHODS.values()
     ]
@@ -990,7 +993,8 @@ def methods_cmd(json_out: ListJsonFlag = False) -> None:
     _print_listing(rows, [
         ("method", "name"), ("acts", "stage"), ("runtime budget", lambda r: "yes" if r["runtime_budget"] else "no"),
         ("scores with", lambda r: ", ".join(r["scores_with"]) or "-"),
-    ], detail=lambda r: f"{r['summary']} (arXiv {r['paper']})" if r["paper"] != "-" else r["summary"])
+    ], detail=lambda r: (f"{r['summary']} (arXiv {r['paper']})" if r["paper"] != "-" else r["summary"])
+        + f"; families: {', '.join(r['families']) or 'none'}")
 
 
 @app.command("doctor", short_help="What this machine has; which commands work here.")

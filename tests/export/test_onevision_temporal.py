@@ -1,4 +1,4 @@
-"""Temporal methods (evs, dycoke, fastvid, holitom) on a LLaVA-OneVision video artifact, end to end (issue 13).
+"""Temporal methods (evs, dycoke, fastvid, holitom, vidcom2) on a LLaVA-OneVision video artifact, end to end (issue 13).
 
 Export with the method (its graph fixed to 8 frames, keep 0.25 -> 392 of 1568 frame tokens), then
 `tokedge run --video` on an 8-frame PyAV clip through the real CLI and the torch-free runtime.
@@ -23,6 +23,7 @@ from tests.reduce.test_dycoke import reference_budget
 from tests.reduce.test_evs import reference_keep
 from tests.reduce.test_fastvid import reference as fastvid_reference
 from tests.reduce.test_holitom import reference as holitom_reference
+from tests.reduce.test_vidcom2 import reference as vidcom2_reference
 from tests.runtime.test_video import write_clip
 
 KEEP = 392  # the default keep ratio 0.25 of 8 x 196
@@ -34,7 +35,8 @@ def _fastvid(feats: np.ndarray, attn: np.ndarray, keep: int):
     return fastvid_reference(feats, attn, keep, cuts=3)
 
 
-REFERENCES = {"evs": reference_keep, "dycoke": reference_budget}
+REFERENCES = {"evs": reference_keep, "dycoke": reference_budget,
+              "vidcom2": lambda feats, keep: vidcom2_reference(feats, keep, keep / feats[:, :, 0].size)}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def temporal_artifacts(tiny_llava_onevision_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["evs", "dycoke", "fastvid", "holitom"])
+@pytest.mark.parametrize("method", ["evs", "dycoke", "fastvid", "holitom", "vidcom2"])
 def test_run_video_equals_transformers_with_loop_reference_selection(method, temporal_artifacts, ov_loaded,
                                                                      hf_onevision, clip8, capsys):
     from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -41,14 +41,20 @@ def greedy_generate(model, **kwargs) -> torch.Tensor:
     return out
 
 
-def cls_attn_reference_features(model, pixel_values, k: int) -> torch.Tensor:
-    """Loop-based reference of cls-attn on transformers' own attentions, then its projector."""
+def eager_tower(model, pixel_values):
+    """transformers' own vision tower with eager attention: hidden states and attention probabilities."""
     tower = model.model.vision_tower
     tower.set_attn_implementation("eager")
     try:
-        out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+        with torch.no_grad():
+            return tower(pixel_values, output_hidden_states=True, output_attentions=True)
     finally:
         tower.set_attn_implementation("sdpa")
+
+
+def cls_attn_reference_features(model, pixel_values, k: int) -> torch.Tensor:
+    """Loop-based reference of cls-attn on transformers' own attentions, then its projector."""
+    out = eager_tower(model, pixel_values)
     layer = model.config.vision_feature_layer  # -2: hidden_states[-2] is the output of attentions[-2]'s layer
     feats = out.hidden_states[layer][:, 1:]
     attn = out.attentions[layer]  # [b, heads, 577, 577]
@@ -104,6 +110,13 @@ def _check_reduced(client, model, processor, images, questions, k, budget=None):
     pixel_values, ids, mask = hf_inputs(processor, images, questions, k)
     with torch.no_grad():
         feats = cls_attn_reference_features(model, pixel_values, k)
+    assert_generates_from(client, model, pixel_values, ids, mask, feats, budget)
+
+
+def assert_generates_from(client, model, pixel_values, ids, mask, feats, budget=None):
+    """The contract client on the image equals transformers' LM on the prompt spliced with the
+    reference features `feats`: prefill logits within 1e-3, greedy tokens equal."""
+    with torch.no_grad():
         embeds = spliced_embeds(model, ids, feats)
         expected_logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].numpy()
         expected = greedy_generate(model, inputs_embeds=embeds, attention_mask=mask).numpy()

@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.export.test_qwen_pre_llm import divprune_loop, pool_loop, visionzip_loop
+from tests.reduce.test_hiprune import hiprune_loop
 from tokedge.runtime import qwen_vl
 
 SIZES = [(320, 224), (256, 256)]  # 7x10 and 8x8 merged tokens at patch 16
@@ -61,15 +62,15 @@ def graphs(hf, tiny_qwen3_vl_dir, tmp_path_factory):
         return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
 
     most = max(math.ceil(0.75 * (h // 32) * (w // 32)) for w, h in SIZES)  # the largest count the tests feed
-    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, most),
-                              family.reduced_vision_trace_spec(model), name) for name in ("visionzip", "divprune", "pool")}
+    sessions = {name: session(family.reduced_vision_module(model, get_method(name), get_method(name).parse_options({}), most),
+                              family.reduced_vision_trace_spec(model), name) for name in ("visionzip", "divprune", "pool", "hiprune")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
 
 
 @torch.no_grad()
-def tower_signals(model, pixel_values, grid):
+def tower_signals(model, pixel_values, grid, block: int = -1):
     """transformers' tower on one image: packed rows [n, (1 + levels) * h] (merged tokens, then each
     DeepStack level), the mean attention each merged token receives in the last block [n] and that
     block's pre-rotary keys per merged token [n, d] (patch rows are block-major: 4 per merge unit)."""
@@ -82,12 +83,12 @@ def tower_signals(model, pixel_values, grid):
         seen["x"] = args[0] if args else kwargs["hidden_states"]
         seen["pe"] = kwargs["position_embeddings"]
 
-    handle = visual.blocks[-1].attn.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = visual.blocks[block].attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         out = visual(pixel_values, grid_thw=grid)
     finally:
         handle.remove()
-    attn = visual.blocks[-1].attn
+    attn = visual.blocks[block].attn
     x = seen["x"]
     qkv = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3)
     q, k = qkv[0], qkv[1]  # [N, H, d]
@@ -129,7 +130,7 @@ def _lm_reference(model, tok, grids, kept_idx, kept_rows, question="Compare them
 
 
 @pytest.mark.parametrize(("method", "keep"), [("visionzip", 0.5), ("visionzip", 0.75), ("divprune", 0.5),
-                                             ("divprune", 0.75), ("pool", 0.25)])
+                                             ("divprune", 0.75), ("pool", 0.25), ("hiprune", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
     model, tok, processor = hf
     hidden = model.config.text_config.hidden_size
@@ -145,6 +146,11 @@ def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
             idx, ref = visionzip_loop(packed, score, keys, k)
         elif method == "pool":  # band pooling of the merged grid, every level averaged alike
             idx, ref = pool_loop(packed, int(grid[0, 2]) // 2, k)
+        elif method == "hiprune":  # anchors in the object block: round(depth * 16/32), 1-based
+            block = round(len(model.model.visual.blocks) * 0.5) - 1
+            obj = tower_signals(model, batch["pixel_values"], grid, block=block)[1]
+            idx = hiprune_loop(obj.tolist(), score.tolist(), int(grid[0, 2]) // 2, k, 0.1)
+            ref = packed[idx]
         else:  # diversity of the merger's output; every level takes the same rows
             idx, _ = divprune_loop(packed[:, :hidden], k)
             ref = packed[idx]

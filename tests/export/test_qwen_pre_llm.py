@@ -1,6 +1,7 @@
 """Pre-LLM methods on Qwen2.5-VL (no CLS token): `visionzip` and `cls-attn` scoring by the mean
 attention each merged token receives in the last vision block, `divprune`, `pool` (band windows of the merged grid)
-and `vispruner` (important by received attention + diverse rounds), in the reduced vision graph with a
+`vispruner` (important by received attention + diverse rounds) and `hiprune` (anchors by the
+attention received in the object block, the rest by the last block's), in the reduced vision graph with a
 run-time count per image (`keep`) and the kept merged-grid indices (`kept_index`), against an
 independent reference: transformers' own vision tower (`model.model.visual`, a hook on its last
 block's attention for q/k, `apply_rotary_pos_emb_vision`, eager softmax per `cu_seqlens` segment,
@@ -20,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.reduce.test_hiprune import hiprune_loop
 from tokedge.runtime import qwen_vl
 
 SIZES = [(300, 200), (224, 224)]
@@ -50,18 +52,19 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
         file, _ = save_graph(ir_model, out, name, external_threshold=1 << 30)
         return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
 
-    sessions = {name: session(family.reduced_vision_module(model, get_method(name), {}, 64),
+    sessions = {name: session(family.reduced_vision_module(model, get_method(name), get_method(name).parse_options({}), 64),
                               family.reduced_vision_trace_spec(model), name)
-                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner", "hired")}
+                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner", "hired", "hiprune")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
 
 
 @torch.no_grad()
-def tower_signals(model, pixel_values, grid):
+def tower_signals(model, pixel_values, grid, block: int = -1):
     """transformers' tower on one image: merged tokens [n, h] (raster), the mean attention each merged
-    token receives in the last block [n] and that block's pre-rotary keys per merged token [n, d]."""
+    token receives in `block` (default the last) [n] and that block's pre-rotary keys per merged token
+    [n, d]."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_window_index
 
@@ -72,12 +75,12 @@ def tower_signals(model, pixel_values, grid):
         seen["x"], seen["cu"], seen["pe"] = args[0] if args else kwargs["hidden_states"], kwargs["cu_seqlens"], \
             kwargs["position_embeddings"]
 
-    handle = visual.blocks[-1].attn.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = visual.blocks[block].attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         merged = visual(pixel_values, grid_thw=grid).pooler_output
     finally:
         handle.remove()
-    attn = visual.blocks[-1].attn
+    attn = visual.blocks[block].attn
     x = seen["x"]
     qkv = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3)
     q, k = qkv[0], qkv[1]  # [N, H, d]
@@ -215,7 +218,7 @@ def vispruner_loop(x, score, k, ratio=0.5):
 
 @pytest.mark.parametrize(("method", "keep"), [
     *((m, keep) for m in ("visionzip", "divprune", "cls-attn", "pool", "vispruner") for keep in (0.5, 0.75)),
-    ("hired", 0.5)])
+    ("hired", 0.5), ("hiprune", 0.25), ("hiprune", 0.75)])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
@@ -233,6 +236,10 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
             idx, ref = pool_loop(merged, int(grid[0, 2]) // 2, k)
         elif method == "vispruner":
             idx, ref = vispruner_loop(merged, score, k)
+        elif method == "hiprune":  # anchors in the object block (round(4 * 16/32) = 2: blocks[1], full attention)
+            obj = tower_signals(model, batch["pixel_values"], grid, block=1)[1]
+            idx = hiprune_loop(obj.tolist(), score.tolist(), int(grid[0, 2]) // 2, k, 0.1)
+            ref = merged[idx]
         else:  # cls-attn, and hired: one view per image (HiRED's single-view rule)
             idx, ref = received_top_loop(merged, score, k)
         pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())

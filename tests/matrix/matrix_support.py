@@ -49,6 +49,13 @@ PRESETS = {
 }
 
 
+FAMILY = {"tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-llava-onevision": "llava_onevision",
+          "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
+# `tokedge methods` lists a family when the rules that need no weights accept the method; these pairs
+# are refused later, by their default options (pdrop's three stages on M-RoPE families)
+REFUSED_BY_OPTIONS = {("qwen2_5_vl", "pdrop"), ("qwen3_vl", "pdrop")}
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     """`tokedge ARGS` in this process -> (exit code, stdout, stderr)."""
     from tokedge.cli import main
@@ -236,6 +243,13 @@ def report_pairs(preset: str, covered: list[dict]) -> None:
     # not vacuous: every family exports `none` and at least one reducing method through every command
     status = {c["pair"].split(" x ")[1]: c["status"] for c in covered}
     assert status["none"] == "covered" and sum(s == "covered" for s in status.values()) >= 2, covered
+    # `tokedge methods` (its `families`) says what the matrix found: covered pairs are listed, refused ones not
+    from tokedge.export.families import families_for
+
+    family = FAMILY[preset]
+    for method, state in status.items():
+        listed = family in families_for(METHODS[method])
+        assert listed == (state == "covered" or (family, method) in REFUSED_BY_OPTIONS), (preset, method, state)
     where = Path(os.environ.get("TOKEDGE_CACHE", ".")) / f"matrix-{preset}.json"
     where.parent.mkdir(parents=True, exist_ok=True)
     where.write_text(json.dumps(covered, indent=1))

@@ -18,8 +18,10 @@ BUDGETS = [16, 64, 128, 192]
 NOT_ALLOWED = {("pool", 128): "perfect square", ("pool", 192): "perfect square", ("tome", 16): "cannot merge down"}
 DATA_DEPENDENT = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
 # `random` is cls-attn's TopK + sort over constant scores: its other budgets add ~30 s of CI and
-# nothing the one budget (and tests/reduce/test_random.py's token counts) does not show
-ONE_BUDGET = {"random": 64}
+# nothing the one budget (and tests/reduce/test_random.py's token counts) does not show;
+ONE_BUDGET = {"random": 64, "hiprune": 16, "holov": 192}
+# hiprune and holov: their own tests (tests/reduce/test_hiprune.py, test_holov.py) export 64 + 192 and
+# 64 + 128 against transformers with the loop selection; here the budgets those do not reach
 
 
 def _cases():
@@ -89,9 +91,13 @@ def test_methods_command_lists_every_method(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == {"none", "cls-attn", "hired", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv",
-                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random"}
+                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random", "hiprune", "holov", "vidcom2"}
     assert rows["hired"]["options"]["alpha"]["default"] == 0.5
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
     assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]
     assert rows["fastv"]["options"]["layer"]["default"] == 2
     assert all(r["paper"] for r in rows.values())
+    # the families each exports for (the matrix checks these against what export does) and the code followed
+    assert rows["vidcom2"]["families"] == ["llava_onevision"] and rows["holov"]["families"] == ["llava"]
+    assert rows["hiprune"]["families"] == ["llava", "qwen2_5_vl", "qwen3_vl"]
+    assert rows["hiprune"]["reference"] == "Danielement321/HiPrune" and rows["none"]["reference"] == "-"

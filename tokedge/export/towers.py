@@ -31,7 +31,7 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, vision_tower: nn.Module, feature_layer: int, drop_cls: bool, needs: frozenset[str],
-                 merge_schedule: list[int] | None = None):
+                 merge_schedule: list[int] | None = None, object_layer: int | None = None):
         super().__init__()
         vm = getattr(vision_tower, "vision_model", vision_tower)  # transformers 4.x nests it
         self.embeddings = vm.embeddings
@@ -44,8 +44,14 @@ class VisionTower(nn.Module):
         self.drop_cls = drop_cls and self.has_cls
         self.needs = needs
         self.merge_schedule = merge_schedule
+        self.object_layer = object_layer  # 0-based layer whose received attention is `object_attention`
 
-    def _layer(self, layer: nn.Module, x, size, first: bool, last: bool, r: int):
+    def _received(self, q, k):
+        """Every query's attention row [b, h, t, t] -> [b, t]: mean over heads and queries (fp32)."""
+        probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale, dim=-1)
+        return probs.mean(dim=1).mean(dim=1)
+
+    def _layer(self, layer: nn.Module, x, size, first: bool, last: bool, r: int, index: int = -1):
         h = layer.layer_norm1(x)
         attn = layer.self_attn
         q = split_heads(attn.q_proj(h), self.head_dim)
@@ -59,9 +65,10 @@ class VisionTower(nn.Module):
             extras["early_cls_attention"] = attention_row(q[:, :, :1], k, self.scale).mean(dim=1)
         if last and "cls_attention" in self.needs:
             extras["cls_attention"] = attention_row(q[:, :, :1], k, self.scale).mean(dim=1)
-        if last and "received_attention" in self.needs:  # every query's row: [b, h, t, t], mean over heads, queries
-            probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale, dim=-1)
-            extras["received_attention"] = probs.mean(dim=1).mean(dim=1)
+        if last and "received_attention" in self.needs:
+            extras["received_attention"] = self._received(q, k)
+        if index == self.object_layer and "object_attention" in self.needs:
+            extras["object_attention"] = self._received(q, k)
         if last and "keys" in self.needs:
             extras["keys"] = k.mean(dim=1)
         if r > 0:
@@ -80,7 +87,7 @@ class VisionTower(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             r = self.merge_schedule[i] if self.merge_schedule else 0
-            x, size, got = self._layer(layer, x, size, i == 0, i == last, r)
+            x, size, got = self._layer(layer, x, size, i == 0, i == last, r, i)
             extras.update(got)
         start = 1 if self.has_cls else 0
         vf = VisionFeatures(features=x[:, 1:] if self.drop_cls else x, project=lambda t: t)
@@ -92,6 +99,8 @@ class VisionTower(nn.Module):
             vf.early_cls_attention = extras["early_cls_attention"][:, start:]
         if "received_attention" in extras:
             vf.received_attention = extras["received_attention"][:, start:]
+        if "object_attention" in extras:
+            vf.object_attention = extras["object_attention"][:, start:]
         if "cls_token" in self.needs and self.has_cls:
             vf.cls_token = x[:, :1]
         return vf

@@ -26,21 +26,24 @@ def _registry() -> dict[str, Method]:
             evs,
             fastvid,
             hired,
+            hiprune,
             holitom,
+            holov,
             in_llm,
             none,
             pool,
             random_tokens,
             tome,
+            vidcom2,
             visionzip,
             vispruner,
         )
 
         _METHODS = {
             m.name: m
-            for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
+            for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, hiprune.METHOD, holov.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
                       pool.METHOD, random_tokens.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART, evs.METHOD, dycoke.METHOD,
-                      fastvid.METHOD, holitom.METHOD)
+                      fastvid.METHOD, holitom.METHOD, vidcom2.METHOD)
         }
     return _METHODS
 

@@ -43,7 +43,8 @@ class Signal(str, Enum):
     REGIONS = "regions"  # tiled images: each token's partition and the tile under each base-view token
     LLM_ATTENTION = "llm-attention"  # the last prompt token's attention inside the LLM
     LLM_KEY_NORM = "llm-key-norm"  # L1 norm of the LLM's keys, plus hidden-state similarity
-    RECEIVED_ATTENTION = "received-attention"  # mean attention each token receives in the feature layer (video)
+    RECEIVED_ATTENTION = "received-attention"  # mean attention each token receives in the feature layer
+    OBJECT_ATTENTION = "object-attention"  # the same in a middle ViT layer (the method's `object_layer`)
 
     def __str__(self) -> str:
         return self.value
@@ -52,7 +53,8 @@ class Signal(str, Enum):
 STAGES = tuple(s.value for s in Stage)
 # VisionFeatures extras a vision-side signal asks the tower for
 _TOWER_EXTRAS = {Signal.CLS_ATTENTION: "cls_attention", Signal.CLS_TOKEN: "cls_token", Signal.KEYS: "keys",
-                 Signal.EARLY_CLS_ATTENTION: "early_cls_attention", Signal.RECEIVED_ATTENTION: "received_attention"}
+                 Signal.EARLY_CLS_ATTENTION: "early_cls_attention", Signal.RECEIVED_ATTENTION: "received_attention",
+                 Signal.OBJECT_ATTENTION: "object_attention"}
 
 
 @dataclass
@@ -83,6 +85,7 @@ class VisionFeatures:
     keys: Any = None
     early_cls_attention: Any = None
     received_attention: Any = None  # [b, n] feature layer's attention probabilities, mean over heads and queries
+    object_attention: Any = None  # [b, n] the same in the layer `Method.object_layer` names -- needs "object_attention"
     partition: Any = None
     base_tile: Any = None
     grid_width: Any = None  # dynamic resolution (Qwen-VL): 0-d int64, columns of the merged grid (raster order)
@@ -112,9 +115,13 @@ class Method:
     stage: Stage
     paper: str  # arXiv id(s) of the method's paper
     summary: str
+    reference: str = "-"  # the code whose semantics tokedge follows (the authors', or a peer's port)
     scores_with: tuple[Signal, ...] = ()  # what it ranks tokens by (empty: nothing: `none` keeps all, `random` draws)
     static_counts: bool = True  # every token count is known at export time for a fixed budget
     supports_runtime_budget: bool = False  # can export a `budget` graph input (TopK with runtime k)
+    # its graph's constants (bands, grid neighbours) are built for one view of a fixed token count, so
+    # layouts whose candidate count varies per image (tiled) refuse it
+    single_view: bool = False
     budget_meaning: str = "visual tokens that enter the LLM"
     reduce: Callable[..., Any] | None = None  # (VisionFeatures, k, options) -> [b, k, hidden]
     option_specs: dict[str, OptionSpec] = field(default_factory=dict)
@@ -132,6 +139,8 @@ class Method:
     # video-only methods (evs, dycoke, fastvid): act on a whole video's pooled projected tokens
     temporal: Callable[..., Any] | None = None  # (frames.VideoTokens, budget, options) -> ([K, hidden], kept [K])
     temporal_count: Callable[..., int] | None = None  # (frames, n, budget, options) -> K; UsageError if unreachable
+    # methods scoring with Signal.OBJECT_ATTENTION: (options, tower depth, has_cls) -> 0-based layer it is read in
+    object_layer: Callable[[dict, int, bool], int] | None = None
 
     @property
     def needs(self) -> frozenset[str]:

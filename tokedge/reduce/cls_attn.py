@@ -40,6 +40,7 @@ METHOD = Method(
     name="cls-attn",
     stage=Stage.PRE_LLM,
     paper="2412.01818, 2408.10945",
+    reference="Theia-4869/FasterVLM",
     summary="top-k patches by CLS attention in the feature layer",
     scores_with=(Signal.CLS_ATTENTION,),
     supports_runtime_budget=True,

@@ -87,6 +87,7 @@ METHOD = Method(
     stage=Stage.PRE_LLM,
     scores_with=(Signal.EMBEDDINGS,),
     paper="2503.02175",
+    reference="vbdi/divprune",
     summary="greedy max-min diverse subset of projected tokens (cosine distance)",
     reduce=reduce_divprune,
     reduce_indexed=reduce_divprune_indexed,

@@ -133,6 +133,7 @@ METHOD = Method(
     stage=Stage.TEMPORAL,
     scores_with=(Signal.EMBEDDINGS,),
     paper="2411.15024",
+    reference="KD-TAO/DyCoke",
     summary="video: pairs/windows of frames keep their tokens least similar to the anchor frame (TTM)",
     budget_meaning="visual tokens per video that enter the LLM",
     option_specs={"prune_ratio": OptionSpec(float, None, "the authors' merging ratio k (0.7): "

@@ -72,6 +72,7 @@ METHOD = Method(
     stage=Stage.TEMPORAL,
     scores_with=(Signal.EMBEDDINGS,),
     paper="2510.14624",
+    reference="vllm-project/vllm (vllm/multimodal/evs.py)",
     summary="video: keep the tokens that changed most since the same position in the previous frame",
     budget_meaning="visual tokens per video that enter the LLM",
     option_specs={"pruning_rate": OptionSpec(float, None, "vLLM's --video-pruning-rate q: keeps "

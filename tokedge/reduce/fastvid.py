@@ -193,6 +193,7 @@ METHOD = Method(
     stage=Stage.TEMPORAL,
     scores_with=(Signal.EMBEDDINGS, Signal.RECEIVED_ATTENTION),
     paper="2503.11187",
+    reference="LunarShen/FastVID",
     summary="video: segment by frame similarity, keep salient tokens, merge the rest into density anchors",
     budget_meaning="visual tokens per video that enter the LLM",
     option_specs={

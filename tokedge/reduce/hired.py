@@ -86,6 +86,7 @@ METHOD = Method(
     name="hired",
     stage=Stage.PRE_LLM,
     paper="2408.10945",
+    reference="hasanar1f/HiRED",
     summary="budget split base/tiles by first-layer CLS attention, top tokens per partition by feature-layer CLS",
     scores_with=(Signal.CLS_ATTENTION, Signal.EARLY_CLS_ATTENTION, Signal.REGIONS),
     reduce=reduce_hired,

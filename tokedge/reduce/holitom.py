@@ -189,6 +189,7 @@ METHOD = Method(
     stage=Stage.TEMPORAL,
     scores_with=(Signal.EMBEDDINGS, Signal.RECEIVED_ATTENTION),
     paper="2505.21334",
+    reference="cokeshao/HoliTom",
     summary="video: static windows by a dynamic programme, static tokens clustered, dynamic ones by attention",
     budget_meaning="visual tokens per video that enter the LLM",
     option_specs={

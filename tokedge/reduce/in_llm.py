@@ -252,20 +252,20 @@ def plan_for(method: Method, budget: int, full: int, n_layers: int, options: dic
 _LAYER = OptionSpec(int, 2, "pruning layer K (layers >= K see the kept tokens)", lambda v: v >= 1, "must be >= 1")
 
 FASTV = Method(
-    name="fastv", stage=Acts.IN_LLM, paper="2403.06764",
+    name="fastv", stage=Acts.IN_LLM, paper="2403.06764", reference="pkunlp-icler/FastV",
     summary="prune image tokens at LLM layer K by the last token's attention in layer K-1",
     scores_with=(Signal.LLM_ATTENTION,), reduce=keep_all, plan=_fastv_plan,
     budget_meaning="image tokens kept after layer K", option_specs={"layer": _LAYER},
 )
 PDROP = Method(
-    name="pdrop", stage=Acts.IN_LLM, paper="2410.17247",
+    name="pdrop", stage=Acts.IN_LLM, paper="2410.17247", reference="Cooperx521/PyramidDrop",
     summary="FastV's rule in stages (default layers L/4, L/2, 3L/4), halving image tokens each stage",
     scores_with=(Signal.LLM_ATTENTION,), reduce=keep_all, plan=_pdrop_plan,
     budget_meaning="image tokens kept after the last stage (earlier stages keep 2x, 4x)",
     option_specs={"layers": OptionSpec(str, "", "comma-separated stage layers (default L/4,L/2,3L/4)")},
 )
 DART = Method(
-    name="dart", stage=Acts.IN_LLM, paper="2502.11494",
+    name="dart", stage=Acts.IN_LLM, paper="2502.11494", reference="ZichenWen1/DART",
     summary="keep image tokens least similar to 8 pivot tokens (duplicate removal) at layer K",
     scores_with=(Signal.LLM_KEY_NORM,), reduce=keep_all, plan=_dart_plan,
     budget_meaning="image tokens kept after layer K",

@@ -101,6 +101,7 @@ METHOD = Method(
     stage=Stage.PRE_LLM,
     scores_with=(Signal.POSITIONS,),
     paper="2501.03895 (LLaVA-Mini; adaptive pooling baseline)",
+    reference="torch.nn.functional.adaptive_avg_pool2d",
     summary="adaptive 2-D average pooling of the patch grid to sqrt(k) x sqrt(k)",
     reduce=reduce_pool,
     reduce_indexed=reduce_pool_indexed,

@@ -107,6 +107,7 @@ METHOD = Method(
     stage=Stage.IN_VIT,
     scores_with=(Signal.VIT_KEYS,),
     paper="2210.09461",
+    reference="facebookresearch/ToMe",
     summary="bipartite token merging in every ViT layer (size-weighted, proportional attention)",
     reduce=keep_all,  # the tower already merged down to k patch tokens; project them
     fewest_tokens=fewest_tokens,

@@ -121,6 +121,7 @@ METHOD = Method(
     name="visionzip",
     stage=Stage.PRE_LLM,
     paper="2412.04467",
+    reference="dvlab-research/VisionZip",
     summary="CLS + dominant patches by CLS attention + contextual tokens merged by key similarity",
     scores_with=(Signal.CLS_ATTENTION, Signal.CLS_TOKEN, Signal.KEYS),
     reduce=reduce_visionzip,

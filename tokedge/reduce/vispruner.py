@@ -105,6 +105,7 @@ METHOD = Method(
     name="vispruner",
     stage=Stage.PRE_LLM,
     paper="2412.01818",
+    reference="Theia-4869/VisPruner",
     summary="important patches by CLS attention + diverse patches by bipartite de-duplication",
     scores_with=(Signal.CLS_ATTENTION, Signal.FEATURES),
     reduce=reduce_vispruner,

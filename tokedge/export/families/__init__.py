@@ -74,6 +74,7 @@ class FamilyBase:
     video_case: Any = None  # (loaded) -> (pixel_values_videos, transformers' video tokens)
     prefill_trace_spec: Any = None  # (loaded, plan, dtype) -> TraceSpec of the family's own prefill inputs
     reference_positions: Any = None  # (loaded, input_ids, attention_mask, images) -> M-RoPE positions
+    temporal_methods: bool = False  # its video graph takes the temporal (video-only) methods
 
     def export_warnings(self, loaded: Any) -> list[str]:
         """Lines export prints after writing (e.g. memory the vision graph needs at --max-pixels)."""
@@ -184,6 +185,29 @@ def supported() -> str:
                      for f in families().values() if getattr(f, "exportable", True))
 
 
+def families_for(method: Method) -> list[str]:
+    """The families `tokedge export` accepts `method` for, from the rules that need no weights:
+    temporal methods need a family whose video graph takes them; the rest ask `check_method`
+    (a method may still refuse particular options or budgets later, e.g. pdrop's multi-stage plans on
+    M-RoPE families)."""
+    from tokedge.errors import UsageError
+
+    out = []
+    for family in families().values():
+        if not getattr(family, "exportable", True):
+            continue
+        if method.reduces_over_time:
+            if family.video is not None and family.temporal_methods:
+                out.append(family.name)
+            continue
+        try:
+            family.check_method(method)
+        except UsageError:
+            continue
+        out.append(family.name)
+    return out
+
+
 def for_checkpoint(config: dict) -> Family:
     """The family that reads this config.json dict (keyed by `model_type`, then `architectures`)."""
     model_type = config.get("model_type")
@@ -246,6 +270,7 @@ __all__ = [
     "Family",
     "LoadedCheckpoint",
     "families",
+    "families_for",
     "for_checkpoint",
     "inspect_checkpoint",
     "load_checkpoint",

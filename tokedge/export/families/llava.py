@@ -202,7 +202,9 @@ class VisionGraph(nn.Module):
                     f"(each merges at most half): use --budget >= {fewest}"
                 )
         self.schedule = schedule
-        self.tower = VisionTower(tower, cfg.vision_feature_layer, drop_cls, method.needs, schedule)
+        depth = layers_to_feature(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
+        object_layer = method.object_layer(options, depth, has_cls) if method.object_layer else None
+        self.tower = VisionTower(tower, cfg.vision_feature_layer, drop_cls, method.needs, schedule, object_layer)
         self.projector = llava.model.model.multi_modal_projector
         self.method = method
         self.k = k
@@ -395,6 +397,11 @@ def reference_image_features(llava: LoadedCheckpoint, method: Method, pixel_valu
         vf.cls_attention = out.attentions[produced_by][:, :, 0, start:].float().mean(dim=1)
     if "cls_token" in method.needs:
         vf.cls_token = feats[:, :1]
+    if "received_attention" in method.needs:  # the attention each patch receives: mean over heads and queries
+        vf.received_attention = out.attentions[produced_by][:, :, :, start:].float().mean(dim=1).mean(dim=1)
+    if "object_attention" in method.needs:
+        at = method.object_layer(options, produced_by + 1, has_cls)
+        vf.object_attention = out.attentions[at][:, :, :, start:].float().mean(dim=1).mean(dim=1)
     if "keys" in method.needs:
         enc_layer = getattr(tower, "vision_model", tower).encoder.layers[produced_by]
         keys = enc_layer.self_attn.k_proj(enc_layer.layer_norm1(out.hidden_states[produced_by]))

@@ -467,6 +467,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     model_types = ("llava_onevision",)
     architectures = SUPPORTED_ARCHITECTURES
     tower_has_cls = False  # SigLIP: every row is a patch ("full")
+    temporal_methods = True  # video_reduce.onnx between video_vision.onnx and the newline
 
     def pack_candidates(self, loaded: LoadedCheckpoint, values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """values [P, N, F] -> [1, C, F] in candidate order: transformers' OneVision

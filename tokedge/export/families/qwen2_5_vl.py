@@ -298,6 +298,8 @@ class QwenReducedVisionGraph(QwenVisionGraph):
         super().__init__(model)
         self.method, self.options, self.most = method, options, most  # most: the largest count fed
         self.scores = bool(method.needs)
+        self.object_block = method.object_layer(options, len(self.blocks), False) \
+            if "object_attention" in method.needs and method.object_layer else None
 
     def _signals(self, block, x, cos, sin, bias):
         n = x.shape[0]
@@ -318,13 +320,15 @@ class QwenReducedVisionGraph(QwenVisionGraph):
         cos, sin = cos.float()[None], sin.float()[None]
         same = window_seg[:, None] == window_seg[None, :]
         window_bias = torch.where(same, 0.0, torch.finfo(torch.float32).min / 2)[None, None]
-        received = keys = None
+        received = keys = held = None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             bias = None if i in self.full else window_bias
             x = block.norm1(h)
             if i == last and self.scores:
                 received, keys = self._signals(block, x, cos, sin, bias)
+            if i == self.object_block:  # HiPrune's object block: the attention each token receives there
+                held = self._signals(block, x, cos, sin, bias)[0]
             h = h + self._attention(block, x, cos, sin, bias)
             h = h + block.mlp(block.norm2(h))
         merged = self.merger(h)[merge_restore]  # [n, hidden], raster order of the merged grid
@@ -334,6 +338,9 @@ class QwenReducedVisionGraph(QwenVisionGraph):
         if received is not None:  # window order, 4 rows per merge unit -> raster order of merged tokens
             vf.cls_attention = received.reshape(n, -1).mean(-1)[merge_restore][None]
             vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[merge_restore][None]
+            vf.received_attention = vf.cls_attention
+        if held is not None:
+            vf.object_attention = held.reshape(n, -1).mean(-1)[merge_restore][None]
         tokens, index = self.method.reduce_indexed(vf, keep, self.options, self.most)
         return tokens[0], index[0]
 

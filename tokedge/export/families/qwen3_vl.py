@@ -206,6 +206,8 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
         self.method, self.options, self.most = method, options, most  # most: the largest count fed
         self.scores = bool(method.needs)
         self.by_embeddings = Signal.EMBEDDINGS in method.scores_with
+        self.object_block = method.object_layer(options, len(self.blocks), False) \
+            if "object_attention" in method.needs and method.object_layer else None
 
     def _signals(self, block, x, cos, sin):
         n = x.shape[0]
@@ -223,12 +225,14 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
         cos, sin = self.rotary(h, vision_pos)
         cos, sin = cos.float()[None], sin.float()[None]
         levels = [None] * len(self.deepstack)
-        received = keys = None
+        received = keys = held = None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block.norm1(h)
             if i == last and self.scores:
                 received, keys = self._signals(block, x, cos, sin)
+            if i == self.object_block:  # HiPrune's object block: the attention each token receives there
+                held = self._signals(block, x, cos, sin)[0]
             h = h + self._attention(block, x, cos, sin)
             h = h + block.mlp(block.norm2(h))
             if i in self.deepstack:
@@ -241,6 +245,9 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
         if received is not None:  # 4 consecutive patch rows per merge unit
             vf.cls_attention = received.reshape(n, -1).mean(-1)[None]
             vf.keys = keys.reshape(n, -1, keys.shape[-1]).mean(1)[None]
+            vf.received_attention = vf.cls_attention
+        if held is not None:
+            vf.object_attention = held.reshape(n, -1).mean(-1)[None]
         tokens, index = self.method.reduce_indexed(vf, keep, self.options, self.most)
         if self.by_embeddings:  # ranked by the features: the same rows of every level
             tokens = packed[index[0]][None]
