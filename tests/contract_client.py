@@ -37,11 +37,22 @@ class ContractClient:
         dec = self.manifest["graphs"]["decoder"]
         self.past_inputs = [t for t in dec["inputs"] if t["name"].startswith("past_key_values.")]
 
-    def image_embeds(self, pixel_values: np.ndarray, budget: int | None = None) -> np.ndarray:
+    def image_embeds(self, pixel_values: np.ndarray, budget: int | None = None,
+                     instruction: np.ndarray | None = None) -> np.ndarray:
         feed = {"pixel_values": pixel_values.astype(np.float32)}
-        if any(t["name"] == "budget" for t in self.manifest["graphs"]["vision"]["inputs"]):
+        names = {t["name"]: t for t in self.manifest["graphs"]["vision"]["inputs"]}
+        if "budget" in names:
             feed["budget"] = np.array(budget or self.manifest["reduction"]["budget"], dtype=np.int64)
+        if "instruction" in names:  # the prompt's text: mean embedding over each row's text tokens
+            feed["instruction"] = instruction.astype(names["instruction"]["dtype"])
         return self.sessions["vision"].run(["image_embeds"], feed)[0]
+
+    def instruction(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """docs/artifact.md, vision input `instruction`: per row, the mean of embed.onnx's output over
+        the positions with attention_mask 1 that are not the image placeholder."""
+        text = (attention_mask == 1) & (input_ids != self.manifest["prompt"]["image_token_id"])
+        emb = self.embed(input_ids)
+        return (emb * text[..., None]).sum(axis=1) / text.sum(axis=1, keepdims=True)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed"].run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
@@ -59,7 +70,7 @@ class ContractClient:
         embeddings [T_i, hidden] (already run through the vision graph: see `run`)."""
         image_token = self.manifest["prompt"]["image_token_id"]
         if isinstance(pixel_values, np.ndarray):
-            img = list(self.image_embeds(pixel_values, budget))
+            img = list(self.image_embeds(pixel_values, budget, self.instruction(input_ids, attention_mask)))
         else:
             img = [np.concatenate(row, axis=0) for row in pixel_values]  # a row's images in order
         embeds = self.embed(input_ids)

@@ -19,9 +19,10 @@ NOT_ALLOWED = {("pool", 128): "perfect square", ("pool", 192): "perfect square",
 DATA_DEPENDENT = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
 # `random` is cls-attn's TopK + sort over constant scores: its other budgets add ~30 s of CI and
 # nothing the one budget (and tests/reduce/test_random.py's token counts) does not show;
-ONE_BUDGET = {"random": 64, "hiprune": 16, "holov": 192}
-# hiprune and holov: their own tests (tests/reduce/test_hiprune.py, test_holov.py) export 64 + 192 and
-# 64 + 128 against transformers with the loop selection; here the budgets those do not reach
+ONE_BUDGET = {"random": 64, "hiprune": 16, "holov": 192, "cdpruner": 128}
+# hiprune, holov, cdpruner: their own tests (tests/reduce/test_hiprune.py, test_holov.py,
+# test_cdpruner.py) export 64 + 192, 64 + 128 and 16 + 32 against transformers with the loop
+# selection, and the matrix exports each at 64; here a budget those do not reach
 
 
 def _cases():
@@ -91,7 +92,7 @@ def test_methods_command_lists_every_method(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == {"none", "cls-attn", "hired", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv",
-                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random", "hiprune", "holov", "vidcom2"}
+                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random", "hiprune", "holov", "vidcom2", "cdpruner"}
     assert rows["hired"]["options"]["alpha"]["default"] == 0.5
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
     assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]

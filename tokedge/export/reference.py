@@ -68,8 +68,21 @@ def reference_from_ids(llava: LoadedCheckpoint, method: Method, pixel_values: np
                        attention_mask: np.ndarray, budget: int, steps: int,
                        options: dict | None = None) -> dict[str, np.ndarray]:
     """transformers' outputs for already-tokenized inputs (placeholders expanded to `budget`)."""
-    feats = llava.family.reference_features(llava, method, torch.from_numpy(pixel_values), budget, options)
+    extra = {}
+    if method.takes_instruction:  # methods scoring with the prompt's text get it from transformers' embeddings
+        extra["instruction"] = instruction_reference(llava, input_ids, attention_mask)
+    feats = llava.family.reference_features(llava, method, torch.from_numpy(pixel_values), budget, options, **extra)
     return _logits_case(llava, feats, input_ids, attention_mask, budget, steps)
+
+
+@torch.no_grad()
+def instruction_reference(llava: LoadedCheckpoint, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
+    """[b, hidden]: per row, the mean of transformers' input embeddings over the prompt's text tokens
+    (attention mask 1, not the image placeholder): Signal.INSTRUCTION (docs/artifact.md)."""
+    ids = torch.from_numpy(input_ids)
+    text = (torch.from_numpy(attention_mask) == 1) & (ids != llava.family.image_token_id(llava))
+    emb = llava.model.get_input_embeddings()(ids).float()
+    return (emb * text[..., None]).sum(dim=1) / text.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 @torch.no_grad()

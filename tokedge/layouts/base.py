@@ -102,9 +102,10 @@ class ImageLayout:
         (None: the artifact's); `check_budget(budget) -> int` validates it against the artifact."""
         raise NotImplementedError
 
-    def run_vision(self, graphs, batch: ImageBatch) -> tuple[Any, list | None]:
+    def run_vision(self, graphs, batch: ImageBatch, instruction=None) -> tuple[Any, list | None]:
         """The vision graph over a batch -> (image embeddings: [n, k, D] or one [T_i, D] per image,
-        the `kept_index` per image when the graph selects tokens whose positions matter, else None)."""
+        the `kept_index` per image when the graph selects tokens whose positions matter, else None).
+        `instruction` [n, hidden]: each image's prompt text, for graphs that take it (single view)."""
         names = {t.name for t in self.manifest.graphs["vision"].inputs}
         return graphs.vision_indexed([self.feed(x, names) for x in batch.inputs])
 

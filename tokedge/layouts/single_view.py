@@ -27,8 +27,8 @@ class SingleView(ImageLayout):
         return ImageBatch(views, [[k] * len(group) for group in groups],
                           budget=k if self.manifest.reduction.budget_range else None)
 
-    def run_vision(self, graphs, batch):
-        return graphs.vision(batch.inputs, batch.budget), None
+    def run_vision(self, graphs, batch, instruction=None):
+        return graphs.vision(batch.inputs, batch.budget, instruction), None
 
     def image_counts(self, image) -> tuple[int, int]:
         return 1, self.manifest.reduction.full_tokens

@@ -20,6 +20,7 @@ def _registry() -> dict[str, Method]:
     global _METHODS
     if _METHODS is None:
         from tokedge.reduce import (
+            cdpruner,
             cls_attn,
             divprune,
             dycoke,
@@ -41,7 +42,7 @@ def _registry() -> dict[str, Method]:
 
         _METHODS = {
             m.name: m
-            for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, hiprune.METHOD, holov.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
+            for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, hiprune.METHOD, holov.METHOD, cdpruner.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
                       pool.METHOD, random_tokens.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART, evs.METHOD, dycoke.METHOD,
                       fastvid.METHOD, holitom.METHOD, vidcom2.METHOD)
         }

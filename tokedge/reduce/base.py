@@ -45,6 +45,7 @@ class Signal(str, Enum):
     LLM_KEY_NORM = "llm-key-norm"  # L1 norm of the LLM's keys, plus hidden-state similarity
     RECEIVED_ATTENTION = "received-attention"  # mean attention each token receives in the feature layer
     OBJECT_ATTENTION = "object-attention"  # the same in a middle ViT layer (the method's `object_layer`)
+    INSTRUCTION = "instruction"  # the prompt's text: mean of its token embeddings (the vision graph's input)
 
     def __str__(self) -> str:
         return self.value
@@ -86,6 +87,7 @@ class VisionFeatures:
     early_cls_attention: Any = None
     received_attention: Any = None  # [b, n] feature layer's attention probabilities, mean over heads and queries
     object_attention: Any = None  # [b, n] the same in the layer `Method.object_layer` names -- needs "object_attention"
+    instruction: Any = None  # [b, hidden] mean embedding of each image's prompt text (Signal.INSTRUCTION)
     partition: Any = None
     base_tile: Any = None
     grid_width: Any = None  # dynamic resolution (Qwen-VL): 0-d int64, columns of the merged grid (raster order)
@@ -146,6 +148,11 @@ class Method:
     def needs(self) -> frozenset[str]:
         """The `VisionFeatures` extras the vision tower must produce for this method."""
         return frozenset(_TOWER_EXTRAS[s] for s in self.scores_with if s in _TOWER_EXTRAS)
+
+    @property
+    def takes_instruction(self) -> bool:
+        """Scores with the prompt's text: the vision graph takes an `instruction` input."""
+        return Signal.INSTRUCTION in self.scores_with
 
     @property
     def needs_attention(self) -> bool:

@@ -497,6 +497,13 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
             stage = Stage(pm.reduction.stage)
             if stage in (Stage.PRE_LLM, Stage.IN_VIT):
                 feed = vision_feed(pm, images[0], e.runtime_budget)
+                spec = pm.graphs["vision"].input("instruction")
+                if spec is not None:  # the prompt's text, as the runtime feeds it (runtime.driver)
+                    from tokedge.runtime.driver import prompt_instruction
+
+                    text = pipes[e.artifact].graphs.embed(encoded.input_ids)
+                    feed["instruction"] = prompt_instruction(text, encoded.input_ids, encoded.attention_mask,
+                                                             pm.model.image_token_id, [1]).astype(spec.dtype)
                 red_ms = round(reduction_ms(Path(e.artifact), pm.graphs["vision"].file, feed), 3)
             elif stage is Stage.NONE:
                 red_ms = 0.0

@@ -44,6 +44,16 @@ def per_row(image_embeds, images_per_row: list[int] | None):
     return rows
 
 
+def prompt_instruction(text: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int,
+                       images_per_row: list[int]) -> np.ndarray:
+    """The vision graph's `instruction` input (docs/artifact.md): per prompt row, the mean of the embed
+    graph's output over its text tokens (attention mask 1, not the image placeholder), repeated for
+    each of the row's images -> [images, hidden] float32."""
+    keep = (attention_mask == 1) & (input_ids != image_token_id)
+    means = (text.astype(np.float32) * keep[..., None]).sum(axis=1) / np.maximum(keep.sum(axis=1), 1)[:, None]
+    return np.repeat(means, images_per_row, axis=0)
+
+
 def prepare_images(graphs: ArtifactGraphs, batch: ImageBatch, input_ids: np.ndarray,
                    attention_mask: np.ndarray) -> PreparedPrompt:
     """Vision graph (the layout's feed) -> splice at the image placeholders -> the layout's positions."""
@@ -52,11 +62,16 @@ def prepare_images(graphs: ArtifactGraphs, batch: ImageBatch, input_ids: np.ndar
         return PreparedPrompt(input_ids, attention_mask, graphs.embed(input_ids),
                               layout.positions(input_ids, attention_mask, batch, None), None, batch.images_per_row,
                               [0] * input_ids.shape[0], [], 0.0)
+    text = graphs.embed(input_ids)
     t0 = time.perf_counter()
-    image_embeds, kept = layout.run_vision(graphs, batch)
+    instruction = None
+    if graphs.manifest.graphs["vision"].input("instruction") is not None:
+        instruction = prompt_instruction(text, input_ids, attention_mask, graphs.manifest.model.image_token_id,
+                                         batch.images_per_row)
+    image_embeds, kept = layout.run_vision(graphs, batch, instruction)
     rows = per_row(image_embeds, batch.images_per_row)
     vision_ms = (time.perf_counter() - t0) * 1e3
-    embeds = splice_image_embeds(graphs.embed(input_ids), input_ids, graphs.manifest.model.image_token_id, rows)
+    embeds = splice_image_embeds(text, input_ids, graphs.manifest.model.image_token_id, rows)
     positions = layout.positions(input_ids, attention_mask, batch, kept)
     visual = [int(np.prod(np.asarray(e).shape[:-1])) for e in rows]
     return PreparedPrompt(input_ids, attention_mask, embeds, positions, None, batch.images_per_row, visual, rows,

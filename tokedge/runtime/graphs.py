@@ -153,10 +153,17 @@ class ArtifactGraphs:
             for runner in self.runners.values():
                 runner.deadline = None
 
-    def vision(self, pixel_values: np.ndarray, budget: int | None = None) -> np.ndarray:
+    def vision(self, pixel_values: np.ndarray, budget: int | None = None,
+               instruction: np.ndarray | None = None) -> np.ndarray:
         feed = {"pixel_values": pixel_values.astype(np.float32, copy=False)}
         if self.manifest.graphs["vision"].input("budget") is not None:
             feed["budget"] = np.array(budget if budget is not None else self.manifest.reduction.budget, dtype=np.int64)
+        spec = self.manifest.graphs["vision"].input("instruction")
+        if spec is not None:  # methods scoring with the prompt's text (docs/artifact.md, "instruction")
+            if instruction is None:
+                raise InputError("this artifact's vision graph takes the prompt's text (instruction); "
+                                 "run it through a prompt (tokedge run / serve), not on images alone")
+            feed["instruction"] = instruction.astype(np.dtype(spec.dtype), copy=False)
         return self.runners["vision"].infer(feed)["image_embeds"]
 
     def vision_indexed(self, feeds: Sequence[dict]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:

@@ -210,9 +210,10 @@ class VisionGraph(nn.Module):
         self.k = k
         self.options = options
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, instruction=None):
         vf = self.tower(pixel_values)
         vf.project = self.projector
+        vf.instruction = instruction  # [b, hidden]: methods scoring with the prompt's text (cdpruner)
         return self.method.reduce(vf, self.k, self.options)
 
 
@@ -371,7 +372,7 @@ def eager_tower_outputs(tower, pixel_values):
 
 @torch.no_grad()
 def reference_image_features(llava: LoadedCheckpoint, method: Method, pixel_values: torch.Tensor, k: int,
-                             options: dict | None = None):
+                             options: dict | None = None, instruction=None):
     """Image features for parity checks: [b, k, hidden].
 
     Pre-LLM methods: transformers' own vision tower (eager attention, so scores come from
@@ -392,7 +393,8 @@ def reference_image_features(llava: LoadedCheckpoint, method: Method, pixel_valu
     drop = has_cls and cfg.vision_feature_select_strategy == "default"
     start = 1 if has_cls else 0
     produced_by = layers_to_feature(layer, len(out.attentions)) - 1
-    vf = VisionFeatures(features=feats[:, 1:] if drop else feats, project=model.model.multi_modal_projector)
+    vf = VisionFeatures(features=feats[:, 1:] if drop else feats, project=model.model.multi_modal_projector,
+                        instruction=instruction)
     if "cls_attention" in method.needs:
         vf.cls_attention = out.attentions[produced_by][:, :, 0, start:].float().mean(dim=1)
     if "cls_token" in method.needs:
@@ -462,8 +464,21 @@ class LlavaFamily(FamilyBase):
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         return build_graph_modules(loaded, method, k, options, plan)
 
-    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype, vision=None) -> None:
-        return None  # the default: pixel_values [b, 3, H, W] of the single crop
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype, vision=None):
+        """The default (pixel_values [b, 3, H, W] of the single crop), plus `instruction` [b, hidden]
+        for methods that score with the prompt's text."""
+        if vision is None or not vision.method.takes_instruction:
+            return None
+        from tokedge.export.onnx_export import BATCH, TraceSpec
+
+        hidden = int(loaded.model.config.text_config.hidden_size)
+        size = int(loaded.model.config.vision_config.image_size)
+        return TraceSpec(
+            inputs=("pixel_values", "instruction"), outputs=("image_embeds",),
+            example=(torch.rand(2, 3, size, size), torch.randn(2, hidden, dtype=dtype)),
+            dynamic_axes={"pixel_values": {0: BATCH}, "instruction": {0: BATCH}, "image_embeds": {0: BATCH}},
+            output_shapes={"image_embeds": (BATCH, vision.k, hidden)},
+        )
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
         return model_info(loaded)
@@ -487,8 +502,8 @@ class LlavaFamily(FamilyBase):
         return tokenize(loaded, prompts, visual_tokens)
 
     def reference_features(self, loaded: LoadedCheckpoint, method: Method, pixel_values, k: int,
-                           options: dict | None = None):
-        return reference_image_features(loaded, method, pixel_values, k, options)
+                           options: dict | None = None, instruction=None):
+        return reference_image_features(loaded, method, pixel_values, k, options, instruction)
 
     def reference_logits(self, loaded: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
                          images: list | None = None):

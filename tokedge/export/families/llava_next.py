@@ -103,6 +103,9 @@ def check_method(method: Method) -> None:
     if Signal.POSITIONS in method.scores_with:
         raise UsageError(f"--method {method.name} pools one square patch grid and a tiled image has none; "
                          "use --method cls-attn or hired")
+    if method.takes_instruction:
+        raise UsageError(f"--method {method.name} scores with the prompt's text, which tiled layouts do not feed "
+                         "their vision graph yet; use --method divprune (diversity) or visionzip")
     if method.single_view:
         raise UsageError(f"--method {method.name} is built for one view of a fixed token count and a tiled image's "
                          "candidate count varies per image; use --method hired, cls-attn or visionzip")
