@@ -19,7 +19,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.export.test_qwen_pre_llm import divprune_loop, pool_loop, visionzip_loop
+from tests.export.test_qwen_pre_llm import divprune_loop, instruction_of, pool_loop, visionzip_loop
+from tests.reduce.test_cdpruner import cdpruner_loop
 from tests.reduce.test_hiprune import hiprune_loop
 from tokedge.runtime import qwen_vl
 
@@ -63,7 +64,8 @@ def graphs(hf, tiny_qwen3_vl_dir, tmp_path_factory):
 
     most = max(math.ceil(0.75 * (h // 32) * (w // 32)) for w, h in SIZES)  # the largest count the tests feed
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), get_method(name).parse_options({}), most),
-                              family.reduced_vision_trace_spec(model), name) for name in ("visionzip", "divprune", "pool", "hiprune")}
+                              family.reduced_vision_trace_spec(model, torch.float32,
+                                                                get_method(name).takes_instruction), name) for name in ("visionzip", "divprune", "pool", "hiprune", "cdpruner")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -130,13 +132,15 @@ def _lm_reference(model, tok, grids, kept_idx, kept_rows, question="Compare them
 
 
 @pytest.mark.parametrize(("method", "keep"), [("visionzip", 0.5), ("visionzip", 0.75), ("divprune", 0.5),
-                                             ("divprune", 0.75), ("pool", 0.25), ("hiprune", 0.5)])
+                                             ("divprune", 0.75), ("pool", 0.25), ("hiprune", 0.5),
+                                             ("cdpruner", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
     model, tok, processor = hf
     hidden = model.config.text_config.hidden_size
     side = int(model.config.vision_config.num_position_embeddings ** 0.5)
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
     kept_idx, kept_ref, kept_onnx, grids = [], [], [], []
+    instruction = instruction_of(model, tok, len(images))
     for image in images:
         batch = processor(images=[image], return_tensors="pt")
         grid = batch["image_grid_thw"]
@@ -151,6 +155,9 @@ def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
             obj = tower_signals(model, batch["pixel_values"], grid, block=block)[1]
             idx = hiprune_loop(obj.tolist(), score.tolist(), int(grid[0, 2]) // 2, k, 0.1)
             ref = packed[idx]
+        elif method == "cdpruner":  # DPP over the merger's output and the prompt's text; every level alike
+            idx = cdpruner_loop(packed[:, :hidden].double().numpy(), instruction.double().numpy(), k)
+            ref = packed[idx]
         else:  # diversity of the merger's output; every level takes the same rows
             idx, _ = divprune_loop(packed[:, :hidden], k)
             ref = packed[idx]
@@ -159,7 +166,8 @@ def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
         index, weight = qwen_vl.interpolation_inputs(g[None], side)
         emb, got = graphs[method].run(None, {"pixel_values": pixels, "vision_pos": qwen_vl.vision_positions(g[None]),
                                              "interp_index": index, "interp_weight": weight,
-                                             "keep": np.array(k, np.int64)})
+                                             "keep": np.array(k, np.int64),
+                                             **({"instruction": instruction.numpy()} if method == "cdpruner" else {})})
         assert got.tolist() == idx  # the same tokens, at the same positions
         assert emb.shape == (k, 3 * hidden)
         np.testing.assert_allclose(emb, ref.numpy(), atol=1e-4, rtol=0)  # features and both DeepStack levels

@@ -21,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.reduce.test_cdpruner import cdpruner_loop
 from tests.reduce.test_hiprune import hiprune_loop
 from tokedge.runtime import qwen_vl
 
@@ -53,8 +54,9 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
         return ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
 
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), get_method(name).parse_options({}), 64),
-                              family.reduced_vision_trace_spec(model), name)
-                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner", "hired", "hiprune")}
+                              family.reduced_vision_trace_spec(model, torch.float32,
+                                                                get_method(name).takes_instruction), name)
+                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner", "hired", "hiprune", "cdpruner")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -98,6 +100,16 @@ def tower_signals(model, pixel_values, grid, block: int = -1):
     restore = torch.argsort(window_index)
     n = merged.shape[0]
     return merged, received.reshape(n, 4).mean(1)[restore], keys.reshape(n, 4, -1).mean(1)[restore]
+
+
+@torch.no_grad()
+def instruction_of(model, tok, images: int, question: str = "Compare them.") -> torch.Tensor:
+    """The prompt's text as docs/artifact.md defines the vision input `instruction`: the mean of
+    transformers' input embeddings over the rendered prompt's tokens that are not image placeholders."""
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor(tok(text)["input_ids"])
+    return model.get_input_embeddings()(ids[ids != model.config.image_token_id]).float().mean(0)
 
 
 def visionzip_loop(x, score, keys, k):
@@ -218,11 +230,12 @@ def vispruner_loop(x, score, k, ratio=0.5):
 
 @pytest.mark.parametrize(("method", "keep"), [
     *((m, keep) for m in ("visionzip", "divprune", "cls-attn", "pool", "vispruner") for keep in (0.5, 0.75)),
-    ("hired", 0.5), ("hiprune", 0.25), ("hiprune", 0.75)])
+    ("hired", 0.5), ("hiprune", 0.25), ("hiprune", 0.75), ("cdpruner", 0.25), ("cdpruner", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
     kept_idx, kept_ref, kept_onnx, grids = [], [], [], []
+    instruction = instruction_of(model, tok, len(images))
     for image in images:
         batch = processor(images=[image], return_tensors="pt")
         grid = batch["image_grid_thw"]
@@ -236,6 +249,9 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
             idx, ref = pool_loop(merged, int(grid[0, 2]) // 2, k)
         elif method == "vispruner":
             idx, ref = vispruner_loop(merged, score, k)
+        elif method == "cdpruner":  # greedy DPP over the merged tokens, relevance to the prompt's text
+            idx = cdpruner_loop(merged.double().numpy(), instruction.double().numpy(), k)
+            ref = merged[idx]
         elif method == "hiprune":  # anchors in the object block (round(4 * 16/32) = 2: blocks[1], full attention)
             obj = tower_signals(model, batch["pixel_values"], grid, block=1)[1]
             idx = hiprune_loop(obj.tolist(), score.tolist(), int(grid[0, 2]) // 2, k, 0.1)
@@ -244,9 +260,11 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
             idx, ref = received_top_loop(merged, score, k)
         pixels, g = qwen_vl.preprocess_image(image, qwen_vl.QwenImageSpec())
         inputs = qwen_vl.qwen2_5_vision_inputs(g[None])
+        text = {"instruction": instruction.numpy()} if method == "cdpruner" else {}
         emb, index = graphs[method].run(None, {
             "pixel_values": pixels[inputs.patch_order], "vision_pos": inputs.vision_pos,
-            "window_seg": inputs.window_seg, "merge_restore": inputs.merge_restore, "keep": np.array(k, np.int64)})
+            "window_seg": inputs.window_seg, "merge_restore": inputs.merge_restore, "keep": np.array(k, np.int64),
+            **text})
         assert index.tolist() == idx  # the same tokens, at the same positions
         np.testing.assert_allclose(emb, ref.numpy(), atol=1e-4, rtol=0)
         kept_idx.append(idx)

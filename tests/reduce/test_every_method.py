@@ -100,5 +100,5 @@ def test_methods_command_lists_every_method(capsys):
     assert all(r["paper"] for r in rows.values())
     # the families each exports for (the matrix checks these against what export does) and the code followed
     assert rows["vidcom2"]["families"] == ["llava_onevision"] and rows["holov"]["families"] == ["llava"]
-    assert rows["hiprune"]["families"] == ["llava", "qwen2_5_vl", "qwen3_vl"]
+    assert rows["hiprune"]["families"] == rows["cdpruner"]["families"] == ["llava", "qwen2_5_vl", "qwen3_vl"]
     assert rows["hiprune"]["reference"] == "Danielement321/HiPrune" and rows["none"]["reference"] == "-"

@@ -576,6 +576,7 @@ def reduced_dynamic_cases(loaded, method: Method, budget: int, options: dict, st
         EXAMPLE_PROMPTS,
         _recorded,
         anyres_example_images,
+        instruction_reference,
         render_prompt,
         tokenize,
     )
@@ -588,8 +589,9 @@ def reduced_dynamic_cases(loaded, method: Method, budget: int, options: dict, st
     for i, image in enumerate(anyres_example_images()):
         full = int(family.reference_features(loaded, get_method("none"), [image], budget).shape[1])
         count = per_image.per_image(full)
-        feats, index = family.reduced_reference_features(loaded, method, image, count, options, budget)
         ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], count)
+        extra = {"instruction": instruction_reference(loaded, ids, mask)[0]} if method.takes_instruction else {}
+        feats, index = family.reduced_reference_features(loaded, method, image, count, options, budget, **extra)
         with torch.no_grad():
             prefill, tokens, step_logits = family.reference_logits(
                 loaded, torch.from_numpy(ids), torch.from_numpy(mask), feats, steps, images=[image], kept=[index])

@@ -107,7 +107,14 @@ class ImageLayout:
         the `kept_index` per image when the graph selects tokens whose positions matter, else None).
         `instruction` [n, hidden]: each image's prompt text, for graphs that take it (single view)."""
         names = {t.name for t in self.manifest.graphs["vision"].inputs}
-        return graphs.vision_indexed([self.feed(x, names) for x in batch.inputs])
+        feeds = [self.feed(x, names) for x in batch.inputs]
+        if "instruction" in names:  # per-image graphs: each image's [hidden] row
+            if instruction is None:
+                raise ValueError("this vision graph takes the prompt's text (instruction); none was given")
+            dtype = np.dtype(self.manifest.graphs["vision"].input("instruction").dtype)
+            for feed, row in zip(feeds, instruction):
+                feed["instruction"] = row.astype(dtype, copy=False)
+        return graphs.vision_indexed(feeds)
 
     def feed(self, image_inputs, graph_inputs) -> dict[str, np.ndarray]:
         """One prepared image's feed for a vision graph whose input names are `graph_inputs`."""

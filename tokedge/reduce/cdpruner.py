@@ -50,9 +50,10 @@ def greedy_map(kernel, k: int):
     import torch
 
     b, n = kernel.shape[0], kernel.shape[-1]
-    d2 = torch.diagonal(kernel, dim1=-2, dim2=-1).clone()
     rows = torch.arange(b)
     cols = torch.arange(n)
+    # the diagonal, written as a masked row sum (torch.diagonal exports an If for a dynamic n)
+    d2 = (kernel * (cols[:, None] == cols[None, :]).to(kernel.dtype)).sum(dim=-1)
     cis = []
     picks = []
     picked = torch.zeros_like(d2, dtype=torch.bool)
@@ -95,6 +96,24 @@ def reduce_cdpruner(vf: VisionFeatures, k: int, options: dict):
     return embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1]))
 
 
+def reduce_cdpruner_indexed(vf: VisionFeatures, k, options: dict, most: int = 0):
+    """Dynamic resolution (Qwen-VL), one image, a run-time count k (0-d int64) of its merged tokens
+    `vf.features` [1, n, d] and the instruction [1, d] or [d]: `most` greedy steps unrolled (the
+    largest count the graph is fed), the first k picks kept (greedy picks are a prefix of any longer
+    run) -> (tokens [1, k, d], raster indices [1, k] ascending)."""
+    import torch
+
+    embeds = vf.features
+    q = vf.instruction.reshape(1, -1)
+    v = embeds.float()
+    v = v / v.norm(dim=-1, keepdim=True)
+    r = relevance(embeds, q, bool(options["negate"]))
+    kernel = r[:, :, None] * torch.matmul(v, v.transpose(-1, -2)) * r[:, None, :]
+    picks = greedy_map(kernel, max(int(most), 1))[0]
+    kept = torch.sort(picks[:k]).values
+    return embeds[0][kept][None], kept[None]
+
+
 METHOD = Method(
     name="cdpruner",
     stage=Stage.PRE_LLM,
@@ -103,6 +122,7 @@ METHOD = Method(
     summary="greedy DPP MAP: projected tokens' similarity weighted by relevance to the instruction",
     scores_with=(Signal.EMBEDDINGS, Signal.INSTRUCTION),
     reduce=reduce_cdpruner,
+    reduce_indexed=reduce_cdpruner_indexed,
     option_specs={
         "negate": OptionSpec(int, 0, "1: relevance = -cos (the authors' sign, for CLIP's joint space); 0: cos "
                              "(OpenVINO GenAI's default in the LLM's space)", lambda v: v in (0, 1), "use 0 or 1"),

@@ -66,8 +66,9 @@ def prepare_images(graphs: ArtifactGraphs, batch: ImageBatch, input_ids: np.ndar
     t0 = time.perf_counter()
     instruction = None
     if graphs.manifest.graphs["vision"].input("instruction") is not None:
-        instruction = prompt_instruction(text, input_ids, attention_mask, graphs.manifest.model.image_token_id,
-                                         batch.images_per_row)
+        hidden = graphs.manifest.model.hidden_size  # packed rows (DeepStack planes after it): the embedding only
+        instruction = prompt_instruction(text[..., :hidden], input_ids, attention_mask,
+                                         graphs.manifest.model.image_token_id, batch.images_per_row)
     image_embeds, kept = layout.run_vision(graphs, batch, instruction)
     rows = per_row(image_embeds, batch.images_per_row)
     vision_ms = (time.perf_counter() - t0) * 1e3

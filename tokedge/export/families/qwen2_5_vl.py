@@ -314,7 +314,7 @@ class QwenReducedVisionGraph(QwenVisionGraph):
         received = torch.softmax(logits, dim=-1).mean(0).mean(0)  # [N]: mean over heads and queries
         return received, keys
 
-    def forward(self, pixel_values, vision_pos, window_seg, merge_restore, keep):
+    def forward(self, pixel_values, vision_pos, window_seg, merge_restore, keep, instruction=None):
         h = self.patch_embed(pixel_values)
         cos, sin = self.rotary(h, vision_pos)
         cos, sin = cos.float()[None], sin.float()[None]
@@ -341,18 +341,22 @@ class QwenReducedVisionGraph(QwenVisionGraph):
             vf.received_attention = vf.cls_attention
         if held is not None:
             vf.object_attention = held.reshape(n, -1).mean(-1)[merge_restore][None]
+        vf.instruction = instruction  # [hidden]: methods scoring with the prompt's text (cdpruner)
         tokens, index = self.method.reduce_indexed(vf, keep, self.options, self.most)
         return tokens[0], index[0]
 
 
-def reduced_vision_trace_spec(model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
-    """`QwenReducedVisionGraph`: the none vision spec plus `keep` in, `kept_index` out."""
+def reduced_vision_trace_spec(model: nn.Module, dtype: torch.dtype = torch.float32,
+                              instruction: bool = False) -> TraceSpec:
+    """`QwenReducedVisionGraph`: the none vision spec plus `keep` in, `kept_index` out (and the
+    prompt's text `instruction` [hidden] in, for methods that score with it)."""
     base = trace_specs(model, dtype)["vision"]
     hidden = int(model.config.text_config.hidden_size)
     n = base.example[0].shape[0]
+    text = (("instruction",), (torch.randn(hidden, dtype=dtype),)) if instruction else ((), ())
     return TraceSpec(
-        inputs=(*base.inputs, "keep"), outputs=("image_embeds", "kept_index"),
-        example=(*base.example, torch.tensor(n // 8, dtype=torch.int64)),
+        inputs=(*base.inputs, "keep", *text[0]), outputs=("image_embeds", "kept_index"),
+        example=(*base.example, torch.tensor(n // 8, dtype=torch.int64), *text[1]),
         dynamic_axes={**base.dynamic_axes, "image_embeds": {0: KEPT}, "kept_index": {0: KEPT}},
         output_shapes={"image_embeds": (KEPT, hidden), "kept_index": (KEPT,)},
     )
@@ -745,7 +749,7 @@ class Qwen25VLFamily(FamilyBase):
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
         if isinstance(vision, QwenReducedVisionGraph):
-            return reduced_vision_trace_spec(loaded.model, dtype)
+            return reduced_vision_trace_spec(loaded.model, dtype, vision.method.takes_instruction)
         return trace_specs(loaded.model, dtype)["vision"]
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
@@ -784,7 +788,7 @@ class Qwen25VLFamily(FamilyBase):
 
     @torch.no_grad()
     def reduced_reference_features(self, loaded: LoadedCheckpoint, method: Method, image, count: int,
-                                   options: dict, most: int) -> tuple[torch.Tensor, np.ndarray]:
+                                   options: dict, most: int, instruction=None) -> tuple[torch.Tensor, np.ndarray]:
         """Pre-LLM methods: tokedge's torch reduced vision module (the one exported) on the image's
         runtime inputs -> (kept tokens [1, count, hidden], kept_index). A check of the tracing; the
         independent reference of the selections lives in tests/export/test_qwen_pre_llm.py."""
@@ -794,7 +798,7 @@ class Qwen25VLFamily(FamilyBase):
         module = QwenReducedVisionGraph(loaded.model, method, options, most).eval()
         tokens, index = module(torch.from_numpy(x.pixel_values), torch.from_numpy(x.vision_pos),
                                torch.from_numpy(x.window_seg), torch.from_numpy(x.merge_restore),
-                               torch.tensor(count, dtype=torch.int64))
+                               torch.tensor(count, dtype=torch.int64), instruction)
         return tokens[None].float(), index.numpy()
 
     def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
@@ -816,8 +820,9 @@ class Qwen25VLFamily(FamilyBase):
     def reduced_vision_module(self, model: nn.Module, method: Method, options: dict, most: int) -> nn.Module:
         return QwenReducedVisionGraph(model, method, options, most).eval()
 
-    def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
-        return reduced_vision_trace_spec(model, dtype)
+    def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32,
+                                  instruction: bool = False) -> TraceSpec:
+        return reduced_vision_trace_spec(model, dtype, instruction)
 
     def pruning_trace_specs(self, model: nn.Module, plan, dtype: torch.dtype = torch.float32) -> dict[str, TraceSpec]:
         return pruning_trace_specs(model, plan, dtype)

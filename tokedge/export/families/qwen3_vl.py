@@ -219,7 +219,7 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
         received = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5, dim=-1)
         return received.mean(0).mean(0), keys  # [N]: mean over heads and queries
 
-    def forward(self, pixel_values, vision_pos, interp_index, interp_weight, keep):
+    def forward(self, pixel_values, vision_pos, interp_index, interp_weight, keep, instruction=None):
         h = self.patch_embed(pixel_values)
         h = h + (self.pos_embed(interp_index) * interp_weight[:, :, None]).sum(1).to(h.dtype)
         cos, sin = self.rotary(h, vision_pos)
@@ -248,20 +248,25 @@ class Qwen3ReducedVisionGraph(Qwen3VisionGraph):
             vf.received_attention = vf.cls_attention
         if held is not None:
             vf.object_attention = held.reshape(n, -1).mean(-1)[None]
+        vf.instruction = instruction  # [hidden]: methods scoring with the prompt's text (cdpruner)
         tokens, index = self.method.reduce_indexed(vf, keep, self.options, self.most)
         if self.by_embeddings:  # ranked by the features: the same rows of every level
             tokens = packed[index[0]][None]
         return tokens[0], index[0]
 
 
-def reduced_vision_trace_spec(model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
-    """`Qwen3ReducedVisionGraph`: the none vision spec plus `keep` in, `kept_index` out."""
+def reduced_vision_trace_spec(model: nn.Module, dtype: torch.dtype = torch.float32,
+                              instruction: bool = False) -> TraceSpec:
+    """`Qwen3ReducedVisionGraph`: the none vision spec plus `keep` in, `kept_index` out (and the
+    prompt's text `instruction` [hidden] in, for methods that score with it)."""
     base = trace_specs(model, dtype)["vision"]
     width = base.output_shapes["image_embeds"][-1]
     n = base.example[0].shape[0]
+    hidden = int(model.config.text_config.hidden_size)
+    text = (("instruction",), (torch.randn(hidden, dtype=dtype),)) if instruction else ((), ())
     return TraceSpec(
-        inputs=(*base.inputs, "keep"), outputs=("image_embeds", "kept_index"),
-        example=(*base.example, torch.tensor(n // 4, dtype=torch.int64)),
+        inputs=(*base.inputs, "keep", *text[0]), outputs=("image_embeds", "kept_index"),
+        example=(*base.example, torch.tensor(n // 4, dtype=torch.int64), *text[1]),
         dynamic_axes={**base.dynamic_axes, "image_embeds": {0: q25.KEPT}, "kept_index": {0: q25.KEPT}},
         output_shapes={"image_embeds": (q25.KEPT, width), "kept_index": (q25.KEPT,)},
     )
@@ -474,7 +479,7 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None) -> TraceSpec:
         if isinstance(vision, Qwen3ReducedVisionGraph):
-            return reduced_vision_trace_spec(loaded.model, dtype)
+            return reduced_vision_trace_spec(loaded.model, dtype, vision.method.takes_instruction)
         return trace_specs(loaded.model, dtype)["vision"]
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
@@ -492,7 +497,7 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
 
     @torch.no_grad()
     def reduced_reference_features(self, loaded: LoadedCheckpoint, method: Method, image, count: int,
-                                   options: dict, most: int):
+                                   options: dict, most: int, instruction=None):
         """Pre-LLM methods: tokedge's torch reduced vision module (the one exported) on the image's
         runtime inputs -> (kept packed rows [1, count, (1 + levels) * hidden], kept_index). A check of
         the tracing; the independent reference lives in tests/export/test_qwen3_pre_llm.py."""
@@ -502,7 +507,7 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
         module = Qwen3ReducedVisionGraph(loaded.model, method, options, most).eval()
         tokens, index = module(torch.from_numpy(x.pixel_values), torch.from_numpy(x.vision_pos),
                                torch.from_numpy(x.interp_index), torch.from_numpy(x.interp_weight),
-                               torch.tensor(count, dtype=torch.int64))
+                               torch.tensor(count, dtype=torch.int64), instruction)
         return tokens[None].float(), index.numpy()
 
     def embed_prompt(self, loaded: LoadedCheckpoint, input_ids, image_features):
@@ -523,8 +528,9 @@ class Qwen3VLFamily(q25.Qwen25VLFamily):
     def reduced_vision_module(self, model: nn.Module, method: Method, options: dict, most: int) -> nn.Module:
         return Qwen3ReducedVisionGraph(model, method, options, most).eval()
 
-    def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> TraceSpec:
-        return reduced_vision_trace_spec(model, dtype)
+    def reduced_vision_trace_spec(self, model: nn.Module, dtype: torch.dtype = torch.float32,
+                                  instruction: bool = False) -> TraceSpec:
+        return reduced_vision_trace_spec(model, dtype, instruction)
 
 
 FAMILY = register(Qwen3VLFamily())
