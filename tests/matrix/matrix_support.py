@@ -170,6 +170,9 @@ def run_pair(preset: str, method: str, tmp: Path, capsys, monkeypatch) -> dict:
         return {"pair": f"{preset} x {method}", "status": "refused", "why": lines[0]}
     manifest = load_artifact(art)
     image = write_image(tmp / "image.png")
+    from tests.reduce.test_every_method import assert_static_graphs
+
+    assert_static_graphs(art)  # no data-dependent ops, TopK k within TensorRT's limit
     covered = ["export"]
 
     rc, out, err = cli(capsys, "verify", art)
@@ -182,7 +185,10 @@ def run_pair(preset: str, method: str, tmp: Path, capsys, monkeypatch) -> dict:
         rc, out, err = cli(capsys, "run", art, "--image", image, "--prompt", "What is shown?",
                            "--max-new-tokens", "3", "--json")
         assert rc == 0, err
-        assert json.loads(out)["token_ids"], out
+        result = json.loads(out)
+        assert result["token_ids"], out
+        if manifest.layout.kind == "single":  # one view: the reduced count (in-LLM: after the pruning prefill)
+            assert result["visual_tokens"] == manifest.reduction.budget, (result["visual_tokens"], manifest.reduction)
         covered.append("run image")
         if manifest.video is not None:
             frames = manifest.video.default_frames

@@ -14,15 +14,18 @@ from onnx import numpy_helper
 from tokedge.cli import main
 from tokedge.reduce import METHODS
 
-BUDGETS = [16, 64, 128, 192]
+# 64 is the family x method matrix's budget on tiny-llava (tests/matrix: export, verify, run with the
+# visual token count, these graph checks, and every other command), so it is not exported again here
+BUDGETS = [16, 128, 192]
 NOT_ALLOWED = {("pool", 128): "perfect square", ("pool", 192): "perfect square", ("tome", 16): "cannot merge down"}
 DATA_DEPENDENT = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
 # `random` is cls-attn's TopK + sort over constant scores: its other budgets add ~30 s of CI and
 # nothing the one budget (and tests/reduce/test_random.py's token counts) does not show;
-ONE_BUDGET = {"random": 64, "hiprune": 16, "holov": 192, "cdpruner": 128}
+ONE_BUDGET = {"random": 16, "hiprune": 16, "holov": 192, "cdpruner": 16}
 # hiprune, holov, cdpruner: their own tests (tests/reduce/test_hiprune.py, test_holov.py,
 # test_cdpruner.py) export 64 + 192, 64 + 128 and 16 + 32 against transformers with the loop
-# selection, and the matrix exports each at 64; here a budget those do not reach
+# selection, and the matrix exports each at 64; here one budget each (cdpruner: 16, its unrolled
+# greedy steps make a 128-token export ~30 s of CI)
 
 
 def _cases():
@@ -71,6 +74,11 @@ def test_method_exports_verifies_and_runs(method, budget, artifacts, tiny_llava_
     # did not prune reports 576 here and fails
     assert out["visual_tokens"] == budget
     assert len(out["token_ids"]) >= 1
+    assert_static_graphs(art)
+
+
+def assert_static_graphs(art) -> None:
+    """No data-dependent ops in any graph, every constant TopK k within TensorRT's 3840."""
     manifest = json.loads((art / "tokedge.json").read_text())
     for name, graph in manifest["graphs"].items():
         model, ks = _topk_constant_ks(art / graph["file"])

@@ -54,20 +54,19 @@ def greedy_map(kernel, k: int):
     cols = torch.arange(n)
     # the diagonal, written as a masked row sum (torch.diagonal exports an If for a dynamic n)
     d2 = (kernel * (cols[:, None] == cols[None, :]).to(kernel.dtype)).sum(dim=-1)
-    cis = []
+    c = None  # [t, b, n]: the Cholesky rows so far, grown by one per pick
     picks = []
     picked = torch.zeros_like(d2, dtype=torch.bool)
     for _ in range(k):
         j = torch.argmax(d2, dim=-1)  # [b]
         picks.append(j)
         kj = kernel[rows, j]  # [b, n]
-        if cis:
-            c = torch.stack(cis)  # [t, b, n]
+        if c is not None:
             kj = kj - (c[:, rows, j][..., None] * c).sum(dim=0)
         dj = d2[rows, j][:, None]
         live = dj > EXHAUSTED  # the kernel's rank is spent: no update (the authors' sqrt would give NaN)
         e = torch.where(live, kj / torch.sqrt(dj.clamp_min(EXHAUSTED)), torch.zeros_like(kj))
-        cis.append(e)
+        c = e[None] if c is None else torch.cat([c, e[None]])
         picked = picked | (cols[None, :] == j[:, None])
         d2 = d2 - e * e
         d2 = torch.where(d2 > EXHAUSTED, d2, torch.zeros_like(d2))  # spent candidates tie at 0: raster order
