@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 
 from tests.reduce.test_cdpruner import cdpruner_loop
 from tests.reduce.test_hiprune import hiprune_loop
+from tests.reduce.test_todre import todre_loop
 from tokedge.runtime import qwen_vl
 
 SIZES = [(300, 200), (224, 224)]
@@ -56,7 +57,7 @@ def graphs(hf_qwen2_5_vl, tiny_qwen2_5_vl_dir, tmp_path_factory):
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), get_method(name).parse_options({}), 64),
                               family.reduced_vision_trace_spec(model, torch.float32,
                                                                 get_method(name).takes_instruction), name)
-                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner", "hired", "hiprune", "cdpruner")}
+                for name in ("visionzip", "divprune", "cls-attn", "pool", "vispruner", "hired", "hiprune", "cdpruner", "todre")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -230,7 +231,7 @@ def vispruner_loop(x, score, k, ratio=0.5):
 
 @pytest.mark.parametrize(("method", "keep"), [
     *((m, keep) for m in ("visionzip", "divprune", "cls-attn", "pool", "vispruner") for keep in (0.5, 0.75)),
-    ("hired", 0.5), ("hiprune", 0.25), ("hiprune", 0.75), ("cdpruner", 0.25), ("cdpruner", 0.5)])
+    ("hired", 0.5), ("hiprune", 0.25), ("hiprune", 0.75), ("cdpruner", 0.25), ("cdpruner", 0.5), ("todre", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
@@ -249,6 +250,9 @@ def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, metho
             idx, ref = pool_loop(merged, int(grid[0, 2]) // 2, k)
         elif method == "vispruner":
             idx, ref = vispruner_loop(merged, score, k)
+        elif method == "todre":  # max-sum diversity from the token receiving the most attention
+            idx = todre_loop(merged.double().numpy(), score.tolist(), k)
+            ref = merged[idx]
         elif method == "cdpruner":  # greedy DPP over the merged tokens, relevance to the prompt's text
             idx = cdpruner_loop(merged.double().numpy(), instruction.double().numpy(), k)
             ref = merged[idx]

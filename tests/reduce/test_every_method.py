@@ -21,9 +21,9 @@ NOT_ALLOWED = {("pool", 128): "perfect square", ("pool", 192): "perfect square",
 DATA_DEPENDENT = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
 # `random` is cls-attn's TopK + sort over constant scores: its other budgets add ~30 s of CI and
 # nothing the one budget (and tests/reduce/test_random.py's token counts) does not show;
-ONE_BUDGET = {"random": 16, "hiprune": 16, "holov": 192, "cdpruner": 16}
-# hiprune, holov, cdpruner: their own tests (tests/reduce/test_hiprune.py, test_holov.py,
-# test_cdpruner.py) export 64 + 192, 64 + 128 and 16 + 32 against transformers with the loop
+ONE_BUDGET = {"random": 16, "hiprune": 16, "holov": 192, "cdpruner": 16, "todre": 16}
+# hiprune, holov, cdpruner, todre: their own tests (tests/reduce/test_hiprune.py, test_holov.py,
+# test_cdpruner.py, test_todre.py) export 64 + 192, 64 + 128, 16 + 32 and 32 + 128 against transformers with the loop
 # selection, and the matrix exports each at 64; here one budget each (cdpruner: 16, its unrolled
 # greedy steps make a 128-token export ~30 s of CI)
 
@@ -100,7 +100,7 @@ def test_methods_command_lists_every_method(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == {"none", "cls-attn", "hired", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv",
-                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random", "hiprune", "holov", "vidcom2", "cdpruner"}
+                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random", "hiprune", "holov", "vidcom2", "cdpruner", "todre"}
     assert rows["hired"]["options"]["alpha"]["default"] == 0.5
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
     assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]
