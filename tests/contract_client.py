@@ -51,8 +51,8 @@ class ContractClient:
         """docs/artifact.md, vision input `instruction`: per row, the mean of embed.onnx's output over
         the positions with attention_mask 1 that are not the image placeholder."""
         text = (attention_mask == 1) & (input_ids != self.manifest["prompt"]["image_token_id"])
-        emb = self.embed(input_ids)
-        return (emb * text[..., None]).sum(axis=1) / text.sum(axis=1, keepdims=True)
+        emb = self.embed(input_ids)[..., :self.manifest["model"]["hidden_size"]].astype(np.float32)
+        return (emb * text[..., None]).sum(axis=1) / np.maximum(text.sum(axis=1, keepdims=True), 1)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed"].run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]

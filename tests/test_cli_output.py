@@ -47,7 +47,7 @@ def test_methods_at_80_columns_keep_names_and_arxiv_ids(narrow, capsys):
     for m in METHODS.values():
         for arxiv in re.findall(r"\d{4}\.\d{4,5}", m.paper):
             assert arxiv in flat
-    assert len(out.splitlines()) <= 2 + 4 * len(METHODS)  # a row, then summary, arXiv ids and families wrapped
+    assert len(out.splitlines()) <= 2 + 4 * len(METHODS)  # a row, then summary, arXiv ids, families, code followed
     assert "families: llava_onevision" in flat  # the temporal methods name the one family with their graph
 
 

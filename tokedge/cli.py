@@ -994,7 +994,8 @@ def methods_cmd(json_out: ListJsonFlag = False) -> None:
         ("method", "name"), ("acts", "stage"), ("runtime budget", lambda r: "yes" if r["runtime_budget"] else "no"),
         ("scores with", lambda r: ", ".join(r["scores_with"]) or "-"),
     ], detail=lambda r: (f"{r['summary']} (arXiv {r['paper']})" if r["paper"] != "-" else r["summary"])
-        + f"; families: {', '.join(r['families']) or 'none'}")
+        + f"; families: {', '.join(r['families']) or 'none'}"
+        + (f"; follows {r['reference']}" if r["reference"] != "-" else ""))
 
 
 @app.command("doctor", short_help="What this machine has; which commands work here.")

@@ -288,6 +288,7 @@ def test_todre_pivots_on_the_base_view_and_matches_the_loop(pipelines, hf_next, 
     image = textured_image(*SIZES[0])
     cand = candidates(hf_next, image)
     base = [i for i, part in enumerate(cand["partition"]) if part == 0]
+    assert int(np.argmax(cand["score"])) not in base  # the highest CLS attention is in a tile: the rule matters
     expected_embeds = cand["projected"][todre_loop(cand["projected"].astype(np.float64), cand["score"], k, base)]
     _, expected_logits, expected_tokens = reference_generate(hf_next, expected_embeds)
     result = pipelines("todre").generate(image, QUESTION, max_new_tokens=NEW_TOKENS)

@@ -48,7 +48,8 @@ def holov_loop(x: np.ndarray, attn: np.ndarray, budget: int, crops: int) -> list
         alloc[c] += 1
     out: list[int | None] = []
     for band, k in zip(bands, alloc):
-        out += sorted(band, key=lambda i: (-attn[i], i))[:k]  # all of it when k >= its size
+        # the authors: `patch` as it is (raster) when alloc >= its size, else topk(attention) (descending)
+        out += band if k >= len(band) else sorted(band, key=lambda i: (-attn[i], i))[:k]
     return out + [None] * (budget - len(out))
 
 

@@ -17,9 +17,10 @@ embeddings with the raw question through CLIP's text tower, which LLaVA checkpoi
 tokedge, as OpenVINO GenAI, compares the projected visual tokens with the instruction in the LLM's
 embedding space: q = the mean of the embed graph's output over the prompt's text tokens (every token
 of the rendered prompt but image placeholders and padding), the vision graph's `instruction` input.
-A constant relevance (max = min, where the authors' code divides by zero) counts as all equal. When
-the picks span what the kernel holds (K above the embedding width, duplicates), the marginal gains
-d2 at or below 1e-4 count as 0 and the remaining picks go in raster order: below that, fp32 sums in
+A constant relevance (max = min, where the authors' code divides by zero) counts as all equal. Marginal
+gains d2 at or below 1e-4 count as 0, and such candidates are picked last, in raster order: the picks
+beyond what the kernel spans (K above the embedding width, duplicates), and tokens whose relevance is
+at most 0.01 (d2 starts at r^2), which the kernel weighs near zero anyway: below that, fp32 sums in
 two runtimes order them differently (the authors' sqrt of a non-positive d2 gives NaN; OpenVINO
 GenAI guards it with an epsilon too).
 Static counts: K unrolled steps (argmax, a gather, a row update), no data-dependent shapes.
@@ -113,6 +114,15 @@ def reduce_cdpruner_indexed(vf: VisionFeatures, k, options: dict, most: int = 0)
     return embeds[0][kept][None], kept[None]
 
 
+def _check(budget: int, full: int) -> str | None:
+    from tokedge.reduce.divprune import MOST_STEPS
+
+    if budget > MOST_STEPS:
+        return (f"cdpruner unrolls one greedy step per kept token, at most {MOST_STEPS}: use --budget <= {MOST_STEPS} "
+                "(or a smaller --keep or --max-pixels)")
+    return None
+
+
 METHOD = Method(
     name="cdpruner",
     stage=Stage.PRE_LLM,
@@ -122,6 +132,7 @@ METHOD = Method(
     scores_with=(Signal.EMBEDDINGS, Signal.INSTRUCTION),
     reduce=reduce_cdpruner,
     reduce_indexed=reduce_cdpruner_indexed,
+    budget_check=_check,
     option_specs={
         "negate": OptionSpec(int, 0, "1: relevance = -cos (the authors' sign, for CLIP's joint space); 0: cos "
                              "(OpenVINO GenAI's default in the LLM's space)", lambda v: v in (0, 1), "use 0 or 1"),

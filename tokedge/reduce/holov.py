@@ -12,8 +12,8 @@ feature layer's CLS attention (CLS query row, mean over heads):
    crop's score is the mean token score.
 3. Budgets: w = score / (sum + 1e-6); alloc = floor(w * K); the K - sum(alloc) left over go one each
    to the crops with the largest w.
-4. Each crop keeps its alloc tokens with the highest CLS attention (all of them when alloc >= m: the
-   surplus is lost); order: crop by crop, within a crop by descending attention (not raster).
+4. Each crop keeps its alloc tokens with the highest CLS attention, in descending attention order
+   (not raster); a crop whose alloc >= m keeps all its tokens in raster order and the surplus is lost.
 5. Fewer than K kept (a crop's surplus lost): zero vectors fill up to K, as the authors' code does.
 Deployment choices: scores in fp32 (theirs in fp16); ties go to the lower index (crops and tokens).
 Static counts for a fixed K and n: constant crop maps, pairwise ranks, one TopK over an order key.
@@ -77,6 +77,9 @@ def select_holov(x, attention, budget: int, crops: int):
     a_i, a_j = a[..., :, None], a[..., None, :]
     ahead = same & ((a_j > a_i) | ((a_j == a_i) & (t_idx[None, :] < t_idx[:, None])))
     rank = ahead.sum(dim=-1)  # place within its crop by descending attention
+    whole = alloc[:, cid] >= m_tok.to(torch.int64)  # the crop is kept whole, in raster order (the authors')
+    start = torch.tensor([sum(sizes[:c]) for c in range(crops)], dtype=torch.int64)[cid]
+    rank = torch.where(whole, t_idx - start, rank)
     kept = rank < alloc[:, cid]
     order = torch.where(kept, cid * n + rank, torch.full_like(rank, crops * n + n))
     index = torch.topk(order, budget, dim=-1, largest=False, sorted=True).indices

@@ -152,6 +152,12 @@ def check_method(method: Method) -> None:
     if Signal.POSITIONS in method.scores_with:
         raise UsageError(f"--method {method.name} pools one square patch grid and a tiled image has none; "
                          f"use --method {WORKING_METHODS}")
+    if method.single_view:
+        raise UsageError(f"--method {method.name} is built for one view of a fixed token count and a tiled image's "
+                         f"candidate count varies per image; use --method {WORKING_METHODS}")
+    if method.takes_instruction:
+        raise UsageError(f"--method {method.name} scores with the prompt's text, which tiled layouts do not feed "
+                         f"their vision graph yet; use --method {WORKING_METHODS}")
     if method.stage is not Stage.PRE_LLM or not set(method.scores_with) <= {Signal.EMBEDDINGS}:
         raise UsageError(f"--method {method.name} is not available for LLaVA-OneVision; use --method {WORKING_METHODS}")
     next_check_method(method)  # the tiled-image rules shared with LLaVA-NeXT

@@ -128,8 +128,12 @@ def check_method(method: Method) -> None:
         raise UsageError(f"--method {method.name} cannot run on Qwen2.5-VL: its vision tower merges fixed 2x2 patch "
                          "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
                          "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
+    if method.single_view:
+        raise UsageError(f"--method {method.name} is built for one view of a fixed token count and each Qwen2.5-VL "
+                         "image has its own; use hiprune, cls-attn, visionzip, cdpruner, todre, divprune or pool")
     raise UsageError(f"--method {method.name} is not available for Qwen2.5-VL yet; use dart, fastv, pdrop "
-                     "(in-LLM), visionzip, divprune, cls-attn, hired, pool, vispruner (pre-LLM) or none")
+                     "(in-LLM), visionzip, divprune, cls-attn, hired, hiprune, cdpruner, todre, pool, vispruner "
+                     "(pre-LLM) or none")
 
 
 def refuse_multistage(method: Method, plan, family: str) -> None:

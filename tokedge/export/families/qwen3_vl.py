@@ -113,8 +113,11 @@ def check_method(method: Method) -> None:
         raise UsageError(f"--method {method.name} cannot run on Qwen3-VL: its vision tower merges fixed 2x2 patch "
                          "groups (PatchMerger, also for each DeepStack level), which tokens merged inside the tower "
                          "break; use a method that acts on merged tokens (dart, fastv, pdrop)")
+    if method.single_view:
+        raise UsageError(f"--method {method.name} is built for one view of a fixed token count and each Qwen3-VL "
+                         "image has its own; use hiprune, cls-attn, visionzip, cdpruner, todre, divprune or pool")
     raise UsageError(f"--method {method.name} is not available for Qwen3-VL yet; use dart, fastv, pdrop (in-LLM), "
-                     "visionzip, divprune, cls-attn, hired, pool (pre-LLM) or none")
+                     "visionzip, divprune, cls-attn, hired, hiprune, cdpruner, todre, pool (pre-LLM) or none")
 
 
 def load_qwen3_vl(source: str, local: Path | None, *, trust_remote_code: bool = False,
