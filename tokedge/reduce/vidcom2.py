@@ -95,10 +95,11 @@ def keep_mask(x, target: int, retention: float):
     s_i, s_j = flat[:, None], flat[None, :]
     # among the kept: place in the drop order (highest similarity first; ties: the higher index goes first)
     drop_before = keep[None, :] & ((s_j > s_i) | ((s_j == s_i) & (idx[None, :] > idx[:, None])))
-    drop = keep & (drop_before.sum(dim=-1) < excess)
+    # counts summed in float32 (exact to 2^24 tokens): the [F*n, F*n] matrix is half an int64 one
+    drop = keep & (drop_before.to(torch.float32).sum(dim=-1) < excess)
     # among the dropped: place in the add order (lowest similarity first; ties: the lower index first)
     add_before = ~keep[None, :] & ((s_j < s_i) | ((s_j == s_i) & (idx[None, :] < idx[:, None])))
-    add = ~keep & (add_before.sum(dim=-1) < -excess)
+    add = ~keep & (add_before.to(torch.float32).sum(dim=-1) < -excess)
     return ((keep & ~drop) | add).reshape(frames, n)
 
 
