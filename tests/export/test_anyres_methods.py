@@ -279,27 +279,32 @@ def test_method_on_tiled_images_matches_transformers_and_the_loop(method, size, 
 
 
 @pytest.mark.slow
-def test_todre_pivots_on_the_base_view_and_matches_the_loop(pipelines, hf_next, full_tokens):
+def test_todre_pivots_on_the_base_view_and_matches_the_loop(tiny_llava_next_dir, tmp_path, hf_next, full_tokens):
     """ToDRE's pivot comes from the thumbnail (the base view, partition 0), the max-sum greedy runs
-    over every candidate (tests/reduce/test_todre.py's loop); one size, the others as divprune's."""
+    over every candidate (tests/reduce/test_todre.py's loop); one size at 5% (its greedy unrolls one
+    step per kept token; the matrix exports it at 64 with export's own validation)."""
     from tests.reduce.test_todre import todre_loop
+    from tokedge.export.pipeline import ExportConfig, export
+    from tokedge.runtime.pipeline import Pipeline
 
-    k = int(0.2 * full_tokens)
+    k = int(0.05 * full_tokens)
+    export(ExportConfig(model=str(tiny_llava_next_dir), out=tmp_path / "todre", method="todre", budget=k,
+                        validate=False))
     image = textured_image(*SIZES[0])
     cand = candidates(hf_next, image)
     base = [i for i, part in enumerate(cand["partition"]) if part == 0]
     assert int(np.argmax(cand["score"])) not in base  # the highest CLS attention is in a tile: the rule matters
     expected_embeds = cand["projected"][todre_loop(cand["projected"].astype(np.float64), cand["score"], k, base)]
     _, expected_logits, expected_tokens = reference_generate(hf_next, expected_embeds)
-    result = pipelines("todre").generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
-    assert result.visual_tokens == k and result.token_ids[0] == expected_tokens
     from tokedge.runtime.generate import SamplingConfig, generate
     from tokedge.runtime.layout import anyres_inputs
 
-    pipe = pipelines("todre")
-    inputs = [anyres_inputs(image, pipe.manifest.layout.anyres(), pipe.manifest.preprocess, budget=k)]
-    enc = pipe.encoder.encode([QUESTION], [k])
-    gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
+    with Pipeline.load(tmp_path / "todre") as pipe:
+        result = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        inputs = [anyres_inputs(image, pipe.manifest.layout.anyres(), pipe.manifest.preprocess, budget=k)]
+        enc = pipe.encoder.encode([QUESTION], [k])
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
+    assert result.visual_tokens == k and result.token_ids[0] == expected_tokens
     np.testing.assert_allclose(gen.image_embeds[0], expected_embeds, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(gen.prefill_logits[0], expected_logits, atol=1e-3, rtol=0)
 

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 from tests.export.test_qwen_pre_llm import divprune_loop, instruction_of, pool_loop, visionzip_loop
 from tests.reduce.test_cdpruner import cdpruner_loop
 from tests.reduce.test_hiprune import hiprune_loop
+from tests.reduce.test_todre import todre_loop
 from tokedge.runtime import qwen_vl
 
 SIZES = [(320, 224), (256, 256)]  # 7x10 and 8x8 merged tokens at patch 16
@@ -65,7 +66,7 @@ def graphs(hf, tiny_qwen3_vl_dir, tmp_path_factory):
     most = max(math.ceil(0.75 * (h // 32) * (w // 32)) for w, h in SIZES)  # the largest count the tests feed
     sessions = {name: session(family.reduced_vision_module(model, get_method(name), get_method(name).parse_options({}), most),
                               family.reduced_vision_trace_spec(model, torch.float32,
-                                                                get_method(name).takes_instruction), name) for name in ("visionzip", "divprune", "pool", "hiprune", "cdpruner")}
+                                                                get_method(name).takes_instruction), name) for name in ("visionzip", "divprune", "pool", "hiprune", "cdpruner", "todre")}
     sessions["decoder"] = session(family.graph_modules(model)["decoder"], family.graph_trace_specs(model)["decoder"],
                                   "decoder")
     return sessions
@@ -133,7 +134,7 @@ def _lm_reference(model, tok, grids, kept_idx, kept_rows, question="Compare them
 
 @pytest.mark.parametrize(("method", "keep"), [("visionzip", 0.5), ("visionzip", 0.75), ("divprune", 0.5),
                                              ("divprune", 0.75), ("pool", 0.25), ("hiprune", 0.5),
-                                             ("cdpruner", 0.5)])
+                                             ("cdpruner", 0.5), ("todre", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
     model, tok, processor = hf
     hidden = model.config.text_config.hidden_size
@@ -154,6 +155,9 @@ def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
             block = round(len(model.model.visual.blocks) * 0.5) - 1
             obj = tower_signals(model, batch["pixel_values"], grid, block=block)[1]
             idx = hiprune_loop(obj.tolist(), score.tolist(), int(grid[0, 2]) // 2, k, 0.1)
+            ref = packed[idx]
+        elif method == "todre":  # max-sum over the merger's output from the most-attended token; levels alike
+            idx = todre_loop(packed[:, :hidden].double().numpy(), score.tolist(), k)
             ref = packed[idx]
         elif method == "cdpruner":  # DPP over the merger's output and the prompt's text; every level alike
             idx = cdpruner_loop(packed[:, :hidden].double().numpy(), instruction.double().numpy(), k)

@@ -30,7 +30,11 @@ TRT11_PRECISION = "TensorRT 11 is strongly typed"  # fp32 artifacts: build refus
 # (measured per pair on the idle 2-core machine: llava-next 15 s, llava-onevision 14 s, qwen3-vl 11 s,
 # llava 10 s, qwen2.5-vl 9 s; all five passed); tiny-llava and tiny-qwen2.5-vl cover both of its
 # paths (`reduce` on a fixed view, `reduce_indexed` per image) for ~20 s.
-SAMPLED = {"random": ("tiny-llava", "tiny-qwen2.5-vl")}
+SAMPLED = {"random": ("tiny-llava", "tiny-qwen2.5-vl"),
+           # todre has no family code of its own (the families' signals, `reduce` / `reduce_indexed`):
+           # tiny-llava, tiny-llava-next and tiny-qwen2.5-vl cover its three paths; Qwen3-VL's
+           # reduced graph is checked against transformers in tests/export/test_qwen3_pre_llm.py's harness
+           "todre": ("tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2.5-vl")}
 
 
 def methods_for(preset: str) -> list[str]:
