@@ -29,6 +29,7 @@ Static counts: K unrolled steps (argmax, a gather, a row update), no data-depend
 from __future__ import annotations
 
 from tokedge.reduce.base import Method, OptionSpec, Signal, Stage, VisionFeatures
+from tokedge.reduce.select import unroll_limit
 
 EXHAUSTED = 1e-4  # marginal gain d2 at or below this (of at most 1): spent, below fp32 reproducibility
 
@@ -75,16 +76,22 @@ def greedy_map(kernel, k: int):
     return torch.stack(picks, dim=-1)
 
 
-def select_cdpruner(embeds, instruction, k: int, negate: bool):
-    """embeds [b, n, d] projected tokens, instruction [b, d] -> [b, k] kept indices, ascending."""
+def dpp_kernel(embeds, instruction, negate: bool):
+    """embeds [b, n, d], instruction [b, d] -> [b, n, n] kernel diag(r) S diag(r) (fp32)."""
     import torch
 
     v = embeds.float()
     v = v / v.norm(dim=-1, keepdim=True)
     sim = torch.matmul(v, v.transpose(-1, -2))
     r = relevance(embeds, instruction, negate)
-    kernel = r[:, :, None] * sim * r[:, None, :]
-    return torch.sort(greedy_map(kernel, k), dim=-1).values
+    return r[:, :, None] * sim * r[:, None, :]
+
+
+def select_cdpruner(embeds, instruction, k: int, negate: bool):
+    """embeds [b, n, d] projected tokens, instruction [b, d] -> [b, k] kept indices, ascending."""
+    import torch
+
+    return torch.sort(greedy_map(dpp_kernel(embeds, instruction, negate), k), dim=-1).values
 
 
 def reduce_cdpruner(vf: VisionFeatures, k: int, options: dict):
@@ -104,23 +111,10 @@ def reduce_cdpruner_indexed(vf: VisionFeatures, k, options: dict, most: int = 0)
     import torch
 
     embeds = vf.features
-    q = vf.instruction.reshape(1, -1)
-    v = embeds.float()
-    v = v / v.norm(dim=-1, keepdim=True)
-    r = relevance(embeds, q, bool(options["negate"]))
-    kernel = r[:, :, None] * torch.matmul(v, v.transpose(-1, -2)) * r[:, None, :]
+    kernel = dpp_kernel(embeds, vf.instruction.reshape(1, -1), bool(options["negate"]))
     picks = greedy_map(kernel, max(int(most), 1))[0]
     kept = torch.sort(picks[:k]).values
     return embeds[0][kept][None], kept[None]
-
-
-def _check(budget: int, full: int) -> str | None:
-    from tokedge.reduce.divprune import MOST_STEPS
-
-    if budget > MOST_STEPS:
-        return (f"cdpruner unrolls one greedy step per kept token, at most {MOST_STEPS}: use --budget <= {MOST_STEPS} "
-                "(or a smaller --keep or --max-pixels)")
-    return None
 
 
 METHOD = Method(
@@ -132,7 +126,7 @@ METHOD = Method(
     scores_with=(Signal.EMBEDDINGS, Signal.INSTRUCTION),
     reduce=reduce_cdpruner,
     reduce_indexed=reduce_cdpruner_indexed,
-    budget_check=_check,
+    budget_check=unroll_limit("cdpruner"),
     option_specs={
         "negate": OptionSpec(int, 0, "1: relevance = -cos (the authors' sign, for CLIP's joint space); 0: cos "
                              "(OpenVINO GenAI's default in the LLM's space)", lambda v: v in (0, 1), "use 0 or 1"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
-from tokedge.reduce.select import gather_tokens
+from tokedge.reduce.select import gather_tokens, unroll_limit
 
 
 def cosine_distance(x):
@@ -51,7 +51,6 @@ def reduce_divprune(vf: VisionFeatures, k: int, options: dict):
 
 
 
-MOST_STEPS = 4096  # greedy steps a graph unrolls at most (one per kept token)
 
 
 def reduce_divprune_indexed(vf: VisionFeatures, k, options: dict, most: int):
@@ -75,13 +74,6 @@ def reduce_divprune_indexed(vf: VisionFeatures, k, options: dict, most: int):
     return x[idx][None], idx[None]
 
 
-def _check(budget: int, full: int) -> str | None:
-    if budget > MOST_STEPS:
-        return (f"divprune unrolls one greedy step per kept token, at most {MOST_STEPS}: use --budget <= {MOST_STEPS} "
-                "(or a smaller --keep or --max-pixels)")
-    return None
-
-
 METHOD = Method(
     name="divprune",
     stage=Stage.PRE_LLM,
@@ -91,5 +83,5 @@ METHOD = Method(
     summary="greedy max-min diverse subset of projected tokens (cosine distance)",
     reduce=reduce_divprune,
     reduce_indexed=reduce_divprune_indexed,
-    budget_check=_check,
+    budget_check=unroll_limit("divprune"),
 )

@@ -41,21 +41,26 @@ def object_layer(options: dict, layers: int, has_cls: bool = True) -> int:
     return min(int(chosen), layers) - 1
 
 
-def select_hiprune(object_score, deep_score, width: int, budget: int, alpha: float):
-    """object_score, deep_score [b, n] received attention (object and feature layer), n = width^2
-    -> [b, budget] kept patch indices, ascending."""
+def keep_hiprune(object_score, deep_score, width, budget, anchors):
+    """object_score, deep_score [b, n] received attention (object and feature layer) on a grid `width`
+    wide; `budget` and `anchors` python ints or 0-d int64 tensors (a run-time count) -> [b, budget]
+    kept indices, ascending."""
     import torch
 
     n = object_score.shape[-1]
-    a = anchor_count(budget, alpha)
     chosen = torch.zeros_like(deep_score, dtype=torch.bool)
-    if a > 0:
-        idx = torch.topk(object_score, a, dim=-1).indices  # [b, a]
+    if not isinstance(anchors, int) or anchors > 0:  # a constant 0 leaves no anchors (and no TopK k = 0)
+        idx = torch.topk(object_score, anchors, dim=-1).indices  # [b, a]
         near = torch.cat([idx, idx - 1, idx + 1, idx - width, idx + width], dim=-1).clamp(0, n - 1)
         chosen = (near[..., None] == torch.arange(n, device=near.device)).any(dim=-2)  # [b, n]
     # the chosen ones first (received attention is at most 1), then the best other patches
     key = deep_score.float() + 2.0 * chosen.to(torch.float32)
     return torch.sort(torch.topk(key, budget, dim=-1).indices, dim=-1).values
+
+
+def select_hiprune(object_score, deep_score, width: int, budget: int, alpha: float):
+    """A fixed budget: [b, n] scores, n = width^2 -> [b, budget] kept patch indices, ascending."""
+    return keep_hiprune(object_score, deep_score, width, budget, anchor_count(budget, alpha))
 
 
 def reduce_hiprune(vf: VisionFeatures, k: int, options: dict):
@@ -74,16 +79,9 @@ def reduce_hiprune_indexed(vf: VisionFeatures, k, options: dict, most: int = 0):
     the graph (ONNX Round is half to even, as Python's) -> (tokens [1, k, d], raster indices [1, k])."""
     import torch
 
-    obj, deep = vf.object_attention[0], vf.received_attention[0]
-    n = obj.shape[0]
     a = torch.round(k.to(torch.float32) * options["alpha"] / 5).to(torch.int64)
-    idx = torch.topk(obj, a).indices
-    width = vf.grid_width
-    near = torch.cat([idx, idx - 1, idx + 1, idx - width, idx + width]).clamp(0, n - 1)
-    chosen = (near[:, None] == torch.arange(n, device=near.device)[None, :]).any(dim=0)
-    key = deep.float() + 2.0 * chosen.to(torch.float32)
-    kept = torch.sort(torch.topk(key, k).indices).values
-    return vf.features[0][kept][None], kept[None]
+    kept = keep_hiprune(vf.object_attention, vf.received_attention, vf.grid_width, k, a)
+    return vf.features[0][kept[0]][None], kept
 
 
 METHOD = Method(

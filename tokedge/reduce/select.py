@@ -21,3 +21,18 @@ def topk_sorted(scores, k: int):
 def gather_tokens(x, idx):
     """x: [b, n, d], idx: [b, k] -> [b, k, d] (the rows named by idx, in idx order)."""
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+MOST_STEPS = 4096  # greedy steps a graph unrolls at most (one per kept token)
+
+
+def unroll_limit(name: str):
+    """The budget check of a method whose graph unrolls one greedy step per kept token."""
+
+    def check(budget: int, full: int) -> str | None:
+        if budget > MOST_STEPS:
+            return (f"{name} unrolls one greedy step per kept token, at most {MOST_STEPS}: use --budget <= "
+                    f"{MOST_STEPS} (or a smaller --keep or --max-pixels)")
+        return None
+
+    return check

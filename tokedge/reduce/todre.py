@@ -20,7 +20,7 @@ largest count and keeps the first k picks (greedy picks are a prefix of any long
 from __future__ import annotations
 
 from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures
-from tokedge.reduce.select import gather_tokens
+from tokedge.reduce.select import gather_tokens, unroll_limit
 
 
 def _normalised(x):
@@ -81,14 +81,6 @@ def reduce_todre_indexed(vf: VisionFeatures, k, options: dict, most: int = 0):
     return vf.features[0][kept][None], kept[None]
 
 
-def _check(budget: int, full: int) -> str | None:
-    from tokedge.reduce.divprune import MOST_STEPS
-
-    if budget > MOST_STEPS:
-        return f"todre unrolls one greedy step per kept token, at most {MOST_STEPS}: use --budget <= {MOST_STEPS}"
-    return None
-
-
 METHOD = Method(
     name="todre",
     stage=Stage.PRE_LLM,
@@ -98,5 +90,5 @@ METHOD = Method(
     scores_with=(Signal.CLS_ATTENTION, Signal.EMBEDDINGS, Signal.REGIONS),
     reduce=reduce_todre,
     reduce_indexed=reduce_todre_indexed,
-    budget_check=_check,
+    budget_check=unroll_limit("todre"),
 )

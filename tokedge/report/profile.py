@@ -501,9 +501,9 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
                 if spec is not None:  # the prompt's text, as the runtime feeds it (runtime.driver)
                     from tokedge.runtime.driver import prompt_instruction
 
-                    text = pipes[e.artifact].graphs.embed(encoded.input_ids)[..., :pm.model.hidden_size]
-                    row = prompt_instruction(text, encoded.input_ids, encoded.attention_mask,
-                                             pm.model.image_token_id, [1]).astype(spec.dtype)
+                    text = pipes[e.artifact].graphs.embed(encoded.input_ids)
+                    row = prompt_instruction(text, encoded.input_ids, encoded.attention_mask, pm.model,
+                                             [1]).astype(spec.dtype)
                     feed["instruction"] = row if len(spec.shape) == 2 else row[0]  # per-image graphs: [hidden]
                 red_ms = round(reduction_ms(Path(e.artifact), pm.graphs["vision"].file, feed), 3)
             elif stage is Stage.NONE:

@@ -44,13 +44,15 @@ def per_row(image_embeds, images_per_row: list[int] | None):
     return rows
 
 
-def prompt_instruction(text: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int,
+def prompt_instruction(text: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, model,
                        images_per_row: list[int]) -> np.ndarray:
     """The vision graph's `instruction` input (docs/artifact.md): per prompt row, the mean of the embed
-    graph's output over its text tokens (attention mask 1, not the image placeholder), repeated for
-    each of the row's images -> [images, hidden] float32."""
-    keep = (attention_mask == 1) & (input_ids != image_token_id)
-    means = (text.astype(np.float32) * keep[..., None]).sum(axis=1) / np.maximum(keep.sum(axis=1), 1)[:, None]
+    graph's output `text` (its first `model.hidden_size` columns: packed rows carry DeepStack planes
+    after the embedding) over its text tokens (attention mask 1, not `model.image_token_id`),
+    repeated for each of the row's images -> [images, hidden] float32."""
+    keep = (attention_mask == 1) & (input_ids != model.image_token_id)
+    rows = text[..., :model.hidden_size].astype(np.float32)
+    means = (rows * keep[..., None]).sum(axis=1) / np.maximum(keep.sum(axis=1), 1)[:, None]
     return np.repeat(means, images_per_row, axis=0)
 
 
@@ -66,9 +68,8 @@ def prepare_images(graphs: ArtifactGraphs, batch: ImageBatch, input_ids: np.ndar
     t0 = time.perf_counter()
     instruction = None
     if graphs.manifest.graphs["vision"].input("instruction") is not None:
-        hidden = graphs.manifest.model.hidden_size  # packed rows (DeepStack planes after it): the embedding only
-        instruction = prompt_instruction(text[..., :hidden], input_ids, attention_mask,
-                                         graphs.manifest.model.image_token_id, batch.images_per_row)
+        instruction = prompt_instruction(text, input_ids, attention_mask, graphs.manifest.model,
+                                         batch.images_per_row)
     image_embeds, kept = layout.run_vision(graphs, batch, instruction)
     rows = per_row(image_embeds, batch.images_per_row)
     vision_ms = (time.perf_counter() - t0) * 1e3
