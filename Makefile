@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tokedge-installed
 DEMO_OUT ?= demo-out
 PYTEST_WORKERS ?= auto
+PYTEST_DURATIONS ?= 25
 # The preprocessing stage (`make test-preprocess`, part of `make test`): a second venv with torchvision,
 # where transformers' image processors take their torchvision backend (what a GPU user gets) and its
 # video processors construct; tests/preprocess/ compares tokedge's numpy preprocessing with both
@@ -72,12 +73,16 @@ install-tv: $(TV_STAMP)
 demo: $(STAMP)
 	$(PY) -m tokedge.demo --out $(DEMO_OUT)
 
+# The tests start many Python processes (the CLI as a user runs it, servers, Ray workers, lmms-eval): each
+# one compiles every module it imports unless bytecode caches can be written, ~2-7 s a process (torch alone
+# 2 s). An environment may set PYTHONDONTWRITEBYTECODE (this workstation's does); the test run unsets it.
+test: export PYTHONDONTWRITEBYTECODE :=
 test: $(STAMP) typecheck
 	# one worker per core, whole files per worker (module fixtures export once); PYTEST_WORKERS=0 runs in-process.
 	# The preprocessing stage (its own venv: ~4 min, mostly unpacking torch) runs beside the main suite,
 	# filling the cores' idle time; its output is printed when both are done, and either failing fails.
 	( $(MAKE) -s test-preprocess > .test-preprocess.log 2>&1; echo $$? > .test-preprocess.rc ) & \
-	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --durations=25; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --durations=$(PYTEST_DURATIONS); rc=$$?; \
 	wait; echo "--- make test-preprocess"; cat .test-preprocess.log; \
 	test $$rc -eq 0 && test "$$(cat .test-preprocess.rc)" = 0
 
