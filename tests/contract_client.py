@@ -5,7 +5,7 @@ It deliberately imports nothing from tokedge: the export tests use it to show th
 contract, as documented, is enough to reproduce transformers' outputs. `generate` takes prepared
 inputs (both layouts); `run` goes from PIL images and a question to tokens, planning tiled
 ("anyres") images itself (docs/artifact.md, "Planning a tiled image"), including reduced tiled
-artifacts (candidate plan, `base_tile`, and `image_keep` for in-LLM prefill graphs), and
+artifacts (candidate plan, `base_tile`, the thumbnail guide, and `image_keep` for in-LLM prefill graphs), and
 dynamic-resolution ("dynamic_patches", formerly "qwen_dynamic") images with M-RoPE positions (docs/artifact.md, "Dynamic
 resolution", "Running a prompt" step 5).
 """
@@ -18,6 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+
+def _taps(n, m):
+    """Bilinear taps along an axis of n -> m positions (docs/artifact.md, the OneVision shrink)."""
+    scale = np.float32(n / m)
+    out = []
+    for j in range(m):
+        src = max(np.float32((np.float32(j) + np.float32(0.5)) * scale - np.float32(0.5)), np.float32(0))
+        lo = min(math.floor(src), n - 1)
+        out.append((lo, min(lo + 1, n - 1), np.float32(src - np.float32(lo))))
+    return out
 
 
 class ContractClient:
@@ -158,6 +169,23 @@ class ContractClient:
                 out[r * p + c] = math.floor(y / S) * (bw // S) + math.floor(x / S)
         return out
 
+    def thumbnail_guide(self, image) -> dict[str, np.ndarray]:
+        """Reduced anyres graphs with `base_block` (globalcom2): the base view's block split by the
+        grid and its p x p map resized onto the tile map, per candidate (docs/artifact.md)."""
+        p = self.layout["patch_grid"]
+        self.plan_tiled(image)
+        gh, gw, rows, cols = self.map_shape
+        block = np.array([min(r // max(p // gh, 1), gh - 1) * gw + min(c // max(p // gw, 1), gw - 1)
+                          for r in range(p) for c in range(p)], np.int64)
+        index, weight = [[0, 0, 0, 0]] * (p * p), [[0.0] * 4] * (p * p)
+        ys, xs = _taps(p, rows), _taps(p, cols)
+        for y0, y1, fy in ys:
+            for x0, x1, fx in xs:
+                index.append([y0 * p + x0, y0 * p + x1, y1 * p + x0, y1 * p + x1])
+                weight.append([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
+        return {"base_block": block, "guide_index": np.asarray(index, np.int64),
+                "guide_weight": np.asarray(weight, np.float32)}
+
     def plan_tiled(self, image, tiled: bool = True):
         """-> (pixel_values [P, 3, S, S], pack_index [T, 4], pack_weight [T, 4]) for one image."""
         from PIL import Image
@@ -208,21 +236,13 @@ class ContractClient:
             if ratio > lay["interpolate_threshold"]:
                 out_rows, out_cols = int(rows // ratio), int(cols // ratio)
 
-        def taps(n, m):
-            scale = np.float32(n / m)
-            out = []
-            for j in range(m):
-                src = max(np.float32((np.float32(j) + np.float32(0.5)) * scale - np.float32(0.5)), np.float32(0))
-                lo = min(math.floor(src), n - 1)
-                out.append((lo, min(lo + 1, n - 1), np.float32(src - np.float32(lo))))
-            return out
-
+        self.map_shape = (gh, gw, out_rows, out_cols)  # for `thumbnail_guide`
         # 7. packing plan
         index = [[i, 0, 0, 0] for i in range(N)]
         weight = [[1.0, 0.0, 0.0, 0.0] for _ in range(N)]
         interpolated = (out_rows, out_cols) != (rows, cols)
-        ys = taps(rows, out_rows) if interpolated else None
-        xs = taps(cols, out_cols) if interpolated else None
+        ys = _taps(rows, out_rows) if interpolated else None
+        xs = _taps(cols, out_cols) if interpolated else None
         for i in range(out_rows):
             for j in range(out_cols):
                 if not interpolated:
@@ -253,6 +273,8 @@ class ContractClient:
                 raise ValueError(f"{len(index)} candidates < budget {reduction['budget']}: image refused")
             if "base_tile" in vision_inputs:
                 feed["base_tile"] = self.base_tile(image.convert("RGB"))
+            if "base_block" in vision_inputs:
+                feed.update(self.thumbnail_guide(image))
         feed.update(pack_index=index, pack_weight=weight)
         return self.sessions["vision"].run(["image_embeds"], feed)[0][0]
 

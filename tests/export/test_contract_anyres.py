@@ -2,7 +2,7 @@
 docs/artifact.md alone, plans LLaVA-NeXT images itself (partitions, packing plan, placeholder
 expansion), runs the graphs and decodes greedily; its tokens equal `tokedge run` on one image and
 transformers' `LlavaNextForConditionalGeneration.generate` on a prompt with two images. Reduced
-artifacts (hired, cls-attn: candidate plan, `base_tile`; fastv: `image_keep`) equal `tokedge run`."""
+artifacts (hired, globalcom2: candidate plan, `base_tile`, the thumbnail guide; fastv: `image_keep`) equal `tokedge run`."""
 
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ def test_contract_packing_plan_matches_onevision_packing(size):
     assert interpolated == (height * width >= 1600 * 1200)  # the two large images exceed ~9 tiles
 
 
-REDUCED = ["hired", "cls-attn", "fastv"]  # pre-LLM with base_tile, pre-LLM without it, in-LLM (image_keep)
+# pre-LLM with base_tile, pre-LLM with the thumbnail guide (and without base_tile), in-LLM (image_keep)
+REDUCED = ["hired", "globalcom2", "fastv"]
 # the two-image prompt fits the tiny model's 4096 positions unreduced (fastv prunes inside the LLM): 2340 + 1376
 PROMPTS = {"one image": [(480, 640)], "two images": [(480, 640), (400, 300)]}
 
@@ -148,8 +149,8 @@ PROMPTS = {"one image": [(480, 640)], "two images": [(480, 640), (400, 300)]}
 def _tokedge_reference(artifact, images, question):
     """tokedge's own run of the prompt: Pipeline.generate's tokens, and the prefill logits of the
     same runtime path (layout.prompt_inputs -> PromptEncoder -> runtime.generate)."""
-    from tokedge.runtime.generate import SamplingConfig, generate
     from tokedge.layouts import prompt_inputs
+    from tokedge.runtime.generate import SamplingConfig, generate
     from tokedge.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(artifact)
@@ -165,7 +166,7 @@ def _tokedge_reference(artifact, images, question):
 @pytest.mark.parametrize("method", REDUCED)
 def test_contract_client_runs_reduced_tiled_artifacts_like_tokedge(artifacts, tiny_llava_next_dir, method):
     """Reduced LLaVA-NeXT artifacts (budget 585) through the client, from docs/artifact.md alone:
-    pre-LLM methods fed the candidate plan (and hired its `base_tile`), fastv's prefill fed
+    pre-LLM methods fed the candidate plan (and hired its `base_tile`, globalcom2 its thumbnail guide), fastv's prefill fed
     `image_keep` = keep x images; on one 640x480 image and on a prompt with two images of different
     sizes, its greedy tokens are `Pipeline.generate`'s and its prefill logits tokedge's within 1e-4."""
     artifact = artifacts(method, budget=585, checkpoint=tiny_llava_next_dir)
@@ -173,6 +174,7 @@ def test_contract_client_runs_reduced_tiled_artifacts_like_tokedge(artifacts, ti
     manifest = client.manifest
     vision_inputs = {t["name"] for t in manifest["graphs"]["vision"]["inputs"]}
     assert ("base_tile" in vision_inputs) == (method == "hired")
+    assert ("base_block" in vision_inputs) == (method == "globalcom2")
     assert ("prefill" in manifest["graphs"]) == (method == "fastv")
     eos = set(manifest["model"]["eos_token_ids"])
     for name, sizes in PROMPTS.items():

@@ -26,7 +26,9 @@ ONE_BUDGET = {"random": 16}
 # methods whose own tests export two budgets against transformers with a loop selection while the
 # matrix exports, verifies and runs them at 64 with these graph checks: nothing left for this file
 COVERED = {"hiprune": "tests/reduce/test_hiprune.py (64, 192)", "holov": "tests/reduce/test_holov.py (64, 128)",
-           "cdpruner": "tests/reduce/test_cdpruner.py (16, 32)", "todre": "tests/reduce/test_todre.py (32, 128)"}
+           "cdpruner": "tests/reduce/test_cdpruner.py (16, 32)", "todre": "tests/reduce/test_todre.py (32, 128)",
+           # tiled images only: refused on this file's LLaVA-1.5 (the matrix checks the one-line refusal)
+           "globalcom2": "tests/reduce/test_globalcom2.py (292, 732 on LLaVA-NeXT)"}
 
 
 def _cases():
@@ -101,7 +103,8 @@ def test_methods_command_lists_every_method(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == {"none", "cls-attn", "hired", "visionzip", "divprune", "vispruner", "pool", "tome", "fastv",
-                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random", "hiprune", "holov", "vidcom2", "cdpruner", "todre"}
+                         "pdrop", "dart", "evs", "dycoke", "fastvid", "holitom", "random", "hiprune", "holov", "vidcom2", "cdpruner", "todre",
+                         "globalcom2"}
     assert rows["hired"]["options"]["alpha"]["default"] == 0.5
     assert rows["tome"]["stage"] == "in-vit" and rows["fastv"]["stage"] == "in-llm"
     assert rows["fastv"]["needs_attention"] and not rows["dart"]["needs_attention"]
@@ -111,3 +114,5 @@ def test_methods_command_lists_every_method(capsys):
     assert rows["vidcom2"]["families"] == ["llava_onevision"] and rows["holov"]["families"] == ["llava"]
     assert rows["hiprune"]["families"] == rows["cdpruner"]["families"] == ["llava", "qwen2_5_vl", "qwen3_vl"]
     assert rows["hiprune"]["reference"] == "Danielement321/HiPrune" and rows["none"]["reference"] == "-"
+    assert rows["globalcom2"]["families"] == ["llava_next"]
+    assert rows["globalcom2"]["scores_with"] == ["cls-logits", "thumbnail-guide"]

@@ -1,6 +1,7 @@
 """Vision towers (CLIP, SigLIP) re-run from their transformers modules up to the feature layer,
 producing the feature-layer tokens and, when a method asks, the CLS attention row, the CLS token
-and the head-mean keys of that layer, and the first layer's CLS attention row; in-ViT merging
+and the head-mean keys of that layer, the first layer's CLS attention row and the CLS logits of the
+layer reading the features; in-ViT merging
 (ToMe) runs inside the layers."""
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ class VisionTower(nn.Module):
         vm = getattr(vision_tower, "vision_model", vision_tower)  # transformers 4.x nests it
         self.embeddings = vm.embeddings
         self.pre_norm = getattr(vm, "pre_layrnorm", None)  # CLIP only
-        self.layers = nn.ModuleList(vm.encoder.layers[: layers_to_feature(feature_layer, len(vm.encoder.layers))])
+        run = layers_to_feature(feature_layer, len(vm.encoder.layers))
+        self.layers = nn.ModuleList(vm.encoder.layers[:run])
+        # `cls_logits` are read in the layer that takes the feature layer's output as its input (the
+        # last layer for LLaVA's -2, as GlobalCom2's `attn_maps[-1]`); features from the last layer: in it
+        self.reader = vm.encoder.layers[run] if run < len(vm.encoder.layers) and "cls_logits" in needs else None
         cfg = vision_tower.config
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
@@ -50,6 +55,10 @@ class VisionTower(nn.Module):
         """Every query's attention row [b, h, t, t] -> [b, t]: mean over heads and queries (fp32)."""
         probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale, dim=-1)
         return probs.mean(dim=1).mean(dim=1)
+
+    def _cls_logits(self, q, k):
+        """q, k [b, h, t, d] -> [b, t]: the CLS query's logits q.k * scale before softmax, mean over heads (fp32)."""
+        return (torch.matmul(q[:, :, :1].float(), k.float().transpose(-1, -2)) * self.scale).mean(dim=1)[:, 0]
 
     def _layer(self, layer: nn.Module, x, size, first: bool, last: bool, r: int, index: int = -1):
         h = layer.layer_norm1(x)
@@ -69,6 +78,8 @@ class VisionTower(nn.Module):
             extras["received_attention"] = self._received(q, k)
         if index == self.object_layer and "object_attention" in self.needs:
             extras["object_attention"] = self._received(q, k)
+        if last and "cls_logits" in self.needs and self.reader is None:
+            extras["cls_logits"] = self._cls_logits(q, k)
         if last and "keys" in self.needs:
             extras["keys"] = k.mean(dim=1)
         if r > 0:
@@ -89,6 +100,11 @@ class VisionTower(nn.Module):
             r = self.merge_schedule[i] if self.merge_schedule else 0
             x, size, got = self._layer(layer, x, size, i == 0, i == last, r, i)
             extras.update(got)
+        if self.reader is not None:  # the next layer's CLS query and keys, from the features
+            h = self.reader.layer_norm1(x)
+            attn = self.reader.self_attn
+            extras["cls_logits"] = self._cls_logits(split_heads(attn.q_proj(h[:, :1]), self.head_dim),
+                                                    split_heads(attn.k_proj(h), self.head_dim))
         start = 1 if self.has_cls else 0
         vf = VisionFeatures(features=x[:, 1:] if self.drop_cls else x, project=lambda t: t)
         if "cls_attention" in extras:
@@ -99,6 +115,8 @@ class VisionTower(nn.Module):
             vf.early_cls_attention = extras["early_cls_attention"][:, start:]
         if "received_attention" in extras:
             vf.received_attention = extras["received_attention"][:, start:]
+        if "cls_logits" in extras:
+            vf.cls_logits = extras["cls_logits"][:, start:]
         if "object_attention" in extras:
             vf.object_attention = extras["object_attention"][:, start:]
         if "cls_token" in self.needs and self.has_cls:

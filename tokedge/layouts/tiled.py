@@ -131,11 +131,14 @@ class Tiled(ImageLayout):
 
 
 def feed_of(image, graph_inputs) -> dict[str, np.ndarray]:
-    """One tiled image's feed (`base_tile` only when the graph takes it: hired's tile map)."""
+    """One tiled image's feed (`base_tile` only when the graph takes it: hired's tile map; the
+    thumbnail guide's three inputs likewise: globalcom2's)."""
     feed = {"pixel_values": image.pixel_values.astype(np.float32, copy=False),
             "pack_index": image.pack_index, "pack_weight": image.pack_weight}
     if "base_tile" in graph_inputs:
         feed["base_tile"] = image.base_tile
+    if "base_block" in graph_inputs:
+        feed["base_block"], feed["guide_index"], feed["guide_weight"] = image.guide
     return feed
 
 

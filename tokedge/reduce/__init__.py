@@ -26,6 +26,7 @@ def _registry() -> dict[str, Method]:
             dycoke,
             evs,
             fastvid,
+            globalcom2,
             hired,
             hiprune,
             holitom,
@@ -43,7 +44,7 @@ def _registry() -> dict[str, Method]:
 
         _METHODS = {
             m.name: m
-            for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, hiprune.METHOD, holov.METHOD, cdpruner.METHOD, todre.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
+            for m in (none.METHOD, cls_attn.METHOD, hired.METHOD, globalcom2.METHOD, hiprune.METHOD, holov.METHOD, cdpruner.METHOD, todre.METHOD, visionzip.METHOD, divprune.METHOD, vispruner.METHOD,
                       pool.METHOD, random_tokens.METHOD, tome.METHOD, in_llm.FASTV, in_llm.PDROP, in_llm.DART, evs.METHOD, dycoke.METHOD,
                       fastvid.METHOD, holitom.METHOD, vidcom2.METHOD)
         }

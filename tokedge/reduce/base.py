@@ -46,6 +46,8 @@ class Signal(str, Enum):
     RECEIVED_ATTENTION = "received-attention"  # mean attention each token receives in the feature layer
     OBJECT_ATTENTION = "object-attention"  # the same in a middle ViT layer (the method's `object_layer`)
     INSTRUCTION = "instruction"  # the prompt's text: mean of its token embeddings (the vision graph's input)
+    CLS_LOGITS = "cls-logits"  # the CLS query's pre-softmax logits (head mean) in the layer reading the features
+    THUMBNAIL_GUIDE = "thumbnail-guide"  # tiled images: each tile's block of the base view, base map resized onto the tile map
 
     def __str__(self) -> str:
         return self.value
@@ -55,7 +57,7 @@ STAGES = tuple(s.value for s in Stage)
 # VisionFeatures extras a vision-side signal asks the tower for
 _TOWER_EXTRAS = {Signal.CLS_ATTENTION: "cls_attention", Signal.CLS_TOKEN: "cls_token", Signal.KEYS: "keys",
                  Signal.EARLY_CLS_ATTENTION: "early_cls_attention", Signal.RECEIVED_ATTENTION: "received_attention",
-                 Signal.OBJECT_ATTENTION: "object_attention"}
+                 Signal.OBJECT_ATTENTION: "object_attention", Signal.CLS_LOGITS: "cls_logits"}
 
 
 @dataclass
@@ -77,6 +79,11 @@ class VisionFeatures:
     There, with Signal.REGIONS:
     partition:     [b, n] int64 partition of each token (0 = base view, t + 1 = tile t)
     base_tile:     [b, N] int64 tile under the centre of each base-view token (N = the base's tokens)
+    and with Signal.THUMBNAIL_GUIDE (`partition` too):
+    base_block:    [b, N, T] one-hot: the tile whose block of the base view's p x p map (an even
+                   split by the tile grid, padding ignored: GlobalCom2's) holds each base-view token
+    global_guide:  [b, n] each candidate's score from the base view: the base view's `cls_logits`
+                   resized bilinearly onto the unpadded tile map (0 for base-view candidates)
     """
 
     features: Any
@@ -88,8 +95,11 @@ class VisionFeatures:
     received_attention: Any = None  # [b, n] feature layer's attention probabilities, mean over heads and queries
     object_attention: Any = None  # [b, n] the same in the layer `Method.object_layer` names -- needs "object_attention"
     instruction: Any = None  # [b, hidden] mean embedding of each image's prompt text (Signal.INSTRUCTION)
+    cls_logits: Any = None  # [b, n] CLS-query logits q.k/sqrt(d) before softmax, head mean -- needs "cls_logits"
     partition: Any = None
     base_tile: Any = None
+    base_block: Any = None
+    global_guide: Any = None
     grid_width: Any = None  # dynamic resolution (Qwen-VL): 0-d int64, columns of the merged grid (raster order)
 
 
@@ -153,6 +163,11 @@ class Method:
     def takes_instruction(self) -> bool:
         """Scores with the prompt's text: the vision graph takes an `instruction` input."""
         return Signal.INSTRUCTION in self.scores_with
+
+    @property
+    def needs_tiles(self) -> bool:
+        """Allocates each image's budget across a thumbnail (base view) and its tiles (tiled layouts only)."""
+        return Signal.THUMBNAIL_GUIDE in self.scores_with
 
     @property
     def needs_attention(self) -> bool:

@@ -245,6 +245,37 @@ def base_regions(layout: AnyresLayout, plan: ImagePlan) -> np.ndarray:
     return (rows[:, None] * gw + cols[None, :]).reshape(-1)
 
 
+def thumbnail_guide(layout: AnyresLayout, plan: ImagePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GlobalCom2's two maps from the base view (the thumbnail) to the tiles, from the image size
+    alone (docs/artifact.md, "Planning a tiled image"):
+    - base_block [N] int64: the tile (row-major in the grid) whose block of the base view's p x p map
+      holds each base-view token, the map split evenly by the grid with the padding ignored: rows of
+      `max(p // gh, 1)` tokens (the last block takes the rest), columns alike;
+    - guide_index, guide_weight [C, 4]: per candidate (base view first, then the tile map in raster
+      order), four base-view tokens and their weights: the base view's p x p map resized bilinearly
+      (align_corners=False, torch's `interpolate`) to the tile map's rows x cols; the base view's own
+      candidates get weight 0."""
+    p, n = layout.patch_grid, layout.tokens_per_tile
+    gh, gw = plan.grid if plan.tiled else (1, 1)
+    rows_per, cols_per = max(p // gh, 1), max(p // gw, 1)
+    block_row = np.minimum(np.arange(p) // rows_per, gh - 1)
+    block_col = np.minimum(np.arange(p) // cols_per, gw - 1)
+    base_block = (block_row[:, None] * gw + block_col[None, :]).reshape(-1).astype(np.int64)
+    rows, cols = plan.packed if plan.tiled else (0, 0)
+    index = np.zeros((n + rows * cols, 4), dtype=np.int64)
+    weight = np.zeros((n + rows * cols, 4), dtype=np.float32)
+    if rows * cols:
+        y0, y1, fy = _bilinear_taps(p, rows)
+        x0, x1, fx = _bilinear_taps(p, cols)
+        taps = np.stack([y0[:, None] * p + x0[None, :], y0[:, None] * p + x1[None, :],
+                         y1[:, None] * p + x0[None, :], y1[:, None] * p + x1[None, :]], axis=-1)
+        wy0, wy1 = (1 - fy)[:, None], fy[:, None]
+        wx0, wx1 = (1 - fx)[None, :], fx[None, :]
+        index[n:] = taps.reshape(-1, 4)
+        weight[n:] = np.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], axis=-1).reshape(-1, 4)
+    return base_block, index, weight
+
+
 def pack_features(features: np.ndarray, newline: np.ndarray, index: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """features [P, N, D], newline [D] -> packed visual tokens [T, D] (the plan applied in numpy;
     the vision graph does the same in-graph)."""
@@ -271,6 +302,7 @@ class AnyresInputs:
     plan: ImagePlan
     budget: int | None = None  # reduced artifacts: tokens the vision graph keeps (the plan is the candidates')
     base_tile: np.ndarray | None = None  # [N] int64: tile of each base-view token (`base_regions`)
+    guide: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # `thumbnail_guide`: base_block, guide_index/_weight
 
     @property
     def tokens(self) -> int:
@@ -302,4 +334,5 @@ def anyres_inputs(image: Image.Image, layout: AnyresLayout, info, tiled: bool = 
             f"a {plan.width}x{plan.height} image gives {index.shape[0]} visual tokens, fewer than this artifact's "
             f"budget of {budget} per image; use a larger image or an artifact exported with --budget <= {index.shape[0]}"
         )
-    return AnyresInputs(pixel_values, index, weight, plan, budget, base_regions(layout, plan))
+    return AnyresInputs(pixel_values, index, weight, plan, budget, base_regions(layout, plan),
+                        thumbnail_guide(layout, plan))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
-from tokedge.errors import InputError, UnsupportedModelError
+from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, FamilyBase, LoadedCheckpoint, register
 from tokedge.export.towers import VisionTower, layers_to_feature
@@ -459,7 +459,10 @@ class LlavaFamily(FamilyBase):
         return load_llava(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
     def check_method(self, method: Method) -> None:
-        return None  # every registered method exports for LLaVA-1.5
+        """Every registered method exports for LLaVA-1.5 but those built for a thumbnail plus tiles."""
+        if method.needs_tiles:
+            raise UsageError(f"--method {method.name} shares each image's budget between a thumbnail and its tiles, "
+                             "and LLaVA-1.5 sees one view; use it on LLaVA-NeXT, or cls-attn / visionzip here")
 
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         return build_graph_modules(loaded, method, k, options, plan)

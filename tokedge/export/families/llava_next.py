@@ -84,7 +84,8 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
 
 # what a tiled image's candidates can supply to a pre-LLM method
 CANDIDATE_SIGNALS = frozenset({Signal.CLS_ATTENTION, Signal.EARLY_CLS_ATTENTION, Signal.CLS_TOKEN, Signal.KEYS,
-                               Signal.EMBEDDINGS, Signal.REGIONS})
+                               Signal.EMBEDDINGS, Signal.REGIONS, Signal.CLS_LOGITS, Signal.THUMBNAIL_GUIDE})
+GUIDE_INPUTS = ("base_block", "guide_index", "guide_weight")  # Signal.THUMBNAIL_GUIDE's graph inputs
 
 
 def check_method(method: Method) -> None:
@@ -170,12 +171,14 @@ def gather_plan(values, index, weight):
 
 
 def candidate_features(vf: VisionFeatures, index, weight, project, embeddings: bool,
-                       base_tile=None) -> VisionFeatures:
+                       base_tile=None, guide=None) -> VisionFeatures:
     """One tiled image's tower outputs [P, N, ...] -> `VisionFeatures` over its candidates [1, C, ...]
     (base view first, then the unpadded tile map in raster order; no newline rows), so a method's
     `reduce` selects globally over all tiles. EMBEDDINGS methods see projected rows (project is
     then the identity); cls_token is the base view's; with `base_tile` [N] (the tile under each
-    base-view token) the partition of every candidate and a one-hot [1, N, P-1] region map."""
+    base-view token) the partition of every candidate and a one-hot [1, N, P-1] region map; with
+    `guide` (base_block [N], guide_index [C, 4], guide_weight [C, 4]: `runtime.layout.thumbnail_guide`)
+    the partitions, a one-hot [1, N, P-1] block map and each candidate's base-view logit resized."""
     n = vf.features.shape[1]
     feats = project(vf.features) if embeddings else vf.features
     out = VisionFeatures(features=gather_plan(feats, index, weight), project=(lambda t: t) if embeddings else project)
@@ -185,19 +188,28 @@ def candidate_features(vf: VisionFeatures, index, weight, project, embeddings: b
         out.early_cls_attention = gather_plan(vf.early_cls_attention.float(), index, weight)
     if vf.keys is not None:
         out.keys = gather_plan(vf.keys, index, weight)
+    if vf.cls_logits is not None:
+        out.cls_logits = gather_plan(vf.cls_logits.float(), index, weight)
     if vf.cls_token is not None:
         out.cls_token = vf.cls_token[:1]
-    if base_tile is not None:
-        tiles = torch.arange(vf.features.shape[0] - 1, device=base_tile.device)
+    tiles = torch.arange(vf.features.shape[0] - 1, device=index.device)
+    if base_tile is not None or guide is not None:
         out.partition = torch.div(index[:, 0], n, rounding_mode="floor")[None]
+    if base_tile is not None:
         out.base_tile = (base_tile[:, None] == tiles[None, :]).long()[None]
+    if guide is not None:
+        base_block, guide_index, guide_weight = guide
+        out.base_block = (base_block[:, None] == tiles[None, :]).long()[None]
+        thumbnail = vf.cls_logits[0].float()  # [N]: the base view's logits
+        out.global_guide = (thumbnail[guide_index] * guide_weight.float()).sum(dim=1)[None]
     return out
 
 
 class ReducedAnyresVisionGraph(nn.Module):
     """pixel_values [P, 3, S, S], pack_index [C, 4] int64, pack_weight [C, 4] float32 (the image's
     candidate plan: `tokedge.runtime.layout.candidate_plan`), + base_tile [N] int64 for methods
-    scoring with REGIONS -> image_embeds [1, k, hidden].
+    scoring with REGIONS, + base_block [N] int64, guide_index [C, 4] int64, guide_weight [C, 4]
+    float32 for THUMBNAIL_GUIDE (`runtime.layout.thumbnail_guide`) -> image_embeds [1, k, hidden].
 
     The tower runs every partition with the extras the method needs; the candidates' rows are
     gathered from all partitions and the method's own `reduce` picks k of them globally (hired
@@ -211,12 +223,15 @@ class ReducedAnyresVisionGraph(nn.Module):
         self.projector = m.multi_modal_projector
         self.method, self.k, self.options = method, k, options
         self.embeddings = Signal.EMBEDDINGS in method.scores_with
-        self.extra_inputs = ("base_tile",) if Signal.REGIONS in method.scores_with else ()
+        self.extra_inputs = (("base_tile",) if Signal.REGIONS in method.scores_with else ()) + \
+            (GUIDE_INPUTS if Signal.THUMBNAIL_GUIDE in method.scores_with else ())
         self.schedule = None
 
-    def forward(self, pixel_values, pack_index, pack_weight, base_tile=None):
+    def forward(self, pixel_values, pack_index, pack_weight, *extra):
+        named = dict(zip(self.extra_inputs, extra))
+        guide = tuple(named[k] for k in GUIDE_INPUTS) if GUIDE_INPUTS[0] in named else None
         vf = candidate_features(self.tower(pixel_values), pack_index, pack_weight, self.projector, self.embeddings,
-                                base_tile)
+                                named.get("base_tile"), guide)
         return self.method.reduce(vf, self.k, self.options)
 
 
@@ -246,13 +261,18 @@ def vision_trace_spec(info: ModelInfo, dtype: torch.dtype = torch.float32, visio
     index[:, 0] = torch.randperm(count, generator=gen) % (parts * n)
     weight = torch.zeros(count, 4)
     weight[:, 0] = 1
-    extra = (torch.randint(0, parts - 1, (n,), generator=gen),) if vision.extra_inputs else ()
+    examples = {"base_tile": torch.randint(0, parts - 1, (n,), generator=gen),
+                "base_block": torch.randint(0, parts - 1, (n,), generator=gen),
+                "guide_index": torch.randint(0, n, (count, 4), generator=gen),
+                "guide_weight": torch.rand(count, 4, generator=gen)}
+    extra = tuple(examples[name] for name in vision.extra_inputs)
     return TraceSpec(
         inputs=("pixel_values", "pack_index", "pack_weight", *vision.extra_inputs),
         outputs=("image_embeds",),
         example=(torch.rand(parts, 3, s, s, generator=gen), index, weight, *extra),
         dynamic_axes={"pixel_values": {0: PARTITIONS}, "pack_index": {0: CANDIDATES},
-                      "pack_weight": {0: CANDIDATES}},
+                      "pack_weight": {0: CANDIDATES},
+                      **{name: {0: CANDIDATES} for name in ("guide_index", "guide_weight") if name in vision.extra_inputs}},
         output_shapes={"image_embeds": (1, k, info.hidden_size)},
     )
 
@@ -304,7 +324,7 @@ def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, 
     projector, and the family's `pack_candidates` (transformers' `pack_image_features` without
     newlines) to lay every per-token quantity out in candidate order; then the method's selection.
     EMBEDDINGS methods pack projected rows (OneVision's bilinear shrink mixes projected rows)."""
-    from tokedge.runtime.layout import base_regions, plan_image
+    from tokedge.runtime.layout import base_regions, plan_image, thumbnail_guide
 
     model, cfg = loaded.model, loaded.model.config
     batch = loaded.processor.image_processor([image], return_tensors="pt")
@@ -333,12 +353,26 @@ def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, 
         keys = enc_layer.self_attn.k_proj(enc_layer.layer_norm1(out.hidden_states[produced_by]))
         keys = keys.view(keys.shape[0], keys.shape[1], cfg.vision_config.num_attention_heads, -1).mean(dim=2)[:, 1:]
         vf.keys = pack(keys)
-    if Signal.REGIONS in method.scores_with:
+    if has_cls and Signal.CLS_LOGITS in method.scores_with:  # the CLS query's logits in the layer reading the features
+        reader = getattr(tower, "vision_model", tower).encoder.layers[min(produced_by + 1, len(out.attentions) - 1)]
+        h = reader.layer_norm1(out.hidden_states[min(produced_by + 1, len(out.attentions) - 1)])
+        heads = cfg.vision_config.num_attention_heads
+        q = reader.self_attn.q_proj(h[:, :1]).view(parts, 1, heads, -1).transpose(1, 2)
+        k_ = reader.self_attn.k_proj(h).view(parts, h.shape[1], heads, -1).transpose(1, 2)
+        logits = (q @ k_.transpose(-1, -2) * q.shape[-1] ** -0.5).mean(dim=1)[:, 0, 1:]  # [P, N]
+        vf.cls_logits = pack(logits.float()[..., None])[..., 0]
+    plan = plan_image(loaded.spec.layout.anyres(), int(sizes[0, 0]), int(sizes[0, 1]))
+    if Signal.REGIONS in method.scores_with or Signal.THUMBNAIL_GUIDE in method.scores_with:
         partition = torch.arange(parts)[:, None, None].expand(parts, n, 1).float()
         vf.partition = pack(partition)[..., 0].long()
-        plan = plan_image(loaded.spec.layout.anyres(), int(sizes[0, 0]), int(sizes[0, 1]))
+    if Signal.REGIONS in method.scores_with:
         tile = torch.from_numpy(base_regions(loaded.spec.layout.anyres(), plan))
         vf.base_tile = (tile[:, None] == torch.arange(parts - 1)[None, :]).long()[None]
+    if Signal.THUMBNAIL_GUIDE in method.scores_with:
+        block, guide_index, guide_weight = thumbnail_guide(loaded.spec.layout.anyres(), plan)
+        vf.base_block = (torch.from_numpy(block)[:, None] == torch.arange(parts - 1)[None, :]).long()[None]
+        thumbnail = vf.cls_logits[0, :n]  # candidates start with the base view's N tokens in raster order
+        vf.global_guide = (thumbnail[torch.from_numpy(guide_index)] * torch.from_numpy(guide_weight)).sum(dim=1)[None]
     if vf.features.shape[1] < k:
         raise UsageError(f"the example image gives {vf.features.shape[1]} candidate tokens, fewer than --budget {k}")
     return method.reduce(vf, k, options)

@@ -52,7 +52,7 @@ DEFAULT_PINPOINTS = tuple((h, w) for h in range(384, 2305, 384) for w in range(3
 DEFAULT_ASPECT_RATIO = "anyres_max_9"
 SIGLIP_DEFAULTS = {"image_size": 224, "patch_size": 16}  # SiglipVisionConfig's
 ONEVISION_VISION_DEFAULTS = {"image_size": 384, "patch_size": 14}  # LlavaOnevisionConfig without vision_config
-CLS_SIGNALS = (Signal.CLS_ATTENTION, Signal.CLS_TOKEN)
+CLS_SIGNALS = (Signal.CLS_ATTENTION, Signal.CLS_TOKEN, Signal.CLS_LOGITS)
 
 
 # --- the config (no weights) ---------------------------------------------------------------------

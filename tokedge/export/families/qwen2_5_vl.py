@@ -128,6 +128,9 @@ def check_method(method: Method) -> None:
         raise UsageError(f"--method {method.name} cannot run on Qwen2.5-VL: its vision tower merges fixed 2x2 patch "
                          "groups (PatchMerger) and attends within fixed 112-px windows, which tokens merged inside "
                          "the tower break; use a method that acts on merged tokens (dart, fastv, pdrop)")
+    if method.needs_tiles:
+        raise UsageError(f"--method {method.name} shares each image's budget between a thumbnail and its tiles, and "
+                         "Qwen2.5-VL sees each image as one view; use cls-attn, hiprune or visionzip")
     if method.single_view:
         raise UsageError(f"--method {method.name} is built for one view of a fixed token count and each Qwen2.5-VL "
                          "image has its own; use hiprune, cls-attn, visionzip, cdpruner, todre, divprune or pool")

@@ -113,6 +113,9 @@ def check_method(method: Method) -> None:
         raise UsageError(f"--method {method.name} cannot run on Qwen3-VL: its vision tower merges fixed 2x2 patch "
                          "groups (PatchMerger, also for each DeepStack level), which tokens merged inside the tower "
                          "break; use a method that acts on merged tokens (dart, fastv, pdrop)")
+    if method.needs_tiles:
+        raise UsageError(f"--method {method.name} shares each image's budget between a thumbnail and its tiles, and "
+                         "Qwen3-VL sees each image as one view; use cls-attn, hiprune or visionzip")
     if method.single_view:
         raise UsageError(f"--method {method.name} is built for one view of a fixed token count and each Qwen3-VL "
                          "image has its own; use hiprune, cls-attn, visionzip, cdpruner, todre, divprune or pool")
