@@ -133,8 +133,9 @@ def _lm_reference(model, tok, grids, kept_idx, kept_rows, question="Compare them
 
 
 @pytest.mark.parametrize(("method", "keep"), [("visionzip", 0.5), ("visionzip", 0.75), ("divprune", 0.5),
-                                             ("divprune", 0.75), ("pool", 0.25), ("hiprune", 0.5),
-                                             ("cdpruner", 0.5), ("todre", 0.5)])
+                                             ("divprune", 0.75), ("pool", 0.25), ("hiprune", 0.25),
+                                             ("hiprune", 0.5), ("cdpruner", 0.25), ("cdpruner", 0.5),
+                                             ("todre", 0.25), ("todre", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf, graphs, method, keep):
     model, tok, processor = hf
     hidden = model.config.text_config.hidden_size

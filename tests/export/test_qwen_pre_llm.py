@@ -231,7 +231,8 @@ def vispruner_loop(x, score, k, ratio=0.5):
 
 @pytest.mark.parametrize(("method", "keep"), [
     *((m, keep) for m in ("visionzip", "divprune", "cls-attn", "pool", "vispruner") for keep in (0.5, 0.75)),
-    ("hired", 0.5), ("hiprune", 0.25), ("hiprune", 0.75), ("cdpruner", 0.25), ("cdpruner", 0.5), ("todre", 0.5)])
+    ("hired", 0.5), ("hiprune", 0.25), ("hiprune", 0.75), ("cdpruner", 0.25), ("cdpruner", 0.5), ("todre", 0.25),
+    ("todre", 0.5)])
 def test_reduced_vision_and_prefill_match_reference(hf_qwen2_5_vl, graphs, method, keep):
     model, tok, processor = hf_qwen2_5_vl
     images = [_image(w, h, seed=i + 11) for i, (w, h) in enumerate(SIZES)]
