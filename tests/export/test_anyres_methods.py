@@ -279,15 +279,18 @@ def test_method_on_tiled_images_matches_transformers_and_the_loop(method, size, 
 
 
 @pytest.mark.slow
-def test_todre_pivots_on_the_base_view_and_matches_the_loop(tiny_llava_next_dir, tmp_path, hf_next, full_tokens):
+@pytest.mark.parametrize("share", [0.03, 0.05])
+def test_todre_pivots_on_the_base_view_and_matches_the_loop(share, tiny_llava_next_dir, tmp_path, hf_next,
+                                                            full_tokens):
     """ToDRE's pivot comes from the thumbnail (the base view, partition 0), the max-sum greedy runs
-    over every candidate (tests/reduce/test_todre.py's loop); one size at 5% (its greedy unrolls one
-    step per kept token; the matrix exports it at 64 with export's own validation)."""
+    over every candidate (tests/reduce/test_todre.py's loop); one size at 3% and 5% (87 and 146
+    tokens: its greedy unrolls one step per kept token; the matrix exports it at 64 with export's own
+    validation)."""
     from tests.reduce.test_todre import todre_loop
     from tokedge.export.pipeline import ExportConfig, export
     from tokedge.runtime.pipeline import Pipeline
 
-    k = int(0.05 * full_tokens)
+    k = int(share * full_tokens)
     export(ExportConfig(model=str(tiny_llava_next_dir), out=tmp_path / "todre", method="todre", budget=k,
                         validate=False))
     image = textured_image(*SIZES[0])

@@ -1,6 +1,7 @@
 """Temporal methods (evs, dycoke, fastvid, holitom, vidcom2) on a LLaVA-OneVision video artifact, end to end (issue 13).
 
-Export with the method (its graph fixed to 8 frames, keep 0.25 -> 392 of 1568 frame tokens), then
+Export with the method (its graph fixed to 8 frames, keep 0.25 -> 392 of 1568 frame tokens; vidcom2 also
+--budget 784), then
 `tokedge run --video` on an 8-frame PyAV clip through the real CLI and the torch-free runtime.
 The independent reference: transformers' own loader and `get_video_features` on the same clip, the
 loop reference selection of each method's test (tests/reduce/test_evs.py, test_dycoke.py) on those
@@ -53,19 +54,20 @@ def temporal_artifacts(tiny_llava_onevision_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ov-temporal")
     made = {}
 
-    def get(method: str):
-        if method not in made:
-            cfg = ExportConfig(model=str(tiny_llava_onevision_dir), out=root / method, method=method, validate=False,
-                               options=OPTIONS.get(method, ()))
-            made[method] = export(cfg).out
-        return made[method]
+    def get(method: str, budget: int | None = None):  # None: the method's default keep ratio 0.25 (KEEP)
+        if (method, budget) not in made:
+            cfg = ExportConfig(model=str(tiny_llava_onevision_dir), out=root / f"{method}-{budget}", method=method,
+                               validate=False, options=OPTIONS.get(method, ()), budget=budget)
+            made[method, budget] = export(cfg).out
+        return made[method, budget]
 
     return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["evs", "dycoke", "fastvid", "holitom", "vidcom2"])
-def test_run_video_equals_transformers_with_loop_reference_selection(method, temporal_artifacts, ov_loaded,
+@pytest.mark.parametrize("method,budget", [("evs", KEEP), ("dycoke", KEEP), ("fastvid", KEEP), ("holitom", KEEP),
+                                           ("vidcom2", KEEP), ("vidcom2", 2 * KEEP)])  # vidcom2: its second budget
+def test_run_video_equals_transformers_with_loop_reference_selection(method, budget, temporal_artifacts, ov_loaded,
                                                                      hf_onevision, clip8, capsys):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -73,10 +75,10 @@ def test_run_video_equals_transformers_with_loop_reference_selection(method, tem
     from tokedge.runtime.pipeline import Pipeline
     from tokedge.runtime.video_pipeline import generate_video, video_inputs, video_plan
 
-    art = temporal_artifacts(method)
+    art = temporal_artifacts(method, None if budget == KEEP else budget)
     manifest = json.loads((art / "tokedge.json").read_text())
     assert manifest["reduction"]["method"] == method and manifest["reduction"]["stage"] == "temporal"
-    assert manifest["reduction"]["budget"] == KEEP and manifest["video"]["default_frames"] == FRAMES
+    assert manifest["reduction"]["budget"] == budget and manifest["video"]["default_frames"] == FRAMES
 
     _, pixels, _ = hf_video_inputs(ov_loaded, clip8, FRAMES)
     with torch.no_grad():
@@ -85,17 +87,17 @@ def test_run_video_equals_transformers_with_loop_reference_selection(method, tem
     if method in ("fastvid", "holitom"):  # + the last layer's received attention, pooled as transformers pools
         attn = received_attention(hf_onevision, pixels[0])
         if method == "fastvid":
-            keep, merged = _fastvid(feats, attn, KEEP)
+            keep, merged = _fastvid(feats, attn, budget)
         else:
-            _, merged, keep = holitom_reference(feats, attn, KEEP)
+            _, merged, keep = holitom_reference(feats, attn, budget)
         reduced = torch.cat([torch.from_numpy(merged).float(), pooled[-1:]])
     else:
-        keep = REFERENCES[method](feats, KEEP)
+        keep = REFERENCES[method](feats, budget)
         reduced = torch.cat([pooled[:-1][torch.tensor(keep)], pooled[-1:]])  # kept frame tokens + the newline
     video_token = ov_loaded.processor.video_token
     text = ov_loaded.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}])
-    ids = ov_loaded.processor.tokenizer([text.replace(video_token, video_token * (KEEP + 1))],
+    ids = ov_loaded.processor.tokenizer([text.replace(video_token, video_token * (budget + 1))],
                                         return_tensors="pt")["input_ids"]
     with torch.no_grad():
         encoded = {"video": BaseModelOutputWithPooling(pooler_output=reduced[None])}
