@@ -11,6 +11,21 @@ import pytest
 os.environ.setdefault("TOKEDGE_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest-cache-tokedge"))
 
 
+def pytest_configure(config):
+    """pytest-xdist runs one worker per core (`make test`): each worker's torch and ONNX Runtime then
+    use one thread, instead of every worker's pools competing for all cores (measured on 2 cores: two
+    concurrent OneVision export+verify loops 12% faster). Processes the tests start inherit
+    OMP_NUM_THREADS=1 for torch."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        import torch
+
+        from tokedge.runtime import ort_backend
+
+        torch.set_num_threads(1)
+        ort_backend.DEFAULT_INTRA_OP_THREADS = 1
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """LLaVA-1.5 geometry (CLIP, 336 px, 576 tokens) + Llama with GQA; save_pretrained layout."""
