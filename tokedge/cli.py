@@ -991,7 +991,7 @@ def methods_cmd(json_out: ListJsonFlag = False) -> None:
         print(json.dumps({"methods": rows}))
         return
     _print_listing(rows, [
-        ("method", "name"), ("acts", "stage"), ("runtime budget", lambda r: "yes" if r["runtime_budget"] else "no"),
+        ("method", "name"), ("acts", "stage"), ("dyn. budget", lambda r: "yes" if r["runtime_budget"] else "no"),
         ("scores with", lambda r: ", ".join(r["scores_with"]) or "-"),
     ], detail=lambda r: (f"{r['summary']} (arXiv {r['paper']})" if r["paper"] != "-" else r["summary"])
         + f"; families: {', '.join(r['families']) or 'none'}"

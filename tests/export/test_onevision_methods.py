@@ -178,5 +178,5 @@ def test_method_rules_on_onevision(ov_loaded):
         message = str(err.value)
         assert f"--method {name} " in message and "use --method divprune, fastv, pdrop, dart or none" in message
         assert "\n" not in message
-        uses_cls = {Signal.CLS_ATTENTION, Signal.CLS_TOKEN} & set(method.scores_with)
+        uses_cls = {Signal.CLS_ATTENTION, Signal.CLS_TOKEN, Signal.CLS_LOGITS} & set(method.scores_with)
         assert ("SigLIP tower has none" in message) == bool(uses_cls), name
