@@ -34,16 +34,17 @@ GEOMETRIES_FILE = Path(__file__).parent / "data" / "geometries.json"
 # none, by the checkpoint's model_type (transformers' class defaults)
 TOWER_OF_VISION_TYPE = {"clip_vision_model": "clip_vision_model", "siglip_vision_model": "siglip_vision_model",
                         "qwen2_5_vl": "qwen2_5_vl_vision", "qwen2_5_vl_vision": "qwen2_5_vl_vision",
-                        "qwen3_vl": "qwen3_vl_vision", "qwen3_vl_vision": "qwen3_vl_vision"}
+                        "qwen3_vl": "qwen3_vl_vision", "qwen3_vl_vision": "qwen3_vl_vision",
+                        "idefics3_vision": "idefics3_vision", "smolvlm_vision": "idefics3_vision"}
 DEFAULT_TOWER = {"llava": "clip_vision_model", "llava_next": "clip_vision_model",
                  "llava_onevision": "siglip_vision_model", "qwen2_5_vl": "qwen2_5_vl_vision",
-                 "qwen3_vl": "qwen3_vl_vision"}
+                 "qwen3_vl": "qwen3_vl_vision", "idefics3": "idefics3_vision", "smolvlm": "idefics3_vision"}
 # decoder styles: (q/k/v biases, per-head q/k RMSNorm)
 TEXT_STYLES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False),
                "qwen2_5_vl": (True, False), "qwen2_5_vl_text": (True, False), "qwen3": (False, True),
                "qwen3_vl": (False, True), "qwen3_vl_text": (False, True)}
 DEFAULT_TEXT = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2", "qwen2_5_vl": "qwen2_5_vl_text",
-                "qwen3_vl": "qwen3_vl_text"}
+                "qwen3_vl": "qwen3_vl_text", "idefics3": "llama", "smolvlm": "llama"}
 DEFAULT_FEATURE_LAYER = {"llava": -2, "llava_next": -2}  # transformers' class defaults (OneVision: -1)
 MAX_CONFIG_BYTES = 4 << 20  # a config.json is a few kB
 
@@ -118,8 +119,15 @@ def _tower_qwen3(vc: dict, layers: int) -> tuple[int, int]:
             layers * layer[1] + merger[1] + levels * deepstack[1])
 
 
+def _tower_idefics3(vc: dict, layers: int) -> tuple[int, int]:
+    """Idefics3 / SmolVLM: SigLIP's blocks with its post-layernorm (the connector is counted as the projector)."""
+    d = int(vc["hidden_size"])
+    tower = _clip_like(vc, layers, cls=False, patch_bias=True, pre_norm=False)
+    return tower[0] + 2 * d, tower[1]
+
+
 TOWERS = {"clip_vision_model": _tower_clip, "siglip_vision_model": _tower_siglip,
-          "qwen2_5_vl_vision": _tower_qwen2_5, "qwen3_vl_vision": _tower_qwen3}
+          "qwen2_5_vl_vision": _tower_qwen2_5, "qwen3_vl_vision": _tower_qwen3, "idefics3_vision": _tower_idefics3}
 
 
 def _decoder_layer(tc: dict, style: tuple[bool, bool]) -> tuple[int, int]:
@@ -188,6 +196,12 @@ def _layout(cfg: dict, vc: dict, tc: dict, tower: str, processor: dict, max_pixe
     if max_pixels is not None:
         raise UsageError("--max-pixels applies to dynamic-resolution models (Qwen-VL); this model has a fixed "
                          "image geometry")
+    if tower == "idefics3_vision":  # tiles of the view size under the processor's longest edge + a global view
+        side, patch, scale = int(vc.get("image_size", 224)), int(vc.get("patch_size", 32)), int(cfg.get("scale_factor", 2))
+        return VisualLayout(kind="split_tiles", tile=side, patch_size=patch, merge_size=scale,
+                            longest_edge=int(processor.get("longest_edge") or 4 * side),
+                            view_tokens=(side // patch) ** 2 // (scale * scale),
+                            split_image=bool(processor.get("do_image_splitting", True)))
     pinpoints = cfg.get("image_grid_pinpoints")
     if not pinpoints:
         return VisualLayout(kind="single")
@@ -236,7 +250,7 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     ff = int(_need(tc, "intermediate_size", "text "))
     layout = _layout(cfg, vc, tc, tower, processor or {}, max_pixels)
     dynamic = "spatial_merge_size" in vc  # merged patches over an image-sized grid (what _layout read)
-    tiled = not dynamic and bool(cfg.get("image_grid_pinpoints"))
+    tiled = not dynamic and (bool(cfg.get("image_grid_pinpoints")) or layout.kind == "split_tiles")
 
     vision, vision_matrices = TOWERS[tower](vc, layers)
     if tower in ("clip_vision_model", "siglip_vision_model"):  # LLaVA's two-layer projector (+ newline row)
@@ -245,6 +259,11 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
         vision += proj[0] + (h if tiled else 0)  # the image_newline row
         vision_matrices += proj[1]
         projector: tuple[int, ...] = (d, h, h)
+    elif tower == "idefics3_vision":  # pixel shuffle, then one bias-free linear
+        w = int(vc["hidden_size"]) * int(cfg.get("scale_factor", 2)) ** 2
+        vision += w * h
+        vision_matrices += w * h
+        projector = (w, h)
     else:
         w = int(vc["hidden_size"]) * int(vc.get("spatial_merge_size", 2)) ** 2
         projector = (w, w, int(vc.get("out_hidden_size", h)))
@@ -254,7 +273,8 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
               "decoder": GraphParameters(parameters=decoder)}
     matrices = {"vision": vision_matrices, "embed": 0, "decoder": n_layers * layer_matrices + vocab * h}
     d = int(vc["hidden_size"])
-    merge = int(vc.get("spatial_merge_size", 1)) ** 2 if dynamic else 1
+    merge = int(vc.get("spatial_merge_size", 1)) ** 2 if dynamic else \
+        int(cfg.get("scale_factor", 1)) ** 2 if tower == "idefics3_vision" else 1
     fixed = 0 if dynamic else (int(vc["image_size"]) // int(vc["patch_size"])) ** 2 + (1 if tower == "clip_vision_model"
                                                                                       else 0)
     arch = Architecture(
@@ -340,6 +360,8 @@ def pixel_range(pre: dict) -> dict:
     """min/max pixels of a preprocessor_config.json (Qwen2.5-VL names them; Qwen3-VL's `size` holds
     shortest_edge/longest_edge as pixel counts)."""
     size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
+    if isinstance(pre.get("max_image_size"), dict):  # Idefics3 / SmolVLM: a longest edge in pixels, tiles of the view
+        return {"longest_edge": size.get("longest_edge"), "do_image_splitting": pre.get("do_image_splitting", True)}
     lo = pre.get("min_pixels") or size.get("shortest_edge")
     hi = pre.get("max_pixels") or size.get("longest_edge")
     return {"min_pixels": lo, "max_pixels": hi} if isinstance(lo, int) and isinstance(hi, int) else {}

@@ -23,7 +23,7 @@ from tokedge.errors import ArtifactError, ArtifactPathError, IntegrityError, Usa
 if TYPE_CHECKING:
     from tokedge.safeio import Limits
 
-FORMAT_VERSION = 3  # the newest format this tokedge writes and reads (it reads 1, 2 and 3)
+FORMAT_VERSION = 4  # the newest format this tokedge writes and reads (it reads 1, 2, 3 and 4)
 MANIFEST_NAME = "tokedge.json"
 
 Dim = int | str  # a fixed size or a symbolic axis name
@@ -155,6 +155,10 @@ class VisualLayout:
     deepstack_levels: int = 0  # Qwen3-VL: DeepStack planes packed after each embedding row (docs/artifact.md)
     vision_start_token_id: int | None = None  # text tokens the chat template puts around each image
     vision_end_token_id: int | None = None
+    # "split_tiles" (SmolVLM, Idefics3 lineage; docs/artifact.md): `tile` is the view side; unused otherwise
+    longest_edge: int | None = None  # step 1 resizes the image's longest edge to this (pixels)
+    view_tokens: int | None = None  # visual tokens per view (tile or global view)
+    split_image: bool = True  # tiles + a global view; False: one squashed view per image
 
     @property
     def format_version(self) -> int:

@@ -430,6 +430,8 @@ def resolve_preset(name: str) -> Path | None:
             build_tiny_qwen2_5_vl(path, cfg, force=True)
         elif isinstance(cfg, TinyQwen3VLConfig):
             build_tiny_qwen3_vl(path, cfg, force=True)
+        elif isinstance(cfg, TinySmolVLMConfig):
+            build_tiny_smolvlm(path, cfg, force=True)
         else:
             build_tiny_llava(path, cfg, force=True)
         (path / PRESET_STAMP).write_text(json.dumps({"preset": name, "sha256": current}) + "\n")
@@ -642,3 +644,98 @@ def build_tiny_qwen3_vl(out: Path, cfg: TinyQwen3VLConfig = TinyQwen3VLConfig(),
 
 
 PRESETS["tiny-qwen3-vl"] = TinyQwen3VLConfig()
+
+
+# --- SmolVLM (Idefics3 lineage) ----------------------------------------------------------------------
+
+SMOLVLM_CHAT_TEMPLATE = (  # SmolVLM's (transformers' DEFAULT_CHAT_TEMPLATE of processing_smolvlm, images only)
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'] is string %}{{': ' + message['content']}}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySmolVLMConfig:
+    """SmolVLM-256M's structure at toy sizes: SigLIP-like tower (64 px views, patch 8: 64 patches),
+    pixel shuffle x2 -> 16 tokens per view, tiles of 64 px under a longest edge of 256 (up to 4 x 4
+    tiles + the global view), a Llama decoder; Idefics3 classes, as the 256M checkpoint's config."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    scale_factor: int = 2
+    longest_edge: int = 256
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_target: int = 400
+    seed: int = 0
+    init_std: float = 0.6
+
+
+def build_smolvlm_tokenizer(cfg: TinySmolVLMConfig):
+    """A byte-level BPE tokenizer (no BOS, as SmolLM2's) with SmolVLM's special tokens as single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_target, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>",
+                                                                              "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    rows = cfg.longest_edge // cfg.image_size
+    fast.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+        *(f"<row_{r + 1}_col_{c + 1}>" for r in range(max(rows, 6)) for c in range(max(rows, 6)))]})
+    return fast
+
+
+def build_tiny_smolvlm(out: Path, cfg: TinySmolVLMConfig = TinySmolVLMConfig(), force: bool = False) -> Path:
+    """A tiny SmolVLM checkpoint (`Idefics3ForConditionalGeneration` + `Idefics3Processor` with the PIL
+    image processor), written at `out` atomically."""
+    import transformers
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
+    tokenizer = build_smolvlm_tokenizer(cfg)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4,
+                           num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                           image_size=cfg.image_size, patch_size=cfg.patch_size),
+        text_config=dict(model_type="llama", hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 3,
+                         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                         num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tokenizer), rms_norm_eps=1e-5,
+                         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False),
+        scale_factor=cfg.scale_factor, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    model = _random_init(Idefics3ForConditionalGeneration, config, cfg.seed, cfg.init_std)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = transformers.Idefics3ImageProcessorPil(
+        size={"longest_edge": cfg.longest_edge}, max_image_size={"longest_edge": cfg.image_size}, resample=1)
+    per_view = (cfg.image_size // cfg.patch_size) ** 2 // cfg.scale_factor**2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=per_view,
+                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
+    with staged_directory(out, force=force, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        processor.save_pretrained(stage)
+    return out
+
+
+PRESETS["tiny-smolvlm"] = TinySmolVLMConfig()

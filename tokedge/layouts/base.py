@@ -31,6 +31,19 @@ class LayoutBounds:
 TYPICAL_IMAGE = (768, 1024)  # (height, width) of a 4:3 photo: the "typical" image of shape planning
 
 
+class Placeholders(int):
+    """An image's count of image placeholders that also carries how they stand in the prompt: `text`
+    is what the image's one placeholder becomes (its image-token runs with the layout's own text
+    between them, e.g. SmolVLM's tile markers). An int everywhere else (sums, splicing, JSON)."""
+
+    text: str
+
+    def __new__(cls, count: int, text: str) -> Placeholders:
+        obj = super().__new__(cls, count)
+        obj.text = text
+        return obj
+
+
 @dataclass
 class ImageBatch:
     """The images of a batch of prompts as the layout prepared them for the vision graph.

@@ -261,8 +261,9 @@ class PromptEncoder:
                 f"{images}; tokedge adds one per image itself (remove the placeholder from --prompt)"
             )
         out = pieces[0]
-        for count, piece in zip(counts, pieces[1:]):
-            out += self.info.image_token * count + piece
+        for count, piece in zip(counts, pieces[1:]):  # a layout's own text (`layouts.Placeholders`) or a run
+            out += getattr(count, "text", None) or self.info.image_token * count
+            out += piece
         return out
 
     def encode(self, prompts: list[str], visual_tokens: int | Sequence[int | Sequence[int]]) -> Encoded:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # modules that call register() when imported; listed here, imported by name on first use
 BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next",
            "tokedge.export.families.llava_onevision", "tokedge.export.families.qwen2_5_vl",
-           "tokedge.export.families.qwen3_vl")
+           "tokedge.export.families.qwen3_vl", "tokedge.export.families.smolvlm")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class FamilyBase:
     prefill_trace_spec: Any = None  # (loaded, plan, dtype) -> TraceSpec of the family's own prefill inputs
     reference_positions: Any = None  # (loaded, input_ids, attention_mask, images) -> M-RoPE positions
     temporal_methods: bool = False  # its video graph takes the temporal (video-only) methods
+
+    def image_placeholders(self, loaded: Any, image: Any, feats: Any) -> int:
+        """One image's placeholders in a reference prompt (its features' count; a layout with text
+        between runs returns `layouts.Placeholders` with that text)."""
+        return int(feats.shape[1])
 
     def export_warnings(self, loaded: Any) -> list[str]:
         """Lines export prints after writing (e.g. memory the vision graph needs at --max-pixels)."""

@@ -1,0 +1,117 @@
+"""SmolVLM (Idefics3 lineage) against transformers' own classes: `tokedge export tiny-smolvlm --method
+none` (Idefics3ForConditionalGeneration with random weights saved as a user's directory, its
+Idefics3Processor with the PIL image processor) run through the torch-free runtime equals
+transformers' processor + `generate` on three aspect ratios and a two-image prompt: the same prompt
+ids (tile markers, rows, global views), prefill logits within 1e-3, greedy tokens equal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SIZES = [(480, 640), (900, 300), (1000, 1000)]  # (height, width): 3 x 4, 4 x 2 and 4 x 4 tiles
+QUESTION = "What is shown in this image?"
+NEW_TOKENS = 8
+
+
+def _image(height: int, width: int, seed: int = 3) -> Image.Image:
+    rng = np.random.default_rng(height * seed + width)
+    yy, xx = np.mgrid[0:height, 0:width]
+    smooth = np.stack([xx / width, yy / height, (xx + yy) / (width + height)], axis=-1) * 180
+    return Image.fromarray((smooth + rng.integers(0, 75, (height, width, 3))).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tokedge.export.presets import build_tiny_smolvlm
+
+    return build_tiny_smolvlm(tmp_path_factory.mktemp("ckpt") / "tiny-smolvlm")
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def artifact(checkpoint, tmp_path_factory):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("smolvlm") / "none"
+    result = export(ExportConfig(model=str(checkpoint), out=out, method="none"))
+    assert result.parity["ok"] and len(result.parity["cases"]) == 2
+    return out
+
+
+@torch.no_grad()
+def transformers_reference(hf, images):
+    model, processor = hf
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    batch = processor(images=[images], text=[text], return_tensors="pt")
+    logits = model(**batch).logits[0, -1].numpy()
+    out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return batch["input_ids"][0].numpy(), logits, out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def tokedge_run(path, images):
+    from tokedge.layouts import prompt_inputs
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.pipeline import Pipeline
+
+    with Pipeline.load(path) as pipe:
+        result = pipe.generate(images, QUESTION, max_new_tokens=NEW_TOKENS)
+        inputs = prompt_inputs(pipe.manifest, images)
+        enc = pipe.encoder.encode([QUESTION], [[x.tokens for x in inputs]])
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1),
+                       images_per_row=[len(images)])
+    return result, enc.input_ids[0], gen.prefill_logits[0]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for h, w in SIZES])
+def test_none_matches_transformers_generate(size, artifact, hf):
+    image = _image(*size)
+    ids, logits, tokens = transformers_reference(hf, [image])
+    result, got_ids, got_logits = tokedge_run(artifact, [image])
+    np.testing.assert_array_equal(got_ids, ids)  # tile markers, rows and the global view as the processor writes them
+    np.testing.assert_allclose(got_logits, logits, atol=1e-3, rtol=0)
+    assert result.token_ids[0][: len(tokens)] == tokens
+    assert result.visual_tokens == int((ids == hf[0].config.image_token_id).sum())
+
+
+def test_two_image_prompt_matches_transformers(artifact, hf):
+    images = [_image(480, 640), _image(300, 900, seed=5)]
+    ids, logits, tokens = transformers_reference(hf, images)
+    result, got_ids, got_logits = tokedge_run(artifact, images)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got_logits, logits, atol=1e-3, rtol=0)
+    assert result.token_ids[0][: len(tokens)] == tokens
+
+
+def test_vision_graph_equals_transformers_connector(artifact, hf):
+    """The exported vision graph (FullViewEmbeddings + pixel shuffle + projection) on the processor's own
+    views equals transformers' get_image_features."""
+    import onnxruntime as ort
+
+    model, processor = hf
+    image = _image(480, 640)
+    batch = processor.image_processor([[image]], return_tensors="pt")
+    with torch.no_grad():
+        want = model.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
+    want = torch.cat(list(want)) if isinstance(want, (list, tuple)) else want
+    sess = ort.InferenceSession(str(artifact / "vision.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["image_embeds"], {"pixel_values": batch["pixel_values"][0].numpy()})[0][0]
+    np.testing.assert_allclose(got, want.reshape(-1, want.shape[-1]).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_reduction_methods_are_refused_in_one_line(checkpoint, tmp_path, capsys):
+    from tokedge.cli import main
+
+    assert main(["export", str(checkpoint), "--method", "cls-attn", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not available for SmolVLM yet" in err and len(err.splitlines()) == 1

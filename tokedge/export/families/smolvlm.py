@@ -1,0 +1,274 @@
+"""SmolVLM family (Idefics3 lineage: `Idefics3ForConditionalGeneration`, which SmolVLM-256M/500M/2.2B
+use, and `SmolVLMForConditionalGeneration` of SmolVLM2), read top to bottom: the config, loading,
+the vision graph (a SigLIP-like tower on each view, post-layernorm, pixel shuffle by
+`scale_factor`, the connector's linear projection: [views, 3, S, S] -> [1, views * view_tokens,
+hidden]), and the manifest's "split_tiles" layout (tokedge.layouts.split_tiles: tiles plus a
+global view, text markers between the views' token runs). The language model is Llama, exported
+as for LLaVA. `--method none` only so far; reduction methods are refused in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokedge.artifact import ModelInfo, PreprocessInfo, VisualLayout
+from tokedge.errors import InputError, UnsupportedModelError, UsageError
+from tokedge.export.decoder import KVDecoder, TokenEmbedder
+from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
+from tokedge.export.families.llava import LlavaFamily, load_hf_checkpoint
+from tokedge.export.families.llava import model_info as llava_model_info
+from tokedge.export.towers import VisionTower
+from tokedge.reduce.base import Method, VisionGeometry
+
+SUPPORTED_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+MODEL_TYPES = ("idefics3", "smolvlm")
+SUPPORTED_TEXT = ("llama",)
+
+
+# --- the config (no weights) ---------------------------------------------------------------------
+
+
+def _sizes(cfg: dict) -> tuple[int, int, int]:
+    """(view side S, patch size, scale_factor) from config.json (transformers' defaults where absent)."""
+    vc = cfg.get("vision_config") or {}
+    return int(vc.get("image_size", 224)), int(vc.get("patch_size", 32)), int(cfg.get("scale_factor", 2))
+
+
+def check_supported(cfg: dict) -> None:
+    archs = cfg.get("architectures") or []
+    if archs and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+        raise UnsupportedModelError(f"architecture {archs[0]} is not a SmolVLM one ({', '.join(SUPPORTED_ARCHITECTURES)})")
+    text = (cfg.get("text_config") or {}).get("model_type", "llama")
+    if text not in SUPPORTED_TEXT:
+        raise UnsupportedModelError(f"SmolVLM with a {text} language model is not supported yet (llama is)")
+    side, patch, scale = _sizes(cfg)
+    if side % patch or (side // patch) % scale:
+        raise UnsupportedModelError(f"vision image_size {side} / patch_size {patch} is not a multiple of "
+                                    f"scale_factor {scale}")
+
+
+def view_tokens(cfg: dict) -> int:
+    side, patch, scale = _sizes(cfg)
+    return (side // patch) ** 2 // (scale * scale)
+
+
+def layout_record(cfg: dict, longest_edge: int, split: bool = True) -> VisualLayout:
+    side, patch, scale = _sizes(cfg)
+    return VisualLayout(kind="split_tiles", tile=side, patch_size=patch, merge_size=scale, longest_edge=longest_edge,
+                        view_tokens=view_tokens(cfg), split_image=split)
+
+
+def inspect_config(cfg: dict, longest_edge: int | None = None) -> CheckpointSpec:
+    """`full_tokens`: the most one image gives (every tile of a square image plus the global view).
+    The longest edge is the image processor's (read at load; 4 tiles per side until then, the hub
+    checkpoints' 2048 / 512)."""
+    check_supported(cfg)
+    side, patch, _ = _sizes(cfg)
+    longest = longest_edge or 4 * side
+    per_side = -(-longest // side)
+    vc = cfg.get("vision_config") or {}
+    layers = (cfg.get("text_config") or {}).get("num_hidden_layers")
+    geometry = VisionGeometry(patch_tokens=(side // patch) ** 2, layers=int(vc.get("num_hidden_layers", 12)),
+                              has_cls=False)
+    return CheckpointSpec(family="smolvlm", full_tokens=(per_side * per_side + 1) * view_tokens(cfg), geometry=geometry,
+                          text_layers=int(layers) if layers is not None else None,
+                          layout=layout_record(cfg, longest))
+
+
+def check_method(method: Method) -> None:
+    if method.keeps_all:
+        return
+    raise UsageError(f"--method {method.name} is not available for SmolVLM yet; export it with --method none")
+
+
+def load_smolvlm(source: str, local: Path | None, *, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> LoadedCheckpoint:
+    from tokedge.export.families import read_config
+
+    cfg = read_config(source, local, trust_remote_code)
+    inspect_config(cfg)
+    archs = cfg.get("architectures") or ["Idefics3ForConditionalGeneration"]
+    model_class = next(a for a in archs if a in SUPPORTED_ARCHITECTURES)
+    model, processor = load_hf_checkpoint(model_class, source, local, trust_remote_code=trust_remote_code,
+                                          allow_pickle=allow_pickle)
+    ip = processor.image_processor
+    longest = (getattr(ip, "size", None) or {}).get("longest_edge")
+    tile = (getattr(ip, "max_image_size", None) or {}).get("longest_edge")
+    full = model.config.to_dict()
+    side, _, _ = _sizes(full)
+    if tile != side or not longest:
+        raise UnsupportedModelError(f"the image processor's max_image_size {tile} is not the vision image_size {side}")
+    if getattr(processor, "image_seq_len", view_tokens(full)) != view_tokens(full):
+        raise InputError(f"the processor's image_seq_len {processor.image_seq_len} is not the model's "
+                         f"{view_tokens(full)} tokens per view")
+    spec = inspect_config(full, int(longest))
+    spec = replace(spec, layout=replace(spec.layout, split_image=bool(getattr(ip, "do_image_splitting", True))),
+                   text_layers=int(model.config.text_config.num_hidden_layers))
+    return LoadedCheckpoint(family=FAMILY, source=source, model=model, processor=processor, path=local, spec=spec)
+
+
+# --- the graph modules ----------------------------------------------------------------------------
+
+
+class FullViewEmbeddings(nn.Module):
+    """transformers' vision embeddings for views without padding: the patch convolution and the
+    position table in raster order (with every patch real, its fractional bucketing is the identity)."""
+
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.patch_embedding = embeddings.patch_embedding
+        self.position_embedding = embeddings.position_embedding
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # [v, n, d]
+        return x + self.position_embedding.weight[None, : x.shape[1]]
+
+
+def pixel_shuffle(x, scale: int):
+    """[v, n, d] -> [v, n / s^2, d s^2]: transformers' Idefics3 connector shuffle (s x s patches per token,
+    row-major tokens, each token's features the s rows of s patches, row outer)."""
+    v, n, d = x.shape
+    side = int(n**0.5)
+    x = x.reshape(v, side // scale, scale, side // scale, scale, d)  # [v, i', di, j', dj, d]
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(v, (side // scale) ** 2, scale * scale * d)
+
+
+class SplitVisionGraph(nn.Module):
+    """pixel_values [views, 3, S, S] -> image_embeds [1, views * view_tokens, hidden] in prompt order."""
+
+    k = None  # as many tokens as the image's views give
+    schedule = None  # no in-ViT merging
+
+    def __init__(self, loaded: LoadedCheckpoint):
+        super().__init__()
+        inner = loaded.model.model
+        self.tower = VisionTower(inner.vision_model, -1, drop_cls=False, needs=frozenset())
+        self.tower.embeddings = FullViewEmbeddings(inner.vision_model.embeddings)
+        self.post_norm = inner.vision_model.post_layernorm
+        self.proj = inner.connector.modality_projection.proj
+        self.scale = int(loaded.model.config.scale_factor)
+
+    def forward(self, pixel_values):
+        feats = self.post_norm(self.tower(pixel_values).features)
+        tokens = self.proj(pixel_shuffle(feats, self.scale))  # [v, t, hidden]
+        return tokens.reshape(1, -1, tokens.shape[-1])
+
+
+def vision_trace_spec(loaded: LoadedCheckpoint, dtype=torch.float32):
+    from tokedge.export.onnx_export import TOKENS, TraceSpec
+    from tokedge.export.families.llava_next import PARTITIONS
+
+    side = int(loaded.model.config.vision_config.image_size)
+    hidden = int(loaded.model.config.text_config.hidden_size)
+    return TraceSpec(inputs=("pixel_values",), outputs=("image_embeds",), example=(torch.rand(3, 3, side, side),),
+                     dynamic_axes={"pixel_values": {0: PARTITIONS}, "image_embeds": {1: TOKENS}},
+                     output_shapes={"image_embeds": (1, TOKENS, hidden)})
+
+
+# --- transformers-side reference -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_image_features(loaded: LoadedCheckpoint, image) -> torch.Tensor:
+    """transformers' own processor and `get_image_features` on one image -> [1, T, hidden]."""
+    batch = loaded.processor.image_processor([[image]], return_tensors="pt")
+    out = loaded.model.model.get_image_features(batch["pixel_values"].float(), batch["pixel_attention_mask"])
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat(list(feats))
+    return feats.reshape(1, -1, feats.shape[-1])
+
+
+def image_placeholders(loaded: LoadedCheckpoint, image):
+    """One image's placeholder count with its prompt text (layouts.Placeholders), from the processor's rows/cols."""
+    from tokedge.layouts import Placeholders
+    from tokedge.runtime.idefics3 import prompt_text
+
+    batch = loaded.processor.image_processor([[image]], return_tensors="np", return_row_col_info=True)
+    rows, cols = int(batch["rows"][0][0]), int(batch["cols"][0][0])
+    per_view = loaded.spec.layout.view_tokens
+    views = rows * cols + 1 if rows else 1
+    return Placeholders(views * per_view, prompt_text(rows, cols, per_view, loaded.processor.image_token))
+
+
+# --- the family ------------------------------------------------------------------------------------
+
+
+class SmolVLMFamily(LlavaFamily):
+    """Idefics3 / SmolVLM: tiles and a global view per image, text markers between their token runs."""
+
+    name = "smolvlm"
+    model_types = MODEL_TYPES
+    architectures = SUPPORTED_ARCHITECTURES
+    tower_has_cls = False
+
+    def inspect(self, config: dict) -> CheckpointSpec:
+        return inspect_config(config)
+
+    def load(self, source: str, local: Path | None, *, trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> LoadedCheckpoint:
+        return load_smolvlm(source, local, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+    def check_method(self, method: Method) -> None:
+        check_method(method)
+
+    def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
+        check_method(method)
+        lm = loaded.model.model.text_model
+        return {"vision": SplitVisionGraph(loaded).eval(), "embed": TokenEmbedder(lm.embed_tokens).eval(),
+                "decoder": KVDecoder(lm, loaded.model.lm_head, plan).eval()}
+
+    def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None):
+        return vision_trace_spec(loaded, dtype)
+
+    def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
+        cfg = loaded.model.config
+        saved = getattr(cfg, "vision_feature_layer", None)
+        cfg.vision_feature_layer = -1  # every tower layer runs (llava's model_info reads it)
+        try:
+            return replace(llava_model_info(loaded), family=self.name)
+        finally:
+            if saved is None:
+                del cfg.vision_feature_layer
+
+    def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
+        ip = loaded.processor.image_processor
+        side = int(loaded.model.config.vision_config.image_size)
+        resample = getattr(ip, "resample", 1)
+        return PreprocessInfo(
+            do_convert_rgb=bool(getattr(ip, "do_convert_rgb", True)), do_resize=True, resize_shortest_edge=None,
+            resize_size=(side, side), resample=int(getattr(resample, "value", resample)), do_center_crop=False,
+            crop_size=(side, side), do_rescale=bool(ip.do_rescale), rescale_factor=float(ip.rescale_factor),
+            do_normalize=bool(ip.do_normalize), image_mean=tuple(float(v) for v in ip.image_mean),
+            image_std=tuple(float(v) for v in ip.image_std))
+
+    def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str], visual_tokens):
+        """Each image placeholder -> the image's prompt text (`visual_tokens`: its Placeholders)."""
+        import numpy as np
+
+        tok = loaded.processor.tokenizer
+        token = loaded.processor.image_token
+        text = getattr(visual_tokens, "text", None) or token * int(visual_tokens)
+        previous = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok([p.replace(token, text) for p in prompts], padding=True, return_tensors="np")
+        finally:
+            tok.padding_side = previous
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+    def image_placeholders(self, loaded: LoadedCheckpoint, image, feats):
+        return image_placeholders(loaded, image)
+
+    def reference_features(self, loaded: LoadedCheckpoint, method: Method, images, k: int,
+                           options: dict | None = None, instruction=None):
+        if len(images) != 1:
+            raise UnsupportedModelError("SmolVLM references take one image at a time (token counts differ)")
+        return reference_image_features(loaded, images[0])
+
+
+FAMILY = register(SmolVLMFamily())

@@ -1,0 +1,101 @@
+"""Split tiles with text between them (SmolVLM / Idefics3 lineage): each image is resized and cut
+into tiles of one view size plus a global view (the mechanism: `tokedge.runtime.idefics3`); every
+view gives the same count of visual tokens, and the prompt places each view's run after its own
+text tokens (`<fake_token_around_image><row_r_col_c>`, the global view's `<global-img>`), so an
+image's placeholder becomes a text with several image-token runs (`Placeholders.text`). The vision
+graph runs one image's views [v, 3, S, S] -> [1, v * view_tokens, hidden] in prompt order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tokedge.layouts.base import TYPICAL_IMAGE, ImageLayout, LayoutBounds, Placeholders, Range
+from tokedge.manifest_schema import ManifestError
+
+MAX_VIEWS = 1 + 64 * 64  # a manifest's longest_edge / tile may not make more tiles than this
+
+
+@dataclass(frozen=True)
+class SplitImage:
+    """One image's vision input and its placeholders."""
+
+    pixel_values: np.ndarray  # [views, 3, S, S] float32
+    plan: object  # runtime.idefics3.SplitPlan
+    tokens: Placeholders  # views * view_tokens, with the image's prompt text
+
+
+class SplitTiles(ImageLayout):
+    kind = "split_tiles"
+    format_version = 4
+
+    @classmethod
+    def check_record(cls, layout, format_version: int) -> None:
+        from tokedge.manifest_schema import bounded, positive
+
+        positive("layout.tile", layout.tile, high=16384)
+        positive("layout.longest_edge", layout.longest_edge, high=16384)
+        positive("layout.view_tokens", layout.view_tokens, high=1 << 16)
+        side = -(-layout.longest_edge // layout.tile)
+        bounded("layout.longest_edge", f"views (at layout.tile {layout.tile})", side * side + 1, MAX_VIEWS)
+        if not isinstance(layout.split_image, bool):
+            raise ManifestError("layout.split_image", "true or false", layout.split_image)
+
+    def _plan(self, height: int, width: int):
+        from tokedge.runtime.idefics3 import plan_split
+
+        r = self.record
+        return plan_split(height, width, r.longest_edge, r.tile, r.split_image)
+
+    def prompt_images(self, images: list) -> list[SplitImage]:
+        from tokedge.runtime.idefics3 import normalise, prompt_text, split_views
+        from tokedge.runtime.preprocess import to_rgb
+
+        pre, r = self.manifest.preprocess, self.record
+        token = self.manifest.prompt.image_token
+        out = []
+        for image in images:
+            if pre.do_convert_rgb or image.mode != "RGB":
+                image = to_rgb(image)
+            plan = self._plan(image.height, image.width)
+            views = split_views(image, plan, r.tile, pre.resample)
+            pixel_values = np.stack([normalise(v, pre.rescale_factor if pre.do_rescale else 1.0,
+                                               pre.image_mean if pre.do_normalize else (0, 0, 0),
+                                               pre.image_std if pre.do_normalize else (1, 1, 1)) for v in views])
+            count = plan.views * r.view_tokens
+            out.append(SplitImage(pixel_values, plan, Placeholders(count, prompt_text(plan.rows, plan.cols,
+                                                                                      r.view_tokens, token))))
+        return out
+
+    def prepare(self, groups, budget, check_budget):
+        from tokedge.errors import InputError
+
+        if budget is not None:
+            raise InputError(f"this artifact keeps every visual token of each view (--method "
+                             f"{self.manifest.reduction.method}); drop --budget")
+        return self.batch_of(groups)
+
+    def feed(self, image_inputs, graph_inputs):
+        return {"pixel_values": image_inputs.pixel_values.astype(np.float32, copy=False)}
+
+    def image_counts(self, image) -> tuple[int, int]:
+        plan = self._plan(image.height, image.width)
+        return plan.views, plan.views * self.record.view_tokens
+
+    def bounds(self) -> LayoutBounds:
+        r = self.record
+        # the longest edge always becomes longest_edge: `side` tiles along it, 1..side across (a strip)
+        side = -(-r.longest_edge // r.tile) if r.split_image else 1
+        most = side * side + 1 if side > 1 else 1
+        fewest = side + 1 if side > 1 else 1
+        typical = self._plan(*TYPICAL_IMAGE).views
+        return LayoutBounds(partitions=(fewest, typical, most),
+                            tokens=(fewest * r.view_tokens, typical * r.view_tokens, most * r.view_tokens))
+
+    def axes(self, max_prompt: int) -> dict[str, Range]:
+        b = self.bounds()
+        return {"partitions": b.partitions, "visual_tokens": b.tokens}
+
+
+__all__ = ["SplitImage", "SplitTiles"]
