@@ -114,4 +114,63 @@ def test_reduction_methods_are_refused_in_one_line(checkpoint, tmp_path, capsys)
 
     assert main(["export", str(checkpoint), "--method", "cls-attn", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not available for SmolVLM yet" in err and len(err.splitlines()) == 1
+    assert "not available for SmolVLM yet" in err and "fastv" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def in_llm(checkpoint, tmp_path_factory):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("smolvlm-in-llm")
+    made = {}
+
+    def make(method: str):
+        if method not in made:
+            made[method] = root / method
+            export(ExportConfig(model=str(checkpoint), out=made[method], method=method, budget=IN_LLM_BUDGET))
+        return made[method]
+
+    return make
+
+
+IN_LLM_BUDGET = 64  # image tokens kept per image from the method's layer on (of 144-272)
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+@pytest.mark.parametrize("sizes", [[(480, 640)], [(480, 640), (300, 900)]], ids=["one image", "two images"])
+def test_in_llm_prunes_every_image_run_as_the_reference(method, sizes, in_llm, hf):
+    """fastv / dart over the prompt's image-token runs (tiles and global views, text between them):
+    the loop-based pruning reference of tests/export/test_in_llm.py on transformers' own decoder
+    layers, fed with transformers' processor ids and image features, keeping the budget x images."""
+    from types import SimpleNamespace
+
+    from tests.export.test_anyres_in_llm import STEPS, splice_and_prune
+    from tokedge.artifact import load_artifact
+    from tokedge.layouts import prompt_inputs
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, processor = hf
+    art = in_llm(method)
+    manifest = load_artifact(art)
+    stages = [dict(s, rule=getattr(s["rule"], "value", s["rule"])) for s in manifest.reduction.stages]
+    images = [_image(*size) for size in sizes]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    batch = processor(images=[images], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
+    shim = SimpleNamespace(model=SimpleNamespace(language_model=model.model.text_model), lm_head=model.lm_head,
+                           config=model.config, get_input_embeddings=model.get_input_embeddings)
+    feats = [torch.cat(list(feats))] if isinstance(feats, (list, tuple)) else [feats.reshape(-1, feats.shape[-1])]
+    exp_prefill, exp_tokens, exp_ids = splice_and_prune(shim, batch, feats, stages,
+                                                        int(manifest.reduction.options.get("pivots") or 8), len(images))
+    with Pipeline.load(art) as pipe:
+        inputs = prompt_inputs(pipe.manifest, images)
+        enc = pipe.encoder.encode([QUESTION], [[x.tokens for x in inputs]])
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=STEPS + 1),
+                       stop_at_eos=False, images_per_row=[len(images)])
+    np.testing.assert_array_equal(enc.input_ids[0], exp_ids)
+    np.testing.assert_allclose(gen.prefill_logits[0], exp_prefill, atol=1e-3, rtol=0)
+    assert gen.token_ids[0] == exp_tokens
+    assert gen.visual_tokens == IN_LLM_BUDGET * len(images)

@@ -679,8 +679,13 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
     )
     from tokedge.runtime.layout import candidate_plan, pack_plan, plan_image
 
-    def candidates(image) -> int:  # tiled layouts only: methods that keep all tokens never ask
-        layout = loaded.family.layout(loaded).anyres()
+    def candidates(image) -> int:  # methods that keep all tokens never ask
+        from tokedge.layouts import image_layout_class
+
+        record = loaded.family.layout(loaded)
+        if not record.pinpoints:  # the layout's own count (split tiles: every view's tokens)
+            return image_layout_class(record.kind).of_record(record).image_counts(image)[1]
+        layout = record.anyres()  # tiled: the candidates leave the newline rows out
         plan = plan_image(layout, image.height, image.width)
         return int(candidate_plan(layout, plan, *pack_plan(layout, plan))[0].shape[0])
 
@@ -705,11 +710,9 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
         if dynamic:  # dynamic resolution: the prefill keeps a count or a share of each image's tokens
             per_image = TokenBudget(keep=keep) if keep is not None else TokenBudget(count=budget)
         for i, image in enumerate(usable):
-            if dynamic:
-                count = int(loaded.family.reference_features(loaded, get_method("none"), [image], budget).shape[1])
-            else:
-                layout = loaded.family.layout(loaded).anyres()
-                count = plan_image(layout, image.height, image.width).tokens(layout)
+            # the image's placeholders: its unreduced features' count (with the layout's text, if any)
+            feats = loaded.family.reference_features(loaded, get_method("none"), [image], budget)
+            count = loaded.family.image_placeholders(loaded, image, feats)
             ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], count)
             cases.append(reference_pruned_from_ids(loaded, pruning_modules, None, ids, mask, budget, steps,
                                                    image=image, per_image=per_image))

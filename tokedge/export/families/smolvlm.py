@@ -17,7 +17,7 @@ from torch import nn
 
 from tokedge.artifact import ModelInfo, PreprocessInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError, UsageError
-from tokedge.export.decoder import KVDecoder, TokenEmbedder
+from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families.llava import LlavaFamily, load_hf_checkpoint
 from tokedge.export.families.llava import model_info as llava_model_info
@@ -80,9 +80,11 @@ def inspect_config(cfg: dict, longest_edge: int | None = None) -> CheckpointSpec
 
 
 def check_method(method: Method) -> None:
-    if method.keeps_all:
+    """`none` and the in-LLM methods (they prune every image-token run of the prompt in the prefill);
+    vision-side methods are not written for SmolVLM's views yet."""
+    if method.keeps_all or method.prunes_in_llm:
         return
-    raise UsageError(f"--method {method.name} is not available for SmolVLM yet; export it with --method none")
+    raise UsageError(f"--method {method.name} is not available for SmolVLM yet; use none, fastv, pdrop or dart")
 
 
 def load_smolvlm(source: str, local: Path | None, *, trust_remote_code: bool = False,
@@ -219,8 +221,11 @@ class SmolVLMFamily(LlavaFamily):
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
         lm = loaded.model.model.text_model
-        return {"vision": SplitVisionGraph(loaded).eval(), "embed": TokenEmbedder(lm.embed_tokens).eval(),
-                "decoder": KVDecoder(lm, loaded.model.lm_head, plan).eval()}
+        modules = {"vision": SplitVisionGraph(loaded).eval(), "embed": TokenEmbedder(lm.embed_tokens).eval()}
+        if plan is not None:  # in-LLM methods: the pruning prefill over every image-token position
+            modules["prefill"] = PruningPrefill(lm, loaded.model.lm_head, plan).eval()
+        modules["decoder"] = KVDecoder(lm, loaded.model.lm_head, plan).eval()
+        return modules
 
     def vision_trace_spec(self, loaded: LoadedCheckpoint, dtype=torch.float32, vision=None):
         return vision_trace_spec(loaded, dtype)
