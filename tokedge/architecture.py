@@ -250,7 +250,7 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     ff = int(_need(tc, "intermediate_size", "text "))
     layout = _layout(cfg, vc, tc, tower, processor or {}, max_pixels)
     dynamic = "spatial_merge_size" in vc  # merged patches over an image-sized grid (what _layout read)
-    tiled = not dynamic and (bool(cfg.get("image_grid_pinpoints")) or layout.kind == "split_tiles")
+    tiled = not dynamic and (bool(cfg.get("image_grid_pinpoints")) or tower == "idefics3_vision")
 
     vision, vision_matrices = TOWERS[tower](vc, layers)
     if tower in ("clip_vision_model", "siglip_vision_model"):  # LLaVA's two-layer projector (+ newline row)

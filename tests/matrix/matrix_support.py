@@ -54,11 +54,12 @@ PRESETS = {
     "tiny-llava-onevision": {"reduce": ["--budget", "64"], "extra": []},
     "tiny-qwen2.5-vl": {"reduce": ["--budget", "16"], "extra": ["--max-pixels", "50176"]},
     "tiny-qwen3-vl": {"reduce": ["--budget", "16"], "extra": ["--max-pixels", "131072"]},  # its min_pixels: 65536
+    "tiny-smolvlm": {"reduce": ["--budget", "64"], "extra": []},  # in-LLM: 64 of an image's 80-272 tokens
 }
 
 
 FAMILY = {"tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-llava-onevision": "llava_onevision",
-          "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
+          "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl", "tiny-smolvlm": "smolvlm"}
 # `tokedge methods` lists a family when the rules that need no weights accept the method; these pairs
 # are refused later, by their default options (pdrop's three stages on M-RoPE families)
 REFUSED_BY_OPTIONS = {("qwen2_5_vl", "pdrop"), ("qwen3_vl", "pdrop")}
