@@ -36,8 +36,8 @@ class ContractClient:
         self.root = Path(artifact)
         self.manifest = json.loads((self.root / "tokedge.json").read_text())
         self.layout = self.manifest.get("layout") or {"kind": "single"}  # absent: written before layouts
-        if self.layout["kind"] not in ("single", "anyres", "dynamic_patches", "qwen_dynamic"):
-            raise ValueError(f"this client implements the 'single', 'anyres' and 'dynamic_patches' (formerly 'qwen_dynamic') layouts, "
+        if self.layout["kind"] not in ("single", "anyres", "dynamic_patches", "qwen_dynamic", "split_tiles"):
+            raise ValueError(f"this client implements the 'single', 'anyres', 'dynamic_patches' (formerly 'qwen_dynamic') and 'split_tiles' layouts, "
                              f"not '{self.layout['kind']}'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -299,14 +299,15 @@ class ContractClient:
             messages=[{"role": "user", "content": content}], add_generation_prompt=True,
             **prompt.get("special_tokens", {}))
 
-    def encode(self, rendered: str, counts: list[int]) -> np.ndarray:
-        """Each placeholder, in order, expanded to its image's count; tokenized -> ids [1, t]."""
+    def encode(self, rendered: str, counts: list) -> np.ndarray:
+        """Each placeholder, in order, expanded to its image's count (or its text: split tiles);
+        tokenized -> ids [1, t]."""
         from tokenizers import Tokenizer
 
         token = self.manifest["prompt"]["image_token"]
         pieces = rendered.split(token)
         assert len(pieces) == len(counts) + 1, "one placeholder per image"
-        text = pieces[0] + "".join(token * k + rest for k, rest in zip(counts, pieces[1:]))
+        text = pieces[0] + "".join((k if isinstance(k, str) else token * k) + rest for k, rest in zip(counts, pieces[1:]))
         tok = Tokenizer.from_file(str(self.root / self.manifest["prompt"]["tokenizer_file"]))
         return np.asarray([tok.encode(text, add_special_tokens=True).ids], np.int64)
 
@@ -321,12 +322,59 @@ class ContractClient:
             logits, tokens = self.generate([[e for e, _ in planned]], ids, np.ones_like(ids), new_tokens,
                                            positions=positions)
             return logits, tokens, ids
+        if self.layout["kind"] == "split_tiles":
+            planned = [self.split_embeds(image) for image in images]
+            ids = self.encode(self.render(question, len(images)), [text for _, text in planned])
+            logits, tokens = self.generate([[e for e, _ in planned]], ids, np.ones_like(ids), new_tokens)
+            return logits, tokens, ids
         assert self.layout["kind"] == "anyres", "run() plans tiled images; single views take generate()"
         tiled = not (self.layout.get("multi_image_square") and len(images) > 1)
         embeds = [self.tiled_embeds(image, tiled) for image in images]
         ids = self.encode(self.render(question, len(images)), [len(e) for e in embeds])
         logits, tokens = self.generate([embeds], ids, np.ones_like(ids), new_tokens)
         return logits, tokens, ids
+
+    # --- split tiles (docs/artifact.md: "Split tiles with text between them") ---
+
+    def split_embeds(self, image):
+        """One image -> (image_embeds [views * T, hidden], the text its placeholder becomes)."""
+        from PIL import Image
+
+        lay, pre = self.layout, self.manifest["preprocess"]
+        L, M, T = lay["longest_edge"], lay["tile"], lay["view_tokens"]
+        resample = Image.Resampling(pre["resample"])
+        if image.mode != "RGB":  # transparency onto white
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        W, H = image.size
+        if W >= H:
+            w1, h1 = L, int(L / (W / H))
+            h1 += h1 % 2
+        else:
+            h1, w1 = L, int(L * (W / H))
+            w1 += w1 % 2
+        h1, w1 = max(h1, 1), max(w1, 1)  # (the 4096 cap is not reached at these sizes)
+        step1 = image.resize((w1, h1), resample)
+        rows = cols = 0
+        views = [step1.resize((M, M), resample)]
+        if lay["split_image"]:
+            if w1 >= h1:
+                w2 = math.ceil(w1 / M) * M
+                h2 = math.ceil(int(w2 / (w1 / h1)) / M) * M
+            else:
+                h2 = math.ceil(h1 / M) * M
+                w2 = math.ceil(int(h2 * (w1 / h1)) / M) * M
+            if h2 > M or w2 > M:
+                step2 = step1.resize((w2, h2), resample)
+                rows, cols = h2 // M, w2 // M
+                views = [step2.crop((c * M, r * M, (c + 1) * M, (r + 1) * M)) for r in range(rows) for c in range(cols)]
+                views.append(step2.resize((M, M), resample))
+        pixel_values = np.stack([self.normalise(v) for v in views])
+        embeds = self.sessions["vision"].run(["image_embeds"], {"pixel_values": pixel_values})[0][0]
+        run = self.manifest["prompt"]["image_token"] * T
+        fake, glob = "<fake_token_around_image>", f"<fake_token_around_image><global-img>{run}<fake_token_around_image>"
+        text = "".join("".join(f"{fake}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n" for r in range(rows))
+        return embeds, (text + "\n" + glob if rows else glob)
 
     # --- dynamic resolution (docs/artifact.md: "Dynamic resolution", "Running a prompt" step 5) ---
 

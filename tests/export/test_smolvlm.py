@@ -174,3 +174,21 @@ def test_in_llm_prunes_every_image_run_as_the_reference(method, sizes, in_llm, h
     np.testing.assert_allclose(gen.prefill_logits[0], exp_prefill, atol=1e-3, rtol=0)
     assert gen.token_ids[0] == exp_tokens
     assert gen.visual_tokens == IN_LLM_BUDGET * len(images)
+
+
+@pytest.mark.parametrize("method", ["none", "fastv"])
+def test_contract_client_runs_split_tile_artifacts_like_tokedge(method, artifact, in_llm):
+    """tests/contract_client.py (written from docs/artifact.md alone: "Split tiles with text between
+    them") on one image and on a two-image prompt: its prompt ids are tokedge's, its greedy tokens
+    `Pipeline.generate`'s and its prefill logits within 1e-4."""
+    from tests.contract_client import ContractClient
+
+    path = artifact if method == "none" else in_llm(method)
+    client = ContractClient(path)
+    for sizes in ([(480, 640)], [(480, 640), (300, 900)]):
+        images = [_image(*size) for size in sizes]
+        logits, tokens, ids = client.run(images, QUESTION, NEW_TOKENS)
+        result, got_ids, got_logits = tokedge_run(path, images)
+        np.testing.assert_array_equal(ids[0], got_ids)
+        np.testing.assert_allclose(logits[0], got_logits, atol=1e-4, rtol=0)
+        assert tokens[0].tolist()[: len(result.token_ids[0])] == result.token_ids[0]
