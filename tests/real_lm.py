@@ -186,9 +186,9 @@ def build_smolvlm_smollm2(out: Path, seed: int = 0) -> Path:
     text.tie_word_embeddings = False
     text.pad_token_id = tok.pad_token_id
     config = Idefics3Config(
-        vision_config=dict(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4,
-                           num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                           image_size=cfg.image_size, patch_size=cfg.patch_size),
+        vision_config={"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4,
+                       "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+                       "image_size": cfg.image_size, "patch_size": cfg.patch_size},
         text_config=text.to_dict(), scale_factor=cfg.scale_factor, image_token_id=tok.convert_tokens_to_ids("<image>"),
         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = _random_init(Idefics3ForConditionalGeneration, config, seed, cfg.init_std)

@@ -58,7 +58,7 @@ def test_real_lm_answers_as_transformers(question, artifact, real_smolvlm_dir, p
     from tokedge.cli import main
 
     image, path = photo
-    tokens, text = transformers_answer(real_smolvlm_dir, question, image)
+    tokens, _ = transformers_answer(real_smolvlm_dir, question, image)
     capsys.readouterr()
     assert main(["run", str(artifact), "--image", str(path), "--prompt", question,
                  "--max-new-tokens", str(NEW_TOKENS), "--json"]) == 0

@@ -88,7 +88,6 @@ def record_architecture(root: Path, manifest: Manifest, config: dict) -> Manifes
     read from the checkpoint's config (`config`: the transformers config as a dict) and the
     manifest's own layout (pixel range) and ToMe merge schedule."""
     from tokedge.architecture import from_config, vision_architecture
-
     from tokedge.layouts import image_layout_class
 
     layout = manifest.layout

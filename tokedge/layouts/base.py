@@ -38,7 +38,7 @@ class Placeholders(int):
 
     text: str
 
-    def __new__(cls, count: int, text: str) -> Placeholders:
+    def __new__(cls, count: int, text: str) -> Placeholders:  # noqa: PYI034 - Python 3.10 has no typing.Self
         obj = super().__new__(cls, count)
         obj.text = text
         return obj

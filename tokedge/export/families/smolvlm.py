@@ -161,8 +161,8 @@ class SplitVisionGraph(nn.Module):
 
 
 def vision_trace_spec(loaded: LoadedCheckpoint, dtype=torch.float32):
-    from tokedge.export.onnx_export import TOKENS, TraceSpec
     from tokedge.export.families.llava_next import PARTITIONS
+    from tokedge.export.onnx_export import TOKENS, TraceSpec
 
     side = int(loaded.model.config.vision_config.image_size)
     hidden = int(loaded.model.config.text_config.hidden_size)
