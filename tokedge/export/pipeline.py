@@ -270,7 +270,10 @@ def plan_export(cfg: ExportConfig, timed) -> _Export:
         raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
                          f"token counts; this {job.family.name} checkpoint has a fixed count: use --budget")
     job.full = job.spec.full_tokens
-    job.budget, job.rng, job.options = check_request(cfg, job.method, job.full, job.spec.geometry, job.resizes)
+    # a vision-side budget is out of the layout's unit where it has one (split tiles: each view's tokens)
+    unit = layout_class.of_record(job.spec.layout).budget_full() if job.method.reduces_in_vision else None
+    job.budget, job.rng, job.options = check_request(cfg, job.method, unit or job.full, job.spec.geometry,
+                                                     job.resizes)
     if job.method.prunes_in_llm and job.spec.text_layers is not None:  # layer options checked before loading
         from tokedge.reduce.in_llm import plan_for
 

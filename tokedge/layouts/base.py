@@ -182,6 +182,11 @@ class ImageLayout:
         bound it below the visual-token count (None: the count is the bound)."""
         return None
 
+    def budget_full(self) -> int | None:
+        """What a vision-side method's `--budget` is out of, when not the model's full count (None):
+        e.g. each view's tokens where every view keeps the budget."""
+        return None
+
     def describe_budget(self) -> str:
         """What export's summary line adds about the budget (e.g. "for the largest image")."""
         return ""

@@ -42,6 +42,25 @@ class SplitTiles(ImageLayout):
         if not isinstance(layout.split_image, bool):
             raise ManifestError("layout.split_image", "true or false", layout.split_image)
 
+    def per_view(self) -> int:
+        """Visual tokens each view gives in the prompt: the view's own count, or a vision-side
+        method's budget (kept tokens of every view)."""
+        from tokedge.reduce.base import Stage
+
+        red = None if self.manifest is None else self.manifest.reduction
+        if red is not None and Stage(red.stage) in (Stage.PRE_LLM, Stage.IN_VIT):
+            return int(red.budget)
+        return int(self.record.view_tokens)
+
+    def budget_full(self) -> int:
+        return int(self.record.view_tokens)
+
+    def describe_budget(self) -> str:
+        """Export's summary: a vision-side budget is kept in every view, of its view_tokens."""
+        if self.per_view() != self.record.view_tokens:
+            return f"; kept in every view, each of {self.record.view_tokens} (every tile and the global view)"
+        return ""
+
     def _plan(self, height: int, width: int):
         from tokedge.runtime.idefics3 import plan_split
 
@@ -63,9 +82,9 @@ class SplitTiles(ImageLayout):
             pixel_values = np.stack([normalise(v, pre.rescale_factor if pre.do_rescale else 1.0,
                                                pre.image_mean if pre.do_normalize else (0, 0, 0),
                                                pre.image_std if pre.do_normalize else (1, 1, 1)) for v in views])
-            count = plan.views * r.view_tokens
-            out.append(SplitImage(pixel_values, plan, Placeholders(count, prompt_text(plan.rows, plan.cols,
-                                                                                      r.view_tokens, token))))
+            per_view = self.per_view()
+            out.append(SplitImage(pixel_values, plan, Placeholders(plan.views * per_view,
+                                                                   prompt_text(plan.rows, plan.cols, per_view, token))))
         return out
 
     def prepare(self, groups, budget, check_budget):
@@ -94,8 +113,10 @@ class SplitTiles(ImageLayout):
                             tokens=(fewest * r.view_tokens, typical * r.view_tokens, most * r.view_tokens))
 
     def axes(self, max_prompt: int) -> dict[str, Range]:
+        """The vision graph's views and the tokens it emits (every view's, or a method's kept ones)."""
         b = self.bounds()
-        return {"partitions": b.partitions, "visual_tokens": b.tokens}
+        k = self.per_view()
+        return {"partitions": b.partitions, "visual_tokens": tuple(v * k for v in b.partitions)}
 
 
 __all__ = ["SplitImage", "SplitTiles"]

@@ -4,7 +4,8 @@ the vision graph (a SigLIP-like tower on each view, post-layernorm, pixel shuffl
 `scale_factor`, the connector's linear projection: [views, 3, S, S] -> [1, views * view_tokens,
 hidden]), and the manifest's "split_tiles" layout (tokedge.layouts.split_tiles: tiles plus a
 global view, text markers between the views' token runs). The language model is Llama, exported
-as for LLaVA. `--method none` only so far; reduction methods are refused in one line.
+as for LLaVA. Methods: none; in-LLM fastv, pdrop, dart over every view's token run; pre-LLM methods
+that need only the view's tokens (divprune, pool, random) keep `--budget` tokens of every view.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
 from tokedge.export.families.llava import LlavaFamily, load_hf_checkpoint
 from tokedge.export.families.llava import model_info as llava_model_info
 from tokedge.export.towers import VisionTower
-from tokedge.reduce.base import Method, VisionGeometry
+from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures, VisionGeometry
 
 SUPPORTED_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 MODEL_TYPES = ("idefics3", "smolvlm")
@@ -79,12 +80,25 @@ def inspect_config(cfg: dict, longest_edge: int | None = None) -> CheckpointSpec
                           layout=layout_record(cfg, longest))
 
 
+# what one view supplies to a pre-LLM method: its tokens after the pixel shuffle (features, or projected
+# embeddings) on their square grid; no CLS token (SigLIP) and no attention signals yet
+VIEW_SIGNALS = frozenset({Signal.FEATURES, Signal.EMBEDDINGS, Signal.POSITIONS})
+WORKING = "divprune, pool, random (per view), fastv, pdrop, dart or none"
+
+
 def check_method(method: Method) -> None:
-    """`none` and the in-LLM methods (they prune every image-token run of the prompt in the prefill);
-    vision-side methods are not written for SmolVLM's views yet."""
+    """`none`; the in-LLM methods (they prune every image-token run of the prompt in the prefill);
+    pre-LLM methods that score with what a view supplies keep `--budget` tokens of every view (tile
+    or global view), so each view's run in the prompt has that many; the rest are refused in one line."""
     if method.keeps_all or method.prunes_in_llm:
         return
-    raise UsageError(f"--method {method.name} is not available for SmolVLM yet; use none, fastv, pdrop or dart")
+    if method.merges_in_vit:
+        raise UsageError(f"--method {method.name} merges inside the vision tower and SmolVLM's pixel shuffle needs "
+                         f"the full patch grid of every view; use --method {WORKING}")
+    missing = [s.value for s in method.scores_with if s not in VIEW_SIGNALS]
+    if method.stage is not Stage.PRE_LLM or missing:
+        raise UsageError(f"--method {method.name} scores with {', '.join(missing) or method.stage.value}, which "
+                         f"SmolVLM's views do not supply yet (no CLS token, no attention signals); use --method {WORKING}")
 
 
 def load_smolvlm(source: str, local: Path | None, *, trust_remote_code: bool = False,
@@ -139,13 +153,22 @@ def pixel_shuffle(x, scale: int):
     return x.permute(0, 1, 3, 2, 4, 5).reshape(v, (side // scale) ** 2, scale * scale * d)
 
 
-class SplitVisionGraph(nn.Module):
-    """pixel_values [views, 3, S, S] -> image_embeds [1, views * view_tokens, hidden] in prompt order."""
+def view_features(method: Method | None, feats, proj) -> VisionFeatures:
+    """One image's shuffled view tokens [v, t, d s^2] as a method sees them: features with the projection
+    to apply after selection, or (EMBEDDINGS methods) the projected tokens themselves."""
+    if method is not None and Signal.EMBEDDINGS in method.scores_with:
+        return VisionFeatures(features=proj(feats), project=lambda t: t)
+    return VisionFeatures(features=feats, project=proj)
 
-    k = None  # as many tokens as the image's views give
+
+class SplitVisionGraph(nn.Module):
+    """pixel_values [views, 3, S, S] -> image_embeds [1, views * k, hidden] in prompt order: every view's
+    view_tokens, or with a pre-LLM method its `k` kept tokens (the method's `reduce` on each view)."""
+
     schedule = None  # no in-ViT merging
 
-    def __init__(self, loaded: LoadedCheckpoint):
+    def __init__(self, loaded: LoadedCheckpoint, method: Method | None = None, k: int | None = None,
+                 options: dict | None = None):
         super().__init__()
         inner = loaded.model.model
         self.tower = VisionTower(inner.vision_model, -1, drop_cls=False, needs=frozenset())
@@ -153,10 +176,15 @@ class SplitVisionGraph(nn.Module):
         self.post_norm = inner.vision_model.post_layernorm
         self.proj = inner.connector.modality_projection.proj
         self.scale = int(loaded.model.config.scale_factor)
+        reduces = method is not None and method.reduces_in_vision
+        self.method, self.k, self.options = (method, k, options or {}) if reduces else (None, None, {})
 
     def forward(self, pixel_values):
-        feats = self.post_norm(self.tower(pixel_values).features)
-        tokens = self.proj(pixel_shuffle(feats, self.scale))  # [v, t, hidden]
+        feats = pixel_shuffle(self.post_norm(self.tower(pixel_values).features), self.scale)  # [v, t, d s^2]
+        if self.method is None:
+            tokens = self.proj(feats)
+        else:
+            tokens = self.method.reduce(view_features(self.method, feats, self.proj), self.k, self.options)
         return tokens.reshape(1, -1, tokens.shape[-1])
 
 
@@ -175,25 +203,35 @@ def vision_trace_spec(loaded: LoadedCheckpoint, dtype=torch.float32):
 
 
 @torch.no_grad()
-def reference_image_features(loaded: LoadedCheckpoint, image) -> torch.Tensor:
-    """transformers' own processor and `get_image_features` on one image -> [1, T, hidden]."""
+def reference_image_features(loaded: LoadedCheckpoint, image, method: Method | None = None, k: int | None = None,
+                             options: dict | None = None) -> torch.Tensor:
+    """transformers' own processor and `get_image_features` on one image -> [1, T, hidden]; with a
+    pre-LLM method, transformers' tower, post-layernorm and connector shuffle (`pixel_shuffle`),
+    then the method's `reduce` on every view -> [1, views * k, hidden]."""
     batch = loaded.processor.image_processor([[image]], return_tensors="pt")
-    out = loaded.model.model.get_image_features(batch["pixel_values"].float(), batch["pixel_attention_mask"])
+    inner = loaded.model.model
+    if method is not None and method.reduces_in_vision:
+        hidden = inner.vision_model(batch["pixel_values"][0].float()).last_hidden_state
+        feats = inner.connector.pixel_shuffle(hidden, inner.connector.scale_factor)
+        tokens = method.reduce(view_features(method, feats, inner.connector.modality_projection.proj), k, options or {})
+        return tokens.reshape(1, -1, tokens.shape[-1])
+    out = inner.get_image_features(batch["pixel_values"].float(), batch["pixel_attention_mask"])
     feats = out.pooler_output if hasattr(out, "pooler_output") else out
     if isinstance(feats, (list, tuple)):
         feats = torch.cat(list(feats))
     return feats.reshape(1, -1, feats.shape[-1])
 
 
-def image_placeholders(loaded: LoadedCheckpoint, image):
-    """One image's placeholder count with its prompt text (layouts.Placeholders), from the processor's rows/cols."""
+def image_placeholders(loaded: LoadedCheckpoint, image, feats):
+    """One image's placeholder count with its prompt text (layouts.Placeholders), from the processor's
+    rows/cols: its features' count split evenly over its views."""
     from tokedge.layouts import Placeholders
     from tokedge.runtime.idefics3 import prompt_text
 
     batch = loaded.processor.image_processor([[image]], return_tensors="np", return_row_col_info=True)
     rows, cols = int(batch["rows"][0][0]), int(batch["cols"][0][0])
-    per_view = loaded.spec.layout.view_tokens
     views = rows * cols + 1 if rows else 1
+    per_view = int(feats.shape[1]) // views
     return Placeholders(views * per_view, prompt_text(rows, cols, per_view, loaded.processor.image_token))
 
 
@@ -220,8 +258,13 @@ class SmolVLMFamily(LlavaFamily):
 
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
+        per_view = loaded.spec.layout.view_tokens
+        if method.reduces_in_vision and not 1 <= k <= per_view:
+            raise UsageError(f"--budget is visual tokens per view on SmolVLM (each tile and the global view): "
+                             f"use 1..{per_view}")
         lm = loaded.model.model.text_model
-        modules = {"vision": SplitVisionGraph(loaded).eval(), "embed": TokenEmbedder(lm.embed_tokens).eval()}
+        modules = {"vision": SplitVisionGraph(loaded, method, k, options).eval(),
+                   "embed": TokenEmbedder(lm.embed_tokens).eval()}
         if plan is not None:  # in-LLM methods: the pruning prefill over every image-token position
             modules["prefill"] = PruningPrefill(lm, loaded.model.lm_head, plan).eval()
         modules["decoder"] = KVDecoder(lm, loaded.model.lm_head, plan).eval()
@@ -267,13 +310,13 @@ class SmolVLMFamily(LlavaFamily):
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
     def image_placeholders(self, loaded: LoadedCheckpoint, image, feats):
-        return image_placeholders(loaded, image)
+        return image_placeholders(loaded, image, feats)
 
     def reference_features(self, loaded: LoadedCheckpoint, method: Method, images, k: int,
                            options: dict | None = None, instruction=None):
         if len(images) != 1:
             raise UnsupportedModelError("SmolVLM references take one image at a time (token counts differ)")
-        return reference_image_features(loaded, images[0])
+        return reference_image_features(loaded, images[0], method, k, options)
 
 
 FAMILY = register(SmolVLMFamily())
