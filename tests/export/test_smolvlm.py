@@ -109,12 +109,12 @@ def test_vision_graph_equals_transformers_connector(artifact, hf):
     np.testing.assert_allclose(got, want.reshape(-1, want.shape[-1]).numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_reduction_methods_are_refused_in_one_line(checkpoint, tmp_path, capsys):
+def test_methods_without_the_signals_a_view_has_are_refused_in_one_line(checkpoint, tmp_path, capsys):
     from tokedge.cli import main
 
     assert main(["export", str(checkpoint), "--method", "cls-attn", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not available for SmolVLM yet" in err and "fastv" in err and len(err.splitlines()) == 1
+    assert "SmolVLM's views do not supply yet" in err and "divprune, pool" in err and len(err.splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def in_llm(checkpoint, tmp_path_factory):
 IN_LLM_BUDGET = 64  # image tokens kept per image from the method's layer on (of 144-272)
 
 
-@pytest.mark.parametrize("method", ["fastv", "dart"])
+@pytest.mark.parametrize("method", ["fastv", "dart", "pdrop"])
 @pytest.mark.parametrize("sizes", [[(480, 640)], [(480, 640), (300, 900)]], ids=["one image", "two images"])
 def test_in_llm_prunes_every_image_run_as_the_reference(method, sizes, in_llm, hf):
     """fastv / dart over the prompt's image-token runs (tiles and global views, text between them):
@@ -192,3 +192,84 @@ def test_contract_client_runs_split_tile_artifacts_like_tokedge(method, artifact
         np.testing.assert_array_equal(ids[0], got_ids)
         np.testing.assert_allclose(logits[0], got_logits, atol=1e-4, rtol=0)
         assert tokens[0].tolist()[: len(result.token_ids[0])] == result.token_ids[0]
+
+
+@pytest.fixture(scope="module")
+def per_view(checkpoint, tmp_path_factory):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("smolvlm-views")
+    made = {}
+
+    def make(method: str, budget: int):
+        if (method, budget) not in made:
+            made[method, budget] = root / f"{method}-{budget}"
+            export(ExportConfig(model=str(checkpoint), out=made[method, budget], method=method, budget=budget,
+                                validate=False))
+        return made[method, budget]
+
+    return make
+
+
+def _loop_divprune(x: np.ndarray, k: int) -> list[int]:
+    """Greedy max-min cosine distance (DivPrune's loop, tests/export/test_anyres_methods.py), ascending."""
+    from tests.export.test_anyres_methods import loop_divprune
+
+    return loop_divprune(x, k)
+
+
+@pytest.mark.parametrize("method,budget", [("divprune", 4), ("divprune", 9), ("pool", 4), ("pool", 1)])
+def test_vision_side_methods_keep_their_budget_in_every_view(method, budget, per_view, hf):
+    """Per view (every tile and the global view), from transformers' own modules: its tower with the
+    post-layernorm, the connector's `pixel_shuffle` and projection; then a loop selection written here
+    (divprune: greedy max-min cosine over the view's projected tokens; pool: torch's
+    adaptive_avg_pool2d of the view's token grid, then the projection). Prompt ids with `budget`
+    tokens per view, the kept embeddings, prefill logits and greedy tokens against transformers' LM."""
+    from tokedge.layouts import prompt_inputs
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, processor = hf
+    image = _image(480, 640)
+    batch = processor.image_processor([[image]], return_tensors="pt")
+    inner = model.model
+    with torch.no_grad():
+        hidden = inner.vision_model(batch["pixel_values"][0]).last_hidden_state
+        shuffled = inner.connector.pixel_shuffle(hidden, inner.connector.scale_factor)  # [views, 16, d s^2]
+        proj = inner.connector.modality_projection.proj
+        rows = []
+        for view in shuffled:
+            if method == "divprune":
+                projected = proj(view).numpy()
+                rows.append(projected[_loop_divprune(projected, budget)])
+            else:
+                side, grid = int(budget**0.5), int(view.shape[0] ** 0.5)
+                pooled = torch.nn.functional.adaptive_avg_pool2d(
+                    view.T.reshape(1, -1, grid, grid), side).reshape(view.shape[1], -1).T
+                rows.append(proj(pooled).numpy())
+    expected = np.concatenate(rows)
+    # transformers' LM on the processor's prompt with `budget` image tokens per view
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    full = processor.image_seq_len  # transformers 5's call ignores its image_seq_len argument: set it
+    processor.image_seq_len = budget
+    try:
+        ids = processor(images=[[image]], text=[text], return_tensors="pt")["input_ids"]
+    finally:
+        processor.image_seq_len = full
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds[ids == model.config.image_token_id] = torch.from_numpy(expected)
+        logits = model(inputs_embeds=embeds).logits[0, -1].numpy()
+        tokens = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                do_sample=False)[0].tolist()
+    with Pipeline.load(per_view(method, budget)) as pipe:
+        result = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        inputs = prompt_inputs(pipe.manifest, [image])
+        enc = pipe.encoder.encode([QUESTION], [[x.tokens for x in inputs]])
+        gen = generate(pipe.graphs, inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
+    np.testing.assert_array_equal(enc.input_ids[0], ids[0].numpy())
+    assert result.visual_tokens == 13 * budget
+    np.testing.assert_allclose(gen.image_embeds[0], expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(gen.prefill_logits[0], logits, atol=1e-3, rtol=0)
+    assert result.token_ids[0][: len(tokens)] == tokens

@@ -54,7 +54,8 @@ PRESETS = {
     "tiny-llava-onevision": {"reduce": ["--budget", "64"], "extra": []},
     "tiny-qwen2.5-vl": {"reduce": ["--budget", "16"], "extra": ["--max-pixels", "50176"]},
     "tiny-qwen3-vl": {"reduce": ["--budget", "16"], "extra": ["--max-pixels", "131072"]},  # its min_pixels: 65536
-    "tiny-smolvlm": {"reduce": ["--budget", "64"], "extra": []},  # in-LLM: 64 of an image's 80-272 tokens
+    # in-LLM: 64 of an image's 80-272 tokens; vision-side methods keep 4 of each view's 16 (a square, for pool)
+    "tiny-smolvlm": {"reduce": ["--budget", "64"], "view_reduce": ["--budget", "4"], "extra": []},
 }
 
 
@@ -160,7 +161,8 @@ TEMPORAL_BUDGET = ["--budget", "392"]  # temporal methods: frame tokens kept of 
 def export_args(preset: str, method: str) -> list[str]:
     cfg = PRESETS[preset]
     m = METHODS[method]
-    reduce = [] if m.keeps_all else TEMPORAL_BUDGET if m.reduces_over_time else cfg["reduce"]
+    reduce = [] if m.keeps_all else TEMPORAL_BUDGET if m.reduces_over_time else \
+        cfg.get("view_reduce", cfg["reduce"]) if m.reduces_in_vision else cfg["reduce"]
     return ["export", preset, "--method", method, *reduce, *cfg["extra"]]
 
 
