@@ -68,7 +68,7 @@ def test_manifest_records_the_dynamic_layout_as_format_3(qwen2_5_vl_artifact, ti
     from tokedge.artifact import FORMAT_VERSION, load_artifact
 
     raw = json.loads((qwen2_5_vl_artifact / "tokedge.json").read_text())
-    assert raw["format_version"] == 3 == FORMAT_VERSION
+    assert raw["format_version"] == 3 < FORMAT_VERSION  # the lowest format that reads it (4: split tiles)
     config = json.loads((tiny_qwen2_5_vl_dir / "config.json").read_text())
     processor = json.loads((tiny_qwen2_5_vl_dir / "preprocessor_config.json").read_text())
     layout = load_artifact(qwen2_5_vl_artifact).layout
