@@ -116,7 +116,8 @@ class SplitTiles(ImageLayout):
         """The vision graph's views and the tokens it emits (every view's, or a method's kept ones)."""
         b = self.bounds()
         k = self.per_view()
-        return {"partitions": b.partitions, "visual_tokens": tuple(v * k for v in b.partitions)}
+        fewest, typical, most = b.partitions
+        return {"partitions": b.partitions, "visual_tokens": (fewest * k, typical * k, most * k)}
 
 
 __all__ = ["SplitImage", "SplitTiles"]
