@@ -35,6 +35,15 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_smolvlm_dir(tmp_path_factory) -> Path:
+    """SmolVLM geometry at toy sizes (Idefics3 classes: 64-px views, tiles under a 256-px longest edge,
+    pixel shuffle x2) + Llama; save_pretrained layout."""
+    from tokedge.export.presets import TinySmolVLMConfig, build_tiny_smolvlm
+
+    return build_tiny_smolvlm(tmp_path_factory.mktemp("ckpt") / "tiny-smolvlm", TinySmolVLMConfig())
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next_dir(tmp_path_factory) -> Path:
     """LLaVA-NeXT geometry (anyres on the hub's 5 pinpoints, CLIP 336/14, image_newline) + Llama."""
     from tokedge.export.presets import TinyLlavaNextConfig, build_tiny_llava_next

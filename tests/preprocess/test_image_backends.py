@@ -156,3 +156,26 @@ def test_qwen_dynamic_patches(qwen_loaded, family, size, backend):
     p, t = int(layout.patch_size), int(layout.temporal_patch_size)
     as_chw = (lambda rows: rows.reshape(-1, 3, t * p, p).transpose(1, 0, 2, 3).reshape(3, -1, p))
     _check(family, size, backend, as_chw(ours), as_chw(theirs), pre.image_std, resized=resized)
+
+
+# --- SmolVLM (Idefics3: Lanczos to a longest edge, then to tile multiples; tiles + a global view) ---------
+
+SMOLVLM_SIZES = [(480, 640), (900, 300), (1000, 1000), (256, 256)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", SMOLVLM_SIZES)
+def test_smolvlm_split_tiles(tiny_smolvlm_dir, size, backend):
+    from PIL import Image
+
+    from tokedge.export.presets import TinySmolVLMConfig
+    from tokedge.runtime import idefics3
+
+    cfg = TinySmolVLMConfig()
+    image = _image(*size)
+    plan = idefics3.plan_split(*size, cfg.longest_edge, cfg.image_size)
+    ours = np.stack([idefics3.normalise(v, 1 / 255, [0.5] * 3, [0.5] * 3)
+                     for v in idefics3.split_views(image, plan, cfg.image_size, Image.Resampling.LANCZOS)])
+    out = _processor(tiny_smolvlm_dir, backend)([[image]], return_tensors="np", return_row_col_info=True)
+    assert (out["rows"][0][0], out["cols"][0][0]) == (plan.rows, plan.cols)
+    _check("smolvlm", size, backend, ours, out["pixel_values"][0], (0.5, 0.5, 0.5), resized=True)

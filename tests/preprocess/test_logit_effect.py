@@ -24,6 +24,8 @@ CASES = {  # family: (checkpoint fixture, transformers class, prompt)
     "llava-onevision": ("tiny_llava_onevision_dir", "LlavaOnevisionForConditionalGeneration", LLAVA_PROMPT),
     "qwen2.5-vl": ("tiny_qwen2_5_vl_dir", "Qwen2_5_VLForConditionalGeneration", QWEN_PROMPT),
     "qwen3-vl": ("tiny_qwen3_vl_dir", "Qwen3VLForConditionalGeneration", QWEN_PROMPT),
+    "smolvlm": ("tiny_smolvlm_dir", "Idefics3ForConditionalGeneration",
+                "<|im_start|>User:<image>What is shown in this image?<end_of_utterance>\nAssistant:"),
 }
 # (family, size): a typical resize for every family, and the sizes where the backends differ most
 # (smart_resize's near-1 scales: 480x640 -> 476x644 on Qwen2.5-VL, 300x900 -> 288x896 on Qwen3-VL)
@@ -47,7 +49,8 @@ def test_backend_logit_difference(request, family, size):
     runs = {}
     for backend in ("pil", "torchvision"):
         processor.image_processor = AutoImageProcessor.from_pretrained(directory, backend=backend)
-        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        images = [[image]] if family == "smolvlm" else [image]  # Idefics3's processor nests images per prompt
+        inputs = processor(images=images, text=[prompt], return_tensors="pt")
         with torch.no_grad():
             runs[backend] = (inputs, model(**inputs).logits[0].numpy())
     (pil_in, pil_logits), (tv_in, tv_logits) = runs["pil"], runs["torchvision"]
