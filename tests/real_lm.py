@@ -147,7 +147,6 @@ def build_llava_smollm2(out: Path, seed: int = 0) -> Path:
 
 
 SMOLVLM_VERSION = 1
-IMAGE_SCALE = 1.0
 
 
 def build_smolvlm_smollm2(out: Path, seed: int = 0) -> Path:
@@ -166,10 +165,10 @@ def build_smolvlm_smollm2(out: Path, seed: int = 0) -> Path:
         pass
     import torch
     import transformers
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers import Idefics3ForConditionalGeneration
 
     from tokedge.artifact import staged_directory
-    from tokedge.export.presets import SMOLVLM_CHAT_TEMPLATE, TinySmolVLMConfig, _random_init
+    from tokedge.export.presets import TinySmolVLMConfig, _random_init, smolvlm_config, smolvlm_processor
 
     lm, tok = load_smollm2()
     cfg = TinySmolVLMConfig(vision_hidden=64, seed=seed)
@@ -185,12 +184,7 @@ def build_smolvlm_smollm2(out: Path, seed: int = 0) -> Path:
     text.vocab_size = len(tok)
     text.tie_word_embeddings = False
     text.pad_token_id = tok.pad_token_id
-    config = Idefics3Config(
-        vision_config={"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4,
-                       "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
-                       "image_size": cfg.image_size, "patch_size": cfg.patch_size},
-        text_config=text.to_dict(), scale_factor=cfg.scale_factor, image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = smolvlm_config(cfg, text.to_dict(), tok)
     model = _random_init(Idefics3ForConditionalGeneration, config, seed, cfg.init_std)
     del model.config.tokedge_weights  # the language model below is a trained one
     emb = lm.get_input_embeddings().weight.detach()
@@ -208,16 +202,12 @@ def build_smolvlm_smollm2(out: Path, seed: int = 0) -> Path:
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
         feats = feats.reshape(-1, feats.shape[-1])
         proj = model.model.connector.modality_projection.proj
-        # a tenth of the token table's spread: random views that do not drown the real LM's text (at the
-        # table's full spread its answers to the factual questions with an image turn to noise)
-        proj.weight.mul_(IMAGE_SCALE * emb.std() / feats.std())
+        # the token table's spread (random views: the real LM's answers to image prompts are noise,
+        # its text-only answers are its own; a tenth of the spread was tried and did no better)
+        proj.weight.mul_(emb.std() / feats.std())
     model.generation_config = transformers.GenerationConfig(
         eos_token_id=tok.convert_tokens_to_ids("<end_of_utterance>"), pad_token_id=tok.pad_token_id)
-    image_processor = transformers.Idefics3ImageProcessorPil(
-        size={"longest_edge": cfg.longest_edge}, max_image_size={"longest_edge": cfg.image_size}, resample=1)
-    per_view = (cfg.image_size // cfg.patch_size) ** 2 // cfg.scale_factor**2
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=per_view,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
+    processor = smolvlm_processor(cfg, tok)
     with staged_directory(out, force=True, marker="config.json") as stage:
         model.save_pretrained(stage, safe_serialization=True)
         processor.save_pretrained(stage)

@@ -11,23 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.export.test_anyres_methods import textured_image
+
 SIZES = [(480, 640), (900, 300), (1000, 1000)]  # (height, width): 3 x 4, 4 x 2 and 4 x 4 tiles
 QUESTION = "What is shown in this image?"
 NEW_TOKENS = 8
 
 
 def _image(height: int, width: int, seed: int = 3) -> Image.Image:
-    rng = np.random.default_rng(height * seed + width)
-    yy, xx = np.mgrid[0:height, 0:width]
-    smooth = np.stack([xx / width, yy / height, (xx + yy) / (width + height)], axis=-1) * 180
-    return Image.fromarray((smooth + rng.integers(0, 75, (height, width, 3))).astype(np.uint8))
+    return textured_image(height, width, seed)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from tokedge.export.presets import build_tiny_smolvlm
-
-    return build_tiny_smolvlm(tmp_path_factory.mktemp("ckpt") / "tiny-smolvlm")
+def checkpoint(tiny_smolvlm_dir):
+    return tiny_smolvlm_dir  # the session's tiny SmolVLM (tests/conftest.py), shared with the other SmolVLM tests
 
 
 @pytest.fixture(scope="module")

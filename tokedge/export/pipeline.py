@@ -713,9 +713,12 @@ def anyres_cases(loaded, method: Method, budget: int, options: dict, steps: int,
         if dynamic:  # dynamic resolution: the prefill keeps a count or a share of each image's tokens
             per_image = TokenBudget(keep=keep) if keep is not None else TokenBudget(count=budget)
         for i, image in enumerate(usable):
-            # the image's placeholders: its unreduced features' count (with the layout's text, if any)
-            feats = loaded.family.reference_features(loaded, get_method("none"), [image], budget)
-            count = loaded.family.image_placeholders(loaded, image, feats)
+            if dynamic:  # the processor's resize decides the count
+                count = int(loaded.family.reference_features(loaded, get_method("none"), [image], budget).shape[1])
+            else:  # the layout's own count from the image size (tiled: base + map + newlines)
+                record = loaded.family.layout(loaded)
+                count = image_layout_class(record.kind).of_record(record).image_counts(image)[1]
+            count = loaded.family.image_placeholders(loaded, image, count)  # with the layout's text, if any
             ids, mask = tokenize(loaded, [render_prompt(loaded, EXAMPLE_PROMPTS[i % 2])], count)
             cases.append(reference_pruned_from_ids(loaded, pruning_modules, None, ids, mask, budget, steps,
                                                    image=image, per_image=per_image))

@@ -701,37 +701,53 @@ def build_smolvlm_tokenizer(cfg: TinySmolVLMConfig):
     return fast
 
 
+def smolvlm_config(cfg: TinySmolVLMConfig, text_config: dict, tokenizer):
+    """`Idefics3Config` of a SmolVLM checkpoint: the tiny vision tower of `cfg`, the language model of
+    `text_config`, `<image>` of `tokenizer` as the image token."""
+    from transformers import Idefics3Config
+
+    return Idefics3Config(
+        vision_config={"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4,
+                       "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+                       "image_size": cfg.image_size, "patch_size": cfg.patch_size},
+        text_config=text_config, scale_factor=cfg.scale_factor, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+
+
+def smolvlm_processor(cfg: TinySmolVLMConfig, tokenizer):
+    """`Idefics3Processor` (PIL image processor: tiles of the view size under `cfg.longest_edge`, Lanczos;
+    the view's token count) with SmolVLM's chat template."""
+    import transformers
+    from transformers import Idefics3Processor
+
+    image_processor = transformers.Idefics3ImageProcessorPil(
+        size={"longest_edge": cfg.longest_edge}, max_image_size={"longest_edge": cfg.image_size}, resample=1)
+    per_view = (cfg.image_size // cfg.patch_size) ** 2 // cfg.scale_factor**2
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=per_view,
+                             chat_template=SMOLVLM_CHAT_TEMPLATE)
+
+
 def build_tiny_smolvlm(out: Path, cfg: TinySmolVLMConfig = TinySmolVLMConfig(), force: bool = False) -> Path:
     """A tiny SmolVLM checkpoint (`Idefics3ForConditionalGeneration` + `Idefics3Processor` with the PIL
     image processor), written at `out` atomically."""
-    import transformers
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers import Idefics3ForConditionalGeneration
 
     from tokedge.export.hf import quiet_transformers
 
     quiet_transformers()
     tokenizer = build_smolvlm_tokenizer(cfg)
-    config = Idefics3Config(
-        vision_config={"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4,
-                       "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
-                       "image_size": cfg.image_size, "patch_size": cfg.patch_size},
-        text_config={"model_type": "llama", "hidden_size": cfg.text_hidden, "intermediate_size": cfg.text_hidden * 3,
-                     "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
-                     "num_key_value_heads": cfg.text_kv_heads, "vocab_size": len(tokenizer), "rms_norm_eps": 1e-5,
-                     "max_position_embeddings": 4096, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                     "tie_word_embeddings": False},
-        scale_factor=cfg.scale_factor, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    config = smolvlm_config(cfg, {
+        "model_type": "llama", "hidden_size": cfg.text_hidden, "intermediate_size": cfg.text_hidden * 3,
+        "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+        "num_key_value_heads": cfg.text_kv_heads, "vocab_size": len(tokenizer), "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False}, tokenizer)
     model = _random_init(Idefics3ForConditionalGeneration, config, cfg.seed, cfg.init_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    image_processor = transformers.Idefics3ImageProcessorPil(
-        size={"longest_edge": cfg.longest_edge}, max_image_size={"longest_edge": cfg.image_size}, resample=1)
-    per_view = (cfg.image_size // cfg.patch_size) ** 2 // cfg.scale_factor**2
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=per_view,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
+    processor = smolvlm_processor(cfg, tokenizer)
     with staged_directory(out, force=force, marker="config.json") as stage:
         model.save_pretrained(stage, safe_serialization=True)
         processor.save_pretrained(stage)

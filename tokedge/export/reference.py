@@ -113,7 +113,8 @@ def reference_image_case(llava: LoadedCheckpoint, method: Method, image, prompt:
     transformers' modules (`family.reference_features` on the image itself), the placeholder
     expanded to the image's count; the image is recorded so that a client can replay the case."""
     feats = llava.family.reference_features(llava, method, [image], budget, options)
-    input_ids, attention_mask = tokenize(llava, [prompt], llava.family.image_placeholders(llava, image, feats))
+    input_ids, attention_mask = tokenize(llava, [prompt], llava.family.image_placeholders(llava, image,
+                                                                                        int(feats.shape[1])))
     return reference_image_from_ids(llava, method, image, input_ids, attention_mask, budget, steps, options, feats)
 
 

@@ -25,7 +25,7 @@ order), R = k / C:
 from __future__ import annotations
 
 from tokedge.reduce.base import Method, OptionSpec, Signal, Stage, VisionFeatures
-from tokedge.reduce.select import gather_tokens
+from tokedge.reduce.select import gather_tokens, rank_in_group
 
 
 def _normalise_per_partition(x, member):
@@ -59,7 +59,7 @@ def select_globalcom2(logits, guide, partition, base_block, k: int, temperature:
     order = torch.topk(score, c).indices  # best first; ties: the lower index
     part = partition[order]
     ordered = member[order]
-    rank = (ordered.cumsum(0) * ordered).sum(-1) - 1  # place of each candidate within its partition
+    rank = rank_in_group(ordered)  # place of each candidate within its partition
     # (partition, rank) order, so that equal shares left go to the lower partition
     arrange = torch.topk(-(part.float() * c + rank), c).indices
     left = (share[part] - rank)[arrange]

@@ -27,7 +27,7 @@ import torch
 
 from tokedge.reduce.base import Method, OptionSpec, Signal, Stage, VisionFeatures
 from tokedge.reduce.cls_attn import reduce_cls_attn, reduce_cls_attn_indexed
-from tokedge.reduce.select import gather_tokens
+from tokedge.reduce.select import gather_tokens, rank_in_group
 
 
 def split_budget(budget: int, base_tokens: int, alpha: float) -> tuple[int, int]:
@@ -66,7 +66,7 @@ def select_hired(score, early_base, partition, base_tile, budget: int, alpha: fl
     order = torch.topk(score, score.shape[0]).indices  # every candidate, best first
     part = partition[order]
     member = (part[:, None] == torch.arange(quotas.shape[0])[None, :]).long()  # [C, P]
-    rank = (member.cumsum(0) * member).sum(-1) - 1  # place of each candidate within its partition
+    rank = rank_in_group(member)  # place of each candidate within its partition
     keep = rank < quotas[part]
     priority = (~keep).long() * score.shape[0] + torch.arange(score.shape[0])  # kept first, then by score
     chosen = torch.topk(-priority, budget).indices

@@ -18,6 +18,12 @@ def topk_sorted(scores, k: int):
     return torch.sort(idx, dim=-1).values
 
 
+def rank_in_group(member):
+    """member [n, G] one-hot group of each of n items, in ranked order -> [n]: each item's place
+    among the items of its own group (0 = first)."""
+    return (member.cumsum(0) * member).sum(-1) - 1
+
+
 def gather_tokens(x, idx):
     """x: [b, n, d], idx: [b, k] -> [b, k, d] (the rows named by idx, in idx order)."""
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -76,10 +76,10 @@ class FamilyBase:
     reference_positions: Any = None  # (loaded, input_ids, attention_mask, images) -> M-RoPE positions
     temporal_methods: bool = False  # its video graph takes the temporal (video-only) methods
 
-    def image_placeholders(self, loaded: Any, image: Any, feats: Any) -> int:
-        """One image's placeholders in a reference prompt (its features' count; a layout with text
-        between runs returns `layouts.Placeholders` with that text)."""
-        return int(feats.shape[1])
+    def image_placeholders(self, loaded: Any, image: Any, count: int) -> int:
+        """One image's placeholders in a reference prompt, given its `count` visual tokens (a layout
+        with text between runs returns `layouts.Placeholders` with that text)."""
+        return count
 
     def export_warnings(self, loaded: Any) -> list[str]:
         """Lines export prints after writing (e.g. memory the vision graph needs at --max-pixels)."""

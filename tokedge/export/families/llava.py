@@ -264,8 +264,9 @@ def model_info(llava: LoadedCheckpoint) -> ModelInfo:
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tc.pad_token_id,
         image_token_id=cfg.image_token_id,
         sliding_window=getattr(tc, "sliding_window", None) if getattr(tc, "use_sliding_window", True) else None,
+        # towers without a feature layer (SmolVLM) run every layer
         vision_layers=layers_to_feature(cfg.vision_feature_layer, vc.num_hidden_layers)
-        if isinstance(cfg.vision_feature_layer, int) else vc.num_hidden_layers,
+        if isinstance(getattr(cfg, "vision_feature_layer", None), int) else vc.num_hidden_layers,
         vision_intermediate_size=vc.intermediate_size,
         intermediate_size=tc.intermediate_size,
     )

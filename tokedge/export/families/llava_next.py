@@ -354,8 +354,9 @@ def reference_reduced_features(loaded: LoadedCheckpoint, method: Method, image, 
         keys = keys.view(keys.shape[0], keys.shape[1], cfg.vision_config.num_attention_heads, -1).mean(dim=2)[:, 1:]
         vf.keys = pack(keys)
     if has_cls and Signal.CLS_LOGITS in method.scores_with:  # the CLS query's logits in the layer reading the features
-        reader = getattr(tower, "vision_model", tower).encoder.layers[min(produced_by + 1, len(out.attentions) - 1)]
-        h = reader.layer_norm1(out.hidden_states[min(produced_by + 1, len(out.attentions) - 1)])
+        read = min(produced_by + 1, len(out.attentions) - 1)  # the layer after the feature layer (or the last)
+        reader = getattr(tower, "vision_model", tower).encoder.layers[read]
+        h = reader.layer_norm1(out.hidden_states[read])  # that layer's input
         heads = cfg.vision_config.num_attention_heads
         q = reader.self_attn.q_proj(h[:, :1]).view(parts, 1, heads, -1).transpose(1, 2)
         k_ = reader.self_attn.k_proj(h).view(parts, h.shape[1], heads, -1).transpose(1, 2)

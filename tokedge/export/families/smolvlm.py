@@ -222,16 +222,16 @@ def reference_image_features(loaded: LoadedCheckpoint, image, method: Method | N
     return feats.reshape(1, -1, feats.shape[-1])
 
 
-def image_placeholders(loaded: LoadedCheckpoint, image, feats):
+def image_placeholders(loaded: LoadedCheckpoint, image, count: int):
     """One image's placeholder count with its prompt text (layouts.Placeholders), from the processor's
-    rows/cols: its features' count split evenly over its views."""
+    rows/cols: its `count` visual tokens split evenly over its views."""
     from tokedge.layouts import Placeholders
     from tokedge.runtime.idefics3 import prompt_text
 
     batch = loaded.processor.image_processor([[image]], return_tensors="np", return_row_col_info=True)
     rows, cols = int(batch["rows"][0][0]), int(batch["cols"][0][0])
     views = rows * cols + 1 if rows else 1
-    per_view = int(feats.shape[1]) // views
+    per_view = count // views
     return Placeholders(views * per_view, prompt_text(rows, cols, per_view, loaded.processor.image_token))
 
 
@@ -274,14 +274,7 @@ class SmolVLMFamily(LlavaFamily):
         return vision_trace_spec(loaded, dtype)
 
     def model_info(self, loaded: LoadedCheckpoint) -> ModelInfo:
-        cfg = loaded.model.config
-        saved = getattr(cfg, "vision_feature_layer", None)
-        cfg.vision_feature_layer = -1  # every tower layer runs (llava's model_info reads it)
-        try:
-            return replace(llava_model_info(loaded), family=self.name)
-        finally:
-            if saved is None:
-                del cfg.vision_feature_layer
+        return replace(llava_model_info(loaded), family=self.name)
 
     def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
         ip = loaded.processor.image_processor
@@ -309,8 +302,8 @@ class SmolVLMFamily(LlavaFamily):
             tok.padding_side = previous
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
-    def image_placeholders(self, loaded: LoadedCheckpoint, image, feats):
-        return image_placeholders(loaded, image, feats)
+    def image_placeholders(self, loaded: LoadedCheckpoint, image, count: int):
+        return image_placeholders(loaded, image, count)
 
     def reference_features(self, loaded: LoadedCheckpoint, method: Method, images, k: int,
                            options: dict | None = None, instruction=None):
