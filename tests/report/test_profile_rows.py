@@ -99,6 +99,7 @@ def test_memory_is_each_rows_own_peak_not_the_process_peak(artifacts, image):
 def _graph_matmul_gflops(monkeypatch, tmp_path, art: Path, image, budget: int | None) -> tuple[dict, object, int]:
     """GFLOP of every MatMul / FusedMatMul / Gemm node ONNX Runtime ran for one image and one new
     token (prefill only), per graph, from its profiler's output shapes: 2 * prod(output) * K."""
+    import itertools
     import math
 
     import onnxruntime as ort
@@ -106,11 +107,15 @@ def _graph_matmul_gflops(monkeypatch, tmp_path, art: Path, image, budget: int | 
     from tokedge.report.profile import image_counts
     from tokedge.runtime.pipeline import Pipeline
 
+    sessions = itertools.count()
+
     class Profiled(ort.SessionOptions):
         def __init__(self):
             super().__init__()
             self.enable_profiling = True
-            self.profile_file_prefix = str(tmp_path / "ort")
+            # one prefix per session: ONNX Runtime names a trace prefix + the time to the second, so two
+            # sessions ending in the same second would write (and both read back) one file
+            self.profile_file_prefix = str(tmp_path / f"ort{next(sessions)}")
 
     monkeypatch.setattr(ort, "SessionOptions", Profiled)
     with Pipeline.load(art) as pipe:
