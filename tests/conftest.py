@@ -44,6 +44,15 @@ def tiny_smolvlm_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_internvl_dir(tmp_path_factory) -> Path:
+    """InternVL3 geometry at toy sizes (InternVLForConditionalGeneration: 32-px views, 1..6 aspect-ratio
+    tiles + a thumbnail, pixel shuffle 0.5) + Qwen2 with tied embeddings; save_pretrained layout."""
+    from tokedge.export.presets import TinyInternVLConfig, build_tiny_internvl
+
+    return build_tiny_internvl(tmp_path_factory.mktemp("ckpt") / "tiny-internvl", TinyInternVLConfig())
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next_dir(tmp_path_factory) -> Path:
     """LLaVA-NeXT geometry (anyres on the hub's 5 pinpoints, CLIP 336/14, image_newline) + Llama."""
     from tokedge.export.presets import TinyLlavaNextConfig, build_tiny_llava_next

@@ -36,8 +36,8 @@ class ContractClient:
         self.root = Path(artifact)
         self.manifest = json.loads((self.root / "tokedge.json").read_text())
         self.layout = self.manifest.get("layout") or {"kind": "single"}  # absent: written before layouts
-        if self.layout["kind"] not in ("single", "anyres", "dynamic_patches", "qwen_dynamic", "split_tiles"):
-            raise ValueError(f"this client implements the 'single', 'anyres', 'dynamic_patches' (formerly 'qwen_dynamic') and 'split_tiles' layouts, "
+        if self.layout["kind"] not in ("single", "anyres", "dynamic_patches", "qwen_dynamic", "split_tiles", "aspect_tiles"):
+            raise ValueError(f"this client implements the 'single', 'anyres', 'dynamic_patches' (formerly 'qwen_dynamic'), 'split_tiles' and 'aspect_tiles' layouts, "
                              f"not '{self.layout['kind']}'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -322,8 +322,9 @@ class ContractClient:
             logits, tokens = self.generate([[e for e, _ in planned]], ids, np.ones_like(ids), new_tokens,
                                            positions=positions)
             return logits, tokens, ids
-        if self.layout["kind"] == "split_tiles":
-            planned = [self.split_embeds(image) for image in images]
+        if self.layout["kind"] in ("split_tiles", "aspect_tiles"):
+            embed = self.split_embeds if self.layout["kind"] == "split_tiles" else self.aspect_embeds
+            planned = [embed(image) for image in images]
             ids = self.encode(self.render(question, len(images)), [text for _, text in planned])
             logits, tokens = self.generate([[e for e, _ in planned]], ids, np.ones_like(ids), new_tokens)
             return logits, tokens, ids
@@ -375,6 +376,36 @@ class ContractClient:
         fake, glob = "<fake_token_around_image>", f"<fake_token_around_image><global-img>{run}<fake_token_around_image>"
         text = "".join("".join(f"{fake}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n" for r in range(rows))
         return embeds, (text + "\n" + glob if rows else glob)
+
+    # --- aspect-ratio tiles (docs/artifact.md: "Aspect-ratio tiles") ---
+
+    def aspect_embeds(self, image):
+        """One image -> (image_embeds [views * T, hidden], the text its placeholder becomes)."""
+        from PIL import Image
+
+        lay, pre = self.layout, self.manifest["preprocess"]
+        M, lo, hi = lay["tile"], lay["min_tiles"], lay["max_tiles"]
+        resample = Image.Resampling(pre["resample"])
+        image = image.convert("RGB")
+        W, H = image.size
+        if hi == 1:
+            views = [image.resize((M, M), resample)]
+        else:
+            grids = sorted([(c, r) for c in range(1, hi + 1) for r in range(1, hi + 1) if lo <= c * r <= hi],
+                           key=lambda g: g[0] * g[1])
+            best, diff = (1, 1), float("inf")
+            for c, r in grids:
+                d = abs(W / H - c / r)
+                if d < diff or (d == diff and H * W > 0.5 * M * M * c * r):
+                    best, diff = (c, r), min(d, diff)
+            cols, rows = best
+            canvas = image.resize((cols * M, rows * M), resample)
+            views = [canvas.crop((c * M, r * M, (c + 1) * M, (r + 1) * M)) for r in range(rows) for c in range(cols)]
+            if len(views) > 1:
+                views.append(image.resize((M, M), resample))
+        pixel_values = np.stack([self.normalise(v) for v in views])
+        embeds = self.sessions["vision"].run(["image_embeds"], {"pixel_values": pixel_values})[0][0]
+        return embeds, "<img>" + self.manifest["prompt"]["image_token"] * len(embeds) + "</img>"
 
     # --- dynamic resolution (docs/artifact.md: "Dynamic resolution", "Running a prompt" step 5) ---
 

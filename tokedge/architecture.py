@@ -35,16 +35,18 @@ GEOMETRIES_FILE = Path(__file__).parent / "data" / "geometries.json"
 TOWER_OF_VISION_TYPE = {"clip_vision_model": "clip_vision_model", "siglip_vision_model": "siglip_vision_model",
                         "qwen2_5_vl": "qwen2_5_vl_vision", "qwen2_5_vl_vision": "qwen2_5_vl_vision",
                         "qwen3_vl": "qwen3_vl_vision", "qwen3_vl_vision": "qwen3_vl_vision",
-                        "idefics3_vision": "idefics3_vision", "smolvlm_vision": "idefics3_vision"}
+                        "idefics3_vision": "idefics3_vision", "smolvlm_vision": "idefics3_vision",
+                        "internvl_vision": "internvl_vision"}
 DEFAULT_TOWER = {"llava": "clip_vision_model", "llava_next": "clip_vision_model",
                  "llava_onevision": "siglip_vision_model", "qwen2_5_vl": "qwen2_5_vl_vision",
-                 "qwen3_vl": "qwen3_vl_vision", "idefics3": "idefics3_vision", "smolvlm": "idefics3_vision"}
+                 "qwen3_vl": "qwen3_vl_vision", "idefics3": "idefics3_vision", "smolvlm": "idefics3_vision",
+                 "internvl": "internvl_vision"}
 # decoder styles: (q/k/v biases, per-head q/k RMSNorm)
 TEXT_STYLES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False),
                "qwen2_5_vl": (True, False), "qwen2_5_vl_text": (True, False), "qwen3": (False, True),
                "qwen3_vl": (False, True), "qwen3_vl_text": (False, True)}
 DEFAULT_TEXT = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2", "qwen2_5_vl": "qwen2_5_vl_text",
-                "qwen3_vl": "qwen3_vl_text", "idefics3": "llama", "smolvlm": "llama"}
+                "qwen3_vl": "qwen3_vl_text", "idefics3": "llama", "smolvlm": "llama", "internvl": "qwen2"}
 DEFAULT_FEATURE_LAYER = {"llava": -2, "llava_next": -2}  # transformers' class defaults (OneVision: -1)
 MAX_CONFIG_BYTES = 4 << 20  # a config.json is a few kB
 
@@ -126,8 +128,25 @@ def _tower_idefics3(vc: dict, layers: int) -> tuple[int, int]:
     return tower[0] + 2 * d, tower[1]
 
 
+def _tower_internvl(vc: dict, layers: int) -> tuple[int, int]:
+    """InternViT (InternVL): patch convolution with bias, CLS token and position table, blocks of q/k/v
+    (biases per `attention_bias`, optional per-width q/k RMSNorm), a biased output projection, a GELU
+    MLP, two norms (LayerNorm: weight and bias; RMSNorm: weight) and two layer scales; a final
+    LayerNorm without mean pooling (the projector is counted as the projector)."""
+    d, ff = int(vc["hidden_size"]), int(vc["intermediate_size"])
+    p, image = int(vc["patch_size"]), int(vc["image_size"])
+    bias = bool(vc.get("attention_bias", False))
+    norm = 2 * d if vc.get("norm_type", "layer_norm") == "layer_norm" else d
+    qk = 2 * d if vc.get("use_qk_norm", False) else 0
+    layer = _sum(*(_linear(d, d, bias),) * 3, _linear(d, d), _linear(d, ff), _linear(ff, d), (2 * norm + qk + 2 * d, 0))
+    positions = ((image // p) ** 2 + 1) * d if vc.get("use_absolute_position_embeddings", True) else 0
+    embed = 3 * p * p * d + d + d + positions + (0 if vc.get("use_mean_pooling", True) else 2 * d)
+    return layers * layer[0] + embed, layers * layer[1]
+
+
 TOWERS = {"clip_vision_model": _tower_clip, "siglip_vision_model": _tower_siglip,
-          "qwen2_5_vl_vision": _tower_qwen2_5, "qwen3_vl_vision": _tower_qwen3, "idefics3_vision": _tower_idefics3}
+          "qwen2_5_vl_vision": _tower_qwen2_5, "qwen3_vl_vision": _tower_qwen3, "idefics3_vision": _tower_idefics3,
+          "internvl_vision": _tower_internvl}
 
 
 def _decoder_layer(tc: dict, style: tuple[bool, bool]) -> tuple[int, int]:
@@ -148,6 +167,18 @@ def _text(cfg: dict) -> dict:
     """The text model's fields: `text_config` (transformers 5, LLaVA), else the top level (hub Qwen2.5-VL)."""
     tc = cfg.get("text_config")
     return tc if isinstance(tc, dict) and tc.get("hidden_size") else cfg
+
+
+def _square_sizes(vc: dict) -> dict:
+    """vision_config with image_size / patch_size as ints (transformers 5 writes InternVL's as [h, w] pairs)."""
+    out = dict(vc)
+    for key in ("image_size", "patch_size"):
+        value = out.get(key)
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or value[0] != value[1] or not isinstance(value[0], int):
+                raise UnsupportedModelError(f"vision_config.{key} {list(value)} is not a square size")
+            out[key] = value[0]
+    return out
 
 
 def _need(d: dict, key: str, where: str):
@@ -202,6 +233,12 @@ def _layout(cfg: dict, vc: dict, tc: dict, tower: str, processor: dict, max_pixe
                             longest_edge=int(processor.get("longest_edge") or 4 * side),
                             view_tokens=(side // patch) ** 2 // (scale * scale),
                             split_image=bool(processor.get("do_image_splitting", True)))
+    if tower == "internvl_vision":  # aspect-ratio tiles of the view size + a thumbnail
+        side, patch = int(vc.get("image_size", 448)), int(vc.get("patch_size", 14))
+        merge = round(1 / float(cfg.get("downsample_ratio", 0.5)))
+        return VisualLayout(kind="aspect_tiles", tile=side, patch_size=patch, merge_size=merge,
+                            view_tokens=(side // patch) ** 2 // (merge * merge),
+                            min_tiles=int(processor.get("min_tiles") or 1), max_tiles=int(processor.get("max_tiles") or 12))
     pinpoints = cfg.get("image_grid_pinpoints")
     if not pinpoints:
         return VisualLayout(kind="single")
@@ -229,7 +266,7 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     if not isinstance(cfg, dict):
         raise InputError("config.json is not a JSON object")
     model_type = cfg.get("model_type")
-    vc = cfg.get("vision_config") or {}
+    vc = _square_sizes(cfg.get("vision_config") or {})
     tc = _text(cfg)
     vision_type = vc.get("model_type")
     tower = TOWER_OF_VISION_TYPE.get(vision_type) if vision_type else DEFAULT_TOWER.get(model_type)
@@ -250,7 +287,7 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     ff = int(_need(tc, "intermediate_size", "text "))
     layout = _layout(cfg, vc, tc, tower, processor or {}, max_pixels)
     dynamic = "spatial_merge_size" in vc  # merged patches over an image-sized grid (what _layout read)
-    tiled = not dynamic and (bool(cfg.get("image_grid_pinpoints")) or tower == "idefics3_vision")
+    tiled = not dynamic and (bool(cfg.get("image_grid_pinpoints")) or tower in ("idefics3_vision", "internvl_vision"))
 
     vision, vision_matrices = TOWERS[tower](vc, layers)
     if tower in ("clip_vision_model", "siglip_vision_model"):  # LLaVA's two-layer projector (+ newline row)
@@ -264,6 +301,12 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
         vision += w * h
         vision_matrices += w * h
         projector = (w, h)
+    elif tower == "internvl_vision":  # pixel shuffle, then LayerNorm -> linear -> GELU -> linear
+        w = int(vc["hidden_size"]) * round(1 / float(cfg.get("downsample_ratio", 0.5))) ** 2
+        proj = _sum((2 * w, 0), _linear(w, h), _linear(h, h))
+        vision += proj[0]
+        vision_matrices += proj[1]
+        projector = (w, h, h)
     else:
         w = int(vc["hidden_size"]) * int(vc.get("spatial_merge_size", 2)) ** 2
         projector = (w, w, int(vc.get("out_hidden_size", h)))
@@ -274,9 +317,10 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     matrices = {"vision": vision_matrices, "embed": 0, "decoder": n_layers * layer_matrices + vocab * h}
     d = int(vc["hidden_size"])
     merge = int(vc.get("spatial_merge_size", 1)) ** 2 if dynamic else \
-        int(cfg.get("scale_factor", 1)) ** 2 if tower == "idefics3_vision" else 1
-    fixed = 0 if dynamic else (int(vc["image_size"]) // int(vc["patch_size"])) ** 2 + (1 if tower == "clip_vision_model"
-                                                                                      else 0)
+        int(cfg.get("scale_factor", 1)) ** 2 if tower == "idefics3_vision" else \
+        round(1 / float(cfg.get("downsample_ratio", 0.5))) ** 2 if tower == "internvl_vision" else 1
+    cls = tower in ("clip_vision_model", "internvl_vision")
+    fixed = 0 if dynamic else (int(vc["image_size"]) // int(vc["patch_size"])) ** 2 + (1 if cls else 0)
     arch = Architecture(
         graphs=graphs,
         vision=vision_architecture(vc, tower, layers, projector, merge, fixed),
@@ -362,6 +406,8 @@ def pixel_range(pre: dict) -> dict:
     size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
     if isinstance(pre.get("max_image_size"), dict):  # Idefics3 / SmolVLM: a longest edge in pixels, tiles of the view
         return {"longest_edge": size.get("longest_edge"), "do_image_splitting": pre.get("do_image_splitting", True)}
+    if "max_patches" in pre or "crop_to_patches" in pre:  # GotOcr2 (InternVL): the tile range of an image's grid
+        return {"min_tiles": pre.get("min_patches", 1), "max_tiles": pre.get("max_patches", 12)}
     lo = pre.get("min_pixels") or size.get("shortest_edge")
     hi = pre.get("max_pixels") or size.get("longest_edge")
     return {"min_pixels": lo, "max_pixels": hi} if isinstance(lo, int) and isinstance(hi, int) else {}

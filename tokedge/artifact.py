@@ -23,7 +23,7 @@ from tokedge.errors import ArtifactError, ArtifactPathError, IntegrityError, Usa
 if TYPE_CHECKING:
     from tokedge.safeio import Limits
 
-FORMAT_VERSION = 4  # the newest format this tokedge writes and reads (it reads 1, 2, 3 and 4)
+FORMAT_VERSION = 5  # the newest format this tokedge writes and reads (it reads 1 to 5)
 MANIFEST_NAME = "tokedge.json"
 
 Dim = int | str  # a fixed size or a symbolic axis name
@@ -135,7 +135,8 @@ class VisualLayout:
     tile: int | None = None  # side of a tile and of the base view in pixels (vision image_size)
     patch_grid: int | None = None  # features per tile side (image_size // patch_size)
     pinpoints: tuple[tuple[int, int], ...] = ()  # candidate canvases (height, width), in the config's order
-    max_tiles: int | None = None  # OneVision "anyres_max_M": feature maps over ~M tiles are interpolated down
+    max_tiles: int | None = None  # OneVision "anyres_max_M": feature maps over ~M tiles are interpolated down;
+    # "aspect_tiles": the most tiles of an image's grid
     interpolate_threshold: float = 1.1  # ... when sqrt(h*w / (M*p*p)) exceeds this
     multi_image_square: bool = False  # OneVision: images of multi-image prompts are padded square, untiled
     pad_fill: tuple[int, int, int] = (0, 0, 0)  # uint8 colour of the canvas padding (before normalising)
@@ -159,6 +160,9 @@ class VisualLayout:
     longest_edge: int | None = None  # step 1 resizes the image's longest edge to this (pixels)
     view_tokens: int | None = None  # visual tokens per view (tile or global view)
     split_image: bool = True  # tiles + a global view; False: one squashed view per image
+    # "aspect_tiles" (InternVL3; docs/artifact.md): `tile`, `patch_size`, `merge_size`, `view_tokens` as above,
+    # `max_tiles` the most tiles of an image's grid (the processor's max_patches); unused otherwise
+    min_tiles: int | None = None  # the fewest tiles of an image's grid (min_patches)
 
     @property
     def format_version(self) -> int:

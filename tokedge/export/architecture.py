@@ -95,6 +95,8 @@ def record_architecture(root: Path, manifest: Manifest, config: dict) -> Manifes
     processor = {"min_pixels": layout.min_pixels, "max_pixels": layout.max_pixels} if resizes else {}
     if layout.longest_edge:  # split tiles: the processor's longest edge and splitting, as recorded
         processor = {"longest_edge": layout.longest_edge, "do_image_splitting": layout.split_image}
+    if layout.min_tiles:  # aspect tiles: the processor's tile range, as recorded
+        processor = {"min_tiles": layout.min_tiles, "max_tiles": layout.max_tiles}
     geometry = from_config(config, processor, source=manifest.model.source)
     vision = geometry.architecture.vision
     tokens = vision.layer_tokens[0] if vision.layer_tokens else 0

@@ -293,9 +293,15 @@ def load_checkpoint_stage(job: _Export) -> None:
         job.loaded = family.load(cfg.model, job.local, trust_remote_code=cfg.trust_remote_code,
                                  allow_pickle=cfg.allow_pickle)
         job.loaded = pixel_budget_stage(job)
-    if job.loaded.spec.full_tokens != job.full and job.resizes:
-        job.full = job.loaded.spec.full_tokens  # the pixel range comes with the image processor (and --max-pixels)
-        job.budget, job.rng, job.options = check_request(cfg, job.method, job.full, job.spec.geometry, job.resizes)
+    if job.loaded.spec.full_tokens != job.full:
+        # the pixel range (and --max-pixels) or the tile range comes with the image processor
+        job.full = job.loaded.spec.full_tokens
+        from tokedge.layouts import image_layout_class
+
+        layout_class = image_layout_class(job.loaded.spec.layout.kind)
+        unit = layout_class.of_record(job.loaded.spec.layout).budget_full() if job.method.reduces_in_vision else None
+        job.budget, job.rng, job.options = check_request(cfg, job.method, unit or job.full, job.spec.geometry,
+                                                         job.resizes)
     if job.temporal is not None:  # frame count and budget checked before the reference runs (cheap: nothing traced)
         probe = family.video(job.loaded, torch.float32, job.temporal.needs)[3]
         temporal_graph(job.temporal, probe, job.video_options, job.temporal_budget, 1, torch.float32,

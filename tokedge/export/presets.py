@@ -392,7 +392,8 @@ def _stamp(cfg: TinyLlavaConfig) -> str:
 
     template = (ONEVISION_CHAT_TEMPLATE if isinstance(cfg, TinyLlavaOnevisionConfig)
                 else QWEN2_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen25VLConfig)
-                else QWEN3_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen3VLConfig) else CHAT_TEMPLATE)
+                else QWEN3_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen3VLConfig)
+                else INTERNVL_CHAT_TEMPLATE if isinstance(cfg, TinyInternVLConfig) else CHAT_TEMPLATE)
     blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": template}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -432,6 +433,8 @@ def resolve_preset(name: str) -> Path | None:
             build_tiny_qwen3_vl(path, cfg, force=True)
         elif isinstance(cfg, TinySmolVLMConfig):
             build_tiny_smolvlm(path, cfg, force=True)
+        elif isinstance(cfg, TinyInternVLConfig):
+            build_tiny_internvl(path, cfg, force=True)
         else:
             build_tiny_llava(path, cfg, force=True)
         (path / PRESET_STAMP).write_text(json.dumps({"preset": name, "sha256": current}) + "\n")
@@ -755,3 +758,94 @@ def build_tiny_smolvlm(out: Path, cfg: TinySmolVLMConfig = TinySmolVLMConfig(), 
 
 
 PRESETS["tiny-smolvlm"] = TinySmolVLMConfig()
+
+
+# --- InternVL3 (transformers' InternVLForConditionalGeneration) -------------------------------------
+
+# InternVL3-hf's template for user/assistant/system turns (each image item becomes `<IMG_CONTEXT>` + newline)
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+
+
+@dataclass(frozen=True)
+class TinyInternVLConfig:
+    """InternVL3-1B's structure at toy sizes: an InternViT-like tower (32 px views, patch 4: 64 patches,
+    CLS, layer scale), pixel shuffle 0.5 -> 16 tokens per view, 1..6 tiles of the closest aspect ratio
+    plus a thumbnail, the LayerNorm-MLP projector, a Qwen2 decoder with tied embeddings."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    min_tiles: int = 1
+    max_tiles: int = 6
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_target: int = 400
+    max_position_embeddings: int = 8192
+    seed: int = 0
+    init_std: float = 0.6
+
+
+def build_internvl_tokenizer(cfg: TinyInternVLConfig):
+    """The tiny Qwen2Tokenizer with InternVL's image markers as named special tokens (tokenizer
+    attributes `start_image_token`, `context_image_token`, ... as InternVL3-hf's tokenizer_config)."""
+    tok = build_qwen_tokenizer(cfg)  # type: ignore[arg-type]  # reads vocab_target only
+    tok.add_special_tokens({"extra_special_tokens": list(INTERNVL_TOKENS.values())}, replace_extra_special_tokens=False)
+    tok._set_model_specific_special_tokens(INTERNVL_TOKENS)
+    return tok
+
+
+def build_tiny_internvl(out: Path, cfg: TinyInternVLConfig = TinyInternVLConfig(), force: bool = False) -> Path:
+    """A tiny InternVLForConditionalGeneration directory at `out` (atomic): the model, the tokenizer, the
+    PIL GotOcr2 image processor (tiles, bicubic, ImageNet mean/std as InternVL3's) and the processor's
+    fields and chat template as files (`InternVLProcessor` cannot be built without torchvision)."""
+    import json
+
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
+    tok = build_internvl_tokenizer(cfg)
+    end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    config = InternVLConfig(
+        vision_config={"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4,
+                       "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+                       "image_size": [cfg.image_size] * 2, "patch_size": [cfg.patch_size] * 2},
+        text_config={"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": cfg.text_hidden,
+                     "intermediate_size": cfg.text_hidden * 3, "num_hidden_layers": cfg.text_layers,
+                     "num_attention_heads": cfg.text_heads, "num_key_value_heads": cfg.text_kv_heads,
+                     "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": 1e-6,
+                     "bos_token_id": pad, "eos_token_id": end, "pad_token_id": pad, "tie_word_embeddings": True},
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2 // 4, downsample_ratio=0.5, tie_word_embeddings=True,
+    )
+    model = _random_init(InternVLForConditionalGeneration, config, cfg.seed, cfg.init_std)
+    model.generation_config.pad_token_id = pad
+    model.generation_config.eos_token_id = end
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size}, crop_to_patches=True, min_patches=cfg.min_tiles,
+        max_patches=cfg.max_tiles, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3)
+    fields = {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}
+    with staged_directory(out, force=force, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tok.save_pretrained(stage)
+        image_processor.save_pretrained(stage)
+        (stage / "processor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
+        (stage / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
+    return out
+
+
+PRESETS["tiny-internvl"] = TinyInternVLConfig()

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 # modules that call register() when imported; listed here, imported by name on first use
 BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next",
            "tokedge.export.families.llava_onevision", "tokedge.export.families.qwen2_5_vl",
-           "tokedge.export.families.qwen3_vl", "tokedge.export.families.smolvlm")
+           "tokedge.export.families.qwen3_vl", "tokedge.export.families.smolvlm",
+           "tokedge.export.families.internvl")
 
 
 @dataclass(frozen=True)
