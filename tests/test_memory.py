@@ -39,12 +39,18 @@ def _hf_counts(model, config: dict) -> dict[str, int]:
     """vision graph / token table / decoder graph parameters of a transformers VLM, counted from its
     modules: the tower up to the feature layer (+ embeddings, pre-norm, projector, newline row) or
     Qwen's whole `visual`; the decoder's layers and norm plus lm_head (its own copy even when tied)."""
-    inner, lm = model.model, model.model.language_model
+    inner = model.model
+    lm = getattr(inner, "language_model", None) or inner.text_model
     embed = lm.embed_tokens.weight.numel()
     decoder = sum(p.numel() for n, p in lm.named_parameters() if not n.startswith("embed_tokens"))
     decoder += model.lm_head.weight.numel()
     if hasattr(inner, "visual"):
         return {"vision": sum(p.numel() for p in inner.visual.parameters()), "embed": embed, "decoder": decoder}
+    if hasattr(inner, "connector") or config["model_type"] == "internvl":  # Idefics3 / InternVL: every tower layer
+        tower = getattr(inner, "vision_model", None) or inner.vision_tower
+        head = getattr(inner, "connector", None) or inner.multi_modal_projector
+        vision = sum(p.numel() for p in tower.parameters()) + sum(p.numel() for p in head.parameters())
+        return {"vision": vision, "embed": embed, "decoder": decoder}
     tower = getattr(inner.vision_tower, "vision_model", inner.vision_tower)
     feature = config.get("vision_feature_layer", -2 if config["model_type"] in ("llava", "llava_next") else -1)
     run = feature if feature >= 0 else len(tower.encoder.layers) + 1 + feature

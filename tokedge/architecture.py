@@ -36,7 +36,7 @@ TOWER_OF_VISION_TYPE = {"clip_vision_model": "clip_vision_model", "siglip_vision
                         "qwen2_5_vl": "qwen2_5_vl_vision", "qwen2_5_vl_vision": "qwen2_5_vl_vision",
                         "qwen3_vl": "qwen3_vl_vision", "qwen3_vl_vision": "qwen3_vl_vision",
                         "idefics3_vision": "idefics3_vision", "smolvlm_vision": "idefics3_vision",
-                        "internvl_vision": "internvl_vision"}
+                        "internvl_vision": "internvl_vision", "idefics3": "idefics3_vision"}  # hub SmolVLM: "idefics3"
 DEFAULT_TOWER = {"llava": "clip_vision_model", "llava_next": "clip_vision_model",
                  "llava_onevision": "siglip_vision_model", "qwen2_5_vl": "qwen2_5_vl_vision",
                  "qwen3_vl": "qwen3_vl_vision", "idefics3": "idefics3_vision", "smolvlm": "idefics3_vision",
