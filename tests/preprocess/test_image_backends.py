@@ -179,3 +179,27 @@ def test_smolvlm_split_tiles(tiny_smolvlm_dir, size, backend):
     out = _processor(tiny_smolvlm_dir, backend)([[image]], return_tensors="np", return_row_col_info=True)
     assert (out["rows"][0][0], out["cols"][0][0]) == (plan.rows, plan.cols)
     _check("smolvlm", size, backend, ours, out["pixel_values"][0], (0.5, 0.5, 0.5), resized=True)
+
+
+# --- InternVL (GotOcr2: the closest-aspect grid of 1..max tiles, bicubic; a thumbnail last) ---------------
+
+INTERNVL_SIZES = [(480, 640), (900, 300), (1000, 1000), (32, 32)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", INTERNVL_SIZES)
+def test_internvl_aspect_tiles(tiny_internvl_dir, size, backend):
+    from PIL import Image
+
+    from tokedge.export.presets import TinyInternVLConfig
+    from tokedge.runtime import internvl
+
+    cfg = TinyInternVLConfig()
+    image = _image(*size)
+    plan = internvl.plan_tiles(*size, cfg.image_size, cfg.min_tiles, cfg.max_tiles)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ours = np.stack([internvl.normalise(v, 1 / 255, mean, std)
+                     for v in internvl.tile_views(image, plan, cfg.image_size, Image.Resampling.BICUBIC)])
+    out = _processor(tiny_internvl_dir, backend)([image], crop_to_patches=True, return_tensors="np")
+    assert int(out["num_patches"][0]) == plan.views
+    _check("internvl", size, backend, ours, out["pixel_values"], std, resized=size != (32, 32))

@@ -26,6 +26,8 @@ CASES = {  # family: (checkpoint fixture, transformers class, prompt)
     "qwen3-vl": ("tiny_qwen3_vl_dir", "Qwen3VLForConditionalGeneration", QWEN_PROMPT),
     "smolvlm": ("tiny_smolvlm_dir", "Idefics3ForConditionalGeneration",
                 "<|im_start|>User:<image>What is shown in this image?<end_of_utterance>\nAssistant:"),
+    "internvl": ("tiny_internvl_dir", "InternVLForConditionalGeneration",
+                 "<|im_start|>user\n<IMG_CONTEXT>\nWhat is shown in this image?<|im_end|>\n<|im_start|>assistant\n"),
 }
 # (family, size): a typical resize for every family, and the sizes where the backends differ most
 # (smart_resize's near-1 scales: 480x640 -> 476x644 on Qwen2.5-VL, 300x900 -> 288x896 on Qwen3-VL)

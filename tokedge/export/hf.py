@@ -52,3 +52,13 @@ def offline_checkpoint(repo_id: str):
             f"'{repo_id}' is not in the local Hugging Face cache and {why}: download it on a connected machine "
             f"(`hf download {repo_id}`) and pass its local directory, or set HF_HUB_OFFLINE=1 after caching it"
         ) from None
+
+
+def pil_backend() -> dict:
+    """Keyword arguments that make `AutoProcessor` / `AutoImageProcessor` build the PIL image processor,
+    the one tokedge's torch-free runtime reproduces: transformers 5 otherwise picks its torchvision
+    backend whenever torchvision is installed, and export validation would then compare the graphs
+    against other pixels (docs/runtime.md, "Which image-processor backend")."""
+    import transformers
+
+    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}

@@ -150,10 +150,12 @@ class InternVLParts:
 def load_processor(where: str, trust_remote_code: bool = False) -> InternVLParts:
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    from tokedge.export.hf import pil_backend
+
     from tokedge.export.families.llava_onevision import _read_json, _read_text
     from tokedge.runtime.internvl import END_TOKEN, START_TOKEN
 
-    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code, **pil_backend())
     tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     fields = {k: v for k, v in _read_json(where, "processor_config.json").items() if k != "image_processor"}
     template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")

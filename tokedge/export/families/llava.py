@@ -122,7 +122,7 @@ def load_hf_checkpoint(model_class: str, source: str, local: Path | None, *, tru
     import transformers
     from transformers import AutoProcessor
 
-    from tokedge.export.hf import quiet_transformers
+    from tokedge.export.hf import pil_backend, quiet_transformers
 
     quiet_transformers()
     where = str(local) if local is not None else source
@@ -134,7 +134,7 @@ def load_hf_checkpoint(model_class: str, source: str, local: Path | None, *, tru
             trust_remote_code=trust_remote_code,
         ).eval()
         if load_processor is None:
-            processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code, **pil_backend())
         else:
             processor = load_processor(where, trust_remote_code)
     except Exception as exc:  # the loading boundary: unpickling refusals, shape mismatches, missing files

@@ -218,7 +218,9 @@ def load_processor(where: str, trust_remote_code: bool = False) -> OnevisionProc
     processor_config.json; the tokenizer's only when the processor has none)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+    from tokedge.export.hf import pil_backend
+
+    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code, **pil_backend())
     tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     fields = {k: v for k, v in _read_json(where, "processor_config.json").items() if k != "image_processor"}
     template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")
