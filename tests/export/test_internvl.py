@@ -293,3 +293,38 @@ def test_vision_side_methods_keep_their_budget_in_every_view(method, budget, per
     np.testing.assert_allclose(gen.image_embeds[0], expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(gen.prefill_logits[0], logits, atol=1e-3, rtol=0)
     assert result.token_ids[0][: len(tokens)] == tokens
+
+
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(tmp_path_factory):
+    """InternVL3.5's shape: the same tower and tiles, a Qwen3 language model (per-head q/k RMSNorm)."""
+    from tokedge.export.presets import TinyInternVLConfig, build_tiny_internvl
+
+    return build_tiny_internvl(tmp_path_factory.mktemp("ckpt") / "tiny-internvl3.5",
+                               TinyInternVLConfig(text_model_type="qwen3"))
+
+
+@pytest.mark.parametrize("method", ["none", "fastv"])
+def test_internvl3_5_qwen3_language_model(method, qwen3_checkpoint, tmp_path):
+    """`none`: tokedge run equals transformers' generate on two images of different grids; fastv: the
+    pruning reference (as above) on transformers' own Qwen3 decoder layers."""
+    from transformers import InternVLForConditionalGeneration
+
+    from tokedge.export.pipeline import ExportConfig, export
+
+    model = InternVLForConditionalGeneration.from_pretrained(qwen3_checkpoint, dtype=torch.float32).eval()
+    assert model.config.text_config.model_type == "qwen3"
+    hf = (model, internvl_processor(qwen3_checkpoint))
+    result = export(ExportConfig(model=str(qwen3_checkpoint), out=tmp_path / method, method=method,
+                                 budget=IN_LLM_BUDGET if method == "fastv" else None))
+    assert result.parity["ok"]
+    images = [_image(480, 640), _image(300, 900, seed=5)]
+    if method == "none":
+        ids, logits, tokens = transformers_reference(hf, images)
+        got, got_ids, got_logits = tokedge_run(tmp_path / method, images)
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_allclose(got_logits, logits, atol=1e-3, rtol=0)
+        assert got.token_ids[0][: len(tokens)] == tokens
+    else:
+        test_in_llm_prunes_every_image_run_as_the_reference("fastv", [(480, 640), (900, 300)],
+                                                            lambda m: tmp_path / m, hf)

@@ -791,6 +791,7 @@ class TinyInternVLConfig:
     text_layers: int = 3
     text_heads: int = 4
     text_kv_heads: int = 2
+    text_model_type: str = "qwen2"  # InternVL3; "qwen3": InternVL3.5's 1B-8B language models
     vocab_target: int = 400
     max_position_embeddings: int = 8192
     seed: int = 0
@@ -824,7 +825,8 @@ def build_tiny_internvl(out: Path, cfg: TinyInternVLConfig = TinyInternVLConfig(
         vision_config={"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4,
                        "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
                        "image_size": [cfg.image_size] * 2, "patch_size": [cfg.patch_size] * 2},
-        text_config={"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": cfg.text_hidden,
+        text_config={"model_type": cfg.text_model_type, "vocab_size": len(tok), "hidden_size": cfg.text_hidden,
+                     "head_dim": cfg.text_hidden // cfg.text_heads,
                      "intermediate_size": cfg.text_hidden * 3, "num_hidden_layers": cfg.text_layers,
                      "num_attention_heads": cfg.text_heads, "num_key_value_heads": cfg.text_kv_heads,
                      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": 1e-6,

@@ -5,7 +5,7 @@ CLS token and position table, pre-norm blocks with layer scale, the CLS dropped,
 1 / downsample_ratio, the MLP projector: [views, 3, S, S] -> [1, views * view_tokens, hidden]), and the
 manifest's "aspect_tiles" layout (tokedge.layouts.aspect_tiles: tiles of the grid closest to the
 image's aspect ratio, a thumbnail last, one `<img>...</img>` run per image). The language model is
-Qwen2 (InternVL3) or Llama, exported as for LLaVA. Methods: none; in-LLM fastv, pdrop, dart over
+Qwen2 (InternVL3), Qwen3 (InternVL3.5) or Llama, exported as for LLaVA. Methods: none; in-LLM fastv, pdrop, dart over
 every image's run; pre-LLM methods that need only the view's tokens (divprune, pool, random) keep
 `--budget` tokens of every view (tile or thumbnail).
 """
@@ -33,7 +33,7 @@ from tokedge.reduce.base import Method, Signal, Stage, VisionGeometry
 
 SUPPORTED_ARCHITECTURES = ("InternVLForConditionalGeneration",)
 MODEL_TYPES = ("internvl",)
-SUPPORTED_TEXT = ("qwen2", "llama")
+SUPPORTED_TEXT = ("qwen2", "qwen3", "llama")  # InternVL3, InternVL3.5 (1B-8B), older InternVL
 DEFAULT_TILES = (1, 12)  # GotOcr2ImageProcessor's min_patches / max_patches defaults
 
 
