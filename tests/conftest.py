@@ -53,6 +53,15 @@ def tiny_internvl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    """Gemma 3 geometry at toy sizes (Gemma3ForConditionalGeneration: 64-px SigLIP view pooled to 16
+    tokens, Gemma 3 text layers with 12-token sliding windows) and its Gemma3Processor."""
+    from tokedge.export.presets import TinyGemma3Config, build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("ckpt") / "tiny-gemma3", TinyGemma3Config())
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next_dir(tmp_path_factory) -> Path:
     """LLaVA-NeXT geometry (anyres on the hub's 5 pinpoints, CLIP 336/14, image_newline) + Llama."""
     from tokedge.export.presets import TinyLlavaNextConfig, build_tiny_llava_next

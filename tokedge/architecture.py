@@ -40,13 +40,15 @@ TOWER_OF_VISION_TYPE = {"clip_vision_model": "clip_vision_model", "siglip_vision
 DEFAULT_TOWER = {"llava": "clip_vision_model", "llava_next": "clip_vision_model",
                  "llava_onevision": "siglip_vision_model", "qwen2_5_vl": "qwen2_5_vl_vision",
                  "qwen3_vl": "qwen3_vl_vision", "idefics3": "idefics3_vision", "smolvlm": "idefics3_vision",
-                 "internvl": "internvl_vision"}
+                 "internvl": "internvl_vision", "gemma3": "gemma3_vision"}
 # decoder styles: (q/k/v biases, per-head q/k RMSNorm)
 TEXT_STYLES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False),
                "qwen2_5_vl": (True, False), "qwen2_5_vl_text": (True, False), "qwen3": (False, True),
-               "qwen3_vl": (False, True), "qwen3_vl_text": (False, True)}
+               "qwen3_vl": (False, True), "qwen3_vl_text": (False, True), "gemma3_text": (False, True)}
+SANDWICH_NORMS = {"gemma3_text"}  # four RMSNorms per layer (before and after attention and MLP), not two
 DEFAULT_TEXT = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2", "qwen2_5_vl": "qwen2_5_vl_text",
-                "qwen3_vl": "qwen3_vl_text", "idefics3": "llama", "smolvlm": "llama", "internvl": "qwen2"}
+                "qwen3_vl": "qwen3_vl_text", "idefics3": "llama", "smolvlm": "llama", "internvl": "qwen2",
+                "gemma3": "gemma3_text"}
 DEFAULT_FEATURE_LAYER = {"llava": -2, "llava_next": -2}  # transformers' class defaults (OneVision: -1)
 MAX_CONFIG_BYTES = 4 << 20  # a config.json is a few kB
 
@@ -144,12 +146,20 @@ def _tower_internvl(vc: dict, layers: int) -> tuple[int, int]:
     return layers * layer[0] + embed, layers * layer[1]
 
 
-TOWERS = {"clip_vision_model": _tower_clip, "siglip_vision_model": _tower_siglip,
+def _tower_gemma3(vc: dict, layers: int) -> tuple[int, int]:
+    """Gemma 3: SigLIP's blocks with its post-layernorm (no pooling head; the projector is counted as
+    the projector)."""
+    d = int(vc["hidden_size"])
+    tower = _clip_like(vc, layers, cls=False, patch_bias=True, pre_norm=False)
+    return tower[0] + 2 * d, tower[1]
+
+
+TOWERS = {"gemma3_vision": _tower_gemma3, "clip_vision_model": _tower_clip, "siglip_vision_model": _tower_siglip,
           "qwen2_5_vl_vision": _tower_qwen2_5, "qwen3_vl_vision": _tower_qwen3, "idefics3_vision": _tower_idefics3,
           "internvl_vision": _tower_internvl}
 
 
-def _decoder_layer(tc: dict, style: tuple[bool, bool]) -> tuple[int, int]:
+def _decoder_layer(tc: dict, style: tuple[bool, bool], norms: int = 2) -> tuple[int, int]:
     h, ff = int(tc["hidden_size"]), int(tc["intermediate_size"])
     heads, kv = int(tc["num_attention_heads"]), int(tc.get("num_key_value_heads") or tc["num_attention_heads"])
     hd = int(tc.get("head_dim") or h // heads)
@@ -157,7 +167,7 @@ def _decoder_layer(tc: dict, style: tuple[bool, bool]) -> tuple[int, int]:
     attn = _sum(_linear(h, heads * hd, bias), _linear(h, kv * hd, bias), _linear(h, kv * hd, bias),
                 _linear(heads * hd, h, False))
     mlp = _sum(_linear(h, ff, False), _linear(h, ff, False), _linear(ff, h, False))
-    return _sum(attn, mlp, (2 * h + (2 * hd if qk_norm else 0), 0))
+    return _sum(attn, mlp, (norms * h + (2 * hd if qk_norm else 0), 0))
 
 
 # --- reading a config ------------------------------------------------------------------------------
@@ -233,6 +243,12 @@ def _layout(cfg: dict, vc: dict, tc: dict, tower: str, processor: dict, max_pixe
                             longest_edge=int(processor.get("longest_edge") or 4 * side),
                             view_tokens=(side // patch) ** 2 // (scale * scale),
                             split_image=bool(processor.get("do_image_splitting", True)))
+    if tower == "gemma3_vision":  # one square view, pooled to mm_tokens_per_image, framed in the prompt
+        return VisualLayout(kind="framed_view", tile=int(vc.get("image_size", 224)),
+                            patch_size=int(vc.get("patch_size", 14)),
+                            view_tokens=int(cfg.get("mm_tokens_per_image", 256)),
+                            frame_before="\n\n<start_of_image>", frame_after="<end_of_image>\n\n",
+                            run_token="<image_soft_token>")
     if tower == "internvl_vision":  # aspect-ratio tiles of the view size + a thumbnail
         side, patch = int(vc.get("image_size", 448)), int(vc.get("patch_size", 14))
         merge = round(1 / float(cfg.get("downsample_ratio", 0.5)))
@@ -270,6 +286,8 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     tc = _text(cfg)
     vision_type = vc.get("model_type")
     tower = TOWER_OF_VISION_TYPE.get(vision_type) if vision_type else DEFAULT_TOWER.get(model_type)
+    if model_type == "gemma3":  # SigLIP read through its post-layernorm, pooled by the projector
+        tower = "gemma3_vision"
     if tower is None:
         raise UnsupportedModelError(f"tokedge memory does not know the vision tower of model_type {model_type!r} "
                                     f"(vision {vision_type!r}); known: {', '.join(sorted(DEFAULT_TOWER))}")
@@ -287,7 +305,8 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     ff = int(_need(tc, "intermediate_size", "text "))
     layout = _layout(cfg, vc, tc, tower, processor or {}, max_pixels)
     dynamic = "spatial_merge_size" in vc  # merged patches over an image-sized grid (what _layout read)
-    tiled = not dynamic and (bool(cfg.get("image_grid_pinpoints")) or tower in ("idefics3_vision", "internvl_vision"))
+    tiled = not dynamic and (bool(cfg.get("image_grid_pinpoints"))
+                             or tower in ("idefics3_vision", "internvl_vision", "gemma3_vision"))
 
     vision, vision_matrices = TOWERS[tower](vc, layers)
     if tower in ("clip_vision_model", "siglip_vision_model"):  # LLaVA's two-layer projector (+ newline row)
@@ -301,6 +320,11 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
         vision += w * h
         vision_matrices += w * h
         projector = (w, h)
+    elif tower == "gemma3_vision":  # average pooling, then RMSNorm (weight) and one bias-free matrix
+        d = int(vc["hidden_size"])
+        vision += d + d * h
+        vision_matrices += d * h
+        projector = (d, h)
     elif tower == "internvl_vision":  # pixel shuffle, then LayerNorm -> linear -> GELU -> linear
         w = int(vc["hidden_size"]) * round(1 / float(cfg.get("downsample_ratio", 0.5))) ** 2
         proj = _sum((2 * w, 0), _linear(w, h), _linear(h, h))
@@ -310,7 +334,7 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     else:
         w = int(vc["hidden_size"]) * int(vc.get("spatial_merge_size", 2)) ** 2
         projector = (w, w, int(vc.get("out_hidden_size", h)))
-    layer, layer_matrices = _decoder_layer(tc, style)
+    layer, layer_matrices = _decoder_layer(tc, style, 4 if text_type in SANDWICH_NORMS else 2)
     decoder = n_layers * layer + h + vocab * h  # layers, final norm, lm_head (its own copy: graphs never share)
     graphs = {"vision": GraphParameters(parameters=vision), "embed": GraphParameters(parameters=vocab * h),
               "decoder": GraphParameters(parameters=decoder)}
@@ -318,7 +342,9 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     d = int(vc["hidden_size"])
     merge = int(vc.get("spatial_merge_size", 1)) ** 2 if dynamic else \
         int(cfg.get("scale_factor", 1)) ** 2 if tower == "idefics3_vision" else \
-        round(1 / float(cfg.get("downsample_ratio", 0.5))) ** 2 if tower == "internvl_vision" else 1
+        round(1 / float(cfg.get("downsample_ratio", 0.5))) ** 2 if tower == "internvl_vision" else \
+        (int(vc["image_size"]) // int(vc["patch_size"])) ** 2 // int(cfg.get("mm_tokens_per_image", 256)) \
+        if tower == "gemma3_vision" else 1
     cls = tower in ("clip_vision_model", "internvl_vision")
     fixed = 0 if dynamic else (int(vc["image_size"]) // int(vc["patch_size"])) ** 2 + (1 if cls else 0)
     arch = Architecture(

@@ -163,6 +163,11 @@ class VisualLayout:
     # "aspect_tiles" (InternVL3; docs/artifact.md): `tile`, `patch_size`, `merge_size`, `view_tokens` as above,
     # `max_tiles` the most tiles of an image's grid (the processor's max_patches); unused otherwise
     min_tiles: int | None = None  # the fewest tiles of an image's grid (min_patches)
+    # "framed_view" (Gemma 3; docs/artifact.md): one view per image (`tile` square, `view_tokens` tokens, or
+    # the reduction's budget), its run of `run_token` framed by two texts; unused otherwise
+    frame_before: str = ""  # text before an image's run (Gemma 3: "\n\n<start_of_image>")
+    frame_after: str = ""  # text after it (Gemma 3: "<end_of_image>\n\n")
+    run_token: str = ""  # the token string of each visual token in the run (Gemma 3: "<image_soft_token>")
 
     @property
     def format_version(self) -> int:

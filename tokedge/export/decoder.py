@@ -24,13 +24,25 @@ from tokedge.reduce.in_llm import (
 )
 
 
-def causal_bias(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+def causal_bias(attention_mask: torch.Tensor, seq: int, blocks: torch.Tensor | None = None,
+                window: int | None = None) -> torch.Tensor:
     """[b, total] padding mask -> [b, 1, seq, total] additive fp32 bias (0 or a large negative); the
-    new tokens are the last `seq` positions."""
+    new tokens are the last `seq` positions. `blocks` [b, seq] (Gemma 3): the image each new token
+    belongs to (-1: text); tokens of one image also see each other ahead (bidirectional; keys before
+    the new tokens count as text). `window`: keys more than `window - 1` places back are hidden (a
+    sliding-window layer; applied after the image rule, as transformers' masks)."""
     total = attention_mask.shape[1]
     key_pos = torch.arange(total, device=attention_mask.device)
     query_pos = torch.arange(seq, device=attention_mask.device) + (total - seq)
-    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]
+    if blocks is not None:
+        earlier = torch.zeros_like(attention_mask[:, : total - seq]) - 1
+        key_blocks = torch.cat([earlier, blocks.to(attention_mask.dtype)], dim=1)
+        same = (blocks[:, :, None].to(key_blocks.dtype) == key_blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+        allowed = allowed | same[:, None]
+    if window is not None:
+        allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)[None, None]
+    allowed = allowed & (attention_mask[:, None, None, :] > 0)
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)
 
 
@@ -82,6 +94,23 @@ class _Layers(nn.Module):
         x = x + layer.self_attn.o_proj(merge_heads(o))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
+    # hooks for decoders whose layers differ in rotary tables and masks (Gemma 3's sliding layers)
+    blocks = False  # the graph takes `token_blocks` [b, s] after `position_ids` (bidirectional images)
+
+    def rope(self, x, position_ids):
+        """Rotary tables for every layer (one pair shared by all here); `rope_of` picks layer i's."""
+        return self.rotary(x, position_ids)
+
+    def rope_of(self, rope, i: int):
+        return rope
+
+    def bias(self, mask, seq: int, blocks=None):
+        """The attention biases of every layer (one shared here); `bias_of` picks layer i's."""
+        return causal_bias(mask, seq, blocks)
+
+    def bias_of(self, bias, i: int):
+        return bias
+
     def logits(self, x):
         return self.lm_head(self.norm(x[:, -1:, :])).float()
 
@@ -98,17 +127,19 @@ class KVDecoder(_Layers):
         self.n_groups = max(self.group) + 1
 
     def forward(self, inputs_embeds, *rest):
-        masks, position_ids, past = rest[: self.n_groups], rest[self.n_groups], rest[self.n_groups + 1 :]
+        masks, position_ids = rest[: self.n_groups], rest[self.n_groups]
+        blocks = rest[self.n_groups + 1] if self.blocks else None
+        past = rest[self.n_groups + 1 + int(self.blocks):]
         x, planes = self.unpack(inputs_embeds)
-        biases = [causal_bias(m, x.shape[1]) for m in masks]
-        cos, sin = self.rotary(x, position_ids)
+        biases = [self.bias(m, x.shape[1], blocks) for m in masks]
+        rope = self.rope(x, position_ids)
         presents = []
         for i, layer in enumerate(self.layers):
-            q, k, v = self.qkv(layer, x, cos, sin)
+            q, k, v = self.qkv(layer, x, *self.rope_of(rope, i))
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
-            x = self.run_layer(layer, x, q, k, v, biases[self.group[i]])
+            x = self.run_layer(layer, x, q, k, v, self.bias_of(biases[self.group[i]], i))
             x = self.deepstack(i, x, planes)
         return (self.logits(x), *presents)
 
@@ -139,15 +170,16 @@ class PruningPrefill(_Layers):
         self.plan = plan
         self.spans = spans
 
-    def _scores(self, layer, x, cos, sin, mask, rule):
-        """Last-token attention row of `layer` over the current sequence (mean over heads), or
-        for LLM_KEY_NORM (DART) the L1 norm of the layer's keys: [b, t]."""
+    def _scores(self, layer, x, cos, sin, bias, rule):
+        """Last-token attention row of `layer` over the current sequence (mean over heads; `bias` the
+        layer's [b, 1, t, t] attention bias: its last row is the padding mask, and a sliding-window
+        layer's window), or for LLM_KEY_NORM (DART) the L1 norm of the layer's keys: [b, t]."""
         q, k, _ = self.qkv(layer, x, cos, sin)
         if rule == Signal.LLM_KEY_NORM:
             return k.float().abs().sum(dim=(1, 3))
         k = repeat_kv(k, self.n_heads // self.n_kv)
         scores = torch.matmul(q[:, :, -1:].float(), k.float().transpose(-1, -2)) * self.scale
-        scores = scores + torch.where(mask > 0, 0.0, torch.finfo(torch.float32).min / 2)[:, None, None, :]
+        scores = scores + bias[:, :, -1:, :]
         return torch.softmax(scores, dim=-1)[:, :, 0].mean(dim=1)  # indexing, not squeeze: no If in ONNX
 
     def _select(self, stage, score, x, mask, img, keep, span, quota):
@@ -158,21 +190,25 @@ class PruningPrefill(_Layers):
             return dart_span_select(score, x, img, span, quota, mask, keep, half, self.plan.pivots - half)
         return dart_select(score, x, img, mask, keep, self.plan.pivots)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, image_positions, image_keep,
-                image_span=None, image_quota=None):
+    def forward(self, inputs_embeds, attention_mask, position_ids, image_positions, image_keep, *extra):
+        """`extra`: `token_blocks` [b, t] first when the decoder takes them (`blocks`), then DART's
+        `image_span`, `image_quota` on span families."""
+        blocks = extra[0] if self.blocks else None
+        image_span, image_quota = (tuple(extra[int(self.blocks):]) + (None, None))[:2]
         (x, planes), mask, pos, img = self.unpack(inputs_embeds), attention_mask, position_ids, image_positions
         by_score = {s.score_layer: s for s in self.plan.stages}
         by_prune = {s.prune_layer: (n, s) for n, s in enumerate(self.plan.stages)}
         scores = {}
         presents, group_masks = [], []
-        cos, sin = self.rotary(x, pos)
-        bias = causal_bias(mask, x.shape[1])
+        rope = self.rope(x, pos)
+        bias = self.bias(mask, x.shape[1], blocks)
         if -1 in by_score:  # embedding level: L1 norm of the embeddings
             scores[by_score[-1].prune_layer] = x.float().abs().sum(-1)
         for i, layer in enumerate(self.layers):
             if i in by_score:
                 stage = by_score[i]
-                scores[stage.prune_layer] = self._scores(layer, x, cos, sin, mask, stage.rule)
+                scores[stage.prune_layer] = self._scores(layer, x, *self.rope_of(rope, i), self.bias_of(bias, i),
+                                                         stage.rule)
             if i in by_prune:
                 n, stage = by_prune[i]
                 kept = self._select(stage, scores[i], x, mask, img, image_keep[n], image_span, image_quota)
@@ -181,14 +217,16 @@ class PruningPrefill(_Layers):
                 if planes is not None:  # DeepStack planes stay with their tokens
                     planes = torch.gather(planes, 2, keep[None, :, :, None].expand(planes.shape[0], -1, -1,
                                                                                    planes.shape[-1]))
+                if blocks is not None:  # an image's kept tokens stay one bidirectional block
+                    blocks = torch.gather(blocks, 1, keep)
                 mask, pos = torch.gather(mask, 1, keep), gather_sequence(pos, keep)
                 img = remap_positions(keep, kept)
                 group_masks.append(mask)
-                cos, sin = self.rotary(x, pos)
-                bias = causal_bias(mask, x.shape[1])
-            q, k, v = self.qkv(layer, x, cos, sin)
+                rope = self.rope(x, pos)
+                bias = self.bias(mask, x.shape[1], blocks)
+            q, k, v = self.qkv(layer, x, *self.rope_of(rope, i))
             presents += [k, v]
-            x = self.deepstack(i, self.run_layer(layer, x, q, k, v, bias), planes)
+            x = self.deepstack(i, self.run_layer(layer, x, q, k, v, self.bias_of(bias, i)), planes)
         return (self.logits(x), *presents, *group_masks)
 
     def image_keep(self, images: int = 1) -> torch.Tensor:

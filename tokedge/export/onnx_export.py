@@ -56,12 +56,14 @@ def _positions(example: torch.Tensor, rows: int) -> tuple[torch.Tensor, dict[int
 
 def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visual_tokens: int | str,
                 plan=None, full_tokens: int = 0, position_rows: int = 1,
-                deepstack_levels: int = 0) -> dict[str, TraceSpec]:
+                deepstack_levels: int = 0, token_blocks: bool = False) -> dict[str, TraceSpec]:
     """visual_tokens: the fixed count of image_embeds, or TOKENS when the budget is a runtime input.
     plan: the in-LLM pruning plan (adds the prefill graph and per-group masks / past axes).
     position_rows: 3 for M-RoPE layouts (`position_ids [3, b, s]`), else 1 (`[b, s]`).
     deepstack_levels: DeepStack planes packed after each embedding row (Qwen3-VL): image_embeds and
-    inputs_embeds rows are (1 + levels) * hidden wide."""
+    inputs_embeds rows are (1 + levels) * hidden wide.
+    token_blocks: the decoder (and prefill) take `token_blocks` [b, s] after `position_ids`: the image
+    each token belongs to, -1 for text (Gemma 3's bidirectional attention among an image's tokens)."""
     width = (1 + deepstack_levels) * info.hidden_size
     b, s, p = 2, 3, 4
     groups = [plan.group_of(i) if plan else 0 for i in range(info.num_layers)]
@@ -73,6 +75,9 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
     masks = [mask_name(g) for g in range(n_groups)]
     decoder_positions, position_axes = _positions(torch.arange(p, p + s).expand(b, s).contiguous(), position_rows)
     decoder_axes = {"inputs_embeds": {0: BATCH, 1: SEQ}, "position_ids": position_axes, "logits": {0: BATCH}}
+    blocks_in = ("token_blocks",) if token_blocks else ()
+    if token_blocks:
+        decoder_axes["token_blocks"] = {0: BATCH, 1: SEQ}
     decoder_axes.update({m: {0: BATCH, 1: axis(TOTAL, g)} for g, m in enumerate(masks)})
     decoder_axes.update({n: {0: BATCH, 2: axis(PAST, groups[layer_of[j]])} for j, n in enumerate(past_in)})
     decoder_axes.update({n: {0: BATCH, 2: axis(TOTAL, groups[layer_of[j]])} for j, n in enumerate(present_out)})
@@ -92,12 +97,13 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
             output_shapes={"inputs_embeds": (BATCH, SEQ, width)},
         ),
         "decoder": TraceSpec(
-            inputs=("inputs_embeds", *masks, "position_ids", *past_in),
+            inputs=("inputs_embeds", *masks, "position_ids", *blocks_in, *past_in),
             outputs=("logits", *present_out),
             example=(
                 torch.randn(b, s, width, dtype=dtype),
                 *[torch.ones(b, p + g + s, dtype=torch.int64) for g in range(n_groups)],
                 decoder_positions,
+                *([torch.tensor([[0, 0, -1], [-1, 1, 1]], dtype=torch.int64)] if token_blocks else []),
                 *past,
             ),
             dynamic_axes=decoder_axes,
@@ -123,8 +129,12 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
                         "logits": {0: BATCH}}
         prefill_axes.update({n: {0: BATCH, 2: axis(SEQ, groups[layer_of[j]])} for j, n in enumerate(present_out)})
         prefill_axes.update({m: {0: BATCH, 1: axis(SEQ, g + 1)} for g, m in enumerate(group_masks)})
+        if token_blocks:
+            prefill_axes["token_blocks"] = {0: BATCH, 1: SEQ}
+        blocks_example = torch.full((b, t), -1, dtype=torch.int64)
+        blocks_example[:, 4:4 + full_tokens] = 0  # the example's image tokens: one image
         specs["prefill"] = TraceSpec(
-            inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions", "image_keep"),
+            inputs=("inputs_embeds", "attention_mask", "position_ids", "image_positions", "image_keep", *blocks_in),
             outputs=("logits", *present_out, *group_masks),
             example=(
                 torch.randn(b, t, width, dtype=dtype),
@@ -132,6 +142,7 @@ def trace_specs(info: ModelInfo, crop: tuple[int, int], dtype: torch.dtype, visu
                 prefill_positions,
                 torch.arange(4, 4 + full_tokens).expand(b, full_tokens).contiguous(),
                 torch.tensor([s.keep for s in plan.stages], dtype=torch.int64),
+                *([blocks_example] if token_blocks else []),
             ),
             dynamic_axes=prefill_axes,
             output_shapes={

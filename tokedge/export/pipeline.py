@@ -369,7 +369,8 @@ def modules_stage(job: _Export) -> None:
     job.modules = family.modules(loaded, job.method, job.trace_k, job.options, job.plan)
     job.specs = ox.trace_specs(info, pre.crop_size, job.torch_dtype, job.vision_tokens if job.rng is None else ox.TOKENS,
                                plan=job.plan, full_tokens=job.full, position_rows=loaded.spec.layout.position_rows,
-                               deepstack_levels=loaded.spec.layout.deepstack_levels)
+                               deepstack_levels=loaded.spec.layout.deepstack_levels,
+                               token_blocks=bool(getattr(family, "image_blocks", False)))
     vision_spec = family.vision_trace_spec(loaded, job.torch_dtype, job.modules["vision"])
     if vision_spec is not None:
         job.specs["vision"] = vision_spec

@@ -393,7 +393,8 @@ def _stamp(cfg: TinyLlavaConfig) -> str:
     template = (ONEVISION_CHAT_TEMPLATE if isinstance(cfg, TinyLlavaOnevisionConfig)
                 else QWEN2_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen25VLConfig)
                 else QWEN3_VL_CHAT_TEMPLATE if isinstance(cfg, TinyQwen3VLConfig)
-                else INTERNVL_CHAT_TEMPLATE if isinstance(cfg, TinyInternVLConfig) else CHAT_TEMPLATE)
+                else INTERNVL_CHAT_TEMPLATE if isinstance(cfg, TinyInternVLConfig)
+                else GEMMA3_CHAT_TEMPLATE if isinstance(cfg, TinyGemma3Config) else CHAT_TEMPLATE)
     blob = json.dumps({"config": dataclasses.asdict(cfg), "corpus": _CORPUS, "template": template}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -435,6 +436,8 @@ def resolve_preset(name: str) -> Path | None:
             build_tiny_smolvlm(path, cfg, force=True)
         elif isinstance(cfg, TinyInternVLConfig):
             build_tiny_internvl(path, cfg, force=True)
+        elif isinstance(cfg, TinyGemma3Config):
+            build_tiny_gemma3(path, cfg, force=True)
         else:
             build_tiny_llava(path, cfg, force=True)
         (path / PRESET_STAMP).write_text(json.dumps({"preset": name, "sha256": current}) + "\n")
@@ -851,3 +854,108 @@ def build_tiny_internvl(out: Path, cfg: TinyInternVLConfig = TinyInternVLConfig(
 
 
 PRESETS["tiny-internvl"] = TinyInternVLConfig()
+
+
+# --- Gemma 3 (Gemma3ForConditionalGeneration) --------------------------------------------------------
+
+# Gemma 3's template for user/model turns without the leading <bos> (the tiny tokenizer adds none)
+GEMMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' }}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+@dataclass(frozen=True)
+class TinyGemma3Config:
+    """Gemma-3-4B's structure at toy sizes: a SigLIP tower (64 px, patch 8: 8 x 8 patches) pooled 2 x 2
+    to 16 tokens per image, Gemma 3 text layers (q/k norms, four norms, scaled embeddings) with
+    sliding-window layers (window 12, shorter than the prompts, so the windows matter) and one full
+    layer of every three, tied embeddings."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    tokens_per_image: int = 16
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    head_dim: int = 16
+    sliding_window: int = 12
+    layer_types: tuple[str, ...] = ("sliding_attention", "sliding_attention", "full_attention", "sliding_attention")
+    vocab_target: int = 400
+    seed: int = 0
+    init_std: float = 0.6
+
+
+def build_gemma3_tokenizer(cfg: TinyGemma3Config):
+    """A byte-level BPE tokenizer (no BOS added) with Gemma 3's turn and image tokens as single tokens
+    and its named image tokens (`boi_token`, `eoi_token`, `image_token`) as tokenizer attributes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_target, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="left")
+    fast.add_special_tokens({"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>", *GEMMA3_TOKENS.values()]},
+                            replace_extra_special_tokens=False)
+    fast._set_model_specific_special_tokens(GEMMA3_TOKENS)
+    return fast
+
+
+def build_tiny_gemma3(out: Path, cfg: TinyGemma3Config = TinyGemma3Config(), force: bool = False) -> Path:
+    """A tiny Gemma3ForConditionalGeneration directory at `out` (atomic): the model, its Gemma3Processor
+    (the PIL Gemma 3 image processor: bilinear to the view size, no pan-and-scan) and chat template."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from tokedge.export.hf import quiet_transformers
+
+    quiet_transformers()
+    tok = build_gemma3_tokenizer(cfg)
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in GEMMA3_TOKENS.items()}
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    config = Gemma3Config(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": cfg.vision_hidden,
+                       "intermediate_size": cfg.vision_hidden * 4, "num_hidden_layers": cfg.vision_layers,
+                       "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
+                       "patch_size": cfg.patch_size, "vision_use_head": False},
+        text_config={"model_type": "gemma3_text", "vocab_size": len(tok), "hidden_size": cfg.text_hidden,
+                     "intermediate_size": cfg.text_hidden * 3, "num_hidden_layers": cfg.text_layers,
+                     "num_attention_heads": cfg.text_heads, "num_key_value_heads": cfg.text_kv_heads,
+                     "head_dim": cfg.head_dim, "query_pre_attn_scalar": cfg.head_dim,
+                     "sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types),
+                     "max_position_embeddings": 8192, "rope_parameters": {
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": [tok.eos_token_id, end],
+                     "pad_token_id": tok.pad_token_id},
+        mm_tokens_per_image=cfg.tokens_per_image, boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    model = _random_init(Gemma3ForConditionalGeneration, config, cfg.seed, cfg.init_std)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, end]
+    image_processor = Gemma3ImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size},
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2,
+                                              do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=GEMMA3_CHAT_TEMPLATE,
+                                image_seq_length=cfg.tokens_per_image)
+    with staged_directory(out, force=force, marker="config.json") as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        processor.save_pretrained(stage)
+    return out
+
+
+PRESETS["tiny-gemma3"] = TinyGemma3Config()

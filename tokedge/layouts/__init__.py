@@ -7,13 +7,15 @@ from __future__ import annotations
 from tokedge.layouts.aspect_tiles import AspectTiles
 from tokedge.layouts.base import TYPICAL_IMAGE, ImageBatch, ImageLayout, LayoutBounds, Placeholders, Range, VideoLayout
 from tokedge.layouts.dynamic_patches import DynamicPatches
+from tokedge.layouts.framed_view import FramedView
 from tokedge.layouts.single_view import SingleView
 from tokedge.layouts.split_tiles import SplitTiles
 from tokedge.layouts.tiled import Tiled
 from tokedge.layouts.video_frames import VideoFrames
 from tokedge.layouts.video_patches import VideoPatches
 
-IMAGE_LAYOUTS: dict[str, type[ImageLayout]] = {c.kind: c for c in (SingleView, Tiled, DynamicPatches, SplitTiles, AspectTiles)}
+IMAGE_LAYOUTS: dict[str, type[ImageLayout]] = {c.kind: c for c in (SingleView, Tiled, DynamicPatches, SplitTiles, AspectTiles,
+                                                              FramedView)}
 VIDEO_LAYOUTS: dict[str, type[VideoLayout]] = {c.kind: c for c in (VideoFrames, VideoPatches)}
 _IMAGE_ALIASES = {alias: c.kind for c in IMAGE_LAYOUTS.values() for alias in c.aliases}
 _VIDEO_ALIASES = {alias: c.kind for c in VIDEO_LAYOUTS.values() for alias in c.aliases}

@@ -45,6 +45,14 @@ def image_positions(input_ids: np.ndarray, image_token_id: int, count: int | Seq
     return [r.astype(np.int64) for r in rows]
 
 
+def token_blocks(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
+    """[b, s] int64: the image each token belongs to, counted per row from 0 (each run of consecutive
+    image tokens is one image), -1 for text; transformers' `get_block_sequence_ids_for_mask`."""
+    image = input_ids == image_token_id
+    starts = image & ~np.pad(image, ((0, 0), (1, 0)))[:, :-1]
+    return np.where(image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int64)
+
+
 def splice_image_embeds(
     text_embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int, image_embeds: np.ndarray | list[np.ndarray]
 ) -> np.ndarray:
@@ -128,6 +136,7 @@ class ArtifactGraphs:
         self.mask_names = [t.name for t in dec.inputs if t.name.startswith("attention_mask")]
         self.float_dtype = np.dtype(dec.input("inputs_embeds").dtype)
         self.has_prefill = "prefill" in manifest.graphs
+        self.blocks = dec.input("token_blocks") is not None  # Gemma 3: bidirectional attention within an image
 
     def __enter__(self) -> ArtifactGraphs:
         for runner in self.runners.values():
@@ -204,11 +213,14 @@ class ArtifactGraphs:
             position_ids = position_ids_from_mask(attention_mask)
         host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                 "position_ids": position_ids.astype(np.int64, copy=False)}
+        if self.blocks:
+            host["token_blocks"] = token_blocks(input_ids, self.manifest.model.image_token_id)
         pruned = None
         text_only = images_per_row is not None and not any(images_per_row) and prune is None
         if text_only and self.has_prefill:  # nothing to prune: the decoder runs the prompt, every cache full
             feed = {"inputs_embeds": inputs_embeds, "position_ids": host["position_ids"],
-                    **{n: attention_mask for n in self.mask_names}}
+                    **{n: attention_mask for n in self.mask_names},
+                    **({"token_blocks": host["token_blocks"]} if self.blocks else {})}
             out, past = self._run("decoder", feed, self.empty_past(input_ids.shape[0]))
             masks = {"attention_mask": attention_mask, **{n: attention_mask for n in self.mask_names}}
             pruned = np.zeros(input_ids.shape[0], dtype=np.int64)
@@ -289,6 +301,8 @@ class ArtifactGraphs:
         positions = state.last_position + 1
         masks = {n: m for n, m in state.masks(extra=1).items() if n in self.mask_names}
         host = {"inputs_embeds": token_embeds, "position_ids": positions, **masks}
+        if self.blocks:  # a generated token is text
+            host["token_blocks"] = np.full(token_embeds.shape[:2], -1, dtype=np.int64)
         out, state.past = self._run("decoder", host, state.past)
         state.grow()
         state.last_position = positions

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 BUILTIN = ("tokedge.export.families.llava", "tokedge.export.families.llava_next",
            "tokedge.export.families.llava_onevision", "tokedge.export.families.qwen2_5_vl",
            "tokedge.export.families.qwen3_vl", "tokedge.export.families.smolvlm",
-           "tokedge.export.families.internvl")
+           "tokedge.export.families.internvl", "tokedge.export.families.gemma3")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class FamilyBase:
     prefill_trace_spec: Any = None  # (loaded, plan, dtype) -> TraceSpec of the family's own prefill inputs
     reference_positions: Any = None  # (loaded, input_ids, attention_mask, images) -> M-RoPE positions
     temporal_methods: bool = False  # its video graph takes the temporal (video-only) methods
+    image_blocks: bool = False  # its decoder takes `token_blocks` (bidirectional attention within an image)
 
     def image_placeholders(self, loaded: Any, image: Any, count: int) -> int:
         """One image's placeholders in a reference prompt, given its `count` visual tokens (a layout

@@ -414,17 +414,19 @@ def reference_image_features(llava: LoadedCheckpoint, method: Method, pixel_valu
 
 
 @torch.no_grad()
-def reference_logits(llava: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1):
+def reference_logits(llava: LoadedCheckpoint, input_ids, attention_mask, image_features, steps: int = 1,
+                     prefill_kwargs: dict | None = None):
     """Run transformers' language model on the spliced embeddings: prefill logits at the last
     position, then `steps` greedy decode steps with its own KV cache, through the shared
     `decode_loop`. Returns (prefill_logits [b, vocab], tokens [b, steps+1], step_logits list of
-    [b, vocab])."""
+    [b, vocab]). `prefill_kwargs`: more arguments of the prompt pass (Gemma 3's token_type_ids)."""
     from tokedge.runtime.generate import SamplingConfig, decode_loop
 
     model = llava.model
     embeds = embed_prompt(llava, input_ids, image_features)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **(prefill_kwargs or {}))
     prefill = out.logits[:, -1].float()
     state = {"past": out.past_key_values, "mask": attention_mask, "pos": position_ids[:, -1:]}
 
