@@ -71,7 +71,7 @@ def tokedge_run(path, images):
 
     with Pipeline.load(path) as pipe:
         result = pipe.generate(images, QUESTION, max_new_tokens=NEW_TOKENS)
-        batch = layout_of(pipe.manifest).prepare([images], None, lambda b: pipe.manifest.reduction.budget)
+        batch = layout_of(pipe.manifest).prepare([images], None, lambda b: pipe.manifest.prompt.visual_tokens)
         enc = pipe.encoder.encode([QUESTION], batch.counts)
         gen = generate(pipe.graphs, batch.inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1),
                        images_per_row=[len(images)])
@@ -144,3 +144,226 @@ def test_methods_without_the_signals_are_refused_in_one_line(checkpoint, tmp_pat
         assert main(["export", str(checkpoint), "--method", method, "--out", str(tmp_path / method)]) == 2
         err = capsys.readouterr().err.strip()
         assert "Gemma 3" in err and "divprune, pool" in err and len(err.splitlines()) == 1
+
+
+# --- in-LLM methods: a loop reference on transformers' Gemma 3 layers ----------------------------------
+
+
+def gemma_mask(mask, blocks, q_len: int, kind: str, window: int):
+    """[b, t] padding -> [b, 1, q, t] additive mask of one Gemma 3 layer, written from transformers'
+    mask functions: causal OR (the same image block, `blocks` [b, t] prompt pass only), AND (sliding
+    layers) kv > q - window, AND padding."""
+    t = mask.shape[1]
+    q_idx, k_idx = torch.arange(t - q_len, t)[:, None], torch.arange(t)[None]
+    allowed = (k_idx <= q_idx)[None, None]
+    if blocks is not None:
+        allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))[:, None]
+    if kind == "sliding_attention":
+        allowed = allowed & (k_idx > q_idx - window)[None, None]
+    allowed = allowed & mask[:, None, None, :].bool()
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+
+
+def gemma_key_l1(layer, x, cos, sin):
+    """DART's key norm on Gemma 3: k_proj, the per-head k_norm, then the rotary (transformers' order)."""
+    from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    k = attn.k_norm(attn.k_proj(h).view(x.shape[0], x.shape[1], -1, attn.head_dim).transpose(1, 2))
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k.abs().sum(dim=(1, 3))
+
+
+@torch.no_grad()
+def gemma_pruned_reference(model, embeds, mask, blocks, image_pos, stages, pivots, steps):
+    """Prefill pruning at each stage's layer (FastV/PDrop: the last token's eager attention row of the
+    score layer under that layer's own mask; DART: key norms and its pivots), the kept tokens of an
+    image still one block; then greedy decode with a full DynamicCache and per-layer masks."""
+    from transformers import DynamicCache
+
+    from tests.export.test_in_llm import dart_reference, last_token_attention
+
+    lm, head, cfg = model.model.language_model, model.lm_head, model.config.text_config
+    lm.set_attn_implementation("eager")
+    window, kinds = cfg.sliding_window, cfg.layer_types
+    x, mask, blk = embeds, mask.clone(), blocks.clone()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    img = [list(map(int, row)) for row in image_pos]
+    cache, layer_mask, scores = DynamicCache(), [], {}
+    for i, layer in enumerate(lm.layers):
+        cos, sin = lm.rotary_emb(x, pos, kinds[i])
+        for s in stages:
+            if s["score_layer"] == i:
+                scores[s["prune_layer"]] = (gemma_key_l1(layer, x, cos, sin) if s["rule"] == "llm-key-norm" else
+                                            last_token_attention(layer, x, cos, sin,
+                                                                 gemma_mask(mask, blk, x.shape[1], kinds[i], window)))
+        stage = next((s for s in stages if s["prune_layer"] == i), None)
+        if stage is not None:
+            if stage["rule"] == "llm-key-norm":
+                kept = dart_reference(scores[i], x, img, mask, stage["keep"], pivots)
+            else:
+                kept = [sorted(sorted(img[b], key=lambda p: -float(scores[i][b, p]))[: stage["keep"]])
+                        for b in range(x.shape[0])]
+            keep = [sorted([p for p in range(x.shape[1]) if p not in img[b]] + kept[b]) for b in range(x.shape[0])]
+            idx = torch.tensor(keep)
+            x, mask, pos, blk = (torch.stack([t[b, idx[b]] for b in range(x.shape[0])]) for t in (x, mask, pos, blk))
+            img = [[keep[b].index(p) for p in kept[b]] for b in range(x.shape[0])]
+            cos, sin = lm.rotary_emb(x, pos, kinds[i])
+        layer_mask.append(mask)
+        x = layer(x, attention_mask=gemma_mask(mask, blk, x.shape[1], kinds[i], window), position_embeddings=(cos, sin),
+                  cache=cache, use_cache=True)
+    logits = head(lm.norm(x[:, -1]))
+    prefill, tokens = logits, [logits.argmax(-1)]
+    last = pos[:, -1:]
+    for _ in range(steps):
+        last = last + 1
+        x = lm.embed_tokens(tokens[-1][:, None])
+        layer_mask = [torch.cat([m, torch.ones_like(m[:, :1])], dim=1) for m in layer_mask]
+        for i, layer in enumerate(lm.layers):
+            cos, sin = lm.rotary_emb(x, last, kinds[i])
+            x = layer(x, attention_mask=gemma_mask(layer_mask[i], None, 1, kinds[i], window),
+                      position_embeddings=(cos, sin), cache=cache, use_cache=True)
+        tokens.append(head(lm.norm(x[:, -1])).argmax(-1))
+    lm.set_attn_implementation("sdpa")
+    return prefill[0].numpy(), torch.stack(tokens, 1)[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def in_llm(checkpoint, tmp_path_factory):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("gemma3-in-llm")
+    made = {}
+
+    def make(method: str):
+        if method not in made:
+            made[method] = root / method
+            export(ExportConfig(model=str(checkpoint), out=made[method], method=method, budget=IN_LLM_BUDGET))
+        return made[method]
+
+    return make
+
+
+IN_LLM_BUDGET = 6  # of each image's 16 tokens
+STEPS = 5
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart", "pdrop"])
+@pytest.mark.parametrize("sizes", [[(480, 640)], [(480, 640), (900, 300)]], ids=["one image", "two images"])
+def test_in_llm_prunes_and_keeps_the_image_blocks_as_the_reference(method, sizes, in_llm, hf):
+    """transformers' processor ids and image features, its own Gemma 3 layers and its block ids
+    (`get_block_sequence_ids_for_mask`), pruned by the loop reference above; against the exported
+    prefill + decoder through the runtime: prompt ids, prefill logits within 1e-3, greedy tokens."""
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    from tokedge.artifact import load_artifact
+    from tokedge.layouts import layout_of
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, processor = hf
+    art = in_llm(method)
+    manifest = load_artifact(art)
+    images = [_image(*size) for size in sizes]
+    batch = _batch(processor, images)
+    ids = batch["input_ids"]
+    stages = [dict(s, rule=getattr(s["rule"], "value", s["rule"]), keep=s["keep"] * len(images))
+              for s in manifest.reduction.stages]
+    with torch.no_grad():
+        feats = model.model.get_image_features(batch["pixel_values"]).pooler_output
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+    blocks = get_block_sequence_ids_for_mask(batch["token_type_ids"])
+    image_pos = torch.nonzero(ids[0] == model.config.image_token_id).squeeze(1)[None]
+    pivots = int(manifest.reduction.options.get("pivots") or 8)
+    exp_prefill, exp_tokens = gemma_pruned_reference(model, embeds, batch["attention_mask"], blocks, image_pos,
+                                                     stages, pivots, STEPS)
+    with Pipeline.load(art) as pipe:
+        prepared = layout_of(pipe.manifest).prepare([images], None, lambda b: pipe.manifest.prompt.visual_tokens)
+        enc = pipe.encoder.encode([QUESTION], prepared.counts)
+        gen = generate(pipe.graphs, prepared.inputs, enc.input_ids, enc.attention_mask,
+                       SamplingConfig(max_new_tokens=STEPS + 1), stop_at_eos=False, images_per_row=[len(images)])
+    np.testing.assert_array_equal(enc.input_ids[0], ids[0].numpy())
+    np.testing.assert_allclose(gen.prefill_logits[0], exp_prefill, atol=1e-3, rtol=0)
+    assert gen.token_ids[0] == exp_tokens
+    assert gen.visual_tokens == IN_LLM_BUDGET * len(images)
+
+
+@pytest.fixture(scope="module")
+def pre_llm(checkpoint, tmp_path_factory):
+    from tokedge.export.pipeline import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("gemma3-pre-llm")
+    made = {}
+
+    def make(method: str, budget: int):
+        if (method, budget) not in made:
+            made[method, budget] = root / f"{method}-{budget}"
+            export(ExportConfig(model=str(checkpoint), out=made[method, budget], method=method, budget=budget,
+                                validate=False))
+        return made[method, budget]
+
+    return make
+
+
+@pytest.mark.parametrize("method,budget", [("divprune", 4), ("divprune", 9), ("pool", 4), ("pool", 1)])
+def test_pre_llm_methods_on_the_pooled_tokens(method, budget, pre_llm, hf):
+    """From transformers' own modules: the tower's last_hidden_state, the projector's AvgPool2d, its
+    RMSNorm and projection; then a loop selection written here (divprune: greedy max-min cosine over the
+    projected tokens; pool: torch's adaptive_avg_pool2d of the pooled grid, then the projector).
+    Prompt ids with `budget` image tokens, the kept embeddings, prefill logits (transformers' LM with
+    its bidirectional block over the kept run) and greedy tokens."""
+    from tests.export.test_anyres_methods import loop_divprune
+    from tokedge.layouts import layout_of
+    from tokedge.runtime.generate import SamplingConfig, generate
+    from tokedge.runtime.pipeline import Pipeline
+
+    model, processor = hf
+    image = _image(480, 640)
+    proj = model.model.multi_modal_projector
+    pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixel_values=pixels).last_hidden_state  # [1, 64, d]
+        side = proj.patches_per_image
+        pooled = proj.avg_pool(hidden.transpose(1, 2).reshape(1, -1, side, side)).flatten(2).transpose(1, 2)[0]
+        out_proj = (lambda t: torch.matmul(proj.mm_soft_emb_norm(t), proj.mm_input_projection_weight))
+        if method == "divprune":
+            projected = out_proj(pooled).numpy()
+            expected = projected[loop_divprune(projected, budget)]
+        else:
+            g, s = int(pooled.shape[0] ** 0.5), int(budget**0.5)
+            grid = torch.nn.functional.adaptive_avg_pool2d(pooled.T.reshape(1, -1, g, g), s)
+            expected = out_proj(grid.reshape(pooled.shape[1], -1).T).numpy()
+    full = processor.image_seq_length
+    processor.full_image_sequence = processor.full_image_sequence.replace(processor.tokenizer.image_token * full,
+                                                                          processor.tokenizer.image_token * budget)
+    try:
+        batch = _batch(processor, [image])
+    finally:
+        processor.full_image_sequence = processor.full_image_sequence.replace(
+            processor.tokenizer.image_token * budget, processor.tokenizer.image_token * full)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds[ids == model.config.image_token_id] = torch.from_numpy(expected)
+        types = batch["token_type_ids"]
+        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], token_type_ids=types, use_cache=True)
+        logits, cache, mask = out.logits[0, -1], out.past_key_values, batch["attention_mask"]
+        tokens = [int(logits.argmax())]  # greedy with transformers' cache (generate takes no inputs_embeds here)
+        for _ in range(NEW_TOKENS - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), attention_mask=mask, past_key_values=cache,
+                         use_cache=True)
+            cache = step.past_key_values
+            tokens.append(int(step.logits[0, -1].argmax()))
+    with Pipeline.load(pre_llm(method, budget)) as pipe:
+        result = pipe.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        prepared = layout_of(pipe.manifest).prepare([[image]], None, lambda b: pipe.manifest.prompt.visual_tokens)
+        enc = pipe.encoder.encode([QUESTION], prepared.counts)
+        gen = generate(pipe.graphs, prepared.inputs, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=1))
+    np.testing.assert_array_equal(enc.input_ids[0], ids[0].numpy())
+    assert result.visual_tokens == budget
+    np.testing.assert_allclose(np.asarray(gen.image_embeds[0]).reshape(budget, -1), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(gen.prefill_logits[0], logits.numpy(), atol=1e-3, rtol=0)
+    assert result.token_ids[0][: len(tokens)] == tokens

@@ -174,6 +174,10 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
     keep, quotas = prefill_budget([s.keep for s in prefill.plan.stages], per_image, spans, 1,
                                   getattr(prefill, "spans", False))
     extra = ()
+    if getattr(prefill, "blocks", False):  # Gemma 3: each image's tokens one bidirectional block
+        from tokedge.runtime.graphs import token_blocks
+
+        extra = (torch.from_numpy(token_blocks(input_ids, image_token_id)),)
     if quotas is not None:
         span = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(spans))
         extra = (span[None].expand(len(ids_t), -1), torch.tensor(quotas)[span][None].expand(len(ids_t), -1))
@@ -185,7 +189,8 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
     def step(ids):
         state["masks"] = [torch.cat([m, torch.ones_like(m[:, :1])], dim=1) for m in state["masks"]]
         state["last"] = state["last"] + 1
-        o = decoder(embed(torch.from_numpy(ids)[:, None]), *state["masks"], state["last"], *state["past"])
+        text = (torch.full((len(ids), 1), -1, dtype=torch.int64),) if getattr(decoder, "blocks", False) else ()
+        o = decoder(embed(torch.from_numpy(ids)[:, None]), *state["masks"], state["last"], *text, *state["past"])
         state["past"] = list(o[1:])
         return o[0][:, -1].float().numpy()
 

@@ -68,11 +68,22 @@ def rank(values, descending: bool = True):
     return torch.zeros_like(order).scatter(1, order, places)
 
 
+def top_indices(x, k):
+    """Indices of the k largest values along the last axis, equal values in position order (the lower
+    index first): ONNX TopK's documented rule, which the traced graph runs; eager torch.topk leaves
+    ties unspecified, so eager runs (export's reference modules) take a stable sort instead. Ties
+    happen where scores are exactly equal, e.g. image tokens outside a sliding-window layer's window
+    (all 0 in the last token's attention row)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return torch.topk(x, k, dim=-1).indices
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., : int(k)]
+
+
 def select_top_image_tokens(scores, image_pos, k):
     """scores [b, t] per sequence position, image_pos [b, n] -> kept image positions [b, min(k, n)]
-    (sorted): the ones with the highest scores."""
+    (sorted): the ones with the highest scores, ties to the earlier position (`top_indices`)."""
     img_scores = torch.gather(scores, 1, image_pos)
-    top = torch.topk(img_scores, _capped(k, image_pos), dim=-1).indices
+    top = top_indices(img_scores, _capped(k, image_pos))
     return torch.sort(torch.gather(image_pos, 1, top), dim=-1).values
 
 
