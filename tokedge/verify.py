@@ -125,11 +125,17 @@ def check_tokenizer(verified) -> None:
     encoder = PromptEncoder(verified.root, info, manifest.model.pad_token_id, info.special_tokens,
                             tokenizer_json=verified.read(info.tokenizer_file))
     where = f"the artifact's tokenizer ({printable(info.tokenizer_file)})"
-    if encoder.tokenizer.token_to_id(info.image_token) != info.image_token_id:
-        raise ArtifactError(f"{where} does not map the image placeholder '{printable(info.image_token)}' to "
+    from tokedge.layouts import layout_of
+
+    run = layout_of(manifest).run_token()  # the placeholder, or the token of a framed run (Gemma 3)
+    if encoder.tokenizer.token_to_id(run) != info.image_token_id:
+        raise ArtifactError(f"{where} does not map the image token '{printable(run)}' to "
                             f"prompt.image_token_id {info.image_token_id}; it is not this artifact's tokenizer")
+    if encoder.tokenizer.token_to_id(info.image_token) is None:
+        raise ArtifactError(f"{where} does not keep the image placeholder '{printable(info.image_token)}' whole; "
+                            "it is not this artifact's tokenizer")
     try:
-        ids = encoder.encode(["Describe the image."], 1).input_ids
+        ids = encoder.encode(["Describe the image."], [[layout_of(manifest).placeholder(1)]]).input_ids
     except TokedgeError as exc:
         raise ArtifactError(f"{where} cannot encode a probe prompt ({exc}); it is not this artifact's tokenizer") from None
     if ids.size and (int(ids.max()) >= manifest.model.vocab_size or int(ids.min()) < 0):

@@ -58,12 +58,14 @@ PRESETS = {
     "tiny-smolvlm": {"reduce": ["--budget", "64"], "view_reduce": ["--budget", "4"], "extra": []},
     # in-LLM: 32 of an image's 16-112 tokens; vision-side methods keep 4 of each view's 16 (a square, for pool)
     "tiny-internvl": {"reduce": ["--budget", "32"], "view_reduce": ["--budget", "4"], "extra": []},
+    # 4 of an image's 16 pooled tokens (a square, for pool)
+    "tiny-gemma3": {"reduce": ["--budget", "4"], "extra": []},
 }
 
 
 FAMILY = {"tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-llava-onevision": "llava_onevision",
           "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl", "tiny-smolvlm": "smolvlm",
-          "tiny-internvl": "internvl"}
+          "tiny-internvl": "internvl", "tiny-gemma3": "gemma3"}
 # `tokedge methods` lists a family when the rules that need no weights accept the method; these pairs
 # are refused later, by their default options (pdrop's three stages on M-RoPE families)
 REFUSED_BY_OPTIONS = {("qwen2_5_vl", "pdrop"), ("qwen3_vl", "pdrop")}

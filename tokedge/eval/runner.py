@@ -198,7 +198,9 @@ def _prefill_flops(pipe, ex: Example, image) -> float:
     from tokedge.report.profile import image_counts
 
     counts = image_counts(pipe.manifest, image, None)
-    enc = pipe.encoder.encode([ex.prompt], [counts.placeholders])
+    from tokedge.layouts import layout_of
+
+    enc = pipe.encoder.encode([ex.prompt], [layout_of(pipe.manifest).placeholder(counts.placeholders)])
     text_tokens = int(enc.attention_mask.sum()) - counts.placeholders
     return prefill_cost(pipe.manifest, text_tokens, counts.placeholders).flops
 

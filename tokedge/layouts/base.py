@@ -110,6 +110,16 @@ class ImageLayout:
         """ONE prompt's PIL images -> the vision graph's inputs (per image, or an array of views)."""
         raise NotImplementedError
 
+    def placeholder(self, count: int) -> int:
+        """What one image of `count` visual tokens puts in the prompt: the count (its placeholder
+        repeated), or `Placeholders` with the text the layout writes around the run."""
+        return count
+
+    def run_token(self) -> str:
+        """The token string of each visual token in the prompt (its id is `prompt.image_token_id`):
+        the placeholder itself, unless the layout frames the run with another token (Gemma 3)."""
+        return self.manifest.prompt.image_token
+
     def prepare(self, groups: list[list], budget: int | None, check_budget) -> ImageBatch:
         """The PIL images of each prompt -> an `ImageBatch`. `budget`: a runtime budget asked for
         (None: the artifact's); `check_budget(budget) -> int` validates it against the artifact."""

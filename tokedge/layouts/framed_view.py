@@ -27,7 +27,10 @@ class FramedView(SingleView):
         if not layout.run_token:
             raise ManifestError("layout.run_token", "the token string of the image run", layout.run_token)
 
-    def placeholders(self, count: int) -> Placeholders:
+    def run_token(self) -> str:
+        return self.record.run_token
+
+    def placeholder(self, count: int) -> Placeholders:
         r = self.record
         return Placeholders(count, f"{r.frame_before}{r.run_token * count}{r.frame_after}")
 
@@ -37,7 +40,7 @@ class FramedView(SingleView):
 
     def prepare(self, groups, budget, check_budget) -> ImageBatch:
         batch = super().prepare(groups, budget, check_budget)
-        return ImageBatch(batch.inputs, [[self.placeholders(int(k)) for k in row] for row in batch.counts],
+        return ImageBatch(batch.inputs, [[self.placeholder(int(k)) for k in row] for row in batch.counts],
                           budget=batch.budget)
 
 

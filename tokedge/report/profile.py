@@ -434,6 +434,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
     measurement; `say(line)` before each re-export."""
     import contextlib
 
+    from tokedge.layouts import layout_of
     from tokedge.runtime.pipeline import Pipeline
     from tokedge.runtime.preprocess import load_image
 
@@ -491,7 +492,7 @@ def run_profile(cfg: ProfileConfig, progress: Callable[[str, int, int], None] | 
         for e, (pm, k, keep, label) in zip(entries, rowinfo):
             counts = [image_counts(pm, img, e.runtime_budget) for img in images]
             placeholders = counts[0].placeholders
-            encoded = pipes[e.artifact].encoder.encode([cfg.prompt], [placeholders])
+            encoded = pipes[e.artifact].encoder.encode([cfg.prompt], [layout_of(pm).placeholder(placeholders)])
             prompt_tokens = int(encoded.attention_mask.sum()) - placeholders  # text tokens beside the image
             red_ms = None
             stage = Stage(pm.reduction.stage)
