@@ -36,8 +36,9 @@ class ContractClient:
         self.root = Path(artifact)
         self.manifest = json.loads((self.root / "tokedge.json").read_text())
         self.layout = self.manifest.get("layout") or {"kind": "single"}  # absent: written before layouts
-        if self.layout["kind"] not in ("single", "anyres", "dynamic_patches", "qwen_dynamic", "split_tiles", "aspect_tiles"):
-            raise ValueError(f"this client implements the 'single', 'anyres', 'dynamic_patches' (formerly 'qwen_dynamic'), 'split_tiles' and 'aspect_tiles' layouts, "
+        if self.layout["kind"] not in ("single", "anyres", "dynamic_patches", "qwen_dynamic", "split_tiles", "aspect_tiles",
+                                       "framed_view"):
+            raise ValueError(f"this client implements the 'single', 'anyres', 'dynamic_patches' (formerly 'qwen_dynamic'), 'split_tiles', 'aspect_tiles' and 'framed_view' layouts, "
                              f"not '{self.layout['kind']}'")
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -97,6 +98,11 @@ class ContractClient:
         dec_inputs = [t["name"] for t in self.manifest["graphs"]["decoder"]["inputs"]]
         mask_names = [n for n in dec_inputs if n.startswith("attention_mask")]
         feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        blocks = "token_blocks" in dec_inputs  # Gemma 3: each run of image tokens one bidirectional block
+        if blocks:
+            image = input_ids == image_token
+            starts = image & ~np.concatenate([np.zeros_like(image[:, :1]), image[:, :-1]], axis=1)
+            feed["token_blocks"] = np.where(image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int64)
         if "prefill" in self.manifest["graphs"]:  # in-LLM pruning: per-group masks come back
             feed["image_positions"] = np.stack(image_pos).astype(np.int64)
             if any(t["name"] == "image_keep" for t in self.manifest["graphs"]["prefill"]["inputs"]):
@@ -121,6 +127,8 @@ class ContractClient:
             masks = {k: np.concatenate([v, np.ones((v.shape[0], 1), np.int64)], axis=1) for k, v in masks.items()}
             last = last + 1
             feed = {"inputs_embeds": self.embed(tokens[-1][:, None]), "position_ids": last, **masks, **past}
+            if blocks:
+                feed["token_blocks"] = np.full((input_ids.shape[0], 1), -1, np.int64)
             logits, past, _ = self._decoder("decoder", feed)
             tokens.append(logits.argmax(-1))
         return prefill, np.stack(tokens, axis=1)
@@ -328,6 +336,15 @@ class ContractClient:
             ids = self.encode(self.render(question, len(images)), [text for _, text in planned])
             logits, tokens = self.generate([[e for e, _ in planned]], ids, np.ones_like(ids), new_tokens)
             return logits, tokens, ids
+        if self.layout["kind"] == "framed_view":  # one S x S view per image, its run framed by text
+            lay, pre = self.layout, self.manifest["preprocess"]
+            S = lay["tile"]
+            views = np.stack([self.normalise(image.convert("RGB").resize((S, S), pre["resample"])) for image in images])
+            embeds = list(self.image_embeds(views))
+            texts = [lay["frame_before"] + lay["run_token"] * len(e) + lay["frame_after"] for e in embeds]
+            ids = self.encode(self.render(question, len(images)), texts)
+            logits, tokens = self.generate([embeds], ids, np.ones_like(ids), new_tokens)
+            return logits, tokens, ids
         assert self.layout["kind"] == "anyres", "run() plans tiled images; single views take generate()"
         tiled = not (self.layout.get("multi_image_square") and len(images) > 1)
         embeds = [self.tiled_embeds(image, tiled) for image in images]
@@ -479,3 +496,16 @@ class ContractClient:
                 cur += max(lh, lw)
             i = j
         return np.asarray(cols, np.int64).T[:, None, :]
+
+
+def assert_runs_like_tokedge(path, tokedge_run, prompts_images: list, question: str, new_tokens: int) -> None:
+    """This client and tokedge (`tokedge_run(path, images) -> (result, ids, prefill logits)`) on each
+    prompt's images: the same prompt ids, prefill logits within 1e-4, tokedge's greedy tokens a prefix
+    of this client's."""
+    client = ContractClient(path)
+    for images in prompts_images:
+        logits, tokens, ids = client.run(images, question, new_tokens)
+        result, got_ids, got_logits = tokedge_run(path, images)
+        np.testing.assert_array_equal(ids[0], got_ids)
+        np.testing.assert_allclose(logits[0], got_logits, atol=1e-4, rtol=0)
+        assert tokens[0].tolist()[: len(result.token_ids[0])] == result.token_ids[0]

@@ -28,7 +28,7 @@ def test_export_help_names_every_family_and_preset():
     text = " ".join(CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output.split())
     for preset in PRESETS:
         assert preset in text, preset
-    for family in ("LLaVA-1.5", "LLaVA-NeXT", "LLaVA-OneVision", "Qwen2.5-VL", "Qwen3-VL", "SmolVLM", "InternVL3"):
+    for family in ("LLaVA-1.5", "LLaVA-NeXT", "LLaVA-OneVision", "Qwen2.5-VL", "Qwen3-VL", "SmolVLM", "InternVL3", "Gemma 3"):
         assert family in text, family
 
 

@@ -46,7 +46,7 @@ def _hf_counts(model, config: dict) -> dict[str, int]:
     decoder += model.lm_head.weight.numel()
     if hasattr(inner, "visual"):
         return {"vision": sum(p.numel() for p in inner.visual.parameters()), "embed": embed, "decoder": decoder}
-    if hasattr(inner, "connector") or config["model_type"] == "internvl":  # Idefics3 / InternVL: every tower layer
+    if hasattr(inner, "connector") or config["model_type"] in ("internvl", "gemma3"):  # every tower layer
         tower = getattr(inner, "vision_model", None) or inner.vision_tower
         head = getattr(inner, "connector", None) or inner.multi_modal_projector
         vision = sum(p.numel() for p in tower.parameters()) + sum(p.numel() for p in head.parameters())

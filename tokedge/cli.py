@@ -152,7 +152,7 @@ def _stage_printer(enabled: bool):
 
 @app.command("export", short_help="Export a LLaVA or Qwen-VL checkpoint to an ONNX artifact.")
 def export_cmd(
-    model: Annotated[str, typer.Argument(help="Hub id (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-3B-Instruct), a checkpoint directory, or a random-weight preset: tiny-llava, tiny-llava-next, tiny-llava-onevision, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-smolvlm, tiny-internvl.")],
+    model: Annotated[str, typer.Argument(help="Hub id (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-3B-Instruct), a checkpoint directory, or a random-weight preset: tiny-llava, tiny-llava-next, tiny-llava-onevision, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-smolvlm, tiny-internvl, tiny-gemma3.")],
     method: Annotated[str, typer.Option(help="Reduction method (see `tokedge methods`).")] = "none",
     budget: Annotated[Optional[int], typer.Option(help="Visual tokens that reach the LLM (default: all for none, 64 otherwise).")] = None,
     dynamic_budget: Annotated[Optional[str], typer.Option(help="MIN:MAX runtime range; --budget is the default.")] = None,
@@ -179,7 +179,7 @@ def export_cmd(
     keep: Annotated[Optional[float], typer.Option("--keep", help="Dynamic-resolution models (Qwen-VL): share of each image's tokens to keep, e.g. 0.5 (instead of --budget, a count per image).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Export a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, SmolVLM or InternVL3 checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder; prefill for in-LLM methods)."""
+    """Export a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, SmolVLM, InternVL3 or Gemma 3 checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder; prefill for in-LLM methods)."""
     from tokedge.export.pipeline import ExportConfig, export, parse_budget_range
     from tokedge.reduce.base import parse_option_pairs
 

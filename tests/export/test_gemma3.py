@@ -367,3 +367,15 @@ def test_pre_llm_methods_on_the_pooled_tokens(method, budget, pre_llm, hf):
     np.testing.assert_allclose(np.asarray(gen.image_embeds[0]).reshape(budget, -1), expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(gen.prefill_logits[0], logits.numpy(), atol=1e-3, rtol=0)
     assert result.token_ids[0][: len(tokens)] == tokens
+
+
+@pytest.mark.parametrize("method", ["none", "fastv"])
+def test_contract_client_runs_framed_view_artifacts_like_tokedge(method, artifact, in_llm):
+    """tests/contract_client.py (written from docs/artifact.md alone: "Framed view", `token_blocks`)
+    on one image and on a two-image prompt: its prompt ids are tokedge's, its greedy tokens
+    `Pipeline.generate`'s and its prefill logits within 1e-4."""
+    from tests.contract_client import assert_runs_like_tokedge
+
+    path = artifact if method == "none" else in_llm(method)
+    prompts = [[_image(*size) for size in sizes] for sizes in ([(480, 640)], [(480, 640), (300, 900)])]
+    assert_runs_like_tokedge(path, tokedge_run, prompts, QUESTION, NEW_TOKENS)

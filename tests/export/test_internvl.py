@@ -210,17 +210,11 @@ def test_contract_client_runs_aspect_tile_artifacts_like_tokedge(method, artifac
     """tests/contract_client.py (written from docs/artifact.md alone: "Aspect-ratio tiles") on one image
     and on a two-image prompt: its prompt ids are tokedge's, its greedy tokens `Pipeline.generate`'s and
     its prefill logits within 1e-4."""
-    from tests.contract_client import ContractClient
+    from tests.contract_client import assert_runs_like_tokedge
 
     path = artifact if method == "none" else in_llm(method)
-    client = ContractClient(path)
-    for sizes in ([(480, 640)], [(480, 640), (900, 300)]):
-        images = [_image(*size) for size in sizes]
-        logits, tokens, ids = client.run(images, QUESTION, NEW_TOKENS)
-        result, got_ids, got_logits = tokedge_run(path, images)
-        np.testing.assert_array_equal(ids[0], got_ids)
-        np.testing.assert_allclose(logits[0], got_logits, atol=1e-4, rtol=0)
-        assert tokens[0].tolist()[: len(result.token_ids[0])] == result.token_ids[0]
+    prompts = [[_image(*size) for size in sizes] for sizes in ([(480, 640)], [(480, 640), (900, 300)])]
+    assert_runs_like_tokedge(path, tokedge_run, prompts, QUESTION, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

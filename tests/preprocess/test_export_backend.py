@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-FIXTURES = ["tiny_llava_dir", "tiny_llava_next_dir", "tiny_llava_onevision_dir", "tiny_smolvlm_dir", "tiny_internvl_dir"]
+FIXTURES = ["tiny_llava_dir", "tiny_llava_next_dir", "tiny_llava_onevision_dir", "tiny_smolvlm_dir", "tiny_internvl_dir",
+            "tiny_gemma3_dir"]
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)

@@ -203,3 +203,21 @@ def test_internvl_aspect_tiles(tiny_internvl_dir, size, backend):
     out = _processor(tiny_internvl_dir, backend)([image], crop_to_patches=True, return_tensors="np")
     assert int(out["num_patches"][0]) == plan.views
     _check("internvl", size, backend, ours, out["pixel_values"], std, resized=size != (32, 32))
+
+
+# --- Gemma 3 (one square view, bilinear, no crop) ----------------------------------------------------------
+
+GEMMA3_SIZES = [(480, 640), (900, 300), (1000, 1000), (64, 64)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", GEMMA3_SIZES)
+def test_gemma3_view(tiny_gemma3_dir, size, backend):
+    from tokedge.export.families import load_checkpoint
+    from tokedge.runtime.preprocess import preprocess
+
+    loaded = load_checkpoint(str(tiny_gemma3_dir), tiny_gemma3_dir)
+    pre = loaded.family.preprocess(loaded)
+    image = _image(*size)
+    theirs = _processor(tiny_gemma3_dir, backend)([image], return_tensors="np")["pixel_values"][0]
+    _check("gemma3", size, backend, preprocess(image, pre), theirs, pre.image_std, resized=size != (64, 64))

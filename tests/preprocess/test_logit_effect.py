@@ -26,6 +26,8 @@ CASES = {  # family: (checkpoint fixture, transformers class, prompt)
     "qwen3-vl": ("tiny_qwen3_vl_dir", "Qwen3VLForConditionalGeneration", QWEN_PROMPT),
     "smolvlm": ("tiny_smolvlm_dir", "Idefics3ForConditionalGeneration",
                 "<|im_start|>User:<image>What is shown in this image?<end_of_utterance>\nAssistant:"),
+    "gemma3": ("tiny_gemma3_dir", "Gemma3ForConditionalGeneration",
+               "<start_of_turn>user\n<start_of_image>What is shown in this image?<end_of_turn>\n<start_of_turn>model\n"),
     "internvl": ("tiny_internvl_dir", "InternVLForConditionalGeneration",
                  "<|im_start|>user\n<IMG_CONTEXT>\nWhat is shown in this image?<|im_end|>\n<|im_start|>assistant\n"),
 }

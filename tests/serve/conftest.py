@@ -90,3 +90,28 @@ def slow_artifact(artifacts, tmp_path_factory) -> Path:
     ckpt = build_tiny_llava(tmp_path_factory.mktemp("ckpt-slow") / "tiny-llava-wide",
                             TinyLlavaConfig(text_hidden=256, text_layers=8, vocab_size=32000))
     return artifacts("cls-attn", 64, checkpoint=ckpt)
+
+
+def run_then_serve(artifact, images: list, tmp_path, capsys, key: str = "test-key-123"):
+    """`tokedge run --json` on images[0], then one server with the official openai client: the answer to
+    images[0] alone and to a request with every image. -> (run's JSON, one-image reply, all-images reply)."""
+    import json
+
+    import openai
+
+    from tokedge.cli import main
+
+    path = tmp_path / "photo.png"
+    images[0].save(path)
+    assert main(["run", str(artifact), "--image", str(path), "--prompt", QUESTION, "--max-new-tokens", "8",
+                 "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = ServeConfig(artifact=artifact, api_key=key, max_batch=2, batch_wait_ms=200, max_prompt_tokens=2000)
+    with running_server(cfg) as (base, service):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=300)
+        one = client.chat.completions.create(model=service.cfg.served_name,
+                                             messages=user_message(data_url(images[0]), QUESTION), max_tokens=8)
+        content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+        every = client.chat.completions.create(model=service.cfg.served_name, max_tokens=8, messages=[
+            {"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}])
+    return expected, one, every

@@ -132,7 +132,7 @@ def load_gemma3(source: str, local: Path | None, *, trust_remote_code: bool = Fa
 def pooled_features(feats, proj) -> torch.Tensor:
     """SigLIP's post-layernorm output [n, P, d] -> the projector's pooled tokens [n, k, d] (before its
     RMSNorm and projection): the P patches as a square grid, average-pooled to sqrt(k) per side."""
-    n, p, d = feats.shape
+    n, _, d = feats.shape
     grid = feats.transpose(1, 2).reshape(n, d, proj.patches_per_image, proj.patches_per_image)
     return proj.avg_pool(grid).flatten(2).transpose(1, 2)
 
