@@ -41,6 +41,9 @@ DEFAULT_TOWER = {"llava": "clip_vision_model", "llava_next": "clip_vision_model"
                  "llava_onevision": "siglip_vision_model", "qwen2_5_vl": "qwen2_5_vl_vision",
                  "qwen3_vl": "qwen3_vl_vision", "idefics3": "idefics3_vision", "smolvlm": "idefics3_vision",
                  "internvl": "internvl_vision", "gemma3": "gemma3_vision"}
+# towers a checkpoint's model_type decides whatever its vision_config names (Gemma 3: SigLIP read
+# through its post-layernorm, pooled by the projector)
+TOWER_OF_MODEL = {"gemma3": "gemma3_vision"}
 # decoder styles: (q/k/v biases, per-head q/k RMSNorm)
 TEXT_STYLES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False),
                "qwen2_5_vl": (True, False), "qwen2_5_vl_text": (True, False), "qwen3": (False, True),
@@ -285,9 +288,8 @@ def from_config(cfg: dict, processor: dict | None = None, *, name: str = "", sou
     vc = _square_sizes(cfg.get("vision_config") or {})
     tc = _text(cfg)
     vision_type = vc.get("model_type")
-    tower = TOWER_OF_VISION_TYPE.get(vision_type) if vision_type else DEFAULT_TOWER.get(model_type)
-    if model_type == "gemma3":  # SigLIP read through its post-layernorm, pooled by the projector
-        tower = "gemma3_vision"
+    tower = TOWER_OF_MODEL.get(model_type) or (TOWER_OF_VISION_TYPE.get(vision_type) if vision_type
+                                                else DEFAULT_TOWER.get(model_type))
     if tower is None:
         raise UnsupportedModelError(f"tokedge memory does not know the vision tower of model_type {model_type!r} "
                                     f"(vision {vision_type!r}); known: {', '.join(sorted(DEFAULT_TOWER))}")

@@ -707,12 +707,13 @@ def build_smolvlm_tokenizer(cfg: TinySmolVLMConfig):
     return fast
 
 
-def smolvlm_config(cfg: TinySmolVLMConfig, text_config: dict, tokenizer):
-    """`Idefics3Config` of a SmolVLM checkpoint: the tiny vision tower of `cfg`, the language model of
-    `text_config`, `<image>` of `tokenizer` as the image token."""
-    from transformers import Idefics3Config
+def smolvlm_config(cfg: TinySmolVLMConfig, text_config: dict, tokenizer, version: int = 1):
+    """`Idefics3Config` (SmolVLM; `version` 2: `SmolVLMConfig`, SmolVLM2) of a SmolVLM checkpoint: the tiny
+    vision tower of `cfg`, the language model of `text_config`, `<image>` of `tokenizer` as the image token."""
+    import transformers
 
-    return Idefics3Config(
+    config_class = transformers.SmolVLMConfig if version == 2 else transformers.Idefics3Config
+    return config_class(
         vision_config={"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4,
                        "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
                        "image_size": cfg.image_size, "patch_size": cfg.patch_size},
@@ -734,10 +735,16 @@ def smolvlm_processor(cfg: TinySmolVLMConfig, tokenizer):
                              chat_template=SMOLVLM_CHAT_TEMPLATE)
 
 
-def build_tiny_smolvlm(out: Path, cfg: TinySmolVLMConfig = TinySmolVLMConfig(), force: bool = False) -> Path:
+def build_tiny_smolvlm(out: Path, cfg: TinySmolVLMConfig = TinySmolVLMConfig(), force: bool = False,
+                       version: int = 1) -> Path:
     """A tiny SmolVLM checkpoint (`Idefics3ForConditionalGeneration` + `Idefics3Processor` with the PIL
-    image processor), written at `out` atomically."""
-    from transformers import Idefics3ForConditionalGeneration
+    image processor), written at `out` atomically. `version` 2: SmolVLM2's classes
+    (`SmolVLMForConditionalGeneration`, the PIL `SmolVLMImageProcessor`) and `SmolVLMProcessor`'s files
+    written as transformers writes them (the class itself needs torchvision and num2words)."""
+    import json
+
+    import transformers
+    from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
     from tokedge.export.hf import quiet_transformers
 
@@ -749,14 +756,22 @@ def build_tiny_smolvlm(out: Path, cfg: TinySmolVLMConfig = TinySmolVLMConfig(), 
         "num_key_value_heads": cfg.text_kv_heads, "vocab_size": len(tokenizer), "rms_norm_eps": 1e-5,
         "max_position_embeddings": 4096, "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        "tie_word_embeddings": False}, tokenizer)
-    model = _random_init(Idefics3ForConditionalGeneration, config, cfg.seed, cfg.init_std)
+        "tie_word_embeddings": False}, tokenizer, version)
+    model_class = SmolVLMForConditionalGeneration if version == 2 else Idefics3ForConditionalGeneration
+    model = _random_init(model_class, config, cfg.seed, cfg.init_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     processor = smolvlm_processor(cfg, tokenizer)
     with staged_directory(out, force=force, marker="config.json") as stage:
         model.save_pretrained(stage, safe_serialization=True)
-        processor.save_pretrained(stage)
+        if version == 2:
+            transformers.SmolVLMImageProcessorPil(**processor.image_processor.to_dict()).save_pretrained(stage)
+            tokenizer.save_pretrained(stage)
+            (stage / "processor_config.json").write_text(json.dumps(
+                {"processor_class": "SmolVLMProcessor", "image_seq_len": processor.image_seq_len}, indent=2) + "\n")
+            (stage / "chat_template.jinja").write_text(SMOLVLM_CHAT_TEMPLATE)
+        else:
+            processor.save_pretrained(stage)
     return out
 
 

@@ -10,8 +10,9 @@ that need only the view's tokens (divprune, pool, random) keep `--budget` tokens
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,6 +102,45 @@ def check_method(method: Method) -> None:
                          f"SmolVLM's views do not supply yet (no CLS token, no attention signals); use --method {WORKING}")
 
 
+@dataclass
+class SmolVLMParts:
+    """What tokedge needs of SmolVLM2's `SmolVLMProcessor` (whose construction needs torchvision for its
+    video processor and num2words for its video prompts): the image processor, the fast tokenizer,
+    the chat template and the image fields, as the processor reads them from the tokenizer."""
+
+    image_processor: Any
+    tokenizer: Any
+    chat_template: str | None
+    image_seq_len: int
+    image_token: str = "<image>"
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def load_smolvlm2_parts(where: str, trust_remote_code: bool = False) -> SmolVLMParts:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from tokedge.export.families.llava_onevision import _read_json, _read_text
+    from tokedge.export.hf import pil_backend
+    from tokedge.runtime.idefics3 import FAKE_TOKEN, GLOBAL_TOKEN
+
+    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code, **pil_backend())
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    fields = {k: v for k, v in _read_json(where, "processor_config.json").items() if k != "image_processor"}
+    template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")
+    template = template or fields.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    fake, glob = getattr(tokenizer, "fake_image_token", FAKE_TOKEN), getattr(tokenizer, "global_image_token", GLOBAL_TOKEN)
+    if (fake, glob) != (FAKE_TOKEN, GLOBAL_TOKEN):
+        raise UnsupportedModelError(f"the tokenizer's image markers are {fake!r} / {glob!r}, not SmolVLM's "
+                                    f"{FAKE_TOKEN!r} / {GLOBAL_TOKEN!r}")
+    return SmolVLMParts(image_processor=image_processor, tokenizer=tokenizer,
+                        chat_template=template if isinstance(template, str) else None,
+                        image_seq_len=int(fields.get("image_seq_len", 169)),
+                        image_token=getattr(tokenizer, "image_token", None) or "<image>")
+
+
 def load_smolvlm(source: str, local: Path | None, *, trust_remote_code: bool = False,
                  allow_pickle: bool = False) -> LoadedCheckpoint:
     from tokedge.export.families import read_config
@@ -109,8 +149,10 @@ def load_smolvlm(source: str, local: Path | None, *, trust_remote_code: bool = F
     inspect_config(cfg)
     archs = cfg.get("architectures") or ["Idefics3ForConditionalGeneration"]
     model_class = next(a for a in archs if a in SUPPORTED_ARCHITECTURES)
+    # SmolVLM2's processor class needs torchvision and num2words: its parts are read instead
+    parts = load_smolvlm2_parts if model_class == "SmolVLMForConditionalGeneration" else None
     model, processor = load_hf_checkpoint(model_class, source, local, trust_remote_code=trust_remote_code,
-                                          allow_pickle=allow_pickle)
+                                          allow_pickle=allow_pickle, load_processor=parts)
     ip = processor.image_processor
     longest = (getattr(ip, "size", None) or {}).get("longest_edge")
     tile = (getattr(ip, "max_image_size", None) or {}).get("longest_edge")
