@@ -27,7 +27,12 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(checkpoint):
-    from transformers import AutoImageProcessor, AutoTokenizer, Idefics3Processor, SmolVLMForConditionalGeneration
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        Idefics3Processor,
+        SmolVLMForConditionalGeneration,
+    )
 
     model = SmolVLMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     assert type(model).__name__ == "SmolVLMForConditionalGeneration"
