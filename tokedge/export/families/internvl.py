@@ -242,7 +242,7 @@ class InternViT(nn.Module):
         return x + layer.lambda_2 * layer.mlp(layer.layernorm_after(x))
 
     def forward(self, pixel_values):
-        x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # [v, n, d]
+        x = self.patch(pixel_values.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)  # [v, n, d]; fp32 input
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.position is not None:
             x = x + self.position

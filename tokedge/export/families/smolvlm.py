@@ -182,7 +182,7 @@ class FullViewEmbeddings(nn.Module):
         self.position_embedding = embeddings.position_embedding
 
     def forward(self, pixel_values):
-        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # [v, n, d]
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         return x + self.position_embedding.weight[None, : x.shape[1]]
 
 
