@@ -177,6 +177,7 @@ def export_cmd(
     device_profile: Annotated[Optional[str], typer.Option("--profile", help="Refuse an artifact whose engines this device profile cannot plan (with the fix); warn when its memory plan does not fit; on Qwen-VL without --max-pixels, default the largest image to what it holds.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Dynamic-resolution models (Qwen-VL): largest image in pixels; larger ones are resized down (default: 1280 visual tokens per image, ~1 MP, or less when --profile's device holds less; never above the checkpoint's).")] = None,
     keep: Annotated[Optional[float], typer.Option("--keep", help="Dynamic-resolution models (Qwen-VL): share of each image's tokens to keep, e.g. 0.5 (instead of --budget, a count per image).")] = None,
+    max_tiles: Annotated[Optional[int], typer.Option("--max-tiles", help="Aspect-ratio tiled models (InternVL): at most this many tiles per image, plus the thumbnail (default: the image processor's max_patches, 12 on InternVL3).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Export a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, SmolVLM, InternVL3 or Gemma 3 checkpoint to a reduction-aware ONNX artifact (vision, embed, decoder; prefill for in-LLM methods)."""
@@ -199,6 +200,7 @@ def export_cmd(
         model=model, out=out, method=method, budget=budget, dynamic_budget=rng, dtype=dtype, force=force,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, options=options,
         quantize=quant, device_profile=device_profile, max_pixels=max_pixels, keep=keep, frames=frames,
+        max_tiles=max_tiles,
     )
     with _stage_printer(enabled=True) as stage:
         result = export(cfg, progress=stage)

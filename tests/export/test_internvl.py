@@ -322,3 +322,29 @@ def test_internvl3_5_qwen3_language_model(method, qwen3_checkpoint, tmp_path):
     else:
         test_in_llm_prunes_every_image_run_as_the_reference("fastv", [(480, 640), (900, 300)],
                                                             lambda m: tmp_path / m, hf)
+
+
+def test_max_tiles_caps_the_grid_as_transformers_processor_at_that_max(checkpoint, hf, tmp_path, capsys):
+    """`--max-tiles 2`: the manifest's grid stops at 2 tiles; a 640x480 photo (3 x 2 tiles + thumbnail at the
+    checkpoint's 6) then gives what transformers' processor with max_patches 2 gives, ids and logits; other
+    families refuse the flag in one line (exit 2)."""
+    from tokedge.artifact import load_artifact
+    from tokedge.cli import main
+
+    out = tmp_path / "t2"
+    assert main(["export", str(checkpoint), "--method", "none", "--max-tiles", "2", "--out", str(out)]) == 0
+    assert "up to 2 tiles" in capsys.readouterr().err
+    assert load_artifact(out).layout.max_tiles == 2
+    model, processor = hf
+    full = processor.image_processor.max_patches
+    processor.image_processor.max_patches = 2
+    try:
+        ids, logits, _ = transformers_reference(hf, [_image(480, 640)])
+    finally:
+        processor.image_processor.max_patches = full
+    result, got_ids, got_logits = tokedge_run(out, [_image(480, 640)])
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got_logits, logits, atol=1e-3, rtol=0)
+    assert result.visual_tokens == int((ids == model.config.image_token_id).sum()) < 7 * 16
+    assert main(["export", "tiny-llava", "--method", "none", "--max-tiles", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--max-tiles applies to aspect-ratio tiled models" in capsys.readouterr().err

@@ -56,6 +56,7 @@ class ExportConfig:
     max_pixels: int | None = None  # dynamic-resolution layouts: largest image (pixels); None: the edge default (pixel_budget_stage)
     keep: float | None = None  # dynamic-resolution layouts: keep ratio per image (--keep), instead of --budget
     frames: int | None = None  # temporal methods: the frame count their video graph is fixed to (None: default)
+    max_tiles: int | None = None  # aspect-ratio tiled layouts: most tiles per image (None: the processor's)
 
 
 @dataclass
@@ -266,6 +267,9 @@ def plan_export(cfg: ExportConfig, timed) -> _Export:
     if cfg.max_pixels is not None and not job.resizes:
         raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {job.family.name} "
                          "checkpoint has a fixed image geometry: drop --max-pixels")
+    if cfg.max_tiles is not None and not layout_class.takes_max_tiles:
+        raise UsageError(f"--max-tiles applies to aspect-ratio tiled models (InternVL); this {job.family.name} "
+                         "checkpoint has no tile range: drop --max-tiles")
     if cfg.keep is not None and not job.resizes:
         raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
                          f"token counts; this {job.family.name} checkpoint has a fixed count: use --budget")
@@ -293,6 +297,11 @@ def load_checkpoint_stage(job: _Export) -> None:
         job.loaded = family.load(cfg.model, job.local, trust_remote_code=cfg.trust_remote_code,
                                  allow_pickle=cfg.allow_pickle)
         job.loaded = pixel_budget_stage(job)
+        if cfg.max_tiles is not None:
+            most = job.loaded.spec.layout.max_tiles
+            job.loaded = job.family.with_max_tiles(job.loaded, cfg.max_tiles)
+            job.notes.append(f"images: up to {cfg.max_tiles} tiles (+ a thumbnail), {job.loaded.spec.full_tokens} "
+                             f"visual tokens each, --max-tiles; the checkpoint's processor takes up to {most}")
     if job.loaded.spec.full_tokens != job.full:
         # the pixel range (and --max-pixels) or the tile range comes with the image processor
         job.full = job.loaded.spec.full_tokens

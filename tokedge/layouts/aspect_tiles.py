@@ -18,6 +18,7 @@ MOST_TILES = 256  # a manifest may not declare more tiles per image (InternVL3 u
 class AspectTiles(SplitTiles):
     kind = "aspect_tiles"
     format_version = 5
+    takes_max_tiles = True
 
     @classmethod
     def check_record(cls, layout, format_version: int) -> None:

@@ -89,6 +89,7 @@ class ImageLayout:
     format_version: ClassVar[int] = 1  # the oldest manifest format that reads this layout
     counts_per_image: ClassVar[bool] = True  # each image gives its own token count (no fixed count)
     takes_max_pixels: ClassVar[bool] = False  # export's --max-pixels / --keep apply (images resized to a pixel budget)
+    takes_max_tiles: ClassVar[bool] = False  # export's --max-tiles applies (a tile range per image)
 
     def __init__(self, manifest, record=None):
         self.manifest = manifest

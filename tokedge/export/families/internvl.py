@@ -202,6 +202,20 @@ def load_internvl(source: str, local: Path | None, *, trust_remote_code: bool = 
     return LoadedCheckpoint(family=FAMILY, source=source, model=model, processor=processor, path=local, spec=spec)
 
 
+def with_max_tiles(loaded: LoadedCheckpoint, most: int) -> LoadedCheckpoint:
+    """The checkpoint with export's --max-tiles: images are cut into at most `most` tiles (the image
+    processor's max_patches set to it, so that the reference and the artifact agree)."""
+    from tokedge.layouts.aspect_tiles import MOST_TILES
+
+    low = int(loaded.spec.layout.min_tiles or 1)
+    if not low <= most <= MOST_TILES:
+        raise UsageError(f"--max-tiles {most} must be within {low}..{MOST_TILES} (the image processor's min_patches is "
+                         f"{low})")
+    loaded.processor.image_processor.max_patches = int(most)
+    spec = inspect_config(loaded.model.config.to_dict(), processor_tiles(loaded.processor.image_processor))
+    return replace(loaded, spec=replace(spec, text_layers=loaded.spec.text_layers))
+
+
 # --- the graph modules ----------------------------------------------------------------------------
 
 
@@ -349,6 +363,9 @@ class InternVLFamily(LlavaFamily):
 
     def check_method(self, method: Method) -> None:
         check_method(method)
+
+    def with_max_tiles(self, loaded: LoadedCheckpoint, most: int) -> LoadedCheckpoint:
+        return with_max_tiles(loaded, most)
 
     def modules(self, loaded: LoadedCheckpoint, method: Method, k: int, options: dict, plan=None) -> dict[str, nn.Module]:
         check_method(method)
