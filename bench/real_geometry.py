@@ -19,7 +19,12 @@ import time
 from pathlib import Path
 
 from tokedge.export.pipeline import ExportConfig, export
-from tokedge.export.presets import TinyGemma3Config, TinyInternVLConfig, build_tiny_gemma3, build_tiny_internvl
+from tokedge.export.presets import (
+    TinyGemma3Config,
+    TinyInternVLConfig,
+    build_tiny_gemma3,
+    build_tiny_internvl,
+)
 
 
 def main(which: str, root: Path) -> None:
