@@ -12,7 +12,6 @@ import resource
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -30,7 +29,16 @@ VIDEO = {"graph": "vision", "video_token": "<video>", "video_token_id": 5, "fram
          "max_frames": 64}
 
 # name -> (layout overrides or None, video overrides or None, key named in the error)
+ASPECT = {"kind": "aspect_tiles", "tile": 448, "patch_size": 14, "merge_size": 2, "view_tokens": 256, "min_tiles": 1,
+          "max_tiles": 12}  # InternVL3
+FRAMED = {"kind": "framed_view", "tile": 896, "patch_size": 14, "view_tokens": 256, "run_token": "<image_soft_token>",
+          "frame_before": "\n\n<start_of_image>", "frame_after": "<end_of_image>\n\n"}  # Gemma 3
 HOSTILE = {
+    "aspect tiles 206 GB canvas": ({**ASPECT, "tile": 16384, "max_tiles": 256, "view_tokens": 65536}, None,
+                                   "layout.max_tiles"),
+    "aspect tiles above max": ({**ASPECT, "min_tiles": 13}, None, "layout.min_tiles"),
+    "framed view no run token": ({**FRAMED, "run_token": ""}, None, "layout.run_token"),
+    "framed view long frame": ({**FRAMED, "frame_before": "x" * 5000}, None, "layout.frame_before"),
     "qwen 2^30 pixels": ({**QWEN, "min_pixels": 1 << 30, "max_pixels": 1 << 30}, None, "layout.max_pixels"),
     "qwen patches per image": ({**QWEN, "patch_size": 1, "min_pixels": 4, "max_pixels": 1 << 24}, None,
                                "layout.max_pixels"),
@@ -60,14 +68,15 @@ def base_data(base_art) -> dict:
 def _with(data: dict, layout: dict | None, video: dict | None) -> dict:
     out = copy.deepcopy(data)
     if layout is not None:
-        out["format_version"] = 3
+        out["format_version"] = 5 if layout["kind"] in ("aspect_tiles", "framed_view") else 3
         out["layout"] = layout
     if video is not None:
         out["video"] = {**VIDEO, **video}
     return out
 
 
-@pytest.mark.parametrize("layout,video", [(ANYRES, None), (QWEN, None), (None, {})], ids=["anyres", "qwen", "video"])
+@pytest.mark.parametrize("layout,video", [(ANYRES, None), (QWEN, None), (None, {}), (ASPECT, None), (FRAMED, None)],
+                         ids=["anyres", "qwen", "video", "aspect-tiles", "framed-view"])
 def test_real_sized_layouts_pass(base_data, layout, video):
     Manifest.from_dict(_with(base_data, layout, video))
 

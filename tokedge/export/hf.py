@@ -61,4 +61,6 @@ def pil_backend() -> dict:
     against other pixels (docs/runtime.md, "Which image-processor backend")."""
     import transformers
 
-    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+    # transformers 4.x has no `backend` and would pass `use_fast=False` to the tokenizer too (a slow one,
+    # which tokedge cannot read): its image processors default to the slow (PIL/numpy) ones anyway
+    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}

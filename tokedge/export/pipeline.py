@@ -259,6 +259,8 @@ def plan_export(cfg: ExportConfig, timed) -> _Export:
         load_profile(cfg.device_profile)
     job.local = resolve_model(cfg.model)  # config only: cheap, so no progress stage for it
     job.family, job.spec = inspect_checkpoint(cfg.model, job.local, cfg.trust_remote_code)
+    if cfg.dtype == "fp16" and getattr(job.family, "fp16_refusal", None):
+        raise UsageError(f"--dtype fp16: {job.family.fp16_refusal}")
     if job.temporal is not None and job.family.video is None:
         job.temporal.refuse_without_video(job.family.name)
     job.family.check_method(job.method)

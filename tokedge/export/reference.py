@@ -180,7 +180,7 @@ def reference_pruned_from_ids(llava: LoadedCheckpoint, modules: dict, pixel_valu
         extra = (torch.from_numpy(token_blocks(input_ids, image_token_id)),)
     if quotas is not None:
         span = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(spans))
-        extra = (span[None].expand(len(ids_t), -1), torch.tensor(quotas)[span][None].expand(len(ids_t), -1))
+        extra += (span[None].expand(len(ids_t), -1), torch.tensor(quotas)[span][None].expand(len(ids_t), -1))
     out = prefill(embeds, mask_t, positions, image_pos, torch.tensor(keep, dtype=torch.int64), *extra)
     n_kv = 2 * len(decoder.layers)
     logits = out[0][:, -1].float()

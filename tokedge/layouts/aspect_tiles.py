@@ -22,13 +22,18 @@ class AspectTiles(SplitTiles):
 
     @classmethod
     def check_record(cls, layout, format_version: int) -> None:
-        from tokedge.manifest_schema import bounded, positive
+        from tokedge.manifest_schema import MAX_PATCHES, MAX_PIXELS, bounded, positive
 
         positive("layout.tile", layout.tile, high=16384)
         positive("layout.view_tokens", layout.view_tokens, high=1 << 16)
         positive("layout.min_tiles", layout.min_tiles, high=MOST_TILES)
         positive("layout.max_tiles", layout.max_tiles, high=MOST_TILES)
         bounded("layout.min_tiles", "count (at most layout.max_tiles)", layout.min_tiles, layout.max_tiles)
+        # the largest grid's canvas is resized in memory, and its views' tokens are what a prompt holds
+        bounded("layout.max_tiles", f"canvas pixels (at layout.tile {layout.tile})",
+                layout.max_tiles * layout.tile * layout.tile, MAX_PIXELS)
+        bounded("layout.max_tiles", f"visual tokens (at layout.view_tokens {layout.view_tokens})",
+                (layout.max_tiles + 1) * layout.view_tokens, MAX_PATCHES)
 
     def _plan(self, height: int, width: int):
         from tokedge.runtime.internvl import plan_tiles

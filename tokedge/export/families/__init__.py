@@ -78,6 +78,7 @@ class FamilyBase:
     temporal_methods: bool = False  # its video graph takes the temporal (video-only) methods
     image_blocks: bool = False  # its decoder takes `token_blocks` (bidirectional attention within an image)
     with_max_tiles: Any = None  # (loaded, most) -> loaded with at most `most` tiles per image (aspect tiles)
+    fp16_refusal: str | None = None  # why --dtype fp16 is refused for this family (None: fp16 exports)
 
     def image_placeholders(self, loaded: Any, image: Any, count: int) -> int:
         """One image's placeholders in a reference prompt, given its `count` visual tokens (a layout

@@ -255,6 +255,8 @@ class Gemma3Family(LlavaFamily):
     architectures = SUPPORTED_ARCHITECTURES
     tower_has_cls = False
     image_blocks = True
+    fp16_refusal = ("Gemma 3's activations overflow float16 (transformers issue 36822: inf/NaN on real checkpoints); "
+                    "export fp32 (and --quantize int8/int4 for smaller weights)")
 
     def inspect(self, config: dict) -> CheckpointSpec:
         return inspect_config(config)
