@@ -233,6 +233,21 @@ def _timer(progress: Progress, seconds: dict[str, float]):
     return timed
 
 
+def _check_family_flags(cfg: ExportConfig, family, layout_class) -> None:
+    """Flags that only some families or layouts take, refused in one line on the others."""
+    if cfg.dtype == "fp16" and getattr(family, "fp16_refusal", None):
+        raise UsageError(f"--dtype fp16: {family.fp16_refusal}")
+    if cfg.max_pixels is not None and not layout_class.takes_max_pixels:
+        raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {family.name} "
+                         "checkpoint has a fixed image geometry: drop --max-pixels")
+    if cfg.max_tiles is not None and not layout_class.takes_max_tiles:
+        raise UsageError(f"--max-tiles applies to aspect-ratio tiled models (InternVL); this {family.name} "
+                         "checkpoint has no tile range: drop --max-tiles")
+    if cfg.keep is not None and not layout_class.takes_max_pixels:
+        raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
+                         f"token counts; this {family.name} checkpoint has a fixed count: use --budget")
+
+
 def plan_export(cfg: ExportConfig, timed) -> _Export:
     """Every check that needs no weights, once: flags, method, family and its layout, budget, the
     in-LLM plan when the config names the decoder's layers, and the output directory."""
@@ -259,22 +274,12 @@ def plan_export(cfg: ExportConfig, timed) -> _Export:
         load_profile(cfg.device_profile)
     job.local = resolve_model(cfg.model)  # config only: cheap, so no progress stage for it
     job.family, job.spec = inspect_checkpoint(cfg.model, job.local, cfg.trust_remote_code)
-    if cfg.dtype == "fp16" and getattr(job.family, "fp16_refusal", None):
-        raise UsageError(f"--dtype fp16: {job.family.fp16_refusal}")
     if job.temporal is not None and job.family.video is None:
         job.temporal.refuse_without_video(job.family.name)
     job.family.check_method(job.method)
     layout_class = image_layout_class(job.spec.layout.kind)
     job.counts_per_image, job.resizes = layout_class.counts_per_image, layout_class.takes_max_pixels
-    if cfg.max_pixels is not None and not job.resizes:
-        raise UsageError(f"--max-pixels applies to dynamic-resolution models (Qwen-VL); this {job.family.name} "
-                         "checkpoint has a fixed image geometry: drop --max-pixels")
-    if cfg.max_tiles is not None and not layout_class.takes_max_tiles:
-        raise UsageError(f"--max-tiles applies to aspect-ratio tiled models (InternVL); this {job.family.name} "
-                         "checkpoint has no tile range: drop --max-tiles")
-    if cfg.keep is not None and not job.resizes:
-        raise UsageError(f"--keep applies to dynamic-resolution models (Qwen-VL), where images give different "
-                         f"token counts; this {job.family.name} checkpoint has a fixed count: use --budget")
+    _check_family_flags(cfg, job.family, layout_class)
     job.full = job.spec.full_tokens
     # a vision-side budget is out of the layout's unit where it has one (split tiles: each view's tokens)
     unit = layout_class.of_record(job.spec.layout).budget_full() if job.method.reduces_in_vision else None
