@@ -686,20 +686,26 @@ class TinySmolVLMConfig:
     init_std: float = 0.6
 
 
-def build_smolvlm_tokenizer(cfg: TinySmolVLMConfig):
-    """A byte-level BPE tokenizer (no BOS, as SmolLM2's) with SmolVLM's special tokens as single tokens."""
+def byte_level_tokenizer(vocab_target: int, trained_specials: list[str], **named):
+    """A byte-level BPE tokenizer trained on the corpus (no BOS added): `trained_specials` take the first
+    ids in order, `named` are the fast tokenizer's bos/eos/unk/pad tokens; left padding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_target, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>",
-                                                                              "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_target, special_tokens=trained_specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **named)
+
+
+def build_smolvlm_tokenizer(cfg: TinySmolVLMConfig):
+    """A byte-level BPE tokenizer (no BOS, as SmolLM2's) with SmolVLM's special tokens as single tokens."""
+    fast = byte_level_tokenizer(cfg.vocab_target, ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"],
+                                bos_token="<|im_start|>", eos_token="<end_of_utterance>", unk_token="<unk>",
+                                pad_token="<pad>")
     rows = cfg.longest_edge // cfg.image_size
     fast.add_special_tokens({"additional_special_tokens": [
         "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
@@ -912,17 +918,8 @@ class TinyGemma3Config:
 def build_gemma3_tokenizer(cfg: TinyGemma3Config):
     """A byte-level BPE tokenizer (no BOS added) with Gemma 3's turn and image tokens as single tokens
     and its named image tokens (`boi_token`, `eoi_token`, `image_token`) as tokenizer attributes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_target, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>", padding_side="left")
+    fast = byte_level_tokenizer(cfg.vocab_target, ["<pad>", "<eos>", "<bos>", "<unk>"], bos_token="<bos>",
+                                eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
     fast.add_special_tokens({"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>", *GEMMA3_TOKENS.values()]},
                             replace_extra_special_tokens=False)
     fast._set_model_specific_special_tokens(GEMMA3_TOKENS)

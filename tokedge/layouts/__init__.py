@@ -5,7 +5,15 @@
 from __future__ import annotations
 
 from tokedge.layouts.aspect_tiles import AspectTiles
-from tokedge.layouts.base import TYPICAL_IMAGE, ImageBatch, ImageLayout, LayoutBounds, Placeholders, Range, VideoLayout
+from tokedge.layouts.base import (
+    TYPICAL_IMAGE,
+    ImageBatch,
+    ImageLayout,
+    LayoutBounds,
+    Placeholders,
+    Range,
+    VideoLayout,
+)
 from tokedge.layouts.dynamic_patches import DynamicPatches
 from tokedge.layouts.framed_view import FramedView
 from tokedge.layouts.single_view import SingleView

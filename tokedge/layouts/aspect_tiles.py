@@ -7,10 +7,8 @@ image's views [v, 3, S, S] -> [1, v * view_tokens, hidden] in prompt order, as s
 
 from __future__ import annotations
 
-import numpy as np
-
-from tokedge.layouts.base import TYPICAL_IMAGE, LayoutBounds, Placeholders
-from tokedge.layouts.split_tiles import SplitImage, SplitTiles
+from tokedge.layouts.base import TYPICAL_IMAGE, LayoutBounds
+from tokedge.layouts.split_tiles import SplitTiles
 
 MOST_TILES = 256  # a manifest may not declare more tiles per image (InternVL3 uses 12; grids are enumerated)
 
@@ -41,24 +39,16 @@ class AspectTiles(SplitTiles):
         r = self.record
         return plan_tiles(height, width, r.tile, r.min_tiles, r.max_tiles)
 
-    def prompt_images(self, images: list) -> list[SplitImage]:
-        from tokedge.runtime.internvl import normalise, prompt_text, tile_views
-        from tokedge.runtime.preprocess import to_rgb
+    def _views(self, image, plan) -> list:
+        from tokedge.runtime.internvl import tile_views
 
-        pre, r = self.manifest.preprocess, self.record
-        token = self.manifest.prompt.image_token
-        out = []
-        for image in images:
-            if pre.do_convert_rgb or image.mode != "RGB":
-                image = to_rgb(image)
-            plan = self._plan(image.height, image.width)
-            views = tile_views(image, plan, r.tile, pre.resample)
-            pixel_values = np.stack([normalise(v, pre.rescale_factor if pre.do_rescale else 1.0,
-                                               pre.image_mean if pre.do_normalize else (0, 0, 0),
-                                               pre.image_std if pre.do_normalize else (1, 1, 1)) for v in views])
-            count = plan.views * self.per_view()
-            out.append(SplitImage(pixel_values, plan, Placeholders(count, prompt_text(count, token))))
-        return out
+        return tile_views(image, plan, self.record.tile, self.manifest.preprocess.resample)
+
+    def _text(self, plan, per_view: int) -> str:
+        """One run for the whole image between `<img>` and `</img>`."""
+        from tokedge.runtime.internvl import prompt_text
+
+        return prompt_text(plan.views * per_view, self.manifest.prompt.image_token)
 
     def bounds(self) -> LayoutBounds:
         r = self.record

@@ -67,24 +67,34 @@ class SplitTiles(ImageLayout):
         r = self.record
         return plan_split(height, width, r.longest_edge, r.tile, r.split_image)
 
+    def _views(self, image, plan) -> list:
+        """The image's views (PIL, before rescaling), in prompt order."""
+        from tokedge.runtime.idefics3 import split_views
+
+        return split_views(image, plan, self.record.tile, self.manifest.preprocess.resample)
+
+    def _text(self, plan, per_view: int) -> str:
+        """What the image's placeholder becomes: per-view runs with the tile markers between them."""
+        from tokedge.runtime.idefics3 import prompt_text
+
+        return prompt_text(plan.rows, plan.cols, per_view, self.manifest.prompt.image_token)
+
     def prompt_images(self, images: list) -> list[SplitImage]:
-        from tokedge.runtime.idefics3 import normalise, prompt_text, split_views
+        from tokedge.runtime.idefics3 import normalise
         from tokedge.runtime.preprocess import to_rgb
 
-        pre, r = self.manifest.preprocess, self.record
-        token = self.manifest.prompt.image_token
+        pre = self.manifest.preprocess
+        per_view = self.per_view()
         out = []
         for image in images:
             if pre.do_convert_rgb or image.mode != "RGB":
                 image = to_rgb(image)
             plan = self._plan(image.height, image.width)
-            views = split_views(image, plan, r.tile, pre.resample)
             pixel_values = np.stack([normalise(v, pre.rescale_factor if pre.do_rescale else 1.0,
                                                pre.image_mean if pre.do_normalize else (0, 0, 0),
-                                               pre.image_std if pre.do_normalize else (1, 1, 1)) for v in views])
-            per_view = self.per_view()
-            out.append(SplitImage(pixel_values, plan, Placeholders(plan.views * per_view,
-                                                                   prompt_text(plan.rows, plan.cols, per_view, token))))
+                                               pre.image_std if pre.do_normalize else (1, 1, 1))
+                                     for v in self._views(image, plan)])
+            out.append(SplitImage(pixel_values, plan, Placeholders(plan.views * per_view, self._text(plan, per_view))))
         return out
 
     def prepare(self, groups, budget, check_budget):

@@ -19,16 +19,22 @@ import torch
 from torch import nn
 
 from tokedge.artifact import ModelInfo, PreprocessInfo, PromptInfo, VisualLayout
-from tokedge.errors import InputError, UnsupportedModelError, UsageError
+from tokedge.errors import InputError, UnsupportedModelError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder, causal_bias
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
-from tokedge.export.families.llava import LlavaFamily, embed_prompt, load_hf_checkpoint
+from tokedge.export.families.llava import (
+    LlavaFamily,
+    embed_prompt,
+    load_hf_checkpoint,
+    square_view_preprocess,
+)
 from tokedge.export.families.llava import model_info as llava_model_info
 from tokedge.export.families.llava import prompt_info as llava_prompt_info
 from tokedge.export.families.llava import reference_logits as llava_reference_logits
+from tokedge.export.families.smolvlm import check_view_method
 from tokedge.export.primitives import grouped_attention, merge_heads
 from tokedge.export.towers import VisionTower
-from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures, VisionGeometry
+from tokedge.reduce.base import Method, Signal, VisionFeatures, VisionGeometry
 
 SUPPORTED_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 MODEL_TYPES = ("gemma3",)
@@ -79,22 +85,14 @@ def inspect_config(cfg: dict) -> CheckpointSpec:
                                               view_tokens=per_side * per_side, run_token="<image_soft_token>"))
 
 
-VIEW_SIGNALS = frozenset({Signal.FEATURES, Signal.EMBEDDINGS, Signal.POSITIONS})
 WORKING = "divprune, pool, random, fastv, pdrop, dart or none"
 
 
 def check_method(method: Method) -> None:
     """`none`; the in-LLM methods; pre-LLM methods that score with the pooled tokens alone."""
-    if method.keeps_all or method.prunes_in_llm:
-        return
-    if method.merges_in_vit:
-        raise UsageError(f"--method {method.name} merges inside the vision tower and Gemma 3's pooling needs the "
-                         f"full patch grid; use --method {WORKING}")
-    missing = [s.value for s in method.scores_with if s not in VIEW_SIGNALS]
-    if method.stage is not Stage.PRE_LLM or missing:
-        raise UsageError(f"--method {method.name} scores with {', '.join(missing) or method.stage.value}, which "
-                         f"Gemma 3's pooled tokens do not supply (SigLIP has no CLS; patch attention is pooled 4 x 4 "
-                         f"away); use --method {WORKING}")
+    check_view_method(method, "Gemma 3's pooling needs the full patch grid",
+                      "Gemma 3's pooled tokens do not supply (SigLIP has no CLS; patch attention is pooled 4 x 4 "
+                      "away)", WORKING)
 
 
 def load_gemma3(source: str, local: Path | None, *, trust_remote_code: bool = False,
@@ -287,15 +285,7 @@ class Gemma3Family(LlavaFamily):
         return replace(llava_model_info(loaded), family=self.name, sliding_window=None)
 
     def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
-        ip = loaded.processor.image_processor
-        side = _sizes(loaded.model.config.to_dict())[0]
-        resample = getattr(ip, "resample", 2)
-        return PreprocessInfo(
-            do_convert_rgb=bool(getattr(ip, "do_convert_rgb", True)), do_resize=True, resize_shortest_edge=None,
-            resize_size=(side, side), resample=int(getattr(resample, "value", resample)), do_center_crop=False,
-            crop_size=(side, side), do_rescale=bool(ip.do_rescale), rescale_factor=float(ip.rescale_factor),
-            do_normalize=bool(ip.do_normalize), image_mean=tuple(float(v) for v in ip.image_mean),
-            image_std=tuple(float(v) for v in ip.image_std))
+        return square_view_preprocess(loaded.processor.image_processor, _sizes(loaded.model.config.to_dict())[0], 2)
 
     def prompt(self, loaded: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
         return replace(llava_prompt_info(loaded, visual_tokens), image_token=loaded.processor.tokenizer.boi_token)

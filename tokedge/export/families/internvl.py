@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,12 +23,13 @@ from tokedge.artifact import ModelInfo, PreprocessInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
-from tokedge.export.families.llava import LlavaFamily, load_hf_checkpoint
+from tokedge.export.families.llava import LlavaFamily, load_hf_checkpoint, square_view_preprocess
 from tokedge.export.families.llava import model_info as llava_model_info
-from tokedge.export.families.smolvlm import view_features
+from tokedge.export.families.llava_onevision import ProcessorParts
+from tokedge.export.families.smolvlm import check_view_method, view_features
 from tokedge.export.primitives import attention, merge_heads, split_heads
 from tokedge.export.towers import layers_to_feature
-from tokedge.reduce.base import Method, Signal, Stage, VisionGeometry
+from tokedge.reduce.base import Method, VisionGeometry
 
 SUPPORTED_ARCHITECTURES = ("InternVLForConditionalGeneration",)
 MODEL_TYPES = ("internvl",)
@@ -109,63 +109,39 @@ def inspect_config(cfg: dict, tiles: tuple[int, int] = DEFAULT_TILES) -> Checkpo
                           text_layers=int(layers) if layers is not None else None, layout=layout)
 
 
-VIEW_SIGNALS = frozenset({Signal.FEATURES, Signal.EMBEDDINGS, Signal.POSITIONS})
 WORKING = "divprune, pool, random (per view), fastv, pdrop, dart or none"
 
 
 def check_method(method: Method) -> None:
     """`none`; the in-LLM methods (they prune every image's run in the prefill); pre-LLM methods that
     score with what a view supplies keep `--budget` tokens of every view; the rest are refused."""
-    if method.keeps_all or method.prunes_in_llm:
-        return
-    if method.merges_in_vit:
-        raise UsageError(f"--method {method.name} merges inside the vision tower and InternVL's pixel shuffle needs "
-                         f"the full patch grid of every view; use --method {WORKING}")
-    missing = [s.value for s in method.scores_with if s not in VIEW_SIGNALS]
-    if method.stage is not Stage.PRE_LLM or missing:
-        raise UsageError(f"--method {method.name} scores with {', '.join(missing) or method.stage.value}, which "
-                         f"InternVL's shuffled view tokens do not supply yet (the CLS is dropped before the shuffle, "
-                         f"no attention signals); use --method {WORKING}")
+    check_view_method(method, "InternVL's pixel shuffle needs the full patch grid of every view",
+                      "InternVL's shuffled view tokens do not supply yet (the CLS is dropped before the shuffle, "
+                      "no attention signals)", WORKING)
 
 
 # --- the processor, without transformers' processor class ----------------------------------------
 
 
 @dataclass
-class InternVLParts:
+class InternVLParts(ProcessorParts):
     """What tokedge needs of `InternVLProcessor` (whose construction needs torchvision for its video
     processor): the image processor, the fast tokenizer, the chat template and the token fields."""
 
-    image_processor: Any
-    tokenizer: Any
-    chat_template: str | None
     image_token: str = "<IMG_CONTEXT>"
     image_seq_length: int = 256
 
-    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
-
 
 def load_processor(where: str, trust_remote_code: bool = False) -> InternVLParts:
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from tokedge.export.hf import pil_backend
-
-    from tokedge.export.families.llava_onevision import _read_json, _read_text
+    from tokedge.export.families.llava_onevision import processor_parts
     from tokedge.runtime.internvl import END_TOKEN, START_TOKEN
 
-    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code, **pil_backend())
-    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    fields = {k: v for k, v in _read_json(where, "processor_config.json").items() if k != "image_processor"}
-    template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")
-    template = template or fields.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    image_processor, tokenizer, fields, template = processor_parts(where, trust_remote_code)
     start, end = getattr(tokenizer, "start_image_token", None), getattr(tokenizer, "end_image_token", None)
     if (start, end) != (START_TOKEN, END_TOKEN):
         raise UnsupportedModelError(f"the tokenizer's image markers are {start!r} / {end!r}, not InternVL's "
                                     f"{START_TOKEN!r} / {END_TOKEN!r}")
-    return InternVLParts(image_processor=image_processor, tokenizer=tokenizer,
-                         chat_template=template if isinstance(template, str) else None,
+    return InternVLParts(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
                          image_token=getattr(tokenizer, "context_image_token", None) or "<IMG_CONTEXT>",
                          image_seq_length=int(fields.get("image_seq_length", 256)))
 
@@ -389,15 +365,7 @@ class InternVLFamily(LlavaFamily):
         return replace(llava_model_info(loaded), family=self.name, image_size=side, patch_size=patch)
 
     def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
-        ip = loaded.processor.image_processor
-        side = _sizes(loaded.model.config.to_dict())[0]
-        resample = getattr(ip, "resample", 3)
-        return PreprocessInfo(
-            do_convert_rgb=bool(getattr(ip, "do_convert_rgb", True)), do_resize=True, resize_shortest_edge=None,
-            resize_size=(side, side), resample=int(getattr(resample, "value", resample)), do_center_crop=False,
-            crop_size=(side, side), do_rescale=bool(ip.do_rescale), rescale_factor=float(ip.rescale_factor),
-            do_normalize=bool(ip.do_normalize), image_mean=tuple(float(v) for v in ip.image_mean),
-            image_std=tuple(float(v) for v in ip.image_std))
+        return square_view_preprocess(loaded.processor.image_processor, _sizes(loaded.model.config.to_dict())[0], 3)
 
     def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str], visual_tokens):
         """Each image placeholder -> the image's prompt text (`visual_tokens`: its Placeholders)."""

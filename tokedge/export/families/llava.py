@@ -309,6 +309,19 @@ def preprocess_info(llava: LoadedCheckpoint) -> PreprocessInfo:
     )
 
 
+def square_view_preprocess(ip, side: int, resample: int) -> PreprocessInfo:
+    """The preprocess record of families whose layout resizes every view to side x side itself (no
+    shortest-edge resize, no crop): the image processor's RGB, rescale and normalisation, its
+    resample filter (`resample` when it names none)."""
+    chosen = getattr(ip, "resample", resample)
+    return PreprocessInfo(
+        do_convert_rgb=bool(getattr(ip, "do_convert_rgb", True)), do_resize=True, resize_shortest_edge=None,
+        resize_size=(side, side), resample=int(getattr(chosen, "value", chosen)), do_center_crop=False,
+        crop_size=(side, side), do_rescale=bool(ip.do_rescale), rescale_factor=float(ip.rescale_factor),
+        do_normalize=bool(ip.do_normalize), image_mean=tuple(float(v) for v in ip.image_mean),
+        image_std=tuple(float(v) for v in ip.image_std))
+
+
 def prompt_info(llava: LoadedCheckpoint, visual_tokens: int) -> PromptInfo:
     proc = llava.processor
     template = getattr(proc, "chat_template", None) or getattr(proc.tokenizer, "chat_template", None)

@@ -167,22 +167,29 @@ def check_method(method: Method) -> None:
 
 
 @dataclass
-class OnevisionProcessor:
-    """What tokedge needs of `LlavaOnevisionProcessor`: its image processor, tokenizer, chat
-    template and the fields that decide placeholder counts (read from processor_config.json)."""
+class ProcessorParts:
+    """A processor's image processor, tokenizer and chat template, for families whose processor class
+    cannot be built here (`processor_parts`); subclasses add the fields that decide placeholders."""
 
     image_processor: Any
     tokenizer: Any
     chat_template: str | None
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+@dataclass
+class OnevisionProcessor(ProcessorParts):
+    """What tokedge needs of `LlavaOnevisionProcessor`: its image processor, tokenizer, chat
+    template and the fields that decide placeholder counts (read from processor_config.json)."""
+
     image_token: str = "<image>"
     video_token: str = "<video>"
     num_image_tokens: int | None = None
     vision_feature_select_strategy: str | None = None
     vision_aspect_ratio: str = DEFAULT_ASPECT_RATIO
-
-    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
 def _read_text(where: str, name: str) -> str | None:
@@ -212,10 +219,12 @@ def _read_json(where: str, name: str) -> dict:
     return data
 
 
-def load_processor(where: str, trust_remote_code: bool = False) -> OnevisionProcessor:
-    """Image processor (AutoImageProcessor reads both file layouts), fast tokenizer, processor fields
-    and the processor-level chat template (chat_template.jinja, chat_template.json, then the one in
-    processor_config.json; the tokenizer's only when the processor has none)."""
+def processor_parts(where: str, trust_remote_code: bool = False) -> tuple[Any, Any, dict, str | None]:
+    """What a processor whose class cannot be built here is made of (OneVision, InternVL, SmolVLM2:
+    their classes need torchvision): (PIL image processor (AutoImageProcessor reads both file layouts),
+    fast tokenizer, processor fields, the processor-level chat template: chat_template.jinja,
+    chat_template.json, then the one in processor_config.json; the tokenizer's only when the processor
+    has none)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from tokedge.export.hf import pil_backend
@@ -225,10 +234,16 @@ def load_processor(where: str, trust_remote_code: bool = False) -> OnevisionProc
     fields = {k: v for k, v in _read_json(where, "processor_config.json").items() if k != "image_processor"}
     template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")
     template = template or fields.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    return image_processor, tokenizer, fields, template if isinstance(template, str) else None
+
+
+def load_processor(where: str, trust_remote_code: bool = False) -> OnevisionProcessor:
+    """The processor's parts (`processor_parts`) with the fields that decide placeholder counts."""
+    image_processor, tokenizer, fields, template = processor_parts(where, trust_remote_code)
     return OnevisionProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=template if isinstance(template, str) else None,
+        chat_template=template,
         # transformers' processor takes the tokenizer's own image/video token first
         image_token=getattr(tokenizer, "image_token", None) or fields.get("image_token") or "<image>",
         video_token=getattr(tokenizer, "video_token", None) or fields.get("video_token") or "<video>",

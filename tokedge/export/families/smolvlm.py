@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +20,9 @@ from tokedge.artifact import ModelInfo, PreprocessInfo, VisualLayout
 from tokedge.errors import InputError, UnsupportedModelError, UsageError
 from tokedge.export.decoder import KVDecoder, PruningPrefill, TokenEmbedder
 from tokedge.export.families import CheckpointSpec, LoadedCheckpoint, register
-from tokedge.export.families.llava import LlavaFamily, load_hf_checkpoint
+from tokedge.export.families.llava import LlavaFamily, load_hf_checkpoint, square_view_preprocess
 from tokedge.export.families.llava import model_info as llava_model_info
+from tokedge.export.families.llava_onevision import ProcessorParts
 from tokedge.export.towers import VisionTower
 from tokedge.reduce.base import Method, Signal, Stage, VisionFeatures, VisionGeometry
 
@@ -87,56 +87,49 @@ VIEW_SIGNALS = frozenset({Signal.FEATURES, Signal.EMBEDDINGS, Signal.POSITIONS})
 WORKING = "divprune, pool, random (per view), fastv, pdrop, dart or none"
 
 
+def check_view_method(method: Method, merging: str, lacking: str, working: str) -> None:
+    """The rule of the families whose pre-LLM methods see only view tokens (SmolVLM, InternVL, Gemma 3):
+    `none` and the in-LLM methods pass; pre-LLM methods that score with features, embeddings or
+    positions alone pass; in-ViT merging is refused (`merging`: why the tower needs its full grid)
+    and so is every other signal (`lacking`: why the view tokens lack it), in one line naming `working`."""
+    if method.keeps_all or method.prunes_in_llm:
+        return
+    if method.merges_in_vit:
+        raise UsageError(f"--method {method.name} merges inside the vision tower and {merging}; use --method {working}")
+    missing = [s.value for s in method.scores_with if s not in VIEW_SIGNALS]
+    if method.stage is not Stage.PRE_LLM or missing:
+        raise UsageError(f"--method {method.name} scores with {', '.join(missing) or method.stage.value}, which "
+                         f"{lacking}; use --method {working}")
+
+
 def check_method(method: Method) -> None:
     """`none`; the in-LLM methods (they prune every image-token run of the prompt in the prefill);
     pre-LLM methods that score with what a view supplies keep `--budget` tokens of every view (tile
     or global view), so each view's run in the prompt has that many; the rest are refused in one line."""
-    if method.keeps_all or method.prunes_in_llm:
-        return
-    if method.merges_in_vit:
-        raise UsageError(f"--method {method.name} merges inside the vision tower and SmolVLM's pixel shuffle needs "
-                         f"the full patch grid of every view; use --method {WORKING}")
-    missing = [s.value for s in method.scores_with if s not in VIEW_SIGNALS]
-    if method.stage is not Stage.PRE_LLM or missing:
-        raise UsageError(f"--method {method.name} scores with {', '.join(missing) or method.stage.value}, which "
-                         f"SmolVLM's views do not supply yet (no CLS token, no attention signals); use --method {WORKING}")
+    check_view_method(method, "SmolVLM's pixel shuffle needs the full patch grid of every view",
+                      "SmolVLM's views do not supply yet (no CLS token, no attention signals)", WORKING)
 
 
 @dataclass
-class SmolVLMParts:
+class SmolVLMParts(ProcessorParts):
     """What tokedge needs of SmolVLM2's `SmolVLMProcessor` (whose construction needs torchvision for its
     video processor and num2words for its video prompts): the image processor, the fast tokenizer,
     the chat template and the image fields, as the processor reads them from the tokenizer."""
 
-    image_processor: Any
-    tokenizer: Any
-    chat_template: str | None
     image_seq_len: int
     image_token: str = "<image>"
 
-    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
-
 
 def load_smolvlm2_parts(where: str, trust_remote_code: bool = False) -> SmolVLMParts:
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from tokedge.export.families.llava_onevision import _read_json, _read_text
-    from tokedge.export.hf import pil_backend
+    from tokedge.export.families.llava_onevision import processor_parts
     from tokedge.runtime.idefics3 import FAKE_TOKEN, GLOBAL_TOKEN
 
-    image_processor = AutoImageProcessor.from_pretrained(where, trust_remote_code=trust_remote_code, **pil_backend())
-    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    fields = {k: v for k, v in _read_json(where, "processor_config.json").items() if k != "image_processor"}
-    template = _read_text(where, "chat_template.jinja") or _read_json(where, "chat_template.json").get("chat_template")
-    template = template or fields.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    image_processor, tokenizer, fields, template = processor_parts(where, trust_remote_code)
     fake, glob = getattr(tokenizer, "fake_image_token", FAKE_TOKEN), getattr(tokenizer, "global_image_token", GLOBAL_TOKEN)
     if (fake, glob) != (FAKE_TOKEN, GLOBAL_TOKEN):
         raise UnsupportedModelError(f"the tokenizer's image markers are {fake!r} / {glob!r}, not SmolVLM's "
                                     f"{FAKE_TOKEN!r} / {GLOBAL_TOKEN!r}")
-    return SmolVLMParts(image_processor=image_processor, tokenizer=tokenizer,
-                        chat_template=template if isinstance(template, str) else None,
+    return SmolVLMParts(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
                         image_seq_len=int(fields.get("image_seq_len", 169)),
                         image_token=getattr(tokenizer, "image_token", None) or "<image>")
 
@@ -319,15 +312,7 @@ class SmolVLMFamily(LlavaFamily):
         return replace(llava_model_info(loaded), family=self.name)
 
     def preprocess(self, loaded: LoadedCheckpoint) -> PreprocessInfo:
-        ip = loaded.processor.image_processor
-        side = int(loaded.model.config.vision_config.image_size)
-        resample = getattr(ip, "resample", 1)
-        return PreprocessInfo(
-            do_convert_rgb=bool(getattr(ip, "do_convert_rgb", True)), do_resize=True, resize_shortest_edge=None,
-            resize_size=(side, side), resample=int(getattr(resample, "value", resample)), do_center_crop=False,
-            crop_size=(side, side), do_rescale=bool(ip.do_rescale), rescale_factor=float(ip.rescale_factor),
-            do_normalize=bool(ip.do_normalize), image_mean=tuple(float(v) for v in ip.image_mean),
-            image_std=tuple(float(v) for v in ip.image_std))
+        return square_view_preprocess(loaded.processor.image_processor, int(loaded.model.config.vision_config.image_size), 1)
 
     def tokenize(self, loaded: LoadedCheckpoint, prompts: list[str], visual_tokens):
         """Each image placeholder -> the image's prompt text (`visual_tokens`: its Placeholders)."""
